@@ -1,0 +1,88 @@
+/* The one definition of the parameters passed from Rust to every segattn kernel.
+ *
+ * build.rs feeds this header to bindgen, so the Rust and CUDA sides can never disagree on the
+ * layout. Plain C: no C++ features, no CUDA types. All strides are in ELEMENTS, not bytes.
+ *
+ * Mask semantics (same as src/mask): query row i sits at position i + (kv_len - q_len), key j at j.
+ * Key j is visible to query i according to rule(seg_q[i], seg_kv[j]):
+ *   - if pair_table != NULL and both ids < table_size and the entry != SEGATTN_RULE_DEFAULT: the entry;
+ *   - else intra_rule when the ids are equal, inter_rule when they differ.
+ * A rule is SEGATTN_RULE_BLOCKED (never), SEGATTN_RULE_CAUSAL (j <= pos(i)) or SEGATTN_RULE_FULL.
+ */
+#ifndef SEGATTN_PARAMS_H
+#define SEGATTN_PARAMS_H
+
+#include <stdint.h>
+
+#define SEGATTN_RULE_BLOCKED 0
+#define SEGATTN_RULE_CAUSAL 1
+#define SEGATTN_RULE_FULL 2
+/* Only in pair tables: "no override, use intra_rule / inter_rule". */
+#define SEGATTN_RULE_DEFAULT 3
+
+/* Tile classes (see src/mask/tiles.rs and kernels/mask.cuh: one definition). */
+#define SEGATTN_TILE_SKIP 0
+#define SEGATTN_TILE_PARTIAL 1
+#define SEGATTN_TILE_FULL 2
+
+#define SEGATTN_DTYPE_F16 0
+#define SEGATTN_DTYPE_BF16 1
+#define SEGATTN_DTYPE_F32 2
+
+/* Segment metadata of one side (queries or keys), O(len) per batch row. */
+typedef struct SegattnSegments {
+  /* [batch, len] segment id of every position (non-decreasing along a row). */
+  const uint32_t *ids;
+  /* [batch, len] one past the last position of the segment that position belongs to. */
+  const uint32_t *span_end;
+  /* elements between consecutive batch rows of ids and span_end (the row itself is contiguous). */
+  int64_t batch_stride;
+} SegattnSegments;
+
+/* Strides of a [batch, len, heads, head_dim] tensor whose last dimension is contiguous. */
+typedef struct SegattnStrides {
+  int64_t batch;
+  int64_t row;
+  int64_t head;
+} SegattnStrides;
+
+typedef struct SegattnFwdParams {
+  /* Inputs, dtype given by `dtype`: q [B, Lq, H, D], k and v [B, Lk, Hkv, D]. */
+  const void *q;
+  const void *k;
+  const void *v;
+  SegattnStrides q_strides;
+  SegattnStrides k_strides;
+  SegattnStrides v_strides;
+
+  /* Output [B, Lq, H, D] in the input dtype, contiguous. */
+  void *o;
+  SegattnStrides o_strides;
+  /* Optional [B, H, Lq] f32 natural-log softmax denominator; NULL when not wanted. */
+  float *lse;
+
+  SegattnSegments q_segments;
+  SegattnSegments kv_segments;
+
+  /* Optional pair table of rules: [table_size, table_size] u8, or one per batch row with
+   * table_batch_stride = table_size * table_size (0 when shared). NULL when absent. */
+  const uint8_t *pair_table;
+  int64_t table_batch_stride;
+  int32_t table_size;
+  int32_t intra_rule;
+  int32_t inter_rule;
+
+  int32_t batch;
+  int32_t q_len;
+  int32_t kv_len;
+  int32_t num_heads;
+  int32_t num_kv_heads;
+  int32_t head_dim;
+  int32_t dtype;
+
+  /* Softmax scale applied to q.k, and the same times log2(e) for exp2-based kernels. */
+  float scale;
+  float scale_log2;
+} SegattnFwdParams;
+
+#endif /* SEGATTN_PARAMS_H */

@@ -1,0 +1,272 @@
+//! The fused CPU attention: tiled online softmax (the FlashAttention-2 algorithm) in f32.
+//!
+//! Work items are (batch, head, query tile), run in parallel with rayon. For each item the key
+//! tiles are classified from the segment metadata (see [`crate::mask::tiles`]): SKIP tiles are
+//! never touched, FULL tiles run without per-element tests, PARTIAL tiles test each element.
+//! Inputs are converted to f32 one tile at a time; nothing of size `Lq x Lk` is ever allocated.
+
+mod element;
+mod exp2;
+mod tile;
+
+use candle_core::{Layout, Result};
+use rayon::prelude::*;
+
+pub(crate) use element::Element;
+
+use crate::mask::tiles::{classify_tile, TileClass};
+use crate::mask::HostMask;
+use crate::validate::{strides4, AttentionShape};
+use tile::{attend_tile, RowState, BC, BR, LANES};
+
+/// A rank-4 input `[B, L, heads, D]` with arbitrary strides on the first three dims.
+#[derive(Clone, Copy)]
+pub(crate) struct Strided<'a, T> {
+    pub data: &'a [T],
+    pub strides: [usize; 3],
+    pub offset: usize,
+}
+
+impl<'a, T: Element> Strided<'a, T> {
+    pub fn new(data: &'a [T], layout: &Layout) -> Self {
+        let (strides, offset) = strides4(layout);
+        Self { data, strides, offset }
+    }
+
+    /// The contiguous `D` elements of (b, row, head).
+    #[inline]
+    fn row(&self, b: usize, row: usize, head: usize, d: usize) -> &'a [T] {
+        let start = self.offset + b * self.strides[0] + row * self.strides[1] + head * self.strides[2];
+        &self.data[start..start + d]
+    }
+}
+
+/// The result of [`forward`]: O `[B, Lq, H, D]` contiguous and, when asked, LSE `[B, H, Lq]`.
+pub(crate) struct Forward<T> {
+    pub out: Vec<T>,
+    pub lse: Option<Vec<f32>>,
+}
+
+/// Segment-masked attention on the CPU. `scale` multiplies q.k before the softmax.
+pub(crate) fn forward<T: Element>(
+    q: Strided<'_, T>,
+    k: Strided<'_, T>,
+    v: Strided<'_, T>,
+    shape: AttentionShape,
+    mask: &HostMask,
+    scale: f32,
+    want_lse: bool,
+) -> Result<Forward<T>> {
+    let AttentionShape {
+        batch,
+        q_len,
+        num_heads,
+        head_dim: d,
+        ..
+    } = shape;
+    let mut out = vec![T::from_f32(0.0); batch * q_len * num_heads * d];
+    let mut lse = if want_lse { vec![f32::NEG_INFINITY; batch * num_heads * q_len] } else { Vec::new() };
+    let q_tiles = q_len.div_ceil(BR);
+    let out_ptr = SharedMut(out.as_mut_ptr());
+    let lse_ptr = SharedMut(lse.as_mut_ptr());
+    let use_fma = fma_available();
+
+    (0..batch * num_heads * q_tiles).into_par_iter().for_each_init(
+        || Scratch::new(d),
+        |scratch, item| {
+            let qt = item % q_tiles;
+            let h = (item / q_tiles) % num_heads;
+            let b = item / (q_tiles * num_heads);
+            let q0 = qt * BR;
+            let q1 = (q0 + BR).min(q_len);
+            let state = scratch.run(q, k, v, shape, mask, scale, (b, h), (q0, q1), use_fma);
+            // SAFETY: each work item writes only rows [q0, q1) of head h of batch b, in `out` and
+            // `lse`; items are disjoint, and both vectors outlive the parallel loop.
+            unsafe {
+                scratch.write_output(&out_ptr, want_lse.then_some(&lse_ptr), &state, shape, (b, h), (q0, q1));
+            }
+        },
+    );
+    Ok(Forward {
+        out,
+        lse: want_lse.then_some(lse),
+    })
+}
+
+/// Whether the running CPU has AVX2 and FMA (checked once per call; the result is cached by std).
+fn fma_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// A raw pointer that work items write through at disjoint positions.
+struct SharedMut<T>(*mut T);
+// SAFETY: used only for disjoint writes from the work items of one parallel loop.
+unsafe impl<T> Sync for SharedMut<T> {}
+unsafe impl<T> Send for SharedMut<T> {}
+
+/// Per-thread tile buffers, reused across work items.
+struct Scratch {
+    dp: usize,
+    q: Vec<f32>,
+    kt: Vec<f32>,
+    v: Vec<f32>,
+    s: Vec<f32>,
+    o: Vec<f32>,
+}
+
+impl Scratch {
+    fn new(d: usize) -> Self {
+        let dp = d.div_ceil(LANES) * LANES;
+        Self {
+            dp,
+            q: vec![0.0; BR * dp],
+            kt: vec![0.0; dp * BC],
+            v: vec![0.0; BC * dp],
+            s: vec![0.0; BR * BC],
+            o: vec![0.0; BR * dp],
+        }
+    }
+
+    /// Runs one query tile over every visible key tile; returns the softmax state, with the
+    /// unnormalised output in `self.o`.
+    #[allow(clippy::too_many_arguments)]
+    fn run<T: Element>(
+        &mut self,
+        q: Strided<'_, T>,
+        k: Strided<'_, T>,
+        v: Strided<'_, T>,
+        shape: AttentionShape,
+        mask: &HostMask,
+        scale: f32,
+        (b, h): (usize, usize),
+        (q0, q1): (usize, usize),
+        use_fma: bool,
+    ) -> RowState {
+        let d = shape.head_dim;
+        let dp = self.dp;
+        let kh = h / shape.group_size();
+        let rows = q1 - q0;
+        let scale_log2 = scale * std::f32::consts::LOG2_E;
+
+        self.q.fill(0.0);
+        for r in 0..rows {
+            let src = q.row(b, q0 + r, h, d);
+            for (dst, x) in self.q[r * dp..r * dp + d].iter_mut().zip(src) {
+                *dst = x.to_f32() * scale_log2;
+            }
+        }
+        self.o.fill(0.0);
+        let mut state = RowState::new();
+
+        let table = mask.rule.table_row(b);
+        let (qs, ks) = (mask.q.row(b), mask.kv.row(b));
+        let off = mask.pos_offset;
+        for k0 in (0..shape.kv_len).step_by(BC) {
+            let k1 = (k0 + BC).min(shape.kv_len);
+            let class = classify_tile(&mask.rule, table, qs, ks, (q0, q1), (k0, k1), off);
+            if class == TileClass::Skip {
+                continue;
+            }
+            let cols = k1 - k0;
+            self.load_kv(k, v, b, kh, d, k0, cols);
+            let partial = class == TileClass::Partial;
+            let masked = |r: usize, j: usize| {
+                let (i, kj) = (q0 + r, k0 + j);
+                !mask.rule.lookup(table, qs.ids[i], ks.ids[kj]).allows(i as i64 + off, kj as i64)
+            };
+            let Self { q: qb, kt, v: vb, s, o, .. } = self;
+            if use_fma {
+                // SAFETY: fma_available() checked that the CPU has AVX2 and FMA.
+                #[cfg(target_arch = "x86_64")]
+                unsafe {
+                    attend_tile_avx2(qb, kt, vb, s, o, &mut state, dp, rows, cols, partial, masked)
+                };
+            } else {
+                attend_tile::<false>(qb, kt, vb, s, o, &mut state, dp, rows, cols, partial, masked);
+            }
+        }
+        state
+    }
+
+    /// Loads key tile rows `[k0, k0 + cols)` as K^T `[dp, BC]` and V `[BC, dp]`, zero-padded.
+    #[allow(clippy::too_many_arguments)]
+    fn load_kv<T: Element>(&mut self, k: Strided<'_, T>, v: Strided<'_, T>, b: usize, kh: usize, d: usize, k0: usize, cols: usize) {
+        let dp = self.dp;
+        if cols < BC {
+            self.kt.fill(0.0);
+            self.v.fill(0.0);
+        }
+        for j in 0..cols {
+            let krow = k.row(b, k0 + j, kh, d);
+            for (c, x) in krow.iter().enumerate() {
+                self.kt[c * BC + j] = x.to_f32();
+            }
+            let vrow = v.row(b, k0 + j, kh, d);
+            for (dst, x) in self.v[j * dp..j * dp + d].iter_mut().zip(vrow) {
+                *dst = x.to_f32();
+            }
+        }
+    }
+
+    /// Normalises the tile's output rows and writes them (and the LSE) to the results.
+    ///
+    /// # Safety
+    /// `out` and `lse` must point to buffers of the forward's sizes, and no other thread may write
+    /// rows `[q0, q1)` of head `h` of batch `b`.
+    unsafe fn write_output<T: Element>(
+        &self,
+        out: &SharedMut<T>,
+        lse: Option<&SharedMut<f32>>,
+        state: &RowState,
+        shape: AttentionShape,
+        (b, h): (usize, usize),
+        (q0, q1): (usize, usize),
+    ) {
+        let d = shape.head_dim;
+        for r in 0..q1 - q0 {
+            let i = q0 + r;
+            let sum = state.sum[r];
+            // A row that saw no key: output 0 and LSE -inf (never NaN).
+            let inv = if sum > 0.0 { 1.0 / sum } else { 0.0 };
+            let dst = out.0.add(((b * shape.q_len + i) * shape.num_heads + h) * d);
+            for c in 0..d {
+                *dst.add(c) = T::from_f32(self.o[r * self.dp + c] * inv);
+            }
+            if let Some(lse) = lse {
+                let value = if sum > 0.0 {
+                    (state.max[r] + sum.log2()) * std::f32::consts::LN_2
+                } else {
+                    f32::NEG_INFINITY
+                };
+                *lse.0.add((b * shape.num_heads + h) * shape.q_len + i) = value;
+            }
+        }
+    }
+}
+
+/// [`attend_tile`] compiled for AVX2 + FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn attend_tile_avx2(
+    q: &[f32],
+    kt: &[f32],
+    v: &[f32],
+    s: &mut [f32],
+    o: &mut [f32],
+    state: &mut RowState,
+    dp: usize,
+    rows: usize,
+    cols: usize,
+    partial: bool,
+    masked: impl Fn(usize, usize) -> bool,
+) {
+    attend_tile::<true>(q, kt, v, s, o, state, dp, rows, cols, partial, masked)
+}

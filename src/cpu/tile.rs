@@ -1,0 +1,153 @@
+//! The inner loops of the fused CPU attention, on one (query tile, key tile) pair:
+//! S = Q K^T, the mask of PARTIAL tiles, the online-softmax update and O += P V.
+//!
+//! Buffers are f32, row-major, padded with zeros: Q `[BR, dp]`, K^T `[dp, BC]`, V `[BC, dp]`,
+//! S/P `[BR, BC]`, O `[BR, dp]`, `dp` = D rounded up to a multiple of [`LANES`]. The loops are
+//! register-blocked (`ROWS` rows x `LANES` columns of accumulators) so that the compiler keeps the
+//! block in SIMD registers; `FMA` selects fused multiply-add where the CPU has it.
+
+use super::exp2::exp2;
+
+/// Query rows per tile.
+pub(crate) const BR: usize = 64;
+/// Keys per tile.
+pub(crate) const BC: usize = 64;
+/// Columns of one accumulator block (two AVX registers of f32).
+pub(crate) const LANES: usize = 16;
+/// Rows of one accumulator block.
+const ROWS: usize = 4;
+
+#[inline(always)]
+fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FMA {
+        a.mul_add(b, c)
+    } else {
+        a * b + c
+    }
+}
+
+/// Per-row running softmax state of one query tile.
+pub(crate) struct RowState {
+    /// Running max of the scaled scores (log2 domain), `-inf` while the row has seen nothing.
+    pub max: [f32; BR],
+    /// Running sum of `2^(s - max)`.
+    pub sum: [f32; BR],
+}
+
+impl RowState {
+    pub fn new() -> Self {
+        Self {
+            max: [f32::NEG_INFINITY; BR],
+            sum: [0.0; BR],
+        }
+    }
+}
+
+/// One key tile's work for a query tile. `rows` and `cols` are the valid rows and keys (the rest
+/// is padding); `masked(r, j)` is called only when `partial` and says whether element (r, j) is
+/// hidden. Q is already scaled by `scale * log2(e)`.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+pub(crate) fn attend_tile<const FMA: bool>(
+    q: &[f32],
+    kt: &[f32],
+    v: &[f32],
+    s: &mut [f32],
+    o: &mut [f32],
+    state: &mut RowState,
+    dp: usize,
+    rows: usize,
+    cols: usize,
+    partial: bool,
+    masked: impl Fn(usize, usize) -> bool,
+) {
+    let row_blocks = rows.div_ceil(ROWS);
+    scores::<FMA>(q, kt, s, dp, row_blocks);
+    for r in 0..rows {
+        let srow = &mut s[r * BC..(r + 1) * BC];
+        if partial {
+            for (j, x) in srow[..cols].iter_mut().enumerate() {
+                if masked(r, j) {
+                    *x = f32::NEG_INFINITY;
+                }
+            }
+        }
+        softmax_row(srow, cols, &mut state.max[r], &mut state.sum[r], &mut o[r * dp..(r + 1) * dp]);
+    }
+    accumulate_pv::<FMA>(s, v, o, dp, row_blocks, cols);
+}
+
+/// S[r, j] = sum_d Q[r, d] K^T[d, j] for the first `row_blocks * ROWS` rows and all BC columns.
+#[inline(always)]
+fn scores<const FMA: bool>(q: &[f32], kt: &[f32], s: &mut [f32], dp: usize, row_blocks: usize) {
+    for rb in 0..row_blocks {
+        let r0 = rb * ROWS;
+        for c0 in (0..BC).step_by(LANES) {
+            let mut acc = [[0f32; LANES]; ROWS];
+            for d in 0..dp {
+                let k: &[f32; LANES] = kt[d * BC + c0..d * BC + c0 + LANES].try_into().unwrap();
+                for (rr, acc_row) in acc.iter_mut().enumerate() {
+                    let qv = q[(r0 + rr) * dp + d];
+                    for x in 0..LANES {
+                        acc_row[x] = madd::<FMA>(qv, k[x], acc_row[x]);
+                    }
+                }
+            }
+            for (rr, acc_row) in acc.iter().enumerate() {
+                s[(r0 + rr) * BC + c0..(r0 + rr) * BC + c0 + LANES].copy_from_slice(acc_row);
+            }
+        }
+    }
+}
+
+/// Online-softmax update of one row: turns the scores into P in place (0 beyond `cols`), and
+/// rescales the row's running sum and output accumulator to the new max.
+#[inline(always)]
+fn softmax_row(srow: &mut [f32], cols: usize, max: &mut f32, sum: &mut f32, orow: &mut [f32]) {
+    let tile_max = srow[..cols].iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+    if tile_max == f32::NEG_INFINITY {
+        // The row sees nothing in this tile: it contributes nothing.
+        srow.fill(0.0);
+        return;
+    }
+    let new_max = max.max(tile_max);
+    let mut tile_sum = 0.0;
+    for x in srow[..cols].iter_mut() {
+        *x = exp2(*x - new_max);
+        tile_sum += *x;
+    }
+    srow[cols..].fill(0.0);
+    if *max != new_max {
+        let alpha = exp2(*max - new_max);
+        *sum *= alpha;
+        orow.iter_mut().for_each(|o| *o *= alpha);
+        *max = new_max;
+    }
+    *sum += tile_sum;
+}
+
+/// O[r, :] += sum_j P[r, j] V[j, :] over the first `cols` keys.
+#[inline(always)]
+fn accumulate_pv<const FMA: bool>(p: &[f32], v: &[f32], o: &mut [f32], dp: usize, row_blocks: usize, cols: usize) {
+    for rb in 0..row_blocks {
+        let r0 = rb * ROWS;
+        for c0 in (0..dp).step_by(LANES) {
+            let mut acc = [[0f32; LANES]; ROWS];
+            for (rr, acc_row) in acc.iter_mut().enumerate() {
+                acc_row.copy_from_slice(&o[(r0 + rr) * dp + c0..(r0 + rr) * dp + c0 + LANES]);
+            }
+            for j in 0..cols {
+                let vv: &[f32; LANES] = v[j * dp + c0..j * dp + c0 + LANES].try_into().unwrap();
+                for (rr, acc_row) in acc.iter_mut().enumerate() {
+                    let pv = p[(r0 + rr) * BC + j];
+                    for x in 0..LANES {
+                        acc_row[x] = madd::<FMA>(pv, vv[x], acc_row[x]);
+                    }
+                }
+            }
+            for (rr, acc_row) in acc.iter().enumerate() {
+                o[(r0 + rr) * dp + c0..(r0 + rr) * dp + c0 + LANES].copy_from_slice(acc_row);
+            }
+        }
+    }
+}

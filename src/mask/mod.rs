@@ -1,0 +1,162 @@
+//! Segment masks: per-token segment ids plus a rule for every pair of segments.
+//!
+//! Every batch row carries u32 segment ids for its queries (`q_segments`, `[B, Lq]`) and keys
+//! (`kv_segments`, `[B, Lk]`; the same tensor for self-attention). Ids are non-decreasing along a
+//! row, so every segment is one contiguous span. Key `j` is visible to query `i` according to the
+//! [`PairRule`] for `(seg(i), seg(j))`, with query row `i` at position `i + (Lk - Lq)` and key `j`
+//! at `j` (bottom-right aligned). A row of a segment-id tensor (or table) with batch size 1 is
+//! shared by every batch row.
+//!
+//! The metadata is O(Lq + Lk + table) per row, never an `Lq x Lk` buffer: see [`tiles`] for how
+//! (query tile, key tile) classes are derived from it.
+
+mod presets;
+mod rule;
+mod spans;
+pub mod tiles;
+
+pub use presets::PineLayout;
+pub use rule::{PairRule, PairTable, Visibility, TABLE_DEFAULT};
+pub use spans::{SegmentSpans, SpanRow};
+
+pub(crate) use rule::HostRule;
+
+use candle_core::{DType, Result, Tensor};
+
+use crate::error::invalid_arg;
+
+/// A segment mask: query and key segment ids and the rule for each pair of segments.
+///
+/// Build one from a preset ([`SegmentMask::causal`], [`SegmentMask::documents`],
+/// [`SegmentMask::pine`], ...) or from your own tensors with [`SegmentMask::new`].
+#[derive(Clone, Debug)]
+pub struct SegmentMask {
+    q_segments: Tensor,
+    kv_segments: Tensor,
+    rule: PairRule,
+}
+
+impl SegmentMask {
+    /// A mask from segment-id tensors: `q_segments` `[B, Lq]` and `kv_segments` `[B, Lk]`, both
+    /// u32 (batch size 1 = shared by every row), and a rule.
+    ///
+    /// ```
+    /// use segattn::{PairRule, SegmentMask, Visibility};
+    /// use candle_core::{Device, Tensor};
+    /// // Two packed documents of 3 and 2 tokens, each causal, blocked from each other.
+    /// let ids = Tensor::new(&[[0u32, 0, 0, 1, 1]], &Device::Cpu)?;
+    /// let mask = SegmentMask::new(&ids, &ids, PairRule::new(Visibility::Causal, Visibility::Blocked))?;
+    /// # Ok::<(), candle_core::Error>(())
+    /// ```
+    pub fn new(q_segments: &Tensor, kv_segments: &Tensor, rule: PairRule) -> Result<Self> {
+        check_ids("q_segments", q_segments)?;
+        check_ids("kv_segments", kv_segments)?;
+        if q_segments.device().location() != kv_segments.device().location() {
+            invalid_arg!(
+                "kv_segments: expected the device of q_segments ({:?}), got {:?}",
+                q_segments.device().location(),
+                kv_segments.device().location()
+            );
+        }
+        Ok(Self {
+            q_segments: q_segments.clone(),
+            kv_segments: kv_segments.clone(),
+            rule,
+        })
+    }
+
+    /// A self-attention mask: the same `[B, L]` ids for queries and keys.
+    pub fn self_attention(segments: &Tensor, rule: PairRule) -> Result<Self> {
+        Self::new(segments, segments, rule)
+    }
+
+    /// The mask for the last `q_len` queries of this (self-attention) layout: the query ids become
+    /// the last `q_len` ids of `kv_segments`. Use it for decode (`q_len = 1`) and chunked prefill,
+    /// where the keys include a cache that precedes the queries.
+    pub fn last_queries(&self, q_len: usize) -> Result<Self> {
+        let lk = self.kv_segments.dim(1)?;
+        if q_len > lk {
+            invalid_arg!("q_len: expected at most the key length {lk}, got {q_len}");
+        }
+        let q_segments = self.kv_segments.narrow(1, lk - q_len, q_len)?;
+        Ok(Self {
+            q_segments,
+            kv_segments: self.kv_segments.clone(),
+            rule: self.rule.clone(),
+        })
+    }
+
+    /// Query segment ids, `[B, Lq]` (or `[1, Lq]`) u32.
+    pub fn q_segments(&self) -> &Tensor {
+        &self.q_segments
+    }
+
+    /// Key segment ids, `[B, Lk]` (or `[1, Lk]`) u32.
+    pub fn kv_segments(&self) -> &Tensor {
+        &self.kv_segments
+    }
+
+    /// The pair rule.
+    pub fn rule(&self) -> &PairRule {
+        &self.rule
+    }
+
+    /// Host metadata for `batch` rows, `q_len` queries and `kv_len` keys, validated against them.
+    pub(crate) fn host_metadata(&self, batch: usize, q_len: usize, kv_len: usize) -> Result<HostMask> {
+        check_side("q_segments", &self.q_segments, batch, q_len, "Lq", "q")?;
+        check_side("kv_segments", &self.kv_segments, batch, kv_len, "Lk", "k and v")?;
+        if let Some(t) = &self.rule.table {
+            let dims = t.rules().dims();
+            if dims.len() == 3 && dims[0] != 1 && dims[0] != batch {
+                invalid_arg!(
+                    "pair_table: expected batch size 1 or {batch} (the batch of q), got shape {dims:?}"
+                );
+            }
+        }
+        Ok(HostMask {
+            q: SegmentSpans::from_tensor("q_segments", &self.q_segments)?,
+            kv: SegmentSpans::from_tensor("kv_segments", &self.kv_segments)?,
+            rule: HostRule::from_rule(&self.rule)?,
+            pos_offset: kv_len as i64 - q_len as i64,
+        })
+    }
+}
+
+/// Everything the CPU code needs to know about a mask, on the host, O(Lq + Lk + table) per row.
+#[derive(Clone, Debug)]
+pub(crate) struct HostMask {
+    pub q: SegmentSpans,
+    pub kv: SegmentSpans,
+    pub rule: HostRule,
+    /// `Lk - Lq`: query row `i` is at position `i + pos_offset`.
+    pub pos_offset: i64,
+}
+
+impl HostMask {
+    /// Whether key `j` is visible to query `i` in batch row `b`.
+    pub fn visible(&self, b: usize, i: usize, j: usize) -> bool {
+        tiles::element_visible(&self.rule, self.rule.table_row(b), self.q.row(b), self.kv.row(b), i, j, self.pos_offset)
+    }
+}
+
+fn check_ids(name: &str, ids: &Tensor) -> Result<()> {
+    if ids.dtype() != DType::U32 {
+        invalid_arg!("{name}: expected dtype u32, got {:?}", ids.dtype());
+    }
+    if ids.rank() != 2 {
+        invalid_arg!("{name}: expected rank 2 [B, L], got shape {:?}", ids.dims());
+    }
+    Ok(())
+}
+
+fn check_side(name: &str, ids: &Tensor, batch: usize, len: usize, len_name: &str, of: &str) -> Result<()> {
+    let (b, l) = ids.dims2()?;
+    if (b != batch && b != 1) || l != len {
+        invalid_arg!(
+            "{name}: expected shape [{batch}, {len}] ([B, {len_name}] of {of}; B = 1 is shared by \
+             every row), got {:?}",
+            ids.dims()
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,118 @@
+//! Host segment metadata of one side (queries or keys): O(len) per batch row.
+//!
+//! For every position we keep its segment id and `span_end`, one past the last position of its
+//! segment. Walking a range of positions segment by segment is then `i = span_end[i]`.
+
+use candle_core::{Result, Tensor};
+
+use crate::error::invalid_arg;
+
+/// Segment ids and span ends of every batch row of one side, `[rows, len]` flattened.
+#[derive(Clone, Debug)]
+pub struct SegmentSpans {
+    ids: Vec<u32>,
+    span_end: Vec<u32>,
+    rows: usize,
+    len: usize,
+}
+
+impl SegmentSpans {
+    /// Reads and validates a `[B, L]` (or `[1, L]`) u32 segment-id tensor. `name` is the argument
+    /// name used in error messages.
+    pub fn from_tensor(name: &str, ids: &Tensor) -> Result<Self> {
+        let (rows, len) = ids.dims2()?;
+        let ids = ids.flatten_all()?.to_vec1::<u32>()?;
+        Self::from_ids(name, ids, rows, len)
+    }
+
+    /// Builds spans from `rows` rows of `len` ids each; ids must be non-decreasing in each row.
+    pub fn from_ids(name: &str, ids: Vec<u32>, rows: usize, len: usize) -> Result<Self> {
+        let mut span_end = vec![0u32; ids.len()];
+        for r in 0..rows {
+            let row = &ids[r * len..(r + 1) * len];
+            for i in 1..len {
+                if row[i] < row[i - 1] {
+                    invalid_arg!(
+                        "{name}: segment ids must be non-decreasing along each row (every segment \
+                         one contiguous span), but row {r} has id {} at index {i} after id {} at \
+                         index {}",
+                        row[i],
+                        row[i - 1],
+                        i - 1
+                    );
+                }
+            }
+            let ends = &mut span_end[r * len..(r + 1) * len];
+            let mut end = len as u32;
+            for i in (0..len).rev() {
+                if i + 1 < len && row[i] != row[i + 1] {
+                    end = (i + 1) as u32;
+                }
+                ends[i] = end;
+            }
+        }
+        Ok(Self {
+            ids,
+            span_end,
+            rows,
+            len,
+        })
+    }
+
+    /// Number of rows stored (1 when shared by every batch row).
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Length of every row.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether rows are empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The row used by batch row `b` (row 0 when shared).
+    pub fn row(&self, b: usize) -> SpanRow<'_> {
+        let r = if self.rows == 1 { 0 } else { b };
+        let range = r * self.len..(r + 1) * self.len;
+        SpanRow {
+            ids: &self.ids[range.clone()],
+            span_end: &self.span_end[range],
+        }
+    }
+
+    /// All ids, `[rows, len]` flattened.
+    pub fn ids(&self) -> &[u32] {
+        &self.ids
+    }
+
+    /// All span ends, `[rows, len]` flattened.
+    pub fn span_ends(&self) -> &[u32] {
+        &self.span_end
+    }
+}
+
+/// One row of [`SegmentSpans`].
+#[derive(Clone, Copy, Debug)]
+pub struct SpanRow<'a> {
+    /// Segment id of every position.
+    pub ids: &'a [u32],
+    /// One past the last position of every position's segment.
+    pub span_end: &'a [u32],
+}
+
+impl SpanRow<'_> {
+    /// Calls `f(id, start, end)` for each segment piece of positions `[start, end)`, in order.
+    #[inline]
+    pub fn for_each_span(&self, start: usize, end: usize, mut f: impl FnMut(u32, usize, usize)) {
+        let mut i = start;
+        while i < end {
+            let stop = (self.span_end[i] as usize).min(end);
+            f(self.ids[i], i, stop);
+            i = stop;
+        }
+    }
+}

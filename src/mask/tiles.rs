@@ -1,0 +1,82 @@
+//! Tile classification: THE definition shared by the CPU path and the CUDA kernels
+//! (kernels/mask.cuh implements exactly this; keep them in step).
+//!
+//! A tile is the block of query rows `[q0, q1)` times key columns `[k0, k1)` (both clipped to the
+//! sequence). Both ranges are cut into segment pieces; each pair of pieces (query segment `sq`
+//! rows `[qa, qb)`, key segment `sk` columns `[ka, kb)`) has one rule `r = rule(sq, sk)` and is
+//!   - empty when `r` is Blocked, or Causal with `ka > pos(qb - 1)` (every key after every query);
+//!   - full  when `r` is Full,    or Causal with `kb - 1 <= pos(qa)` (every key before every query);
+//!   - mixed otherwise.
+//!
+//! The tile is SKIP when every piece pair is empty, FULL when every one is full, PARTIAL otherwise.
+//! Only PARTIAL tiles test elements; SKIP tiles are never touched.
+
+use super::rule::{HostRule, Visibility};
+use super::spans::SpanRow;
+
+/// Class of a (query tile, key tile) pair.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum TileClass {
+    /// No visible element: the tile is not computed.
+    Skip = 0,
+    /// Some visible elements: computed with a per-element mask.
+    Partial = 1,
+    /// Every element visible: computed without per-element tests.
+    Full = 2,
+}
+
+/// How much of a piece pair (query piece `[qa, qb)` x key piece `[ka, kb)`) a rule shows, with
+/// `pos_offset = Lk - Lq` (query row `i` at position `i + pos_offset`).
+#[inline]
+pub fn piece_visibility(rule: Visibility, qa: usize, qb: usize, ka: usize, kb: usize, pos_offset: i64) -> TileClass {
+    match rule {
+        Visibility::Blocked => TileClass::Skip,
+        Visibility::Full => TileClass::Full,
+        Visibility::Causal => {
+            if (ka as i64) > (qb as i64 - 1) + pos_offset {
+                TileClass::Skip
+            } else if (kb as i64 - 1) <= qa as i64 + pos_offset {
+                TileClass::Full
+            } else {
+                TileClass::Partial
+            }
+        }
+    }
+}
+
+/// Classifies the tile `[q0, q1) x [k0, k1)` of one batch row (ranges already clipped).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn classify_tile(
+    rule: &HostRule,
+    table: &[u8],
+    q: SpanRow<'_>,
+    kv: SpanRow<'_>,
+    (q0, q1): (usize, usize),
+    (k0, k1): (usize, usize),
+    pos_offset: i64,
+) -> TileClass {
+    let mut any_visible = false;
+    let mut all_full = true;
+    q.for_each_span(q0, q1, |sq, qa, qb| {
+        kv.for_each_span(k0, k1, |sk, ka, kb| {
+            let piece = piece_visibility(rule.lookup(table, sq, sk), qa, qb, ka, kb, pos_offset);
+            any_visible |= piece != TileClass::Skip;
+            all_full &= piece == TileClass::Full;
+        });
+    });
+    if !any_visible {
+        TileClass::Skip
+    } else if all_full {
+        TileClass::Full
+    } else {
+        TileClass::Partial
+    }
+}
+
+/// Whether key `j` is visible to query row `i` (the per-element test of PARTIAL tiles and the
+/// definition the reference uses).
+#[inline]
+pub(crate) fn element_visible(rule: &HostRule, table: &[u8], q: SpanRow<'_>, kv: SpanRow<'_>, i: usize, j: usize, pos_offset: i64) -> bool {
+    rule.lookup(table, q.ids[i], kv.ids[j]).allows(i as i64 + pos_offset, j as i64)
+}

@@ -1,0 +1,189 @@
+//! The public attention API and its candle `CustomOp3`.
+
+use std::sync::Mutex;
+
+use candle_core::backend::BackendStorage;
+use candle_core::op::BackpropOp;
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
+use half::{bf16, f16};
+
+use crate::cpu::{self, Element, Strided};
+use crate::error::invalid_arg;
+use crate::mask::{HostMask, SegmentMask};
+use crate::validate::{default_scale, AttentionShape};
+
+/// Output of [`SegmentAttention::forward`].
+#[derive(Clone, Debug)]
+pub struct AttentionOutput {
+    /// `[B, Lq, H, D]` in the input dtype. A query row that sees no key gets 0.
+    pub out: Tensor,
+    /// `[B, H, Lq]` f32 natural log of each row's softmax denominator over the scaled scores,
+    /// `-inf` for a row that sees no key; present when asked with
+    /// [`SegmentAttention::return_lse`]. Use it to merge partial results with
+    /// [`crate::merge_partials`].
+    pub lse: Option<Tensor>,
+}
+
+/// Segment-masked attention with options.
+///
+/// q: `[B, Lq, H, D]`; k, v: `[B, Lk, Hkv, D]` with `H % Hkv == 0` (query head `h` reads key/value
+/// head `h / (H / Hkv)`); dtypes f32, f16 or bf16 (all three the same); the last dimension
+/// contiguous, other strides arbitrary.
+///
+/// ```
+/// use candle_core::{DType, Device, Tensor};
+/// use segattn::{SegmentAttention, SegmentMask};
+/// let dev = Device::Cpu;
+/// let q = Tensor::randn(0f32, 1.0, (1, 96, 4, 64), &dev)?;
+/// let k = Tensor::randn(0f32, 1.0, (1, 96, 2, 64), &dev)?;
+/// let v = Tensor::randn(0f32, 1.0, (1, 96, 2, 64), &dev)?;
+/// let mask = SegmentMask::pine(16, &[40, 30], 10, &dev)?;
+/// let res = SegmentAttention::new(&mask).return_lse(true).forward(&q, &k, &v)?;
+/// assert_eq!(res.out.dims(), &[1, 96, 4, 64]);
+/// assert_eq!(res.lse.unwrap().dims(), &[1, 4, 96]);
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+#[derive(Clone, Debug)]
+pub struct SegmentAttention<'a> {
+    mask: &'a SegmentMask,
+    scale: Option<f64>,
+    return_lse: bool,
+}
+
+impl<'a> SegmentAttention<'a> {
+    /// Attention under `mask`, with the default scale `1/sqrt(D)` and no LSE.
+    pub fn new(mask: &'a SegmentMask) -> Self {
+        Self {
+            mask,
+            scale: None,
+            return_lse: false,
+        }
+    }
+
+    /// Overrides the softmax scale applied to `q . k` (default `1/sqrt(D)`).
+    pub fn scale(mut self, scale: f64) -> Self {
+        self.scale = Some(scale);
+        self
+    }
+
+    /// Also return the log-sum-exp `[B, H, Lq]`.
+    pub fn return_lse(mut self, yes: bool) -> Self {
+        self.return_lse = yes;
+        self
+    }
+
+    /// Runs the fused attention.
+    pub fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<AttentionOutput> {
+        let shape = AttentionShape::of(q, k, v)?;
+        let scale = self.scale.unwrap_or_else(|| default_scale(shape.head_dim));
+        if !scale.is_finite() {
+            invalid_arg!("scale: expected a finite number, got {scale}");
+        }
+        let seg_dev = self.mask.q_segments().device().location();
+        if seg_dev != q.device().location() {
+            invalid_arg!(
+                "mask: expected the segment ids on the device of q ({:?}), got {seg_dev:?}",
+                q.device().location()
+            );
+        }
+        let op = AttentionOp {
+            host_mask: self.mask.host_metadata(shape.batch, shape.q_len, shape.kv_len)?,
+            shape,
+            scale: scale as f32,
+            want_lse: self.return_lse,
+            lse: Mutex::new(None),
+        };
+        let out = q.apply_op3_no_bwd(k, v, &op)?;
+        let lse = match op.take_lse()? {
+            Some(storage) => Some(Tensor::from_storage(
+                storage,
+                (shape.batch, shape.num_heads, shape.q_len),
+                BackpropOp::none(),
+                false,
+            )),
+            None => None,
+        };
+        Ok(AttentionOutput { out, lse })
+    }
+}
+
+/// Segment-masked attention with the default scale: `[B, Lq, H, D]` in the dtype of q.
+/// See [`SegmentAttention`] for shapes and options.
+pub fn segment_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &SegmentMask) -> Result<Tensor> {
+    Ok(SegmentAttention::new(mask).forward(q, k, v)?.out)
+}
+
+/// The candle op. It holds the mask metadata; candle hands it q, k and v. The LSE, a second
+/// output that `CustomOp3` cannot return, is left in `lse` for the caller to pick up.
+struct AttentionOp {
+    host_mask: HostMask,
+    shape: AttentionShape,
+    scale: f32,
+    want_lse: bool,
+    lse: Mutex<Option<Storage>>,
+}
+
+impl AttentionOp {
+    fn take_lse(&self) -> Result<Option<Storage>> {
+        let mut slot = self
+            .lse
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("segattn: lse slot poisoned by a panic".into()))?;
+        let lse = slot.take();
+        if self.want_lse && lse.is_none() {
+            invalid_arg!("internal error: the attention op produced no LSE");
+        }
+        Ok(lse)
+    }
+
+    fn cpu_typed<T: Element + candle_core::WithDType>(
+        &self,
+        (q, ql): (&CpuStorage, &Layout),
+        (k, kl): (&CpuStorage, &Layout),
+        (v, vl): (&CpuStorage, &Layout),
+    ) -> Result<CpuStorage> {
+        let fwd = cpu::forward(
+            Strided::new(q.as_slice::<T>()?, ql),
+            Strided::new(k.as_slice::<T>()?, kl),
+            Strided::new(v.as_slice::<T>()?, vl),
+            self.shape,
+            &self.host_mask,
+            self.scale,
+            self.want_lse,
+        )?;
+        if let Some(lse) = fwd.lse {
+            *self
+                .lse
+                .lock()
+                .map_err(|_| candle_core::Error::Msg("segattn: lse slot poisoned by a panic".into()))? =
+                Some(Storage::Cpu(CpuStorage::F32(lse)));
+        }
+        Ok(T::to_cpu_storage_owned(fwd.out))
+    }
+}
+
+impl CustomOp3 for AttentionOp {
+    fn name(&self) -> &'static str {
+        "segattn-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        q: &CpuStorage,
+        ql: &Layout,
+        k: &CpuStorage,
+        kl: &Layout,
+        v: &CpuStorage,
+        vl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let args = ((q, ql), (k, kl), (v, vl));
+        let out = match q.dtype() {
+            DType::F32 => self.cpu_typed::<f32>(args.0, args.1, args.2)?,
+            DType::F16 => self.cpu_typed::<f16>(args.0, args.1, args.2)?,
+            DType::BF16 => self.cpu_typed::<bf16>(args.0, args.1, args.2)?,
+            other => invalid_arg!("q: expected dtype f32, f16 or bf16, got {other:?}"),
+        };
+        let s = self.shape;
+        Ok((out, Shape::from((s.batch, s.q_len, s.num_heads, s.head_dim))))
+    }
+}

@@ -1,0 +1,102 @@
+//! The exact reference: the simplest possible computation, the oracle of every test.
+//!
+//! Dense scores in f64, the explicit mask from the rule, softmax, times V, plus the log-sum-exp.
+//! It materialises everything and is slow on purpose: keep it obviously right. It is public so
+//! that users can check their own integrations.
+
+use candle_core::{DType, Device, Result, Tensor};
+
+use crate::mask::SegmentMask;
+use crate::validate::{default_scale, AttentionShape};
+
+/// Output of [`attention`]: `out` `[B, Lq, H, D]` f64 and `lse` `[B, H, Lq]` f64 (natural log of
+/// the softmax denominator of the scaled scores; `-inf` for a row that sees no key, whose output
+/// is 0).
+#[derive(Clone, Debug)]
+pub struct ReferenceOutput {
+    /// `[B, Lq, H, D]`, f64, on the CPU.
+    pub out: Tensor,
+    /// `[B, H, Lq]`, f64, on the CPU.
+    pub lse: Tensor,
+}
+
+/// Exact segment-masked attention. `scale` defaults to `1 / sqrt(D)`.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &SegmentMask, scale: Option<f64>) -> Result<ReferenceOutput> {
+    let shape = AttentionShape::of(q, k, v)?;
+    let AttentionShape {
+        batch,
+        q_len,
+        kv_len,
+        num_heads,
+        head_dim: d,
+        ..
+    } = shape;
+    let scale = scale.unwrap_or_else(|| default_scale(d));
+    let visible = dense_mask_vec(mask, batch, q_len, kv_len)?;
+    let q = to_f64(q)?;
+    let k = to_f64(k)?;
+    let v = to_f64(v)?;
+    let hkv = shape.num_kv_heads;
+    let group = shape.group_size();
+
+    let mut out = vec![0f64; batch * q_len * num_heads * d];
+    let mut lse = vec![f64::NEG_INFINITY; batch * num_heads * q_len];
+    let mut scores = vec![0f64; kv_len];
+    for b in 0..batch {
+        for h in 0..num_heads {
+            let kh = h / group;
+            for i in 0..q_len {
+                let qi = &q[((b * q_len + i) * num_heads + h) * d..][..d];
+                let mut max = f64::NEG_INFINITY;
+                for (j, s) in scores.iter_mut().enumerate() {
+                    *s = f64::NEG_INFINITY;
+                    if visible[(b * q_len + i) * kv_len + j] {
+                        let kj = &k[((b * kv_len + j) * hkv + kh) * d..][..d];
+                        *s = scale * qi.iter().zip(kj).map(|(a, b)| a * b).sum::<f64>();
+                        max = max.max(*s);
+                    }
+                }
+                if max == f64::NEG_INFINITY {
+                    continue; // sees no key: output 0, lse -inf
+                }
+                let denom: f64 = scores.iter().map(|s| (s - max).exp()).sum();
+                lse[(b * num_heads + h) * q_len + i] = max + denom.ln();
+                let o = &mut out[((b * q_len + i) * num_heads + h) * d..][..d];
+                for (j, s) in scores.iter().enumerate() {
+                    let p = (s - max).exp() / denom;
+                    if p > 0.0 {
+                        let vj = &v[((b * kv_len + j) * hkv + kh) * d..][..d];
+                        o.iter_mut().zip(vj).for_each(|(o, v)| *o += p * v);
+                    }
+                }
+            }
+        }
+    }
+    Ok(ReferenceOutput {
+        out: Tensor::from_vec(out, (batch, q_len, num_heads, d), &Device::Cpu)?,
+        lse: Tensor::from_vec(lse, (batch, num_heads, q_len), &Device::Cpu)?,
+    })
+}
+
+/// The mask materialised: `[B, Lq, Lk]` u8, 1 where key `j` is visible to query `i`.
+/// O(B Lq Lk) memory: for tests and inspection only.
+pub fn dense_mask(mask: &SegmentMask, batch: usize, q_len: usize, kv_len: usize) -> Result<Tensor> {
+    let v = dense_mask_vec(mask, batch, q_len, kv_len)?;
+    let v: Vec<u8> = v.into_iter().map(u8::from).collect();
+    Tensor::from_vec(v, (batch, q_len, kv_len), &Device::Cpu)
+}
+
+fn dense_mask_vec(mask: &SegmentMask, batch: usize, q_len: usize, kv_len: usize) -> Result<Vec<bool>> {
+    let host = mask.host_metadata(batch, q_len, kv_len)?;
+    let mut out = Vec::with_capacity(batch * q_len * kv_len);
+    for b in 0..batch {
+        for i in 0..q_len {
+            out.extend((0..kv_len).map(|j| host.visible(b, i, j)));
+        }
+    }
+    Ok(out)
+}
+
+fn to_f64(t: &Tensor) -> Result<Vec<f64>> {
+    t.to_device(&Device::Cpu)?.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()
+}
