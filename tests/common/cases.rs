@@ -1,0 +1,145 @@
+//! Random attention cases shared by the property tests of every implementation.
+#![allow(dead_code)]
+
+use candle_core::{DType, Device, Result, Tensor};
+use segattn::{PairRule, PairTable, PineLayout, SegmentMask, Visibility};
+
+use super::{random_partition, random_tensor, Rng};
+
+/// The mask families drawn by the property tests.
+pub const MASK_KINDS: [&str; 10] = [
+    "causal",
+    "full",
+    "documents",
+    "documents_bidirectional",
+    "prefix_lm",
+    "pine",
+    "packed_prompts",
+    "random_table",
+    "single_token_segments",
+    "empty_rows",
+];
+
+/// A drawn case: inputs and mask.
+pub struct Case {
+    pub q: Tensor,
+    pub k: Tensor,
+    pub v: Tensor,
+    pub mask: SegmentMask,
+    pub description: String,
+}
+
+fn random_rule(rng: &mut Rng) -> Visibility {
+    [Visibility::Blocked, Visibility::Causal, Visibility::Full][rng.below(3)]
+}
+
+/// A random `[rows, S, S]` table of codes 0..=3 (3 = default).
+fn random_table(rng: &mut Rng, rows: usize, s: usize, blocked_row: Option<usize>) -> Result<PairTable> {
+    let mut codes: Vec<u8> = (0..rows * s * s).map(|_| rng.below(4) as u8).collect();
+    if let Some(r) = blocked_row {
+        for b in 0..rows {
+            codes[b * s * s + r * s..b * s * s + (r + 1) * s].fill(0);
+        }
+    }
+    let t = if rows == 1 && rng.below(2) == 0 {
+        Tensor::from_vec(codes, (s, s), &Device::Cpu)?
+    } else {
+        Tensor::from_vec(codes, (rows, s, s), &Device::Cpu)?
+    };
+    PairTable::new(t)
+}
+
+fn ids_from_partition(lens: &[usize]) -> Vec<u32> {
+    let mut ids = Vec::new();
+    for (s, &l) in lens.iter().enumerate() {
+        ids.extend(std::iter::repeat_n(s as u32, l));
+    }
+    ids
+}
+
+fn random_pine(rng: &mut Rng, len: usize) -> PineLayout {
+    let prefix = rng.below(len.min(24) + 1);
+    let suffix = rng.below((len - prefix).min(24) + 1);
+    let rest = len - prefix - suffix;
+    let segs = if rest == 0 { vec![] } else { random_partition(rng, rest, 30) };
+    PineLayout::new(prefix, &segs, suffix)
+}
+
+/// Builds a mask of family `kind` over `lk` keys for `batch` rows (self-attention layout).
+pub fn random_mask(rng: &mut Rng, kind: usize, batch: usize, lk: usize) -> Result<SegmentMask> {
+    let dev = Device::Cpu;
+    Ok(match MASK_KINDS[kind] {
+        "causal" => SegmentMask::causal(lk, &dev)?,
+        "full" => SegmentMask::full(lk, &dev)?,
+        "documents" | "documents_bidirectional" => {
+            let rows: Vec<Vec<usize>> = (0..batch).map(|_| random_partition(rng, lk, 12)).collect();
+            if kind == 2 {
+                SegmentMask::documents(&rows, &dev)?
+            } else {
+                SegmentMask::documents_bidirectional(&rows, &dev)?
+            }
+        }
+        "prefix_lm" => SegmentMask::prefix_lm(lk, rng.below(lk + 1), &dev)?,
+        "pine" => {
+            let layouts: Vec<PineLayout> = (0..batch).map(|_| random_pine(rng, lk)).collect();
+            SegmentMask::pine_batch(&layouts, &dev)?
+        }
+        "packed_prompts" => {
+            let parts = random_partition(rng, lk, 4);
+            let prompts: Vec<PineLayout> = parts.iter().map(|&l| random_pine(rng, l)).collect();
+            SegmentMask::packed_prompts(&prompts, &dev)?
+        }
+        "random_table" | "single_token_segments" | "empty_rows" => {
+            let mut ids = Vec::with_capacity(batch * lk);
+            let mut max_id = 0;
+            for _ in 0..batch {
+                let lens = if kind == 8 { vec![1; lk] } else { random_partition(rng, lk, 40) };
+                max_id = max_id.max(lens.len());
+                ids.extend(ids_from_partition(&lens));
+            }
+            let ids = Tensor::from_vec(ids, (batch, lk), &dev)?;
+            // Tables smaller than the number of ids exercise the default fallback.
+            let s = 1 + rng.below(max_id + 1);
+            let blocked_row = (kind == 9).then(|| rng.below(s));
+            let table_rows = if rng.below(2) == 0 { 1 } else { batch };
+            let mut rule = PairRule::new(random_rule(rng), random_rule(rng));
+            if kind == 9 {
+                rule.inter = Visibility::Blocked;
+            }
+            let rule = if kind == 8 && rng.below(2) == 0 {
+                rule
+            } else {
+                rule.with_table(random_table(rng, table_rows, s, blocked_row)?)
+            };
+            SegmentMask::self_attention(&ids, rule)?
+        }
+        other => unreachable!("unknown mask kind {other}"),
+    })
+}
+
+/// Draws q, k, v and a mask. `lq_frac` in [0, 1] picks Lq <= Lk (1.0 = self-attention).
+#[allow(clippy::too_many_arguments)]
+pub fn draw(
+    seed: u64,
+    batch: usize,
+    lk: usize,
+    lq_equal: bool,
+    heads: (usize, usize),
+    head_dim: usize,
+    dtype: DType,
+    kind: usize,
+) -> Result<Case> {
+    let mut rng = Rng::new(seed);
+    let lq = if lq_equal { lk } else { 1 + rng.below(lk) };
+    let (h, hkv) = heads;
+    let q = random_tensor(&mut rng, &[batch, lq, h, head_dim], dtype)?;
+    let k = random_tensor(&mut rng, &[batch, lk, hkv, head_dim], dtype)?;
+    let v = random_tensor(&mut rng, &[batch, lk, hkv, head_dim], dtype)?;
+    let mask = random_mask(&mut rng, kind, batch, lk)?;
+    let mask = if lq < lk { mask.last_queries(lq)? } else { mask };
+    let description = format!(
+        "seed {seed} B {batch} Lq {lq} Lk {lk} H {h} Hkv {hkv} D {head_dim} {dtype:?} mask {}",
+        MASK_KINDS[kind]
+    );
+    Ok(Case { q, k, v, mask, description })
+}

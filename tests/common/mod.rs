@@ -1,0 +1,104 @@
+//! Shared test helpers: tolerances (the one place they are stated), random inputs, comparisons.
+#![allow(dead_code)]
+
+use candle_core::{DType, Device, Result, Tensor};
+
+/// Absolute and relative tolerance of a fused result against the f64 reference, by input dtype.
+/// Inputs are rounded to the dtype before both run, so the error is the kernel's own: f32
+/// accumulation and, for 16-bit types, the rounding of the output (and of P for tensor cores).
+pub fn tolerance(dtype: DType) -> (f64, f64) {
+    match dtype {
+        DType::F32 => (2e-5, 2e-4),
+        DType::F16 => (2e-3, 4e-3),
+        DType::BF16 => (1.6e-2, 2e-2),
+        other => panic!("no tolerance for {other:?}"),
+    }
+}
+
+/// Tolerance of the LSE (always f32): absolute, on values of magnitude ~log(Lk) + max score.
+pub fn lse_tolerance(dtype: DType) -> f64 {
+    match dtype {
+        DType::F32 => 1e-4,
+        _ => 2e-3,
+    }
+}
+
+/// A small deterministic generator (xorshift64*), so every case is replayable from its seed.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Self(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    /// Uniform in [0, n).
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n as u64) as usize
+    }
+    /// Uniform in [0, 1).
+    pub fn unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+    /// A value never zero: magnitude in [0.05, 1.55), random sign.
+    pub fn nonzero(&mut self) -> f32 {
+        let m = 0.05 + 1.5 * self.unit();
+        (if self.next_u64() & 1 == 0 { m } else { -m }) as f32
+    }
+}
+
+/// A random `shape` tensor of `dtype` with values never zero.
+pub fn random_tensor(rng: &mut Rng, shape: &[usize], dtype: DType) -> Result<Tensor> {
+    let n: usize = shape.iter().product();
+    let data: Vec<f32> = (0..n).map(|_| rng.nonzero()).collect();
+    Tensor::from_vec(data, shape, &Device::Cpu)?.to_dtype(dtype)
+}
+
+/// Random segment lengths summing to `len` (at least one segment; may include single tokens).
+pub fn random_partition(rng: &mut Rng, len: usize, max_segments: usize) -> Vec<usize> {
+    if len == 0 {
+        return vec![0];
+    }
+    let n = 1 + rng.below(max_segments.min(len));
+    let mut cuts: Vec<usize> = (0..n - 1).map(|_| 1 + rng.below(len.max(2) - 1)).collect();
+    cuts.sort_unstable();
+    cuts.dedup();
+    let mut lens = Vec::new();
+    let mut prev = 0;
+    for c in cuts.into_iter().chain(std::iter::once(len)) {
+        if c > prev {
+            lens.push(c - prev);
+            prev = c;
+        }
+    }
+    lens
+}
+
+/// Max |a - b| / (atol + rtol |b|) over all elements; `-inf == -inf` counts as equal and any NaN
+/// in `a` fails. Returns the worst ratio and its flat index (ratio <= 1 passes).
+pub fn worst_ratio(a: &Tensor, b: &Tensor, atol: f64, rtol: f64) -> Result<(f64, usize)> {
+    let a = a.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+    let b = b.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+    assert_eq!(a.len(), b.len(), "compared tensors differ in size");
+    let mut worst = (0.0, 0);
+    for (i, (&x, &y)) in a.iter().zip(&b).enumerate() {
+        let r = if x.is_nan() || y.is_nan() {
+            f64::INFINITY
+        } else if x == y {
+            0.0
+        } else if x.is_infinite() || y.is_infinite() {
+            f64::INFINITY
+        } else {
+            (x - y).abs() / (atol + rtol * y.abs())
+        };
+        if r > worst.0 {
+            worst = (r, i);
+        }
+    }
+    Ok(worst)
+}
+pub mod cases;
