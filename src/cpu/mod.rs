@@ -64,8 +64,9 @@ pub(crate) fn forward<T: Element>(
         head_dim: d,
         ..
     } = shape;
-    let mut out = vec![T::from_f32(0.0); batch * q_len * num_heads * d];
-    let mut lse = if want_lse { vec![f32::NEG_INFINITY; batch * num_heads * q_len] } else { Vec::new() };
+    // Poisoned with NaN: every element must be written by exactly one work item.
+    let mut out = vec![T::from_f32(f32::NAN); batch * q_len * num_heads * d];
+    let mut lse = if want_lse { vec![f32::NAN; batch * num_heads * q_len] } else { Vec::new() };
     let q_tiles = q_len.div_ceil(BR);
     let out_ptr = SharedMut(out.as_mut_ptr());
     let lse_ptr = SharedMut(lse.as_mut_ptr());

@@ -80,3 +80,32 @@ pub(crate) fn classify_tile(
 pub(crate) fn element_visible(rule: &HostRule, table: &[u8], q: SpanRow<'_>, kv: SpanRow<'_>, i: usize, j: usize, pos_offset: i64) -> bool {
     rule.lookup(table, q.ids[i], kv.ids[j]).allows(i as i64 + pos_offset, j as i64)
 }
+
+/// The class of every (query tile, key tile) of batch row `b`, row-major
+/// `[ceil(Lq / tile_q), ceil(Lk / tile_k)]`. For inspection and pictures (O(Lq Lk / tiles)); the
+/// attention itself classifies tiles on the fly and stores none.
+pub fn tile_map(
+    mask: &super::SegmentMask,
+    batch: usize,
+    b: usize,
+    (q_len, kv_len): (usize, usize),
+    (tile_q, tile_k): (usize, usize),
+) -> candle_core::Result<Vec<TileClass>> {
+    if tile_q == 0 || tile_k == 0 || b >= batch {
+        crate::error::invalid_arg!(
+            "tile_map: expected tile sizes >= 1 and b < batch = {batch}, got tiles ({tile_q}, {tile_k}) and b = {b}"
+        );
+    }
+    let host = mask.host_metadata(batch, q_len, kv_len)?;
+    let table = host.rule.table_row(b);
+    let (qs, ks) = (host.q.row(b), host.kv.row(b));
+    let mut out = Vec::new();
+    for q0 in (0..q_len).step_by(tile_q) {
+        for k0 in (0..kv_len).step_by(tile_k) {
+            let qr = (q0, (q0 + tile_q).min(q_len));
+            let kr = (k0, (k0 + tile_k).min(kv_len));
+            out.push(classify_tile(&host.rule, table, qs, ks, qr, kr, host.pos_offset));
+        }
+    }
+    Ok(out)
+}
