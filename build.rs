@@ -80,10 +80,7 @@ fn collect_sources(dir: &Path, out: &mut Vec<PathBuf>) {
         let path = entry.path();
         if path.is_dir() {
             collect_sources(&path, out);
-        } else if path
-            .extension()
-            .is_some_and(|e| e == "cu" || e == "cpp")
-        {
+        } else if path.extension().is_some_and(|e| e == "cu" || e == "cpp") {
             out.push(path);
         }
     }

@@ -19,12 +19,18 @@ fn presets(dev: &Device) -> Result<Vec<(&'static str, SegmentMask)>> {
         ("causal", SegmentMask::causal(32, dev)?),
         ("full", SegmentMask::full(32, dev)?),
         ("documents [10, 6, 16]", SegmentMask::documents(&[&[10, 6, 16]], dev)?),
-        ("documents_bidirectional [10, 6, 16]", SegmentMask::documents_bidirectional(&[&[10, 6, 16]], dev)?),
+        (
+            "documents_bidirectional [10, 6, 16]",
+            SegmentMask::documents_bidirectional(&[&[10, 6, 16]], dev)?,
+        ),
         ("prefix_lm(12)", SegmentMask::prefix_lm(32, 12, dev)?),
         ("pine(4, [7, 5, 8], 8)", SegmentMask::pine(4, &[7, 5, 8], 8, dev)?),
         (
             "packed_prompts [pine(2,[5,4],3), pine(2,[6,5,2],3)]",
-            SegmentMask::packed_prompts(&[PineLayout::new(2, &[5, 4], 3), PineLayout::new(2, &[6, 5, 2], 3)], dev)?,
+            SegmentMask::packed_prompts(
+                &[PineLayout::new(2, &[5, 4], 3), PineLayout::new(2, &[6, 5, 2], 3)],
+                dev,
+            )?,
         ),
     ])
 }
@@ -56,7 +62,9 @@ fn svg(panels: &[(&str, SegmentMask)], len: usize) -> Result<String> {
         let y0 = gap + (n / cols) * (panel + title + gap);
         s += &format!("<text x=\"{x0}\" y=\"{}\">{name}</text>\n", y0 + 12);
         let y0 = y0 + title - 16;
-        s += &format!("<rect x=\"{x0}\" y=\"{y0}\" width=\"{panel}\" height=\"{panel}\" fill=\"#f4f4f4\" stroke=\"#999\"/>\n");
+        s += &format!(
+            "<rect x=\"{x0}\" y=\"{y0}\" width=\"{panel}\" height=\"{panel}\" fill=\"#f4f4f4\" stroke=\"#999\"/>\n"
+        );
         let dense = reference::dense_mask(mask, 1, len, len)?.to_vec3::<u8>()?;
         for (i, row) in dense[0].iter().enumerate() {
             for (j, &v) in row.iter().enumerate() {
@@ -75,7 +83,11 @@ fn svg(panels: &[(&str, SegmentMask)], len: usize) -> Result<String> {
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
-    (a.to_dtype(DType::F64)? - b.to_dtype(DType::F64)?)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()
+    (a.to_dtype(DType::F64)? - b.to_dtype(DType::F64)?)?
+        .abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_scalar::<f64>()
 }
 
 fn main() -> Result<()> {
@@ -134,8 +146,14 @@ fn main() -> Result<()> {
         println!("  {line}");
     }
     println!("  (. skipped, + partial: per-element mask, # full: no per-element test)\n");
-    println!("max |fused - reference| output: {:.3e} (bf16 keeps 8 significant bits: 3.9e-3 relative)", max_abs_diff(&fused.out, &exact.out)?);
-    println!("max |fused - reference| LSE:    {:.3e}", max_abs_diff(fused.lse.as_ref().expect("asked"), &exact.lse)?);
+    println!(
+        "max |fused - reference| output: {:.3e} (bf16 keeps 8 significant bits: 3.9e-3 relative)",
+        max_abs_diff(&fused.out, &exact.out)?
+    );
+    println!(
+        "max |fused - reference| LSE:    {:.3e}",
+        max_abs_diff(fused.lse.as_ref().expect("asked"), &exact.lse)?
+    );
     println!("fused CPU attention: {:>10.2} ms", fused_time.as_secs_f64() * 1e3);
     println!("f64 reference:       {:>10.2} ms", reference_time.as_secs_f64() * 1e3);
     Ok(())

@@ -40,7 +40,10 @@ pub fn merge_partials(out_a: &Tensor, lse_a: &Tensor, out_b: &Tensor, lse_b: &Te
     let (b, lq, h, _) = out_a.dims4()?;
     for (name, lse) in [("lse_a", lse_a), ("lse_b", lse_b)] {
         if lse.dims() != [b, h, lq] {
-            invalid_arg!("{name}: expected shape [{b}, {h}, {lq}] ([B, H, Lq]), got {:?}", lse.dims());
+            invalid_arg!(
+                "{name}: expected shape [{b}, {h}, {lq}] ([B, H, Lq]), got {:?}",
+                lse.dims()
+            );
         }
         if lse.dtype() != candle_core::DType::F32 {
             invalid_arg!("{name}: expected dtype f32, got {:?}", lse.dtype());

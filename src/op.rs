@@ -94,15 +94,9 @@ impl<'a> SegmentAttention<'a> {
             lse: Mutex::new(None),
         };
         let out = q.apply_op3_no_bwd(k, v, &op)?;
-        let lse = match op.take_lse()? {
-            Some(storage) => Some(Tensor::from_storage(
-                storage,
-                (shape.batch, shape.num_heads, shape.q_len),
-                BackpropOp::none(),
-                false,
-            )),
-            None => None,
-        };
+        let lse = op.take_lse()?.map(|storage| {
+            Tensor::from_storage(storage, (shape.batch, shape.num_heads, shape.q_len), BackpropOp::none(), false)
+        });
         Ok(AttentionOutput { out, lse })
     }
 }

@@ -21,7 +21,13 @@ pub struct ReferenceOutput {
 }
 
 /// Exact segment-masked attention. `scale` defaults to `1 / sqrt(D)`.
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &SegmentMask, scale: Option<f64>) -> Result<ReferenceOutput> {
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &SegmentMask,
+    scale: Option<f64>,
+) -> Result<ReferenceOutput> {
     let shape = AttentionShape::of(q, k, v)?;
     let AttentionShape {
         batch,
@@ -98,5 +104,8 @@ fn dense_mask_vec(mask: &SegmentMask, batch: usize, q_len: usize, kv_len: usize)
 }
 
 fn to_f64(t: &Tensor) -> Result<Vec<f64>> {
-    t.to_device(&Device::Cpu)?.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()
+    t.to_device(&Device::Cpu)?
+        .to_dtype(DType::F64)?
+        .flatten_all()?
+        .to_vec1::<f64>()
 }

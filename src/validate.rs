@@ -29,7 +29,11 @@ impl AttentionShape {
     pub fn of(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Self> {
         for (name, t) in [("q", q), ("k", k), ("v", v)] {
             if t.rank() != 4 {
-                let want = if name == "q" { "[B, Lq, H, D]" } else { "[B, Lk, Hkv, D]" };
+                let want = if name == "q" {
+                    "[B, Lq, H, D]"
+                } else {
+                    "[B, Lk, Hkv, D]"
+                };
                 invalid_arg!("{name}: expected rank 4 {want}, got shape {:?}", t.dims());
             }
         }
@@ -52,10 +56,16 @@ impl AttentionShape {
         let (batch, q_len, num_heads, head_dim) = q.dims4()?;
         let (kb, kv_len, num_kv_heads, kd) = k.dims4()?;
         if kb != batch {
-            invalid_arg!("k: expected batch size {batch} (the batch of q), got shape {:?}", k.dims());
+            invalid_arg!(
+                "k: expected batch size {batch} (the batch of q), got shape {:?}",
+                k.dims()
+            );
         }
         if kd != head_dim {
-            invalid_arg!("k: expected head dim {head_dim} (the last dim of q), got shape {:?}", k.dims());
+            invalid_arg!(
+                "k: expected head dim {head_dim} (the last dim of q), got shape {:?}",
+                k.dims()
+            );
         }
         if v.dims() != k.dims() {
             invalid_arg!("v: expected shape {:?} (the shape of k), got {:?}", k.dims(), v.dims());

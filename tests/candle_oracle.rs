@@ -12,7 +12,10 @@ use segattn::{reference, segment_attention, PineLayout, SegmentMask};
 /// Dense visibility `[Lq, Lk]` from a per-pair predicate on (query position, key position).
 fn dense(lq: usize, lk: usize, visible: impl Fn(usize, usize) -> bool) -> Vec<bool> {
     let off = lk - lq;
-    (0..lq).flat_map(|i| (0..lk).map(move |j| (i + off, j))).map(|(p, j)| visible(p, j)).collect()
+    (0..lq)
+        .flat_map(|i| (0..lk).map(move |j| (i + off, j)))
+        .map(|(p, j)| visible(p, j))
+        .collect()
 }
 
 /// Which part of a PINE prompt a position is in: 0 prefix, 1..=n segment, n+1 suffix.
@@ -46,12 +49,24 @@ fn pine_visible(layout: &PineLayout, p: usize, j: usize) -> bool {
 fn candle_attention(q: &Tensor, k: &Tensor, v: &Tensor, visible: &[bool]) -> Result<Tensor> {
     let (_, lq, h, d) = q.dims4()?;
     let (_, lk, hkv, _) = k.dims4()?;
-    let mask: Vec<f32> = visible.iter().map(|&v| if v { 0.0 } else { f32::NEG_INFINITY }).collect();
+    let mask: Vec<f32> = visible
+        .iter()
+        .map(|&v| if v { 0.0 } else { f32::NEG_INFINITY })
+        .collect();
     let mask = Tensor::from_vec(mask, (lq, lk), &Device::Cpu)?;
     let q = q.to_dtype(DType::F32)?.transpose(1, 2)?.contiguous()?; // [B, H, Lq, D]
-    // GQA: query head h reads kv head h / (H / Hkv).
-    let kv_index = Tensor::from_vec((0..h).map(|x| (x / (h / hkv)) as u32).collect::<Vec<_>>(), h, &Device::Cpu)?;
-    let expand = |t: &Tensor| -> Result<Tensor> { t.to_dtype(DType::F32)?.index_select(&kv_index, 2)?.transpose(1, 2)?.contiguous() };
+                                                                    // GQA: query head h reads kv head h / (H / Hkv).
+    let kv_index = Tensor::from_vec(
+        (0..h).map(|x| (x / (h / hkv)) as u32).collect::<Vec<_>>(),
+        h,
+        &Device::Cpu,
+    )?;
+    let expand = |t: &Tensor| -> Result<Tensor> {
+        t.to_dtype(DType::F32)?
+            .index_select(&kv_index, 2)?
+            .transpose(1, 2)?
+            .contiguous()
+    };
     let (k, v) = (expand(k)?, expand(v)?);
     let scores = (q.matmul(&k.t()?)? / (d as f64).sqrt())?.broadcast_add(&mask)?;
     let max = scores.max_keepdim(D::Minus1)?;
@@ -96,16 +111,44 @@ fn presets_match_their_definitions() -> Result<()> {
             let doc = |x: usize| [0usize, 40, 41, 100, 150].iter().filter(|&&s| s <= x).count();
             let docs = [40, 1, 59, 50];
             let m = SegmentMask::documents(&[&docs], &dev)?.last_queries(lq)?;
-            compare("documents", &m, &dense(lq, lk, |p, j| doc(p) == doc(j) && j <= p), lq, lk, dtype)?;
+            compare(
+                "documents",
+                &m,
+                &dense(lq, lk, |p, j| doc(p) == doc(j) && j <= p),
+                lq,
+                lk,
+                dtype,
+            )?;
             let m = SegmentMask::documents_bidirectional(&[&docs], &dev)?.last_queries(lq)?;
-            compare("documents_bidirectional", &m, &dense(lq, lk, |p, j| doc(p) == doc(j)), lq, lk, dtype)?;
+            compare(
+                "documents_bidirectional",
+                &m,
+                &dense(lq, lk, |p, j| doc(p) == doc(j)),
+                lq,
+                lk,
+                dtype,
+            )?;
 
             let m = SegmentMask::prefix_lm(lk, 70, &dev)?.last_queries(lq)?;
-            compare("prefix_lm", &m, &dense(lq, lk, |p, j| (p < 70 && j < 70) || (p >= 70 && j <= p)), lq, lk, dtype)?;
+            compare(
+                "prefix_lm",
+                &m,
+                &dense(lq, lk, |p, j| (p < 70 && j < 70) || (p >= 70 && j <= p)),
+                lq,
+                lk,
+                dtype,
+            )?;
 
             let layout = PineLayout::new(13, &[30, 1, 45, 21], 40);
             let m = SegmentMask::pine(13, &[30, 1, 45, 21], 40, &dev)?.last_queries(lq)?;
-            compare("pine", &m, &dense(lq, lk, |p, j| pine_visible(&layout, p, j)), lq, lk, dtype)?;
+            compare(
+                "pine",
+                &m,
+                &dense(lq, lk, |p, j| pine_visible(&layout, p, j)),
+                lq,
+                lk,
+                dtype,
+            )?;
 
             let prompts = [PineLayout::new(5, &[20, 25], 10), PineLayout::new(0, &[30, 30, 10], 20)];
             let m = SegmentMask::packed_prompts(&prompts, &dev)?.last_queries(lq)?;

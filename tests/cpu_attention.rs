@@ -23,15 +23,26 @@ fn check(case: &Case, scale: Option<f64>) -> Result<()> {
     assert_eq!(got.out.dtype(), dtype, "{}", case.description);
     let (atol, rtol) = tolerance(dtype);
     let (r, at) = worst_ratio(&got.out, &want.out, atol, rtol)?;
-    assert!(r <= 1.0, "{}: output off by {r} x tolerance at flat index {at}", case.description);
+    assert!(
+        r <= 1.0,
+        "{}: output off by {r} x tolerance at flat index {at}",
+        case.description
+    );
     let lse = got.lse.expect("lse was asked for");
     let (r, at) = worst_ratio(&lse, &want.lse, lse_tolerance(dtype), 0.0)?;
-    assert!(r <= 1.0, "{}: lse off by {r} x tolerance at flat index {at}", case.description);
+    assert!(
+        r <= 1.0,
+        "{}: lse off by {r} x tolerance at flat index {at}",
+        case.description
+    );
     Ok(())
 }
 
 fn cases() -> u32 {
-    std::env::var("SEGATTN_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(96)
+    std::env::var("SEGATTN_CASES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(96)
 }
 
 proptest! {
@@ -83,7 +94,13 @@ fn strided_views_need_no_copy_and_match() -> Result<()> {
     let k_view = k_wide.narrow(3, 0, 64)?;
     let v_wide = Tensor::cat(&[&case.v, &case.v], 2)?;
     let v_view = v_wide.narrow(2, 2, 2)?;
-    let view_case = Case { q: q_t, k: k_view, v: v_view, mask: case.mask.clone(), description: "views".into() };
+    let view_case = Case {
+        q: q_t,
+        k: k_view,
+        v: v_view,
+        mask: case.mask.clone(),
+        description: "views".into(),
+    };
     check(&view_case, None)
 }
 
@@ -97,9 +114,17 @@ fn rows_that_see_nothing_give_zero_and_minus_infinity() -> Result<()> {
     let v = common::random_tensor(&mut rng, &[1, 4, 2, 32], DType::F32)?;
     let ids_q = Tensor::zeros((1, 10), DType::U32, &dev)?;
     let ids_k = Tensor::zeros((1, 4), DType::U32, &dev)?;
-    let mask = SegmentMask::new(&ids_q, &ids_k, segattn::PairRule::new(segattn::Visibility::Causal, segattn::Visibility::Blocked))?;
+    let mask = SegmentMask::new(
+        &ids_q,
+        &ids_k,
+        segattn::PairRule::new(segattn::Visibility::Causal, segattn::Visibility::Blocked),
+    )?;
     let got = SegmentAttention::new(&mask).return_lse(true).forward(&q, &k, &v)?;
-    let out = got.out.to_vec3::<f32>().map(|_| ()).or_else(|_| Ok::<(), candle_core::Error>(()));
+    let out = got
+        .out
+        .to_vec3::<f32>()
+        .map(|_| ())
+        .or_else(|_| Ok::<(), candle_core::Error>(()));
     out?;
     let lse = got.lse.unwrap().flatten_all()?.to_vec1::<f32>()?;
     // Rows 0..6 are at positions -6..-1: nothing visible.
@@ -116,7 +141,13 @@ fn rows_that_see_nothing_give_zero_and_minus_infinity() -> Result<()> {
     let o = got.out.flatten_all()?.to_vec1::<f32>()?;
     assert!(o.iter().all(|x| !x.is_nan()));
     assert!(o[..6 * 2 * 32].iter().all(|&x| x == 0.0));
-    let case = Case { q, k, v, mask, description: "lq > lk".into() };
+    let case = Case {
+        q,
+        k,
+        v,
+        mask,
+        description: "lq > lk".into(),
+    };
     check(&case, None)
 }
 
@@ -124,7 +155,16 @@ fn rows_that_see_nothing_give_zero_and_minus_infinity() -> Result<()> {
 fn decode_and_chunked_prefill_match_reference() -> Result<()> {
     for lq in [1, 2, 37, 64, 65] {
         for kind in [0, 5, 6] {
-            let case = draw(lq as u64 * 13 + kind as u64, 2, 200, true, (8, 2), 64, DType::BF16, kind)?;
+            let case = draw(
+                lq as u64 * 13 + kind as u64,
+                2,
+                200,
+                true,
+                (8, 2),
+                64,
+                DType::BF16,
+                kind,
+            )?;
             let mask = case.mask.last_queries(lq)?;
             let q = case.q.narrow(1, 200 - lq, lq)?;
             check(&Case { q, mask, ..case }, None)?;

@@ -4,7 +4,10 @@ use candle_core::{DType, Device, Result, Tensor};
 use segattn::{merge_partials, PairRule, PairTable, PineLayout, SegmentAttention, SegmentMask, Visibility};
 
 fn t(shape: &[usize], dtype: DType) -> Tensor {
-    Tensor::ones(shape, DType::F32, &Device::Cpu).unwrap().to_dtype(dtype).unwrap()
+    Tensor::ones(shape, DType::F32, &Device::Cpu)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap()
 }
 
 fn causal(len: usize) -> SegmentMask {
@@ -26,8 +29,19 @@ fn run(q: &Tensor, k: &Tensor, v: &Tensor, mask: &SegmentMask) -> Result<segattn
 #[test]
 fn rank() {
     let k = t(&[1, 8, 2, 16], DType::F32);
-    expect_err(run(&t(&[8, 2, 16], DType::F32), &k, &k, &causal(8)), &["q:", "rank 4", "[8, 2, 16]"]);
-    expect_err(run(&t(&[1, 8, 2, 16], DType::F32), &t(&[8, 2, 16], DType::F32), &k, &causal(8)), &["k:", "rank 4"]);
+    expect_err(
+        run(&t(&[8, 2, 16], DType::F32), &k, &k, &causal(8)),
+        &["q:", "rank 4", "[8, 2, 16]"],
+    );
+    expect_err(
+        run(
+            &t(&[1, 8, 2, 16], DType::F32),
+            &t(&[8, 2, 16], DType::F32),
+            &k,
+            &causal(8),
+        ),
+        &["k:", "rank 4"],
+    );
 }
 
 #[test]
@@ -48,7 +62,10 @@ fn shapes() {
     expect_err(run(&q, &k, &k, &causal(8)), &["k:", "head dim 16"]);
     let k = t(&[2, 8, 2, 16], DType::F32);
     let v = t(&[2, 9, 2, 16], DType::F32);
-    expect_err(run(&q, &k, &v, &causal(8)), &["v:", "shape [2, 8, 2, 16]", "[2, 9, 2, 16]"]);
+    expect_err(
+        run(&q, &k, &v, &causal(8)),
+        &["v:", "shape [2, 8, 2, 16]", "[2, 9, 2, 16]"],
+    );
     let k = t(&[2, 8, 3, 16], DType::F32);
     expect_err(run(&q, &k, &k, &causal(8)), &["H = 4", "Hkv = 3", "multiple"]);
     let q = t(&[1, 8, 2, 300], DType::F32);
@@ -68,11 +85,20 @@ fn segment_ids() {
     let q = t(&[1, 5, 1, 8], DType::F32);
     let ids = Tensor::new(&[[0u32, 0, 2, 1, 3]], &Device::Cpu).unwrap();
     let mask = SegmentMask::self_attention(&ids, PairRule::new(Visibility::Causal, Visibility::Full)).unwrap();
-    expect_err(run(&q, &q, &q, &mask), &["q_segments", "non-decreasing", "row 0", "id 1 at index 3", "after id 2"]);
+    expect_err(
+        run(&q, &q, &q, &mask),
+        &["q_segments", "non-decreasing", "row 0", "id 1 at index 3", "after id 2"],
+    );
     let f = Tensor::zeros((1, 5), DType::F32, &Device::Cpu).unwrap();
-    expect_err(SegmentMask::self_attention(&f, PairRule::new(Visibility::Causal, Visibility::Full)), &["q_segments", "u32", "F32"]);
+    expect_err(
+        SegmentMask::self_attention(&f, PairRule::new(Visibility::Causal, Visibility::Full)),
+        &["q_segments", "u32", "F32"],
+    );
     let r1 = Tensor::zeros(5, DType::U32, &Device::Cpu).unwrap();
-    expect_err(SegmentMask::self_attention(&r1, PairRule::new(Visibility::Causal, Visibility::Full)), &["rank 2"]);
+    expect_err(
+        SegmentMask::self_attention(&r1, PairRule::new(Visibility::Causal, Visibility::Full)),
+        &["rank 2"],
+    );
     // Lengths that do not match q / k.
     expect_err(run(&q, &q, &q, &causal(6)), &["q_segments", "[1, 5]", "[1, 6]"]);
     let ids2 = Tensor::zeros((3, 5), DType::U32, &Device::Cpu).unwrap();
@@ -83,22 +109,47 @@ fn segment_ids() {
 #[test]
 fn pair_tables() {
     let dev = Device::Cpu;
-    expect_err(PairTable::new(Tensor::zeros((2, 2), DType::U32, &dev).unwrap()), &["pair_table", "u8", "U32"]);
-    expect_err(PairTable::new(Tensor::zeros((2, 3), DType::U8, &dev).unwrap()), &["pair_table", "[S, S]", "[2, 3]"]);
-    expect_err(PairTable::new(Tensor::new(&[[0u8, 7], [1, 2]], &dev).unwrap()), &["pair_table", "got 7 at flat index 1"]);
-    expect_err(PairTable::from_rules(&[vec![None, None], vec![None]], &dev), &["row 1 has 1 entries"]);
+    expect_err(
+        PairTable::new(Tensor::zeros((2, 2), DType::U32, &dev).unwrap()),
+        &["pair_table", "u8", "U32"],
+    );
+    expect_err(
+        PairTable::new(Tensor::zeros((2, 3), DType::U8, &dev).unwrap()),
+        &["pair_table", "[S, S]", "[2, 3]"],
+    );
+    expect_err(
+        PairTable::new(Tensor::new(&[[0u8, 7], [1, 2]], &dev).unwrap()),
+        &["pair_table", "got 7 at flat index 1"],
+    );
+    expect_err(
+        PairTable::from_rules(&[vec![None, None], vec![None]], &dev),
+        &["row 1 has 1 entries"],
+    );
     let table = PairTable::new(Tensor::zeros((3, 2, 2), DType::U8, &dev).unwrap()).unwrap();
     let ids = Tensor::zeros((2, 4), DType::U32, &dev).unwrap();
-    let mask = SegmentMask::self_attention(&ids, PairRule::new(Visibility::Causal, Visibility::Full).with_table(table)).unwrap();
+    let mask = SegmentMask::self_attention(
+        &ids,
+        PairRule::new(Visibility::Causal, Visibility::Full).with_table(table),
+    )
+    .unwrap();
     let q = t(&[2, 4, 1, 8], DType::F32);
-    expect_err(run(&q, &q, &q, &mask), &["pair_table", "batch size 1 or 2", "[3, 2, 2]"]);
+    expect_err(
+        run(&q, &q, &q, &mask),
+        &["pair_table", "batch size 1 or 2", "[3, 2, 2]"],
+    );
 }
 
 #[test]
 fn presets() {
     let dev = Device::Cpu;
-    expect_err(SegmentMask::prefix_lm(10, 11, &dev), &["prefix_len", "at most len = 10", "11"]);
-    expect_err(SegmentMask::documents(&[&[3, 4][..], &[2, 2][..]], &dev), &["doc_lens", "row 0 has 7", "row 1 has 4"]);
+    expect_err(
+        SegmentMask::prefix_lm(10, 11, &dev),
+        &["prefix_len", "at most len = 10", "11"],
+    );
+    expect_err(
+        SegmentMask::documents(&[&[3, 4][..], &[2, 2][..]], &dev),
+        &["doc_lens", "row 0 has 7", "row 1 has 4"],
+    );
     let empty: [&[usize]; 0] = [];
     expect_err(SegmentMask::documents(&empty, &dev), &["doc_lens", "at least one"]);
     expect_err(SegmentMask::packed_prompts(&[], &dev), &["prompts", "at least one"]);
@@ -113,14 +164,26 @@ fn presets() {
 fn scale() {
     let q = t(&[1, 4, 1, 8], DType::F32);
     let mask = causal(4);
-    expect_err(SegmentAttention::new(&mask).scale(f64::NAN).forward(&q, &q, &q), &["scale", "finite"]);
+    expect_err(
+        SegmentAttention::new(&mask).scale(f64::NAN).forward(&q, &q, &q),
+        &["scale", "finite"],
+    );
 }
 
 #[test]
 fn merge() {
     let o = t(&[1, 3, 2, 8], DType::F32);
     let lse = t(&[1, 2, 3], DType::F32);
-    expect_err(merge_partials(&o, &lse, &t(&[1, 3, 2, 4], DType::F32), &lse), &["out_b", "[1, 3, 2, 8]", "[1, 3, 2, 4]"]);
-    expect_err(merge_partials(&o, &t(&[1, 3, 2], DType::F32), &o, &lse), &["lse_a", "[1, 2, 3]", "[1, 3, 2]"]);
-    expect_err(merge_partials(&o, &lse, &o, &t(&[1, 2, 3], DType::F16)), &["lse_b", "f32"]);
+    expect_err(
+        merge_partials(&o, &lse, &t(&[1, 3, 2, 4], DType::F32), &lse),
+        &["out_b", "[1, 3, 2, 8]", "[1, 3, 2, 4]"],
+    );
+    expect_err(
+        merge_partials(&o, &t(&[1, 3, 2], DType::F32), &o, &lse),
+        &["lse_a", "[1, 2, 3]", "[1, 3, 2]"],
+    );
+    expect_err(
+        merge_partials(&o, &lse, &o, &t(&[1, 2, 3], DType::F16)),
+        &["lse_b", "f32"],
+    );
 }

@@ -24,7 +24,9 @@ fn split_keys_merge_to_the_whole() -> Result<()> {
         let part = |start: usize, len: usize| -> Result<_> {
             let kv_ids = ids.narrow(1, start, len)?;
             let m = SegmentMask::new(&q_ids, &kv_ids, rule())?;
-            SegmentAttention::new(&m).return_lse(true).forward(&q, &k.narrow(1, start, len)?, &v.narrow(1, start, len)?)
+            SegmentAttention::new(&m)
+                .return_lse(true)
+                .forward(&q, &k.narrow(1, start, len)?, &v.narrow(1, start, len)?)
         };
         let a = part(0, split)?;
         let b = part(split, lk - split)?;
@@ -32,7 +34,10 @@ fn split_keys_merge_to_the_whole() -> Result<()> {
         let full = SegmentMask::new(&q_ids, ids, rule())?;
         let want = SegmentAttention::new(&full).return_lse(true).forward(&q, &k, &v)?;
         assert!(worst_ratio(&out, &want.out, 1e-5, 1e-4)?.0 <= 1.0, "split {split}");
-        assert!(worst_ratio(&lse, want.lse.as_ref().unwrap(), 1e-5, 1e-5)?.0 <= 1.0, "split {split}");
+        assert!(
+            worst_ratio(&lse, want.lse.as_ref().unwrap(), 1e-5, 1e-5)?.0 <= 1.0,
+            "split {split}"
+        );
     }
     Ok(())
 }
@@ -49,6 +54,10 @@ fn empty_parts_contribute_nothing() -> Result<()> {
     assert!(worst_ratio(&l, &lse, 1e-6, 1e-6)?.0 <= 1.0);
     let (out, l) = merge_partials(&zeros, &empty_lse, &zeros, &empty_lse)?;
     assert!(out.flatten_all()?.to_vec1::<f32>()?.iter().all(|&x| x == 0.0));
-    assert!(l.flatten_all()?.to_vec1::<f32>()?.iter().all(|&x| x == f32::NEG_INFINITY));
+    assert!(l
+        .flatten_all()?
+        .to_vec1::<f32>()?
+        .iter()
+        .all(|&x| x == f32::NEG_INFINITY));
     Ok(())
 }

@@ -66,7 +66,11 @@ pub(crate) fn forward<T: Element>(
     } = shape;
     // Poisoned with NaN: every element must be written by exactly one work item.
     let mut out = vec![T::from_f32(f32::NAN); batch * q_len * num_heads * d];
-    let mut lse = if want_lse { vec![f32::NAN; batch * num_heads * q_len] } else { Vec::new() };
+    let mut lse = if want_lse {
+        vec![f32::NAN; batch * num_heads * q_len]
+    } else {
+        Vec::new()
+    };
     let q_tiles = q_len.div_ceil(BR);
     let out_ptr = SharedMut(out.as_mut_ptr());
     let lse_ptr = SharedMut(lse.as_mut_ptr());
@@ -180,9 +184,14 @@ impl Scratch {
             let partial = class == TileClass::Partial;
             let masked = |r: usize, j: usize| {
                 let (i, kj) = (q0 + r, k0 + j);
-                !mask.rule.lookup(table, qs.ids[i], ks.ids[kj]).allows(i as i64 + off, kj as i64)
+                !mask
+                    .rule
+                    .lookup(table, qs.ids[i], ks.ids[kj])
+                    .allows(i as i64 + off, kj as i64)
             };
-            let Self { q: qb, kt, v: vb, s, o, .. } = self;
+            let Self {
+                q: qb, kt, v: vb, s, o, ..
+            } = self;
             if use_fma {
                 // SAFETY: fma_available() checked that the CPU has AVX2 and FMA.
                 #[cfg(target_arch = "x86_64")]
@@ -198,7 +207,16 @@ impl Scratch {
 
     /// Loads key tile rows `[k0, k0 + cols)` as K^T `[dp, BC]` and V `[BC, dp]`, zero-padded.
     #[allow(clippy::too_many_arguments)]
-    fn load_kv<T: Element>(&mut self, k: Strided<'_, T>, v: Strided<'_, T>, b: usize, kh: usize, d: usize, k0: usize, cols: usize) {
+    fn load_kv<T: Element>(
+        &mut self,
+        k: Strided<'_, T>,
+        v: Strided<'_, T>,
+        b: usize,
+        kh: usize,
+        d: usize,
+        k0: usize,
+        cols: usize,
+    ) {
         let dp = self.dp;
         if cols < BC {
             self.kt.fill(0.0);

@@ -72,7 +72,13 @@ pub(crate) fn attend_tile<const FMA: bool>(
                 }
             }
         }
-        softmax_row(srow, cols, &mut state.max[r], &mut state.sum[r], &mut o[r * dp..(r + 1) * dp]);
+        softmax_row(
+            srow,
+            cols,
+            &mut state.max[r],
+            &mut state.sum[r],
+            &mut o[r * dp..(r + 1) * dp],
+        );
     }
     accumulate_pv::<FMA>(s, v, o, dp, row_blocks, cols);
 }

@@ -108,9 +108,7 @@ impl SegmentMask {
         if let Some(t) = &self.rule.table {
             let dims = t.rules().dims();
             if dims.len() == 3 && dims[0] != 1 && dims[0] != batch {
-                invalid_arg!(
-                    "pair_table: expected batch size 1 or {batch} (the batch of q), got shape {dims:?}"
-                );
+                invalid_arg!("pair_table: expected batch size 1 or {batch} (the batch of q), got shape {dims:?}");
             }
         }
         Ok(HostMask {
@@ -135,7 +133,15 @@ pub(crate) struct HostMask {
 impl HostMask {
     /// Whether key `j` is visible to query `i` in batch row `b`.
     pub fn visible(&self, b: usize, i: usize, j: usize) -> bool {
-        tiles::element_visible(&self.rule, self.rule.table_row(b), self.q.row(b), self.kv.row(b), i, j, self.pos_offset)
+        tiles::element_visible(
+            &self.rule,
+            self.rule.table_row(b),
+            self.q.row(b),
+            self.kv.row(b),
+            i,
+            j,
+            self.pos_offset,
+        )
     }
 }
 

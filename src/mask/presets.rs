@@ -154,7 +154,10 @@ impl SegmentMask {
         let ids: Vec<u32> = (0..len).map(|i| u32::from(i >= prefix_len)).collect();
         let ids = Tensor::from_vec(ids, (1, len), device)?;
         // Segment 0 = prefix (full over itself), segment 1 = the rest (causal over everything).
-        let table = PairTable::from_rules(&[vec![Some(Full), Some(Blocked)], vec![Some(Full), Some(Causal)]], device)?;
+        let table = PairTable::from_rules(
+            &[vec![Some(Full), Some(Blocked)], vec![Some(Full), Some(Causal)]],
+            device,
+        )?;
         Self::self_attention(&ids, PairRule::new(Causal, Blocked).with_table(table))
     }
 
@@ -236,7 +239,9 @@ fn common_len(name: &str, lens: impl Iterator<Item = usize>) -> Result<usize> {
         invalid_arg!("{name}: expected at least one batch row, got none");
     };
     if let Some((b, &l)) = lens.iter().enumerate().find(|(_, &l)| l != first) {
-        invalid_arg!("{name}: every batch row must have the same total length: row 0 has {first} tokens, row {b} has {l}");
+        invalid_arg!(
+            "{name}: every batch row must have the same total length: row 0 has {first} tokens, row {b} has {l}"
+        );
     }
     Ok(first)
 }

@@ -112,7 +112,7 @@ impl PairTable {
             [s1, s2] | [_, s1, s2] => s1 == s2,
             _ => false,
         };
-        if !square || dims.iter().any(|&d| d == 0) {
+        if !square || dims.contains(&0) {
             invalid_arg!(
                 "pair_table: expected shape [S, S] or [B, S, S] with S >= 1, got {:?}",
                 dims

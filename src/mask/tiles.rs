@@ -77,8 +77,17 @@ pub(crate) fn classify_tile(
 /// Whether key `j` is visible to query row `i` (the per-element test of PARTIAL tiles and the
 /// definition the reference uses).
 #[inline]
-pub(crate) fn element_visible(rule: &HostRule, table: &[u8], q: SpanRow<'_>, kv: SpanRow<'_>, i: usize, j: usize, pos_offset: i64) -> bool {
-    rule.lookup(table, q.ids[i], kv.ids[j]).allows(i as i64 + pos_offset, j as i64)
+pub(crate) fn element_visible(
+    rule: &HostRule,
+    table: &[u8],
+    q: SpanRow<'_>,
+    kv: SpanRow<'_>,
+    i: usize,
+    j: usize,
+    pos_offset: i64,
+) -> bool {
+    rule.lookup(table, q.ids[i], kv.ids[j])
+        .allows(i as i64 + pos_offset, j as i64)
 }
 
 /// The class of every (query tile, key tile) of batch row `b`, row-major

@@ -61,7 +61,11 @@ fn random_pine(rng: &mut Rng, len: usize) -> PineLayout {
     let prefix = rng.below(len.min(24) + 1);
     let suffix = rng.below((len - prefix).min(24) + 1);
     let rest = len - prefix - suffix;
-    let segs = if rest == 0 { vec![] } else { random_partition(rng, rest, 30) };
+    let segs = if rest == 0 {
+        vec![]
+    } else {
+        random_partition(rng, rest, 30)
+    };
     PineLayout::new(prefix, &segs, suffix)
 }
 
@@ -93,7 +97,11 @@ pub fn random_mask(rng: &mut Rng, kind: usize, batch: usize, lk: usize) -> Resul
             let mut ids = Vec::with_capacity(batch * lk);
             let mut max_id = 0;
             for _ in 0..batch {
-                let lens = if kind == 8 { vec![1; lk] } else { random_partition(rng, lk, 40) };
+                let lens = if kind == 8 {
+                    vec![1; lk]
+                } else {
+                    random_partition(rng, lk, 40)
+                };
                 max_id = max_id.max(lens.len());
                 ids.extend(ids_from_partition(&lens));
             }
@@ -141,5 +149,11 @@ pub fn draw(
         "seed {seed} B {batch} Lq {lq} Lk {lk} H {h} Hkv {hkv} D {head_dim} {dtype:?} mask {}",
         MASK_KINDS[kind]
     );
-    Ok(Case { q, k, v, mask, description })
+    Ok(Case {
+        q,
+        k,
+        v,
+        mask,
+        description,
+    })
 }
