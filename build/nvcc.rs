@@ -86,9 +86,8 @@ pub fn compile_production_fatbin(out_dir: &Path) {
 
 /// The existing files listed in the manifest, as absolute paths.
 fn production_sources(root: &Path, manifest: &Path) -> Vec<PathBuf> {
-    let text = std::fs::read_to_string(manifest).unwrap_or_else(|e| {
-        panic!("reading the production kernel list {}: {e}", manifest.display())
-    });
+    let text = std::fs::read_to_string(manifest)
+        .unwrap_or_else(|e| panic!("reading the production kernel list {}: {e}", manifest.display()));
     let mut sources = Vec::new();
     for line in text.lines() {
         let line = line.split('#').next().unwrap_or("").trim();
@@ -111,8 +110,7 @@ fn production_sources(root: &Path, manifest: &Path) -> Vec<PathBuf> {
 
 /// The shared nvcc flags, with `-I` paths made absolute.
 fn nvcc_flags(root: &Path, flags_path: &Path) -> Vec<String> {
-    let text = std::fs::read_to_string(flags_path)
-        .unwrap_or_else(|e| panic!("reading {}: {e}", flags_path.display()));
+    let text = std::fs::read_to_string(flags_path).unwrap_or_else(|e| panic!("reading {}: {e}", flags_path.display()));
     text.lines()
         .map(|l| l.split('#').next().unwrap_or(""))
         .flat_map(str::split_whitespace)

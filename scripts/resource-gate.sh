@@ -61,10 +61,12 @@ toolchain="nvcc $("$NVCC" --version | sed -n 's/.*release \([0-9.]*\), V\([0-9.]
 
 # The shared flags, as build/nvcc.rs reads them (nvcc runs from the repository root here).
 flags=()
+set -f # split on whitespace, no globbing
 while IFS= read -r line || [ -n "$line" ]; do
   line="${line%%#*}"
   for w in $line; do flags+=("$w"); done
 done <"$FLAGS_FILE"
+set +f
 
 work="$(mktemp -d "${TMPDIR:-/tmp}/segattn-gate.XXXXXX")"
 if [ "${SEGATTN_GATE_KEEP:-0}" = 1 ]; then
