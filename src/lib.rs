@@ -12,8 +12,16 @@
 //!
 //! Positions: query row `i` of `Lq` is at position `i + (Lk - Lq)`, key `j` at `j`.
 
+#![warn(missing_docs)]
+
 mod cpu;
+/// The CUDA path (`--features cuda`); public only for benchmarks ([`cuda::PreparedForward`]).
+#[cfg(feature = "cuda")]
+#[doc(hidden)]
+pub mod cuda;
 mod error;
+#[doc(hidden)]
+pub mod emulated;
 pub mod mask;
 mod merge;
 mod op;

@@ -1,0 +1,104 @@
+// The forward kernels: {bf16, f16} x head dim {64, 128}.
+//
+// nvcc: `extern "C" __global__` entry points with stable names, params by value:
+//   segattn_fwd_bf16_d64, segattn_fwd_bf16_d128, segattn_fwd_f16_d64, segattn_fwd_f16_d128
+//   grid (ceil(Lq / 64), H, B), block 128 threads,
+//   dynamic shared memory segattn::fwd::FwdTraits<T, D>::kSmemBytes
+//   (D = 64: 33,832 bytes; D = 128: 66,600 bytes, so the launcher must set
+//   cudaFuncAttributeMaxDynamicSharedMemorySize for D = 128).
+// Inputs: q/k/v/o pointers 16-byte aligned with row, head and batch strides multiples of 8
+// elements (16-byte cp.async and stores); lse contiguous [B, H, Lq] or NULL.
+//
+// Host emulation (SEGATTN_EMULATE): `segattn_emu_fwd(params)` runs the same entry points on the
+// CPU through the SIMT emulator.
+#include "platform.cuh"
+#include "fwd_kernel.cuh"
+
+#define SEGATTN_FWD_ENTRY(name, T, D)                                                        \
+  extern "C" __global__ void __launch_bounds__(segattn::fwd::FwdTraits<T, D>::kThreads, 1) \
+      name(const SegattnFwdParams params) {                                                  \
+    segattn::fwd::fwd_kernel<segattn::fwd::FwdTraits<T, D>>(params);                         \
+  }
+
+SEGATTN_FWD_ENTRY(segattn_fwd_bf16_d64, segattn::bf16, 64)
+SEGATTN_FWD_ENTRY(segattn_fwd_bf16_d128, segattn::bf16, 128)
+SEGATTN_FWD_ENTRY(segattn_fwd_f16_d64, segattn::f16, 64)
+SEGATTN_FWD_ENTRY(segattn_fwd_f16_d128, segattn::f16, 128)
+
+#undef SEGATTN_FWD_ENTRY
+
+#if defined(SEGATTN_EMULATE)
+
+#include <cstdio>
+
+#include "emu/emu_api.h"
+
+namespace segattn {
+namespace fwd {
+namespace emu_entry {
+
+using Entry = void (*)(const SegattnFwdParams);
+
+template <class Traits>
+int launch(const SegattnFwdParams& p, Entry entry) {
+  if (p.batch <= 0 || p.num_heads <= 0 || p.q_len <= 0) return 0;  // nothing to compute
+  const dim3 grid((p.q_len + Traits::kBlockM - 1) / Traits::kBlockM, p.num_heads, p.batch);
+  const dim3 block(Traits::kThreads);
+  return ::segattn::emu::launch(grid, block, Traits::kSmemBytes, [&] { entry(p); });
+}
+
+// Fails through the emulator, so that segattn_emu_last_error() carries `message`.
+int fail(const char* message) {
+  return ::segattn::emu::launch(dim3(1), dim3(1), 0, [&] { ::segattn::emu::trap(message, SEGATTN_EMU_HERE); });
+}
+
+}  // namespace emu_entry
+}  // namespace fwd
+}  // namespace segattn
+
+// Runs the forward kernel for `p` on the CPU. 0 on success; nonzero with the message in
+// segattn_emu_last_error() for an unsupported dtype / head dim, bad sizes, or a failed launch.
+extern "C" int segattn_emu_fwd(const SegattnFwdParams* p) {
+  using namespace segattn::fwd;
+  using segattn::bf16;
+  using segattn::f16;
+  static thread_local char message[256];
+  if (p == nullptr) return emu_entry::fail("segattn_emu_fwd: params is NULL");
+  if (p->num_kv_heads <= 0 || p->num_heads % p->num_kv_heads != 0) {
+    std::snprintf(message, sizeof message,
+                  "segattn_emu_fwd: num_heads (%d) must be a positive multiple of num_kv_heads (%d)",
+                  p->num_heads, p->num_kv_heads);
+    return emu_entry::fail(message);
+  }
+  if (p->head_dim != 64 && p->head_dim != 128) {
+    std::snprintf(message, sizeof message, "segattn_emu_fwd: unsupported head_dim %d (expected 64 or 128)",
+                  p->head_dim);
+    return emu_entry::fail(message);
+  }
+  const bool d64 = p->head_dim == 64;
+  switch (p->dtype) {
+    case SEGATTN_DTYPE_BF16:
+      return d64 ? emu_entry::launch<FwdTraits<bf16, 64>>(*p, segattn_fwd_bf16_d64)
+                 : emu_entry::launch<FwdTraits<bf16, 128>>(*p, segattn_fwd_bf16_d128);
+    case SEGATTN_DTYPE_F16:
+      return d64 ? emu_entry::launch<FwdTraits<f16, 64>>(*p, segattn_fwd_f16_d64)
+                 : emu_entry::launch<FwdTraits<f16, 128>>(*p, segattn_fwd_f16_d128);
+    default:
+      std::snprintf(message, sizeof message,
+                    "segattn_emu_fwd: unsupported dtype code %d (expected %d = f16 or %d = bf16)", p->dtype,
+                    SEGATTN_DTYPE_F16, SEGATTN_DTYPE_BF16);
+      return emu_entry::fail(message);
+  }
+}
+
+// Dynamic shared memory of the kernel for (dtype, head_dim), 0 if unsupported (for the Rust side
+// to check its launch configuration against the traits).
+extern "C" int segattn_emu_fwd_smem_bytes(int dtype, int head_dim) {
+  using namespace segattn::fwd;
+  if (dtype != SEGATTN_DTYPE_BF16 && dtype != SEGATTN_DTYPE_F16) return 0;
+  if (head_dim == 64) return FwdTraits<segattn::bf16, 64>::kSmemBytes;
+  if (head_dim == 128) return FwdTraits<segattn::bf16, 128>::kSmemBytes;
+  return 0;
+}
+
+#endif  // SEGATTN_EMULATE

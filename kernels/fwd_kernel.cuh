@@ -1,0 +1,281 @@
+// The forward kernel body: FlashAttention-2 over the key tiles that the segment mask leaves
+// visible.
+//
+// Grid (ceil(Lq / 64), H, B), 128 threads. The block owns query rows [q0, q0 + 64) of head h of
+// batch row b; warp w owns rows 16w .. 16w + 15 of the tile.
+//
+//   bound the key tiles: [first, last] that may be visible (one cheap scan spread over the threads)
+//   classify key tiles until the first visible one (SKIP tiles cost no load and no mma)
+//   cp.async Q tile (into K buffer 1), cp.async K/V of that tile into buffer 0
+//   Q -> registers (ldmatrix A fragments, kept for the whole loop); barrier
+//   for each visible tile t (buffer buf):
+//     classify the following tiles until the next visible one; cp.async its K/V into buf ^ 1
+//     wait for tile t's group; barrier
+//     S = Q K^T                      (mma.sync m16n8k16, f32 accumulate)
+//     scale by scale * log2(e); mask (PARTIAL tiles and the ragged last tile only)
+//     online softmax (row max / sum over the quad with shuffles, exp2)
+//     O += P V                       (P re-packed to 16 bits in registers as the A operand)
+//     barrier (buffer buf is free for the load issued next iteration)
+//   O / row sum -> 16-bit, staged through the warp's own rows of the Q tile, 16-byte stores;
+//   LSE = (max + log2 sum) * ln 2 in f32.
+#ifndef SEGATTN_FWD_KERNEL_CUH
+#define SEGATTN_FWD_KERNEL_CUH
+
+#include <type_traits>
+
+#include "platform.cuh"
+#include "dtypes.cuh"
+#include "ptx.cuh"
+#include "segattn_params.h"
+#include "kernel_traits.cuh"
+#include "mask.cuh"
+#include "softmax.cuh"
+#include "tile_load.cuh"
+
+namespace segattn {
+namespace fwd {
+
+template <class T>
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  const uint32_t b[2] = {b0, b1};
+  if constexpr (std::is_same<T, segattn::bf16>::value) {
+    mma_m16n8k16_bf16(d, a, b, d);
+  } else {
+    mma_m16n8k16_f16(d, a, b, d);
+  }
+}
+
+template <class Traits>
+__device__ void fwd_kernel(const SegattnFwdParams& p) {
+  using T = typename Traits::T;
+  constexpr int kM = Traits::kBlockM;
+  constexpr int kN = Traits::kBlockN;
+  constexpr int kChunks = Traits::kChunks;
+  using Classifier = mask::TileClassifier<kM, kN, Traits::kThreads>;
+
+  SEGATTN_DYNAMIC_SMEM(char, smem);
+  char* const s_q = smem + Traits::kOffQ;
+  uint32_t* const s_kid = reinterpret_cast<uint32_t*>(smem + Traits::kOffKId);  // [2][kN]
+  Classifier classifier;
+  classifier.q_id = reinterpret_cast<uint32_t*>(smem + Traits::kOffQId);
+  classifier.q_end = reinterpret_cast<int*>(smem + Traits::kOffQEnd);
+  classifier.q_starts = reinterpret_cast<uint32_t*>(smem + Traits::kOffQStarts);
+
+  const int tid = static_cast<int>(threadIdx.x);
+  const int warp = tid / 32;
+  const int lane = tid % 32;
+  const int b = static_cast<int>(blockIdx.z);
+  const int h = static_cast<int>(blockIdx.y);
+  const int kh = h / (p.num_heads / p.num_kv_heads);  // GQA
+  const int q0 = static_cast<int>(blockIdx.x) * kM;
+  const int q1 = min(q0 + kM, p.q_len);
+  const int kv_len = p.kv_len;
+  const int pos_offset = kv_len - p.q_len;
+  const int num_tiles = (kv_len + kN - 1) / kN;
+
+  const mask::Rule rule = mask::rule_of_batch(p, b);
+  const mask::Segments kv_segs = mask::segments_of_batch(p.kv_segments, b);
+  classifier.init_queries(mask::segments_of_batch(p.q_segments, b), q0, q1);
+
+  // Bound the loop: key tiles outside [first_tile, last_tile] are SKIP for sure (a cheap
+  // per-thread scan; causal-like masks end far before num_tiles).
+  int first_tile = 0;
+  int last_tile = -1;
+  classifier.visible_tile_range(rule, kv_segs, q0, kv_len, pos_offset, num_tiles, Traits::kScanBudget,
+                                reinterpret_cast<int*>(smem + Traits::kOffScan), first_tile, last_tile);
+  const int end_tile = last_tile + 1;
+
+  // The next tile >= `from` that is not SKIP (end_tile if none), its class in `cls`; the key ids
+  // of the last classified tile are left in `kid`.
+  auto next_visible = [&](int from, uint32_t* kid, int& cls) {
+    int t = from;
+    for (; t < end_tile; ++t) {
+      const int k0 = t * kN;
+      cls = classifier.classify(rule, kv_segs, q0, k0, min(k0 + kN, kv_len), pos_offset, kid);
+      if (cls != SEGATTN_TILE_SKIP) break;
+    }
+    return t;
+  };
+
+  const T* const q_base = static_cast<const T*>(p.q) + static_cast<int64_t>(b) * p.q_strides.batch +
+                          static_cast<int64_t>(q0) * p.q_strides.row + static_cast<int64_t>(h) * p.q_strides.head;
+  const T* const k_base = static_cast<const T*>(p.k) + static_cast<int64_t>(b) * p.k_strides.batch +
+                          static_cast<int64_t>(kh) * p.k_strides.head;
+  const T* const v_base = static_cast<const T*>(p.v) + static_cast<int64_t>(b) * p.v_strides.batch +
+                          static_cast<int64_t>(kh) * p.v_strides.head;
+  auto load_kv_async = [&](int t, int buf) {
+    const int k0 = t * kN;
+    const int valid = min(kN, kv_len - k0);
+    load_tile_async<Traits, kN>(smem + Traits::kOffK + buf * Traits::kKVBytes,
+                                k_base + static_cast<int64_t>(k0) * p.k_strides.row, p.k_strides.row, valid);
+    load_tile_async<Traits, kN>(smem + Traits::kOffV + buf * Traits::kKVBytes,
+                                v_base + static_cast<int64_t>(k0) * p.v_strides.row, p.v_strides.row, valid);
+  };
+
+  // This thread's two rows (g and g + 8 of the warp): segment id and position.
+  const int g = lane / 4;
+  const int quad_col = 2 * (lane % 4);
+  uint32_t row_seg[2];
+  int row_pos[2];
+  SEGATTN_UNROLL
+  for (int r = 0; r < 2; ++r) {
+    const int row = warp * 16 + g + 8 * r;
+    row_seg[r] = classifier.q_id[row];
+    row_pos[r] = q0 + row + pos_offset;
+  }
+
+  float o[Traits::kNO][4];
+  SEGATTN_UNROLL
+  for (int ob = 0; ob < Traits::kNO; ++ob) {
+    SEGATTN_UNROLL
+    for (int e = 0; e < 4; ++e) o[ob][e] = 0.0f;
+  }
+  OnlineSoftmax softmax;
+  softmax.init();
+
+  int cls = SEGATTN_TILE_SKIP;
+  int tile = next_visible(first_tile, s_kid, cls);
+  if (tile < end_tile) {
+    load_tile_async<Traits, kM>(s_q, q_base, p.q_strides.row, q1 - q0);
+    cp_async_commit();
+    load_kv_async(tile, 0);
+    cp_async_commit();
+    cp_async_wait<1>();  // the Q group
+    __syncthreads();
+  }
+  uint32_t qf[Traits::kDK][4];
+  if (tile < end_tile) {
+    load_q_fragments<Traits>(s_q, warp, lane, qf);
+    __syncthreads();  // the Q tile shares K buffer 1, which the loop's first prefetch overwrites
+  }
+
+  int buf = 0;
+  while (tile < end_tile) {
+    // Look ahead: classify and prefetch the next visible tile while this one is computed.
+    int next_cls = SEGATTN_TILE_SKIP;
+    const int next = next_visible(tile + 1, s_kid + (buf ^ 1) * kN, next_cls);
+    if (next < end_tile) {
+      load_kv_async(next, buf ^ 1);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+
+    const char* const s_k = smem + Traits::kOffK + buf * Traits::kKVBytes;
+    const char* const s_v = smem + Traits::kOffV + buf * Traits::kKVBytes;
+    const uint32_t* const kid = s_kid + buf * kN;
+    const int k0 = tile * kN;
+
+    // S = Q K^T.
+    float s[Traits::kNS][4];
+    SEGATTN_UNROLL
+    for (int nb = 0; nb < Traits::kNS; ++nb) {
+      SEGATTN_UNROLL
+      for (int e = 0; e < 4; ++e) s[nb][e] = 0.0f;
+    }
+    SEGATTN_UNROLL
+    for (int kc = 0; kc < Traits::kDK; ++kc) {
+      SEGATTN_UNROLL
+      for (int np = 0; np < Traits::kNS / 2; ++np) {
+        uint32_t kb[4];
+        load_k_fragments<Traits>(s_k, np, kc, lane, kb);
+        mma_16816<T>(s[2 * np], qf[kc], kb[0], kb[1]);
+        mma_16816<T>(s[2 * np + 1], qf[kc], kb[2], kb[3]);
+      }
+    }
+
+    // Scale into the log2 domain; mask PARTIAL tiles and keys past the end.
+    const bool partial = cls == SEGATTN_TILE_PARTIAL;
+    const bool ragged = k0 + kN > kv_len;
+    if (partial || ragged) {
+      SEGATTN_UNROLL
+      for (int nb = 0; nb < Traits::kNS; ++nb) {
+        SEGATTN_UNROLL
+        for (int e = 0; e < 4; ++e) {
+          const int col = nb * 8 + quad_col + (e & 1);
+          const int r = e >> 1;
+          const int key = k0 + col;
+          const bool visible =
+              key < kv_len && (!partial || mask::element_visible(rule, row_seg[r], kid[col], row_pos[r], key));
+          s[nb][e] = visible ? s[nb][e] * p.scale_log2 : -INFINITY;
+        }
+      }
+    } else {
+      SEGATTN_UNROLL
+      for (int nb = 0; nb < Traits::kNS; ++nb) {
+        SEGATTN_UNROLL
+        for (int e = 0; e < 4; ++e) s[nb][e] *= p.scale_log2;
+      }
+    }
+
+    softmax.update(s, o);
+
+    // O += P V, with P packed to 16 bits straight from the S accumulators: the C fragments of
+    // n-blocks 2kc and 2kc+1 are exactly the A fragment of k-step kc.
+    SEGATTN_UNROLL
+    for (int kc = 0; kc < Traits::kPK; ++kc) {
+      const uint32_t pa[4] = {
+          pack2<T>(s[2 * kc][0], s[2 * kc][1]),
+          pack2<T>(s[2 * kc][2], s[2 * kc][3]),
+          pack2<T>(s[2 * kc + 1][0], s[2 * kc + 1][1]),
+          pack2<T>(s[2 * kc + 1][2], s[2 * kc + 1][3]),
+      };
+      SEGATTN_UNROLL
+      for (int dp = 0; dp < Traits::kNO / 2; ++dp) {
+        uint32_t vb[4];
+        load_v_fragments<Traits>(s_v, dp, kc, lane, vb);
+        mma_16816<T>(o[2 * dp], pa, vb[0], vb[1]);
+        mma_16816<T>(o[2 * dp + 1], pa, vb[2], vb[3]);
+      }
+    }
+
+    __syncthreads();  // every warp is done with buffer `buf` before it is refilled
+    tile = next;
+    cls = next_cls;
+    buf ^= 1;
+  }
+
+  // Epilogue. Each warp stages its own 16 rows of O in its own rows of the Q tile (K buffer 1: no
+  // warp reads it after the loop's last barrier, no copy into it is in flight), then stores them
+  // with 16-byte writes.
+  float inv[2];
+  float lse[2];
+  softmax.finalize(inv, lse);
+  SEGATTN_UNROLL
+  for (int ob = 0; ob < Traits::kNO; ++ob) {
+    SEGATTN_UNROLL
+    for (int r = 0; r < 2; ++r) {
+      const int row = warp * 16 + g + 8 * r;
+      *reinterpret_cast<uint32_t*>(s_q + swizzle<kChunks>(row, ob) + quad_col * 2) =
+          pack2<T>(o[ob][2 * r] * inv[r], o[ob][2 * r + 1] * inv[r]);
+    }
+  }
+  __syncwarp();
+  T* const o_base = static_cast<T*>(p.o) + static_cast<int64_t>(b) * p.o_strides.batch +
+                    static_cast<int64_t>(h) * p.o_strides.head;
+  SEGATTN_UNROLL
+  for (int it = 0; it < 16 * kChunks / 32; ++it) {
+    const int idx = it * 32 + lane;
+    const int r = idx / kChunks;
+    const int chunk = idx % kChunks;
+    const int row = q0 + warp * 16 + r;
+    if (row < q1) {
+      *reinterpret_cast<uint4*>(o_base + static_cast<int64_t>(row) * p.o_strides.row + chunk * 8) =
+          *reinterpret_cast<const uint4*>(s_q + swizzle<kChunks>(warp * 16 + r, chunk));
+    }
+  }
+  if (p.lse != nullptr && (lane % 4) == 0) {
+    SEGATTN_UNROLL
+    for (int r = 0; r < 2; ++r) {
+      const int row = q0 + warp * 16 + g + 8 * r;
+      if (row < q1) p.lse[(static_cast<int64_t>(b) * p.num_heads + h) * p.q_len + row] = lse[r];
+    }
+  }
+}
+
+}  // namespace fwd
+}  // namespace segattn
+
+#endif  // SEGATTN_FWD_KERNEL_CUH

@@ -1,0 +1,95 @@
+// Compile-time configuration of the forward kernel: tile sizes, warps and the shared-memory layout
+// for one (element type, head dim) pair.
+//
+// Tiles: a thread block owns kBlockM = 64 query rows (4 warps x 16 rows, one m16 mma tile per warp)
+// and walks key/value tiles of kBlockN = 64 keys. Every tile row is head_dim 16-bit elements, i.e.
+// kChunks 16-byte chunks.
+//
+// Shared memory (dynamic, in this order, all tiles row-major [row][head_dim] and swizzled):
+//   K[2]     kBlockN x D  x 2       double buffer (the next tile's cp.async in flight)
+//   V[2]     kBlockN x D  x 2
+//   metadata q_id[kBlockM] u32, q_end[kBlockM] i32, q_starts[kBlockM/32] u32 (piece-start bits),
+//            k_id[2][kBlockN] u32 (the key segment ids of each K/V buffer's tile),
+//            scan[2 * kWarps] i32 (reduction of the visible key-tile range)
+// The Q tile (kBlockM x D) lives in K buffer 1: it is loaded together with the first K/V tile
+// (into buffer 0), moved to registers, and only then may buffer 1 be filled; the epilogue stages
+// the output there again. D = 64: 32 KiB of tiles + 1064 B = 33,832 B (under the 48 KiB default);
+// D = 128: 64 KiB + 1064 B = 66,600 B (the launcher must raise
+// cudaFuncAttributeMaxDynamicSharedMemorySize), two blocks per SM on A100 as on H100.
+//
+// Bank conflicts: XOR swizzle of 16-byte chunks, no padding. Chunk c of row r is stored at chunk
+// position (c ^ (r & 7)) of that row. An ldmatrix phase reads 8 consecutive rows at one logical
+// chunk, which the swizzle spreads over 8 distinct chunk positions mod 8 = all 32 banks; cp.async
+// writes (consecutive threads -> consecutive chunks of a row) and the output staging (8 rows x 4
+// lanes x 4 bytes at one logical chunk) are conflict-free for the same reason.
+#ifndef SEGATTN_KERNEL_TRAITS_CUH
+#define SEGATTN_KERNEL_TRAITS_CUH
+
+#include "platform.cuh"
+#include "dtypes.cuh"
+
+// `#pragma unroll` for nvcc; nothing in host emulation (g++ does not know the pragma, and
+// unrolling there only costs compile time).
+#ifndef SEGATTN_UNROLL
+#if defined(__CUDACC__)
+#define SEGATTN_UNROLL _Pragma("unroll")
+#else
+#define SEGATTN_UNROLL
+#endif
+#endif
+
+namespace segattn {
+namespace fwd {
+
+template <class Element, int kHeadDim_>
+struct FwdTraits {
+  using T = Element;
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kBlockM = 64;
+  static constexpr int kBlockN = 64;
+  static constexpr int kWarps = 4;
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kRowsPerWarp = 16;
+  static_assert(kBlockM == kWarps * kRowsPerWarp, "one m16 mma row tile per warp");
+  static_assert(kHeadDim == 64 || kHeadDim == 128, "head dims 64 and 128 are instantiated");
+  static_assert(sizeof(T) == 2, "16-bit inputs");
+
+  // 16-byte chunks per tile row (8 elements each).
+  static constexpr int kChunks = kHeadDim / 8;
+  // mma fragment counts.
+  static constexpr int kDK = kHeadDim / 16;  // k-steps of S = Q K^T
+  static constexpr int kNS = kBlockN / 8;    // n-blocks of S (8 keys each)
+  static constexpr int kNO = kHeadDim / 8;   // n-blocks of O (8 dims each)
+  static constexpr int kPK = kBlockN / 16;   // k-steps of O += P V
+
+  // Byte offsets into dynamic shared memory.
+  static constexpr int kQBytes = kBlockM * kHeadDim * 2;
+  static constexpr int kKVBytes = kBlockN * kHeadDim * 2;
+  static constexpr int kOffK = 0;                           // + buf * kKVBytes
+  static constexpr int kOffV = kOffK + 2 * kKVBytes;        // + buf * kKVBytes
+  // Q shares K buffer 1: it is moved to registers before buffer 1's first load is issued.
+  static constexpr int kOffQ = kOffK + kKVBytes;
+  static_assert(kQBytes <= kKVBytes, "the Q tile fits in a K buffer");
+  static constexpr int kOffQId = kOffV + 2 * kKVBytes;      // u32[kBlockM]
+  static constexpr int kOffQEnd = kOffQId + 4 * kBlockM;    // i32[kBlockM]
+  static constexpr int kOffQStarts = kOffQEnd + 4 * kBlockM;  // u32[kBlockM / 32]
+  static constexpr int kOffKId = kOffQStarts + 4 * (kBlockM / 32);  // u32[2][kBlockN]
+  static constexpr int kOffScan = kOffKId + 4 * 2 * kBlockN;         // i32[2 * kWarps]
+  static constexpr int kSmemBytes = kOffScan + 4 * 2 * kWarps;
+
+  // Piece pairs one thread evaluates per key tile when bounding the loop (mask.cuh
+  // may_be_visible); a tile with more pairs counts as possibly visible.
+  static constexpr int kScanBudget = 64;
+  static_assert(kOffK % 128 == 0 && kOffV % 128 == 0 && kOffQId % 16 == 0, "aligned tiles");
+};
+
+// Byte offset of 16-byte chunk `chunk` of row `row` in a swizzled tile of `kChunks` chunks per row.
+template <int kChunks>
+__device__ __forceinline__ int swizzle(int row, int chunk) {
+  return (row * kChunks + (chunk ^ (row & 7))) * 16;
+}
+
+}  // namespace fwd
+}  // namespace segattn
+
+#endif  // SEGATTN_KERNEL_TRAITS_CUH

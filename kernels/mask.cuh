@@ -1,0 +1,211 @@
+// The segment mask on the device: rule lookup, piece visibility, tile classification and the
+// per-element test. Exactly the definitions of src/mask/tiles.rs and src/mask/rule.rs (keep them
+// in step; tests/emulated_fwd.rs checks that both classify random tiles alike).
+//
+// A tile is query rows [q0, q1) x keys [k0, k1), both clipped to the sequence. Both ranges are cut
+// into segment pieces; each pair of pieces (query segment sq rows [qa, qb), key segment sk keys
+// [ka, kb)) with rule r = rule(sq, sk) is
+//   - empty when r is BLOCKED, or CAUSAL with ka > pos(qb - 1);
+//   - full  when r is FULL,    or CAUSAL with kb - 1 <= pos(qa);
+//   - mixed otherwise,
+// with pos(i) = i + (Lk - Lq). The tile is SKIP when every pair is empty, FULL when every pair is
+// full, PARTIAL otherwise.
+#ifndef SEGATTN_MASK_CUH
+#define SEGATTN_MASK_CUH
+
+#include "platform.cuh"
+#include "segattn_params.h"
+
+namespace segattn {
+namespace mask {
+
+// The rule for segment pairs of one batch row.
+struct Rule {
+  const uint8_t* table;  // this batch row's [size, size] table, or nullptr
+  int size;
+  int intra;
+  int inter;
+
+  __device__ __forceinline__ int lookup(uint32_t sq, uint32_t sk) const {
+    if (table != nullptr && sq < static_cast<uint32_t>(size) && sk < static_cast<uint32_t>(size)) {
+      const int code = table[static_cast<size_t>(sq) * static_cast<size_t>(size) + sk];
+      if (code != SEGATTN_RULE_DEFAULT) return code;
+    }
+    return sq == sk ? intra : inter;
+  }
+};
+
+__device__ __forceinline__ Rule rule_of_batch(const SegattnFwdParams& p, int b) {
+  Rule r;
+  r.table = p.pair_table == nullptr ? nullptr : p.pair_table + static_cast<int64_t>(b) * p.table_batch_stride;
+  r.size = p.pair_table == nullptr ? 0 : p.table_size;
+  r.intra = p.intra_rule;
+  r.inter = p.inter_rule;
+  return r;
+}
+
+// Segment ids and span ends of one side (queries or keys) for one batch row.
+struct Segments {
+  const uint32_t* ids;
+  const uint32_t* span_end;
+};
+
+__device__ __forceinline__ Segments segments_of_batch(const SegattnSegments& s, int b) {
+  const int64_t off = static_cast<int64_t>(b) * s.batch_stride;
+  return Segments{s.ids + off, s.span_end + off};
+}
+
+// Whether key position k_pos is visible to query position q_pos under `rule`.
+__device__ __forceinline__ bool allows(int rule, int q_pos, int k_pos) {
+  return rule == SEGATTN_RULE_FULL || (rule == SEGATTN_RULE_CAUSAL && k_pos <= q_pos);
+}
+
+// The class of the piece pair query rows [qa, qb) x keys [ka, kb) under `rule`.
+__device__ __forceinline__ int piece_visibility(int rule, int qa, int qb, int ka, int kb, int pos_offset) {
+  if (rule == SEGATTN_RULE_BLOCKED) return SEGATTN_TILE_SKIP;
+  if (rule == SEGATTN_RULE_FULL) return SEGATTN_TILE_FULL;
+  if (ka > (qb - 1) + pos_offset) return SEGATTN_TILE_SKIP;
+  if (kb - 1 <= qa + pos_offset) return SEGATTN_TILE_FULL;
+  return SEGATTN_TILE_PARTIAL;
+}
+
+// Block-cooperative tile classification for query tiles of up to kBlockM rows and key tiles of up
+// to kBlockN keys, by kThreads threads. The query tile's pieces are recorded once in shared memory
+// (init_queries); then each key tile is classified with every piece pair evaluated by some thread:
+// thread t takes key position k0 + t % kBlockN (if a key piece starts there) against the query
+// pieces starting in the bit words w = t / kBlockN, w + kThreads / kBlockN, ... Every thread of
+// the block must call both functions (they contain __syncthreads).
+template <int kBlockM, int kBlockN, int kThreads>
+struct TileClassifier {
+  static_assert(kBlockM % 32 == 0, "query rows in whole warps (ballot)");
+  static_assert(kThreads % kBlockN == 0 && kThreads >= kBlockM, "thread mapping");
+  static constexpr int kWords = kBlockM / 32;
+  static constexpr int kGroups = kThreads / kBlockN;
+
+  uint32_t* q_id;      // [kBlockM] segment id of each row of the tile (0 past q1)
+  int* q_end;          // [kBlockM] end of the piece that starts at a row (clipped to q1)
+  uint32_t* q_starts;  // [kWords]  bit r: a piece starts at row q0 + r
+
+  // Records the pieces of query rows [q0, q1). Ends with a barrier.
+  __device__ void init_queries(const Segments& q, int q0, int q1) const {
+    const int r = threadIdx.x;
+    if (r < kBlockM) {
+      const int i = q0 + r;
+      const bool valid = i < q1;
+      const uint32_t id = valid ? q.ids[i] : 0u;
+      const bool start = valid && (r == 0 || q.ids[i - 1] != id);
+      q_id[r] = id;
+      q_end[r] = valid ? min(static_cast<int>(q.span_end[i]), q1) : q1;
+      const unsigned bits = __ballot_sync(0xffffffffu, start);
+      if ((r & 31) == 0) q_starts[r / 32] = bits;
+    }
+    __syncthreads();
+  }
+
+  // Classifies query rows [q0, q1) (as given to init_queries) x keys [k0, k1) and writes the
+  // tile's key segment ids to k_id[0 .. kBlockN) (0 past k1). The result is the same in every
+  // thread. The writes to k_id are visible to the block after the next barrier.
+  __device__ int classify(const Rule& rule, const Segments& kv, int q0, int k0, int k1, int pos_offset,
+                          uint32_t* k_id) const {
+    const int jj = threadIdx.x % kBlockN;
+    const int group = threadIdx.x / kBlockN;
+    const int j = k0 + jj;
+    bool any_visible = false;
+    bool all_full = true;
+    if (j < k1) {
+      const uint32_t sk = kv.ids[j];
+      if (group == 0) k_id[jj] = sk;
+      if (jj == 0 || kv.ids[j - 1] != sk) {  // a key piece [j, kb) starts here
+        const int kb = min(static_cast<int>(kv.span_end[j]), k1);
+        for (int w = group; w < kWords; w += kGroups) {
+          uint32_t bits = q_starts[w];
+          while (bits != 0u) {
+            const int r = w * 32 + (__ffs(static_cast<int>(bits)) - 1);
+            bits &= bits - 1u;
+            const int c = piece_visibility(rule.lookup(q_id[r], sk), q0 + r, q_end[r], j, kb, pos_offset);
+            any_visible |= c != SEGATTN_TILE_SKIP;
+            all_full &= c == SEGATTN_TILE_FULL;
+            if (any_visible && !all_full) break;  // this thread's verdict cannot change
+          }
+          if (any_visible && !all_full) break;
+        }
+      }
+    } else if (group == 0) {
+      k_id[jj] = 0u;
+    }
+    any_visible = __syncthreads_or(any_visible) != 0;
+    all_full = __syncthreads_and(all_full) != 0;
+    if (!any_visible) return SEGATTN_TILE_SKIP;
+    return all_full ? SEGATTN_TILE_FULL : SEGATTN_TILE_PARTIAL;
+  }
+
+  // One thread alone, conservative: false only when the tile query rows [q0, q1) x keys
+  // [k0, k1) is SKIP. Evaluates at most `budget` piece pairs and answers true past that. Used to
+  // bound the key-tile loop (first and last tile that may be visible) without block barriers.
+  __device__ bool may_be_visible(const Rule& rule, const Segments& kv, int q0, int k0, int k1, int pos_offset,
+                                 int budget) const {
+    int j = k0;
+    while (j < k1) {
+      const uint32_t sk = kv.ids[j];
+      const int kb = min(static_cast<int>(kv.span_end[j]), k1);
+      for (int w = 0; w < kWords; ++w) {
+        uint32_t bits = q_starts[w];
+        while (bits != 0u) {
+          const int r = w * 32 + (__ffs(static_cast<int>(bits)) - 1);
+          bits &= bits - 1u;
+          if (--budget < 0) return true;
+          if (piece_visibility(rule.lookup(q_id[r], sk), q0 + r, q_end[r], j, kb, pos_offset) != SEGATTN_TILE_SKIP) {
+            return true;
+          }
+        }
+      }
+      j = kb;
+    }
+    return false;
+  }
+
+  // The first and last key tile (of kBlockN keys, `num_tiles` of them) that may be visible to the
+  // query tile, by may_be_visible over the tiles spread across the block's threads, reduced
+  // through `scratch` (2 * kThreads / 32 ints of shared memory). last < first when none is.
+  // Every thread of the block must call it (it contains __syncthreads).
+  __device__ void visible_tile_range(const Rule& rule, const Segments& kv, int q0, int kv_len, int pos_offset,
+                                     int num_tiles, int budget, int* scratch, int& first, int& last) const {
+    int lo = num_tiles;
+    int hi = -1;
+    for (int t = threadIdx.x; t < num_tiles; t += kThreads) {
+      const int k0 = t * kBlockN;
+      if (may_be_visible(rule, kv, q0, k0, min(k0 + kBlockN, kv_len), pos_offset, budget)) {
+        lo = min(lo, t);
+        hi = max(hi, t);
+      }
+    }
+    for (int m = 16; m >= 1; m /= 2) {
+      lo = min(lo, __shfl_xor_sync(0xffffffffu, lo, m));
+      hi = max(hi, __shfl_xor_sync(0xffffffffu, hi, m));
+    }
+    constexpr int kWarps = kThreads / 32;
+    const int warp = threadIdx.x / 32;
+    if (threadIdx.x % 32 == 0) {
+      scratch[warp] = lo;
+      scratch[kWarps + warp] = hi;
+    }
+    __syncthreads();
+    first = scratch[0];
+    last = scratch[kWarps];
+    for (int w = 1; w < kWarps; ++w) {
+      first = min(first, scratch[w]);
+      last = max(last, scratch[kWarps + w]);
+    }
+  }
+};
+
+// Whether key `k_pos` (segment sk) is visible to the query at position `q_pos` (segment sq): the
+// per-element test of PARTIAL tiles.
+__device__ __forceinline__ bool element_visible(const Rule& rule, uint32_t sq, uint32_t sk, int q_pos, int k_pos) {
+  return allows(rule.lookup(sq, sk), q_pos, k_pos);
+}
+
+}  // namespace mask
+}  // namespace segattn
+
+#endif  // SEGATTN_MASK_CUH

@@ -1,0 +1,94 @@
+// Online softmax on mma accumulator fragments (FlashAttention-2), entirely in registers.
+//
+// m16n8k16 C/D fragment of one warp: lane l holds, for each 8-column block, c0,c1 at row
+// g = l / 4, columns 2 * (l % 4) + {0, 1}, and c2,c3 at row g + 8. So each thread owns two rows of
+// its warp's 16 (index r = 0 for g, 1 for g + 8); the 4 lanes of a quad (same g) hold the rest of
+// those rows, and row reductions are two xor-shuffles (1, 2) inside the quad.
+//
+// Scores arrive already scaled by scale * log2(e) (so exp2 is the exponential) and masked (-inf).
+// A row that has seen no visible key keeps max = -inf and sum = 0: its output is 0 and its LSE
+// -inf, never NaN (the exponent reference is taken as 0 while the max is -inf).
+#ifndef SEGATTN_SOFTMAX_CUH
+#define SEGATTN_SOFTMAX_CUH
+
+#include "platform.cuh"
+#include "ptx.cuh"
+#include "kernel_traits.cuh"
+
+namespace segattn {
+namespace fwd {
+
+__device__ __forceinline__ float quad_max(float x) {
+  x = fmaxf(x, shfl_xor(x, 1));
+  return fmaxf(x, shfl_xor(x, 2));
+}
+
+__device__ __forceinline__ float quad_sum(float x) {
+  x += shfl_xor(x, 1);
+  return x + shfl_xor(x, 2);
+}
+
+struct OnlineSoftmax {
+  float row_max[2];  // running max of the scaled scores (log2 domain), -inf before any key
+  float row_sum[2];  // this thread's partial sum of exp2(s - row_max) (quad-reduced at the end)
+
+  __device__ __forceinline__ void init() {
+    SEGATTN_UNROLL
+    for (int r = 0; r < 2; ++r) {
+      row_max[r] = -INFINITY;
+      row_sum[r] = 0.0f;
+    }
+  }
+
+  // One key tile: turns the scores `s` [kNS][4] into unnormalised probabilities in place and
+  // rescales the output accumulator `o` [kNO][4] to the new running max.
+  template <int kNS, int kNO>
+  __device__ __forceinline__ void update(float (&s)[kNS][4], float (&o)[kNO][4]) {
+    SEGATTN_UNROLL
+    for (int r = 0; r < 2; ++r) {
+      float tile_max = -INFINITY;
+      SEGATTN_UNROLL
+      for (int nb = 0; nb < kNS; ++nb) {
+        tile_max = fmaxf(tile_max, fmaxf(s[nb][2 * r], s[nb][2 * r + 1]));
+      }
+      tile_max = quad_max(tile_max);
+      const float new_max = fmaxf(row_max[r], tile_max);
+      // Exponent reference: 0 while the row has seen nothing (all its scores are -inf then).
+      const float ref = new_max == -INFINITY ? 0.0f : new_max;
+      const float alpha = exp2_approx(row_max[r] - ref);
+      row_max[r] = new_max;
+      float sum = row_sum[r] * alpha;
+      SEGATTN_UNROLL
+      for (int ob = 0; ob < kNO; ++ob) {
+        o[ob][2 * r] *= alpha;
+        o[ob][2 * r + 1] *= alpha;
+      }
+      SEGATTN_UNROLL
+      for (int nb = 0; nb < kNS; ++nb) {
+        const float p0 = exp2_approx(s[nb][2 * r] - ref);
+        const float p1 = exp2_approx(s[nb][2 * r + 1] - ref);
+        s[nb][2 * r] = p0;
+        s[nb][2 * r + 1] = p1;
+        sum += p0 + p1;
+      }
+      row_sum[r] = sum;
+    }
+  }
+
+  // After the last tile: the factor that normalises each row (0 for a row that saw nothing) and
+  // its natural-log LSE (-inf for such a row). Collective over the quad.
+  __device__ __forceinline__ void finalize(float (&inv)[2], float (&lse)[2]) const {
+    SEGATTN_UNROLL
+    for (int r = 0; r < 2; ++r) {
+      const float sum = quad_sum(row_sum[r]);
+      const bool seen = sum > 0.0f;
+      inv[r] = seen ? 1.0f / sum : 0.0f;
+      lse[r] = seen ? (row_max[r] + log2f(sum)) * 0.69314718055994530942f : -INFINITY;
+    }
+  }
+};
+
+}  // namespace fwd
+}  // namespace segattn
+
+#endif  // SEGATTN_SOFTMAX_CUH

@@ -1,0 +1,71 @@
+// Data movement of the forward kernel: global -> shared tiles with cp.async (predicated, zero-fill
+// past the sequence end) and shared -> register mma fragments with ldmatrix. Tiles are
+// [rows][head_dim] 16-bit, swizzled as described in kernel_traits.cuh.
+#ifndef SEGATTN_TILE_LOAD_CUH
+#define SEGATTN_TILE_LOAD_CUH
+
+#include "platform.cuh"
+#include "ptx.cuh"
+#include "kernel_traits.cuh"
+
+namespace segattn {
+namespace fwd {
+
+// Issues the cp.async copies of a kRows-row tile: row r of the tile is global row `src_row0 + r`
+// (element pointer `src` + r * row_stride), for r < rows_valid; rows past it are zero-filled (the
+// source pointer then stays at row 0 of the tile, which exists). Each of the kThreads threads
+// copies every kThreads-th 16-byte chunk. Does not commit.
+template <class Traits, int kRows>
+__device__ __forceinline__ void load_tile_async(char* smem_tile, const typename Traits::T* src, int64_t row_stride,
+                                                int rows_valid) {
+  constexpr int kChunks = Traits::kChunks;
+  constexpr int kTotal = kRows * kChunks;
+  static_assert(kTotal % Traits::kThreads == 0, "whole copy rounds");
+  SEGATTN_UNROLL
+  for (int it = 0; it < kTotal / Traits::kThreads; ++it) {
+    const int idx = it * Traits::kThreads + static_cast<int>(threadIdx.x);
+    const int row = idx / kChunks;
+    const int chunk = idx % kChunks;
+    const bool pred = row < rows_valid;
+    const typename Traits::T* g = src + (pred ? static_cast<int64_t>(row) * row_stride : 0) + chunk * 8;
+    cp_async_16(smem_tile + swizzle<kChunks>(row, chunk), g, pred);
+  }
+}
+
+// The A fragments of this warp's 16 query rows for all head_dim / 16 k-steps (rows 16 * warp ..):
+// ldmatrix.x4 matrices 0..3 = (rows 0-7, cols 0-7), (rows 8-15, cols 0-7), (rows 0-7, cols 8-15),
+// (rows 8-15, cols 8-15) of each 16 x 16 block = a0..a3 of m16n8k16.
+template <class Traits>
+__device__ __forceinline__ void load_q_fragments(const char* sq, int warp, int lane,
+                                                 uint32_t (&qf)[Traits::kDK][4]) {
+  const int row = warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
+  SEGATTN_UNROLL
+  for (int kc = 0; kc < Traits::kDK; ++kc) {
+    ldmatrix_x4(qf[kc], sq + swizzle<Traits::kChunks>(row, 2 * kc + (lane >> 4)));
+  }
+}
+
+// B fragments of K^T for key n-blocks 2*np and 2*np+1 (keys 16*np .. +16) and k-step kc (dims
+// 16*kc .. +16). K is stored [key][dim], which is B = K^T in the column-major form mma wants, so no
+// transpose: matrices (keys 0-7, dims 0-7) = b0 of n-block 2np, (keys 0-7, dims 8-15) = b1,
+// (keys 8-15, dims 0-7) = b0 of n-block 2np+1, (keys 8-15, dims 8-15) = b1.
+template <class Traits>
+__device__ __forceinline__ void load_k_fragments(const char* sk, int np, int kc, int lane, uint32_t (&kb)[4]) {
+  const int row = np * 16 + (lane & 7) + (lane >> 4) * 8;
+  ldmatrix_x4(kb, sk + swizzle<Traits::kChunks>(row, 2 * kc + ((lane >> 3) & 1)));
+}
+
+// B fragments of V for output n-blocks 2*dp and 2*dp+1 (dims 16*dp .. +16) and k-step kc (keys
+// 16*kc .. +16). V is stored [key][dim] = B row-major, so ldmatrix .trans: matrices (keys 0-7,
+// dims 0-7) = b0 of n-block 2dp, (keys 8-15, dims 0-7) = b1, (keys 0-7, dims 8-15) = b0 of n-block
+// 2dp+1, (keys 8-15, dims 8-15) = b1.
+template <class Traits>
+__device__ __forceinline__ void load_v_fragments(const char* sv, int dp, int kc, int lane, uint32_t (&vb)[4]) {
+  const int row = kc * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
+  ldmatrix_x4_trans(vb, sv + swizzle<Traits::kChunks>(row, 2 * dp + (lane >> 4)));
+}
+
+}  // namespace fwd
+}  // namespace segattn
+
+#endif  // SEGATTN_TILE_LOAD_CUH

@@ -1,0 +1,377 @@
+//! The CUDA forward kernel (`kernels/fwd/fwd.cu`) run on the CPU under the SIMT emulator, for
+//! tests: the same kernel source that nvcc compiles, built with the host compiler by build.rs.
+//!
+//! [`forward`] fills [`SegattnFwdParams`] exactly as a GPU launcher would (strides from the
+//! tensors' layouts, O(L) segment metadata, the pair table) and runs the kernel through
+//! `segattn_emu_fwd`. It is slow (every CUDA thread is a fiber): small shapes only.
+
+use std::ffi::{c_char, c_int, c_void, CStr};
+
+use candle_core::{CpuStorage, DType, Device, Layout, Result, Storage, Tensor};
+
+use crate::error::invalid_arg;
+use crate::mask::tiles::classify_tile;
+use crate::mask::{HostMask, SegmentMask};
+use crate::op::AttentionOutput;
+use crate::params::{SegattnFwdParams, SegattnSegments, SegattnStrides};
+use crate::validate::{default_scale, AttentionShape};
+
+/// The order in which the emulator runs the threads of a block between synchronisation points
+/// (see `kernels/emu/emu_api.h`). Warp-granular schedules expose missing barriers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Schedule {
+    /// Thread-granular round robin, increasing thread order.
+    Forward,
+    /// Thread-granular round robin, decreasing thread order.
+    Reverse,
+    /// The lowest runnable warp runs until all its threads block.
+    LowFirst,
+    /// The highest runnable warp runs until all its threads block.
+    HighFirst,
+    /// A random runnable thread at every switch (replayable from the seed).
+    Random,
+    /// Warp-granular, warps in random order (replayable from the seed).
+    RandomWarp,
+}
+
+impl Schedule {
+    /// The emulator's code for this schedule (`segattn_emu_schedule`).
+    pub fn code(self) -> c_int {
+        match self {
+            Self::Forward => 0,
+            Self::Reverse => 1,
+            Self::LowFirst => 2,
+            Self::HighFirst => 3,
+            Self::Random => 4,
+            Self::RandomWarp => 5,
+        }
+    }
+}
+
+extern "C" {
+    fn segattn_emu_set_schedule(schedule: c_int, seed: u64);
+    fn segattn_emu_last_error() -> *const c_char;
+    fn segattn_emu_fwd(params: *const SegattnFwdParams) -> c_int;
+    fn segattn_emu_fwd_smem_bytes(dtype: c_int, head_dim: c_int) -> c_int;
+    fn segattn_emu_classify_tile(
+        params: *const SegattnFwdParams,
+        b: c_int,
+        q0: c_int,
+        q1: c_int,
+        k0: c_int,
+        k1: c_int,
+        budget: c_int,
+        out_class: *mut c_int,
+        out_may_be_visible: *mut c_int,
+    ) -> c_int;
+}
+
+/// The calling thread's last emulator error.
+fn last_error() -> String {
+    // SAFETY: the emulator returns a NUL-terminated string owned by the calling thread's state,
+    // valid until its next launch; it is copied at once.
+    unsafe { CStr::from_ptr(segattn_emu_last_error()) }
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// Dynamic shared memory of the forward kernel for `dtype` (bf16 / f16) and `head_dim` (64 / 128)
+/// from the kernel's traits, or `None` when unsupported.
+pub fn fwd_smem_bytes(dtype: DType, head_dim: usize) -> Option<usize> {
+    let code = dtype_code(dtype)?;
+    // SAFETY: a pure function of its arguments.
+    let bytes = unsafe { segattn_emu_fwd_smem_bytes(code, c_int::try_from(head_dim).ok()?) };
+    (bytes > 0).then_some(bytes as usize)
+}
+
+fn dtype_code(dtype: DType) -> Option<c_int> {
+    match dtype {
+        DType::BF16 => Some(crate::params::SEGATTN_DTYPE_BF16 as c_int),
+        DType::F16 => Some(crate::params::SEGATTN_DTYPE_F16 as c_int),
+        _ => None,
+    }
+}
+
+fn to_i32(name: &str, v: usize) -> Result<i32> {
+    match i32::try_from(v) {
+        Ok(v) => Ok(v),
+        Err(_) => invalid_arg!("{name}: {v} does not fit the kernel's 32-bit sizes"),
+    }
+}
+
+/// Points the segment and rule fields of `p` at `host` (which must outlive every use of `p`).
+fn fill_mask_params(p: &mut SegattnFwdParams, host: &HostMask) {
+    let side = |s: &crate::mask::SegmentSpans| SegattnSegments {
+        ids: s.ids().as_ptr(),
+        span_end: s.span_ends().as_ptr(),
+        batch_stride: if s.rows() == 1 { 0 } else { s.len() as i64 },
+    };
+    p.q_segments = side(&host.q);
+    p.kv_segments = side(&host.kv);
+    let rule = &host.rule;
+    if rule.table_size == 0 {
+        p.pair_table = std::ptr::null();
+        p.table_size = 0;
+        p.table_batch_stride = 0;
+    } else {
+        p.pair_table = rule.table.as_ptr();
+        p.table_size = rule.table_size as i32;
+        p.table_batch_stride = if rule.table_batches == 1 {
+            0
+        } else {
+            (rule.table_size * rule.table_size) as i64
+        };
+    }
+    p.intra_rule = i32::from(rule.intra.code());
+    p.inter_rule = i32::from(rule.inter.code());
+}
+
+/// A q / k / v input as the kernel reads it: element pointer (start offset applied) and strides.
+/// Holds the storage lock (or an aligned copy) while the kernel runs.
+struct Input {
+    _tensor: Tensor,
+    ptr: *const c_void,
+    strides: SegattnStrides,
+}
+
+impl Input {
+    /// The kernel loads 16-byte chunks: the start must be 16-byte aligned and the batch, row and
+    /// head strides multiples of 8 elements. Views that are not are copied.
+    fn new(name: &str, t: &Tensor) -> Result<Self> {
+        if let Some(input) = Self::try_direct(name, t)? {
+            return Ok(input);
+        }
+        let copy = t.copy()?;
+        match Self::try_direct(name, &copy)? {
+            Some(input) => Ok(input),
+            None => invalid_arg!("{name}: could not get a 16-byte aligned copy for the kernel's cp.async loads"),
+        }
+    }
+
+    fn try_direct(name: &str, t: &Tensor) -> Result<Option<Self>> {
+        let (base, layout) = {
+            let (storage, layout) = t.storage_and_layout();
+            let base = match &*storage {
+                Storage::Cpu(CpuStorage::BF16(v)) => v.as_ptr() as *const c_void,
+                Storage::Cpu(CpuStorage::F16(v)) => v.as_ptr() as *const c_void,
+                _ => invalid_arg!("{name}: the emulated kernel takes bf16 or f16 CPU tensors"),
+            };
+            (base, layout.clone())
+        };
+        let strides = strides_of(&layout);
+        let ptr = base.wrapping_byte_add(layout.start_offset() * 2);
+        // An empty tensor is never read.
+        let aligned = t.elem_count() == 0
+            || (ptr as usize) % 16 == 0 && [strides.batch, strides.row, strides.head].iter().all(|s| s % 8 == 0);
+        // The storage of a tensor is never reallocated while a clone of it (kept in `_tensor`)
+        // is alive, and candle's CPU storage is immutable once shared.
+        Ok(aligned.then(|| Self {
+            _tensor: t.clone(),
+            ptr,
+            strides,
+        }))
+    }
+}
+
+/// (batch, row, head) strides in elements of a rank-4 layout; 0 for a dimension of size 1 (its
+/// stride is never multiplied by a nonzero index).
+fn strides_of(layout: &Layout) -> SegattnStrides {
+    let s = layout.stride();
+    let d = layout.dims();
+    let pick = |i: usize| if d[i] == 1 { 0 } else { s[i] as i64 };
+    SegattnStrides {
+        batch: pick(0),
+        row: pick(1),
+        head: pick(2),
+    }
+}
+
+/// Runs the emulated CUDA forward kernel: q `[B, Lq, H, D]`, k and v `[B, Lk, Hkv, D]` CPU
+/// tensors (bf16 or f16, D = 64 or 128, strided views allowed), under `mask`. `scale` defaults to
+/// `1/sqrt(D)`. Returns O `[B, Lq, H, D]` in the input dtype and LSE `[B, H, Lq]` f32 (always).
+/// `schedule` and `seed` select the emulator's thread schedule.
+pub fn forward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &SegmentMask,
+    scale: Option<f64>,
+    schedule: Schedule,
+    seed: u64,
+) -> Result<AttentionOutput> {
+    let shape = AttentionShape::of(q, k, v)?;
+    let AttentionShape {
+        batch,
+        q_len,
+        kv_len,
+        num_heads,
+        num_kv_heads,
+        head_dim,
+    } = shape;
+    let dtype = q.dtype();
+    let Some(dtype_code) = dtype_code(dtype) else {
+        invalid_arg!("q: the CUDA forward kernel supports dtype bf16 or f16, got {dtype:?}");
+    };
+    if head_dim != 64 && head_dim != 128 {
+        invalid_arg!("q: the CUDA forward kernel supports head dim D = 64 or 128, got D = {head_dim}");
+    }
+    for (name, t) in [("q", q), ("k", k), ("v", v)] {
+        if !matches!(t.device(), Device::Cpu) {
+            invalid_arg!(
+                "{name}: the emulated kernel runs on CPU tensors, got device {:?}",
+                t.device().location()
+            );
+        }
+    }
+    if num_heads > 65_535 || batch > 65_535 {
+        invalid_arg!(
+            "q: the kernel's grid has one row per head and batch row (at most 65535 each), got shape {:?}",
+            q.dims()
+        );
+    }
+    let scale = scale.unwrap_or_else(|| default_scale(head_dim));
+    if !scale.is_finite() {
+        invalid_arg!("scale: expected a finite number, got {scale}");
+    }
+    let host = mask.host_metadata(batch, q_len, kv_len)?;
+
+    let (qi, ki, vi) = (Input::new("q", q)?, Input::new("k", k)?, Input::new("v", v)?);
+    let n_out = batch * q_len * num_heads * head_dim;
+    // u128 storage: the kernel writes O with 16-byte stores.
+    let mut out = vec![0u128; n_out.div_ceil(8)];
+    let mut lse = vec![0f32; batch * num_heads * q_len];
+
+    let mut p = SegattnFwdParams {
+        q: qi.ptr,
+        k: ki.ptr,
+        v: vi.ptr,
+        q_strides: qi.strides,
+        k_strides: ki.strides,
+        v_strides: vi.strides,
+        o: out.as_mut_ptr() as *mut c_void,
+        o_strides: SegattnStrides {
+            batch: (q_len * num_heads * head_dim) as i64,
+            row: (num_heads * head_dim) as i64,
+            head: head_dim as i64,
+        },
+        lse: lse.as_mut_ptr(),
+        batch: to_i32("batch", batch)?,
+        q_len: to_i32("q_len", q_len)?,
+        kv_len: to_i32("kv_len", kv_len)?,
+        num_heads: to_i32("num_heads", num_heads)?,
+        num_kv_heads: to_i32("num_kv_heads", num_kv_heads)?,
+        head_dim: head_dim as i32,
+        dtype: dtype_code,
+        scale: scale as f32,
+        scale_log2: (scale * std::f64::consts::LOG2_E) as f32,
+        ..Default::default()
+    };
+    fill_mask_params(&mut p, &host);
+    to_i32(
+        "rows x heads x head_dim",
+        q_len.max(kv_len) * num_heads.max(num_kv_heads) * head_dim,
+    )?;
+
+    // SAFETY: every pointer in `p` points into buffers that outlive the call (`qi`, `ki`, `vi`,
+    // `host`, `out`, `lse`) and the sizes in `p` match them; the schedule applies to this thread.
+    let rc = unsafe {
+        segattn_emu_set_schedule(schedule.code(), seed);
+        segattn_emu_fwd(&p)
+    };
+    if rc != 0 {
+        return Err(candle_core::Error::Msg(format!("segattn: emulated forward kernel failed: {}", last_error())).bt());
+    }
+    drop((qi, ki, vi));
+
+    // SAFETY: `out` holds at least n_out 16-bit elements (u128 has no invalid bit patterns, nor
+    // do bf16 / f16).
+    let out = match dtype {
+        DType::BF16 => {
+            let s = unsafe { std::slice::from_raw_parts(out.as_ptr() as *const half::bf16, n_out) };
+            Tensor::from_slice(s, (batch, q_len, num_heads, head_dim), &Device::Cpu)?
+        }
+        _ => {
+            let s = unsafe { std::slice::from_raw_parts(out.as_ptr() as *const half::f16, n_out) };
+            Tensor::from_slice(s, (batch, q_len, num_heads, head_dim), &Device::Cpu)?
+        }
+    };
+    let lse = Tensor::from_vec(lse, (batch, num_heads, q_len), &Device::Cpu)?;
+    Ok(AttentionOutput { out, lse: Some(lse) })
+}
+
+/// One tile classified by Rust and by the kernel's code, see [`classify_tile_both`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TileClasses {
+    /// [`crate::mask::tiles`] (`SEGATTN_TILE_*` code).
+    pub rust: u8,
+    /// `kernels/mask.cuh` `TileClassifier::classify`, block-cooperative (`SEGATTN_TILE_*` code).
+    pub kernel: u8,
+    /// `kernels/mask.cuh` `TileClassifier::may_be_visible` (one thread, conservative, with the
+    /// given budget of piece pairs).
+    pub may_be_visible: bool,
+}
+
+/// Classifies the tile query rows `[q0, q1)` x keys `[k0, k1)` of batch row `b` with
+/// [`crate::mask::tiles`] (Rust) and with `kernels/mask.cuh` (the kernel's classifier and its
+/// conservative loop-bound test with `budget` piece pairs, emulated). Tiles of at most 64 x 64,
+/// inside the sequence.
+#[allow(clippy::too_many_arguments)]
+pub fn classify_tile_both(
+    mask: &SegmentMask,
+    batch: usize,
+    q_len: usize,
+    kv_len: usize,
+    b: usize,
+    (q0, q1): (usize, usize),
+    (k0, k1): (usize, usize),
+    budget: usize,
+) -> Result<TileClasses> {
+    if b >= batch || q0 > q1 || q1 > q_len || k0 > k1 || k1 > kv_len || q1 - q0 > 64 || k1 - k0 > 64 {
+        invalid_arg!("tile: rows [{q0}, {q1}) x keys [{k0}, {k1}) of row {b} is not a tile of at most 64 x 64 inside [{batch}, {q_len}, {kv_len}]");
+    }
+    let host = mask.host_metadata(batch, q_len, kv_len)?;
+    let rust = classify_tile(
+        &host.rule,
+        host.rule.table_row(b),
+        host.q.row(b),
+        host.kv.row(b),
+        (q0, q1),
+        (k0, k1),
+        host.pos_offset,
+    ) as u8;
+    let mut p = SegattnFwdParams {
+        batch: to_i32("batch", batch)?,
+        q_len: to_i32("q_len", q_len)?,
+        kv_len: to_i32("kv_len", kv_len)?,
+        ..Default::default()
+    };
+    fill_mask_params(&mut p, &host);
+    let (mut cls, mut maybe): (c_int, c_int) = (-1, -1);
+    let budget = c_int::try_from(budget).unwrap_or(c_int::MAX);
+    // SAFETY: `p` points into `host`, alive for the call; the range was checked above.
+    let rc = unsafe {
+        segattn_emu_classify_tile(
+            &p,
+            b as c_int,
+            q0 as c_int,
+            q1 as c_int,
+            k0 as c_int,
+            k1 as c_int,
+            budget,
+            &mut cls,
+            &mut maybe,
+        )
+    };
+    if rc != 0 {
+        return Err(candle_core::Error::Msg(format!(
+            "segattn: emulated tile classification failed: {}",
+            last_error()
+        ))
+        .bt());
+    }
+    Ok(TileClasses {
+        rust,
+        kernel: cls as u8,
+        may_be_visible: maybe != 0,
+    })
+}
