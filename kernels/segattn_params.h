@@ -85,4 +85,25 @@ typedef struct SegattnFwdParams {
   float scale_log2;
 } SegattnFwdParams;
 
+/* Per-segment attention mass (kernels/scores/scores.cu): the softmax of q.k over the visible keys
+ * of `base` (q, k, masks, sizes, scale; v, o and lse unused, NULL), summed per key segment id.
+ * mass[b, ho, ro, s] (+)= sum over keys j with kv id s of P[b, h, i, j], f32, last dim contiguous,
+ * s < num_segments (every kv id must be below it); ho = 0 with head_reduce, else h; ro = the query
+ * segment id of row i with query_reduce (every q id below the row count of `mass`), else i.
+ * With either reduction or two_pass the kernel ADDS (atomically) into a zeroed `mass`; otherwise
+ * it writes every element. Length / mean weights are applied by the caller afterwards. */
+typedef struct SegattnScoresParams {
+  SegattnFwdParams base;
+  float *mass;
+  int64_t mass_batch_stride;
+  int64_t mass_head_stride;
+  int64_t mass_row_stride;
+  int32_t num_segments;
+  int32_t head_reduce;
+  int32_t query_reduce;
+  /* 0: one pass, accumulators for segment ids 0..63 on chip (num_segments <= 64);
+   * 1: two passes (row LSE, then exact probabilities summed per tile), any num_segments. */
+  int32_t two_pass;
+} SegattnScoresParams;
+
 #endif /* SEGATTN_PARAMS_H */

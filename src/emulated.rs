@@ -16,6 +16,9 @@ use crate::op::AttentionOutput;
 use crate::params::{SegattnFwdParams, SegattnSegments, SegattnStrides};
 use crate::validate::{default_scale, AttentionShape};
 
+mod scores;
+pub use scores::{scores_smem_bytes, segment_scores};
+
 /// The order in which the emulator runs the threads of a block between synchronisation points
 /// (see `kernels/emu/emu_api.h`). Warp-granular schedules expose missing barriers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -296,7 +299,11 @@ pub fn forward(
         }
     };
     let lse = Tensor::from_vec(lse, (batch, num_heads, q_len), &Device::Cpu)?;
-    Ok(AttentionOutput { out, lse: Some(lse) })
+    Ok(AttentionOutput {
+        out,
+        lse: Some(lse),
+        segment_mass: None,
+    })
 }
 
 /// One tile classified by Rust and by the kernel's code, see [`classify_tile_both`].

@@ -10,6 +10,7 @@ use half::{bf16, f16};
 use crate::cpu::{self, Element, Strided};
 use crate::error::invalid_arg;
 use crate::mask::{HostMask, SegmentMask};
+use crate::scores::{MassPlan, SegmentScoreOptions};
 use crate::validate::{default_scale, AttentionShape};
 
 /// Output of [`SegmentAttention::forward`].
@@ -22,6 +23,11 @@ pub struct AttentionOutput {
     /// [`SegmentAttention::return_lse`]. Use it to merge partial results with
     /// [`crate::merge_partials`].
     pub lse: Option<Tensor>,
+    /// `[B, Ho, Lo, Sk]` f32 per-segment attention mass of this attention's softmax, computed in
+    /// the same pass; present when asked with [`SegmentAttention::return_segment_mass`]. Layout
+    /// and options: [`SegmentScoreOptions`]; equal to [`crate::segment_scores`] under the same
+    /// mask and scale.
+    pub segment_mass: Option<Tensor>,
 }
 
 /// Segment-masked attention with options.
@@ -48,6 +54,7 @@ pub struct SegmentAttention<'a> {
     mask: &'a SegmentMask,
     scale: Option<f64>,
     return_lse: bool,
+    segment_mass: Option<SegmentScoreOptions>,
 }
 
 impl<'a> SegmentAttention<'a> {
@@ -57,6 +64,7 @@ impl<'a> SegmentAttention<'a> {
             mask,
             scale: None,
             return_lse: false,
+            segment_mass: None,
         }
     }
 
@@ -69,6 +77,30 @@ impl<'a> SegmentAttention<'a> {
     /// Also return the log-sum-exp `[B, H, Lq]`.
     pub fn return_lse(mut self, yes: bool) -> Self {
         self.return_lse = yes;
+        self
+    }
+
+    /// Also return the per-segment attention mass `[B, Ho, Lo, Sk]` (f32) of this attention's
+    /// probabilities, accumulated in the same pass like O (a per-row, per-key-segment accumulator
+    /// rescaled with the running max). `options.scale` must be unset or equal to the attention's
+    /// scale. CPU only for now (a CUDA input with this option is an error).
+    ///
+    /// ```
+    /// use candle_core::{Device, Tensor};
+    /// use segattn::{SegmentAttention, SegmentMask, SegmentScoreOptions};
+    /// let dev = Device::Cpu;
+    /// let q = Tensor::randn(0f32, 1.0, (1, 96, 4, 64), &dev)?;
+    /// let k = Tensor::randn(0f32, 1.0, (1, 96, 2, 64), &dev)?;
+    /// let v = Tensor::randn(0f32, 1.0, (1, 96, 2, 64), &dev)?;
+    /// let mask = SegmentMask::pine(16, &[40, 30], 10, &dev)?;
+    /// let res = SegmentAttention::new(&mask)
+    ///     .return_segment_mass(SegmentScoreOptions::new())
+    ///     .forward(&q, &k, &v)?;
+    /// assert_eq!(res.segment_mass.unwrap().dims(), &[1, 4, 96, 4]); // ids 0..=3
+    /// # Ok::<(), candle_core::Error>(())
+    /// ```
+    pub fn return_segment_mass(mut self, options: SegmentScoreOptions) -> Self {
+        self.segment_mass = Some(options);
         self
     }
 
@@ -86,18 +118,40 @@ impl<'a> SegmentAttention<'a> {
                 q.device().location()
             );
         }
+        let host_mask = self.mask.host_metadata(shape.batch, shape.q_len, shape.kv_len)?;
+        let mass_plan = match &self.segment_mass {
+            None => None,
+            Some(opts) => Some(mass_plan(opts, scale, q, &shape, &host_mask)?),
+        };
         let op = AttentionOp {
-            host_mask: self.mask.host_metadata(shape.batch, shape.q_len, shape.kv_len)?,
+            host_mask,
             shape,
             scale: scale as f32,
             want_lse: self.return_lse,
             lse: Mutex::new(None),
+            mass_plan,
+            mass: Mutex::new(None),
         };
         let out = q.apply_op3_no_bwd(k, v, &op)?;
         let lse = op.take_lse()?.map(|storage| {
-            Tensor::from_storage(storage, (shape.batch, shape.num_heads, shape.q_len), BackpropOp::none(), false)
+            Tensor::from_storage(
+                storage,
+                (shape.batch, shape.num_heads, shape.q_len),
+                BackpropOp::none(),
+                false,
+            )
         });
-        Ok(AttentionOutput { out, lse })
+        let segment_mass = match (&op.mass_plan, take_slot(&op.mass)?) {
+            (Some(plan), Some(storage)) => Some(Tensor::from_storage(
+                storage,
+                plan.out_dims(shape.q_len),
+                BackpropOp::none(),
+                false,
+            )),
+            (None, _) => None,
+            (Some(_), None) => invalid_arg!("internal error: the attention op produced no segment mass"),
+        };
+        Ok(AttentionOutput { out, lse, segment_mass })
     }
 }
 
@@ -107,14 +161,52 @@ pub fn segment_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &SegmentMask)
     Ok(SegmentAttention::new(mask).forward(q, k, v)?.out)
 }
 
-/// The candle op. It holds the mask metadata; candle hands it q, k and v. The LSE, a second
-/// output that `CustomOp3` cannot return, is left in `lse` for the caller to pick up.
+/// Checks the fused mass options against the attention call and lays out the output.
+fn mass_plan(
+    opts: &SegmentScoreOptions,
+    scale: f64,
+    q: &Tensor,
+    shape: &AttentionShape,
+    host_mask: &HostMask,
+) -> Result<MassPlan> {
+    if let Some(s) = opts.scale {
+        if (s - scale).abs() > 1e-12 * scale.abs().max(1.0) {
+            invalid_arg!(
+                "return_segment_mass: options.scale ({s}) differs from the attention's scale ({scale}); the fused \
+                 mass is that of the attention's softmax: leave it unset"
+            );
+        }
+    }
+    if !q.device().is_cpu() {
+        invalid_arg!(
+            "return_segment_mass: the fused mass output runs on the CPU only for now, got q on {:?}; use \
+             segment_scores on the CPU",
+            q.device().location()
+        );
+    }
+    MassPlan::new(shape, host_mask, opts)
+}
+
+/// Takes what an op left in a side slot.
+fn take_slot(slot: &Mutex<Option<Storage>>) -> Result<Option<Storage>> {
+    Ok(slot
+        .lock()
+        .map_err(|_| candle_core::Error::Msg("segattn: output slot poisoned by a panic".into()))?
+        .take())
+}
+
+/// The candle op. It holds the mask metadata; candle hands it q, k and v. The LSE and the
+/// segment mass, outputs that `CustomOp3` cannot return, are left in `lse` and `mass` for the
+/// caller to pick up.
 struct AttentionOp {
     host_mask: HostMask,
     shape: AttentionShape,
     scale: f32,
     want_lse: bool,
     lse: Mutex<Option<Storage>>,
+    /// The fused per-segment mass, when asked for: its layout, and its slot.
+    mass_plan: Option<MassPlan>,
+    mass: Mutex<Option<Storage>>,
 }
 
 impl AttentionOp {
@@ -144,7 +236,15 @@ impl AttentionOp {
             &self.host_mask,
             self.scale,
             self.want_lse,
+            self.mass_plan.as_ref(),
         )?;
+        if let Some(mass) = fwd.mass {
+            *self
+                .mass
+                .lock()
+                .map_err(|_| candle_core::Error::Msg("segattn: mass slot poisoned by a panic".into()))? =
+                Some(Storage::Cpu(CpuStorage::F32(mass)));
+        }
         if let Some(lse) = fwd.lse {
             *self
                 .lse
@@ -177,6 +277,36 @@ impl CustomOp3 for AttentionOp {
             DType::BF16 => self.cpu_typed::<bf16>(args.0, args.1, args.2)?,
             other => invalid_arg!("q: expected dtype f32, f16 or bf16, got {other:?}"),
         };
+        let s = self.shape;
+        Ok((out, Shape::from((s.batch, s.q_len, s.num_heads, s.head_dim))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        q: &candle_core::CudaStorage,
+        ql: &Layout,
+        k: &candle_core::CudaStorage,
+        kl: &Layout,
+        v: &candle_core::CudaStorage,
+        vl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (out, lse) = crate::cuda::forward(
+            (q, ql),
+            (k, kl),
+            (v, vl),
+            self.shape,
+            &self.host_mask,
+            self.scale,
+            self.want_lse,
+        )?;
+        if let Some(lse) = lse {
+            *self
+                .lse
+                .lock()
+                .map_err(|_| candle_core::Error::Msg("segattn: lse slot poisoned by a panic".into()))? =
+                Some(Storage::Cuda(lse));
+        }
         let s = self.shape;
         Ok((out, Shape::from((s.batch, s.q_len, s.num_heads, s.head_dim))))
     }

@@ -9,6 +9,9 @@ use candle_core::{DType, Device, Result, Tensor};
 use crate::mask::SegmentMask;
 use crate::validate::{default_scale, AttentionShape};
 
+mod segment_mass;
+pub use segment_mass::segment_mass;
+
 /// Output of [`attention`]: `out` `[B, Lq, H, D]` f64 and `lse` `[B, H, Lq]` f64 (natural log of
 /// the softmax denominator of the scaled scores; `-inf` for a row that sees no key, whose output
 /// is 0).

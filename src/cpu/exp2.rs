@@ -11,7 +11,8 @@ pub(crate) fn exp2(x: f32) -> f32 {
     // 1.5 * 2^23: adding and subtracting it rounds to the nearest integer without a libm call.
     const ROUND: f32 = 12_582_912.0;
     let xc = x.clamp(-126.0, 126.0);
-    let n = (xc + ROUND) - ROUND;
+    let t = xc + ROUND;
+    let n = t - ROUND;
     let f = xc - n;
     // Taylor coefficients of 2^f = e^(f ln 2), enough terms for f32 on |f| <= 0.5.
     const C1: f32 = std::f32::consts::LN_2;
@@ -21,7 +22,10 @@ pub(crate) fn exp2(x: f32) -> f32 {
     const C5: f32 = 0.001_333_355_8;
     const C6: f32 = 0.000_154_035_3;
     let p = 1.0 + f * (C1 + f * (C2 + f * (C3 + f * (C4 + f * (C5 + f * C6)))));
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    // The low mantissa bits of `t` hold n (two's complement): no float -> int conversion, whose
+    // saturating semantics (`as i32`) would keep this function from vectorising.
+    let n_int = t.to_bits().wrapping_sub(ROUND.to_bits());
+    let scale = f32::from_bits(n_int.wrapping_add(127) << 23);
     if x < -126.0 {
         0.0
     } else {

@@ -7,6 +7,8 @@
 
 mod element;
 mod exp2;
+mod load;
+pub(crate) mod segment;
 mod tile;
 
 use candle_core::{Layout, Result};
@@ -16,7 +18,9 @@ pub(crate) use element::Element;
 
 use crate::mask::tiles::{classify_tile, TileClass};
 use crate::mask::HostMask;
+use crate::scores::MassPlan;
 use crate::validate::{strides4, AttentionShape};
+use segment::{MassRows, MassSink, TilePieces};
 use tile::{attend_tile, RowState, BC, BR, LANES};
 
 /// A rank-4 input `[B, L, heads, D]` with arbitrary strides on the first three dims.
@@ -41,13 +45,17 @@ impl<'a, T: Element> Strided<'a, T> {
     }
 }
 
-/// The result of [`forward`]: O `[B, Lq, H, D]` contiguous and, when asked, LSE `[B, H, Lq]`.
+/// The result of [`forward`]: O `[B, Lq, H, D]` contiguous and, when asked, LSE `[B, H, Lq]` and
+/// the per-segment mass (`[B, Ho, Lo, Sk]`, laid out by its [`MassPlan`]).
 pub(crate) struct Forward<T> {
     pub out: Vec<T>,
     pub lse: Option<Vec<f32>>,
+    pub mass: Option<Vec<f32>>,
 }
 
-/// Segment-masked attention on the CPU. `scale` multiplies q.k before the softmax.
+/// Segment-masked attention on the CPU. `scale` multiplies q.k before the softmax. With `mass`,
+/// also the per-segment mass of P, accumulated in the same pass (see [`segment`]).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn forward<T: Element>(
     q: Strided<'_, T>,
     k: Strided<'_, T>,
@@ -56,6 +64,7 @@ pub(crate) fn forward<T: Element>(
     mask: &HostMask,
     scale: f32,
     want_lse: bool,
+    mass: Option<&MassPlan>,
 ) -> Result<Forward<T>> {
     let AttentionShape {
         batch,
@@ -75,9 +84,10 @@ pub(crate) fn forward<T: Element>(
     let out_ptr = SharedMut(out.as_mut_ptr());
     let lse_ptr = SharedMut(lse.as_mut_ptr());
     let use_fma = fma_available();
+    let sink = mass.map(|plan| MassSink::new(plan, mask, q_len));
 
-    (0..batch * num_heads * q_tiles).into_par_iter().for_each_init(
-        || Scratch::new(d),
+    (0..batch * num_heads * q_tiles).into_par_iter().try_for_each_init(
+        || Scratch::new(d, mass.map(|plan| plan.sk)),
         |scratch, item| {
             let qt = item % q_tiles;
             let h = (item / q_tiles) % num_heads;
@@ -90,11 +100,18 @@ pub(crate) fn forward<T: Element>(
             unsafe {
                 scratch.write_output(&out_ptr, want_lse.then_some(&lse_ptr), &state, shape, (b, h), (q0, q1));
             }
+            if let (Some(sink), Some(rows)) = (&sink, &mut scratch.mass) {
+                rows.normalize(&state, q1 - q0);
+                // SAFETY: items are disjoint in (b, h, rows).
+                unsafe { sink.put(b, h, (q0, q1), rows)? };
+            }
+            Ok::<(), candle_core::Error>(())
         },
-    );
+    )?;
     Ok(Forward {
         out,
         lse: want_lse.then_some(lse),
+        mass: sink.map(MassSink::finish).transpose()?,
     })
 }
 
@@ -124,10 +141,14 @@ struct Scratch {
     v: Vec<f32>,
     s: Vec<f32>,
     o: Vec<f32>,
+    /// The per-segment mass accumulators of the item's rows, when asked for.
+    mass: Option<MassRows>,
+    /// The key segment pieces of the current key tile (for the mass).
+    pieces: TilePieces,
 }
 
 impl Scratch {
-    fn new(d: usize) -> Self {
+    fn new(d: usize, mass_segments: Option<usize>) -> Self {
         let dp = d.div_ceil(LANES) * LANES;
         Self {
             dp,
@@ -136,6 +157,8 @@ impl Scratch {
             v: vec![0.0; BC * dp],
             s: vec![0.0; BR * BC],
             o: vec![0.0; BR * dp],
+            mass: mass_segments.map(MassRows::new),
+            pieces: TilePieces::default(),
         }
     }
 
@@ -168,6 +191,9 @@ impl Scratch {
             }
         }
         self.o.fill(0.0);
+        if let Some(m) = &mut self.mass {
+            m.clear(rows);
+        }
         let mut state = RowState::new();
 
         let table = mask.rule.table_row(b);
@@ -181,6 +207,9 @@ impl Scratch {
             }
             let cols = k1 - k0;
             self.load_kv(k, v, b, kh, d, k0, cols);
+            if self.mass.is_some() {
+                segment::tile_pieces(mask, b, k0, k1, &mut self.pieces);
+            }
             let partial = class == TileClass::Partial;
             let masked = |r: usize, j: usize| {
                 let (i, kj) = (q0 + r, k0 + j);
@@ -190,16 +219,29 @@ impl Scratch {
                     .allows(i as i64 + off, kj as i64)
             };
             let Self {
-                q: qb, kt, v: vb, s, o, ..
+                q: qb,
+                kt,
+                v: vb,
+                s,
+                o,
+                mass,
+                pieces,
+                ..
             } = self;
+            // The mass accumulators follow O's rescaling; P of the tile is summed per key segment.
+            let hook = |r: usize, alpha: f32, p: &[f32]| {
+                if let Some(m) = mass.as_mut() {
+                    m.follow(r, alpha, p, pieces);
+                }
+            };
             if use_fma {
                 // SAFETY: fma_available() checked that the CPU has AVX2 and FMA.
                 #[cfg(target_arch = "x86_64")]
                 unsafe {
-                    attend_tile_avx2(qb, kt, vb, s, o, &mut state, dp, rows, cols, partial, masked)
+                    attend_tile_avx2(qb, kt, vb, s, o, &mut state, dp, rows, cols, partial, masked, hook)
                 };
             } else {
-                attend_tile::<false>(qb, kt, vb, s, o, &mut state, dp, rows, cols, partial, masked);
+                attend_tile::<false>(qb, kt, vb, s, o, &mut state, dp, rows, cols, partial, masked, hook);
             }
         }
         state
@@ -222,11 +264,8 @@ impl Scratch {
             self.kt.fill(0.0);
             self.v.fill(0.0);
         }
+        load::transpose_rows(&mut self.kt, cols, d, |j| k.row(b, k0 + j, kh, d));
         for j in 0..cols {
-            let krow = k.row(b, k0 + j, kh, d);
-            for (c, x) in krow.iter().enumerate() {
-                self.kt[c * BC + j] = x.to_f32();
-            }
             let vrow = v.row(b, k0 + j, kh, d);
             for (dst, x) in self.v[j * dp..j * dp + d].iter_mut().zip(vrow) {
                 *dst = x.to_f32();
@@ -286,6 +325,7 @@ unsafe fn attend_tile_avx2(
     cols: usize,
     partial: bool,
     masked: impl Fn(usize, usize) -> bool,
+    row_hook: impl FnMut(usize, f32, &[f32]),
 ) {
-    attend_tile::<true>(q, kt, v, s, o, state, dp, rows, cols, partial, masked)
+    attend_tile::<true>(q, kt, v, s, o, state, dp, rows, cols, partial, masked, row_hook)
 }

@@ -45,7 +45,10 @@ impl RowState {
 
 /// One key tile's work for a query tile. `rows` and `cols` are the valid rows and keys (the rest
 /// is padding); `masked(r, j)` is called only when `partial` and says whether element (r, j) is
-/// hidden. Q is already scaled by `scale * log2(e)`.
+/// hidden. Q is already scaled by `scale * log2(e)`. `row_hook(r, alpha, p)` is called after each
+/// row's online-softmax update with the factor its accumulators were rescaled by and its
+/// unnormalised probabilities `p` (`cols` of them): other accumulators that must follow O (the
+/// per-segment mass) update there; pass `|_, _, _| {}` for none.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 pub(crate) fn attend_tile<const FMA: bool>(
@@ -60,6 +63,7 @@ pub(crate) fn attend_tile<const FMA: bool>(
     cols: usize,
     partial: bool,
     masked: impl Fn(usize, usize) -> bool,
+    mut row_hook: impl FnMut(usize, f32, &[f32]),
 ) {
     let row_blocks = rows.div_ceil(ROWS);
     scores::<FMA>(q, kt, s, dp, row_blocks);
@@ -72,28 +76,33 @@ pub(crate) fn attend_tile<const FMA: bool>(
                 }
             }
         }
-        softmax_row(
+        let alpha = softmax_row(
             srow,
             cols,
             &mut state.max[r],
             &mut state.sum[r],
             &mut o[r * dp..(r + 1) * dp],
         );
+        row_hook(r, alpha, &srow[..cols]);
     }
     accumulate_pv::<FMA>(s, v, o, dp, row_blocks, cols);
 }
 
 /// S[r, j] = sum_d Q[r, d] K^T[d, j] for the first `row_blocks * ROWS` rows and all BC columns.
 #[inline(always)]
-fn scores<const FMA: bool>(q: &[f32], kt: &[f32], s: &mut [f32], dp: usize, row_blocks: usize) {
+pub(crate) fn scores<const FMA: bool>(q: &[f32], kt: &[f32], s: &mut [f32], dp: usize, row_blocks: usize) {
     for rb in 0..row_blocks {
         let r0 = rb * ROWS;
+        // Rows and columns sliced once to their exact lengths, so that the inner loop carries no
+        // bounds checks.
+        let qrows: [&[f32]; ROWS] = std::array::from_fn(|rr| &q[(r0 + rr) * dp..(r0 + rr + 1) * dp]);
+        let kt = &kt[..dp * BC];
         for c0 in (0..BC).step_by(LANES) {
             let mut acc = [[0f32; LANES]; ROWS];
-            for d in 0..dp {
-                let k: &[f32; LANES] = kt[d * BC + c0..d * BC + c0 + LANES].try_into().unwrap();
-                for (rr, acc_row) in acc.iter_mut().enumerate() {
-                    let qv = q[(r0 + rr) * dp + d];
+            for (d, krow) in kt.chunks_exact(BC).enumerate() {
+                let k: &[f32; LANES] = krow[c0..c0 + LANES].try_into().unwrap();
+                for (acc_row, qrow) in acc.iter_mut().zip(&qrows) {
+                    let qv = qrow[d];
                     for x in 0..LANES {
                         acc_row[x] = madd::<FMA>(qv, k[x], acc_row[x]);
                     }
@@ -107,29 +116,62 @@ fn scores<const FMA: bool>(q: &[f32], kt: &[f32], s: &mut [f32], dp: usize, row_
 }
 
 /// Online-softmax update of one row: turns the scores into P in place (0 beyond `cols`), and
-/// rescales the row's running sum and output accumulator to the new max.
+/// rescales the row's running sum and output accumulator to the new max. Returns the factor the
+/// accumulator was rescaled by (1 when the max did not move), for other accumulators that must
+/// follow it (the per-segment mass).
 #[inline(always)]
-fn softmax_row(srow: &mut [f32], cols: usize, max: &mut f32, sum: &mut f32, orow: &mut [f32]) {
-    let tile_max = srow[..cols].iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+pub(crate) fn softmax_row(srow: &mut [f32], cols: usize, max: &mut f32, sum: &mut f32, orow: &mut [f32]) -> f32 {
+    let tile_max = lane_max(&srow[..cols]);
     if tile_max == f32::NEG_INFINITY {
         // The row sees nothing in this tile: it contributes nothing.
         srow.fill(0.0);
-        return;
+        return 1.0;
     }
     let new_max = max.max(tile_max);
-    let mut tile_sum = 0.0;
+    // Separate loops: the exponentials vectorise, the sum takes independent lanes.
     for x in srow[..cols].iter_mut() {
         *x = exp2(*x - new_max);
-        tile_sum += *x;
     }
+    let tile_sum = lane_sum(&srow[..cols]);
     srow[cols..].fill(0.0);
+    let mut alpha = 1.0;
     if *max != new_max {
-        let alpha = exp2(*max - new_max);
+        alpha = exp2(*max - new_max);
         *sum *= alpha;
         orow.iter_mut().for_each(|o| *o *= alpha);
         *max = new_max;
     }
     *sum += tile_sum;
+    alpha
+}
+
+/// Sum of `x` over 8 independent lanes: a plain `iter().sum()` of f32 is one dependency chain
+/// that also keeps the loop feeding it from vectorising.
+#[inline(always)]
+pub(crate) fn lane_sum(x: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let mut chunks = x.chunks_exact(8);
+    for c in &mut chunks {
+        for l in 0..8 {
+            acc[l] += c[l];
+        }
+    }
+    let tail: f32 = chunks.remainder().iter().sum();
+    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
+}
+
+/// Max of `x` (`-inf` when empty) over 8 independent lanes, like [`lane_sum`].
+#[inline(always)]
+pub(crate) fn lane_max(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; 8];
+    let mut chunks = x.chunks_exact(8);
+    for c in &mut chunks {
+        for l in 0..8 {
+            acc[l] = if c[l] > acc[l] { c[l] } else { acc[l] };
+        }
+    }
+    let tail = chunks.remainder().iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    acc.iter().fold(tail, |m, &v| m.max(v))
 }
 
 /// O[r, :] += sum_j P[r, j] V[j, :] over the first `cols` keys.

@@ -1,0 +1,453 @@
+//! GPU benchmark of the segattn forward kernels (`--features cuda`), on the shapes of issue 4:
+//! bf16, D = 64 and 128, H = 16 (and GQA 32 / 8), 16k tokens in total (B = 16384 / L), L in
+//! {1k, 2k, 4k, 8k, 16k}; masks causal, full, documents (8 equal, 8 ragged), prefix-LM (prefix
+//! L / 2) and PINE (prefix 256, 20 segments, suffix 64).
+//!
+//! Per shape: `kernel` = the kernel alone ([`segattn::cuda::PreparedForward`]: mask metadata
+//! uploaded once), timed with CUDA events around each launch, after warm-up, median of `--reps`
+//! (default 30) repetitions, rotating between input sets whose total size is at least 4x the
+//! device's L2 cache (so no repetition reads the previous one's inputs from L2); `api` = the whole
+//! public call `SegmentAttention::forward` (host mask metadata from the segment ids, upload,
+//! allocation, launch), wall clock to stream synchronisation, median. TFLOP/s count only the
+//! VISIBLE (q, k) pairs: 4 * D * H * visible pairs (summed over the batch).
+//!
+//! ```text
+//! gpu_bench [--smoke] [--reps N] [--warmup N] [--filter SUBSTR] [--json FILE] [--list]
+//!           [--export-masks FILE]
+//! ```
+//! `--list` prints the shapes; `--export-masks FILE` writes every mask (segment ids, rules, visible
+//! pair count) as JSON for bench/peers.py, so that the peers run on exactly the same masks; neither
+//! needs a GPU. `--smoke`: tiny shapes (L 256 / 512, 2k tokens).
+
+use std::fmt::Write as _;
+use std::time::Instant;
+
+use candle_core::cuda_backend::cudarc::driver::sys::{CUdevice_attribute, CUevent_flags};
+use candle_core::{DType, Device, Result, Tensor};
+use segattn::cuda::PreparedForward;
+use segattn::{PineLayout, SegmentAttention, SegmentMask, Visibility};
+
+/// L2 cache size when the device does not say (H100: 50 MB, H200: 60 MB); the input sets rotated
+/// per repetition total at least 4x the device's L2.
+const L2_BYTES_DEFAULT: usize = 60 << 20;
+
+#[derive(Clone, Debug)]
+struct Args {
+    smoke: bool,
+    reps: usize,
+    warmup: usize,
+    filter: Option<String>,
+    json: Option<String>,
+    list: bool,
+    export_masks: Option<String>,
+}
+
+fn parse_args() -> std::result::Result<Args, String> {
+    let mut a = Args {
+        smoke: false,
+        reps: 30,
+        warmup: 5,
+        filter: None,
+        json: None,
+        list: false,
+        export_masks: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        let mut value = |name: &str| it.next().ok_or_else(|| format!("{name} needs a value"));
+        match arg.as_str() {
+            "--smoke" => a.smoke = true,
+            "--list" => a.list = true,
+            "--reps" => a.reps = value("--reps")?.parse().map_err(|e| format!("--reps: {e}"))?,
+            "--warmup" => a.warmup = value("--warmup")?.parse().map_err(|e| format!("--warmup: {e}"))?,
+            "--filter" => a.filter = Some(value("--filter")?),
+            "--json" => a.json = Some(value("--json")?),
+            "--export-masks" => a.export_masks = Some(value("--export-masks")?),
+            "-h" | "--help" => {
+                return Err(
+                    "usage: gpu_bench [--smoke] [--reps N] [--warmup N] [--filter SUBSTR] [--json FILE] \
+                     [--list] [--export-masks FILE]"
+                        .into(),
+                )
+            }
+            other => return Err(format!("unknown argument {other}")),
+        }
+    }
+    if a.reps < 20 && !a.smoke {
+        return Err(format!("--reps {}: at least 20 repetitions", a.reps));
+    }
+    Ok(a)
+}
+
+/// The mask families, in the order of bench/peers.py.
+const MASKS: [&str; 6] = ["causal", "full", "documents8", "documents_ragged", "prefix_lm", "pine"];
+
+/// Weights of the 8 ragged documents (the last takes the rounding remainder); same in peers.py.
+const RAGGED: [usize; 8] = [3, 1, 4, 1, 5, 9, 2, 6];
+
+/// Document lengths of the ragged layout of `len` tokens.
+fn ragged_docs(len: usize) -> Vec<usize> {
+    let total: usize = RAGGED.iter().sum();
+    let mut lens: Vec<usize> = RAGGED.iter().map(|w| len * w / total).collect();
+    let used: usize = lens.iter().sum();
+    *lens.last_mut().expect("8 documents") += len - used;
+    lens
+}
+
+/// PINE layout of `len` tokens: prefix 256, 20 segments (the first `rest % 20` one longer),
+/// suffix 64 (scaled down for the smoke shapes).
+fn pine_layout(len: usize) -> PineLayout {
+    let (prefix, suffix, segs) = if len >= 1024 {
+        (256, 64, 20)
+    } else {
+        (len / 8, len / 16, 6)
+    };
+    let rest = len - prefix - suffix;
+    let lens: Vec<usize> = (0..segs).map(|i| rest / segs + usize::from(i < rest % segs)).collect();
+    PineLayout::new(prefix, &lens, suffix)
+}
+
+fn build_mask(name: &str, len: usize, dev: &Device) -> Result<SegmentMask> {
+    match name {
+        "causal" => SegmentMask::causal(len, dev),
+        "full" => SegmentMask::full(len, dev),
+        "documents8" => {
+            let lens: Vec<usize> = (0..8).map(|i| len / 8 + usize::from(i < len % 8)).collect();
+            SegmentMask::documents(&[lens], dev)
+        }
+        "documents_ragged" => SegmentMask::documents(&[ragged_docs(len)], dev),
+        "prefix_lm" => SegmentMask::prefix_lm(len, len / 2, dev),
+        "pine" => {
+            let l = pine_layout(len);
+            SegmentMask::pine(l.prefix_len, &l.segment_lens, l.suffix_len, dev)
+        }
+        other => candle_core::bail!("unknown mask {other}"),
+    }
+}
+
+/// The rule of (query id, key id), from the mask's public description.
+struct Rules {
+    intra: Visibility,
+    inter: Visibility,
+    table: Vec<u8>,
+    size: usize,
+}
+
+impl Rules {
+    fn of(mask: &SegmentMask) -> Result<Self> {
+        let r = mask.rule();
+        let (table, size) = match &r.table {
+            // The bench's masks share one table across rows: its first [S, S] block.
+            Some(t) => {
+                let s = t.size();
+                let codes = t.rules().flatten_all()?.to_vec1::<u8>()?;
+                (codes[..s * s].to_vec(), s)
+            }
+            None => (Vec::new(), 0),
+        };
+        Ok(Self {
+            intra: r.intra,
+            inter: r.inter,
+            table,
+            size,
+        })
+    }
+
+    fn get(&self, sq: u32, sk: u32) -> Visibility {
+        let (a, b) = (sq as usize, sk as usize);
+        if a < self.size && b < self.size {
+            if let Some(v) = Visibility::from_code(self.table[a * self.size + b]) {
+                return v;
+            }
+        }
+        if sq == sk {
+            self.intra
+        } else {
+            self.inter
+        }
+    }
+}
+
+/// Visible (q, k) pairs of a self-attention mask of one row (shared ids), exactly: per query, per
+/// key segment, O(L x segments).
+fn visible_pairs(mask: &SegmentMask) -> Result<u64> {
+    let q_ids = mask.q_segments().to_vec2::<u32>()?.remove(0);
+    let k_ids = mask.kv_segments().to_vec2::<u32>()?.remove(0);
+    let rules = Rules::of(mask)?;
+    let offset = k_ids.len() as i64 - q_ids.len() as i64;
+    // Key segments as (id, start, end).
+    let mut spans = Vec::new();
+    let mut s = 0;
+    for j in 1..=k_ids.len() {
+        if j == k_ids.len() || k_ids[j] != k_ids[s] {
+            spans.push((k_ids[s], s, j));
+            s = j;
+        }
+    }
+    let mut total = 0u64;
+    for (i, &sq) in q_ids.iter().enumerate() {
+        let pos = i as i64 + offset;
+        for &(sk, a, b) in &spans {
+            total += match rules.get(sq, sk) {
+                Visibility::Blocked => 0,
+                Visibility::Full => (b - a) as u64,
+                Visibility::Causal => (b as i64).min(pos + 1).saturating_sub(a as i64).max(0) as u64,
+            };
+        }
+    }
+    Ok(total)
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Shape {
+    len: usize,
+    batch: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+fn shapes(smoke: bool) -> Vec<Shape> {
+    let (tokens, lens): (usize, &[usize]) = if smoke {
+        (2048, &[256, 512])
+    } else {
+        (16384, &[1024, 2048, 4096, 8192, 16384])
+    };
+    let mut out = Vec::new();
+    for head_dim in [64, 128] {
+        for (heads, kv_heads) in [(16, 16), (32, 8)] {
+            for &len in lens {
+                out.push(Shape {
+                    len,
+                    batch: tokens / len,
+                    heads,
+                    kv_heads,
+                    head_dim,
+                });
+            }
+        }
+    }
+    out
+}
+
+fn label(mask: &str, s: &Shape) -> String {
+    format!(
+        "{mask} L{} B{} H{}/{} D{}",
+        s.len, s.batch, s.heads, s.kv_heads, s.head_dim
+    )
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        0.5 * (v[n / 2 - 1] + v[n / 2])
+    }
+}
+
+fn export_masks(path: &str, smoke: bool) -> Result<()> {
+    let cpu = Device::Cpu;
+    let mut lens: Vec<usize> = shapes(smoke).iter().map(|s| s.len).collect();
+    lens.sort_unstable();
+    lens.dedup();
+    let mut json = String::from("[\n");
+    let mut first = true;
+    for &len in &lens {
+        for name in MASKS {
+            let mask = build_mask(name, len, &cpu)?;
+            let rules = Rules::of(&mask)?;
+            let ids = mask.q_segments().to_vec2::<u32>()?.remove(0);
+            let code = |v: Visibility| v.code();
+            let list = |v: &[u32]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(",");
+            let table = if rules.size == 0 {
+                "null".to_string()
+            } else {
+                let rows: Vec<String> = rules
+                    .table
+                    .chunks(rules.size)
+                    .map(|r| format!("[{}]", r.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(",")))
+                    .collect();
+                format!("[{}]", rows.join(","))
+            };
+            if !first {
+                json.push_str(",\n");
+            }
+            first = false;
+            let _ = write!(
+                json,
+                "{{\"mask\":\"{name}\",\"len\":{len},\"visible_pairs\":{},\"intra\":{},\"inter\":{},\"table\":{table},\"ids\":[{}]}}",
+                visible_pairs(&mask)?,
+                code(rules.intra),
+                code(rules.inter),
+                list(&ids)
+            );
+        }
+    }
+    json.push_str("\n]\n");
+    std::fs::write(path, json)?;
+    eprintln!("wrote {} masks to {path}", lens.len() * MASKS.len());
+    Ok(())
+}
+
+/// Random bf16 inputs `[B, L, H, D]` on the GPU (normal, std 1).
+fn inputs(s: &Shape, dev: &Device) -> Result<(Tensor, Tensor, Tensor)> {
+    let q = Tensor::randn(0f32, 1.0, (s.batch, s.len, s.heads, s.head_dim), dev)?.to_dtype(DType::BF16)?;
+    let k = Tensor::randn(0f32, 1.0, (s.batch, s.len, s.kv_heads, s.head_dim), dev)?.to_dtype(DType::BF16)?;
+    let v = Tensor::randn(0f32, 1.0, (s.batch, s.len, s.kv_heads, s.head_dim), dev)?.to_dtype(DType::BF16)?;
+    Ok((q, k, v))
+}
+
+struct Row {
+    label: String,
+    mask: &'static str,
+    shape: Shape,
+    visible: u64,
+    kernel_ms: f64,
+    api_ms: f64,
+    kernel: &'static str,
+}
+
+fn bench_one(mask_name: &'static str, s: Shape, args: &Args, dev: &Device) -> Result<Row> {
+    let Device::Cuda(cuda) = dev else {
+        candle_core::bail!("not a CUDA device")
+    };
+    let stream = cuda.cuda_stream();
+    let mask = build_mask(mask_name, s.len, dev)?;
+    let visible = visible_pairs(&mask)? * s.batch as u64;
+    let l2 = stream
+        .context()
+        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)
+        .ok()
+        .and_then(|b| usize::try_from(b).ok())
+        .filter(|&b| b > 0)
+        .unwrap_or(L2_BYTES_DEFAULT);
+    let set_bytes = 2 * s.batch * s.len * (s.heads + 2 * s.kv_heads) * s.head_dim;
+    let sets = (4 * l2).div_ceil(set_bytes).clamp(2, 16);
+    let mut prepared = Vec::with_capacity(sets);
+    let mut tensors = Vec::with_capacity(sets);
+    for _ in 0..sets {
+        let (q, k, v) = inputs(&s, dev)?;
+        prepared.push(PreparedForward::new(&q, &k, &v, &mask, None, true)?);
+        tensors.push((q, k, v));
+    }
+    let timing = Some(CUevent_flags::CU_EVENT_DEFAULT);
+    let ev =
+        |e: candle_core::cuda_backend::cudarc::driver::DriverError| candle_core::Error::Msg(format!("CUDA event: {e}"));
+    for i in 0..args.warmup {
+        prepared[i % sets].launch()?;
+    }
+    stream.synchronize().map_err(ev)?;
+    let mut events = Vec::with_capacity(args.reps);
+    for i in 0..args.reps {
+        let start = stream.record_event(timing).map_err(ev)?;
+        prepared[i % sets].launch()?;
+        let end = stream.record_event(timing).map_err(ev)?;
+        events.push((start, end));
+    }
+    stream.synchronize().map_err(ev)?;
+    let mut kernel_ms = Vec::with_capacity(args.reps);
+    for (a, b) in &events {
+        kernel_ms.push(f64::from(a.elapsed_ms(b).map_err(ev)?));
+    }
+
+    // The whole public call, wall clock.
+    let mut api_ms = Vec::with_capacity(args.reps);
+    for i in 0..args.warmup + args.reps {
+        let (q, k, v) = &tensors[i % sets];
+        stream.synchronize().map_err(ev)?;
+        let t = Instant::now();
+        let out = SegmentAttention::new(&mask).forward(q, k, v)?;
+        stream.synchronize().map_err(ev)?;
+        if i >= args.warmup {
+            api_ms.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        drop(out);
+    }
+    Ok(Row {
+        label: label(mask_name, &s),
+        mask: mask_name,
+        shape: s,
+        visible,
+        kernel_ms: median(&mut kernel_ms),
+        api_ms: median(&mut api_ms),
+        kernel: prepared[0].kernel_name(),
+    })
+}
+
+fn tflops(row: &Row, ms: f64) -> f64 {
+    4.0 * row.shape.head_dim as f64 * row.shape.heads as f64 * row.visible as f64 / (ms * 1e-3) / 1e12
+}
+
+fn main() -> Result<()> {
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("{e}");
+            std::process::exit(2);
+        }
+    };
+    let selected: Vec<(&'static str, Shape)> = shapes(args.smoke)
+        .into_iter()
+        .flat_map(|s| MASKS.iter().map(move |&m| (m, s)))
+        .filter(|(m, s)| args.filter.as_ref().is_none_or(|f| label(m, s).contains(f.as_str())))
+        .collect();
+    if args.list {
+        for (m, s) in &selected {
+            println!("{}", label(m, s));
+        }
+        return Ok(());
+    }
+    if let Some(path) = &args.export_masks {
+        return export_masks(path, args.smoke);
+    }
+    let dev = Device::new_cuda(0)?;
+    println!(
+        "segattn GPU benchmark: bf16, {} shapes, median of {} reps after {} warm-up, inputs rotated over >= 4x L2; \
+         TFLOP/s = 4 D H x visible pairs / time",
+        selected.len(),
+        args.reps,
+        args.warmup
+    );
+    println!(
+        "{:<40} {:>14} {:>10} {:>9} {:>10} {:>9}",
+        "shape", "visible pairs", "kernel ms", "TFLOP/s", "api ms", "TFLOP/s"
+    );
+    let mut json = String::new();
+    for (m, s) in selected {
+        let row = bench_one(m, s, &args, &dev)?;
+        println!(
+            "{:<40} {:>14} {:>10.3} {:>9.1} {:>10.3} {:>9.1}",
+            row.label,
+            row.visible,
+            row.kernel_ms,
+            tflops(&row, row.kernel_ms),
+            row.api_ms,
+            tflops(&row, row.api_ms)
+        );
+        let _ = writeln!(
+            json,
+            "{{\"impl\":\"segattn\",\"mask\":\"{}\",\"len\":{},\"batch\":{},\"heads\":{},\"kv_heads\":{},\"head_dim\":{},\
+             \"dtype\":\"bf16\",\"visible_pairs\":{},\"ms\":{:.5},\"tflops\":{:.2},\"api_ms\":{:.5},\"api_tflops\":{:.2},\
+             \"kernel\":\"{}\",\"reps\":{}}}",
+            row.mask,
+            s.len,
+            s.batch,
+            s.heads,
+            s.kv_heads,
+            s.head_dim,
+            row.visible,
+            row.kernel_ms,
+            tflops(&row, row.kernel_ms),
+            row.api_ms,
+            tflops(&row, row.api_ms),
+            row.kernel,
+            args.reps
+        );
+        if let Some(path) = &args.json {
+            std::fs::write(path, &json)?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,111 @@
+// The per-segment attention mass kernels: {bf16, f16} x head dim {64, 128}.
+//
+// nvcc: `extern "C" __global__` entry points with stable names, params by value:
+//   segattn_scores_bf16_d64, segattn_scores_bf16_d128, segattn_scores_f16_d64, segattn_scores_f16_d128
+//   grid (ceil(Lq / 64), H, B), block 128 threads,
+//   dynamic shared memory segattn::scores::ScoresTraits<T, D>::kSmemBytes
+//   (D = 64: 17,960 bytes; D = 128: 34,344 bytes: under the 48 KiB default).
+// Inputs as for the forward kernel (16-byte aligned q / k, strides multiples of 8 elements). The
+// mass output must be zeroed first when two_pass, head_reduce or query_reduce is set (the kernel
+// adds into it); see SegattnScoresParams in segattn_params.h.
+//
+// Host emulation (SEGATTN_EMULATE): `segattn_emu_scores(params)` runs the same entry points on
+// the CPU through the SIMT emulator.
+#include "platform.cuh"
+#include "scores_kernel.cuh"
+
+#define SEGATTN_SCORES_ENTRY(name, T, D)                                                           \
+  extern "C" __global__ void __launch_bounds__(segattn::scores::ScoresTraits<T, D>::kThreads, 1) \
+      name(const SegattnScoresParams params) {                                                     \
+    segattn::scores::scores_kernel<segattn::scores::ScoresTraits<T, D>>(params);                   \
+  }
+
+SEGATTN_SCORES_ENTRY(segattn_scores_bf16_d64, segattn::bf16, 64)
+SEGATTN_SCORES_ENTRY(segattn_scores_bf16_d128, segattn::bf16, 128)
+SEGATTN_SCORES_ENTRY(segattn_scores_f16_d64, segattn::f16, 64)
+SEGATTN_SCORES_ENTRY(segattn_scores_f16_d128, segattn::f16, 128)
+
+#undef SEGATTN_SCORES_ENTRY
+
+#if defined(SEGATTN_EMULATE)
+
+#include <cstdio>
+
+#include "emu/emu_api.h"
+
+namespace segattn {
+namespace scores {
+namespace emu_entry {
+
+using Entry = void (*)(const SegattnScoresParams);
+
+template <class Traits>
+int launch(const SegattnScoresParams& p, Entry entry) {
+  if (p.base.batch <= 0 || p.base.num_heads <= 0 || p.base.q_len <= 0) return 0;  // nothing to compute
+  const dim3 grid((p.base.q_len + Traits::kBlockM - 1) / Traits::kBlockM, p.base.num_heads, p.base.batch);
+  const dim3 block(Traits::kThreads);
+  return ::segattn::emu::launch(grid, block, Traits::kSmemBytes, [&] { entry(p); });
+}
+
+int fail(const char* message) {
+  return ::segattn::emu::launch(dim3(1), dim3(1), 0, [&] { ::segattn::emu::trap(message, SEGATTN_EMU_HERE); });
+}
+
+}  // namespace emu_entry
+}  // namespace scores
+}  // namespace segattn
+
+// Runs the mass kernel for `p` on the CPU. 0 on success; nonzero with the message in
+// segattn_emu_last_error() for an unsupported dtype / head dim / segment count, bad sizes, or a
+// failed launch.
+extern "C" int segattn_emu_scores(const SegattnScoresParams* p) {
+  using namespace segattn::scores;
+  using segattn::bf16;
+  using segattn::f16;
+  static thread_local char message[256];
+  if (p == nullptr) return emu_entry::fail("segattn_emu_scores: params is NULL");
+  const SegattnFwdParams& b = p->base;
+  if (b.num_kv_heads <= 0 || b.num_heads % b.num_kv_heads != 0) {
+    std::snprintf(message, sizeof message,
+                  "segattn_emu_scores: num_heads (%d) must be a positive multiple of num_kv_heads (%d)",
+                  b.num_heads, b.num_kv_heads);
+    return emu_entry::fail(message);
+  }
+  if (b.head_dim != 64 && b.head_dim != 128) {
+    std::snprintf(message, sizeof message, "segattn_emu_scores: unsupported head_dim %d (expected 64 or 128)",
+                  b.head_dim);
+    return emu_entry::fail(message);
+  }
+  if (p->two_pass == 0 && p->num_segments > ScoresTraits<bf16, 64>::kMaxOnePassSegments) {
+    std::snprintf(message, sizeof message,
+                  "segattn_emu_scores: the one-pass kernel holds at most %d segments, got num_segments %d "
+                  "(use two_pass)",
+                  ScoresTraits<bf16, 64>::kMaxOnePassSegments, p->num_segments);
+    return emu_entry::fail(message);
+  }
+  const bool d64 = b.head_dim == 64;
+  switch (b.dtype) {
+    case SEGATTN_DTYPE_BF16:
+      return d64 ? emu_entry::launch<ScoresTraits<bf16, 64>>(*p, segattn_scores_bf16_d64)
+                 : emu_entry::launch<ScoresTraits<bf16, 128>>(*p, segattn_scores_bf16_d128);
+    case SEGATTN_DTYPE_F16:
+      return d64 ? emu_entry::launch<ScoresTraits<f16, 64>>(*p, segattn_scores_f16_d64)
+                 : emu_entry::launch<ScoresTraits<f16, 128>>(*p, segattn_scores_f16_d128);
+    default:
+      std::snprintf(message, sizeof message,
+                    "segattn_emu_scores: unsupported dtype code %d (expected %d = f16 or %d = bf16)", b.dtype,
+                    SEGATTN_DTYPE_F16, SEGATTN_DTYPE_BF16);
+      return emu_entry::fail(message);
+  }
+}
+
+// Dynamic shared memory of the mass kernel for (dtype, head_dim), 0 if unsupported.
+extern "C" int segattn_emu_scores_smem_bytes(int dtype, int head_dim) {
+  using namespace segattn::scores;
+  if (dtype != SEGATTN_DTYPE_BF16 && dtype != SEGATTN_DTYPE_F16) return 0;
+  if (head_dim == 64) return ScoresTraits<segattn::bf16, 64>::kSmemBytes;
+  if (head_dim == 128) return ScoresTraits<segattn::bf16, 128>::kSmemBytes;
+  return 0;
+}
+
+#endif  // SEGATTN_EMULATE

@@ -1,0 +1,443 @@
+// The per-segment attention mass kernel: Q K^T, the online softmax statistics and, per query row,
+// the sum of the probabilities over each key segment id. No V, nothing of size Lq x Lk.
+//
+// Same structure as the forward kernel (fwd_kernel.cuh): grid (ceil(Lq / 64), H, B), 128 threads,
+// warp w owns query rows 16w .. 16w + 15 of the block's tile; the same tile classifier
+// (mask.cuh: SKIP tiles never loaded), cp.async double-buffered K tiles, Q in registers as
+// ldmatrix A fragments, S = Q K^T with mma.sync m16n8k16, masking and OnlineSoftmax (softmax.cuh).
+// The segment sums are one more mma per 16 keys and 8 segments: P (re-packed to f16 from the S
+// accumulators, as O += P V does; P is in [0, 1], where f16 has 11 significant bits) times a
+// one-hot segment matrix built in registers from the key ids (B[key][seg] = 1 where the key's
+// segment is seg; no shared-memory operand).
+//
+// Two algorithms (p.two_pass):
+//   one pass (Sk <= 64): accumulators for segment ids 0..63 on chip, acc[8][4] per thread (the C
+//     fragments of 16 rows x 64 segments per warp), rescaled with the running max exactly like O
+//     (OnlineSoftmax::update takes them as its `o`); per tile only the 8-segment blocks between
+//     the tile's first and last key id are multiplied (a documents tile: one block). Epilogue:
+//     acc / row sum, stored (or added under a reduction).
+//   two passes (any Sk): pass 1 the row max and sum only (no accumulator); pass 2 recomputes S
+//     and takes the exact probabilities 2^(s - lse2); the segments of a tile are numbered locally
+//     (piece order, at most 64: a ballot of the piece starts), the tile's sums go through the
+//     one-hot mma into per-tile accumulators and are added to mass[row][global id] at once: each
+//     (row, segment) element has one owner thread, so without a reduction no atomics are needed.
+//
+// Shared memory (dynamic): K[2] kBlockN x D (double buffer; the Q tile is staged in K buffer 1,
+// as in the forward kernel), then q_id / q_end / q_starts (classifier), k_id[2][kBlockN],
+// local_id[2][kBlockN] (global id of each local segment of the buffer's tile), scan[2 * kWarps].
+#ifndef SEGATTN_SCORES_KERNEL_CUH
+#define SEGATTN_SCORES_KERNEL_CUH
+
+#include <type_traits>
+
+#include "platform.cuh"
+#include "dtypes.cuh"
+#include "ptx.cuh"
+#include "segattn_params.h"
+#include "kernel_traits.cuh"
+#include "mask.cuh"
+#include "softmax.cuh"
+#include "tile_load.cuh"
+
+namespace segattn {
+namespace scores {
+
+template <class Element, int kHeadDim_>
+struct ScoresTraits {
+  using T = Element;
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kBlockM = 64;
+  static constexpr int kBlockN = 64;
+  static constexpr int kWarps = 4;
+  static constexpr int kThreads = kWarps * 32;
+  static_assert(kBlockM == kWarps * 16, "one m16 mma row tile per warp");
+  static_assert(kHeadDim == 64 || kHeadDim == 128, "head dims 64 and 128 are instantiated");
+  static_assert(sizeof(T) == 2, "16-bit inputs");
+
+  static constexpr int kChunks = kHeadDim / 8;  // 16-byte chunks per tile row
+  static constexpr int kDK = kHeadDim / 16;     // k-steps of S = Q K^T
+  static constexpr int kNS = kBlockN / 8;       // n-blocks of S
+  static constexpr int kPK = kBlockN / 16;      // k-steps of P x one-hot
+  // Segment n-blocks of 8: one pass holds ids 0 .. 8 * kSegBlocks - 1; two passes number at most
+  // kBlockN local segments per tile.
+  static constexpr int kSegBlocks = 8;
+  static constexpr int kMaxOnePassSegments = 8 * kSegBlocks;
+  static_assert(kMaxOnePassSegments == kBlockN, "a tile has at most kBlockN local segments");
+
+  static constexpr int kKBytes = kBlockN * kHeadDim * 2;
+  static constexpr int kQBytes = kBlockM * kHeadDim * 2;
+  static constexpr int kOffK = 0;              // + buf * kKBytes
+  static constexpr int kOffQ = kOffK + kKBytes;  // Q shares K buffer 1 (in registers before its reuse)
+  static_assert(kQBytes <= kKBytes, "the Q tile fits in a K buffer");
+  static constexpr int kOffQId = kOffK + 2 * kKBytes;                  // u32[kBlockM]
+  static constexpr int kOffQEnd = kOffQId + 4 * kBlockM;               // i32[kBlockM]
+  static constexpr int kOffQStarts = kOffQEnd + 4 * kBlockM;           // u32[kBlockM / 32]
+  static constexpr int kOffKId = kOffQStarts + 4 * (kBlockM / 32);     // u32[2][kBlockN]
+  static constexpr int kOffLocalId = kOffKId + 4 * 2 * kBlockN;        // u32[2][kBlockN]
+  static constexpr int kOffScan = kOffLocalId + 4 * 2 * kBlockN;      // i32[2 * kWarps]
+  static constexpr int kSmemBytes = kOffScan + 4 * 2 * kWarps;
+  static constexpr int kScanBudget = 64;
+  static_assert(kOffK % 128 == 0 && kOffQId % 16 == 0, "aligned tiles");
+};
+
+template <class T>
+__device__ __forceinline__ void mma_qk(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  const uint32_t b[2] = {b0, b1};
+  if constexpr (std::is_same<T, segattn::bf16>::value) {
+    mma_m16n8k16_bf16(d, a, b, d);
+  } else {
+    mma_m16n8k16_f16(d, a, b, d);
+  }
+}
+
+// f16 bit patterns of a one-hot B fragment register: 1.0 (0x3C00) in the half whose key segment
+// is `want`.
+__device__ __forceinline__ uint32_t onehot2(int seg_lo, int seg_hi, int want) {
+  return (seg_lo == want ? 0x3C00u : 0u) | (seg_hi == want ? 0x3C000000u : 0u);
+}
+
+// Local segment of key j of a tile: the number of piece starts at keys <= j, minus one. `starts`
+// holds the piece-start bits of keys 0..31 and 32..63.
+__device__ __forceinline__ int local_of(const uint32_t (&starts)[2], int j) {
+  const uint32_t lo = j < 32 ? (starts[0] & (0xffffffffu >> (31 - j))) : starts[0];
+  const uint32_t hi = j < 32 ? 0u : (starts[1] & (0xffffffffu >> (63 - j)));
+  return __popc(lo) + __popc(hi) - 1;
+}
+
+// Adds v to *p: atomically on the GPU. The emulator runs a block's threads as fibers of one OS
+// thread and blocks one after another, so a plain add is atomic there.
+__device__ __forceinline__ void atomic_add(float* p, float v) {
+#if defined(SEGATTN_EMULATE)
+  *p += v;
+#else
+  atomicAdd(p, v);
+#endif
+}
+
+template <class Traits>
+__device__ void scores_kernel(const SegattnScoresParams& sp) {
+  using T = typename Traits::T;
+  constexpr int kM = Traits::kBlockM;
+  constexpr int kN = Traits::kBlockN;
+  constexpr int kSB = Traits::kSegBlocks;
+  using Classifier = mask::TileClassifier<kM, kN, Traits::kThreads>;
+  const SegattnFwdParams& p = sp.base;
+
+  SEGATTN_DYNAMIC_SMEM(char, smem);
+  char* const s_q = smem + Traits::kOffQ;
+  uint32_t* const s_kid = reinterpret_cast<uint32_t*>(smem + Traits::kOffKId);          // [2][kN]
+  uint32_t* const s_local_id = reinterpret_cast<uint32_t*>(smem + Traits::kOffLocalId);  // [2][kN]
+  Classifier classifier;
+  classifier.q_id = reinterpret_cast<uint32_t*>(smem + Traits::kOffQId);
+  classifier.q_end = reinterpret_cast<int*>(smem + Traits::kOffQEnd);
+  classifier.q_starts = reinterpret_cast<uint32_t*>(smem + Traits::kOffQStarts);
+
+  const int tid = static_cast<int>(threadIdx.x);
+  const int warp = tid / 32;
+  const int lane = tid % 32;
+  const int b = static_cast<int>(blockIdx.z);
+  const int h = static_cast<int>(blockIdx.y);
+  const int kh = h / (p.num_heads / p.num_kv_heads);  // GQA
+  const int q0 = static_cast<int>(blockIdx.x) * kM;
+  const int q1 = min(q0 + kM, p.q_len);
+  const int kv_len = p.kv_len;
+  const int pos_offset = kv_len - p.q_len;
+  const int num_tiles = (kv_len + kN - 1) / kN;
+  const bool two_pass = sp.two_pass != 0;
+  const bool reduce = sp.head_reduce != 0 || sp.query_reduce != 0;
+
+  const mask::Rule rule = mask::rule_of_batch(p, b);
+  const mask::Segments kv_segs = mask::segments_of_batch(p.kv_segments, b);
+  classifier.init_queries(mask::segments_of_batch(p.q_segments, b), q0, q1);
+
+  int first_tile = 0;
+  int last_tile = -1;
+  classifier.visible_tile_range(rule, kv_segs, q0, kv_len, pos_offset, num_tiles, Traits::kScanBudget,
+                                reinterpret_cast<int*>(smem + Traits::kOffScan), first_tile, last_tile);
+  const int end_tile = last_tile + 1;
+
+  auto next_visible = [&](int from, uint32_t* kid, int& cls) {
+    int t = from;
+    for (; t < end_tile; ++t) {
+      const int k0 = t * kN;
+      cls = classifier.classify(rule, kv_segs, q0, k0, min(k0 + kN, kv_len), pos_offset, kid);
+      if (cls != SEGATTN_TILE_SKIP) break;
+    }
+    return t;
+  };
+
+  // Piece starts of tile t, whose key ids are in `kid` (readable by every thread right after the
+  // classification: classify ends with barriers), as two ballots; the global id of each local
+  // segment goes to `local_id` (visible after the next barrier).
+  auto number_pieces = [&](int t, const uint32_t* kid, uint32_t* local_id, uint32_t (&starts)[2]) {
+    const int valid = min(kN, kv_len - t * kN);
+    SEGATTN_UNROLL
+    for (int half = 0; half < 2; ++half) {
+      const int j = 32 * half + lane;
+      const bool start = j < valid && (j == 0 || kid[j] != kid[j - 1]);
+      starts[half] = __ballot_sync(0xffffffffu, start);
+    }
+    if (tid < kN) {
+      const int j = tid;
+      if (j < valid && (j == 0 || kid[j] != kid[j - 1])) local_id[local_of(starts, j)] = kid[j];
+    }
+  };
+
+  const T* const q_base = static_cast<const T*>(p.q) + static_cast<int64_t>(b) * p.q_strides.batch +
+                          static_cast<int64_t>(q0) * p.q_strides.row + static_cast<int64_t>(h) * p.q_strides.head;
+  const T* const k_base = static_cast<const T*>(p.k) + static_cast<int64_t>(b) * p.k_strides.batch +
+                          static_cast<int64_t>(kh) * p.k_strides.head;
+  auto load_k_async = [&](int t, int buf) {
+    const int k0 = t * kN;
+    fwd::load_tile_async<Traits, kN>(smem + Traits::kOffK + buf * Traits::kKBytes,
+                                k_base + static_cast<int64_t>(k0) * p.k_strides.row, p.k_strides.row,
+                                min(kN, kv_len - k0));
+  };
+
+  // This thread's two rows (g and g + 8 of the warp).
+  const int g = lane / 4;
+  const int quad_col = 2 * (lane % 4);
+  uint32_t row_seg[2];
+  int row_pos[2];
+  SEGATTN_UNROLL
+  for (int r = 0; r < 2; ++r) {
+    const int row = warp * 16 + g + 8 * r;
+    row_seg[r] = classifier.q_id[row];
+    row_pos[r] = q0 + row + pos_offset;
+  }
+  // Where this thread's rows land in `mass` (query reduction: the row's query segment id).
+  float* row_out[2];
+  SEGATTN_UNROLL
+  for (int r = 0; r < 2; ++r) {
+    const int row = q0 + warp * 16 + g + 8 * r;
+    const int64_t ro = sp.query_reduce != 0 ? static_cast<int64_t>(row_seg[r]) : static_cast<int64_t>(row);
+    const int64_t ho = sp.head_reduce != 0 ? 0 : h;
+    row_out[r] = row < q1 ? sp.mass + static_cast<int64_t>(b) * sp.mass_batch_stride + ho * sp.mass_head_stride +
+                                ro * sp.mass_row_stride
+                          : nullptr;
+  }
+
+  // One pass: the accumulators of segment ids 0..8 kSB - 1 (C fragments: rows g, g + 8; ids
+  // 8 nb + quad_col + {0, 1}). Two passes: the current tile's sums by local segment.
+  float acc[kSB][4];
+  SEGATTN_UNROLL
+  for (int nb = 0; nb < kSB; ++nb) {
+    SEGATTN_UNROLL
+    for (int e = 0; e < 4; ++e) acc[nb][e] = 0.0f;
+  }
+  fwd::OnlineSoftmax softmax;
+  softmax.init();
+  float lse2[2] = {INFINITY, INFINITY};  // two passes: log2-domain LSE of each row (+inf: sees nothing)
+  uint32_t qf[Traits::kDK][4];
+
+  const int passes = two_pass ? 2 : 1;
+  for (int pass = 0; pass < passes; ++pass) {
+    const bool stats_only = two_pass && pass == 0;
+    const bool exact = two_pass && pass == 1;
+    int cls = SEGATTN_TILE_SKIP;
+    int tile = next_visible(first_tile, s_kid, cls);
+    uint32_t starts[2] = {0u, 0u};
+    if (tile < end_tile) {
+      if (exact) number_pieces(tile, s_kid, s_local_id, starts);
+      if (pass == 0) {
+        fwd::load_tile_async<Traits, kM>(s_q, q_base, p.q_strides.row, q1 - q0);
+        cp_async_commit();
+      }
+      load_k_async(tile, 0);
+      cp_async_commit();
+      if (pass == 0) {
+        cp_async_wait<1>();  // the Q group
+        __syncthreads();
+        fwd::load_q_fragments<Traits>(s_q, warp, lane, qf);
+        __syncthreads();  // the Q tile shares K buffer 1, which the loop's first prefetch overwrites
+      }
+    }
+
+    int buf = 0;
+    while (tile < end_tile) {
+      int next_cls = SEGATTN_TILE_SKIP;
+      const int next = next_visible(tile + 1, s_kid + (buf ^ 1) * kN, next_cls);
+      uint32_t next_starts[2] = {0u, 0u};
+      if (exact && next < end_tile) number_pieces(next, s_kid + (buf ^ 1) * kN, s_local_id + (buf ^ 1) * kN, next_starts);
+      if (next < end_tile) {
+        load_k_async(next, buf ^ 1);
+        cp_async_commit();
+        cp_async_wait<1>();
+      } else {
+        cp_async_wait<0>();
+      }
+      __syncthreads();
+
+      const char* const s_k = smem + Traits::kOffK + buf * Traits::kKBytes;
+      const uint32_t* const kid = s_kid + buf * kN;
+      const int k0 = tile * kN;
+
+      // S = Q K^T.
+      float s[Traits::kNS][4];
+      SEGATTN_UNROLL
+      for (int nb = 0; nb < Traits::kNS; ++nb) {
+        SEGATTN_UNROLL
+        for (int e = 0; e < 4; ++e) s[nb][e] = 0.0f;
+      }
+      SEGATTN_UNROLL
+      for (int kc = 0; kc < Traits::kDK; ++kc) {
+        SEGATTN_UNROLL
+        for (int np = 0; np < Traits::kNS / 2; ++np) {
+          uint32_t kb[4];
+          fwd::load_k_fragments<Traits>(s_k, np, kc, lane, kb);
+          mma_qk<T>(s[2 * np], qf[kc], kb[0], kb[1]);
+          mma_qk<T>(s[2 * np + 1], qf[kc], kb[2], kb[3]);
+        }
+      }
+
+      // Scale into the log2 domain; mask PARTIAL tiles and keys past the end.
+      const bool partial = cls == SEGATTN_TILE_PARTIAL;
+      const bool ragged = k0 + kN > kv_len;
+      SEGATTN_UNROLL
+      for (int nb = 0; nb < Traits::kNS; ++nb) {
+        SEGATTN_UNROLL
+        for (int e = 0; e < 4; ++e) {
+          const int col = nb * 8 + quad_col + (e & 1);
+          const int r = e >> 1;
+          const int key = k0 + col;
+          const bool visible =
+              !(partial || ragged) ||
+              (key < kv_len && (!partial || mask::element_visible(rule, row_seg[r], kid[col], row_pos[r], key)));
+          s[nb][e] = visible ? s[nb][e] * p.scale_log2 : -INFINITY;
+        }
+      }
+
+      if (stats_only) {
+        float none[1][4] = {{0.0f, 0.0f, 0.0f, 0.0f}};
+        softmax.update(s, none);
+      } else if (!exact) {
+        softmax.update(s, acc);  // s -> unnormalised P; acc rescaled like O
+      } else {
+        SEGATTN_UNROLL
+        for (int nb = 0; nb < Traits::kNS; ++nb) {
+          SEGATTN_UNROLL
+          for (int e = 0; e < 4; ++e) s[nb][e] = exp2_approx(s[nb][e] - lse2[e >> 1]);
+        }
+      }
+
+      if (!stats_only) {
+        // Which segment blocks the tile touches (the same in every thread).
+        int nb_lo = 0;
+        int nb_hi = -1;
+        if (exact) {
+          nb_hi = (__popc(starts[0]) + __popc(starts[1]) - 1) / 8;
+        } else {
+          nb_lo = static_cast<int>(kid[0] / 8u);
+          nb_hi = static_cast<int>(kid[min(kN, kv_len - k0) - 1] / 8u);
+        }
+        if (exact) {
+          // Two passes: acc holds this tile's sums only (local segments).
+          SEGATTN_UNROLL
+          for (int nb = 0; nb < kSB; ++nb) {
+            SEGATTN_UNROLL
+            for (int e = 0; e < 4; ++e) acc[nb][e] = 0.0f;
+          }
+        }
+        // P (f16 A fragments straight from the S accumulators) x one-hot(segment of each key).
+        SEGATTN_UNROLL
+        for (int kc = 0; kc < Traits::kPK; ++kc) {
+          const uint32_t pa[4] = {
+              pack2<segattn::f16>(s[2 * kc][0], s[2 * kc][1]),
+              pack2<segattn::f16>(s[2 * kc][2], s[2 * kc][3]),
+              pack2<segattn::f16>(s[2 * kc + 1][0], s[2 * kc + 1][1]),
+              pack2<segattn::f16>(s[2 * kc + 1][2], s[2 * kc + 1][3]),
+          };
+          // B rows (keys) of this thread: 16 kc + quad_col + {0, 1} and + 8.
+          const int j = 16 * kc + quad_col;
+          int seg[4];
+          if (exact) {
+            seg[0] = local_of(starts, j);
+            seg[1] = local_of(starts, j + 1);
+            seg[2] = local_of(starts, j + 8);
+            seg[3] = local_of(starts, j + 9);
+          } else {
+            seg[0] = static_cast<int>(kid[j]);
+            seg[1] = static_cast<int>(kid[j + 1]);
+            seg[2] = static_cast<int>(kid[j + 8]);
+            seg[3] = static_cast<int>(kid[j + 9]);
+          }
+          SEGATTN_UNROLL
+          for (int nb = 0; nb < kSB; ++nb) {
+            if (nb < nb_lo || nb > nb_hi) continue;  // uniform over the block
+            const int want = 8 * nb + g;
+            const uint32_t b[2] = {onehot2(seg[0], seg[1], want), onehot2(seg[2], seg[3], want)};
+            mma_m16n8k16_f16(acc[nb], pa, b, acc[nb]);
+          }
+        }
+        if (exact) {
+          // Add the tile's sums to mass[row][global id of each local segment].
+          const int nloc = __popc(starts[0]) + __popc(starts[1]);
+          const uint32_t* const local_id = s_local_id + buf * kN;
+          SEGATTN_UNROLL
+          for (int nb = 0; nb < kSB; ++nb) {
+            if (nb > nb_hi) continue;
+            SEGATTN_UNROLL
+            for (int e = 0; e < 4; ++e) {
+              const int loc = 8 * nb + quad_col + (e & 1);
+              float* const out = row_out[e >> 1];
+              const float v = acc[nb][e];
+              const uint32_t id = local_id[loc];
+              // (Every key id is below num_segments; the test only keeps a stray id in bounds.)
+              if (loc < nloc && out != nullptr && v != 0.0f && id < static_cast<uint32_t>(sp.num_segments)) {
+                float* const dst = out + id;
+                if (reduce) {
+                  atomic_add(dst, v);
+                } else {
+                  *dst += v;  // this thread owns (row, segment): no other writer
+                }
+              }
+            }
+          }
+        }
+      }
+
+      __syncthreads();  // every warp is done with buffer `buf` before it is refilled
+      tile = next;
+      cls = next_cls;
+      buf ^= 1;
+      starts[0] = next_starts[0];
+      starts[1] = next_starts[1];
+    }
+
+    if (stats_only) {
+      SEGATTN_UNROLL
+      for (int r = 0; r < 2; ++r) {
+        const float sum = fwd::quad_sum(softmax.row_sum[r]);
+        lse2[r] = sum > 0.0f ? softmax.row_max[r] + log2f(sum) : INFINITY;
+      }
+    }
+  }
+
+  if (!two_pass) {
+    // Epilogue: normalise by the row sum; store every (row < q1, id < num_segments) element, or
+    // add the nonzero ones under a reduction.
+    float inv[2];
+    float lse[2];
+    softmax.finalize(inv, lse);
+    SEGATTN_UNROLL
+    for (int nb = 0; nb < kSB; ++nb) {
+      SEGATTN_UNROLL
+      for (int e = 0; e < 4; ++e) {
+        const int seg = 8 * nb + quad_col + (e & 1);
+        float* const out = row_out[e >> 1];
+        if (out == nullptr || seg >= sp.num_segments) continue;
+        const float v = acc[nb][e] * inv[e >> 1];
+        if (!reduce) {
+          out[seg] = v;
+        } else if (v != 0.0f) {
+          atomic_add(out + seg, v);
+        }
+      }
+    }
+  }
+}
+
+}  // namespace scores
+}  // namespace segattn
+
+#endif  // SEGATTN_SCORES_KERNEL_CUH

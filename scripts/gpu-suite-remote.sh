@@ -1,0 +1,191 @@
+#!/usr/bin/env bash
+# The one-command GPU suite, THERE half: runs on a GPU machine (H100 / H200, driver >= 580 = CUDA
+# 13.0, a Python with torch cu130; no Rust, no network needed) from the repository root, with the
+# pack that scripts/gpu-suite.sh built here:
+#
+#   bash scripts/gpu-suite-remote.sh [test|bench|all] [PACK_DIR (default .gpu-suite)]
+#
+#   test   (1) every GPU test binary of the pack (tests/gpu_*.rs: the kernels' property tests on
+#              the GPU against the f64 reference; SEGATTN_REQUIRE_GPU=1: no silent skip),
+#              (2) compute-sanitizer memcheck, racecheck, synccheck and initcheck on small cases of
+#              the forward kernel (tests/gpu_fwd.rs; our kernels only)
+#   bench  (3) our benchmark (examples/gpu_bench.rs) and bench/peers.py (SDPA flash / cuDNN / math,
+#              FlexAttention) on identical shapes and masks, (4) the results table
+#   all    both
+#
+# Writes under $OUT (or $SEGATTN_SUITE_OUT, default /tmp/segattn-gpu-out): summary.md, tests.log,
+# sanitizer.log, segattn.jsonl, peers.jsonl, RESULTS.md (the table, with card, driver, date and
+# commit: copy it to bench/RESULTS.md). Each step runs under a time budget so that a partial run
+# still writes what it measured: SEGATTN_SUITE_BUDGET_S (default 570 s per invocation).
+#
+# Environment: SEGATTN_GPU_CASES (random property cases, default: each test file's), SEGATTN_PEERS_FILTER
+# (peers.py shape filter, a substring of the shape label; default "H16/16 D128": 30 shapes, 5
+# FlexAttention compilations, fits one 10-minute call next to our benchmark; "H32/8 D128", "D64",
+# ... in further calls; "" = all 120), SEGATTN_BENCH_FILTER (gpu_bench shape filter, default all), SEGATTN_CUDA_LIBS
+# (directory with libcublas / libcurand / libnvrtc 13; default: the Python env's nvidia/cu13/lib),
+# PYTHON (default python3), SEGATTN_SUITE_SMOKE=1 (tiny shapes, 2k tokens: a dry run of the
+# bench half).
+set -uo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+PHASE="${1:-all}"
+PACK="${2:-.gpu-suite}"
+OUTDIR="${OUT:-${SEGATTN_SUITE_OUT:-/tmp/segattn-gpu-out}}"
+BUDGET="${SEGATTN_SUITE_BUDGET_S:-570}"
+PYTHON="${PYTHON:-python3}"
+START=$SECONDS
+mkdir -p "$OUTDIR"
+SUMMARY="$OUTDIR/summary.md"
+: >"$SUMMARY"
+
+log() { echo "gpu-suite-remote [$((SECONDS - START)) s]: $*"; }
+note() { echo "$*" | tee -a "$SUMMARY"; }
+left() { echo $((BUDGET - (SECONDS - START))); }
+# Runs "$@" with at most min($1, time left - reserve) seconds.
+budgeted() {
+  local want=$1 reserve=$2
+  shift 2
+  local t
+  t=$(left)
+  t=$((t - reserve))
+  [ "$t" -gt "$want" ] && t=$want
+  if [ "$t" -lt 10 ]; then
+    log "no time left for: $*"
+    return 124
+  fi
+  timeout --signal=INT --kill-after=10 "$t" "$@"
+}
+
+case "$PHASE" in test | bench | all) ;; *)
+  echo "usage: $0 [test|bench|all] [PACK_DIR]" >&2
+  exit 2
+  ;;
+esac
+[ -f "$PACK/MANIFEST" ] || { echo "no $PACK/MANIFEST: build the pack with scripts/gpu-suite.sh and carry it" >&2; exit 2; }
+# Per pack: results of earlier calls with the same pack on this machine are merged into the table.
+WORK="${TMPDIR:-/tmp}/segattn-gpu-suite-$(sha256sum "$PACK/MANIFEST" | cut -c1-12)"
+mkdir -p "$WORK"
+
+# --- setup: binaries, libraries, machine ---------------------------------------------------
+read -r -a GPU_TESTS <<<"$(sed -n 's/^tests=//p' "$PACK/MANIFEST")"
+for name in "${GPU_TESTS[@]}" gpu_bench; do
+  xz -dc "$PACK/$name.xz" >"$WORK/$name" || { echo "cannot unpack $PACK/$name.xz" >&2; exit 2; }
+  chmod +x "$WORK/$name"
+done
+if [ -z "${SEGATTN_CUDA_LIBS:-}" ]; then
+  SEGATTN_CUDA_LIBS="$("$PYTHON" - <<'EOF' 2>/dev/null
+import os
+try:
+    import nvidia
+    for p in nvidia.__path__:
+        d = os.path.join(p, "cu13", "lib")
+        if os.path.isdir(d):
+            print(d)
+            break
+except ImportError:
+    pass
+EOF
+)"
+fi
+export LD_LIBRARY_PATH="${SEGATTN_CUDA_LIBS:+$SEGATTN_CUDA_LIBS:}${LD_LIBRARY_PATH:-}"
+note "# segattn GPU suite ($PHASE)"
+note ""
+note "- pack: $(grep -E '^(commit|built|nvcc)=' "$PACK/MANIFEST" | tr '\n' ' ')"
+note "- card: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | head -1)"
+note "- date: $(date -u +%Y-%m-%dT%H:%M:%SZ); CUDA libraries: ${SEGATTN_CUDA_LIBS:-<none found>}"
+missing="$(ldd "$WORK/gpu_bench" | grep 'not found' || true)"
+if [ -n "$missing" ]; then
+  note "- ERROR: libraries not found: $missing (set SEGATTN_CUDA_LIBS)"
+  exit 1
+fi
+
+status=0
+# --- (1) + (2): tests and sanitizers -------------------------------------------------------
+if [ "$PHASE" = test ] || [ "$PHASE" = all ]; then
+  : >"$OUTDIR/tests.log"
+  per_test=$((300 / ${#GPU_TESTS[@]}))
+  for name in "${GPU_TESTS[@]}"; do
+    log "(1) property tests on the GPU: $name"
+    t=$SECONDS
+    SEGATTN_REQUIRE_GPU=1 budgeted "$per_test" 250 "$WORK/$name" --test-threads "$(nproc)" >"$WORK/$name.log" 2>&1
+    rc=$?
+    { echo "=== $name (exit $rc) ==="; cat "$WORK/$name.log"; } >>"$OUTDIR/tests.log"
+    tail -25 "$WORK/$name.log"
+    note "- (1) $name: $(grep -E '^test result' "$WORK/$name.log" | tail -1 || echo 'no result line') (exit $rc, $((SECONDS - t)) s)"
+    [ "$rc" = 0 ] || status=1
+  done
+
+  log "(2) compute-sanitizer on small cases"
+  SAN="$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1 || true)"
+  : >"$OUTDIR/sanitizer.log"
+  if [ -z "$SAN" ]; then
+    note "- (2) compute-sanitizer: NOT FOUND"
+    status=1
+  else
+    small=(tile_multiples_and_tiny_lengths fully_masked_rows empty_inputs misaligned_views gpu_kernel_matches_reference)
+    for tool in memcheck racecheck synccheck initcheck; do
+      t=$SECONDS
+      # Small cases only (the sanitizers slow kernels down 10-100x); our kernels only.
+      SEGATTN_REQUIRE_GPU=1 SEGATTN_GPU_CASES=8 \
+        budgeted 60 15 "$SAN" --tool "$tool" --error-exitcode 99 --kernel-name kns=segattn_fwd \
+        "$WORK/gpu_fwd" --test-threads 1 "${small[@]}" >"$WORK/san-$tool.log" 2>&1
+      rc=$?
+      { echo "=== $tool (exit $rc) ==="; cat "$WORK/san-$tool.log"; } >>"$OUTDIR/sanitizer.log"
+      summary_line="$(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|^test result' "$WORK/san-$tool.log" | tr '\n' ' ')"
+      if grep -q 'Device not supported' "$WORK/san-$tool.log"; then
+        # compute-sanitizer refuses the device under gVisor (works on Firecracker machines).
+        note "- (2) $tool: NOT RUN: compute-sanitizer does not support this machine's device (gVisor?)"
+        status=1
+        break
+      fi
+      note "- (2) $tool: exit $rc, $((SECONDS - t)) s: ${summary_line:-no summary}"
+      [ "$rc" = 0 ] || status=1
+    done
+  fi
+fi
+
+# --- (3) + (4): benchmarks and the table ----------------------------------------------------
+if [ "$PHASE" = bench ] || [ "$PHASE" = all ]; then
+  smoke=()
+  [ "${SEGATTN_SUITE_SMOKE:-0}" = 1 ] && smoke=(--smoke)
+  log "(3) shapes: ours and the peers' must be the same list"
+  "$WORK/gpu_bench" --list "${smoke[@]}" >"$WORK/shapes-ours.txt"
+  "$PYTHON" bench/peers.py --list "${smoke[@]}" >"$WORK/shapes-peers.txt"
+  if ! diff -q "$WORK/shapes-ours.txt" "$WORK/shapes-peers.txt" >/dev/null; then
+    note "- ERROR: gpu_bench and peers.py shape lists differ"
+    diff "$WORK/shapes-ours.txt" "$WORK/shapes-peers.txt" | head
+    exit 1
+  fi
+  "$WORK/gpu_bench" --export-masks "$WORK/masks.json" "${smoke[@]}" || exit 1
+
+  log "(3) our benchmark"
+  t=$SECONDS
+  bench_filter=()
+  [ -n "${SEGATTN_BENCH_FILTER:-}" ] && bench_filter=(--filter "$SEGATTN_BENCH_FILTER")
+  budgeted 200 60 "$WORK/gpu_bench" --json "$OUTDIR/segattn.jsonl" "${smoke[@]}" "${bench_filter[@]}" 2>&1 | tee "$WORK/bench.log"
+  rc=${PIPESTATUS[0]}
+  note "- (3) gpu_bench: exit $rc, $(wc -l <"$OUTDIR/segattn.jsonl" 2>/dev/null || echo 0) shapes, $((SECONDS - t)) s"
+  [ "$rc" = 0 ] || status=1
+
+  log "(3) peers (torch)"
+  t=$SECONDS
+  peers_filter="${SEGATTN_PEERS_FILTER-H16/16 D128}"
+  pf=()
+  [ -n "$peers_filter" ] && pf=(--filter "$peers_filter")
+  PYTHONUNBUFFERED=1 budgeted 100000 25 "$PYTHON" bench/peers.py --masks "$WORK/masks.json" \
+    --json "$OUTDIR/peers.jsonl" --check "${smoke[@]}" "${pf[@]}" 2>&1 | tee "$WORK/peers.log" | grep -v '^{'
+  rc=${PIPESTATUS[0]}
+  note "- (3) peers.py (filter '${peers_filter}'): exit $rc$([ "$rc" = 124 ] && echo ' (time budget reached: partial)'), $((SECONDS - t)) s"
+  [ "$rc" = 0 ] || [ "$rc" = 124 ] || status=1
+
+  log "(4) results table (with the results of earlier calls of this pack on this machine)"
+  cat "$OUTDIR/segattn.jsonl" >>"$WORK/segattn-all.jsonl" 2>/dev/null
+  cat "$OUTDIR/peers.jsonl" >>"$WORK/peers-all.jsonl" 2>/dev/null
+  "$PYTHON" bench/report.py --ours "$WORK/segattn-all.jsonl" --peers "$WORK/peers-all.jsonl" \
+    --header "$SUMMARY" --out "$OUTDIR/RESULTS.md" || status=1
+  cat "$OUTDIR/RESULTS.md"
+fi
+
+note ""
+note "suite ($PHASE) finished in $((SECONDS - START)) s, status $status"
+exit "$status"

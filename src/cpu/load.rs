@@ -1,0 +1,148 @@
+//! Tile loads shared by the CPU kernels.
+
+use super::element::Element;
+use super::tile::BC;
+
+/// Writes rows `row(0..cols)` (`d` elements each) transposed into `kt` `[dp, BC]` (K^T of a key
+/// tile), in 8 x 8 blocks: 8 contiguous reads per row and 8 contiguous writes per column instead
+/// of one scattered store per element; the blocks are transposed in AVX registers where the CPU
+/// has AVX2.
+#[inline]
+pub(crate) fn transpose_rows<'a, T: Element>(kt: &mut [f32], cols: usize, d: usize, row: impl Fn(usize) -> &'a [T]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2 (checked just above; std caches the detection).
+            unsafe { transpose_rows_avx2(kt, cols, d, row) };
+            return;
+        }
+    }
+    transpose_rows_generic(kt, cols, d, row)
+}
+
+/// The 8 values `r[c0..c0 + 8]` as f32.
+#[inline(always)]
+fn eight<T: Element>(r: &[T], c0: usize) -> [f32; 8] {
+    let src: &[T; 8] = r[c0..c0 + 8].try_into().unwrap();
+    std::array::from_fn(|c| src[c].to_f32())
+}
+
+/// The scalar tail: keys `[j0, cols)` (all dims) and dims `[c0, d)` of keys `[0, j0)`.
+#[inline(always)]
+fn tails<'a, T: Element>(
+    kt: &mut [f32],
+    cols: usize,
+    d: usize,
+    j_full: usize,
+    c_full: usize,
+    row: &impl Fn(usize) -> &'a [T],
+) {
+    for j in 0..j_full {
+        let r = row(j);
+        for c in c_full..d {
+            kt[c * BC + j] = r[c].to_f32();
+        }
+    }
+    for j in j_full..cols {
+        for (c, x) in row(j).iter().enumerate() {
+            kt[c * BC + j] = x.to_f32();
+        }
+    }
+}
+
+#[inline(always)]
+fn transpose_rows_generic<'a, T: Element>(kt: &mut [f32], cols: usize, d: usize, row: impl Fn(usize) -> &'a [T]) {
+    const B: usize = 8;
+    let (j_full, c_full) = (cols / B * B, d / B * B);
+    for j0 in (0..j_full).step_by(B) {
+        let rows: [&[T]; B] = std::array::from_fn(|l| row(j0 + l));
+        for c0 in (0..c_full).step_by(B) {
+            let block: [[f32; B]; B] = std::array::from_fn(|l| eight(rows[l], c0));
+            for c in 0..B {
+                let col: [f32; B] = std::array::from_fn(|l| block[l][c]);
+                kt[(c0 + c) * BC + j0..(c0 + c) * BC + j0 + B].copy_from_slice(&col);
+            }
+        }
+    }
+    tails(kt, cols, d, j_full, c_full, &row);
+}
+
+/// [`transpose_rows_generic`] with each 8 x 8 block transposed in registers (unpack, shuffle and
+/// 128-bit lane permutes: 24 shuffles per 64 values).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn transpose_rows_avx2<'a, T: Element>(kt: &mut [f32], cols: usize, d: usize, row: impl Fn(usize) -> &'a [T]) {
+    use std::arch::x86_64::*;
+    const B: usize = 8;
+    let (j_full, c_full) = (cols / B * B, d / B * B);
+    assert!(kt.len() >= d * BC && cols <= BC, "K^T tile buffer too small");
+    for j0 in (0..j_full).step_by(B) {
+        let rows: [&[T]; B] = std::array::from_fn(|l| row(j0 + l));
+        for c0 in (0..c_full).step_by(B) {
+            let v: [__m256; B] = std::array::from_fn(|l| {
+                let x = eight(rows[l], c0);
+                // SAFETY: `x` holds 8 f32.
+                unsafe { _mm256_loadu_ps(x.as_ptr()) }
+            });
+            let t0 = _mm256_unpacklo_ps(v[0], v[1]);
+            let t1 = _mm256_unpackhi_ps(v[0], v[1]);
+            let t2 = _mm256_unpacklo_ps(v[2], v[3]);
+            let t3 = _mm256_unpackhi_ps(v[2], v[3]);
+            let t4 = _mm256_unpacklo_ps(v[4], v[5]);
+            let t5 = _mm256_unpackhi_ps(v[4], v[5]);
+            let t6 = _mm256_unpacklo_ps(v[6], v[7]);
+            let t7 = _mm256_unpackhi_ps(v[6], v[7]);
+            let s0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+            let s1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+            let s2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+            let s3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+            let s4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+            let s5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+            let s6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+            let s7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+            let cols_out = [
+                _mm256_permute2f128_ps::<0x20>(s0, s4),
+                _mm256_permute2f128_ps::<0x20>(s1, s5),
+                _mm256_permute2f128_ps::<0x20>(s2, s6),
+                _mm256_permute2f128_ps::<0x20>(s3, s7),
+                _mm256_permute2f128_ps::<0x31>(s0, s4),
+                _mm256_permute2f128_ps::<0x31>(s1, s5),
+                _mm256_permute2f128_ps::<0x31>(s2, s6),
+                _mm256_permute2f128_ps::<0x31>(s3, s7),
+            ];
+            for (c, col) in cols_out.iter().enumerate() {
+                let at = (c0 + c) * BC + j0;
+                // SAFETY: c0 + c < d and j0 + 8 <= cols <= BC, so at + 8 <= d * BC <= kt.len() (asserted).
+                unsafe { _mm256_storeu_ps(kt.as_mut_ptr().add(at), *col) };
+            }
+        }
+    }
+    tails(kt, cols, d, j_full, c_full, &row);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Both versions transpose exactly, ragged edges included.
+    #[test]
+    fn transposes_exactly() {
+        for (cols, d) in [(64, 64), (64, 128), (37, 72), (5, 3), (64, 17), (1, 256), (0, 8)] {
+            let rows: Vec<Vec<f32>> = (0..cols)
+                .map(|j| (0..d).map(|c| (j * 1000 + c) as f32).collect())
+                .collect();
+            let mut want = vec![-1f32; d * BC];
+            for j in 0..cols {
+                for c in 0..d {
+                    want[c * BC + j] = rows[j][c];
+                }
+            }
+            let mut got = vec![-1f32; d * BC];
+            transpose_rows_generic(&mut got, cols, d, |j| &rows[j][..]);
+            assert_eq!(got, want, "generic cols {cols} d {d}");
+            let mut got = vec![-1f32; d * BC];
+            transpose_rows(&mut got, cols, d, |j| &rows[j][..]);
+            assert_eq!(got, want, "dispatched cols {cols} d {d}");
+        }
+    }
+}

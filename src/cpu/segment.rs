@@ -1,0 +1,563 @@
+//! The per-segment attention mass on the CPU: the standalone op ([`segment_mass`]: Q K^T, the
+//! softmax statistics and per-segment sums, no V) and the accumulator that the attention's fused
+//! mass output shares with it ([`MassRows`], [`MassSink`]).
+//!
+//! Work items are (batch, head, query tile) as in the attention. Per item the mass of its rows is
+//! built in a `rows x Sk` f32 buffer — never anything of size `Lq x Lk` — by one of two
+//! algorithms ([`MassAlgorithm`]):
+//! - one pass: the buffer is a set of accumulators rescaled with the running max exactly like the
+//!   attention output (the same `softmax_row`), P of each key tile summed per key segment piece
+//!   (P times a one-hot segment matrix, as sparse sums: a tile touches at most 64 segments);
+//! - two passes: the row max and log-sum-exp first (Q K^T only), then the exact probabilities
+//!   `2^(s - lse)` of every key tile added straight into the segments it touches: no rescaling,
+//!   whatever `Sk`.
+//!
+//! `Auto` takes one pass while `Sk <= 32 D` ([`crate::CPU_ONE_PASS_SEGMENTS_PER_DIM`]): the
+//! rescaling costs at most `Sk` per row and key tile, and only when the row's max moves; a second
+//! pass costs `64 D` per row and tile. A tile row is added per piece (few pieces), as one vector
+//! add (single-token segments: consecutive ids) or as a scatter (many short pieces).
+//!
+//! [`MassSink`] turns each item's rows into the output: direct writes without reduction, f64
+//! accumulation under a lock per (batch, output head) slab with a query or head reduction.
+
+use std::sync::Mutex;
+
+use candle_core::Result;
+use rayon::prelude::*;
+
+use super::exp2::exp2;
+use super::load::transpose_rows;
+use super::tile::{lane_sum, scores, softmax_row, RowState, BC, BR, LANES};
+use super::{fma_available, Element, SharedMut, Strided};
+use crate::mask::tiles::{classify_tile, piece_visibility, TileClass};
+use crate::mask::HostMask;
+use crate::scores::{HeadReduction, MassAlgorithm, MassPlan, QueryReduction};
+use crate::validate::AttentionShape;
+
+/// Rows of a register block in the `scores` microkernel (tile.rs `ROWS`).
+const SCORE_ROWS: usize = 4;
+
+/// One piece of a key tile: key segment id and keys `[a, b)` relative to the tile start.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Piece {
+    pub id: u32,
+    pub a: usize,
+    pub b: usize,
+}
+
+/// The key segments of one key tile, and how its probabilities are best added per segment.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct TilePieces {
+    /// The pieces, in key order.
+    pub list: Vec<Piece>,
+    /// The segment id of every key of the tile (filled only for [`AddMode::Scatter`]).
+    ids: Vec<u32>,
+    mode: AddMode,
+}
+
+/// How [`add_pieces`] adds a tile row into the per-segment accumulators.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+enum AddMode {
+    /// Few pieces: one vectorised sum per piece.
+    #[default]
+    Sums,
+    /// Consecutive ids (single-token segments): `acc[id0 + j] += p[j]`, one vector add.
+    Consecutive(u32),
+    /// Many short pieces: `acc[id(j)] += p[j]` key by key.
+    Scatter,
+}
+
+/// Pieces per tile above which a scatter beats per-piece sums.
+const SCATTER_PIECES: usize = 12;
+
+/// The key segment pieces of keys `[k0, k1)` of batch row `b`, into `out`.
+pub(crate) fn tile_pieces(mask: &HostMask, b: usize, k0: usize, k1: usize, out: &mut TilePieces) {
+    out.list.clear();
+    let list = &mut out.list;
+    mask.kv.row(b).for_each_span(k0, k1, |id, a, e| {
+        list.push(Piece {
+            id,
+            a: a - k0,
+            b: e - k0,
+        })
+    });
+    let cols = k1 - k0;
+    out.mode = if out.list.len() <= SCATTER_PIECES {
+        AddMode::Sums
+    } else if out.list.len() == cols && out.list[cols - 1].id - out.list[0].id == (cols - 1) as u32 {
+        // Strictly increasing ids over `cols` single keys: exactly id0, id0 + 1, ...
+        AddMode::Consecutive(out.list[0].id)
+    } else {
+        out.ids.clear();
+        out.ids.extend_from_slice(&mask.kv.row(b).ids[k0..k1]);
+        AddMode::Scatter
+    };
+}
+
+/// Adds `sum(p[a..b])` of every piece to `acc[id]` (`p` holds the tile's keys).
+#[inline(always)]
+pub(crate) fn add_pieces(p: &[f32], pieces: &TilePieces, acc: &mut [f32]) {
+    match pieces.mode {
+        AddMode::Sums => {
+            for piece in &pieces.list {
+                acc[piece.id as usize] += lane_sum(&p[piece.a..piece.b]);
+            }
+        }
+        AddMode::Consecutive(id0) => {
+            let dst = &mut acc[id0 as usize..id0 as usize + pieces.list.len()];
+            dst.iter_mut().zip(p).for_each(|(a, x)| *a += x);
+        }
+        AddMode::Scatter => {
+            for (&id, &x) in pieces.ids.iter().zip(p) {
+                acc[id as usize] += x;
+            }
+        }
+    }
+}
+
+/// Sets the hidden scores of a PARTIAL tile to `-inf`, piece pair by piece pair: one rule lookup
+/// per (query piece, key piece), then whole row ranges (the per-element rule lookup of the
+/// definition, [`crate::mask::tiles::element_visible`], costs more than the tile's Q K^T).
+/// `s` is `[BR, BC]`; rows `[q0, q1)`, keys `[k0, k0 + BC)` clipped to `k1`.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+pub(crate) fn mask_tile(
+    s: &mut [f32],
+    mask: &HostMask,
+    b: usize,
+    (q0, q1): (usize, usize),
+    (k0, k1): (usize, usize),
+    k_pieces: &[Piece],
+) {
+    let table = mask.rule.table_row(b);
+    let qs = mask.q.row(b);
+    let off = mask.pos_offset;
+    qs.for_each_span(q0, q1, |sq, qa, qb| {
+        for kp in k_pieces {
+            let rule = mask.rule.lookup(table, sq, kp.id);
+            let (ka, kb) = (k0 + kp.a, k0 + kp.b);
+            match piece_visibility(rule, qa, qb, ka, kb, off) {
+                TileClass::Full => {}
+                TileClass::Skip => {
+                    for i in qa..qb {
+                        s[(i - q0) * BC + kp.a..(i - q0) * BC + kp.b].fill(f32::NEG_INFINITY);
+                    }
+                }
+                TileClass::Partial => {
+                    // Causal: key j visible iff j <= pos(i).
+                    for i in qa..qb {
+                        let first_hidden = (i as i64 + off + 1).clamp(ka as i64, kb as i64) as usize;
+                        s[(i - q0) * BC + first_hidden - k0..(i - q0) * BC + kp.b].fill(f32::NEG_INFINITY);
+                    }
+                }
+            }
+        }
+    });
+    debug_assert!(k1 - k0 <= BC);
+}
+
+/// The per-row mass accumulators of one work item: `[BR, sk]` f32, and the factor each row is
+/// multiplied by when it is put into the output (1 / its softmax sum in one pass).
+pub(crate) struct MassRows {
+    pub sk: usize,
+    pub acc: Vec<f32>,
+    pub scale: [f32; BR],
+}
+
+impl MassRows {
+    pub fn new(sk: usize) -> Self {
+        Self {
+            sk,
+            acc: vec![0.0; BR * sk],
+            scale: [1.0; BR],
+        }
+    }
+
+    pub fn clear(&mut self, rows: usize) {
+        self.acc[..rows * self.sk].fill(0.0);
+        self.scale = [1.0; BR];
+    }
+
+    pub fn row_mut(&mut self, r: usize) -> &mut [f32] {
+        &mut self.acc[r * self.sk..(r + 1) * self.sk]
+    }
+
+    /// Row `r` follows its O accumulator: rescaled by `alpha` (1 when its max did not move), then
+    /// `p` (the tile's unnormalised probabilities) summed per key segment piece.
+    #[inline(always)]
+    pub fn follow(&mut self, r: usize, alpha: f32, p: &[f32], pieces: &TilePieces) {
+        let row = self.row_mut(r);
+        if alpha != 1.0 {
+            row.iter_mut().for_each(|x| *x *= alpha);
+        }
+        add_pieces(p, pieces, row);
+    }
+
+    /// Every row is to be divided by its softmax sum (rows that saw nothing become 0), when put.
+    pub fn normalize(&mut self, state: &RowState, rows: usize) {
+        for r in 0..rows {
+            let sum = state.sum[r];
+            self.scale[r] = if sum > 0.0 { 1.0 / sum } else { 0.0 };
+        }
+    }
+}
+
+/// Where work items put their rows of mass, and the final output.
+pub(crate) struct MassSink<'a> {
+    plan: &'a MassPlan,
+    mask: &'a HostMask,
+    q_len: usize,
+    /// Without reductions: `[B, H, Lq, Sk]` written directly (disjoint rows per item).
+    direct: Vec<f32>,
+    direct_ptr: SharedMut<f32>,
+    /// With a reduction: one `[Lo, Sk]` f64 slab per (batch, output head).
+    slabs: Vec<Mutex<Vec<f64>>>,
+}
+
+impl<'a> MassSink<'a> {
+    pub fn new(plan: &'a MassPlan, mask: &'a HostMask, q_len: usize) -> Self {
+        let (b, ho, lo, sk) = plan.out_dims(q_len);
+        let reduce = plan.query_reduction != QueryReduction::None || plan.head_reduction != HeadReduction::None;
+        let (mut direct, slabs) = if reduce {
+            (
+                Vec::new(),
+                (0..b * ho).map(|_| Mutex::new(vec![0f64; lo * sk])).collect(),
+            )
+        } else {
+            // Every element is written by exactly one work item. With debug assertions (tests)
+            // poisoned with NaN so that a missed one shows; else zeroed pages, touched only once.
+            let fill = if cfg!(debug_assertions) { f32::NAN } else { 0.0 };
+            (vec![fill; b * ho * lo * sk], Vec::new())
+        };
+        let direct_ptr = SharedMut(direct.as_mut_ptr());
+        Self {
+            plan,
+            mask,
+            q_len,
+            direct,
+            direct_ptr,
+            slabs,
+        }
+    }
+
+    /// Puts the normalised mass `rows` (`[q1 - q0, Sk]`, rows of query head `h`) of batch row `b`.
+    ///
+    /// # Safety
+    /// Without a reduction no other thread may put rows `[q0, q1)` of head `h` of batch `b`.
+    pub unsafe fn put(&self, b: usize, h: usize, (q0, q1): (usize, usize), rows: &MassRows) -> Result<()> {
+        let plan = self.plan;
+        let sk = plan.sk;
+        let kw = plan.key_weights(b);
+        if self.slabs.is_empty() {
+            for r in 0..q1 - q0 {
+                let dst = self
+                    .direct_ptr
+                    .0
+                    .add(((b * plan.num_heads + h) * self.q_len + q0 + r) * sk);
+                let src = &rows.acc[r * sk..(r + 1) * sk];
+                let scale = rows.scale[r];
+                for s in 0..sk {
+                    *dst.add(s) = src[s] * scale * kw[s];
+                }
+            }
+            return Ok(());
+        }
+        let ho = if plan.head_reduction == HeadReduction::None {
+            h
+        } else {
+            0
+        };
+        let mut slab = self.slabs[b * plan.heads_out() + ho]
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("segattn: mass slab poisoned by a panic".into()))?;
+        let qw = plan.query_weights(b);
+        let q_ids = self.mask.q.row(b).ids;
+        for r in 0..q1 - q0 {
+            let i = q0 + r;
+            let (row, w) = if plan.query_reduction == QueryReduction::None {
+                (i, plan.head_weight)
+            } else {
+                let id = q_ids[i] as usize;
+                (id, plan.head_weight * qw[id])
+            };
+            let w = w * rows.scale[r];
+            if w == 0.0 {
+                continue;
+            }
+            let dst = &mut slab[row * sk..(row + 1) * sk];
+            let src = &rows.acc[r * sk..(r + 1) * sk];
+            for s in 0..sk {
+                dst[s] += f64::from(src[s] * kw[s]) * f64::from(w);
+            }
+        }
+        Ok(())
+    }
+
+    /// The output `[B, Ho, Lo, Sk]` f32, contiguous.
+    pub fn finish(self) -> Result<Vec<f32>> {
+        if self.slabs.is_empty() {
+            return Ok(self.direct);
+        }
+        let (b, ho, lo, sk) = self.plan.out_dims(self.q_len);
+        let mut out = Vec::with_capacity(b * ho * lo * sk);
+        for slab in self.slabs {
+            let slab = slab
+                .into_inner()
+                .map_err(|_| candle_core::Error::Msg("segattn: mass slab poisoned by a panic".into()))?;
+            out.extend(slab.into_iter().map(|x| x as f32));
+        }
+        Ok(out)
+    }
+}
+
+/// The standalone mass: q `[B, Lq, H, D]`, k `[B, Lk, Hkv, D]`, output `[B, Ho, Lo, Sk]` f32 as
+/// laid out by `plan`. `scale` multiplies `q . k`.
+pub(crate) fn segment_mass<T: Element>(
+    q: Strided<'_, T>,
+    k: Strided<'_, T>,
+    shape: AttentionShape,
+    mask: &HostMask,
+    scale: f32,
+    plan: &MassPlan,
+) -> Result<Vec<f32>> {
+    let AttentionShape {
+        batch,
+        q_len,
+        num_heads,
+        head_dim: d,
+        ..
+    } = shape;
+    let sink = MassSink::new(plan, mask, q_len);
+    let q_tiles = q_len.div_ceil(BR);
+    let use_fma = fma_available();
+    let two_pass = plan.algorithm == MassAlgorithm::TwoPass;
+    (0..batch * num_heads * q_tiles).into_par_iter().try_for_each_init(
+        || ScoreScratch::new(d, plan.sk),
+        |scratch, item| {
+            let qt = item % q_tiles;
+            let h = (item / q_tiles) % num_heads;
+            let b = item / (q_tiles * num_heads);
+            let q0 = qt * BR;
+            let q1 = (q0 + BR).min(q_len);
+            scratch.run(q, k, shape, mask, scale, (b, h), (q0, q1), use_fma, two_pass);
+            // SAFETY: items are disjoint in (b, h, rows).
+            unsafe { sink.put(b, h, (q0, q1), &scratch.mass) }
+        },
+    )?;
+    sink.finish()
+}
+
+/// Per-thread buffers of the standalone op.
+struct ScoreScratch {
+    dp: usize,
+    q: Vec<f32>,
+    kt: Vec<f32>,
+    s: Vec<f32>,
+    mass: MassRows,
+    pieces: TilePieces,
+    /// Visible key tiles of the current item (start, partial), kept for the second pass.
+    tiles: Vec<(usize, bool)>,
+}
+
+impl ScoreScratch {
+    fn new(d: usize, sk: usize) -> Self {
+        let dp = d.div_ceil(LANES) * LANES;
+        Self {
+            dp,
+            q: vec![0.0; BR * dp],
+            kt: vec![0.0; dp * BC],
+            s: vec![0.0; BR * BC],
+            mass: MassRows::new(sk),
+            pieces: TilePieces::default(),
+            tiles: Vec::new(),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn run<T: Element>(
+        &mut self,
+        q: Strided<'_, T>,
+        k: Strided<'_, T>,
+        shape: AttentionShape,
+        mask: &HostMask,
+        scale: f32,
+        (b, h): (usize, usize),
+        (q0, q1): (usize, usize),
+        use_fma: bool,
+        two_pass: bool,
+    ) {
+        let d = shape.head_dim;
+        let dp = self.dp;
+        let kh = h / shape.group_size();
+        let rows = q1 - q0;
+        let scale_log2 = scale * std::f32::consts::LOG2_E;
+        self.q.fill(0.0);
+        for r in 0..rows {
+            let src = q.row(b, q0 + r, h, d);
+            for (dst, x) in self.q[r * dp..r * dp + d].iter_mut().zip(src) {
+                *dst = x.to_f32() * scale_log2;
+            }
+        }
+        self.mass.clear(rows);
+        let mut state = RowState::new();
+
+        let table = mask.rule.table_row(b);
+        let (qs, ks) = (mask.q.row(b), mask.kv.row(b));
+        let off = mask.pos_offset;
+        self.tiles.clear();
+        for k0 in (0..shape.kv_len).step_by(BC) {
+            let k1 = (k0 + BC).min(shape.kv_len);
+            let class = classify_tile(&mask.rule, table, qs, ks, (q0, q1), (k0, k1), off);
+            if class != TileClass::Skip {
+                self.tiles.push((k0, class == TileClass::Partial));
+            }
+        }
+        let passes: &[Pass] = if two_pass {
+            &[Pass::Stats, Pass::Exact]
+        } else {
+            &[Pass::Single]
+        };
+        for &pass in passes {
+            if pass == Pass::Exact {
+                // 2^(s - lse) in the second pass: fold the log2 of the sum into the max.
+                for r in 0..rows {
+                    if state.sum[r] > 0.0 {
+                        state.max[r] += state.sum[r].log2();
+                    }
+                }
+            }
+            for t in 0..self.tiles.len() {
+                let (k0, partial) = self.tiles[t];
+                let k1 = (k0 + BC).min(shape.kv_len);
+                let cols = k1 - k0;
+                self.load_k(k, b, kh, d, k0, cols);
+                tile_pieces(mask, b, k0, k1, &mut self.pieces);
+                let masked = |s: &mut [f32], pieces: &[Piece]| mask_tile(s, mask, b, (q0, q1), (k0, k1), pieces);
+                let Self {
+                    q: qb,
+                    kt,
+                    s,
+                    mass,
+                    pieces,
+                    ..
+                } = self;
+                let tile = TileArgs {
+                    q: qb,
+                    kt,
+                    s,
+                    dp,
+                    rows,
+                    cols,
+                    partial,
+                    pieces,
+                };
+                if use_fma {
+                    // SAFETY: fma_available() checked that the CPU has AVX2 and FMA.
+                    #[cfg(target_arch = "x86_64")]
+                    unsafe {
+                        mass_tile_avx2(tile, mass, &mut state, pass, masked)
+                    };
+                } else {
+                    mass_tile::<false>(tile, mass, &mut state, pass, masked);
+                }
+            }
+        }
+        if !two_pass {
+            self.mass.normalize(&state, rows);
+        }
+    }
+
+    /// Loads keys `[k0, k0 + cols)` as K^T `[dp, BC]`, zero-padded.
+    #[allow(clippy::too_many_arguments)]
+    fn load_k<T: Element>(&mut self, k: Strided<'_, T>, b: usize, kh: usize, d: usize, k0: usize, cols: usize) {
+        if cols < BC {
+            self.kt.fill(0.0);
+        }
+        transpose_rows(&mut self.kt, cols, d, |j| k.row(b, k0 + j, kh, d));
+    }
+}
+
+/// Which pass of which algorithm a key tile is processed for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Pass {
+    /// The one pass of the one-pass algorithm: online softmax, the mass accumulators rescaled
+    /// like O.
+    Single,
+    /// First of two: the row max and sum only.
+    Stats,
+    /// Second of two: `state.max` holds the log2 LSE; exact probabilities into the mass.
+    Exact,
+}
+
+/// The tile buffers of one key tile.
+struct TileArgs<'a> {
+    q: &'a [f32],
+    kt: &'a [f32],
+    s: &'a mut [f32],
+    dp: usize,
+    rows: usize,
+    cols: usize,
+    partial: bool,
+    pieces: &'a TilePieces,
+}
+
+/// One key tile of the standalone op: S = Q K^T, the mask, then the pass's row update.
+#[inline(always)]
+fn mass_tile<const FMA: bool>(
+    t: TileArgs<'_>,
+    mass: &mut MassRows,
+    state: &mut RowState,
+    pass: Pass,
+    masked: impl Fn(&mut [f32], &[Piece]),
+) {
+    let TileArgs {
+        q,
+        kt,
+        s,
+        dp,
+        rows,
+        cols,
+        partial,
+        pieces,
+    } = t;
+    scores::<FMA>(q, kt, s, dp, rows.div_ceil(SCORE_ROWS));
+    if partial {
+        masked(s, &pieces.list);
+    }
+    for r in 0..rows {
+        let srow = &mut s[r * BC..(r + 1) * BC];
+        match pass {
+            Pass::Single => {
+                // The accumulators of the row follow the running max exactly like O.
+                softmax_row(srow, cols, &mut state.max[r], &mut state.sum[r], mass.row_mut(r));
+                add_pieces(srow, pieces, mass.row_mut(r));
+            }
+            Pass::Stats => {
+                softmax_row(srow, cols, &mut state.max[r], &mut state.sum[r], &mut []);
+            }
+            Pass::Exact => {
+                let lse = state.max[r];
+                if lse == f32::NEG_INFINITY {
+                    continue; // the row sees nothing
+                }
+                for x in srow[..cols].iter_mut() {
+                    *x = exp2(*x - lse);
+                }
+                add_pieces(srow, pieces, mass.row_mut(r));
+            }
+        }
+    }
+}
+
+/// [`mass_tile`] compiled for AVX2 + FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn mass_tile_avx2(
+    t: TileArgs<'_>,
+    mass: &mut MassRows,
+    state: &mut RowState,
+    pass: Pass,
+    masked: impl Fn(&mut [f32], &[Piece]),
+) {
+    mass_tile::<true>(t, mass, state, pass, masked)
+}

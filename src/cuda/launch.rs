@@ -1,0 +1,576 @@
+//! Launching the forward kernel on candle's stream.
+//!
+//! - q, k, v are read in place through their layouts (start offset, batch / row / head strides):
+//!   the kernel's 16-byte loads need a 16-byte aligned start and strides that are multiples of 8
+//!   elements; a view that is not gets a contiguous copy on the device first (as the emulated path
+//!   does on the host).
+//! - The output `[B, Lq, H, D]` and the LSE `[B, H, Lq]` (only when asked) are allocated on the
+//!   device and written by the kernel alone (every row, zeros for a row that sees no key).
+//! - The mask metadata is uploaded in O(Lq + Lk + table) per row: [`MaskBuffer`] packs the host
+//!   metadata that `SegmentAttention::forward` already built and validated (ids and span ends of
+//!   both sides, the pair table) into ONE u32 buffer and copies it with one host-to-device copy.
+//! - Every driver call and the launch are checked and become candle errors naming the call;
+//!   `SEGATTN_CUDA_SYNC=1` also synchronizes after each launch, so that a fault inside the kernel
+//!   is reported by the call that caused it. `SEGATTN_CUDA_POISON=1` fills the output (and LSE)
+//!   with NaN before the launch, so that an element the kernel fails to write cannot pass a test.
+
+use std::sync::{Arc, OnceLock};
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{
+    sys, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+};
+use candle_core::cuda_backend::CudaDType;
+use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result};
+use half::{bf16, f16};
+
+use super::driver_err;
+use super::module::{self, FwdKernel, FWD_BLOCK_M, FWD_THREADS};
+use crate::error::invalid_arg;
+use crate::mask::HostMask;
+use crate::params::{SegattnFwdParams, SegattnSegments, SegattnStrides};
+use crate::validate::AttentionShape;
+
+// SAFETY: a plain C struct (bindgen of kernels/segattn_params.h, layout-tested) passed by value as
+// the kernel's only parameter; its pointers are device addresses that the kernel dereferences.
+unsafe impl DeviceRepr for SegattnFwdParams {}
+
+fn env_flag(name: &str) -> bool {
+    std::env::var_os(name).is_some_and(|v| v == "1")
+}
+
+/// `SEGATTN_CUDA_SYNC=1`: synchronize after every launch and report execution errors there.
+fn sync_after_launch() -> bool {
+    static FLAG: OnceLock<bool> = OnceLock::new();
+    *FLAG.get_or_init(|| env_flag("SEGATTN_CUDA_SYNC"))
+}
+
+/// `SEGATTN_CUDA_POISON=1`: fill outputs with NaN before the launch (tests).
+fn poison_outputs() -> bool {
+    static FLAG: OnceLock<bool> = OnceLock::new();
+    *FLAG.get_or_init(|| env_flag("SEGATTN_CUDA_POISON"))
+}
+
+/// The checks of the CUDA kernels beyond the common validation: dtype and head dim.
+pub(crate) fn check_supported(dtype: DType, head_dim: usize) -> Result<()> {
+    if !matches!(dtype, DType::BF16 | DType::F16) {
+        invalid_arg!(
+            "q: the CUDA kernels support dtype bf16 or f16, got {dtype:?} (f32 attention runs on the CPU \
+             only; convert with .to_dtype(DType::BF16))"
+        );
+    }
+    if head_dim != 64 && head_dim != 128 {
+        invalid_arg!("q: the CUDA kernels support head dim D = 64 or 128, got D = {head_dim}");
+    }
+    Ok(())
+}
+
+fn to_i32(name: &str, v: usize) -> Result<i32> {
+    match i32::try_from(v) {
+        Ok(v) => Ok(v),
+        Err(_) => invalid_arg!("{name}: {v} does not fit the kernel's 32-bit sizes"),
+    }
+}
+
+/// (batch, row, head) strides in elements of a rank-4 layout; 0 for a dimension of size 1.
+pub(crate) fn strides_of(layout: &Layout) -> SegattnStrides {
+    let s = layout.stride();
+    let d = layout.dims();
+    let pick = |i: usize| if d[i] == 1 { 0 } else { s[i] as i64 };
+    SegattnStrides {
+        batch: pick(0),
+        row: pick(1),
+        head: pick(2),
+    }
+}
+
+/// Whether the kernel's 16-byte loads can read a 16-bit tensor at device address `ptr` with
+/// `strides` in place.
+pub(crate) fn loadable(ptr: u64, strides: &SegattnStrides) -> bool {
+    ptr % 16 == 0 && [strides.batch, strides.row, strides.head].iter().all(|s| s % 8 == 0)
+}
+
+/// Where each part of the mask metadata sits in the packed u32 buffer
+/// `[q ids | q span ends | kv ids | kv span ends | pair table bytes, packed 4 per word]`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct MaskLayout {
+    q_rows: usize,
+    q_len: usize,
+    kv_rows: usize,
+    kv_len: usize,
+    table_at: usize,
+    table_size: usize,
+    table_batches: usize,
+    intra: i32,
+    inter: i32,
+}
+
+impl MaskLayout {
+    /// Packs `host` into one buffer, O(rows x (Lq + Lk)) + table; never empty.
+    pub(crate) fn pack(host: &HostMask) -> (Vec<u32>, Self) {
+        let (q, kv, rule) = (&host.q, &host.kv, &host.rule);
+        let table_words = rule.table.len().div_ceil(4);
+        let mut words = Vec::with_capacity(2 * q.ids().len() + 2 * kv.ids().len() + table_words + 1);
+        words.extend_from_slice(q.ids());
+        words.extend_from_slice(q.span_ends());
+        words.extend_from_slice(kv.ids());
+        words.extend_from_slice(kv.span_ends());
+        let table_at = words.len();
+        words.extend(rule.table.chunks(4).map(|c| {
+            let mut b = [0u8; 4];
+            b[..c.len()].copy_from_slice(c);
+            u32::from_le_bytes(b)
+        }));
+        // Never an empty allocation.
+        words.push(0);
+        let layout = Self {
+            q_rows: q.rows(),
+            q_len: q.len(),
+            kv_rows: kv.rows(),
+            kv_len: kv.len(),
+            table_at,
+            table_size: rule.table_size,
+            table_batches: rule.table_batches,
+            intra: i32::from(rule.intra.code()),
+            inter: i32::from(rule.inter.code()),
+        };
+        (words, layout)
+    }
+
+    /// Fills the mask fields of `p` with addresses inside the packed buffer, whose first word is
+    /// at address `base`.
+    pub(crate) fn fill(&self, base: u64, p: &mut SegattnFwdParams) {
+        let at = |word: usize| (base + 4 * word as u64) as *const u32;
+        let nq = self.q_rows * self.q_len;
+        let nk = self.kv_rows * self.kv_len;
+        p.q_segments = SegattnSegments {
+            ids: at(0),
+            span_end: at(nq),
+            batch_stride: if self.q_rows == 1 { 0 } else { self.q_len as i64 },
+        };
+        p.kv_segments = SegattnSegments {
+            ids: at(2 * nq),
+            span_end: at(2 * nq + nk),
+            batch_stride: if self.kv_rows == 1 { 0 } else { self.kv_len as i64 },
+        };
+        if self.table_size == 0 {
+            p.pair_table = std::ptr::null();
+            p.table_size = 0;
+            p.table_batch_stride = 0;
+        } else {
+            p.pair_table = at(self.table_at) as *const u8;
+            p.table_size = self.table_size as i32;
+            p.table_batch_stride = if self.table_batches == 1 {
+                0
+            } else {
+                (self.table_size * self.table_size) as i64
+            };
+        }
+        p.intra_rule = self.intra;
+        p.inter_rule = self.inter;
+    }
+}
+
+/// The mask metadata on the device (see [`MaskLayout`]).
+pub(crate) struct MaskBuffer {
+    buf: CudaSlice<u32>,
+    layout: MaskLayout,
+}
+
+impl MaskBuffer {
+    /// Packs and uploads `host` with one host-to-device copy.
+    pub(crate) fn upload(stream: &Arc<CudaStream>, host: &HostMask) -> Result<Self> {
+        let (words, layout) = MaskLayout::pack(host);
+        let buf = stream
+            .clone_htod(&words)
+            .map_err(|e| driver_err(format!("uploading {} bytes of mask metadata", 4 * words.len()), e))?;
+        Ok(Self { buf, layout })
+    }
+
+    /// The device address of the buffer (single-stream use: benchmarks).
+    pub(crate) fn device_address(&self, stream: &CudaStream) -> u64 {
+        self.buf.device_ptr(stream).0
+    }
+
+    /// Fills the mask fields of `p` with addresses inside the buffer, whose base is `base`.
+    pub(crate) fn fill(&self, base: u64, p: &mut SegattnFwdParams) {
+        self.layout.fill(base, p);
+    }
+}
+
+/// Everything of the parameters but the pointers and the mask.
+pub(crate) fn base_params(
+    shape: &AttentionShape,
+    dtype: DType,
+    scale: f32,
+    strides: [SegattnStrides; 3],
+) -> Result<SegattnFwdParams> {
+    let AttentionShape {
+        batch,
+        q_len,
+        kv_len,
+        num_heads,
+        num_kv_heads,
+        head_dim,
+    } = *shape;
+    to_i32(
+        "rows x heads x head_dim",
+        q_len.max(kv_len) * num_heads.max(num_kv_heads) * head_dim,
+    )?;
+    Ok(SegattnFwdParams {
+        q_strides: strides[0],
+        k_strides: strides[1],
+        v_strides: strides[2],
+        o_strides: SegattnStrides {
+            batch: (q_len * num_heads * head_dim) as i64,
+            row: (num_heads * head_dim) as i64,
+            head: head_dim as i64,
+        },
+        batch: to_i32("batch", batch)?,
+        q_len: to_i32("q_len", q_len)?,
+        kv_len: to_i32("kv_len", kv_len)?,
+        num_heads: to_i32("num_heads", num_heads)?,
+        num_kv_heads: to_i32("num_kv_heads", num_kv_heads)?,
+        head_dim: head_dim as i32,
+        dtype: match dtype {
+            DType::BF16 => crate::params::SEGATTN_DTYPE_BF16 as i32,
+            _ => crate::params::SEGATTN_DTYPE_F16 as i32,
+        },
+        scale,
+        scale_log2: (f64::from(scale) * std::f64::consts::LOG2_E) as f32,
+        ..Default::default()
+    })
+}
+
+/// The launch configuration: grid (ceil(Lq / 64), H, B), 128 threads, the traits' shared memory.
+pub(crate) fn launch_config(shape: &AttentionShape, kernel: &FwdKernel) -> Result<LaunchConfig> {
+    if shape.num_heads > 65_535 || shape.batch > 65_535 {
+        invalid_arg!(
+            "q: the CUDA kernels launch one grid row per head and batch row (at most 65535 each), got \
+             B = {} and H = {}",
+            shape.batch,
+            shape.num_heads
+        );
+    }
+    Ok(LaunchConfig {
+        grid_dim: (
+            shape.q_len.div_ceil(FWD_BLOCK_M) as u32,
+            shape.num_heads as u32,
+            shape.batch as u32,
+        ),
+        block_dim: (FWD_THREADS, 1, 1),
+        shared_mem_bytes: kernel.smem_bytes,
+    })
+}
+
+/// Launches `kernel` with `params` on `stream`, checked (and synchronized with
+/// `SEGATTN_CUDA_SYNC=1`).
+pub(crate) fn launch(
+    stream: &Arc<CudaStream>,
+    kernel: &FwdKernel,
+    params: &SegattnFwdParams,
+    cfg: LaunchConfig,
+) -> Result<()> {
+    let mut builder = stream.launch_builder(&kernel.func);
+    builder.arg(params);
+    // SAFETY: the kernel's one parameter is a SegattnFwdParams by value; every pointer in it is a
+    // live device allocation (held by the caller until after this call is ordered on `stream`)
+    // of the sizes stated in it; the grid covers [B, H, Lq] as the kernel expects.
+    unsafe { builder.launch(cfg) }.map_err(|e| {
+        driver_err(
+            format!(
+                "launching {} (grid {:?}, block {:?}, {} bytes of dynamic shared memory)",
+                kernel.name, cfg.grid_dim, cfg.block_dim, cfg.shared_mem_bytes
+            ),
+            e,
+        )
+    })?;
+    if sync_after_launch() {
+        stream
+            .synchronize()
+            .map_err(|e| driver_err(format!("running {} (SEGATTN_CUDA_SYNC=1)", kernel.name), e))?;
+    }
+    Ok(())
+}
+
+/// Fills `n` 16-bit or 32-bit words at `ptr` with all-ones bits (NaN in bf16, f16 and f32).
+fn poison(stream: &CudaStream, ptr: u64, n: usize, bytes: usize) -> Result<()> {
+    if n == 0 {
+        return Ok(());
+    }
+    // SAFETY: `ptr` is the start of a live allocation of at least `n` elements of `bytes` bytes.
+    let r = unsafe {
+        if bytes == 2 {
+            sys::cuMemsetD16Async(ptr, 0xFFFF, n, stream.cu_stream())
+        } else {
+            sys::cuMemsetD32Async(ptr, 0xFFFF_FFFF, n, stream.cu_stream())
+        }
+    };
+    r.result()
+        .map_err(|e| driver_err(format!("poisoning {n} output elements (SEGATTN_CUDA_POISON=1)"), e))
+}
+
+/// A q / k / v operand as the kernel reads it: the storage (the input, or a contiguous copy when
+/// the input's view cannot be loaded in place) and its layout.
+struct Operand<'a> {
+    storage: Stored<'a>,
+    layout: Layout,
+}
+
+enum Stored<'a> {
+    Input(&'a CudaStorage),
+    Copy(CudaStorage),
+}
+
+impl Stored<'_> {
+    fn get(&self) -> &CudaStorage {
+        match self {
+            Self::Input(s) => s,
+            Self::Copy(s) => s,
+        }
+    }
+}
+
+impl<'a> Operand<'a> {
+    fn new<T: CudaDType + DeviceRepr>(name: &str, s: &'a CudaStorage, l: &Layout, dev: &CudaDevice) -> Result<Self> {
+        let stream = dev.cuda_stream();
+        let in_place = {
+            let (base, _read) = s.as_cuda_slice::<T>()?.device_ptr(&stream);
+            loadable(
+                base + std::mem::size_of::<T>() as u64 * l.start_offset() as u64,
+                &strides_of(l),
+            )
+        };
+        if in_place {
+            return Ok(Self {
+                storage: Stored::Input(s),
+                layout: l.clone(),
+            });
+        }
+        let n = l.shape().elem_count();
+        // SAFETY: fully written by the copy below before any read.
+        let dst = unsafe { dev.alloc::<T>(n.max(1)) }?;
+        let mut dst = T::wrap_cuda_slice(dst, dev.clone());
+        s.copy_strided_src(&mut dst, 0, l)?;
+        let layout = Layout::contiguous(l.shape());
+        let aligned = {
+            let (ptr, _read) = dst.as_cuda_slice::<T>()?.device_ptr(&stream);
+            loadable(ptr, &strides_of(&layout))
+        };
+        if !aligned {
+            invalid_arg!("{name}: could not get a 16-byte aligned copy for the kernel's 16-byte loads");
+        }
+        Ok(Self {
+            storage: Stored::Copy(dst),
+            layout,
+        })
+    }
+}
+
+/// The forward pass of the op on CUDA storages: output `[B, Lq, H, D]` and, with `want_lse`, the
+/// LSE `[B, H, Lq]` f32.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn forward(
+    (q, ql): (&CudaStorage, &Layout),
+    (k, kl): (&CudaStorage, &Layout),
+    (v, vl): (&CudaStorage, &Layout),
+    shape: AttentionShape,
+    host: &HostMask,
+    scale: f32,
+    want_lse: bool,
+) -> Result<(CudaStorage, Option<CudaStorage>)> {
+    let dtype = q.dtype();
+    check_supported(dtype, shape.head_dim)?;
+    match dtype {
+        DType::BF16 => forward_typed::<bf16>((q, ql), (k, kl), (v, vl), shape, host, scale, want_lse),
+        _ => forward_typed::<f16>((q, ql), (k, kl), (v, vl), shape, host, scale, want_lse),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn forward_typed<T: CudaDType + DeviceRepr + ValidAsZeroBits + candle_core::WithDType>(
+    (q, ql): (&CudaStorage, &Layout),
+    (k, kl): (&CudaStorage, &Layout),
+    (v, vl): (&CudaStorage, &Layout),
+    shape: AttentionShape,
+    host: &HostMask,
+    scale: f32,
+    want_lse: bool,
+) -> Result<(CudaStorage, Option<CudaStorage>)> {
+    let dev = q.device().clone();
+    let stream = dev.cuda_stream();
+    let n_out = shape.batch * shape.q_len * shape.num_heads * shape.head_dim;
+    let n_lse = shape.batch * shape.num_heads * shape.q_len;
+    if n_out == 0 {
+        // Nothing to compute (B, Lq or H is 0): empty outputs, no launch (one element allocated,
+        // never a zero-byte allocation; the shape says 0 elements).
+        let out = T::wrap_cuda_slice(dev.alloc_zeros::<T>(1)?, dev.clone());
+        let lse = if want_lse {
+            Some(CudaStorage::wrap_cuda_slice(dev.alloc_zeros::<f32>(1)?, dev.clone()))
+        } else {
+            None
+        };
+        return Ok((out, lse));
+    }
+    let kernels = module::kernels(stream.context())?;
+    let Some(kernel) = kernels.fwd(T::DTYPE, shape.head_dim) else {
+        invalid_arg!(
+            "internal error: no CUDA kernel for {:?} D = {}",
+            T::DTYPE,
+            shape.head_dim
+        );
+    };
+    let cfg = launch_config(&shape, kernel)?;
+
+    let (qo, ko, vo) = (
+        Operand::new::<T>("q", q, ql, &dev)?,
+        Operand::new::<T>("k", k, kl, &dev)?,
+        Operand::new::<T>("v", v, vl, &dev)?,
+    );
+    let mut params = base_params(
+        &shape,
+        T::DTYPE,
+        scale,
+        [strides_of(&qo.layout), strides_of(&ko.layout), strides_of(&vo.layout)],
+    )?;
+    let mask = MaskBuffer::upload(&stream, host)?;
+    // SAFETY: every element is written by the kernel (or poisoned, then written) before any read.
+    let mut out = unsafe { stream.alloc::<T>(n_out) }.map_err(|e| driver_err("allocating the output", e))?;
+    let mut lse = if want_lse {
+        Some(unsafe { stream.alloc::<f32>(n_lse) }.map_err(|e| driver_err("allocating the LSE", e))?)
+    } else {
+        None
+    };
+    {
+        // The guards make later work on other streams wait for this launch (when cudarc tracks
+        // events): they are dropped after it is ordered on `stream`.
+        let qs = qo.storage.get().as_cuda_slice::<T>()?;
+        let ks = ko.storage.get().as_cuda_slice::<T>()?;
+        let vs = vo.storage.get().as_cuda_slice::<T>()?;
+        let (qp, _gq) = qs.device_ptr(&stream);
+        let (kp, _gk) = ks.device_ptr(&stream);
+        let (vp, _gv) = vs.device_ptr(&stream);
+        let (mp, _gm) = mask.buf.device_ptr(&stream);
+        let (op, _go) = out.device_ptr_mut(&stream);
+        let lse_ptr = lse.as_mut().map(|l| l.device_ptr_mut(&stream));
+        let elem = std::mem::size_of::<T>() as u64;
+        params.q = (qp + elem * qo.layout.start_offset() as u64) as *const std::ffi::c_void;
+        params.k = (kp + elem * ko.layout.start_offset() as u64) as *const std::ffi::c_void;
+        params.v = (vp + elem * vo.layout.start_offset() as u64) as *const std::ffi::c_void;
+        params.o = op as *mut std::ffi::c_void;
+        params.lse = lse_ptr.as_ref().map_or(std::ptr::null_mut(), |(p, _)| *p as *mut f32);
+        mask.fill(mp, &mut params);
+        if poison_outputs() {
+            poison(&stream, op, n_out, 2)?;
+            if let Some((p, _)) = &lse_ptr {
+                poison(&stream, *p, n_lse, 4)?;
+            }
+        }
+        launch(&stream, kernel, &params, cfg)?;
+    }
+    // Errors that cudarc recorded instead of returning (event records in the guards' drops).
+    stream
+        .context()
+        .check_err()
+        .map_err(|e| driver_err(format!("after launching {}", kernel.name), e))?;
+    let out = T::wrap_cuda_slice(out, dev.clone());
+    let lse = lse.map(|l| CudaStorage::wrap_cuda_slice(l, dev.clone()));
+    Ok((out, lse))
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Tensor};
+
+    use super::*;
+    use crate::mask::SegmentMask;
+    use crate::{PairRule, PairTable, PineLayout, Visibility};
+
+    /// Reads `n` values of `T` at `ptr` (a host address here).
+    fn read<T: Copy>(ptr: *const T, n: usize) -> Vec<T> {
+        // SAFETY: the tests point `ptr` into a live host buffer of at least `n` values.
+        unsafe { std::slice::from_raw_parts(ptr, n) }.to_vec()
+    }
+
+    /// The packed buffer, read back through the pointers `fill` puts in the params, gives back
+    /// every row's ids, span ends and table exactly (shared and per-row ids and tables, cross
+    /// attention, odd table sizes).
+    #[test]
+    fn packed_mask_reads_back_through_the_params() -> Result<()> {
+        let dev = Device::Cpu;
+        let pine = SegmentMask::pine_batch(
+            &[PineLayout::new(3, &[5, 4], 2), PineLayout::new(1, &[3, 3, 3, 2], 2)],
+            &dev,
+        )?;
+        let q_ids = Tensor::new(&[[0u32, 0, 1, 1, 1], [0, 2, 2, 2, 5]], &dev)?;
+        let kv_ids = Tensor::new(&[[0u32, 1, 1, 2, 2, 2, 3]], &dev)?;
+        let codes: Vec<u8> = (0..2 * 3 * 3).map(|i| (i % 4) as u8).collect();
+        let cross = SegmentMask::new(
+            &q_ids,
+            &kv_ids,
+            PairRule::new(Visibility::Full, Visibility::Causal).with_table(PairTable::new(Tensor::from_vec(
+                codes,
+                (2, 3, 3),
+                &dev,
+            )?)?),
+        )?;
+        let plain = SegmentMask::documents(&[&[4, 3, 7][..]], &dev)?;
+        for (name, mask, batch, lq, lk) in [
+            ("pine_batch", &pine, 2, 14, 14),
+            ("cross", &cross, 2, 5, 7),
+            ("documents, no table", &plain, 3, 14, 14),
+        ] {
+            let host = mask.host_metadata(batch, lq, lk)?;
+            let (words, layout) = MaskLayout::pack(&host);
+            let mut p = SegattnFwdParams::default();
+            layout.fill(words.as_ptr() as u64, &mut p);
+            for b in 0..batch {
+                for (side, segs, len) in [("q", &p.q_segments, lq), ("kv", &p.kv_segments, lk)] {
+                    let want = if side == "q" { host.q.row(b) } else { host.kv.row(b) };
+                    let off = b as i64 * segs.batch_stride;
+                    // SAFETY: inside `words` (the offsets are what is being tested).
+                    let (ids, ends) = unsafe { (segs.ids.offset(off as isize), segs.span_end.offset(off as isize)) };
+                    assert_eq!(read(ids, len), want.ids, "{name}: {side} ids of row {b}");
+                    assert_eq!(read(ends, len), want.span_end, "{name}: {side} span ends of row {b}");
+                }
+                let s = p.table_size as usize;
+                if s == 0 {
+                    assert!(p.pair_table.is_null(), "{name}");
+                    assert!(host.rule.table_row(b).is_empty(), "{name}");
+                } else {
+                    // SAFETY: inside `words`.
+                    let t = unsafe { p.pair_table.offset((b as i64 * p.table_batch_stride) as isize) };
+                    assert_eq!(read(t, s * s), host.rule.table_row(b), "{name}: table of row {b}");
+                }
+            }
+            assert_eq!(p.intra_rule, i32::from(host.rule.intra.code()), "{name}");
+            assert_eq!(p.inter_rule, i32::from(host.rule.inter.code()), "{name}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn unsupported_inputs_name_the_argument() {
+        let e = check_supported(DType::F32, 64).unwrap_err().to_string();
+        assert!(e.contains("q:") && e.contains("dtype") && e.contains("F32"), "{e}");
+        let e = check_supported(DType::BF16, 96).unwrap_err().to_string();
+        assert!(e.contains("q:") && e.contains("head dim") && e.contains("96"), "{e}");
+        assert!(check_supported(DType::F16, 128).is_ok());
+    }
+
+    #[test]
+    fn in_place_loads_need_16_byte_alignment() {
+        let layout = Layout::contiguous((2, 10, 4, 64));
+        let st = strides_of(&layout);
+        assert_eq!((st.batch, st.row, st.head), (10 * 4 * 64, 4 * 64, 64));
+        assert!(loadable(256, &st));
+        assert!(!loadable(256 + 2, &st));
+        // A [B, L, H, 68] tensor narrowed to 64 on the last dim: row stride 4 * 68 is fine, the
+        // head stride 68 is not a multiple of 8.
+        let narrowed = Layout::contiguous((2, 10, 4, 68)).narrow(3, 2, 64).unwrap();
+        assert!(!loadable(0, &strides_of(&narrowed)));
+        // Size-1 dimensions get stride 0.
+        let st = strides_of(&Layout::contiguous((1, 1, 1, 64)));
+        assert_eq!((st.batch, st.row, st.head), (0, 0, 0));
+    }
+}

@@ -1,0 +1,30 @@
+//! The CUDA path (`--features cuda`): the forward kernels of `kernels/` as the `cuda_fwd` of the
+//! attention op, launched through cudarc (candle's re-export, so no second cudarc version) on
+//! candle's stream.
+//!
+//! - [`module`]: the fatbin embedded at build time, loaded once per device context; kernels
+//!   looked up and their dynamic shared memory raised above 48 KiB where needed.
+//! - [`launch`]: device pointers and strides from the storages' layouts, mask metadata upload
+//!   (O(N), one copy), output / LSE allocation, the checked launch.
+//! - [`PreparedForward`]: the same launch prepared once and repeated, for benchmarks (hidden).
+//!
+//! The public API is the CPU one: build the tensors and the mask on `Device::new_cuda(i)` and call
+//! [`crate::SegmentAttention::forward`]. The CUDA kernels take bf16 / f16 and D = 64 / 128; other
+//! inputs are errors naming the argument (no silent fallback to the CPU).
+
+mod bench;
+mod launch;
+mod module;
+mod scores;
+
+pub use bench::PreparedForward;
+pub(crate) use launch::forward;
+pub(crate) use scores::segment_scores;
+
+/// A driver error as a candle error that says what was being done.
+pub(crate) fn driver_err(
+    what: impl std::fmt::Display,
+    e: candle_core::cuda_backend::cudarc::driver::DriverError,
+) -> candle_core::Error {
+    candle_core::Error::Msg(format!("segattn: CUDA error {what}: {e}")).bt()
+}

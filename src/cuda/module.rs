@@ -1,0 +1,170 @@
+//! The embedded fatbin, loaded once per CUDA context, and its forward kernels.
+//!
+//! `build/nvcc.rs` compiles the production kernels into `$OUT_DIR/segattn.fatbin` (sm_80 and
+//! sm_90 SASS plus compute_80 PTX); it is embedded here and loaded with `cuModuleLoadData` the
+//! first time a device is used. The cache is keyed by (device ordinal, CUcontext): candle's
+//! `Device::new_cuda(i)` retains the primary context of GPU `i`, so every candle device of one GPU
+//! shares one module however many `CudaDevice`s are created, and the cached module keeps its
+//! context alive, so a key is never reused for another context.
+//!
+//! At load time every forward kernel is looked up, checked (block size, static + dynamic shared
+//! memory against the device's opt-in limit) and its dynamic shared memory limit raised through
+//! `CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES` when it needs more than the 48 KiB default.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use candle_core::cuda_backend::cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
+use candle_core::cuda_backend::cudarc::driver::{CudaContext, CudaFunction, CudaModule};
+use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
+use candle_core::{DType, Result};
+
+use super::driver_err;
+
+/// The production kernels, compiled by nvcc at build time (see build/nvcc.rs).
+static FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/segattn.fatbin"));
+
+/// Threads per block of the forward kernel (`FwdTraits::kThreads`: 4 warps).
+pub(crate) const FWD_THREADS: u32 = 128;
+/// Query rows per block of the forward kernel (`FwdTraits::kBlockM`).
+pub(crate) const FWD_BLOCK_M: usize = 64;
+/// Dynamic shared memory a kernel may use without opting in.
+const DEFAULT_DYNAMIC_SMEM: usize = 48 * 1024;
+
+/// One forward entry point, ready to launch.
+pub(crate) struct FwdKernel {
+    pub name: &'static str,
+    pub func: CudaFunction,
+    /// Dynamic shared memory per block (the kernel traits' `kSmemBytes`).
+    pub smem_bytes: u32,
+}
+
+/// The loaded module of one context: the forward kernels by (dtype, head dim).
+pub(crate) struct Kernels {
+    _module: Arc<CudaModule>,
+    fwd: Vec<((DType, usize), FwdKernel)>,
+}
+
+impl Kernels {
+    /// The loaded module, for the other kernels of the fatbin (the per-segment mass, whose
+    /// launcher looks its entry points up itself: src/cuda/scores.rs).
+    pub fn module(&self) -> &Arc<CudaModule> {
+        &self._module
+    }
+
+    /// The forward kernel for `dtype` (bf16 / f16) and `head_dim` (64 / 128).
+    pub fn fwd(&self, dtype: DType, head_dim: usize) -> Option<&FwdKernel> {
+        self.fwd
+            .iter()
+            .find(|((d, h), _)| *d == dtype && *h == head_dim)
+            .map(|(_, k)| k)
+    }
+}
+
+/// Every forward entry point of kernels/fwd/fwd.cu.
+const FWD_ENTRIES: [(&str, DType, usize); 4] = [
+    ("segattn_fwd_bf16_d64", DType::BF16, 64),
+    ("segattn_fwd_bf16_d128", DType::BF16, 128),
+    ("segattn_fwd_f16_d64", DType::F16, 64),
+    ("segattn_fwd_f16_d128", DType::F16, 128),
+];
+
+type Cache = Mutex<HashMap<(usize, usize), Arc<Kernels>>>;
+
+fn cache() -> &'static Cache {
+    static CACHE: OnceLock<Cache> = OnceLock::new();
+    CACHE.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
+/// The kernels of `ctx`, loading the fatbin on first use.
+pub(crate) fn kernels(ctx: &Arc<CudaContext>) -> Result<Arc<Kernels>> {
+    let key = (ctx.ordinal(), ctx.cu_ctx() as usize);
+    // Loading under the lock: a second thread on the same device waits instead of loading twice.
+    let mut cache = cache()
+        .lock()
+        .map_err(|_| candle_core::Error::Msg("segattn: CUDA module cache poisoned by a panic".into()))?;
+    if let Some(k) = cache.get(&key) {
+        return Ok(k.clone());
+    }
+    let kernels = Arc::new(load(ctx)?);
+    cache.insert(key, kernels.clone());
+    Ok(kernels)
+}
+
+fn load(ctx: &Arc<CudaContext>) -> Result<Kernels> {
+    let gpu = ctx.ordinal();
+    let module = ctx.load_module(Ptx::from_binary(FATBIN.to_vec())).map_err(|e| {
+        driver_err(
+            format!(
+                "loading the embedded kernels ({} bytes of fatbin: sm_80 / sm_90 SASS, compute_80 PTX) on GPU {gpu}",
+                FATBIN.len()
+            ),
+            e,
+        )
+    })?;
+    let optin = ctx
+        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+        .map_err(|e| driver_err(format!("querying the shared memory limit of GPU {gpu}"), e))?;
+    let optin = usize::try_from(optin).unwrap_or(0);
+    let mut fwd = Vec::with_capacity(FWD_ENTRIES.len());
+    for (name, dtype, head_dim) in FWD_ENTRIES {
+        let func = module.load_function(name).map_err(|e| {
+            driver_err(
+                format!(
+                    "kernel {name} is not in the embedded fatbin (kernels/production.txt lists kernels/fwd/fwd.cu?)"
+                ),
+                e,
+            )
+        })?;
+        // The traits' size, from the same headers compiled for the host (kernels/kernel_traits.cuh).
+        let Some(smem) = crate::emulated::fwd_smem_bytes(dtype, head_dim) else {
+            return Err(candle_core::Error::Msg(format!(
+                "segattn: internal error: no shared memory size for kernel {name}"
+            ))
+            .bt());
+        };
+        let max_threads = func
+            .max_threads_per_block()
+            .map_err(|e| driver_err(format!("querying the block size limit of {name}"), e))?;
+        if max_threads < FWD_THREADS as i32 {
+            return Err(candle_core::Error::Msg(format!(
+                "segattn: kernel {name} allows {max_threads} threads per block, the launch needs {FWD_THREADS}"
+            ))
+            .bt());
+        }
+        let static_smem = func
+            .shared_size_bytes()
+            .map_err(|e| driver_err(format!("querying the static shared memory of {name}"), e))?;
+        let total = smem + usize::try_from(static_smem).unwrap_or(0);
+        if total > optin {
+            return Err(candle_core::Error::Msg(format!(
+                "segattn: kernel {name} needs {total} bytes of shared memory per block ({smem} dynamic + \
+                 {static_smem} static), GPU {gpu} allows {optin}"
+            ))
+            .bt());
+        }
+        if smem > DEFAULT_DYNAMIC_SMEM {
+            ctx.bind_to_thread()
+                .map_err(|e| driver_err(format!("binding the context of GPU {gpu}"), e))?;
+            func.set_attribute(
+                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                smem as i32,
+            )
+            .map_err(|e| {
+                driver_err(
+                    format!("raising the dynamic shared memory of {name} to {smem} bytes"),
+                    e,
+                )
+            })?;
+        }
+        fwd.push((
+            (dtype, head_dim),
+            FwdKernel {
+                name,
+                func,
+                smem_bytes: smem as u32,
+            },
+        ));
+    }
+    Ok(Kernels { _module: module, fwd })
+}

@@ -1,0 +1,177 @@
+//! Launching the per-segment attention mass kernel (`kernels/scores/scores.cu`) on candle's
+//! stream: the raw mass (row-normalised probabilities summed per key segment id, reduced by query
+//! segment / head when asked, unweighted) into a zeroed f32 buffer `[B, Ho, Lo, Sk]`; the caller
+//! applies the length / mean weights with tensor ops (`scores::apply_weights`).
+//!
+//! q and k must be readable in place (16-byte aligned, strides multiples of 8 elements):
+//! `segment_scores` makes them contiguous first, which is a no-op for contiguous tensors.
+//! The mask metadata goes up with the forward launcher's [`MaskBuffer`] (one copy, O(L)).
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::CudaDType;
+use candle_core::{CudaStorage, DType, Layout, Result};
+use half::{bf16, f16};
+
+use super::driver_err;
+use super::launch::{base_params, check_supported, loadable, strides_of, MaskBuffer};
+use super::module;
+use crate::error::invalid_arg;
+use crate::mask::HostMask;
+use crate::params::SegattnScoresParams;
+use crate::scores::{HeadReduction, MassPlan, QueryReduction};
+use crate::validate::AttentionShape;
+
+// SAFETY: a plain C struct (bindgen of kernels/segattn_params.h, layout-tested) passed by value as
+// the kernel's only parameter; its pointers are device addresses that the kernel dereferences.
+unsafe impl DeviceRepr for SegattnScoresParams {}
+
+/// Threads per block and query rows per block (`ScoresTraits::kThreads`, `kBlockM`).
+const THREADS: u32 = 128;
+const BLOCK_M: usize = 64;
+
+/// The raw mass of q `[B, Lq, H, D]` and k `[B, Lk, Hkv, D]` (bf16 / f16, D = 64 / 128) under
+/// `host`, laid out by `plan`; `two_pass` selects the kernel's algorithm (one pass needs
+/// `plan.sk <= 64`).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn segment_scores(
+    (q, ql): (&CudaStorage, &Layout),
+    (k, kl): (&CudaStorage, &Layout),
+    shape: AttentionShape,
+    host: &HostMask,
+    scale: f32,
+    plan: &MassPlan,
+    two_pass: bool,
+) -> Result<CudaStorage> {
+    let dtype = q.dtype();
+    check_supported(dtype, shape.head_dim)?;
+    match dtype {
+        DType::BF16 => typed::<bf16>((q, ql), (k, kl), shape, host, scale, plan, two_pass),
+        _ => typed::<f16>((q, ql), (k, kl), shape, host, scale, plan, two_pass),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn typed<T: CudaDType + DeviceRepr + candle_core::WithDType>(
+    (q, ql): (&CudaStorage, &Layout),
+    (k, kl): (&CudaStorage, &Layout),
+    shape: AttentionShape,
+    host: &HostMask,
+    scale: f32,
+    plan: &MassPlan,
+    two_pass: bool,
+) -> Result<CudaStorage> {
+    let dev = q.device().clone();
+    let stream = dev.cuda_stream();
+    let (b_out, h_out, l_out, sk) = plan.out_dims(shape.q_len);
+    let n = b_out * h_out * l_out * sk;
+    // Zeroed: the kernel adds into it under a reduction or with two passes (and never a zero-byte
+    // allocation; the shape says how many elements there are).
+    let mut mass = stream
+        .alloc_zeros::<f32>(n.max(1))
+        .map_err(|e| driver_err("allocating the segment mass", e))?;
+    if n == 0 || shape.q_len == 0 || shape.kv_len == 0 {
+        // Nothing to launch: every row sees no key (or there is no output): zeros.
+        return Ok(CudaStorage::wrap_cuda_slice(mass, dev.clone()));
+    }
+    if shape.num_heads > 65_535 || shape.batch > 65_535 {
+        invalid_arg!(
+            "q: the CUDA kernels launch one grid row per head and batch row (at most 65535 each), got B = {} and \
+             H = {}",
+            shape.batch,
+            shape.num_heads
+        );
+    }
+    let name = match (T::DTYPE, shape.head_dim) {
+        (DType::BF16, 64) => "segattn_scores_bf16_d64",
+        (DType::BF16, _) => "segattn_scores_bf16_d128",
+        (_, 64) => "segattn_scores_f16_d64",
+        _ => "segattn_scores_f16_d128",
+    };
+    // The traits' size, from the same headers compiled for the host (under 48 KiB: no opt-in).
+    let Some(smem) = crate::emulated::scores_smem_bytes(T::DTYPE, shape.head_dim) else {
+        invalid_arg!("internal error: no shared memory size for kernel {name}");
+    };
+    let kernels = module::kernels(stream.context())?;
+    let func = kernels.module().load_function(name).map_err(|e| {
+        driver_err(
+            format!(
+                "kernel {name} is not in the embedded fatbin (kernels/production.txt lists kernels/scores/scores.cu?)"
+            ),
+            e,
+        )
+    })?;
+    let cfg = LaunchConfig {
+        grid_dim: (
+            shape.q_len.div_ceil(BLOCK_M) as u32,
+            shape.num_heads as u32,
+            shape.batch as u32,
+        ),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: smem as u32,
+    };
+    let mask = MaskBuffer::upload(&stream, host)?;
+    let mut base = base_params(
+        &shape,
+        T::DTYPE,
+        scale,
+        [strides_of(ql), strides_of(kl), strides_of(kl)],
+    )?;
+    {
+        let qs = q.as_cuda_slice::<T>()?;
+        let ks = k.as_cuda_slice::<T>()?;
+        let (qp, _gq) = qs.device_ptr(&stream);
+        let (kp, _gk) = ks.device_ptr(&stream);
+        let elem = std::mem::size_of::<T>() as u64;
+        let q_addr = qp + elem * ql.start_offset() as u64;
+        let k_addr = kp + elem * kl.start_offset() as u64;
+        for (arg, addr, l) in [("q", q_addr, ql), ("k", k_addr, kl)] {
+            if !loadable(addr, &strides_of(l)) {
+                invalid_arg!(
+                    "{arg}: the mass kernel reads 16-byte chunks: expected a 16-byte aligned start and strides that \
+                     are multiples of 8 elements, got strides {:?} (call .contiguous())",
+                    l.stride()
+                );
+            }
+        }
+        base.q = q_addr as *const std::ffi::c_void;
+        base.k = k_addr as *const std::ffi::c_void;
+        base.v = std::ptr::null();
+        base.o = std::ptr::null_mut();
+        base.lse = std::ptr::null_mut();
+        mask.fill(mask.device_address(&stream), &mut base);
+        let (mp, _gm) = mass.device_ptr_mut(&stream);
+        let params = SegattnScoresParams {
+            base,
+            mass: mp as *mut f32,
+            mass_batch_stride: (h_out * l_out * sk) as i64,
+            mass_head_stride: (l_out * sk) as i64,
+            mass_row_stride: sk as i64,
+            num_segments: i32::try_from(sk).unwrap_or(i32::MAX),
+            head_reduce: i32::from(plan.head_reduction != HeadReduction::None),
+            query_reduce: i32::from(plan.query_reduction != QueryReduction::None),
+            two_pass: i32::from(two_pass),
+        };
+        let mut builder = stream.launch_builder(&func);
+        builder.arg(&params);
+        // SAFETY: the kernel's one parameter is a SegattnScoresParams by value; q, k, the mask
+        // buffer and `mass` are live device allocations of the sizes stated in it (every key id
+        // < Sk and every query id < Lo under a query reduction: checked by MassPlan); the grid
+        // covers [B, H, Lq] as the kernel expects.
+        unsafe { builder.launch(cfg) }.map_err(|e| {
+            driver_err(
+                format!(
+                    "launching {name} (grid {:?}, block {:?}, {smem} bytes of dynamic shared memory)",
+                    cfg.grid_dim, cfg.block_dim
+                ),
+                e,
+            )
+        })?;
+    }
+    stream
+        .context()
+        .check_err()
+        .map_err(|e| driver_err(format!("after launching {name}"), e))?;
+    drop(mask);
+    Ok(CudaStorage::wrap_cuda_slice(mass, dev.clone()))
+}

@@ -1,0 +1,141 @@
+//! The CUDA per-segment mass kernel (`kernels/scores/scores.cu`) run on the CPU under the SIMT
+//! emulator, for tests: the parameters are filled exactly as a GPU launcher would fill them, the
+//! kernel writes the raw (reduced, unweighted) mass, and the weights are applied with tensor ops
+//! (`scores::apply_weights`, device-agnostic).
+
+use std::ffi::{c_int, c_void};
+
+use candle_core::{DType, Device, Result, Tensor};
+
+use super::{dtype_code, fill_mask_params, last_error, segattn_emu_set_schedule, to_i32, Input, Schedule};
+use crate::error::invalid_arg;
+use crate::mask::SegmentMask;
+use crate::params::{SegattnFwdParams, SegattnScoresParams};
+use crate::scores::{apply_weights, kernel_two_pass, HeadReduction, MassPlan, QueryReduction, SegmentScoreOptions};
+use crate::validate::{default_scale, AttentionShape};
+
+extern "C" {
+    fn segattn_emu_scores(params: *const SegattnScoresParams) -> c_int;
+    fn segattn_emu_scores_smem_bytes(dtype: c_int, head_dim: c_int) -> c_int;
+}
+
+/// Dynamic shared memory of the mass kernel for `dtype` (bf16 / f16) and `head_dim` (64 / 128),
+/// from the kernel's traits, or `None` when unsupported.
+pub fn scores_smem_bytes(dtype: DType, head_dim: usize) -> Option<usize> {
+    let code = dtype_code(dtype)?;
+    // SAFETY: a pure function of its arguments.
+    let bytes = unsafe { segattn_emu_scores_smem_bytes(code, c_int::try_from(head_dim).ok()?) };
+    (bytes > 0).then_some(bytes as usize)
+}
+
+/// Runs the emulated CUDA mass kernel: q `[B, Lq, H, D]`, k `[B, Lk, Hkv, D]` CPU tensors (bf16 or
+/// f16, D = 64 or 128, strided views allowed) under `mask`, with `options` as for
+/// [`crate::segment_scores`]. Returns f32 `[B, Ho, Lo, Sk]`. The kernel's algorithm: one pass for
+/// `Sk <= 64` under [`crate::MassAlgorithm::Auto`], two passes otherwise; [`crate::MassAlgorithm::OnePass`] with
+/// more segments is an error. `schedule` and `seed` select the emulator's thread schedule.
+pub fn segment_scores(
+    q: &Tensor,
+    k: &Tensor,
+    mask: &SegmentMask,
+    options: &SegmentScoreOptions,
+    schedule: Schedule,
+    seed: u64,
+) -> Result<Tensor> {
+    let shape = AttentionShape::of(q, k, k)?;
+    let AttentionShape {
+        batch,
+        q_len,
+        kv_len,
+        num_heads,
+        num_kv_heads,
+        head_dim,
+    } = shape;
+    let dtype = q.dtype();
+    let Some(dtype_code) = dtype_code(dtype) else {
+        invalid_arg!("q: the CUDA mass kernel supports dtype bf16 or f16, got {dtype:?}");
+    };
+    if head_dim != 64 && head_dim != 128 {
+        invalid_arg!("q: the CUDA mass kernel supports head dim D = 64 or 128, got D = {head_dim}");
+    }
+    for (name, t) in [("q", q), ("k", k)] {
+        if !matches!(t.device(), Device::Cpu) {
+            invalid_arg!(
+                "{name}: the emulated kernel runs on CPU tensors, got device {:?}",
+                t.device().location()
+            );
+        }
+    }
+    if num_heads > 65_535 || batch > 65_535 {
+        invalid_arg!(
+            "q: the kernel's grid has one row per head and batch row (at most 65535 each), got shape {:?}",
+            q.dims()
+        );
+    }
+    let scale = options.scale.unwrap_or_else(|| default_scale(head_dim));
+    if !scale.is_finite() {
+        invalid_arg!("scale: expected a finite number, got {scale}");
+    }
+    let host = mask.host_metadata(batch, q_len, kv_len)?;
+    let plan = MassPlan::new(&shape, &host, options)?;
+    let two_pass = kernel_two_pass(options.algorithm, plan.sk)?;
+    let (b_out, h_out, l_out, sk) = plan.out_dims(q_len);
+    let reduce = plan.query_reduction != QueryReduction::None || plan.head_reduction != HeadReduction::None;
+    // Added into: zeros; written: NaN, so that an element the kernel misses cannot pass.
+    let fill = if reduce || two_pass { 0.0 } else { f32::NAN };
+    let mut mass = vec![fill; b_out * h_out * l_out * sk];
+
+    let (qi, ki) = (Input::new("q", q)?, Input::new("k", k)?);
+    let mut base = SegattnFwdParams {
+        q: qi.ptr,
+        k: ki.ptr,
+        v: std::ptr::null(),
+        q_strides: qi.strides,
+        k_strides: ki.strides,
+        v_strides: ki.strides,
+        o: std::ptr::null_mut::<c_void>(),
+        lse: std::ptr::null_mut(),
+        batch: to_i32("batch", batch)?,
+        q_len: to_i32("q_len", q_len)?,
+        kv_len: to_i32("kv_len", kv_len)?,
+        num_heads: to_i32("num_heads", num_heads)?,
+        num_kv_heads: to_i32("num_kv_heads", num_kv_heads)?,
+        head_dim: head_dim as i32,
+        dtype: dtype_code,
+        scale: scale as f32,
+        scale_log2: (scale * std::f64::consts::LOG2_E) as f32,
+        ..Default::default()
+    };
+    fill_mask_params(&mut base, &host);
+    to_i32(
+        "rows x heads x head_dim",
+        q_len.max(kv_len) * num_heads.max(num_kv_heads) * head_dim,
+    )?;
+    let p = SegattnScoresParams {
+        base,
+        mass: mass.as_mut_ptr(),
+        mass_batch_stride: (h_out * l_out * sk) as i64,
+        mass_head_stride: (l_out * sk) as i64,
+        mass_row_stride: sk as i64,
+        num_segments: to_i32("num_key_segments", sk)?,
+        head_reduce: i32::from(plan.head_reduction != HeadReduction::None),
+        query_reduce: i32::from(plan.query_reduction != QueryReduction::None),
+        two_pass: i32::from(two_pass),
+    };
+    if sk > 0 {
+        // SAFETY: every pointer in `p` points into buffers that outlive the call (`qi`, `ki`,
+        // `host`, `mass`) and the sizes in `p` match them (every key id < Sk, every query id < Lo
+        // under a query reduction: checked by MassPlan); the schedule applies to this thread.
+        let rc = unsafe {
+            segattn_emu_set_schedule(schedule.code(), seed);
+            segattn_emu_scores(&p)
+        };
+        if rc != 0 {
+            return Err(
+                candle_core::Error::Msg(format!("segattn: emulated mass kernel failed: {}", last_error())).bt(),
+            );
+        }
+    }
+    drop((qi, ki));
+    let raw = Tensor::from_vec(mass, (b_out, h_out, l_out, sk), &Device::Cpu)?;
+    apply_weights(raw, &plan)
+}

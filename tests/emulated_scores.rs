@@ -1,0 +1,326 @@
+//! The CUDA per-segment mass kernel (kernels/scores/scores.cu), run on the CPU under the SIMT
+//! emulator, against the f64 reference: random shapes (ragged lengths, GQA, Lq <= Lk), every mask
+//! family, every option (length normalisation, query and head reductions, scale), both kernel
+//! algorithms (one pass with on-chip accumulators, two passes with per-tile local segments),
+//! bf16 and f16, head dims 64 and 128, strided views; three thread schedules per case (forward,
+//! high-first, random-warp), whose outputs must be bitwise identical. Plus Sk in the thousands
+//! (single-token segments) and the kernel's limits.
+//!
+//! `SEGATTN_EMU_CASES=n` sets the number of random kernel cases (default 96).
+
+mod common;
+
+use candle_core::{DType, Device, Result, Tensor};
+use common::cases::{draw, MASK_KINDS};
+use common::{mass_tolerance, worst_ratio, Rng};
+use proptest::prelude::*;
+use proptest::test_runner::{Config, FileFailurePersistence};
+use segattn::emulated::{scores_smem_bytes, segment_scores, Schedule};
+use segattn::{
+    reference, HeadReduction, MassAlgorithm, PairRule, QueryReduction, SegmentMask, SegmentScoreOptions, Visibility,
+};
+
+const SCHEDULES: [Schedule; 3] = [Schedule::Forward, Schedule::HighFirst, Schedule::RandomWarp];
+const HEADS: [(usize, usize); 3] = [(4, 2), (3, 1), (2, 2)];
+
+fn cases(default: u32) -> u32 {
+    std::env::var("SEGATTN_EMU_CASES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
+fn config(cases: u32) -> Config {
+    Config {
+        cases,
+        failure_persistence: Some(Box::new(FileFailurePersistence::Off)),
+        ..Config::default()
+    }
+}
+
+fn random_options(rng: &mut Rng) -> SegmentScoreOptions {
+    let mut o = SegmentScoreOptions::new()
+        .normalize_by_length(rng.below(2) == 0)
+        .query_reduction(
+            [
+                QueryReduction::None,
+                QueryReduction::SumBySegment,
+                QueryReduction::MeanBySegment,
+            ][rng.below(3)],
+        )
+        .head_reduction([HeadReduction::None, HeadReduction::Sum, HeadReduction::Mean][rng.below(3)])
+        .algorithm([MassAlgorithm::Auto, MassAlgorithm::TwoPass][rng.below(2)]);
+    if rng.below(4) == 0 {
+        o = o.scale(0.05 + 0.3 * rng.unit());
+    }
+    o
+}
+
+/// Runs the kernel under every schedule, checks it against the reference and that every schedule
+/// gives the same bits; under a reduction, where warps add into shared elements with atomics in
+/// schedule order (as on a GPU), the same values to f32 rounding.
+fn check(desc: &str, q: &Tensor, k: &Tensor, mask: &SegmentMask, opts: &SegmentScoreOptions, seed: u64) -> Result<()> {
+    let want = reference::segment_mass(q, k, mask, opts)?;
+    let (_, lq, h, _) = q.dims4()?;
+    let (atol, rtol) = mass_tolerance(q.dtype());
+    let rows = if opts.query_reduction == QueryReduction::SumBySegment {
+        lq
+    } else {
+        1
+    };
+    let heads = if opts.head_reduction == HeadReduction::Sum {
+        h
+    } else {
+        1
+    };
+    let atol = atol * (rows * heads) as f64;
+    let mut first: Option<Vec<f32>> = None;
+    for schedule in SCHEDULES {
+        let got = segment_scores(q, k, mask, opts, schedule, seed)?;
+        assert_eq!(got.dims(), want.dims(), "{desc}");
+        let (r, at) = worst_ratio(&got, &want, atol, rtol)?;
+        if r > 1.0 {
+            let g = got.flatten_all()?.to_vec1::<f32>()?[at];
+            let w = want.flatten_all()?.to_vec1::<f64>()?[at];
+            let d = got.dims();
+            panic!(
+                "{desc}\n{schedule:?}: mass[{}, {}, {}, {}] = {g}, want {w} ({r:.2} x tolerance)",
+                at / (d[1] * d[2] * d[3]),
+                (at / (d[2] * d[3])) % d[1],
+                (at / d[3]) % d[2],
+                at % d[3]
+            );
+        }
+        let values = got.flatten_all()?.to_vec1::<f32>()?;
+        let reduced = opts.query_reduction != QueryReduction::None || opts.head_reduction != HeadReduction::None;
+        match &first {
+            None => first = Some(values),
+            Some(f) if !reduced => assert!(
+                f.iter().zip(&values).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{desc}\n{schedule:?}: differs from the forward schedule's"
+            ),
+            Some(f) => {
+                for (i, (a, b)) in f.iter().zip(&values).enumerate() {
+                    assert!(
+                        (a - b).abs() <= 1e-5 * a.abs().max(1e-3),
+                        "{desc}\n{schedule:?}: element {i} is {b}, {a} under the forward schedule"
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_random_case(
+    seed: u64,
+    bf16: bool,
+    d128: bool,
+    batch: usize,
+    heads: usize,
+    lk: usize,
+    lq_equal: bool,
+    kind: usize,
+) {
+    let dtype = if bf16 { DType::BF16 } else { DType::F16 };
+    let d = if d128 { 128 } else { 64 };
+    let case = draw(seed, batch, lk, lq_equal, HEADS[heads], d, dtype, kind).unwrap();
+    let mut rng = Rng::new(seed ^ 0xc0ffee);
+    let opts = random_options(&mut rng);
+    // Sometimes strided views: q transposed from [B, H, Lq, D], k a half of a wider tensor.
+    let (q, k) = if rng.below(3) == 0 {
+        let q = case
+            .q
+            .transpose(1, 2)
+            .unwrap()
+            .contiguous()
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap();
+        let k = Tensor::cat(&[&case.k, &case.v], 2).unwrap();
+        let hkv = case.k.dim(2).unwrap();
+        (q, k.narrow(2, 0, hkv).unwrap())
+    } else {
+        (case.q.clone(), case.k.clone())
+    };
+    let desc = format!("{} {opts:?}", case.description);
+    check(&desc, &q, &k, &case.mask, &opts, seed).unwrap_or_else(|e| panic!("{desc}\n{e}"));
+}
+
+proptest! {
+    #![proptest_config(config(cases(96)))]
+
+    #[test]
+    fn emulated_scores_match_reference(
+        seed in any::<u64>(),
+        bf16 in any::<bool>(),
+        d128 in any::<bool>(),
+        batch in 1usize..=2,
+        heads in 0usize..HEADS.len(),
+        lk in 1usize..=200,
+        lq_equal in any::<bool>(),
+        kind in 0usize..MASK_KINDS.len(),
+    ) {
+        run_random_case(seed, bf16, d128, batch, heads, lk, lq_equal, kind);
+    }
+}
+
+/// Every mask family in both dtypes and head dims, with both algorithms, whatever the draw.
+#[test]
+fn every_mask_kind_both_algorithms() -> Result<()> {
+    for kind in 0..MASK_KINDS.len() {
+        let (bf16, d128) = (kind % 2 == 0, (kind / 2) % 2 == 0);
+        let dtype = if bf16 { DType::BF16 } else { DType::F16 };
+        let case = draw(
+            700 + kind as u64,
+            2,
+            150,
+            kind % 3 != 0,
+            (4, 2),
+            if d128 { 128 } else { 64 },
+            dtype,
+            kind,
+        )?;
+        let sk = 1 + case.mask.kv_segments().max_all()?.to_scalar::<u32>()? as usize;
+        let one_pass = if sk <= 64 {
+            MassAlgorithm::OnePass
+        } else {
+            MassAlgorithm::Auto
+        };
+        for algorithm in [one_pass, MassAlgorithm::TwoPass] {
+            let opts = SegmentScoreOptions::new().algorithm(algorithm);
+            check(
+                &format!("{} {algorithm:?}", case.description),
+                &case.q,
+                &case.k,
+                &case.mask,
+                &opts,
+                1,
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// Single-token segments: thousands of key segments through the two-pass path (every tile has 64
+/// local segments), with and without reductions.
+#[test]
+fn thousands_of_segments() -> Result<()> {
+    let dev = Device::Cpu;
+    let l = 2100;
+    let mut rng = Rng::new(21);
+    let q = common::random_tensor(&mut rng, &[1, l, 1, 64], DType::BF16)?;
+    let k = common::random_tensor(&mut rng, &[1, l, 1, 64], DType::BF16)?;
+    let ids = Tensor::arange(0u32, l as u32, &dev)?.reshape((1, l))?;
+    let mask = SegmentMask::self_attention(&ids, PairRule::new(Visibility::Causal, Visibility::Causal))?;
+    let want = reference::segment_mass(&q, &k, &mask, &SegmentScoreOptions::new())?;
+    assert_eq!(want.dims(), &[1, 1, l, l]);
+    let got = segment_scores(&q, &k, &mask, &SegmentScoreOptions::new(), Schedule::RandomWarp, 5)?;
+    let (r, at) = worst_ratio(
+        &got,
+        &want,
+        mass_tolerance(DType::BF16).0,
+        mass_tolerance(DType::BF16).1,
+    )?;
+    assert!(r <= 1.0, "single tokens: {r} x tolerance at {at}");
+    // A query reduction over 100-token query segments, the keys still single tokens (cross ids).
+    let q_ids: Vec<u32> = (0..l as u32).map(|i| i / 100).collect();
+    let q_ids = Tensor::from_vec(q_ids, (1, l), &dev)?;
+    let mask = SegmentMask::new(&q_ids, &ids, PairRule::new(Visibility::Full, Visibility::Causal))?;
+    let opts = SegmentScoreOptions::new()
+        .query_reduction(QueryReduction::MeanBySegment)
+        .normalize_by_length(true);
+    check("single-token keys, reduced", &q, &k, &mask, &opts, 9)?;
+    Ok(())
+}
+
+/// Partial and fully masked query tiles, ragged lengths, a blocked segment (rows that see nothing
+/// stay zero in both algorithms).
+#[test]
+fn fully_masked_rows() -> Result<()> {
+    let dev = &Device::Cpu;
+    let lens = [40usize, 50, 57];
+    let ids: Vec<u32> = lens
+        .iter()
+        .enumerate()
+        .flat_map(|(i, &l)| std::iter::repeat_n(i as u32, l))
+        .collect();
+    let ids = Tensor::from_vec(ids, (1, 147), dev)?;
+    let b = Some(Visibility::Blocked);
+    let table = segattn::PairTable::from_rules(&[vec![None, None, None], vec![b, b, b], vec![None, None, None]], dev)?;
+    let mask = SegmentMask::self_attention(
+        &ids,
+        PairRule::new(Visibility::Causal, Visibility::Full).with_table(table),
+    )?;
+    let mut rng = Rng::new(4);
+    for (dtype, algorithm) in [
+        (DType::BF16, MassAlgorithm::OnePass),
+        (DType::F16, MassAlgorithm::TwoPass),
+    ] {
+        let q = common::random_tensor(&mut rng, &[2, 147, 2, 128], dtype)?;
+        let k = common::random_tensor(&mut rng, &[2, 147, 1, 128], dtype)?;
+        let opts = SegmentScoreOptions::new().algorithm(algorithm);
+        check("blocked segment 1", &q, &k, &mask, &opts, 3)?;
+        let got = segment_scores(&q, &k, &mask, &opts, Schedule::Forward, 0)?;
+        let rows = got.narrow(2, 40, 50)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert_eq!(rows, 0.0);
+    }
+    Ok(())
+}
+
+/// Unsupported inputs are clear errors; the shared-memory sizes the GPU launcher must request.
+#[test]
+fn limits_and_smem() -> Result<()> {
+    let dev = &Device::Cpu;
+    let ids = Tensor::arange(0u32, 100, dev)?.reshape((1, 100))?;
+    let mask = SegmentMask::self_attention(&ids, PairRule::new(Visibility::Full, Visibility::Full))?;
+    let x = Tensor::ones((1, 100, 1, 64), DType::BF16, dev)?;
+    let e = segment_scores(
+        &x,
+        &x,
+        &mask,
+        &SegmentScoreOptions::new().algorithm(MassAlgorithm::OnePass),
+        Schedule::Forward,
+        0,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("algorithm") && e.contains("64"), "{e}");
+    let x32 = Tensor::ones((1, 100, 1, 64), DType::F32, dev)?;
+    let e = segment_scores(&x32, &x32, &mask, &SegmentScoreOptions::new(), Schedule::Forward, 0)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("q:") && e.contains("dtype"), "{e}");
+    let x96 = Tensor::ones((1, 100, 1, 96), DType::F16, dev)?;
+    let e = segment_scores(&x96, &x96, &mask, &SegmentScoreOptions::new(), Schedule::Forward, 0)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("head dim") && e.contains("96"), "{e}");
+    for (d, want) in [(64usize, 17_960usize), (128, 34_344)] {
+        assert_eq!(scores_smem_bytes(DType::BF16, d), Some(want));
+        assert_eq!(scores_smem_bytes(DType::F16, d), Some(want));
+    }
+    assert_eq!(scores_smem_bytes(DType::F32, 64), None);
+    Ok(())
+}
+
+/// No key at all: zeros (one pass writes every element, two passes add nothing to zeros).
+#[test]
+fn no_keys() -> Result<()> {
+    let dev = &Device::Cpu;
+    let q = Tensor::ones((1, 5, 2, 64), DType::BF16, dev)?;
+    let k = Tensor::ones((1, 0, 2, 64), DType::BF16, dev)?;
+    let mask = SegmentMask::new(
+        &Tensor::zeros((1, 5), DType::U32, dev)?,
+        &Tensor::zeros((1, 0), DType::U32, dev)?,
+        PairRule::new(Visibility::Full, Visibility::Full),
+    )?;
+    for algorithm in [MassAlgorithm::OnePass, MassAlgorithm::TwoPass] {
+        let opts = SegmentScoreOptions::new().num_key_segments(3).algorithm(algorithm);
+        let m = segment_scores(&q, &k, &mask, &opts, Schedule::RandomWarp, 2)?;
+        assert_eq!(m.dims(), &[1, 2, 5, 3]);
+        assert_eq!(m.abs()?.max_all()?.to_scalar::<f32>()?, 0.0, "{algorithm:?}");
+    }
+    Ok(())
+}

@@ -1,0 +1,597 @@
+//! The CUDA forward kernels on a real GPU, through the public API (`SegmentAttention::forward` on
+//! `Device::new_cuda(0)` tensors and masks), against the f64 reference: the property tests of
+//! tests/emulated_fwd.rs (random shapes with ragged lengths, GQA, Lq < Lk and cross attention,
+//! every mask family, random pair tables shared and per row with fully masked rows, bf16 and
+//! f16, D 64 and 128, strided views, custom scales), with more and larger cases, plus large
+//! shapes against the fused CPU path, determinism, misaligned views, empty inputs and the error
+//! messages of unsupported inputs.
+//!
+//! Compiled only with `--features cuda`. Without a usable GPU every test prints "skipped" and
+//! passes, unless `SEGATTN_REQUIRE_GPU=1` (scripts/gpu-suite-remote.sh sets it): then it fails.
+//! Outputs are poisoned with NaN before every launch (`SEGATTN_CUDA_POISON=1`) and every launch
+//! is synchronized and checked (`SEGATTN_CUDA_SYNC=1`); both are set here unless already set.
+//!
+//! `SEGATTN_GPU_CASES=n` sets the number of random cases (default 400, over 8 parallel tests).
+#![cfg(feature = "cuda")]
+
+mod common;
+
+use std::sync::OnceLock;
+
+use candle_core::{DType, Device, Result, Tensor};
+use common::cases::{random_mask, MASK_KINDS};
+use common::{worst_ratio, Rng};
+use proptest::prelude::*;
+use proptest::test_runner::{Config, FileFailurePersistence};
+use segattn::{reference, PairRule, PairTable, SegmentAttention, SegmentMask, Visibility};
+
+/// Output tolerances `(atol, rtol)` of the tensor-core kernel (bf16 P, f32 accumulation), for
+/// inputs of magnitude at most 1 (the emulated kernel's tolerances).
+fn tolerance(dtype: DType) -> (f64, f64) {
+    match dtype {
+        DType::BF16 => (2e-2, 2e-2),
+        _ => (5e-3, 5e-3),
+    }
+}
+
+/// LSE tolerances `(atol, rtol)`: computed in f32 from exact products of the inputs.
+const LSE_TOLERANCE: (f64, f64) = (1e-3, 1e-4);
+
+/// The GPU, or `None` (test skipped) when there is none and `SEGATTN_REQUIRE_GPU` is not 1.
+fn gpu() -> Option<Device> {
+    static DEV: OnceLock<std::result::Result<Device, String>> = OnceLock::new();
+    let dev = DEV.get_or_init(|| {
+        for (var, default) in [("SEGATTN_CUDA_POISON", "1"), ("SEGATTN_CUDA_SYNC", "1")] {
+            if std::env::var_os(var).is_none() {
+                // Inside the OnceLock initialisation, before any CUDA call of this process.
+                std::env::set_var(var, default);
+            }
+        }
+        Device::new_cuda(0).map_err(|e| e.to_string())
+    });
+    match dev {
+        Ok(d) => Some(d.clone()),
+        Err(e) if std::env::var_os("SEGATTN_REQUIRE_GPU").is_some_and(|v| v == "1") => {
+            panic!("SEGATTN_REQUIRE_GPU=1 but no CUDA device: {e}")
+        }
+        Err(e) => {
+            eprintln!("skipped: no CUDA device ({e})");
+            None
+        }
+    }
+}
+
+fn cases(default: u32) -> u32 {
+    std::env::var("SEGATTN_GPU_CASES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
+fn config(cases: u32) -> Config {
+    Config {
+        cases,
+        failure_persistence: Some(Box::new(FileFailurePersistence::Off)),
+        ..Config::default()
+    }
+}
+
+/// The same mask with its tensors on `dev` (what a user does: build it on the device of q).
+fn mask_on(mask: &SegmentMask, dev: &Device) -> Result<SegmentMask> {
+    let rule = mask.rule();
+    let mut moved = PairRule::new(rule.intra, rule.inter);
+    if let Some(t) = &rule.table {
+        moved = moved.with_table(PairTable::new(t.rules().to_device(dev)?)?);
+    }
+    SegmentMask::new(
+        &mask.q_segments().to_device(dev)?,
+        &mask.kv_segments().to_device(dev)?,
+        moved,
+    )
+}
+
+/// Values of magnitude in [0.25, 1] with random signs, rounded to `dtype`, on the CPU.
+fn values(rng: &mut Rng, shape: &[usize], dtype: DType) -> Result<Tensor> {
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n)
+        .map(|_| {
+            let x = (0.25 + 0.75 * rng.unit()) as f32;
+            if rng.below(2) == 0 {
+                -x
+            } else {
+                x
+            }
+        })
+        .collect();
+    Tensor::from_vec(v, shape, &Device::Cpu)?.to_dtype(dtype)
+}
+
+/// Inputs on the CPU. `strided`: q a transposed `[B, H, Lq, D]` view, k and v the two halves of
+/// one fused `[B, Lk, 2 Hkv, D]` tensor (read in place on the GPU too).
+fn inputs(
+    rng: &mut Rng,
+    (b, lq, lk, h, hkv, d): (usize, usize, usize, usize, usize, usize),
+    dtype: DType,
+    strided: bool,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    if strided {
+        let q = values(rng, &[b, h, lq, d], dtype)?.transpose(1, 2)?;
+        let kv = values(rng, &[b, lk, 2 * hkv, d], dtype)?;
+        Ok((q, kv.narrow(2, 0, hkv)?, kv.narrow(2, hkv, hkv)?))
+    } else {
+        Ok((
+            values(rng, &[b, lq, h, d], dtype)?,
+            values(rng, &[b, lk, hkv, d], dtype)?,
+            values(rng, &[b, lk, hkv, d], dtype)?,
+        ))
+    }
+}
+
+/// Runs the public API on the GPU, checks output and LSE against `want` (out `[B, Lq, H, D]`,
+/// lse `[B, H, Lq]`, any float dtype), and returns the GPU output (CPU copy, f32).
+#[allow(clippy::too_many_arguments)]
+fn check_gpu(
+    desc: &str,
+    dev: &Device,
+    (q, k, v): (&Tensor, &Tensor, &Tensor),
+    mask: &SegmentMask,
+    scale: Option<f64>,
+    want_out: &Tensor,
+    want_lse: &Tensor,
+) -> Result<Tensor> {
+    let dtype = q.dtype();
+    let gmask = mask_on(mask, dev)?;
+    // to_device copies the storage and keeps the layout: strided views stay views on the GPU.
+    let (gq, gk, gv) = (q.to_device(dev)?, k.to_device(dev)?, v.to_device(dev)?);
+    let mut op = SegmentAttention::new(&gmask).return_lse(true);
+    if let Some(s) = scale {
+        op = op.scale(s);
+    }
+    let got = op.forward(&gq, &gk, &gv)?;
+    assert!(got.out.device().is_cuda(), "{desc}: output not on the GPU");
+    assert_eq!(got.out.dims(), q.dims(), "{desc}");
+    assert_eq!(got.out.dtype(), dtype, "{desc}");
+    let lse = got.lse.expect("asked for the LSE");
+    assert!(lse.device().is_cuda(), "{desc}: LSE not on the GPU");
+    let (b, lq, h, d) = q.dims4()?;
+    assert_eq!(lse.dims(), &[b, h, lq], "{desc}");
+    let out = got.out.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+    let lse = lse.to_device(&Device::Cpu)?;
+
+    let (atol, rtol) = tolerance(dtype);
+    let (r, i) = worst_ratio(&out, want_out, atol, rtol)?;
+    if r > 1.0 {
+        let got_v = out.flatten_all()?.to_vec1::<f32>()?[i];
+        let want_v = want_out.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?[i];
+        panic!(
+            "{desc}\nout[b {}, row {}, head {}, dim {}] = {got_v}, want {want_v} (ratio {r:.2} of atol {atol} + rtol {rtol})",
+            i / (lq * h * d),
+            (i / (h * d)) % lq,
+            (i / d) % h,
+            i % d
+        );
+    }
+    let (r, i) = worst_ratio(&lse, want_lse, LSE_TOLERANCE.0, LSE_TOLERANCE.1)?;
+    if r > 1.0 {
+        let got_v = lse.flatten_all()?.to_vec1::<f32>()?[i];
+        let want_v = want_lse.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?[i];
+        panic!(
+            "{desc}\nlse[b {}, head {}, row {}] = {got_v}, want {want_v}",
+            i / (h * lq),
+            (i / lq) % h,
+            i % lq
+        );
+    }
+    // Rows that see no key output exactly 0.
+    let want_lse_v = want_lse.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+    let out_v = out.flatten_all()?.to_vec1::<f32>()?;
+    for (idx, w) in want_lse_v.iter().enumerate() {
+        if *w == f64::NEG_INFINITY {
+            let (bb, hh, row) = (idx / (h * lq), (idx / lq) % h, idx % lq);
+            let o = &out_v[((bb * lq + row) * h + hh) * d..][..d];
+            assert!(
+                o.iter().all(|&x| x == 0.0),
+                "{desc}: row {row} of head {hh} sees no key and must output 0"
+            );
+        }
+    }
+
+    // Without the LSE (the kernel's lse = NULL path): the same output bits.
+    let mut op = SegmentAttention::new(&gmask);
+    if let Some(s) = scale {
+        op = op.scale(s);
+    }
+    let plain = op.forward(&gq, &gk, &gv)?;
+    assert!(plain.lse.is_none());
+    let plain = plain.out.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+    let same = plain
+        .flatten_all()?
+        .to_vec1::<f32>()?
+        .iter()
+        .zip(&out_v)
+        .all(|(a, b)| a.to_bits() == b.to_bits());
+    assert!(same, "{desc}: the output differs with and without the LSE");
+    Ok(out)
+}
+
+/// Checks one case against the f64 reference.
+fn check_reference(
+    desc: &str,
+    dev: &Device,
+    qkv: (&Tensor, &Tensor, &Tensor),
+    mask: &SegmentMask,
+    scale: Option<f64>,
+) -> Result<()> {
+    let want = reference::attention(qkv.0, qkv.1, qkv.2, mask, scale)?;
+    check_gpu(desc, dev, qkv, mask, scale, &want.out, &want.lse).map(|_| ())
+}
+
+const HEADS: [(usize, usize); 5] = [(4, 2), (3, 1), (2, 2), (8, 1), (6, 3)];
+/// Mask kinds: the shared families of tests/common/cases.rs, plus cross attention.
+const KINDS: usize = MASK_KINDS.len() + 1;
+
+/// Cross attention: independent non-decreasing query and key ids, a random rule and table.
+fn cross_mask(rng: &mut Rng, batch: usize, lq: usize, lk: usize) -> Result<SegmentMask> {
+    let ids = |rng: &mut Rng, rows: usize, len: usize| -> Result<Tensor> {
+        let mut v = Vec::with_capacity(rows * len);
+        for _ in 0..rows {
+            let mut id = rng.below(2) as u32;
+            for _ in 0..len {
+                if rng.below(8) == 0 {
+                    id += 1 + rng.below(2) as u32;
+                }
+                v.push(id);
+            }
+        }
+        Tensor::from_vec(v, (rows, len), &Device::Cpu)
+    };
+    let rows = |rng: &mut Rng| if rng.below(2) == 0 { 1 } else { batch };
+    let (qr, kr) = (rows(rng), rows(rng));
+    let q_ids = ids(rng, qr, lq)?;
+    let kv_ids = ids(rng, kr, lk)?;
+    let vis = |rng: &mut Rng| Visibility::from_code(rng.below(3) as u8).expect("code < 3");
+    let mut rule = PairRule::new(vis(rng), vis(rng));
+    if rng.below(4) != 0 {
+        let s = 1 + rng.below(12);
+        let codes: Vec<u8> = (0..s * s).map(|_| [0u8, 1, 2, 3, 3][rng.below(5)]).collect();
+        rule = rule.with_table(PairTable::new(Tensor::from_vec(codes, (s, s), &Device::Cpu)?)?);
+    }
+    SegmentMask::new(&q_ids, &kv_ids, rule)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_random_case(
+    seed: u64,
+    bf16: bool,
+    d128: bool,
+    batch: usize,
+    heads: usize,
+    lk: usize,
+    lq_raw: usize,
+    kind: usize,
+) {
+    let Some(dev) = gpu() else { return };
+    let mut rng = Rng::new(seed);
+    let dtype = if bf16 { DType::BF16 } else { DType::F16 };
+    let d = if d128 { 128 } else { 64 };
+    let (h, hkv) = HEADS[heads];
+    let cross = kind == KINDS - 1;
+    let lq = if cross {
+        lq_raw
+    } else if rng.below(2) == 0 {
+        lk
+    } else {
+        1 + (lq_raw - 1) % lk
+    };
+    let strided = rng.below(10) < 3;
+    let scale = (rng.below(10) < 3).then(|| 0.05 + 0.3 * rng.unit());
+    let (name, mask) = if cross {
+        ("cross".to_string(), cross_mask(&mut rng, batch, lq, lk).unwrap())
+    } else {
+        let m = random_mask(&mut rng, kind, batch, lk).unwrap();
+        let m = if lq < lk { m.last_queries(lq).unwrap() } else { m };
+        (MASK_KINDS[kind].to_string(), m)
+    };
+    let desc = format!(
+        "seed {seed}: {dtype:?} D {d} B {batch} Lq {lq} Lk {lk} H {h} Hkv {hkv} strided {strided} scale {scale:?} mask {name}"
+    );
+    let (q, k, v) = inputs(&mut rng, (batch, lq, lk, h, hkv, d), dtype, strided).unwrap();
+    check_reference(&desc, &dev, (&q, &k, &v), &mask, scale).unwrap_or_else(|e| panic!("{desc}\n{e}"));
+}
+
+/// The random cases are split over `SHARDS` tests, so that the harness runs them in parallel (the
+/// f64 reference on the CPU is the slow part).
+const SHARDS: u32 = 8;
+
+macro_rules! random_case_shards {
+    ($($name:ident),*) => {$(
+        proptest! {
+            #![proptest_config(config(cases(400).div_ceil(SHARDS)))]
+
+            #[test]
+            fn $name(
+                seed in any::<u64>(),
+                bf16 in any::<bool>(),
+                d128 in any::<bool>(),
+                batch in 1usize..=3,
+                heads in 0usize..HEADS.len(),
+                lk in 1usize..=700,
+                lq_raw in 1usize..=700,
+                kind in 0usize..KINDS,
+            ) {
+                run_random_case(seed, bf16, d128, batch, heads, lk, lq_raw, kind);
+            }
+        }
+    )*};
+}
+
+random_case_shards!(
+    gpu_kernel_matches_reference_0,
+    gpu_kernel_matches_reference_1,
+    gpu_kernel_matches_reference_2,
+    gpu_kernel_matches_reference_3,
+    gpu_kernel_matches_reference_4,
+    gpu_kernel_matches_reference_5,
+    gpu_kernel_matches_reference_6,
+    gpu_kernel_matches_reference_7
+);
+
+/// Every mask kind in both dtypes and both head dims, whatever the random draw.
+#[test]
+fn every_mask_kind_every_instantiation() {
+    for kind in 0..KINDS {
+        for (i, (bf16, d128)) in [(true, true), (true, false), (false, true), (false, false)]
+            .into_iter()
+            .enumerate()
+        {
+            let seed = 1000 * (i as u64 + 1) + kind as u64;
+            run_random_case(seed, bf16, d128, 2, (kind + i) % HEADS.len(), 333, 190, kind);
+        }
+    }
+}
+
+/// Lengths that are exact multiples of the 64-row tiles, single rows and keys, one past a tile.
+#[test]
+fn tile_multiples_and_tiny_lengths() {
+    let Some(dev) = gpu() else { return };
+    for (lq, lk) in [
+        (128, 128),
+        (64, 192),
+        (1, 1),
+        (1, 128),
+        (2, 65),
+        (65, 65),
+        (64, 64),
+        (1, 1000),
+    ] {
+        let mut rng = Rng::new(lq as u64 * 1000 + lk as u64);
+        let mask = SegmentMask::documents(&[&[lk / 2, lk - lk / 2][..]], &Device::Cpu)
+            .unwrap()
+            .last_queries(lq)
+            .unwrap();
+        for d in [64, 128] {
+            let (q, k, v) = inputs(&mut rng, (2, lq, lk, 4, 2, d), DType::BF16, false).unwrap();
+            check_reference(
+                &format!("documents Lq {lq} Lk {lk} D {d}"),
+                &dev,
+                (&q, &k, &v),
+                &mask,
+                None,
+            )
+            .unwrap();
+        }
+    }
+}
+
+/// A segment blocked from everything: its rows output 0 with LSE -inf.
+#[test]
+fn fully_masked_rows() -> Result<()> {
+    let Some(dev) = gpu() else { return Ok(()) };
+    let lens = [40usize, 150, 57];
+    let ids: Vec<u32> = lens
+        .iter()
+        .enumerate()
+        .flat_map(|(i, &l)| std::iter::repeat_n(i as u32, l))
+        .collect();
+    let n = ids.len();
+    let ids = Tensor::from_vec(ids, (1, n), &Device::Cpu)?;
+    let b = Some(Visibility::Blocked);
+    let table = PairTable::from_rules(
+        &[vec![None, None, None], vec![b, b, b], vec![None, None, None]],
+        &Device::Cpu,
+    )?;
+    let mask = SegmentMask::self_attention(
+        &ids,
+        PairRule::new(Visibility::Causal, Visibility::Full).with_table(table),
+    )?;
+    for dtype in [DType::BF16, DType::F16] {
+        let mut rng = Rng::new(5);
+        let (q, k, v) = inputs(&mut rng, (2, n, n, 2, 1, 128), dtype, false)?;
+        check_reference("blocked segment 1", &dev, (&q, &k, &v), &mask, None)?;
+    }
+    Ok(())
+}
+
+/// No key at all (Lk = 0): output 0, LSE -inf. No query (Lq = 0) or no batch row: empty outputs.
+#[test]
+fn empty_inputs() -> Result<()> {
+    let Some(dev) = gpu() else { return Ok(()) };
+    let full = PairRule::new(Visibility::Full, Visibility::Full);
+    let q = Tensor::ones((1, 5, 2, 64), DType::BF16, &dev)?;
+    let k = Tensor::ones((1, 0, 2, 64), DType::BF16, &dev)?;
+    let mask = SegmentMask::new(
+        &Tensor::zeros((1, 5), DType::U32, &dev)?,
+        &Tensor::zeros((1, 0), DType::U32, &dev)?,
+        full.clone(),
+    )?;
+    let got = SegmentAttention::new(&mask).return_lse(true).forward(&q, &k, &k)?;
+    let out = got.out.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
+    assert_eq!(out.abs()?.max_all()?.to_scalar::<f32>()?, 0.0);
+    let lse = got
+        .lse
+        .unwrap()
+        .to_device(&Device::Cpu)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    assert!(lse.iter().all(|&x| x == f32::NEG_INFINITY));
+
+    let q = Tensor::ones((1, 0, 2, 64), DType::BF16, &dev)?;
+    let k = Tensor::ones((1, 7, 2, 64), DType::BF16, &dev)?;
+    let mask = SegmentMask::new(
+        &Tensor::zeros((1, 0), DType::U32, &dev)?,
+        &Tensor::zeros((1, 7), DType::U32, &dev)?,
+        full,
+    )?;
+    let got = SegmentAttention::new(&mask).return_lse(true).forward(&q, &k, &k)?;
+    assert_eq!(got.out.dims(), &[1, 0, 2, 64]);
+    assert_eq!(got.lse.unwrap().dims(), &[1, 2, 0]);
+    Ok(())
+}
+
+/// Views the kernel cannot read in place (start not 16-byte aligned, strides not multiples of 8
+/// elements) are copied on the device first, with the same result.
+#[test]
+fn misaligned_views() -> Result<()> {
+    let Some(dev) = gpu() else { return Ok(()) };
+    let mut rng = Rng::new(77);
+    let (b, l, h, d) = (2, 150, 4, 64);
+    let wide = values(&mut rng, &[b, l, h, d + 4], DType::BF16)?;
+    let q = wide.narrow(3, 2, d)?; // start offset 2, row stride h * 68: neither aligned
+    let k = values(&mut rng, &[b, l, 2, d], DType::BF16)?;
+    let v = values(&mut rng, &[b, l, 2, d], DType::BF16)?;
+    let mask = SegmentMask::pine(16, &[40, 50, 30], 14, &Device::Cpu)?;
+    check_reference("misaligned q", &dev, (&q, &k, &v), &mask, None)
+}
+
+/// Large shapes (the benchmark's masks, GQA 32/8 reduced in heads to keep the CPU oracle fast)
+/// against the fused CPU path on the same inputs upcast to f32 (f32 accumulation throughout).
+#[test]
+fn large_shapes_match_cpu_path() -> Result<()> {
+    let Some(dev) = gpu() else { return Ok(()) };
+    let cpu = Device::Cpu;
+    let cases: Vec<(&str, usize, usize, usize, usize, SegmentMask)> = vec![
+        ("causal 4096 D128", 1, 4096, 8, 2, SegmentMask::causal(4096, &cpu)?),
+        ("full 2048 D64", 2, 2048, 4, 4, SegmentMask::full(2048, &cpu)?),
+        (
+            "documents ragged 4096 D128",
+            1,
+            4096,
+            8,
+            2,
+            SegmentMask::documents(&[&[1000, 37, 1500, 63, 700, 796][..]], &cpu)?,
+        ),
+        (
+            "prefix_lm 2048/512 D64",
+            2,
+            2048,
+            4,
+            1,
+            SegmentMask::prefix_lm(2048, 512, &cpu)?,
+        ),
+        (
+            "pine 256 + 20 x 185 + 64 D128",
+            1,
+            4020,
+            8,
+            2,
+            SegmentMask::pine(256, &[185; 20], 64, &cpu)?,
+        ),
+    ];
+    for (i, (name, b, l, h, hkv, mask)) in cases.into_iter().enumerate() {
+        let d = if name.contains("D128") { 128 } else { 64 };
+        let mut rng = Rng::new(900 + i as u64);
+        for dtype in [DType::BF16, DType::F16] {
+            let (q, k, v) = inputs(&mut rng, (b, l, l, h, hkv, d), dtype, i % 2 == 1)?;
+            let f32s = |t: &Tensor| t.to_dtype(DType::F32);
+            let want = SegmentAttention::new(&mask)
+                .return_lse(true)
+                .forward(&f32s(&q)?, &f32s(&k)?, &f32s(&v)?)?;
+            check_gpu(
+                &format!("{name} {dtype:?} B {b} H {h}/{hkv}"),
+                &dev,
+                (&q, &k, &v),
+                &mask,
+                None,
+                &want.out,
+                &want.lse.expect("asked"),
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// Two runs on the same inputs give the same bits (no race, no uninitialised read).
+#[test]
+fn deterministic() -> Result<()> {
+    let Some(dev) = gpu() else { return Ok(()) };
+    let mut rng = Rng::new(3);
+    let (q, k, v) = inputs(&mut rng, (2, 1000, 1000, 8, 2, 128), DType::BF16, false)?;
+    let (q, k, v) = (q.to_device(&dev)?, k.to_device(&dev)?, v.to_device(&dev)?);
+    let mask = SegmentMask::pine(100, &[200, 300, 250], 150, &dev)?;
+    let bits = || -> Result<Vec<u32>> {
+        let r = SegmentAttention::new(&mask).return_lse(true).forward(&q, &k, &v)?;
+        let mut out: Vec<u32> = r
+            .out
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?
+            .iter()
+            .map(|x| x.to_bits())
+            .collect();
+        out.extend(
+            r.lse
+                .unwrap()
+                .flatten_all()?
+                .to_vec1::<f32>()?
+                .iter()
+                .map(|x| x.to_bits()),
+        );
+        Ok(out)
+    };
+    let first = bits()?;
+    for _ in 0..3 {
+        assert!(bits()? == first, "two runs differ");
+    }
+    Ok(())
+}
+
+/// Unsupported dtype or head dim on the GPU: errors naming the argument; the common validation
+/// gives the same messages on both devices.
+#[test]
+fn errors_name_the_argument() -> Result<()> {
+    let Some(dev) = gpu() else { return Ok(()) };
+    let mask = SegmentMask::causal(8, &dev)?;
+    let msg = |r: Result<segattn::AttentionOutput>| r.expect_err("expected an error").to_string();
+
+    let x = Tensor::ones((1, 8, 1, 64), DType::F32, &dev)?;
+    let e = msg(SegmentAttention::new(&mask).forward(&x, &x, &x));
+    assert!(e.contains("q:") && e.contains("dtype") && e.contains("F32"), "{e}");
+    let x = Tensor::ones((1, 8, 1, 96), DType::BF16, &dev)?;
+    let e = msg(SegmentAttention::new(&mask).forward(&x, &x, &x));
+    assert!(e.contains("q:") && e.contains("head dim") && e.contains("96"), "{e}");
+
+    // Same message on both devices for an invalid shape / rule / GQA ratio.
+    let on = |d: &Device| -> Result<Vec<String>> {
+        let m = SegmentMask::causal(8, d)?;
+        let q = Tensor::ones((1, 8, 3, 64), DType::BF16, d)?;
+        let k = Tensor::ones((1, 8, 2, 64), DType::BF16, d)?;
+        let r3 = Tensor::ones((8, 2, 64), DType::BF16, d)?;
+        let long = Tensor::ones((1, 9, 2, 64), DType::BF16, d)?;
+        Ok(vec![
+            msg(SegmentAttention::new(&m).forward(&q, &k, &k)),
+            msg(SegmentAttention::new(&m).forward(&r3, &k, &k)),
+            msg(SegmentAttention::new(&m).forward(&k, &long, &long)),
+            msg(SegmentAttention::new(&m).scale(f64::NAN).forward(&k, &k, &k)),
+        ])
+    };
+    let (cpu_msgs, gpu_msgs) = (on(&Device::Cpu)?, on(&dev)?);
+    for (c, g) in cpu_msgs.iter().zip(&gpu_msgs) {
+        let first = |s: &str| s.lines().next().unwrap_or("").to_string();
+        assert_eq!(first(c), first(g), "messages differ between CPU and GPU");
+    }
+    // Mask on the wrong device.
+    let q = Tensor::ones((1, 8, 2, 64), DType::BF16, &dev)?;
+    let e = msg(SegmentAttention::new(&SegmentMask::causal(8, &Device::Cpu)?).forward(&q, &q, &q));
+    assert!(e.contains("mask:") && e.contains("device"), "{e}");
+    Ok(())
+}

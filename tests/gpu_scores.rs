@@ -1,0 +1,178 @@
+//! The CUDA per-segment mass kernel on a real GPU, through the public API (`segment_scores` on
+//! `Device::new_cuda(0)` tensors and masks), against the f64 reference: random shapes, every mask
+//! family, every option, both kernel algorithms, bf16 and f16, D 64 and 128; single-token
+//! segments (Sk in the thousands, two passes); the GPU result against the emulated kernel's.
+//!
+//! Compiled only with `--features cuda`. Without a usable GPU every test prints "skipped" and
+//! passes, unless `SEGATTN_REQUIRE_GPU=1`: then it fails. `SEGATTN_GPU_CASES=n` sets the number
+//! of random cases (default 200).
+#![cfg(feature = "cuda")]
+
+mod common;
+
+use std::sync::OnceLock;
+
+use candle_core::{DType, Device, Result, Tensor};
+use common::cases::{draw, MASK_KINDS};
+use common::{mass_tolerance, worst_ratio, Rng};
+use segattn::{
+    reference, segment_scores, HeadReduction, MassAlgorithm, PairRule, QueryReduction, SegmentMask,
+    SegmentScoreOptions, Visibility,
+};
+
+/// The GPU, or `None` (test skipped) when there is none and `SEGATTN_REQUIRE_GPU` is not 1.
+fn gpu() -> Option<Device> {
+    static DEV: OnceLock<std::result::Result<Device, String>> = OnceLock::new();
+    let dev = DEV.get_or_init(|| Device::new_cuda(0).map_err(|e| e.to_string()));
+    match dev {
+        Ok(d) => Some(d.clone()),
+        Err(e) if std::env::var_os("SEGATTN_REQUIRE_GPU").is_some_and(|v| v == "1") => {
+            panic!("SEGATTN_REQUIRE_GPU=1 but no CUDA device: {e}")
+        }
+        Err(e) => {
+            eprintln!("skipped: no CUDA device ({e})");
+            None
+        }
+    }
+}
+
+/// The mask with its tensors on `dev`.
+fn mask_on(mask: &SegmentMask, dev: &Device) -> Result<SegmentMask> {
+    let rule = mask.rule().clone();
+    let rule = match rule.table {
+        Some(t) => {
+            PairRule::new(rule.intra, rule.inter).with_table(segattn::PairTable::new(t.rules().to_device(dev)?)?)
+        }
+        None => rule,
+    };
+    SegmentMask::new(
+        &mask.q_segments().to_device(dev)?,
+        &mask.kv_segments().to_device(dev)?,
+        rule,
+    )
+}
+
+fn check(
+    dev: &Device,
+    desc: &str,
+    q: &Tensor,
+    k: &Tensor,
+    mask: &SegmentMask,
+    opts: &SegmentScoreOptions,
+) -> Result<()> {
+    let want = reference::segment_mass(q, k, mask, opts)?;
+    let got = segment_scores(&q.to_device(dev)?, &k.to_device(dev)?, &mask_on(mask, dev)?, opts)?;
+    assert!(got.device().is_cuda(), "{desc}: output left the GPU");
+    let got = got.to_device(&Device::Cpu)?;
+    let (_, lq, h, _) = q.dims4()?;
+    let (atol, rtol) = mass_tolerance(q.dtype());
+    let rows = if opts.query_reduction == QueryReduction::SumBySegment {
+        lq
+    } else {
+        1
+    };
+    let heads = if opts.head_reduction == HeadReduction::Sum {
+        h
+    } else {
+        1
+    };
+    let (r, at) = worst_ratio(&got, &want, atol * (rows * heads) as f64, rtol)?;
+    assert!(r <= 1.0, "{desc}: {r:.2} x tolerance at flat index {at}");
+    // The emulated kernel reads the same PTX layouts: the GPU must agree with it closely.
+    let emu = segattn::emulated::segment_scores(q, k, mask, opts, segattn::emulated::Schedule::Forward, 0)?;
+    let (r, at) = worst_ratio(&got, &emu.to_dtype(DType::F64)?, atol * (rows * heads) as f64, rtol)?;
+    assert!(
+        r <= 1.0,
+        "{desc}: GPU vs emulated kernel {r:.2} x tolerance at flat index {at}"
+    );
+    Ok(())
+}
+
+fn cases() -> u64 {
+    std::env::var("SEGATTN_GPU_CASES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(200)
+}
+
+#[test]
+fn gpu_scores_match_reference() -> Result<()> {
+    let Some(dev) = gpu() else { return Ok(()) };
+    for seed in 0..cases() {
+        let mut rng = Rng::new(seed);
+        let dtype = if rng.below(2) == 0 { DType::BF16 } else { DType::F16 };
+        let d = if rng.below(2) == 0 { 64 } else { 128 };
+        let heads = [(4, 2), (3, 1), (2, 2), (8, 1)][rng.below(4)];
+        let kind = rng.below(MASK_KINDS.len());
+        let case = draw(
+            seed,
+            1 + rng.below(2),
+            1 + rng.below(400),
+            rng.below(2) == 0,
+            heads,
+            d,
+            dtype,
+            kind,
+        )?;
+        let mut opts = SegmentScoreOptions::new()
+            .normalize_by_length(rng.below(2) == 0)
+            .query_reduction(
+                [
+                    QueryReduction::None,
+                    QueryReduction::SumBySegment,
+                    QueryReduction::MeanBySegment,
+                ][rng.below(3)],
+            )
+            .head_reduction([HeadReduction::None, HeadReduction::Sum, HeadReduction::Mean][rng.below(3)])
+            .algorithm([MassAlgorithm::Auto, MassAlgorithm::TwoPass][rng.below(2)]);
+        if rng.below(4) == 0 {
+            opts = opts.scale(0.05 + 0.3 * rng.unit());
+        }
+        let desc = format!("{} {opts:?}", case.description);
+        check(&dev, &desc, &case.q, &case.k, &case.mask, &opts)?;
+    }
+    Ok(())
+}
+
+#[test]
+fn gpu_thousands_of_segments() -> Result<()> {
+    let Some(dev) = gpu() else { return Ok(()) };
+    let l = 2500;
+    let mut rng = Rng::new(25);
+    let q = common::random_tensor(&mut rng, &[1, l, 2, 128], DType::BF16)?;
+    let k = common::random_tensor(&mut rng, &[1, l, 1, 128], DType::BF16)?;
+    let ids = Tensor::arange(0u32, l as u32, &Device::Cpu)?.reshape((1, l))?;
+    let mask = SegmentMask::self_attention(&ids, PairRule::new(Visibility::Causal, Visibility::Causal))?;
+    for opts in [
+        SegmentScoreOptions::new(),
+        SegmentScoreOptions::new()
+            .normalize_by_length(true)
+            .head_reduction(HeadReduction::Mean),
+    ] {
+        check(&dev, &format!("single tokens {opts:?}"), &q, &k, &mask, &opts)?;
+    }
+    Ok(())
+}
+
+#[test]
+fn gpu_errors() -> Result<()> {
+    let Some(dev) = gpu() else { return Ok(()) };
+    let ids = Tensor::arange(0u32, 100, &dev)?.reshape((1, 100))?;
+    let mask = SegmentMask::self_attention(&ids, PairRule::new(Visibility::Full, Visibility::Full))?;
+    let x = Tensor::ones((1, 100, 1, 64), DType::F32, &dev)?;
+    let e = segment_scores(&x, &x, &mask, &SegmentScoreOptions::new())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("q:") && e.contains("dtype"), "{e}");
+    let x = x.to_dtype(DType::BF16)?;
+    let e = segment_scores(
+        &x,
+        &x,
+        &mask,
+        &SegmentScoreOptions::new().algorithm(MassAlgorithm::OnePass),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("algorithm") && e.contains("64"), "{e}");
+    Ok(())
+}
