@@ -7,9 +7,11 @@
 
 use std::ffi::{c_char, c_int, c_void, CStr};
 
-use candle_core::{CpuStorage, DType, Device, Layout, Result, Storage, Tensor};
+use candle_core::{CpuStorage, DType, Device, Result, Storage, Tensor};
 
 use crate::error::invalid_arg;
+use crate::kernel_params::{base_params, loadable, strides_of};
+pub(crate) use crate::kernel_params::{check_supported, dtype_code, to_i32};
 use crate::mask::tiles::classify_tile;
 use crate::mask::{HostMask, SegmentMask};
 use crate::op::AttentionOutput;
@@ -87,21 +89,6 @@ pub fn fwd_smem_bytes(dtype: DType, head_dim: usize) -> Option<usize> {
     (bytes > 0).then_some(bytes as usize)
 }
 
-fn dtype_code(dtype: DType) -> Option<c_int> {
-    match dtype {
-        DType::BF16 => Some(crate::params::SEGATTN_DTYPE_BF16 as c_int),
-        DType::F16 => Some(crate::params::SEGATTN_DTYPE_F16 as c_int),
-        _ => None,
-    }
-}
-
-fn to_i32(name: &str, v: usize) -> Result<i32> {
-    match i32::try_from(v) {
-        Ok(v) => Ok(v),
-        Err(_) => invalid_arg!("{name}: {v} does not fit the kernel's 32-bit sizes"),
-    }
-}
-
 /// Points the segment and rule fields of `p` at `host` (which must outlive every use of `p`).
 fn fill_mask_params(p: &mut SegattnFwdParams, host: &HostMask) {
     let side = |s: &crate::mask::SegmentSpans| SegattnSegments {
@@ -164,8 +151,7 @@ impl Input {
         let strides = strides_of(&layout);
         let ptr = base.wrapping_byte_add(layout.start_offset() * 2);
         // An empty tensor is never read.
-        let aligned = t.elem_count() == 0
-            || (ptr as usize) % 16 == 0 && [strides.batch, strides.row, strides.head].iter().all(|s| s % 8 == 0);
+        let aligned = t.elem_count() == 0 || loadable(ptr as u64, &strides);
         // The storage of a tensor is never reallocated while a clone of it (kept in `_tensor`)
         // is alive, and candle's CPU storage is immutable once shared.
         Ok(aligned.then(|| Self {
@@ -173,19 +159,6 @@ impl Input {
             ptr,
             strides,
         }))
-    }
-}
-
-/// (batch, row, head) strides in elements of a rank-4 layout; 0 for a dimension of size 1 (its
-/// stride is never multiplied by a nonzero index).
-fn strides_of(layout: &Layout) -> SegattnStrides {
-    let s = layout.stride();
-    let d = layout.dims();
-    let pick = |i: usize| if d[i] == 1 { 0 } else { s[i] as i64 };
-    SegattnStrides {
-        batch: pick(0),
-        row: pick(1),
-        head: pick(2),
     }
 }
 
@@ -208,16 +181,11 @@ pub fn forward(
         q_len,
         kv_len,
         num_heads,
-        num_kv_heads,
         head_dim,
+        ..
     } = shape;
     let dtype = q.dtype();
-    let Some(dtype_code) = dtype_code(dtype) else {
-        invalid_arg!("q: the CUDA forward kernel supports dtype bf16 or f16, got {dtype:?}");
-    };
-    if head_dim != 64 && head_dim != 128 {
-        invalid_arg!("q: the CUDA forward kernel supports head dim D = 64 or 128, got D = {head_dim}");
-    }
+    check_supported(dtype, head_dim)?;
     for (name, t) in [("q", q), ("k", k), ("v", v)] {
         if !matches!(t.device(), Device::Cpu) {
             invalid_arg!(
@@ -248,32 +216,11 @@ pub fn forward(
         q: qi.ptr,
         k: ki.ptr,
         v: vi.ptr,
-        q_strides: qi.strides,
-        k_strides: ki.strides,
-        v_strides: vi.strides,
         o: out.as_mut_ptr() as *mut c_void,
-        o_strides: SegattnStrides {
-            batch: (q_len * num_heads * head_dim) as i64,
-            row: (num_heads * head_dim) as i64,
-            head: head_dim as i64,
-        },
         lse: lse.as_mut_ptr(),
-        batch: to_i32("batch", batch)?,
-        q_len: to_i32("q_len", q_len)?,
-        kv_len: to_i32("kv_len", kv_len)?,
-        num_heads: to_i32("num_heads", num_heads)?,
-        num_kv_heads: to_i32("num_kv_heads", num_kv_heads)?,
-        head_dim: head_dim as i32,
-        dtype: dtype_code,
-        scale: scale as f32,
-        scale_log2: (scale * std::f64::consts::LOG2_E) as f32,
-        ..Default::default()
+        ..base_params(&shape, dtype, scale as f32, [qi.strides, ki.strides, vi.strides])?
     };
     fill_mask_params(&mut p, &host);
-    to_i32(
-        "rows x heads x head_dim",
-        q_len.max(kv_len) * num_heads.max(num_kv_heads) * head_dim,
-    )?;
 
     // SAFETY: every pointer in `p` points into buffers that outlive the call (`qi`, `ki`, `vi`,
     // `host`, `out`, `lse`) and the sizes in `p` match them; the schedule applies to this thread.

@@ -26,6 +26,7 @@ pub mod cuda;
 #[doc(hidden)]
 pub mod emulated;
 mod error;
+mod kernel_params;
 pub mod mask;
 mod merge;
 mod op;

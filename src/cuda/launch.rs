@@ -27,8 +27,9 @@ use half::{bf16, f16};
 use super::driver_err;
 use super::module::{self, FwdKernel, FWD_BLOCK_M, FWD_THREADS};
 use crate::error::invalid_arg;
+pub(crate) use crate::kernel_params::{base_params, check_supported, loadable, strides_of};
 use crate::mask::HostMask;
-use crate::params::{SegattnFwdParams, SegattnSegments, SegattnStrides};
+use crate::params::{SegattnFwdParams, SegattnSegments};
 use crate::validate::AttentionShape;
 
 // SAFETY: a plain C struct (bindgen of kernels/segattn_params.h, layout-tested) passed by value as
@@ -49,45 +50,6 @@ fn sync_after_launch() -> bool {
 fn poison_outputs() -> bool {
     static FLAG: OnceLock<bool> = OnceLock::new();
     *FLAG.get_or_init(|| env_flag("SEGATTN_CUDA_POISON"))
-}
-
-/// The checks of the CUDA kernels beyond the common validation: dtype and head dim.
-pub(crate) fn check_supported(dtype: DType, head_dim: usize) -> Result<()> {
-    if !matches!(dtype, DType::BF16 | DType::F16) {
-        invalid_arg!(
-            "q: the CUDA kernels support dtype bf16 or f16, got {dtype:?} (f32 attention runs on the CPU \
-             only; convert with .to_dtype(DType::BF16))"
-        );
-    }
-    if head_dim != 64 && head_dim != 128 {
-        invalid_arg!("q: the CUDA kernels support head dim D = 64 or 128, got D = {head_dim}");
-    }
-    Ok(())
-}
-
-fn to_i32(name: &str, v: usize) -> Result<i32> {
-    match i32::try_from(v) {
-        Ok(v) => Ok(v),
-        Err(_) => invalid_arg!("{name}: {v} does not fit the kernel's 32-bit sizes"),
-    }
-}
-
-/// (batch, row, head) strides in elements of a rank-4 layout; 0 for a dimension of size 1.
-pub(crate) fn strides_of(layout: &Layout) -> SegattnStrides {
-    let s = layout.stride();
-    let d = layout.dims();
-    let pick = |i: usize| if d[i] == 1 { 0 } else { s[i] as i64 };
-    SegattnStrides {
-        batch: pick(0),
-        row: pick(1),
-        head: pick(2),
-    }
-}
-
-/// Whether the kernel's 16-byte loads can read a 16-bit tensor at device address `ptr` with
-/// `strides` in place.
-pub(crate) fn loadable(ptr: u64, strides: &SegattnStrides) -> bool {
-    ptr % 16 == 0 && [strides.batch, strides.row, strides.head].iter().all(|s| s % 8 == 0)
 }
 
 /// Where each part of the mask metadata sits in the packed u32 buffer
@@ -196,50 +158,6 @@ impl MaskBuffer {
     pub(crate) fn fill(&self, base: u64, p: &mut SegattnFwdParams) {
         self.layout.fill(base, p);
     }
-}
-
-/// Everything of the parameters but the pointers and the mask.
-pub(crate) fn base_params(
-    shape: &AttentionShape,
-    dtype: DType,
-    scale: f32,
-    strides: [SegattnStrides; 3],
-) -> Result<SegattnFwdParams> {
-    let AttentionShape {
-        batch,
-        q_len,
-        kv_len,
-        num_heads,
-        num_kv_heads,
-        head_dim,
-    } = *shape;
-    to_i32(
-        "rows x heads x head_dim",
-        q_len.max(kv_len) * num_heads.max(num_kv_heads) * head_dim,
-    )?;
-    Ok(SegattnFwdParams {
-        q_strides: strides[0],
-        k_strides: strides[1],
-        v_strides: strides[2],
-        o_strides: SegattnStrides {
-            batch: (q_len * num_heads * head_dim) as i64,
-            row: (num_heads * head_dim) as i64,
-            head: head_dim as i64,
-        },
-        batch: to_i32("batch", batch)?,
-        q_len: to_i32("q_len", q_len)?,
-        kv_len: to_i32("kv_len", kv_len)?,
-        num_heads: to_i32("num_heads", num_heads)?,
-        num_kv_heads: to_i32("num_kv_heads", num_kv_heads)?,
-        head_dim: head_dim as i32,
-        dtype: match dtype {
-            DType::BF16 => crate::params::SEGATTN_DTYPE_BF16 as i32,
-            _ => crate::params::SEGATTN_DTYPE_F16 as i32,
-        },
-        scale,
-        scale_log2: (f64::from(scale) * std::f64::consts::LOG2_E) as f32,
-        ..Default::default()
-    })
 }
 
 /// The launch configuration: grid (ceil(Lq / 64), H, B), 128 threads, the traits' shared memory.

@@ -3,12 +3,15 @@
 //! kernel writes the raw (reduced, unweighted) mass, and the weights are applied with tensor ops
 //! (`scores::apply_weights`, device-agnostic).
 
-use std::ffi::{c_int, c_void};
+use std::ffi::c_int;
 
 use candle_core::{DType, Device, Result, Tensor};
 
-use super::{dtype_code, fill_mask_params, last_error, segattn_emu_set_schedule, to_i32, Input, Schedule};
+use super::{
+    check_supported, dtype_code, fill_mask_params, last_error, segattn_emu_set_schedule, to_i32, Input, Schedule,
+};
 use crate::error::invalid_arg;
+use crate::kernel_params::base_params;
 use crate::mask::SegmentMask;
 use crate::params::{SegattnFwdParams, SegattnScoresParams};
 use crate::scores::{apply_weights, kernel_two_pass, HeadReduction, MassPlan, QueryReduction, SegmentScoreOptions};
@@ -47,16 +50,11 @@ pub fn segment_scores(
         q_len,
         kv_len,
         num_heads,
-        num_kv_heads,
         head_dim,
+        ..
     } = shape;
     let dtype = q.dtype();
-    let Some(dtype_code) = dtype_code(dtype) else {
-        invalid_arg!("q: the CUDA mass kernel supports dtype bf16 or f16, got {dtype:?}");
-    };
-    if head_dim != 64 && head_dim != 128 {
-        invalid_arg!("q: the CUDA mass kernel supports head dim D = 64 or 128, got D = {head_dim}");
-    }
+    check_supported(dtype, head_dim)?;
     for (name, t) in [("q", q), ("k", k)] {
         if !matches!(t.device(), Device::Cpu) {
             invalid_arg!(
@@ -88,28 +86,9 @@ pub fn segment_scores(
     let mut base = SegattnFwdParams {
         q: qi.ptr,
         k: ki.ptr,
-        v: std::ptr::null(),
-        q_strides: qi.strides,
-        k_strides: ki.strides,
-        v_strides: ki.strides,
-        o: std::ptr::null_mut::<c_void>(),
-        lse: std::ptr::null_mut(),
-        batch: to_i32("batch", batch)?,
-        q_len: to_i32("q_len", q_len)?,
-        kv_len: to_i32("kv_len", kv_len)?,
-        num_heads: to_i32("num_heads", num_heads)?,
-        num_kv_heads: to_i32("num_kv_heads", num_kv_heads)?,
-        head_dim: head_dim as i32,
-        dtype: dtype_code,
-        scale: scale as f32,
-        scale_log2: (scale * std::f64::consts::LOG2_E) as f32,
-        ..Default::default()
+        ..base_params(&shape, dtype, scale as f32, [qi.strides, ki.strides, ki.strides])?
     };
     fill_mask_params(&mut base, &host);
-    to_i32(
-        "rows x heads x head_dim",
-        q_len.max(kv_len) * num_heads.max(num_kv_heads) * head_dim,
-    )?;
     let p = SegattnScoresParams {
         base,
         mass: mass.as_mut_ptr(),

@@ -1,0 +1,104 @@
+//! Filling the kernels' parameter struct (`kernels/segattn_params.h`), shared by the GPU launcher
+//! (`src/cuda/`) and the emulated launches (`src/emulated*`), so that both hand the kernels the
+//! same sizes, strides, dtype code and scale.
+
+use candle_core::{DType, Layout, Result};
+
+use crate::error::invalid_arg;
+use crate::params::{SegattnFwdParams, SegattnStrides};
+use crate::validate::AttentionShape;
+
+/// The checks of the CUDA kernels beyond the common validation: dtype and head dim.
+pub(crate) fn check_supported(dtype: DType, head_dim: usize) -> Result<()> {
+    if !matches!(dtype, DType::BF16 | DType::F16) {
+        invalid_arg!(
+            "q: the CUDA kernels support dtype bf16 or f16, got {dtype:?} (f32 attention runs on the CPU \
+             only; convert with .to_dtype(DType::BF16))"
+        );
+    }
+    if head_dim != 64 && head_dim != 128 {
+        invalid_arg!("q: the CUDA kernels support head dim D = 64 or 128, got D = {head_dim}");
+    }
+    Ok(())
+}
+
+/// The kernels' code for `dtype`, `None` for dtypes they do not support (only bf16 and f16).
+pub(crate) fn dtype_code(dtype: DType) -> Option<i32> {
+    match dtype {
+        DType::BF16 => Some(crate::params::SEGATTN_DTYPE_BF16 as i32),
+        DType::F16 => Some(crate::params::SEGATTN_DTYPE_F16 as i32),
+        _ => None,
+    }
+}
+
+/// A size as the kernels' 32-bit integer, or an error naming it.
+pub(crate) fn to_i32(name: &str, v: usize) -> Result<i32> {
+    match i32::try_from(v) {
+        Ok(v) => Ok(v),
+        Err(_) => invalid_arg!("{name}: {v} does not fit the kernel's 32-bit sizes"),
+    }
+}
+
+/// (batch, row, head) strides in elements of a rank-4 layout; 0 for a dimension of size 1 (its
+/// stride is never multiplied by a nonzero index).
+pub(crate) fn strides_of(layout: &Layout) -> SegattnStrides {
+    let s = layout.stride();
+    let d = layout.dims();
+    let pick = |i: usize| if d[i] == 1 { 0 } else { s[i] as i64 };
+    SegattnStrides {
+        batch: pick(0),
+        row: pick(1),
+        head: pick(2),
+    }
+}
+
+/// Whether the kernels' 16-byte loads can read a 16-bit tensor at address `addr` with `strides`
+/// in place: a 16-byte aligned start and strides that are multiples of 8 elements.
+pub(crate) fn loadable(addr: u64, strides: &SegattnStrides) -> bool {
+    addr % 16 == 0 && [strides.batch, strides.row, strides.head].iter().all(|s| s % 8 == 0)
+}
+
+/// Everything of the parameters but the pointers and the mask: sizes, strides of q, k, v and of
+/// the contiguous output `[B, Lq, H, D]`, dtype code (bf16 or f16) and scale.
+pub(crate) fn base_params(
+    shape: &AttentionShape,
+    dtype: DType,
+    scale: f32,
+    strides: [SegattnStrides; 3],
+) -> Result<SegattnFwdParams> {
+    let AttentionShape {
+        batch,
+        q_len,
+        kv_len,
+        num_heads,
+        num_kv_heads,
+        head_dim,
+    } = *shape;
+    let Some(dtype) = dtype_code(dtype) else {
+        invalid_arg!("q: the CUDA kernels support dtype bf16 or f16, got {dtype:?}");
+    };
+    to_i32(
+        "rows x heads x head_dim",
+        q_len.max(kv_len) * num_heads.max(num_kv_heads) * head_dim,
+    )?;
+    Ok(SegattnFwdParams {
+        q_strides: strides[0],
+        k_strides: strides[1],
+        v_strides: strides[2],
+        o_strides: SegattnStrides {
+            batch: (q_len * num_heads * head_dim) as i64,
+            row: (num_heads * head_dim) as i64,
+            head: head_dim as i64,
+        },
+        batch: to_i32("batch", batch)?,
+        q_len: to_i32("q_len", q_len)?,
+        kv_len: to_i32("kv_len", kv_len)?,
+        num_heads: to_i32("num_heads", num_heads)?,
+        num_kv_heads: to_i32("num_kv_heads", num_kv_heads)?,
+        head_dim: to_i32("head_dim", head_dim)?,
+        dtype,
+        scale,
+        scale_log2: (f64::from(scale) * std::f64::consts::LOG2_E) as f32,
+        ..Default::default()
+    })
+}
