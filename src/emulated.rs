@@ -10,7 +10,7 @@ use std::ffi::{c_char, c_int, c_void, CStr};
 use candle_core::{CpuStorage, DType, Device, Result, Storage, Tensor};
 
 use crate::error::invalid_arg;
-use crate::kernel_params::{base_params, loadable, strides_of};
+use crate::kernel_params::{base_params, check_grid, loadable, strides_of};
 pub(crate) use crate::kernel_params::{check_supported, dtype_code, to_i32};
 use crate::mask::tiles::classify_tile;
 use crate::mask::{HostMask, SegmentMask};
@@ -162,6 +162,21 @@ impl Input {
     }
 }
 
+/// The checks of an emulated launch beyond the common validation: what the kernels support
+/// (dtype, head dim, grid size) and CPU tensors.
+pub(crate) fn check_emulated_inputs(shape: &AttentionShape, dtype: DType, inputs: &[(&str, &Tensor)]) -> Result<()> {
+    check_supported(dtype, shape.head_dim)?;
+    for (name, t) in inputs {
+        if !matches!(t.device(), Device::Cpu) {
+            invalid_arg!(
+                "{name}: the emulated kernel runs on CPU tensors, got device {:?}",
+                t.device().location()
+            );
+        }
+    }
+    check_grid(shape)
+}
+
 /// Runs the emulated CUDA forward kernel: q `[B, Lq, H, D]`, k and v `[B, Lk, Hkv, D]` CPU
 /// tensors (bf16 or f16, D = 64 or 128, strided views allowed), under `mask`. `scale` defaults to
 /// `1/sqrt(D)`. Returns O `[B, Lq, H, D]` in the input dtype and LSE `[B, H, Lq]` f32 (always).
@@ -185,21 +200,7 @@ pub fn forward(
         ..
     } = shape;
     let dtype = q.dtype();
-    check_supported(dtype, head_dim)?;
-    for (name, t) in [("q", q), ("k", k), ("v", v)] {
-        if !matches!(t.device(), Device::Cpu) {
-            invalid_arg!(
-                "{name}: the emulated kernel runs on CPU tensors, got device {:?}",
-                t.device().location()
-            );
-        }
-    }
-    if num_heads > 65_535 || batch > 65_535 {
-        invalid_arg!(
-            "q: the kernel's grid has one row per head and batch row (at most 65535 each), got shape {:?}",
-            q.dims()
-        );
-    }
+    check_emulated_inputs(&shape, dtype, &[("q", q), ("k", k), ("v", v)])?;
     let scale = scale.unwrap_or_else(|| default_scale(head_dim));
     if !scale.is_finite() {
         invalid_arg!("scale: expected a finite number, got {scale}");

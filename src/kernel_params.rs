@@ -22,6 +22,20 @@ pub(crate) fn check_supported(dtype: DType, head_dim: usize) -> Result<()> {
     Ok(())
 }
 
+/// The kernels launch one grid row per head and one grid layer per batch row (at most 65535
+/// each: CUDA's grid y and z limits).
+pub(crate) fn check_grid(shape: &AttentionShape) -> Result<()> {
+    if shape.num_heads > 65_535 || shape.batch > 65_535 {
+        invalid_arg!(
+            "q: the CUDA kernels launch one grid row per head and batch row (at most 65535 each), got B = {} and \
+             H = {}",
+            shape.batch,
+            shape.num_heads
+        );
+    }
+    Ok(())
+}
+
 /// The kernels' code for `dtype`, `None` for dtypes they do not support (only bf16 and f16).
 pub(crate) fn dtype_code(dtype: DType) -> Option<i32> {
     match dtype {

@@ -120,6 +120,22 @@ unsafe fn transpose_rows_avx2<'a, T: Element>(kt: &mut [f32], cols: usize, d: us
     tails(kt, cols, d, j_full, c_full, &row);
 }
 
+/// Loads `rows` query rows as f32 times `scale` into `dst` (row stride `dp`; padding untouched).
+pub(crate) fn load_scaled_rows<'a, T: Element>(
+    dst: &mut [f32],
+    dp: usize,
+    rows: usize,
+    row: impl Fn(usize) -> &'a [T],
+    scale: f32,
+) {
+    for r in 0..rows {
+        let src = row(r);
+        for (d, x) in dst[r * dp..r * dp + src.len()].iter_mut().zip(src) {
+            *d = x.to_f32() * scale;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -184,12 +184,7 @@ impl Scratch {
         let scale_log2 = scale * std::f32::consts::LOG2_E;
 
         self.q.fill(0.0);
-        for r in 0..rows {
-            let src = q.row(b, q0 + r, h, d);
-            for (dst, x) in self.q[r * dp..r * dp + d].iter_mut().zip(src) {
-                *dst = x.to_f32() * scale_log2;
-            }
-        }
+        load::load_scaled_rows(&mut self.q, dp, rows, |r| q.row(b, q0 + r, h, d), scale_log2);
         self.o.fill(0.0);
         if let Some(m) = &mut self.mass {
             m.clear(rows);

@@ -26,7 +26,7 @@ use candle_core::Result;
 use rayon::prelude::*;
 
 use super::exp2::exp2;
-use super::load::transpose_rows;
+use super::load::{load_scaled_rows, transpose_rows};
 use super::tile::{lane_sum, scores, softmax_row, RowState, BC, BR, LANES};
 use super::{fma_available, Element, SharedMut, Strided};
 use crate::mask::tiles::{classify_tile, piece_visibility, TileClass};
@@ -392,12 +392,7 @@ impl ScoreScratch {
         let rows = q1 - q0;
         let scale_log2 = scale * std::f32::consts::LOG2_E;
         self.q.fill(0.0);
-        for r in 0..rows {
-            let src = q.row(b, q0 + r, h, d);
-            for (dst, x) in self.q[r * dp..r * dp + d].iter_mut().zip(src) {
-                *dst = x.to_f32() * scale_log2;
-            }
-        }
+        load_scaled_rows(&mut self.q, dp, rows, |r| q.row(b, q0 + r, h, d), scale_log2);
         self.mass.clear(rows);
         let mut state = RowState::new();
 

@@ -27,7 +27,7 @@ use half::{bf16, f16};
 use super::driver_err;
 use super::module::{self, FwdKernel, FWD_BLOCK_M, FWD_THREADS};
 use crate::error::invalid_arg;
-pub(crate) use crate::kernel_params::{base_params, check_supported, loadable, strides_of};
+pub(crate) use crate::kernel_params::{base_params, check_grid, check_supported, loadable, strides_of};
 use crate::mask::HostMask;
 use crate::params::{SegattnFwdParams, SegattnSegments};
 use crate::validate::AttentionShape;
@@ -162,14 +162,7 @@ impl MaskBuffer {
 
 /// The launch configuration: grid (ceil(Lq / 64), H, B), 128 threads, the traits' shared memory.
 pub(crate) fn launch_config(shape: &AttentionShape, kernel: &FwdKernel) -> Result<LaunchConfig> {
-    if shape.num_heads > 65_535 || shape.batch > 65_535 {
-        invalid_arg!(
-            "q: the CUDA kernels launch one grid row per head and batch row (at most 65535 each), got \
-             B = {} and H = {}",
-            shape.batch,
-            shape.num_heads
-        );
-    }
+    check_grid(shape)?;
     Ok(LaunchConfig {
         grid_dim: (
             shape.q_len.div_ceil(FWD_BLOCK_M) as u32,

@@ -14,7 +14,7 @@ use candle_core::{CudaStorage, DType, Layout, Result};
 use half::{bf16, f16};
 
 use super::driver_err;
-use super::launch::{base_params, check_supported, loadable, strides_of, MaskBuffer};
+use super::launch::{base_params, check_grid, check_supported, loadable, strides_of, MaskBuffer};
 use super::module;
 use crate::error::invalid_arg;
 use crate::mask::HostMask;
@@ -74,14 +74,7 @@ fn typed<T: CudaDType + DeviceRepr + candle_core::WithDType>(
         // Nothing to launch: every row sees no key (or there is no output): zeros.
         return Ok(CudaStorage::wrap_cuda_slice(mass, dev.clone()));
     }
-    if shape.num_heads > 65_535 || shape.batch > 65_535 {
-        invalid_arg!(
-            "q: the CUDA kernels launch one grid row per head and batch row (at most 65535 each), got B = {} and \
-             H = {}",
-            shape.batch,
-            shape.num_heads
-        );
-    }
+    check_grid(&shape)?;
     let name = match (T::DTYPE, shape.head_dim) {
         (DType::BF16, 64) => "segattn_scores_bf16_d64",
         (DType::BF16, _) => "segattn_scores_bf16_d128",

@@ -8,7 +8,7 @@ use std::ffi::c_int;
 use candle_core::{DType, Device, Result, Tensor};
 
 use super::{
-    check_supported, dtype_code, fill_mask_params, last_error, segattn_emu_set_schedule, to_i32, Input, Schedule,
+    check_emulated_inputs, dtype_code, fill_mask_params, last_error, segattn_emu_set_schedule, to_i32, Input, Schedule,
 };
 use crate::error::invalid_arg;
 use crate::kernel_params::base_params;
@@ -49,26 +49,11 @@ pub fn segment_scores(
         batch,
         q_len,
         kv_len,
-        num_heads,
         head_dim,
         ..
     } = shape;
     let dtype = q.dtype();
-    check_supported(dtype, head_dim)?;
-    for (name, t) in [("q", q), ("k", k)] {
-        if !matches!(t.device(), Device::Cpu) {
-            invalid_arg!(
-                "{name}: the emulated kernel runs on CPU tensors, got device {:?}",
-                t.device().location()
-            );
-        }
-    }
-    if num_heads > 65_535 || batch > 65_535 {
-        invalid_arg!(
-            "q: the kernel's grid has one row per head and batch row (at most 65535 each), got shape {:?}",
-            q.dims()
-        );
-    }
+    check_emulated_inputs(&shape, dtype, &[("q", q), ("k", k)])?;
     let scale = options.scale.unwrap_or_else(|| default_scale(head_dim));
     if !scale.is_finite() {
         invalid_arg!("scale: expected a finite number, got {scale}");
