@@ -13,6 +13,8 @@
 //!   [`SegmentScoreOptions`].
 //! - [`mod@reference`]: the exact, slow f64 oracle, public so users can check integrations.
 //! - [`merge_partials`]: merge two partial results through their log-sum-exp.
+//! - [`pine`]: PINE end to end (position-invariant inference): importance, order, re-assigned
+//!   positions and attention with the query rotated inside the fused loop; prefill and decode.
 //!
 //! Positions: query row `i` of `Lq` is at position `i + (Lk - Lq)`, key `j` at `j`.
 
@@ -30,6 +32,7 @@ mod kernel_params;
 pub mod mask;
 mod merge;
 mod op;
+pub mod pine;
 pub mod reference;
 mod scores;
 mod validate;

@@ -10,6 +10,7 @@ use half::{bf16, f16};
 use crate::cpu::{self, Element, Strided};
 use crate::error::invalid_arg;
 use crate::mask::{HostMask, SegmentMask};
+use crate::pine::PineRotation;
 use crate::scores::{MassPlan, SegmentScoreOptions};
 use crate::validate::{default_scale, AttentionShape};
 
@@ -55,6 +56,8 @@ pub struct SegmentAttention<'a> {
     scale: Option<f64>,
     return_lse: bool,
     segment_mass: Option<SegmentScoreOptions>,
+    /// PINE's in-loop query rotation (crate-internal: [`crate::pine`] sets it).
+    rotation: Option<&'a PineRotation>,
 }
 
 impl<'a> SegmentAttention<'a> {
@@ -65,7 +68,15 @@ impl<'a> SegmentAttention<'a> {
             scale: None,
             return_lse: false,
             segment_mass: None,
+            rotation: None,
         }
+    }
+
+    /// Rotates the (un-rotated) queries inside the loop by their position plus their group's
+    /// shift for each key segment; k must be rotated at its original positions.
+    pub(crate) fn with_rotation(mut self, rotation: &'a PineRotation) -> Self {
+        self.rotation = Some(rotation);
+        self
     }
 
     /// Overrides the softmax scale applied to `q . k` (default `1/sqrt(D)`).
@@ -131,7 +142,14 @@ impl<'a> SegmentAttention<'a> {
             lse: Mutex::new(None),
             mass_plan,
             mass: Mutex::new(None),
+            rotation: self.rotation,
         };
+        if let Some(rot) = self.rotation {
+            rot.check(&shape)?;
+            if self.segment_mass.is_some() {
+                invalid_arg!("return_segment_mass: not available with PINE's query rotation");
+            }
+        }
         let out = q.apply_op3_no_bwd(k, v, &op)?;
         let lse = op.take_lse()?.map(|storage| {
             Tensor::from_storage(
@@ -198,7 +216,7 @@ fn take_slot(slot: &Mutex<Option<Storage>>) -> Result<Option<Storage>> {
 /// The candle op. It holds the mask metadata; candle hands it q, k and v. The LSE and the
 /// segment mass, outputs that `CustomOp3` cannot return, are left in `lse` and `mass` for the
 /// caller to pick up.
-struct AttentionOp {
+struct AttentionOp<'a> {
     host_mask: HostMask,
     shape: AttentionShape,
     scale: f32,
@@ -207,9 +225,10 @@ struct AttentionOp {
     /// The fused per-segment mass, when asked for: its layout, and its slot.
     mass_plan: Option<MassPlan>,
     mass: Mutex<Option<Storage>>,
+    rotation: Option<&'a PineRotation>,
 }
 
-impl AttentionOp {
+impl AttentionOp<'_> {
     fn take_lse(&self) -> Result<Option<Storage>> {
         let mut slot = self
             .lse
@@ -237,6 +256,7 @@ impl AttentionOp {
             self.scale,
             self.want_lse,
             self.mass_plan.as_ref(),
+            self.rotation.map(PineRotation::cpu).as_ref(),
         )?;
         if let Some(mass) = fwd.mass {
             *self
@@ -256,7 +276,7 @@ impl AttentionOp {
     }
 }
 
-impl CustomOp3 for AttentionOp {
+impl CustomOp3 for AttentionOp<'_> {
     fn name(&self) -> &'static str {
         "segattn-attention"
     }
@@ -291,6 +311,12 @@ impl CustomOp3 for AttentionOp {
         v: &candle_core::CudaStorage,
         vl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
+        if self.rotation.is_some() {
+            invalid_arg!(
+                "q: PINE's attention with re-assigned positions runs on the CPU only for now (the CUDA kernel \
+                 with in-loop query rotation is pending); move q, k and v to the CPU"
+            );
+        }
         let (out, lse) = crate::cuda::forward(
             (q, ql),
             (k, kl),

@@ -9,7 +9,9 @@ use candle_core::{DType, Device, Result, Tensor};
 use crate::mask::SegmentMask;
 use crate::validate::{default_scale, AttentionShape};
 
+mod pine;
 mod segment_mass;
+pub use pine::{pine_attention, PineReferenceOutput};
 pub use segment_mass::segment_mass;
 
 /// Output of [`attention`]: `out` `[B, Lq, H, D]` f64 and `lse` `[B, H, Lq]` f64 (natural log of

@@ -8,6 +8,7 @@
 mod element;
 mod exp2;
 mod load;
+pub(crate) mod rotary;
 pub(crate) mod segment;
 mod tile;
 
@@ -20,8 +21,9 @@ use crate::mask::tiles::{classify_tile, TileClass};
 use crate::mask::HostMask;
 use crate::scores::MassPlan;
 use crate::validate::{strides4, AttentionShape};
-use segment::{MassRows, MassSink, TilePieces};
-use tile::{attend_tile, RowState, BC, BR, LANES};
+use rotary::{rotated_scores, QueryRotation, RotaryScratch};
+use segment::{mask_tile, MassRows, MassSink, TilePieces};
+use tile::{attend_scored_tile, attend_tile, RowState, BC, BR, LANES, ROWS};
 
 /// A rank-4 input `[B, L, heads, D]` with arbitrary strides on the first three dims.
 #[derive(Clone, Copy)]
@@ -54,7 +56,9 @@ pub(crate) struct Forward<T> {
 }
 
 /// Segment-masked attention on the CPU. `scale` multiplies q.k before the softmax. With `mass`,
-/// also the per-segment mass of P, accumulated in the same pass (see [`segment`]).
+/// also the per-segment mass of P, accumulated in the same pass (see [`segment`]). With
+/// `rotation`, q is un-rotated and is turned inside the loop per row and key segment (PINE's
+/// re-assigned positions, see [`rotary`]); k is then rotated at its original positions.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn forward<T: Element>(
     q: Strided<'_, T>,
@@ -65,6 +69,7 @@ pub(crate) fn forward<T: Element>(
     scale: f32,
     want_lse: bool,
     mass: Option<&MassPlan>,
+    rotation: Option<&QueryRotation<'_>>,
 ) -> Result<Forward<T>> {
     let AttentionShape {
         batch,
@@ -87,14 +92,14 @@ pub(crate) fn forward<T: Element>(
     let sink = mass.map(|plan| MassSink::new(plan, mask, q_len));
 
     (0..batch * num_heads * q_tiles).into_par_iter().try_for_each_init(
-        || Scratch::new(d, mass.map(|plan| plan.sk)),
+        || Scratch::new(d, mass.map(|plan| plan.sk), rotation.is_some()),
         |scratch, item| {
             let qt = item % q_tiles;
             let h = (item / q_tiles) % num_heads;
             let b = item / (q_tiles * num_heads);
             let q0 = qt * BR;
             let q1 = (q0 + BR).min(q_len);
-            let state = scratch.run(q, k, v, shape, mask, scale, (b, h), (q0, q1), use_fma);
+            let state = scratch.run(q, k, v, shape, mask, scale, rotation, (b, h), (q0, q1), use_fma);
             // SAFETY: each work item writes only rows [q0, q1) of head h of batch b, in `out` and
             // `lse`; items are disjoint, and both vectors outlive the parallel loop.
             unsafe {
@@ -143,12 +148,14 @@ struct Scratch {
     o: Vec<f32>,
     /// The per-segment mass accumulators of the item's rows, when asked for.
     mass: Option<MassRows>,
-    /// The key segment pieces of the current key tile (for the mass).
+    /// The key segment pieces of the current key tile (for the mass and the rotation).
     pieces: TilePieces,
+    /// Buffers of the in-loop query rotation, when there is one.
+    rotary: Option<RotaryScratch>,
 }
 
 impl Scratch {
-    fn new(d: usize, mass_segments: Option<usize>) -> Self {
+    fn new(d: usize, mass_segments: Option<usize>, rotary: bool) -> Self {
         let dp = d.div_ceil(LANES) * LANES;
         Self {
             dp,
@@ -159,6 +166,7 @@ impl Scratch {
             o: vec![0.0; BR * dp],
             mass: mass_segments.map(MassRows::new),
             pieces: TilePieces::default(),
+            rotary: rotary.then(|| RotaryScratch::new(BR, dp)),
         }
     }
 
@@ -173,6 +181,7 @@ impl Scratch {
         shape: AttentionShape,
         mask: &HostMask,
         scale: f32,
+        rotation: Option<&QueryRotation<'_>>,
         (b, h): (usize, usize),
         (q0, q1): (usize, usize),
         use_fma: bool,
@@ -185,6 +194,9 @@ impl Scratch {
 
         self.q.fill(0.0);
         load::load_scaled_rows(&mut self.q, dp, rows, |r| q.row(b, q0 + r, h, d), scale_log2);
+        if let Some(rot) = rotation {
+            rot.rotate_base(&mut self.q, dp, rows, b, shape.q_len, q0);
+        }
         self.o.fill(0.0);
         if let Some(m) = &mut self.mass {
             m.clear(rows);
@@ -202,8 +214,12 @@ impl Scratch {
             }
             let cols = k1 - k0;
             self.load_kv(k, v, b, kh, d, k0, cols);
-            if self.mass.is_some() {
+            if self.mass.is_some() || rotation.is_some() {
                 segment::tile_pieces(mask, b, k0, k1, &mut self.pieces);
+            }
+            if let Some(rot) = rotation {
+                self.attend_rotated(rot, mask, shape, (b, h), (q0, q1), (k0, k1), class, &mut state, use_fma);
+                continue;
             }
             let partial = class == TileClass::Partial;
             let masked = |r: usize, j: usize| {
@@ -240,6 +256,61 @@ impl Scratch {
             }
         }
         state
+    }
+
+    /// One key tile with the query rotated per row and key piece: S piece by piece
+    /// ([`rotated_scores`]), the mask of a PARTIAL tile by piece pairs, then the online softmax
+    /// and P V as usual.
+    #[allow(clippy::too_many_arguments)]
+    fn attend_rotated(
+        &mut self,
+        rot: &QueryRotation<'_>,
+        mask: &HostMask,
+        shape: AttentionShape,
+        (b, h): (usize, usize),
+        (q0, q1): (usize, usize),
+        (k0, k1): (usize, usize),
+        class: TileClass,
+        state: &mut RowState,
+        use_fma: bool,
+    ) {
+        let (dp, rows, cols) = (self.dp, q1 - q0, k1 - k0);
+        let padded = rows.div_ceil(ROWS) * ROWS;
+        let Self {
+            q: qb,
+            kt,
+            v: vb,
+            s,
+            o,
+            pieces,
+            rotary,
+            ..
+        } = self;
+        let scratch = rotary.as_mut().expect("rotation scratch");
+        let at = (b, h, shape.q_len, q0);
+        if use_fma {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: fma_available() checked that the CPU has AVX2 and FMA.
+            unsafe {
+                rotated_scores_avx2(rot, qb, kt, s, scratch, dp, (rows, padded), pieces, at)
+            };
+        } else {
+            rotated_scores::<false>(rot, qb, kt, s, scratch, dp, (rows, padded), pieces, at);
+        }
+        if class == TileClass::Partial {
+            mask_tile(s, mask, b, (q0, q1), (k0, k1), &pieces.list);
+        }
+        let none = |_: usize, _: usize| false;
+        let hook = |_: usize, _: f32, _: &[f32]| {};
+        if use_fma {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as above.
+            unsafe {
+                attend_scored_tile_avx2(s, vb, o, state, dp, rows, cols, none, hook)
+            };
+        } else {
+            attend_scored_tile::<false>(s, vb, o, state, dp, rows, cols, false, none, hook);
+        }
     }
 
     /// Loads key tile rows `[k0, k0 + cols)` as K^T `[dp, BC]` and V `[BC, dp]`, zero-padded.
@@ -323,4 +394,40 @@ unsafe fn attend_tile_avx2(
     row_hook: impl FnMut(usize, f32, &[f32]),
 ) {
     attend_tile::<true>(q, kt, v, s, o, state, dp, rows, cols, partial, masked, row_hook)
+}
+
+/// [`rotated_scores`] compiled for AVX2 + FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn rotated_scores_avx2(
+    rot: &QueryRotation<'_>,
+    q: &[f32],
+    kt: &[f32],
+    s: &mut [f32],
+    scratch: &mut RotaryScratch,
+    dp: usize,
+    rows: (usize, usize),
+    pieces: &TilePieces,
+    at: (usize, usize, usize, usize),
+) {
+    rotated_scores::<true>(rot, q, kt, s, scratch, dp, rows, pieces, at)
+}
+
+/// [`attend_scored_tile`] (already masked) compiled for AVX2 + FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn attend_scored_tile_avx2(
+    s: &mut [f32],
+    v: &[f32],
+    o: &mut [f32],
+    state: &mut RowState,
+    dp: usize,
+    rows: usize,
+    cols: usize,
+    masked: impl Fn(usize, usize) -> bool,
+    row_hook: impl FnMut(usize, f32, &[f32]),
+) {
+    attend_scored_tile::<true>(s, v, o, state, dp, rows, cols, false, masked, row_hook)
 }

@@ -515,7 +515,7 @@ fn mass_tile<const FMA: bool>(
         partial,
         pieces,
     } = t;
-    scores::<FMA>(q, kt, s, dp, rows.div_ceil(SCORE_ROWS));
+    scores::<FMA>(q, kt, s, dp, rows.div_ceil(SCORE_ROWS), (0, BC));
     if partial {
         masked(s, &pieces.list);
     }

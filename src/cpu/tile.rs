@@ -15,7 +15,7 @@ pub(crate) const BC: usize = 64;
 /// Columns of one accumulator block (two AVX registers of f32).
 pub(crate) const LANES: usize = 16;
 /// Rows of one accumulator block.
-const ROWS: usize = 4;
+pub(crate) const ROWS: usize = 4;
 
 #[inline(always)]
 fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
@@ -63,10 +63,28 @@ pub(crate) fn attend_tile<const FMA: bool>(
     cols: usize,
     partial: bool,
     masked: impl Fn(usize, usize) -> bool,
+    row_hook: impl FnMut(usize, f32, &[f32]),
+) {
+    scores::<FMA>(q, kt, s, dp, rows.div_ceil(ROWS), (0, BC));
+    attend_scored_tile::<FMA>(s, v, o, state, dp, rows, cols, partial, masked, row_hook);
+}
+
+/// [`attend_tile`] after S: the same work on scores `s` already computed (and scaled).
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+pub(crate) fn attend_scored_tile<const FMA: bool>(
+    s: &mut [f32],
+    v: &[f32],
+    o: &mut [f32],
+    state: &mut RowState,
+    dp: usize,
+    rows: usize,
+    cols: usize,
+    partial: bool,
+    masked: impl Fn(usize, usize) -> bool,
     mut row_hook: impl FnMut(usize, f32, &[f32]),
 ) {
     let row_blocks = rows.div_ceil(ROWS);
-    scores::<FMA>(q, kt, s, dp, row_blocks);
     for r in 0..rows {
         let srow = &mut s[r * BC..(r + 1) * BC];
         if partial {
@@ -88,16 +106,25 @@ pub(crate) fn attend_tile<const FMA: bool>(
     accumulate_pv::<FMA>(s, v, o, dp, row_blocks, cols);
 }
 
-/// S[r, j] = sum_d Q[r, d] K^T[d, j] for the first `row_blocks * ROWS` rows and all BC columns.
+/// S[r, j] = sum_d Q[r, d] K^T[d, j] for the first `row_blocks * ROWS` rows and the columns
+/// `[c_begin, c_end)` (multiples of [`LANES`]; `(0, BC)` for the whole tile).
 #[inline(always)]
-pub(crate) fn scores<const FMA: bool>(q: &[f32], kt: &[f32], s: &mut [f32], dp: usize, row_blocks: usize) {
+pub(crate) fn scores<const FMA: bool>(
+    q: &[f32],
+    kt: &[f32],
+    s: &mut [f32],
+    dp: usize,
+    row_blocks: usize,
+    (c_begin, c_end): (usize, usize),
+) {
+    debug_assert!(c_begin % LANES == 0 && c_end % LANES == 0 && c_end <= BC);
     for rb in 0..row_blocks {
         let r0 = rb * ROWS;
         // Rows and columns sliced once to their exact lengths, so that the inner loop carries no
         // bounds checks.
         let qrows: [&[f32]; ROWS] = std::array::from_fn(|rr| &q[(r0 + rr) * dp..(r0 + rr + 1) * dp]);
         let kt = &kt[..dp * BC];
-        for c0 in (0..BC).step_by(LANES) {
+        for c0 in (c_begin..c_end).step_by(LANES) {
             let mut acc = [[0f32; LANES]; ROWS];
             for (d, krow) in kt.chunks_exact(BC).enumerate() {
                 let k: &[f32; LANES] = krow[c0..c0 + LANES].try_into().unwrap();

@@ -1,0 +1,89 @@
+//! Query rotation inside the fused CPU attention, for PINE's re-assigned positions.
+//!
+//! Keys are rotated once, at their original positions. A query row `r` whose group shifts key
+//! segment `s` by `shift` must see `rope(q, p_q + shift) . rope(k, p_k)`, which equals PINE's
+//! `rope(q, p_q) . rope(k, p_k - shift)`. So per key tile, per key segment piece of the tile, the
+//! query rows are turned by their shift (O(D) per row and piece) and only that piece's columns of
+//! S are computed with them. A tile that straddles two segments gets each piece's columns from its
+//! own rotation: exact, whatever the tile boundaries.
+
+use super::segment::TilePieces;
+use super::tile::{scores, BC, LANES};
+use crate::pine::{QueryShifts, RopeTable};
+
+/// Positions and shifts of the query rows, and the RoPE table that turns them.
+pub(crate) struct QueryRotation<'a> {
+    pub table: &'a RopeTable,
+    pub shifts: &'a QueryShifts,
+}
+
+impl QueryRotation<'_> {
+    /// Rotates the loaded (scaled) query rows `[q0, q0 + rows)` of batch row `b` at their
+    /// original positions: the base every shift turns further.
+    pub fn rotate_base(&self, q: &mut [f32], dp: usize, rows: usize, b: usize, q_len: usize, q0: usize) {
+        for r in 0..rows {
+            let p = self.shifts.q_pos[b * q_len + q0 + r] as usize;
+            self.table.rotate_row(&mut q[r * dp..(r + 1) * dp], p);
+        }
+    }
+}
+
+/// Buffers of [`rotated_scores`]: one rotated query tile and one S tile.
+pub(crate) struct RotaryScratch {
+    qr: Vec<f32>,
+    s: Vec<f32>,
+}
+
+impl RotaryScratch {
+    pub fn new(br: usize, dp: usize) -> Self {
+        Self {
+            qr: vec![0.0; br * dp],
+            s: vec![0.0; br * BC],
+        }
+    }
+}
+
+/// S of one key tile (`s`, `[BR, BC]`) for query rows `[q0, q0 + rows)` of (b, h): every key
+/// piece's columns from the base queries `q` turned by each row's shift for that piece's segment.
+/// `row_blocks` rows are computed (padding rows of `q` are zero).
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+pub(crate) fn rotated_scores<const FMA: bool>(
+    rot: &QueryRotation<'_>,
+    q: &[f32],
+    kt: &[f32],
+    s: &mut [f32],
+    scratch: &mut RotaryScratch,
+    dp: usize,
+    (rows, row_blocks_rows): (usize, usize),
+    pieces: &TilePieces,
+    (b, h, q_len, q0): (usize, usize, usize, usize),
+) {
+    let row_blocks = row_blocks_rows / super::tile::ROWS;
+    let shifts = rot.shifts;
+    let single = pieces.list.len() == 1;
+    for piece in &pieces.list {
+        let shift = |r: usize| shifts.shift(b, h, q_len, q0 + r, piece.id) as usize;
+        let cols = (piece.a / LANES * LANES, piece.b.div_ceil(LANES) * LANES);
+        let dst: &mut [f32] = if single { s } else { &mut scratch.s };
+        if (0..rows).all(|r| shift(r) == 0) {
+            scores::<FMA>(q, kt, dst, dp, row_blocks, cols);
+        } else {
+            let qr = &mut scratch.qr;
+            qr[..row_blocks_rows * dp].copy_from_slice(&q[..row_blocks_rows * dp]);
+            for r in 0..rows {
+                let sh = shift(r);
+                if sh != 0 {
+                    rot.table.rotate_row(&mut qr[r * dp..(r + 1) * dp], sh);
+                }
+            }
+            scores::<FMA>(qr, kt, dst, dp, row_blocks, cols);
+        }
+        if !single {
+            for r in 0..rows {
+                let (a, e) = (r * BC + piece.a, r * BC + piece.b);
+                s[a..e].copy_from_slice(&scratch.s[a..e]);
+            }
+        }
+    }
+}

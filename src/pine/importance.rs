@@ -1,0 +1,112 @@
+//! PINE's importance scores, through the fused per-segment mass ([`crate::segment_scores`]) under
+//! two scoring masks, on un-rotated q and k:
+//! - segment queries (needed when a row has `n > 2` segments): each segment's tokens see only
+//!   the OTHER segments; length-normalised mass summed over the query segment -> `I[i, j]`;
+//! - suffix and generated rows: every segment token; length-normalised mass per row.
+//!
+//! Neither builds anything of size `L x L`: the masks are segment ids plus a small rule table.
+
+use candle_core::{Device, Result, Tensor};
+
+use crate::mask::{PairRule, PairTable, PineLayout, SegmentMask, Visibility, TABLE_DEFAULT};
+use crate::scores::{segment_scores, QueryReduction, SegmentScoreOptions};
+
+/// Importance scores on the host, f32.
+pub(crate) struct Importance {
+    /// Key segment ids (`max n + 2`): the last axis of both tensors.
+    pub sk: usize,
+    /// `[B, H, Sk, Sk]`: `I[b, h, i, j]` for segment query ids `i`, when some row has `n > 2`.
+    pub segments: Option<Vec<f32>>,
+    /// `[B, H, m, Sk]`: per-row scores of the last `m` query rows (suffix / generated rows).
+    pub rows: Vec<f32>,
+    /// `m`, the number of last query rows scored per row.
+    pub scored_rows: usize,
+}
+
+/// Scores for `q` (`[B, Lq, H, D]`, the last `Lq` of the `Lk` tokens of every layout, extended)
+/// against `k` (un-rotated, `[B, Lk, Hkv, D]`). `scored_rows`: how many last query rows are
+/// suffix / generated rows in at least one batch row.
+pub(crate) fn importance(
+    q: &Tensor,
+    k: &Tensor,
+    layouts: &[PineLayout],
+    scale: f64,
+    scored_rows: usize,
+) -> Result<Importance> {
+    let (_, q_len, _, _) = q.dims4()?;
+    let kv_len = k.dim(1)?;
+    let device = q.device();
+    let sk = layouts.iter().map(PineLayout::num_ids).max().unwrap_or(2);
+    let base = SegmentScoreOptions::new()
+        .normalize_by_length(true)
+        .scale(scale)
+        .num_key_segments(sk);
+
+    let needs_segments = q_len == kv_len && layouts.iter().any(|l| l.segment_lens.len() > 2);
+    let segments = if needs_segments {
+        let mask = scoring_mask(layouts, device, |q_id, k_id, n| {
+            (1..=n).contains(&q_id) && (1..=n).contains(&k_id) && q_id != k_id
+        })?;
+        let opts = base
+            .query_reduction(QueryReduction::SumBySegment)
+            .num_query_segments(sk);
+        Some(to_host(&segment_scores(q, k, &mask, &opts)?)?)
+    } else {
+        None
+    };
+
+    let rows = if scored_rows > 0 {
+        let mask = scoring_mask(layouts, device, |q_id, k_id, n| {
+            q_id == n + 1 && (1..=n).contains(&k_id)
+        })?
+        .last_queries(scored_rows)?;
+        let q_last = q.narrow(1, q_len - scored_rows, scored_rows)?;
+        to_host(&segment_scores(&q_last, k, &mask, &base)?)?
+    } else {
+        Vec::new()
+    };
+    Ok(Importance {
+        sk,
+        segments,
+        rows,
+        scored_rows,
+    })
+}
+
+/// A self-attention mask over the PINE ids of `layouts` in which query id `q` sees key id `k`
+/// (fully) iff `sees(q, k, n)`, `n` the row's segment count; everything else is blocked.
+fn scoring_mask(
+    layouts: &[PineLayout],
+    device: &Device,
+    sees: impl Fn(usize, usize, usize) -> bool,
+) -> Result<SegmentMask> {
+    let len = layouts[0].len();
+    let s = layouts.iter().map(PineLayout::num_ids).max().unwrap_or(2);
+    let mut ids = Vec::with_capacity(layouts.len() * len);
+    let mut codes = vec![TABLE_DEFAULT; layouts.len() * s * s];
+    for (b, layout) in layouts.iter().enumerate() {
+        let n = layout.segment_lens.len();
+        ids.extend(std::iter::repeat_n(0u32, layout.prefix_len));
+        for (j, &l) in layout.segment_lens.iter().enumerate() {
+            ids.extend(std::iter::repeat_n(1 + j as u32, l));
+        }
+        ids.extend(std::iter::repeat_n(n as u32 + 1, layout.suffix_len));
+        for q in 0..s {
+            for k in 0..s {
+                if sees(q, k, n) {
+                    codes[(b * s + q) * s + k] = Visibility::Full.code();
+                }
+            }
+        }
+    }
+    let ids = Tensor::from_vec(ids, (layouts.len(), len), device)?;
+    let table = PairTable::new(Tensor::from_vec(codes, (layouts.len(), s, s), device)?)?;
+    SegmentMask::self_attention(
+        &ids,
+        PairRule::new(Visibility::Blocked, Visibility::Blocked).with_table(table),
+    )
+}
+
+fn to_host(t: &Tensor) -> Result<Vec<f32>> {
+    t.flatten_all()?.to_vec1::<f32>()
+}

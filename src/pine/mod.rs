@@ -1,0 +1,306 @@
+//! PINE end to end: one position-invariant attention layer, fused, O(L) memory, batched.
+//!
+//! PINE ("Eliminating Position Bias of Language Models", ICLR 2025) makes a prompt of segments
+//! (documents, candidate answers) order-invariant without training. Per layer and query head:
+//! 1. **importance** ([`importance`]): on un-rotated q and k, how much each query segment (or each
+//!    suffix / generated row) attends to each other segment, length-normalised — the fused
+//!    per-segment mass under two scoring masks;
+//! 2. **order and shifts** ([`order`]): segments sorted by importance (own segment first, stable),
+//!    each shifted back by the length of the segments ranked before it;
+//! 3. **attention** with PINE's mask (segments bidirectional between each other, causal inside)
+//!    where the query is rotated, inside the fused loop, by its position plus the shift of each
+//!    key segment — `rope(q, p + s) . rope(k, p_k) == rope(q, p) . rope(k, p_k - s)` — so K is
+//!    rotated once, at its original position (cacheable), and no per-group copy of K exists.
+//!
+//! [`PineAttention`] runs a layer: [`PineAttention::prefill`] on the whole prompt,
+//! [`PineAttention::decode`] for generated tokens against a KV cache rotated with
+//! [`PineAttention::rotate_keys`]. The baselines of the paper (vanilla, PCW, NIA) are
+//! [`PositionScheme`]s of the same API. The literal oracle is [`crate::reference::pine_attention`].
+
+mod importance;
+mod order;
+mod rope;
+mod scheme;
+
+use candle_core::{DType, Device, Result, Tensor};
+
+pub use rope::{Llama3Scaling, Rope};
+pub use scheme::PositionScheme;
+
+pub(crate) use order::QueryShifts;
+pub(crate) use rope::RopeTable;
+
+use crate::cpu::rotary::QueryRotation;
+use crate::error::invalid_arg;
+use crate::mask::PineLayout;
+use crate::op::{AttentionOutput, SegmentAttention};
+use crate::validate::{default_scale, AttentionShape};
+
+/// One PINE attention layer (or a baseline scheme) for a batch of prompt layouts.
+///
+/// q, k, v are the layer's projections **before** RoPE: q `[B, L, H, D]`, k and v
+/// `[B, L, Hkv, D]` (GQA: `H % Hkv == 0`), f32 / f16 / bf16, one [`PineLayout`] per batch row
+/// (rows may differ; every row must have the same total length).
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use segattn::pine::{PineAttention, Rope};
+/// use segattn::PineLayout;
+/// let dev = Device::Cpu;
+/// // System prompt of 8 tokens, two candidate answers of 20 and 14 tokens, a 6-token header.
+/// let layout = PineLayout::new(8, &[20, 14], 6);
+/// let pine = PineAttention::new(&[layout], Rope::new(500_000.0))?;
+/// let (l, h, hkv, d) = (48, 4, 2, 64);
+/// let q = Tensor::randn(0f32, 1.0, (1, l, h, d), &dev)?;
+/// let k = Tensor::randn(0f32, 1.0, (1, l, hkv, d), &dev)?;
+/// let v = Tensor::randn(0f32, 1.0, (1, l, hkv, d), &dev)?;
+/// let out = pine.prefill(&q, &k, &v)?.out;
+/// assert_eq!(out.dims(), &[1, l, h, d]);
+///
+/// // Decode: the cache keeps K rotated once at PINE's original positions.
+/// let k_cache = pine.rotate_keys(&k)?;
+/// let q_new = Tensor::randn(0f32, 1.0, (1, 1, h, d), &dev)?;
+/// let k_new = pine.rotate_keys(&Tensor::randn(0f32, 1.0, (1, l + 1, hkv, d), &dev)?)?.narrow(1, l, 1)?;
+/// let k_cache = Tensor::cat(&[&k_cache, &k_new], 1)?;
+/// let v_cache = Tensor::cat(&[&v, &Tensor::randn(0f32, 1.0, (1, 1, hkv, d), &dev)?], 1)?;
+/// let step = pine.decode(&q_new, &k_cache, &v_cache)?.out;
+/// assert_eq!(step.dims(), &[1, 1, h, d]);
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+#[derive(Clone, Debug)]
+pub struct PineAttention {
+    layouts: Vec<PineLayout>,
+    rope: Rope,
+    scheme: PositionScheme,
+    scale: Option<f64>,
+    return_lse: bool,
+}
+
+impl PineAttention {
+    /// A PINE layer for `layouts` (one per batch row) with RoPE `rope`. Every segment must have
+    /// at least one token and every layout the same total length.
+    pub fn new(layouts: &[PineLayout], rope: Rope) -> Result<Self> {
+        let Some(first) = layouts.first() else {
+            invalid_arg!("layouts: expected one layout per batch row, got none");
+        };
+        for (b, l) in layouts.iter().enumerate() {
+            if let Some(j) = l.segment_lens.iter().position(|&x| x == 0) {
+                invalid_arg!(
+                    "layouts: row {b}: segment {} has no token (every segment needs at least one)",
+                    j + 1
+                );
+            }
+            if l.len() != first.len() {
+                invalid_arg!(
+                    "layouts: every batch row must have the same total length: row 0 has {} tokens, row {b} has {}",
+                    first.len(),
+                    l.len()
+                );
+            }
+        }
+        Ok(Self {
+            layouts: layouts.to_vec(),
+            rope,
+            scheme: PositionScheme::Pine,
+            scale: None,
+            return_lse: false,
+        })
+    }
+
+    /// Runs a baseline instead of PINE (same API, same inputs).
+    pub fn scheme(mut self, scheme: PositionScheme) -> Self {
+        self.scheme = scheme;
+        self
+    }
+
+    /// Overrides the softmax scale (default `1/sqrt(D)`); the importance scores use it too.
+    pub fn scale(mut self, scale: f64) -> Self {
+        self.scale = Some(scale);
+        self
+    }
+
+    /// Also return the log-sum-exp `[B, H, Lq]` (to merge split-K partials).
+    pub fn return_lse(mut self, yes: bool) -> Self {
+        self.return_lse = yes;
+        self
+    }
+
+    /// The layouts, one per batch row.
+    pub fn layouts(&self) -> &[PineLayout] {
+        &self.layouts
+    }
+
+    /// The RoPE position of every token `0..len` of every batch row, `[B, len]` u32: where K is
+    /// rotated once for the cache (PINE: the original positions, segments right-aligned to end
+    /// at the last segment position; tokens beyond the layout are generated ones).
+    pub fn key_positions(&self, len: usize, device: &Device) -> Result<Tensor> {
+        let pos: Vec<u32> = self.positions(len).into_iter().flatten().collect();
+        Tensor::from_vec(pos, (self.layouts.len(), len), device)
+    }
+
+    /// `k` `[B, L, Hkv, D]` (un-rotated) rotated at [`PineAttention::key_positions`]: what a KV
+    /// cache stores for [`PineAttention::decode`].
+    pub fn rotate_keys(&self, k: &Tensor) -> Result<Tensor> {
+        let positions = self.key_positions(k.dim(1)?, k.device())?;
+        self.rope.rotate(k, &positions, false)
+    }
+
+    /// One layer over the whole prompt: q, k, v un-rotated, `L` = the layouts' length. Returns
+    /// O `[B, L, H, D]` in the dtype of q (and the LSE when asked).
+    pub fn prefill(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<AttentionOutput> {
+        let shape = AttentionShape::of(q, k, v)?;
+        self.check_batch(&shape)?;
+        let len = self.layouts[0].len();
+        if shape.q_len != len || shape.kv_len != len {
+            invalid_arg!(
+                "q: prefill expects the whole prompt, L = {len} tokens (the layouts' length), got Lq = {}, Lk = {}",
+                shape.q_len,
+                shape.kv_len
+            );
+        }
+        if self.scheme != PositionScheme::Pine {
+            return self.attend(q, k, &self.rotate_keys(k)?, v, &shape);
+        }
+        // K rotated once, kept in f32 (no second rounding of 16-bit inputs); the fused attention
+        // then runs on f32 copies of q and v (O(L D), against O(L^2 D) of attention).
+        let dtype = q.dtype();
+        let positions = self.key_positions(shape.kv_len, k.device())?;
+        let k_rot = self.rope.rotate_f32(k, &positions, false)?;
+        let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+        let mut res = self.attend(&f32(q)?, &f32(k)?, &k_rot, &f32(v)?, &shape)?;
+        res.out = res.out.to_dtype(dtype)?;
+        Ok(res)
+    }
+
+    /// One decode (or chunked suffix) step: q `[B, Lq, H, D]` un-rotated, the last `Lq` tokens;
+    /// `k_cache` `[B, Lk, Hkv, D]` rotated with [`PineAttention::rotate_keys`] (including these
+    /// tokens' keys), `v_cache` likewise. Every query row must come after the segments (suffix or
+    /// generated tokens). Per row and head: importance against every segment, order, shifts,
+    /// attention.
+    pub fn decode(&self, q: &Tensor, k_cache: &Tensor, v_cache: &Tensor) -> Result<AttentionOutput> {
+        let shape = AttentionShape::of(q, k_cache, v_cache)?;
+        self.check_batch(&shape)?;
+        let len = self.layouts[0].len();
+        if shape.kv_len < len || shape.q_len > shape.kv_len {
+            invalid_arg!(
+                "k_cache: expected at least the prompt ({len} tokens) and Lq = {} query rows, got Lk = {}",
+                shape.q_len,
+                shape.kv_len
+            );
+        }
+        let first_row = shape.kv_len - shape.q_len;
+        if let Some((b, l)) = self
+            .layouts
+            .iter()
+            .enumerate()
+            .find(|(_, l)| first_row < l.len() - l.suffix_len)
+        {
+            invalid_arg!(
+                "q: decode rows must come after the segments: row {b}'s segments end at token {}, the first query \
+                 row is token {first_row} (run prefill on the prompt)",
+                l.len() - l.suffix_len
+            );
+        }
+        if self.scheme != PositionScheme::Pine {
+            return self.attend(q, k_cache, k_cache, v_cache, &shape);
+        }
+        // Importance needs un-rotated keys: undo the cache's rotation (O(Lk D) per KV head), in
+        // f32 so that the scores that decide the order see no extra rounding.
+        let positions = self.key_positions(shape.kv_len, k_cache.device())?;
+        let k_plain = self.rope.rotate_f32(k_cache, &positions, true)?;
+        self.attend(q, &k_plain, k_cache, v_cache, &shape)
+    }
+
+    /// The attention of the last `Lq` tokens: `k_plain` un-rotated (for the importance), `k_rot`
+    /// rotated at the scheme's positions.
+    fn attend(
+        &self,
+        q: &Tensor,
+        k_plain: &Tensor,
+        k_rot: &Tensor,
+        v: &Tensor,
+        shape: &AttentionShape,
+    ) -> Result<AttentionOutput> {
+        let (q_len, kv_len) = (shape.q_len, shape.kv_len);
+        let scale = self.scale.unwrap_or_else(|| default_scale(shape.head_dim));
+        let mask = self
+            .scheme
+            .mask(&self.layouts, kv_len, q.device())?
+            .last_queries(q_len)?;
+        let attention = SegmentAttention::new(&mask).scale(scale).return_lse(self.return_lse);
+        if self.scheme != PositionScheme::Pine {
+            let positions = self
+                .key_positions(kv_len, q.device())?
+                .narrow(1, kv_len - q_len, q_len)?;
+            let q_rot = self.rope.rotate(q, &positions, false)?;
+            return attention.forward(&q_rot, k_rot, v);
+        }
+        if !q.device().is_cpu() {
+            invalid_arg!(
+                "q: PINE's fused path runs on the CPU only for now (the CUDA kernels with in-loop query rotation are \
+                 pending), got q on {:?}; the baselines (PositionScheme) run on the GPU",
+                q.device().location()
+            );
+        }
+        let extended: Vec<PineLayout> = self.layouts.iter().map(|l| scheme::extend(l, kv_len)).collect();
+        let off = kv_len - q_len;
+        let scored_rows = extended
+            .iter()
+            .map(|l| q_len - (l.len() - l.suffix_len).saturating_sub(off).min(q_len))
+            .max()
+            .unwrap_or(0);
+        let q_plain = q.to_dtype(k_plain.dtype())?;
+        let imp = importance::importance(&q_plain, k_plain, &extended, scale, scored_rows)?;
+        let positions = self.positions(kv_len);
+        let shifts = order::query_shifts(&extended, shape.num_heads, q_len, kv_len, &imp, &positions);
+        let table = self.rope.table(shape.head_dim, kv_len.max(shifts.max_shift() + 1))?;
+        let rotation = PineRotation { table, shifts };
+        attention.with_rotation(&rotation).forward(q, k_rot, v)
+    }
+
+    fn positions(&self, len: usize) -> Vec<Vec<u32>> {
+        self.layouts.iter().map(|l| self.scheme.positions(l, len)).collect()
+    }
+
+    fn check_batch(&self, shape: &AttentionShape) -> Result<()> {
+        if shape.batch != self.layouts.len() {
+            invalid_arg!(
+                "q: expected batch {} (one per layout), got B = {}",
+                self.layouts.len(),
+                shape.batch
+            );
+        }
+        if shape.head_dim % 2 != 0 {
+            invalid_arg!("q: RoPE needs an even head dimension, got D = {}", shape.head_dim);
+        }
+        Ok(())
+    }
+}
+
+/// The query rotation of one PINE call: the RoPE table and every row's position and shifts.
+#[derive(Debug)]
+pub(crate) struct PineRotation {
+    table: RopeTable,
+    shifts: QueryShifts,
+}
+
+impl PineRotation {
+    /// Checks that the rotation was built for this call's shape.
+    pub(crate) fn check(&self, shape: &AttentionShape) -> Result<()> {
+        let rows = self.shifts.row_group.len();
+        if rows != shape.batch * shape.q_len
+            || self.shifts.heads != shape.num_heads
+            || self.table.half * 2 != shape.head_dim
+        {
+            invalid_arg!("internal error: PINE rotation built for another shape");
+        }
+        Ok(())
+    }
+
+    pub(crate) fn cpu(&self) -> QueryRotation<'_> {
+        QueryRotation {
+            table: &self.table,
+            shifts: &self.shifts,
+        }
+    }
+}

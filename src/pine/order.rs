@@ -1,0 +1,164 @@
+//! PINE's segment order and position shifts, from the importance scores.
+//!
+//! A query group is a query segment (all its rows share one order) or a single suffix / generated
+//! row. Per (batch row, query head, group): the segments are sorted by descending importance
+//! (stable: ties keep the lower segment first; a segment query's own segment always first), and
+//! segment `j` is shifted back by the total length of the segments ranked before it. Prefix and
+//! suffix keys are never shifted; prefix rows form group 0, whose shifts are all 0.
+
+use super::importance::Importance;
+use crate::mask::PineLayout;
+
+/// The per-row query groups and the shift of every key segment id for every group.
+#[derive(Clone, Debug)]
+pub(crate) struct QueryShifts {
+    /// Groups per (batch row, head): 0 = no shift (prefix rows), `1..=n` the segments, then one
+    /// per suffix / generated query row.
+    pub groups: usize,
+    /// Key segment ids (`max n + 2`).
+    pub sk: usize,
+    /// Query heads.
+    pub heads: usize,
+    /// `[B, Lq]`: the group of every query row.
+    pub row_group: Vec<u32>,
+    /// `[B, H, groups, sk]`: the shift of key segment id `s` for a group.
+    pub shifts: Vec<u32>,
+    /// `[B, Lq]`: the original (un-shifted) RoPE position of every query row.
+    pub q_pos: Vec<u32>,
+}
+
+impl QueryShifts {
+    /// The shift of key segment `id` for query row `i` of batch row `b` and head `h`.
+    #[inline]
+    pub fn shift(&self, b: usize, h: usize, q_len: usize, i: usize, id: u32) -> u32 {
+        let g = self.row_group[b * q_len + i] as usize;
+        self.shifts[((b * self.heads + h) * self.groups + g) * self.sk + id as usize]
+    }
+
+    /// The largest shift plus one (the RoPE table must cover it).
+    pub fn max_shift(&self) -> usize {
+        self.shifts.iter().copied().max().map_or(0, |m| m as usize)
+    }
+}
+
+/// The order of segments `1..=n` by descending `score(j)` (ties: lower index first), with `own`
+/// first when given.
+pub(crate) fn segment_order(n: usize, own: Option<usize>, score: impl Fn(usize) -> f32) -> Vec<usize> {
+    let mut order: Vec<usize> = (1..=n).filter(|&j| Some(j) != own).collect();
+    // sort_by is stable; total_cmp keeps NaN-free scores in their numeric order.
+    order.sort_by(|&a, &b| score(b).total_cmp(&score(a)));
+    if let Some(own) = own {
+        order.insert(0, own);
+    }
+    order
+}
+
+/// Writes the shifts of `order` into `dst` (indexed by segment id): the exclusive cumulative
+/// sum of the segment lengths in rank order.
+fn write_shifts(order: &[usize], lens: &[usize], dst: &mut [u32]) {
+    let mut before = 0usize;
+    for &j in order {
+        dst[j] = before as u32;
+        before += lens[j - 1];
+    }
+}
+
+/// Groups and shifts for the last `q_len` of the `kv_len` tokens of each (extended) layout.
+pub(crate) fn query_shifts(
+    layouts: &[PineLayout],
+    heads: usize,
+    q_len: usize,
+    kv_len: usize,
+    imp: &Importance,
+    positions: &[Vec<u32>],
+) -> QueryShifts {
+    let batch = layouts.len();
+    let sk = imp.sk;
+    let off = kv_len - q_len;
+    let groups = layouts
+        .iter()
+        .map(|l| {
+            let seg_end = l.len() - l.suffix_len;
+            let suffix_rows = (kv_len - seg_end.max(off)).min(q_len);
+            l.segment_lens.len() + 1 + suffix_rows
+        })
+        .max()
+        .unwrap_or(1);
+
+    let mut row_group = vec![0u32; batch * q_len];
+    let mut q_pos = vec![0u32; batch * q_len];
+    let mut shifts = vec![0u32; batch * heads * groups * sk];
+    for (b, layout) in layouts.iter().enumerate() {
+        let n = layout.segment_lens.len();
+        let lens = &layout.segment_lens;
+        let seg_end = layout.len() - layout.suffix_len;
+        let first_suffix_row = seg_end.saturating_sub(off);
+        // Rows: group of each query row.
+        let mut id_of = Vec::with_capacity(kv_len);
+        id_of.extend(std::iter::repeat_n(0usize, layout.prefix_len));
+        for (j, &l) in lens.iter().enumerate() {
+            id_of.extend(std::iter::repeat_n(j + 1, l));
+        }
+        for i in 0..q_len {
+            let t = off + i;
+            let id = id_of.get(t).copied().unwrap_or(n + 1);
+            row_group[b * q_len + i] = if id <= n {
+                id as u32
+            } else {
+                (n + 1 + i - first_suffix_row) as u32
+            };
+            q_pos[b * q_len + i] = positions[b][t];
+        }
+        for h in 0..heads {
+            let base = (b * heads + h) * groups;
+            // Segment groups.
+            for i in 1..=n {
+                let order = match (&imp.segments, n) {
+                    (Some(seg), n) if n > 2 => {
+                        let row = &seg[((b * heads + h) * sk + i) * sk..][..sk];
+                        segment_order(n, Some(i), |j| row[j])
+                    }
+                    _ => segment_order(n, Some(i), |_| 0.0),
+                };
+                write_shifts(&order, lens, &mut shifts[(base + i) * sk..(base + i + 1) * sk]);
+            }
+            // Suffix / generated rows, one group each.
+            for i in first_suffix_row..q_len {
+                let r = i - (q_len - imp.scored_rows);
+                let row = &imp.rows[((b * heads + h) * imp.scored_rows + r) * sk..][..sk];
+                let order = segment_order(n, None, |j| row[j]);
+                let g = n + 1 + i - first_suffix_row;
+                write_shifts(&order, lens, &mut shifts[(base + g) * sk..(base + g + 1) * sk]);
+            }
+        }
+    }
+    QueryShifts {
+        groups,
+        sk,
+        heads,
+        row_group,
+        shifts,
+        q_pos,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn order_is_stable_descending_with_own_first() {
+        let scores = [0.0, 0.2, 0.5, 0.2, 0.9];
+        assert_eq!(segment_order(4, None, |j| scores[j]), vec![4, 2, 1, 3]);
+        assert_eq!(segment_order(4, Some(3), |j| scores[j]), vec![3, 4, 2, 1]);
+        assert_eq!(segment_order(2, Some(2), |_| 0.0), vec![2, 1]);
+    }
+
+    #[test]
+    fn shifts_tile_the_segments_without_gaps() {
+        let lens = [5, 3, 7];
+        let mut dst = [0u32; 5];
+        write_shifts(&[2, 3, 1], &lens, &mut dst);
+        assert_eq!(&dst[1..4], &[10, 0, 3]);
+    }
+}

@@ -1,0 +1,256 @@
+//! Rotary position embedding (RoPE), rotate-half (Llama / GPT-NeoX) convention.
+//!
+//! Dimension pairs are `(i, i + D/2)`; pair `i` turns by the angle `p * inv_freq[i]` at position
+//! `p`. The frequencies come from a base `theta` (`inv_freq[i] = theta^(-2i / D)`), optionally
+//! reshaped by Llama-3's frequency scaling, or from the caller's own cos / sin tables.
+//!
+//! PINE needs a rotation by `p + s` (the query's position plus its group's shift for a key
+//! segment). It is applied as two rotations, by `p` then by `s`, both `< L`: a table of `L`
+//! positions covers every call, and caller tables of the model's context length suffice.
+
+use candle_core::{DType, Device, Result, Tensor, D};
+
+use crate::error::invalid_arg;
+
+/// Llama-3's frequency scaling (the `rope_scaling` block of a Llama-3.1 config): long
+/// wavelengths are divided by `factor`, short ones kept, the band between interpolated.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Llama3Scaling {
+    /// Divisor of the low frequencies (8 for Llama-3.1).
+    pub factor: f64,
+    /// Wavelengths above `original_max_position / low_freq_factor` are scaled (1).
+    pub low_freq_factor: f64,
+    /// Wavelengths below `original_max_position / high_freq_factor` are kept (4).
+    pub high_freq_factor: f64,
+    /// The pre-training context length (8192).
+    pub original_max_position: f64,
+}
+
+impl Llama3Scaling {
+    /// Llama-3.1's values: factor 8, low 1, high 4, original context 8192.
+    pub fn llama31() -> Self {
+        Self {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position: 8192.0,
+        }
+    }
+
+    fn apply(&self, inv_freq: f64) -> f64 {
+        let wavelen = 2.0 * std::f64::consts::PI / inv_freq;
+        let low_wavelen = self.original_max_position / self.low_freq_factor;
+        let high_wavelen = self.original_max_position / self.high_freq_factor;
+        if wavelen > low_wavelen {
+            inv_freq / self.factor
+        } else if wavelen < high_wavelen {
+            inv_freq
+        } else {
+            let smooth = (self.original_max_position / wavelen - self.low_freq_factor)
+                / (self.high_freq_factor - self.low_freq_factor);
+            (1.0 - smooth) * inv_freq / self.factor + smooth * inv_freq
+        }
+    }
+}
+
+/// Where the rotation angles come from.
+#[derive(Clone, Debug)]
+enum Angles {
+    /// `inv_freq[i] = theta^(-2i / D)`, optionally scaled.
+    Theta { theta: f64, scaling: Option<Llama3Scaling> },
+    /// The caller's tables `[max_pos, D/2]` (f32 on the CPU).
+    Tables {
+        cos: Vec<f32>,
+        sin: Vec<f32>,
+        max_pos: usize,
+        half: usize,
+    },
+}
+
+/// A RoPE configuration (rotate-half).
+///
+/// ```
+/// use segattn::pine::{Llama3Scaling, Rope};
+/// let rope = Rope::new(500_000.0).with_llama3_scaling(Llama3Scaling::llama31());
+/// # let _ = rope;
+/// ```
+#[derive(Clone, Debug)]
+pub struct Rope {
+    angles: Angles,
+}
+
+impl Rope {
+    /// Frequencies from the base `theta` (10 000 for Llama-2, 500 000 for Llama-3).
+    pub fn new(theta: f64) -> Self {
+        Self {
+            angles: Angles::Theta { theta, scaling: None },
+        }
+    }
+
+    /// Adds Llama-3's frequency scaling (only for [`Rope::new`]; tables are taken as given).
+    pub fn with_llama3_scaling(mut self, scaling: Llama3Scaling) -> Self {
+        if let Angles::Theta { scaling: s, .. } = &mut self.angles {
+            *s = Some(scaling);
+        }
+        self
+    }
+
+    /// The caller's tables: `cos` and `sin` `[max_pos, D/2]` (any float dtype, any device),
+    /// `cos[p, i] = cos(p * f_i)` for a frequency `f_i` per pair. They must be a true rotation
+    /// linear in the position (PINE's identity relies on it); positions used are below the
+    /// sequence length.
+    pub fn from_tables(cos: &Tensor, sin: &Tensor) -> Result<Self> {
+        let (max_pos, half) = cos.dims2().map_err(|_| {
+            candle_core::Error::Msg(format!(
+                "segattn: cos: expected rank 2 [max_pos, D/2], got shape {:?}",
+                cos.dims()
+            ))
+        })?;
+        if sin.dims() != cos.dims() {
+            invalid_arg!("sin: expected the shape of cos {:?}, got {:?}", cos.dims(), sin.dims());
+        }
+        let host = |t: &Tensor| -> Result<Vec<f32>> { t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>() };
+        Ok(Self {
+            angles: Angles::Tables {
+                cos: host(cos)?,
+                sin: host(sin)?,
+                max_pos,
+                half,
+            },
+        })
+    }
+
+    /// The base `theta` and scaling, when the angles are not given as tables.
+    pub(crate) fn theta(&self) -> Option<(f64, Option<Llama3Scaling>)> {
+        match &self.angles {
+            Angles::Theta { theta, scaling } => Some((*theta, *scaling)),
+            Angles::Tables { .. } => None,
+        }
+    }
+
+    /// The frequency of every pair for head dimension `d`, in f64 (theta form only).
+    pub fn inv_freq(&self, d: usize) -> Option<Vec<f64>> {
+        let (theta, scaling) = self.theta()?;
+        Some(
+            (0..d / 2)
+                .map(|i| {
+                    let f = theta.powf(-2.0 * i as f64 / d as f64);
+                    scaling.map_or(f, |s| s.apply(f))
+                })
+                .collect(),
+        )
+    }
+
+    /// Checks the configuration against head dimension `d` and positions `< len`.
+    pub(crate) fn check(&self, d: usize, len: usize) -> Result<()> {
+        if d % 2 != 0 {
+            invalid_arg!("q: RoPE needs an even head dimension, got D = {d}");
+        }
+        match &self.angles {
+            Angles::Theta { theta, .. } if !(theta.is_finite() && *theta > 1.0) => {
+                invalid_arg!("rope: expected theta > 1, got {theta}")
+            }
+            Angles::Tables { half, .. } if *half != d / 2 => {
+                invalid_arg!("rope: expected tables [max_pos, D/2 = {}], got D/2 = {half}", d / 2)
+            }
+            Angles::Tables { max_pos, .. } if *max_pos < len => {
+                invalid_arg!("rope: the tables cover {max_pos} positions, the sequence needs {len}")
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// cos / sin of every position `0..len` and pair, f32 `[len, D/2]`, on the host.
+    pub(crate) fn table(&self, d: usize, len: usize) -> Result<RopeTable> {
+        self.check(d, len)?;
+        let half = d / 2;
+        let (cos, sin) = match &self.angles {
+            Angles::Tables { cos, sin, .. } => (cos[..len * half].to_vec(), sin[..len * half].to_vec()),
+            Angles::Theta { .. } => {
+                let f = self.inv_freq(d).expect("theta form");
+                let mut cos = Vec::with_capacity(len * half);
+                let mut sin = Vec::with_capacity(len * half);
+                for p in 0..len {
+                    for &fi in &f {
+                        let (s, c) = (p as f64 * fi).sin_cos();
+                        cos.push(c as f32);
+                        sin.push(s as f32);
+                    }
+                }
+                (cos, sin)
+            }
+        };
+        Ok(RopeTable { half, cos, sin })
+    }
+
+    /// Rotates `x` `[B, L, heads, D]` at `positions` `[B, L]` (u32; batch 1 is shared), as
+    /// tensor ops on the device of `x`, computed in f32 and returned in the dtype of `x`. With
+    /// `inverse`, rotates by minus the position (undoes a rotation). Positions must be below the
+    /// table length (tables) — any position works with `theta`.
+    pub fn rotate(&self, x: &Tensor, positions: &Tensor, inverse: bool) -> Result<Tensor> {
+        self.rotate_f32(x, positions, inverse)?.to_dtype(x.dtype())
+    }
+
+    /// [`Rope::rotate`] without the final rounding: f32 whatever the dtype of `x`.
+    pub(crate) fn rotate_f32(&self, x: &Tensor, positions: &Tensor, inverse: bool) -> Result<Tensor> {
+        let (b, l, _h, d) = x.dims4()?;
+        let (pb, pl) = positions.dims2()?;
+        if (pb != b && pb != 1) || pl != l {
+            invalid_arg!(
+                "positions: expected shape [{b}, {l}] (or [1, {l}]), got {:?}",
+                positions.dims()
+            );
+        }
+        let pos: Vec<u32> = positions.to_dtype(DType::U32)?.flatten_all()?.to_vec1()?;
+        let len = pos.iter().copied().max().map_or(0, |m| m as usize + 1);
+        let table = self.table(d, len)?;
+        let (cos, sin) = table.gather(&pos, (pb, l), x.device())?;
+        let sin = if inverse { sin.neg()? } else { sin };
+        let x = x.to_dtype(DType::F32)?;
+        let half = d / 2;
+        let x1 = x.narrow(D::Minus1, 0, half)?;
+        let x2 = x.narrow(D::Minus1, half, half)?;
+        let lo = (x1.broadcast_mul(&cos)? - x2.broadcast_mul(&sin)?)?;
+        let hi = (x2.broadcast_mul(&cos)? + x1.broadcast_mul(&sin)?)?;
+        Tensor::cat(&[lo, hi], D::Minus1)
+    }
+}
+
+/// cos / sin of positions `0..len`, f32 `[len, half]` row-major, on the host.
+#[derive(Clone, Debug)]
+pub(crate) struct RopeTable {
+    pub half: usize,
+    pub cos: Vec<f32>,
+    pub sin: Vec<f32>,
+}
+
+impl RopeTable {
+    /// Rotates one row (`2 * half` values, rotate-half pairs) in place by position `p`.
+    #[inline]
+    pub fn rotate_row(&self, row: &mut [f32], p: usize) {
+        let h = self.half;
+        let (c, s) = (&self.cos[p * h..(p + 1) * h], &self.sin[p * h..(p + 1) * h]);
+        let (lo, hi) = row[..2 * h].split_at_mut(h);
+        for i in 0..h {
+            let (x1, x2) = (lo[i], hi[i]);
+            lo[i] = x1 * c[i] - x2 * s[i];
+            hi[i] = x2 * c[i] + x1 * s[i];
+        }
+    }
+
+    /// cos and sin gathered at `pos` (`[pb, l]`), as `[pb, l, 1, half]` f32 tensors on `device`.
+    fn gather(&self, pos: &[u32], (pb, l): (usize, usize), device: &Device) -> Result<(Tensor, Tensor)> {
+        let h = self.half;
+        let mut cos = Vec::with_capacity(pos.len() * h);
+        let mut sin = Vec::with_capacity(pos.len() * h);
+        for &p in pos {
+            let p = p as usize;
+            cos.extend_from_slice(&self.cos[p * h..(p + 1) * h]);
+            sin.extend_from_slice(&self.sin[p * h..(p + 1) * h]);
+        }
+        Ok((
+            Tensor::from_vec(cos, (pb, l, 1, h), device)?,
+            Tensor::from_vec(sin, (pb, l, 1, h), device)?,
+        ))
+    }
+}

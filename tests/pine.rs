@@ -1,0 +1,249 @@
+//! PINE's fused CPU path against the literal oracle ([`segattn::reference::pine_attention`]):
+//! prefill and decode, random layouts (2 to 30 segments, ragged, single-token segments, prefix
+//! and suffix 1 to 64 tokens), batch rows with different layouts, GQA, f32 / f16 / bf16, RoPE
+//! from theta, with Llama-3 scaling, or from tables.
+//!
+//! PINE sorts importance scores. Where two scores of a query group are closer than f32 rounding
+//! can resolve, the fused path (f32) and the oracle (f64) may legitimately order them differently;
+//! those groups (the oracle's `margin` below [`MIN_MARGIN`]) are left out of the comparison, and
+//! the test asserts that they are rare.
+
+mod common;
+
+use candle_core::{DType, Device, IndexOp, Result, Tensor};
+use common::{lse_tolerance, random_tensor, tolerance, worst_ratio, Rng};
+use proptest::prelude::*;
+use segattn::pine::{Llama3Scaling, PineAttention, PositionScheme, Rope};
+use segattn::{reference, PineLayout, SegmentAttention, SegmentMask};
+
+/// Relative gap between two importance scores below which their order is not compared.
+const MIN_MARGIN: f64 = 1e-5;
+const DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
+const HEADS: [(usize, usize); 4] = [(1, 1), (2, 1), (4, 2), (6, 3)];
+
+/// A random layout of `n` segments with prefix and suffix in 1..=64 (lengths ragged, some single
+/// tokens).
+fn random_layout(rng: &mut Rng, n: usize, max_seg: usize) -> PineLayout {
+    let segs: Vec<usize> = (0..n)
+        .map(|_| if rng.below(5) == 0 { 1 } else { 1 + rng.below(max_seg) })
+        .collect();
+    PineLayout::new(1 + rng.below(64), &segs, 1 + rng.below(64))
+}
+
+/// Random layouts for `batch` rows with one common total length (the shorter rows' suffixes
+/// grow).
+fn random_layouts(rng: &mut Rng, batch: usize) -> Vec<PineLayout> {
+    let mut layouts: Vec<PineLayout> = (0..batch)
+        .map(|_| {
+            let n = 2 + rng.below(29);
+            let max_seg = (320 / n).clamp(2, 40);
+            random_layout(rng, n, max_seg)
+        })
+        .collect();
+    let len = layouts.iter().map(PineLayout::len).max().unwrap();
+    for l in &mut layouts {
+        l.suffix_len += len - l.len();
+    }
+    layouts
+}
+
+fn random_rope(rng: &mut Rng, d: usize, len: usize) -> Result<Rope> {
+    Ok(match rng.below(3) {
+        0 => Rope::new(10_000.0),
+        1 => Rope::new(500_000.0).with_llama3_scaling(Llama3Scaling {
+            original_max_position: 64.0, // small, so that every branch of the scaling is taken
+            ..Llama3Scaling::llama31()
+        }),
+        _ => {
+            // Tables of a true rotation, longer than needed.
+            let half = d / 2;
+            let n = len + 7;
+            let f: Vec<f64> = (0..half).map(|i| 1e4f64.powf(-2.0 * i as f64 / d as f64)).collect();
+            let cos: Vec<f32> = (0..n * half)
+                .map(|x| ((x / half) as f64 * f[x % half]).cos() as f32)
+                .collect();
+            let sin: Vec<f32> = (0..n * half)
+                .map(|x| ((x / half) as f64 * f[x % half]).sin() as f32)
+                .collect();
+            let cos = Tensor::from_vec(cos, (n, half), &Device::Cpu)?;
+            let sin = Tensor::from_vec(sin, (n, half), &Device::Cpu)?;
+            Rope::from_tables(&cos, &sin)?
+        }
+    })
+}
+
+/// Compares rows `[l - lq, l)` of the oracle with `got` (`[B, lq, H, D]`), skipping query groups
+/// whose order is a near-tie. Returns (rows compared, rows skipped).
+fn compare(
+    got: &Tensor,
+    got_lse: &Tensor,
+    want: &reference::PineReferenceOutput,
+    lq: usize,
+    what: &str,
+) -> Result<(usize, usize)> {
+    let dtype = got.dtype();
+    let (_, l, _, _) = want.out.dims4()?;
+    let (atol, rtol) = tolerance(dtype);
+    let margin = want.margin.to_vec3::<f64>()?;
+    let (mut compared, mut skipped) = (0, 0);
+    for (bi, margin_b) in margin.iter().enumerate() {
+        for i in 0..lq {
+            let t = l - lq + i;
+            for (hi, margin_h) in margin_b.iter().enumerate() {
+                if margin_h[t] < MIN_MARGIN {
+                    skipped += 1;
+                    continue;
+                }
+                compared += 1;
+                let g = got.i((bi, i, hi))?;
+                let w = want.out.i((bi, t, hi))?;
+                let (r, at) = worst_ratio(&g, &w, atol, rtol)?;
+                assert!(
+                    r <= 1.0,
+                    "{what}: b {bi} row {t} head {hi}: output off by {r} x tolerance at {at}"
+                );
+                let (gl, wl) = (got_lse.i((bi, hi, i))?, want.lse.i((bi, hi, t))?);
+                let (r, _) = worst_ratio(&gl, &wl, lse_tolerance(dtype), 0.0)?;
+                assert!(r <= 1.0, "{what}: b {bi} row {t} head {hi}: lse off by {r} x tolerance");
+            }
+        }
+    }
+    Ok((compared, skipped))
+}
+
+fn cases() -> u32 {
+    std::env::var("SEGATTN_CASES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .map_or(24, |n: u32| n / 4)
+        .max(4)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: cases(), ..ProptestConfig::default() })]
+
+    #[test]
+    fn prefill_and_decode_match_the_literal_oracle(
+        seed in any::<u64>(),
+        batch in 1usize..=2,
+        heads in prop::sample::select(HEADS.to_vec()),
+        head_dim in prop::sample::select(vec![16usize, 32, 48, 64, 128]),
+        dtype in prop::sample::select(DTYPES.to_vec()),
+        generated in 1usize..=3,
+    ) {
+        run_case(seed, batch, heads, head_dim, dtype, generated)?;
+    }
+}
+
+/// One random case (replayable from its arguments).
+fn run_case(
+    seed: u64,
+    batch: usize,
+    heads: (usize, usize),
+    head_dim: usize,
+    dtype: DType,
+    generated: usize,
+) -> Result<()> {
+    let mut rng = Rng::new(seed);
+    let layouts = random_layouts(&mut rng, batch);
+    let len = layouts[0].len();
+    let total = len + generated;
+    let (h, hkv) = heads;
+    let rope = random_rope(&mut rng, head_dim, total)?;
+    let q = random_tensor(&mut rng, &[batch, total, h, head_dim], dtype)?;
+    let k = random_tensor(&mut rng, &[batch, total, hkv, head_dim], dtype)?;
+    let v = random_tensor(&mut rng, &[batch, total, hkv, head_dim], dtype)?;
+    let what = format!("seed {seed} layouts {layouts:?} H {h} Hkv {hkv} D {head_dim} {dtype:?} rope {rope:?}");
+    let want = reference::pine_attention(&q, &k, &v, &layouts, &rope, None)?;
+    let pine = PineAttention::new(&layouts, rope.clone())?.return_lse(true);
+
+    // Prefill of the prompt: the oracle's first `len` rows (they do not see generated tokens).
+    let prompt = |t: &Tensor| t.narrow(1, 0, len);
+    let got = pine.prefill(&prompt(&q)?, &prompt(&k)?, &prompt(&v)?)?;
+    let want_prompt = reference::PineReferenceOutput {
+        out: want.out.narrow(1, 0, len)?,
+        lse: want.lse.narrow(2, 0, len)?,
+        shifts: want.shifts.narrow(2, 0, len)?,
+        margin: want.margin.narrow(2, 0, len)?,
+    };
+    let (c, s) = compare(
+        &got.out,
+        &got.lse.unwrap(),
+        &want_prompt,
+        len,
+        &format!("prefill {what}"),
+    )?;
+    assert!(s * 5 <= c + s, "{what}: too many near-ties skipped ({s} of {})", c + s);
+
+    // Decode: the cache holds K rotated once at the original positions.
+    let k_cache = pine.rotate_keys(&k)?;
+    let step = generated.min(2);
+    let got = pine.decode(&q.narrow(1, total - step, step)?, &k_cache, &v)?;
+    // The cache holds K rotated and rounded to the dtype: the oracle gets the keys that cache
+    // represents (un-rotated exactly enough in f32), so that only the decode step is measured.
+    let positions = pine.key_positions(total, &Device::Cpu)?;
+    let k_seen = rope.rotate(&k_cache.to_dtype(DType::F32)?, &positions, true)?;
+    let want = reference::pine_attention(&q, &k_seen, &v, &layouts, &rope, None)?;
+    compare(&got.out, &got.lse.unwrap(), &want, step, &format!("decode {what}"))?;
+    Ok(())
+}
+
+/// With one segment no shift exists: PINE is the PINE mask at the original positions.
+#[test]
+fn one_segment_is_the_pine_mask_at_original_positions() -> Result<()> {
+    let mut rng = Rng::new(7);
+    let layout = PineLayout::new(9, &[70], 13);
+    let (l, d) = (layout.len(), 64);
+    let q = random_tensor(&mut rng, &[1, l, 4, d], DType::F32)?;
+    let k = random_tensor(&mut rng, &[1, l, 2, d], DType::F32)?;
+    let v = random_tensor(&mut rng, &[1, l, 2, d], DType::F32)?;
+    let rope = Rope::new(10_000.0);
+    let pine = PineAttention::new(std::slice::from_ref(&layout), rope.clone())?;
+    let got = pine.prefill(&q, &k, &v)?.out;
+    let pos = pine.key_positions(l, &Device::Cpu)?;
+    let mask = SegmentMask::pine(9, &[70], 13, &Device::Cpu)?;
+    let want =
+        SegmentAttention::new(&mask).forward(&rope.rotate(&q, &pos, false)?, &rope.rotate(&k, &pos, false)?, &v)?;
+    let (atol, rtol) = tolerance(DType::F32);
+    let (r, at) = worst_ratio(&got, &want.out, atol, rtol)?;
+    assert!(r <= 1.0, "off by {r} x tolerance at {at}");
+    Ok(())
+}
+
+/// The baselines equal plain segment attention on q and k rotated at the scheme's positions.
+#[test]
+fn baselines_are_masks_and_positions() -> Result<()> {
+    let mut rng = Rng::new(11);
+    let layout = PineLayout::new(5, &[20, 9, 14], 6);
+    let l = layout.len();
+    let q = random_tensor(&mut rng, &[1, l, 2, 32], DType::F32)?;
+    let k = random_tensor(&mut rng, &[1, l, 1, 32], DType::F32)?;
+    let v = random_tensor(&mut rng, &[1, l, 1, 32], DType::F32)?;
+    let rope = Rope::new(10_000.0);
+    for scheme in [PositionScheme::Vanilla, PositionScheme::Pcw, PositionScheme::Nia] {
+        let layer = PineAttention::new(std::slice::from_ref(&layout), rope.clone())?.scheme(scheme);
+        let got = layer.prefill(&q, &k, &v)?.out;
+        let pos = layer.key_positions(l, &Device::Cpu)?;
+        let mask = scheme.mask(std::slice::from_ref(&layout), l, &Device::Cpu)?;
+        let want = reference::attention(
+            &rope.rotate(&q, &pos, false)?,
+            &rope.rotate(&k, &pos, false)?,
+            &v,
+            &mask,
+            None,
+        )?;
+        let (r, at) = worst_ratio(&got, &want.out, 2e-5, 2e-4)?;
+        assert!(r <= 1.0, "{scheme:?}: off by {r} x tolerance at {at}");
+        // Decode step against the cache equals the last prefill row.
+        let cache = layer.rotate_keys(&k)?;
+        let step = layer.decode(&q.narrow(1, l - 1, 1)?, &cache, &v)?.out;
+        let (r, _) = worst_ratio(&step, &got.narrow(1, l - 1, 1)?, 1e-6, 1e-5)?;
+        assert!(r <= 1.0, "{scheme:?}: decode differs from prefill by {r} x tolerance");
+    }
+    // PCW positions: segments restart after the prefix; the suffix follows the longest segment.
+    let pcw = PositionScheme::Pcw.positions(&layout, l + 1);
+    assert_eq!(&pcw[5..8], &[5, 6, 7]);
+    assert_eq!(pcw[25], 5);
+    assert_eq!(&pcw[48..], &[25, 26, 27, 28, 29, 30, 31]);
+    Ok(())
+}
