@@ -18,6 +18,10 @@
 //     barrier (buffer buf is free for the load issued next iteration)
 //   O / row sum -> 16-bit, staged through the warp's own rows of the Q tile, 16-byte stores;
 //   LSE = (max + log2 sum) * ln 2 in f32.
+//
+// PINE's variant (Traits::kRotate, rotary.cuh): Q stays in shared memory; S is computed piece by
+// piece of the key tile's segments, each with the query fragments turned by the row's position
+// plus its group's shift for that segment. Everything else is the same.
 #ifndef SEGATTN_FWD_KERNEL_CUH
 #define SEGATTN_FWD_KERNEL_CUH
 
@@ -29,6 +33,7 @@
 #include "segattn_params.h"
 #include "kernel_traits.cuh"
 #include "mask.cuh"
+#include "rotary.cuh"
 #include "softmax.cuh"
 #include "tile_load.cuh"
 
@@ -123,6 +128,8 @@ __device__ void fwd_kernel(const SegattnFwdParams& p) {
     row_seg[r] = classifier.q_id[row];
     row_pos[r] = q0 + row + pos_offset;
   }
+  QueryRotator<Traits> rotator;
+  if constexpr (Traits::kRotate) rotator.init(p, b, h, q0, q1, warp * 16 + g);
 
   float o[Traits::kNO][4];
   SEGATTN_UNROLL
@@ -144,7 +151,7 @@ __device__ void fwd_kernel(const SegattnFwdParams& p) {
     __syncthreads();
   }
   uint32_t qf[Traits::kDK][4];
-  if (tile < end_tile) {
+  if (!Traits::kRotate && tile < end_tile) {
     load_q_fragments<Traits>(s_q, warp, lane, qf);
     __syncthreads();  // the Q tile shares K buffer 1, which the loop's first prefetch overwrites
   }
@@ -175,14 +182,45 @@ __device__ void fwd_kernel(const SegattnFwdParams& p) {
       SEGATTN_UNROLL
       for (int e = 0; e < 4; ++e) s[nb][e] = 0.0f;
     }
-    SEGATTN_UNROLL
-    for (int kc = 0; kc < Traits::kDK; ++kc) {
+    if constexpr (Traits::kRotate) {
+      // Piece by piece of the tile's key segments (block-uniform bounds [a, e)): the query turned
+      // for the piece's segment, the mma only on the 16-key column pairs that overlap the piece,
+      // and only the piece's columns kept.
+      const int valid = min(kN, kv_len - k0);
+      for (int a = 0; a < valid;) {
+        const int e = min(static_cast<int>(kv_segs.span_end[k0 + a]) - k0, valid);
+        rotator.turn_for(kid[a], s_q, warp, lane, qf);
+        SEGATTN_UNROLL
+        for (int np = 0; np < Traits::kNS / 2; ++np) {
+          if (np * 16 >= e || np * 16 + 16 <= a) continue;
+          float t0[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+          float t1[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+          SEGATTN_UNROLL
+          for (int kc = 0; kc < Traits::kDK; ++kc) {
+            uint32_t kb[4];
+            load_k_fragments<Traits>(s_k, np, kc, lane, kb);
+            mma_16816<T>(t0, qf[kc], kb[0], kb[1]);
+            mma_16816<T>(t1, qf[kc], kb[2], kb[3]);
+          }
+          SEGATTN_UNROLL
+          for (int el = 0; el < 4; ++el) {
+            const int col = np * 16 + quad_col + (el & 1);
+            if (col >= a && col < e) s[2 * np][el] = t0[el];
+            if (col + 8 >= a && col + 8 < e) s[2 * np + 1][el] = t1[el];
+          }
+        }
+        a = e;
+      }
+    } else {
       SEGATTN_UNROLL
-      for (int np = 0; np < Traits::kNS / 2; ++np) {
-        uint32_t kb[4];
-        load_k_fragments<Traits>(s_k, np, kc, lane, kb);
-        mma_16816<T>(s[2 * np], qf[kc], kb[0], kb[1]);
-        mma_16816<T>(s[2 * np + 1], qf[kc], kb[2], kb[3]);
+      for (int kc = 0; kc < Traits::kDK; ++kc) {
+        SEGATTN_UNROLL
+        for (int np = 0; np < Traits::kNS / 2; ++np) {
+          uint32_t kb[4];
+          load_k_fragments<Traits>(s_k, np, kc, lane, kb);
+          mma_16816<T>(s[2 * np], qf[kc], kb[0], kb[1]);
+          mma_16816<T>(s[2 * np + 1], qf[kc], kb[2], kb[3]);
+        }
       }
     }
 

@@ -13,7 +13,8 @@
 //            scan[2 * kWarps] i32 (reduction of the visible key-tile range)
 // The Q tile (kBlockM x D) lives in K buffer 1: it is loaded together with the first K/V tile
 // (into buffer 0), moved to registers, and only then may buffer 1 be filled; the epilogue stages
-// the output there again. D = 64: 32 KiB of tiles + 1064 B = 33,832 B (under the 48 KiB default);
+// the output there again. (With kRotate, PINE's variant, Q has its own tile after V[2]: + 8 KiB
+// at D = 64, + 16 KiB at D = 128.) D = 64: 32 KiB of tiles + 1064 B = 33,832 B (under the 48 KiB default);
 // D = 128: 64 KiB + 1064 B = 66,600 B (the launcher must raise
 // cudaFuncAttributeMaxDynamicSharedMemorySize), two blocks per SM on A100 as on H100.
 //
@@ -41,10 +42,12 @@
 namespace segattn {
 namespace fwd {
 
-template <class Element, int kHeadDim_>
+template <class Element, int kHeadDim_, bool kRotate_ = false>
 struct FwdTraits {
   using T = Element;
   static constexpr int kHeadDim = kHeadDim_;
+  // PINE's in-loop query rotation (rotary.cuh): Q stays in its own shared tile for the whole loop.
+  static constexpr bool kRotate = kRotate_;
   static constexpr int kBlockM = 64;
   static constexpr int kBlockN = 64;
   static constexpr int kWarps = 4;
@@ -67,10 +70,11 @@ struct FwdTraits {
   static constexpr int kKVBytes = kBlockN * kHeadDim * 2;
   static constexpr int kOffK = 0;                           // + buf * kKVBytes
   static constexpr int kOffV = kOffK + 2 * kKVBytes;        // + buf * kKVBytes
-  // Q shares K buffer 1: it is moved to registers before buffer 1's first load is issued.
-  static constexpr int kOffQ = kOffK + kKVBytes;
+  // Q shares K buffer 1: it is moved to registers before buffer 1's first load is issued. With
+  // kRotate it has its own tile after V: its fragments are re-formed for every key segment.
+  static constexpr int kOffQ = kRotate ? kOffV + 2 * kKVBytes : kOffK + kKVBytes;
   static_assert(kQBytes <= kKVBytes, "the Q tile fits in a K buffer");
-  static constexpr int kOffQId = kOffV + 2 * kKVBytes;      // u32[kBlockM]
+  static constexpr int kOffQId = kOffV + 2 * kKVBytes + (kRotate ? kQBytes : 0);  // u32[kBlockM]
   static constexpr int kOffQEnd = kOffQId + 4 * kBlockM;    // i32[kBlockM]
   static constexpr int kOffQStarts = kOffQEnd + 4 * kBlockM;  // u32[kBlockM / 32]
   static constexpr int kOffKId = kOffQStarts + 4 * (kBlockM / 32);  // u32[2][kBlockN]

@@ -46,6 +46,25 @@ typedef struct SegattnStrides {
   int64_t head;
 } SegattnStrides;
 
+/* PINE's query rotation (the segattn_fwd_rope_* entry points; kernels/rotary.cuh). Keys are
+ * rotated once at their original positions; query row i of query group g is rotated, for the keys
+ * of segment id s, by position q_pos[i] + shifts[g][s] (rotate-half pairs (c, c + head_dim / 2)),
+ * which gives PINE's rope(q, p_q) . rope(k, p_k - shift). */
+typedef struct SegattnRotation {
+  /* [table_len, head_dim / 2] f32: cos / sin of position p for pair c; table_len > every
+   * q_pos + shift. */
+  const float *cos;
+  const float *sin;
+  int32_t table_len;
+  int32_t groups;
+  /* [B, Lq] original position and query group of every query row. */
+  const uint32_t *q_pos;
+  const uint32_t *row_group;
+  /* [B, H, groups, num_segments] shift of key segment id s for a group; every kv id < num_segments. */
+  const uint32_t *shifts;
+  int32_t num_segments;
+} SegattnRotation;
+
 typedef struct SegattnFwdParams {
   /* Inputs, dtype given by `dtype`: q [B, Lq, H, D], k and v [B, Lk, Hkv, D]. */
   const void *q;
@@ -83,6 +102,9 @@ typedef struct SegattnFwdParams {
   /* Softmax scale applied to q.k, and the same times log2(e) for exp2-based kernels. */
   float scale;
   float scale_log2;
+
+  /* Only for the segattn_fwd_rope_* entry points (all NULL / 0 otherwise). */
+  SegattnRotation rotation;
 } SegattnFwdParams;
 
 /* Per-segment attention mass (kernels/scores/scores.cu): the softmax of q.k over the visible keys

@@ -15,7 +15,8 @@ pub(crate) use crate::kernel_params::{check_supported, dtype_code, to_i32};
 use crate::mask::tiles::classify_tile;
 use crate::mask::{HostMask, SegmentMask};
 use crate::op::AttentionOutput;
-use crate::params::{SegattnFwdParams, SegattnSegments, SegattnStrides};
+use crate::params::{SegattnFwdParams, SegattnRotation, SegattnSegments, SegattnStrides};
+use crate::pine::{PineAttention, PineRotation};
 use crate::validate::{default_scale, AttentionShape};
 
 mod scores;
@@ -57,7 +58,7 @@ extern "C" {
     fn segattn_emu_set_schedule(schedule: c_int, seed: u64);
     fn segattn_emu_last_error() -> *const c_char;
     fn segattn_emu_fwd(params: *const SegattnFwdParams) -> c_int;
-    fn segattn_emu_fwd_smem_bytes(dtype: c_int, head_dim: c_int) -> c_int;
+    fn segattn_emu_fwd_smem_bytes(dtype: c_int, head_dim: c_int, rotate: c_int) -> c_int;
     fn segattn_emu_classify_tile(
         params: *const SegattnFwdParams,
         b: c_int,
@@ -80,12 +81,13 @@ fn last_error() -> String {
         .into_owned()
 }
 
-/// Dynamic shared memory of the forward kernel for `dtype` (bf16 / f16) and `head_dim` (64 / 128)
-/// from the kernel's traits, or `None` when unsupported.
-pub fn fwd_smem_bytes(dtype: DType, head_dim: usize) -> Option<usize> {
+/// Dynamic shared memory of the forward kernel for `dtype` (bf16 / f16) and `head_dim` (64 / 128),
+/// plain or with PINE's query rotation (`rotate`), from the kernel's traits, or `None` when
+/// unsupported.
+pub fn fwd_smem_bytes(dtype: DType, head_dim: usize, rotate: bool) -> Option<usize> {
     let code = dtype_code(dtype)?;
     // SAFETY: a pure function of its arguments.
-    let bytes = unsafe { segattn_emu_fwd_smem_bytes(code, c_int::try_from(head_dim).ok()?) };
+    let bytes = unsafe { segattn_emu_fwd_smem_bytes(code, c_int::try_from(head_dim).ok()?, c_int::from(rotate)) };
     (bytes > 0).then_some(bytes as usize)
 }
 
@@ -190,6 +192,49 @@ pub fn forward(
     schedule: Schedule,
     seed: u64,
 ) -> Result<AttentionOutput> {
+    run_forward(q, k, v, mask, scale, None, schedule, seed)
+}
+
+/// PINE's attention layer through the emulated CUDA kernel with in-loop query rotation
+/// (`segattn_fwd_rope_*`): importance, order and shifts as [`PineAttention::prefill`] computes
+/// them (on the CPU), K rotated once at its original positions (rounded to the input dtype, as a
+/// GPU run stores it), then the kernel. q, k, v un-rotated, bf16 or f16, D = 64 or 128.
+pub fn pine_prefill(
+    pine: &PineAttention,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    schedule: Schedule,
+    seed: u64,
+) -> Result<AttentionOutput> {
+    let shape = AttentionShape::of(q, k, v)?;
+    let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+    let plan = pine.plan(&f32(q)?, &f32(k)?, &shape)?;
+    let k_rot = pine.rotate_keys(k)?;
+    run_forward(
+        q,
+        &k_rot,
+        v,
+        &plan.mask,
+        Some(plan.scale),
+        Some(&plan.rotation),
+        schedule,
+        seed,
+    )
+}
+
+/// [`forward`], with PINE's query rotation when `rotation` is given.
+#[allow(clippy::too_many_arguments)]
+fn run_forward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &SegmentMask,
+    scale: Option<f64>,
+    rotation: Option<&PineRotation>,
+    schedule: Schedule,
+    seed: u64,
+) -> Result<AttentionOutput> {
     let shape = AttentionShape::of(q, k, v)?;
     let AttentionShape {
         batch,
@@ -222,9 +267,14 @@ pub fn forward(
         ..base_params(&shape, dtype, scale as f32, [qi.strides, ki.strides, vi.strides])?
     };
     fill_mask_params(&mut p, &host);
+    if let Some(rot) = rotation {
+        rot.check(&shape)?;
+        p.rotation = rotation_params(rot)?;
+    }
 
     // SAFETY: every pointer in `p` points into buffers that outlive the call (`qi`, `ki`, `vi`,
-    // `host`, `out`, `lse`) and the sizes in `p` match them; the schedule applies to this thread.
+    // `host`, `out`, `lse`, `rotation`) and the sizes in `p` match them; the schedule applies to
+    // this thread.
     let rc = unsafe {
         segattn_emu_set_schedule(schedule.code(), seed);
         segattn_emu_fwd(&p)
@@ -251,6 +301,21 @@ pub fn forward(
         out,
         lse: Some(lse),
         segment_mass: None,
+    })
+}
+
+/// The rotation fields of the kernel parameters, pointing into `rot` (which must outlive them).
+fn rotation_params(rot: &PineRotation) -> Result<SegattnRotation> {
+    let (table, shifts) = (&rot.table, &rot.shifts);
+    Ok(SegattnRotation {
+        cos: table.cos.as_ptr(),
+        sin: table.sin.as_ptr(),
+        table_len: to_i32("rope table", table.cos.len() / table.half)?,
+        groups: to_i32("query groups", shifts.groups)?,
+        q_pos: shifts.q_pos.as_ptr(),
+        row_group: shifts.row_group.as_ptr(),
+        shifts: shifts.shifts.as_ptr(),
+        num_segments: to_i32("key segments", shifts.sk)?,
     })
 }
 

@@ -515,8 +515,8 @@ fn unsupported_inputs_are_errors() -> Result<()> {
         .unwrap_err()
         .to_string();
     assert!(e.contains("q:") && e.contains("head dim") && e.contains("96"), "{e}");
-    assert_eq!(fwd_smem_bytes(DType::F32, 64), None);
-    assert_eq!(fwd_smem_bytes(DType::BF16, 96), None);
+    assert_eq!(fwd_smem_bytes(DType::F32, 64, false), None);
+    assert_eq!(fwd_smem_bytes(DType::BF16, 96, false), None);
     Ok(())
 }
 
@@ -524,8 +524,13 @@ fn unsupported_inputs_are_errors() -> Result<()> {
 #[test]
 fn smem_sizes() {
     for (d, want) in [(64usize, 33_832usize), (128, 66_600)] {
-        assert_eq!(fwd_smem_bytes(DType::BF16, d), Some(want));
-        assert_eq!(fwd_smem_bytes(DType::F16, d), Some(want));
+        assert_eq!(fwd_smem_bytes(DType::BF16, d, false), Some(want));
+        assert_eq!(fwd_smem_bytes(DType::F16, d, false), Some(want));
+    }
+    // PINE's variant keeps Q in its own tile.
+    for (d, want) in [(64usize, 42_024usize), (128, 82_984)] {
+        assert_eq!(fwd_smem_bytes(DType::BF16, d, true), Some(want));
+        assert_eq!(fwd_smem_bytes(DType::F16, d, true), Some(want));
     }
 }
 

@@ -497,7 +497,8 @@ fn errors_name_the_argument() -> Result<()> {
             .to_string();
         assert!(err.contains(name), "{what}: {err}");
     }
-    let (cos, sin) = tables(THETA, len - 1, d)?;
+    // Tables of L / 2 positions: angle addition reaches at most 2 (L / 2) - 1 < L.
+    let (cos, sin) = tables(THETA, len / 2, d)?;
     let short = Rope::from_tables(&cos, &sin)?;
     let err = pine_attention(&q, &k, &v, &[ok.clone(), ok], &short, None)
         .expect_err("tables too short")

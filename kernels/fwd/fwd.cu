@@ -1,7 +1,9 @@
-// The forward kernels: {bf16, f16} x head dim {64, 128}.
+// The forward kernels: {bf16, f16} x head dim {64, 128}, plain and with PINE's query rotation.
 //
 // nvcc: `extern "C" __global__` entry points with stable names, params by value:
 //   segattn_fwd_bf16_d64, segattn_fwd_bf16_d128, segattn_fwd_f16_d64, segattn_fwd_f16_d128
+//   segattn_fwd_rope_{bf16,f16}_d{64,128} (PINE: params.rotation set; Q in its own smem tile:
+//   D = 64: 42,024 bytes, D = 128: 82,984 bytes)
 //   grid (ceil(Lq / 64), H, B), block 128 threads,
 //   dynamic shared memory segattn::fwd::FwdTraits<T, D>::kSmemBytes
 //   (D = 64: 33,832 bytes; D = 128: 66,600 bytes, so the launcher must set
@@ -14,16 +16,21 @@
 #include "platform.cuh"
 #include "fwd_kernel.cuh"
 
-#define SEGATTN_FWD_ENTRY(name, T, D)                                                        \
-  extern "C" __global__ void __launch_bounds__(segattn::fwd::FwdTraits<T, D>::kThreads, 1) \
-      name(const SegattnFwdParams params) {                                                  \
-    segattn::fwd::fwd_kernel<segattn::fwd::FwdTraits<T, D>>(params);                         \
+#define SEGATTN_FWD_ENTRY(name, T, D, ROTATE)                                                        \
+  extern "C" __global__ void __launch_bounds__(segattn::fwd::FwdTraits<T, D, ROTATE>::kThreads, 1) \
+      name(const SegattnFwdParams params) {                                                          \
+    segattn::fwd::fwd_kernel<segattn::fwd::FwdTraits<T, D, ROTATE>>(params);                         \
   }
 
-SEGATTN_FWD_ENTRY(segattn_fwd_bf16_d64, segattn::bf16, 64)
-SEGATTN_FWD_ENTRY(segattn_fwd_bf16_d128, segattn::bf16, 128)
-SEGATTN_FWD_ENTRY(segattn_fwd_f16_d64, segattn::f16, 64)
-SEGATTN_FWD_ENTRY(segattn_fwd_f16_d128, segattn::f16, 128)
+SEGATTN_FWD_ENTRY(segattn_fwd_bf16_d64, segattn::bf16, 64, false)
+SEGATTN_FWD_ENTRY(segattn_fwd_bf16_d128, segattn::bf16, 128, false)
+SEGATTN_FWD_ENTRY(segattn_fwd_f16_d64, segattn::f16, 64, false)
+SEGATTN_FWD_ENTRY(segattn_fwd_f16_d128, segattn::f16, 128, false)
+// PINE: the query rotated in the loop (params.rotation).
+SEGATTN_FWD_ENTRY(segattn_fwd_rope_bf16_d64, segattn::bf16, 64, true)
+SEGATTN_FWD_ENTRY(segattn_fwd_rope_bf16_d128, segattn::bf16, 128, true)
+SEGATTN_FWD_ENTRY(segattn_fwd_rope_f16_d64, segattn::f16, 64, true)
+SEGATTN_FWD_ENTRY(segattn_fwd_rope_f16_d128, segattn::f16, 128, true)
 
 #undef SEGATTN_FWD_ENTRY
 
@@ -76,11 +83,20 @@ extern "C" int segattn_emu_fwd(const SegattnFwdParams* p) {
     return emu_entry::fail(message);
   }
   const bool d64 = p->head_dim == 64;
+  const bool rope = p->rotation.cos != nullptr;
   switch (p->dtype) {
     case SEGATTN_DTYPE_BF16:
+      if (rope) {
+        return d64 ? emu_entry::launch<FwdTraits<bf16, 64, true>>(*p, segattn_fwd_rope_bf16_d64)
+                   : emu_entry::launch<FwdTraits<bf16, 128, true>>(*p, segattn_fwd_rope_bf16_d128);
+      }
       return d64 ? emu_entry::launch<FwdTraits<bf16, 64>>(*p, segattn_fwd_bf16_d64)
                  : emu_entry::launch<FwdTraits<bf16, 128>>(*p, segattn_fwd_bf16_d128);
     case SEGATTN_DTYPE_F16:
+      if (rope) {
+        return d64 ? emu_entry::launch<FwdTraits<f16, 64, true>>(*p, segattn_fwd_rope_f16_d64)
+                   : emu_entry::launch<FwdTraits<f16, 128, true>>(*p, segattn_fwd_rope_f16_d128);
+      }
       return d64 ? emu_entry::launch<FwdTraits<f16, 64>>(*p, segattn_fwd_f16_d64)
                  : emu_entry::launch<FwdTraits<f16, 128>>(*p, segattn_fwd_f16_d128);
     default:
@@ -93,11 +109,15 @@ extern "C" int segattn_emu_fwd(const SegattnFwdParams* p) {
 
 // Dynamic shared memory of the kernel for (dtype, head_dim), 0 if unsupported (for the Rust side
 // to check its launch configuration against the traits).
-extern "C" int segattn_emu_fwd_smem_bytes(int dtype, int head_dim) {
+extern "C" int segattn_emu_fwd_smem_bytes(int dtype, int head_dim, int rotate) {
   using namespace segattn::fwd;
   if (dtype != SEGATTN_DTYPE_BF16 && dtype != SEGATTN_DTYPE_F16) return 0;
-  if (head_dim == 64) return FwdTraits<segattn::bf16, 64>::kSmemBytes;
-  if (head_dim == 128) return FwdTraits<segattn::bf16, 128>::kSmemBytes;
+  if (head_dim == 64) {
+    return rotate ? FwdTraits<segattn::bf16, 64, true>::kSmemBytes : FwdTraits<segattn::bf16, 64>::kSmemBytes;
+  }
+  if (head_dim == 128) {
+    return rotate ? FwdTraits<segattn::bf16, 128, true>::kSmemBytes : FwdTraits<segattn::bf16, 128>::kSmemBytes;
+  }
   return 0;
 }
 

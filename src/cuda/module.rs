@@ -117,7 +117,7 @@ fn load(ctx: &Arc<CudaContext>) -> Result<Kernels> {
             )
         })?;
         // The traits' size, from the same headers compiled for the host (kernels/kernel_traits.cuh).
-        let Some(smem) = crate::emulated::fwd_smem_bytes(dtype, head_dim) else {
+        let Some(smem) = crate::emulated::fwd_smem_bytes(dtype, head_dim, false) else {
             return Err(candle_core::Error::Msg(format!(
                 "segattn: internal error: no shared memory size for kernel {name}"
             ))

@@ -2,10 +2,10 @@
 //!
 //! PINE ("Eliminating Position Bias of Language Models", ICLR 2025) makes a prompt of segments
 //! (documents, candidate answers) order-invariant without training. Per layer and query head:
-//! 1. **importance** ([`importance`]): on un-rotated q and k, how much each query segment (or each
+//! 1. **importance** (`importance.rs`): on un-rotated q and k, how much each query segment (or each
 //!    suffix / generated row) attends to each other segment, length-normalised — the fused
 //!    per-segment mass under two scoring masks;
-//! 2. **order and shifts** ([`order`]): segments sorted by importance (own segment first, stable),
+//! 2. **order and shifts** (`order.rs`): segments sorted by importance (own segment first, stable),
 //!    each shifted back by the length of the segments ranked before it;
 //! 3. **attention** with PINE's mask (segments bidirectional between each other, causal inside)
 //!    where the query is rotated, inside the fused loop, by its position plus the shift of each
@@ -221,19 +221,21 @@ impl PineAttention {
         v: &Tensor,
         shape: &AttentionShape,
     ) -> Result<AttentionOutput> {
-        let (q_len, kv_len) = (shape.q_len, shape.kv_len);
-        let scale = self.scale.unwrap_or_else(|| default_scale(shape.head_dim));
-        let mask = self
-            .scheme
-            .mask(&self.layouts, kv_len, q.device())?
-            .last_queries(q_len)?;
-        let attention = SegmentAttention::new(&mask).scale(scale).return_lse(self.return_lse);
         if self.scheme != PositionScheme::Pine {
+            let (q_len, kv_len) = (shape.q_len, shape.kv_len);
+            let scale = self.scale.unwrap_or_else(|| default_scale(shape.head_dim));
+            let mask = self
+                .scheme
+                .mask(&self.layouts, kv_len, q.device())?
+                .last_queries(q_len)?;
             let positions = self
                 .key_positions(kv_len, q.device())?
                 .narrow(1, kv_len - q_len, q_len)?;
             let q_rot = self.rope.rotate(q, &positions, false)?;
-            return attention.forward(&q_rot, k_rot, v);
+            return SegmentAttention::new(&mask)
+                .scale(scale)
+                .return_lse(self.return_lse)
+                .forward(&q_rot, k_rot, v);
         }
         if !q.device().is_cpu() {
             invalid_arg!(
@@ -242,6 +244,24 @@ impl PineAttention {
                 q.device().location()
             );
         }
+        let plan = self.plan(q, k_plain, shape)?;
+        SegmentAttention::new(&plan.mask)
+            .scale(plan.scale)
+            .return_lse(self.return_lse)
+            .with_rotation(&plan.rotation)
+            .forward(q, k_rot, v)
+    }
+
+    /// Steps 1 and 2 for the last `Lq` tokens: the importance scores (on un-rotated `q` and
+    /// `k_plain`), the order and shifts of every query group, and the mask and RoPE table of the
+    /// attention.
+    pub(crate) fn plan(&self, q: &Tensor, k_plain: &Tensor, shape: &AttentionShape) -> Result<PinePlan> {
+        let (q_len, kv_len) = (shape.q_len, shape.kv_len);
+        let scale = self.scale.unwrap_or_else(|| default_scale(shape.head_dim));
+        let mask = self
+            .scheme
+            .mask(&self.layouts, kv_len, q.device())?
+            .last_queries(q_len)?;
         let extended: Vec<PineLayout> = self.layouts.iter().map(|l| scheme::extend(l, kv_len)).collect();
         let off = kv_len - q_len;
         let scored_rows = extended
@@ -253,9 +273,13 @@ impl PineAttention {
         let imp = importance::importance(&q_plain, k_plain, &extended, scale, scored_rows)?;
         let positions = self.positions(kv_len);
         let shifts = order::query_shifts(&extended, shape.num_heads, q_len, kv_len, &imp, &positions);
-        let table = self.rope.table(shape.head_dim, kv_len.max(shifts.max_shift() + 1))?;
-        let rotation = PineRotation { table, shifts };
-        attention.with_rotation(&rotation).forward(q, k_rot, v)
+        // Positions up to (original position + shift): the kernels turn a row by their sum.
+        let table = self.rope.table(shape.head_dim, kv_len + shifts.max_shift())?;
+        Ok(PinePlan {
+            mask,
+            rotation: PineRotation { table, shifts },
+            scale,
+        })
     }
 
     fn positions(&self, len: usize) -> Vec<Vec<u32>> {
@@ -277,11 +301,19 @@ impl PineAttention {
     }
 }
 
-/// The query rotation of one PINE call: the RoPE table and every row's position and shifts.
+/// Everything PINE's attention needs beyond q, k and v: the mask, the query rotation, the scale.
+pub(crate) struct PinePlan {
+    pub mask: crate::mask::SegmentMask,
+    pub rotation: PineRotation,
+    pub scale: f64,
+}
+
+/// The query rotation of one PINE call: the RoPE table (positions up to every row's position plus
+/// its largest shift) and every row's position, group and shifts.
 #[derive(Debug)]
 pub(crate) struct PineRotation {
-    table: RopeTable,
-    shifts: QueryShifts,
+    pub table: RopeTable,
+    pub shifts: QueryShifts,
 }
 
 impl PineRotation {

@@ -141,7 +141,8 @@ impl Rope {
         )
     }
 
-    /// Checks the configuration against head dimension `d` and positions `< len`.
+    /// Checks the configuration against head dimension `d` and positions `< len` (tables: `len`
+    /// may reach twice their length, the rest comes from angle addition).
     pub(crate) fn check(&self, d: usize, len: usize) -> Result<()> {
         if d % 2 != 0 {
             invalid_arg!("q: RoPE needs an even head dimension, got D = {d}");
@@ -153,8 +154,12 @@ impl Rope {
             Angles::Tables { half, .. } if *half != d / 2 => {
                 invalid_arg!("rope: expected tables [max_pos, D/2 = {}], got D/2 = {half}", d / 2)
             }
-            Angles::Tables { max_pos, .. } if *max_pos < len => {
-                invalid_arg!("rope: the tables cover {max_pos} positions, the sequence needs {len}")
+            Angles::Tables { max_pos, .. } if len >= 2 * *max_pos => {
+                invalid_arg!(
+                    "rope: the tables cover {max_pos} positions; PINE needs positions up to {} (a query's position \
+                     plus its shift), at most 2 x {max_pos} - 1 from angle addition",
+                    len - 1
+                )
             }
             _ => Ok(()),
         }
@@ -165,7 +170,22 @@ impl Rope {
         self.check(d, len)?;
         let half = d / 2;
         let (cos, sin) = match &self.angles {
-            Angles::Tables { cos, sin, .. } => (cos[..len * half].to_vec(), sin[..len * half].to_vec()),
+            Angles::Tables { cos, sin, max_pos, .. } => {
+                // Positions past the table (a query turned by its position plus a shift) by angle
+                // addition: p = a + b with a, b inside the table.
+                let mut c = cos[..len.min(*max_pos) * half].to_vec();
+                let mut s = sin[..len.min(*max_pos) * half].to_vec();
+                for p in *max_pos..len {
+                    let (a, b) = (max_pos - 1, p - (max_pos - 1));
+                    for i in 0..half {
+                        let (ca, sa) = (f64::from(cos[a * half + i]), f64::from(sin[a * half + i]));
+                        let (cb, sb) = (f64::from(cos[b * half + i]), f64::from(sin[b * half + i]));
+                        c.push((ca * cb - sa * sb) as f32);
+                        s.push((sa * cb + ca * sb) as f32);
+                    }
+                }
+                (c, s)
+            }
             Angles::Theta { .. } => {
                 let f = self.inv_freq(d).expect("theta form");
                 let mut cos = Vec::with_capacity(len * half);

@@ -15,6 +15,25 @@ pub fn tolerance(dtype: DType) -> (f64, f64) {
     }
 }
 
+/// Tolerance of the CUDA kernels' PINE attention against the oracle: K rotated once and rounded
+/// to the dtype, and each turned query rounded to the dtype for the tensor cores (two roundings
+/// more than [`tolerance`] covers).
+pub fn rotated_tolerance(dtype: DType) -> (f64, f64) {
+    match dtype {
+        DType::F16 => (4e-3, 8e-3),
+        DType::BF16 => (3e-2, 4e-2),
+        other => tolerance(other),
+    }
+}
+
+/// LSE tolerance of the CUDA kernels' PINE attention (see [`rotated_tolerance`]).
+pub fn rotated_lse_tolerance(dtype: DType) -> f64 {
+    match dtype {
+        DType::BF16 => 1e-2,
+        _ => lse_tolerance(dtype),
+    }
+}
+
 /// Tolerance of the LSE (always f32): absolute, on values of magnitude ~log(Lk) + max score.
 pub fn lse_tolerance(dtype: DType) -> f64 {
     match dtype {

@@ -1,0 +1,127 @@
+//! PINE's CUDA attention kernel (segattn_fwd_rope_*: the query turned inside the loop per row and
+//! key segment), run on the CPU under the SIMT emulator, against the literal oracle
+//! ([`segattn::reference::pine_attention`]): random layouts (ragged segments, single tokens, tiles
+//! that straddle segments), GQA, bf16 and f16, D = 64 and 128, two thread schedules whose outputs
+//! must be bitwise identical.
+//!
+//! The kernel reads K rotated once and rounded to the dtype, and rounds each turned query to the
+//! dtype for the tensor cores: two roundings more than the plain kernel, which
+//! `rotated_tolerance` covers. Query groups whose importance order is a near-tie are left out, as
+//! in tests/pine.rs.
+//!
+//! `SEGATTN_EMU_CASES=n` scales the number of random cases (default 256 -> 6 here).
+
+mod common;
+
+use candle_core::{DType, IndexOp, Result};
+use common::{random_tensor, rotated_lse_tolerance, rotated_tolerance, worst_ratio, Rng};
+use segattn::emulated::{pine_prefill, Schedule};
+use segattn::pine::{PineAttention, Rope};
+use segattn::{reference, PineLayout};
+
+const MIN_MARGIN: f64 = 1e-5;
+
+fn cases() -> u64 {
+    std::env::var("SEGATTN_EMU_CASES")
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+        .map_or(6, |n| (n / 40).max(2))
+}
+
+fn random_layout(rng: &mut Rng) -> PineLayout {
+    let n = 1 + rng.below(8);
+    let segs: Vec<usize> = (0..n)
+        .map(|_| if rng.below(4) == 0 { 1 } else { 1 + rng.below(40) })
+        .collect();
+    PineLayout::new(1 + rng.below(40), &segs, 1 + rng.below(30))
+}
+
+fn run_case(seed: u64) -> Result<()> {
+    let mut rng = Rng::new(seed);
+    let batch = 1 + rng.below(2);
+    let mut layouts: Vec<PineLayout> = (0..batch).map(|_| random_layout(&mut rng)).collect();
+    let len = layouts.iter().map(PineLayout::len).max().unwrap();
+    for l in &mut layouts {
+        l.suffix_len += len - l.len();
+    }
+    let heads = [(1, 1), (2, 1), (4, 2)][rng.below(3)];
+    let d = [64, 128][rng.below(2)];
+    let dtype = [DType::BF16, DType::F16][rng.below(2)];
+    run_layouts(seed, &layouts, heads, d, dtype)
+}
+
+fn run_layouts(seed: u64, layouts: &[PineLayout], (h, hkv): (usize, usize), d: usize, dtype: DType) -> Result<()> {
+    let mut rng = Rng::new(seed ^ 0x5eed);
+    let (batch, len) = (layouts.len(), layouts[0].len());
+    let rope = Rope::new([10_000.0, 500_000.0][rng.below(2)]);
+    let q = random_tensor(&mut rng, &[batch, len, h, d], dtype)?;
+    let k = random_tensor(&mut rng, &[batch, len, hkv, d], dtype)?;
+    let v = random_tensor(&mut rng, &[batch, len, hkv, d], dtype)?;
+    let what = format!("seed {seed} layouts {layouts:?} H {h} Hkv {hkv} D {d} {dtype:?}");
+
+    let pine = PineAttention::new(layouts, rope.clone())?;
+    let got = pine_prefill(&pine, &q, &k, &v, Schedule::Forward, seed)?;
+    let again = pine_prefill(&pine, &q, &k, &v, Schedule::RandomWarp, seed)?;
+    let same = (got.out.to_dtype(DType::F32)? - again.out.to_dtype(DType::F32)?)?
+        .abs()?
+        .max_all()?
+        .to_scalar::<f32>()?;
+    assert_eq!(same, 0.0, "{what}: schedules disagree");
+
+    let want = reference::pine_attention(&q, &k, &v, layouts, &rope, None)?;
+    let margin = want.margin.to_vec3::<f64>()?;
+    let lse = got.lse.expect("the emulated kernel returns the LSE");
+    let (atol, rtol) = rotated_tolerance(dtype);
+    let mut skipped = 0;
+    for (b, margin_b) in margin.iter().enumerate() {
+        for (hi, margin_h) in margin_b.iter().enumerate() {
+            for (i, &m) in margin_h.iter().enumerate() {
+                if m < MIN_MARGIN {
+                    skipped += 1;
+                    continue;
+                }
+                let (r, at) = worst_ratio(&got.out.i((b, i, hi))?, &want.out.i((b, i, hi))?, atol, rtol)?;
+                assert!(
+                    r <= 1.0,
+                    "{what}: b {b} row {i} head {hi}: off by {r} x tolerance at {at}"
+                );
+                let (r, _) = worst_ratio(
+                    &lse.i((b, hi, i))?,
+                    &want.lse.i((b, hi, i))?,
+                    rotated_lse_tolerance(dtype),
+                    0.0,
+                )?;
+                assert!(r <= 1.0, "{what}: b {b} row {i} head {hi}: lse off by {r} x tolerance");
+            }
+        }
+    }
+    assert!(
+        skipped * 5 <= batch * h * len,
+        "{what}: {skipped} rows skipped as near-ties"
+    );
+    Ok(())
+}
+
+#[test]
+fn rotated_kernel_matches_the_literal_oracle() -> Result<()> {
+    let base = std::env::var("SEGATTN_SEED")
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+        .unwrap_or_else(|| std::process::id() as u64);
+    for c in 0..cases() {
+        run_case(base.wrapping_mul(1000).wrapping_add(c))?;
+    }
+    Ok(())
+}
+
+/// Tiles that straddle segments by construction: key tile 0 holds the prefix and segments 1 and
+/// 2, tile 1 the ends of segments 3 and 4, single-token segments 5 to 9 and segment 10; the
+/// suffix starts inside tile 2. Both head dims and dtypes, GQA.
+#[test]
+fn tiles_straddling_segments() -> Result<()> {
+    let layout = PineLayout::new(30, &[3, 25, 20, 20, 1, 1, 1, 1, 1, 30], 20);
+    for (d, dtype) in [(64, DType::BF16), (128, DType::F16)] {
+        run_layouts(7, std::slice::from_ref(&layout), (4, 2), d, dtype)?;
+    }
+    Ok(())
+}
