@@ -189,7 +189,7 @@ __device__ void fwd_kernel(const SegattnFwdParams& p) {
       const int valid = min(kN, kv_len - k0);
       for (int a = 0; a < valid;) {
         const int e = min(static_cast<int>(kv_segs.span_end[k0 + a]) - k0, valid);
-        rotator.turn_for(kid[a], s_q, warp, lane, qf);
+        rotator.turn_for(p, kid[a], s_q, warp, lane, qf);
         SEGATTN_UNROLL
         for (int np = 0; np < Traits::kNS / 2; ++np) {
           if (np * 16 >= e || np * 16 + 16 <= a) continue;

@@ -28,37 +28,41 @@ struct QueryRotator {
   static constexpr int kDK = Traits::kDK;
   static constexpr int kHalf = Traits::kHeadDim / 2;
 
-  const SegattnRotation* rot;
-  int pos[2];                  // the thread's two rows: original positions
-  const uint32_t* shifts[2];   // their group's shifts [num_segments]; nullptr for padding rows
-  int angle[2];                // the angles (positions) the fragments are turned by now; -1: none yet
+  // The thread's two rows. 32-bit state only (the kernel is at its register limit at D = 128):
+  // the parameters stay in the constant bank, the group's shift row is an offset (the host checks
+  // that the shift table has fewer than 2^31 entries).
+  int pos[2];        // original positions
+  int shift_at[2];   // offset of the row's group's shifts [num_segments]; -1 for padding rows
+  int angle[2];      // the angles (positions) the fragments are turned by now; -1: none yet
 
   // `row0` is the thread's first row (block-relative) and q0 the block's first query row.
   __device__ __forceinline__ void init(const SegattnFwdParams& p, int b, int h, int q0, int q1, int row0) {
-    rot = &p.rotation;
+    const SegattnRotation& rot = p.rotation;
     SEGATTN_UNROLL
     for (int r = 0; r < 2; ++r) {
       const int i = q0 + row0 + 8 * r;
       angle[r] = -1;
+      pos[r] = 0;
+      shift_at[r] = -1;
       if (i < q1) {
         const int64_t at = static_cast<int64_t>(b) * p.q_len + i;
-        pos[r] = static_cast<int>(rot->q_pos[at]);
-        const int64_t group = (static_cast<int64_t>(b) * p.num_heads + h) * rot->groups + rot->row_group[at];
-        shifts[r] = rot->shifts + group * rot->num_segments;
-      } else {
-        pos[r] = 0;
-        shifts[r] = nullptr;
+        pos[r] = static_cast<int>(rot.q_pos[at]);
+        const int group = (b * p.num_heads + h) * rot.groups + static_cast<int>(rot.row_group[at]);
+        shift_at[r] = group * rot.num_segments;
       }
     }
   }
 
   // Makes `qf` the warp's query fragments turned for the keys of segment `id`: a no-op when no
   // row of the warp changes angle (long segments: once per segment, not per tile). Warp-collective.
-  __device__ __forceinline__ void turn_for(uint32_t id, const char* s_q, int warp, int lane,
-                                           uint32_t (&qf)[kDK][4]) {
+  __device__ __forceinline__ void turn_for(const SegattnFwdParams& p, uint32_t id, const char* s_q, int warp,
+                                           int lane, uint32_t (&qf)[kDK][4]) {
+    const SegattnRotation& rot = p.rotation;
     int want[2];
     SEGATTN_UNROLL
-    for (int r = 0; r < 2; ++r) want[r] = pos[r] + (shifts[r] != nullptr ? static_cast<int>(shifts[r][id]) : 0);
+    for (int r = 0; r < 2; ++r) {
+      want[r] = pos[r] + (shift_at[r] >= 0 ? static_cast<int>(rot.shifts[shift_at[r] + static_cast<int>(id)]) : 0);
+    }
     const bool changed = want[0] != angle[0] || want[1] != angle[1];
     if (!__any_sync(0xffffffffu, changed)) return;
     load_q_fragments<Traits>(s_q, warp, lane, qf);
@@ -68,9 +72,9 @@ struct QueryRotator {
       SEGATTN_UNROLL
       for (int reg = 0; reg < 4; ++reg) {
         const int r = reg & 1;
-        const int64_t at = static_cast<int64_t>(want[r]) * kHalf + kc * 16 + 8 * (reg >> 1) + quad_col;
-        const float c0 = rot->cos[at], c1 = rot->cos[at + 1];
-        const float s0 = rot->sin[at], s1 = rot->sin[at + 1];
+        const int at = want[r] * kHalf + kc * 16 + 8 * (reg >> 1) + quad_col;
+        const float c0 = rot.cos[at], c1 = rot.cos[at + 1];
+        const float s0 = rot.sin[at], s1 = rot.sin[at + 1];
         const float2 x1 = unpack2<T>(qf[kc][reg]);
         const float2 x2 = unpack2<T>(qf[kc + kDK / 2][reg]);
         qf[kc][reg] = pack2<T>(x1.x * c0 - x2.x * s0, x1.y * c1 - x2.y * s1);

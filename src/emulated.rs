@@ -305,8 +305,9 @@ fn run_forward(
 }
 
 /// The rotation fields of the kernel parameters, pointing into `rot` (which must outlive them).
-fn rotation_params(rot: &PineRotation) -> Result<SegattnRotation> {
+pub(crate) fn rotation_params(rot: &PineRotation) -> Result<SegattnRotation> {
     let (table, shifts) = (&rot.table, &rot.shifts);
+    rot.check_kernel_limits()?;
     Ok(SegattnRotation {
         cos: table.cos.as_ptr(),
         sin: table.sin.as_ptr(),

@@ -329,6 +329,24 @@ impl PineRotation {
         Ok(())
     }
 
+    /// What the kernels assume without checking: every row's position plus shift is inside the
+    /// table, and the shift table is indexed with 32-bit offsets.
+    pub(crate) fn check_kernel_limits(&self) -> Result<()> {
+        let rows = self.table.cos.len() / self.table.half;
+        let need = self.shifts.q_pos.iter().copied().max().unwrap_or(0) as usize + self.shifts.max_shift() + 1;
+        if rows < need {
+            invalid_arg!("internal error: the RoPE table has {rows} positions, the rows need {need}");
+        }
+        if self.shifts.shifts.len() > i32::MAX as usize || rows * self.table.half > i32::MAX as usize {
+            invalid_arg!(
+                "q: PINE's shift table ({} entries) or RoPE table ({} entries) exceeds the kernel's 32-bit indexing",
+                self.shifts.shifts.len(),
+                rows * self.table.half
+            );
+        }
+        Ok(())
+    }
+
     pub(crate) fn cpu(&self) -> QueryRotation<'_> {
         QueryRotation {
             table: &self.table,
