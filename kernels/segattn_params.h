@@ -128,4 +128,31 @@ typedef struct SegattnScoresParams {
   int32_t two_pass;
 } SegattnScoresParams;
 
+/* PINE's segment order and shifts on the device (kernels/pine/shifts.cu), from the importance
+ * scores. Query groups per (b, h): 0 = prefix rows (no shift), 1..n_b the segments, then one per
+ * suffix / generated query row (row first_suffix_row[b] + g - n_b - 1 of the query). For group g
+ * and key segment id j in 1..n_b: shift = total length of the segments ranked before j, the order
+ * being the group's own segment first, then descending score, ties to the lower id (a stable
+ * descending sort, computed by counting: no sort). Every other entry is 0. */
+typedef struct SegattnShiftsParams {
+  /* [B, H, num_segments, num_segments] f32: I[b, h, i, j], segment query i's importance of
+   * segment j (used for rows with n_b > 2; NULL when no row has). */
+  const float *segment_scores;
+  /* [B, H, scored_rows, num_segments] f32: the per-row scores of the last scored_rows query rows. */
+  const float *row_scores;
+  /* [B] segment count n_b; [B] first suffix / generated row among the q_len query rows;
+   * [B, num_segments] length of the segment with id j (0 for ids that are not segments). */
+  const uint32_t *num_segs;
+  const uint32_t *first_suffix_row;
+  const uint32_t *segment_lens;
+  /* [B, H, groups, num_segments] output, every element written. */
+  uint32_t *shifts;
+  int32_t batch;
+  int32_t num_heads;
+  int32_t groups;
+  int32_t num_segments;
+  int32_t q_len;
+  int32_t scored_rows;
+} SegattnShiftsParams;
+
 #endif /* SEGATTN_PARAMS_H */

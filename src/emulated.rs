@@ -15,11 +15,14 @@ pub(crate) use crate::kernel_params::{check_supported, dtype_code, to_i32};
 use crate::mask::tiles::classify_tile;
 use crate::mask::{HostMask, SegmentMask};
 use crate::op::AttentionOutput;
-use crate::params::{SegattnFwdParams, SegattnRotation, SegattnSegments, SegattnStrides};
-use crate::pine::{PineAttention, PineRotation};
+use crate::params::{SegattnFwdParams, SegattnSegments, SegattnStrides};
+use crate::pine::PineRotation;
+use pine::rotation_params;
 use crate::validate::{default_scale, AttentionShape};
 
+mod pine;
 mod scores;
+pub use pine::{pine_prefill, pine_shifts_both};
 pub use scores::{scores_smem_bytes, segment_scores};
 
 /// The order in which the emulator runs the threads of a block between synchronisation points
@@ -73,7 +76,7 @@ extern "C" {
 }
 
 /// The calling thread's last emulator error.
-fn last_error() -> String {
+pub(crate) fn last_error() -> String {
     // SAFETY: the emulator returns a NUL-terminated string owned by the calling thread's state,
     // valid until its next launch; it is copied at once.
     unsafe { CStr::from_ptr(segattn_emu_last_error()) }
@@ -195,37 +198,9 @@ pub fn forward(
     run_forward(q, k, v, mask, scale, None, schedule, seed)
 }
 
-/// PINE's attention layer through the emulated CUDA kernel with in-loop query rotation
-/// (`segattn_fwd_rope_*`): importance, order and shifts as [`PineAttention::prefill`] computes
-/// them (on the CPU), K rotated once at its original positions (rounded to the input dtype, as a
-/// GPU run stores it), then the kernel. q, k, v un-rotated, bf16 or f16, D = 64 or 128.
-pub fn pine_prefill(
-    pine: &PineAttention,
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    schedule: Schedule,
-    seed: u64,
-) -> Result<AttentionOutput> {
-    let shape = AttentionShape::of(q, k, v)?;
-    let f32 = |t: &Tensor| t.to_dtype(DType::F32);
-    let plan = pine.plan(&f32(q)?, &f32(k)?, &shape)?;
-    let k_rot = pine.rotate_keys(k)?;
-    run_forward(
-        q,
-        &k_rot,
-        v,
-        &plan.mask,
-        Some(plan.scale),
-        Some(&plan.rotation),
-        schedule,
-        seed,
-    )
-}
-
 /// [`forward`], with PINE's query rotation when `rotation` is given.
 #[allow(clippy::too_many_arguments)]
-fn run_forward(
+pub(crate) fn run_forward(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
@@ -301,22 +276,6 @@ fn run_forward(
         out,
         lse: Some(lse),
         segment_mass: None,
-    })
-}
-
-/// The rotation fields of the kernel parameters, pointing into `rot` (which must outlive them).
-pub(crate) fn rotation_params(rot: &PineRotation) -> Result<SegattnRotation> {
-    let (table, shifts) = (&rot.table, &rot.shifts);
-    rot.check_kernel_limits()?;
-    Ok(SegattnRotation {
-        cos: table.cos.as_ptr(),
-        sin: table.sin.as_ptr(),
-        table_len: to_i32("rope table", table.cos.len() / table.half)?,
-        groups: to_i32("query groups", shifts.groups)?,
-        q_pos: shifts.q_pos.as_ptr(),
-        row_group: shifts.row_group.as_ptr(),
-        shifts: shifts.shifts.as_ptr(),
-        num_segments: to_i32("key segments", shifts.sk)?,
     })
 }
 

@@ -15,7 +15,7 @@ mod common;
 
 use candle_core::{DType, IndexOp, Result};
 use common::{random_tensor, rotated_lse_tolerance, rotated_tolerance, worst_ratio, Rng};
-use segattn::emulated::{pine_prefill, Schedule};
+use segattn::emulated::{pine_prefill, pine_shifts_both, Schedule};
 use segattn::pine::{PineAttention, Rope};
 use segattn::{reference, PineLayout};
 
@@ -122,6 +122,40 @@ fn tiles_straddling_segments() -> Result<()> {
     let layout = PineLayout::new(30, &[3, 25, 20, 20, 1, 1, 1, 1, 1, 30], 20);
     for (d, dtype) in [(64, DType::BF16), (128, DType::F16)] {
         run_layouts(7, std::slice::from_ref(&layout), (4, 2), d, dtype)?;
+    }
+    Ok(())
+}
+
+/// The device-side order and shifts (segattn_pine_shifts: ranking by counting) equal the CPU's
+/// (a stable sort per group) on the same scores: random layouts, batch rows with different segment
+/// counts (n = 1, 2 and more), and exact ties (repeated segments: equal keys give equal scores).
+#[test]
+fn device_shifts_match_the_cpu_order() -> Result<()> {
+    for seed in 0..12u64 {
+        let mut rng = Rng::new(seed);
+        let batch = 1 + rng.below(3);
+        let mut layouts: Vec<PineLayout> = (0..batch)
+            .map(|_| {
+                let n = [1, 2, 3, 5, 9][rng.below(5)];
+                let segs: Vec<usize> = (0..n).map(|_| 1 + rng.below(12)).collect();
+                PineLayout::new(1 + rng.below(9), &segs, 1 + rng.below(9))
+            })
+            .collect();
+        let len = layouts.iter().map(PineLayout::len).max().unwrap();
+        for l in &mut layouts {
+            l.suffix_len += len - l.len();
+        }
+        let (h, hkv, d) = (4, 2, 16);
+        let q = random_tensor(&mut rng, &[batch, len, h, d], DType::F32)?;
+        let mut k = random_tensor(&mut rng, &[batch, len, hkv, d], DType::F32)?;
+        if seed % 2 == 0 {
+            // Ties: every key is the same vector (equal-length segments then score exactly alike).
+            let same = random_tensor(&mut rng, &[1, 1, hkv, d], DType::F32)?.broadcast_as((batch, len, hkv, d))?;
+            k = same.contiguous()?;
+        }
+        let pine = PineAttention::new(&layouts, Rope::new(10_000.0))?;
+        let (cpu, kernel) = pine_shifts_both(&pine, &q, &k)?;
+        assert_eq!(cpu, kernel, "seed {seed} layouts {layouts:?}");
     }
     Ok(())
 }

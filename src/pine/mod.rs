@@ -17,8 +17,8 @@
 //! [`PineAttention::rotate_keys`]. The baselines of the paper (vanilla, PCW, NIA) are
 //! [`PositionScheme`]s of the same API. The literal oracle is [`crate::reference::pine_attention`].
 
-mod importance;
-mod order;
+pub(crate) mod importance;
+pub(crate) mod order;
 mod rope;
 mod scheme;
 
@@ -223,17 +223,10 @@ impl PineAttention {
     ) -> Result<AttentionOutput> {
         if self.scheme != PositionScheme::Pine {
             let (q_len, kv_len) = (shape.q_len, shape.kv_len);
-            let scale = self.scale.unwrap_or_else(|| default_scale(shape.head_dim));
-            let mask = self
-                .scheme
-                .mask(&self.layouts, kv_len, q.device())?
-                .last_queries(q_len)?;
-            let positions = self
-                .key_positions(kv_len, q.device())?
-                .narrow(1, kv_len - q_len, q_len)?;
+            let positions = self.key_positions(kv_len, q.device())?.narrow(1, kv_len - q_len, q_len)?;
             let q_rot = self.rope.rotate(q, &positions, false)?;
-            return SegmentAttention::new(&mask)
-                .scale(scale)
+            return SegmentAttention::new(&self.mask(shape, q.device())?)
+                .scale(self.scale_for(shape))
                 .return_lse(self.return_lse)
                 .forward(&q_rot, k_rot, v);
         }
@@ -256,12 +249,25 @@ impl PineAttention {
     /// `k_plain`), the order and shifts of every query group, and the mask and RoPE table of the
     /// attention.
     pub(crate) fn plan(&self, q: &Tensor, k_plain: &Tensor, shape: &AttentionShape) -> Result<PinePlan> {
+        let (imp, groups) = self.importance(q, k_plain, shape)?;
+        let shifts = order::query_shifts(groups, shape.num_heads, shape.q_len, &imp);
+        // Positions up to (original position + shift): the kernels turn a row by their sum.
+        let table = self.rope.table(shape.head_dim, shape.kv_len + shifts.max_shift())?;
+        Ok(PinePlan {
+            mask: self.mask(shape, q.device())?,
+            rotation: PineRotation { table, shifts },
+            scale: self.scale_for(shape),
+        })
+    }
+
+    /// Step 1: the importance scores of the last `Lq` tokens (host copies), and their groups.
+    pub(crate) fn importance(
+        &self,
+        q: &Tensor,
+        k_plain: &Tensor,
+        shape: &AttentionShape,
+    ) -> Result<(importance::Importance, order::GroupLayout)> {
         let (q_len, kv_len) = (shape.q_len, shape.kv_len);
-        let scale = self.scale.unwrap_or_else(|| default_scale(shape.head_dim));
-        let mask = self
-            .scheme
-            .mask(&self.layouts, kv_len, q.device())?
-            .last_queries(q_len)?;
         let extended: Vec<PineLayout> = self.layouts.iter().map(|l| scheme::extend(l, kv_len)).collect();
         let off = kv_len - q_len;
         let scored_rows = extended
@@ -270,16 +276,20 @@ impl PineAttention {
             .max()
             .unwrap_or(0);
         let q_plain = q.to_dtype(k_plain.dtype())?;
-        let imp = importance::importance(&q_plain, k_plain, &extended, scale, scored_rows)?;
-        let positions = self.positions(kv_len);
-        let shifts = order::query_shifts(&extended, shape.num_heads, q_len, kv_len, &imp, &positions);
-        // Positions up to (original position + shift): the kernels turn a row by their sum.
-        let table = self.rope.table(shape.head_dim, kv_len + shifts.max_shift())?;
-        Ok(PinePlan {
-            mask,
-            rotation: PineRotation { table, shifts },
-            scale,
-        })
+        let imp = importance::importance(&q_plain, k_plain, &extended, self.scale_for(shape), scored_rows)?;
+        let groups = order::GroupLayout::new(&extended, imp.sk, q_len, kv_len, &self.positions(kv_len));
+        Ok((imp, groups))
+    }
+
+    /// The mask of the last `Lq` tokens under this scheme.
+    fn mask(&self, shape: &AttentionShape, device: &Device) -> Result<crate::mask::SegmentMask> {
+        self.scheme
+            .mask(&self.layouts, shape.kv_len, device)?
+            .last_queries(shape.q_len)
+    }
+
+    fn scale_for(&self, shape: &AttentionShape) -> f64 {
+        self.scale.unwrap_or_else(|| default_scale(shape.head_dim))
     }
 
     fn positions(&self, len: usize) -> Vec<Vec<u32>> {

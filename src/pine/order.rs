@@ -63,54 +63,78 @@ fn write_shifts(order: &[usize], lens: &[usize], dst: &mut [u32]) {
     }
 }
 
-/// Groups and shifts for the last `q_len` of the `kv_len` tokens of each (extended) layout.
-pub(crate) fn query_shifts(
-    layouts: &[PineLayout],
-    heads: usize,
-    q_len: usize,
-    kv_len: usize,
-    imp: &Importance,
-    positions: &[Vec<u32>],
-) -> QueryShifts {
-    let batch = layouts.len();
-    let sk = imp.sk;
-    let off = kv_len - q_len;
-    let groups = layouts
-        .iter()
-        .map(|l| {
-            let seg_end = l.len() - l.suffix_len;
-            let suffix_rows = (kv_len - seg_end.max(off)).min(q_len);
-            l.segment_lens.len() + 1 + suffix_rows
-        })
-        .max()
-        .unwrap_or(1);
+/// The query groups of the last `q_len` of the `kv_len` tokens of each (extended) layout, and the
+/// per-row data the kernels read: what both the CPU order and the device kernel
+/// (`kernels/pine/shifts.cu`) start from.
+#[derive(Clone, Debug)]
+pub(crate) struct GroupLayout {
+    /// Groups per (batch row, head), the largest over the batch.
+    pub groups: usize,
+    /// Key segment ids (`max n + 2`).
+    pub sk: usize,
+    /// `[B]` segment count of each row.
+    pub num_segs: Vec<u32>,
+    /// `[B]` first suffix / generated row among the query rows (`q_len` if none).
+    pub first_suffix_row: Vec<u32>,
+    /// `[B, sk]` length of segment id `j` (0 for the prefix and suffix ids).
+    pub segment_lens: Vec<u32>,
+    /// `[B, Lq]` group of every query row.
+    pub row_group: Vec<u32>,
+    /// `[B, Lq]` original RoPE position of every query row.
+    pub q_pos: Vec<u32>,
+}
 
-    let mut row_group = vec![0u32; batch * q_len];
-    let mut q_pos = vec![0u32; batch * q_len];
-    let mut shifts = vec![0u32; batch * heads * groups * sk];
-    for (b, layout) in layouts.iter().enumerate() {
-        let n = layout.segment_lens.len();
-        let lens = &layout.segment_lens;
-        let seg_end = layout.len() - layout.suffix_len;
-        let first_suffix_row = seg_end.saturating_sub(off);
-        // Rows: group of each query row.
-        let mut id_of = Vec::with_capacity(kv_len);
-        id_of.extend(std::iter::repeat_n(0usize, layout.prefix_len));
-        for (j, &l) in lens.iter().enumerate() {
-            id_of.extend(std::iter::repeat_n(j + 1, l));
+impl GroupLayout {
+    pub fn new(layouts: &[PineLayout], sk: usize, q_len: usize, kv_len: usize, positions: &[Vec<u32>]) -> Self {
+        let batch = layouts.len();
+        let off = kv_len - q_len;
+        let mut g = Self {
+            groups: 1,
+            sk,
+            num_segs: Vec::with_capacity(batch),
+            first_suffix_row: Vec::with_capacity(batch),
+            segment_lens: vec![0; batch * sk],
+            row_group: vec![0; batch * q_len],
+            q_pos: vec![0; batch * q_len],
+        };
+        for (b, layout) in layouts.iter().enumerate() {
+            let n = layout.segment_lens.len();
+            let seg_end = layout.len() - layout.suffix_len;
+            let first_suffix_row = seg_end.saturating_sub(off).min(q_len);
+            g.groups = g.groups.max(n + 1 + q_len - first_suffix_row);
+            g.num_segs.push(n as u32);
+            g.first_suffix_row.push(first_suffix_row as u32);
+            for (j, &l) in layout.segment_lens.iter().enumerate() {
+                g.segment_lens[b * sk + j + 1] = l as u32;
+            }
+            let mut id_of = Vec::with_capacity(seg_end);
+            id_of.extend(std::iter::repeat_n(0usize, layout.prefix_len));
+            for (j, &l) in layout.segment_lens.iter().enumerate() {
+                id_of.extend(std::iter::repeat_n(j + 1, l));
+            }
+            for i in 0..q_len {
+                let t = off + i;
+                let id = id_of.get(t).copied().unwrap_or(n + 1);
+                g.row_group[b * q_len + i] = if id <= n { id } else { n + 1 + i - first_suffix_row } as u32;
+                g.q_pos[b * q_len + i] = positions[b][t];
+            }
         }
-        for i in 0..q_len {
-            let t = off + i;
-            let id = id_of.get(t).copied().unwrap_or(n + 1);
-            row_group[b * q_len + i] = if id <= n {
-                id as u32
-            } else {
-                (n + 1 + i - first_suffix_row) as u32
-            };
-            q_pos[b * q_len + i] = positions[b][t];
-        }
+        g
+    }
+}
+
+/// Shifts of every group from the importance scores, on the CPU (a stable sort per group; the
+/// device kernel ranks by counting, the same order).
+pub(crate) fn query_shifts(groups: GroupLayout, heads: usize, q_len: usize, imp: &Importance) -> QueryShifts {
+    let batch = groups.num_segs.len();
+    let (sk, ng) = (groups.sk, groups.groups);
+    let mut shifts = vec![0u32; batch * heads * ng * sk];
+    for b in 0..batch {
+        let n = groups.num_segs[b] as usize;
+        let lens: Vec<usize> = (1..=n).map(|j| groups.segment_lens[b * sk + j] as usize).collect();
+        let first_suffix_row = groups.first_suffix_row[b] as usize;
         for h in 0..heads {
-            let base = (b * heads + h) * groups;
+            let base = (b * heads + h) * ng;
             // Segment groups.
             for i in 1..=n {
                 let order = match (&imp.segments, n) {
@@ -120,7 +144,7 @@ pub(crate) fn query_shifts(
                     }
                     _ => segment_order(n, Some(i), |_| 0.0),
                 };
-                write_shifts(&order, lens, &mut shifts[(base + i) * sk..(base + i + 1) * sk]);
+                write_shifts(&order, &lens, &mut shifts[(base + i) * sk..(base + i + 1) * sk]);
             }
             // Suffix / generated rows, one group each.
             for i in first_suffix_row..q_len {
@@ -128,17 +152,17 @@ pub(crate) fn query_shifts(
                 let row = &imp.rows[((b * heads + h) * imp.scored_rows + r) * sk..][..sk];
                 let order = segment_order(n, None, |j| row[j]);
                 let g = n + 1 + i - first_suffix_row;
-                write_shifts(&order, lens, &mut shifts[(base + g) * sk..(base + g + 1) * sk]);
+                write_shifts(&order, &lens, &mut shifts[(base + g) * sk..(base + g + 1) * sk]);
             }
         }
     }
     QueryShifts {
-        groups,
+        groups: ng,
         sk,
         heads,
-        row_group,
+        row_group: groups.row_group,
         shifts,
-        q_pos,
+        q_pos: groups.q_pos,
     }
 }
 

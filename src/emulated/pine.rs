@@ -1,0 +1,92 @@
+//! PINE's kernels under the SIMT emulator: the attention with in-loop query rotation
+//! (`segattn_fwd_rope_*`) and the device-side order and shifts (`segattn_pine_shifts`).
+
+use candle_core::{DType, Result, Tensor};
+
+use super::{last_error, run_forward, Schedule};
+use crate::kernel_params::to_i32;
+use crate::op::AttentionOutput;
+use crate::params::{SegattnRotation, SegattnShiftsParams};
+use crate::pine::{PineAttention, PineRotation};
+use crate::validate::AttentionShape;
+
+extern "C" {
+    fn segattn_emu_pine_shifts(params: *const SegattnShiftsParams) -> std::ffi::c_int;
+}
+
+/// PINE's attention layer through the emulated CUDA kernel with in-loop query rotation
+/// (`segattn_fwd_rope_*`): importance, order and shifts as [`PineAttention::prefill`] computes
+/// them (on the CPU), K rotated once at its original positions (rounded to the input dtype, as a
+/// GPU run stores it), then the kernel. q, k, v un-rotated, bf16 or f16, D = 64 or 128.
+pub fn pine_prefill(
+    pine: &PineAttention,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    schedule: Schedule,
+    seed: u64,
+) -> Result<AttentionOutput> {
+    let shape = AttentionShape::of(q, k, v)?;
+    let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+    let plan = pine.plan(&f32(q)?, &f32(k)?, &shape)?;
+    let k_rot = pine.rotate_keys(k)?;
+    run_forward(
+        q,
+        &k_rot,
+        v,
+        &plan.mask,
+        Some(plan.scale),
+        Some(&plan.rotation),
+        schedule,
+        seed,
+    )
+}
+
+/// The rotation fields of the kernel parameters, pointing into `rot` (which must outlive them).
+pub(crate) fn rotation_params(rot: &PineRotation) -> Result<SegattnRotation> {
+    let (table, shifts) = (&rot.table, &rot.shifts);
+    rot.check_kernel_limits()?;
+    Ok(SegattnRotation {
+        cos: table.cos.as_ptr(),
+        sin: table.sin.as_ptr(),
+        table_len: to_i32("rope table", table.cos.len() / table.half)?,
+        groups: to_i32("query groups", shifts.groups)?,
+        q_pos: shifts.q_pos.as_ptr(),
+        row_group: shifts.row_group.as_ptr(),
+        shifts: shifts.shifts.as_ptr(),
+        num_segments: to_i32("key segments", shifts.sk)?,
+    })
+}
+
+/// PINE's shifts for a prefill of `q`, `k` (un-rotated, `[B, L, H(kv), D]`, any float dtype), from
+/// one set of importance scores (CPU), computed twice: by the CPU order (a stable sort per group)
+/// and by the device kernel `segattn_pine_shifts` (ranking by counting), emulated. Returns (CPU,
+/// kernel), both `[B, H, groups, Sk]`.
+pub fn pine_shifts_both(pine: &PineAttention, q: &Tensor, k: &Tensor) -> Result<(Vec<u32>, Vec<u32>)> {
+    let shape = AttentionShape::of(q, k, k)?;
+    let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+    let (imp, groups) = pine.importance(&f32(q)?, &f32(k)?, &shape)?;
+    let mut kernel = vec![u32::MAX; shape.batch * shape.num_heads * groups.groups * groups.sk];
+    let p = SegattnShiftsParams {
+        segment_scores: imp.segments.as_ref().map_or(std::ptr::null(), |s| s.as_ptr()),
+        row_scores: imp.rows.as_ptr(),
+        num_segs: groups.num_segs.as_ptr(),
+        first_suffix_row: groups.first_suffix_row.as_ptr(),
+        segment_lens: groups.segment_lens.as_ptr(),
+        shifts: kernel.as_mut_ptr(),
+        batch: to_i32("batch", shape.batch)?,
+        num_heads: to_i32("num_heads", shape.num_heads)?,
+        groups: to_i32("query groups", groups.groups)?,
+        num_segments: to_i32("key segments", groups.sk)?,
+        q_len: to_i32("q_len", shape.q_len)?,
+        scored_rows: to_i32("scored rows", imp.scored_rows)?,
+    };
+    // SAFETY: every pointer of `p` points into a live buffer of the size stated in `p`
+    // (`imp`, `groups`, `kernel`), all alive for the call.
+    let rc = unsafe { segattn_emu_pine_shifts(&p) };
+    if rc != 0 {
+        return Err(candle_core::Error::Msg(format!("segattn: emulated shifts kernel failed: {}", last_error())).bt());
+    }
+    let cpu = crate::pine::order::query_shifts(groups, shape.num_heads, shape.q_len, &imp).shifts;
+    Ok((cpu, kernel))
+}
