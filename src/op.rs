@@ -311,12 +311,6 @@ impl CustomOp3 for AttentionOp<'_> {
         v: &candle_core::CudaStorage,
         vl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        if self.rotation.is_some() {
-            invalid_arg!(
-                "q: PINE's attention with re-assigned positions runs on the CPU only for now (the CUDA kernel \
-                 with in-loop query rotation is pending); move q, k and v to the CPU"
-            );
-        }
         let (out, lse) = crate::cuda::forward(
             (q, ql),
             (k, kl),
@@ -325,6 +319,7 @@ impl CustomOp3 for AttentionOp<'_> {
             &self.host_mask,
             self.scale,
             self.want_lse,
+            self.rotation,
         )?;
         if let Some(lse) = lse {
             *self

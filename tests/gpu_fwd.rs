@@ -16,10 +16,9 @@
 
 mod common;
 
-use std::sync::OnceLock;
-
 use candle_core::{DType, Device, Result, Tensor};
 use common::cases::{random_mask, MASK_KINDS};
+use common::gpu::gpu;
 use common::{worst_ratio, Rng};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, FileFailurePersistence};
@@ -36,30 +35,6 @@ fn tolerance(dtype: DType) -> (f64, f64) {
 
 /// LSE tolerances `(atol, rtol)`: computed in f32 from exact products of the inputs.
 const LSE_TOLERANCE: (f64, f64) = (1e-3, 1e-4);
-
-/// The GPU, or `None` (test skipped) when there is none and `SEGATTN_REQUIRE_GPU` is not 1.
-fn gpu() -> Option<Device> {
-    static DEV: OnceLock<std::result::Result<Device, String>> = OnceLock::new();
-    let dev = DEV.get_or_init(|| {
-        for (var, default) in [("SEGATTN_CUDA_POISON", "1"), ("SEGATTN_CUDA_SYNC", "1")] {
-            if std::env::var_os(var).is_none() {
-                // Inside the OnceLock initialisation, before any CUDA call of this process.
-                std::env::set_var(var, default);
-            }
-        }
-        Device::new_cuda(0).map_err(|e| e.to_string())
-    });
-    match dev {
-        Ok(d) => Some(d.clone()),
-        Err(e) if std::env::var_os("SEGATTN_REQUIRE_GPU").is_some_and(|v| v == "1") => {
-            panic!("SEGATTN_REQUIRE_GPU=1 but no CUDA device: {e}")
-        }
-        Err(e) => {
-            eprintln!("skipped: no CUDA device ({e})");
-            None
-        }
-    }
-}
 
 fn cases(default: u32) -> u32 {
     std::env::var("SEGATTN_GPU_CASES")

@@ -10,31 +10,14 @@
 
 mod common;
 
-use std::sync::OnceLock;
-
 use candle_core::{DType, Device, Result, Tensor};
 use common::cases::{draw, MASK_KINDS};
+use common::gpu::gpu;
 use common::{mass_tolerance, worst_ratio, Rng};
 use segattn::{
     reference, segment_scores, HeadReduction, MassAlgorithm, PairRule, QueryReduction, SegmentMask,
     SegmentScoreOptions, Visibility,
 };
-
-/// The GPU, or `None` (test skipped) when there is none and `SEGATTN_REQUIRE_GPU` is not 1.
-fn gpu() -> Option<Device> {
-    static DEV: OnceLock<std::result::Result<Device, String>> = OnceLock::new();
-    let dev = DEV.get_or_init(|| Device::new_cuda(0).map_err(|e| e.to_string()));
-    match dev {
-        Ok(d) => Some(d.clone()),
-        Err(e) if std::env::var_os("SEGATTN_REQUIRE_GPU").is_some_and(|v| v == "1") => {
-            panic!("SEGATTN_REQUIRE_GPU=1 but no CUDA device: {e}")
-        }
-        Err(e) => {
-            eprintln!("skipped: no CUDA device ({e})");
-            None
-        }
-    }
-}
 
 /// The mask with its tensors on `dev`.
 fn mask_on(mask: &SegmentMask, dev: &Device) -> Result<SegmentMask> {

@@ -76,7 +76,7 @@ impl PreparedForward {
         let scale = scale.unwrap_or_else(|| default_scale(shape.head_dim));
         let host = mask.host_metadata(shape.batch, shape.q_len, shape.kv_len)?;
         let kernels = kernels(stream.context())?;
-        let Some(kernel) = kernels.fwd(q.dtype(), shape.head_dim) else {
+        let Some(kernel) = kernels.fwd(q.dtype(), shape.head_dim, false) else {
             invalid_arg!(
                 "internal error: no CUDA kernel for {:?} D = {}",
                 q.dtype(),
@@ -126,7 +126,7 @@ impl PreparedForward {
 
     /// Enqueues the kernel once on the device's stream (asynchronous; checked).
     pub fn launch(&self) -> Result<()> {
-        let Some(kernel) = self.kernels.fwd(self.dtype, self.head_dim) else {
+        let Some(kernel) = self.kernels.fwd(self.dtype, self.head_dim, false) else {
             invalid_arg!(
                 "internal error: no CUDA kernel for {:?} D = {}",
                 self.dtype,
@@ -138,7 +138,7 @@ impl PreparedForward {
 
     /// The kernel's name.
     pub fn kernel_name(&self) -> &'static str {
-        self.kernels.fwd(self.dtype, self.head_dim).map_or("?", |k| k.name)
+        self.kernels.fwd(self.dtype, self.head_dim, false).map_or("?", |k| k.name)
     }
 
     /// The launch configuration: grid, block, dynamic shared memory.

@@ -28,8 +28,10 @@ use super::driver_err;
 use super::module::{self, FwdKernel, FWD_BLOCK_M, FWD_THREADS};
 use crate::error::invalid_arg;
 pub(crate) use crate::kernel_params::{base_params, check_grid, check_supported, loadable, strides_of};
+use super::pine::RotationBuffers;
 use crate::mask::HostMask;
 use crate::params::{SegattnFwdParams, SegattnSegments};
+use crate::pine::PineRotation;
 use crate::validate::AttentionShape;
 
 // SAFETY: a plain C struct (bindgen of kernels/segattn_params.h, layout-tested) passed by value as
@@ -204,6 +206,24 @@ pub(crate) fn launch(
     Ok(())
 }
 
+/// With `SEGATTN_CUDA_SYNC=1`: synchronizes `stream` and reports an execution error of `kernel`.
+pub(crate) fn sync_if_asked(stream: &CudaStream, kernel: &str) -> Result<()> {
+    if sync_after_launch() {
+        stream
+            .synchronize()
+            .map_err(|e| driver_err(format!("running {kernel} (SEGATTN_CUDA_SYNC=1)"), e))?;
+    }
+    Ok(())
+}
+
+/// Grid rows per head and layers per batch row are limited to 65535.
+pub(crate) fn check_grid_of(kernel: &str, batch: usize, heads: usize) -> Result<()> {
+    if batch > 65_535 || heads > 65_535 {
+        invalid_arg!("q: {kernel} launches one grid row per head and batch row (at most 65535 each), got B = {batch}, H = {heads}");
+    }
+    Ok(())
+}
+
 /// Fills `n` 16-bit or 32-bit words at `ptr` with all-ones bits (NaN in bf16, f16 and f32).
 fn poison(stream: &CudaStream, ptr: u64, n: usize, bytes: usize) -> Result<()> {
     if n == 0 {
@@ -289,12 +309,13 @@ pub(crate) fn forward(
     host: &HostMask,
     scale: f32,
     want_lse: bool,
+    rotation: Option<&PineRotation>,
 ) -> Result<(CudaStorage, Option<CudaStorage>)> {
     let dtype = q.dtype();
     check_supported(dtype, shape.head_dim)?;
     match dtype {
-        DType::BF16 => forward_typed::<bf16>((q, ql), (k, kl), (v, vl), shape, host, scale, want_lse),
-        _ => forward_typed::<f16>((q, ql), (k, kl), (v, vl), shape, host, scale, want_lse),
+        DType::BF16 => forward_typed::<bf16>((q, ql), (k, kl), (v, vl), shape, host, scale, want_lse, rotation),
+        _ => forward_typed::<f16>((q, ql), (k, kl), (v, vl), shape, host, scale, want_lse, rotation),
     }
 }
 
@@ -307,6 +328,7 @@ fn forward_typed<T: CudaDType + DeviceRepr + ValidAsZeroBits + candle_core::With
     host: &HostMask,
     scale: f32,
     want_lse: bool,
+    rotation: Option<&PineRotation>,
 ) -> Result<(CudaStorage, Option<CudaStorage>)> {
     let dev = q.device().clone();
     let stream = dev.cuda_stream();
@@ -324,7 +346,7 @@ fn forward_typed<T: CudaDType + DeviceRepr + ValidAsZeroBits + candle_core::With
         return Ok((out, lse));
     }
     let kernels = module::kernels(stream.context())?;
-    let Some(kernel) = kernels.fwd(T::DTYPE, shape.head_dim) else {
+    let Some(kernel) = kernels.fwd(T::DTYPE, shape.head_dim, rotation.is_some()) else {
         invalid_arg!(
             "internal error: no CUDA kernel for {:?} D = {}",
             T::DTYPE,
@@ -345,6 +367,7 @@ fn forward_typed<T: CudaDType + DeviceRepr + ValidAsZeroBits + candle_core::With
         [strides_of(&qo.layout), strides_of(&ko.layout), strides_of(&vo.layout)],
     )?;
     let mask = MaskBuffer::upload(&stream, host)?;
+    let rotation = rotation.map(|r| RotationBuffers::upload(&stream, r)).transpose()?;
     // SAFETY: every element is written by the kernel (or poisoned, then written) before any read.
     let mut out = unsafe { stream.alloc::<T>(n_out) }.map_err(|e| driver_err("allocating the output", e))?;
     let mut lse = if want_lse {
@@ -371,6 +394,9 @@ fn forward_typed<T: CudaDType + DeviceRepr + ValidAsZeroBits + candle_core::With
         params.o = op as *mut std::ffi::c_void;
         params.lse = lse_ptr.as_ref().map_or(std::ptr::null_mut(), |(p, _)| *p as *mut f32);
         mask.fill(mp, &mut params);
+        if let Some(r) = &rotation {
+            r.fill(&stream, &mut params)?;
+        }
         if poison_outputs() {
             poison(&stream, op, n_out, 2)?;
             if let Some((p, _)) = &lse_ptr {

@@ -6,6 +6,7 @@
 //!   looked up and their dynamic shared memory raised above 48 KiB where needed.
 //! - [`launch`]: device pointers and strides from the storages' layouts, mask metadata upload
 //!   (O(N), one copy), output / LSE allocation, the checked launch.
+//! - [`pine`]: PINE's device-side order and shifts, and the rotation inputs of the forward kernel.
 //! - [`PreparedForward`]: the same launch prepared once and repeated, for benchmarks (hidden).
 //!
 //! The public API is the CPU one: build the tensors and the mask on `Device::new_cuda(i)` and call
@@ -15,10 +16,12 @@
 mod bench;
 mod launch;
 mod module;
+mod pine;
 mod scores;
 
 pub use bench::PreparedForward;
 pub(crate) use launch::forward;
+pub(crate) use pine::pine_shifts;
 pub(crate) use scores::segment_scores;
 
 /// A driver error as a candle error that says what was being done.

@@ -39,10 +39,10 @@ pub(crate) struct FwdKernel {
     pub smem_bytes: u32,
 }
 
-/// The loaded module of one context: the forward kernels by (dtype, head dim).
+/// The loaded module of one context: the forward kernels by (dtype, head dim, rotation).
 pub(crate) struct Kernels {
     _module: Arc<CudaModule>,
-    fwd: Vec<((DType, usize), FwdKernel)>,
+    fwd: Vec<((DType, usize, bool), FwdKernel)>,
 }
 
 impl Kernels {
@@ -52,21 +52,26 @@ impl Kernels {
         &self._module
     }
 
-    /// The forward kernel for `dtype` (bf16 / f16) and `head_dim` (64 / 128).
-    pub fn fwd(&self, dtype: DType, head_dim: usize) -> Option<&FwdKernel> {
+    /// The forward kernel for `dtype` (bf16 / f16) and `head_dim` (64 / 128), with PINE's query
+    /// rotation (`rotate`) or plain.
+    pub fn fwd(&self, dtype: DType, head_dim: usize, rotate: bool) -> Option<&FwdKernel> {
         self.fwd
             .iter()
-            .find(|((d, h), _)| *d == dtype && *h == head_dim)
+            .find(|((d, h, r), _)| *d == dtype && *h == head_dim && *r == rotate)
             .map(|(_, k)| k)
     }
 }
 
-/// Every forward entry point of kernels/fwd/fwd.cu.
-const FWD_ENTRIES: [(&str, DType, usize); 4] = [
-    ("segattn_fwd_bf16_d64", DType::BF16, 64),
-    ("segattn_fwd_bf16_d128", DType::BF16, 128),
-    ("segattn_fwd_f16_d64", DType::F16, 64),
-    ("segattn_fwd_f16_d128", DType::F16, 128),
+/// Every forward entry point of kernels/fwd/fwd.cu: (name, dtype, head dim, PINE's rotation).
+const FWD_ENTRIES: [(&str, DType, usize, bool); 8] = [
+    ("segattn_fwd_bf16_d64", DType::BF16, 64, false),
+    ("segattn_fwd_bf16_d128", DType::BF16, 128, false),
+    ("segattn_fwd_f16_d64", DType::F16, 64, false),
+    ("segattn_fwd_f16_d128", DType::F16, 128, false),
+    ("segattn_fwd_rope_bf16_d64", DType::BF16, 64, true),
+    ("segattn_fwd_rope_bf16_d128", DType::BF16, 128, true),
+    ("segattn_fwd_rope_f16_d64", DType::F16, 64, true),
+    ("segattn_fwd_rope_f16_d128", DType::F16, 128, true),
 ];
 
 type Cache = Mutex<HashMap<(usize, usize), Arc<Kernels>>>;
@@ -107,7 +112,7 @@ fn load(ctx: &Arc<CudaContext>) -> Result<Kernels> {
         .map_err(|e| driver_err(format!("querying the shared memory limit of GPU {gpu}"), e))?;
     let optin = usize::try_from(optin).unwrap_or(0);
     let mut fwd = Vec::with_capacity(FWD_ENTRIES.len());
-    for (name, dtype, head_dim) in FWD_ENTRIES {
+    for (name, dtype, head_dim, rotate) in FWD_ENTRIES {
         let func = module.load_function(name).map_err(|e| {
             driver_err(
                 format!(
@@ -117,7 +122,7 @@ fn load(ctx: &Arc<CudaContext>) -> Result<Kernels> {
             )
         })?;
         // The traits' size, from the same headers compiled for the host (kernels/kernel_traits.cuh).
-        let Some(smem) = crate::emulated::fwd_smem_bytes(dtype, head_dim, false) else {
+        let Some(smem) = crate::emulated::fwd_smem_bytes(dtype, head_dim, rotate) else {
             return Err(candle_core::Error::Msg(format!(
                 "segattn: internal error: no shared memory size for kernel {name}"
             ))
@@ -158,7 +163,7 @@ fn load(ctx: &Arc<CudaContext>) -> Result<Kernels> {
             })?;
         }
         fwd.push((
-            (dtype, head_dim),
+            (dtype, head_dim, rotate),
             FwdKernel {
                 name,
                 func,

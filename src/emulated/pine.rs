@@ -66,6 +66,7 @@ pub fn pine_shifts_both(pine: &PineAttention, q: &Tensor, k: &Tensor) -> Result<
     let shape = AttentionShape::of(q, k, k)?;
     let f32 = |t: &Tensor| t.to_dtype(DType::F32);
     let (imp, groups) = pine.importance(&f32(q)?, &f32(k)?, &shape)?;
+    let imp = imp.to_host()?;
     let mut kernel = vec![u32::MAX; shape.batch * shape.num_heads * groups.groups * groups.sk];
     let p = SegattnShiftsParams {
         segment_scores: imp.segments.as_ref().map_or(std::ptr::null(), |s| s.as_ptr()),

@@ -5,22 +5,40 @@
 //! - suffix and generated rows: every segment token; length-normalised mass per row.
 //!
 //! Neither builds anything of size `L x L`: the masks are segment ids plus a small rule table.
+//! The scores stay on the device of q: the order is computed there too ([`super::shifts`]).
 
 use candle_core::{Device, Result, Tensor};
 
 use crate::mask::{PairRule, PairTable, PineLayout, SegmentMask, Visibility, TABLE_DEFAULT};
 use crate::scores::{segment_scores, QueryReduction, SegmentScoreOptions};
 
-/// Importance scores on the host, f32.
+/// Importance scores, f32 tensors on the device of q.
 pub(crate) struct Importance {
     /// Key segment ids (`max n + 2`): the last axis of both tensors.
     pub sk: usize,
     /// `[B, H, Sk, Sk]`: `I[b, h, i, j]` for segment query ids `i`, when some row has `n > 2`.
-    pub segments: Option<Vec<f32>>,
+    pub segments: Option<Tensor>,
     /// `[B, H, m, Sk]`: per-row scores of the last `m` query rows (suffix / generated rows).
-    pub rows: Vec<f32>,
+    pub rows: Option<Tensor>,
     /// `m`, the number of last query rows scored per row.
     pub scored_rows: usize,
+}
+
+/// [`Importance`] copied to the host, for the CPU order.
+pub(crate) struct HostImportance {
+    pub segments: Option<Vec<f32>>,
+    pub rows: Vec<f32>,
+    pub scored_rows: usize,
+}
+
+impl Importance {
+    pub fn to_host(&self) -> Result<HostImportance> {
+        Ok(HostImportance {
+            segments: self.segments.as_ref().map(to_host).transpose()?,
+            rows: self.rows.as_ref().map(to_host).transpose()?.unwrap_or_default(),
+            scored_rows: self.scored_rows,
+        })
+    }
 }
 
 /// Scores for `q` (`[B, Lq, H, D]`, the last `Lq` of the `Lk` tokens of every layout, extended)
@@ -50,7 +68,7 @@ pub(crate) fn importance(
         let opts = base
             .query_reduction(QueryReduction::SumBySegment)
             .num_query_segments(sk);
-        Some(to_host(&segment_scores(q, k, &mask, &opts)?)?)
+        Some(segment_scores(q, k, &mask, &opts)?)
     } else {
         None
     };
@@ -61,9 +79,9 @@ pub(crate) fn importance(
         })?
         .last_queries(scored_rows)?;
         let q_last = q.narrow(1, q_len - scored_rows, scored_rows)?;
-        to_host(&segment_scores(&q_last, k, &mask, &base)?)?
+        Some(segment_scores(&q_last, k, &mask, &base)?)
     } else {
-        Vec::new()
+        None
     };
     Ok(Importance {
         sk,
@@ -108,5 +126,6 @@ fn scoring_mask(
 }
 
 fn to_host(t: &Tensor) -> Result<Vec<f32>> {
+    // CPU tensors: a copy out of the storage; the GPU path never calls it.
     t.flatten_all()?.to_vec1::<f32>()
 }

@@ -21,6 +21,7 @@ pub(crate) mod importance;
 pub(crate) mod order;
 mod rope;
 mod scheme;
+pub(crate) mod shifts;
 
 use candle_core::{DType, Device, Result, Tensor};
 
@@ -141,8 +142,8 @@ impl PineAttention {
     /// `k` `[B, L, Hkv, D]` (un-rotated) rotated at [`PineAttention::key_positions`]: what a KV
     /// cache stores for [`PineAttention::decode`].
     pub fn rotate_keys(&self, k: &Tensor) -> Result<Tensor> {
-        let positions = self.key_positions(k.dim(1)?, k.device())?;
-        self.rope.rotate(k, &positions, false)
+        let dtype = k.dtype();
+        self.rotate_rows(k, 0, k.dim(1)?, false)?.to_dtype(dtype)
     }
 
     /// One layer over the whole prompt: q, k, v un-rotated, `L` = the layouts' length. Returns
@@ -158,14 +159,14 @@ impl PineAttention {
                 shape.kv_len
             );
         }
-        if self.scheme != PositionScheme::Pine {
+        if self.scheme != PositionScheme::Pine || !q.device().is_cpu() {
+            // The GPU kernels take the 16-bit dtype: K rotated once, rounded to it.
             return self.attend(q, k, &self.rotate_keys(k)?, v, &shape);
         }
-        // K rotated once, kept in f32 (no second rounding of 16-bit inputs); the fused attention
+        // CPU: K rotated once, kept in f32 (no second rounding of 16-bit inputs); the fused attention
         // then runs on f32 copies of q and v (O(L D), against O(L^2 D) of attention).
         let dtype = q.dtype();
-        let positions = self.key_positions(shape.kv_len, k.device())?;
-        let k_rot = self.rope.rotate_f32(k, &positions, false)?;
+        let k_rot = self.rotate_rows(k, 0, shape.kv_len, false)?;
         let f32 = |t: &Tensor| t.to_dtype(DType::F32);
         let mut res = self.attend(&f32(q)?, &f32(k)?, &k_rot, &f32(v)?, &shape)?;
         res.out = res.out.to_dtype(dtype)?;
@@ -206,8 +207,7 @@ impl PineAttention {
         }
         // Importance needs un-rotated keys: undo the cache's rotation (O(Lk D) per KV head), in
         // f32 so that the scores that decide the order see no extra rounding.
-        let positions = self.key_positions(shape.kv_len, k_cache.device())?;
-        let k_plain = self.rope.rotate_f32(k_cache, &positions, true)?;
+        let k_plain = self.rotate_rows(k_cache, 0, shape.kv_len, true)?;
         self.attend(q, &k_plain, k_cache, v_cache, &shape)
     }
 
@@ -223,19 +223,11 @@ impl PineAttention {
     ) -> Result<AttentionOutput> {
         if self.scheme != PositionScheme::Pine {
             let (q_len, kv_len) = (shape.q_len, shape.kv_len);
-            let positions = self.key_positions(kv_len, q.device())?.narrow(1, kv_len - q_len, q_len)?;
-            let q_rot = self.rope.rotate(q, &positions, false)?;
+            let q_rot = self.rotate_rows(q, kv_len - q_len, kv_len, false)?.to_dtype(q.dtype())?;
             return SegmentAttention::new(&self.mask(shape, q.device())?)
                 .scale(self.scale_for(shape))
                 .return_lse(self.return_lse)
                 .forward(&q_rot, k_rot, v);
-        }
-        if !q.device().is_cpu() {
-            invalid_arg!(
-                "q: PINE's fused path runs on the CPU only for now (the CUDA kernels with in-loop query rotation are \
-                 pending), got q on {:?}; the baselines (PositionScheme) run on the GPU",
-                q.device().location()
-            );
         }
         let plan = self.plan(q, k_plain, shape)?;
         SegmentAttention::new(&plan.mask)
@@ -250,12 +242,35 @@ impl PineAttention {
     /// attention.
     pub(crate) fn plan(&self, q: &Tensor, k_plain: &Tensor, shape: &AttentionShape) -> Result<PinePlan> {
         let (imp, groups) = self.importance(q, k_plain, shape)?;
-        let shifts = order::query_shifts(groups, shape.num_heads, shape.q_len, &imp);
-        // Positions up to (original position + shift): the kernels turn a row by their sum.
-        let table = self.rope.table(shape.head_dim, shape.kv_len + shifts.max_shift())?;
+        // The order on the device of the scores: no host round trip on the GPU.
+        let shift_tensor = shifts::shifts(&imp, &groups, shape.num_heads, shape.q_len)?;
+        let host_shifts = if shift_tensor.device().is_cpu() {
+            shift_tensor.flatten_all()?.to_vec1::<u32>()?
+        } else {
+            Vec::new()
+        };
+        // Positions up to (original position + shift), a shift at most the row's segment tokens:
+        // the kernels turn a row by the sum.
+        let max_shift = (0..groups.num_segs.len())
+            .map(|b| groups.segment_lens[b * groups.sk..(b + 1) * groups.sk].iter().sum::<u32>() as usize)
+            .max()
+            .unwrap_or(0);
+        let table = self.rope.table(shape.head_dim, shape.kv_len + max_shift)?;
+        let shifts = QueryShifts {
+            groups: groups.groups,
+            sk: groups.sk,
+            heads: shape.num_heads,
+            row_group: groups.row_group,
+            shifts: host_shifts,
+            q_pos: groups.q_pos,
+        };
         Ok(PinePlan {
             mask: self.mask(shape, q.device())?,
-            rotation: PineRotation { table, shifts },
+            rotation: PineRotation {
+                table,
+                shifts,
+                shift_tensor,
+            },
             scale: self.scale_for(shape),
         })
     }
@@ -275,8 +290,10 @@ impl PineAttention {
             .map(|l| q_len - (l.len() - l.suffix_len).saturating_sub(off).min(q_len))
             .max()
             .unwrap_or(0);
-        let q_plain = q.to_dtype(k_plain.dtype())?;
-        let imp = importance::importance(&q_plain, k_plain, &extended, self.scale_for(shape), scored_rows)?;
+        // f32 on the CPU (exact); the GPU's scores kernel takes the inputs' 16-bit dtype.
+        let plain = if q.device().is_cpu() { DType::F32 } else { q.dtype() };
+        let (q_plain, k_plain) = (q.to_dtype(plain)?, k_plain.to_dtype(plain)?);
+        let imp = importance::importance(&q_plain, &k_plain, &extended, self.scale_for(shape), scored_rows)?;
         let groups = order::GroupLayout::new(&extended, imp.sk, q_len, kv_len, &self.positions(kv_len));
         Ok((imp, groups))
     }
@@ -290,6 +307,17 @@ impl PineAttention {
 
     fn scale_for(&self, shape: &AttentionShape) -> f64 {
         self.scale.unwrap_or_else(|| default_scale(shape.head_dim))
+    }
+
+    /// `x` `[B, rows, heads, D]`, tokens `[from, from + rows)` of a `len`-token sequence, rotated
+    /// (or un-rotated) at the scheme's positions, f32, positions from the host.
+    fn rotate_rows(&self, x: &Tensor, from: usize, len: usize, inverse: bool) -> Result<Tensor> {
+        let pos: Vec<u32> = self
+            .positions(len)
+            .iter()
+            .flat_map(|row| row[from..].iter().copied())
+            .collect();
+        self.rope.rotate_at(x, &pos, self.layouts.len(), inverse)
     }
 
     fn positions(&self, len: usize) -> Vec<Vec<u32>> {
@@ -323,7 +351,10 @@ pub(crate) struct PinePlan {
 #[derive(Debug)]
 pub(crate) struct PineRotation {
     pub table: RopeTable,
+    /// Groups and positions on the host; the shifts themselves too on the CPU (empty on a GPU).
     pub shifts: QueryShifts,
+    /// The shifts `[B, H, groups, Sk]` u32 on the device of the inputs.
+    pub shift_tensor: Tensor,
 }
 
 impl PineRotation {
@@ -343,14 +374,19 @@ impl PineRotation {
     /// table, and the shift table is indexed with 32-bit offsets.
     pub(crate) fn check_kernel_limits(&self) -> Result<()> {
         let rows = self.table.cos.len() / self.table.half;
-        let need = self.shifts.q_pos.iter().copied().max().unwrap_or(0) as usize + self.shifts.max_shift() + 1;
+        let max_shift = if self.shift_tensor.device().is_cpu() {
+            self.shifts.max_shift()
+        } else {
+            0 // bounded by construction (the table covers Lk + every row's segment tokens)
+        };
+        let need = self.shifts.q_pos.iter().copied().max().unwrap_or(0) as usize + max_shift + 1;
         if rows < need {
             invalid_arg!("internal error: the RoPE table has {rows} positions, the rows need {need}");
         }
-        if self.shifts.shifts.len() > i32::MAX as usize || rows * self.table.half > i32::MAX as usize {
+        if self.shift_tensor.elem_count() > i32::MAX as usize || rows * self.table.half > i32::MAX as usize {
             invalid_arg!(
                 "q: PINE's shift table ({} entries) or RoPE table ({} entries) exceeds the kernel's 32-bit indexing",
-                self.shifts.shifts.len(),
+                self.shift_tensor.elem_count(),
                 rows * self.table.half
             );
         }

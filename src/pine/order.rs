@@ -6,7 +6,7 @@
 //! segment `j` is shifted back by the total length of the segments ranked before it. Prefix and
 //! suffix keys are never shifted; prefix rows form group 0, whose shifts are all 0.
 
-use super::importance::Importance;
+use super::importance::HostImportance;
 use crate::mask::PineLayout;
 
 /// The per-row query groups and the shift of every key segment id for every group.
@@ -125,7 +125,7 @@ impl GroupLayout {
 
 /// Shifts of every group from the importance scores, on the CPU (a stable sort per group; the
 /// device kernel ranks by counting, the same order).
-pub(crate) fn query_shifts(groups: GroupLayout, heads: usize, q_len: usize, imp: &Importance) -> QueryShifts {
+pub(crate) fn query_shifts(groups: GroupLayout, heads: usize, q_len: usize, imp: &HostImportance) -> QueryShifts {
     let batch = groups.num_segs.len();
     let (sk, ng) = (groups.sk, groups.groups);
     let mut shifts = vec![0u32; batch * heads * ng * sk];

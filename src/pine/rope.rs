@@ -213,7 +213,7 @@ impl Rope {
 
     /// [`Rope::rotate`] without the final rounding: f32 whatever the dtype of `x`.
     pub(crate) fn rotate_f32(&self, x: &Tensor, positions: &Tensor, inverse: bool) -> Result<Tensor> {
-        let (b, l, _h, d) = x.dims4()?;
+        let (b, l, _h, _d) = x.dims4()?;
         let (pb, pl) = positions.dims2()?;
         if (pb != b && pb != 1) || pl != l {
             invalid_arg!(
@@ -222,9 +222,15 @@ impl Rope {
             );
         }
         let pos: Vec<u32> = positions.to_dtype(DType::U32)?.flatten_all()?.to_vec1()?;
+        self.rotate_at(x, &pos, pb, inverse)
+    }
+
+    /// [`Rope::rotate_f32`] at host positions `pos` (`[pb, L]`, row-major): no device read.
+    pub(crate) fn rotate_at(&self, x: &Tensor, pos: &[u32], pb: usize, inverse: bool) -> Result<Tensor> {
+        let (_b, l, _h, d) = x.dims4()?;
         let len = pos.iter().copied().max().map_or(0, |m| m as usize + 1);
         let table = self.table(d, len)?;
-        let (cos, sin) = table.gather(&pos, (pb, l), x.device())?;
+        let (cos, sin) = table.gather(pos, (pb, l), x.device())?;
         let sin = if inverse { sin.neg()? } else { sin };
         let x = x.to_dtype(DType::F32)?;
         let half = d / 2;

@@ -133,3 +133,5 @@ pub fn worst_ratio(a: &Tensor, b: &Tensor, atol: f64, rtol: f64) -> Result<(f64,
     Ok(worst)
 }
 pub mod cases;
+#[cfg(feature = "cuda")]
+pub mod gpu;

@@ -1,0 +1,30 @@
+//! The GPU of the GPU tests (`--features cuda`): one device per process, outputs poisoned with
+//! NaN before every launch and every launch synchronized and checked, unless set otherwise.
+
+use std::sync::OnceLock;
+
+use candle_core::Device;
+
+/// The GPU, or `None` (test skipped) when there is none and `SEGATTN_REQUIRE_GPU` is not 1.
+pub fn gpu() -> Option<Device> {
+    static DEV: OnceLock<std::result::Result<Device, String>> = OnceLock::new();
+    let dev = DEV.get_or_init(|| {
+        for (var, default) in [("SEGATTN_CUDA_POISON", "1"), ("SEGATTN_CUDA_SYNC", "1")] {
+            if std::env::var_os(var).is_none() {
+                // Inside the OnceLock initialisation, before any CUDA call of this process.
+                std::env::set_var(var, default);
+            }
+        }
+        Device::new_cuda(0).map_err(|e| e.to_string())
+    });
+    match dev {
+        Ok(d) => Some(d.clone()),
+        Err(e) if std::env::var_os("SEGATTN_REQUIRE_GPU").is_some_and(|v| v == "1") => {
+            panic!("SEGATTN_REQUIRE_GPU=1 but no CUDA device: {e}")
+        }
+        Err(e) => {
+            eprintln!("skipped: no CUDA device ({e})");
+            None
+        }
+    }
+}

@@ -1,0 +1,135 @@
+//! PINE on a real GPU through the public API ([`PineAttention`] on `Device::new_cuda(0)`
+//! tensors): importance (the mass kernel), order and shifts (the shifts kernel, on the device) and
+//! the attention kernel with the query turned in the loop, against the literal oracle on the CPU;
+//! prefill and decode, random layouts, GQA, bf16 and f16, D 64 and 128; and the baselines.
+//!
+//! Compiled only with `--features cuda`; skipped without a GPU unless `SEGATTN_REQUIRE_GPU=1`.
+//! `SEGATTN_GPU_CASES=n` scales the number of random cases (default 400 -> 40 here).
+#![cfg(feature = "cuda")]
+
+mod common;
+
+use candle_core::{DType, Device, IndexOp, Result, Tensor};
+use common::gpu::gpu;
+use common::{random_tensor, rotated_lse_tolerance, rotated_tolerance, worst_ratio, Rng};
+use segattn::pine::{PineAttention, PositionScheme, Rope};
+use segattn::{reference, PineLayout};
+
+/// Relative gap of two importance scores below which their order is not compared: the GPU scores
+/// 16-bit inputs with f16 probabilities in its segment sums (tests/common `mass_tolerance`).
+const MIN_MARGIN: f64 = 2e-3;
+
+fn cases() -> u64 {
+    std::env::var("SEGATTN_GPU_CASES")
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+        .map_or(40, |n| (n / 10).max(4))
+}
+
+fn random_layouts(rng: &mut Rng, batch: usize) -> Vec<PineLayout> {
+    let mut layouts: Vec<PineLayout> = (0..batch)
+        .map(|_| {
+            let n = 1 + rng.below(30);
+            let segs: Vec<usize> = (0..n)
+                .map(|_| if rng.below(5) == 0 { 1 } else { 1 + rng.below(150) })
+                .collect();
+            PineLayout::new(1 + rng.below(64), &segs, 1 + rng.below(64))
+        })
+        .collect();
+    let len = layouts.iter().map(PineLayout::len).max().unwrap();
+    for l in &mut layouts {
+        l.suffix_len += len - l.len();
+    }
+    layouts
+}
+
+/// Compares rows `[l - lq, l)` of the oracle with `got` (on any device), skipping near-ties.
+fn compare(got: &Tensor, lse: &Tensor, want: &reference::PineReferenceOutput, lq: usize, what: &str) -> Result<usize> {
+    let got = got.to_device(&Device::Cpu)?;
+    let lse = lse.to_device(&Device::Cpu)?;
+    let (atol, rtol) = rotated_tolerance(got.dtype());
+    let (_, l, _, _) = want.out.dims4()?;
+    let margin = want.margin.to_vec3::<f64>()?;
+    let mut skipped = 0;
+    for (b, mb) in margin.iter().enumerate() {
+        for (h, mh) in mb.iter().enumerate() {
+            for i in 0..lq {
+                let t = l - lq + i;
+                if mh[t] < MIN_MARGIN {
+                    skipped += 1;
+                    continue;
+                }
+                let (r, at) = worst_ratio(&got.i((b, i, h))?, &want.out.i((b, t, h))?, atol, rtol)?;
+                assert!(r <= 1.0, "{what}: b {b} row {t} head {h}: off by {r} x tolerance at {at}");
+                let (r, _) = worst_ratio(
+                    &lse.i((b, h, i))?,
+                    &want.lse.i((b, h, t))?,
+                    rotated_lse_tolerance(got.dtype()),
+                    0.0,
+                )?;
+                assert!(r <= 1.0, "{what}: b {b} row {t} head {h}: lse off by {r} x tolerance");
+            }
+        }
+    }
+    Ok(skipped)
+}
+
+#[test]
+fn gpu_pine_matches_the_literal_oracle() -> Result<()> {
+    let Some(dev) = gpu() else { return Ok(()) };
+    for seed in 0..cases() {
+        let mut rng = Rng::new(seed);
+        let batch = 1 + rng.below(2);
+        let layouts = random_layouts(&mut rng, batch);
+        let len = layouts[0].len();
+        let total = len + 1 + rng.below(3);
+        let (h, hkv) = [(4, 1), (8, 2), (4, 4)][rng.below(3)];
+        let d = [64, 128][rng.below(2)];
+        let dtype = [DType::BF16, DType::F16][rng.below(2)];
+        let rope = Rope::new(500_000.0);
+        let q = random_tensor(&mut rng, &[batch, total, h, d], dtype)?;
+        let k = random_tensor(&mut rng, &[batch, total, hkv, d], dtype)?;
+        let v = random_tensor(&mut rng, &[batch, total, hkv, d], dtype)?;
+        let what = format!("seed {seed} layouts {layouts:?} H {h} Hkv {hkv} D {d} {dtype:?}");
+        let want = reference::pine_attention(&q, &k, &v, &layouts, &rope, None)?;
+        let pine = PineAttention::new(&layouts, rope)?.return_lse(true);
+        let on = |t: &Tensor| t.to_device(&dev);
+
+        let p = |t: &Tensor| t.narrow(1, 0, len);
+        let got = pine.prefill(&on(&p(&q)?)?, &on(&p(&k)?)?, &on(&p(&v)?)?)?;
+        assert!(got.out.device().is_cuda(), "{what}: prefill left the GPU");
+        let want_prompt = reference::PineReferenceOutput {
+            out: want.out.narrow(1, 0, len)?,
+            lse: want.lse.narrow(2, 0, len)?,
+            shifts: want.shifts.narrow(2, 0, len)?,
+            margin: want.margin.narrow(2, 0, len)?,
+        };
+        let skipped = compare(&got.out, &got.lse.unwrap(), &want_prompt, len, &format!("prefill {what}"))?;
+        assert!(skipped * 4 <= batch * h * len, "{what}: {skipped} rows skipped as near-ties");
+
+        let k_cache = pine.rotate_keys(&on(&k)?)?;
+        let got = pine.decode(&on(&q.narrow(1, total - 1, 1)?)?, &k_cache, &on(&v)?)?;
+        compare(&got.out, &got.lse.unwrap(), &want, 1, &format!("decode {what}"))?;
+    }
+    Ok(())
+}
+
+/// The baselines run on the GPU too and equal the CPU path.
+#[test]
+fn gpu_baselines_match_the_cpu() -> Result<()> {
+    let Some(dev) = gpu() else { return Ok(()) };
+    let mut rng = Rng::new(3);
+    let layout = PineLayout::new(40, &[100, 37, 80], 20);
+    let l = layout.len();
+    let q = random_tensor(&mut rng, &[1, l, 8, 128], DType::BF16)?;
+    let k = random_tensor(&mut rng, &[1, l, 2, 128], DType::BF16)?;
+    let v = random_tensor(&mut rng, &[1, l, 2, 128], DType::BF16)?;
+    for scheme in [PositionScheme::Vanilla, PositionScheme::Pcw, PositionScheme::Nia] {
+        let layer = PineAttention::new(std::slice::from_ref(&layout), Rope::new(10_000.0))?.scheme(scheme);
+        let cpu = layer.prefill(&q, &k, &v)?.out;
+        let gpu = layer.prefill(&q.to_device(&dev)?, &k.to_device(&dev)?, &v.to_device(&dev)?)?.out;
+        let (r, at) = worst_ratio(&gpu.to_device(&Device::Cpu)?, &cpu, 2e-2, 2e-2)?;
+        assert!(r <= 1.0, "{scheme:?}: GPU off the CPU by {r} x tolerance at {at}");
+    }
+    Ok(())
+}
