@@ -19,9 +19,13 @@
 //   O / row sum -> 16-bit, staged through the warp's own rows of the Q tile, 16-byte stores;
 //   LSE = (max + log2 sum) * ln 2 in f32.
 //
+// Split-K (params.kv_splits > 1, decode): each block covers one slice of the key tiles and writes
+// an f32 partial output and LSE; combine_kernel.cuh merges the slices.
+//
 // PINE's variant (Traits::kRotate, rotary.cuh): Q stays in shared memory; S is computed piece by
-// piece of the key tile's segments, each with the query fragments turned by the row's position
-// plus its group's shift for that segment. Everything else is the same.
+// piece of the key tile's segments, each with the query turned by the row's position plus its
+// group's shift for that segment (a turned copy of the Q tile, read k-step by k-step). Everything
+// else is the same.
 #ifndef SEGATTN_FWD_KERNEL_CUH
 #define SEGATTN_FWD_KERNEL_CUH
 
@@ -72,7 +76,8 @@ __device__ void fwd_kernel(const SegattnFwdParams& p) {
   const int b = static_cast<int>(blockIdx.z);
   const int h = static_cast<int>(blockIdx.y);
   const int kh = h / (p.num_heads / p.num_kv_heads);  // GQA
-  const int q0 = static_cast<int>(blockIdx.x) * kM;
+  // Split-K: block x = query tile * kv_splits + split (recomputed where needed: no live registers).
+  const int q0 = static_cast<int>(blockIdx.x) / max(p.kv_splits, 1) * kM;
   const int q1 = min(q0 + kM, p.q_len);
   const int kv_len = p.kv_len;
   const int pos_offset = kv_len - p.q_len;
@@ -88,6 +93,12 @@ __device__ void fwd_kernel(const SegattnFwdParams& p) {
   int last_tile = -1;
   classifier.visible_tile_range(rule, kv_segs, q0, kv_len, pos_offset, num_tiles, Traits::kScanBudget,
                                 reinterpret_cast<int*>(smem + Traits::kOffScan), first_tile, last_tile);
+  if (p.kv_splits > 1) {
+    const int split = static_cast<int>(blockIdx.x) % p.kv_splits;
+    const int per = (num_tiles + p.kv_splits - 1) / p.kv_splits;
+    first_tile = max(first_tile, split * per);
+    last_tile = min(last_tile, split * per + per - 1);
+  }
   const int end_tile = last_tile + 1;
 
   // The next tile >= `from` that is not SKIP (end_tile if none), its class in `cls`; the key ids
@@ -129,7 +140,7 @@ __device__ void fwd_kernel(const SegattnFwdParams& p) {
     row_pos[r] = q0 + row + pos_offset;
   }
   QueryRotator<Traits> rotator;
-  if constexpr (Traits::kRotate) rotator.init(p, b, h, q0, q1, warp * 16 + g);
+  if constexpr (Traits::kRotate) rotator.init();
 
   float o[Traits::kNO][4];
   SEGATTN_UNROLL
@@ -184,29 +195,31 @@ __device__ void fwd_kernel(const SegattnFwdParams& p) {
     }
     if constexpr (Traits::kRotate) {
       // Piece by piece of the tile's key segments (block-uniform bounds [a, e)): the query turned
-      // for the piece's segment, the mma only on the 16-key column pairs that overlap the piece,
-      // and only the piece's columns kept.
+      // for the piece's segment (into the turned Q tile), the mma only on the 16-key column pairs
+      // that overlap the piece, with the keys outside the piece zeroed in the B fragments.
       const int valid = min(kN, kv_len - k0);
+      char* const s_qt = smem + Traits::kOffQTurned;
+      const int ld_row = warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
       for (int a = 0; a < valid;) {
         const int e = min(static_cast<int>(kv_segs.span_end[k0 + a]) - k0, valid);
-        rotator.turn_for(p, kid[a], s_q, warp, lane, qf);
-        SEGATTN_UNROLL
-        for (int np = 0; np < Traits::kNS / 2; ++np) {
-          if (np * 16 >= e || np * 16 + 16 <= a) continue;
-          float t0[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-          float t1[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        rotator.turn_for(p, b, h, q0, q1, warp * 16 + g, kid[a], s_q, s_qt, warp, lane);
+        SEGATTN_UNROLL_2
+        for (int kc = 0; kc < Traits::kDK; ++kc) {
+          uint32_t qa[4];
+          ldmatrix_x4(qa, s_qt + swizzle<kChunks>(ld_row, 2 * kc + (lane >> 4)));
           SEGATTN_UNROLL
-          for (int kc = 0; kc < Traits::kDK; ++kc) {
+          for (int np = 0; np < Traits::kNS / 2; ++np) {
+            const int c0 = np * 16;
+            if (c0 >= e || c0 + 16 <= a) continue;
+            // This thread's B fragments hold keys c0 + g (n-block 2np) and c0 + 8 + g (2np + 1):
+            // zeroing the keys outside the piece makes the mma add nothing to their columns, so
+            // every piece accumulates straight into S.
+            const bool in0 = c0 + g >= a && c0 + g < e;
+            const bool in1 = c0 + 8 + g >= a && c0 + 8 + g < e;
             uint32_t kb[4];
             load_k_fragments<Traits>(s_k, np, kc, lane, kb);
-            mma_16816<T>(t0, qf[kc], kb[0], kb[1]);
-            mma_16816<T>(t1, qf[kc], kb[2], kb[3]);
-          }
-          SEGATTN_UNROLL
-          for (int el = 0; el < 4; ++el) {
-            const int col = np * 16 + quad_col + (el & 1);
-            if (col >= a && col < e) s[2 * np][el] = t0[el];
-            if (col + 8 >= a && col + 8 < e) s[2 * np + 1][el] = t1[el];
+            mma_16816<T>(s[2 * np], qa, in0 ? kb[0] : 0u, in0 ? kb[1] : 0u);
+            mma_16816<T>(s[2 * np + 1], qa, in1 ? kb[2] : 0u, in1 ? kb[3] : 0u);
           }
         }
         a = e;
@@ -281,6 +294,23 @@ __device__ void fwd_kernel(const SegattnFwdParams& p) {
   float inv[2];
   float lse[2];
   softmax.finalize(inv, lse);
+  if (p.kv_splits > 1) {
+    // This split's normalised partial output and LSE, f32, for segattn_fwd_combine_*.
+    const int split = static_cast<int>(blockIdx.x) % p.kv_splits;
+    const int64_t bh = (static_cast<int64_t>(split) * p.batch + b) * p.num_heads + h;
+    SEGATTN_UNROLL
+    for (int r = 0; r < 2; ++r) {
+      const int row = q0 + warp * 16 + g + 8 * r;
+      if (row >= q1) continue;
+      float* const acc = p.o_accum + (bh * p.q_len + row) * Traits::kHeadDim + quad_col;
+      SEGATTN_UNROLL
+      for (int ob = 0; ob < Traits::kNO; ++ob) {
+        *reinterpret_cast<float2*>(acc + ob * 8) = make_float2(o[ob][2 * r] * inv[r], o[ob][2 * r + 1] * inv[r]);
+      }
+      if ((lane % 4) == 0) p.lse_accum[bh * p.q_len + row] = lse[r];
+    }
+    return;
+  }
   SEGATTN_UNROLL
   for (int ob = 0; ob < Traits::kNO; ++ob) {
     SEGATTN_UNROLL

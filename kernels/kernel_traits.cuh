@@ -13,8 +13,8 @@
 //            scan[2 * kWarps] i32 (reduction of the visible key-tile range)
 // The Q tile (kBlockM x D) lives in K buffer 1: it is loaded together with the first K/V tile
 // (into buffer 0), moved to registers, and only then may buffer 1 be filled; the epilogue stages
-// the output there again. (With kRotate, PINE's variant, Q has its own tile after V[2]: + 8 KiB
-// at D = 64, + 16 KiB at D = 128.) D = 64: 32 KiB of tiles + 1064 B = 33,832 B (under the 48 KiB default);
+// the output there again. (With kRotate, PINE's variant, Q has its own tile after V[2], and the
+// turned Q a second one: + 16 KiB at D = 64, + 32 KiB at D = 128.) D = 64: 32 KiB of tiles + 1064 B = 33,832 B (under the 48 KiB default);
 // D = 128: 64 KiB + 1064 B = 66,600 B (the launcher must raise
 // cudaFuncAttributeMaxDynamicSharedMemorySize), two blocks per SM on A100 as on H100.
 //
@@ -34,8 +34,12 @@
 #ifndef SEGATTN_UNROLL
 #if defined(__CUDACC__)
 #define SEGATTN_UNROLL _Pragma("unroll")
+// Partial unrolling, where a full one lets the scheduler hoist every load of the loop and run out
+// of registers.
+#define SEGATTN_UNROLL_2 _Pragma("unroll 2")
 #else
 #define SEGATTN_UNROLL
+#define SEGATTN_UNROLL_2
 #endif
 #endif
 
@@ -74,7 +78,9 @@ struct FwdTraits {
   // kRotate it has its own tile after V: its fragments are re-formed for every key segment.
   static constexpr int kOffQ = kRotate ? kOffV + 2 * kKVBytes : kOffK + kKVBytes;
   static_assert(kQBytes <= kKVBytes, "the Q tile fits in a K buffer");
-  static constexpr int kOffQId = kOffV + 2 * kKVBytes + (kRotate ? kQBytes : 0);  // u32[kBlockM]
+  // kRotate: the turned Q tile, whose fragments the S mma reads k-step by k-step.
+  static constexpr int kOffQTurned = kOffQ + kQBytes;
+  static constexpr int kOffQId = kOffV + 2 * kKVBytes + (kRotate ? 2 * kQBytes : 0);  // u32[kBlockM]
   static constexpr int kOffQEnd = kOffQId + 4 * kBlockM;    // i32[kBlockM]
   static constexpr int kOffQStarts = kOffQEnd + 4 * kBlockM;  // u32[kBlockM / 32]
   static constexpr int kOffKId = kOffQStarts + 4 * (kBlockM / 32);  // u32[2][kBlockN]

@@ -2,14 +2,15 @@
 //
 // Keys are rotated once, at their original positions. Query row i of group g must meet the keys
 // of segment s rotated by q_pos[i] + shift[g][s]: rope(q, p + s) . rope(k, p_k) equals PINE's
-// rope(q, p) . rope(k, p_k - s). A key tile is cut into its segment pieces; for each piece every
-// row's A fragments are re-formed from the un-rotated Q tile in shared memory and turned by that
-// row's angle, and only the piece's 8-key column blocks run the S mma (QueryRotator below).
+// rope(q, p) . rope(k, p_k - s). A key tile is cut into its segment pieces; for each piece whose
+// segment differs from the last, every row of the un-rotated Q tile is turned by that row's angle
+// into a second shared tile (QueryRotator below), from which the S mma reads its A fragments
+// k-step by k-step (no Q fragments held in registers: the kernel is at its register limit).
 //
 // Fragment layout (m16n8k16 A, see tile_load.cuh): register `reg` of k-step kc holds row
 // g + 8 * (reg & 1), columns 16 kc + 8 (reg >> 1) + 2 (lane % 4) + {0, 1}. Rotate-half pairs
 // column c with c + D/2, which is register `reg` of k-step kc + kDK/2 of the same thread: the
-// rotation never leaves the thread's registers.
+// rotation is computed in-thread, and each thread writes back exactly the elements it read.
 #ifndef SEGATTN_ROTARY_CUH
 #define SEGATTN_ROTARY_CUH
 
@@ -28,61 +29,60 @@ struct QueryRotator {
   static constexpr int kDK = Traits::kDK;
   static constexpr int kHalf = Traits::kHeadDim / 2;
 
-  // The thread's two rows. 32-bit state only (the kernel is at its register limit at D = 128):
-  // the parameters stay in the constant bank, the group's shift row is an offset (the host checks
-  // that the shift table has fewer than 2^31 entries).
-  int pos[2];        // original positions
-  int shift_at[2];   // offset of the row's group's shifts [num_segments]; -1 for padding rows
-  int angle[2];      // the angles (positions) the fragments are turned by now; -1: none yet
+  // The key segment the fragments are turned for now (-1: none yet). One register of state: the
+  // kernel is at its register limit at D = 128, so the rows' positions and shifts are re-read
+  // (constant bank and L1) at each turn, which happens once per key segment, not per tile. Pieces
+  // are block-uniform, so is this id: the whole warp turns together.
+  int cur_id;
 
-  // `row0` is the thread's first row (block-relative) and q0 the block's first query row.
-  __device__ __forceinline__ void init(const SegattnFwdParams& p, int b, int h, int q0, int q1, int row0) {
+  __device__ __forceinline__ void init() { cur_id = -1; }
+
+  // Makes the warp's rows of the turned tile `s_qt` its rows of `s_q` turned for the keys of
+  // segment `id` (rows q0 + row0 and q0 + row0 + 8 of (b, h) for this thread). A no-op when the
+  // id did not change. Warp-collective (ldmatrix); ends with __syncwarp: the warp reads only its
+  // own rows of `s_qt`.
+  __device__ __forceinline__ void turn_for(const SegattnFwdParams& p, int b, int h, int q0, int q1, int row0,
+                                           uint32_t id, const char* s_q, char* s_qt, int warp, int lane) {
+    if (static_cast<int>(id) == cur_id) return;
+    cur_id = static_cast<int>(id);
     const SegattnRotation& rot = p.rotation;
+    int angle[2];
     SEGATTN_UNROLL
     for (int r = 0; r < 2; ++r) {
       const int i = q0 + row0 + 8 * r;
-      angle[r] = -1;
-      pos[r] = 0;
-      shift_at[r] = -1;
+      angle[r] = 0;  // padding rows: any finite rotation
       if (i < q1) {
         const int64_t at = static_cast<int64_t>(b) * p.q_len + i;
-        pos[r] = static_cast<int>(rot.q_pos[at]);
         const int group = (b * p.num_heads + h) * rot.groups + static_cast<int>(rot.row_group[at]);
-        shift_at[r] = group * rot.num_segments;
+        angle[r] = static_cast<int>(rot.q_pos[at]) + static_cast<int>(rot.shifts[group * rot.num_segments + id]);
       }
     }
-  }
-
-  // Makes `qf` the warp's query fragments turned for the keys of segment `id`: a no-op when no
-  // row of the warp changes angle (long segments: once per segment, not per tile). Warp-collective.
-  __device__ __forceinline__ void turn_for(const SegattnFwdParams& p, uint32_t id, const char* s_q, int warp,
-                                           int lane, uint32_t (&qf)[kDK][4]) {
-    const SegattnRotation& rot = p.rotation;
-    int want[2];
-    SEGATTN_UNROLL
-    for (int r = 0; r < 2; ++r) {
-      want[r] = pos[r] + (shift_at[r] >= 0 ? static_cast<int>(rot.shifts[shift_at[r] + static_cast<int>(id)]) : 0);
-    }
-    const bool changed = want[0] != angle[0] || want[1] != angle[1];
-    if (!__any_sync(0xffffffffu, changed)) return;
-    load_q_fragments<Traits>(s_q, warp, lane, qf);
+    const int ld_row = warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
     const int quad_col = 2 * (lane % 4);
     SEGATTN_UNROLL
     for (int kc = 0; kc < kDK / 2; ++kc) {
+      // The pair (kc, kc + kDK/2) holds columns c and c + D/2: a rotate-half pair, in-thread.
+      uint32_t lo[4], hi[4];
+      ldmatrix_x4(lo, s_q + swizzle<Traits::kChunks>(ld_row, 2 * kc + (lane >> 4)));
+      ldmatrix_x4(hi, s_q + swizzle<Traits::kChunks>(ld_row, 2 * (kc + kDK / 2) + (lane >> 4)));
       SEGATTN_UNROLL
       for (int reg = 0; reg < 4; ++reg) {
         const int r = reg & 1;
-        const int at = want[r] * kHalf + kc * 16 + 8 * (reg >> 1) + quad_col;
+        const int col = kc * 16 + 8 * (reg >> 1) + quad_col;
+        const int at = angle[r] * kHalf + col;
         const float c0 = rot.cos[at], c1 = rot.cos[at + 1];
         const float s0 = rot.sin[at], s1 = rot.sin[at + 1];
-        const float2 x1 = unpack2<T>(qf[kc][reg]);
-        const float2 x2 = unpack2<T>(qf[kc + kDK / 2][reg]);
-        qf[kc][reg] = pack2<T>(x1.x * c0 - x2.x * s0, x1.y * c1 - x2.y * s1);
-        qf[kc + kDK / 2][reg] = pack2<T>(x2.x * c0 + x1.x * s0, x2.y * c1 + x1.y * s1);
+        const float2 x1 = unpack2<T>(lo[reg]);
+        const float2 x2 = unpack2<T>(hi[reg]);
+        // Back to shared memory at this element pair's own place (row, col) and (row, col + D/2).
+        const int row = row0 + 8 * r;
+        *reinterpret_cast<uint32_t*>(s_qt + swizzle<Traits::kChunks>(row, col / 8) + (col % 8) * 2) =
+            pack2<T>(x1.x * c0 - x2.x * s0, x1.y * c1 - x2.y * s1);
+        *reinterpret_cast<uint32_t*>(s_qt + swizzle<Traits::kChunks>(row, (col + kHalf) / 8) + (col % 8) * 2) =
+            pack2<T>(x2.x * c0 + x1.x * s0, x2.y * c1 + x1.y * s1);
       }
     }
-    angle[0] = want[0];
-    angle[1] = want[1];
+    __syncwarp();
   }
 };
 

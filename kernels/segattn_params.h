@@ -105,6 +105,15 @@ typedef struct SegattnFwdParams {
 
   /* Only for the segattn_fwd_rope_* entry points (all NULL / 0 otherwise). */
   SegattnRotation rotation;
+
+  /* Split-K (decode: few query rows, long caches). kv_splits <= 1: off, the kernel writes o and
+   * lse. kv_splits = S > 1: the grid's x is (query tiles x S); block (t, s) covers key tiles
+   * [s * per, (s + 1) * per), per = ceil(tiles / S), and writes its normalised partial output
+   * o_accum [S, B, H, Lq, head_dim] f32 and lse_accum [S, B, H, Lq] f32 (-inf: saw nothing);
+   * segattn_fwd_combine_* then merges the S partials into o (and lse) through their LSE. */
+  int32_t kv_splits;
+  float *o_accum;
+  float *lse_accum;
 } SegattnFwdParams;
 
 /* Per-segment attention mass (kernels/scores/scores.cu): the softmax of q.k over the visible keys

@@ -22,7 +22,7 @@ use crate::validate::{default_scale, AttentionShape};
 
 mod pine;
 mod scores;
-pub use pine::{pine_prefill, pine_shifts_both};
+pub use pine::{pine_decode, pine_prefill, pine_shifts_both};
 pub use scores::{scores_smem_bytes, segment_scores};
 
 /// The order in which the emulator runs the threads of a block between synchronisation points
@@ -195,7 +195,24 @@ pub fn forward(
     schedule: Schedule,
     seed: u64,
 ) -> Result<AttentionOutput> {
-    run_forward(q, k, v, mask, scale, None, schedule, seed)
+    run_forward(q, k, v, mask, scale, None, 1, schedule, seed)
+}
+
+/// [`forward`] with split-K: the key tiles cut into `kv_splits` slices run as separate blocks,
+/// whose f32 partials `segattn_fwd_combine_*` merges through their LSE (the decode path of the
+/// GPU for long caches).
+#[allow(clippy::too_many_arguments)]
+pub fn forward_split(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &SegmentMask,
+    scale: Option<f64>,
+    kv_splits: usize,
+    schedule: Schedule,
+    seed: u64,
+) -> Result<AttentionOutput> {
+    run_forward(q, k, v, mask, scale, None, kv_splits, schedule, seed)
 }
 
 /// [`forward`], with PINE's query rotation when `rotation` is given.
@@ -207,10 +224,14 @@ pub(crate) fn run_forward(
     mask: &SegmentMask,
     scale: Option<f64>,
     rotation: Option<&PineRotation>,
+    kv_splits: usize,
     schedule: Schedule,
     seed: u64,
 ) -> Result<AttentionOutput> {
     let shape = AttentionShape::of(q, k, v)?;
+    if kv_splits == 0 {
+        invalid_arg!("kv_splits: expected at least 1, got 0");
+    }
     let AttentionShape {
         batch,
         q_len,
@@ -232,6 +253,15 @@ pub(crate) fn run_forward(
     // u128 storage: the kernel writes O with 16-byte stores.
     let mut out = vec![0u128; n_out.div_ceil(8)];
     let mut lse = vec![0f32; batch * num_heads * q_len];
+    // Split-K partials (NaN-poisoned: every element must be written by the kernel).
+    let (mut o_accum, mut lse_accum) = if kv_splits > 1 {
+        (
+            vec![f32::NAN; kv_splits * n_out],
+            vec![f32::NAN; kv_splits * batch * num_heads * q_len],
+        )
+    } else {
+        (Vec::new(), Vec::new())
+    };
 
     let mut p = SegattnFwdParams {
         q: qi.ptr,
@@ -239,6 +269,9 @@ pub(crate) fn run_forward(
         v: vi.ptr,
         o: out.as_mut_ptr() as *mut c_void,
         lse: lse.as_mut_ptr(),
+        kv_splits: to_i32("kv_splits", kv_splits)?,
+        o_accum: if kv_splits > 1 { o_accum.as_mut_ptr() } else { std::ptr::null_mut() },
+        lse_accum: if kv_splits > 1 { lse_accum.as_mut_ptr() } else { std::ptr::null_mut() },
         ..base_params(&shape, dtype, scale as f32, [qi.strides, ki.strides, vi.strides])?
     };
     fill_mask_params(&mut p, &host);

@@ -3,7 +3,9 @@
 // nvcc: `extern "C" __global__` entry points with stable names, params by value:
 //   segattn_fwd_bf16_d64, segattn_fwd_bf16_d128, segattn_fwd_f16_d64, segattn_fwd_f16_d128
 //   segattn_fwd_rope_{bf16,f16}_d{64,128} (PINE: params.rotation set; Q in its own smem tile:
-//   D = 64: 42,024 bytes, D = 128: 82,984 bytes)
+//   and the turned Q in a second: D = 64: 50,216 bytes, D = 128: 99,368 bytes)
+//   split-K (params.kv_splits = S > 1): grid x is ceil(Lq / 64) * S, then
+//   segattn_fwd_combine_{bf16,f16}_d{64,128} merges the partials (grid ceil(B * H * Lq / 4), 128).
 //   grid (ceil(Lq / 64), H, B), block 128 threads,
 //   dynamic shared memory segattn::fwd::FwdTraits<T, D>::kSmemBytes
 //   (D = 64: 33,832 bytes; D = 128: 66,600 bytes, so the launcher must set
@@ -14,6 +16,7 @@
 // Host emulation (SEGATTN_EMULATE): `segattn_emu_fwd(params)` runs the same entry points on the
 // CPU through the SIMT emulator.
 #include "platform.cuh"
+#include "combine_kernel.cuh"
 #include "fwd_kernel.cuh"
 
 #define SEGATTN_FWD_ENTRY(name, T, D, ROTATE)                                                        \
@@ -34,6 +37,20 @@ SEGATTN_FWD_ENTRY(segattn_fwd_rope_f16_d128, segattn::f16, 128, true)
 
 #undef SEGATTN_FWD_ENTRY
 
+// Split-K merge (params.kv_splits > 1): grid ceil(B * H * Lq / 4), 128 threads, no shared memory.
+#define SEGATTN_COMBINE_ENTRY(name, T, D)                                                  \
+  extern "C" __global__ void __launch_bounds__(segattn::fwd::kCombineThreads) name(       \
+      const SegattnFwdParams params) {                                                     \
+    segattn::fwd::combine_kernel<T, D>(params);                                            \
+  }
+
+SEGATTN_COMBINE_ENTRY(segattn_fwd_combine_bf16_d64, segattn::bf16, 64)
+SEGATTN_COMBINE_ENTRY(segattn_fwd_combine_bf16_d128, segattn::bf16, 128)
+SEGATTN_COMBINE_ENTRY(segattn_fwd_combine_f16_d64, segattn::f16, 64)
+SEGATTN_COMBINE_ENTRY(segattn_fwd_combine_f16_d128, segattn::f16, 128)
+
+#undef SEGATTN_COMBINE_ENTRY
+
 #if defined(SEGATTN_EMULATE)
 
 #include <cstdio>
@@ -47,11 +64,16 @@ namespace emu_entry {
 using Entry = void (*)(const SegattnFwdParams);
 
 template <class Traits>
-int launch(const SegattnFwdParams& p, Entry entry) {
+int launch(const SegattnFwdParams& p, Entry entry, Entry combine) {
   if (p.batch <= 0 || p.num_heads <= 0 || p.q_len <= 0) return 0;  // nothing to compute
-  const dim3 grid((p.q_len + Traits::kBlockM - 1) / Traits::kBlockM, p.num_heads, p.batch);
+  const int splits = p.kv_splits > 1 ? p.kv_splits : 1;
+  const dim3 grid((p.q_len + Traits::kBlockM - 1) / Traits::kBlockM * splits, p.num_heads, p.batch);
   const dim3 block(Traits::kThreads);
-  return ::segattn::emu::launch(grid, block, Traits::kSmemBytes, [&] { entry(p); });
+  const int rc = ::segattn::emu::launch(grid, block, Traits::kSmemBytes, [&] { entry(p); });
+  if (rc != 0 || splits == 1) return rc;
+  const long rows = static_cast<long>(p.batch) * p.num_heads * p.q_len;
+  const dim3 cgrid(static_cast<unsigned>((rows + kCombineRowsPerBlock - 1) / kCombineRowsPerBlock));
+  return ::segattn::emu::launch(cgrid, dim3(kCombineThreads), 0, [&] { combine(p); });
 }
 
 // Fails through the emulator, so that segattn_emu_last_error() carries `message`.
@@ -87,18 +109,18 @@ extern "C" int segattn_emu_fwd(const SegattnFwdParams* p) {
   switch (p->dtype) {
     case SEGATTN_DTYPE_BF16:
       if (rope) {
-        return d64 ? emu_entry::launch<FwdTraits<bf16, 64, true>>(*p, segattn_fwd_rope_bf16_d64)
-                   : emu_entry::launch<FwdTraits<bf16, 128, true>>(*p, segattn_fwd_rope_bf16_d128);
+        return d64 ? emu_entry::launch<FwdTraits<bf16, 64, true>>(*p, segattn_fwd_rope_bf16_d64, segattn_fwd_combine_bf16_d64)
+                   : emu_entry::launch<FwdTraits<bf16, 128, true>>(*p, segattn_fwd_rope_bf16_d128, segattn_fwd_combine_bf16_d128);
       }
-      return d64 ? emu_entry::launch<FwdTraits<bf16, 64>>(*p, segattn_fwd_bf16_d64)
-                 : emu_entry::launch<FwdTraits<bf16, 128>>(*p, segattn_fwd_bf16_d128);
+      return d64 ? emu_entry::launch<FwdTraits<bf16, 64>>(*p, segattn_fwd_bf16_d64, segattn_fwd_combine_bf16_d64)
+                 : emu_entry::launch<FwdTraits<bf16, 128>>(*p, segattn_fwd_bf16_d128, segattn_fwd_combine_bf16_d128);
     case SEGATTN_DTYPE_F16:
       if (rope) {
-        return d64 ? emu_entry::launch<FwdTraits<f16, 64, true>>(*p, segattn_fwd_rope_f16_d64)
-                   : emu_entry::launch<FwdTraits<f16, 128, true>>(*p, segattn_fwd_rope_f16_d128);
+        return d64 ? emu_entry::launch<FwdTraits<f16, 64, true>>(*p, segattn_fwd_rope_f16_d64, segattn_fwd_combine_f16_d64)
+                   : emu_entry::launch<FwdTraits<f16, 128, true>>(*p, segattn_fwd_rope_f16_d128, segattn_fwd_combine_f16_d128);
       }
-      return d64 ? emu_entry::launch<FwdTraits<f16, 64>>(*p, segattn_fwd_f16_d64)
-                 : emu_entry::launch<FwdTraits<f16, 128>>(*p, segattn_fwd_f16_d128);
+      return d64 ? emu_entry::launch<FwdTraits<f16, 64>>(*p, segattn_fwd_f16_d64, segattn_fwd_combine_f16_d64)
+                 : emu_entry::launch<FwdTraits<f16, 128>>(*p, segattn_fwd_f16_d128, segattn_fwd_combine_f16_d128);
     default:
       std::snprintf(message, sizeof message,
                     "segattn_emu_fwd: unsupported dtype code %d (expected %d = f16 or %d = bf16)", p->dtype,

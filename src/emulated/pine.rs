@@ -37,6 +37,36 @@ pub fn pine_prefill(
         &plan.mask,
         Some(plan.scale),
         Some(&plan.rotation),
+        1,
+        schedule,
+        seed,
+    )
+}
+
+/// A PINE decode step through the emulated rope kernel with split-K (`kv_splits` slices merged
+/// by the combine kernel; 1 = none): q `[B, Lq, H, D]` un-rotated, the cache rotated with
+/// [`PineAttention::rotate_keys`], as [`PineAttention::decode`].
+#[allow(clippy::too_many_arguments)]
+pub fn pine_decode(
+    pine: &PineAttention,
+    q: &Tensor,
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    kv_splits: usize,
+    schedule: Schedule,
+    seed: u64,
+) -> Result<AttentionOutput> {
+    let shape = AttentionShape::of(q, k_cache, v_cache)?;
+    let k_plain = pine.unrotate_keys(k_cache)?;
+    let plan = pine.plan(&q.to_dtype(DType::F32)?, &k_plain, &shape)?;
+    run_forward(
+        q,
+        k_cache,
+        v_cache,
+        &plan.mask,
+        Some(plan.scale),
+        Some(&plan.rotation),
+        kv_splits,
         schedule,
         seed,
     )

@@ -207,7 +207,7 @@ impl PineAttention {
         }
         // Importance needs un-rotated keys: undo the cache's rotation (O(Lk D) per KV head), in
         // f32 so that the scores that decide the order see no extra rounding.
-        let k_plain = self.rotate_rows(k_cache, 0, shape.kv_len, true)?;
+        let k_plain = self.unrotate_keys(k_cache)?;
         self.attend(q, &k_plain, k_cache, v_cache, &shape)
     }
 
@@ -307,6 +307,11 @@ impl PineAttention {
 
     fn scale_for(&self, shape: &AttentionShape) -> f64 {
         self.scale.unwrap_or_else(|| default_scale(shape.head_dim))
+    }
+
+    /// The cache's keys un-rotated (f32): what the importance scores read in a decode step.
+    pub(crate) fn unrotate_keys(&self, k_cache: &Tensor) -> Result<Tensor> {
+        self.rotate_rows(k_cache, 0, k_cache.dim(1)?, true)
     }
 
     /// `x` `[B, rows, heads, D]`, tokens `[from, from + rows)` of a `len`-token sequence, rotated

@@ -1,0 +1,62 @@
+// Split-K merge of the forward kernel's partial outputs (params.kv_splits > 1).
+//
+// Per output row (b, h, i): the S partials O_s (normalised, f32) and their log-sum-exps L_s merge
+// as softmax blocks do: L = log sum_s e^(L_s), O = sum_s e^(L_s - L) O_s. A row that no split saw
+// (every L_s = -inf) gets O = 0 and L = -inf, never NaN.
+//
+// One warp per row, lanes over the head dim; grid ceil(B * H * Lq / kRowsPerBlock), 128 threads.
+#ifndef SEGATTN_COMBINE_KERNEL_CUH
+#define SEGATTN_COMBINE_KERNEL_CUH
+
+#include "platform.cuh"
+#include "dtypes.cuh"
+#include "kernel_traits.cuh"
+#include "segattn_params.h"
+
+namespace segattn {
+namespace fwd {
+
+constexpr int kCombineThreads = 128;
+constexpr int kCombineRowsPerBlock = kCombineThreads / 32;
+
+template <class T, int kHeadDim>
+__device__ void combine_kernel(const SegattnFwdParams& p) {
+  const int lane = static_cast<int>(threadIdx.x) % 32;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kCombineRowsPerBlock + threadIdx.x / 32;
+  const int64_t rows = static_cast<int64_t>(p.batch) * p.num_heads * p.q_len;
+  if (row >= rows) return;
+  const int splits = p.kv_splits;
+  // row = (b * H + h) * Lq + i
+  const int i = static_cast<int>(row % p.q_len);
+  const int64_t bh = row / p.q_len;
+  const int h = static_cast<int>(bh % p.num_heads);
+  const int b = static_cast<int>(bh / p.num_heads);
+
+  float m = -INFINITY;
+  for (int s = 0; s < splits; ++s) m = fmaxf(m, p.lse_accum[static_cast<int64_t>(s) * rows + row]);
+  float total = 0.0f;
+  constexpr int kPerLane = kHeadDim / 32;
+  float acc[kPerLane];
+  SEGATTN_UNROLL
+  for (int e = 0; e < kPerLane; ++e) acc[e] = 0.0f;
+  if (m != -INFINITY) {
+    for (int s = 0; s < splits; ++s) {
+      const float w = expf(p.lse_accum[static_cast<int64_t>(s) * rows + row] - m);  // 0 for an empty split
+      total += w;
+      const float* const o_s = p.o_accum + (static_cast<int64_t>(s) * rows + row) * kHeadDim;
+      SEGATTN_UNROLL
+      for (int e = 0; e < kPerLane; ++e) acc[e] += w * o_s[e * 32 + lane];
+    }
+  }
+  const float inv = total > 0.0f ? 1.0f / total : 0.0f;
+  T* const out = static_cast<T*>(p.o) + static_cast<int64_t>(b) * p.o_strides.batch +
+                 static_cast<int64_t>(i) * p.o_strides.row + static_cast<int64_t>(h) * p.o_strides.head;
+  SEGATTN_UNROLL
+  for (int e = 0; e < kPerLane; ++e) out[e * 32 + lane] = from_float<T>(acc[e] * inv);
+  if (p.lse != nullptr && lane == 0) p.lse[row] = total > 0.0f ? m + logf(total) : -INFINITY;
+}
+
+}  // namespace fwd
+}  // namespace segattn
+
+#endif  // SEGATTN_COMBINE_KERNEL_CUH
