@@ -83,7 +83,7 @@ impl PreparedForward {
                 shape.head_dim
             );
         };
-        let cfg = launch_config(&shape, kernel)?;
+        let cfg = launch_config(&shape, kernel, 1)?;
         let mut params = base_params(
             &shape,
             q.dtype(),

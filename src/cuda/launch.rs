@@ -25,7 +25,7 @@ use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result};
 use half::{bf16, f16};
 
 use super::driver_err;
-use super::module::{self, FwdKernel, FWD_BLOCK_M, FWD_THREADS};
+use super::module::{self, FwdKernel, FWD_BLOCK_M, FWD_BLOCK_N, FWD_THREADS};
 use crate::error::invalid_arg;
 pub(crate) use crate::kernel_params::{base_params, check_grid, check_supported, loadable, strides_of};
 use super::pine::RotationBuffers;
@@ -162,12 +162,28 @@ impl MaskBuffer {
     }
 }
 
-/// The launch configuration: grid (ceil(Lq / 64), H, B), 128 threads, the traits' shared memory.
-pub(crate) fn launch_config(shape: &AttentionShape, kernel: &FwdKernel) -> Result<LaunchConfig> {
+/// How many key slices split-K uses: only when the grid would leave most SMs idle (decode, short
+/// query chunks) and the keys span several tiles; about two blocks per SM, each slice at least two
+/// key tiles. `SEGATTN_KV_SPLITS=n` forces `n` (tests, benchmarks).
+pub(crate) fn kv_splits(shape: &AttentionShape, sm_count: usize) -> usize {
+    if let Some(n) = std::env::var("SEGATTN_KV_SPLITS").ok().and_then(|s| s.parse::<usize>().ok()) {
+        return n.max(1);
+    }
+    let blocks = shape.q_len.div_ceil(FWD_BLOCK_M) * shape.num_heads * shape.batch;
+    let tiles = shape.kv_len.div_ceil(FWD_BLOCK_N);
+    if blocks >= sm_count || tiles < 4 {
+        return 1;
+    }
+    (2 * sm_count).div_ceil(blocks).min(tiles / 2).clamp(1, 64)
+}
+
+/// The launch configuration: grid (ceil(Lq / 64) x kv_splits, H, B), 128 threads, the traits'
+/// shared memory.
+pub(crate) fn launch_config(shape: &AttentionShape, kernel: &FwdKernel, kv_splits: usize) -> Result<LaunchConfig> {
     check_grid(shape)?;
     Ok(LaunchConfig {
         grid_dim: (
-            shape.q_len.div_ceil(FWD_BLOCK_M) as u32,
+            (shape.q_len.div_ceil(FWD_BLOCK_M) * kv_splits) as u32,
             shape.num_heads as u32,
             shape.batch as u32,
         ),
@@ -222,6 +238,27 @@ pub(crate) fn check_grid_of(kernel: &str, batch: usize, heads: usize) -> Result<
         invalid_arg!("q: {kernel} launches one grid row per head and batch row (at most 65535 each), got B = {batch}, H = {heads}");
     }
     Ok(())
+}
+
+/// Launches the split-K merge of `params`' partials: one warp per output row, 4 rows per block.
+fn launch_combine(
+    stream: &Arc<CudaStream>,
+    func: &candle_core::cuda_backend::cudarc::driver::CudaFunction,
+    params: &SegattnFwdParams,
+    rows: usize,
+) -> Result<()> {
+    let cfg = LaunchConfig {
+        grid_dim: (rows.div_ceil(4) as u32, 1, 1),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut builder = stream.launch_builder(func);
+    builder.arg(params);
+    // SAFETY: the merge reads the partials the forward kernel just wrote (same stream) and writes
+    // o and lse, all live allocations of the sizes in `params`.
+    unsafe { builder.launch(cfg) }
+        .map_err(|e| driver_err(format!("launching the split-K merge (grid {:?})", cfg.grid_dim), e))?;
+    sync_if_asked(stream, "the split-K merge")
 }
 
 /// Fills `n` 16-bit or 32-bit words at `ptr` with all-ones bits (NaN in bf16, f16 and f32).
@@ -353,7 +390,8 @@ fn forward_typed<T: CudaDType + DeviceRepr + ValidAsZeroBits + candle_core::With
             shape.head_dim
         );
     };
-    let cfg = launch_config(&shape, kernel)?;
+    let splits = kv_splits(&shape, kernels.sm_count);
+    let cfg = launch_config(&shape, kernel, splits)?;
 
     let (qo, ko, vo) = (
         Operand::new::<T>("q", q, ql, &dev)?,
@@ -372,6 +410,15 @@ fn forward_typed<T: CudaDType + DeviceRepr + ValidAsZeroBits + candle_core::With
     let mut out = unsafe { stream.alloc::<T>(n_out) }.map_err(|e| driver_err("allocating the output", e))?;
     let mut lse = if want_lse {
         Some(unsafe { stream.alloc::<f32>(n_lse) }.map_err(|e| driver_err("allocating the LSE", e))?)
+    } else {
+        None
+    };
+    // Split-K partials: every element written by the forward kernel before the merge reads it.
+    let mut partials = if splits > 1 {
+        Some((
+            unsafe { stream.alloc::<f32>(splits * n_out) }.map_err(|e| driver_err("allocating split-K partials", e))?,
+            unsafe { stream.alloc::<f32>(splits * n_lse) }.map_err(|e| driver_err("allocating split-K LSEs", e))?,
+        ))
     } else {
         None
     };
@@ -403,7 +450,25 @@ fn forward_typed<T: CudaDType + DeviceRepr + ValidAsZeroBits + candle_core::With
                 poison(&stream, *p, n_lse, 4)?;
             }
         }
+        let partial_ptrs = partials
+            .as_mut()
+            .map(|(o, l)| (o.device_ptr_mut(&stream), l.device_ptr_mut(&stream)));
+        if let Some(((o_acc, _), (l_acc, _))) = &partial_ptrs {
+            params.kv_splits = splits as i32;
+            params.o_accum = *o_acc as *mut f32;
+            params.lse_accum = *l_acc as *mut f32;
+            if poison_outputs() {
+                poison(&stream, *o_acc, splits * n_out, 4)?;
+                poison(&stream, *l_acc, splits * n_lse, 4)?;
+            }
+        }
         launch(&stream, kernel, &params, cfg)?;
+        if splits > 1 {
+            let Some(combine) = kernels.combine(T::DTYPE, shape.head_dim) else {
+                invalid_arg!("internal error: no split-K merge kernel for {:?} D = {}", T::DTYPE, shape.head_dim);
+            };
+            launch_combine(&stream, combine, &params, n_lse)?;
+        }
     }
     // Errors that cudarc recorded instead of returning (event records in the guards' drops).
     stream

@@ -28,6 +28,8 @@ static FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/segattn.fatbin"
 pub(crate) const FWD_THREADS: u32 = 128;
 /// Query rows per block of the forward kernel (`FwdTraits::kBlockM`).
 pub(crate) const FWD_BLOCK_M: usize = 64;
+/// Keys per tile of the forward kernel (`FwdTraits::kBlockN`).
+pub(crate) const FWD_BLOCK_N: usize = 64;
 /// Dynamic shared memory a kernel may use without opting in.
 const DEFAULT_DYNAMIC_SMEM: usize = 48 * 1024;
 
@@ -43,6 +45,10 @@ pub(crate) struct FwdKernel {
 pub(crate) struct Kernels {
     _module: Arc<CudaModule>,
     fwd: Vec<((DType, usize, bool), FwdKernel)>,
+    /// Split-K merge kernels by (dtype, head dim).
+    combine: Vec<((DType, usize), CudaFunction)>,
+    /// Streaming multiprocessors of the device (the split-K heuristic).
+    pub sm_count: usize,
 }
 
 impl Kernels {
@@ -50,6 +56,14 @@ impl Kernels {
     /// launcher looks its entry points up itself: src/cuda/scores.rs).
     pub fn module(&self) -> &Arc<CudaModule> {
         &self._module
+    }
+
+    /// The split-K merge kernel for `dtype` and `head_dim`.
+    pub fn combine(&self, dtype: DType, head_dim: usize) -> Option<&CudaFunction> {
+        self.combine
+            .iter()
+            .find(|((d, h), _)| *d == dtype && *h == head_dim)
+            .map(|(_, f)| f)
     }
 
     /// The forward kernel for `dtype` (bf16 / f16) and `head_dim` (64 / 128), with PINE's query
@@ -72,6 +86,14 @@ const FWD_ENTRIES: [(&str, DType, usize, bool); 8] = [
     ("segattn_fwd_rope_bf16_d128", DType::BF16, 128, true),
     ("segattn_fwd_rope_f16_d64", DType::F16, 64, true),
     ("segattn_fwd_rope_f16_d128", DType::F16, 128, true),
+];
+
+/// The split-K merge entry points of kernels/fwd/fwd.cu.
+const COMBINE_ENTRIES: [(&str, DType, usize); 4] = [
+    ("segattn_fwd_combine_bf16_d64", DType::BF16, 64),
+    ("segattn_fwd_combine_bf16_d128", DType::BF16, 128),
+    ("segattn_fwd_combine_f16_d64", DType::F16, 64),
+    ("segattn_fwd_combine_f16_d128", DType::F16, 128),
 ];
 
 type Cache = Mutex<HashMap<(usize, usize), Arc<Kernels>>>;
@@ -171,5 +193,20 @@ fn load(ctx: &Arc<CudaContext>) -> Result<Kernels> {
             },
         ));
     }
-    Ok(Kernels { _module: module, fwd })
+    let mut combine = Vec::with_capacity(COMBINE_ENTRIES.len());
+    for (name, dtype, head_dim) in COMBINE_ENTRIES {
+        let func = module
+            .load_function(name)
+            .map_err(|e| driver_err(format!("kernel {name} is not in the embedded fatbin"), e))?;
+        combine.push(((dtype, head_dim), func));
+    }
+    let sm_count = ctx
+        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+        .map_err(|e| driver_err(format!("querying the multiprocessor count of GPU {gpu}"), e))?;
+    Ok(Kernels {
+        _module: module,
+        fwd,
+        combine,
+        sm_count: usize::try_from(sm_count).unwrap_or(1).max(1),
+    })
 }
