@@ -13,8 +13,9 @@
 //!
 //! ```text
 //! gpu_bench [--smoke] [--reps N] [--warmup N] [--filter SUBSTR] [--json FILE] [--list]
-//!           [--export-masks FILE]
+//!           [--export-masks FILE] [--pine]
 //! ```
+//! `--pine`: instead, one PINE layer at Llama-3-8B shapes (examples/support/gpu_pine.rs).
 //! `--list` prints the shapes; `--export-masks FILE` writes every mask (segment ids, rules, visible
 //! pair count) as JSON for bench/peers.py, so that the peers run on exactly the same masks; neither
 //! needs a GPU. `--smoke`: tiny shapes (L 256 / 512, 2k tokens).
@@ -26,6 +27,9 @@ use candle_core::cuda_backend::cudarc::driver::sys::{CUdevice_attribute, CUevent
 use candle_core::{DType, Device, Result, Tensor};
 use segattn::cuda::PreparedForward;
 use segattn::{PineLayout, SegmentAttention, SegmentMask, Visibility};
+
+#[path = "support/gpu_pine.rs"]
+mod gpu_pine;
 
 /// L2 cache size when the device does not say (H100: 50 MB, H200: 60 MB); the input sets rotated
 /// per repetition total at least 4x the device's L2.
@@ -40,6 +44,7 @@ struct Args {
     json: Option<String>,
     list: bool,
     export_masks: Option<String>,
+    pine: bool,
 }
 
 fn parse_args() -> std::result::Result<Args, String> {
@@ -51,6 +56,7 @@ fn parse_args() -> std::result::Result<Args, String> {
         json: None,
         list: false,
         export_masks: None,
+        pine: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -58,6 +64,7 @@ fn parse_args() -> std::result::Result<Args, String> {
         match arg.as_str() {
             "--smoke" => a.smoke = true,
             "--list" => a.list = true,
+            "--pine" => a.pine = true,
             "--reps" => a.reps = value("--reps")?.parse().map_err(|e| format!("--reps: {e}"))?,
             "--warmup" => a.warmup = value("--warmup")?.parse().map_err(|e| format!("--warmup: {e}"))?,
             "--filter" => a.filter = Some(value("--filter")?),
@@ -66,7 +73,7 @@ fn parse_args() -> std::result::Result<Args, String> {
             "-h" | "--help" => {
                 return Err(
                     "usage: gpu_bench [--smoke] [--reps N] [--warmup N] [--filter SUBSTR] [--json FILE] \
-                     [--list] [--export-masks FILE]"
+                     [--list] [--export-masks FILE] [--pine]"
                         .into(),
                 )
             }
@@ -403,6 +410,10 @@ fn main() -> Result<()> {
         return export_masks(path, args.smoke);
     }
     let dev = Device::new_cuda(0)?;
+    if args.pine {
+        println!("{}", gpu_pine::run(&dev, args.reps, args.warmup)?);
+        return Ok(());
+    }
     println!(
         "segattn GPU benchmark: bf16, {} shapes, median of {} reps after {} warm-up, inputs rotated over >= 4x L2; \
          TFLOP/s = 4 D H x visible pairs / time",

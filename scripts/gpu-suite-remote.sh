@@ -167,6 +167,11 @@ if [ "$PHASE" = bench ] || [ "$PHASE" = all ]; then
   note "- (3) gpu_bench: exit $rc, $(wc -l <"$OUTDIR/segattn.jsonl" 2>/dev/null || echo 0) shapes, $((SECONDS - t)) s"
   [ "$rc" = 0 ] || status=1
 
+  log "(3) PINE layer (gpu_bench --pine)"
+  t=$SECONDS
+  budgeted 100000 20 "$WORK/gpu_bench" --pine 2>&1 | tee "$OUTDIR/pine.md"
+  note "- (3) gpu_bench --pine: exit ${PIPESTATUS[0]}, $((SECONDS - t)) s"
+
   log "(3) peers (torch)"
   t=$SECONDS
   peers_filter="${SEGATTN_PEERS_FILTER-H16/16 D128}"

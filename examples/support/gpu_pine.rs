@@ -1,0 +1,67 @@
+//! `gpu_bench --pine`: one PINE layer on the GPU at Llama-3-8B shapes (H 32, Hkv 8, D 128, bf16)
+//! for the RAG prompt (prefix 256, 20 segments of 150, suffix 64) and the judge prompt (prefix
+//! 128, 2 segments of 500, suffix 32): PINE prefill (importance, device-side order, rope kernel)
+//! against our plain causal attention of the same shape, and a PINE decode step (split-K rope
+//! kernel) against a plain decode step (split-K plain kernel, q already rotated). Wall clock of
+//! the public calls to stream synchronisation, median of `reps` after `warmup`.
+
+use std::time::Instant;
+
+use candle_core::{DType, Device, Result, Tensor};
+use segattn::pine::{PineAttention, Rope};
+use segattn::{PineLayout, SegmentAttention, SegmentMask};
+
+fn median_ms(dev: &Device, reps: usize, warmup: usize, mut f: impl FnMut() -> Result<Tensor>) -> Result<f64> {
+    for _ in 0..warmup {
+        f()?;
+    }
+    dev.synchronize()?;
+    let mut t = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let start = Instant::now();
+        let out = f()?;
+        dev.synchronize()?;
+        t.push(start.elapsed().as_secs_f64() * 1e3);
+        drop(out);
+    }
+    t.sort_by(f64::total_cmp);
+    Ok(t[t.len() / 2])
+}
+
+/// The markdown table of the PINE benchmark.
+pub fn run(dev: &Device, reps: usize, warmup: usize) -> Result<String> {
+    let (h, hkv, d) = (32, 8, 128);
+    let prompts = [
+        ("RAG", PineLayout::new(256, &[150; 20], 64)),
+        ("judge", PineLayout::new(128, &[500, 500], 32)),
+    ];
+    let mut out = String::from(
+        "| prompt | L | PINE prefill ms | causal prefill ms | ratio (target <= 1.6) | PINE decode ms | plain decode ms | ratio (target <= 1.5) |\n|---|---|---|---|---|---|---|---|\n",
+    );
+    for (name, layout) in prompts {
+        let l = layout.len();
+        let r = |shape: (usize, usize, usize, usize)| Tensor::randn(0f32, 1.0, shape, dev)?.to_dtype(DType::BF16);
+        let (q, k, v) = (r((1, l, h, d))?, r((1, l, hkv, d))?, r((1, l, hkv, d))?);
+        let pine = PineAttention::new(std::slice::from_ref(&layout), Rope::new(500_000.0))?;
+        let causal = SegmentMask::causal(l, dev)?;
+        let pine_ms = median_ms(dev, reps, warmup, || Ok(pine.prefill(&q, &k, &v)?.out))?;
+        let causal_ms = median_ms(dev, reps, warmup, || {
+            Ok(SegmentAttention::new(&causal).forward(&q, &k, &v)?.out)
+        })?;
+        // Decode: a cache of the prompt plus the new token, K rotated once.
+        let (k1, v1) = (r((1, l + 1, hkv, d))?, r((1, l + 1, hkv, d))?);
+        let k_cache = pine.rotate_keys(&k1)?;
+        let q1 = r((1, 1, h, d))?;
+        let step_mask = SegmentMask::causal(l + 1, dev)?.last_queries(1)?;
+        let pine_step = median_ms(dev, reps, warmup, || Ok(pine.decode(&q1, &k_cache, &v1)?.out))?;
+        let plain_step = median_ms(dev, reps, warmup, || {
+            Ok(SegmentAttention::new(&step_mask).forward(&q1, &k_cache, &v1)?.out)
+        })?;
+        out.push_str(&format!(
+            "| {name} | {l} | {pine_ms:.3} | {causal_ms:.3} | {:.2} | {pine_step:.3} | {plain_step:.3} | {:.2} |\n",
+            pine_ms / causal_ms,
+            pine_step / plain_step
+        ));
+    }
+    Ok(out)
+}
