@@ -15,8 +15,9 @@
 //!   prints Markdown tables on stdout (progress on stderr); it writes no file
 //!   (`... -- --table > bench/pine_table.md`). Calls that are compared are INTERLEAVED in rotating
 //!   order and their medians reported, so that load from other processes hits them alike and the
-//!   ratios stay meaningful on a shared machine; before each case it waits (up to 20 s) for the
-//!   other processes to go quiet and it prints the share of the CPU they used.
+//!   ratios stay meaningful on a shared machine; before each set it waits (up to 20 s) for the
+//!   other processes to go quiet, measures again (3 attempts at most, the least contended kept)
+//!   while they used more than 15% of the CPU, and prints the share they used.
 //!
 //! # What is measured
 //!
@@ -61,6 +62,9 @@ const REF_KV_HEADS: usize = 1;
 const PREFILL_ROUNDS: usize = 5;
 const DECODE_ROUNDS: usize = 31;
 const REF_PINE_ROUNDS: usize = 3;
+/// Other processes' CPU share above which a measurement is repeated, and the attempts at most.
+const CONTENDED: f64 = 0.15;
+const ATTEMPTS: usize = 3;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Prompt {
@@ -413,24 +417,43 @@ fn pct(load: Option<f64>) -> String {
 }
 
 /// Runs the `ops` interleaved for `rounds` rounds (order rotated every round) and returns each
-/// op's median and the share of the CPU other processes used meanwhile.
+/// op's median and the share of the CPU other processes used meanwhile. While that share is above
+/// [`CONTENDED`], measures again ([`ATTEMPTS`] in all at most) and keeps the least contended.
 fn interleaved(rounds: usize, ops: &[&dyn Fn()]) -> (Vec<Duration>, Option<f64>) {
     for op in ops {
         op(); // warm-up
     }
-    wait_for_quiet(Duration::from_secs(20));
-    let before = CpuSnapshot::now();
-    let mut t = vec![Vec::with_capacity(rounds); ops.len()];
-    for round in 0..rounds {
-        for i in 0..ops.len() {
-            let op = (round + i) % ops.len();
-            let start = Instant::now();
-            ops[op]();
-            t[op].push(start.elapsed());
+    let mut best: Option<(Vec<Duration>, Option<f64>)> = None;
+    for attempt in 0..ATTEMPTS {
+        wait_for_quiet(Duration::from_secs(20));
+        let before = CpuSnapshot::now();
+        let mut t = vec![Vec::with_capacity(rounds); ops.len()];
+        for round in 0..rounds {
+            for i in 0..ops.len() {
+                let op = (round + i) % ops.len();
+                let start = Instant::now();
+                ops[op]();
+                t[op].push(start.elapsed());
+            }
+        }
+        let load = before.and_then(|b| b.foreign_since(CpuSnapshot::now()));
+        let result = (t.into_iter().map(median).collect(), load);
+        let better = match (&best, load) {
+            (None, _) => true,
+            (Some((_, Some(old))), Some(new)) => new < *old,
+            _ => false,
+        };
+        if better {
+            best = Some(result);
+        }
+        match load {
+            Some(l) if l > CONTENDED && attempt + 1 < ATTEMPTS => {
+                eprintln!("  contended ({:.0}% other load): measuring again", 100.0 * l)
+            }
+            _ => break,
         }
     }
-    let load = before.and_then(|b| b.foreign_since(CpuSnapshot::now()));
-    (t.into_iter().map(median).collect(), load)
+    best.expect("at least one attempt")
 }
 
 struct Measured {
@@ -619,13 +642,16 @@ fn table_main() -> Result<()> {
         md,
         "CPU: {cpu}, {threads} threads. One layer, B = 1, H = {HEADS}, Hkv = {KV_HEADS}, D = {HEAD_DIM}, RoPE theta \
          {THETA}; prompts `rag` ({}, L = {}) and `judge` ({}, L = {}). Times are MEDIANS of interleaved rounds \
-         (prefill, breakdown and baseline schemes interleaved: {PREFILL_ROUNDS} rounds; decode: {DECODE_ROUNDS}) on a shared \
-         2-core machine: the ratios are the meaningful part. GFLOP/s: 4 D H x visible (q, k) pairs of the \
+         (prefill, breakdown and baseline schemes interleaved: {PREFILL_ROUNDS} rounds; decode: {DECODE_ROUNDS}; a set \
+         measured again, up to {ATTEMPTS} times, while other processes took more than {:.0}% of the CPU, the least \
+         contended kept) on a shared machine: the ratios are the meaningful part, absolute times are noisy. \
+         `other load`: the share of the CPU other processes used during the kept set. GFLOP/s: 4 D H x visible (q, k) pairs of the \
          scheme's mask / time (PINE's importance pass not credited).\n",
         Prompt::Rag.describe(),
         Prompt::Rag.layout().len(),
         Prompt::Judge.describe(),
-        Prompt::Judge.layout().len()
+        Prompt::Judge.layout().len(),
+        100.0 * CONTENDED
     )
     .unwrap();
     writeln!(
