@@ -243,7 +243,7 @@ impl PineAttention {
     pub(crate) fn plan(&self, q: &Tensor, k_plain: &Tensor, shape: &AttentionShape) -> Result<PinePlan> {
         let (imp, groups) = self.importance(q, k_plain, shape)?;
         // The order on the device of the scores: no host round trip on the GPU.
-        let shift_tensor = shifts::shifts(&imp, &groups, shape.num_heads, shape.q_len)?;
+        let shift_tensor = shifts::shifts(&imp, &groups, shape.num_heads, shape.q_len, q.device())?;
         let host_shifts = if shift_tensor.device().is_cpu() {
             shift_tensor.flatten_all()?.to_vec1::<u32>()?
         } else {

@@ -9,8 +9,14 @@ use super::importance::{HostImportance, Importance};
 use super::order::{query_shifts, GroupLayout};
 use crate::error::invalid_arg;
 
-/// The shifts of `groups` from `imp`, on the device of the scores.
-pub(crate) fn shifts(imp: &Importance, groups: &GroupLayout, heads: usize, q_len: usize) -> Result<Tensor> {
+/// The shifts of `groups` from `imp`, on the device of the scores (`device` when there are none).
+pub(crate) fn shifts(
+    imp: &Importance,
+    groups: &GroupLayout,
+    heads: usize,
+    q_len: usize,
+    device: &candle_core::Device,
+) -> Result<Tensor> {
     let op = ShiftsOp {
         groups: groups.clone(),
         heads,
@@ -29,7 +35,7 @@ pub(crate) fn shifts(imp: &Importance, groups: &GroupLayout, heads: usize, q_len
             scored_rows: 0,
         };
         let s = query_shifts(groups.clone(), heads, q_len, &host).shifts;
-        return Tensor::from_vec(s, op.out_dims(), &candle_core::Device::Cpu);
+        return Tensor::from_vec(s, op.out_dims(), device);
     };
     let second = imp.segments.as_ref().unwrap_or(first);
     let rows = imp.rows.as_ref().unwrap_or(first);
