@@ -726,7 +726,8 @@ fn table_main() -> Result<()> {
          of PINE's importance (segment queries over the other segments, summed per query segment, only when \
          n > 2; suffix rows over all segments), replicated with the public API; `attention w/o rotation`: \
          `segment_attention` under the PINE mask with no query rotation (the attention work alone); `rest` = \
-         PINE prefill minus both (K rotation, masks, order and shifts, in-loop query rotation, RoPE table).\n"
+         PINE prefill minus both (K rotation, masks, order and shifts, in-loop query rotation, RoPE table, and for \
+         16-bit inputs the f32 copies of q, k, v that the CPU path makes).\n"
     )
     .unwrap();
     writeln!(
@@ -761,9 +762,11 @@ fn table_main() -> Result<()> {
         "\nWhere PINE decode's time goes (same interleaved rounds). `K un-rotation`: `Rope::rotate(k_cache, \
          key_positions, inverse)` over the whole cache, which `decode` runs every step because its importance \
          needs un-rotated keys (this includes building a RoPE cos / sin table); `RoPE table`: one `Rope::rotate` \
-         of q_new at position L, i.e. the cost of building the table of positions 0..=L, which `decode` does once \
-         more for the in-loop query rotation; `importance`: the new row's `segment_scores` over every segment; \
-         `rest` = PINE decode minus those three and minus the plain step (masks, order, attention overhead).\n"
+         of q_new at position L, i.e. the cost of building the table of positions 0..=L; `decode` builds another \
+         one for the in-loop query rotation, over Lk + the segment tokens positions (about twice as long at these \
+         shapes), which falls in `rest`; `importance`: the new row's `segment_scores` over every segment; `rest` = \
+         PINE decode minus those three and minus the plain step (that second table, masks, order, attention \
+         overhead).\n"
     )
     .unwrap();
     writeln!(
