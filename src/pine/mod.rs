@@ -355,7 +355,7 @@ pub(crate) struct PinePlan {
 /// its largest shift) and every row's position, group and shifts.
 #[derive(Debug)]
 pub(crate) struct PineRotation {
-    pub table: RopeTable,
+    pub table: std::sync::Arc<RopeTable>,
     /// Groups and positions on the host; the shifts themselves too on the CPU (empty on a GPU).
     pub shifts: QueryShifts,
     /// The shifts `[B, H, groups, Sk]` u32 on the device of the inputs.

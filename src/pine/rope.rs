@@ -8,6 +8,8 @@
 //! segment). It is applied as two rotations, by `p` then by `s`, both `< L`: a table of `L`
 //! positions covers every call, and caller tables of the model's context length suffice.
 
+use std::sync::{Arc, Mutex};
+
 use candle_core::{DType, Device, Result, Tensor, D};
 
 use crate::error::invalid_arg;
@@ -77,6 +79,9 @@ enum Angles {
 #[derive(Clone, Debug)]
 pub struct Rope {
     angles: Angles,
+    /// The longest table built so far (shared by clones): a decode step asks for the same table
+    /// as the step before it, and building one costs two f64 sin / cos per entry.
+    cache: Arc<Mutex<Option<Arc<RopeTable>>>>,
 }
 
 impl Rope {
@@ -84,6 +89,7 @@ impl Rope {
     pub fn new(theta: f64) -> Self {
         Self {
             angles: Angles::Theta { theta, scaling: None },
+            cache: Arc::default(),
         }
     }
 
@@ -92,6 +98,7 @@ impl Rope {
         if let Angles::Theta { scaling: s, .. } = &mut self.angles {
             *s = Some(scaling);
         }
+        self.cache = Arc::default();
         self
     }
 
@@ -117,6 +124,7 @@ impl Rope {
                 max_pos,
                 half,
             },
+            cache: Arc::default(),
         })
     }
 
@@ -166,8 +174,30 @@ impl Rope {
     }
 
     /// cos / sin of every position `0..len` and pair, f32 `[len, D/2]`, on the host.
-    pub(crate) fn table(&self, d: usize, len: usize) -> Result<RopeTable> {
+    pub(crate) fn table(&self, d: usize, len: usize) -> Result<Arc<RopeTable>> {
         self.check(d, len)?;
+        let mut cache = self
+            .cache
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("segattn: RoPE table cache poisoned by a panic".into()))?;
+        if let Some(t) = cache.as_ref() {
+            if t.half == d / 2 && t.cos.len() >= len * t.half {
+                return Ok(t.clone());
+            }
+        }
+        // Grown geometrically, so that a growing decode cache rebuilds it O(log L) times.
+        let grown = cache.as_ref().filter(|t| t.half == d / 2).map_or(len, |t| {
+            let have = t.cos.len() / t.half;
+            len.max(have + have / 2)
+        });
+        let len = if self.check(d, grown).is_ok() { grown } else { len };
+        let table = Arc::new(self.build_table(d, len));
+        *cache = Some(table.clone());
+        Ok(table)
+    }
+
+    /// cos / sin of every position `0..len` and pair (the configuration already checked).
+    fn build_table(&self, d: usize, len: usize) -> RopeTable {
         let half = d / 2;
         let (cos, sin) = match &self.angles {
             Angles::Tables { cos, sin, max_pos, .. } => {
@@ -200,7 +230,7 @@ impl Rope {
                 (cos, sin)
             }
         };
-        Ok(RopeTable { half, cos, sin })
+        RopeTable { half, cos, sin }
     }
 
     /// Rotates `x` `[B, L, heads, D]` at `positions` `[B, L]` (u32; batch 1 is shared), as
@@ -227,9 +257,28 @@ impl Rope {
 
     /// [`Rope::rotate_f32`] at host positions `pos` (`[pb, L]`, row-major): no device read.
     pub(crate) fn rotate_at(&self, x: &Tensor, pos: &[u32], pb: usize, inverse: bool) -> Result<Tensor> {
-        let (_b, l, _h, d) = x.dims4()?;
+        let (b, l, heads, d) = x.dims4()?;
         let len = pos.iter().copied().max().map_or(0, |m| m as usize + 1);
         let table = self.table(d, len)?;
+        if x.device().is_cpu() {
+            // One pass over x (the tensor-op form below makes five, with as many allocations).
+            let xs = x.to_dtype(DType::F32)?.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+            let mut out = xs;
+            let sign = if inverse { -1.0 } else { 1.0 };
+            let half = d / 2;
+            for (r, row) in out.chunks_exact_mut(d).enumerate() {
+                let t = r / heads; // token index over [B, L]
+                let p = pos[if pb == 1 { t % l } else { t }] as usize;
+                let (c, s) = (&table.cos[p * half..(p + 1) * half], &table.sin[p * half..(p + 1) * half]);
+                let (lo, hi) = row.split_at_mut(half);
+                for i in 0..half {
+                    let (x1, x2, sn) = (lo[i], hi[i], sign * s[i]);
+                    lo[i] = x1 * c[i] - x2 * sn;
+                    hi[i] = x2 * c[i] + x1 * sn;
+                }
+            }
+            return Tensor::from_vec(out, (b, l, heads, d), x.device());
+        }
         let (cos, sin) = table.gather(pos, (pb, l), x.device())?;
         let sin = if inverse { sin.neg()? } else { sin };
         let x = x.to_dtype(DType::F32)?;
