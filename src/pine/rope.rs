@@ -262,19 +262,23 @@ impl Rope {
         let table = self.table(d, len)?;
         if x.device().is_cpu() {
             // One pass over x (the tensor-op form below makes five, with as many allocations).
-            let xs = x.to_dtype(DType::F32)?.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-            let mut out = xs;
+            let mut out = cpu_f32(x)?;
             let sign = if inverse { -1.0 } else { 1.0 };
             let half = d / 2;
-            for (r, row) in out.chunks_exact_mut(d).enumerate() {
-                let t = r / heads; // token index over [B, L]
+            let mut sn = vec![0f32; half];
+            for (t, token) in out.chunks_exact_mut(heads * d).enumerate() {
                 let p = pos[if pb == 1 { t % l } else { t }] as usize;
-                let (c, s) = (&table.cos[p * half..(p + 1) * half], &table.sin[p * half..(p + 1) * half]);
-                let (lo, hi) = row.split_at_mut(half);
-                for i in 0..half {
-                    let (x1, x2, sn) = (lo[i], hi[i], sign * s[i]);
-                    lo[i] = x1 * c[i] - x2 * sn;
-                    hi[i] = x2 * c[i] + x1 * sn;
+                let c = &table.cos[p * half..(p + 1) * half];
+                for (dst, &x) in sn.iter_mut().zip(&table.sin[p * half..(p + 1) * half]) {
+                    *dst = sign * x;
+                }
+                for row in token.chunks_exact_mut(d) {
+                    let (lo, hi) = row.split_at_mut(half);
+                    for (((x1, x2), &c), &s) in lo.iter_mut().zip(hi.iter_mut()).zip(c).zip(&sn) {
+                        let (a, b) = (*x1, *x2);
+                        *x1 = a * c - b * s;
+                        *x2 = b * c + a * s;
+                    }
                 }
             }
             return Tensor::from_vec(out, (b, l, heads, d), x.device());
@@ -328,4 +332,22 @@ impl RopeTable {
             Tensor::from_vec(sin, (pb, l, 1, h), device)?,
         ))
     }
+}
+
+/// The elements of a CPU tensor as one new f32 vector, read straight from its storage when it is
+/// contiguous (one allocation: a large fresh buffer costs its page faults, so copies add up).
+fn cpu_f32(x: &Tensor) -> Result<Vec<f32>> {
+    use candle_core::{CpuStorage, Storage};
+    {
+        let (storage, layout) = x.storage_and_layout();
+        if let (Storage::Cpu(cpu), Some((a, b))) = (&*storage, layout.contiguous_offsets()) {
+            match cpu {
+                CpuStorage::F32(v) => return Ok(v[a..b].to_vec()),
+                CpuStorage::BF16(v) => return Ok(v[a..b].iter().map(|x| x.to_f32()).collect()),
+                CpuStorage::F16(v) => return Ok(v[a..b].iter().map(|x| x.to_f32()).collect()),
+                _ => {}
+            }
+        }
+    }
+    x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
 }
