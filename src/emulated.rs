@@ -17,8 +17,8 @@ use crate::mask::{HostMask, SegmentMask};
 use crate::op::AttentionOutput;
 use crate::params::{SegattnFwdParams, SegattnSegments, SegattnStrides};
 use crate::pine::PineRotation;
-use pine::rotation_params;
 use crate::validate::{default_scale, AttentionShape};
+use pine::rotation_params;
 
 mod pine;
 mod scores;
@@ -270,8 +270,16 @@ pub(crate) fn run_forward(
         o: out.as_mut_ptr() as *mut c_void,
         lse: lse.as_mut_ptr(),
         kv_splits: to_i32("kv_splits", kv_splits)?,
-        o_accum: if kv_splits > 1 { o_accum.as_mut_ptr() } else { std::ptr::null_mut() },
-        lse_accum: if kv_splits > 1 { lse_accum.as_mut_ptr() } else { std::ptr::null_mut() },
+        o_accum: if kv_splits > 1 {
+            o_accum.as_mut_ptr()
+        } else {
+            std::ptr::null_mut()
+        },
+        lse_accum: if kv_splits > 1 {
+            lse_accum.as_mut_ptr()
+        } else {
+            std::ptr::null_mut()
+        },
         ..base_params(&shape, dtype, scale as f32, [qi.strides, ki.strides, vi.strides])?
     };
     fill_mask_params(&mut p, &host);

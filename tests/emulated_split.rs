@@ -37,7 +37,10 @@ fn split_k_matches_reference_and_unsplit() -> Result<()> {
         let k = random_tensor(&mut rng, &[batch, lk, hkv, d], dtype)?;
         let v = random_tensor(&mut rng, &[batch, lk, hkv, d], dtype)?;
         let splits = 2 + rng.below(lk.div_ceil(64));
-        let what = format!("seed {seed} {} B {batch} Lq {lq} Lk {lk} H {h}/{hkv} D {d} {dtype:?} splits {splits}", MASK_KINDS[kind]);
+        let what = format!(
+            "seed {seed} {} B {batch} Lq {lq} Lk {lk} H {h}/{hkv} D {d} {dtype:?} splits {splits}",
+            MASK_KINDS[kind]
+        );
 
         let got = forward_split(&q, &k, &v, &mask, None, splits, Schedule::RandomWarp, seed)?;
         let want = reference::attention(&q, &k, &v, &mask, None)?;
@@ -48,7 +51,10 @@ fn split_k_matches_reference_and_unsplit() -> Result<()> {
         assert!(r <= 1.0, "{what}: lse off by {r} x tolerance at {at}");
         let unsplit = forward(&q, &k, &v, &mask, None, Schedule::Forward, seed)?;
         let (r, at) = worst_ratio(&got.out, &unsplit.out, atol, rtol)?;
-        assert!(r <= 1.0, "{what}: split differs from unsplit by {r} x tolerance at {at}");
+        assert!(
+            r <= 1.0,
+            "{what}: split differs from unsplit by {r} x tolerance at {at}"
+        );
     }
     Ok(())
 }
@@ -73,7 +79,15 @@ fn pine_decode_split_k_matches_the_oracle() -> Result<()> {
         let splits = 1 + rng.below(total.div_ceil(64) + 1);
         let what = format!("seed {seed} {layout:?} H {h}/{hkv} D {d} {dtype:?} splits {splits}");
         let k_cache = pine.rotate_keys(&k)?;
-        let got = pine_decode(&pine, &q.narrow(1, total - 1, 1)?, &k_cache, &v, splits, Schedule::Forward, seed)?;
+        let got = pine_decode(
+            &pine,
+            &q.narrow(1, total - 1, 1)?,
+            &k_cache,
+            &v,
+            splits,
+            Schedule::Forward,
+            seed,
+        )?;
         let want = reference::pine_attention(&q, &k, &v, &[layout], &rope, None)?;
         let margin = want.margin.to_vec3::<f64>()?;
         let (atol, rtol) = rotated_tolerance(dtype);
@@ -84,7 +98,12 @@ fn pine_decode_split_k_matches_the_oracle() -> Result<()> {
             let (r, at) = worst_ratio(&got.out.i((0, 0, hi))?, &want.out.i((0, total - 1, hi))?, atol, rtol)?;
             assert!(r <= 1.0, "{what}: head {hi} off by {r} x tolerance at {at}");
             let lse = got.lse.as_ref().unwrap().i((0, hi, 0))?;
-            let (r, _) = worst_ratio(&lse, &want.lse.i((0, hi, total - 1))?, rotated_lse_tolerance(dtype), 0.0)?;
+            let (r, _) = worst_ratio(
+                &lse,
+                &want.lse.i((0, hi, total - 1))?,
+                rotated_lse_tolerance(dtype),
+                0.0,
+            )?;
             assert!(r <= 1.0, "{what}: head {hi} lse off by {r} x tolerance");
         }
     }

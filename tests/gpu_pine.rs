@@ -60,7 +60,10 @@ fn compare(got: &Tensor, lse: &Tensor, want: &reference::PineReferenceOutput, lq
                     continue;
                 }
                 let (r, at) = worst_ratio(&got.i((b, i, h))?, &want.out.i((b, t, h))?, atol, rtol)?;
-                assert!(r <= 1.0, "{what}: b {b} row {t} head {h}: off by {r} x tolerance at {at}");
+                assert!(
+                    r <= 1.0,
+                    "{what}: b {b} row {t} head {h}: off by {r} x tolerance at {at}"
+                );
                 let (r, _) = worst_ratio(
                     &lse.i((b, h, i))?,
                     &want.lse.i((b, h, t))?,
@@ -104,8 +107,17 @@ fn gpu_pine_matches_the_literal_oracle() -> Result<()> {
             shifts: want.shifts.narrow(2, 0, len)?,
             margin: want.margin.narrow(2, 0, len)?,
         };
-        let skipped = compare(&got.out, &got.lse.unwrap(), &want_prompt, len, &format!("prefill {what}"))?;
-        assert!(skipped * 4 <= batch * h * len, "{what}: {skipped} rows skipped as near-ties");
+        let skipped = compare(
+            &got.out,
+            &got.lse.unwrap(),
+            &want_prompt,
+            len,
+            &format!("prefill {what}"),
+        )?;
+        assert!(
+            skipped * 4 <= batch * h * len,
+            "{what}: {skipped} rows skipped as near-ties"
+        );
 
         let k_cache = pine.rotate_keys(&on(&k)?)?;
         let got = pine.decode(&on(&q.narrow(1, total - 1, 1)?)?, &k_cache, &on(&v)?)?;
@@ -127,7 +139,9 @@ fn gpu_baselines_match_the_cpu() -> Result<()> {
     for scheme in [PositionScheme::Vanilla, PositionScheme::Pcw, PositionScheme::Nia] {
         let layer = PineAttention::new(std::slice::from_ref(&layout), Rope::new(10_000.0))?.scheme(scheme);
         let cpu = layer.prefill(&q, &k, &v)?.out;
-        let gpu = layer.prefill(&q.to_device(&dev)?, &k.to_device(&dev)?, &v.to_device(&dev)?)?.out;
+        let gpu = layer
+            .prefill(&q.to_device(&dev)?, &k.to_device(&dev)?, &v.to_device(&dev)?)?
+            .out;
         let (r, at) = worst_ratio(&gpu.to_device(&Device::Cpu)?, &cpu, 2e-2, 2e-2)?;
         assert!(r <= 1.0, "{scheme:?}: GPU off the CPU by {r} x tolerance at {at}");
     }

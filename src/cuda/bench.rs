@@ -138,7 +138,9 @@ impl PreparedForward {
 
     /// The kernel's name.
     pub fn kernel_name(&self) -> &'static str {
-        self.kernels.fwd(self.dtype, self.head_dim, false).map_or("?", |k| k.name)
+        self.kernels
+            .fwd(self.dtype, self.head_dim, false)
+            .map_or("?", |k| k.name)
     }
 
     /// The launch configuration: grid, block, dynamic shared memory.

@@ -26,9 +26,9 @@ use half::{bf16, f16};
 
 use super::driver_err;
 use super::module::{self, FwdKernel, FWD_BLOCK_M, FWD_BLOCK_N, FWD_THREADS};
+use super::pine::RotationBuffers;
 use crate::error::invalid_arg;
 pub(crate) use crate::kernel_params::{base_params, check_grid, check_supported, loadable, strides_of};
-use super::pine::RotationBuffers;
 use crate::mask::HostMask;
 use crate::params::{SegattnFwdParams, SegattnSegments};
 use crate::pine::PineRotation;
@@ -166,7 +166,10 @@ impl MaskBuffer {
 /// query chunks) and the keys span several tiles; about two blocks per SM, each slice at least two
 /// key tiles. `SEGATTN_KV_SPLITS=n` forces `n` (tests, benchmarks).
 pub(crate) fn kv_splits(shape: &AttentionShape, sm_count: usize) -> usize {
-    if let Some(n) = std::env::var("SEGATTN_KV_SPLITS").ok().and_then(|s| s.parse::<usize>().ok()) {
+    if let Some(n) = std::env::var("SEGATTN_KV_SPLITS")
+        .ok()
+        .and_then(|s| s.parse::<usize>().ok())
+    {
         return n.max(1);
     }
     let blocks = shape.q_len.div_ceil(FWD_BLOCK_M) * shape.num_heads * shape.batch;
@@ -465,7 +468,11 @@ fn forward_typed<T: CudaDType + DeviceRepr + ValidAsZeroBits + candle_core::With
         launch(&stream, kernel, &params, cfg)?;
         if splits > 1 {
             let Some(combine) = kernels.combine(T::DTYPE, shape.head_dim) else {
-                invalid_arg!("internal error: no split-K merge kernel for {:?} D = {}", T::DTYPE, shape.head_dim);
+                invalid_arg!(
+                    "internal error: no split-K merge kernel for {:?} D = {}",
+                    T::DTYPE,
+                    shape.head_dim
+                );
             };
             launch_combine(&stream, combine, &params, n_lse)?;
         }

@@ -131,9 +131,12 @@ impl<'a> RotationBuffers<'a> {
         rows.extend_from_slice(&s.q_pos);
         rows.extend_from_slice(&s.row_group);
         rows.push(0); // never an empty allocation
-        let rows = stream
-            .clone_htod(&rows)
-            .map_err(|e| driver_err(format!("uploading PINE's row positions and groups ({} words)", rows.len()), e))?;
+        let rows = stream.clone_htod(&rows).map_err(|e| {
+            driver_err(
+                format!("uploading PINE's row positions and groups ({} words)", rows.len()),
+                e,
+            )
+        })?;
         Ok(Self { rot, tables, rows })
     }
 

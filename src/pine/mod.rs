@@ -223,7 +223,9 @@ impl PineAttention {
     ) -> Result<AttentionOutput> {
         if self.scheme != PositionScheme::Pine {
             let (q_len, kv_len) = (shape.q_len, shape.kv_len);
-            let q_rot = self.rotate_rows(q, kv_len - q_len, kv_len, false)?.to_dtype(q.dtype())?;
+            let q_rot = self
+                .rotate_rows(q, kv_len - q_len, kv_len, false)?
+                .to_dtype(q.dtype())?;
             return SegmentAttention::new(&self.mask(shape, q.device())?)
                 .scale(self.scale_for(shape))
                 .return_lse(self.return_lse)
@@ -252,7 +254,11 @@ impl PineAttention {
         // Positions up to (original position + shift), a shift at most the row's segment tokens:
         // the kernels turn a row by the sum.
         let max_shift = (0..groups.num_segs.len())
-            .map(|b| groups.segment_lens[b * groups.sk..(b + 1) * groups.sk].iter().sum::<u32>() as usize)
+            .map(|b| {
+                groups.segment_lens[b * groups.sk..(b + 1) * groups.sk]
+                    .iter()
+                    .sum::<u32>() as usize
+            })
             .max()
             .unwrap_or(0);
         let table = self.rope.table(shape.head_dim, shape.kv_len + max_shift)?;

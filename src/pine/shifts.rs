@@ -54,7 +54,12 @@ pub(crate) struct ShiftsOp {
 
 impl ShiftsOp {
     pub fn out_dims(&self) -> (usize, usize, usize, usize) {
-        (self.groups.num_segs.len(), self.heads, self.groups.groups, self.groups.sk)
+        (
+            self.groups.num_segs.len(),
+            self.heads,
+            self.groups.groups,
+            self.groups.sk,
+        )
     }
 }
 
