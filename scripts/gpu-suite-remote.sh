@@ -130,6 +130,14 @@ if [ "$PHASE" = test ] || [ "$PHASE" = all ]; then
         budgeted 60 15 "$SAN" --tool "$tool" --error-exitcode 99 --kernel-name kns=segattn_fwd \
         "$WORK/gpu_fwd" --test-threads 1 "${small[@]}" >"$WORK/san-$tool.log" 2>&1
       rc=$?
+      # PINE: the rope kernels, the shifts kernel, split-K and its merge (every segattn_ kernel).
+      if [ -x "$WORK/gpu_pine" ]; then
+        SEGATTN_REQUIRE_GPU=1 SEGATTN_GPU_CASES=4 \
+          budgeted 60 15 "$SAN" --tool "$tool" --error-exitcode 99 --kernel-name kns=segattn_ \
+          "$WORK/gpu_pine" --test-threads 1 >>"$WORK/san-$tool.log" 2>&1
+        rc2=$?
+        [ "$rc" = 0 ] && rc=$rc2
+      fi
       { echo "=== $tool (exit $rc) ==="; cat "$WORK/san-$tool.log"; } >>"$OUTDIR/sanitizer.log"
       summary_line="$(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|^test result' "$WORK/san-$tool.log" | tr '\n' ' ')"
       if grep -q 'Device not supported' "$WORK/san-$tool.log"; then
