@@ -46,6 +46,10 @@ use criterion::{BenchmarkId, Criterion, SamplingMode, Throughput};
 use segattn::reference::dense_mask;
 use segattn::{segment_attention, SegmentMask};
 
+#[path = "support/machine_load.rs"]
+mod machine_load;
+use machine_load::{ms, CpuSnapshot};
+
 // ---------------------------------------------------------------------------------------------
 // Counting allocator
 // ---------------------------------------------------------------------------------------------
@@ -389,60 +393,8 @@ fn gflops(flops: u64, t: Duration) -> f64 {
     flops as f64 / t.as_secs_f64() / 1e9
 }
 
-fn ms(t: Duration) -> f64 {
-    t.as_secs_f64() * 1e3
-}
-
 fn mib(bytes: usize) -> f64 {
     bytes as f64 / (1024.0 * 1024.0)
-}
-
-/// CPU time snapshot (Linux `/proc`, in clock ticks) to tell how much of the machine other
-/// processes used while we measured: on a small shared machine a concurrent build can halve a
-/// timing, and the table should say so rather than report it as the library's speed.
-#[derive(Clone, Copy)]
-struct CpuSnapshot {
-    /// All CPUs, every state.
-    total: u64,
-    /// All CPUs, busy states (user, nice, system, irq, softirq, steal).
-    busy: u64,
-    /// This process (user + system, all threads).
-    own: u64,
-}
-
-impl CpuSnapshot {
-    fn now() -> Option<Self> {
-        let stat = std::fs::read_to_string("/proc/stat").ok()?;
-        let cpu: Vec<u64> = stat
-            .lines()
-            .next()?
-            .split_whitespace()
-            .skip(1)
-            .map(|x| x.parse().ok())
-            .collect::<Option<_>>()?;
-        let field = |i: usize| cpu.get(i).copied().unwrap_or(0);
-        let busy = field(0) + field(1) + field(2) + field(5) + field(6) + field(7);
-        let own_stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-        // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
-        let rest: Vec<&str> = own_stat.rsplit_once(')')?.1.split_whitespace().collect();
-        let own = rest.get(11)?.parse::<u64>().ok()? + rest.get(12)?.parse::<u64>().ok()?;
-        Some(Self {
-            total: cpu.iter().sum(),
-            busy,
-            own,
-        })
-    }
-
-    /// Share of the machine's CPU time (0..1) that other processes used since `self`.
-    fn foreign_load_since(self, later: Option<Self>) -> Option<f64> {
-        let later = later?;
-        let total = later.total.checked_sub(self.total)?;
-        let foreign = later
-            .busy
-            .saturating_sub(self.busy)
-            .saturating_sub(later.own.saturating_sub(self.own));
-        (total > 0).then(|| foreign as f64 / total as f64)
-    }
 }
 
 struct Ceiling {
@@ -462,19 +414,9 @@ const ATTEMPTS: usize = 3;
 /// The longest wait for an idle machine before a measurement.
 const QUIET_WAIT: Duration = Duration::from_secs(30);
 
-/// Waits, at most `max`, until other processes use no more than [`CONTENDED`] of the CPU over a
-/// half-second window. Other people's builds on a shared 2-core machine come in bursts: waiting
-/// them out is cheaper than publishing halved timings. Returns at once where /proc is missing.
+/// Waits, at most `max`, for the machine to be quiet (other processes under [`CONTENDED`]).
 fn wait_for_quiet(max: Duration) {
-    let start = Instant::now();
-    while start.elapsed() < max {
-        let before = CpuSnapshot::now();
-        std::thread::sleep(Duration::from_millis(500));
-        match before.and_then(|b| b.foreign_load_since(CpuSnapshot::now())) {
-            Some(load) if load > CONTENDED => continue,
-            _ => return,
-        }
-    }
+    machine_load::wait_for_quiet(max, CONTENDED)
 }
 
 /// Best GFLOP/s over a few square sizes (small ones underuse the cores, large ones the cache).

@@ -32,6 +32,10 @@ use segattn::{
     Visibility, CPU_ONE_PASS_SEGMENTS_PER_DIM,
 };
 
+#[path = "support/machine_load.rs"]
+mod machine_load;
+use machine_load::{median, ms, CpuSnapshot};
+
 const N: usize = 2048;
 const HEADS: usize = 8;
 const HEAD_DIMS: [usize; 2] = [64, 128];
@@ -164,66 +168,8 @@ fn criterion_main() -> Result<()> {
 // Table mode
 // ---------------------------------------------------------------------------------------------
 
-/// CPU time counters from /proc, to tell how much of the machine other processes used.
-#[derive(Clone, Copy)]
-struct CpuSnapshot {
-    total: u64,
-    busy: u64,
-    own: u64,
-}
-
-impl CpuSnapshot {
-    fn now() -> Option<Self> {
-        let stat = std::fs::read_to_string("/proc/stat").ok()?;
-        let cpu: Vec<u64> = stat
-            .lines()
-            .next()?
-            .split_whitespace()
-            .skip(1)
-            .map(|x| x.parse().ok())
-            .collect::<Option<_>>()?;
-        let f = |i: usize| cpu.get(i).copied().unwrap_or(0);
-        let own_stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-        let rest: Vec<&str> = own_stat.rsplit_once(')')?.1.split_whitespace().collect();
-        let own = rest.get(11)?.parse::<u64>().ok()? + rest.get(12)?.parse::<u64>().ok()?;
-        Some(Self {
-            total: cpu.iter().sum(),
-            busy: f(0) + f(1) + f(2) + f(5) + f(6) + f(7),
-            own,
-        })
-    }
-
-    /// Share of the machine's CPU time (0..1) used by other processes since `self`.
-    fn foreign_since(self, later: Option<Self>) -> Option<f64> {
-        let later = later?;
-        let total = later.total.checked_sub(self.total)?;
-        let foreign = later
-            .busy
-            .saturating_sub(self.busy)
-            .saturating_sub(later.own.saturating_sub(self.own));
-        (total > 0).then(|| foreign as f64 / total as f64)
-    }
-}
-
 fn wait_for_quiet(max: Duration) {
-    let start = Instant::now();
-    while start.elapsed() < max {
-        let before = CpuSnapshot::now();
-        std::thread::sleep(Duration::from_millis(500));
-        match before.and_then(|b| b.foreign_since(CpuSnapshot::now())) {
-            Some(load) if load > 0.10 => continue,
-            _ => return,
-        }
-    }
-}
-
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
-}
-
-fn ms(t: Duration) -> f64 {
-    t.as_secs_f64() * 1e3
+    machine_load::wait_for_quiet(max, 0.10)
 }
 
 struct Row {
@@ -286,7 +232,7 @@ fn measure(kind: MaskKind, d: usize) -> Result<Row> {
             t[op].push(start.elapsed());
         }
     }
-    let load = before.and_then(|b| b.foreign_since(CpuSnapshot::now()));
+    let load = before.and_then(|b| b.foreign_load_since(CpuSnapshot::now()));
     let [a, f, s, o] = t;
     Ok(Row {
         kind,

@@ -9,8 +9,9 @@
 
 mod common;
 
-use candle_core::{DType, Device, IndexOp, Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor};
 use common::gpu::gpu;
+use common::pine::{compare_with_oracle, prompt_rows, PineTolerance};
 use common::{random_tensor, rotated_lse_tolerance, rotated_tolerance, worst_ratio, Rng};
 use segattn::pine::{PineAttention, PositionScheme, Rope};
 use segattn::{reference, PineLayout};
@@ -43,38 +44,14 @@ fn random_layouts(rng: &mut Rng, batch: usize) -> Vec<PineLayout> {
     layouts
 }
 
-/// Compares rows `[l - lq, l)` of the oracle with `got` (on any device), skipping near-ties.
-fn compare(got: &Tensor, lse: &Tensor, want: &reference::PineReferenceOutput, lq: usize, what: &str) -> Result<usize> {
-    let got = got.to_device(&Device::Cpu)?;
-    let lse = lse.to_device(&Device::Cpu)?;
-    let (atol, rtol) = rotated_tolerance(got.dtype());
-    let (_, l, _, _) = want.out.dims4()?;
-    let margin = want.margin.to_vec3::<f64>()?;
-    let mut skipped = 0;
-    for (b, mb) in margin.iter().enumerate() {
-        for (h, mh) in mb.iter().enumerate() {
-            for i in 0..lq {
-                let t = l - lq + i;
-                if mh[t] < MIN_MARGIN {
-                    skipped += 1;
-                    continue;
-                }
-                let (r, at) = worst_ratio(&got.i((b, i, h))?, &want.out.i((b, t, h))?, atol, rtol)?;
-                assert!(
-                    r <= 1.0,
-                    "{what}: b {b} row {t} head {h}: off by {r} x tolerance at {at}"
-                );
-                let (r, _) = worst_ratio(
-                    &lse.i((b, h, i))?,
-                    &want.lse.i((b, h, t))?,
-                    rotated_lse_tolerance(got.dtype()),
-                    0.0,
-                )?;
-                assert!(r <= 1.0, "{what}: b {b} row {t} head {h}: lse off by {r} x tolerance");
-            }
-        }
+fn tolerances(dtype: DType) -> PineTolerance {
+    let (atol, rtol) = rotated_tolerance(dtype);
+    PineTolerance {
+        atol,
+        rtol,
+        lse_atol: rotated_lse_tolerance(dtype),
+        min_margin: MIN_MARGIN,
     }
-    Ok(skipped)
 }
 
 #[test]
@@ -101,17 +78,12 @@ fn gpu_pine_matches_the_literal_oracle() -> Result<()> {
         let p = |t: &Tensor| t.narrow(1, 0, len);
         let got = pine.prefill(&on(&p(&q)?)?, &on(&p(&k)?)?, &on(&p(&v)?)?)?;
         assert!(got.out.device().is_cuda(), "{what}: prefill left the GPU");
-        let want_prompt = reference::PineReferenceOutput {
-            out: want.out.narrow(1, 0, len)?,
-            lse: want.lse.narrow(2, 0, len)?,
-            shifts: want.shifts.narrow(2, 0, len)?,
-            margin: want.margin.narrow(2, 0, len)?,
-        };
-        let skipped = compare(
+        let (_, skipped) = compare_with_oracle(
             &got.out,
             &got.lse.unwrap(),
-            &want_prompt,
+            &prompt_rows(&want, len)?,
             len,
+            tolerances(dtype),
             &format!("prefill {what}"),
         )?;
         assert!(
@@ -121,7 +93,14 @@ fn gpu_pine_matches_the_literal_oracle() -> Result<()> {
 
         let k_cache = pine.rotate_keys(&on(&k)?)?;
         let got = pine.decode(&on(&q.narrow(1, total - 1, 1)?)?, &k_cache, &on(&v)?)?;
-        compare(&got.out, &got.lse.unwrap(), &want, 1, &format!("decode {what}"))?;
+        compare_with_oracle(
+            &got.out,
+            &got.lse.unwrap(),
+            &want,
+            1,
+            tolerances(dtype),
+            &format!("decode {what}"),
+        )?;
     }
     Ok(())
 }

@@ -10,7 +10,8 @@
 
 mod common;
 
-use candle_core::{DType, Device, IndexOp, Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor};
+use common::pine::{compare_with_oracle, prompt_rows, PineTolerance};
 use common::{lse_tolerance, random_tensor, tolerance, worst_ratio, Rng};
 use proptest::prelude::*;
 use segattn::pine::{Llama3Scaling, PineAttention, PositionScheme, Rope};
@@ -72,43 +73,14 @@ fn random_rope(rng: &mut Rng, d: usize, len: usize) -> Result<Rope> {
     })
 }
 
-/// Compares rows `[l - lq, l)` of the oracle with `got` (`[B, lq, H, D]`), skipping query groups
-/// whose order is a near-tie. Returns (rows compared, rows skipped).
-fn compare(
-    got: &Tensor,
-    got_lse: &Tensor,
-    want: &reference::PineReferenceOutput,
-    lq: usize,
-    what: &str,
-) -> Result<(usize, usize)> {
-    let dtype = got.dtype();
-    let (_, l, _, _) = want.out.dims4()?;
+fn tolerances(dtype: DType) -> PineTolerance {
     let (atol, rtol) = tolerance(dtype);
-    let margin = want.margin.to_vec3::<f64>()?;
-    let (mut compared, mut skipped) = (0, 0);
-    for (bi, margin_b) in margin.iter().enumerate() {
-        for i in 0..lq {
-            let t = l - lq + i;
-            for (hi, margin_h) in margin_b.iter().enumerate() {
-                if margin_h[t] < MIN_MARGIN {
-                    skipped += 1;
-                    continue;
-                }
-                compared += 1;
-                let g = got.i((bi, i, hi))?;
-                let w = want.out.i((bi, t, hi))?;
-                let (r, at) = worst_ratio(&g, &w, atol, rtol)?;
-                assert!(
-                    r <= 1.0,
-                    "{what}: b {bi} row {t} head {hi}: output off by {r} x tolerance at {at}"
-                );
-                let (gl, wl) = (got_lse.i((bi, hi, i))?, want.lse.i((bi, hi, t))?);
-                let (r, _) = worst_ratio(&gl, &wl, lse_tolerance(dtype), 0.0)?;
-                assert!(r <= 1.0, "{what}: b {bi} row {t} head {hi}: lse off by {r} x tolerance");
-            }
-        }
+    PineTolerance {
+        atol,
+        rtol,
+        lse_atol: lse_tolerance(dtype),
+        min_margin: MIN_MARGIN,
     }
-    Ok((compared, skipped))
 }
 
 fn cases() -> u32 {
@@ -160,17 +132,12 @@ fn run_case(
     // Prefill of the prompt: the oracle's first `len` rows (they do not see generated tokens).
     let prompt = |t: &Tensor| t.narrow(1, 0, len);
     let got = pine.prefill(&prompt(&q)?, &prompt(&k)?, &prompt(&v)?)?;
-    let want_prompt = reference::PineReferenceOutput {
-        out: want.out.narrow(1, 0, len)?,
-        lse: want.lse.narrow(2, 0, len)?,
-        shifts: want.shifts.narrow(2, 0, len)?,
-        margin: want.margin.narrow(2, 0, len)?,
-    };
-    let (c, s) = compare(
+    let (c, s) = compare_with_oracle(
         &got.out,
         &got.lse.unwrap(),
-        &want_prompt,
+        &prompt_rows(&want, len)?,
         len,
+        tolerances(dtype),
         &format!("prefill {what}"),
     )?;
     assert!(s * 5 <= c + s, "{what}: too many near-ties skipped ({s} of {})", c + s);
@@ -184,7 +151,14 @@ fn run_case(
     let positions = pine.key_positions(total, &Device::Cpu)?;
     let k_seen = rope.rotate(&k_cache.to_dtype(DType::F32)?, &positions, true)?;
     let want = reference::pine_attention(&q, &k_seen, &v, &layouts, &rope, None)?;
-    compare(&got.out, &got.lse.unwrap(), &want, step, &format!("decode {what}"))?;
+    compare_with_oracle(
+        &got.out,
+        &got.lse.unwrap(),
+        &want,
+        step,
+        tolerances(dtype),
+        &format!("decode {what}"),
+    )?;
     Ok(())
 }
 

@@ -57,38 +57,41 @@ impl PineLayout {
         ids.extend(std::iter::repeat_n(suffix, self.suffix_len));
     }
 
-    /// Writes this prompt's rules into the `s x s` table `codes` at id offset `base`.
-    fn write_rules(&self, base: usize, s: usize, codes: &mut [u8]) {
+    /// Writes this prompt's rules (`rule(q, k, n)`) into the `s x s` table `codes` at id offset
+    /// `base`.
+    fn write_rules(&self, base: usize, s: usize, codes: &mut [u8], rule: impl Fn(usize, usize, usize) -> Visibility) {
         let n = self.segment_lens.len();
-        let suffix = n + 1;
-        let mut set = |q: usize, k: usize, v: Visibility| codes[(base + q) * s + base + k] = v.code();
-        for q in 0..=suffix {
-            for k in 0..=suffix {
-                let v = if q == 0 {
-                    // Prefix: ordinary causal attention over the prefix.
-                    if k == 0 {
-                        Causal
-                    } else {
-                        Blocked
-                    }
-                } else if q <= n {
-                    // Segment: prefix and the other segments fully, itself causally, not the suffix.
-                    if k == q {
-                        Causal
-                    } else if k == suffix {
-                        Blocked
-                    } else {
-                        Full
-                    }
-                } else if k == suffix {
-                    // Suffix and generated tokens: causal over everything.
-                    Causal
-                } else {
-                    Full
-                };
-                set(q, k, v);
+        for q in 0..=n + 1 {
+            for k in 0..=n + 1 {
+                codes[(base + q) * s + base + k] = rule(q, k, n).code();
             }
         }
+    }
+}
+
+/// PINE's rule: the prefix is causal over itself; a segment sees the prefix and the other
+/// segments fully, itself causally, not the suffix; the suffix (and every token generated after
+/// it) is causal over everything.
+fn pine_rule(q: usize, k: usize, n: usize) -> Visibility {
+    let suffix = n + 1;
+    if q == 0 {
+        if k == 0 {
+            Causal
+        } else {
+            Blocked
+        }
+    } else if q <= n {
+        if k == q {
+            Causal
+        } else if k == suffix {
+            Blocked
+        } else {
+            Full
+        }
+    } else if k == suffix {
+        Causal
+    } else {
+        Full
     }
 }
 
@@ -177,13 +180,38 @@ impl SegmentMask {
     /// PINE with one layout per batch row (rows may differ; every row must have the same total
     /// length). The pair table is `[B, S, S]` with S the largest `num_ids`.
     pub fn pine_batch(layouts: &[PineLayout], device: &Device) -> Result<Self> {
+        Self::from_layouts(layouts, device, pine_rule)
+    }
+
+    /// Any rule over the ids of `[prefix][segments][suffix]` layouts (one per batch row, rows may
+    /// differ, same total length): `rule(q, k, n)` is the visibility of key id `k` for query id
+    /// `q` in a row of `n` segments (ids: prefix 0, segments `1..=n`, suffix `n + 1`). PINE's
+    /// variants (PCW, NIA, the importance scoring masks) are built this way.
+    ///
+    /// ```
+    /// use segattn::{PineLayout, SegmentMask, Visibility};
+    /// // Segments see only themselves (causally) and the prefix; the suffix sees everything.
+    /// let layouts = [PineLayout::new(4, &[10, 6], 3)];
+    /// let mask = SegmentMask::from_layouts(&layouts, &candle_core::Device::Cpu, |q, k, n| match (q, k) {
+    ///     (q, k) if q == k => Visibility::Causal,
+    ///     (q, _) if q == n + 1 => Visibility::Full,
+    ///     (_, 0) => Visibility::Full,
+    ///     _ => Visibility::Blocked,
+    /// })?;
+    /// # Ok::<(), candle_core::Error>(())
+    /// ```
+    pub fn from_layouts(
+        layouts: &[PineLayout],
+        device: &Device,
+        rule: impl Fn(usize, usize, usize) -> Visibility,
+    ) -> Result<Self> {
         let len = common_len("layouts", layouts.iter().map(PineLayout::len))?;
         let s = layouts.iter().map(PineLayout::num_ids).max().unwrap_or(2);
         let mut ids = Vec::with_capacity(layouts.len() * len);
         let mut codes = vec![TABLE_DEFAULT; layouts.len() * s * s];
         for (b, layout) in layouts.iter().enumerate() {
             layout.push_ids(0, &mut ids);
-            layout.write_rules(0, s, &mut codes[b * s * s..(b + 1) * s * s]);
+            layout.write_rules(0, s, &mut codes[b * s * s..(b + 1) * s * s], &rule);
         }
         let ids = Tensor::from_vec(ids, (layouts.len(), len), device)?;
         let table = PairTable::new(Tensor::from_vec(codes, (layouts.len(), s, s), device)?)?;
@@ -212,7 +240,7 @@ impl SegmentMask {
         let mut base = 0;
         for p in prompts {
             p.push_ids(base as u32, &mut ids);
-            p.write_rules(base, s, &mut codes);
+            p.write_rules(base, s, &mut codes, pine_rule);
             base += p.num_ids();
         }
         let ids = Tensor::from_vec(ids, (1, len), device)?;

@@ -9,7 +9,7 @@
 
 use candle_core::{Device, Result, Tensor};
 
-use crate::mask::{PairRule, PairTable, PineLayout, SegmentMask, Visibility, TABLE_DEFAULT};
+use crate::mask::{PineLayout, SegmentMask, Visibility};
 use crate::scores::{segment_scores, QueryReduction, SegmentScoreOptions};
 
 /// Importance scores, f32 tensors on the device of q.
@@ -98,31 +98,13 @@ fn scoring_mask(
     device: &Device,
     sees: impl Fn(usize, usize, usize) -> bool,
 ) -> Result<SegmentMask> {
-    let len = layouts[0].len();
-    let s = layouts.iter().map(PineLayout::num_ids).max().unwrap_or(2);
-    let mut ids = Vec::with_capacity(layouts.len() * len);
-    let mut codes = vec![TABLE_DEFAULT; layouts.len() * s * s];
-    for (b, layout) in layouts.iter().enumerate() {
-        let n = layout.segment_lens.len();
-        ids.extend(std::iter::repeat_n(0u32, layout.prefix_len));
-        for (j, &l) in layout.segment_lens.iter().enumerate() {
-            ids.extend(std::iter::repeat_n(1 + j as u32, l));
+    SegmentMask::from_layouts(layouts, device, |q, k, n| {
+        if sees(q, k, n) {
+            Visibility::Full
+        } else {
+            Visibility::Blocked
         }
-        ids.extend(std::iter::repeat_n(n as u32 + 1, layout.suffix_len));
-        for q in 0..s {
-            for k in 0..s {
-                if sees(q, k, n) {
-                    codes[(b * s + q) * s + k] = Visibility::Full.code();
-                }
-            }
-        }
-    }
-    let ids = Tensor::from_vec(ids, (layouts.len(), len), device)?;
-    let table = PairTable::new(Tensor::from_vec(codes, (layouts.len(), s, s), device)?)?;
-    SegmentMask::self_attention(
-        &ids,
-        PairRule::new(Visibility::Blocked, Visibility::Blocked).with_table(table),
-    )
+    })
 }
 
 fn to_host(t: &Tensor) -> Result<Vec<f32>> {

@@ -1,9 +1,9 @@
 //! Position schemes: where each token of a `[prefix][segments][suffix]` prompt sits for RoPE, and
 //! which mask goes with it. PINE and the baselines its paper compares with.
 
-use candle_core::{Device, Result, Tensor};
+use candle_core::{Device, Result};
 
-use crate::mask::{PairRule, PairTable, PineLayout, SegmentMask, Visibility, TABLE_DEFAULT};
+use crate::mask::{PineLayout, SegmentMask, Visibility};
 
 use Visibility::{Blocked, Causal, Full};
 
@@ -74,39 +74,18 @@ pub(crate) fn extend(layout: &PineLayout, len: usize) -> PineLayout {
 /// PCW / NIA: the prefix causal; a segment sees the prefix fully and itself causally, no other
 /// segment; the suffix causal over everything.
 fn blocked_segments(layouts: &[PineLayout], device: &Device) -> Result<SegmentMask> {
-    let len = layouts[0].len();
-    let s = layouts.iter().map(PineLayout::num_ids).max().unwrap_or(2);
-    let mut ids = Vec::with_capacity(layouts.len() * len);
-    let mut codes = vec![TABLE_DEFAULT; layouts.len() * s * s];
-    for (b, layout) in layouts.iter().enumerate() {
-        let n = layout.segment_lens.len();
-        ids.extend(std::iter::repeat_n(0u32, layout.prefix_len));
-        for (j, &l) in layout.segment_lens.iter().enumerate() {
-            ids.extend(std::iter::repeat_n(1 + j as u32, l));
-        }
-        ids.extend(std::iter::repeat_n(n as u32 + 1, layout.suffix_len));
-        let table = &mut codes[b * s * s..(b + 1) * s * s];
-        for q in 0..=n + 1 {
-            for k in 0..=n + 1 {
-                let v = match (q, k) {
-                    (0, 0) => Causal,
-                    (0, _) => Blocked,
-                    (q, k) if q == n + 1 => {
-                        if k == q {
-                            Causal
-                        } else {
-                            Full
-                        }
-                    }
-                    (_, 0) => Full,
-                    (q, k) if q == k => Causal,
-                    _ => Blocked,
-                };
-                table[q * s + k] = v.code();
+    SegmentMask::from_layouts(layouts, device, |q, k, n| match (q, k) {
+        (0, 0) => Causal,
+        (0, _) => Blocked,
+        (q, k) if q == n + 1 => {
+            if k == q {
+                Causal
+            } else {
+                Full
             }
         }
-    }
-    let ids = Tensor::from_vec(ids, (layouts.len(), len), device)?;
-    let table = PairTable::new(Tensor::from_vec(codes, (layouts.len(), s, s), device)?)?;
-    SegmentMask::self_attention(&ids, PairRule::new(Causal, Blocked).with_table(table))
+        (_, 0) => Full,
+        (q, k) if q == k => Causal,
+        _ => Blocked,
+    })
 }

@@ -135,3 +135,4 @@ pub fn worst_ratio(a: &Tensor, b: &Tensor, atol: f64, rtol: f64) -> Result<(f64,
 pub mod cases;
 #[cfg(feature = "cuda")]
 pub mod gpu;
+pub mod pine;

@@ -1,0 +1,79 @@
+//! How busy the machine is while a benchmark measures (shared by the benches): on a small shared
+//! machine a concurrent build can halve a timing, and a table should say so rather than report it
+//! as the library's speed. Linux `/proc`; elsewhere every function says "unknown" (None) or
+//! returns at once.
+
+use std::time::{Duration, Instant};
+
+/// CPU time snapshot, in clock ticks.
+#[derive(Clone, Copy)]
+pub struct CpuSnapshot {
+    /// All CPUs, every state.
+    total: u64,
+    /// All CPUs, busy states (user, nice, system, irq, softirq, steal).
+    busy: u64,
+    /// This process (user + system, all threads).
+    own: u64,
+}
+
+impl CpuSnapshot {
+    pub fn now() -> Option<Self> {
+        let stat = std::fs::read_to_string("/proc/stat").ok()?;
+        let cpu: Vec<u64> = stat
+            .lines()
+            .next()?
+            .split_whitespace()
+            .skip(1)
+            .map(|x| x.parse().ok())
+            .collect::<Option<_>>()?;
+        let field = |i: usize| cpu.get(i).copied().unwrap_or(0);
+        let busy = field(0) + field(1) + field(2) + field(5) + field(6) + field(7);
+        let own_stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+        // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+        let rest: Vec<&str> = own_stat.rsplit_once(')')?.1.split_whitespace().collect();
+        let own = rest.get(11)?.parse::<u64>().ok()? + rest.get(12)?.parse::<u64>().ok()?;
+        Some(Self {
+            total: cpu.iter().sum(),
+            busy,
+            own,
+        })
+    }
+
+    /// Share of the machine's CPU time (0..1) that other processes used since `self`.
+    pub fn foreign_load_since(self, later: Option<Self>) -> Option<f64> {
+        let later = later?;
+        let total = later.total.checked_sub(self.total)?;
+        let foreign = later
+            .busy
+            .saturating_sub(self.busy)
+            .saturating_sub(later.own.saturating_sub(self.own));
+        (total > 0).then(|| foreign as f64 / total as f64)
+    }
+}
+
+/// Waits, at most `max`, until other processes use no more than `threshold` of the CPU over a
+/// half-second window. Other people's builds come in bursts: waiting them out is cheaper than
+/// publishing halved timings.
+pub fn wait_for_quiet(max: Duration, threshold: f64) {
+    let start = Instant::now();
+    while start.elapsed() < max {
+        let before = CpuSnapshot::now();
+        std::thread::sleep(Duration::from_millis(500));
+        match before.and_then(|b| b.foreign_load_since(CpuSnapshot::now())) {
+            Some(load) if load > threshold => continue,
+            _ => return,
+        }
+    }
+}
+
+/// The median of some timings.
+#[allow(dead_code)]
+pub fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+/// A duration in milliseconds.
+pub fn ms(t: Duration) -> f64 {
+    t.as_secs_f64() * 1e3
+}

@@ -1,0 +1,67 @@
+//! Comparing a PINE result with the literal oracle (`reference::pine_attention`), shared by the
+//! CPU, emulated and GPU tests.
+
+use candle_core::{Device, IndexOp, Result, Tensor};
+use segattn::reference::PineReferenceOutput;
+
+use super::worst_ratio;
+
+/// Tolerances of one comparison: output `(atol, rtol)`, LSE `atol`, and the smallest relative gap
+/// between two importance scores of a query group whose rows are compared (below it the order is
+/// a near-tie that rounding may flip, legitimately).
+#[derive(Clone, Copy, Debug)]
+pub struct PineTolerance {
+    pub atol: f64,
+    pub rtol: f64,
+    pub lse_atol: f64,
+    pub min_margin: f64,
+}
+
+/// Compares `got` `[B, lq, H, D]` and `lse` `[B, H, lq]` (any device) with rows `[L - lq, L)` of
+/// the oracle, leaving out near-tie groups. Panics with `what` and the place on a mismatch;
+/// returns (rows compared, rows left out).
+pub fn compare_with_oracle(
+    got: &Tensor,
+    lse: &Tensor,
+    want: &PineReferenceOutput,
+    lq: usize,
+    tol: PineTolerance,
+    what: &str,
+) -> Result<(usize, usize)> {
+    let got = got.to_device(&Device::Cpu)?;
+    let lse = lse.to_device(&Device::Cpu)?;
+    let (_, l, _, _) = want.out.dims4()?;
+    let margin = want.margin.to_vec3::<f64>()?;
+    let (mut compared, mut skipped) = (0, 0);
+    for (b, margin_b) in margin.iter().enumerate() {
+        for (h, margin_h) in margin_b.iter().enumerate() {
+            for i in 0..lq {
+                let t = l - lq + i;
+                if margin_h[t] < tol.min_margin {
+                    skipped += 1;
+                    continue;
+                }
+                compared += 1;
+                let (r, at) = worst_ratio(&got.i((b, i, h))?, &want.out.i((b, t, h))?, tol.atol, tol.rtol)?;
+                assert!(
+                    r <= 1.0,
+                    "{what}: b {b} row {t} head {h}: output off by {r} x tolerance at {at}"
+                );
+                let (r, _) = worst_ratio(&lse.i((b, h, i))?, &want.lse.i((b, h, t))?, tol.lse_atol, 0.0)?;
+                assert!(r <= 1.0, "{what}: b {b} row {t} head {h}: lse off by {r} x tolerance");
+            }
+        }
+    }
+    Ok((compared, skipped))
+}
+
+/// The oracle's first `len` rows (a prefill of the prompt when the oracle also ran generated
+/// tokens, which the prompt's rows never see).
+pub fn prompt_rows(want: &PineReferenceOutput, len: usize) -> Result<PineReferenceOutput> {
+    Ok(PineReferenceOutput {
+        out: want.out.narrow(1, 0, len)?,
+        lse: want.lse.narrow(2, 0, len)?,
+        shifts: want.shifts.narrow(2, 0, len)?,
+        margin: want.margin.narrow(2, 0, len)?,
+    })
+}
