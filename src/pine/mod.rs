@@ -61,7 +61,7 @@ use crate::validate::{default_scale, AttentionShape};
 /// // Decode: the cache keeps K rotated once at PINE's original positions.
 /// let k_cache = pine.rotate_keys(&k)?;
 /// let q_new = Tensor::randn(0f32, 1.0, (1, 1, h, d), &dev)?;
-/// let k_new = pine.rotate_keys(&Tensor::randn(0f32, 1.0, (1, l + 1, hkv, d), &dev)?)?.narrow(1, l, 1)?;
+/// let k_new = pine.rotate_keys_from(&Tensor::randn(0f32, 1.0, (1, 1, hkv, d), &dev)?, l)?;
 /// let k_cache = Tensor::cat(&[&k_cache, &k_new], 1)?;
 /// let v_cache = Tensor::cat(&[&v, &Tensor::randn(0f32, 1.0, (1, 1, hkv, d), &dev)?], 1)?;
 /// let step = pine.decode(&q_new, &k_cache, &v_cache)?.out;
@@ -142,8 +142,14 @@ impl PineAttention {
     /// `k` `[B, L, Hkv, D]` (un-rotated) rotated at [`PineAttention::key_positions`]: what a KV
     /// cache stores for [`PineAttention::decode`].
     pub fn rotate_keys(&self, k: &Tensor) -> Result<Tensor> {
+        self.rotate_keys_from(k, 0)
+    }
+
+    /// `k` `[B, n, Hkv, D]` (un-rotated), the keys of tokens `from .. from + n`, rotated at their
+    /// positions: the new tokens' keys to append to a cache during decode.
+    pub fn rotate_keys_from(&self, k: &Tensor, from: usize) -> Result<Tensor> {
         let dtype = k.dtype();
-        self.rotate_rows(k, 0, k.dim(1)?, false)?.to_dtype(dtype)
+        self.rotate_rows(k, from, from + k.dim(1)?, false)?.to_dtype(dtype)
     }
 
     /// One layer over the whole prompt: q, k, v un-rotated, `L` = the layouts' length. Returns

@@ -231,13 +231,12 @@ impl TinyLlama {
     /// One generated token per row: appends it to the cache and returns logits `[B, 1, vocab]`.
     pub fn decode_step(&self, cache: &mut KvCache, next: &[u32]) -> Result<Tensor> {
         let t = cache.len;
-        // Where this token's key sits under the scheme (a generated token: after the suffix).
-        let pos = cache.attn.key_positions(t + 1, &self.device)?.narrow(1, t, 1)?;
         let ids = Tensor::from_vec(next.to_vec(), (next.len(), 1), &self.device)?;
         let mut x = self.embed.forward(&ids)?;
         for (i, blk) in self.blocks.iter().enumerate() {
             let (q, k, v) = self.qkv(blk, &x)?;
-            let k = self.rope.rotate(&k, &pos, false)?;
+            // Rotated once at this token's position under the scheme.
+            let k = cache.attn.rotate_keys_from(&k, t)?;
             cache.k[i] = Tensor::cat(&[&cache.k[i], &k], 1)?;
             cache.v[i] = Tensor::cat(&[&cache.v[i], &v], 1)?;
             let a = cache.attn.decode(&q, &cache.k[i], &cache.v[i])?.out;
