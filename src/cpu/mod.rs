@@ -8,6 +8,7 @@
 mod element;
 mod exp2;
 mod load;
+pub(crate) mod pine_decode;
 pub(crate) mod rotary;
 pub(crate) mod segment;
 mod tile;
@@ -41,7 +42,7 @@ impl<'a, T: Element> Strided<'a, T> {
 
     /// The contiguous `D` elements of (b, row, head).
     #[inline]
-    fn row(&self, b: usize, row: usize, head: usize, d: usize) -> &'a [T] {
+    pub(crate) fn row(&self, b: usize, row: usize, head: usize, d: usize) -> &'a [T] {
         let start = self.offset + b * self.strides[0] + row * self.strides[1] + head * self.strides[2];
         &self.data[start..start + d]
     }

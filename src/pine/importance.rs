@@ -7,7 +7,7 @@
 //! Neither builds anything of size `L x L`: the masks are segment ids plus a small rule table.
 //! The scores stay on the device of q: the order is computed there too ([`super::shifts`]).
 
-use candle_core::{Device, Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor};
 
 use crate::mask::{PineLayout, SegmentMask, Visibility};
 use crate::scores::{segment_scores, QueryReduction, SegmentScoreOptions};
@@ -105,6 +105,55 @@ fn scoring_mask(
             Visibility::Blocked
         }
     })
+}
+
+/// The per-row importance `[B, H, Lq, sk]` of decode rows `q` (un-rotated, every row after the
+/// segments) on the CPU, read straight from the rotated cache `k_cache` (see
+/// [`crate::cpu::pine_decode`]): no un-rotated copy of the cache.
+pub(crate) fn decode_rows_cpu(
+    q: &Tensor,
+    k_cache: &Tensor,
+    layouts: &[PineLayout],
+    table: &crate::pine::RopeTable,
+    scale: f64,
+    sk: usize,
+) -> Result<Tensor> {
+    use crate::cpu::{pine_decode::suffix_importance, Element, Strided};
+    use crate::validate::AttentionShape;
+    use candle_core::{CpuStorage, Storage};
+    let shape = AttentionShape::of(q, k_cache, k_cache)?;
+    let (qs, ql) = q.storage_and_layout();
+    let (ks, kl) = k_cache.storage_and_layout();
+    fn run<T: Element + candle_core::WithDType>(
+        (q, ql): (&CpuStorage, &candle_core::Layout),
+        (k, kl): (&CpuStorage, &candle_core::Layout),
+        shape: AttentionShape,
+        layouts: &[PineLayout],
+        table: &crate::pine::RopeTable,
+        scale: f32,
+        sk: usize,
+    ) -> Result<Vec<f32>> {
+        suffix_importance(
+            Strided::new(q.as_slice::<T>()?, ql),
+            Strided::new(k.as_slice::<T>()?, kl),
+            shape,
+            layouts,
+            table,
+            scale,
+            sk,
+        )
+    }
+    let (Storage::Cpu(q_cpu), Storage::Cpu(k_cpu)) = (&*qs, &*ks) else {
+        crate::error::invalid_arg!("internal error: PINE's CPU decode importance got a GPU tensor");
+    };
+    let args = ((q_cpu, ql), (k_cpu, kl));
+    let out = match q.dtype() {
+        DType::F32 => run::<f32>(args.0, args.1, shape, layouts, table, scale as f32, sk)?,
+        DType::F16 => run::<half::f16>(args.0, args.1, shape, layouts, table, scale as f32, sk)?,
+        DType::BF16 => run::<half::bf16>(args.0, args.1, shape, layouts, table, scale as f32, sk)?,
+        other => crate::error::invalid_arg!("q: expected dtype f32, f16 or bf16, got {other:?}"),
+    };
+    Tensor::from_vec(out, (shape.batch, shape.num_heads, shape.q_len, sk), q.device())
 }
 
 fn to_host(t: &Tensor) -> Result<Vec<f32>> {

@@ -211,8 +211,12 @@ impl PineAttention {
         if self.scheme != PositionScheme::Pine {
             return self.attend(q, k_cache, k_cache, v_cache, &shape);
         }
-        // Importance needs un-rotated keys: undo the cache's rotation (O(Lk D) per KV head), in
-        // f32 so that the scores that decide the order see no extra rounding.
+        if q.device().is_cpu() {
+            // Importance straight from the rotated cache (the query turned per key position).
+            let plan = self.plan_with(q, ScoreKeys::RotatedCache(k_cache), &shape)?;
+            return self.attend_planned(&plan, q, k_cache, v_cache);
+        }
+        // GPU: importance needs un-rotated keys: undo the cache's rotation (O(Lk D) per KV head).
         let k_plain = self.unrotate_keys(k_cache)?;
         self.attend(q, &k_plain, k_cache, v_cache, &shape)
     }
@@ -238,6 +242,11 @@ impl PineAttention {
                 .forward(&q_rot, k_rot, v);
         }
         let plan = self.plan(q, k_plain, shape)?;
+        self.attend_planned(&plan, q, k_rot, v)
+    }
+
+    /// Step 3: the attention with the query turned in the loop.
+    fn attend_planned(&self, plan: &PinePlan, q: &Tensor, k_rot: &Tensor, v: &Tensor) -> Result<AttentionOutput> {
         SegmentAttention::new(&plan.mask)
             .scale(plan.scale)
             .return_lse(self.return_lse)
@@ -249,7 +258,12 @@ impl PineAttention {
     /// `k_plain`), the order and shifts of every query group, and the mask and RoPE table of the
     /// attention.
     pub(crate) fn plan(&self, q: &Tensor, k_plain: &Tensor, shape: &AttentionShape) -> Result<PinePlan> {
-        let (imp, groups) = self.importance(q, k_plain, shape)?;
+        self.plan_with(q, ScoreKeys::Plain(k_plain), shape)
+    }
+
+    /// [`PineAttention::plan`] with the keys of the importance given either way.
+    pub(crate) fn plan_with(&self, q: &Tensor, keys: ScoreKeys<'_>, shape: &AttentionShape) -> Result<PinePlan> {
+        let (imp, groups) = self.importance_with(q, keys, shape)?;
         // The order on the device of the scores: no host round trip on the GPU.
         let shift_tensor = shifts::shifts(&imp, &groups, shape.num_heads, shape.q_len, q.device())?;
         let host_shifts = if shift_tensor.device().is_cpu() {
@@ -294,6 +308,15 @@ impl PineAttention {
         k_plain: &Tensor,
         shape: &AttentionShape,
     ) -> Result<(importance::Importance, order::GroupLayout)> {
+        self.importance_with(q, ScoreKeys::Plain(k_plain), shape)
+    }
+
+    fn importance_with(
+        &self,
+        q: &Tensor,
+        keys: ScoreKeys<'_>,
+        shape: &AttentionShape,
+    ) -> Result<(importance::Importance, order::GroupLayout)> {
         let (q_len, kv_len) = (shape.q_len, shape.kv_len);
         let extended: Vec<PineLayout> = self.layouts.iter().map(|l| scheme::extend(l, kv_len)).collect();
         let off = kv_len - q_len;
@@ -302,10 +325,26 @@ impl PineAttention {
             .map(|l| q_len - (l.len() - l.suffix_len).saturating_sub(off).min(q_len))
             .max()
             .unwrap_or(0);
-        // f32 on the CPU (exact); the GPU's scores kernel takes the inputs' 16-bit dtype.
-        let plain = if q.device().is_cpu() { DType::F32 } else { q.dtype() };
-        let (q_plain, k_plain) = (q.to_dtype(plain)?, k_plain.to_dtype(plain)?);
-        let imp = importance::importance(&q_plain, &k_plain, &extended, self.scale_for(shape), scored_rows)?;
+        let imp = match keys {
+            ScoreKeys::RotatedCache(k_cache) => {
+                // Decode on the CPU: every query row is a suffix / generated row.
+                let sk = extended.iter().map(PineLayout::num_ids).max().unwrap_or(2);
+                let table = self.rope.table(shape.head_dim, kv_len)?;
+                let rows = importance::decode_rows_cpu(q, k_cache, &extended, &table, self.scale_for(shape), sk)?;
+                importance::Importance {
+                    sk,
+                    segments: None,
+                    rows: Some(rows),
+                    scored_rows: q_len,
+                }
+            }
+            ScoreKeys::Plain(k_plain) => {
+                // f32 on the CPU (exact); the GPU's scores kernel takes the inputs' 16-bit dtype.
+                let plain = if q.device().is_cpu() { DType::F32 } else { q.dtype() };
+                let (q_plain, k_plain) = (q.to_dtype(plain)?, k_plain.to_dtype(plain)?);
+                importance::importance(&q_plain, &k_plain, &extended, self.scale_for(shape), scored_rows)?
+            }
+        };
         let groups = order::GroupLayout::new(&extended, imp.sk, q_len, kv_len, &self.positions(kv_len));
         Ok((imp, groups))
     }
@@ -354,6 +393,13 @@ impl PineAttention {
         }
         Ok(())
     }
+}
+
+/// The keys PINE's importance reads: un-rotated projections, or a decode cache rotated at the
+/// original positions (read as it is on the CPU).
+pub(crate) enum ScoreKeys<'a> {
+    Plain(&'a Tensor),
+    RotatedCache(&'a Tensor),
 }
 
 /// Everything PINE's attention needs beyond q, k and v: the mask, the query rotation, the scale.
