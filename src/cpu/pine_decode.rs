@@ -9,7 +9,8 @@
 //! un-rotated copy of the cache, no extra pass over it.
 //!
 //! Per (batch row, query head, row): `s_j = scale * q_{p_j} . k_j` over the segment keys, softmax
-//! over all of them (f32), the probabilities summed per segment and divided by its length.
+//! over all of them (f32), the probabilities summed per segment and divided by its length. The
+//! query heads of one KV head (GQA) are done together: each cache row is read once.
 
 use candle_core::Result;
 use rayon::prelude::*;
@@ -37,60 +38,92 @@ pub(crate) fn suffix_importance<T: Element>(
         head_dim: d,
         ..
     } = shape;
-    let group = shape.group_size();
+    let (group, kv_heads) = (shape.group_size(), shape.num_kv_heads);
     let half = d / 2;
+    // Work items: (batch row, KV head, row); the query heads of one KV head share every key row
+    // (converted to f32 once, dotted with each head's turned query).
+    let per_item: Vec<Vec<f32>> = (0..batch * kv_heads * q_len)
+        .into_par_iter()
+        .map(|item| {
+            let i = item % q_len;
+            let kh = (item / q_len) % kv_heads;
+            let b = item / (q_len * kv_heads);
+            let mut rows = vec![0f32; group * sk];
+            let layout = &layouts[b];
+            let p = layout.prefix_len;
+            let end = p + layout.segment_lens.iter().sum::<usize>();
+            let longest = layout.segment_lens.iter().copied().max().unwrap_or(0);
+            if longest == 0 {
+                return rows;
+            }
+            // Each head's query turned to every position a segment key can have: [E - longest, E).
+            let base = end - longest;
+            let mut turned = vec![0f32; group * longest * d];
+            for (g, tg) in turned.chunks_exact_mut(longest * d).enumerate() {
+                let qrow: Vec<f32> = q
+                    .row(b, i, kh * group + g, d)
+                    .iter()
+                    .map(|x| x.to_f32() * scale)
+                    .collect();
+                for (o, t) in tg.chunks_exact_mut(d).enumerate() {
+                    let pos = base + o;
+                    let (c, s) = (
+                        &table.cos[pos * half..(pos + 1) * half],
+                        &table.sin[pos * half..(pos + 1) * half],
+                    );
+                    for j in 0..half {
+                        let (x1, x2) = (qrow[j], qrow[j + half]);
+                        t[j] = x1 * c[j] - x2 * s[j];
+                        t[j + half] = x2 * c[j] + x1 * s[j];
+                    }
+                }
+            }
+            // Scores of every segment key for every head: [group][keys].
+            let keys = end - p;
+            let mut scores = vec![0f32; group * keys];
+            let mut krow = vec![0f32; d];
+            let (mut start, mut at) = (p, 0);
+            for &len in &layout.segment_lens {
+                for t in 0..len {
+                    for (dst, x) in krow.iter_mut().zip(k.row(b, start + t, kh, d)) {
+                        *dst = x.to_f32();
+                    }
+                    let o = (longest - len + t) * d;
+                    for g in 0..group {
+                        scores[g * keys + at] = dot(&turned[g * longest * d + o..][..d], &krow);
+                    }
+                    at += 1;
+                }
+                start += len;
+            }
+            // Per head: softmax over all segment keys, summed per segment, divided by its length.
+            for (g, head_scores) in scores.chunks_exact_mut(keys).enumerate() {
+                let max = head_scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut total = 0f32;
+                for x in head_scores.iter_mut() {
+                    *x = (*x - max).exp();
+                    total += *x;
+                }
+                let mut at = 0;
+                for (j, &len) in layout.segment_lens.iter().enumerate() {
+                    let mass: f32 = head_scores[at..at + len].iter().sum();
+                    rows[g * sk + j + 1] = mass / total / len as f32;
+                    at += len;
+                }
+            }
+            rows
+        })
+        .collect();
     let mut out = vec![0f32; batch * num_heads * q_len * sk];
-    out.par_chunks_mut(sk).enumerate().for_each(|(item, row_out)| {
+    for (item, rows) in per_item.iter().enumerate() {
         let i = item % q_len;
-        let h = (item / q_len) % num_heads;
-        let b = item / (q_len * num_heads);
-        let layout = &layouts[b];
-        let p = layout.prefix_len;
-        let end = p + layout.segment_lens.iter().sum::<usize>();
-        let longest = layout.segment_lens.iter().copied().max().unwrap_or(0);
-        if longest == 0 {
-            return;
+        let kh = (item / q_len) % kv_heads;
+        let b = item / (q_len * kv_heads);
+        for g in 0..group {
+            let h = kh * group + g;
+            out[((b * num_heads + h) * q_len + i) * sk..][..sk].copy_from_slice(&rows[g * sk..(g + 1) * sk]);
         }
-        // The query turned to every position a segment key can have: [E - longest, E).
-        let base = end - longest;
-        let qrow: Vec<f32> = q.row(b, i, h, d).iter().map(|x| x.to_f32() * scale).collect();
-        let mut turned = vec![0f32; longest * d];
-        for (o, t) in turned.chunks_exact_mut(d).enumerate() {
-            let pos = base + o;
-            let (c, s) = (
-                &table.cos[pos * half..(pos + 1) * half],
-                &table.sin[pos * half..(pos + 1) * half],
-            );
-            for j in 0..half {
-                let (x1, x2) = (qrow[j], qrow[j + half]);
-                t[j] = x1 * c[j] - x2 * s[j];
-                t[j + half] = x2 * c[j] + x1 * s[j];
-            }
-        }
-        // Scores of every segment key, then the softmax over all of them, summed per segment.
-        let kh = h / group;
-        let mut scores = Vec::with_capacity(end - p);
-        let mut start = p;
-        for &len in &layout.segment_lens {
-            for t in 0..len {
-                let qt = &turned[(longest - len + t) * d..][..d];
-                scores.push(dot(qt, k.row(b, start + t, kh, d)));
-            }
-            start += len;
-        }
-        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut total = 0f32;
-        for s in scores.iter_mut() {
-            *s = (*s - max).exp();
-            total += *s;
-        }
-        let mut at = 0;
-        for (j, &len) in layout.segment_lens.iter().enumerate() {
-            let mass: f32 = scores[at..at + len].iter().sum();
-            row_out[j + 1] = mass / total / len as f32;
-            at += len;
-        }
-    });
+    }
     Ok(out)
 }
 
