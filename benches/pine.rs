@@ -30,8 +30,7 @@
 //! - Decode: a cache of the prompt plus the new token (`k_cache = rotate_keys(k)`,
 //!   `[1, L + 1, Hkv, D]`), `PineAttention::decode(q_new [1, 1, H, D], k_cache, v_cache)` against a
 //!   plain step `SegmentAttention` with `SegmentMask::causal(L + 1).last_queries(1)` (mask built
-//!   outside the timing) on a pre-rotated q and the same cache; plus the K un-rotation that PINE's
-//!   decode does inside (`Rope::rotate(k_cache, key_positions, inverse)`) timed alone.
+//!   outside the timing) on a pre-rotated q and the same cache.
 //! - Reference: on a subset of heads (H = 4, Hkv = 1: one KV group; per-head work is
 //!   independent), f32 inputs, one run, against PINE prefill on the same subset (median of 3);
 //!   both scaled by H / 4 for the full-layer estimate (marked as extrapolated).
@@ -136,13 +135,6 @@ struct Case {
     k_cache: Tensor,
     v_cache: Tensor,
     decode_mask: SegmentMask,
-    /// PINE's key positions of the cache, for the un-rotation timed alone.
-    cache_positions: Tensor,
-    /// Position L, for one `Rope::rotate` of q_new: the cost of building the RoPE table.
-    last_position: Tensor,
-    /// The un-rotated cache and the scoring mask of the new row, for decode's importance alone.
-    k_cache_plain: Tensor,
-    decode_scoring: SegmentMask,
     rope: Rope,
 }
 
@@ -162,19 +154,13 @@ impl Case {
         let q_new = randn((1, 1, heads, HEAD_DIM))?;
         let k_cache_plain = Tensor::cat(&[&k, &k_new], 1)?;
         let k_cache = pine.rotate_keys(&k_cache_plain)?;
-        let mut decode_layout = layout.clone();
-        decode_layout.suffix_len += 1;
         let v_cache = Tensor::cat(&[&v, &v_new], 1)?;
         let vanilla_pos = Tensor::from_vec(vec![l as u32], (1, 1), &dev)?;
         let q_new_rot = rope.rotate(&q_new, &vanilla_pos, false)?;
         Ok(Self {
-            decode_scoring: suffix_scoring_mask(&decode_layout)?.last_queries(1)?,
-            last_position: vanilla_pos,
-            k_cache_plain,
             pine_mask: SegmentMask::pine_batch(std::slice::from_ref(&layout), &dev)?,
             causal: SegmentMask::causal(l, &dev)?,
             decode_mask: SegmentMask::causal(l + 1, &dev)?.last_queries(1)?,
-            cache_positions: pine.key_positions(l + 1, &dev)?,
             layout,
             pine,
             q,
@@ -234,26 +220,6 @@ impl Case {
             .forward(&self.q_new_rot, &self.k_cache, &self.v_cache)
             .unwrap()
             .out
-    }
-
-    fn unrotate_cache(&self) -> Tensor {
-        self.rope.rotate(&self.k_cache, &self.cache_positions, true).unwrap()
-    }
-
-    /// One `Rope::rotate` of the new token's q at position L: `rotate` builds the cos / sin table
-    /// of positions `0..=L` first, which dominates (PINE's decode builds such a table twice: in
-    /// the K un-rotation and for the in-loop query rotation).
-    fn rope_table(&self) -> Tensor {
-        self.rope.rotate(&self.q_new, &self.last_position, false).unwrap()
-    }
-
-    /// Decode's importance alone: the new row's length-normalised mass over every segment.
-    fn decode_importance(&self) -> Tensor {
-        let opts = SegmentScoreOptions::new()
-            .normalize_by_length(true)
-            .scale(default_scale(HEAD_DIM))
-            .num_key_segments(self.layout.num_ids());
-        segment_scores(&self.q_new, &self.k_cache_plain, &self.decode_scoring, &opts).unwrap()
     }
 }
 
@@ -416,9 +382,6 @@ struct Measured {
     prefill_load: Option<f64>,
     pine_decode: Duration,
     plain_decode: Duration,
-    unrotate: Duration,
-    rope_table: Duration,
-    decode_importance: Duration,
     decode_load: Option<f64>,
 }
 
@@ -453,23 +416,15 @@ fn measure(prompt: Prompt, dtype: DType) -> Result<Measured> {
         pct(prefill_load)
     );
 
-    let ops: [&dyn Fn(); 5] = [
-        &|| drop(black_box(case.pine_decode())),
-        &|| drop(black_box(case.plain_decode())),
-        &|| drop(black_box(case.unrotate_cache())),
-        &|| drop(black_box(case.rope_table())),
-        &|| drop(black_box(case.decode_importance())),
-    ];
+    let ops: [&dyn Fn(); 2] = [&|| drop(black_box(case.pine_decode())), &|| {
+        drop(black_box(case.plain_decode()))
+    }];
     let (d, decode_load) = interleaved(DECODE_ROUNDS, &ops);
     eprintln!(
-        "{tag}: decode PINE {:.2} ms, plain {:.2} ms ({:.2}x); K un-rotation {:.2} ms, RoPE table {:.2} ms, \
-         importance {:.2} ms; other load {}",
+        "{tag}: decode PINE {:.2} ms, plain {:.2} ms ({:.2}x); other load {}",
         ms(d[0]),
         ms(d[1]),
         d[0].as_secs_f64() / d[1].as_secs_f64(),
-        ms(d[2]),
-        ms(d[3]),
-        ms(d[4]),
         pct(decode_load)
     );
     Ok(Measured {
@@ -485,9 +440,6 @@ fn measure(prompt: Prompt, dtype: DType) -> Result<Measured> {
         prefill_load,
         pine_decode: d[0],
         plain_decode: d[1],
-        unrotate: d[2],
-        rope_table: d[3],
-        decode_importance: d[4],
         decode_load,
     })
 }
@@ -703,50 +655,6 @@ fn table_main() -> Result<()> {
         )
         .unwrap();
     }
-    writeln!(
-        md,
-        "\nWhere PINE decode's time goes (same interleaved rounds). `K un-rotation`: `Rope::rotate(k_cache, \
-         key_positions, inverse)` over the whole cache, which `decode` runs every step because its importance \
-         needs un-rotated keys (this includes building a RoPE cos / sin table); `RoPE table`: one `Rope::rotate` \
-         of q_new at position L, i.e. the cost of building the table of positions 0..=L; `decode` builds another \
-         one for the in-loop query rotation, over Lk + the segment tokens positions (about twice as long at these \
-         shapes), which falls in `rest`; `importance`: the new row's `segment_scores` over every segment; `rest` = \
-         PINE decode minus those three and minus the plain step (that second table, masks, order, attention \
-         overhead).\n"
-    )
-    .unwrap();
-    writeln!(
-        md,
-        "| prompt | dtype | PINE decode ms | plain decode ms | K un-rotation ms | RoPE table ms | importance ms | rest \
-         ms |"
-    )
-    .unwrap();
-    writeln!(md, "|---|---|---:|---:|---:|---:|---:|---:|").unwrap();
-    for r in &rows {
-        let rest = r.pine_decode.as_secs_f64()
-            - r.unrotate.as_secs_f64()
-            - r.rope_table.as_secs_f64()
-            - r.decode_importance.as_secs_f64()
-            - r.plain_decode.as_secs_f64();
-        writeln!(
-            md,
-            "| {} | {} | {:.2} | {:.2} | {:.2} ({:.0}%) | {:.2} ({:.0}%) | {:.2} ({:.0}%) | {:.2} ({:.0}%) |",
-            r.prompt.name(),
-            dtype_name(r.dtype),
-            ms(r.pine_decode),
-            ms(r.plain_decode),
-            ms(r.unrotate),
-            share(r.unrotate.as_secs_f64(), r.pine_decode),
-            ms(r.rope_table),
-            share(r.rope_table.as_secs_f64(), r.pine_decode),
-            ms(r.decode_importance),
-            share(r.decode_importance.as_secs_f64(), r.pine_decode),
-            rest * 1e3,
-            share(rest, r.pine_decode)
-        )
-        .unwrap();
-    }
-
     let scale = (HEADS / REF_HEADS) as f64;
     writeln!(
         md,
