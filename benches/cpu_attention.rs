@@ -582,14 +582,7 @@ fn has_avx2_fma() -> bool {
 fn main_table() -> Result<()> {
     let mut log = String::new();
     let threads = rayon::current_num_threads();
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
+    let cpu = machine_load::cpu_model();
     let avx2_fma = has_avx2_fma();
 
     let mut ceiling = settle_ceiling(None, &mut log)?;

@@ -508,14 +508,7 @@ fn measure_reference(prompt: Prompt, pine_full: Duration) -> Result<RefMeasured>
 
 fn table_main() -> Result<()> {
     let threads = rayon::current_num_threads();
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
+    let cpu = machine_load::cpu_model();
 
     let mut rows = Vec::new();
     for prompt in Prompt::ALL {

@@ -249,14 +249,7 @@ fn measure(kind: MaskKind, d: usize) -> Result<Row> {
 
 fn table_main() -> Result<()> {
     let threads = rayon::current_num_threads();
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
+    let cpu = machine_load::cpu_model();
     let mut rows = Vec::new();
     for (kind, d) in cases() {
         let row = measure(kind, d)?;

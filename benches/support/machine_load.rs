@@ -77,3 +77,16 @@ pub fn median(mut v: Vec<Duration>) -> Duration {
 pub fn ms(t: Duration) -> f64 {
     t.as_secs_f64() * 1e3
 }
+
+/// The CPU's model name (`/proc/cpuinfo`), for the tables' headers.
+#[allow(dead_code)]
+pub fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into())
+}
