@@ -5,8 +5,9 @@
 //! `q . k == rope(q, p_k) . rope(k, p_k)`, the query is turned instead of the keys — and segments
 //! are right-aligned to end at the same position `E - 1`, so the segment keys use at most
 //! `max L_j` distinct positions: each row turns its query once per position (`max L_j x D`
-//! work), then every segment key costs one dot product with the cache row as it is. No
-//! un-rotated copy of the cache, no extra pass over it.
+//! work), then every segment key costs one dot product with the cache row as it is. (Where a
+//! position holds fewer keys than the query heads sharing them, the keys are turned back instead.)
+//! No un-rotated copy of the cache, no extra pass over it.
 //!
 //! Per (batch row, query head, row): `s_j = scale * q_{p_j} . k_j` over the segment keys, softmax
 //! over all of them (f32), the probabilities summed per segment and divided by its length. The
@@ -56,45 +57,72 @@ pub(crate) fn suffix_importance<T: Element>(
             if longest == 0 {
                 return rows;
             }
-            // Each head's query turned to every position a segment key can have: [E - longest, E).
+            // Position by position over [E - longest, E): each head's query turned to it once,
+            // then dotted with the key at that position in every segment long enough to have one
+            // (the turned queries stay in a `group x D` buffer: cache-resident).
             let base = end - longest;
-            let mut turned = vec![0f32; group * longest * d];
-            for (g, tg) in turned.chunks_exact_mut(longest * d).enumerate() {
-                let qrow: Vec<f32> = q
-                    .row(b, i, kh * group + g, d)
-                    .iter()
-                    .map(|x| x.to_f32() * scale)
-                    .collect();
-                for (o, t) in tg.chunks_exact_mut(d).enumerate() {
-                    let pos = base + o;
-                    let (c, s) = (
-                        &table.cos[pos * half..(pos + 1) * half],
-                        &table.sin[pos * half..(pos + 1) * half],
-                    );
-                    for j in 0..half {
-                        let (x1, x2) = (qrow[j], qrow[j + half]);
-                        t[j] = x1 * c[j] - x2 * s[j];
-                        t[j + half] = x2 * c[j] + x1 * s[j];
-                    }
-                }
-            }
-            // Scores of every segment key for every head: [group][keys].
+            let queries: Vec<Vec<f32>> = (0..group)
+                .map(|g| {
+                    q.row(b, i, kh * group + g, d)
+                        .iter()
+                        .map(|x| x.to_f32() * scale)
+                        .collect()
+                })
+                .collect();
+            let starts: Vec<usize> = layout
+                .segment_lens
+                .iter()
+                .scan(p, |at, &len| {
+                    let s = *at;
+                    *at += len;
+                    Some(s)
+                })
+                .collect();
             let keys = end - p;
             let mut scores = vec![0f32; group * keys];
-            let mut krow = vec![0f32; d];
-            let (mut start, mut at) = (p, 0);
-            for &len in &layout.segment_lens {
-                for t in 0..len {
-                    for (dst, x) in krow.iter_mut().zip(k.row(b, start + t, kh, d)) {
-                        *dst = x.to_f32();
+            let mut turned = vec![0f32; group * d];
+            let (mut krow, mut raw) = (vec![0f32; d], vec![0f32; d]);
+            for o in 0..longest {
+                let pos = base + o;
+                let (c, s) = (
+                    &table.cos[pos * half..(pos + 1) * half],
+                    &table.sin[pos * half..(pos + 1) * half],
+                );
+                // Keys at this position: one per segment long enough. Fewer keys than heads
+                // (two long answers, GQA 4): turning the keys back is cheaper than turning every
+                // head's query; both give q . k of the un-rotated projections.
+                let at_pos = layout.segment_lens.iter().filter(|&&len| o + len >= longest).count();
+                let turn_keys = at_pos < group;
+                if !turn_keys {
+                    for (t, qrow) in turned.chunks_exact_mut(d).zip(&queries) {
+                        rotate(t, qrow, c, s, 1.0);
                     }
-                    let o = (longest - len + t) * d;
-                    for g in 0..group {
-                        scores[g * keys + at] = dot(&turned[g * longest * d + o..][..d], &krow);
-                    }
-                    at += 1;
                 }
-                start += len;
+                for (&len, &start) in layout.segment_lens.iter().zip(&starts) {
+                    // Segment tokens are right-aligned: token t of a segment of `len` sits at
+                    // offset longest - len + t.
+                    let Some(t) = o.checked_sub(longest - len) else {
+                        continue;
+                    };
+                    let row = k.row(b, start + t, kh, d);
+                    let at = start - p + t;
+                    if turn_keys {
+                        for (dst, x) in raw.iter_mut().zip(row) {
+                            *dst = x.to_f32();
+                        }
+                        rotate(&mut krow, &raw, c, s, -1.0);
+                        for (g, qrow) in queries.iter().enumerate() {
+                            scores[g * keys + at] = dot(qrow, &krow);
+                        }
+                    } else {
+                        for (dst, x) in krow.iter_mut().zip(row) {
+                            *dst = x.to_f32();
+                        }
+                        for (g, tq) in turned.chunks_exact(d).enumerate() {
+                            scores[g * keys + at] = dot(tq, &krow);
+                        }
+                    }
+                }
             }
             // Per head: softmax over all segment keys, summed per segment, divided by its length.
             for (g, head_scores) in scores.chunks_exact_mut(keys).enumerate() {
@@ -125,6 +153,18 @@ pub(crate) fn suffix_importance<T: Element>(
         }
     }
     Ok(out)
+}
+
+/// `dst` = `x` turned (rotate-half) by the angle whose cos / sin are `c` / `s`, times `sign` for
+/// the inverse.
+#[inline]
+fn rotate(dst: &mut [f32], x: &[f32], c: &[f32], s: &[f32], sign: f32) {
+    let half = c.len();
+    for j in 0..half {
+        let (x1, x2, sn) = (x[j], x[j + half], sign * s[j]);
+        dst[j] = x1 * c[j] - x2 * sn;
+        dst[j + half] = x2 * c[j] + x1 * sn;
+    }
 }
 
 /// `a . b` in f32 over 8 independent lanes (vectorises; one chain would not).
