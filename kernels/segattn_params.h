@@ -164,4 +164,36 @@ typedef struct SegattnShiftsParams {
   int32_t scored_rows;
 } SegattnShiftsParams;
 
+/* PINE's importance of decode rows straight from the rotated KV cache (kernels/pine/decode_scores.cu):
+ * for query row i of head h, over every key j with key_seg[j] != 0,
+ *   s_j = scale * q_i . rope^-1(k_j, key_pos[j])      (k stored rotated at its original position),
+ * softmax over those keys, probabilities summed per segment id and divided by seg_lens:
+ *   out[b, h, i, s] (s >= 1); out must be zeroed by the caller (ids without keys stay 0). */
+typedef struct SegattnDecodeScoresParams {
+  /* q [B, Lq, H, D] un-rotated, k [B, Lk, Hkv, D] rotated, dtype given by `dtype` (bf16 / f16). */
+  const void *q;
+  SegattnStrides q_strides;
+  const void *k;
+  SegattnStrides k_strides;
+  /* [B, Lk]: original RoPE position and segment id (0: not scored) of every key. */
+  const uint32_t *key_pos;
+  const uint32_t *key_seg;
+  /* [B, num_segments]: length of every segment id (0 for ids that are not segments). */
+  const uint32_t *seg_lens;
+  /* [table_len, head_dim / 2] f32 cos / sin; table_len > every key_pos. */
+  const float *cos;
+  const float *sin;
+  /* [B, H, Lq, num_segments] f32 output. */
+  float *out;
+  int32_t batch;
+  int32_t q_len;
+  int32_t kv_len;
+  int32_t num_heads;
+  int32_t num_kv_heads;
+  int32_t head_dim;
+  int32_t num_segments;
+  int32_t dtype;
+  float scale;
+} SegattnDecodeScoresParams;
+
 #endif /* SEGATTN_PARAMS_H */

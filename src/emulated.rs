@@ -22,7 +22,7 @@ use pine::rotation_params;
 
 mod pine;
 mod scores;
-pub use pine::{pine_decode, pine_prefill, pine_shifts_both};
+pub use pine::{pine_decode, pine_decode_importance_both, pine_prefill, pine_shifts_both};
 pub use scores::{scores_smem_bytes, segment_scores};
 
 /// The order in which the emulator runs the threads of a block between synchronisation points
@@ -123,7 +123,7 @@ fn fill_mask_params(p: &mut SegattnFwdParams, host: &HostMask) {
 
 /// A q / k / v input as the kernel reads it: element pointer (start offset applied) and strides.
 /// Holds the storage lock (or an aligned copy) while the kernel runs.
-struct Input {
+pub(crate) struct Input {
     _tensor: Tensor,
     ptr: *const c_void,
     strides: SegattnStrides,
@@ -132,7 +132,7 @@ struct Input {
 impl Input {
     /// The kernel loads 16-byte chunks: the start must be 16-byte aligned and the batch, row and
     /// head strides multiples of 8 elements. Views that are not are copied.
-    fn new(name: &str, t: &Tensor) -> Result<Self> {
+    pub(crate) fn new(name: &str, t: &Tensor) -> Result<Self> {
         if let Some(input) = Self::try_direct(name, t)? {
             return Ok(input);
         }

@@ -16,7 +16,7 @@ mod common;
 use candle_core::{DType, Result};
 use common::pine::{compare_with_oracle, PineTolerance};
 use common::{random_tensor, rotated_lse_tolerance, rotated_tolerance, Rng};
-use segattn::emulated::{pine_prefill, pine_shifts_both, Schedule};
+use segattn::emulated::{pine_decode_importance_both, pine_prefill, pine_shifts_both, Schedule};
 use segattn::pine::{PineAttention, Rope};
 use segattn::{reference, PineLayout};
 
@@ -151,6 +151,40 @@ fn device_shifts_match_the_cpu_order() -> Result<()> {
         let pine = PineAttention::new(&layouts, Rope::new(10_000.0))?;
         let (cpu, kernel) = pine_shifts_both(&pine, &q, &k)?;
         assert_eq!(cpu, kernel, "seed {seed} layouts {layouts:?}");
+    }
+    Ok(())
+}
+
+/// The GPU's decode-importance kernel (each key un-rotated inside its dot product) equals the
+/// CPU's (the query turned per key position) on the same rotated cache: random layouts, batch
+/// rows with different layouts, GQA, bf16 / f16, D 64 / 128, one or two decode rows.
+#[test]
+fn decode_importance_kernel_matches_the_cpu() -> Result<()> {
+    for seed in 0..8u64 {
+        let mut rng = Rng::new(seed + 500);
+        let batch = 1 + rng.below(2);
+        let mut layouts: Vec<PineLayout> = (0..batch).map(|_| random_layout(&mut rng)).collect();
+        let len = layouts.iter().map(PineLayout::len).max().unwrap();
+        for l in &mut layouts {
+            l.suffix_len += len - l.len();
+        }
+        let rows = 1 + rng.below(2);
+        let total = len + rows;
+        let (h, hkv) = [(2, 1), (4, 2), (4, 4)][rng.below(3)];
+        let d = [64, 128][rng.below(2)];
+        let dtype = [DType::BF16, DType::F16][rng.below(2)];
+        let q = random_tensor(&mut rng, &[batch, rows, h, d], dtype)?;
+        let k = random_tensor(&mut rng, &[batch, total, hkv, d], dtype)?;
+        let pine = PineAttention::new(&layouts, Rope::new(10_000.0))?;
+        let k_cache = pine.rotate_keys(&k)?;
+        let (cpu, kernel) = pine_decode_importance_both(&pine, &q, &k_cache)?;
+        for (i, (a, b)) in cpu.iter().zip(&kernel).enumerate() {
+            assert!(
+                (a - b).abs() <= 1e-5 + 1e-4 * a.abs(),
+                "seed {seed} {layouts:?} H {h}/{hkv} D {d} {dtype:?}: element {i}: CPU {a}, kernel {b}"
+            );
+        }
+        assert!(cpu.iter().any(|&x| x > 0.0), "seed {seed}: nothing scored");
     }
     Ok(())
 }

@@ -9,15 +9,16 @@ use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
     CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg,
 };
-use candle_core::{CudaStorage, Layout, Result, Storage};
+use candle_core::{CudaStorage, Layout, Result, Storage, Tensor};
 
 use super::driver_err;
 use super::module;
 use crate::error::invalid_arg;
 use crate::kernel_params::to_i32;
-use crate::params::{SegattnFwdParams, SegattnRotation, SegattnShiftsParams};
+use crate::params::{SegattnDecodeScoresParams, SegattnFwdParams, SegattnRotation, SegattnShiftsParams};
 use crate::pine::shifts::ShiftsOp;
-use crate::pine::PineRotation;
+use crate::pine::{PineRotation, RopeTable};
+use crate::validate::AttentionShape;
 
 // SAFETY: a plain C struct (bindgen of kernels/segattn_params.h) passed by value as the kernel's
 // only parameter; its pointers are device addresses.
@@ -171,4 +172,123 @@ impl<'a> RotationBuffers<'a> {
         };
         Ok(())
     }
+}
+
+// SAFETY: a plain C struct (bindgen of kernels/segattn_params.h) passed by value as the kernel's
+// only parameter; its pointers are device addresses.
+unsafe impl DeviceRepr for SegattnDecodeScoresParams {}
+
+/// The importance `[B, H, Lq, sk]` of decode rows `q` (un-rotated) against the rotated cache
+/// `k_cache` (`kernels/pine/decode_scores.cu`); `words` = `[key_pos | key_seg | seg_lens]`.
+pub(crate) fn pine_decode_scores(
+    q: &Tensor,
+    k_cache: &Tensor,
+    words: &[u32],
+    table: &RopeTable,
+    scale: f32,
+    sk: usize,
+) -> Result<Tensor> {
+    let shape = AttentionShape::of(q, k_cache, k_cache)?;
+    let Some(dtype) = crate::kernel_params::dtype_code(q.dtype()) else {
+        invalid_arg!("q: the CUDA kernels support dtype bf16 or f16, got {:?}", q.dtype());
+    };
+    let smem = 4 * (shape.head_dim + sk + 4);
+    if smem > 48 * 1024 {
+        invalid_arg!("layouts: PINE's decode importance on the GPU holds at most ~12000 segment ids, got {sk}");
+    }
+    let dev = match q.device() {
+        candle_core::Device::Cuda(d) => d.clone(),
+        other => invalid_arg!("q: expected a CUDA tensor, got {:?}", other.location()),
+    };
+    let stream = dev.cuda_stream();
+    let (b, lk) = (shape.batch, shape.kv_len);
+    let meta = stream
+        .clone_htod(words)
+        .map_err(|e| driver_err(format!("uploading {} words of PINE decode metadata", words.len()), e))?;
+    let mut tables = Vec::with_capacity(table.cos.len() + table.sin.len());
+    tables.extend_from_slice(&table.cos);
+    tables.extend_from_slice(&table.sin);
+    let tables = stream
+        .clone_htod(&tables)
+        .map_err(|e| driver_err(format!("uploading the RoPE table ({} floats)", tables.len()), e))?;
+    let n_out = b * shape.num_heads * shape.q_len * sk;
+    let mut out = stream
+        .alloc_zeros::<f32>(n_out.max(1))
+        .map_err(|e| driver_err("allocating the decode importance", e))?;
+    let kernels = module::kernels(stream.context())?;
+    let name = if q.dtype() == candle_core::DType::BF16 {
+        "segattn_pine_decode_scores_bf16"
+    } else {
+        "segattn_pine_decode_scores_f16"
+    };
+    let func = kernels
+        .module()
+        .load_function(name)
+        .map_err(|e| driver_err(format!("looking up {name} in the embedded fatbin"), e))?;
+    {
+        let (qs, ql) = q.storage_and_layout();
+        let (ks, kl) = k_cache.storage_and_layout();
+        let (Storage::Cuda(qs), Storage::Cuda(ks)) = (&*qs, &*ks) else {
+            invalid_arg!("q: expected q and the cache on the GPU");
+        };
+        let elem = 2u64;
+        let (qp, _gq) = match q.dtype() {
+            candle_core::DType::BF16 => qs.as_cuda_slice::<half::bf16>()?.device_ptr(&stream),
+            _ => qs.as_cuda_slice::<half::f16>()?.device_ptr(&stream),
+        };
+        let (kp, _gk) = match q.dtype() {
+            candle_core::DType::BF16 => ks.as_cuda_slice::<half::bf16>()?.device_ptr(&stream),
+            _ => ks.as_cuda_slice::<half::f16>()?.device_ptr(&stream),
+        };
+        let (mp, _gm) = meta.device_ptr(&stream);
+        let (tp, _gt) = tables.device_ptr(&stream);
+        let (op, _go) = out.device_ptr_mut(&stream);
+        let at = |words: usize| (mp + 4 * words as u64) as *const u32;
+        let params = SegattnDecodeScoresParams {
+            q: (qp + elem * ql.start_offset() as u64) as *const std::ffi::c_void,
+            q_strides: crate::kernel_params::strides_of(ql),
+            k: (kp + elem * kl.start_offset() as u64) as *const std::ffi::c_void,
+            k_strides: crate::kernel_params::strides_of(kl),
+            key_pos: at(0),
+            key_seg: at(b * lk),
+            seg_lens: at(2 * b * lk),
+            cos: tp as *const f32,
+            sin: (tp + 4 * table.cos.len() as u64) as *const f32,
+            out: op as *mut f32,
+            batch: to_i32("batch", b)?,
+            q_len: to_i32("q_len", shape.q_len)?,
+            kv_len: to_i32("kv_len", lk)?,
+            num_heads: to_i32("num_heads", shape.num_heads)?,
+            num_kv_heads: to_i32("num_kv_heads", shape.num_kv_heads)?,
+            head_dim: to_i32("head_dim", shape.head_dim)?,
+            num_segments: to_i32("key segments", sk)?,
+            dtype,
+            scale,
+        };
+        super::launch::check_grid_of(name, b, shape.num_heads)?;
+        let cfg = LaunchConfig {
+            grid_dim: (shape.q_len as u32, shape.num_heads as u32, b as u32),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: smem as u32,
+        };
+        let mut builder = stream.launch_builder(&func);
+        builder.arg(&params);
+        // SAFETY: the kernel's one parameter is a SegattnDecodeScoresParams by value whose
+        // pointers are live device allocations of the stated sizes (q, the cache, `meta`,
+        // `tables`, `out`), held until the launch is ordered on `stream`.
+        unsafe { builder.launch(cfg) }
+            .map_err(|e| driver_err(format!("launching {name} (grid {:?})", cfg.grid_dim), e))?;
+        super::launch::sync_if_asked(&stream, name)?;
+    }
+    stream
+        .context()
+        .check_err()
+        .map_err(|e| driver_err(format!("after launching {name}"), e))?;
+    let storage = CudaStorage::wrap_cuda_slice(out, dev);
+    Ok(Tensor::from_storage(
+        Storage::Cuda(storage),
+        (b, shape.num_heads, shape.q_len, sk),
+        candle_core::op::BackpropOp::none(),
+        false,
+    ))
 }

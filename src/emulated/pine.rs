@@ -6,12 +6,13 @@ use candle_core::{DType, Result, Tensor};
 use super::{last_error, run_forward, Schedule};
 use crate::kernel_params::to_i32;
 use crate::op::AttentionOutput;
-use crate::params::{SegattnRotation, SegattnShiftsParams};
+use crate::params::{SegattnDecodeScoresParams, SegattnRotation, SegattnShiftsParams};
 use crate::pine::{PineAttention, PineRotation};
 use crate::validate::AttentionShape;
 
 extern "C" {
     fn segattn_emu_pine_shifts(params: *const SegattnShiftsParams) -> std::ffi::c_int;
+    fn segattn_emu_pine_decode_scores(params: *const SegattnDecodeScoresParams) -> std::ffi::c_int;
 }
 
 /// PINE's attention layer through the emulated CUDA kernel with in-loop query rotation
@@ -119,5 +120,55 @@ pub fn pine_shifts_both(pine: &PineAttention, q: &Tensor, k: &Tensor) -> Result<
         return Err(candle_core::Error::Msg(format!("segattn: emulated shifts kernel failed: {}", last_error())).bt());
     }
     let cpu = crate::pine::order::query_shifts(groups, shape.num_heads, shape.q_len, &imp).shifts;
+    Ok((cpu, kernel))
+}
+
+/// The importance of decode rows `q` (`[B, Lq, H, D]` un-rotated, bf16 / f16) against a cache
+/// rotated with [`PineAttention::rotate_keys`], computed twice: by the CPU path (which reads the
+/// rotated cache with turned queries) and by the GPU kernel `segattn_pine_decode_scores`
+/// (un-rotating each key in its dot product), emulated. Returns (CPU, kernel), `[B, H, Lq, Sk]`.
+pub fn pine_decode_importance_both(pine: &PineAttention, q: &Tensor, k_cache: &Tensor) -> Result<(Vec<f32>, Vec<f32>)> {
+    let shape = AttentionShape::of(q, k_cache, k_cache)?;
+    super::check_emulated_inputs(&shape, q.dtype(), &[("q", q), ("k_cache", k_cache)])?;
+    let (extended, sk, table, scale) = pine.decode_inputs(&shape)?;
+    let cpu = crate::pine::importance::decode_rows_cpu(q, k_cache, &extended, &table, scale, sk)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let words = pine.decode_keys(&extended, shape.kv_len, sk);
+    let (b, lk) = (shape.batch, shape.kv_len);
+    let (qi, ki) = (super::Input::new("q", q)?, super::Input::new("k_cache", k_cache)?);
+    let mut kernel = vec![0f32; b * shape.num_heads * shape.q_len * sk];
+    let p = SegattnDecodeScoresParams {
+        q: qi.ptr,
+        q_strides: qi.strides,
+        k: ki.ptr,
+        k_strides: ki.strides,
+        key_pos: words.as_ptr(),
+        key_seg: words[b * lk..].as_ptr(),
+        seg_lens: words[2 * b * lk..].as_ptr(),
+        cos: table.cos.as_ptr(),
+        sin: table.sin.as_ptr(),
+        out: kernel.as_mut_ptr(),
+        batch: to_i32("batch", b)?,
+        q_len: to_i32("q_len", shape.q_len)?,
+        kv_len: to_i32("kv_len", lk)?,
+        num_heads: to_i32("num_heads", shape.num_heads)?,
+        num_kv_heads: to_i32("num_kv_heads", shape.num_kv_heads)?,
+        head_dim: to_i32("head_dim", shape.head_dim)?,
+        num_segments: to_i32("key segments", sk)?,
+        dtype: crate::kernel_params::dtype_code(q.dtype()).unwrap_or(-1),
+        scale: scale as f32,
+    };
+    // SAFETY: every pointer of `p` points into a live buffer of the size stated in `p` (`qi`,
+    // `ki`, `words`, `table`, `kernel`), all alive for the call.
+    let rc = unsafe { segattn_emu_pine_decode_scores(&p) };
+    if rc != 0 {
+        return Err(candle_core::Error::Msg(format!(
+            "segattn: emulated decode-importance kernel failed: {}",
+            last_error()
+        ))
+        .bt());
+    }
+    drop((qi, ki));
     Ok((cpu, kernel))
 }

@@ -211,14 +211,9 @@ impl PineAttention {
         if self.scheme != PositionScheme::Pine {
             return self.attend(q, k_cache, k_cache, v_cache, &shape);
         }
-        if q.device().is_cpu() {
-            // Importance straight from the rotated cache (the query turned per key position).
-            let plan = self.plan_with(q, ScoreKeys::RotatedCache(k_cache), &shape)?;
-            return self.attend_planned(&plan, q, k_cache, v_cache);
-        }
-        // GPU: importance needs un-rotated keys: undo the cache's rotation (O(Lk D) per KV head).
-        let k_plain = self.unrotate_keys(k_cache)?;
-        self.attend(q, &k_plain, k_cache, v_cache, &shape)
+        // Importance straight from the rotated cache: no un-rotated copy of it.
+        let plan = self.plan_with(q, ScoreKeys::RotatedCache(k_cache), &shape)?;
+        self.attend_planned(&plan, q, k_cache, v_cache)
     }
 
     /// The attention of the last `Lq` tokens: `k_plain` un-rotated (for the importance), `k_rot`
@@ -327,10 +322,15 @@ impl PineAttention {
             .unwrap_or(0);
         let imp = match keys {
             ScoreKeys::RotatedCache(k_cache) => {
-                // Decode on the CPU: every query row is a suffix / generated row.
+                // Decode: every query row is a suffix / generated row.
                 let sk = extended.iter().map(PineLayout::num_ids).max().unwrap_or(2);
                 let table = self.rope.table(shape.head_dim, kv_len)?;
-                let rows = importance::decode_rows_cpu(q, k_cache, &extended, &table, self.scale_for(shape), sk)?;
+                let scale = self.scale_for(shape);
+                let rows = if q.device().is_cpu() {
+                    importance::decode_rows_cpu(q, k_cache, &extended, &table, scale, sk)?
+                } else {
+                    self.decode_rows_gpu(q, k_cache, &extended, &table, scale, sk)?
+                };
                 importance::Importance {
                     sk,
                     segments: None,
@@ -360,9 +360,70 @@ impl PineAttention {
         self.scale.unwrap_or_else(|| default_scale(shape.head_dim))
     }
 
-    /// The cache's keys un-rotated (f32): what the importance scores read in a decode step.
+    /// The cache's keys un-rotated (f32), for the emulated decode (the library's decode reads the
+    /// rotated cache as it is).
     pub(crate) fn unrotate_keys(&self, k_cache: &Tensor) -> Result<Tensor> {
         self.rotate_rows(k_cache, 0, k_cache.dim(1)?, true)
+    }
+
+    /// What the decode-importance kernel reads besides q, the cache and the table:
+    /// `[key_pos | key_seg | seg_lens]` (`[B, Lk]`, `[B, Lk]`, `[B, sk]`), for `extended` layouts.
+    pub(crate) fn decode_keys(&self, extended: &[PineLayout], kv_len: usize, sk: usize) -> Vec<u32> {
+        let batch = extended.len();
+        let mut words = Vec::with_capacity(2 * batch * kv_len + batch * sk);
+        for row in self.positions(kv_len) {
+            words.extend_from_slice(&row);
+        }
+        for l in extended {
+            words.extend(std::iter::repeat_n(0u32, l.prefix_len));
+            for (j, &len) in l.segment_lens.iter().enumerate() {
+                words.extend(std::iter::repeat_n(j as u32 + 1, len));
+            }
+            words.extend(std::iter::repeat_n(0u32, kv_len - (l.len() - l.suffix_len)));
+        }
+        for l in extended {
+            let mut lens = vec![0u32; sk];
+            for (j, &len) in l.segment_lens.iter().enumerate() {
+                lens[j + 1] = len as u32;
+            }
+            words.extend(lens);
+        }
+        words
+    }
+
+    /// The inputs of a decode step's importance besides q and the cache: the layouts extended to
+    /// `Lk`, the number of key segment ids, the RoPE table and the scale.
+    pub(crate) fn decode_inputs(
+        &self,
+        shape: &AttentionShape,
+    ) -> Result<(Vec<PineLayout>, usize, std::sync::Arc<RopeTable>, f64)> {
+        let extended: Vec<PineLayout> = self.layouts.iter().map(|l| scheme::extend(l, shape.kv_len)).collect();
+        let sk = extended.iter().map(PineLayout::num_ids).max().unwrap_or(2);
+        let table = self.rope.table(shape.head_dim, shape.kv_len)?;
+        Ok((extended, sk, table, self.scale_for(shape)))
+    }
+
+    /// The decode rows' importance on the GPU (`kernels/pine/decode_scores.cu`).
+    #[allow(unused_variables)]
+    fn decode_rows_gpu(
+        &self,
+        q: &Tensor,
+        k_cache: &Tensor,
+        extended: &[PineLayout],
+        table: &RopeTable,
+        scale: f64,
+        sk: usize,
+    ) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        {
+            let words = self.decode_keys(extended, k_cache.dim(1)?, sk);
+            crate::cuda::pine_decode_scores(q, k_cache, &words, table, scale as f32, sk)
+        }
+        #[cfg(not(feature = "cuda"))]
+        invalid_arg!(
+            "q: on {:?}, but segattn was built without the cuda feature",
+            q.device().location()
+        )
     }
 
     /// `x` `[B, rows, heads, D]`, tokens `[from, from + rows)` of a `len`-token sequence, rotated
