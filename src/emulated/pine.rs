@@ -7,7 +7,7 @@ use super::{last_error, run_forward, Schedule};
 use crate::kernel_params::to_i32;
 use crate::op::AttentionOutput;
 use crate::params::{SegattnDecodeScoresParams, SegattnRotation, SegattnShiftsParams};
-use crate::pine::{PineAttention, PineRotation};
+use crate::pine::{PineAttention, PineRotation, ScoreKeys};
 use crate::validate::AttentionShape;
 
 extern "C" {
@@ -58,8 +58,8 @@ pub fn pine_decode(
     seed: u64,
 ) -> Result<AttentionOutput> {
     let shape = AttentionShape::of(q, k_cache, v_cache)?;
-    let k_plain = pine.unrotate_keys(k_cache)?;
-    let plan = pine.plan(&q.to_dtype(DType::F32)?, &k_plain, &shape)?;
+    // The library's decode plan: importance read from the rotated cache as it is.
+    let plan = pine.plan_with(q, ScoreKeys::RotatedCache(k_cache), &shape)?;
     run_forward(
         q,
         k_cache,

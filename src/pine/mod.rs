@@ -360,12 +360,6 @@ impl PineAttention {
         self.scale.unwrap_or_else(|| default_scale(shape.head_dim))
     }
 
-    /// The cache's keys un-rotated (f32), for the emulated decode (the library's decode reads the
-    /// rotated cache as it is).
-    pub(crate) fn unrotate_keys(&self, k_cache: &Tensor) -> Result<Tensor> {
-        self.rotate_rows(k_cache, 0, k_cache.dim(1)?, true)
-    }
-
     /// What the decode-importance kernel reads besides q, the cache and the table:
     /// `[key_pos | key_seg | seg_lens]` (`[B, Lk]`, `[B, Lk]`, `[B, sk]`), for `extended` layouts.
     pub(crate) fn decode_keys(&self, extended: &[PineLayout], kv_len: usize, sk: usize) -> Vec<u32> {

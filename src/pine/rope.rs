@@ -238,11 +238,6 @@ impl Rope {
     /// `inverse`, rotates by minus the position (undoes a rotation). Positions must be below the
     /// table length (tables) — any position works with `theta`.
     pub fn rotate(&self, x: &Tensor, positions: &Tensor, inverse: bool) -> Result<Tensor> {
-        self.rotate_f32(x, positions, inverse)?.to_dtype(x.dtype())
-    }
-
-    /// [`Rope::rotate`] without the final rounding: f32 whatever the dtype of `x`.
-    pub(crate) fn rotate_f32(&self, x: &Tensor, positions: &Tensor, inverse: bool) -> Result<Tensor> {
         let (b, l, _h, _d) = x.dims4()?;
         let (pb, pl) = positions.dims2()?;
         if (pb != b && pb != 1) || pl != l {
@@ -252,10 +247,11 @@ impl Rope {
             );
         }
         let pos: Vec<u32> = positions.to_dtype(DType::U32)?.flatten_all()?.to_vec1()?;
-        self.rotate_at(x, &pos, pb, inverse)
+        self.rotate_at(x, &pos, pb, inverse)?.to_dtype(x.dtype())
     }
 
-    /// [`Rope::rotate_f32`] at host positions `pos` (`[pb, L]`, row-major): no device read.
+    /// [`Rope::rotate`] at host positions `pos` (`[pb, L]`, row-major; no device read), f32
+    /// whatever the dtype of `x` (no final rounding).
     pub(crate) fn rotate_at(&self, x: &Tensor, pos: &[u32], pb: usize, inverse: bool) -> Result<Tensor> {
         let (b, l, heads, d) = x.dims4()?;
         let len = pos.iter().copied().max().map_or(0, |m| m as usize + 1);
