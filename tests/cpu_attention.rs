@@ -4,7 +4,7 @@ mod common;
 
 use candle_core::{DType, Device, Result, Tensor};
 use common::cases::{draw, Case, MASK_KINDS};
-use common::{lse_tolerance, tolerance, worst_ratio};
+use common::{env_count, lse_tolerance, tolerance, worst_ratio};
 use proptest::prelude::*;
 use segattn::{reference, SegmentAttention, SegmentMask};
 
@@ -39,10 +39,7 @@ fn check(case: &Case, scale: Option<f64>) -> Result<()> {
 }
 
 fn cases() -> u32 {
-    std::env::var("SEGATTN_CASES")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(96)
+    env_count("SEGATTN_CASES").unwrap_or(96)
 }
 
 proptest! {

@@ -13,27 +13,15 @@
 mod common;
 
 use candle_core::{DType, Device, Result, Tensor};
-use common::{lse_tolerance, tolerance};
+use common::{env_count, lse_tolerance, proptest_config, tolerance};
 use proptest::prelude::*;
-use proptest::test_runner::{Config, FileFailurePersistence};
 use segattn::emulated::{classify_tile_both, forward, fwd_smem_bytes, Schedule};
 use segattn::{reference, PairRule, PairTable, PineLayout, SegmentMask, Visibility};
 
 const SCHEDULES: [Schedule; 3] = [Schedule::Forward, Schedule::HighFirst, Schedule::RandomWarp];
 
 fn cases(default: u32) -> u32 {
-    std::env::var("SEGATTN_EMU_CASES")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(default)
-}
-
-fn config(cases: u32) -> Config {
-    Config {
-        cases,
-        failure_persistence: Some(Box::new(FileFailurePersistence::Off)),
-        ..Config::default()
-    }
+    env_count("SEGATTN_EMU_CASES").unwrap_or(default)
 }
 
 /// splitmix64: every random detail of a case comes from its seed, so a failure replays exactly.
@@ -391,7 +379,7 @@ fn run_random_case(
 }
 
 proptest! {
-    #![proptest_config(config(cases(256)))]
+    #![proptest_config(proptest_config(cases(256)))]
 
     #[test]
     fn emulated_kernel_matches_reference(
@@ -542,7 +530,7 @@ fn window(rng: &mut Rng, len: usize) -> (usize, usize) {
 }
 
 proptest! {
-    #![proptest_config(config(cases(256) * 8))]
+    #![proptest_config(proptest_config(cases(256) * 8))]
 
     /// kernels/mask.cuh (block-cooperative, emulated) and src/mask/tiles.rs classify alike.
     #[test]

@@ -15,7 +15,7 @@ mod common;
 
 use candle_core::{DType, Result};
 use common::pine::{compare_with_oracle, PineTolerance};
-use common::{random_tensor, rotated_lse_tolerance, rotated_tolerance, Rng};
+use common::{env_count, random_tensor, rotated_lse_tolerance, rotated_tolerance, Rng};
 use segattn::emulated::{pine_decode_importance_both, pine_prefill, pine_shifts_both, Schedule};
 use segattn::pine::{PineAttention, Rope};
 use segattn::{reference, PineLayout};
@@ -23,10 +23,7 @@ use segattn::{reference, PineLayout};
 const MIN_MARGIN: f64 = 1e-5;
 
 fn cases() -> u64 {
-    std::env::var("SEGATTN_EMU_CASES")
-        .ok()
-        .and_then(|s| s.parse::<u64>().ok())
-        .map_or(6, |n| (n / 40).max(2))
+    env_count("SEGATTN_EMU_CASES").map_or(6, |n| u64::from(n / 40).max(2))
 }
 
 fn random_layout(rng: &mut Rng) -> PineLayout {

@@ -12,9 +12,8 @@ mod common;
 
 use candle_core::{DType, Device, Result, Tensor};
 use common::cases::{draw, MASK_KINDS};
-use common::{mass_tolerance, worst_ratio, Rng};
+use common::{env_count, mass_tolerance, proptest_config, worst_ratio, Rng};
 use proptest::prelude::*;
-use proptest::test_runner::{Config, FileFailurePersistence};
 use segattn::emulated::{scores_smem_bytes, segment_scores, Schedule};
 use segattn::{
     reference, HeadReduction, MassAlgorithm, PairRule, QueryReduction, SegmentMask, SegmentScoreOptions, Visibility,
@@ -24,18 +23,7 @@ const SCHEDULES: [Schedule; 3] = [Schedule::Forward, Schedule::HighFirst, Schedu
 const HEADS: [(usize, usize); 3] = [(4, 2), (3, 1), (2, 2)];
 
 fn cases(default: u32) -> u32 {
-    std::env::var("SEGATTN_EMU_CASES")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(default)
-}
-
-fn config(cases: u32) -> Config {
-    Config {
-        cases,
-        failure_persistence: Some(Box::new(FileFailurePersistence::Off)),
-        ..Config::default()
-    }
+    env_count("SEGATTN_EMU_CASES").unwrap_or(default)
 }
 
 fn random_options(rng: &mut Rng) -> SegmentScoreOptions {
@@ -149,7 +137,7 @@ fn run_random_case(
 }
 
 proptest! {
-    #![proptest_config(config(cases(96)))]
+    #![proptest_config(proptest_config(cases(96)))]
 
     #[test]
     fn emulated_scores_match_reference(

@@ -9,16 +9,15 @@ mod common;
 
 use candle_core::{DType, IndexOp, Result};
 use common::cases::{random_mask, MASK_KINDS};
-use common::{lse_tolerance, random_tensor, rotated_lse_tolerance, rotated_tolerance, tolerance, worst_ratio, Rng};
+use common::{
+    env_count, lse_tolerance, random_tensor, rotated_lse_tolerance, rotated_tolerance, tolerance, worst_ratio, Rng,
+};
 use segattn::emulated::{forward, forward_split, pine_decode, Schedule};
 use segattn::pine::{PineAttention, Rope};
 use segattn::{reference, PineLayout};
 
 fn cases() -> u64 {
-    std::env::var("SEGATTN_EMU_CASES")
-        .ok()
-        .and_then(|s| s.parse::<u64>().ok())
-        .map_or(12, |n| (n / 20).max(3))
+    env_count("SEGATTN_EMU_CASES").map_or(12, |n| u64::from(n / 20).max(3))
 }
 
 #[test]

@@ -19,9 +19,8 @@ mod common;
 use candle_core::{DType, Device, Result, Tensor};
 use common::cases::{random_mask, MASK_KINDS};
 use common::gpu::gpu;
-use common::{worst_ratio, Rng};
+use common::{env_count, proptest_config, worst_ratio, Rng};
 use proptest::prelude::*;
-use proptest::test_runner::{Config, FileFailurePersistence};
 use segattn::{reference, PairRule, PairTable, SegmentAttention, SegmentMask, Visibility};
 
 /// Output tolerances `(atol, rtol)` of the tensor-core kernel (bf16 P, f32 accumulation), for
@@ -37,18 +36,7 @@ fn tolerance(dtype: DType) -> (f64, f64) {
 const LSE_TOLERANCE: (f64, f64) = (1e-3, 1e-4);
 
 fn cases(default: u32) -> u32 {
-    std::env::var("SEGATTN_GPU_CASES")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(default)
-}
-
-fn config(cases: u32) -> Config {
-    Config {
-        cases,
-        failure_persistence: Some(Box::new(FileFailurePersistence::Off)),
-        ..Config::default()
-    }
+    env_count("SEGATTN_GPU_CASES").unwrap_or(default)
 }
 
 /// The same mask with its tensors on `dev` (what a user does: build it on the device of q).
@@ -281,7 +269,7 @@ const SHARDS: u32 = 8;
 macro_rules! random_case_shards {
     ($($name:ident),*) => {$(
         proptest! {
-            #![proptest_config(config(cases(400).div_ceil(SHARDS)))]
+            #![proptest_config(proptest_config(cases(400).div_ceil(SHARDS)))]
 
             #[test]
             fn $name(

@@ -12,7 +12,7 @@ mod common;
 use candle_core::{DType, Device, Result, Tensor};
 use common::gpu::gpu;
 use common::pine::{compare_with_oracle, prompt_rows, PineTolerance};
-use common::{random_tensor, rotated_lse_tolerance, rotated_tolerance, worst_ratio, Rng};
+use common::{env_count, random_tensor, rotated_lse_tolerance, rotated_tolerance, worst_ratio, Rng};
 use segattn::pine::{PineAttention, PositionScheme, Rope};
 use segattn::{reference, PineLayout};
 
@@ -21,10 +21,7 @@ use segattn::{reference, PineLayout};
 const MIN_MARGIN: f64 = 2e-3;
 
 fn cases() -> u64 {
-    std::env::var("SEGATTN_GPU_CASES")
-        .ok()
-        .and_then(|s| s.parse::<u64>().ok())
-        .map_or(40, |n| (n / 10).max(4))
+    env_count("SEGATTN_GPU_CASES").map_or(40, |n| u64::from(n / 10).max(4))
 }
 
 fn random_layouts(rng: &mut Rng, batch: usize) -> Vec<PineLayout> {

@@ -13,7 +13,7 @@ mod common;
 use candle_core::{DType, Device, Result, Tensor};
 use common::cases::{draw, MASK_KINDS};
 use common::gpu::gpu;
-use common::{mass_tolerance, worst_ratio, Rng};
+use common::{env_count, mass_tolerance, worst_ratio, Rng};
 use segattn::{
     reference, segment_scores, HeadReduction, MassAlgorithm, PairRule, QueryReduction, SegmentMask,
     SegmentScoreOptions, Visibility,
@@ -72,10 +72,7 @@ fn check(
 }
 
 fn cases() -> u64 {
-    std::env::var("SEGATTN_GPU_CASES")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(200)
+    env_count("SEGATTN_GPU_CASES").map_or(200, u64::from)
 }
 
 #[test]

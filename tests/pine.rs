@@ -12,7 +12,7 @@ mod common;
 
 use candle_core::{DType, Device, Result, Tensor};
 use common::pine::{compare_with_oracle, prompt_rows, PineTolerance};
-use common::{lse_tolerance, random_tensor, tolerance, worst_ratio, Rng};
+use common::{env_count, lse_tolerance, random_tensor, tolerance, worst_ratio, Rng};
 use proptest::prelude::*;
 use segattn::pine::{Llama3Scaling, PineAttention, PositionScheme, Rope};
 use segattn::{reference, PineLayout, SegmentAttention, SegmentMask};
@@ -84,11 +84,7 @@ fn tolerances(dtype: DType) -> PineTolerance {
 }
 
 fn cases() -> u32 {
-    std::env::var("SEGATTN_CASES")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .map_or(24, |n: u32| n / 4)
-        .max(4)
+    env_count("SEGATTN_CASES").map_or(24, |n| n / 4).max(4)
 }
 
 proptest! {

@@ -9,7 +9,7 @@ mod common;
 
 use candle_core::{DType, Device, Result, Tensor};
 use common::cases::{draw, Case, MASK_KINDS};
-use common::{mass_tolerance, worst_ratio, Rng};
+use common::{env_count, mass_tolerance, proptest_config, worst_ratio, Rng};
 use proptest::prelude::*;
 use segattn::{
     reference, segment_scores, HeadReduction, MassAlgorithm, PairRule, QueryReduction, SegmentAttention, SegmentMask,
@@ -21,10 +21,7 @@ const DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
 const ALGORITHMS: [MassAlgorithm; 3] = [MassAlgorithm::Auto, MassAlgorithm::OnePass, MassAlgorithm::TwoPass];
 
 fn cases() -> u32 {
-    std::env::var("SEGATTN_CASES")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(96)
+    env_count("SEGATTN_CASES").unwrap_or(96)
 }
 
 /// Random options (every reduction, normalisation, scale, algorithm) from `rng`.
@@ -142,11 +139,7 @@ fn check_fused(case: &Case, opts: &SegmentScoreOptions) -> Result<()> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig {
-        cases: cases(),
-        failure_persistence: Some(Box::new(proptest::test_runner::FileFailurePersistence::Off)),
-        ..ProptestConfig::default()
-    })]
+    #![proptest_config(proptest_config(cases()))]
 
     #[test]
     fn fused_attention_mass_matches_reference_and_standalone(

@@ -54,6 +54,22 @@ pub fn mass_tolerance(dtype: DType) -> (f64, f64) {
     }
 }
 
+/// The case count set in environment variable `var` (`SEGATTN_CASES`, `SEGATTN_EMU_CASES`,
+/// `SEGATTN_GPU_CASES`), if any; each test scales it to its own cost.
+pub fn env_count(var: &str) -> Option<u32> {
+    std::env::var(var).ok().and_then(|s| s.parse().ok())
+}
+
+/// A proptest configuration of `cases` cases that writes no failure-persistence files (the
+/// failing seed is in the message; the emulated and GPU tests replay from it).
+pub fn proptest_config(cases: u32) -> proptest::test_runner::Config {
+    proptest::test_runner::Config {
+        cases,
+        failure_persistence: Some(Box::new(proptest::test_runner::FileFailurePersistence::Off)),
+        ..proptest::test_runner::Config::default()
+    }
+}
+
 /// A small deterministic generator (xorshift64*), so every case is replayable from its seed.
 pub struct Rng(u64);
 
