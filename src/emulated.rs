@@ -18,7 +18,6 @@ use crate::op::AttentionOutput;
 use crate::params::{SegattnFwdParams, SegattnSegments, SegattnStrides};
 use crate::pine::PineRotation;
 use crate::validate::{default_scale, AttentionShape};
-use pine::rotation_params;
 
 mod pine;
 mod scores;
@@ -283,14 +282,17 @@ pub(crate) fn run_forward(
         ..base_params(&shape, dtype, scale as f32, [qi.strides, ki.strides, vi.strides])?
     };
     fill_mask_params(&mut p, &host);
-    if let Some(rot) = rotation {
+    // The rotation's arrays, packed as the GPU launcher uploads them (alive until the launch ends).
+    let packed = rotation.map(|rot| (rot.table.packed(), rot.shifts.packed_rows()));
+    if let (Some(rot), Some((table, rows))) = (rotation, &packed) {
         rot.check(&shape)?;
-        p.rotation = rotation_params(rot)?;
+        p.rotation =
+            crate::pine::kernel_args::rotation_params(rot, table.as_ptr(), rows.as_ptr(), rot.shifts.shifts.as_ptr())?;
     }
 
     // SAFETY: every pointer in `p` points into buffers that outlive the call (`qi`, `ki`, `vi`,
-    // `host`, `out`, `lse`, `rotation`) and the sizes in `p` match them; the schedule applies to
-    // this thread.
+    // `host`, `out`, `lse`, `rotation`, `packed`) and the sizes in `p` match them; the schedule
+    // applies to this thread.
     let rc = unsafe {
         segattn_emu_set_schedule(schedule.code(), seed);
         segattn_emu_fwd(&p)

@@ -14,8 +14,8 @@ use candle_core::{CudaStorage, Layout, Result, Storage, Tensor};
 use super::driver_err;
 use super::module;
 use crate::error::invalid_arg;
-use crate::kernel_params::to_i32;
-use crate::params::{SegattnDecodeScoresParams, SegattnFwdParams, SegattnRotation, SegattnShiftsParams};
+use crate::params::{SegattnDecodeScoresParams, SegattnFwdParams, SegattnShiftsParams};
+use crate::pine::kernel_args::{decode_scores_params, rotation_params, shifts_params};
 use crate::pine::shifts::ShiftsOp;
 use crate::pine::{PineRotation, RopeTable};
 use crate::validate::AttentionShape;
@@ -42,11 +42,7 @@ pub(crate) fn pine_shifts(
     let (Some((r0, _)), Some((s0, _))) = (rl.contiguous_offsets(), sl.contiguous_offsets()) else {
         invalid_arg!("internal error: PINE scores not contiguous");
     };
-    // [num_segs | first_suffix_row | segment_lens], one upload.
-    let mut meta = Vec::with_capacity(2 * batch + g.segment_lens.len());
-    meta.extend_from_slice(&g.num_segs);
-    meta.extend_from_slice(&g.first_suffix_row);
-    meta.extend_from_slice(&g.segment_lens);
+    let meta = g.packed_meta();
     let meta = stream
         .clone_htod(&meta)
         .map_err(|e| driver_err(format!("uploading {} words of PINE layout metadata", meta.len()), e))?;
@@ -64,25 +60,20 @@ pub(crate) fn pine_shifts(
         let (sp, _gs) = ss.device_ptr(&stream);
         let (mp, _gm) = meta.device_ptr(&stream);
         let (op_ptr, _go) = out.device_ptr_mut(&stream);
-        let at = |base: u64, words: usize| (base + 4 * words as u64) as *const u32;
-        let params = SegattnShiftsParams {
-            segment_scores: if op.has_segments {
+        let params = shifts_params(
+            g,
+            heads,
+            op.q_len,
+            if op.has_rows { op.scored_rows } else { 0 },
+            if op.has_segments {
                 (sp + 4 * s0 as u64) as *const f32
             } else {
                 std::ptr::null()
             },
-            row_scores: (rp + 4 * r0 as u64) as *const f32,
-            num_segs: at(mp, 0),
-            first_suffix_row: at(mp, batch),
-            segment_lens: at(mp, 2 * batch),
-            shifts: op_ptr as *mut u32,
-            batch: to_i32("batch", batch)?,
-            num_heads: to_i32("num_heads", heads)?,
-            groups: to_i32("query groups", g.groups)?,
-            num_segments: to_i32("key segments", g.sk)?,
-            q_len: to_i32("q_len", op.q_len)?,
-            scored_rows: to_i32("scored rows", if op.has_rows { op.scored_rows } else { 0 })?,
-        };
+            (rp + 4 * r0 as u64) as *const f32,
+            mp as *const u32,
+            op_ptr as *mut u32,
+        )?;
         let cfg = LaunchConfig {
             grid_dim: (
                 (g.groups * g.sk).div_ceil(SHIFTS_THREADS as usize) as u32,
@@ -120,18 +111,11 @@ pub(crate) struct RotationBuffers<'a> {
 impl<'a> RotationBuffers<'a> {
     pub(crate) fn upload(stream: &Arc<CudaStream>, rot: &'a PineRotation) -> Result<Self> {
         rot.check_kernel_limits()?;
-        let t = &rot.table;
-        let mut tables = Vec::with_capacity(t.cos.len() + t.sin.len());
-        tables.extend_from_slice(&t.cos);
-        tables.extend_from_slice(&t.sin);
+        let tables = rot.table.packed();
         let tables = stream
             .clone_htod(&tables)
             .map_err(|e| driver_err(format!("uploading the RoPE table ({} floats)", tables.len()), e))?;
-        let s = &rot.shifts;
-        let mut rows = Vec::with_capacity(2 * s.q_pos.len() + 1);
-        rows.extend_from_slice(&s.q_pos);
-        rows.extend_from_slice(&s.row_group);
-        rows.push(0); // never an empty allocation
+        let rows = rot.shifts.packed_rows();
         let rows = stream.clone_htod(&rows).map_err(|e| {
             driver_err(
                 format!("uploading PINE's row positions and groups ({} words)", rows.len()),
@@ -158,18 +142,7 @@ impl<'a> RotationBuffers<'a> {
         };
         let (tp, _gt) = self.tables.device_ptr(stream);
         let (rp, _gr) = self.rows.device_ptr(stream);
-        let half = self.rot.table.half;
-        let n_rows = self.rot.shifts.q_pos.len();
-        p.rotation = SegattnRotation {
-            cos: tp as *const f32,
-            sin: (tp + 4 * self.rot.table.cos.len() as u64) as *const f32,
-            table_len: to_i32("rope table", self.rot.table.cos.len() / half)?,
-            groups: to_i32("query groups", self.rot.shifts.groups)?,
-            q_pos: rp as *const u32,
-            row_group: (rp + 4 * n_rows as u64) as *const u32,
-            shifts: sp as *const u32,
-            num_segments: to_i32("key segments", self.rot.shifts.sk)?,
-        };
+        p.rotation = rotation_params(self.rot, tp as *const f32, rp as *const u32, sp as *const u32)?;
         Ok(())
     }
 }
@@ -189,9 +162,9 @@ pub(crate) fn pine_decode_scores(
     sk: usize,
 ) -> Result<Tensor> {
     let shape = AttentionShape::of(q, k_cache, k_cache)?;
-    let Some(dtype) = crate::kernel_params::dtype_code(q.dtype()) else {
+    if crate::kernel_params::dtype_code(q.dtype()).is_none() {
         invalid_arg!("q: the CUDA kernels support dtype bf16 or f16, got {:?}", q.dtype());
-    };
+    }
     let smem = 4 * (shape.head_dim + sk + 4);
     if smem > 48 * 1024 {
         invalid_arg!("layouts: PINE's decode importance on the GPU holds at most ~12000 segment ids, got {sk}");
@@ -201,16 +174,13 @@ pub(crate) fn pine_decode_scores(
         other => invalid_arg!("q: expected a CUDA tensor, got {:?}", other.location()),
     };
     let stream = dev.cuda_stream();
-    let (b, lk) = (shape.batch, shape.kv_len);
+    let b = shape.batch;
     let meta = stream
         .clone_htod(words)
         .map_err(|e| driver_err(format!("uploading {} words of PINE decode metadata", words.len()), e))?;
-    let mut tables = Vec::with_capacity(table.cos.len() + table.sin.len());
-    tables.extend_from_slice(&table.cos);
-    tables.extend_from_slice(&table.sin);
     let tables = stream
-        .clone_htod(&tables)
-        .map_err(|e| driver_err(format!("uploading the RoPE table ({} floats)", tables.len()), e))?;
+        .clone_htod(&table.packed())
+        .map_err(|e| driver_err(format!("uploading the RoPE table ({} floats)", 2 * table.cos.len()), e))?;
     let n_out = b * shape.num_heads * shape.q_len * sk;
     let mut out = stream
         .alloc_zeros::<f32>(n_out.max(1))
@@ -243,28 +213,24 @@ pub(crate) fn pine_decode_scores(
         let (mp, _gm) = meta.device_ptr(&stream);
         let (tp, _gt) = tables.device_ptr(&stream);
         let (op, _go) = out.device_ptr_mut(&stream);
-        let at = |words: usize| (mp + 4 * words as u64) as *const u32;
-        let params = SegattnDecodeScoresParams {
-            q: (qp + elem * ql.start_offset() as u64) as *const std::ffi::c_void,
-            q_strides: crate::kernel_params::strides_of(ql),
-            k: (kp + elem * kl.start_offset() as u64) as *const std::ffi::c_void,
-            k_strides: crate::kernel_params::strides_of(kl),
-            key_pos: at(0),
-            key_seg: at(b * lk),
-            seg_lens: at(2 * b * lk),
-            cos: tp as *const f32,
-            sin: (tp + 4 * table.cos.len() as u64) as *const f32,
-            out: op as *mut f32,
-            batch: to_i32("batch", b)?,
-            q_len: to_i32("q_len", shape.q_len)?,
-            kv_len: to_i32("kv_len", lk)?,
-            num_heads: to_i32("num_heads", shape.num_heads)?,
-            num_kv_heads: to_i32("num_kv_heads", shape.num_kv_heads)?,
-            head_dim: to_i32("head_dim", shape.head_dim)?,
-            num_segments: to_i32("key segments", sk)?,
-            dtype,
+        let params = decode_scores_params(
+            &shape,
+            q.dtype(),
+            sk,
             scale,
-        };
+            (
+                (qp + elem * ql.start_offset() as u64) as *const std::ffi::c_void,
+                crate::kernel_params::strides_of(ql),
+            ),
+            (
+                (kp + elem * kl.start_offset() as u64) as *const std::ffi::c_void,
+                crate::kernel_params::strides_of(kl),
+            ),
+            mp as *const u32,
+            table,
+            tp as *const f32,
+            op as *mut f32,
+        )?;
         super::launch::check_grid_of(name, b, shape.num_heads)?;
         let cfg = LaunchConfig {
             grid_dim: (shape.q_len as u32, shape.num_heads as u32, b as u32),

@@ -4,10 +4,10 @@
 use candle_core::{DType, Result, Tensor};
 
 use super::{last_error, run_forward, Schedule};
-use crate::kernel_params::to_i32;
 use crate::op::AttentionOutput;
-use crate::params::{SegattnDecodeScoresParams, SegattnRotation, SegattnShiftsParams};
-use crate::pine::{PineAttention, PineRotation, ScoreKeys};
+use crate::params::{SegattnDecodeScoresParams, SegattnShiftsParams};
+use crate::pine::kernel_args::{decode_scores_params, shifts_params};
+use crate::pine::{PineAttention, ScoreKeys};
 use crate::validate::AttentionShape;
 
 extern "C" {
@@ -73,22 +73,6 @@ pub fn pine_decode(
     )
 }
 
-/// The rotation fields of the kernel parameters, pointing into `rot` (which must outlive them).
-pub(crate) fn rotation_params(rot: &PineRotation) -> Result<SegattnRotation> {
-    let (table, shifts) = (&rot.table, &rot.shifts);
-    rot.check_kernel_limits()?;
-    Ok(SegattnRotation {
-        cos: table.cos.as_ptr(),
-        sin: table.sin.as_ptr(),
-        table_len: to_i32("rope table", table.cos.len() / table.half)?,
-        groups: to_i32("query groups", shifts.groups)?,
-        q_pos: shifts.q_pos.as_ptr(),
-        row_group: shifts.row_group.as_ptr(),
-        shifts: shifts.shifts.as_ptr(),
-        num_segments: to_i32("key segments", shifts.sk)?,
-    })
-}
-
 /// PINE's shifts for a prefill of `q`, `k` (un-rotated, `[B, L, H(kv), D]`, any float dtype), from
 /// one set of importance scores (CPU), computed twice: by the CPU order (a stable sort per group)
 /// and by the device kernel `segattn_pine_shifts` (ranking by counting), emulated. Returns (CPU,
@@ -99,22 +83,19 @@ pub fn pine_shifts_both(pine: &PineAttention, q: &Tensor, k: &Tensor) -> Result<
     let (imp, groups) = pine.importance(&f32(q)?, &f32(k)?, &shape)?;
     let imp = imp.to_host()?;
     let mut kernel = vec![u32::MAX; shape.batch * shape.num_heads * groups.groups * groups.sk];
-    let p = SegattnShiftsParams {
-        segment_scores: imp.segments.as_ref().map_or(std::ptr::null(), |s| s.as_ptr()),
-        row_scores: imp.rows.as_ptr(),
-        num_segs: groups.num_segs.as_ptr(),
-        first_suffix_row: groups.first_suffix_row.as_ptr(),
-        segment_lens: groups.segment_lens.as_ptr(),
-        shifts: kernel.as_mut_ptr(),
-        batch: to_i32("batch", shape.batch)?,
-        num_heads: to_i32("num_heads", shape.num_heads)?,
-        groups: to_i32("query groups", groups.groups)?,
-        num_segments: to_i32("key segments", groups.sk)?,
-        q_len: to_i32("q_len", shape.q_len)?,
-        scored_rows: to_i32("scored rows", imp.scored_rows)?,
-    };
+    let meta = groups.packed_meta();
+    let p = shifts_params(
+        &groups,
+        shape.num_heads,
+        shape.q_len,
+        imp.scored_rows,
+        imp.segments.as_ref().map_or(std::ptr::null(), |s| s.as_ptr()),
+        imp.rows.as_ptr(),
+        meta.as_ptr(),
+        kernel.as_mut_ptr(),
+    )?;
     // SAFETY: every pointer of `p` points into a live buffer of the size stated in `p`
-    // (`imp`, `groups`, `kernel`), all alive for the call.
+    // (`imp`, `meta`, `kernel`), all alive for the call.
     let rc = unsafe { segattn_emu_pine_shifts(&p) };
     if rc != 0 {
         return Err(candle_core::Error::Msg(format!("segattn: emulated shifts kernel failed: {}", last_error())).bt());
@@ -135,32 +116,23 @@ pub fn pine_decode_importance_both(pine: &PineAttention, q: &Tensor, k_cache: &T
         .flatten_all()?
         .to_vec1::<f32>()?;
     let words = pine.decode_keys(&extended, shape.kv_len, sk);
-    let (b, lk) = (shape.batch, shape.kv_len);
+    let packed_table = table.packed();
     let (qi, ki) = (super::Input::new("q", q)?, super::Input::new("k_cache", k_cache)?);
-    let mut kernel = vec![0f32; b * shape.num_heads * shape.q_len * sk];
-    let p = SegattnDecodeScoresParams {
-        q: qi.ptr,
-        q_strides: qi.strides,
-        k: ki.ptr,
-        k_strides: ki.strides,
-        key_pos: words.as_ptr(),
-        key_seg: words[b * lk..].as_ptr(),
-        seg_lens: words[2 * b * lk..].as_ptr(),
-        cos: table.cos.as_ptr(),
-        sin: table.sin.as_ptr(),
-        out: kernel.as_mut_ptr(),
-        batch: to_i32("batch", b)?,
-        q_len: to_i32("q_len", shape.q_len)?,
-        kv_len: to_i32("kv_len", lk)?,
-        num_heads: to_i32("num_heads", shape.num_heads)?,
-        num_kv_heads: to_i32("num_kv_heads", shape.num_kv_heads)?,
-        head_dim: to_i32("head_dim", shape.head_dim)?,
-        num_segments: to_i32("key segments", sk)?,
-        dtype: crate::kernel_params::dtype_code(q.dtype()).unwrap_or(-1),
-        scale: scale as f32,
-    };
+    let mut kernel = vec![0f32; shape.batch * shape.num_heads * shape.q_len * sk];
+    let p = decode_scores_params(
+        &shape,
+        q.dtype(),
+        sk,
+        scale as f32,
+        (qi.ptr, qi.strides),
+        (ki.ptr, ki.strides),
+        words.as_ptr(),
+        &table,
+        packed_table.as_ptr(),
+        kernel.as_mut_ptr(),
+    )?;
     // SAFETY: every pointer of `p` points into a live buffer of the size stated in `p` (`qi`,
-    // `ki`, `words`, `table`, `kernel`), all alive for the call.
+    // `ki`, `words`, `packed_table`, `kernel`), all alive for the call.
     let rc = unsafe { segattn_emu_pine_decode_scores(&p) };
     if rc != 0 {
         return Err(candle_core::Error::Msg(format!(

@@ -18,6 +18,7 @@
 //! [`PositionScheme`]s of the same API. The literal oracle is [`crate::reference::pine_attention`].
 
 pub(crate) mod importance;
+pub(crate) mod kernel_args;
 pub(crate) mod order;
 mod rope;
 mod scheme;

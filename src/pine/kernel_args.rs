@@ -1,0 +1,128 @@
+//! The parameters of PINE's kernels (`kernels/segattn_params.h`), filled in one place for the GPU
+//! launcher (`src/cuda/pine.rs`, device addresses) and the emulated launches
+//! (`src/emulated/pine.rs`, host addresses): sizes, 32-bit checks, and where each packed array
+//! starts. The arrays themselves are packed by [`GroupLayout::packed_meta`],
+//! [`QueryShifts::packed_rows`] and [`RopeTable::packed`], so both sides lay them out alike.
+
+use candle_core::{DType, Result};
+
+use super::order::{GroupLayout, QueryShifts};
+use super::{PineRotation, RopeTable};
+use crate::kernel_params::{dtype_code, to_i32};
+use crate::params::{SegattnDecodeScoresParams, SegattnRotation, SegattnShiftsParams, SegattnStrides};
+use crate::validate::AttentionShape;
+
+impl GroupLayout {
+    /// `[num_segs | first_suffix_row | segment_lens]`: the layout metadata of the shifts kernel.
+    pub(crate) fn packed_meta(&self) -> Vec<u32> {
+        [&self.num_segs[..], &self.first_suffix_row, &self.segment_lens].concat()
+    }
+}
+
+impl QueryShifts {
+    /// `[q_pos | row_group]`, plus one word (never an empty allocation).
+    pub(crate) fn packed_rows(&self) -> Vec<u32> {
+        [&self.q_pos[..], &self.row_group, &[0]].concat()
+    }
+}
+
+impl RopeTable {
+    /// `[cos | sin]`.
+    pub(crate) fn packed(&self) -> Vec<f32> {
+        [&self.cos[..], &self.sin].concat()
+    }
+}
+
+/// The rotation of a `segattn_fwd_rope_*` launch: `table` holds [`RopeTable::packed`], `rows`
+/// [`QueryShifts::packed_rows`], `shifts` the `[B, H, groups, Sk]` shifts.
+pub(crate) fn rotation_params(
+    rot: &PineRotation,
+    table: *const f32,
+    rows: *const u32,
+    shifts: *const u32,
+) -> Result<SegattnRotation> {
+    rot.check_kernel_limits()?;
+    let (t, s) = (&rot.table, &rot.shifts);
+    Ok(SegattnRotation {
+        cos: table,
+        sin: table.wrapping_add(t.cos.len()),
+        table_len: to_i32("rope table", t.cos.len() / t.half)?,
+        groups: to_i32("query groups", s.groups)?,
+        q_pos: rows,
+        row_group: rows.wrapping_add(s.q_pos.len()),
+        shifts,
+        num_segments: to_i32("key segments", s.sk)?,
+    })
+}
+
+/// The shifts kernel's launch for `groups` x `heads` (`scored_rows` last query rows scored per
+/// row, 0 when there are none): `meta` holds [`GroupLayout::packed_meta`].
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn shifts_params(
+    groups: &GroupLayout,
+    heads: usize,
+    q_len: usize,
+    scored_rows: usize,
+    segment_scores: *const f32,
+    row_scores: *const f32,
+    meta: *const u32,
+    out: *mut u32,
+) -> Result<SegattnShiftsParams> {
+    let batch = groups.num_segs.len();
+    Ok(SegattnShiftsParams {
+        segment_scores,
+        row_scores,
+        num_segs: meta,
+        first_suffix_row: meta.wrapping_add(batch),
+        segment_lens: meta.wrapping_add(2 * batch),
+        shifts: out,
+        batch: to_i32("batch", batch)?,
+        num_heads: to_i32("num_heads", heads)?,
+        groups: to_i32("query groups", groups.groups)?,
+        num_segments: to_i32("key segments", groups.sk)?,
+        q_len: to_i32("q_len", q_len)?,
+        scored_rows: to_i32("scored rows", scored_rows)?,
+    })
+}
+
+/// The decode-importance kernel's launch: `words` holds `PineAttention::decode_keys`
+/// (`[key_pos | key_seg | seg_lens]`), `table_addr` the [`RopeTable::packed`] of `table`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn decode_scores_params(
+    shape: &AttentionShape,
+    dtype: DType,
+    sk: usize,
+    scale: f32,
+    (q, q_strides): (*const std::ffi::c_void, SegattnStrides),
+    (k, k_strides): (*const std::ffi::c_void, SegattnStrides),
+    words: *const u32,
+    table: &RopeTable,
+    table_addr: *const f32,
+    out: *mut f32,
+) -> Result<SegattnDecodeScoresParams> {
+    let Some(dtype) = dtype_code(dtype) else {
+        crate::error::invalid_arg!("q: the CUDA kernels support dtype bf16 or f16, got {dtype:?}");
+    };
+    let (b, lk) = (shape.batch, shape.kv_len);
+    Ok(SegattnDecodeScoresParams {
+        q,
+        q_strides,
+        k,
+        k_strides,
+        key_pos: words,
+        key_seg: words.wrapping_add(b * lk),
+        seg_lens: words.wrapping_add(2 * b * lk),
+        cos: table_addr,
+        sin: table_addr.wrapping_add(table.cos.len()),
+        out,
+        batch: to_i32("batch", b)?,
+        q_len: to_i32("q_len", shape.q_len)?,
+        kv_len: to_i32("kv_len", lk)?,
+        num_heads: to_i32("num_heads", shape.num_heads)?,
+        num_kv_heads: to_i32("num_kv_heads", shape.num_kv_heads)?,
+        head_dim: to_i32("head_dim", shape.head_dim)?,
+        num_segments: to_i32("key segments", sk)?,
+        dtype,
+        scale,
+    })
+}
