@@ -22,6 +22,10 @@
 // Split-K (params.kv_splits > 1, decode): each block covers one slice of the key tiles and writes
 // an f32 partial output and LSE; combine_kernel.cuh merges the slices.
 //
+// The fused mass variant (Traits::kMass, segment_mass.cuh): per tile, P times a one-hot segment
+// matrix into on-chip accumulators for segment ids 0..63, rescaled like O; the epilogue writes
+// them divided by the row sum into p.mass (one pass, no split-K: the launcher sees to both).
+//
 // PINE's variant (Traits::kRotate, rotary.cuh): Q stays in shared memory; S is computed piece by
 // piece of the key tile's segments, each with the query turned by the row's position plus its
 // group's shift for that segment (a turned copy of the Q tile, read k-step by k-step). Everything
@@ -38,6 +42,7 @@
 #include "kernel_traits.cuh"
 #include "mask.cuh"
 #include "rotary.cuh"
+#include "segment_mass.cuh"
 #include "softmax.cuh"
 #include "tile_load.cuh"
 
@@ -150,6 +155,13 @@ __device__ void fwd_kernel(const SegattnFwdParams& p) {
   }
   OnlineSoftmax softmax;
   softmax.init();
+  // kMass: the per-segment sums of segment ids 0..63 (C fragments, rows g and g + 8).
+  float macc[Traits::kMass ? mass::kSegBlocks : 1][4];
+  SEGATTN_UNROLL
+  for (int nb = 0; nb < (Traits::kMass ? mass::kSegBlocks : 1); ++nb) {
+    SEGATTN_UNROLL
+    for (int e = 0; e < 4; ++e) macc[nb][e] = 0.0f;
+  }
 
   int cls = SEGATTN_TILE_SKIP;
   int tile = next_visible(first_tile, s_kid, cls);
@@ -162,7 +174,7 @@ __device__ void fwd_kernel(const SegattnFwdParams& p) {
     __syncthreads();
   }
   uint32_t qf[Traits::kDK][4];
-  if (!Traits::kRotate && tile < end_tile) {
+  if (!Traits::kQInSmem && tile < end_tile) {
     load_q_fragments<Traits>(s_q, warp, lane, qf);
     __syncthreads();  // the Q tile shares K buffer 1, which the loop's first prefetch overwrites
   }
@@ -225,8 +237,11 @@ __device__ void fwd_kernel(const SegattnFwdParams& p) {
         a = e;
       }
     } else {
+      const int ld_row = warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
       SEGATTN_UNROLL
       for (int kc = 0; kc < Traits::kDK; ++kc) {
+        // kQInSmem: this k-step's Q fragment from the Q tile (load_q_fragments' addressing).
+        if constexpr (Traits::kQInSmem) ldmatrix_x4(qf[kc], s_q + swizzle<kChunks>(ld_row, 2 * kc + (lane >> 4)));
         SEGATTN_UNROLL
         for (int np = 0; np < Traits::kNS / 2; ++np) {
           uint32_t kb[4];
@@ -262,17 +277,19 @@ __device__ void fwd_kernel(const SegattnFwdParams& p) {
     }
 
     softmax.update(s, o);
+    if constexpr (Traits::kMass) {
+      // The segment blocks between the tile's first and last key id (ids are non-decreasing).
+      softmax.rescale(macc);
+      const int nb_lo = static_cast<int>(kid[0] / 8u);
+      const int nb_hi = static_cast<int>(kid[min(kN, kv_len - k0) - 1] / 8u);
+      mass::accumulate(s, [&](int j) { return static_cast<int>(kid[j]); }, lane, nb_lo, nb_hi, macc);
+    }
 
-    // O += P V, with P packed to 16 bits straight from the S accumulators: the C fragments of
-    // n-blocks 2kc and 2kc+1 are exactly the A fragment of k-step kc.
+    // O += P V, with P packed to 16 bits straight from the S accumulators.
     SEGATTN_UNROLL
     for (int kc = 0; kc < Traits::kPK; ++kc) {
-      const uint32_t pa[4] = {
-          pack2<T>(s[2 * kc][0], s[2 * kc][1]),
-          pack2<T>(s[2 * kc][2], s[2 * kc][3]),
-          pack2<T>(s[2 * kc + 1][0], s[2 * kc + 1][1]),
-          pack2<T>(s[2 * kc + 1][2], s[2 * kc + 1][3]),
-      };
+      uint32_t pa[4];
+      p_fragment<T>(s, kc, pa);
       SEGATTN_UNROLL
       for (int dp = 0; dp < Traits::kNO / 2; ++dp) {
         uint32_t vb[4];
@@ -294,6 +311,13 @@ __device__ void fwd_kernel(const SegattnFwdParams& p) {
   float inv[2];
   float lse[2];
   softmax.finalize(inv, lse);
+  if constexpr (Traits::kMass) {
+    if (p.kv_splits <= 1 && p.mass.mass != nullptr) {
+      float* row_out[2];
+      mass::row_outputs(p.mass, b, h, q0, q1, warp, g, row_seg, row_out);
+      mass::store_rows(macc, inv, row_out, p.mass, lane);
+    }
+  }
   if (p.kv_splits > 1) {
     // This split's normalised partial output and LSE, f32, for segattn_fwd_combine_*.
     const int split = static_cast<int>(blockIdx.x) % p.kv_splits;

@@ -13,8 +13,8 @@
 //            scan[2 * kWarps] i32 (reduction of the visible key-tile range)
 // The Q tile (kBlockM x D) lives in K buffer 1: it is loaded together with the first K/V tile
 // (into buffer 0), moved to registers, and only then may buffer 1 be filled; the epilogue stages
-// the output there again. (With kRotate, PINE's variant, Q has its own tile after V[2], and the
-// turned Q a second one: + 16 KiB at D = 64, + 32 KiB at D = 128.) D = 64: 32 KiB of tiles + 1064 B = 33,832 B (under the 48 KiB default);
+// the output there again. (With kQInSmem Q has its own tile after V[2], + 16 KiB at D = 128; with
+// kRotate, PINE's variant, the turned Q a second one: + 16 KiB at D = 64, + 32 KiB at D = 128.) D = 64: 32 KiB of tiles + 1064 B = 33,832 B (under the 48 KiB default);
 // D = 128: 64 KiB + 1064 B = 66,600 B (the launcher must raise
 // cudaFuncAttributeMaxDynamicSharedMemorySize), two blocks per SM on A100 as on H100.
 //
@@ -46,12 +46,20 @@
 namespace segattn {
 namespace fwd {
 
-template <class Element, int kHeadDim_, bool kRotate_ = false>
+template <class Element, int kHeadDim_, bool kRotate_ = false, bool kMass_ = false>
 struct FwdTraits {
   using T = Element;
   static constexpr int kHeadDim = kHeadDim_;
   // PINE's in-loop query rotation (rotary.cuh): Q stays in its own shared tile for the whole loop.
   static constexpr bool kRotate = kRotate_;
+  // The fused per-segment mass output (segment_mass.cuh): 8 more accumulator blocks per thread,
+  // no shared memory.
+  static constexpr bool kMass = kMass_;
+  static_assert(!(kRotate && kMass), "the fused mass is not offered with PINE's rotation");
+  // Q read from its own shared tile at every key tile instead of held in registers: PINE's
+  // rotation (it re-forms the fragments per segment), and the fused mass at D = 128, whose 32
+  // accumulator registers take the place of Q's (with both, the kernel spills).
+  static constexpr bool kQInSmem = kRotate || (kMass && kHeadDim == 128);
   static constexpr int kBlockM = 64;
   static constexpr int kBlockN = 64;
   static constexpr int kWarps = 4;
@@ -75,12 +83,12 @@ struct FwdTraits {
   static constexpr int kOffK = 0;                           // + buf * kKVBytes
   static constexpr int kOffV = kOffK + 2 * kKVBytes;        // + buf * kKVBytes
   // Q shares K buffer 1: it is moved to registers before buffer 1's first load is issued. With
-  // kRotate it has its own tile after V: its fragments are re-formed for every key segment.
-  static constexpr int kOffQ = kRotate ? kOffV + 2 * kKVBytes : kOffK + kKVBytes;
+  // kQInSmem it has its own tile after V.
+  static constexpr int kOffQ = kQInSmem ? kOffV + 2 * kKVBytes : kOffK + kKVBytes;
   static_assert(kQBytes <= kKVBytes, "the Q tile fits in a K buffer");
   // kRotate: the turned Q tile, whose fragments the S mma reads k-step by k-step.
   static constexpr int kOffQTurned = kOffQ + kQBytes;
-  static constexpr int kOffQId = kOffV + 2 * kKVBytes + (kRotate ? 2 * kQBytes : 0);  // u32[kBlockM]
+  static constexpr int kOffQId = kOffV + 2 * kKVBytes + (kRotate ? 2 * kQBytes : kQInSmem ? kQBytes : 0);  // u32[kBlockM]
   static constexpr int kOffQEnd = kOffQId + 4 * kBlockM;    // i32[kBlockM]
   static constexpr int kOffQStarts = kOffQEnd + 4 * kBlockM;  // u32[kBlockM / 32]
   static constexpr int kOffKId = kOffQStarts + 4 * (kBlockM / 32);  // u32[2][kBlockN]

@@ -5,10 +5,8 @@
 // warp w owns query rows 16w .. 16w + 15 of the block's tile; the same tile classifier
 // (mask.cuh: SKIP tiles never loaded), cp.async double-buffered K tiles, Q in registers as
 // ldmatrix A fragments, S = Q K^T with mma.sync m16n8k16, masking and OnlineSoftmax (softmax.cuh).
-// The segment sums are one more mma per 16 keys and 8 segments: P (re-packed to f16 from the S
-// accumulators, as O += P V does; P is in [0, 1], where f16 has 11 significant bits) times a
-// one-hot segment matrix built in registers from the key ids (B[key][seg] = 1 where the key's
-// segment is seg; no shared-memory operand).
+// The segment sums are one more mma per 16 keys and 8 segments (segment_mass.cuh: P times a
+// one-hot segment matrix built in registers from the key ids).
 //
 // Two algorithms (p.two_pass):
 //   one pass (Sk <= 64): accumulators for segment ids 0..63 on chip, acc[8][4] per thread (the C
@@ -16,7 +14,8 @@
 //     (OnlineSoftmax::update takes them as its `o`); per tile only the 8-segment blocks between
 //     the tile's first and last key id are multiplied (a documents tile: one block). Epilogue:
 //     acc / row sum, stored (or added under a reduction).
-//   two passes (any Sk): pass 1 the row max and sum only (no accumulator); pass 2 recomputes S
+//   two passes (any Sk): pass 1 the row max and sum only (no accumulator; skipped when the caller
+//     gives the rows' LSE from the forward kernel, p.saved_lse); pass 2 recomputes S
 //     and takes the exact probabilities 2^(s - lse2); the segments of a tile are numbered locally
 //     (piece order, at most 64: a ballot of the piece starts), the tile's sums go through the
 //     one-hot mma into per-tile accumulators and are added to mass[row][global id] at once: each
@@ -36,6 +35,7 @@
 #include "segattn_params.h"
 #include "kernel_traits.cuh"
 #include "mask.cuh"
+#include "segment_mass.cuh"
 #include "softmax.cuh"
 #include "tile_load.cuh"
 
@@ -60,8 +60,8 @@ struct ScoresTraits {
   static constexpr int kPK = kBlockN / 16;      // k-steps of P x one-hot
   // Segment n-blocks of 8: one pass holds ids 0 .. 8 * kSegBlocks - 1; two passes number at most
   // kBlockN local segments per tile.
-  static constexpr int kSegBlocks = 8;
-  static constexpr int kMaxOnePassSegments = 8 * kSegBlocks;
+  static constexpr int kSegBlocks = mass::kSegBlocks;
+  static constexpr int kMaxOnePassSegments = mass::kMaxOnePassSegments;
   static_assert(kMaxOnePassSegments == kBlockN, "a tile has at most kBlockN local segments");
 
   static constexpr int kKBytes = kBlockN * kHeadDim * 2;
@@ -90,28 +90,12 @@ __device__ __forceinline__ void mma_qk(float (&d)[4], const uint32_t (&a)[4], ui
   }
 }
 
-// f16 bit patterns of a one-hot B fragment register: 1.0 (0x3C00) in the half whose key segment
-// is `want`.
-__device__ __forceinline__ uint32_t onehot2(int seg_lo, int seg_hi, int want) {
-  return (seg_lo == want ? 0x3C00u : 0u) | (seg_hi == want ? 0x3C000000u : 0u);
-}
-
 // Local segment of key j of a tile: the number of piece starts at keys <= j, minus one. `starts`
 // holds the piece-start bits of keys 0..31 and 32..63.
 __device__ __forceinline__ int local_of(const uint32_t (&starts)[2], int j) {
   const uint32_t lo = j < 32 ? (starts[0] & (0xffffffffu >> (31 - j))) : starts[0];
   const uint32_t hi = j < 32 ? 0u : (starts[1] & (0xffffffffu >> (63 - j)));
   return __popc(lo) + __popc(hi) - 1;
-}
-
-// Adds v to *p: atomically on the GPU. The emulator runs a block's threads as fibers of one OS
-// thread and blocks one after another, so a plain add is atomic there.
-__device__ __forceinline__ void atomic_add(float* p, float v) {
-#if defined(SEGATTN_EMULATE)
-  *p += v;
-#else
-  atomicAdd(p, v);
-#endif
 }
 
 template <class Traits>
@@ -144,7 +128,7 @@ __device__ void scores_kernel(const SegattnScoresParams& sp) {
   const int pos_offset = kv_len - p.q_len;
   const int num_tiles = (kv_len + kN - 1) / kN;
   const bool two_pass = sp.two_pass != 0;
-  const bool reduce = sp.head_reduce != 0 || sp.query_reduce != 0;
+  const bool reduce = sp.out.head_reduce != 0 || sp.out.query_reduce != 0;
 
   const mask::Rule rule = mask::rule_of_batch(p, b);
   const mask::Segments kv_segs = mask::segments_of_batch(p.kv_segments, b);
@@ -207,15 +191,7 @@ __device__ void scores_kernel(const SegattnScoresParams& sp) {
   }
   // Where this thread's rows land in `mass` (query reduction: the row's query segment id).
   float* row_out[2];
-  SEGATTN_UNROLL
-  for (int r = 0; r < 2; ++r) {
-    const int row = q0 + warp * 16 + g + 8 * r;
-    const int64_t ro = sp.query_reduce != 0 ? static_cast<int64_t>(row_seg[r]) : static_cast<int64_t>(row);
-    const int64_t ho = sp.head_reduce != 0 ? 0 : h;
-    row_out[r] = row < q1 ? sp.mass + static_cast<int64_t>(b) * sp.mass_batch_stride + ho * sp.mass_head_stride +
-                                ro * sp.mass_row_stride
-                          : nullptr;
-  }
+  mass::row_outputs(sp.out, b, h, q0, q1, warp, g, row_seg, row_out);
 
   // One pass: the accumulators of segment ids 0..8 kSB - 1 (C fragments: rows g, g + 8; ids
   // 8 nb + quad_col + {0, 1}). Two passes: the current tile's sums by local segment.
@@ -228,24 +204,36 @@ __device__ void scores_kernel(const SegattnScoresParams& sp) {
   fwd::OnlineSoftmax softmax;
   softmax.init();
   float lse2[2] = {INFINITY, INFINITY};  // two passes: log2-domain LSE of each row (+inf: sees nothing)
+  // Two passes with the forward kernel's LSE: the statistics pass is skipped.
+  const bool saved = two_pass && sp.saved_lse != nullptr;
+  if (saved) {
+    SEGATTN_UNROLL
+    for (int r = 0; r < 2; ++r) {
+      const int row = q0 + warp * 16 + g + 8 * r;
+      const float lse = row < q1 ? sp.saved_lse[(static_cast<int64_t>(b) * p.num_heads + h) * p.q_len + row]
+                                 : -INFINITY;
+      lse2[r] = lse == -INFINITY ? INFINITY : lse * 1.44269504088896340736f;  // ln -> log2
+    }
+  }
   uint32_t qf[Traits::kDK][4];
 
   const int passes = two_pass ? 2 : 1;
-  for (int pass = 0; pass < passes; ++pass) {
+  for (int pass = saved ? 1 : 0; pass < passes; ++pass) {
     const bool stats_only = two_pass && pass == 0;
     const bool exact = two_pass && pass == 1;
+    const bool first = pass == (saved ? 1 : 0);  // loads the Q tile
     int cls = SEGATTN_TILE_SKIP;
     int tile = next_visible(first_tile, s_kid, cls);
     uint32_t starts[2] = {0u, 0u};
     if (tile < end_tile) {
       if (exact) number_pieces(tile, s_kid, s_local_id, starts);
-      if (pass == 0) {
+      if (first) {
         fwd::load_tile_async<Traits, kM>(s_q, q_base, p.q_strides.row, q1 - q0);
         cp_async_commit();
       }
       load_k_async(tile, 0);
       cp_async_commit();
-      if (pass == 0) {
+      if (first) {
         cp_async_wait<1>();  // the Q group
         __syncthreads();
         fwd::load_q_fragments<Traits>(s_q, warp, lane, qf);
@@ -338,37 +326,9 @@ __device__ void scores_kernel(const SegattnScoresParams& sp) {
             for (int e = 0; e < 4; ++e) acc[nb][e] = 0.0f;
           }
         }
-        // P (f16 A fragments straight from the S accumulators) x one-hot(segment of each key).
-        SEGATTN_UNROLL
-        for (int kc = 0; kc < Traits::kPK; ++kc) {
-          const uint32_t pa[4] = {
-              pack2<segattn::f16>(s[2 * kc][0], s[2 * kc][1]),
-              pack2<segattn::f16>(s[2 * kc][2], s[2 * kc][3]),
-              pack2<segattn::f16>(s[2 * kc + 1][0], s[2 * kc + 1][1]),
-              pack2<segattn::f16>(s[2 * kc + 1][2], s[2 * kc + 1][3]),
-          };
-          // B rows (keys) of this thread: 16 kc + quad_col + {0, 1} and + 8.
-          const int j = 16 * kc + quad_col;
-          int seg[4];
-          if (exact) {
-            seg[0] = local_of(starts, j);
-            seg[1] = local_of(starts, j + 1);
-            seg[2] = local_of(starts, j + 8);
-            seg[3] = local_of(starts, j + 9);
-          } else {
-            seg[0] = static_cast<int>(kid[j]);
-            seg[1] = static_cast<int>(kid[j + 1]);
-            seg[2] = static_cast<int>(kid[j + 8]);
-            seg[3] = static_cast<int>(kid[j + 9]);
-          }
-          SEGATTN_UNROLL
-          for (int nb = 0; nb < kSB; ++nb) {
-            if (nb < nb_lo || nb > nb_hi) continue;  // uniform over the block
-            const int want = 8 * nb + g;
-            const uint32_t b[2] = {onehot2(seg[0], seg[1], want), onehot2(seg[2], seg[3], want)};
-            mma_m16n8k16_f16(acc[nb], pa, b, acc[nb]);
-          }
-        }
+        // P x one-hot(segment of each key): global ids in one pass, local numbers in the second.
+        const auto seg_of = [&](int j) { return exact ? local_of(starts, j) : static_cast<int>(kid[j]); };
+        mass::accumulate(s, seg_of, lane, nb_lo, nb_hi, acc);
         if (exact) {
           // Add the tile's sums to mass[row][global id of each local segment].
           const int nloc = __popc(starts[0]) + __popc(starts[1]);
@@ -383,10 +343,10 @@ __device__ void scores_kernel(const SegattnScoresParams& sp) {
               const float v = acc[nb][e];
               const uint32_t id = local_id[loc];
               // (Every key id is below num_segments; the test only keeps a stray id in bounds.)
-              if (loc < nloc && out != nullptr && v != 0.0f && id < static_cast<uint32_t>(sp.num_segments)) {
+              if (loc < nloc && out != nullptr && v != 0.0f && id < static_cast<uint32_t>(sp.out.num_segments)) {
                 float* const dst = out + id;
                 if (reduce) {
-                  atomic_add(dst, v);
+                  mass::atomic_add(dst, v);
                 } else {
                   *dst += v;  // this thread owns (row, segment): no other writer
                 }
@@ -419,21 +379,7 @@ __device__ void scores_kernel(const SegattnScoresParams& sp) {
     float inv[2];
     float lse[2];
     softmax.finalize(inv, lse);
-    SEGATTN_UNROLL
-    for (int nb = 0; nb < kSB; ++nb) {
-      SEGATTN_UNROLL
-      for (int e = 0; e < 4; ++e) {
-        const int seg = 8 * nb + quad_col + (e & 1);
-        float* const out = row_out[e >> 1];
-        if (out == nullptr || seg >= sp.num_segments) continue;
-        const float v = acc[nb][e] * inv[e >> 1];
-        if (!reduce) {
-          out[seg] = v;
-        } else if (v != 0.0f) {
-          atomic_add(out + seg, v);
-        }
-      }
-    }
+    mass::store_rows(acc, inv, row_out, sp.out, lane);
   }
 }
 

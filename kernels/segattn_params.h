@@ -65,6 +65,22 @@ typedef struct SegattnRotation {
   int32_t num_segments;
 } SegattnRotation;
 
+/* Where a per-segment attention mass goes (the mass kernel's output, or the forward kernel's fused
+ * one): mass[b, ho, ro, s] (+)= sum over keys j with kv id s of P[b, h, i, j], f32, last dim
+ * contiguous, s < num_segments (every kv id must be below it); ho = 0 with head_reduce, else h;
+ * ro = the query segment id of row i with query_reduce (every q id below the row count of `mass`),
+ * else i. With either reduction the kernel ADDS (atomically) into a zeroed `mass`; otherwise it
+ * writes every element. Length / mean weights are applied by the caller afterwards. */
+typedef struct SegattnMassOutput {
+  float *mass;
+  int64_t batch_stride;
+  int64_t head_stride;
+  int64_t row_stride;
+  int32_t num_segments;
+  int32_t head_reduce;
+  int32_t query_reduce;
+} SegattnMassOutput;
+
 typedef struct SegattnFwdParams {
   /* Inputs, dtype given by `dtype`: q [B, Lq, H, D], k and v [B, Lk, Hkv, D]. */
   const void *q;
@@ -114,27 +130,26 @@ typedef struct SegattnFwdParams {
   int32_t kv_splits;
   float *o_accum;
   float *lse_accum;
+
+  /* Only for the segattn_fwd_mass_* entry points (mass.mass NULL otherwise): the per-segment mass
+   * of this attention's softmax, computed in the same pass (one pass: mass.num_segments <= 64;
+   * kv_splits must be <= 1). See SegattnMassOutput. */
+  SegattnMassOutput mass;
 } SegattnFwdParams;
 
 /* Per-segment attention mass (kernels/scores/scores.cu): the softmax of q.k over the visible keys
- * of `base` (q, k, masks, sizes, scale; v, o and lse unused, NULL), summed per key segment id.
- * mass[b, ho, ro, s] (+)= sum over keys j with kv id s of P[b, h, i, j], f32, last dim contiguous,
- * s < num_segments (every kv id must be below it); ho = 0 with head_reduce, else h; ro = the query
- * segment id of row i with query_reduce (every q id below the row count of `mass`), else i.
- * With either reduction or two_pass the kernel ADDS (atomically) into a zeroed `mass`; otherwise
- * it writes every element. Length / mean weights are applied by the caller afterwards. */
+ * of `base` (q, k, masks, sizes, scale; v, o, lse and base.mass unused), summed per key segment id
+ * into `out` (see SegattnMassOutput). With two_pass the kernel adds into a zeroed `out.mass`. */
 typedef struct SegattnScoresParams {
   SegattnFwdParams base;
-  float *mass;
-  int64_t mass_batch_stride;
-  int64_t mass_head_stride;
-  int64_t mass_row_stride;
-  int32_t num_segments;
-  int32_t head_reduce;
-  int32_t query_reduce;
+  SegattnMassOutput out;
   /* 0: one pass, accumulators for segment ids 0..63 on chip (num_segments <= 64);
    * 1: two passes (row LSE, then exact probabilities summed per tile), any num_segments. */
   int32_t two_pass;
+  /* Optional, with two_pass: [B, H, Lq] f32 natural-log LSE of every row under the same mask
+   * (the forward kernel's, -inf for a row that sees nothing); the kernel then skips its first
+   * pass (the fused mass of an attention whose segments do not fit on chip). NULL otherwise. */
+  const float *saved_lse;
 } SegattnScoresParams;
 
 /* PINE's segment order and shifts on the device (kernels/pine/shifts.cu), from the importance

@@ -12,6 +12,7 @@
 #define SEGATTN_SOFTMAX_CUH
 
 #include "platform.cuh"
+#include "dtypes.cuh"
 #include "ptx.cuh"
 #include "kernel_traits.cuh"
 
@@ -31,17 +32,20 @@ __device__ __forceinline__ float quad_sum(float x) {
 struct OnlineSoftmax {
   float row_max[2];  // running max of the scaled scores (log2 domain), -inf before any key
   float row_sum[2];  // this thread's partial sum of exp2(s - row_max) (quad-reduced at the end)
+  float alpha[2];    // the last update's rescale factor (for accumulators other than O)
 
   __device__ __forceinline__ void init() {
     SEGATTN_UNROLL
     for (int r = 0; r < 2; ++r) {
       row_max[r] = -INFINITY;
       row_sum[r] = 0.0f;
+      alpha[r] = 1.0f;
     }
   }
 
   // One key tile: turns the scores `s` [kNS][4] into unnormalised probabilities in place and
-  // rescales the output accumulator `o` [kNO][4] to the new running max.
+  // rescales the output accumulator `o` [kNO][4] to the new running max (other accumulators:
+  // rescale afterwards).
   template <int kNS, int kNO>
   __device__ __forceinline__ void update(float (&s)[kNS][4], float (&o)[kNO][4]) {
     SEGATTN_UNROLL
@@ -55,14 +59,9 @@ struct OnlineSoftmax {
       const float new_max = fmaxf(row_max[r], tile_max);
       // Exponent reference: 0 while the row has seen nothing (all its scores are -inf then).
       const float ref = new_max == -INFINITY ? 0.0f : new_max;
-      const float alpha = exp2_approx(row_max[r] - ref);
+      alpha[r] = exp2_approx(row_max[r] - ref);
       row_max[r] = new_max;
-      float sum = row_sum[r] * alpha;
-      SEGATTN_UNROLL
-      for (int ob = 0; ob < kNO; ++ob) {
-        o[ob][2 * r] *= alpha;
-        o[ob][2 * r + 1] *= alpha;
-      }
+      float sum = row_sum[r] * alpha[r];
       SEGATTN_UNROLL
       for (int nb = 0; nb < kNS; ++nb) {
         const float p0 = exp2_approx(s[nb][2 * r] - ref);
@@ -72,6 +71,18 @@ struct OnlineSoftmax {
         sum += p0 + p1;
       }
       row_sum[r] = sum;
+    }
+    rescale(o);
+  }
+
+  // Rescales an accumulator of the same rows (C fragments [kN][4]) to the running max of the last
+  // update, as update does for O.
+  template <int kN>
+  __device__ __forceinline__ void rescale(float (&acc)[kN][4]) const {
+    SEGATTN_UNROLL
+    for (int nb = 0; nb < kN; ++nb) {
+      SEGATTN_UNROLL
+      for (int e = 0; e < 4; ++e) acc[nb][e] *= alpha[e >> 1];
     }
   }
 
@@ -87,6 +98,17 @@ struct OnlineSoftmax {
     }
   }
 };
+
+// P's A fragment (16-bit type T) of k-step kc (keys 16 kc .. 16 kc + 15) from the tile's
+// probabilities held as S accumulators (n-blocks of 8 keys): the C fragments of n-blocks 2kc and
+// 2kc+1 are exactly the A fragment of k-step kc, so P never leaves the registers.
+template <class T, int kNS>
+__device__ __forceinline__ void p_fragment(const float (&p)[kNS][4], int kc, uint32_t (&pa)[4]) {
+  pa[0] = pack2<T>(p[2 * kc][0], p[2 * kc][1]);
+  pa[1] = pack2<T>(p[2 * kc][2], p[2 * kc][3]);
+  pa[2] = pack2<T>(p[2 * kc + 1][0], p[2 * kc + 1][1]);
+  pa[3] = pack2<T>(p[2 * kc + 1][2], p[2 * kc + 1][3]);
+}
 
 }  // namespace fwd
 }  // namespace segattn

@@ -10,13 +10,15 @@ use std::ffi::{c_char, c_int, c_void, CStr};
 use candle_core::{CpuStorage, DType, Device, Result, Storage, Tensor};
 
 use crate::error::invalid_arg;
-use crate::kernel_params::{base_params, check_grid, loadable, strides_of};
+pub use crate::kernel_params::FwdVariant;
+use crate::kernel_params::{base_params, check_grid, loadable, mass_accumulates, mass_output, strides_of};
 pub(crate) use crate::kernel_params::{check_supported, dtype_code, to_i32};
 use crate::mask::tiles::classify_tile;
 use crate::mask::{HostMask, SegmentMask};
 use crate::op::AttentionOutput;
 use crate::params::{SegattnFwdParams, SegattnSegments, SegattnStrides};
 use crate::pine::PineRotation;
+use crate::scores::{apply_weights, fused_mass_in_forward, MassPlan, SegmentScoreOptions};
 use crate::validate::{default_scale, AttentionShape};
 
 mod pine;
@@ -60,7 +62,7 @@ extern "C" {
     fn segattn_emu_set_schedule(schedule: c_int, seed: u64);
     fn segattn_emu_last_error() -> *const c_char;
     fn segattn_emu_fwd(params: *const SegattnFwdParams) -> c_int;
-    fn segattn_emu_fwd_smem_bytes(dtype: c_int, head_dim: c_int, rotate: c_int) -> c_int;
+    fn segattn_emu_fwd_smem_bytes(dtype: c_int, head_dim: c_int, variant: c_int) -> c_int;
     fn segattn_emu_classify_tile(
         params: *const SegattnFwdParams,
         b: c_int,
@@ -83,13 +85,12 @@ pub(crate) fn last_error() -> String {
         .into_owned()
 }
 
-/// Dynamic shared memory of the forward kernel for `dtype` (bf16 / f16) and `head_dim` (64 / 128),
-/// plain or with PINE's query rotation (`rotate`), from the kernel's traits, or `None` when
-/// unsupported.
-pub fn fwd_smem_bytes(dtype: DType, head_dim: usize, rotate: bool) -> Option<usize> {
+/// Dynamic shared memory of the forward kernel `variant` for `dtype` (bf16 / f16) and `head_dim`
+/// (64 / 128), from the kernel's traits, or `None` when unsupported.
+pub fn fwd_smem_bytes(dtype: DType, head_dim: usize, variant: FwdVariant) -> Option<usize> {
     let code = dtype_code(dtype)?;
     // SAFETY: a pure function of its arguments.
-    let bytes = unsafe { segattn_emu_fwd_smem_bytes(code, c_int::try_from(head_dim).ok()?, c_int::from(rotate)) };
+    let bytes = unsafe { segattn_emu_fwd_smem_bytes(code, c_int::try_from(head_dim).ok()?, variant.code()) };
     (bytes > 0).then_some(bytes as usize)
 }
 
@@ -194,7 +195,7 @@ pub fn forward(
     schedule: Schedule,
     seed: u64,
 ) -> Result<AttentionOutput> {
-    run_forward(q, k, v, mask, scale, None, 1, schedule, seed)
+    run_forward(q, k, v, mask, scale, None, None, 1, schedule, seed)
 }
 
 /// [`forward`] with split-K: the key tiles cut into `kv_splits` slices run as separate blocks,
@@ -211,10 +212,31 @@ pub fn forward_split(
     schedule: Schedule,
     seed: u64,
 ) -> Result<AttentionOutput> {
-    run_forward(q, k, v, mask, scale, None, kv_splits, schedule, seed)
+    run_forward(q, k, v, mask, scale, None, None, kv_splits, schedule, seed)
 }
 
-/// [`forward`], with PINE's query rotation when `rotation` is given.
+/// [`forward`] with the per-segment mass of the same softmax (`segment_mass`, weighted by
+/// `options` as [`crate::SegmentAttention::return_segment_mass`] does), chosen as the GPU launcher
+/// chooses: in the forward kernel's one pass for at most 64 key segments and `kv_splits` = 1, else
+/// the forward kernel (split-K when `kv_splits` > 1) then the mass kernel's exact pass with the
+/// forward kernel's LSE.
+#[allow(clippy::too_many_arguments)]
+pub fn forward_with_mass(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &SegmentMask,
+    scale: Option<f64>,
+    options: &SegmentScoreOptions,
+    kv_splits: usize,
+    schedule: Schedule,
+    seed: u64,
+) -> Result<AttentionOutput> {
+    run_forward(q, k, v, mask, scale, None, Some(options), kv_splits, schedule, seed)
+}
+
+/// [`forward`], with PINE's query rotation when `rotation` is given and the fused mass when
+/// `mass` is.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn run_forward(
     q: &Tensor,
@@ -223,6 +245,7 @@ pub(crate) fn run_forward(
     mask: &SegmentMask,
     scale: Option<f64>,
     rotation: Option<&PineRotation>,
+    mass: Option<&SegmentScoreOptions>,
     kv_splits: usize,
     schedule: Schedule,
     seed: u64,
@@ -246,6 +269,21 @@ pub(crate) fn run_forward(
         invalid_arg!("scale: expected a finite number, got {scale}");
     }
     let host = mask.host_metadata(batch, q_len, kv_len)?;
+    if rotation.is_some() && mass.is_some() {
+        invalid_arg!("return_segment_mass: not available with PINE's query rotation");
+    }
+    // The mass: its layout, the path (in the forward kernel or after it), and its buffer (zeros
+    // where a kernel adds into it, else NaN so that a missed element cannot pass).
+    let mass = match mass {
+        None => None,
+        Some(opts) => {
+            let plan = MassPlan::new(&shape, &host, opts)?;
+            let fused = fused_mass_in_forward(opts.algorithm, plan.sk, kv_splits)?;
+            let fill = if mass_accumulates(&plan, !fused) { 0.0 } else { f32::NAN };
+            let (b, h, l, s) = plan.out_dims(q_len);
+            Some((plan, fused, vec![fill; b * h * l * s]))
+        }
+    };
 
     let (qi, ki, vi) = (Input::new("q", q)?, Input::new("k", k)?, Input::new("v", v)?);
     let n_out = batch * q_len * num_heads * head_dim;
@@ -282,6 +320,10 @@ pub(crate) fn run_forward(
         ..base_params(&shape, dtype, scale as f32, [qi.strides, ki.strides, vi.strides])?
     };
     fill_mask_params(&mut p, &host);
+    let mut mass = mass;
+    if let Some((plan, true, buf)) = &mut mass {
+        p.mass = mass_output(plan, q_len, buf.as_mut_ptr())?;
+    }
     // The rotation's arrays, packed as the GPU launcher uploads them (alive until the launch ends).
     let packed = rotation.map(|rot| (rot.table.packed(), rot.shifts.packed_rows()));
     if let (Some(rot), Some((table, rows))) = (rotation, &packed) {
@@ -300,7 +342,23 @@ pub(crate) fn run_forward(
     if rc != 0 {
         return Err(candle_core::Error::Msg(format!("segattn: emulated forward kernel failed: {}", last_error())).bt());
     }
+    if let Some((plan, false, buf)) = &mut mass {
+        // After the forward kernel: the mass kernel's exact pass with its LSE.
+        let base = SegattnFwdParams {
+            q: qi.ptr,
+            k: ki.ptr,
+            ..base_params(&shape, dtype, scale as f32, [qi.strides, ki.strides, ki.strides])?
+        };
+        scores::run_kernel(base, &host, plan, true, Some(&lse), buf, schedule, seed)?;
+    }
     drop((qi, ki, vi));
+    let segment_mass = match mass {
+        None => None,
+        Some((plan, _, buf)) => Some(apply_weights(
+            Tensor::from_vec(buf, plan.out_dims(q_len), &Device::Cpu)?,
+            &plan,
+        )?),
+    };
 
     // SAFETY: `out` holds at least n_out 16-bit elements (u128 has no invalid bit patterns, nor
     // do bf16 / f16).
@@ -318,7 +376,7 @@ pub(crate) fn run_forward(
     Ok(AttentionOutput {
         out,
         lse: Some(lse),
-        segment_mass: None,
+        segment_mass,
     })
 }
 

@@ -5,7 +5,8 @@
 use candle_core::{DType, Layout, Result};
 
 use crate::error::invalid_arg;
-use crate::params::{SegattnFwdParams, SegattnStrides};
+use crate::params::{SegattnFwdParams, SegattnMassOutput, SegattnStrides};
+use crate::scores::{HeadReduction, MassPlan, QueryReduction};
 use crate::validate::AttentionShape;
 
 /// The checks of the CUDA kernels beyond the common validation: dtype and head dim.
@@ -115,4 +116,48 @@ pub(crate) fn base_params(
         scale_log2: (f64::from(scale) * std::f64::consts::LOG2_E) as f32,
         ..Default::default()
     })
+}
+
+/// Where the kernels write a per-segment mass laid out by `plan` (`[B, Ho, Lo, Sk]` f32,
+/// contiguous) at `mass`, with the reductions of `plan`.
+pub(crate) fn mass_output(plan: &MassPlan, q_len: usize, mass: *mut f32) -> Result<SegattnMassOutput> {
+    let (_, h_out, l_out, sk) = plan.out_dims(q_len);
+    Ok(SegattnMassOutput {
+        mass,
+        batch_stride: (h_out * l_out * sk) as i64,
+        head_stride: (l_out * sk) as i64,
+        row_stride: sk as i64,
+        num_segments: to_i32("key segments", sk)?,
+        head_reduce: i32::from(plan.head_reduction != HeadReduction::None),
+        query_reduce: i32::from(plan.query_reduction != QueryReduction::None),
+    })
+}
+
+/// Whether the kernels add into the mass (a reduction: several rows or heads meet in one element,
+/// or the two-pass algorithm): then it must start zeroed; otherwise every element is written.
+pub(crate) fn mass_accumulates(plan: &MassPlan, two_pass: bool) -> bool {
+    two_pass || plan.head_reduction != HeadReduction::None || plan.query_reduction != QueryReduction::None
+}
+
+/// The forward kernel's variants (entry points `segattn_fwd_*`, `segattn_fwd_mass_*`,
+/// `segattn_fwd_rope_*` of kernels/fwd/fwd.cu).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum FwdVariant {
+    /// Segment-masked attention.
+    Plain,
+    /// With the fused per-segment mass output (`params.mass`, at most 64 key segments).
+    Mass,
+    /// With PINE's in-loop query rotation (`params.rotation`).
+    Rope,
+}
+
+impl FwdVariant {
+    /// The variant code of `segattn_emu_fwd_smem_bytes`.
+    pub(crate) fn code(self) -> i32 {
+        match self {
+            Self::Plain => 0,
+            Self::Rope => 1,
+            Self::Mass => 2,
+        }
+    }
 }

@@ -11,7 +11,7 @@ use crate::cpu::{self, Element, Strided};
 use crate::error::invalid_arg;
 use crate::mask::{HostMask, SegmentMask};
 use crate::pine::PineRotation;
-use crate::scores::{MassPlan, SegmentScoreOptions};
+use crate::scores::{apply_weights, kernel_two_pass, MassAlgorithm, MassPlan, SegmentScoreOptions};
 use crate::validate::{default_scale, AttentionShape};
 
 /// Output of [`SegmentAttention::forward`].
@@ -141,6 +141,7 @@ impl<'a> SegmentAttention<'a> {
             want_lse: self.return_lse,
             lse: Mutex::new(None),
             mass_plan,
+            mass_algorithm: self.segment_mass.as_ref().map_or(MassAlgorithm::Auto, |o| o.algorithm),
             mass: Mutex::new(None),
             rotation: self.rotation,
         };
@@ -160,12 +161,12 @@ impl<'a> SegmentAttention<'a> {
             )
         });
         let segment_mass = match (&op.mass_plan, take_slot(&op.mass)?) {
-            (Some(plan), Some(storage)) => Some(Tensor::from_storage(
-                storage,
-                plan.out_dims(shape.q_len),
-                BackpropOp::none(),
-                false,
-            )),
+            (Some(plan), Some(storage)) => {
+                // The CPU path weights the mass itself; the CUDA kernels leave it raw.
+                let on_cpu = matches!(storage, Storage::Cpu(_));
+                let mass = Tensor::from_storage(storage, plan.out_dims(shape.q_len), BackpropOp::none(), false);
+                Some(if on_cpu { mass } else { apply_weights(mass, plan)? })
+            }
             (None, _) => None,
             (Some(_), None) => invalid_arg!("internal error: the attention op produced no segment mass"),
         };
@@ -195,14 +196,12 @@ fn mass_plan(
             );
         }
     }
+    let plan = MassPlan::new(shape, host_mask, opts)?;
     if !q.device().is_cpu() {
-        invalid_arg!(
-            "return_segment_mass: the fused mass output runs on the CPU only for now, got q on {:?}; use \
-             segment_scores on the CPU",
-            q.device().location()
-        );
+        // The CUDA path's algorithm for this many segments (an error for OnePass beyond 64).
+        kernel_two_pass(opts.algorithm, plan.sk)?;
     }
-    MassPlan::new(shape, host_mask, opts)
+    Ok(plan)
 }
 
 /// Takes what an op left in a side slot.
@@ -222,8 +221,11 @@ struct AttentionOp<'a> {
     scale: f32,
     want_lse: bool,
     lse: Mutex<Option<Storage>>,
-    /// The fused per-segment mass, when asked for: its layout, and its slot.
+    /// The fused per-segment mass, when asked for: its layout, the algorithm asked for, and its
+    /// slot (weighted on the CPU, raw from the CUDA kernels).
     mass_plan: Option<MassPlan>,
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    mass_algorithm: MassAlgorithm,
     mass: Mutex<Option<Storage>>,
     rotation: Option<&'a PineRotation>,
 }
@@ -311,22 +313,33 @@ impl CustomOp3 for AttentionOp<'_> {
         v: &candle_core::CudaStorage,
         vl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (out, lse) = crate::cuda::forward(
+        let outputs = crate::cuda::forward(
             (q, ql),
             (k, kl),
             (v, vl),
             self.shape,
             &self.host_mask,
             self.scale,
-            self.want_lse,
-            self.rotation,
+            crate::cuda::ForwardExtras {
+                want_lse: self.want_lse,
+                rotation: self.rotation,
+                mass: self.mass_plan.as_ref().map(|plan| (plan, self.mass_algorithm)),
+            },
         )?;
-        if let Some(lse) = lse {
+        let out = outputs.out;
+        if let Some(lse) = outputs.lse {
             *self
                 .lse
                 .lock()
                 .map_err(|_| candle_core::Error::Msg("segattn: lse slot poisoned by a panic".into()))? =
                 Some(Storage::Cuda(lse));
+        }
+        if let Some(mass) = outputs.mass {
+            *self
+                .mass
+                .lock()
+                .map_err(|_| candle_core::Error::Msg("segattn: mass slot poisoned by a panic".into()))? =
+                Some(Storage::Cuda(mass));
         }
         let s = self.shape;
         Ok((out, Shape::from((s.batch, s.q_len, s.num_heads, s.head_dim))))

@@ -15,7 +15,7 @@ mod common;
 use candle_core::{DType, Device, Result, Tensor};
 use common::{env_count, lse_tolerance, proptest_config, tolerance};
 use proptest::prelude::*;
-use segattn::emulated::{classify_tile_both, forward, fwd_smem_bytes, Schedule};
+use segattn::emulated::{classify_tile_both, forward, fwd_smem_bytes, FwdVariant, Schedule};
 use segattn::{reference, PairRule, PairTable, PineLayout, SegmentMask, Visibility};
 
 const SCHEDULES: [Schedule; 3] = [Schedule::Forward, Schedule::HighFirst, Schedule::RandomWarp];
@@ -503,8 +503,8 @@ fn unsupported_inputs_are_errors() -> Result<()> {
         .unwrap_err()
         .to_string();
     assert!(e.contains("q:") && e.contains("head dim") && e.contains("96"), "{e}");
-    assert_eq!(fwd_smem_bytes(DType::F32, 64, false), None);
-    assert_eq!(fwd_smem_bytes(DType::BF16, 96, false), None);
+    assert_eq!(fwd_smem_bytes(DType::F32, 64, FwdVariant::Plain), None);
+    assert_eq!(fwd_smem_bytes(DType::BF16, 96, FwdVariant::Plain), None);
     Ok(())
 }
 
@@ -512,13 +512,18 @@ fn unsupported_inputs_are_errors() -> Result<()> {
 #[test]
 fn smem_sizes() {
     for (d, want) in [(64usize, 33_832usize), (128, 66_600)] {
-        assert_eq!(fwd_smem_bytes(DType::BF16, d, false), Some(want));
-        assert_eq!(fwd_smem_bytes(DType::F16, d, false), Some(want));
+        assert_eq!(fwd_smem_bytes(DType::BF16, d, FwdVariant::Plain), Some(want));
+        assert_eq!(fwd_smem_bytes(DType::F16, d, FwdVariant::Plain), Some(want));
+    }
+    // The fused mass keeps Q in its own tile at D = 128 (its accumulators take Q's registers).
+    for (d, want) in [(64usize, 33_832usize), (128, 82_984)] {
+        assert_eq!(fwd_smem_bytes(DType::BF16, d, FwdVariant::Mass), Some(want));
+        assert_eq!(fwd_smem_bytes(DType::F16, d, FwdVariant::Mass), Some(want));
     }
     // PINE's variant keeps Q and the turned Q in their own tiles.
     for (d, want) in [(64usize, 50_216usize), (128, 99_368)] {
-        assert_eq!(fwd_smem_bytes(DType::BF16, d, true), Some(want));
-        assert_eq!(fwd_smem_bytes(DType::F16, d, true), Some(want));
+        assert_eq!(fwd_smem_bytes(DType::BF16, d, FwdVariant::Rope), Some(want));
+        assert_eq!(fwd_smem_bytes(DType::F16, d, FwdVariant::Rope), Some(want));
     }
 }
 

@@ -12,7 +12,7 @@ mod common;
 
 use candle_core::{DType, Device, Result, Tensor};
 use common::cases::{draw, MASK_KINDS};
-use common::{env_count, mass_tolerance, proptest_config, worst_ratio, Rng};
+use common::{env_count, mass_tolerance, mass_tolerance_for, proptest_config, random_mass_options, worst_ratio, Rng};
 use proptest::prelude::*;
 use segattn::emulated::{scores_smem_bytes, segment_scores, Schedule};
 use segattn::{
@@ -26,42 +26,13 @@ fn cases(default: u32) -> u32 {
     env_count("SEGATTN_EMU_CASES").unwrap_or(default)
 }
 
-fn random_options(rng: &mut Rng) -> SegmentScoreOptions {
-    let mut o = SegmentScoreOptions::new()
-        .normalize_by_length(rng.below(2) == 0)
-        .query_reduction(
-            [
-                QueryReduction::None,
-                QueryReduction::SumBySegment,
-                QueryReduction::MeanBySegment,
-            ][rng.below(3)],
-        )
-        .head_reduction([HeadReduction::None, HeadReduction::Sum, HeadReduction::Mean][rng.below(3)])
-        .algorithm([MassAlgorithm::Auto, MassAlgorithm::TwoPass][rng.below(2)]);
-    if rng.below(4) == 0 {
-        o = o.scale(0.05 + 0.3 * rng.unit());
-    }
-    o
-}
-
 /// Runs the kernel under every schedule, checks it against the reference and that every schedule
 /// gives the same bits; under a reduction, where warps add into shared elements with atomics in
 /// schedule order (as on a GPU), the same values to f32 rounding.
 fn check(desc: &str, q: &Tensor, k: &Tensor, mask: &SegmentMask, opts: &SegmentScoreOptions, seed: u64) -> Result<()> {
     let want = reference::segment_mass(q, k, mask, opts)?;
     let (_, lq, h, _) = q.dims4()?;
-    let (atol, rtol) = mass_tolerance(q.dtype());
-    let rows = if opts.query_reduction == QueryReduction::SumBySegment {
-        lq
-    } else {
-        1
-    };
-    let heads = if opts.head_reduction == HeadReduction::Sum {
-        h
-    } else {
-        1
-    };
-    let atol = atol * (rows * heads) as f64;
+    let (atol, rtol) = mass_tolerance_for(q.dtype(), opts, lq, h);
     let mut first: Option<Vec<f32>> = None;
     for schedule in SCHEDULES {
         let got = segment_scores(q, k, mask, opts, schedule, seed)?;
@@ -115,7 +86,7 @@ fn run_random_case(
     let d = if d128 { 128 } else { 64 };
     let case = draw(seed, batch, lk, lq_equal, HEADS[heads], d, dtype, kind).unwrap();
     let mut rng = Rng::new(seed ^ 0xc0ffee);
-    let opts = random_options(&mut rng);
+    let opts = random_mass_options(&mut rng, &[MassAlgorithm::Auto, MassAlgorithm::TwoPass]);
     // Sometimes strided views: q transposed from [B, H, Lq, D], k a half of a wider tensor.
     let (q, k) = if rng.below(3) == 0 {
         let q = case

@@ -9,7 +9,7 @@ mod common;
 
 use candle_core::{DType, Device, Result, Tensor};
 use common::cases::{draw, Case, MASK_KINDS};
-use common::{env_count, mass_tolerance, proptest_config, worst_ratio, Rng};
+use common::{env_count, mass_tolerance, mass_tolerance_for, proptest_config, random_mass_options, worst_ratio, Rng};
 use proptest::prelude::*;
 use segattn::{
     reference, segment_scores, HeadReduction, MassAlgorithm, PairRule, QueryReduction, SegmentAttention, SegmentMask,
@@ -22,41 +22,6 @@ const ALGORITHMS: [MassAlgorithm; 3] = [MassAlgorithm::Auto, MassAlgorithm::OneP
 
 fn cases() -> u32 {
     env_count("SEGATTN_CASES").unwrap_or(96)
-}
-
-/// Random options (every reduction, normalisation, scale, algorithm) from `rng`.
-fn random_options(rng: &mut Rng) -> SegmentScoreOptions {
-    let mut o = SegmentScoreOptions::new()
-        .normalize_by_length(rng.below(2) == 0)
-        .query_reduction(
-            [
-                QueryReduction::None,
-                QueryReduction::SumBySegment,
-                QueryReduction::MeanBySegment,
-            ][rng.below(3)],
-        )
-        .head_reduction([HeadReduction::None, HeadReduction::Sum, HeadReduction::Mean][rng.below(3)])
-        .algorithm(ALGORITHMS[rng.below(3)]);
-    if rng.below(4) == 0 {
-        o = o.scale(0.05 + 0.4 * rng.unit());
-    }
-    o
-}
-
-/// The absolute tolerance of `opts`' output: sums over query rows or heads add up row errors.
-fn tolerance_for(dtype: DType, opts: &SegmentScoreOptions, lq: usize, h: usize) -> (f64, f64) {
-    let (atol, rtol) = mass_tolerance(dtype);
-    let rows = if opts.query_reduction == QueryReduction::SumBySegment {
-        lq
-    } else {
-        1
-    };
-    let heads = if opts.head_reduction == HeadReduction::Sum {
-        h
-    } else {
-        1
-    };
-    (atol * (rows * heads) as f64, rtol)
 }
 
 fn assert_close(got: &Tensor, want: &Tensor, tol: (f64, f64), what: &str) -> Result<()> {
@@ -83,7 +48,7 @@ fn check(case: &Case, opts: &SegmentScoreOptions) -> Result<Tensor> {
     let got = segment_scores(&case.q, &case.k, &case.mask, opts)?;
     let want = reference::segment_mass(&case.q, &case.k, &case.mask, opts)?;
     let (_, lq, h, _) = case.q.dims4()?;
-    let tol = tolerance_for(case.q.dtype(), opts, lq, h);
+    let tol = mass_tolerance_for(case.q.dtype(), opts, lq, h);
     assert_close(&got, &want, tol, &format!("{} {opts:?}", case.description))?;
     Ok(got)
 }
@@ -123,7 +88,7 @@ fn check_fused(case: &Case, opts: &SegmentScoreOptions) -> Result<()> {
     let fused = b.segment_mass.expect("asked for");
     let want = reference::segment_mass(&case.q, &case.k, &case.mask, opts)?;
     let (_, lq, h, _) = case.q.dims4()?;
-    let tol = tolerance_for(case.q.dtype(), opts, lq, h);
+    let tol = mass_tolerance_for(case.q.dtype(), opts, lq, h);
     let what = format!("{} {opts:?}", case.description);
     assert_close(&fused, &want, tol, &format!("fused: {what}"))?;
     let standalone = segment_scores(&case.q, &case.k, &case.mask, opts)?;
@@ -153,7 +118,7 @@ proptest! {
         kind in 0..MASK_KINDS.len(),
     ) {
         let case = draw(seed, batch, lk, lq_equal, heads, head_dim, dtype, kind).unwrap();
-        let opts = random_options(&mut Rng::new(seed ^ 0xfeed));
+        let opts = random_mass_options(&mut Rng::new(seed ^ 0xfeed), &ALGORITHMS);
         check_fused(&case, &opts).unwrap();
     }
 
@@ -169,7 +134,7 @@ proptest! {
         kind in 0..MASK_KINDS.len(),
     ) {
         let case = draw(seed, batch, lk, lq_equal, heads, head_dim, dtype, kind).unwrap();
-        let opts = random_options(&mut Rng::new(seed ^ 0x5ca1ab1e));
+        let opts = random_mass_options(&mut Rng::new(seed ^ 0x5ca1ab1e), &ALGORITHMS);
         check(&case, &opts).unwrap();
     }
 }
@@ -385,7 +350,7 @@ fn fused_every_mask_kind_and_option() -> Result<()> {
                 DTYPES[n as usize],
                 kind,
             )?;
-            check_fused(&case, &random_options(&mut rng))?;
+            check_fused(&case, &random_mass_options(&mut rng, &ALGORITHMS))?;
         }
     }
     let dev = Device::Cpu;
@@ -416,7 +381,7 @@ fn decode_and_chunks() -> Result<()> {
             let case = Case { q, mask, ..case };
             let mut rng = Rng::new(lq as u64);
             for _ in 0..3 {
-                check(&case, &random_options(&mut rng))?;
+                check(&case, &random_mass_options(&mut rng, &ALGORITHMS))?;
             }
         }
     }

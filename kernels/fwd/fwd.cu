@@ -1,7 +1,11 @@
-// The forward kernels: {bf16, f16} x head dim {64, 128}, plain and with PINE's query rotation.
+// The forward kernels: {bf16, f16} x head dim {64, 128}; plain, with the fused per-segment mass,
+// and with PINE's query rotation.
 //
 // nvcc: `extern "C" __global__` entry points with stable names, params by value:
 //   segattn_fwd_bf16_d64, segattn_fwd_bf16_d128, segattn_fwd_f16_d64, segattn_fwd_f16_d128
+//   segattn_fwd_mass_{bf16,f16}_d{64,128} (params.mass set: the per-segment mass of segment ids
+//   0..63 in the same pass; kv_splits <= 1; D = 64: shared memory as the plain kernel, D = 128:
+//   Q in its own tile, 82,984 bytes)
 //   segattn_fwd_rope_{bf16,f16}_d{64,128} (PINE: params.rotation set; Q in its own smem tile:
 //   and the turned Q in a second: D = 64: 50,216 bytes, D = 128: 99,368 bytes)
 //   split-K (params.kv_splits = S > 1): grid x is ceil(Lq / 64) * S, then
@@ -19,21 +23,26 @@
 #include "combine_kernel.cuh"
 #include "fwd_kernel.cuh"
 
-#define SEGATTN_FWD_ENTRY(name, T, D, ROTATE)                                                        \
-  extern "C" __global__ void __launch_bounds__(segattn::fwd::FwdTraits<T, D, ROTATE>::kThreads, 1) \
-      name(const SegattnFwdParams params) {                                                          \
-    segattn::fwd::fwd_kernel<segattn::fwd::FwdTraits<T, D, ROTATE>>(params);                         \
+#define SEGATTN_FWD_ENTRY(name, T, D, ROTATE, MASS)                                                        \
+  extern "C" __global__ void __launch_bounds__(segattn::fwd::FwdTraits<T, D, ROTATE, MASS>::kThreads, 1) \
+      name(const SegattnFwdParams params) {                                                                \
+    segattn::fwd::fwd_kernel<segattn::fwd::FwdTraits<T, D, ROTATE, MASS>>(params);                         \
   }
 
-SEGATTN_FWD_ENTRY(segattn_fwd_bf16_d64, segattn::bf16, 64, false)
-SEGATTN_FWD_ENTRY(segattn_fwd_bf16_d128, segattn::bf16, 128, false)
-SEGATTN_FWD_ENTRY(segattn_fwd_f16_d64, segattn::f16, 64, false)
-SEGATTN_FWD_ENTRY(segattn_fwd_f16_d128, segattn::f16, 128, false)
+SEGATTN_FWD_ENTRY(segattn_fwd_bf16_d64, segattn::bf16, 64, false, false)
+SEGATTN_FWD_ENTRY(segattn_fwd_bf16_d128, segattn::bf16, 128, false, false)
+SEGATTN_FWD_ENTRY(segattn_fwd_f16_d64, segattn::f16, 64, false, false)
+SEGATTN_FWD_ENTRY(segattn_fwd_f16_d128, segattn::f16, 128, false, false)
+// The per-segment mass of the same softmax, fused (params.mass).
+SEGATTN_FWD_ENTRY(segattn_fwd_mass_bf16_d64, segattn::bf16, 64, false, true)
+SEGATTN_FWD_ENTRY(segattn_fwd_mass_bf16_d128, segattn::bf16, 128, false, true)
+SEGATTN_FWD_ENTRY(segattn_fwd_mass_f16_d64, segattn::f16, 64, false, true)
+SEGATTN_FWD_ENTRY(segattn_fwd_mass_f16_d128, segattn::f16, 128, false, true)
 // PINE: the query rotated in the loop (params.rotation).
-SEGATTN_FWD_ENTRY(segattn_fwd_rope_bf16_d64, segattn::bf16, 64, true)
-SEGATTN_FWD_ENTRY(segattn_fwd_rope_bf16_d128, segattn::bf16, 128, true)
-SEGATTN_FWD_ENTRY(segattn_fwd_rope_f16_d64, segattn::f16, 64, true)
-SEGATTN_FWD_ENTRY(segattn_fwd_rope_f16_d128, segattn::f16, 128, true)
+SEGATTN_FWD_ENTRY(segattn_fwd_rope_bf16_d64, segattn::bf16, 64, true, false)
+SEGATTN_FWD_ENTRY(segattn_fwd_rope_bf16_d128, segattn::bf16, 128, true, false)
+SEGATTN_FWD_ENTRY(segattn_fwd_rope_f16_d64, segattn::f16, 64, true, false)
+SEGATTN_FWD_ENTRY(segattn_fwd_rope_f16_d128, segattn::f16, 128, true, false)
 
 #undef SEGATTN_FWD_ENTRY
 
@@ -106,11 +115,23 @@ extern "C" int segattn_emu_fwd(const SegattnFwdParams* p) {
   }
   const bool d64 = p->head_dim == 64;
   const bool rope = p->rotation.cos != nullptr;
+  const bool mass = p->mass.mass != nullptr;
+  if (rope && mass) return emu_entry::fail("segattn_emu_fwd: the fused mass is not offered with PINE's rotation");
+  if (mass && (p->kv_splits > 1 || p->mass.num_segments > segattn::mass::kMaxOnePassSegments)) {
+    std::snprintf(message, sizeof message,
+                  "segattn_emu_fwd: the fused mass needs kv_splits <= 1 (got %d) and at most %d segments (got %d)",
+                  p->kv_splits, segattn::mass::kMaxOnePassSegments, p->mass.num_segments);
+    return emu_entry::fail(message);
+  }
   switch (p->dtype) {
     case SEGATTN_DTYPE_BF16:
       if (rope) {
         return d64 ? emu_entry::launch<FwdTraits<bf16, 64, true>>(*p, segattn_fwd_rope_bf16_d64, segattn_fwd_combine_bf16_d64)
                    : emu_entry::launch<FwdTraits<bf16, 128, true>>(*p, segattn_fwd_rope_bf16_d128, segattn_fwd_combine_bf16_d128);
+      }
+      if (mass) {
+        return d64 ? emu_entry::launch<FwdTraits<bf16, 64, false, true>>(*p, segattn_fwd_mass_bf16_d64, nullptr)
+                   : emu_entry::launch<FwdTraits<bf16, 128, false, true>>(*p, segattn_fwd_mass_bf16_d128, nullptr);
       }
       return d64 ? emu_entry::launch<FwdTraits<bf16, 64>>(*p, segattn_fwd_bf16_d64, segattn_fwd_combine_bf16_d64)
                  : emu_entry::launch<FwdTraits<bf16, 128>>(*p, segattn_fwd_bf16_d128, segattn_fwd_combine_bf16_d128);
@@ -118,6 +139,10 @@ extern "C" int segattn_emu_fwd(const SegattnFwdParams* p) {
       if (rope) {
         return d64 ? emu_entry::launch<FwdTraits<f16, 64, true>>(*p, segattn_fwd_rope_f16_d64, segattn_fwd_combine_f16_d64)
                    : emu_entry::launch<FwdTraits<f16, 128, true>>(*p, segattn_fwd_rope_f16_d128, segattn_fwd_combine_f16_d128);
+      }
+      if (mass) {
+        return d64 ? emu_entry::launch<FwdTraits<f16, 64, false, true>>(*p, segattn_fwd_mass_f16_d64, nullptr)
+                   : emu_entry::launch<FwdTraits<f16, 128, false, true>>(*p, segattn_fwd_mass_f16_d128, nullptr);
       }
       return d64 ? emu_entry::launch<FwdTraits<f16, 64>>(*p, segattn_fwd_f16_d64, segattn_fwd_combine_f16_d64)
                  : emu_entry::launch<FwdTraits<f16, 128>>(*p, segattn_fwd_f16_d128, segattn_fwd_combine_f16_d128);
@@ -129,18 +154,25 @@ extern "C" int segattn_emu_fwd(const SegattnFwdParams* p) {
   }
 }
 
-// Dynamic shared memory of the kernel for (dtype, head_dim), 0 if unsupported (for the Rust side
-// to check its launch configuration against the traits).
-extern "C" int segattn_emu_fwd_smem_bytes(int dtype, int head_dim, int rotate) {
+// Dynamic shared memory of the kernel for (dtype, head_dim, variant: 0 plain, 1 PINE's rotation,
+// 2 fused mass), 0 if unsupported (for the Rust side to check its launch configuration against the
+// traits).
+extern "C" int segattn_emu_fwd_smem_bytes(int dtype, int head_dim, int variant) {
   using namespace segattn::fwd;
+  using segattn::bf16;
   if (dtype != SEGATTN_DTYPE_BF16 && dtype != SEGATTN_DTYPE_F16) return 0;
-  if (head_dim == 64) {
-    return rotate ? FwdTraits<segattn::bf16, 64, true>::kSmemBytes : FwdTraits<segattn::bf16, 64>::kSmemBytes;
+  if (head_dim != 64 && head_dim != 128) return 0;
+  const bool d64 = head_dim == 64;
+  switch (variant) {
+    case 0:
+      return d64 ? FwdTraits<bf16, 64>::kSmemBytes : FwdTraits<bf16, 128>::kSmemBytes;
+    case 1:
+      return d64 ? FwdTraits<bf16, 64, true>::kSmemBytes : FwdTraits<bf16, 128, true>::kSmemBytes;
+    case 2:
+      return d64 ? FwdTraits<bf16, 64, false, true>::kSmemBytes : FwdTraits<bf16, 128, false, true>::kSmemBytes;
+    default:
+      return 0;
   }
-  if (head_dim == 128) {
-    return rotate ? FwdTraits<segattn::bf16, 128, true>::kSmemBytes : FwdTraits<segattn::bf16, 128>::kSmemBytes;
-  }
-  return 0;
 }
 
 #endif  // SEGATTN_EMULATE

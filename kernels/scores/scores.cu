@@ -76,11 +76,11 @@ extern "C" int segattn_emu_scores(const SegattnScoresParams* p) {
                   b.head_dim);
     return emu_entry::fail(message);
   }
-  if (p->two_pass == 0 && p->num_segments > ScoresTraits<bf16, 64>::kMaxOnePassSegments) {
+  if (p->two_pass == 0 && p->out.num_segments > ScoresTraits<bf16, 64>::kMaxOnePassSegments) {
     std::snprintf(message, sizeof message,
                   "segattn_emu_scores: the one-pass kernel holds at most %d segments, got num_segments %d "
                   "(use two_pass)",
-                  ScoresTraits<bf16, 64>::kMaxOnePassSegments, p->num_segments);
+                  ScoresTraits<bf16, 64>::kMaxOnePassSegments, p->out.num_segments);
     return emu_entry::fail(message);
   }
   const bool d64 = b.head_dim == 64;

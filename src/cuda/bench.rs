@@ -10,6 +10,7 @@ use super::driver_err;
 use super::launch::{base_params, check_supported, launch, launch_config, loadable, strides_of, MaskBuffer};
 use super::module::{kernels, Kernels};
 use crate::error::invalid_arg;
+use crate::kernel_params::FwdVariant;
 use crate::mask::SegmentMask;
 use crate::params::SegattnFwdParams;
 use crate::validate::{default_scale, AttentionShape};
@@ -76,7 +77,7 @@ impl PreparedForward {
         let scale = scale.unwrap_or_else(|| default_scale(shape.head_dim));
         let host = mask.host_metadata(shape.batch, shape.q_len, shape.kv_len)?;
         let kernels = kernels(stream.context())?;
-        let Some(kernel) = kernels.fwd(q.dtype(), shape.head_dim, false) else {
+        let Some(kernel) = kernels.fwd(q.dtype(), shape.head_dim, FwdVariant::Plain) else {
             invalid_arg!(
                 "internal error: no CUDA kernel for {:?} D = {}",
                 q.dtype(),
@@ -126,7 +127,7 @@ impl PreparedForward {
 
     /// Enqueues the kernel once on the device's stream (asynchronous; checked).
     pub fn launch(&self) -> Result<()> {
-        let Some(kernel) = self.kernels.fwd(self.dtype, self.head_dim, false) else {
+        let Some(kernel) = self.kernels.fwd(self.dtype, self.head_dim, FwdVariant::Plain) else {
             invalid_arg!(
                 "internal error: no CUDA kernel for {:?} D = {}",
                 self.dtype,
@@ -139,7 +140,7 @@ impl PreparedForward {
     /// The kernel's name.
     pub fn kernel_name(&self) -> &'static str {
         self.kernels
-            .fwd(self.dtype, self.head_dim, false)
+            .fwd(self.dtype, self.head_dim, FwdVariant::Plain)
             .map_or("?", |k| k.name)
     }
 

@@ -29,9 +29,11 @@ use super::module::{self, FwdKernel, FWD_BLOCK_M, FWD_BLOCK_N, FWD_THREADS};
 use super::pine::RotationBuffers;
 use crate::error::invalid_arg;
 pub(crate) use crate::kernel_params::{base_params, check_grid, check_supported, loadable, strides_of};
+use crate::kernel_params::{mass_accumulates, mass_output, FwdVariant};
 use crate::mask::HostMask;
-use crate::params::{SegattnFwdParams, SegattnSegments};
+use crate::params::{SegattnFwdParams, SegattnScoresParams, SegattnSegments};
 use crate::pine::PineRotation;
+use crate::scores::{fused_mass_in_forward, kernel_two_pass, MassAlgorithm, MassPlan};
 use crate::validate::AttentionShape;
 
 // SAFETY: a plain C struct (bindgen of kernels/segattn_params.h, layout-tested) passed by value as
@@ -338,9 +340,31 @@ impl<'a> Operand<'a> {
     }
 }
 
-/// The forward pass of the op on CUDA storages: output `[B, Lq, H, D]` and, with `want_lse`, the
-/// LSE `[B, H, Lq]` f32.
-#[allow(clippy::too_many_arguments)]
+/// What the forward pass computes besides the output: the LSE, PINE's rotation, the fused mass.
+#[derive(Clone, Copy)]
+pub(crate) struct ForwardExtras<'a> {
+    pub want_lse: bool,
+    pub rotation: Option<&'a PineRotation>,
+    /// The per-segment mass: its layout, and the algorithm asked for.
+    pub mass: Option<(&'a MassPlan, MassAlgorithm)>,
+}
+
+/// The outputs of [`forward`] on the device.
+pub(crate) struct ForwardOutputs {
+    /// `[B, Lq, H, D]` in the input dtype.
+    pub out: CudaStorage,
+    /// `[B, H, Lq]` f32, when asked.
+    pub lse: Option<CudaStorage>,
+    /// The raw (reduced, unweighted) mass `[B, Ho, Lo, Sk]` f32, when asked.
+    pub mass: Option<CudaStorage>,
+}
+
+/// The forward pass of the op on CUDA storages.
+///
+/// The fused mass: inside the forward kernel (`segattn_fwd_mass_*`, on-chip accumulators) when it
+/// has at most 64 key segments (then without split-K), else, and with
+/// [`MassAlgorithm::TwoPass`], the forward kernel (split-K as usual) then the mass kernel's exact
+/// pass with the forward kernel's LSE (`crate::scores::fused_mass_in_forward`).
 pub(crate) fn forward(
     (q, ql): (&CudaStorage, &Layout),
     (k, kl): (&CudaStorage, &Layout),
@@ -348,14 +372,13 @@ pub(crate) fn forward(
     shape: AttentionShape,
     host: &HostMask,
     scale: f32,
-    want_lse: bool,
-    rotation: Option<&PineRotation>,
-) -> Result<(CudaStorage, Option<CudaStorage>)> {
+    extras: ForwardExtras,
+) -> Result<ForwardOutputs> {
     let dtype = q.dtype();
     check_supported(dtype, shape.head_dim)?;
     match dtype {
-        DType::BF16 => forward_typed::<bf16>((q, ql), (k, kl), (v, vl), shape, host, scale, want_lse, rotation),
-        _ => forward_typed::<f16>((q, ql), (k, kl), (v, vl), shape, host, scale, want_lse, rotation),
+        DType::BF16 => forward_typed::<bf16>((q, ql), (k, kl), (v, vl), shape, host, scale, extras),
+        _ => forward_typed::<f16>((q, ql), (k, kl), (v, vl), shape, host, scale, extras),
     }
 }
 
@@ -367,13 +390,35 @@ fn forward_typed<T: CudaDType + DeviceRepr + ValidAsZeroBits + candle_core::With
     shape: AttentionShape,
     host: &HostMask,
     scale: f32,
-    want_lse: bool,
-    rotation: Option<&PineRotation>,
-) -> Result<(CudaStorage, Option<CudaStorage>)> {
+    extras: ForwardExtras,
+) -> Result<ForwardOutputs> {
+    let ForwardExtras {
+        want_lse,
+        rotation,
+        mass: mass_request,
+    } = extras;
     let dev = q.device().clone();
     let stream = dev.cuda_stream();
     let n_out = shape.batch * shape.q_len * shape.num_heads * shape.head_dim;
     let n_lse = shape.batch * shape.num_heads * shape.q_len;
+    // The mass: zeroed where a kernel adds into it (never a zero-byte allocation).
+    let n_mass = mass_request.map_or(0, |(plan, _)| {
+        let (b, h, l, s) = plan.out_dims(shape.q_len);
+        b * h * l * s
+    });
+    let alloc_mass = |accumulates: bool| -> Result<Option<CudaSlice<f32>>> {
+        if mass_request.is_none() {
+            return Ok(None);
+        }
+        let buf = if accumulates || n_mass == 0 {
+            stream.alloc_zeros::<f32>(n_mass.max(1))
+        } else {
+            // SAFETY: every element is written by the kernel (or poisoned, then written).
+            unsafe { stream.alloc::<f32>(n_mass) }
+        };
+        Ok(Some(buf.map_err(|e| driver_err("allocating the segment mass", e))?))
+    };
+    let wrap_mass = |m: Option<CudaSlice<f32>>| m.map(|m| CudaStorage::wrap_cuda_slice(m, dev.clone()));
     if n_out == 0 {
         // Nothing to compute (B, Lq or H is 0): empty outputs, no launch (one element allocated,
         // never a zero-byte allocation; the shape says 0 elements).
@@ -383,17 +428,41 @@ fn forward_typed<T: CudaDType + DeviceRepr + ValidAsZeroBits + candle_core::With
         } else {
             None
         };
-        return Ok((out, lse));
+        return Ok(ForwardOutputs {
+            out,
+            lse,
+            mass: wrap_mass(alloc_mass(true)?),
+        });
     }
     let kernels = module::kernels(stream.context())?;
-    let Some(kernel) = kernels.fwd(T::DTYPE, shape.head_dim, rotation.is_some()) else {
+    // The fused mass in the forward kernel's one pass forbids split-K; after it, any split.
+    let mass_one_pass = match mass_request {
+        Some((plan, algorithm)) => !kernel_two_pass(algorithm, plan.sk)?,
+        None => false,
+    };
+    let splits = if mass_one_pass {
+        1
+    } else {
+        kv_splits(&shape, kernels.sm_count)
+    };
+    let mass_in_forward = match mass_request {
+        Some((plan, algorithm)) => fused_mass_in_forward(algorithm, plan.sk, splits)?,
+        None => false,
+    };
+    let variant = if rotation.is_some() {
+        FwdVariant::Rope
+    } else if mass_in_forward {
+        FwdVariant::Mass
+    } else {
+        FwdVariant::Plain
+    };
+    let Some(kernel) = kernels.fwd(T::DTYPE, shape.head_dim, variant) else {
         invalid_arg!(
-            "internal error: no CUDA kernel for {:?} D = {}",
+            "internal error: no CUDA kernel for {:?} D = {} ({variant:?})",
             T::DTYPE,
             shape.head_dim
         );
     };
-    let splits = kv_splits(&shape, kernels.sm_count);
     let cfg = launch_config(&shape, kernel, splits)?;
 
     let (qo, ko, vo) = (
@@ -411,11 +480,14 @@ fn forward_typed<T: CudaDType + DeviceRepr + ValidAsZeroBits + candle_core::With
     let rotation = rotation.map(|r| RotationBuffers::upload(&stream, r)).transpose()?;
     // SAFETY: every element is written by the kernel (or poisoned, then written) before any read.
     let mut out = unsafe { stream.alloc::<T>(n_out) }.map_err(|e| driver_err("allocating the output", e))?;
-    let mut lse = if want_lse {
+    // The mass kernel after the forward one reads the LSE: computed even when not returned.
+    let mass_after = mass_request.is_some() && !mass_in_forward;
+    let mut lse = if want_lse || mass_after {
         Some(unsafe { stream.alloc::<f32>(n_lse) }.map_err(|e| driver_err("allocating the LSE", e))?)
     } else {
         None
     };
+    let mut mass = alloc_mass(mass_after || mass_request.is_some_and(|(plan, _)| mass_accumulates(plan, false)))?;
     // Split-K partials: every element written by the forward kernel before the merge reads it.
     let mut partials = if splits > 1 {
         Some((
@@ -447,6 +519,15 @@ fn forward_typed<T: CudaDType + DeviceRepr + ValidAsZeroBits + candle_core::With
         if let Some(r) = &rotation {
             r.fill(&stream, &mut params)?;
         }
+        let mass_ptr = mass.as_mut().map(|m| m.device_ptr_mut(&stream));
+        if let (Some((plan, _)), Some((mp, _))) = (mass_request, &mass_ptr) {
+            if mass_in_forward {
+                params.mass = mass_output(plan, shape.q_len, *mp as *mut f32)?;
+                if poison_outputs() && !mass_accumulates(plan, false) {
+                    poison(&stream, *mp, n_mass, 4)?;
+                }
+            }
+        }
         if poison_outputs() {
             poison(&stream, op, n_out, 2)?;
             if let Some((p, _)) = &lse_ptr {
@@ -476,6 +557,16 @@ fn forward_typed<T: CudaDType + DeviceRepr + ValidAsZeroBits + candle_core::With
             };
             launch_combine(&stream, combine, &params, n_lse)?;
         }
+        if let (true, Some((plan, _)), Some((mp, _)), Some((lp, _))) = (mass_after, mass_request, &mass_ptr, &lse_ptr) {
+            // The mass kernel's exact pass with the LSE just written (same stream).
+            let scores = SegattnScoresParams {
+                base: params,
+                out: mass_output(plan, shape.q_len, *mp as *mut f32)?,
+                two_pass: 1,
+                saved_lse: *lp as *const f32,
+            };
+            super::scores::launch_kernel(&stream, &kernels, T::DTYPE, &shape, &scores)?;
+        }
     }
     // Errors that cudarc recorded instead of returning (event records in the guards' drops).
     stream
@@ -483,8 +574,16 @@ fn forward_typed<T: CudaDType + DeviceRepr + ValidAsZeroBits + candle_core::With
         .check_err()
         .map_err(|e| driver_err(format!("after launching {}", kernel.name), e))?;
     let out = T::wrap_cuda_slice(out, dev.clone());
-    let lse = lse.map(|l| CudaStorage::wrap_cuda_slice(l, dev.clone()));
-    Ok((out, lse))
+    let lse = if want_lse {
+        lse.map(|l| CudaStorage::wrap_cuda_slice(l, dev.clone()))
+    } else {
+        None
+    };
+    Ok(ForwardOutputs {
+        out,
+        lse,
+        mass: wrap_mass(mass),
+    })
 }
 
 #[cfg(test)]

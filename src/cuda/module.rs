@@ -20,6 +20,7 @@ use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
 use candle_core::{DType, Result};
 
 use super::driver_err;
+use crate::kernel_params::FwdVariant;
 
 /// The production kernels, compiled by nvcc at build time (see build/nvcc.rs).
 static FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/segattn.fatbin"));
@@ -41,10 +42,10 @@ pub(crate) struct FwdKernel {
     pub smem_bytes: u32,
 }
 
-/// The loaded module of one context: the forward kernels by (dtype, head dim, rotation).
+/// The loaded module of one context: the forward kernels by (dtype, head dim, variant).
 pub(crate) struct Kernels {
     _module: Arc<CudaModule>,
-    fwd: Vec<((DType, usize, bool), FwdKernel)>,
+    fwd: Vec<((DType, usize, FwdVariant), FwdKernel)>,
     /// Split-K merge kernels by (dtype, head dim).
     combine: Vec<((DType, usize), CudaFunction)>,
     /// Streaming multiprocessors of the device (the split-K heuristic).
@@ -66,26 +67,29 @@ impl Kernels {
             .map(|(_, f)| f)
     }
 
-    /// The forward kernel for `dtype` (bf16 / f16) and `head_dim` (64 / 128), with PINE's query
-    /// rotation (`rotate`) or plain.
-    pub fn fwd(&self, dtype: DType, head_dim: usize, rotate: bool) -> Option<&FwdKernel> {
+    /// The forward kernel `variant` for `dtype` (bf16 / f16) and `head_dim` (64 / 128).
+    pub fn fwd(&self, dtype: DType, head_dim: usize, variant: FwdVariant) -> Option<&FwdKernel> {
         self.fwd
             .iter()
-            .find(|((d, h, r), _)| *d == dtype && *h == head_dim && *r == rotate)
+            .find(|((d, h, v), _)| *d == dtype && *h == head_dim && *v == variant)
             .map(|(_, k)| k)
     }
 }
 
-/// Every forward entry point of kernels/fwd/fwd.cu: (name, dtype, head dim, PINE's rotation).
-const FWD_ENTRIES: [(&str, DType, usize, bool); 8] = [
-    ("segattn_fwd_bf16_d64", DType::BF16, 64, false),
-    ("segattn_fwd_bf16_d128", DType::BF16, 128, false),
-    ("segattn_fwd_f16_d64", DType::F16, 64, false),
-    ("segattn_fwd_f16_d128", DType::F16, 128, false),
-    ("segattn_fwd_rope_bf16_d64", DType::BF16, 64, true),
-    ("segattn_fwd_rope_bf16_d128", DType::BF16, 128, true),
-    ("segattn_fwd_rope_f16_d64", DType::F16, 64, true),
-    ("segattn_fwd_rope_f16_d128", DType::F16, 128, true),
+/// Every forward entry point of kernels/fwd/fwd.cu: (name, dtype, head dim, variant).
+const FWD_ENTRIES: [(&str, DType, usize, FwdVariant); 12] = [
+    ("segattn_fwd_bf16_d64", DType::BF16, 64, FwdVariant::Plain),
+    ("segattn_fwd_bf16_d128", DType::BF16, 128, FwdVariant::Plain),
+    ("segattn_fwd_f16_d64", DType::F16, 64, FwdVariant::Plain),
+    ("segattn_fwd_f16_d128", DType::F16, 128, FwdVariant::Plain),
+    ("segattn_fwd_mass_bf16_d64", DType::BF16, 64, FwdVariant::Mass),
+    ("segattn_fwd_mass_bf16_d128", DType::BF16, 128, FwdVariant::Mass),
+    ("segattn_fwd_mass_f16_d64", DType::F16, 64, FwdVariant::Mass),
+    ("segattn_fwd_mass_f16_d128", DType::F16, 128, FwdVariant::Mass),
+    ("segattn_fwd_rope_bf16_d64", DType::BF16, 64, FwdVariant::Rope),
+    ("segattn_fwd_rope_bf16_d128", DType::BF16, 128, FwdVariant::Rope),
+    ("segattn_fwd_rope_f16_d64", DType::F16, 64, FwdVariant::Rope),
+    ("segattn_fwd_rope_f16_d128", DType::F16, 128, FwdVariant::Rope),
 ];
 
 /// The split-K merge entry points of kernels/fwd/fwd.cu.
@@ -134,7 +138,7 @@ fn load(ctx: &Arc<CudaContext>) -> Result<Kernels> {
         .map_err(|e| driver_err(format!("querying the shared memory limit of GPU {gpu}"), e))?;
     let optin = usize::try_from(optin).unwrap_or(0);
     let mut fwd = Vec::with_capacity(FWD_ENTRIES.len());
-    for (name, dtype, head_dim, rotate) in FWD_ENTRIES {
+    for (name, dtype, head_dim, variant) in FWD_ENTRIES {
         let func = module.load_function(name).map_err(|e| {
             driver_err(
                 format!(
@@ -144,7 +148,7 @@ fn load(ctx: &Arc<CudaContext>) -> Result<Kernels> {
             )
         })?;
         // The traits' size, from the same headers compiled for the host (kernels/kernel_traits.cuh).
-        let Some(smem) = crate::emulated::fwd_smem_bytes(dtype, head_dim, rotate) else {
+        let Some(smem) = crate::emulated::fwd_smem_bytes(dtype, head_dim, variant) else {
             return Err(candle_core::Error::Msg(format!(
                 "segattn: internal error: no shared memory size for kernel {name}"
             ))
@@ -185,7 +189,7 @@ fn load(ctx: &Arc<CudaContext>) -> Result<Kernels> {
             })?;
         }
         fwd.push((
-            (dtype, head_dim, rotate),
+            (dtype, head_dim, variant),
             FwdKernel {
                 name,
                 func,

@@ -7,19 +7,24 @@
 //! `segment_scores` makes them contiguous first, which is a no-op for contiguous tensors.
 //! The mask metadata goes up with the forward launcher's [`MaskBuffer`] (one copy, O(L)).
 
+use std::sync::Arc;
+
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg,
+};
 use candle_core::cuda_backend::CudaDType;
 use candle_core::{CudaStorage, DType, Layout, Result};
 use half::{bf16, f16};
 
 use super::driver_err;
-use super::launch::{base_params, check_grid, check_supported, loadable, strides_of, MaskBuffer};
-use super::module;
+use super::launch::{base_params, check_grid, check_supported, loadable, strides_of, sync_if_asked, MaskBuffer};
+use super::module::{self, Kernels};
 use crate::error::invalid_arg;
+use crate::kernel_params::mass_output;
 use crate::mask::HostMask;
 use crate::params::SegattnScoresParams;
-use crate::scores::{HeadReduction, MassPlan, QueryReduction};
+use crate::scores::MassPlan;
 use crate::validate::AttentionShape;
 
 // SAFETY: a plain C struct (bindgen of kernels/segattn_params.h, layout-tested) passed by value as
@@ -75,34 +80,7 @@ fn typed<T: CudaDType + DeviceRepr + candle_core::WithDType>(
         return Ok(CudaStorage::wrap_cuda_slice(mass, dev.clone()));
     }
     check_grid(&shape)?;
-    let name = match (T::DTYPE, shape.head_dim) {
-        (DType::BF16, 64) => "segattn_scores_bf16_d64",
-        (DType::BF16, _) => "segattn_scores_bf16_d128",
-        (_, 64) => "segattn_scores_f16_d64",
-        _ => "segattn_scores_f16_d128",
-    };
-    // The traits' size, from the same headers compiled for the host (under 48 KiB: no opt-in).
-    let Some(smem) = crate::emulated::scores_smem_bytes(T::DTYPE, shape.head_dim) else {
-        invalid_arg!("internal error: no shared memory size for kernel {name}");
-    };
     let kernels = module::kernels(stream.context())?;
-    let func = kernels.module().load_function(name).map_err(|e| {
-        driver_err(
-            format!(
-                "kernel {name} is not in the embedded fatbin (kernels/production.txt lists kernels/scores/scores.cu?)"
-            ),
-            e,
-        )
-    })?;
-    let cfg = LaunchConfig {
-        grid_dim: (
-            shape.q_len.div_ceil(BLOCK_M) as u32,
-            shape.num_heads as u32,
-            shape.batch as u32,
-        ),
-        block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: smem as u32,
-    };
     let mask = MaskBuffer::upload(&stream, host)?;
     let mut base = base_params(
         &shape,
@@ -136,35 +114,71 @@ fn typed<T: CudaDType + DeviceRepr + candle_core::WithDType>(
         let (mp, _gm) = mass.device_ptr_mut(&stream);
         let params = SegattnScoresParams {
             base,
-            mass: mp as *mut f32,
-            mass_batch_stride: (h_out * l_out * sk) as i64,
-            mass_head_stride: (l_out * sk) as i64,
-            mass_row_stride: sk as i64,
-            num_segments: i32::try_from(sk).unwrap_or(i32::MAX),
-            head_reduce: i32::from(plan.head_reduction != HeadReduction::None),
-            query_reduce: i32::from(plan.query_reduction != QueryReduction::None),
+            out: mass_output(plan, shape.q_len, mp as *mut f32)?,
             two_pass: i32::from(two_pass),
+            saved_lse: std::ptr::null(),
         };
-        let mut builder = stream.launch_builder(&func);
-        builder.arg(&params);
-        // SAFETY: the kernel's one parameter is a SegattnScoresParams by value; q, k, the mask
-        // buffer and `mass` are live device allocations of the sizes stated in it (every key id
-        // < Sk and every query id < Lo under a query reduction: checked by MassPlan); the grid
-        // covers [B, H, Lq] as the kernel expects.
-        unsafe { builder.launch(cfg) }.map_err(|e| {
-            driver_err(
-                format!(
-                    "launching {name} (grid {:?}, block {:?}, {smem} bytes of dynamic shared memory)",
-                    cfg.grid_dim, cfg.block_dim
-                ),
-                e,
-            )
-        })?;
+        launch_kernel(&stream, &kernels, T::DTYPE, &shape, &params)?;
     }
+    drop(mask);
+    Ok(CudaStorage::wrap_cuda_slice(mass, dev.clone()))
+}
+
+/// Launches the mass kernel for `dtype` and `shape.head_dim` with `params` (q, k, mask, mass and,
+/// for the fused mass after a forward launch, the forward kernel's LSE, all live device
+/// allocations of the sizes stated in it) on `stream`, checked.
+pub(crate) fn launch_kernel(
+    stream: &Arc<CudaStream>,
+    kernels: &Kernels,
+    dtype: DType,
+    shape: &AttentionShape,
+    params: &SegattnScoresParams,
+) -> Result<()> {
+    let name = match (dtype, shape.head_dim) {
+        (DType::BF16, 64) => "segattn_scores_bf16_d64",
+        (DType::BF16, _) => "segattn_scores_bf16_d128",
+        (_, 64) => "segattn_scores_f16_d64",
+        _ => "segattn_scores_f16_d128",
+    };
+    // The traits' size, from the same headers compiled for the host (under 48 KiB: no opt-in).
+    let Some(smem) = crate::emulated::scores_smem_bytes(dtype, shape.head_dim) else {
+        invalid_arg!("internal error: no shared memory size for kernel {name}");
+    };
+    let func = kernels.module().load_function(name).map_err(|e| {
+        driver_err(
+            format!(
+                "kernel {name} is not in the embedded fatbin (kernels/production.txt lists kernels/scores/scores.cu?)"
+            ),
+            e,
+        )
+    })?;
+    let cfg = LaunchConfig {
+        grid_dim: (
+            shape.q_len.div_ceil(BLOCK_M) as u32,
+            shape.num_heads as u32,
+            shape.batch as u32,
+        ),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: smem as u32,
+    };
+    let mut builder = stream.launch_builder(&func);
+    builder.arg(params);
+    // SAFETY: the kernel's one parameter is a SegattnScoresParams by value whose pointers are
+    // live device allocations of the sizes stated in it (every key id < Sk and every query id < Lo
+    // under a query reduction: checked by MassPlan); the grid covers [B, H, Lq] as the kernel
+    // expects.
+    unsafe { builder.launch(cfg) }.map_err(|e| {
+        driver_err(
+            format!(
+                "launching {name} (grid {:?}, block {:?}, {smem} bytes of dynamic shared memory)",
+                cfg.grid_dim, cfg.block_dim
+            ),
+            e,
+        )
+    })?;
+    sync_if_asked(stream, name)?;
     stream
         .context()
         .check_err()
-        .map_err(|e| driver_err(format!("after launching {name}"), e))?;
-    drop(mask);
-    Ok(CudaStorage::wrap_cuda_slice(mass, dev.clone()))
+        .map_err(|e| driver_err(format!("after launching {name}"), e))
 }

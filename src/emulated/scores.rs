@@ -8,13 +8,13 @@ use std::ffi::c_int;
 use candle_core::{DType, Device, Result, Tensor};
 
 use super::{
-    check_emulated_inputs, dtype_code, fill_mask_params, last_error, segattn_emu_set_schedule, to_i32, Input, Schedule,
+    check_emulated_inputs, dtype_code, fill_mask_params, last_error, segattn_emu_set_schedule, Input, Schedule,
 };
 use crate::error::invalid_arg;
-use crate::kernel_params::base_params;
-use crate::mask::SegmentMask;
+use crate::kernel_params::{base_params, mass_accumulates, mass_output};
+use crate::mask::{HostMask, SegmentMask};
 use crate::params::{SegattnFwdParams, SegattnScoresParams};
-use crate::scores::{apply_weights, kernel_two_pass, HeadReduction, MassPlan, QueryReduction, SegmentScoreOptions};
+use crate::scores::{apply_weights, kernel_two_pass, MassPlan, SegmentScoreOptions};
 use crate::validate::{default_scale, AttentionShape};
 
 extern "C" {
@@ -62,44 +62,69 @@ pub fn segment_scores(
     let plan = MassPlan::new(&shape, &host, options)?;
     let two_pass = kernel_two_pass(options.algorithm, plan.sk)?;
     let (b_out, h_out, l_out, sk) = plan.out_dims(q_len);
-    let reduce = plan.query_reduction != QueryReduction::None || plan.head_reduction != HeadReduction::None;
     // Added into: zeros; written: NaN, so that an element the kernel misses cannot pass.
-    let fill = if reduce || two_pass { 0.0 } else { f32::NAN };
+    let fill = if mass_accumulates(&plan, two_pass) {
+        0.0
+    } else {
+        f32::NAN
+    };
     let mut mass = vec![fill; b_out * h_out * l_out * sk];
-
     let (qi, ki) = (Input::new("q", q)?, Input::new("k", k)?);
-    let mut base = SegattnFwdParams {
+    let base = SegattnFwdParams {
         q: qi.ptr,
         k: ki.ptr,
         ..base_params(&shape, dtype, scale as f32, [qi.strides, ki.strides, ki.strides])?
     };
-    fill_mask_params(&mut base, &host);
-    let p = SegattnScoresParams {
-        base,
-        mass: mass.as_mut_ptr(),
-        mass_batch_stride: (h_out * l_out * sk) as i64,
-        mass_head_stride: (l_out * sk) as i64,
-        mass_row_stride: sk as i64,
-        num_segments: to_i32("num_key_segments", sk)?,
-        head_reduce: i32::from(plan.head_reduction != HeadReduction::None),
-        query_reduce: i32::from(plan.query_reduction != QueryReduction::None),
-        two_pass: i32::from(two_pass),
-    };
-    if sk > 0 {
-        // SAFETY: every pointer in `p` points into buffers that outlive the call (`qi`, `ki`,
-        // `host`, `mass`) and the sizes in `p` match them (every key id < Sk, every query id < Lo
-        // under a query reduction: checked by MassPlan); the schedule applies to this thread.
-        let rc = unsafe {
-            segattn_emu_set_schedule(schedule.code(), seed);
-            segattn_emu_scores(&p)
-        };
-        if rc != 0 {
-            return Err(
-                candle_core::Error::Msg(format!("segattn: emulated mass kernel failed: {}", last_error())).bt(),
-            );
-        }
-    }
+    run_kernel(base, &host, &plan, two_pass, None, &mut mass, schedule, seed)?;
     drop((qi, ki));
     let raw = Tensor::from_vec(mass, (b_out, h_out, l_out, sk), &Device::Cpu)?;
     apply_weights(raw, &plan)
+}
+
+/// Runs the emulated mass kernel with the q / k / sizes of `base` under `host` into `mass` (raw,
+/// laid out by `plan`; zeroed first where the kernel adds into it). `saved_lse` (`[B, H, Lq]`, with
+/// `two_pass`): the forward kernel's LSE, which replaces the kernel's first pass.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn run_kernel(
+    mut base: SegattnFwdParams,
+    host: &HostMask,
+    plan: &MassPlan,
+    two_pass: bool,
+    saved_lse: Option<&[f32]>,
+    mass: &mut [f32],
+    schedule: Schedule,
+    seed: u64,
+) -> Result<()> {
+    fill_mask_params(&mut base, host);
+    let q_len = usize::try_from(base.q_len).unwrap_or(0);
+    if let Some(lse) = saved_lse {
+        let want = plan.batch * plan.num_heads * q_len;
+        if !two_pass || lse.len() != want {
+            invalid_arg!(
+                "internal error: a saved LSE of {} rows for a two-pass mass of {want} rows",
+                lse.len()
+            );
+        }
+    }
+    let p = SegattnScoresParams {
+        base,
+        out: mass_output(plan, q_len, mass.as_mut_ptr())?,
+        two_pass: i32::from(two_pass),
+        saved_lse: saved_lse.map_or(std::ptr::null(), <[f32]>::as_ptr),
+    };
+    if plan.sk == 0 {
+        return Ok(());
+    }
+    // SAFETY: every pointer in `p` points into buffers that outlive the call (the caller's q / k
+    // inputs, `host`, `mass`, `saved_lse`) and the sizes in `p` match them (every key id < Sk,
+    // every query id < Lo under a query reduction: checked by MassPlan); the schedule applies to
+    // this thread.
+    let rc = unsafe {
+        segattn_emu_set_schedule(schedule.code(), seed);
+        segattn_emu_scores(&p)
+    };
+    if rc != 0 {
+        return Err(candle_core::Error::Msg(format!("segattn: emulated mass kernel failed: {}", last_error())).bt());
+    }
+    Ok(())
 }

@@ -107,6 +107,20 @@ pub(crate) fn kernel_two_pass(algorithm: MassAlgorithm, sk: usize) -> Result<boo
     })
 }
 
+/// Whether the CUDA kernels compute an attention's fused mass inside the forward kernel (one
+/// pass, on-chip accumulators: at most [`KERNEL_ONE_PASS_MAX_SEGMENTS`] key segments, no split-K)
+/// or after it, by the mass kernel's exact pass with the forward kernel's LSE (any number of
+/// segments; [`MassAlgorithm::TwoPass`] asks for it).
+pub(crate) fn fused_mass_in_forward(algorithm: MassAlgorithm, sk: usize, kv_splits: usize) -> Result<bool> {
+    let two_pass = kernel_two_pass(algorithm, sk)?;
+    if !two_pass && kv_splits > 1 && algorithm == MassAlgorithm::OnePass {
+        invalid_arg!(
+            "algorithm: the forward kernel's one-pass mass does not run with split-K (kv_splits = {kv_splits})"
+        );
+    }
+    Ok(!two_pass && kv_splits <= 1)
+}
+
 /// Applies the weights of `plan` (1 / L_s, 1 / query count, 1 / H) to a raw mass `[B, Ho, Lo, Sk]`
 /// (f32, row-normalised probabilities summed per segment, reduced but unweighted: what the CUDA
 /// kernel produces), with tensor ops on the tensor's own device.

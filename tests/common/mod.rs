@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 use candle_core::{DType, Device, Result, Tensor};
+use segattn::{HeadReduction, MassAlgorithm, QueryReduction, SegmentScoreOptions};
 
 /// Absolute and relative tolerance of a fused result against the f64 reference, by input dtype.
 /// Inputs are rounded to the dtype before both run, so the error is the kernel's own: f32
@@ -52,6 +53,43 @@ pub fn mass_tolerance(dtype: DType) -> (f64, f64) {
         DType::F16 | DType::BF16 => (5e-5, 2e-3),
         other => panic!("no tolerance for {other:?}"),
     }
+}
+
+/// The tolerance of a mass computed with `opts` from q `[B, lq, h, D]` of `dtype`: sums over
+/// query rows or heads add up the rows' errors.
+pub fn mass_tolerance_for(dtype: DType, opts: &SegmentScoreOptions, lq: usize, h: usize) -> (f64, f64) {
+    let (atol, rtol) = mass_tolerance(dtype);
+    let rows = if opts.query_reduction == QueryReduction::SumBySegment {
+        lq
+    } else {
+        1
+    };
+    let heads = if opts.head_reduction == HeadReduction::Sum {
+        h
+    } else {
+        1
+    };
+    (atol * (rows * heads) as f64, rtol)
+}
+
+/// Random mass options from `rng`: every reduction and normalisation, sometimes a scale, the
+/// algorithm one of `algorithms`.
+pub fn random_mass_options(rng: &mut Rng, algorithms: &[MassAlgorithm]) -> SegmentScoreOptions {
+    let mut o = SegmentScoreOptions::new()
+        .normalize_by_length(rng.below(2) == 0)
+        .query_reduction(
+            [
+                QueryReduction::None,
+                QueryReduction::SumBySegment,
+                QueryReduction::MeanBySegment,
+            ][rng.below(3)],
+        )
+        .head_reduction([HeadReduction::None, HeadReduction::Sum, HeadReduction::Mean][rng.below(3)])
+        .algorithm(algorithms[rng.below(algorithms.len())]);
+    if rng.below(4) == 0 {
+        o = o.scale(0.05 + 0.3 * rng.unit());
+    }
+    o
 }
 
 /// The case count set in environment variable `var` (`SEGATTN_CASES`, `SEGATTN_EMU_CASES`,

@@ -1,0 +1,239 @@
+//! The attention's fused per-segment mass on the CUDA path, run on the CPU under the SIMT
+//! emulator: the forward kernel's one-pass mass (`segattn_fwd_mass_*`: at most 64 key segments,
+//! no split-K) and, beyond that or with split-K or `MassAlgorithm::TwoPass`, the forward kernel
+//! followed by the mass kernel's exact pass with the forward kernel's LSE. Checked against the
+//! f64 reference, against the standalone mass kernel, and for leaving the attention untouched:
+//! the output and LSE are bitwise those of the plain forward kernel (same split).
+//!
+//! `SEGATTN_EMU_CASES=n` scales the number of random cases (default 48 here).
+
+mod common;
+
+use candle_core::{DType, Device, Result, Tensor};
+use common::cases::{draw, Case, MASK_KINDS};
+use common::{env_count, mass_tolerance_for, proptest_config, random_mass_options, worst_ratio, Rng};
+use proptest::prelude::*;
+use segattn::emulated::{forward_split, forward_with_mass, segment_scores, Schedule};
+use segattn::{reference, MassAlgorithm, PairRule, QueryReduction, SegmentMask, SegmentScoreOptions, Visibility};
+
+const HEADS: [(usize, usize); 3] = [(4, 2), (3, 1), (2, 2)];
+const SCHEDULES: [Schedule; 3] = [Schedule::Forward, Schedule::HighFirst, Schedule::RandomWarp];
+
+fn cases(default: u32) -> u32 {
+    env_count("SEGATTN_EMU_CASES").map_or(default, |n| n.div_ceil(2))
+}
+
+fn bits(t: &Tensor) -> Result<Vec<u32>> {
+    Ok(t.to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?
+        .iter()
+        .map(|x| x.to_bits())
+        .collect())
+}
+
+/// The fused mass of `case` with `opts` and `kv_splits` against the reference and the standalone
+/// kernel; the output and LSE bitwise those of the plain kernel.
+fn check(case: &Case, opts: &SegmentScoreOptions, kv_splits: usize, schedule: Schedule, seed: u64) -> Result<Tensor> {
+    let what = format!("{} {opts:?} kv_splits {kv_splits} {schedule:?}", case.description);
+    let (q, k, v, mask) = (&case.q, &case.k, &case.v, &case.mask);
+    let scale = opts.scale;
+    let fused = forward_with_mass(q, k, v, mask, scale, opts, kv_splits, schedule, seed)?;
+    let plain = forward_split(q, k, v, mask, scale, kv_splits, schedule, seed)?;
+    assert_eq!(
+        bits(&fused.out)?,
+        bits(&plain.out)?,
+        "{what}: the mass changed the output"
+    );
+    assert_eq!(
+        bits(fused.lse.as_ref().unwrap())?,
+        bits(plain.lse.as_ref().unwrap())?,
+        "{what}: the mass changed the LSE"
+    );
+    let got = fused.segment_mass.expect("asked for");
+    let want = reference::segment_mass(q, k, mask, opts)?;
+    assert_eq!(got.dims(), want.dims(), "{what}: shape");
+    let (_, lq, h, _) = q.dims4()?;
+    let (atol, rtol) = mass_tolerance_for(q.dtype(), opts, lq, h);
+    let (r, at) = worst_ratio(&got, &want, atol, rtol)?;
+    if r > 1.0 {
+        let g = got.flatten_all()?.to_vec1::<f32>()?[at];
+        let w = want.flatten_all()?.to_vec1::<f64>()?[at];
+        panic!(
+            "{what}: {r:.2} x tolerance at flat index {at} of {:?}: got {g}, want {w}",
+            got.dims()
+        );
+    }
+    // The standalone kernel under the same mask: the same sums up to f32 rounding.
+    let alone = segment_scores(q, k, mask, opts, schedule, seed)?;
+    let (r, at) = worst_ratio(&got, &alone.to_dtype(DType::F64)?, atol, rtol)?;
+    assert!(
+        r <= 1.0,
+        "{what}: {r:.2} x tolerance from the standalone kernel at {at}"
+    );
+    Ok(got)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_random_case(
+    seed: u64,
+    bf16: bool,
+    d128: bool,
+    batch: usize,
+    heads: usize,
+    lk: usize,
+    lq_equal: bool,
+    kind: usize,
+) {
+    let dtype = if bf16 { DType::BF16 } else { DType::F16 };
+    let d = if d128 { 128 } else { 64 };
+    let case = draw(seed, batch, lk, lq_equal, HEADS[heads], d, dtype, kind).unwrap();
+    let mut rng = Rng::new(seed ^ 0xf00d);
+    let sk = 1 + case.mask.kv_segments().max_all().unwrap().to_scalar::<u32>().unwrap() as usize;
+    let algorithms: &[MassAlgorithm] = if sk <= 64 {
+        &[MassAlgorithm::Auto, MassAlgorithm::OnePass, MassAlgorithm::TwoPass]
+    } else {
+        &[MassAlgorithm::Auto, MassAlgorithm::TwoPass]
+    };
+    let opts = random_mass_options(&mut rng, algorithms);
+    // Split-K sends even a small Sk through the LSE path (never with OnePass: an error).
+    let kv_splits = if opts.algorithm == MassAlgorithm::OnePass {
+        1
+    } else {
+        [1, 1, 2, 3][rng.below(4)]
+    };
+    let schedule = SCHEDULES[rng.below(SCHEDULES.len())];
+    check(&case, &opts, kv_splits, schedule, seed).unwrap_or_else(|e| panic!("{}\n{e}", case.description));
+}
+
+proptest! {
+    #![proptest_config(proptest_config(cases(48)))]
+
+    #[test]
+    fn emulated_fused_mass_matches_reference(
+        seed in any::<u64>(),
+        bf16 in any::<bool>(),
+        d128 in any::<bool>(),
+        batch in 1usize..=2,
+        heads in 0usize..HEADS.len(),
+        lk in 1usize..=200,
+        lq_equal in any::<bool>(),
+        kind in 0usize..MASK_KINDS.len(),
+    ) {
+        run_random_case(seed, bf16, d128, batch, heads, lk, lq_equal, kind);
+    }
+}
+
+/// Every mask family in both head dims, whatever the draw: the in-kernel path (D = 128 reads Q
+/// from shared memory), and the LSE path through TwoPass and through split-K.
+#[test]
+fn every_mask_kind_both_paths() -> Result<()> {
+    for kind in 0..MASK_KINDS.len() {
+        for (i, (d, algorithm, splits)) in [
+            (128, MassAlgorithm::Auto, 1),
+            (64, MassAlgorithm::TwoPass, 1),
+            (128, MassAlgorithm::Auto, 2),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let seed = 1000 + 10 * kind as u64 + i as u64;
+            let case = draw(seed, 2, 150, true, (4, 2), d, DType::BF16, kind)?;
+            let opts = SegmentScoreOptions::new().algorithm(algorithm);
+            check(&case, &opts, splits, Schedule::RandomWarp, seed)?;
+        }
+    }
+    Ok(())
+}
+
+/// Segments of one token, at the one-pass limit (64 ids: 0..=63 in the accumulators) and just
+/// beyond it (65: the LSE path), with a query reduction; causal single-token ids touch every
+/// accumulator block within one key tile.
+#[test]
+fn single_token_segments_at_the_limit() -> Result<()> {
+    let dev = &Device::Cpu;
+    let mut rng = Rng::new(7);
+    for l in [64usize, 65, 130] {
+        for d in [64usize, 128] {
+            let q = common::random_tensor(&mut rng, &[1, l, 2, d], DType::F16)?;
+            let k = common::random_tensor(&mut rng, &[1, l, 1, d], DType::F16)?;
+            let v = common::random_tensor(&mut rng, &[1, l, 1, d], DType::F16)?;
+            let ids = Tensor::arange(0u32, l as u32, dev)?.reshape((1, l))?;
+            let mask = SegmentMask::self_attention(&ids, PairRule::new(Visibility::Causal, Visibility::Causal))?;
+            let case = Case {
+                q,
+                k,
+                v,
+                mask,
+                description: format!("{l} single-token segments, D = {d}"),
+            };
+            check(&case, &SegmentScoreOptions::new(), 1, Schedule::HighFirst, 3)?;
+            let reduced = SegmentScoreOptions::new()
+                .query_reduction(QueryReduction::SumBySegment)
+                .normalize_by_length(true);
+            check(&case, &reduced, 1, Schedule::Forward, 4)?;
+        }
+    }
+    Ok(())
+}
+
+/// Rows that see no key (a blocked segment) get zero mass on both paths, as they get a zero output.
+#[test]
+fn fully_masked_rows() -> Result<()> {
+    let dev = &Device::Cpu;
+    let lens = [40usize, 50, 57];
+    let ids: Vec<u32> = lens
+        .iter()
+        .enumerate()
+        .flat_map(|(i, &l)| std::iter::repeat_n(i as u32, l))
+        .collect();
+    let ids = Tensor::from_vec(ids, (1, 147), dev)?;
+    let b = Some(Visibility::Blocked);
+    let table = segattn::PairTable::from_rules(&[vec![None, None, None], vec![b, b, b], vec![None, None, None]], dev)?;
+    let mask = SegmentMask::self_attention(
+        &ids,
+        PairRule::new(Visibility::Causal, Visibility::Full).with_table(table),
+    )?;
+    let mut rng = Rng::new(5);
+    for (d, algorithm) in [(128usize, MassAlgorithm::OnePass), (64, MassAlgorithm::TwoPass)] {
+        let case = Case {
+            q: common::random_tensor(&mut rng, &[2, 147, 2, d], DType::BF16)?,
+            k: common::random_tensor(&mut rng, &[2, 147, 1, d], DType::BF16)?,
+            v: common::random_tensor(&mut rng, &[2, 147, 1, d], DType::BF16)?,
+            mask: mask.clone(),
+            description: format!("blocked segment 1, D = {d}"),
+        };
+        let got = check(
+            &case,
+            &SegmentScoreOptions::new().algorithm(algorithm),
+            1,
+            Schedule::Forward,
+            0,
+        )?;
+        assert_eq!(got.narrow(2, 40, 50)?.abs()?.max_all()?.to_scalar::<f32>()?, 0.0);
+    }
+    Ok(())
+}
+
+/// OnePass beyond the forward kernel's 64 accumulators, or with split-K, is a clear error.
+#[test]
+fn one_pass_limits() -> Result<()> {
+    let dev = &Device::Cpu;
+    let ids = Tensor::arange(0u32, 100, dev)?.reshape((1, 100))?;
+    let mask = SegmentMask::self_attention(&ids, PairRule::new(Visibility::Full, Visibility::Full))?;
+    let x = Tensor::ones((1, 100, 1, 64), DType::BF16, dev)?;
+    let one_pass = SegmentScoreOptions::new().algorithm(MassAlgorithm::OnePass);
+    let e = forward_with_mass(&x, &x, &x, &mask, None, &one_pass, 1, Schedule::Forward, 0)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("algorithm") && e.contains("64") && e.contains("100"), "{e}");
+    let few = SegmentMask::self_attention(
+        &Tensor::zeros((1, 100), DType::U32, dev)?,
+        PairRule::new(Visibility::Causal, Visibility::Blocked),
+    )?;
+    let e = forward_with_mass(&x, &x, &x, &few, None, &one_pass, 2, Schedule::Forward, 0)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("algorithm") && e.contains("split-K"), "{e}");
+    Ok(())
+}
