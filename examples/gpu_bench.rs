@@ -13,9 +13,11 @@
 //!
 //! ```text
 //! gpu_bench [--smoke] [--reps N] [--warmup N] [--filter SUBSTR] [--json FILE] [--list]
-//!           [--export-masks FILE] [--pine]
+//!           [--export-masks FILE] [--pine] [--mass]
 //! ```
 //! `--pine`: instead, one PINE layer at Llama-3-8B shapes (examples/support/gpu_pine.rs).
+//! `--mass`: instead, the per-segment mass, fused and standalone, against the attention alone
+//! (examples/support/gpu_mass.rs).
 //! `--list` prints the shapes; `--export-masks FILE` writes every mask (segment ids, rules, visible
 //! pair count) as JSON for bench/peers.py, so that the peers run on exactly the same masks; neither
 //! needs a GPU. `--smoke`: tiny shapes (L 256 / 512, 2k tokens).
@@ -28,8 +30,12 @@ use candle_core::{DType, Device, Result, Tensor};
 use segattn::cuda::PreparedForward;
 use segattn::{PineLayout, SegmentAttention, SegmentMask, Visibility};
 
+#[path = "support/gpu_mass.rs"]
+mod gpu_mass;
 #[path = "support/gpu_pine.rs"]
 mod gpu_pine;
+#[path = "support/timing.rs"]
+mod timing;
 
 /// L2 cache size when the device does not say (H100: 50 MB, H200: 60 MB); the input sets rotated
 /// per repetition total at least 4x the device's L2.
@@ -45,6 +51,7 @@ struct Args {
     list: bool,
     export_masks: Option<String>,
     pine: bool,
+    mass: bool,
 }
 
 fn parse_args() -> std::result::Result<Args, String> {
@@ -57,6 +64,7 @@ fn parse_args() -> std::result::Result<Args, String> {
         list: false,
         export_masks: None,
         pine: false,
+        mass: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -65,6 +73,7 @@ fn parse_args() -> std::result::Result<Args, String> {
             "--smoke" => a.smoke = true,
             "--list" => a.list = true,
             "--pine" => a.pine = true,
+            "--mass" => a.mass = true,
             "--reps" => a.reps = value("--reps")?.parse().map_err(|e| format!("--reps: {e}"))?,
             "--warmup" => a.warmup = value("--warmup")?.parse().map_err(|e| format!("--warmup: {e}"))?,
             "--filter" => a.filter = Some(value("--filter")?),
@@ -73,7 +82,7 @@ fn parse_args() -> std::result::Result<Args, String> {
             "-h" | "--help" => {
                 return Err(
                     "usage: gpu_bench [--smoke] [--reps N] [--warmup N] [--filter SUBSTR] [--json FILE] \
-                     [--list] [--export-masks FILE] [--pine]"
+                     [--list] [--export-masks FILE] [--pine] [--mass]"
                         .into(),
                 )
             }
@@ -412,6 +421,10 @@ fn main() -> Result<()> {
     let dev = Device::new_cuda(0)?;
     if args.pine {
         println!("{}", gpu_pine::run(&dev, args.reps, args.warmup)?);
+        return Ok(());
+    }
+    if args.mass {
+        println!("{}", gpu_mass::run(&dev, args.reps, args.warmup)?);
         return Ok(());
     }
     println!(

@@ -130,14 +130,18 @@ if [ "$PHASE" = test ] || [ "$PHASE" = all ]; then
         budgeted 60 15 "$SAN" --tool "$tool" --error-exitcode 99 --kernel-name kns=segattn_fwd \
         "$WORK/gpu_fwd" --test-threads 1 "${small[@]}" >"$WORK/san-$tool.log" 2>&1
       rc=$?
-      # PINE: the rope kernels, the shifts kernel, split-K and its merge (every segattn_ kernel).
-      if [ -x "$WORK/gpu_pine" ]; then
+      # PINE (the rope kernels, the shifts kernel, split-K and its merge) and the per-segment mass
+      # (the mass kernel, the fused forward variant, the LSE path): every segattn_ kernel.
+      # (gpu_scores without its 2500-segment case, too slow under the sanitizers.)
+      for extra in "gpu_pine" "gpu_scores gpu_scores_match_reference gpu_fused_mass_matches_reference gpu_errors"; do
+        read -r -a run <<<"$extra"
+        [ -x "$WORK/${run[0]}" ] || continue
         SEGATTN_REQUIRE_GPU=1 SEGATTN_GPU_CASES=4 \
           budgeted 60 15 "$SAN" --tool "$tool" --error-exitcode 99 --kernel-name kns=segattn_ \
-          "$WORK/gpu_pine" --test-threads 1 >>"$WORK/san-$tool.log" 2>&1
+          "$WORK/${run[0]}" --test-threads 1 "${run[@]:1}" >>"$WORK/san-$tool.log" 2>&1
         rc2=$?
         [ "$rc" = 0 ] && rc=$rc2
-      fi
+      done
       { echo "=== $tool (exit $rc) ==="; cat "$WORK/san-$tool.log"; } >>"$OUTDIR/sanitizer.log"
       summary_line="$(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|^test result' "$WORK/san-$tool.log" | tr '\n' ' ')"
       if grep -q 'Device not supported' "$WORK/san-$tool.log"; then
@@ -179,6 +183,11 @@ if [ "$PHASE" = bench ] || [ "$PHASE" = all ]; then
   t=$SECONDS
   budgeted 100000 20 "$WORK/gpu_bench" --pine 2>&1 | tee "$OUTDIR/pine.md"
   note "- (3) gpu_bench --pine: exit ${PIPESTATUS[0]}, $((SECONDS - t)) s"
+
+  log "(3) per-segment mass, fused and standalone (gpu_bench --mass)"
+  t=$SECONDS
+  budgeted 100000 20 "$WORK/gpu_bench" --mass 2>&1 | tee "$OUTDIR/mass.md"
+  note "- (3) gpu_bench --mass: exit ${PIPESTATUS[0]}, $((SECONDS - t)) s"
 
   log "(3) peers (torch)"
   t=$SECONDS

@@ -18,7 +18,7 @@ mod common;
 
 use candle_core::{DType, Device, Result, Tensor};
 use common::cases::{random_mask, MASK_KINDS};
-use common::gpu::gpu;
+use common::gpu::{gpu, mask_on};
 use common::{env_count, proptest_config, worst_ratio, Rng};
 use proptest::prelude::*;
 use segattn::{reference, PairRule, PairTable, SegmentAttention, SegmentMask, Visibility};
@@ -37,20 +37,6 @@ const LSE_TOLERANCE: (f64, f64) = (1e-3, 1e-4);
 
 fn cases(default: u32) -> u32 {
     env_count("SEGATTN_GPU_CASES").unwrap_or(default)
-}
-
-/// The same mask with its tensors on `dev` (what a user does: build it on the device of q).
-fn mask_on(mask: &SegmentMask, dev: &Device) -> Result<SegmentMask> {
-    let rule = mask.rule();
-    let mut moved = PairRule::new(rule.intra, rule.inter);
-    if let Some(t) = &rule.table {
-        moved = moved.with_table(PairTable::new(t.rules().to_device(dev)?)?);
-    }
-    SegmentMask::new(
-        &mask.q_segments().to_device(dev)?,
-        &mask.kv_segments().to_device(dev)?,
-        moved,
-    )
 }
 
 /// Values of magnitude in [0.25, 1] with random signs, rounded to `dtype`, on the CPU.

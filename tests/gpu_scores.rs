@@ -12,28 +12,12 @@ mod common;
 
 use candle_core::{DType, Device, Result, Tensor};
 use common::cases::{draw, MASK_KINDS};
-use common::gpu::gpu;
+use common::gpu::{gpu, mask_on};
 use common::{env_count, mass_tolerance_for, random_mass_options, worst_ratio, Rng};
 use segattn::{
-    reference, segment_scores, HeadReduction, MassAlgorithm, PairRule, QueryReduction, SegmentMask,
+    reference, segment_scores, HeadReduction, MassAlgorithm, PairRule, SegmentAttention, SegmentMask,
     SegmentScoreOptions, Visibility,
 };
-
-/// The mask with its tensors on `dev`.
-fn mask_on(mask: &SegmentMask, dev: &Device) -> Result<SegmentMask> {
-    let rule = mask.rule().clone();
-    let rule = match rule.table {
-        Some(t) => {
-            PairRule::new(rule.intra, rule.inter).with_table(segattn::PairTable::new(t.rules().to_device(dev)?)?)
-        }
-        None => rule,
-    };
-    SegmentMask::new(
-        &mask.q_segments().to_device(dev)?,
-        &mask.kv_segments().to_device(dev)?,
-        rule,
-    )
-}
 
 fn check(
     dev: &Device,
@@ -87,6 +71,63 @@ fn gpu_scores_match_reference() -> Result<()> {
         let opts = random_mass_options(&mut rng, &[MassAlgorithm::Auto, MassAlgorithm::TwoPass]);
         let desc = format!("{} {opts:?}", case.description);
         check(&dev, &desc, &case.q, &case.k, &case.mask, &opts)?;
+    }
+    Ok(())
+}
+
+/// The attention's fused mass on the GPU (`return_segment_mass`: in the forward kernel for at most
+/// 64 key segments, else after it with its LSE): against the reference, the output against the
+/// reference attention, and the mass against the standalone op on the GPU.
+#[test]
+fn gpu_fused_mass_matches_reference() -> Result<()> {
+    let Some(dev) = gpu() else { return Ok(()) };
+    for seed in 0..cases() / 2 {
+        let mut rng = Rng::new(seed ^ 0xf05ed);
+        let dtype = if rng.below(2) == 0 { DType::BF16 } else { DType::F16 };
+        let d = if rng.below(2) == 0 { 64 } else { 128 };
+        let heads = [(4, 2), (3, 1), (2, 2), (8, 1)][rng.below(4)];
+        let kind = rng.below(MASK_KINDS.len());
+        let case = draw(
+            seed,
+            1 + rng.below(2),
+            1 + rng.below(400),
+            rng.below(2) == 0,
+            heads,
+            d,
+            dtype,
+            kind,
+        )?;
+        let opts = random_mass_options(&mut rng, &[MassAlgorithm::Auto, MassAlgorithm::TwoPass]);
+        let desc = format!("{} {opts:?}", case.description);
+        let mask = mask_on(&case.mask, &dev)?;
+        let res = SegmentAttention::new(&mask).return_segment_mass(opts).forward(
+            &case.q.to_device(&dev)?,
+            &case.k.to_device(&dev)?,
+            &case.v.to_device(&dev)?,
+        )?;
+        let fused = res.segment_mass.expect("asked for");
+        assert!(fused.device().is_cuda(), "{desc}: mass left the GPU");
+        let fused = fused.to_device(&Device::Cpu)?;
+        let (_, lq, h, _) = case.q.dims4()?;
+        let (atol, rtol) = mass_tolerance_for(dtype, &opts, lq, h);
+        let want = reference::segment_mass(&case.q, &case.k, &case.mask, &opts)?;
+        let (r, at) = worst_ratio(&fused, &want, atol, rtol)?;
+        assert!(r <= 1.0, "{desc}: fused mass {r:.2} x tolerance at flat index {at}");
+        let alone = segment_scores(&case.q.to_device(&dev)?, &case.k.to_device(&dev)?, &mask, &opts)?;
+        let (r, at) = worst_ratio(
+            &fused,
+            &alone.to_device(&Device::Cpu)?.to_dtype(DType::F64)?,
+            atol,
+            rtol,
+        )?;
+        assert!(
+            r <= 1.0,
+            "{desc}: fused vs standalone {r:.2} x tolerance at flat index {at}"
+        );
+        let want_out = reference::attention(&case.q, &case.k, &case.v, &case.mask, None)?.out;
+        let (atol, rtol) = common::tolerance(dtype);
+        let (r, at) = worst_ratio(&res.out.to_device(&Device::Cpu)?, &want_out, atol, rtol)?;
+        assert!(r <= 1.0, "{desc}: output {r:.2} x tolerance at flat index {at}");
     }
     Ok(())
 }

@@ -5,28 +5,11 @@
 //! kernel) against a plain decode step (split-K plain kernel, q already rotated). Wall clock of
 //! the public calls to stream synchronisation, median of `reps` after `warmup`.
 
-use std::time::Instant;
-
 use candle_core::{DType, Device, Result, Tensor};
 use segattn::pine::{PineAttention, Rope};
 use segattn::{PineLayout, SegmentAttention, SegmentMask};
 
-fn median_ms(dev: &Device, reps: usize, warmup: usize, mut f: impl FnMut() -> Result<Tensor>) -> Result<f64> {
-    for _ in 0..warmup {
-        f()?;
-    }
-    dev.synchronize()?;
-    let mut t = Vec::with_capacity(reps);
-    for _ in 0..reps {
-        let start = Instant::now();
-        let out = f()?;
-        dev.synchronize()?;
-        t.push(start.elapsed().as_secs_f64() * 1e3);
-        drop(out);
-    }
-    t.sort_by(f64::total_cmp);
-    Ok(t[t.len() / 2])
-}
+use super::timing::median_ms;
 
 /// The markdown table of the PINE benchmark.
 pub fn run(dev: &Device, reps: usize, warmup: usize) -> Result<String> {

@@ -3,7 +3,8 @@
 
 use std::sync::OnceLock;
 
-use candle_core::Device;
+use candle_core::{Device, Result};
+use segattn::{PairRule, PairTable, SegmentMask};
 
 /// The GPU, or `None` (test skipped) when there is none and `SEGATTN_REQUIRE_GPU` is not 1.
 pub fn gpu() -> Option<Device> {
@@ -27,4 +28,18 @@ pub fn gpu() -> Option<Device> {
             None
         }
     }
+}
+
+/// The same mask with its tensors on `dev` (what a user does: build it on the device of q).
+pub fn mask_on(mask: &SegmentMask, dev: &Device) -> Result<SegmentMask> {
+    let rule = mask.rule();
+    let mut moved = PairRule::new(rule.intra, rule.inter);
+    if let Some(t) = &rule.table {
+        moved = moved.with_table(PairTable::new(t.rules().to_device(dev)?)?);
+    }
+    SegmentMask::new(
+        &mask.q_segments().to_device(dev)?,
+        &mask.kv_segments().to_device(dev)?,
+        moved,
+    )
 }

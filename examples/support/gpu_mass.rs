@@ -1,0 +1,61 @@
+//! `gpu_bench --mass`: the per-segment attention mass on the GPU (issue 4 of 5's targets), bf16,
+//! D = 128, H = 16 (and GQA 32 / 8), L = 8k, B = 2: for each mask, our attention alone, the
+//! attention with its fused mass (`return_segment_mass`, per query row; and summed by query
+//! segment), and the standalone op `segment_scores` under the same mask. Wall clock of the public
+//! calls to stream synchronisation, median of `reps` after `warmup`.
+//!
+//! Masks: documents (8 equal: Sk = 8, the forward kernel's on-chip accumulators), PINE (prefix
+//! 256, 20 segments, suffix 64: Sk = 22) and 100 documents (Sk = 100: the forward kernel then the
+//! mass kernel's exact pass with its LSE).
+
+use candle_core::{DType, Device, Result, Tensor};
+use segattn::{segment_scores, QueryReduction, SegmentAttention, SegmentMask, SegmentScoreOptions};
+
+use super::timing::median_ms;
+
+/// The markdown table of the mass benchmark.
+pub fn run(dev: &Device, reps: usize, warmup: usize) -> Result<String> {
+    let (batch, len, d) = (2, 8192, 128);
+    let mut out = String::from(
+        "| mask | Sk | heads | attention ms | + fused mass ms | overhead (target <= 15%) | + fused mass by query segment ms | overhead | standalone ms | standalone / attention (target <= 0.60) |\n\
+         |---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    let documents = |n: usize| SegmentMask::documents(&vec![vec![len / n; n]; batch], dev);
+    let pine = || {
+        let seg = (len - 256 - 64) / 20;
+        let mut segs = vec![seg; 20];
+        segs[19] += len - 256 - 64 - 20 * seg;
+        SegmentMask::pine(256, &segs, 64, dev)
+    };
+    for (name, mask) in [
+        ("documents8", documents(8)?),
+        ("pine", pine()?),
+        ("documents100", documents(100)?),
+    ] {
+        let sk = 1 + mask.kv_segments().max_all()?.to_scalar::<u32>()? as usize;
+        for (h, hkv) in [(16usize, 16usize), (32, 8)] {
+            let r = |shape: (usize, usize, usize, usize)| Tensor::randn(0f32, 1.0, shape, dev)?.to_dtype(DType::BF16);
+            let (q, k, v) = (
+                r((batch, len, h, d))?,
+                r((batch, len, hkv, d))?,
+                r((batch, len, hkv, d))?,
+            );
+            let attention = SegmentAttention::new(&mask);
+            let per_row = SegmentScoreOptions::new();
+            let by_segment = SegmentScoreOptions::new().query_reduction(QueryReduction::SumBySegment);
+            let plain_ms = median_ms(dev, reps, warmup, || Ok(attention.forward(&q, &k, &v)?.out))?;
+            let fused = attention.clone().return_segment_mass(per_row);
+            let fused_ms = median_ms(dev, reps, warmup, || Ok(fused.forward(&q, &k, &v)?.out))?;
+            let fused_seg = attention.clone().return_segment_mass(by_segment);
+            let fused_seg_ms = median_ms(dev, reps, warmup, || Ok(fused_seg.forward(&q, &k, &v)?.out))?;
+            let alone_ms = median_ms(dev, reps, warmup, || segment_scores(&q, &k, &mask, &per_row))?;
+            out.push_str(&format!(
+                "| {name} | {sk} | {h}/{hkv} | {plain_ms:.3} | {fused_ms:.3} | {:+.1}% | {fused_seg_ms:.3} | {:+.1}% | {alone_ms:.3} | {:.2} |\n",
+                100.0 * (fused_ms / plain_ms - 1.0),
+                100.0 * (fused_seg_ms / plain_ms - 1.0),
+                alone_ms / plain_ms
+            ));
+        }
+    }
+    Ok(out)
+}
