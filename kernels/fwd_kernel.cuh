@@ -41,6 +41,7 @@
 #include "segattn_params.h"
 #include "kernel_traits.cuh"
 #include "mask.cuh"
+#include "qk_tile.cuh"
 #include "rotary.cuh"
 #include "segment_mass.cuh"
 #include "softmax.cuh"
@@ -48,16 +49,6 @@
 
 namespace segattn {
 namespace fwd {
-
-template <class T>
-__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  const uint32_t b[2] = {b0, b1};
-  if constexpr (std::is_same<T, segattn::bf16>::value) {
-    mma_m16n8k16_bf16(d, a, b, d);
-  } else {
-    mma_m16n8k16_f16(d, a, b, d);
-  }
-}
 
 template <class Traits>
 __device__ void fwd_kernel(const SegattnFwdParams& p) {
@@ -200,25 +191,24 @@ __device__ void fwd_kernel(const SegattnFwdParams& p) {
 
     // S = Q K^T.
     float s[Traits::kNS][4];
-    SEGATTN_UNROLL
-    for (int nb = 0; nb < Traits::kNS; ++nb) {
-      SEGATTN_UNROLL
-      for (int e = 0; e < 4; ++e) s[nb][e] = 0.0f;
-    }
     if constexpr (Traits::kRotate) {
+      SEGATTN_UNROLL
+      for (int nb = 0; nb < Traits::kNS; ++nb) {
+        SEGATTN_UNROLL
+        for (int e = 0; e < 4; ++e) s[nb][e] = 0.0f;
+      }
       // Piece by piece of the tile's key segments (block-uniform bounds [a, e)): the query turned
       // for the piece's segment (into the turned Q tile), the mma only on the 16-key column pairs
       // that overlap the piece, with the keys outside the piece zeroed in the B fragments.
       const int valid = min(kN, kv_len - k0);
       char* const s_qt = smem + Traits::kOffQTurned;
-      const int ld_row = warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
       for (int a = 0; a < valid;) {
         const int e = min(static_cast<int>(kv_segs.span_end[k0 + a]) - k0, valid);
         rotator.turn_for(p, b, h, q0, q1, warp * 16 + g, kid[a], s_q, s_qt, warp, lane);
         SEGATTN_UNROLL_2
         for (int kc = 0; kc < Traits::kDK; ++kc) {
           uint32_t qa[4];
-          ldmatrix_x4(qa, s_qt + swizzle<kChunks>(ld_row, 2 * kc + (lane >> 4)));
+          load_q_fragment<Traits>(s_qt, warp, lane, kc, qa);
           SEGATTN_UNROLL
           for (int np = 0; np < Traits::kNS / 2; ++np) {
             const int c0 = np * 16;
@@ -237,19 +227,17 @@ __device__ void fwd_kernel(const SegattnFwdParams& p) {
         a = e;
       }
     } else {
-      const int ld_row = warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
-      SEGATTN_UNROLL
-      for (int kc = 0; kc < Traits::kDK; ++kc) {
-        // kQInSmem: this k-step's Q fragment from the Q tile (load_q_fragments' addressing).
-        if constexpr (Traits::kQInSmem) ldmatrix_x4(qf[kc], s_q + swizzle<kChunks>(ld_row, 2 * kc + (lane >> 4)));
-        SEGATTN_UNROLL
-        for (int np = 0; np < Traits::kNS / 2; ++np) {
-          uint32_t kb[4];
-          load_k_fragments<Traits>(s_k, np, kc, lane, kb);
-          mma_16816<T>(s[2 * np], qf[kc], kb[0], kb[1]);
-          mma_16816<T>(s[2 * np + 1], qf[kc], kb[2], kb[3]);
-        }
-      }
+      // Q's fragments from registers, or (kQInSmem) from the Q tile at every k-step.
+      qk_tile<Traits>(
+          [&](int kc, uint32_t(&qa)[4]) {
+            if constexpr (Traits::kQInSmem) {
+              load_q_fragment<Traits>(s_q, warp, lane, kc, qa);
+            } else {
+              SEGATTN_UNROLL
+              for (int i = 0; i < 4; ++i) qa[i] = qf[kc][i];
+            }
+          },
+          s_k, lane, s);
     }
 
     // Scale into the log2 domain; mask PARTIAL tiles and keys past the end.

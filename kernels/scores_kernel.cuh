@@ -35,6 +35,7 @@
 #include "segattn_params.h"
 #include "kernel_traits.cuh"
 #include "mask.cuh"
+#include "qk_tile.cuh"
 #include "segment_mass.cuh"
 #include "softmax.cuh"
 #include "tile_load.cuh"
@@ -79,16 +80,6 @@ struct ScoresTraits {
   static constexpr int kScanBudget = 64;
   static_assert(kOffK % 128 == 0 && kOffQId % 16 == 0, "aligned tiles");
 };
-
-template <class T>
-__device__ __forceinline__ void mma_qk(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  const uint32_t b[2] = {b0, b1};
-  if constexpr (std::is_same<T, segattn::bf16>::value) {
-    mma_m16n8k16_bf16(d, a, b, d);
-  } else {
-    mma_m16n8k16_f16(d, a, b, d);
-  }
-}
 
 // Local segment of key j of a tile: the number of piece starts at keys <= j, minus one. `starts`
 // holds the piece-start bits of keys 0..31 and 32..63.
@@ -262,21 +253,12 @@ __device__ void scores_kernel(const SegattnScoresParams& sp) {
 
       // S = Q K^T.
       float s[Traits::kNS][4];
-      SEGATTN_UNROLL
-      for (int nb = 0; nb < Traits::kNS; ++nb) {
-        SEGATTN_UNROLL
-        for (int e = 0; e < 4; ++e) s[nb][e] = 0.0f;
-      }
-      SEGATTN_UNROLL
-      for (int kc = 0; kc < Traits::kDK; ++kc) {
-        SEGATTN_UNROLL
-        for (int np = 0; np < Traits::kNS / 2; ++np) {
-          uint32_t kb[4];
-          fwd::load_k_fragments<Traits>(s_k, np, kc, lane, kb);
-          mma_qk<T>(s[2 * np], qf[kc], kb[0], kb[1]);
-          mma_qk<T>(s[2 * np + 1], qf[kc], kb[2], kb[3]);
-        }
-      }
+      fwd::qk_tile<Traits>(
+          [&](int kc, uint32_t(&qa)[4]) {
+            SEGATTN_UNROLL
+            for (int i = 0; i < 4; ++i) qa[i] = qf[kc][i];
+          },
+          s_k, lane, s);
 
       // Scale into the log2 domain; mask PARTIAL tiles and keys past the end.
       const bool partial = cls == SEGATTN_TILE_PARTIAL;

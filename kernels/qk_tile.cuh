@@ -1,0 +1,57 @@
+// The S = Q K^T tile of one warp (16 query rows x kBlockN keys) with mma.sync m16n8k16, shared by
+// the forward kernel (fwd_kernel.cuh) and the mass kernel (scores_kernel.cuh).
+#ifndef SEGATTN_QK_TILE_CUH
+#define SEGATTN_QK_TILE_CUH
+
+#include <type_traits>
+
+#include "platform.cuh"
+#include "dtypes.cuh"
+#include "ptx.cuh"
+#include "kernel_traits.cuh"
+#include "tile_load.cuh"
+
+namespace segattn {
+namespace fwd {
+
+// d += a b on 16-bit T (bf16 or f16) fragments, f32 accumulate; b given as its two registers.
+template <class T>
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  const uint32_t b[2] = {b0, b1};
+  if constexpr (std::is_same<T, segattn::bf16>::value) {
+    mma_m16n8k16_bf16(d, a, b, d);
+  } else {
+    mma_m16n8k16_f16(d, a, b, d);
+  }
+}
+
+// s = Q K^T for the K tile at `s_k` (shared, swizzled). `q_fragment(kc, qa)` puts Q's A fragment
+// of k-step kc (dims 16 kc .. 16 kc + 15) in qa: from registers held for the whole loop, or from
+// the Q tile in shared memory where registers are short.
+template <class Traits, class QFragment>
+__device__ __forceinline__ void qk_tile(const QFragment& q_fragment, const char* s_k, int lane,
+                                        float (&s)[Traits::kNS][4]) {
+  using T = typename Traits::T;
+  SEGATTN_UNROLL
+  for (int nb = 0; nb < Traits::kNS; ++nb) {
+    SEGATTN_UNROLL
+    for (int e = 0; e < 4; ++e) s[nb][e] = 0.0f;
+  }
+  SEGATTN_UNROLL
+  for (int kc = 0; kc < Traits::kDK; ++kc) {
+    uint32_t qa[4];
+    q_fragment(kc, qa);
+    SEGATTN_UNROLL
+    for (int np = 0; np < Traits::kNS / 2; ++np) {
+      uint32_t kb[4];
+      load_k_fragments<Traits>(s_k, np, kc, lane, kb);
+      mma_16816<T>(s[2 * np], qa, kb[0], kb[1]);
+      mma_16816<T>(s[2 * np + 1], qa, kb[2], kb[3]);
+    }
+  }
+}
+
+}  // namespace fwd
+}  // namespace segattn
+
+#endif  // SEGATTN_QK_TILE_CUH
