@@ -11,7 +11,7 @@ mod common;
 
 use candle_core::{DType, Device, Result, Tensor};
 use common::cases::{draw, Case, MASK_KINDS};
-use common::{env_count, mass_tolerance_for, proptest_config, random_mass_options, worst_ratio, Rng};
+use common::{bits, env_count, mass_tolerance_for, proptest_config, random_mass_options, worst_ratio, Rng};
 use proptest::prelude::*;
 use segattn::emulated::{forward_split, forward_with_mass, segment_scores, Schedule};
 use segattn::{reference, MassAlgorithm, PairRule, QueryReduction, SegmentMask, SegmentScoreOptions, Visibility};
@@ -21,15 +21,6 @@ const SCHEDULES: [Schedule; 3] = [Schedule::Forward, Schedule::HighFirst, Schedu
 
 fn cases(default: u32) -> u32 {
     env_count("SEGATTN_EMU_CASES").map_or(default, |n| n.div_ceil(2))
-}
-
-fn bits(t: &Tensor) -> Result<Vec<u32>> {
-    Ok(t.to_dtype(DType::F32)?
-        .flatten_all()?
-        .to_vec1::<f32>()?
-        .iter()
-        .map(|x| x.to_bits())
-        .collect())
 }
 
 /// The fused mass of `case` with `opts` and `kv_splits` against the reference and the standalone

@@ -11,7 +11,7 @@
 mod common;
 
 use candle_core::{DType, Device, Result, Tensor};
-use common::cases::{draw, MASK_KINDS};
+use common::cases::{draw, Case, MASK_KINDS};
 use common::gpu::{gpu, mask_on};
 use common::{env_count, mass_tolerance_for, random_mass_options, worst_ratio, Rng};
 use segattn::{
@@ -49,26 +49,24 @@ fn cases() -> u64 {
     env_count("SEGATTN_GPU_CASES").map_or(200, u64::from)
 }
 
+/// A random case of seed `seed`: dtype, head dim, heads (GQA), mask family, lengths and options.
+fn random_case(seed: u64) -> Result<(Case, SegmentScoreOptions)> {
+    let mut rng = Rng::new(seed);
+    let dtype = if rng.below(2) == 0 { DType::BF16 } else { DType::F16 };
+    let d = if rng.below(2) == 0 { 64 } else { 128 };
+    let heads = [(4, 2), (3, 1), (2, 2), (8, 1)][rng.below(4)];
+    let kind = rng.below(MASK_KINDS.len());
+    let (batch, lk, lq_equal) = (1 + rng.below(2), 1 + rng.below(400), rng.below(2) == 0);
+    let case = draw(seed, batch, lk, lq_equal, heads, d, dtype, kind)?;
+    let opts = random_mass_options(&mut rng, &[MassAlgorithm::Auto, MassAlgorithm::TwoPass]);
+    Ok((case, opts))
+}
+
 #[test]
 fn gpu_scores_match_reference() -> Result<()> {
     let Some(dev) = gpu() else { return Ok(()) };
     for seed in 0..cases() {
-        let mut rng = Rng::new(seed);
-        let dtype = if rng.below(2) == 0 { DType::BF16 } else { DType::F16 };
-        let d = if rng.below(2) == 0 { 64 } else { 128 };
-        let heads = [(4, 2), (3, 1), (2, 2), (8, 1)][rng.below(4)];
-        let kind = rng.below(MASK_KINDS.len());
-        let case = draw(
-            seed,
-            1 + rng.below(2),
-            1 + rng.below(400),
-            rng.below(2) == 0,
-            heads,
-            d,
-            dtype,
-            kind,
-        )?;
-        let opts = random_mass_options(&mut rng, &[MassAlgorithm::Auto, MassAlgorithm::TwoPass]);
+        let (case, opts) = random_case(seed)?;
         let desc = format!("{} {opts:?}", case.description);
         check(&dev, &desc, &case.q, &case.k, &case.mask, &opts)?;
     }
@@ -82,22 +80,8 @@ fn gpu_scores_match_reference() -> Result<()> {
 fn gpu_fused_mass_matches_reference() -> Result<()> {
     let Some(dev) = gpu() else { return Ok(()) };
     for seed in 0..cases() / 2 {
-        let mut rng = Rng::new(seed ^ 0xf05ed);
-        let dtype = if rng.below(2) == 0 { DType::BF16 } else { DType::F16 };
-        let d = if rng.below(2) == 0 { 64 } else { 128 };
-        let heads = [(4, 2), (3, 1), (2, 2), (8, 1)][rng.below(4)];
-        let kind = rng.below(MASK_KINDS.len());
-        let case = draw(
-            seed,
-            1 + rng.below(2),
-            1 + rng.below(400),
-            rng.below(2) == 0,
-            heads,
-            d,
-            dtype,
-            kind,
-        )?;
-        let opts = random_mass_options(&mut rng, &[MassAlgorithm::Auto, MassAlgorithm::TwoPass]);
+        let (case, opts) = random_case(seed ^ 0xf05ed)?;
+        let dtype = case.q.dtype();
         let desc = format!("{} {opts:?}", case.description);
         let mask = mask_on(&case.mask, &dev)?;
         let res = SegmentAttention::new(&mask).return_segment_mass(opts).forward(

@@ -9,7 +9,9 @@ mod common;
 
 use candle_core::{DType, Device, Result, Tensor};
 use common::cases::{draw, Case, MASK_KINDS};
-use common::{env_count, mass_tolerance, mass_tolerance_for, proptest_config, random_mass_options, worst_ratio, Rng};
+use common::{
+    bits, env_count, mass_tolerance, mass_tolerance_for, proptest_config, random_mass_options, worst_ratio, Rng,
+};
 use proptest::prelude::*;
 use segattn::{
     reference, segment_scores, HeadReduction, MassAlgorithm, PairRule, QueryReduction, SegmentAttention, SegmentMask,
@@ -65,14 +67,6 @@ fn check_fused(case: &Case, opts: &SegmentScoreOptions) -> Result<()> {
     let a = plain.forward(&case.q, &case.k, &case.v)?;
     let b = with_mass.forward(&case.q, &case.k, &case.v)?;
     assert!(a.segment_mass.is_none());
-    let bits = |t: &Tensor| -> Result<Vec<u32>> {
-        Ok(t.to_dtype(DType::F32)?
-            .flatten_all()?
-            .to_vec1::<f32>()?
-            .iter()
-            .map(|x| x.to_bits())
-            .collect())
-    };
     assert_eq!(
         bits(&a.out)?,
         bits(&b.out)?,

@@ -92,6 +92,16 @@ pub fn random_mass_options(rng: &mut Rng, algorithms: &[MassAlgorithm]) -> Segme
     o
 }
 
+/// The f32 bit patterns of a tensor's values (any float dtype), for bitwise comparisons.
+pub fn bits(t: &Tensor) -> Result<Vec<u32>> {
+    Ok(t.to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?
+        .iter()
+        .map(|x| x.to_bits())
+        .collect())
+}
+
 /// The case count set in environment variable `var` (`SEGATTN_CASES`, `SEGATTN_EMU_CASES`,
 /// `SEGATTN_GPU_CASES`), if any; each test scales it to its own cost.
 pub fn env_count(var: &str) -> Option<u32> {
