@@ -52,8 +52,11 @@ struct QueryRotator {
       const int i = q0 + row0 + 8 * r;
       angle[r] = 0;  // padding rows: any finite rotation
       if (i < q1) {
-        const int64_t at = static_cast<int64_t>(b) * p.q_len + i;
-        const int group = (b * p.num_heads + h) * rot.groups + static_cast<int>(rot.row_group[at]);
+        // GQA decode packing: kernel row i is query row i / P of head h P + i % P (P = 1: i, h).
+        const int pack = max(rot.packed_heads, 1);
+        const int64_t at = static_cast<int64_t>(b) * (p.q_len / pack) + i / pack;
+        const int head = h * pack + i % pack;
+        const int group = (b * p.num_heads * pack + head) * rot.groups + static_cast<int>(rot.row_group[at]);
         angle[r] = static_cast<int>(rot.q_pos[at]) + static_cast<int>(rot.shifts[group * rot.num_segments + id]);
       }
     }

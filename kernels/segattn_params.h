@@ -63,6 +63,10 @@ typedef struct SegattnRotation {
   /* [B, H, groups, num_segments] shift of key segment id s for a group; every kv id < num_segments. */
   const uint32_t *shifts;
   int32_t num_segments;
+  /* GQA decode packing (see SegattnFwdParams): P > 1 query heads per KV head in the kernel's rows:
+   * kernel row i of kernel head h is query row i / P of head h * P + i % P, whose q_pos, row_group
+   * and shifts are read. 0 or 1: none. */
+  int32_t packed_heads;
 } SegattnRotation;
 
 /* Where a per-segment attention mass goes (the mass kernel's output, or the forward kernel's fused
@@ -121,6 +125,13 @@ typedef struct SegattnFwdParams {
 
   /* Only for the segattn_fwd_rope_* entry points (all NULL / 0 otherwise). */
   SegattnRotation rotation;
+
+  /* GQA decode packing is done by the launcher alone, through these fields: a one-row query
+   * [B, 1, H, D] with H = P Hkv is passed as q_len = P rows of num_heads = Hkv heads (q and o
+   * strides row = the head stride, head = P x it), so that the P query heads sharing a KV head run
+   * in one block and read K and V once; the mask is rewritten for the P rows (all at the last
+   * position, where a causal rule shows every key: causal -> full). Only rotation.packed_heads
+   * tells the kernel. */
 
   /* Split-K (decode: few query rows, long caches). kv_splits <= 1: off, the kernel writes o and
    * lse. kv_splits = S > 1: the grid's x is (query tiles x S); block (t, s) covers key tiles

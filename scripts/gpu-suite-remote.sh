@@ -183,6 +183,9 @@ if [ "$PHASE" = bench ] || [ "$PHASE" = all ]; then
   t=$SECONDS
   budgeted 100000 20 "$WORK/gpu_bench" --pine 2>&1 | tee "$OUTDIR/pine.md"
   note "- (3) gpu_bench --pine: exit ${PIPESTATUS[0]}, $((SECONDS - t)) s"
+  # The same without GQA decode packing (src/decode_pack.rs), for its before / after.
+  SEGATTN_GQA_PACK=0 budgeted 100000 20 "$WORK/gpu_bench" --pine 2>&1 | tee "$OUTDIR/pine-unpacked.md"
+  note "- (3) SEGATTN_GQA_PACK=0 gpu_bench --pine: exit ${PIPESTATUS[0]}"
 
   log "(3) per-segment mass, fused and standalone (gpu_bench --mass)"
   t=$SECONDS

@@ -9,9 +9,12 @@ use std::ffi::{c_char, c_int, c_void, CStr};
 
 use candle_core::{CpuStorage, DType, Device, Result, Storage, Tensor};
 
+use crate::decode_pack::DecodePacking;
 use crate::error::invalid_arg;
 pub use crate::kernel_params::FwdVariant;
-use crate::kernel_params::{base_params, check_grid, loadable, mass_accumulates, mass_output, strides_of};
+use crate::kernel_params::{
+    base_params, check_grid, contiguous_strides, loadable, mass_accumulates, mass_output, strides_of,
+};
 pub(crate) use crate::kernel_params::{check_supported, dtype_code, to_i32};
 use crate::mask::tiles::classify_tile;
 use crate::mask::{HostMask, SegmentMask};
@@ -195,7 +198,7 @@ pub fn forward(
     schedule: Schedule,
     seed: u64,
 ) -> Result<AttentionOutput> {
-    run_forward(q, k, v, mask, scale, None, None, 1, schedule, seed)
+    run_forward(q, k, v, mask, scale, None, None, 1, true, schedule, seed)
 }
 
 /// [`forward`] with split-K: the key tiles cut into `kv_splits` slices run as separate blocks,
@@ -212,7 +215,23 @@ pub fn forward_split(
     schedule: Schedule,
     seed: u64,
 ) -> Result<AttentionOutput> {
-    run_forward(q, k, v, mask, scale, None, None, kv_splits, schedule, seed)
+    run_forward(q, k, v, mask, scale, None, None, kv_splits, true, schedule, seed)
+}
+
+/// [`forward_split`] without the GQA decode packing (`src/decode_pack.rs`) that the GPU launcher
+/// and [`forward_split`] use for one-row queries with `H > Hkv`: for tests, which compare both.
+#[allow(clippy::too_many_arguments)]
+pub fn forward_split_unpacked(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &SegmentMask,
+    scale: Option<f64>,
+    kv_splits: usize,
+    schedule: Schedule,
+    seed: u64,
+) -> Result<AttentionOutput> {
+    run_forward(q, k, v, mask, scale, None, None, kv_splits, false, schedule, seed)
 }
 
 /// [`forward`] with the per-segment mass of the same softmax (`segment_mass`, weighted by
@@ -232,11 +251,23 @@ pub fn forward_with_mass(
     schedule: Schedule,
     seed: u64,
 ) -> Result<AttentionOutput> {
-    run_forward(q, k, v, mask, scale, None, Some(options), kv_splits, schedule, seed)
+    run_forward(
+        q,
+        k,
+        v,
+        mask,
+        scale,
+        None,
+        Some(options),
+        kv_splits,
+        true,
+        schedule,
+        seed,
+    )
 }
 
 /// [`forward`], with PINE's query rotation when `rotation` is given and the fused mass when
-/// `mass` is.
+/// `mass` is; GQA decode steps packed as on the GPU when `gqa_pack`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn run_forward(
     q: &Tensor,
@@ -247,6 +278,7 @@ pub(crate) fn run_forward(
     rotation: Option<&PineRotation>,
     mass: Option<&SegmentScoreOptions>,
     kv_splits: usize,
+    gqa_pack: bool,
     schedule: Schedule,
     seed: u64,
 ) -> Result<AttentionOutput> {
@@ -272,6 +304,11 @@ pub(crate) fn run_forward(
     if rotation.is_some() && mass.is_some() {
         invalid_arg!("return_segment_mass: not available with PINE's query rotation");
     }
+    let packing = DecodePacking::plan(&shape, &host, gqa_pack && mass.is_none())?;
+    let (kshape, khost) = match &packing {
+        Some(pk) => (pk.shape, &pk.host),
+        None => (shape, &host),
+    };
     // The mass: its layout, the path (in the forward kernel or after it), and its buffer (zeros
     // where a kernel adds into it, else NaN so that a missed element cannot pass).
     let mass = match mass {
@@ -317,9 +354,13 @@ pub(crate) fn run_forward(
         } else {
             std::ptr::null_mut()
         },
-        ..base_params(&shape, dtype, scale as f32, [qi.strides, ki.strides, vi.strides])?
+        ..base_params(&kshape, dtype, scale as f32, [qi.strides, ki.strides, vi.strides])?
     };
-    fill_mask_params(&mut p, &host);
+    if let Some(pk) = &packing {
+        p.q_strides = pk.strides(qi.strides);
+        p.o_strides = pk.strides(contiguous_strides(q_len, num_heads, head_dim));
+    }
+    fill_mask_params(&mut p, khost);
     let mut mass = mass;
     if let Some((plan, true, buf)) = &mut mass {
         p.mass = mass_output(plan, q_len, buf.as_mut_ptr())?;
@@ -328,8 +369,13 @@ pub(crate) fn run_forward(
     let packed = rotation.map(|rot| (rot.table.packed(), rot.shifts.packed_rows()));
     if let (Some(rot), Some((table, rows))) = (rotation, &packed) {
         rot.check(&shape)?;
-        p.rotation =
-            crate::pine::kernel_args::rotation_params(rot, table.as_ptr(), rows.as_ptr(), rot.shifts.shifts.as_ptr())?;
+        p.rotation = crate::pine::kernel_args::rotation_params(
+            rot,
+            table.as_ptr(),
+            rows.as_ptr(),
+            rot.shifts.shifts.as_ptr(),
+            packing.as_ref().map_or(1, |pk| pk.heads_per_row_block),
+        )?;
     }
 
     // SAFETY: every pointer in `p` points into buffers that outlive the call (`qi`, `ki`, `vi`,

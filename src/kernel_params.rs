@@ -73,6 +73,15 @@ pub(crate) fn loadable(addr: u64, strides: &SegattnStrides) -> bool {
     addr % 16 == 0 && [strides.batch, strides.row, strides.head].iter().all(|s| s % 8 == 0)
 }
 
+/// Strides of a contiguous `[B, len, heads, head_dim]` tensor (the kernels' output).
+pub(crate) fn contiguous_strides(len: usize, heads: usize, head_dim: usize) -> SegattnStrides {
+    SegattnStrides {
+        batch: (len * heads * head_dim) as i64,
+        row: (heads * head_dim) as i64,
+        head: head_dim as i64,
+    }
+}
+
 /// Everything of the parameters but the pointers and the mask: sizes, strides of q, k, v and of
 /// the contiguous output `[B, Lq, H, D]`, dtype code (bf16 or f16) and scale.
 pub(crate) fn base_params(
@@ -100,11 +109,7 @@ pub(crate) fn base_params(
         q_strides: strides[0],
         k_strides: strides[1],
         v_strides: strides[2],
-        o_strides: SegattnStrides {
-            batch: (q_len * num_heads * head_dim) as i64,
-            row: (num_heads * head_dim) as i64,
-            head: head_dim as i64,
-        },
+        o_strides: contiguous_strides(q_len, num_heads, head_dim),
         batch: to_i32("batch", batch)?,
         q_len: to_i32("q_len", q_len)?,
         kv_len: to_i32("kv_len", kv_len)?,

@@ -25,6 +25,7 @@ mod cpu;
 #[cfg(feature = "cuda")]
 #[doc(hidden)]
 pub mod cuda;
+mod decode_pack;
 #[doc(hidden)]
 pub mod emulated;
 mod error;

@@ -10,9 +10,10 @@ mod common;
 use candle_core::{DType, IndexOp, Result};
 use common::cases::{random_mask, MASK_KINDS};
 use common::{
-    env_count, lse_tolerance, random_tensor, rotated_lse_tolerance, rotated_tolerance, tolerance, worst_ratio, Rng,
+    bits, env_count, lse_tolerance, random_tensor, rotated_lse_tolerance, rotated_tolerance, tolerance, worst_ratio,
+    Rng,
 };
-use segattn::emulated::{forward, forward_split, pine_decode, Schedule};
+use segattn::emulated::{forward, forward_split, forward_split_unpacked, pine_decode, Schedule};
 use segattn::pine::{PineAttention, Rope};
 use segattn::{reference, PineLayout};
 
@@ -58,25 +59,67 @@ fn split_k_matches_reference_and_unsplit() -> Result<()> {
     Ok(())
 }
 
-/// PINE's decode step with split-K: the rope kernel's slices and the combine.
+/// GQA decode packing (src/decode_pack.rs): a one-row step with its query heads as one block's
+/// rows gives bitwise the output and LSE of the unpacked launch, split-K or not, under every mask
+/// family (causal rules become full for the packed rows), batch rows with their own ids.
+#[test]
+fn gqa_decode_packing_is_bitwise_the_unpacked_launch() -> Result<()> {
+    for seed in 0..2 * cases() {
+        let mut rng = Rng::new(seed + 300);
+        let batch = 1 + rng.below(2);
+        let lk = 1 + rng.below(400);
+        let (h, hkv) = [(4, 1), (4, 2), (8, 2), (6, 3), (2, 1)][rng.below(5)];
+        let d = [64, 128][rng.below(2)];
+        let dtype = [DType::BF16, DType::F16][rng.below(2)];
+        let kind = rng.below(MASK_KINDS.len());
+        let mask = random_mask(&mut rng, kind, batch, lk)?.last_queries(1)?;
+        let q = random_tensor(&mut rng, &[batch, 1, h, d], dtype)?;
+        let k = random_tensor(&mut rng, &[batch, lk, hkv, d], dtype)?;
+        let v = random_tensor(&mut rng, &[batch, lk, hkv, d], dtype)?;
+        let splits = 1 + rng.below(lk.div_ceil(64).min(4));
+        let what = format!(
+            "seed {seed} {} B {batch} Lk {lk} H {h}/{hkv} D {d} {dtype:?} splits {splits}",
+            MASK_KINDS[kind]
+        );
+        let packed = forward_split(&q, &k, &v, &mask, None, splits, Schedule::RandomWarp, seed)?;
+        let unpacked = forward_split_unpacked(&q, &k, &v, &mask, None, splits, Schedule::Forward, seed)?;
+        assert_eq!(bits(&packed.out)?, bits(&unpacked.out)?, "{what}: output");
+        assert_eq!(
+            bits(packed.lse.as_ref().unwrap())?,
+            bits(unpacked.lse.as_ref().unwrap())?,
+            "{what}: LSE"
+        );
+    }
+    Ok(())
+}
+
+/// PINE's decode step with split-K: the rope kernel's slices and the combine; GQA steps run packed
+/// (the query heads of a KV head as one block's rows), batch rows with different layouts.
 #[test]
 fn pine_decode_split_k_matches_the_oracle() -> Result<()> {
     for seed in 0..cases() {
         let mut rng = Rng::new(seed + 7000);
         let n = 1 + rng.below(12);
         let segs: Vec<usize> = (0..n).map(|_| 1 + rng.below(60)).collect();
-        let layout = PineLayout::new(1 + rng.below(40), &segs, 1 + rng.below(20));
-        let total = layout.len() + 1;
-        let (h, hkv) = [(2, 1), (4, 2)][rng.below(2)];
+        let (prefix, suffix) = (1 + rng.below(40), 1 + rng.below(20));
+        let mut layouts = vec![PineLayout::new(prefix, &segs, suffix)];
+        if rng.below(2) == 0 {
+            // A second row of the same length: segments reversed, prefix and suffix swapped.
+            let reversed: Vec<usize> = segs.iter().rev().copied().collect();
+            layouts.push(PineLayout::new(suffix, &reversed, prefix));
+        }
+        let batch = layouts.len();
+        let total = layouts[0].len() + 1;
+        let (h, hkv) = [(2, 1), (4, 2), (4, 1)][rng.below(3)];
         let d = [64, 128][rng.below(2)];
         let dtype = [DType::BF16, DType::F16][rng.below(2)];
         let rope = Rope::new(10_000.0);
-        let q = random_tensor(&mut rng, &[1, total, h, d], dtype)?;
-        let k = random_tensor(&mut rng, &[1, total, hkv, d], dtype)?;
-        let v = random_tensor(&mut rng, &[1, total, hkv, d], dtype)?;
-        let pine = PineAttention::new(std::slice::from_ref(&layout), rope.clone())?;
+        let q = random_tensor(&mut rng, &[batch, total, h, d], dtype)?;
+        let k = random_tensor(&mut rng, &[batch, total, hkv, d], dtype)?;
+        let v = random_tensor(&mut rng, &[batch, total, hkv, d], dtype)?;
+        let pine = PineAttention::new(&layouts, rope.clone())?;
         let splits = 1 + rng.below(total.div_ceil(64) + 1);
-        let what = format!("seed {seed} {layout:?} H {h}/{hkv} D {d} {dtype:?} splits {splits}");
+        let what = format!("seed {seed} {layouts:?} H {h}/{hkv} D {d} {dtype:?} splits {splits}");
         let k_cache = pine.rotate_keys(&k)?;
         let got = pine_decode(
             &pine,
@@ -87,23 +130,25 @@ fn pine_decode_split_k_matches_the_oracle() -> Result<()> {
             Schedule::Forward,
             seed,
         )?;
-        let want = reference::pine_attention(&q, &k, &v, &[layout], &rope, None)?;
+        let want = reference::pine_attention(&q, &k, &v, &layouts, &rope, None)?;
         let margin = want.margin.to_vec3::<f64>()?;
         let (atol, rtol) = rotated_tolerance(dtype);
-        for (hi, m) in margin[0].iter().enumerate() {
-            if m[total - 1] < 1e-2 {
-                continue; // a near-tie under the cache's rounding
+        for (b, heads) in margin.iter().enumerate() {
+            for (hi, m) in heads.iter().enumerate() {
+                if m[total - 1] < 1e-2 {
+                    continue; // a near-tie under the cache's rounding
+                }
+                let (r, at) = worst_ratio(&got.out.i((b, 0, hi))?, &want.out.i((b, total - 1, hi))?, atol, rtol)?;
+                assert!(r <= 1.0, "{what}: row {b} head {hi} off by {r} x tolerance at {at}");
+                let lse = got.lse.as_ref().unwrap().i((b, hi, 0))?;
+                let (r, _) = worst_ratio(
+                    &lse,
+                    &want.lse.i((b, hi, total - 1))?,
+                    rotated_lse_tolerance(dtype),
+                    0.0,
+                )?;
+                assert!(r <= 1.0, "{what}: row {b} head {hi} lse off by {r} x tolerance");
             }
-            let (r, at) = worst_ratio(&got.out.i((0, 0, hi))?, &want.out.i((0, total - 1, hi))?, atol, rtol)?;
-            assert!(r <= 1.0, "{what}: head {hi} off by {r} x tolerance at {at}");
-            let lse = got.lse.as_ref().unwrap().i((0, hi, 0))?;
-            let (r, _) = worst_ratio(
-                &lse,
-                &want.lse.i((0, hi, total - 1))?,
-                rotated_lse_tolerance(dtype),
-                0.0,
-            )?;
-            assert!(r <= 1.0, "{what}: head {hi} lse off by {r} x tolerance");
         }
     }
     Ok(())

@@ -27,9 +27,10 @@ use half::{bf16, f16};
 use super::driver_err;
 use super::module::{self, FwdKernel, FWD_BLOCK_M, FWD_BLOCK_N, FWD_THREADS};
 use super::pine::RotationBuffers;
+use crate::decode_pack::DecodePacking;
 use crate::error::invalid_arg;
 pub(crate) use crate::kernel_params::{base_params, check_grid, check_supported, loadable, strides_of};
-use crate::kernel_params::{mass_accumulates, mass_output, FwdVariant};
+use crate::kernel_params::{contiguous_strides, mass_accumulates, mass_output, FwdVariant};
 use crate::mask::HostMask;
 use crate::params::{SegattnFwdParams, SegattnScoresParams, SegattnSegments};
 use crate::pine::PineRotation;
@@ -440,10 +441,16 @@ fn forward_typed<T: CudaDType + DeviceRepr + ValidAsZeroBits + candle_core::With
         Some((plan, algorithm)) => !kernel_two_pass(algorithm, plan.sk)?,
         None => false,
     };
+    // GQA decode steps: the query heads of a KV head as the rows of one block (not with the mass).
+    let packing = DecodePacking::plan(&shape, host, mass_request.is_none())?;
+    let (kshape, host) = match &packing {
+        Some(p) => (p.shape, &p.host),
+        None => (shape, host),
+    };
     let splits = if mass_one_pass {
         1
     } else {
-        kv_splits(&shape, kernels.sm_count)
+        kv_splits(&kshape, kernels.sm_count)
     };
     let mass_in_forward = match mass_request {
         Some((plan, algorithm)) => fused_mass_in_forward(algorithm, plan.sk, splits)?,
@@ -463,7 +470,7 @@ fn forward_typed<T: CudaDType + DeviceRepr + ValidAsZeroBits + candle_core::With
             shape.head_dim
         );
     };
-    let cfg = launch_config(&shape, kernel, splits)?;
+    let cfg = launch_config(&kshape, kernel, splits)?;
 
     let (qo, ko, vo) = (
         Operand::new::<T>("q", q, ql, &dev)?,
@@ -471,11 +478,15 @@ fn forward_typed<T: CudaDType + DeviceRepr + ValidAsZeroBits + candle_core::With
         Operand::new::<T>("v", v, vl, &dev)?,
     );
     let mut params = base_params(
-        &shape,
+        &kshape,
         T::DTYPE,
         scale,
         [strides_of(&qo.layout), strides_of(&ko.layout), strides_of(&vo.layout)],
     )?;
+    if let Some(p) = &packing {
+        params.q_strides = p.strides(strides_of(&qo.layout));
+        params.o_strides = p.strides(contiguous_strides(shape.q_len, shape.num_heads, shape.head_dim));
+    }
     let mask = MaskBuffer::upload(&stream, host)?;
     let rotation = rotation.map(|r| RotationBuffers::upload(&stream, r)).transpose()?;
     // SAFETY: every element is written by the kernel (or poisoned, then written) before any read.
@@ -517,7 +528,11 @@ fn forward_typed<T: CudaDType + DeviceRepr + ValidAsZeroBits + candle_core::With
         params.lse = lse_ptr.as_ref().map_or(std::ptr::null_mut(), |(p, _)| *p as *mut f32);
         mask.fill(mp, &mut params);
         if let Some(r) = &rotation {
-            r.fill(&stream, &mut params)?;
+            r.fill(
+                &stream,
+                &mut params,
+                packing.as_ref().map_or(1, |p| p.heads_per_row_block),
+            )?;
         }
         let mass_ptr = mass.as_mut().map(|m| m.device_ptr_mut(&stream));
         if let (Some((plan, _)), Some((mp, _))) = (mass_request, &mass_ptr) {

@@ -125,10 +125,10 @@ impl<'a> RotationBuffers<'a> {
         Ok(Self { rot, tables, rows })
     }
 
-    /// Fills `p.rotation` with device addresses. (The read guards end here: the buffers and the
-    /// shifts tensor are immutable and outlive the launch, which is ordered on candle's single
-    /// stream.)
-    pub(crate) fn fill(&self, stream: &Arc<CudaStream>, p: &mut SegattnFwdParams) -> Result<()> {
+    /// Fills `p.rotation` with device addresses (`packed_heads`: see [`rotation_params`]). (The
+    /// read guards end here: the buffers and the shifts tensor are immutable and outlive the
+    /// launch, which is ordered on candle's single stream.)
+    pub(crate) fn fill(&self, stream: &Arc<CudaStream>, p: &mut SegattnFwdParams, packed_heads: usize) -> Result<()> {
         let sp = {
             let (storage, layout) = self.rot.shift_tensor.storage_and_layout();
             let Storage::Cuda(shifts) = &*storage else {
@@ -142,7 +142,13 @@ impl<'a> RotationBuffers<'a> {
         };
         let (tp, _gt) = self.tables.device_ptr(stream);
         let (rp, _gr) = self.rows.device_ptr(stream);
-        p.rotation = rotation_params(self.rot, tp as *const f32, rp as *const u32, sp as *const u32)?;
+        p.rotation = rotation_params(
+            self.rot,
+            tp as *const f32,
+            rp as *const u32,
+            sp as *const u32,
+            packed_heads,
+        )?;
         Ok(())
     }
 }

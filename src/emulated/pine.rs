@@ -40,6 +40,7 @@ pub fn pine_prefill(
         Some(&plan.rotation),
         None,
         1,
+        true,
         schedule,
         seed,
     )
@@ -70,6 +71,7 @@ pub fn pine_decode(
         Some(&plan.rotation),
         None,
         kv_splits,
+        true,
         schedule,
         seed,
     )

@@ -34,12 +34,14 @@ impl RopeTable {
 }
 
 /// The rotation of a `segattn_fwd_rope_*` launch: `table` holds [`RopeTable::packed`], `rows`
-/// [`QueryShifts::packed_rows`], `shifts` the `[B, H, groups, Sk]` shifts.
+/// [`QueryShifts::packed_rows`], `shifts` the `[B, H, groups, Sk]` shifts; `packed_heads` query
+/// heads per kernel row block (GQA decode packing, `src/decode_pack.rs`; 1: none).
 pub(crate) fn rotation_params(
     rot: &PineRotation,
     table: *const f32,
     rows: *const u32,
     shifts: *const u32,
+    packed_heads: usize,
 ) -> Result<SegattnRotation> {
     rot.check_kernel_limits()?;
     let (t, s) = (&rot.table, &rot.shifts);
@@ -52,6 +54,7 @@ pub(crate) fn rotation_params(
         row_group: rows.wrapping_add(s.q_pos.len()),
         shifts,
         num_segments: to_i32("key segments", s.sk)?,
+        packed_heads: to_i32("packed heads", packed_heads)?,
     })
 }
 
