@@ -40,6 +40,7 @@
 #include "ptx.cuh"
 #include "segattn_params.h"
 #include "kernel_traits.cuh"
+#include "block_info.cuh"
 #include "mask.cuh"
 #include "qk_tile.cuh"
 #include "rotary.cuh"
@@ -56,65 +57,26 @@ __device__ void fwd_kernel(const SegattnFwdParams& p) {
   constexpr int kM = Traits::kBlockM;
   constexpr int kN = Traits::kBlockN;
   constexpr int kChunks = Traits::kChunks;
-  using Classifier = mask::TileClassifier<kM, kN, Traits::kThreads>;
 
   SEGATTN_DYNAMIC_SMEM(char, smem);
   char* const s_q = smem + Traits::kOffQ;
   uint32_t* const s_kid = reinterpret_cast<uint32_t*>(smem + Traits::kOffKId);  // [2][kN]
-  Classifier classifier;
-  classifier.q_id = reinterpret_cast<uint32_t*>(smem + Traits::kOffQId);
-  classifier.q_end = reinterpret_cast<int*>(smem + Traits::kOffQEnd);
-  classifier.q_starts = reinterpret_cast<uint32_t*>(smem + Traits::kOffQStarts);
 
   const int tid = static_cast<int>(threadIdx.x);
   const int warp = tid / 32;
   const int lane = tid % 32;
-  const int b = static_cast<int>(blockIdx.z);
-  const int h = static_cast<int>(blockIdx.y);
-  const int kh = h / (p.num_heads / p.num_kv_heads);  // GQA
-  // Split-K: block x = query tile * kv_splits + split (recomputed where needed: no live registers).
-  const int q0 = static_cast<int>(blockIdx.x) / max(p.kv_splits, 1) * kM;
-  const int q1 = min(q0 + kM, p.q_len);
-  const int kv_len = p.kv_len;
-  const int pos_offset = kv_len - p.q_len;
-  const int num_tiles = (kv_len + kN - 1) / kN;
+  BlockInfo<Traits> blk;
+  blk.init(p, smem, p.kv_splits);
+  const int b = blk.b;
+  const int h = blk.h;
+  const int q0 = blk.q0;
+  const int q1 = blk.q1;
+  const int kv_len = blk.kv_len;
+  const int end_tile = blk.end_tile;
 
-  const mask::Rule rule = mask::rule_of_batch(p, b);
-  const mask::Segments kv_segs = mask::segments_of_batch(p.kv_segments, b);
-  classifier.init_queries(mask::segments_of_batch(p.q_segments, b), q0, q1);
-
-  // Bound the loop: key tiles outside [first_tile, last_tile] are SKIP for sure (a cheap
-  // per-thread scan; causal-like masks end far before num_tiles).
-  int first_tile = 0;
-  int last_tile = -1;
-  classifier.visible_tile_range(rule, kv_segs, q0, kv_len, pos_offset, num_tiles, Traits::kScanBudget,
-                                reinterpret_cast<int*>(smem + Traits::kOffScan), first_tile, last_tile);
-  if (p.kv_splits > 1) {
-    const int split = static_cast<int>(blockIdx.x) % p.kv_splits;
-    const int per = (num_tiles + p.kv_splits - 1) / p.kv_splits;
-    first_tile = max(first_tile, split * per);
-    last_tile = min(last_tile, split * per + per - 1);
-  }
-  const int end_tile = last_tile + 1;
-
-  // The next tile >= `from` that is not SKIP (end_tile if none), its class in `cls`; the key ids
-  // of the last classified tile are left in `kid`.
-  auto next_visible = [&](int from, uint32_t* kid, int& cls) {
-    int t = from;
-    for (; t < end_tile; ++t) {
-      const int k0 = t * kN;
-      cls = classifier.classify(rule, kv_segs, q0, k0, min(k0 + kN, kv_len), pos_offset, kid);
-      if (cls != SEGATTN_TILE_SKIP) break;
-    }
-    return t;
-  };
-
-  const T* const q_base = static_cast<const T*>(p.q) + static_cast<int64_t>(b) * p.q_strides.batch +
-                          static_cast<int64_t>(q0) * p.q_strides.row + static_cast<int64_t>(h) * p.q_strides.head;
-  const T* const k_base = static_cast<const T*>(p.k) + static_cast<int64_t>(b) * p.k_strides.batch +
-                          static_cast<int64_t>(kh) * p.k_strides.head;
-  const T* const v_base = static_cast<const T*>(p.v) + static_cast<int64_t>(b) * p.v_strides.batch +
-                          static_cast<int64_t>(kh) * p.v_strides.head;
+  const T* const q_base = blk.template q_rows<T>(p.q, p.q_strides);
+  const T* const k_base = blk.template kv_rows<T>(p.k, p.k_strides);
+  const T* const v_base = blk.template kv_rows<T>(p.v, p.v_strides);
   auto load_kv_async = [&](int t, int buf) {
     const int k0 = t * kN;
     const int valid = min(kN, kv_len - k0);
@@ -129,12 +91,7 @@ __device__ void fwd_kernel(const SegattnFwdParams& p) {
   const int quad_col = 2 * (lane % 4);
   uint32_t row_seg[2];
   int row_pos[2];
-  SEGATTN_UNROLL
-  for (int r = 0; r < 2; ++r) {
-    const int row = warp * 16 + g + 8 * r;
-    row_seg[r] = classifier.q_id[row];
-    row_pos[r] = q0 + row + pos_offset;
-  }
+  blk.rows(warp, lane, row_seg, row_pos);
   QueryRotator<Traits> rotator;
   if constexpr (Traits::kRotate) rotator.init();
 
@@ -155,7 +112,7 @@ __device__ void fwd_kernel(const SegattnFwdParams& p) {
   }
 
   int cls = SEGATTN_TILE_SKIP;
-  int tile = next_visible(first_tile, s_kid, cls);
+  int tile = blk.next_visible(blk.first_tile, s_kid, cls);
   if (tile < end_tile) {
     load_tile_async<Traits, kM>(s_q, q_base, p.q_strides.row, q1 - q0);
     cp_async_commit();
@@ -174,7 +131,7 @@ __device__ void fwd_kernel(const SegattnFwdParams& p) {
   while (tile < end_tile) {
     // Look ahead: classify and prefetch the next visible tile while this one is computed.
     int next_cls = SEGATTN_TILE_SKIP;
-    const int next = next_visible(tile + 1, s_kid + (buf ^ 1) * kN, next_cls);
+    const int next = blk.next_visible(tile + 1, s_kid + (buf ^ 1) * kN, next_cls);
     if (next < end_tile) {
       load_kv_async(next, buf ^ 1);
       cp_async_commit();
@@ -203,7 +160,7 @@ __device__ void fwd_kernel(const SegattnFwdParams& p) {
       const int valid = min(kN, kv_len - k0);
       char* const s_qt = smem + Traits::kOffQTurned;
       for (int a = 0; a < valid;) {
-        const int e = min(static_cast<int>(kv_segs.span_end[k0 + a]) - k0, valid);
+        const int e = min(static_cast<int>(blk.kv_segs.span_end[k0 + a]) - k0, valid);
         rotator.turn_for(p, b, h, q0, q1, warp * 16 + g, kid[a], s_q, s_qt, warp, lane);
         SEGATTN_UNROLL_2
         for (int kc = 0; kc < Traits::kDK; ++kc) {
@@ -252,7 +209,7 @@ __device__ void fwd_kernel(const SegattnFwdParams& p) {
           const int r = e >> 1;
           const int key = k0 + col;
           const bool visible =
-              key < kv_len && (!partial || mask::element_visible(rule, row_seg[r], kid[col], row_pos[r], key));
+              key < kv_len && (!partial || mask::element_visible(blk.rule, row_seg[r], kid[col], row_pos[r], key));
           s[nb][e] = visible ? s[nb][e] * p.scale_log2 : -INFINITY;
         }
       }

@@ -34,6 +34,7 @@
 #include "ptx.cuh"
 #include "segattn_params.h"
 #include "kernel_traits.cuh"
+#include "block_info.cuh"
 #include "mask.cuh"
 #include "qk_tile.cuh"
 #include "segment_mass.cuh"
@@ -95,51 +96,26 @@ __device__ void scores_kernel(const SegattnScoresParams& sp) {
   constexpr int kM = Traits::kBlockM;
   constexpr int kN = Traits::kBlockN;
   constexpr int kSB = Traits::kSegBlocks;
-  using Classifier = mask::TileClassifier<kM, kN, Traits::kThreads>;
   const SegattnFwdParams& p = sp.base;
 
   SEGATTN_DYNAMIC_SMEM(char, smem);
   char* const s_q = smem + Traits::kOffQ;
   uint32_t* const s_kid = reinterpret_cast<uint32_t*>(smem + Traits::kOffKId);          // [2][kN]
   uint32_t* const s_local_id = reinterpret_cast<uint32_t*>(smem + Traits::kOffLocalId);  // [2][kN]
-  Classifier classifier;
-  classifier.q_id = reinterpret_cast<uint32_t*>(smem + Traits::kOffQId);
-  classifier.q_end = reinterpret_cast<int*>(smem + Traits::kOffQEnd);
-  classifier.q_starts = reinterpret_cast<uint32_t*>(smem + Traits::kOffQStarts);
 
   const int tid = static_cast<int>(threadIdx.x);
   const int warp = tid / 32;
   const int lane = tid % 32;
-  const int b = static_cast<int>(blockIdx.z);
-  const int h = static_cast<int>(blockIdx.y);
-  const int kh = h / (p.num_heads / p.num_kv_heads);  // GQA
-  const int q0 = static_cast<int>(blockIdx.x) * kM;
-  const int q1 = min(q0 + kM, p.q_len);
-  const int kv_len = p.kv_len;
-  const int pos_offset = kv_len - p.q_len;
-  const int num_tiles = (kv_len + kN - 1) / kN;
+  fwd::BlockInfo<Traits> blk;
+  blk.init(p, smem, 1);  // no split-K (base.kv_splits may be the forward launch's)
+  const int b = blk.b;
+  const int h = blk.h;
+  const int q0 = blk.q0;
+  const int q1 = blk.q1;
+  const int kv_len = blk.kv_len;
+  const int end_tile = blk.end_tile;
   const bool two_pass = sp.two_pass != 0;
   const bool reduce = sp.out.head_reduce != 0 || sp.out.query_reduce != 0;
-
-  const mask::Rule rule = mask::rule_of_batch(p, b);
-  const mask::Segments kv_segs = mask::segments_of_batch(p.kv_segments, b);
-  classifier.init_queries(mask::segments_of_batch(p.q_segments, b), q0, q1);
-
-  int first_tile = 0;
-  int last_tile = -1;
-  classifier.visible_tile_range(rule, kv_segs, q0, kv_len, pos_offset, num_tiles, Traits::kScanBudget,
-                                reinterpret_cast<int*>(smem + Traits::kOffScan), first_tile, last_tile);
-  const int end_tile = last_tile + 1;
-
-  auto next_visible = [&](int from, uint32_t* kid, int& cls) {
-    int t = from;
-    for (; t < end_tile; ++t) {
-      const int k0 = t * kN;
-      cls = classifier.classify(rule, kv_segs, q0, k0, min(k0 + kN, kv_len), pos_offset, kid);
-      if (cls != SEGATTN_TILE_SKIP) break;
-    }
-    return t;
-  };
 
   // Piece starts of tile t, whose key ids are in `kid` (readable by every thread right after the
   // classification: classify ends with barriers), as two ballots; the global id of each local
@@ -158,10 +134,8 @@ __device__ void scores_kernel(const SegattnScoresParams& sp) {
     }
   };
 
-  const T* const q_base = static_cast<const T*>(p.q) + static_cast<int64_t>(b) * p.q_strides.batch +
-                          static_cast<int64_t>(q0) * p.q_strides.row + static_cast<int64_t>(h) * p.q_strides.head;
-  const T* const k_base = static_cast<const T*>(p.k) + static_cast<int64_t>(b) * p.k_strides.batch +
-                          static_cast<int64_t>(kh) * p.k_strides.head;
+  const T* const q_base = blk.template q_rows<T>(p.q, p.q_strides);
+  const T* const k_base = blk.template kv_rows<T>(p.k, p.k_strides);
   auto load_k_async = [&](int t, int buf) {
     const int k0 = t * kN;
     fwd::load_tile_async<Traits, kN>(smem + Traits::kOffK + buf * Traits::kKBytes,
@@ -174,12 +148,7 @@ __device__ void scores_kernel(const SegattnScoresParams& sp) {
   const int quad_col = 2 * (lane % 4);
   uint32_t row_seg[2];
   int row_pos[2];
-  SEGATTN_UNROLL
-  for (int r = 0; r < 2; ++r) {
-    const int row = warp * 16 + g + 8 * r;
-    row_seg[r] = classifier.q_id[row];
-    row_pos[r] = q0 + row + pos_offset;
-  }
+  blk.rows(warp, lane, row_seg, row_pos);
   // Where this thread's rows land in `mass` (query reduction: the row's query segment id).
   float* row_out[2];
   mass::row_outputs(sp.out, b, h, q0, q1, warp, g, row_seg, row_out);
@@ -214,7 +183,7 @@ __device__ void scores_kernel(const SegattnScoresParams& sp) {
     const bool exact = two_pass && pass == 1;
     const bool first = pass == (saved ? 1 : 0);  // loads the Q tile
     int cls = SEGATTN_TILE_SKIP;
-    int tile = next_visible(first_tile, s_kid, cls);
+    int tile = blk.next_visible(blk.first_tile, s_kid, cls);
     uint32_t starts[2] = {0u, 0u};
     if (tile < end_tile) {
       if (exact) number_pieces(tile, s_kid, s_local_id, starts);
@@ -235,7 +204,7 @@ __device__ void scores_kernel(const SegattnScoresParams& sp) {
     int buf = 0;
     while (tile < end_tile) {
       int next_cls = SEGATTN_TILE_SKIP;
-      const int next = next_visible(tile + 1, s_kid + (buf ^ 1) * kN, next_cls);
+      const int next = blk.next_visible(tile + 1, s_kid + (buf ^ 1) * kN, next_cls);
       uint32_t next_starts[2] = {0u, 0u};
       if (exact && next < end_tile) number_pieces(next, s_kid + (buf ^ 1) * kN, s_local_id + (buf ^ 1) * kN, next_starts);
       if (next < end_tile) {
@@ -272,7 +241,7 @@ __device__ void scores_kernel(const SegattnScoresParams& sp) {
           const int key = k0 + col;
           const bool visible =
               !(partial || ragged) ||
-              (key < kv_len && (!partial || mask::element_visible(rule, row_seg[r], kid[col], row_pos[r], key)));
+              (key < kv_len && (!partial || mask::element_visible(blk.rule, row_seg[r], kid[col], row_pos[r], key)));
           s[nb][e] = visible ? s[nb][e] * p.scale_log2 : -INFINITY;
         }
       }

@@ -1,0 +1,101 @@
+// Where one thread block of the forward and mass kernels works, and how it walks the key tiles:
+// its batch row, head and KV head (GQA), its query rows [q0, q1), the mask's rule and key
+// segments of its batch row, the range of key tiles that may be visible (a cheap scan, then the
+// split-K slice), and the next tile that is not SKIP. The prologue both kernels share.
+#ifndef SEGATTN_BLOCK_INFO_CUH
+#define SEGATTN_BLOCK_INFO_CUH
+
+#include "platform.cuh"
+#include "segattn_params.h"
+#include "mask.cuh"
+
+namespace segattn {
+namespace fwd {
+
+template <class Traits>
+struct BlockInfo {
+  static constexpr int kM = Traits::kBlockM;
+  static constexpr int kN = Traits::kBlockN;
+  using Classifier = mask::TileClassifier<kM, kN, Traits::kThreads>;
+
+  int b, h, kh;        // batch row, head, its KV head
+  int q0, q1;          // the block's query rows
+  int kv_len;          // keys
+  int pos_offset;      // query row i sits at position i + pos_offset
+  int first_tile;      // key tiles [first_tile, end_tile) may be visible
+  int end_tile;
+  mask::Rule rule;
+  mask::Segments kv_segs;
+  Classifier classifier;
+
+  // Block-collective (barriers): the block of grid x = query tile * kv_splits + split (kv_splits
+  // <= 1: no split-K), its query pieces recorded in shared memory and its key-tile range.
+  __device__ void init(const SegattnFwdParams& p, char* smem, int kv_splits) {
+    classifier.q_id = reinterpret_cast<uint32_t*>(smem + Traits::kOffQId);
+    classifier.q_end = reinterpret_cast<int*>(smem + Traits::kOffQEnd);
+    classifier.q_starts = reinterpret_cast<uint32_t*>(smem + Traits::kOffQStarts);
+    const int splits = max(kv_splits, 1);
+    b = static_cast<int>(blockIdx.z);
+    h = static_cast<int>(blockIdx.y);
+    kh = h / (p.num_heads / p.num_kv_heads);
+    q0 = static_cast<int>(blockIdx.x) / splits * kM;
+    q1 = min(q0 + kM, p.q_len);
+    kv_len = p.kv_len;
+    pos_offset = kv_len - p.q_len;
+    const int num_tiles = (kv_len + kN - 1) / kN;
+    rule = mask::rule_of_batch(p, b);
+    kv_segs = mask::segments_of_batch(p.kv_segments, b);
+    classifier.init_queries(mask::segments_of_batch(p.q_segments, b), q0, q1);
+    // Key tiles outside [first_tile, last_tile] are SKIP for sure (a cheap per-thread scan;
+    // causal-like masks end far before num_tiles).
+    first_tile = 0;
+    int last_tile = -1;
+    classifier.visible_tile_range(rule, kv_segs, q0, kv_len, pos_offset, num_tiles, Traits::kScanBudget,
+                                  reinterpret_cast<int*>(smem + Traits::kOffScan), first_tile, last_tile);
+    if (splits > 1) {
+      const int split = static_cast<int>(blockIdx.x) % splits;
+      const int per = (num_tiles + splits - 1) / splits;
+      first_tile = max(first_tile, split * per);
+      last_tile = min(last_tile, split * per + per - 1);
+    }
+    end_tile = last_tile + 1;
+  }
+
+  // Block-collective: the next tile >= `from` that is not SKIP (end_tile if none), its class in
+  // `cls`; the key ids of the last classified tile are left in `kid`.
+  __device__ int next_visible(int from, uint32_t* kid, int& cls) const {
+    int t = from;
+    for (; t < end_tile; ++t) {
+      const int k0 = t * kN;
+      cls = classifier.classify(rule, kv_segs, q0, k0, min(k0 + kN, kv_len), pos_offset, kid);
+      if (cls != SEGATTN_TILE_SKIP) break;
+    }
+    return t;
+  }
+
+  // This thread's two rows (g and g + 8 of warp `warp`): segment id and position.
+  __device__ void rows(int warp, int lane, uint32_t (&row_seg)[2], int (&row_pos)[2]) const {
+    SEGATTN_UNROLL
+    for (int r = 0; r < 2; ++r) {
+      const int row = warp * 16 + lane / 4 + 8 * r;
+      row_seg[r] = classifier.q_id[row];
+      row_pos[r] = q0 + row + pos_offset;
+    }
+  }
+
+  // The block's first query row of q (or o) of head h, and row 0 of k (or v) of head kh.
+  template <class T>
+  __device__ const T* q_rows(const void* q, const SegattnStrides& s) const {
+    return static_cast<const T*>(q) + static_cast<int64_t>(b) * s.batch + static_cast<int64_t>(q0) * s.row +
+           static_cast<int64_t>(h) * s.head;
+  }
+  template <class T>
+  __device__ const T* kv_rows(const void* k, const SegattnStrides& s) const {
+    return static_cast<const T*>(k) + static_cast<int64_t>(b) * s.batch + static_cast<int64_t>(kh) * s.head;
+  }
+};
+
+}  // namespace fwd
+}  // namespace segattn
+
+#endif  // SEGATTN_BLOCK_INFO_CUH
