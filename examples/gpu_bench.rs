@@ -13,11 +13,13 @@
 //!
 //! ```text
 //! gpu_bench [--smoke] [--reps N] [--warmup N] [--filter SUBSTR] [--json FILE] [--list]
-//!           [--export-masks FILE] [--pine] [--mass]
+//!           [--export-masks FILE] [--pine] [--mass] [--cpu]
 //! ```
 //! `--pine`: instead, one PINE layer at Llama-3-8B shapes (examples/support/gpu_pine.rs).
 //! `--mass`: instead, the per-segment mass, fused and standalone, against the attention alone
-//! (examples/support/gpu_mass.rs).
+//! (examples/support/gpu_mass.rs). With `--smoke` both run scaled-down shapes; with `--cpu` they
+//! run on the CPU (a dry run of their code paths where there is no GPU: the times mean nothing;
+//! scripts/gpu-suite.sh does it before packing).
 //! `--list` prints the shapes; `--export-masks FILE` writes every mask (segment ids, rules, visible
 //! pair count) as JSON for bench/peers.py, so that the peers run on exactly the same masks; neither
 //! needs a GPU. `--smoke`: tiny shapes (L 256 / 512, 2k tokens).
@@ -52,6 +54,7 @@ struct Args {
     export_masks: Option<String>,
     pine: bool,
     mass: bool,
+    cpu: bool,
 }
 
 fn parse_args() -> std::result::Result<Args, String> {
@@ -65,6 +68,7 @@ fn parse_args() -> std::result::Result<Args, String> {
         export_masks: None,
         pine: false,
         mass: false,
+        cpu: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -74,6 +78,7 @@ fn parse_args() -> std::result::Result<Args, String> {
             "--list" => a.list = true,
             "--pine" => a.pine = true,
             "--mass" => a.mass = true,
+            "--cpu" => a.cpu = true,
             "--reps" => a.reps = value("--reps")?.parse().map_err(|e| format!("--reps: {e}"))?,
             "--warmup" => a.warmup = value("--warmup")?.parse().map_err(|e| format!("--warmup: {e}"))?,
             "--filter" => a.filter = Some(value("--filter")?),
@@ -82,7 +87,7 @@ fn parse_args() -> std::result::Result<Args, String> {
             "-h" | "--help" => {
                 return Err(
                     "usage: gpu_bench [--smoke] [--reps N] [--warmup N] [--filter SUBSTR] [--json FILE] \
-                     [--list] [--export-masks FILE] [--pine] [--mass]"
+                     [--list] [--export-masks FILE] [--pine] [--mass] [--cpu]"
                         .into(),
                 )
             }
@@ -91,6 +96,12 @@ fn parse_args() -> std::result::Result<Args, String> {
     }
     if a.reps < 20 && !a.smoke {
         return Err(format!("--reps {}: at least 20 repetitions", a.reps));
+    }
+    if a.reps == 0 {
+        return Err("--reps 0: at least one repetition".into());
+    }
+    if a.cpu && !(a.pine || a.mass) {
+        return Err("--cpu: only with --pine or --mass (a dry run of their code paths)".into());
     }
     Ok(a)
 }
@@ -418,13 +429,13 @@ fn main() -> Result<()> {
     if let Some(path) = &args.export_masks {
         return export_masks(path, args.smoke);
     }
-    let dev = Device::new_cuda(0)?;
+    let dev = if args.cpu { Device::Cpu } else { Device::new_cuda(0)? };
     if args.pine {
-        println!("{}", gpu_pine::run(&dev, args.reps, args.warmup)?);
+        println!("{}", gpu_pine::run(&dev, args.reps, args.warmup, args.smoke)?);
         return Ok(());
     }
     if args.mass {
-        println!("{}", gpu_mass::run(&dev, args.reps, args.warmup)?);
+        println!("{}", gpu_mass::run(&dev, args.reps, args.warmup, args.smoke)?);
         return Ok(());
     }
     println!(

@@ -4,7 +4,8 @@
 # them into .gpu-suite/ (ignored through .git/info/exclude, so it travels only when carried), and
 # prints how to run the suite on a GPU machine:
 #
-#   scripts/gpu-suite.sh            # build + pack, then prints the `run` invocations
+#   scripts/gpu-suite.sh            # build, dry-run gpu_bench --pine / --mass on the CPU, pack,
+#                                   # then print the `run` invocations
 #   scripts/gpu-suite.sh --check    # also start both binaries here against the link stubs
 #                                   # (no GPU: the tests skip, the benchmark exports its masks)
 #
@@ -71,6 +72,18 @@ BENCH_BIN="$(exe_of example gpu_bench)"
 [ -x "$BENCH_BIN" ] || { log "error: no benchmark binary found in cargo's output"; exit 1; }
 bins+=("gpu_bench:$BENCH_BIN")
 log "built in $((SECONDS - t0)) s: ${bins[*]}"
+
+# The benchmark's --pine and --mass code paths, dry-run on the CPU at small shapes (against the
+# link stubs: no CUDA call is made): a mistake there must not cost GPU time.
+for mode in --pine --mass; do
+  if ! LD_LIBRARY_PATH="$SEGATTN_CUDA_STUBS" "$BENCH_BIN" "$mode" --cpu --smoke --reps 1 --warmup 0 >"$msgs.dry" 2>&1; then
+    cat "$msgs.dry" >&2
+    log "error: gpu_bench $mode failed its dry run on the CPU"
+    exit 1
+  fi
+  log "gpu_bench $mode dry run on the CPU: $(grep -c '^| ' "$msgs.dry") table lines"
+done
+rm -f "$msgs.dry"
 
 # The pack: stripped, xz-compressed binaries plus a manifest.
 grep -qxF "/$SUITE/" .git/info/exclude 2>/dev/null || { mkdir -p .git/info; echo "/$SUITE/" >>.git/info/exclude; }

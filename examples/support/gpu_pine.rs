@@ -11,13 +11,21 @@ use segattn::{PineLayout, SegmentAttention, SegmentMask};
 
 use super::timing::median_ms;
 
-/// The markdown table of the PINE benchmark.
-pub fn run(dev: &Device, reps: usize, warmup: usize) -> Result<String> {
+/// The markdown table of the PINE benchmark (`smoke`: small prompts, for a dry run).
+pub fn run(dev: &Device, reps: usize, warmup: usize, smoke: bool) -> Result<String> {
     let (h, hkv, d) = (32, 8, 128);
-    let prompts = [
-        ("RAG", PineLayout::new(256, &[150; 20], 64)),
-        ("judge", PineLayout::new(128, &[500, 500], 32)),
-    ];
+    // `smoke`: the same prompt shapes scaled down, for a dry run.
+    let prompts = if smoke {
+        [
+            ("RAG", PineLayout::new(16, &[30; 5], 8)),
+            ("judge", PineLayout::new(8, &[40, 40], 4)),
+        ]
+    } else {
+        [
+            ("RAG", PineLayout::new(256, &[150; 20], 64)),
+            ("judge", PineLayout::new(128, &[500, 500], 32)),
+        ]
+    };
     let mut out = String::from(
         "| prompt | L | PINE prefill ms | causal prefill ms | ratio (target <= 1.6) | PINE decode ms | plain decode ms | ratio (target <= 1.5) |\n|---|---|---|---|---|---|---|---|\n",
     );
