@@ -4,8 +4,8 @@
 # them into .gpu-suite/ (ignored through .git/info/exclude, so it travels only when carried), and
 # prints how to run the suite on a GPU machine:
 #
-#   scripts/gpu-suite.sh            # build, dry-run gpu_bench --pine / --mass on the CPU, pack,
-#                                   # then print the `run` invocations
+#   scripts/gpu-suite.sh            # build, dry-run the GPU tests and gpu_bench --pine / --mass
+#                                   # on the CPU, pack, then print the `run` invocations
 #   scripts/gpu-suite.sh --check    # also start both binaries here against the link stubs
 #                                   # (no GPU: the tests skip, the benchmark exports its masks)
 #
@@ -73,8 +73,21 @@ BENCH_BIN="$(exe_of example gpu_bench)"
 bins+=("gpu_bench:$BENCH_BIN")
 log "built in $((SECONDS - t0)) s: ${bins[*]}"
 
-# The benchmark's --pine and --mass code paths, dry-run on the CPU at small shapes (against the
-# link stubs: no CUDA call is made): a mistake there must not cost GPU time.
+# Dry runs on the CPU against the link stubs (no CUDA call is made), so that a mistake in the
+# suite's own code does not cost GPU time: every GPU test with the CPU as its device
+# (SEGATTN_GPU_TESTS_ON_CPU=1, few cases; tests of CUDA-only limits skip), and the benchmark's
+# --pine and --mass code paths at small shapes.
+for pair in "${bins[@]}"; do
+  name="${pair%%:*}"
+  [ "$name" = gpu_bench ] && continue
+  if ! SEGATTN_GPU_TESTS_ON_CPU=1 SEGATTN_GPU_CASES=8 LD_LIBRARY_PATH="$SEGATTN_CUDA_STUBS" "${pair#*:}" \
+    --test-threads 2 >"$msgs.dry" 2>&1; then
+    cat "$msgs.dry" >&2
+    log "error: tests/$name.rs failed its dry run on the CPU"
+    exit 1
+  fi
+  log "$name dry run on the CPU: $(grep -E '^test result' "$msgs.dry" | tail -1)"
+done
 for mode in --pine --mass; do
   if ! LD_LIBRARY_PATH="$SEGATTN_CUDA_STUBS" "$BENCH_BIN" "$mode" --cpu --smoke --reps 1 --warmup 0 >"$msgs.dry" 2>&1; then
     cat "$msgs.dry" >&2

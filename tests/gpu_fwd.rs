@@ -97,11 +97,11 @@ fn check_gpu(
         op = op.scale(s);
     }
     let got = op.forward(&gq, &gk, &gv)?;
-    assert!(got.out.device().is_cuda(), "{desc}: output not on the GPU");
+    assert!(got.out.device().same_device(dev), "{desc}: output not on the GPU");
     assert_eq!(got.out.dims(), q.dims(), "{desc}");
     assert_eq!(got.out.dtype(), dtype, "{desc}");
     let lse = got.lse.expect("asked for the LSE");
-    assert!(lse.device().is_cuda(), "{desc}: LSE not on the GPU");
+    assert!(lse.device().same_device(dev), "{desc}: LSE not on the GPU");
     let (b, lq, h, d) = q.dims4()?;
     assert_eq!(lse.dims(), &[b, h, lq], "{desc}");
     let out = got.out.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
@@ -509,6 +509,9 @@ fn deterministic() -> Result<()> {
 #[test]
 fn errors_name_the_argument() -> Result<()> {
     let Some(dev) = gpu() else { return Ok(()) };
+    if dev.is_cpu() {
+        return Ok(()); // the CUDA kernels' own limits (a dry run on the CPU: see common::gpu)
+    }
     let mask = SegmentMask::causal(8, &dev)?;
     let msg = |r: Result<segattn::AttentionOutput>| r.expect_err("expected an error").to_string();
 

@@ -16,9 +16,12 @@ use common::{env_count, random_tensor, rotated_lse_tolerance, rotated_tolerance,
 use segattn::pine::{PineAttention, PositionScheme, Rope};
 use segattn::{reference, PineLayout};
 
-/// Relative gap of two importance scores below which their order is not compared: the GPU scores
-/// 16-bit inputs with f16 probabilities in its segment sums (tests/common `mass_tolerance`).
-const MIN_MARGIN: f64 = 2e-3;
+/// Relative gap of two importance scores below which their order is not compared. The GPU scores
+/// 16-bit inputs with f16 probabilities in its segment sums, as the emulated kernel does (whose
+/// test compares down to 1e-5: tests/emulated_pine.rs); the hardware's mma accumulation order and
+/// `ex2.approx` add about 1e-6 relative to that, so 1e-4 leaves a 10x margin. (2e-3 left out most
+/// rows of the 30-segment layouts: random scores sit close together.)
+const MIN_MARGIN: f64 = 1e-4;
 
 fn cases() -> u64 {
     env_count("SEGATTN_GPU_CASES").map_or(40, |n| u64::from(n / 10).max(4))
@@ -75,7 +78,7 @@ fn gpu_pine_matches_the_literal_oracle() -> Result<()> {
 
         let p = |t: &Tensor| t.narrow(1, 0, len);
         let got = pine.prefill(&on(&p(&q)?)?, &on(&p(&k)?)?, &on(&p(&v)?)?)?;
-        assert!(got.out.device().is_cuda(), "{what}: prefill left the GPU");
+        assert!(got.out.device().same_device(&dev), "{what}: prefill left the GPU");
         let (c, s) = compare_with_oracle(
             &got.out,
             &got.lse.unwrap(),
@@ -98,6 +101,7 @@ fn gpu_pine_matches_the_literal_oracle() -> Result<()> {
             &format!("decode {what}"),
         )?;
     }
+    eprintln!("near-ties: {skipped} rows left out, {compared} compared");
     // Near-ties are rare over the run (16-bit scores and f16 probabilities make more of them).
     assert!(
         skipped <= compared,

@@ -7,7 +7,14 @@ use candle_core::{Device, Result};
 use segattn::{PairRule, PairTable, SegmentMask};
 
 /// The GPU, or `None` (test skipped) when there is none and `SEGATTN_REQUIRE_GPU` is not 1.
+///
+/// `SEGATTN_GPU_TESTS_ON_CPU=1`: the CPU instead, a dry run of the GPU tests' own logic where
+/// there is no GPU (scripts/gpu-suite.sh runs it before packing, so that a mistake in a test does
+/// not cost GPU time); tests of CUDA-only limits skip there.
 pub fn gpu() -> Option<Device> {
+    if dry_run() {
+        return Some(Device::Cpu);
+    }
     static DEV: OnceLock<std::result::Result<Device, String>> = OnceLock::new();
     let dev = DEV.get_or_init(|| {
         for (var, default) in [("SEGATTN_CUDA_POISON", "1"), ("SEGATTN_CUDA_SYNC", "1")] {
@@ -42,4 +49,9 @@ pub fn mask_on(mask: &SegmentMask, dev: &Device) -> Result<SegmentMask> {
         &mask.kv_segments().to_device(dev)?,
         moved,
     )
+}
+
+/// Whether the GPU tests run on the CPU (`SEGATTN_GPU_TESTS_ON_CPU=1`, see [`gpu`]).
+pub fn dry_run() -> bool {
+    std::env::var_os("SEGATTN_GPU_TESTS_ON_CPU").is_some_and(|v| v == "1")
 }
