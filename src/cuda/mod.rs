@@ -21,7 +21,7 @@ mod scores;
 
 pub use bench::PreparedForward;
 pub(crate) use launch::{forward, ForwardExtras};
-pub(crate) use pine::{pine_decode_scores, pine_shifts};
+pub(crate) use pine::{pine_decode_scores, pine_shifts, DeviceTables};
 pub(crate) use scores::segment_scores;
 
 /// A driver error as a candle error that says what was being done.

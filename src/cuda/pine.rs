@@ -3,7 +3,7 @@
 //! points. The shifts never leave the device: the importance scores (the per-segment mass kernel)
 //! feed the shifts kernel, whose output the attention kernel reads.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
@@ -100,21 +100,59 @@ pub(crate) fn pine_shifts(
     Ok(CudaStorage::wrap_cuda_slice(out, dev))
 }
 
-/// The rotation inputs of one launch on the device: the RoPE table `[cos | sin]` and the rows'
-/// `[q_pos | row_group]`, uploaded with one copy each; the shifts are the shifts op's output.
+/// The packed copies (`[cos | sin]`, [`RopeTable::packed`]) of one RoPE table on the CUDA
+/// contexts it was used in, keyed like the module cache by (device ordinal, context): uploaded on
+/// first use, then shared by every launch that reads the table. Tables are immutable, so a copy
+/// never goes stale; it is freed with the table.
+#[derive(Clone, Default)]
+pub(crate) struct DeviceTables(Arc<Mutex<Vec<DeviceTable>>>);
+
+/// One device copy: its CUDA context (device ordinal, CUcontext address) and the buffer.
+type DeviceTable = ((usize, usize), Arc<CudaSlice<f32>>);
+
+impl std::fmt::Debug for DeviceTables {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = self.0.lock().map_or(0, |v| v.len());
+        write!(f, "DeviceTables({n} devices)")
+    }
+}
+
+impl DeviceTables {
+    /// The copy of `table` in the context of `stream`, uploaded now if there is none yet.
+    pub(crate) fn get_or_upload(&self, stream: &Arc<CudaStream>, table: &RopeTable) -> Result<Arc<CudaSlice<f32>>> {
+        let ctx = stream.context();
+        let key = (ctx.ordinal(), ctx.cu_ctx() as usize);
+        let mut copies = self
+            .0
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("segattn: RoPE table cache poisoned by a panic".into()))?;
+        if let Some((_, copy)) = copies.iter().find(|(k, _)| *k == key) {
+            return Ok(copy.clone());
+        }
+        let packed = table.packed();
+        let copy = Arc::new(
+            stream
+                .clone_htod(&packed)
+                .map_err(|e| driver_err(format!("uploading the RoPE table ({} floats)", packed.len()), e))?,
+        );
+        copies.push((key, copy.clone()));
+        Ok(copy)
+    }
+}
+
+/// The rotation inputs of one launch on the device: the RoPE table `[cos | sin]` (the table's
+/// cached device copy) and the rows' `[q_pos | row_group]` (uploaded with one copy); the shifts
+/// are the shifts op's output.
 pub(crate) struct RotationBuffers<'a> {
     rot: &'a PineRotation,
-    tables: CudaSlice<f32>,
+    tables: Arc<CudaSlice<f32>>,
     rows: CudaSlice<u32>,
 }
 
 impl<'a> RotationBuffers<'a> {
     pub(crate) fn upload(stream: &Arc<CudaStream>, rot: &'a PineRotation) -> Result<Self> {
         rot.check_kernel_limits()?;
-        let tables = rot.table.packed();
-        let tables = stream
-            .clone_htod(&tables)
-            .map_err(|e| driver_err(format!("uploading the RoPE table ({} floats)", tables.len()), e))?;
+        let tables = rot.table.device.get_or_upload(stream, &rot.table)?;
         let rows = rot.shifts.packed_rows();
         let rows = stream.clone_htod(&rows).map_err(|e| {
             driver_err(
@@ -184,9 +222,7 @@ pub(crate) fn pine_decode_scores(
     let meta = stream
         .clone_htod(words)
         .map_err(|e| driver_err(format!("uploading {} words of PINE decode metadata", words.len()), e))?;
-    let tables = stream
-        .clone_htod(&table.packed())
-        .map_err(|e| driver_err(format!("uploading the RoPE table ({} floats)", 2 * table.cos.len()), e))?;
+    let tables = table.device.get_or_upload(&stream, table)?;
     let n_out = b * shape.num_heads * shape.q_len * sk;
     let mut out = stream
         .alloc_zeros::<f32>(n_out.max(1))

@@ -230,7 +230,13 @@ impl Rope {
                 (cos, sin)
             }
         };
-        RopeTable { half, cos, sin }
+        RopeTable {
+            half,
+            cos,
+            sin,
+            #[cfg(feature = "cuda")]
+            device: Default::default(),
+        }
     }
 
     /// Rotates `x` `[B, L, heads, D]` at `positions` `[B, L]` (u32; batch 1 is shared), as
@@ -291,12 +297,17 @@ impl Rope {
     }
 }
 
-/// cos / sin of positions `0..len`, f32 `[len, half]` row-major, on the host.
+/// cos / sin of positions `0..len`, f32 `[len, half]` row-major, on the host (immutable: a longer
+/// table is a new one).
 #[derive(Clone, Debug)]
 pub(crate) struct RopeTable {
     pub half: usize,
     pub cos: Vec<f32>,
     pub sin: Vec<f32>,
+    /// Its packed copy on each CUDA device it was used on, uploaded once (a decode step would
+    /// otherwise copy the whole table to the GPU twice).
+    #[cfg(feature = "cuda")]
+    pub device: crate::cuda::DeviceTables,
 }
 
 impl RopeTable {
