@@ -211,6 +211,16 @@ typedef struct SegattnDecodeScoresParams {
   const float *sin;
   /* [B, H, Lq, num_segments] f32 output. */
   float *out;
+  /* Key slices (the grid's x): block (x, .) scores keys [x per, (x + 1) per), per =
+   * ceil(kv_len / kv_splits), for every query head of its KV head. kv_splits <= 1: the kernel
+   * writes `out` itself. kv_splits > 1: it writes each slice's row max `part_max` and exp sum
+   * `part_total` [kv_splits, B, H, Lq] and per-segment exp sums `part_acc` [kv_splits, B, H, Lq,
+   * num_segments] (every element; max -inf for a slice without segment keys), and
+   * segattn_pine_decode_scores_combine merges them into `out`. */
+  int32_t kv_splits;
+  float *part_max;
+  float *part_total;
+  float *part_acc;
   int32_t batch;
   int32_t q_len;
   int32_t kv_len;

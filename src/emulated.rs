@@ -26,7 +26,7 @@ use crate::validate::{default_scale, AttentionShape};
 
 mod pine;
 mod scores;
-pub use pine::{pine_decode, pine_decode_importance_both, pine_prefill, pine_shifts_both};
+pub use pine::{decode_scores_smem_bytes, pine_decode, pine_decode_importance_both, pine_prefill, pine_shifts_both};
 pub use scores::{scores_smem_bytes, segment_scores};
 
 /// The order in which the emulator runs the threads of a block between synchronisation points

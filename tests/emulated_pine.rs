@@ -157,7 +157,7 @@ fn device_shifts_match_the_cpu_order() -> Result<()> {
 /// rows with different layouts, GQA, bf16 / f16, D 64 / 128, one or two decode rows.
 #[test]
 fn decode_importance_kernel_matches_the_cpu() -> Result<()> {
-    for seed in 0..8u64 {
+    for seed in 0..16u64 {
         let mut rng = Rng::new(seed + 500);
         let batch = 1 + rng.below(2);
         let mut layouts: Vec<PineLayout> = (0..batch).map(|_| random_layout(&mut rng)).collect();
@@ -167,18 +167,20 @@ fn decode_importance_kernel_matches_the_cpu() -> Result<()> {
         }
         let rows = 1 + rng.below(2);
         let total = len + rows;
-        let (h, hkv) = [(2, 1), (4, 2), (4, 4)][rng.below(3)];
+        let (h, hkv) = [(2, 1), (4, 2), (4, 4), (8, 2), (6, 1)][rng.below(5)];
         let d = [64, 128][rng.below(2)];
         let dtype = [DType::BF16, DType::F16][rng.below(2)];
         let q = random_tensor(&mut rng, &[batch, rows, h, d], dtype)?;
         let k = random_tensor(&mut rng, &[batch, total, hkv, d], dtype)?;
         let pine = PineAttention::new(&layouts, Rope::new(10_000.0))?;
         let k_cache = pine.rotate_keys(&k)?;
-        let (cpu, kernel) = pine_decode_importance_both(&pine, &q, &k_cache)?;
+        // One slice, or several merged (slices of a few keys, some holding no segment key).
+        let splits = [1, 2, 5, 64][rng.below(4)];
+        let (cpu, kernel) = pine_decode_importance_both(&pine, &q, &k_cache, splits)?;
         for (i, (a, b)) in cpu.iter().zip(&kernel).enumerate() {
             assert!(
                 (a - b).abs() <= 1e-5 + 1e-4 * a.abs(),
-                "seed {seed} {layouts:?} H {h}/{hkv} D {d} {dtype:?}: element {i}: CPU {a}, kernel {b}"
+                "seed {seed} {layouts:?} H {h}/{hkv} D {d} {dtype:?} splits {splits}: element {i}: CPU {a}, kernel {b}"
             );
         }
         assert!(cpu.iter().any(|&x| x > 0.0), "seed {seed}: nothing scored");

@@ -1,13 +1,21 @@
 // PINE's importance of decode rows on the GPU, read straight from the rotated KV cache: no
 // un-rotated copy of the cache (see SegattnDecodeScoresParams in segattn_params.h).
 //
-// nvcc: `extern "C" __global__` segattn_pine_decode_scores_{bf16,f16}(const SegattnDecodeScoresParams),
-//   grid (Lq, H, B), block 128 threads, dynamic shared memory (head_dim + num_segments + 8) floats.
-// One block per (row, head). The cache holds k rotated at its original position p, and
+// nvcc: `extern "C" __global__` entry points, params by value:
+//   segattn_pine_decode_scores_{bf16,f16}: grid (kv_splits, Lq * Hkv, B), 128 threads, dynamic
+//     shared memory segattn_pine_decode_scores_smem_bytes(P, head_dim, num_segments) with
+//     P = H / Hkv; head_dim 64 or 128.
+//   segattn_pine_decode_scores_combine (kv_splits > 1): grid (Lq, H, B), 128 threads.
+//
+// One block per (key slice, query row, KV head) scores that slice for ALL P query heads of the KV
+// head, so each key row is read once per KV head, not once per query head. A warp takes one key
+// at a time, its lanes over the rotate-half pairs (coalesced loads of the key row and of its
+// position's cos / sin row); the cache holds k rotated at its original position p, and
 //   q . rope^-1(k, p) = sum over pairs c of  cos(p f_c) (q1 k1 + q2 k2) + sin(p f_c) (q1 k2 - q2 k1),
-// so each key costs one pass over its row and its position's table row. Two passes over the keys
-// (the row max, then exp(s - max) summed per segment in shared memory): no per-key buffer. Decode
-// reads few rows against a cache that L2 holds; the second pass recomputes instead of storing.
+// reduced over the warp with shuffles, for each head in turn from the same key registers. Two
+// passes over the slice (the row max, then exp(s - max) summed per segment in shared memory): no
+// per-key buffer; decode caches sit in L2 for the second pass. Slices let short-query decode fill
+// the GPU; their partial (max, sum, per-segment sums) merge like split-K attention's.
 //
 // Host emulation (SEGATTN_EMULATE): `segattn_emu_pine_decode_scores(params)`.
 #include "platform.cuh"
@@ -19,6 +27,7 @@ namespace segattn {
 namespace pine {
 
 constexpr int kDecodeScoresThreads = 128;
+constexpr int kDecodeScoresWarps = kDecodeScoresThreads / 32;
 
 // Adds v to *p in shared memory: atomically on the GPU; the emulator runs a block's threads as
 // fibers of one OS thread, so a plain add is atomic there.
@@ -30,80 +39,183 @@ __device__ __forceinline__ void smem_add(float* p, float v) {
 #endif
 }
 
-// Block-wide max (is_max) or sum of v; `red` holds one float per warp.
-__device__ __forceinline__ float block_reduce(float v, float* red, bool is_max) {
-  for (int m = 16; m >= 1; m /= 2) {
-    const float o = __shfl_xor_sync(0xffffffffu, v, m);
-    v = is_max ? fmaxf(v, o) : v + o;
-  }
-  const int warp = static_cast<int>(threadIdx.x) / 32;
-  if (threadIdx.x % 32 == 0) red[warp] = v;
-  __syncthreads();
-  float r = red[0];
-  for (int w = 1; w < kDecodeScoresThreads / 32; ++w) r = is_max ? fmaxf(r, red[w]) : r + red[w];
-  __syncthreads();  // `red` is reused by the next reduction
-  return r;
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int m = 16; m >= 1; m /= 2) v += __shfl_xor_sync(0xffffffffu, v, m);
+  return v;
 }
 
-template <class T>
+// Shared memory (floats): q [P][D] (scaled), acc [P][S], per-warp max and sum [kWarps][P] each,
+// block max [P].
+__host__ __device__ inline int decode_scores_smem_floats(int heads_per_kv, int head_dim, int num_segments) {
+  return heads_per_kv * (head_dim + num_segments + 2 * kDecodeScoresWarps + 1);
+}
+
+template <class T, int kHeadDim>
 __device__ void decode_scores_kernel(const SegattnDecodeScoresParams& p) {
+  constexpr int kHalf = kHeadDim / 2;
+  constexpr int kPairs = kHalf / 32;  // rotate-half pairs per lane
+  static_assert(kPairs * 32 == kHalf, "head dims 64 and 128");
   SEGATTN_DYNAMIC_SMEM(float, smem);
-  const int d = p.head_dim;
-  const int half = d / 2;
+  const int P = p.num_heads / p.num_kv_heads;
   const int S = p.num_segments;
-  float* const s_q = smem;               // [d] the row's query, scaled
-  float* const s_acc = smem + d;         // [S] per-segment sums
-  float* const s_red = s_acc + S;        // [kWarps]
-  const int i = static_cast<int>(blockIdx.x);
-  const int h = static_cast<int>(blockIdx.y);
+  float* const s_q = smem;                                  // [P][D]
+  float* const s_acc = s_q + P * kHeadDim;                  // [P][S]
+  float* const s_wmax = s_acc + P * S;                      // [kWarps][P]
+  float* const s_wsum = s_wmax + kDecodeScoresWarps * P;    // [kWarps][P]
+  float* const s_max = s_wsum + kDecodeScoresWarps * P;     // [P]
+  const int split = static_cast<int>(blockIdx.x);
+  const int i = static_cast<int>(blockIdx.y) / p.num_kv_heads;
+  const int kh = static_cast<int>(blockIdx.y) % p.num_kv_heads;
   const int b = static_cast<int>(blockIdx.z);
   const int tid = static_cast<int>(threadIdx.x);
-  const int kh = h / (p.num_heads / p.num_kv_heads);
+  const int warp = tid / 32;
+  const int lane = tid % 32;
 
-  const T* const q = static_cast<const T*>(p.q) + static_cast<int64_t>(b) * p.q_strides.batch +
-                     static_cast<int64_t>(i) * p.q_strides.row + static_cast<int64_t>(h) * p.q_strides.head;
-  for (int c = tid; c < d; c += kDecodeScoresThreads) s_q[c] = to_float(q[c]) * p.scale;
-  for (int s = tid; s < S; s += kDecodeScoresThreads) s_acc[s] = 0.0f;
+  // The P query rows, scaled; zeroed sums.
+  for (int x = tid; x < P * kHeadDim; x += kDecodeScoresThreads) {
+    const int hh = x / kHeadDim;
+    const T* const q = static_cast<const T*>(p.q) + static_cast<int64_t>(b) * p.q_strides.batch +
+                       static_cast<int64_t>(i) * p.q_strides.row +
+                       static_cast<int64_t>(kh * P + hh) * p.q_strides.head;
+    s_q[x] = to_float(q[x % kHeadDim]) * p.scale;
+  }
+  for (int x = tid; x < P * S; x += kDecodeScoresThreads) s_acc[x] = 0.0f;
+  for (int x = tid; x < kDecodeScoresWarps * P; x += kDecodeScoresThreads) {
+    s_wmax[x] = -INFINITY;
+    s_wsum[x] = 0.0f;
+  }
   __syncthreads();
 
+  const int splits = max(p.kv_splits, 1);
+  const int per = (p.kv_len + splits - 1) / splits;
+  const int j0 = split * per;
+  const int j1 = min(p.kv_len, j0 + per);
   const T* const k_base = static_cast<const T*>(p.k) + static_cast<int64_t>(b) * p.k_strides.batch +
                           static_cast<int64_t>(kh) * p.k_strides.head;
   const uint32_t* const pos = p.key_pos + static_cast<int64_t>(b) * p.kv_len;
   const uint32_t* const seg = p.key_seg + static_cast<int64_t>(b) * p.kv_len;
-  auto score = [&](int j) {
+
+  // This lane's pairs c = lane kPairs + t of key j: the key halves and the cos / sin of its
+  // position (one coalesced read of each per key), then each head's score from them.
+  struct KeyPairs {
+    float k1[kPairs], k2[kPairs], c[kPairs], s[kPairs];
+  };
+  auto load_key = [&](int j) {
+    KeyPairs kp;
     const T* const kr = k_base + static_cast<int64_t>(j) * p.k_strides.row;
-    const float* const cs = p.cos + static_cast<int64_t>(pos[j]) * half;
-    const float* const sn = p.sin + static_cast<int64_t>(pos[j]) * half;
-    float acc = 0.0f;
-    for (int x = 0; x < half; ++x) {
-      const float q1 = s_q[x], q2 = s_q[x + half];
-      const float k1 = to_float(kr[x]), k2 = to_float(kr[x + half]);
-      acc += cs[x] * (q1 * k1 + q2 * k2) + sn[x] * (q1 * k2 - q2 * k1);
+    const float* const cs = p.cos + static_cast<int64_t>(pos[j]) * kHalf;
+    const float* const sn = p.sin + static_cast<int64_t>(pos[j]) * kHalf;
+    SEGATTN_UNROLL
+    for (int t = 0; t < kPairs; ++t) {
+      const int c = lane * kPairs + t;
+      kp.k1[t] = to_float(kr[c]);
+      kp.k2[t] = to_float(kr[c + kHalf]);
+      kp.c[t] = cs[c];
+      kp.s[t] = sn[c];
     }
-    return acc;
+    return kp;
+  };
+  auto score = [&](const KeyPairs& kp, int hh) {
+    const float* const q = s_q + hh * kHeadDim;
+    float acc = 0.0f;
+    SEGATTN_UNROLL
+    for (int t = 0; t < kPairs; ++t) {
+      const int c = lane * kPairs + t;
+      const float q1 = q[c], q2 = q[c + kHalf];
+      acc += kp.c[t] * (q1 * kp.k1[t] + q2 * kp.k2[t]) + kp.s[t] * (q1 * kp.k2[t] - q2 * kp.k1[t]);
+    }
+    return warp_sum(acc);  // every lane holds the score
   };
 
-  float m = -INFINITY;
-  for (int j = tid; j < p.kv_len; j += kDecodeScoresThreads) {
-    if (seg[j] != 0) m = fmaxf(m, score(j));
-  }
-  m = block_reduce(m, s_red, true);
-  if (m == -INFINITY) return;  // no segment key: the zeroed output stays
-
-  float total = 0.0f;
-  for (int j = tid; j < p.kv_len; j += kDecodeScoresThreads) {
-    if (seg[j] != 0) {
-      const float e = expf(score(j) - m);
-      total += e;
-      smem_add(&s_acc[seg[j]], e);
+  // Pass 1: each head's max over the slice's segment keys.
+  for (int j = j0 + warp; j < j1; j += kDecodeScoresWarps) {
+    if (seg[j] == 0) continue;  // warp-uniform
+    const KeyPairs kp = load_key(j);
+    for (int hh = 0; hh < P; ++hh) {
+      const float sc = score(kp, hh);
+      if (lane == 0) s_wmax[warp * P + hh] = fmaxf(s_wmax[warp * P + hh], sc);
     }
   }
-  total = block_reduce(total, s_red, false);  // its barriers also order the sums above
+  __syncthreads();
+  for (int hh = tid; hh < P; hh += kDecodeScoresThreads) {
+    float m = -INFINITY;
+    for (int w = 0; w < kDecodeScoresWarps; ++w) m = fmaxf(m, s_wmax[w * P + hh]);
+    s_max[hh] = m;
+  }
+  __syncthreads();
 
-  float* const out = p.out + ((static_cast<int64_t>(b) * p.num_heads + h) * p.q_len + i) * S;
+  // Pass 2: exp(s - max) summed per segment (a head whose max is -inf saw no key here).
+  for (int j = j0 + warp; j < j1; j += kDecodeScoresWarps) {
+    if (seg[j] == 0) continue;
+    const KeyPairs kp = load_key(j);
+    for (int hh = 0; hh < P; ++hh) {
+      const float e = expf(score(kp, hh) - s_max[hh]);
+      if (lane == 0) {
+        smem_add(&s_acc[hh * S + seg[j]], e);
+        s_wsum[warp * P + hh] += e;  // this warp's own slot
+      }
+    }
+  }
+  __syncthreads();
+
   const uint32_t* const lens = p.seg_lens + static_cast<int64_t>(b) * S;
-  for (int s = tid; s < S; s += kDecodeScoresThreads) {
-    if (lens[s] != 0) out[s] = s_acc[s] / total / static_cast<float>(lens[s]);
+  for (int hh = 0; hh < P; ++hh) {
+    const int h = kh * P + hh;
+    float total = 0.0f;
+    for (int w = 0; w < kDecodeScoresWarps; ++w) total += s_wsum[w * P + hh];
+    const int64_t row = (static_cast<int64_t>(b) * p.num_heads + h) * p.q_len + i;  // [B, H, Lq]
+    if (splits == 1) {
+      if (total > 0.0f) {
+        for (int s = tid; s < S; s += kDecodeScoresThreads) {
+          if (lens[s] != 0) p.out[row * S + s] = s_acc[hh * S + s] / total / static_cast<float>(lens[s]);
+        }
+      }
+    } else {
+      const int64_t rows = static_cast<int64_t>(p.batch) * p.num_heads * p.q_len;
+      const int64_t at = split * rows + row;
+      if (tid == 0) {
+        p.part_max[at] = s_max[hh];
+        p.part_total[at] = total;
+      }
+      for (int s = tid; s < S; s += kDecodeScoresThreads) p.part_acc[at * S + s] = s_acc[hh * S + s];
+    }
+  }
+}
+
+// Merges the slices' partials of row (b, h, i): weights exp(max_s - max) as split-K does.
+__device__ void decode_scores_combine(const SegattnDecodeScoresParams& p) {
+  const int i = static_cast<int>(blockIdx.x);
+  const int h = static_cast<int>(blockIdx.y);
+  const int b = static_cast<int>(blockIdx.z);
+  const int S = p.num_segments;
+  const int64_t rows = static_cast<int64_t>(p.batch) * p.num_heads * p.q_len;
+  const int64_t row = (static_cast<int64_t>(b) * p.num_heads + h) * p.q_len + i;
+  float m = -INFINITY;
+  for (int x = 0; x < p.kv_splits; ++x) m = fmaxf(m, p.part_max[x * rows + row]);
+  if (m == -INFINITY) return;  // no segment key: the zeroed output stays
+  float total = 0.0f;
+  for (int x = 0; x < p.kv_splits; ++x) {
+    const float mx = p.part_max[x * rows + row];
+    if (mx != -INFINITY) total += expf(mx - m) * p.part_total[x * rows + row];
+  }
+  const uint32_t* const lens = p.seg_lens + static_cast<int64_t>(b) * S;
+  for (int s = static_cast<int>(threadIdx.x); s < S; s += kDecodeScoresThreads) {
+    if (lens[s] == 0) continue;
+    float acc = 0.0f;
+    for (int x = 0; x < p.kv_splits; ++x) {
+      const float mx = p.part_max[x * rows + row];
+      if (mx != -INFINITY) acc += expf(mx - m) * p.part_acc[(x * rows + row) * S + s];
+    }
+    p.out[row * S + s] = acc / total / static_cast<float>(lens[s]);
+  }
+}
+
+template <class T>
+__device__ void decode_scores_entry(const SegattnDecodeScoresParams& p) {
+  if (p.head_dim == 64) {
+    decode_scores_kernel<T, 64>(p);
+  } else {
+    decode_scores_kernel<T, 128>(p);
   }
 }
 
@@ -112,35 +224,52 @@ __device__ void decode_scores_kernel(const SegattnDecodeScoresParams& p) {
 
 extern "C" __global__ void __launch_bounds__(segattn::pine::kDecodeScoresThreads)
     segattn_pine_decode_scores_bf16(const SegattnDecodeScoresParams params) {
-  segattn::pine::decode_scores_kernel<segattn::bf16>(params);
+  segattn::pine::decode_scores_entry<segattn::bf16>(params);
 }
 
 extern "C" __global__ void __launch_bounds__(segattn::pine::kDecodeScoresThreads)
     segattn_pine_decode_scores_f16(const SegattnDecodeScoresParams params) {
-  segattn::pine::decode_scores_kernel<segattn::f16>(params);
+  segattn::pine::decode_scores_entry<segattn::f16>(params);
+}
+
+extern "C" __global__ void __launch_bounds__(segattn::pine::kDecodeScoresThreads)
+    segattn_pine_decode_scores_combine(const SegattnDecodeScoresParams params) {
+  segattn::pine::decode_scores_combine(params);
 }
 
 #if defined(SEGATTN_EMULATE)
 
 #include "emu/emu_api.h"
 
-// Dynamic shared memory of the kernel for `p`, in bytes.
-extern "C" int segattn_pine_decode_scores_smem_bytes(int head_dim, int num_segments) {
-  return 4 * (head_dim + num_segments + segattn::pine::kDecodeScoresThreads / 32);
+// Dynamic shared memory of the kernel for `P` query heads per KV head, in bytes.
+extern "C" int segattn_pine_decode_scores_smem_bytes(int heads_per_kv, int head_dim, int num_segments) {
+  return 4 * segattn::pine::decode_scores_smem_floats(heads_per_kv, head_dim, num_segments);
 }
 
-// Runs the kernel for `p` on the CPU. 0 on success, nonzero with the message in
-// segattn_emu_last_error().
+// Runs the kernel (and the merge when kv_splits > 1) for `p` on the CPU. 0 on success, nonzero
+// with the message in segattn_emu_last_error().
 extern "C" int segattn_emu_pine_decode_scores(const SegattnDecodeScoresParams* p) {
   if (p == nullptr || p->batch <= 0 || p->num_heads <= 0 || p->q_len <= 0) return 0;
-  const dim3 grid(p->q_len, p->num_heads, p->batch);
-  const int smem = segattn_pine_decode_scores_smem_bytes(p->head_dim, p->num_segments);
-  if (p->dtype == SEGATTN_DTYPE_BF16) {
-    return ::segattn::emu::launch(grid, dim3(segattn::pine::kDecodeScoresThreads), smem,
-                                  [&] { segattn_pine_decode_scores_bf16(*p); });
+  if (p->num_kv_heads <= 0 || p->num_heads % p->num_kv_heads != 0 || (p->head_dim != 64 && p->head_dim != 128)) {
+    return ::segattn::emu::launch(dim3(1), dim3(1), 0, [&] {
+      ::segattn::emu::trap("segattn_emu_pine_decode_scores: head_dim 64 or 128 and H a multiple of Hkv",
+                           SEGATTN_EMU_HERE);
+    });
   }
-  return ::segattn::emu::launch(grid, dim3(segattn::pine::kDecodeScoresThreads), smem,
-                                [&] { segattn_pine_decode_scores_f16(*p); });
+  const int splits = p->kv_splits > 1 ? p->kv_splits : 1;
+  const dim3 grid(splits, p->q_len * p->num_kv_heads, p->batch);
+  const int smem =
+      segattn_pine_decode_scores_smem_bytes(p->num_heads / p->num_kv_heads, p->head_dim, p->num_segments);
+  const int rc = ::segattn::emu::launch(grid, dim3(segattn::pine::kDecodeScoresThreads), smem, [&] {
+    if (p->dtype == SEGATTN_DTYPE_BF16) {
+      segattn_pine_decode_scores_bf16(*p);
+    } else {
+      segattn_pine_decode_scores_f16(*p);
+    }
+  });
+  if (rc != 0 || splits == 1) return rc;
+  return ::segattn::emu::launch(dim3(p->q_len, p->num_heads, p->batch), dim3(segattn::pine::kDecodeScoresThreads), 0,
+                                [&] { segattn_pine_decode_scores_combine(*p); });
 }
 
 #endif  // SEGATTN_EMULATE

@@ -15,7 +15,7 @@ use super::driver_err;
 use super::module;
 use crate::error::invalid_arg;
 use crate::params::{SegattnDecodeScoresParams, SegattnFwdParams, SegattnShiftsParams};
-use crate::pine::kernel_args::{decode_scores_params, rotation_params, shifts_params};
+use crate::pine::kernel_args::{decode_scores_params, rotation_params, shifts_params, DecodePartials};
 use crate::pine::shifts::ShiftsOp;
 use crate::pine::{PineRotation, RopeTable};
 use crate::validate::AttentionShape;
@@ -206,12 +206,14 @@ pub(crate) fn pine_decode_scores(
     sk: usize,
 ) -> Result<Tensor> {
     let shape = AttentionShape::of(q, k_cache, k_cache)?;
-    if crate::kernel_params::dtype_code(q.dtype()).is_none() {
-        invalid_arg!("q: the CUDA kernels support dtype bf16 or f16, got {:?}", q.dtype());
-    }
-    let smem = 4 * (shape.head_dim + sk + 4);
+    crate::kernel_params::check_supported(q.dtype(), shape.head_dim)?;
+    let heads_per_kv = shape.num_heads / shape.num_kv_heads;
+    let smem = crate::emulated::decode_scores_smem_bytes(heads_per_kv, shape.head_dim, sk)?;
     if smem > 48 * 1024 {
-        invalid_arg!("layouts: PINE's decode importance on the GPU holds at most ~12000 segment ids, got {sk}");
+        invalid_arg!(
+            "layouts: PINE's decode importance on the GPU holds {heads_per_kv} x {sk} segment sums (query heads \
+             per KV head x segment ids) in 48 KiB of shared memory: too many segments ({sk})"
+        );
     }
     let dev = match q.device() {
         candle_core::Device::Cuda(d) => d.clone(),
@@ -228,6 +230,29 @@ pub(crate) fn pine_decode_scores(
         .alloc_zeros::<f32>(n_out.max(1))
         .map_err(|e| driver_err("allocating the decode importance", e))?;
     let kernels = module::kernels(stream.context())?;
+    // Key slices: about two blocks per SM when (rows x KV heads) leave the GPU idle, each slice
+    // at least 128 keys.
+    let blocks = shape.q_len * shape.num_kv_heads * b;
+    let splits = if blocks >= kernels.sm_count {
+        1
+    } else {
+        (2 * kernels.sm_count)
+            .div_ceil(blocks)
+            .min(shape.kv_len.div_ceil(128))
+            .clamp(1, 256)
+    };
+    let (n_rows, n_acc) = DecodePartials::sizes(&shape, sk, splits);
+    // SAFETY: the kernel writes every element of the partials before the merge reads them.
+    let mut partial_bufs = if splits > 1 {
+        let alloc = |n: usize| unsafe { stream.alloc::<f32>(n.max(1)) };
+        Some((
+            alloc(n_rows).map_err(|e| driver_err("allocating decode importance partials", e))?,
+            alloc(n_rows).map_err(|e| driver_err("allocating decode importance partials", e))?,
+            alloc(n_acc).map_err(|e| driver_err("allocating decode importance partials", e))?,
+        ))
+    } else {
+        None
+    };
     let name = if q.dtype() == candle_core::DType::BF16 {
         "segattn_pine_decode_scores_bf16"
     } else {
@@ -255,6 +280,22 @@ pub(crate) fn pine_decode_scores(
         let (mp, _gm) = meta.device_ptr(&stream);
         let (tp, _gt) = tables.device_ptr(&stream);
         let (op, _go) = out.device_ptr_mut(&stream);
+        let partial_ptrs = partial_bufs.as_mut().map(|(m, t, a)| {
+            (
+                m.device_ptr_mut(&stream),
+                t.device_ptr_mut(&stream),
+                a.device_ptr_mut(&stream),
+            )
+        });
+        let partials = match &partial_ptrs {
+            Some(((m, _), (t, _), (a, _))) => DecodePartials {
+                splits,
+                max: *m as *mut f32,
+                total: *t as *mut f32,
+                acc: *a as *mut f32,
+            },
+            None => DecodePartials::none(),
+        };
         let params = decode_scores_params(
             &shape,
             q.dtype(),
@@ -272,10 +313,11 @@ pub(crate) fn pine_decode_scores(
             table,
             tp as *const f32,
             op as *mut f32,
+            partials,
         )?;
-        super::launch::check_grid_of(name, b, shape.num_heads)?;
+        super::launch::check_grid_of(name, b, shape.q_len * shape.num_kv_heads)?;
         let cfg = LaunchConfig {
-            grid_dim: (shape.q_len as u32, shape.num_heads as u32, b as u32),
+            grid_dim: (splits as u32, (shape.q_len * shape.num_kv_heads) as u32, b as u32),
             block_dim: (128, 1, 1),
             shared_mem_bytes: smem as u32,
         };
@@ -287,6 +329,25 @@ pub(crate) fn pine_decode_scores(
         unsafe { builder.launch(cfg) }
             .map_err(|e| driver_err(format!("launching {name} (grid {:?})", cfg.grid_dim), e))?;
         super::launch::sync_if_asked(&stream, name)?;
+        if splits > 1 {
+            let combine = "segattn_pine_decode_scores_combine";
+            let func = kernels
+                .module()
+                .load_function(combine)
+                .map_err(|e| driver_err(format!("looking up {combine} in the embedded fatbin"), e))?;
+            let cfg = LaunchConfig {
+                grid_dim: (shape.q_len as u32, shape.num_heads as u32, b as u32),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let mut builder = stream.launch_builder(&func);
+            builder.arg(&params);
+            // SAFETY: as above; the merge reads the partials the kernel just wrote (same stream)
+            // and writes `out`.
+            unsafe { builder.launch(cfg) }
+                .map_err(|e| driver_err(format!("launching {combine} (grid {:?})", cfg.grid_dim), e))?;
+            super::launch::sync_if_asked(&stream, combine)?;
+        }
     }
     stream
         .context()

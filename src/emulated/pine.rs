@@ -6,13 +6,33 @@ use candle_core::{DType, Result, Tensor};
 use super::{last_error, run_forward, Schedule};
 use crate::op::AttentionOutput;
 use crate::params::{SegattnDecodeScoresParams, SegattnShiftsParams};
-use crate::pine::kernel_args::{decode_scores_params, shifts_params};
+use crate::pine::kernel_args::{decode_scores_params, shifts_params, DecodePartials};
 use crate::pine::{PineAttention, ScoreKeys};
 use crate::validate::AttentionShape;
 
 extern "C" {
     fn segattn_emu_pine_shifts(params: *const SegattnShiftsParams) -> std::ffi::c_int;
     fn segattn_emu_pine_decode_scores(params: *const SegattnDecodeScoresParams) -> std::ffi::c_int;
+    fn segattn_pine_decode_scores_smem_bytes(
+        heads_per_kv: std::ffi::c_int,
+        head_dim: std::ffi::c_int,
+        num_segments: std::ffi::c_int,
+    ) -> std::ffi::c_int;
+}
+
+/// Dynamic shared memory of the decode-importance kernel (`kernels/pine/decode_scores.cu`) for
+/// `heads_per_kv` query heads per KV head, `head_dim` and `sk` segment ids, from its own formula.
+pub fn decode_scores_smem_bytes(heads_per_kv: usize, head_dim: usize, sk: usize) -> Result<usize> {
+    let arg = |name: &str, v: usize| super::to_i32(name, v);
+    // SAFETY: a pure function of its arguments.
+    let bytes = unsafe {
+        segattn_pine_decode_scores_smem_bytes(
+            arg("heads per KV head", heads_per_kv)?,
+            arg("head_dim", head_dim)?,
+            arg("key segments", sk)?,
+        )
+    };
+    usize::try_from(bytes).map_err(|_| candle_core::Error::Msg("segattn: decode importance smem overflow".into()))
 }
 
 /// PINE's attention layer through the emulated CUDA kernel with in-loop query rotation
@@ -111,8 +131,15 @@ pub fn pine_shifts_both(pine: &PineAttention, q: &Tensor, k: &Tensor) -> Result<
 /// The importance of decode rows `q` (`[B, Lq, H, D]` un-rotated, bf16 / f16) against a cache
 /// rotated with [`PineAttention::rotate_keys`], computed twice: by the CPU path (which reads the
 /// rotated cache with turned queries) and by the GPU kernel `segattn_pine_decode_scores`
-/// (un-rotating each key in its dot product), emulated. Returns (CPU, kernel), `[B, H, Lq, Sk]`.
-pub fn pine_decode_importance_both(pine: &PineAttention, q: &Tensor, k_cache: &Tensor) -> Result<(Vec<f32>, Vec<f32>)> {
+/// (un-rotating each key in its dot product; the keys cut into `kv_splits` slices merged by
+/// `segattn_pine_decode_scores_combine` when more than one), emulated. Returns (CPU, kernel),
+/// `[B, H, Lq, Sk]`.
+pub fn pine_decode_importance_both(
+    pine: &PineAttention,
+    q: &Tensor,
+    k_cache: &Tensor,
+    kv_splits: usize,
+) -> Result<(Vec<f32>, Vec<f32>)> {
     let shape = AttentionShape::of(q, k_cache, k_cache)?;
     super::check_emulated_inputs(&shape, q.dtype(), &[("q", q), ("k_cache", k_cache)])?;
     let (extended, sk, table, scale) = pine.decode_inputs(&shape)?;
@@ -123,6 +150,21 @@ pub fn pine_decode_importance_both(pine: &PineAttention, q: &Tensor, k_cache: &T
     let packed_table = table.packed();
     let (qi, ki) = (super::Input::new("q", q)?, super::Input::new("k_cache", k_cache)?);
     let mut kernel = vec![0f32; shape.batch * shape.num_heads * shape.q_len * sk];
+    // Slice partials, NaN-poisoned: the kernel must write every element.
+    let splits = kv_splits.max(1);
+    let (n_rows, n_acc) = DecodePartials::sizes(&shape, sk, splits);
+    let (mut part_max, mut part_total, mut part_acc) =
+        (vec![f32::NAN; n_rows], vec![f32::NAN; n_rows], vec![f32::NAN; n_acc]);
+    let partials = if splits > 1 {
+        DecodePartials {
+            splits,
+            max: part_max.as_mut_ptr(),
+            total: part_total.as_mut_ptr(),
+            acc: part_acc.as_mut_ptr(),
+        }
+    } else {
+        DecodePartials::none()
+    };
     let p = decode_scores_params(
         &shape,
         q.dtype(),
@@ -134,9 +176,10 @@ pub fn pine_decode_importance_both(pine: &PineAttention, q: &Tensor, k_cache: &T
         &table,
         packed_table.as_ptr(),
         kernel.as_mut_ptr(),
+        partials,
     )?;
     // SAFETY: every pointer of `p` points into a live buffer of the size stated in `p` (`qi`,
-    // `ki`, `words`, `packed_table`, `kernel`), all alive for the call.
+    // `ki`, `words`, `packed_table`, `kernel`, the partials), all alive for the call.
     let rc = unsafe { segattn_emu_pine_decode_scores(&p) };
     if rc != 0 {
         return Err(candle_core::Error::Msg(format!(

@@ -88,6 +88,34 @@ pub(crate) fn shifts_params(
     })
 }
 
+/// The decode-importance kernel's key slices: `splits` of them, and (`splits > 1`) the partial
+/// buffers `max`, `total` (`splits * rows` floats, rows = B H Lq) and `acc` (`splits * rows * Sk`).
+#[derive(Clone, Copy)]
+pub(crate) struct DecodePartials {
+    pub splits: usize,
+    pub max: *mut f32,
+    pub total: *mut f32,
+    pub acc: *mut f32,
+}
+
+impl DecodePartials {
+    /// One slice: the kernel writes the output itself.
+    pub fn none() -> Self {
+        Self {
+            splits: 1,
+            max: std::ptr::null_mut(),
+            total: std::ptr::null_mut(),
+            acc: std::ptr::null_mut(),
+        }
+    }
+
+    /// Floats of the `max` / `total` and the `acc` buffers for `splits` slices of `shape`.
+    pub fn sizes(shape: &AttentionShape, sk: usize, splits: usize) -> (usize, usize) {
+        let rows = shape.batch * shape.num_heads * shape.q_len;
+        (splits * rows, splits * rows * sk)
+    }
+}
+
 /// The decode-importance kernel's launch: `words` holds `PineAttention::decode_keys`
 /// (`[key_pos | key_seg | seg_lens]`), `table_addr` the [`RopeTable::packed`] of `table`.
 #[allow(clippy::too_many_arguments)]
@@ -102,6 +130,7 @@ pub(crate) fn decode_scores_params(
     table: &RopeTable,
     table_addr: *const f32,
     out: *mut f32,
+    partials: DecodePartials,
 ) -> Result<SegattnDecodeScoresParams> {
     let Some(dtype) = dtype_code(dtype) else {
         crate::error::invalid_arg!("q: the CUDA kernels support dtype bf16 or f16, got {dtype:?}");
@@ -127,5 +156,9 @@ pub(crate) fn decode_scores_params(
         num_segments: to_i32("key segments", sk)?,
         dtype,
         scale,
+        kv_splits: to_i32("key slices", partials.splits)?,
+        part_max: partials.max,
+        part_total: partials.total,
+        part_acc: partials.acc,
     })
 }
