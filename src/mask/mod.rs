@@ -21,6 +21,8 @@ pub use spans::{SegmentSpans, SpanRow};
 
 pub(crate) use rule::HostRule;
 
+use std::sync::{Arc, OnceLock};
+
 use candle_core::{DType, Result, Tensor};
 
 use crate::error::invalid_arg;
@@ -34,6 +36,18 @@ pub struct SegmentMask {
     q_segments: Tensor,
     kv_segments: Tensor,
     rule: PairRule,
+    /// The host copy of the ids (with their span ends) and of the rule, read once per mask (and
+    /// shared by its clones): a mask used by every layer of a model is not copied back from the
+    /// GPU by each call. The mask is immutable, so the copy never goes stale.
+    host: Arc<OnceLock<HostParts>>,
+}
+
+/// What [`SegmentMask::host_metadata`] reads from the mask's tensors.
+#[derive(Debug)]
+struct HostParts {
+    q: SegmentSpans,
+    kv: SegmentSpans,
+    rule: HostRule,
 }
 
 impl SegmentMask {
@@ -62,6 +76,7 @@ impl SegmentMask {
             q_segments: q_segments.clone(),
             kv_segments: kv_segments.clone(),
             rule,
+            host: Arc::default(),
         })
     }
 
@@ -83,6 +98,7 @@ impl SegmentMask {
             q_segments,
             kv_segments: self.kv_segments.clone(),
             rule: self.rule.clone(),
+            host: Arc::default(),
         })
     }
 
@@ -111,10 +127,22 @@ impl SegmentMask {
                 invalid_arg!("pair_table: expected batch size 1 or {batch} (the batch of q), got shape {dims:?}");
             }
         }
+        if self.host.get().is_none() {
+            let parts = HostParts {
+                q: SegmentSpans::from_tensor("q_segments", &self.q_segments)?,
+                kv: SegmentSpans::from_tensor("kv_segments", &self.kv_segments)?,
+                rule: HostRule::from_rule(&self.rule)?,
+            };
+            // Another thread may have filled it meanwhile, with the same values.
+            let _ = self.host.set(parts);
+        }
+        let Some(parts) = self.host.get() else {
+            invalid_arg!("internal error: the mask's host metadata is missing");
+        };
         Ok(HostMask {
-            q: SegmentSpans::from_tensor("q_segments", &self.q_segments)?,
-            kv: SegmentSpans::from_tensor("kv_segments", &self.kv_segments)?,
-            rule: HostRule::from_rule(&self.rule)?,
+            q: parts.q.clone(),
+            kv: parts.kv.clone(),
+            rule: parts.rule.clone(),
             pos_offset: kv_len as i64 - q_len as i64,
         })
     }
