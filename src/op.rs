@@ -94,10 +94,10 @@ impl<'a> SegmentAttention<'a> {
     /// Also return the per-segment attention mass `[B, Ho, Lo, Sk]` (f32) of this attention's
     /// probabilities, accumulated in the same pass like O (a per-row, per-key-segment accumulator
     /// rescaled with the running max). `options.scale` must be unset or equal to the attention's
-    /// scale. On CUDA: inside the forward kernel for at most 64 key segments (without split-K),
-    /// else the forward kernel then the mass kernel's exact pass with the forward kernel's LSE
-    /// (and always with [`crate::MassAlgorithm::TwoPass`]); `OnePass` beyond 64 segments is an
-    /// error there.
+    /// scale. On CUDA: inside the forward kernel for at most 64 key segments (without split-K);
+    /// beyond that, or with [`crate::MassAlgorithm::TwoPass`], the forward kernel runs as usual
+    /// and the mass kernel's exact pass follows with the forward kernel's LSE; `OnePass` beyond
+    /// 64 segments is an error there.
     ///
     /// ```
     /// use candle_core::{Device, Tensor};
