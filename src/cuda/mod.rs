@@ -2,12 +2,12 @@
 //! attention op, launched through cudarc (candle's re-export, so no second cudarc version) on
 //! candle's stream.
 //!
-//! - [`module`]: the fatbin embedded at build time, loaded once per device context; kernels
+//! - `module`: the fatbin embedded at build time, loaded once per device context; kernels
 //!   looked up and their dynamic shared memory raised above 48 KiB where needed.
-//! - [`launch`]: device pointers and strides from the storages' layouts, mask metadata upload
+//! - `launch`: device pointers and strides from the storages' layouts, mask metadata upload
 //!   (O(N), one copy), output / LSE allocation, the checked launch.
-//! - [`pine`]: PINE's device-side order and shifts, and the rotation inputs of the forward kernel.
-//! - [`PreparedForward`]: the same launch prepared once and repeated, for benchmarks (hidden).
+//! - `pine`: PINE's device-side order and shifts, and the rotation inputs of the forward kernel.
+//! - `PreparedForward`: the same launch prepared once and repeated, for benchmarks (hidden).
 //!
 //! The public API is the CPU one: build the tensors and the mask on `Device::new_cuda(i)` and call
 //! [`crate::SegmentAttention::forward`]. The CUDA kernels take bf16 / f16 and D = 64 / 128; other
