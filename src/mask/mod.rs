@@ -94,12 +94,64 @@ impl SegmentMask {
             invalid_arg!("q_len: expected at most the key length {lk}, got {q_len}");
         }
         let q_segments = self.kv_segments.narrow(1, lk - q_len, q_len)?;
-        Ok(Self {
+        let mask = Self {
             q_segments,
             kv_segments: self.kv_segments.clone(),
             rule: self.rule.clone(),
             host: Arc::default(),
-        })
+        };
+        // The host copy follows from this mask's, when it has one (no read-back from a GPU).
+        if let Some(parts) = self.host.get() {
+            let rows = parts.kv.rows();
+            let ids: Vec<u32> = (0..rows)
+                .flat_map(|r| parts.kv.ids()[r * lk + lk - q_len..(r + 1) * lk].iter().copied())
+                .collect();
+            let _ = mask.host.set(HostParts {
+                q: SegmentSpans::from_ids("q_segments", ids, rows, q_len)?,
+                kv: parts.kv.clone(),
+                rule: parts.rule.clone(),
+            });
+        }
+        Ok(mask)
+    }
+
+    /// A self-attention mask from ids `[rows, len]` and optional table codes `[table rows, S, S]`
+    /// made on the host: the tensors go to `device` and the mask keeps the host copy, so that its
+    /// first use does not read them back (a device-to-host copy that waits for the GPU). The
+    /// presets are built this way.
+    pub(crate) fn self_attention_from_host(
+        ids: Vec<u32>,
+        (rows, len): (usize, usize),
+        (intra, inter): (Visibility, Visibility),
+        table: Option<(Vec<u8>, usize, usize)>,
+        device: &candle_core::Device,
+    ) -> Result<Self> {
+        let spans = SegmentSpans::from_ids("segment ids", ids.clone(), rows, len)?;
+        let mut rule = PairRule::new(intra, inter);
+        let mut host_rule = HostRule {
+            intra,
+            inter,
+            table: Vec::new(),
+            table_size: 0,
+            table_batches: 0,
+        };
+        if let Some((codes, table_rows, size)) = table {
+            rule = rule.with_table(PairTable::new(Tensor::from_vec(
+                codes.clone(),
+                (table_rows, size, size),
+                device,
+            )?)?);
+            host_rule.table = codes;
+            host_rule.table_size = size;
+            host_rule.table_batches = table_rows;
+        }
+        let mask = Self::self_attention(&Tensor::from_vec(ids, (rows, len), device)?, rule)?;
+        let _ = mask.host.set(HostParts {
+            q: spans.clone(),
+            kv: spans,
+            rule: host_rule,
+        });
+        Ok(mask)
     }
 
     /// Query segment ids, `[B, Lq]` (or `[1, Lq]`) u32.
@@ -193,4 +245,64 @@ fn check_side(name: &str, ids: &Tensor, batch: usize, len: usize, len_name: &str
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::Device;
+
+    use super::*;
+
+    /// The metadata of `mask` as a fresh mask over the same tensors reads it back.
+    fn read_back(mask: &SegmentMask, batch: usize, q_len: usize, kv_len: usize) -> Result<HostMask> {
+        SegmentMask::new(mask.q_segments(), mask.kv_segments(), mask.rule().clone())?
+            .host_metadata(batch, q_len, kv_len)
+    }
+
+    fn same(a: &HostMask, b: &HostMask) -> bool {
+        let spans = |x: &SegmentSpans, y: &SegmentSpans| {
+            x.ids() == y.ids() && x.span_ends() == y.span_ends() && x.rows() == y.rows() && x.len() == y.len()
+        };
+        spans(&a.q, &b.q)
+            && spans(&a.kv, &b.kv)
+            && a.rule.intra == b.rule.intra
+            && a.rule.inter == b.rule.inter
+            && a.rule.table == b.rule.table
+            && a.rule.table_size == b.rule.table_size
+            && a.rule.table_batches == b.rule.table_batches
+            && a.pos_offset == b.pos_offset
+    }
+
+    /// The presets keep the host copy they were built from, and `last_queries` derives its own:
+    /// both equal what reading the tensors back gives.
+    #[test]
+    fn preset_host_copies_equal_the_tensors() -> Result<()> {
+        let dev = Device::Cpu;
+        let layouts = [PineLayout::new(3, &[5, 4], 2), PineLayout::new(1, &[3, 3, 3, 2], 2)];
+        let masks = [
+            SegmentMask::causal(9, &dev)?,
+            SegmentMask::full(9, &dev)?,
+            SegmentMask::documents(&[&[4, 5], &[2, 7]], &dev)?,
+            SegmentMask::documents_bidirectional(&[&[3, 3, 3]], &dev)?,
+            SegmentMask::prefix_lm(9, 4, &dev)?,
+            SegmentMask::pine(2, &[3, 2], 2, &dev)?,
+            SegmentMask::pine_batch(&layouts, &dev)?,
+            SegmentMask::packed_prompts(&[PineLayout::new(1, &[2, 2], 1), PineLayout::new(1, &[1], 1)], &dev)?,
+        ];
+        for (i, mask) in masks.iter().enumerate() {
+            let (rows, len) = mask.kv_segments().dims2()?;
+            let batch = rows.max(2);
+            let kept = mask.host_metadata(batch, len, len)?;
+            assert!(same(&kept, &read_back(mask, batch, len, len)?), "preset {i}");
+            for q_len in [1, 2, len] {
+                let last = mask.last_queries(q_len)?;
+                let kept = last.host_metadata(batch, q_len, len)?;
+                assert!(
+                    same(&kept, &read_back(&last, batch, q_len, len)?),
+                    "preset {i} last {q_len}"
+                );
+            }
+        }
+        Ok(())
+    }
 }

@@ -1,8 +1,8 @@
 //! Preset masks. Each builds segment ids (O(L)) and a rule; none builds an `L x L` buffer.
 
-use candle_core::{Device, Result, Tensor};
+use candle_core::{Device, Result};
 
-use super::rule::{PairRule, PairTable, Visibility, TABLE_DEFAULT};
+use super::rule::{Visibility, TABLE_DEFAULT};
 use super::SegmentMask;
 use crate::error::invalid_arg;
 
@@ -103,8 +103,7 @@ impl SegmentMask {
     /// # Ok::<(), candle_core::Error>(())
     /// ```
     pub fn causal(len: usize, device: &Device) -> Result<Self> {
-        let ids = Tensor::zeros((1, len), candle_core::DType::U32, device)?;
-        Self::self_attention(&ids, PairRule::new(Causal, Blocked))
+        Self::self_attention_from_host(vec![0; len], (1, len), (Causal, Blocked), None, device)
     }
 
     /// Full bidirectional attention over `len` tokens.
@@ -114,8 +113,7 @@ impl SegmentMask {
     /// # Ok::<(), candle_core::Error>(())
     /// ```
     pub fn full(len: usize, device: &Device) -> Result<Self> {
-        let ids = Tensor::zeros((1, len), candle_core::DType::U32, device)?;
-        Self::self_attention(&ids, PairRule::new(Full, Blocked))
+        Self::self_attention_from_host(vec![0; len], (1, len), (Full, Blocked), None, device)
     }
 
     /// Packed documents: each token sees its own document causally and nothing of the others.
@@ -128,8 +126,8 @@ impl SegmentMask {
     /// # Ok::<(), candle_core::Error>(())
     /// ```
     pub fn documents<R: AsRef<[usize]>>(doc_lens: &[R], device: &Device) -> Result<Self> {
-        let ids = document_ids(doc_lens, device)?;
-        Self::self_attention(&ids, PairRule::new(Causal, Blocked))
+        let (ids, shape) = document_ids(doc_lens)?;
+        Self::self_attention_from_host(ids, shape, (Causal, Blocked), None, device)
     }
 
     /// Packed bidirectional documents (encoders, embedding models): each token sees its whole
@@ -140,8 +138,8 @@ impl SegmentMask {
     /// # Ok::<(), candle_core::Error>(())
     /// ```
     pub fn documents_bidirectional<R: AsRef<[usize]>>(doc_lens: &[R], device: &Device) -> Result<Self> {
-        let ids = document_ids(doc_lens, device)?;
-        Self::self_attention(&ids, PairRule::new(Full, Blocked))
+        let (ids, shape) = document_ids(doc_lens)?;
+        Self::self_attention_from_host(ids, shape, (Full, Blocked), None, device)
     }
 
     /// Prefix-LM: the first `prefix_len` tokens see the whole prefix; the rest is causal.
@@ -155,13 +153,9 @@ impl SegmentMask {
             invalid_arg!("prefix_len: expected at most len = {len}, got {prefix_len}");
         }
         let ids: Vec<u32> = (0..len).map(|i| u32::from(i >= prefix_len)).collect();
-        let ids = Tensor::from_vec(ids, (1, len), device)?;
         // Segment 0 = prefix (full over itself), segment 1 = the rest (causal over everything).
-        let table = PairTable::from_rules(
-            &[vec![Some(Full), Some(Blocked)], vec![Some(Full), Some(Causal)]],
-            device,
-        )?;
-        Self::self_attention(&ids, PairRule::new(Causal, Blocked).with_table(table))
+        let codes = [Full, Blocked, Full, Causal].map(Visibility::code).to_vec();
+        Self::self_attention_from_host(ids, (1, len), (Causal, Blocked), Some((codes, 1, 2)), device)
     }
 
     /// PINE (position-invariant inference): `[prefix][segments][suffix]`. The prefix is causal; a
@@ -213,9 +207,8 @@ impl SegmentMask {
             layout.push_ids(0, &mut ids);
             layout.write_rules(0, s, &mut codes[b * s * s..(b + 1) * s * s], &rule);
         }
-        let ids = Tensor::from_vec(ids, (layouts.len(), len), device)?;
-        let table = PairTable::new(Tensor::from_vec(codes, (layouts.len(), s, s), device)?)?;
-        Self::self_attention(&ids, PairRule::new(Causal, Blocked).with_table(table))
+        let rows = layouts.len();
+        Self::self_attention_from_host(ids, (rows, len), (Causal, Blocked), Some((codes, rows, s)), device)
     }
 
     /// Several PINE-style prompts packed in one row, blocked from each other. Prompt `p` uses ids
@@ -243,13 +236,12 @@ impl SegmentMask {
             p.write_rules(base, s, &mut codes, pine_rule);
             base += p.num_ids();
         }
-        let ids = Tensor::from_vec(ids, (1, len), device)?;
-        let table = PairTable::new(Tensor::from_vec(codes, (s, s), device)?)?;
-        Self::self_attention(&ids, PairRule::new(Causal, Blocked).with_table(table))
+        Self::self_attention_from_host(ids, (1, len), (Causal, Blocked), Some((codes, 1, s)), device)
     }
 }
 
-fn document_ids<R: AsRef<[usize]>>(doc_lens: &[R], device: &Device) -> Result<Tensor> {
+/// The ids of packed documents, `[rows, len]` flattened, and that shape.
+fn document_ids<R: AsRef<[usize]>>(doc_lens: &[R]) -> Result<(Vec<u32>, (usize, usize))> {
     let len = common_len("doc_lens", doc_lens.iter().map(|r| r.as_ref().iter().sum()))?;
     let mut ids = Vec::with_capacity(doc_lens.len() * len);
     for row in doc_lens {
@@ -257,7 +249,7 @@ fn document_ids<R: AsRef<[usize]>>(doc_lens: &[R], device: &Device) -> Result<Te
             ids.extend(std::iter::repeat_n(d as u32, l));
         }
     }
-    Tensor::from_vec(ids, (doc_lens.len(), len), device)
+    Ok((ids, (doc_lens.len(), len)))
 }
 
 /// The common total length of every row, or an error naming `name`.
