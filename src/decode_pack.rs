@@ -78,6 +78,9 @@ impl DecodePacking {
                 kv: host.kv.clone(),
                 rule,
                 pos_offset: shape.kv_len as i64 - group as i64,
+                // The same mask's buffers: the launcher keys them by the packing.
+                #[cfg(feature = "cuda")]
+                device: host.device.clone(),
             },
         }))
     }

@@ -14,7 +14,7 @@
 //!   is reported by the call that caused it. `SEGATTN_CUDA_POISON=1` fills the output (and LSE)
 //!   with NaN before the launch, so that an element the kernel fails to write cannot pass a test.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
@@ -154,6 +154,24 @@ impl MaskBuffer {
         Ok(Self { buf, layout })
     }
 
+    /// The buffer of `host` in the context of `stream`: the one its mask already uploaded there
+    /// (for the same GQA decode packing, `packed_heads`; 1: none), or a new upload, kept.
+    pub(crate) fn of(stream: &Arc<CudaStream>, host: &HostMask, packed_heads: usize) -> Result<Arc<Self>> {
+        let ctx = stream.context();
+        let key = (ctx.ordinal(), ctx.cu_ctx() as usize, packed_heads);
+        let mut copies = host
+            .device
+            .0
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("segattn: mask buffer cache poisoned by a panic".into()))?;
+        if let Some((_, buf)) = copies.iter().find(|(k, _)| *k == key) {
+            return Ok(buf.clone());
+        }
+        let buf = Arc::new(Self::upload(stream, host)?);
+        copies.push((key, buf.clone()));
+        Ok(buf)
+    }
+
     /// The device address of the buffer (single-stream use: benchmarks).
     pub(crate) fn device_address(&self, stream: &CudaStream) -> u64 {
         self.buf.device_ptr(stream).0
@@ -162,6 +180,22 @@ impl MaskBuffer {
     /// Fills the mask fields of `p` with addresses inside the buffer, whose base is `base`.
     pub(crate) fn fill(&self, base: u64, p: &mut SegattnFwdParams) {
         self.layout.fill(base, p);
+    }
+}
+
+/// The mask buffers a [`crate::SegmentMask`] uploaded, per CUDA context (device ordinal, context
+/// address) and GQA decode packing: a mask used by every layer of a model is packed and copied to
+/// the GPU once. The mask is immutable, so a buffer never goes stale; it is freed with the mask.
+#[derive(Clone, Default)]
+pub(crate) struct DeviceMasks(Arc<Mutex<Vec<DeviceMask>>>);
+
+/// One uploaded buffer: (device ordinal, context, packed heads) and the buffer.
+type DeviceMask = ((usize, usize, usize), Arc<MaskBuffer>);
+
+impl std::fmt::Debug for DeviceMasks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = self.0.lock().map_or(0, |v| v.len());
+        write!(f, "DeviceMasks({n} buffers)")
     }
 }
 
@@ -487,7 +521,7 @@ fn forward_typed<T: CudaDType + DeviceRepr + ValidAsZeroBits + candle_core::With
         params.q_strides = p.strides(strides_of(&qo.layout));
         params.o_strides = p.strides(contiguous_strides(shape.q_len, shape.num_heads, shape.head_dim));
     }
-    let mask = MaskBuffer::upload(&stream, host)?;
+    let mask = MaskBuffer::of(&stream, host, packing.as_ref().map_or(1, |p| p.heads_per_row_block))?;
     let rotation = rotation.map(|r| RotationBuffers::upload(&stream, r)).transpose()?;
     // SAFETY: every element is written by the kernel (or poisoned, then written) before any read.
     let mut out = unsafe { stream.alloc::<T>(n_out) }.map_err(|e| driver_err("allocating the output", e))?;

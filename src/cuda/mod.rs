@@ -20,7 +20,7 @@ mod pine;
 mod scores;
 
 pub use bench::PreparedForward;
-pub(crate) use launch::{forward, ForwardExtras};
+pub(crate) use launch::{forward, DeviceMasks, ForwardExtras};
 pub(crate) use pine::{pine_decode_scores, pine_shifts, DeviceTables};
 pub(crate) use scores::segment_scores;
 

@@ -81,7 +81,7 @@ fn typed<T: CudaDType + DeviceRepr + candle_core::WithDType>(
     }
     check_grid(&shape)?;
     let kernels = module::kernels(stream.context())?;
-    let mask = MaskBuffer::upload(&stream, host)?;
+    let mask = MaskBuffer::of(&stream, host, 1)?;
     let mut base = base_params(
         &shape,
         T::DTYPE,

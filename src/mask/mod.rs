@@ -40,6 +40,9 @@ pub struct SegmentMask {
     /// shared by its clones): a mask used by every layer of a model is not copied back from the
     /// GPU by each call. The mask is immutable, so the copy never goes stale.
     host: Arc<OnceLock<HostParts>>,
+    /// The packed metadata the CUDA launchers uploaded for it, per device (shared by clones).
+    #[cfg(feature = "cuda")]
+    device: crate::cuda::DeviceMasks,
 }
 
 /// What [`SegmentMask::host_metadata`] reads from the mask's tensors.
@@ -77,6 +80,8 @@ impl SegmentMask {
             kv_segments: kv_segments.clone(),
             rule,
             host: Arc::default(),
+            #[cfg(feature = "cuda")]
+            device: Default::default(),
         })
     }
 
@@ -99,6 +104,8 @@ impl SegmentMask {
             kv_segments: self.kv_segments.clone(),
             rule: self.rule.clone(),
             host: Arc::default(),
+            #[cfg(feature = "cuda")]
+            device: Default::default(),
         };
         // The host copy follows from this mask's, when it has one (no read-back from a GPU).
         if let Some(parts) = self.host.get() {
@@ -196,6 +203,8 @@ impl SegmentMask {
             kv: parts.kv.clone(),
             rule: parts.rule.clone(),
             pos_offset: kv_len as i64 - q_len as i64,
+            #[cfg(feature = "cuda")]
+            device: self.device.clone(),
         })
     }
 }
@@ -208,6 +217,9 @@ pub(crate) struct HostMask {
     pub rule: HostRule,
     /// `Lk - Lq`: query row `i` is at position `i + pos_offset`.
     pub pos_offset: i64,
+    /// The mask's uploaded buffers (the CUDA launchers look theirs up here).
+    #[cfg(feature = "cuda")]
+    pub device: crate::cuda::DeviceMasks,
 }
 
 impl HostMask {
