@@ -8,7 +8,8 @@
 //!   device and written by the kernel alone (every row, zeros for a row that sees no key).
 //! - The mask metadata is uploaded in O(Lq + Lk + table) per row: [`MaskBuffer`] packs the host
 //!   metadata that `SegmentAttention::forward` already built and validated (ids and span ends of
-//!   both sides, the pair table) into ONE u32 buffer and copies it with one host-to-device copy.
+//!   both sides, the pair table) into ONE u32 buffer and copies it with one host-to-device copy,
+//!   once per mask and device ([`DeviceMasks`]: later calls with the same mask reuse it).
 //! - Every driver call and the launch are checked and become candle errors naming the call;
 //!   `SEGATTN_CUDA_SYNC=1` also synchronizes after each launch, so that a fault inside the kernel
 //!   is reported by the call that caused it. `SEGATTN_CUDA_POISON=1` fills the output (and LSE)
