@@ -325,12 +325,13 @@ pub(crate) fn pine_decode_scores(
         builder.arg(&params);
         // SAFETY: the kernel's one parameter is a SegattnDecodeScoresParams by value whose
         // pointers are live device allocations of the stated sizes (q, the cache, `meta`,
-        // `tables`, `out`), held until the launch is ordered on `stream`.
+        // `tables`, `out`, the partials), held until the launch is ordered on `stream`.
         unsafe { builder.launch(cfg) }
             .map_err(|e| driver_err(format!("launching {name} (grid {:?})", cfg.grid_dim), e))?;
         super::launch::sync_if_asked(&stream, name)?;
         if splits > 1 {
             let combine = "segattn_pine_decode_scores_combine";
+            super::launch::check_grid_of(combine, b, shape.num_heads)?;
             let func = kernels
                 .module()
                 .load_function(combine)
