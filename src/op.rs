@@ -58,6 +58,9 @@ pub struct SegmentAttention<'a> {
     segment_mass: Option<SegmentScoreOptions>,
     /// PINE's in-loop query rotation (crate-internal: [`crate::pine`] sets it).
     rotation: Option<&'a PineRotation>,
+    /// The mask's tensors may stay on the CPU whatever the device of q (crate-internal: PINE's
+    /// per-step masks, whose host metadata is all the launchers read, are never uploaded).
+    host_mask: bool,
 }
 
 impl<'a> SegmentAttention<'a> {
@@ -69,6 +72,7 @@ impl<'a> SegmentAttention<'a> {
             return_lse: false,
             segment_mass: None,
             rotation: None,
+            host_mask: false,
         }
     }
 
@@ -76,6 +80,12 @@ impl<'a> SegmentAttention<'a> {
     /// shift for each key segment; k must be rotated at its original positions.
     pub(crate) fn with_rotation(mut self, rotation: &'a PineRotation) -> Self {
         self.rotation = Some(rotation);
+        self
+    }
+
+    /// Accepts a mask whose tensors are on the CPU with q on a GPU (see `host_mask`).
+    pub(crate) fn with_host_mask(mut self) -> Self {
+        self.host_mask = true;
         self
     }
 
@@ -126,7 +136,8 @@ impl<'a> SegmentAttention<'a> {
             invalid_arg!("scale: expected a finite number, got {scale}");
         }
         let seg_dev = self.mask.q_segments().device().location();
-        if seg_dev != q.device().location() {
+        let host_ok = self.host_mask && self.mask.q_segments().device().is_cpu();
+        if seg_dev != q.device().location() && !host_ok {
             invalid_arg!(
                 "mask: expected the segment ids on the device of q ({:?}), got {seg_dev:?}",
                 q.device().location()

@@ -232,7 +232,8 @@ impl PineAttention {
             let q_rot = self
                 .rotate_rows(q, kv_len - q_len, kv_len, false)?
                 .to_dtype(q.dtype())?;
-            return SegmentAttention::new(&self.mask(shape, q.device())?)
+            return SegmentAttention::new(&self.mask(shape)?)
+                .with_host_mask()
                 .scale(self.scale_for(shape))
                 .return_lse(self.return_lse)
                 .forward(&q_rot, k_rot, v);
@@ -244,6 +245,7 @@ impl PineAttention {
     /// Step 3: the attention with the query turned in the loop.
     fn attend_planned(&self, plan: &PinePlan, q: &Tensor, k_rot: &Tensor, v: &Tensor) -> Result<AttentionOutput> {
         SegmentAttention::new(&plan.mask)
+            .with_host_mask()
             .scale(plan.scale)
             .return_lse(self.return_lse)
             .with_rotation(&plan.rotation)
@@ -287,7 +289,7 @@ impl PineAttention {
             q_pos: groups.q_pos,
         };
         Ok(PinePlan {
-            mask: self.mask(shape, q.device())?,
+            mask: self.mask(shape)?,
             rotation: PineRotation {
                 table,
                 shifts,
@@ -351,9 +353,11 @@ impl PineAttention {
     }
 
     /// The mask of the last `Lq` tokens under this scheme.
-    fn mask(&self, shape: &AttentionShape, device: &Device) -> Result<crate::mask::SegmentMask> {
+    /// The attention's mask, on the CPU whatever the device of q: the launchers read only its
+    /// host metadata (kept with it from the layouts), so a GPU step uploads no mask tensor.
+    fn mask(&self, shape: &AttentionShape) -> Result<crate::mask::SegmentMask> {
         self.scheme
-            .mask(&self.layouts, shape.kv_len, device)?
+            .mask(&self.layouts, shape.kv_len, &Device::Cpu)?
             .last_queries(shape.q_len)
     }
 
