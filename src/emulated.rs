@@ -198,7 +198,16 @@ pub fn forward(
     schedule: Schedule,
     seed: u64,
 ) -> Result<AttentionOutput> {
-    run_forward(q, k, v, mask, scale, None, None, 1, true, schedule, seed)
+    run_forward(
+        q,
+        k,
+        v,
+        mask,
+        Launch {
+            scale,
+            ..Launch::new(schedule, seed)
+        },
+    )
 }
 
 /// [`forward`] with split-K: the key tiles cut into `kv_splits` slices run as separate blocks,
@@ -215,7 +224,17 @@ pub fn forward_split(
     schedule: Schedule,
     seed: u64,
 ) -> Result<AttentionOutput> {
-    run_forward(q, k, v, mask, scale, None, None, kv_splits, true, schedule, seed)
+    run_forward(
+        q,
+        k,
+        v,
+        mask,
+        Launch {
+            scale,
+            kv_splits,
+            ..Launch::new(schedule, seed)
+        },
+    )
 }
 
 /// [`forward_split`] without the GQA decode packing (`src/decode_pack.rs`) that the GPU launcher
@@ -231,7 +250,18 @@ pub fn forward_split_unpacked(
     schedule: Schedule,
     seed: u64,
 ) -> Result<AttentionOutput> {
-    run_forward(q, k, v, mask, scale, None, None, kv_splits, false, schedule, seed)
+    run_forward(
+        q,
+        k,
+        v,
+        mask,
+        Launch {
+            scale,
+            kv_splits,
+            gqa_pack: false,
+            ..Launch::new(schedule, seed)
+        },
+    )
 }
 
 /// [`forward`] with the per-segment mass of the same softmax (`segment_mass`, weighted by
@@ -256,32 +286,66 @@ pub fn forward_with_mass(
         k,
         v,
         mask,
-        scale,
-        None,
-        Some(options),
-        kv_splits,
-        true,
-        schedule,
-        seed,
+        Launch {
+            scale,
+            mass: Some(options),
+            kv_splits,
+            ..Launch::new(schedule, seed)
+        },
     )
 }
 
-/// [`forward`], with PINE's query rotation when `rotation` is given and the fused mass when
-/// `mass` is; GQA decode steps packed as on the GPU when `gqa_pack`.
-#[allow(clippy::too_many_arguments)]
+/// What an emulated forward launch does besides reading q, k, v and the mask.
+#[derive(Clone, Copy)]
+pub(crate) struct Launch<'a> {
+    /// Softmax scale (default `1/sqrt(D)`).
+    pub scale: Option<f64>,
+    /// PINE's in-loop query rotation.
+    pub rotation: Option<&'a PineRotation>,
+    /// The fused per-segment mass, with these options.
+    pub mass: Option<&'a SegmentScoreOptions>,
+    /// Split-K slices (1: none).
+    pub kv_splits: usize,
+    /// GQA decode packing as on the GPU (`src/decode_pack.rs`).
+    pub gqa_pack: bool,
+    /// The emulator's thread schedule and its seed.
+    pub schedule: Schedule,
+    pub seed: u64,
+}
+
+impl Launch<'_> {
+    /// A plain launch under `schedule`: default scale, no rotation, no mass, no split-K, packing
+    /// as on the GPU.
+    pub(crate) fn new(schedule: Schedule, seed: u64) -> Self {
+        Self {
+            scale: None,
+            rotation: None,
+            mass: None,
+            kv_splits: 1,
+            gqa_pack: true,
+            schedule,
+            seed,
+        }
+    }
+}
+
+/// [`forward`] with everything of `launch`.
 pub(crate) fn run_forward(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     mask: &SegmentMask,
-    scale: Option<f64>,
-    rotation: Option<&PineRotation>,
-    mass: Option<&SegmentScoreOptions>,
-    kv_splits: usize,
-    gqa_pack: bool,
-    schedule: Schedule,
-    seed: u64,
+    launch: Launch<'_>,
 ) -> Result<AttentionOutput> {
+    let Launch {
+        scale,
+        rotation,
+        mass,
+        kv_splits,
+        gqa_pack,
+        schedule,
+        seed,
+    } = launch;
     let shape = AttentionShape::of(q, k, v)?;
     if kv_splits == 0 {
         invalid_arg!("kv_splits: expected at least 1, got 0");

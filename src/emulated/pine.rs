@@ -3,7 +3,7 @@
 
 use candle_core::{DType, Result, Tensor};
 
-use super::{last_error, run_forward, Schedule};
+use super::{last_error, run_forward, Launch, Schedule};
 use crate::op::AttentionOutput;
 use crate::params::{SegattnDecodeScoresParams, SegattnShiftsParams};
 use crate::pine::kernel_args::{decode_scores_params, shifts_params, DecodePartials};
@@ -56,13 +56,11 @@ pub fn pine_prefill(
         &k_rot,
         v,
         &plan.mask,
-        Some(plan.scale),
-        Some(&plan.rotation),
-        None,
-        1,
-        true,
-        schedule,
-        seed,
+        Launch {
+            scale: Some(plan.scale),
+            rotation: Some(&plan.rotation),
+            ..Launch::new(schedule, seed)
+        },
     )
 }
 
@@ -87,13 +85,12 @@ pub fn pine_decode(
         k_cache,
         v_cache,
         &plan.mask,
-        Some(plan.scale),
-        Some(&plan.rotation),
-        None,
-        kv_splits,
-        true,
-        schedule,
-        seed,
+        Launch {
+            scale: Some(plan.scale),
+            rotation: Some(&plan.rotation),
+            kv_splits,
+            ..Launch::new(schedule, seed)
+        },
     )
 }
 
