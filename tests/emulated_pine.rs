@@ -14,13 +14,11 @@
 mod common;
 
 use candle_core::{DType, Result};
-use common::pine::{compare_with_oracle, PineTolerance};
-use common::{env_count, random_tensor, rotated_lse_tolerance, rotated_tolerance, Rng};
+use common::pine::{compare_with_oracle, PinePath, PineTolerance};
+use common::{env_count, random_tensor, Rng};
 use segattn::emulated::{pine_decode_importance_both, pine_prefill, pine_shifts_both, Schedule};
 use segattn::pine::{PineAttention, Rope};
 use segattn::{reference, PineLayout};
-
-const MIN_MARGIN: f64 = 1e-5;
 
 fn cases() -> u64 {
     env_count("SEGATTN_EMU_CASES").map_or(6, |n| u64::from(n / 40).max(2))
@@ -75,13 +73,7 @@ fn run_layouts(
 
     let want = reference::pine_attention(&q, &k, &v, layouts, &rope, None)?;
     let lse = got.lse.expect("the emulated kernel returns the LSE");
-    let (atol, rtol) = rotated_tolerance(dtype);
-    let tol = PineTolerance {
-        atol,
-        rtol,
-        lse_atol: rotated_lse_tolerance(dtype),
-        min_margin: MIN_MARGIN,
-    };
+    let tol = PineTolerance::of(PinePath::Emulated, dtype);
     compare_with_oracle(&got.out, &lse, &want, len, tol, &what)
 }
 

@@ -11,17 +11,10 @@ mod common;
 
 use candle_core::{DType, Device, Result, Tensor};
 use common::gpu::gpu;
-use common::pine::{compare_with_oracle, prompt_rows, PineTolerance};
-use common::{env_count, random_tensor, rotated_lse_tolerance, rotated_tolerance, worst_ratio, Rng};
+use common::pine::{compare_with_oracle, prompt_rows, PinePath, PineTolerance};
+use common::{env_count, random_tensor, worst_ratio, Rng};
 use segattn::pine::{PineAttention, PositionScheme, Rope};
 use segattn::{reference, PineLayout};
-
-/// Relative gap of two importance scores below which their order is not compared. The GPU scores
-/// 16-bit inputs with f16 probabilities in its segment sums, as the emulated kernel does (whose
-/// test compares down to 1e-5: tests/emulated_pine.rs); the hardware's mma accumulation order and
-/// `ex2.approx` add about 1e-6 relative to that, so 1e-4 leaves a 10x margin. (2e-3 left out most
-/// rows of the 30-segment layouts: random scores sit close together.)
-const MIN_MARGIN: f64 = 1e-4;
 
 fn cases() -> u64 {
     env_count("SEGATTN_GPU_CASES").map_or(40, |n| u64::from(n / 10).max(4))
@@ -42,16 +35,6 @@ fn random_layouts(rng: &mut Rng, batch: usize) -> Vec<PineLayout> {
         l.suffix_len += len - l.len();
     }
     layouts
-}
-
-fn tolerances(dtype: DType) -> PineTolerance {
-    let (atol, rtol) = rotated_tolerance(dtype);
-    PineTolerance {
-        atol,
-        rtol,
-        lse_atol: rotated_lse_tolerance(dtype),
-        min_margin: MIN_MARGIN,
-    }
 }
 
 #[test]
@@ -84,7 +67,7 @@ fn gpu_pine_matches_the_literal_oracle() -> Result<()> {
             &got.lse.unwrap(),
             &prompt_rows(&want, len)?,
             len,
-            tolerances(dtype),
+            PineTolerance::of(PinePath::Gpu, dtype),
             &format!("prefill {what}"),
         )?;
         compared += c;
@@ -97,7 +80,7 @@ fn gpu_pine_matches_the_literal_oracle() -> Result<()> {
             &got.lse.unwrap(),
             &want,
             1,
-            tolerances(dtype),
+            PineTolerance::of(PinePath::Gpu, dtype),
             &format!("decode {what}"),
         )?;
     }

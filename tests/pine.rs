@@ -5,20 +5,18 @@
 //!
 //! PINE sorts importance scores. Where two scores of a query group are closer than f32 rounding
 //! can resolve, the fused path (f32) and the oracle (f64) may legitimately order them differently;
-//! those groups (the oracle's `margin` below [`MIN_MARGIN`]) are left out of the comparison, and
-//! the test asserts that they are rare.
+//! those groups (the oracle's `margin` below the near-tie margin of `PineTolerance::of`) are left
+//! out of the comparison, and the test asserts that they are rare.
 
 mod common;
 
 use candle_core::{DType, Device, Result, Tensor};
-use common::pine::{compare_with_oracle, prompt_rows, PineTolerance};
-use common::{env_count, lse_tolerance, random_tensor, tolerance, worst_ratio, Rng};
+use common::pine::{compare_with_oracle, prompt_rows, PinePath, PineTolerance};
+use common::{env_count, random_tensor, tolerance, worst_ratio, Rng};
 use proptest::prelude::*;
 use segattn::pine::{Llama3Scaling, PineAttention, PositionScheme, Rope};
 use segattn::{reference, PineLayout, SegmentAttention, SegmentMask};
 
-/// Relative gap between two importance scores below which their order is not compared.
-const MIN_MARGIN: f64 = 1e-5;
 const DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
 const HEADS: [(usize, usize); 4] = [(1, 1), (2, 1), (4, 2), (6, 3)];
 
@@ -71,16 +69,6 @@ fn random_rope(rng: &mut Rng, d: usize, len: usize) -> Result<Rope> {
             Rope::from_tables(&cos, &sin)?
         }
     })
-}
-
-fn tolerances(dtype: DType) -> PineTolerance {
-    let (atol, rtol) = tolerance(dtype);
-    PineTolerance {
-        atol,
-        rtol,
-        lse_atol: lse_tolerance(dtype),
-        min_margin: MIN_MARGIN,
-    }
 }
 
 fn cases() -> u32 {
@@ -162,7 +150,7 @@ fn run_case(
         &got.lse.unwrap(),
         &prompt_rows(&want, len)?,
         len,
-        tolerances(dtype),
+        PineTolerance::of(PinePath::Cpu, dtype),
         &format!("prefill {what}"),
     )?;
 
@@ -180,7 +168,7 @@ fn run_case(
         &got.lse.unwrap(),
         &want,
         step,
-        tolerances(dtype),
+        PineTolerance::of(PinePath::Cpu, dtype),
         &format!("decode {what}"),
     )?;
     Ok((c, s))
