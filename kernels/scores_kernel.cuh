@@ -5,8 +5,9 @@
 // warp w owns query rows 16w .. 16w + 15 of the block's tile; the same tile classifier
 // (mask.cuh: SKIP tiles never loaded), cp.async double-buffered K tiles, Q in registers as
 // ldmatrix A fragments, S = Q K^T with mma.sync m16n8k16, masking and OnlineSoftmax (softmax.cuh).
-// The segment sums are one more mma per 16 keys and 8 segments (segment_mass.cuh: P times a
-// one-hot segment matrix built in registers from the key ids).
+// The segment sums are two more mma per 16 keys and 8 segments (segment_mass.cuh: P, as an f16
+// value plus the f16 value of its rounding error, times a one-hot segment matrix built in
+// registers from the key ids): f32-like sums, which PINE's importance order needs.
 //
 // Two algorithms (p.two_pass):
 //   one pass (Sk <= 64): accumulators for segment ids 0..63 on chip, acc[8][4] per thread (the C
@@ -279,7 +280,10 @@ __device__ void scores_kernel(const SegattnScoresParams& sp) {
         }
         // P x one-hot(segment of each key): global ids in one pass, local numbers in the second.
         const auto seg_of = [&](int j) { return exact ? local_of(starts, j) : static_cast<int>(kid[j]); };
-        mass::accumulate(s, seg_of, lane, nb_lo, nb_hi, acc);
+        // Two f16 terms of P: PINE orders segments by these sums, so they must agree with f32
+        // ones well below the gaps that decide an order (one term: 2^-11 relative). acc holds the
+        // sums times mass::kTermScale.
+        mass::accumulate<2>(s, seg_of, lane, nb_lo, nb_hi, acc);
         if (exact) {
           // Add the tile's sums to mass[row][global id of each local segment].
           const int nloc = __popc(starts[0]) + __popc(starts[1]);
@@ -291,7 +295,7 @@ __device__ void scores_kernel(const SegattnScoresParams& sp) {
             for (int e = 0; e < 4; ++e) {
               const int loc = 8 * nb + quad_col + (e & 1);
               float* const out = row_out[e >> 1];
-              const float v = acc[nb][e];
+              const float v = acc[nb][e] * (1.0f / mass::kTermScale);
               const uint32_t id = local_id[loc];
               // (Every key id is below num_segments; the test only keeps a stray id in bounds.)
               if (loc < nloc && out != nullptr && v != 0.0f && id < static_cast<uint32_t>(sp.out.num_segments)) {
@@ -330,6 +334,8 @@ __device__ void scores_kernel(const SegattnScoresParams& sp) {
     float inv[2];
     float lse[2];
     softmax.finalize(inv, lse);
+    SEGATTN_UNROLL
+    for (int r = 0; r < 2; ++r) inv[r] *= 1.0f / mass::kTermScale;  // acc holds scaled sums
     mass::store_rows(acc, inv, row_out, sp.out, lane);
   }
 }

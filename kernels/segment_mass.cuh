@@ -58,11 +58,15 @@ __device__ __forceinline__ void row_outputs(const SegattnMassOutput& out, int b,
 }
 
 // One k-step (keys 16 kc .. 16 kc + 15 of the tile) of acc[nb] += P x one-hot(segment of each
-// key), for the segment blocks nb_lo..nb_hi (uniform over the block). `pa` is P's f16 A fragment
-// of the k-step; `seg_of(j)` the segment (id, or the tile-local number) of key j of the tile.
-template <int kSB, class SegOf>
-__device__ __forceinline__ void accumulate_step(int kc, const uint32_t (&pa)[4], const SegOf& seg_of, int lane,
-                                                int nb_lo, int nb_hi, float (&acc)[kSB][4]) {
+// key), for the segment blocks nb_lo..nb_hi (uniform over the block). `pa` holds P's f16 A
+// fragments of the k-step: kTerms = 1, P rounded to f16 (11 significant bits); kTerms = 2, P
+// times kTermScale rounded to f16 and the f16 rounding of what that left over, each multiplied in
+// (about 22 bits: the segment sums agree with f32 ones to ~1e-6, which an order of importance
+// scores needs; acc then holds kTermScale times the sums).
+// `seg_of(j)` is the segment (id, or the tile-local number) of key j of the tile.
+template <int kTerms, int kSB, class SegOf>
+__device__ __forceinline__ void accumulate_step(int kc, const uint32_t (&pa)[kTerms][4], const SegOf& seg_of,
+                                                int lane, int nb_lo, int nb_hi, float (&acc)[kSB][4]) {
   const int g = lane / 4;
   // B rows (keys) of this thread: 16 kc + quad_col + {0, 1} and + 8.
   const int j = 16 * kc + 2 * (lane % 4);
@@ -72,18 +76,43 @@ __device__ __forceinline__ void accumulate_step(int kc, const uint32_t (&pa)[4],
     if (nb < nb_lo || nb > nb_hi) continue;  // uniform over the block
     const int want = 8 * nb + g;
     const uint32_t b[2] = {onehot2(seg[0], seg[1], want), onehot2(seg[2], seg[3], want)};
-    mma_m16n8k16_f16(acc[nb], pa, b, acc[nb]);
+    SEGATTN_UNROLL
+    for (int t = 0; t < kTerms; ++t) mma_m16n8k16_f16(acc[nb], pa[t], b, acc[nb]);
+  }
+}
+
+// With two terms, P (at most 1) is scaled by this power of two first (exact in f32, unscaled by
+// the caller): the leftover term of a probability near 1e-4 would otherwise fall among f16's
+// subnormals and lose the bits it is there for. P x 2^12 stays far below f16's largest value.
+constexpr float kTermScale = 4096.0f;
+
+// P's f16 A fragment of k-step kc; with kTerms = 2, that of P x kTermScale and the f16 fragment
+// of its rounding error.
+template <int kTerms, int kNS>
+__device__ __forceinline__ void p_terms(const float (&p)[kNS][4], int kc, uint32_t (&pa)[kTerms][4]) {
+  if constexpr (kTerms == 1) {
+    fwd::p_fragment<segattn::f16>(p, kc, pa[0]);
+  } else {
+    SEGATTN_UNROLL
+    for (int r = 0; r < 4; ++r) {
+      // Register r holds the C elements (2kc + r / 2, 2 (r % 2) + {0, 1}): see fwd::p_fragment.
+      const float x0 = p[2 * kc + (r >> 1)][2 * (r & 1)] * kTermScale;
+      const float x1 = p[2 * kc + (r >> 1)][2 * (r & 1) + 1] * kTermScale;
+      pa[0][r] = pack2<segattn::f16>(x0, x1);
+      const float2 hi = unpack2<segattn::f16>(pa[0][r]);
+      pa[1][r] = pack2<segattn::f16>(x0 - hi.x, x1 - hi.y);
+    }
   }
 }
 
 // The whole tile of accumulate_step.
-template <int kNS, int kSB, class SegOf>
+template <int kTerms = 1, int kNS, int kSB, class SegOf>
 __device__ __forceinline__ void accumulate(const float (&p)[kNS][4], const SegOf& seg_of, int lane, int nb_lo,
                                            int nb_hi, float (&acc)[kSB][4]) {
   SEGATTN_UNROLL
   for (int kc = 0; kc < kNS / 2; ++kc) {
-    uint32_t pa[4];
-    fwd::p_fragment<segattn::f16>(p, kc, pa);
+    uint32_t pa[kTerms][4];
+    p_terms<kTerms>(p, kc, pa);
     accumulate_step(kc, pa, seg_of, lane, nb_lo, nb_hi, acc);
   }
 }
