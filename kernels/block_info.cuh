@@ -2,6 +2,12 @@
 // its batch row, head and KV head (GQA), its query rows [q0, q1), the mask's rule and key
 // segments of its batch row, the range of key tiles that may be visible (a cheap scan, then the
 // split-K slice), and the next tile that is not SKIP. The prologue both kernels share.
+//
+// Tile classes come from a window of kThreads tiles classified ahead, one tile per thread
+// (mask.cuh classify_alone, no barrier), kept in shared memory: finding the next tile in the loop
+// reads that window, instead of classifying each tile with global loads of its key ids and two
+// block barriers on the loop's critical path. Tiles too complex for one thread's budget fall back
+// to the block-cooperative classify.
 #ifndef SEGATTN_BLOCK_INFO_CUH
 #define SEGATTN_BLOCK_INFO_CUH
 
@@ -27,6 +33,8 @@ struct BlockInfo {
   mask::Rule rule;
   mask::Segments kv_segs;
   Classifier classifier;
+  uint8_t* window;     // [kThreads] classes of tiles [window_base, window_base + kThreads)
+  int window_base;     // block-uniform; no window yet: a value no tile index reaches
 
   // Block-collective (barriers): the block of grid x = query tile * kv_splits + split (kv_splits
   // <= 1: no split-K), its query pieces recorded in shared memory and its key-tile range.
@@ -34,6 +42,8 @@ struct BlockInfo {
     classifier.q_id = reinterpret_cast<uint32_t*>(smem + Traits::kOffQId);
     classifier.q_end = reinterpret_cast<int*>(smem + Traits::kOffQEnd);
     classifier.q_starts = reinterpret_cast<uint32_t*>(smem + Traits::kOffQStarts);
+    window = reinterpret_cast<uint8_t*>(smem + Traits::kOffClass);
+    window_base = -2 * Traits::kThreads;
     const int splits = max(kv_splits, 1);
     b = static_cast<int>(blockIdx.z);
     h = static_cast<int>(blockIdx.y);
@@ -62,17 +72,50 @@ struct BlockInfo {
   }
 
   // Block-collective: the next tile >= `from` that is not SKIP (end_tile if none), its class in
-  // `cls`; the key ids of the last classified tile are left in `kid`.
-  __device__ int next_visible(int from, uint32_t* kid, int& cls) const {
-    int t = from;
-    for (; t < end_tile; ++t) {
-      const int k0 = t * kN;
-      cls = classifier.classify(rule, kv_segs, q0, k0, min(k0 + kN, kv_len), pos_offset, kid);
-      if (cls != SEGATTN_TILE_SKIP) break;
+  // `cls`. Every thread must call it with the same `from` (it may contain barriers).
+  __device__ int next_visible(int from, int& cls) {
+    for (int t = from; t < end_tile; ++t) {
+      if (t < window_base || t >= window_base + Traits::kThreads) fill_window(t);
+      int c = window[t - window_base];
+      if (c == static_cast<uint8_t>(mask::kTileUnknown)) c = classify_cooperatively(t);
+      if (c != SEGATTN_TILE_SKIP) {
+        cls = c;
+        return t;
+      }
     }
-    return t;
+    cls = SEGATTN_TILE_SKIP;
+    return end_tile;
   }
 
+  // Key segment id of key j of tile t (0 past the keys), read from global memory: the loop loads
+  // the next tile's ids into a register while it computes the current tile, and stores them into
+  // shared memory before the barrier that ends the iteration.
+  __device__ uint32_t key_id(int t, int j) const {
+    const int key = t * kN + j;
+    return key < kv_len ? kv_segs.ids[key] : 0u;
+  }
+
+ private:
+  // Block-collective: classifies tiles [base, base + kThreads) ahead, one per thread.
+  __device__ void fill_window(int base) {
+    __syncthreads();  // every thread has read the previous window
+    const int t = base + static_cast<int>(threadIdx.x);
+    int c = SEGATTN_TILE_SKIP;
+    if (t < end_tile) {
+      const int k0 = t * kN;
+      c = classifier.classify_alone(rule, kv_segs, q0, k0, min(k0 + kN, kv_len), pos_offset, Traits::kScanBudget);
+    }
+    window[threadIdx.x] = static_cast<uint8_t>(c);
+    window_base = base;
+    __syncthreads();
+  }
+
+  __device__ int classify_cooperatively(int t) const {
+    const int k0 = t * kN;
+    return classifier.classify(rule, kv_segs, q0, k0, min(k0 + kN, kv_len), pos_offset);
+  }
+
+ public:
   // This thread's two rows (g and g + 8 of warp `warp`): segment id and position.
   __device__ void rows(int warp, int lane, uint32_t (&row_seg)[2], int (&row_pos)[2]) const {
     SEGATTN_UNROLL

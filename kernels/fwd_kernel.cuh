@@ -5,11 +5,13 @@
 // batch row b; warp w owns rows 16w .. 16w + 15 of the tile.
 //
 //   bound the key tiles: [first, last] that may be visible (one cheap scan spread over the threads)
-//   classify key tiles until the first visible one (SKIP tiles cost no load and no mma)
+//   classify key tiles ahead, a window of 128 at a time, one per thread (block_info.cuh); find the
+//   first visible one (SKIP tiles cost no load and no mma)
 //   cp.async Q tile (into K buffer 1), cp.async K/V of that tile into buffer 0
 //   Q -> registers (ldmatrix A fragments, kept for the whole loop); barrier
 //   for each visible tile t (buffer buf):
-//     classify the following tiles until the next visible one; cp.async its K/V into buf ^ 1
+//     find the next visible tile in the window; cp.async its K/V into buf ^ 1, load its key ids
+//     into a register (stored to shared memory before the closing barrier)
 //     wait for tile t's group; barrier
 //     S = Q K^T                      (mma.sync m16n8k16, f32 accumulate)
 //     scale by scale * log2(e); mask (PARTIAL tiles and the ragged last tile only)
@@ -112,8 +114,9 @@ __device__ void fwd_kernel(const SegattnFwdParams& p) {
   }
 
   int cls = SEGATTN_TILE_SKIP;
-  int tile = blk.next_visible(blk.first_tile, s_kid, cls);
+  int tile = blk.next_visible(blk.first_tile, cls);
   if (tile < end_tile) {
+    if (tid < kN) s_kid[tid] = blk.key_id(tile, tid);  // published by the barrier below
     load_tile_async<Traits, kM>(s_q, q_base, p.q_strides.row, q1 - q0);
     cp_async_commit();
     load_kv_async(tile, 0);
@@ -131,7 +134,10 @@ __device__ void fwd_kernel(const SegattnFwdParams& p) {
   while (tile < end_tile) {
     // Look ahead: classify and prefetch the next visible tile while this one is computed.
     int next_cls = SEGATTN_TILE_SKIP;
-    const int next = blk.next_visible(tile + 1, s_kid + (buf ^ 1) * kN, next_cls);
+    const int next = blk.next_visible(tile + 1, next_cls);
+    // The next tile's key ids: loaded now, stored at the end of the iteration (the load's latency
+    // hidden behind this tile's work).
+    const uint32_t next_kid = tid < kN && next < end_tile ? blk.key_id(next, tid) : 0u;
     if (next < end_tile) {
       load_kv_async(next, buf ^ 1);
       cp_async_commit();
@@ -244,6 +250,8 @@ __device__ void fwd_kernel(const SegattnFwdParams& p) {
       }
     }
 
+    // Buffer buf ^ 1's ids were last read for the previous tile, before the previous barrier.
+    if (tid < kN) s_kid[(buf ^ 1) * kN + tid] = next_kid;
     __syncthreads();  // every warp is done with buffer `buf` before it is refilled
     tile = next;
     cls = next_cls;

@@ -11,11 +11,12 @@
 //   metadata q_id[kBlockM] u32, q_end[kBlockM] i32, q_starts[kBlockM/32] u32 (piece-start bits),
 //            k_id[2][kBlockN] u32 (the key segment ids of each K/V buffer's tile),
 //            scan[2 * kWarps] i32 (reduction of the visible key-tile range)
+//            class[kThreads] u8 (the window of key-tile classes found ahead, block_info.cuh)
 // The Q tile (kBlockM x D) lives in K buffer 1: it is loaded together with the first K/V tile
 // (into buffer 0), moved to registers, and only then may buffer 1 be filled; the epilogue stages
 // the output there again. (With kQInSmem Q has its own tile after V[2], + 16 KiB at D = 128; with
-// kRotate, PINE's variant, the turned Q a second one: + 16 KiB at D = 64, + 32 KiB at D = 128.) D = 64: 32 KiB of tiles + 1064 B = 33,832 B (under the 48 KiB default);
-// D = 128: 64 KiB + 1064 B = 66,600 B (the launcher must raise
+// kRotate, PINE's variant, the turned Q a second one: + 16 KiB at D = 64, + 32 KiB at D = 128.) D = 64: 32 KiB of tiles + 1192 B = 33,960 B (under the 48 KiB default);
+// D = 128: 64 KiB + 1192 B = 66,728 B (the launcher must raise
 // cudaFuncAttributeMaxDynamicSharedMemorySize), two blocks per SM on A100 as on H100.
 //
 // Bank conflicts: XOR swizzle of 16-byte chunks, no padding. Chunk c of row r is stored at chunk
@@ -93,7 +94,8 @@ struct FwdTraits {
   static constexpr int kOffQStarts = kOffQEnd + 4 * kBlockM;  // u32[kBlockM / 32]
   static constexpr int kOffKId = kOffQStarts + 4 * (kBlockM / 32);  // u32[2][kBlockN]
   static constexpr int kOffScan = kOffKId + 4 * 2 * kBlockN;         // i32[2 * kWarps]
-  static constexpr int kSmemBytes = kOffScan + 4 * 2 * kWarps;
+  static constexpr int kOffClass = kOffScan + 4 * 2 * kWarps;  // u8[kThreads]: tile classes ahead
+  static constexpr int kSmemBytes = kOffClass + kThreads;
 
   // Piece pairs one thread evaluates per key tile when bounding the loop (mask.cuh
   // may_be_visible); a tile with more pairs counts as possibly visible.

@@ -55,6 +55,9 @@ __device__ __forceinline__ Segments segments_of_batch(const SegattnSegments& s, 
   return Segments{s.ids + off, s.span_end + off};
 }
 
+// classify_alone's answer when its budget of piece pairs ran out (not a SEGATTN_TILE_* code).
+constexpr int kTileUnknown = -1;
+
 // Whether key position k_pos is visible to query position q_pos under `rule`.
 __device__ __forceinline__ bool allows(int rule, int q_pos, int k_pos) {
   return rule == SEGATTN_RULE_FULL || (rule == SEGATTN_RULE_CAUSAL && k_pos <= q_pos);
@@ -102,11 +105,10 @@ struct TileClassifier {
     __syncthreads();
   }
 
-  // Classifies query rows [q0, q1) (as given to init_queries) x keys [k0, k1) and writes the
-  // tile's key segment ids to k_id[0 .. kBlockN) (0 past k1). The result is the same in every
-  // thread. The writes to k_id are visible to the block after the next barrier.
-  __device__ int classify(const Rule& rule, const Segments& kv, int q0, int k0, int k1, int pos_offset,
-                          uint32_t* k_id) const {
+  // Classifies query rows [q0, q1) (as given to init_queries) x keys [k0, k1), every piece pair
+  // evaluated by some thread. The result is the same in every thread. Exact for any number of
+  // pieces; two barriers, so the loop calls it only for tiles that classify_alone gave up on.
+  __device__ int classify(const Rule& rule, const Segments& kv, int q0, int k0, int k1, int pos_offset) const {
     const int jj = threadIdx.x % kBlockN;
     const int group = threadIdx.x / kBlockN;
     const int j = k0 + jj;
@@ -114,7 +116,6 @@ struct TileClassifier {
     bool all_full = true;
     if (j < k1) {
       const uint32_t sk = kv.ids[j];
-      if (group == 0) k_id[jj] = sk;
       if (jj == 0 || kv.ids[j - 1] != sk) {  // a key piece [j, kb) starts here
         const int kb = min(static_cast<int>(kv.span_end[j]), k1);
         for (int w = group; w < kWords; w += kGroups) {
@@ -130,8 +131,6 @@ struct TileClassifier {
           if (any_visible && !all_full) break;
         }
       }
-    } else if (group == 0) {
-      k_id[jj] = 0u;
     }
     any_visible = __syncthreads_or(any_visible) != 0;
     all_full = __syncthreads_and(all_full) != 0;
@@ -139,11 +138,14 @@ struct TileClassifier {
     return all_full ? SEGATTN_TILE_FULL : SEGATTN_TILE_PARTIAL;
   }
 
-  // One thread alone, conservative: false only when the tile query rows [q0, q1) x keys
-  // [k0, k1) is SKIP. Evaluates at most `budget` piece pairs and answers true past that. Used to
-  // bound the key-tile loop (first and last tile that may be visible) without block barriers.
-  __device__ bool may_be_visible(const Rule& rule, const Segments& kv, int q0, int k0, int k1, int pos_offset,
-                                 int budget) const {
+  // One thread alone: the class of the tile query rows [q0, q1) x keys [k0, k1), or kTileUnknown
+  // when that takes more than `budget` piece pairs. No barrier, so a block classifies many tiles
+  // at once (a thread each) ahead of its loop. With `stop_if_visible`, returns PARTIAL as soon as
+  // one pair is not SKIP (a loop bound needs no more).
+  __device__ int classify_alone(const Rule& rule, const Segments& kv, int q0, int k0, int k1, int pos_offset,
+                                int budget, bool stop_if_visible = false) const {
+    bool any_visible = false;
+    bool all_full = true;
     int j = k0;
     while (j < k1) {
       const uint32_t sk = kv.ids[j];
@@ -153,15 +155,25 @@ struct TileClassifier {
         while (bits != 0u) {
           const int r = w * 32 + (__ffs(static_cast<int>(bits)) - 1);
           bits &= bits - 1u;
-          if (--budget < 0) return true;
-          if (piece_visibility(rule.lookup(q_id[r], sk), q0 + r, q_end[r], j, kb, pos_offset) != SEGATTN_TILE_SKIP) {
-            return true;
-          }
+          if (--budget < 0) return kTileUnknown;
+          const int c = piece_visibility(rule.lookup(q_id[r], sk), q0 + r, q_end[r], j, kb, pos_offset);
+          any_visible |= c != SEGATTN_TILE_SKIP;
+          all_full &= c == SEGATTN_TILE_FULL;
+          if (any_visible && (stop_if_visible || !all_full)) return SEGATTN_TILE_PARTIAL;
         }
       }
       j = kb;
     }
-    return false;
+    if (!any_visible) return SEGATTN_TILE_SKIP;
+    return all_full ? SEGATTN_TILE_FULL : SEGATTN_TILE_PARTIAL;
+  }
+
+  // One thread alone, conservative: false only when the tile query rows [q0, q1) x keys
+  // [k0, k1) is SKIP. Evaluates at most `budget` piece pairs and answers true past that. Used to
+  // bound the key-tile loop (first and last tile that may be visible) without block barriers.
+  __device__ bool may_be_visible(const Rule& rule, const Segments& kv, int q0, int k0, int k1, int pos_offset,
+                                 int budget) const {
+    return classify_alone(rule, kv, q0, k0, k1, pos_offset, budget, true) != SEGATTN_TILE_SKIP;
   }
 
   // The first and last key tile (of kBlockN keys, `num_tiles` of them) that may be visible to the

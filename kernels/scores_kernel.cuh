@@ -24,7 +24,8 @@
 //
 // Shared memory (dynamic): K[2] kBlockN x D (double buffer; the Q tile is staged in K buffer 1,
 // as in the forward kernel), then q_id / q_end / q_starts (classifier), k_id[2][kBlockN],
-// local_id[2][kBlockN] (global id of each local segment of the buffer's tile), scan[2 * kWarps].
+// local_id[2][kBlockN] (global id of each local segment of the buffer's tile), scan[2 * kWarps],
+// class[kThreads] (the window of key-tile classes found ahead, block_info.cuh).
 #ifndef SEGATTN_SCORES_KERNEL_CUH
 #define SEGATTN_SCORES_KERNEL_CUH
 
@@ -78,7 +79,8 @@ struct ScoresTraits {
   static constexpr int kOffKId = kOffQStarts + 4 * (kBlockM / 32);     // u32[2][kBlockN]
   static constexpr int kOffLocalId = kOffKId + 4 * 2 * kBlockN;        // u32[2][kBlockN]
   static constexpr int kOffScan = kOffLocalId + 4 * 2 * kBlockN;      // i32[2 * kWarps]
-  static constexpr int kSmemBytes = kOffScan + 4 * 2 * kWarps;
+  static constexpr int kOffClass = kOffScan + 4 * 2 * kWarps;  // u8[kThreads]: tile classes ahead
+  static constexpr int kSmemBytes = kOffClass + kThreads;
   static constexpr int kScanBudget = 64;
   static_assert(kOffK % 128 == 0 && kOffQId % 16 == 0, "aligned tiles");
 };
@@ -118,9 +120,8 @@ __device__ void scores_kernel(const SegattnScoresParams& sp) {
   const bool two_pass = sp.two_pass != 0;
   const bool reduce = sp.out.head_reduce != 0 || sp.out.query_reduce != 0;
 
-  // Piece starts of tile t, whose key ids are in `kid` (readable by every thread right after the
-  // classification: classify ends with barriers), as two ballots; the global id of each local
-  // segment goes to `local_id` (visible after the next barrier).
+  // Piece starts of tile t, whose key ids are in `kid` (published by a barrier), as two ballots;
+  // the global id of each local segment goes to `local_id` (visible after the next barrier).
   auto number_pieces = [&](int t, const uint32_t* kid, uint32_t* local_id, uint32_t (&starts)[2]) {
     const int valid = min(kN, kv_len - t * kN);
     SEGATTN_UNROLL
@@ -184,10 +185,9 @@ __device__ void scores_kernel(const SegattnScoresParams& sp) {
     const bool exact = two_pass && pass == 1;
     const bool first = pass == (saved ? 1 : 0);  // loads the Q tile
     int cls = SEGATTN_TILE_SKIP;
-    int tile = blk.next_visible(blk.first_tile, s_kid, cls);
-    uint32_t starts[2] = {0u, 0u};
+    int tile = blk.next_visible(blk.first_tile, cls);
     if (tile < end_tile) {
-      if (exact) number_pieces(tile, s_kid, s_local_id, starts);
+      if (tid < kN) s_kid[tid] = blk.key_id(tile, tid);  // published by the barrier below
       if (first) {
         fwd::load_tile_async<Traits, kM>(s_q, q_base, p.q_strides.row, q1 - q0);
         cp_async_commit();
@@ -198,16 +198,21 @@ __device__ void scores_kernel(const SegattnScoresParams& sp) {
         cp_async_wait<1>();  // the Q group
         __syncthreads();
         fwd::load_q_fragments<Traits>(s_q, warp, lane, qf);
-        __syncthreads();  // the Q tile shares K buffer 1, which the loop's first prefetch overwrites
       }
+      __syncthreads();  // the ids; (first pass) the Q tile shares K buffer 1, which the loop's
+                        // first prefetch overwrites
     }
 
     int buf = 0;
     while (tile < end_tile) {
       int next_cls = SEGATTN_TILE_SKIP;
-      const int next = blk.next_visible(tile + 1, s_kid + (buf ^ 1) * kN, next_cls);
-      uint32_t next_starts[2] = {0u, 0u};
-      if (exact && next < end_tile) number_pieces(next, s_kid + (buf ^ 1) * kN, s_local_id + (buf ^ 1) * kN, next_starts);
+      const int next = blk.next_visible(tile + 1, next_cls);
+      // The next tile's key ids: loaded now, stored at the end of the iteration.
+      const uint32_t next_kid = tid < kN && next < end_tile ? blk.key_id(next, tid) : 0u;
+      // This tile's pieces (its ids were published by the last barrier), before the barrier that
+      // publishes local_id.
+      uint32_t starts[2] = {0u, 0u};
+      if (exact) number_pieces(tile, s_kid + buf * kN, s_local_id + buf * kN, starts);
       if (next < end_tile) {
         load_k_async(next, buf ^ 1);
         cp_async_commit();
@@ -311,12 +316,12 @@ __device__ void scores_kernel(const SegattnScoresParams& sp) {
         }
       }
 
+      // Buffer buf ^ 1's ids and local ids were last read for the previous tile.
+      if (tid < kN) s_kid[(buf ^ 1) * kN + tid] = next_kid;
       __syncthreads();  // every warp is done with buffer `buf` before it is refilled
       tile = next;
       cls = next_cls;
       buf ^= 1;
-      starts[0] = next_starts[0];
-      starts[1] = next_starts[1];
     }
 
     if (stats_only) {

@@ -76,6 +76,7 @@ extern "C" {
         budget: c_int,
         out_class: *mut c_int,
         out_may_be_visible: *mut c_int,
+        out_alone: *mut c_int,
     ) -> c_int;
 }
 
@@ -500,6 +501,9 @@ pub struct TileClasses {
     /// `kernels/mask.cuh` `TileClassifier::may_be_visible` (one thread, conservative, with the
     /// given budget of piece pairs).
     pub may_be_visible: bool,
+    /// `kernels/mask.cuh` `TileClassifier::classify_alone` (one thread, with the given budget of
+    /// piece pairs; `None` when it ran out, and the kernel falls back to the cooperative class).
+    pub alone: Option<u8>,
 }
 
 /// Classifies the tile query rows `[q0, q1)` x keys `[k0, k1)` of batch row `b` with
@@ -537,7 +541,7 @@ pub fn classify_tile_both(
         ..Default::default()
     };
     fill_mask_params(&mut p, &host);
-    let (mut cls, mut maybe): (c_int, c_int) = (-1, -1);
+    let (mut cls, mut maybe, mut alone): (c_int, c_int, c_int) = (-1, -1, -2);
     let budget = c_int::try_from(budget).unwrap_or(c_int::MAX);
     // SAFETY: `p` points into `host`, alive for the call; the range was checked above.
     let rc = unsafe {
@@ -551,6 +555,7 @@ pub fn classify_tile_both(
             budget,
             &mut cls,
             &mut maybe,
+            &mut alone,
         )
     };
     if rc != 0 {
@@ -564,5 +569,6 @@ pub fn classify_tile_both(
         rust,
         kernel: cls as u8,
         may_be_visible: maybe != 0,
+        alone: u8::try_from(alone).ok(),
     })
 }

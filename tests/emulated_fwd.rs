@@ -430,6 +430,49 @@ fn tile_multiples_and_tiny_lengths() {
 }
 
 /// A pair table with a Blocked row: the rows of that segment see nothing, output 0 and LSE -inf.
+/// More key tiles than one window of tile classes (128 tiles, classified ahead one per thread):
+/// the loop refills the window, for masks whose visible range spans it (causal, PINE's suffix
+/// rows, tables, cross ids) and ones that skip most of it (documents).
+#[test]
+fn long_key_sequences_refill_the_class_window() {
+    let (lq, lk) = (70, 128 * 64 + 300);
+    for kind in [0usize, 2, 5, 8, 10] {
+        let mut rng = Rng(9000 + kind as u64);
+        let (name, mask) = build_mask(&mut rng, kind, 1, lq, lk).unwrap();
+        let (q, k, v) = inputs(&mut rng, (1, lq, lk, 2, 1, 64), DType::BF16, false).unwrap();
+        check_case(&format!("Lq {lq} Lk {lk} {name}"), &q, &k, &v, &mask, None, 3).unwrap();
+    }
+    // SKIP, FULL and PARTIAL tiles all along: every other run of keys is hidden.
+    let mask = alternating_runs(lq, lk).unwrap();
+    let mut rng = Rng(9100);
+    let (q, k, v) = inputs(&mut rng, (1, lq, lk, 2, 1, 64), DType::BF16, false).unwrap();
+    check_case("alternating runs", &q, &k, &v, &mask, None, 3).unwrap();
+}
+
+/// Queries of segment 0 against keys in runs of 500 (segments 0, 1, 2, ...) of which a pair
+/// table hides every other one.
+fn alternating_runs(lq: usize, lk: usize) -> Result<SegmentMask> {
+    let dev = &Device::Cpu;
+    let runs = lk.div_ceil(500);
+    let q_ids = Tensor::from_vec(vec![0u32; lq], (1, lq), dev)?;
+    let kv_ids: Vec<u32> = (0..lk).map(|j| (j / 500) as u32).collect();
+    let kv_ids = Tensor::from_vec(kv_ids, (1, lk), dev)?;
+    let mut rules = vec![vec![None; runs]; runs];
+    for (s, rule) in rules[0].iter_mut().enumerate() {
+        *rule = Some(if s % 2 == 0 {
+            Visibility::Blocked
+        } else {
+            Visibility::Full
+        });
+    }
+    let table = PairTable::from_rules(&rules, dev)?;
+    SegmentMask::new(
+        &q_ids,
+        &kv_ids,
+        PairRule::new(Visibility::Full, Visibility::Full).with_table(table),
+    )
+}
+
 #[test]
 fn fully_masked_rows() -> Result<()> {
     let dev = &Device::Cpu;
@@ -511,17 +554,17 @@ fn unsupported_inputs_are_errors() -> Result<()> {
 /// The shared-memory sizes the GPU launcher must request (traits: Q + 2 K + 2 V tiles + metadata).
 #[test]
 fn smem_sizes() {
-    for (d, want) in [(64usize, 33_832usize), (128, 66_600)] {
+    for (d, want) in [(64usize, 33_960usize), (128, 66_728)] {
         assert_eq!(fwd_smem_bytes(DType::BF16, d, FwdVariant::Plain), Some(want));
         assert_eq!(fwd_smem_bytes(DType::F16, d, FwdVariant::Plain), Some(want));
     }
     // The fused mass keeps Q in its own tile at D = 128 (its accumulators take Q's registers).
-    for (d, want) in [(64usize, 33_832usize), (128, 82_984)] {
+    for (d, want) in [(64usize, 33_960usize), (128, 83_112)] {
         assert_eq!(fwd_smem_bytes(DType::BF16, d, FwdVariant::Mass), Some(want));
         assert_eq!(fwd_smem_bytes(DType::F16, d, FwdVariant::Mass), Some(want));
     }
     // PINE's variant keeps Q and the turned Q in their own tiles.
-    for (d, want) in [(64usize, 50_216usize), (128, 99_368)] {
+    for (d, want) in [(64usize, 50_344usize), (128, 99_496)] {
         assert_eq!(fwd_smem_bytes(DType::BF16, d, FwdVariant::Rope), Some(want));
         assert_eq!(fwd_smem_bytes(DType::F16, d, FwdVariant::Rope), Some(want));
     }
@@ -537,7 +580,8 @@ fn window(rng: &mut Rng, len: usize) -> (usize, usize) {
 proptest! {
     #![proptest_config(proptest_config(cases(256) * 8))]
 
-    /// kernels/mask.cuh (block-cooperative, emulated) and src/mask/tiles.rs classify alike.
+    /// kernels/mask.cuh (block-cooperative and one-thread, emulated) and src/mask/tiles.rs
+    /// classify alike.
     #[test]
     fn kernel_tile_classification_matches_rust(
         seed in any::<u64>(),
@@ -562,6 +606,11 @@ proptest! {
             prop_assert!(c.may_be_visible || c.rust == 0, "{}", at);
             if budget == usize::MAX {
                 prop_assert_eq!(c.may_be_visible, c.rust != 0, "{}", at);
+            }
+            // The loop's one-thread class is exact, or gives up (only past a limited budget).
+            match c.alone {
+                Some(alone) => prop_assert_eq!(alone, c.rust, "{}", at),
+                None => prop_assert!(budget != usize::MAX, "{}", at),
             }
         }
     }

@@ -5,14 +5,14 @@
 //   segattn_fwd_bf16_d64, segattn_fwd_bf16_d128, segattn_fwd_f16_d64, segattn_fwd_f16_d128
 //   segattn_fwd_mass_{bf16,f16}_d{64,128} (params.mass set: the per-segment mass of segment ids
 //   0..63 in the same pass; kv_splits <= 1; D = 64: shared memory as the plain kernel, D = 128:
-//   Q in its own tile, 82,984 bytes)
+//   Q in its own tile, 83,112 bytes)
 //   segattn_fwd_rope_{bf16,f16}_d{64,128} (PINE: params.rotation set; Q in its own smem tile:
-//   and the turned Q in a second: D = 64: 50,216 bytes, D = 128: 99,368 bytes)
+//   and the turned Q in a second: D = 64: 50,344 bytes, D = 128: 99,496 bytes)
 //   split-K (params.kv_splits = S > 1): grid x is ceil(Lq / 64) * S, then
 //   segattn_fwd_combine_{bf16,f16}_d{64,128} merges the partials (grid ceil(B * H * Lq / 4), 128).
 //   grid (ceil(Lq / 64), H, B), block 128 threads,
 //   dynamic shared memory segattn::fwd::FwdTraits<T, D>::kSmemBytes
-//   (D = 64: 33,832 bytes; D = 128: 66,600 bytes, so the launcher must set
+//   (D = 64: 33,960 bytes; D = 128: 66,728 bytes, so the launcher must set
 //   cudaFuncAttributeMaxDynamicSharedMemorySize for D = 128).
 // Inputs: q/k/v/o pointers 16-byte aligned with row, head and batch strides multiples of 8
 // elements (16-byte cp.async and stores); lse contiguous [B, H, Lq] or NULL.

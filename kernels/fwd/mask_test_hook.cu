@@ -18,19 +18,20 @@ using Classifier = mask::TileClassifier<kBlockM, kBlockN, kThreads>;
 constexpr int kOffQId = 0;
 constexpr int kOffQEnd = kOffQId + 4 * kBlockM;
 constexpr int kOffQStarts = kOffQEnd + 4 * kBlockM;
-constexpr int kOffKId = kOffQStarts + 4 * Classifier::kWords;
-constexpr int kSmemBytes = kOffKId + 4 * kBlockN;
+constexpr int kSmemBytes = kOffQStarts + 4 * Classifier::kWords;
 
 }  // namespace mask_test_hook
 }  // namespace segattn
 
 // Classifies query rows [q0, q1) x keys [k0, k1) of batch row `b` under the mask of `p` (segments,
-// rule, q_len and kv_len are read; tensors are not) and writes SEGATTN_TILE_* to `out_class`, and
-// the single-thread conservative verdict of TileClassifier::may_be_visible with `budget` piece
-// pairs (0 or 1) to `out_may_be_visible`. Needs 0 <= q1 - q0 <= 64 and 0 <= k1 - k0 <= 64 within
+// rule, q_len and kv_len are read; tensors are not) and writes SEGATTN_TILE_* to `out_class`, the
+// single-thread conservative verdict of TileClassifier::may_be_visible with `budget` piece
+// pairs (0 or 1) to `out_may_be_visible`, and the single-thread class of
+// TileClassifier::classify_alone with that budget (SEGATTN_TILE_*, or -1 past it) to `out_alone`. Needs 0 <= q1 - q0 <= 64 and 0 <= k1 - k0 <= 64 within
 // the sequence. Returns 0, or nonzero with the message in segattn_emu_last_error().
 extern "C" int segattn_emu_classify_tile(const SegattnFwdParams* p, int b, int q0, int q1, int k0, int k1,
-                                         int budget, int* out_class, int* out_may_be_visible) {
+                                         int budget, int* out_class, int* out_may_be_visible,
+                                         int* out_alone) {
   using namespace segattn::mask_test_hook;
   namespace mask = segattn::mask;
   if (q1 - q0 > kBlockM || k1 - k0 > kBlockN || q0 < 0 || k0 < 0 || q1 > p->q_len || k1 > p->kv_len) {
@@ -47,15 +48,15 @@ extern "C" int segattn_emu_classify_tile(const SegattnFwdParams* p, int b, int q
     c.q_id = reinterpret_cast<uint32_t*>(smem + kOffQId);
     c.q_end = reinterpret_cast<int*>(smem + kOffQEnd);
     c.q_starts = reinterpret_cast<uint32_t*>(smem + kOffQStarts);
-    uint32_t* k_id = reinterpret_cast<uint32_t*>(smem + kOffKId);
     c.init_queries(mask::segments_of_batch(p->q_segments, b), q0, q1);
     const mask::Rule rule = mask::rule_of_batch(*p, b);
     const mask::Segments kv = mask::segments_of_batch(p->kv_segments, b);
     const int pos_offset = p->kv_len - p->q_len;
-    const int cls = c.classify(rule, kv, q0, k0, k1, pos_offset, k_id);
+    const int cls = c.classify(rule, kv, q0, k0, k1, pos_offset);
     if (threadIdx.x == 0) {
       *out_class = cls;
       *out_may_be_visible = c.may_be_visible(rule, kv, q0, k0, k1, pos_offset, budget) ? 1 : 0;
+      *out_alone = c.classify_alone(rule, kv, q0, k0, k1, pos_offset, budget);
     }
   });
 }

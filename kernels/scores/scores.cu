@@ -4,7 +4,7 @@
 //   segattn_scores_bf16_d64, segattn_scores_bf16_d128, segattn_scores_f16_d64, segattn_scores_f16_d128
 //   grid (ceil(Lq / 64), H, B), block 128 threads,
 //   dynamic shared memory segattn::scores::ScoresTraits<T, D>::kSmemBytes
-//   (D = 64: 17,960 bytes; D = 128: 34,344 bytes: under the 48 KiB default).
+//   (D = 64: 18,088 bytes; D = 128: 34,472 bytes: under the 48 KiB default).
 // Inputs as for the forward kernel (16-byte aligned q / k, strides multiples of 8 elements). The
 // mass output must be zeroed first when two_pass, head_reduce or query_reduce is set (the kernel
 // adds into it); see SegattnScoresParams in segattn_params.h.
