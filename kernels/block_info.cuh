@@ -25,6 +25,7 @@ struct BlockInfo {
   using Classifier = mask::TileClassifier<kM, kN, Traits::kThreads>;
 
   int b, h, kh;        // batch row, head, its KV head
+  int split;           // the block's key slice (split-K), 0 without
   int q0, q1;          // the block's query rows
   int kv_len;          // keys
   int pos_offset;      // query row i sits at position i + pos_offset
@@ -36,8 +37,9 @@ struct BlockInfo {
   uint8_t* window;     // [kThreads] classes of tiles [window_base, window_base + kThreads)
   int window_base;     // block-uniform; no window yet: a value no tile index reaches
 
-  // Block-collective (barriers): the block of grid x = query tile * kv_splits + split (kv_splits
-  // <= 1: no split-K), its query pieces recorded in shared memory and its key-tile range.
+  // Block-collective (barriers): the block of grid x = gridDim.x - 1 - (query tile * kv_splits +
+  // split) (kv_splits <= 1: no split-K), its query pieces recorded in shared memory and its
+  // key-tile range.
   __device__ void init(const SegattnFwdParams& p, char* smem, int kv_splits) {
     classifier.q_id = reinterpret_cast<uint32_t*>(smem + Traits::kOffQId);
     classifier.q_end = reinterpret_cast<int*>(smem + Traits::kOffQEnd);
@@ -48,7 +50,11 @@ struct BlockInfo {
     b = static_cast<int>(blockIdx.z);
     h = static_cast<int>(blockIdx.y);
     kh = h / (p.num_heads / p.num_kv_heads);
-    q0 = static_cast<int>(blockIdx.x) / splits * kM;
+    // Query tiles in reverse launch order: under causal-like masks the last tiles see the most
+    // keys, so the heaviest blocks start first and the grid's tail is made of light ones.
+    const int x = static_cast<int>(gridDim.x) - 1 - static_cast<int>(blockIdx.x);
+    split = x % splits;
+    q0 = x / splits * kM;
     q1 = min(q0 + kM, p.q_len);
     kv_len = p.kv_len;
     pos_offset = kv_len - p.q_len;
@@ -63,7 +69,6 @@ struct BlockInfo {
     classifier.visible_tile_range(rule, kv_segs, q0, kv_len, pos_offset, num_tiles, Traits::kScanBudget,
                                   reinterpret_cast<int*>(smem + Traits::kOffScan), first_tile, last_tile);
     if (splits > 1) {
-      const int split = static_cast<int>(blockIdx.x) % splits;
       const int per = (num_tiles + splits - 1) / splits;
       first_tile = max(first_tile, split * per);
       last_tile = min(last_tile, split * per + per - 1);

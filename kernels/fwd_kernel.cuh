@@ -273,8 +273,7 @@ __device__ void fwd_kernel(const SegattnFwdParams& p) {
   }
   if (p.kv_splits > 1) {
     // This split's normalised partial output and LSE, f32, for segattn_fwd_combine_*.
-    const int split = static_cast<int>(blockIdx.x) % p.kv_splits;
-    const int64_t bh = (static_cast<int64_t>(split) * p.batch + b) * p.num_heads + h;
+    const int64_t bh = (static_cast<int64_t>(blk.split) * p.batch + b) * p.num_heads + h;
     SEGATTN_UNROLL
     for (int r = 0; r < 2; ++r) {
       const int row = q0 + warp * 16 + g + 8 * r;
