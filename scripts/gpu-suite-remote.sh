@@ -3,7 +3,7 @@
 # 13.0, a Python with torch cu130; no Rust, no network needed) from the repository root, with the
 # pack that scripts/gpu-suite.sh built here:
 #
-#   bash scripts/gpu-suite-remote.sh [test|bench|all] [PACK_DIR (default .gpu-suite)]
+#   bash scripts/gpu-suite-remote.sh [test|bench|all|profile] [PACK_DIR (default .gpu-suite)]
 #
 #   test   (1) every GPU test binary of the pack (tests/gpu_*.rs: the kernels' property tests on
 #              the GPU against the f64 reference; SEGATTN_REQUIRE_GPU=1: no silent skip),
@@ -12,6 +12,11 @@
 #   bench  (3) our benchmark (examples/gpu_bench.rs) and bench/peers.py (SDPA flash / cuDNN / math,
 #              FlexAttention) on identical shapes and masks, (4) the results table
 #   all    both
+#   profile (5) Nsight Compute (ncu, hardware counters; Firecracker machines) on one launch of each
+#              kernel that the performance targets depend on: the forward kernel at causal,
+#              documents8 and pine, L 8k, D 128 (gpu_bench), the mass kernel and the fused forward
+#              (gpu_bench --mass), the rope kernel and the decode kernels (gpu_bench --pine):
+#              throughput, occupancy, warp stall reasons -> $OUT/profile.txt (not part of "all")
 #
 # Writes under $OUT (or $SEGATTN_SUITE_OUT, default /tmp/segattn-gpu-out): summary.md, tests.log,
 # sanitizer.log, segattn.jsonl, peers.jsonl, RESULTS.md (the table, with card, driver, date and
@@ -56,8 +61,8 @@ budgeted() {
   timeout --signal=INT --kill-after=10 "$t" "$@"
 }
 
-case "$PHASE" in test | bench | all) ;; *)
-  echo "usage: $0 [test|bench|all] [PACK_DIR]" >&2
+case "$PHASE" in test | bench | all | profile) ;; *)
+  echo "usage: $0 [test|bench|all|profile] [PACK_DIR]" >&2
   exit 2
   ;;
 esac
@@ -209,6 +214,47 @@ if [ "$PHASE" = bench ] || [ "$PHASE" = all ]; then
   "$PYTHON" bench/report.py --ours "$WORK/segattn-all.jsonl" --peers "$WORK/peers-all.jsonl" \
     --header "$SUMMARY" --out "$OUTDIR/RESULTS.md" || status=1
   cat "$OUTDIR/RESULTS.md"
+fi
+
+# --- (5) profile: where the kernels' time goes ----------------------------------------------
+if [ "$PHASE" = profile ]; then
+  NCU="$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1 || true)"
+  PROFILE="$OUTDIR/profile.txt"
+  : >"$PROFILE"
+  if [ -z "$NCU" ]; then
+    note "- (5) ncu: NOT FOUND"
+    status=1
+  else
+    sections=(--section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats
+      --section SchedulerStats --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis)
+    # One launch per kernel (after the warm-up ones), clocks left alone (METHOD.md).
+    profile_one() {
+      local label=$1 kernels=$2
+      shift 2
+      local t=$SECONDS
+      {
+        echo "=================== $label (kernels $kernels) ==================="
+        budgeted 120 15 "$NCU" --clock-control none --kernel-name "regex:$kernels" --launch-skip 3 --launch-count 1 \
+          "${sections[@]}" "$@"
+      } >>"$PROFILE" 2>&1
+      local rc=$?
+      if grep -q -E 'LibraryNotLoaded|ERR_NVGPUCTRPERM|not supported' "$PROFILE"; then
+        note "- (5) $label: ncu cannot read the counters on this machine (gVisor?)"
+        return 1
+      fi
+      note "- (5) $label: exit $rc, $((SECONDS - t)) s"
+    }
+    for shape in "causal L8192 B2 H16/16 D128" "documents8 L8192 B2 H16/16 D128" "pine L8192 B2 H16/16 D128"; do
+      profile_one "$shape" '^segattn_fwd_bf16_d128$' "$WORK/gpu_bench" --filter "$shape" --reps 20 --warmup 3 || break
+    done
+    profile_one "mass (standalone)" '^segattn_scores_bf16_d128$' "$WORK/gpu_bench" --mass
+    profile_one "mass (fused forward)" '^segattn_fwd_mass_bf16_d128$' "$WORK/gpu_bench" --mass
+    profile_one "PINE prefill attention" '^segattn_fwd_rope_bf16_d128$' "$WORK/gpu_bench" --pine
+    profile_one "PINE decode importance" '^segattn_pine_decode_scores_bf16$' "$WORK/gpu_bench" --pine
+    # The one-line figures per kernel, for the summary.
+    grep -E '^=====|Compute \(SM\) Throughput|Memory Throughput|Achieved Occupancy|Theoretical Occupancy|Registers Per|Duration|Issued Ipc Active|No Eligible' \
+      "$PROFILE" | tee -a "$SUMMARY"
+  fi
 fi
 
 note ""

@@ -164,4 +164,9 @@ same warm machine; each prints its part of the table and writes it under \$OUT):
        timeout_s: 600
 
 (\`bash scripts/gpu-suite-remote.sh all $SUITE\` does both in one go where no time limit applies.)
+Then, where time is left (ncu, hardware counters, Firecracker machines only; ~3 minutes):
+
+  run  command: bash scripts/gpu-suite-remote.sh profile $SUITE
+       carry:   ["$SUITE"]
+       timeout_s: 300
 EOF
