@@ -446,20 +446,21 @@ fn main() -> Result<()> {
         args.warmup
     );
     println!(
-        "{:<40} {:>14} {:>10} {:>9} {:>10} {:>9}",
+        "{:<40} {:>14} {:>10} {:>9} {:>10} {:>9}  kernel",
         "shape", "visible pairs", "kernel ms", "TFLOP/s", "api ms", "TFLOP/s"
     );
     let mut json = String::new();
     for (m, s) in selected {
         let row = bench_one(m, s, &args, &dev)?;
         println!(
-            "{:<40} {:>14} {:>10.3} {:>9.1} {:>10.3} {:>9.1}",
+            "{:<40} {:>14} {:>10.3} {:>9.1} {:>10.3} {:>9.1}  {}",
             row.label,
             row.visible,
             row.kernel_ms,
             tflops(&row, row.kernel_ms),
             row.api_ms,
-            tflops(&row, row.api_ms)
+            tflops(&row, row.api_ms),
+            row.kernel
         );
         let _ = writeln!(
             json,

@@ -14,9 +14,33 @@
 #include "platform.cuh"
 #include "segattn_params.h"
 #include "mask.cuh"
+#include "ptx.cuh"
 
 namespace segattn {
 namespace fwd {
+
+// Out of line, both: the loop calls them once per 128 tiles (and for tiles too complex for one
+// thread), and inlined, their temporaries would add to the register pressure of the whole loop.
+// Arguments by value, so that the caller's state stays in registers (the caller saves what is
+// live around the call).
+
+// Block-collective: classifies tiles [base, base + kThreads) ahead, one per thread, into `window`.
+template <class Traits, class Classifier>
+__device__ __noinline__ void fill_class_window(const Classifier classifier, const mask::Rule rule,
+                                               const mask::Segments kv, int q0, int kv_len, int pos_offset,
+                                               int end_tile, int base, uint8_t* window) {
+  __syncthreads();  // every thread has read the previous window
+  const int t = base + static_cast<int>(threadIdx.x);
+  int c = SEGATTN_TILE_SKIP;
+  if (t < end_tile) {
+    const int k0 = t * Traits::kBlockN;
+    // Budget: every piece pair of the tile, so the class is exact (typical tiles have a few).
+    c = classifier.classify_alone(rule, kv, q0, k0, min(k0 + Traits::kBlockN, kv_len), pos_offset,
+                                  Traits::kBlockM * Traits::kBlockN);
+  }
+  window[threadIdx.x] = static_cast<uint8_t>(c);
+  __syncthreads();
+}
 
 template <class Traits>
 struct BlockInfo {
@@ -31,20 +55,13 @@ struct BlockInfo {
   int pos_offset;      // query row i sits at position i + pos_offset
   int first_tile;      // key tiles [first_tile, end_tile) may be visible
   int end_tile;
-  mask::Rule rule;
-  mask::Segments kv_segs;
-  Classifier classifier;
-  uint8_t* window;     // [kThreads] classes of tiles [window_base, window_base + kThreads)
-  int window_base;     // block-uniform; no window yet: a value no tile index reaches
+  int window_base;     // block-uniform: window() holds the classes of tiles [window_base, + kThreads)
+                       // (none yet: a value no tile index reaches)
 
   // Block-collective (barriers): the block of grid x = gridDim.x - 1 - (query tile * kv_splits +
   // split) (kv_splits <= 1: no split-K), its query pieces recorded in shared memory and its
   // key-tile range.
   __device__ void init(const SegattnFwdParams& p, char* smem, int kv_splits) {
-    classifier.q_id = reinterpret_cast<uint32_t*>(smem + Traits::kOffQId);
-    classifier.q_end = reinterpret_cast<int*>(smem + Traits::kOffQEnd);
-    classifier.q_starts = reinterpret_cast<uint32_t*>(smem + Traits::kOffQStarts);
-    window = reinterpret_cast<uint8_t*>(smem + Traits::kOffClass);
     window_base = -2 * Traits::kThreads;
     const int splits = max(kv_splits, 1);
     b = static_cast<int>(blockIdx.z);
@@ -59,8 +76,9 @@ struct BlockInfo {
     kv_len = p.kv_len;
     pos_offset = kv_len - p.q_len;
     const int num_tiles = (kv_len + kN - 1) / kN;
-    rule = mask::rule_of_batch(p, b);
-    kv_segs = mask::segments_of_batch(p.kv_segments, b);
+    const mask::Rule rule = rule_of(p);
+    const mask::Segments kv_segs = kv_segs_of(p);
+    const Classifier classifier = classifier_in(smem);
     classifier.init_queries(mask::segments_of_batch(p.q_segments, b), q0, q1);
     // Key tiles outside [first_tile, last_tile] are SKIP for sure (a cheap per-thread scan;
     // causal-like masks end far before num_tiles).
@@ -78,11 +96,14 @@ struct BlockInfo {
 
   // Block-collective: the next tile >= `from` that is not SKIP (end_tile if none), its class in
   // `cls`. Every thread must call it with the same `from` (it may contain barriers).
-  __device__ int next_visible(int from, int& cls) {
+  __device__ int next_visible(const SegattnFwdParams& p, int from, int& cls) {
     for (int t = from; t < end_tile; ++t) {
-      if (t < window_base || t >= window_base + Traits::kThreads) fill_window(t);
-      int c = window[t - window_base];
-      if (c == static_cast<uint8_t>(mask::kTileUnknown)) c = classify_cooperatively(t);
+      if (t < window_base || t >= window_base + Traits::kThreads) {
+        fill_class_window<Traits>(classifier(), rule_of(p), kv_segs_of(p), q0, kv_len, pos_offset, end_tile, t,
+                                  window());
+        window_base = t;
+      }
+      const int c = window()[t - window_base];
       if (c != SEGATTN_TILE_SKIP) {
         cls = c;
         return t;
@@ -95,38 +116,55 @@ struct BlockInfo {
   // Key segment id of key j of tile t (0 past the keys), read from global memory: the loop loads
   // the next tile's ids into a register while it computes the current tile, and stores them into
   // shared memory before the barrier that ends the iteration.
-  __device__ uint32_t key_id(int t, int j) const {
+  __device__ uint32_t key_id(const SegattnFwdParams& p, int t, int j) const {
     const int key = t * kN + j;
-    return key < kv_len ? kv_segs.ids[key] : 0u;
+    return key < kv_len ? kv_segs_of(p).ids[key] : 0u;
   }
 
- private:
-  // Block-collective: classifies tiles [base, base + kThreads) ahead, one per thread.
-  __device__ void fill_window(int base) {
-    __syncthreads();  // every thread has read the previous window
-    const int t = base + static_cast<int>(threadIdx.x);
-    int c = SEGATTN_TILE_SKIP;
-    if (t < end_tile) {
-      const int k0 = t * kN;
-      c = classifier.classify_alone(rule, kv_segs, q0, k0, min(k0 + kN, kv_len), pos_offset, Traits::kScanBudget);
+  // cp.async of the key segment ids of tile t into `dst` [kN] (0 past the keys), by threads
+  // 0 .. kN - 1: they land with the tile's K / V group, not through registers. Does not commit.
+  __device__ void load_key_ids_async(const SegattnFwdParams& p, int t, uint32_t* dst) const {
+    const int j = static_cast<int>(threadIdx.x);
+    if (j < kN) {
+      const int key = t * kN + j;
+      const uint32_t* const ids = kv_segs_of(p).ids;
+      cp_async_4(dst + j, key < kv_len ? ids + key : ids, key < kv_len);
     }
-    window[threadIdx.x] = static_cast<uint8_t>(c);
-    window_base = base;
-    __syncthreads();
   }
 
-  __device__ int classify_cooperatively(int t) const {
-    const int k0 = t * kN;
-    return classifier.classify(rule, kv_segs, q0, k0, min(k0 + kN, kv_len), pos_offset);
+  // The mask's rule and key segments of the block's batch row, derived from the kernel parameters
+  // where used rather than held in registers through the loop.
+  __device__ mask::Rule rule_of(const SegattnFwdParams& p) const { return mask::rule_of_batch(p, b); }
+  __device__ mask::Segments kv_segs_of(const SegattnFwdParams& p) const {
+    return mask::segments_of_batch(p.kv_segments, b);
   }
 
- public:
-  // This thread's two rows (g and g + 8 of warp `warp`): segment id and position.
-  __device__ void rows(int warp, int lane, uint32_t (&row_seg)[2], int (&row_pos)[2]) const {
+  // The classifier's and the window's shared memory, addressed from the dynamic shared memory
+  // symbol where used (constant addresses, no registers held through the loop).
+  __device__ static Classifier classifier_in(char* smem) {
+    Classifier c;
+    c.q_id = reinterpret_cast<uint32_t*>(smem + Traits::kOffQId);
+    c.q_end = reinterpret_cast<int*>(smem + Traits::kOffQEnd);
+    c.q_starts = reinterpret_cast<uint32_t*>(smem + Traits::kOffQStarts);
+    return c;
+  }
+  __device__ static Classifier classifier() {
+    SEGATTN_DYNAMIC_SMEM(char, smem);
+    return classifier_in(smem);
+  }
+  __device__ static uint8_t* window() {
+    SEGATTN_DYNAMIC_SMEM(char, smem);
+    return reinterpret_cast<uint8_t*>(smem + Traits::kOffClass);
+  }
+
+
+  // This thread's two rows of 16-row tile `row_tile` of the block (g and g + 8; a warp's own
+  // tile is its index): segment id and position.
+  __device__ void rows(int row_tile, int lane, uint32_t (&row_seg)[2], int (&row_pos)[2]) const {
     SEGATTN_UNROLL
     for (int r = 0; r < 2; ++r) {
-      const int row = warp * 16 + lane / 4 + 8 * r;
-      row_seg[r] = classifier.q_id[row];
+      const int row = row_tile * 16 + lane / 4 + 8 * r;
+      row_seg[r] = classifier().q_id[row];
       row_pos[r] = q0 + row + pos_offset;
     }
   }

@@ -1,17 +1,19 @@
 // The forward kernel body: FlashAttention-2 over the key tiles that the segment mask leaves
 // visible.
 //
-// Grid (ceil(Lq / 64), H, B), 128 threads. The block owns query rows [q0, q0 + 64) of head h of
-// batch row b; warp w owns rows 16w .. 16w + 15 of the tile.
+// Grid (ceil(Lq / kBlockM), H, B), 128 threads, launched in reverse order of query tiles. The
+// block owns query rows [q0, q0 + kBlockM) of head h of batch row b; warp w owns rows 16w .. 16w +
+// 15 of the tile (the wide kernel, kBlockM = 128: also rows 64 + 16w ..; each K and V fragment
+// loaded from shared memory then feeds both row tiles' mma).
 //
 //   bound the key tiles: [first, last] that may be visible (one cheap scan spread over the threads)
 //   classify key tiles ahead, a window of 128 at a time, one per thread (block_info.cuh); find the
 //   first visible one (SKIP tiles cost no load and no mma)
-//   cp.async Q tile (into K buffer 1), cp.async K/V of that tile into buffer 0
-//   Q -> registers (ldmatrix A fragments, kept for the whole loop); barrier
+//   cp.async Q tile (into K buffer 1, or its own tile), cp.async K/V of that tile into buffer 0
+//   Q -> registers (ldmatrix A fragments, kept for the whole loop; or, kQInSmem, read from the Q
+//   tile at every k-step); barrier
 //   for each visible tile t (buffer buf):
-//     find the next visible tile in the window; cp.async its K/V into buf ^ 1, load its key ids
-//     into a register (stored to shared memory before the closing barrier)
+//     find the next visible tile in the window; cp.async its K, V and key ids into buf ^ 1
 //     wait for tile t's group; barrier
 //     S = Q K^T                      (mma.sync m16n8k16, f32 accumulate)
 //     scale by scale * log2(e); mask (PARTIAL tiles and the ragged last tile only)
@@ -64,6 +66,8 @@ __device__ void fwd_kernel(const SegattnFwdParams& p) {
   char* const s_q = smem + Traits::kOffQ;
   uint32_t* const s_kid = reinterpret_cast<uint32_t*>(smem + Traits::kOffKId);  // [2][kN]
 
+  // A grid built for another entry point would cover the wrong rows: fail loudly.
+  if ((p.block_rows == 0 ? 64 : p.block_rows) != kM) __trap();
   const int tid = static_cast<int>(threadIdx.x);
   const int warp = tid / 32;
   const int lane = tid % 32;
@@ -79,7 +83,9 @@ __device__ void fwd_kernel(const SegattnFwdParams& p) {
   const T* const q_base = blk.template q_rows<T>(p.q, p.q_strides);
   const T* const k_base = blk.template kv_rows<T>(p.k, p.k_strides);
   const T* const v_base = blk.template kv_rows<T>(p.v, p.v_strides);
+  // K, V and the key segment ids of tile t into buffer buf.
   auto load_kv_async = [&](int t, int buf) {
+    blk.load_key_ids_async(p, t, s_kid + buf * kN);
     const int k0 = t * kN;
     const int valid = min(kN, kv_len - k0);
     load_tile_async<Traits, kN>(smem + Traits::kOffK + buf * Traits::kKVBytes,
@@ -88,23 +94,26 @@ __device__ void fwd_kernel(const SegattnFwdParams& p) {
                                 v_base + static_cast<int64_t>(k0) * p.v_strides.row, p.v_strides.row, valid);
   };
 
-  // This thread's two rows (g and g + 8 of the warp): segment id and position.
+  // This thread's rows: g and g + 8 of each of the warp's kMT row tiles (row tile i of warp w is
+  // rows 16 (w + kWarps i) .. + 15 of the block).
+  constexpr int kMT = Traits::kMTiles;
+  const auto row_tile = [&](int i) { return warp + Traits::kWarps * i; };
   const int g = lane / 4;
   const int quad_col = 2 * (lane % 4);
-  uint32_t row_seg[2];
-  int row_pos[2];
-  blk.rows(warp, lane, row_seg, row_pos);
   QueryRotator<Traits> rotator;
   if constexpr (Traits::kRotate) rotator.init();
 
-  float o[Traits::kNO][4];
+  float o[kMT][Traits::kNO][4];
+  OnlineSoftmax softmax[kMT];
   SEGATTN_UNROLL
-  for (int ob = 0; ob < Traits::kNO; ++ob) {
+  for (int i = 0; i < kMT; ++i) {
     SEGATTN_UNROLL
-    for (int e = 0; e < 4; ++e) o[ob][e] = 0.0f;
+    for (int ob = 0; ob < Traits::kNO; ++ob) {
+      SEGATTN_UNROLL
+      for (int e = 0; e < 4; ++e) o[i][ob][e] = 0.0f;
+    }
+    softmax[i].init();
   }
-  OnlineSoftmax softmax;
-  softmax.init();
   // kMass: the per-segment sums of segment ids 0..63 (C fragments, rows g and g + 8).
   float macc[Traits::kMass ? mass::kSegBlocks : 1][4];
   SEGATTN_UNROLL
@@ -114,9 +123,8 @@ __device__ void fwd_kernel(const SegattnFwdParams& p) {
   }
 
   int cls = SEGATTN_TILE_SKIP;
-  int tile = blk.next_visible(blk.first_tile, cls);
+  int tile = blk.next_visible(p, blk.first_tile, cls);
   if (tile < end_tile) {
-    if (tid < kN) s_kid[tid] = blk.key_id(tile, tid);  // published by the barrier below
     load_tile_async<Traits, kM>(s_q, q_base, p.q_strides.row, q1 - q0);
     cp_async_commit();
     load_kv_async(tile, 0);
@@ -124,20 +132,19 @@ __device__ void fwd_kernel(const SegattnFwdParams& p) {
     cp_async_wait<1>();  // the Q group
     __syncthreads();
   }
-  uint32_t qf[Traits::kDK][4];
+  uint32_t qf[Traits::kQInSmem ? 1 : kMT][Traits::kDK][4];
   if (!Traits::kQInSmem && tile < end_tile) {
-    load_q_fragments<Traits>(s_q, warp, lane, qf);
-    __syncthreads();  // the Q tile shares K buffer 1, which the loop's first prefetch overwrites
+    SEGATTN_UNROLL
+    for (int i = 0; i < kMT; ++i) load_q_fragments<Traits>(s_q, row_tile(i), lane, qf[i]);
+    // (kQShared) the Q tile shares K buffer 1, which the loop's first prefetch overwrites
+    if constexpr (Traits::kQShared) __syncthreads();
   }
 
   int buf = 0;
   while (tile < end_tile) {
     // Look ahead: classify and prefetch the next visible tile while this one is computed.
     int next_cls = SEGATTN_TILE_SKIP;
-    const int next = blk.next_visible(tile + 1, next_cls);
-    // The next tile's key ids: loaded now, stored at the end of the iteration (the load's latency
-    // hidden behind this tile's work).
-    const uint32_t next_kid = tid < kN && next < end_tile ? blk.key_id(next, tid) : 0u;
+    const int next = blk.next_visible(p, tile + 1, next_cls);
     if (next < end_tile) {
       load_kv_async(next, buf ^ 1);
       cp_async_commit();
@@ -153,12 +160,12 @@ __device__ void fwd_kernel(const SegattnFwdParams& p) {
     const int k0 = tile * kN;
 
     // S = Q K^T.
-    float s[Traits::kNS][4];
+    float s[kMT][Traits::kNS][4];
     if constexpr (Traits::kRotate) {
       SEGATTN_UNROLL
       for (int nb = 0; nb < Traits::kNS; ++nb) {
         SEGATTN_UNROLL
-        for (int e = 0; e < 4; ++e) s[nb][e] = 0.0f;
+        for (int e = 0; e < 4; ++e) s[0][nb][e] = 0.0f;
       }
       // Piece by piece of the tile's key segments (block-uniform bounds [a, e)): the query turned
       // for the piece's segment (into the turned Q tile), the mma only on the 16-key column pairs
@@ -166,7 +173,7 @@ __device__ void fwd_kernel(const SegattnFwdParams& p) {
       const int valid = min(kN, kv_len - k0);
       char* const s_qt = smem + Traits::kOffQTurned;
       for (int a = 0; a < valid;) {
-        const int e = min(static_cast<int>(blk.kv_segs.span_end[k0 + a]) - k0, valid);
+        const int e = min(static_cast<int>(blk.kv_segs_of(p).span_end[k0 + a]) - k0, valid);
         rotator.turn_for(p, b, h, q0, q1, warp * 16 + g, kid[a], s_q, s_qt, warp, lane);
         SEGATTN_UNROLL_2
         for (int kc = 0; kc < Traits::kDK; ++kc) {
@@ -183,21 +190,22 @@ __device__ void fwd_kernel(const SegattnFwdParams& p) {
             const bool in1 = c0 + 8 + g >= a && c0 + 8 + g < e;
             uint32_t kb[4];
             load_k_fragments<Traits>(s_k, np, kc, lane, kb);
-            mma_16816<T>(s[2 * np], qa, in0 ? kb[0] : 0u, in0 ? kb[1] : 0u);
-            mma_16816<T>(s[2 * np + 1], qa, in1 ? kb[2] : 0u, in1 ? kb[3] : 0u);
+            mma_16816<T>(s[0][2 * np], qa, in0 ? kb[0] : 0u, in0 ? kb[1] : 0u);
+            mma_16816<T>(s[0][2 * np + 1], qa, in1 ? kb[2] : 0u, in1 ? kb[3] : 0u);
           }
         }
         a = e;
       }
     } else {
-      // Q's fragments from registers, or (kQInSmem) from the Q tile at every k-step.
-      qk_tile<Traits>(
-          [&](int kc, uint32_t(&qa)[4]) {
+      // Q's fragments from registers, or (kQInSmem) from the Q tile at every k-step; each K
+      // fragment serves every row tile of the warp.
+      qk_tiles<Traits, kMT>(
+          [&](int i, int kc, uint32_t(&qa)[4]) {
             if constexpr (Traits::kQInSmem) {
-              load_q_fragment<Traits>(s_q, warp, lane, kc, qa);
+              load_q_fragment<Traits>(s_q, row_tile(i), lane, kc, qa);
             } else {
               SEGATTN_UNROLL
-              for (int i = 0; i < 4; ++i) qa[i] = qf[kc][i];
+              for (int j = 0; j < 4; ++j) qa[j] = qf[i][kc][j];
             }
           },
           s_k, lane, s);
@@ -206,115 +214,137 @@ __device__ void fwd_kernel(const SegattnFwdParams& p) {
     // Scale into the log2 domain; mask PARTIAL tiles and keys past the end.
     const bool partial = cls == SEGATTN_TILE_PARTIAL;
     const bool ragged = k0 + kN > kv_len;
-    if (partial || ragged) {
-      SEGATTN_UNROLL
-      for (int nb = 0; nb < Traits::kNS; ++nb) {
+    SEGATTN_UNROLL
+    for (int i = 0; i < kMT; ++i) {
+      if (partial || ragged) {
+        // The rows' segments and positions read here, not held through the loop.
+        const mask::Rule rule = blk.rule_of(p);
+        uint32_t row_seg[2];
+        int row_pos[2];
+        blk.rows(row_tile(i), lane, row_seg, row_pos);
         SEGATTN_UNROLL
-        for (int e = 0; e < 4; ++e) {
-          const int col = nb * 8 + quad_col + (e & 1);
-          const int r = e >> 1;
-          const int key = k0 + col;
-          const bool visible =
-              key < kv_len && (!partial || mask::element_visible(blk.rule, row_seg[r], kid[col], row_pos[r], key));
-          s[nb][e] = visible ? s[nb][e] * p.scale_log2 : -INFINITY;
+        for (int nb = 0; nb < Traits::kNS; ++nb) {
+          SEGATTN_UNROLL
+          for (int e = 0; e < 4; ++e) {
+            const int col = nb * 8 + quad_col + (e & 1);
+            const int r = e >> 1;
+            const int key = k0 + col;
+            const bool visible =
+                key < kv_len && (!partial || mask::element_visible(rule, row_seg[r], kid[col], row_pos[r], key));
+            s[i][nb][e] = visible ? s[i][nb][e] * p.scale_log2 : -INFINITY;
+          }
+        }
+      } else {
+        SEGATTN_UNROLL
+        for (int nb = 0; nb < Traits::kNS; ++nb) {
+          SEGATTN_UNROLL
+          for (int e = 0; e < 4; ++e) s[i][nb][e] *= p.scale_log2;
         }
       }
-    } else {
-      SEGATTN_UNROLL
-      for (int nb = 0; nb < Traits::kNS; ++nb) {
-        SEGATTN_UNROLL
-        for (int e = 0; e < 4; ++e) s[nb][e] *= p.scale_log2;
-      }
+      softmax[i].update(s[i], o[i]);
     }
-
-    softmax.update(s, o);
     if constexpr (Traits::kMass) {
       // The segment blocks between the tile's first and last key id (ids are non-decreasing).
-      softmax.rescale(macc);
+      softmax[0].rescale(macc);
       const int nb_lo = static_cast<int>(kid[0] / 8u);
       const int nb_hi = static_cast<int>(kid[min(kN, kv_len - k0) - 1] / 8u);
-      mass::accumulate(s, [&](int j) { return static_cast<int>(kid[j]); }, lane, nb_lo, nb_hi, macc);
+      mass::accumulate(s[0], [&](int j) { return static_cast<int>(kid[j]); }, lane, nb_lo, nb_hi, macc);
     }
 
-    // O += P V, with P packed to 16 bits straight from the S accumulators.
+    // O += P V, with P packed to 16 bits straight from the S accumulators; each V fragment
+    // serves every row tile of the warp.
     SEGATTN_UNROLL
     for (int kc = 0; kc < Traits::kPK; ++kc) {
-      uint32_t pa[4];
-      p_fragment<T>(s, kc, pa);
+      uint32_t pa[kMT][4];
+      SEGATTN_UNROLL
+      for (int i = 0; i < kMT; ++i) p_fragment<T>(s[i], kc, pa[i]);
       SEGATTN_UNROLL
       for (int dp = 0; dp < Traits::kNO / 2; ++dp) {
         uint32_t vb[4];
         load_v_fragments<Traits>(s_v, dp, kc, lane, vb);
-        mma_16816<T>(o[2 * dp], pa, vb[0], vb[1]);
-        mma_16816<T>(o[2 * dp + 1], pa, vb[2], vb[3]);
+        SEGATTN_UNROLL
+        for (int i = 0; i < kMT; ++i) {
+          mma_16816<T>(o[i][2 * dp], pa[i], vb[0], vb[1]);
+          mma_16816<T>(o[i][2 * dp + 1], pa[i], vb[2], vb[3]);
+        }
       }
     }
 
-    // Buffer buf ^ 1's ids were last read for the previous tile, before the previous barrier.
-    if (tid < kN) s_kid[(buf ^ 1) * kN + tid] = next_kid;
     __syncthreads();  // every warp is done with buffer `buf` before it is refilled
     tile = next;
     cls = next_cls;
     buf ^= 1;
   }
 
-  // Epilogue. Each warp stages its own 16 rows of O in its own rows of the Q tile (K buffer 1: no
-  // warp reads it after the loop's last barrier, no copy into it is in flight), then stores them
-  // with 16-byte writes.
-  float inv[2];
-  float lse[2];
-  softmax.finalize(inv, lse);
+  // Epilogue. Each warp stages its own rows of O in its own rows of the Q tile (no warp reads
+  // them after the loop's last barrier, no copy into them is in flight), then stores them with
+  // 16-byte writes.
+  float inv[kMT][2];
+  float lse[kMT][2];
+  SEGATTN_UNROLL
+  for (int i = 0; i < kMT; ++i) softmax[i].finalize(inv[i], lse[i]);
   if constexpr (Traits::kMass) {
     if (p.kv_splits <= 1 && p.mass.mass != nullptr) {
       float* row_out[2];
+      uint32_t row_seg[2];
+      int row_pos[2];
+      blk.rows(warp, lane, row_seg, row_pos);
       mass::row_outputs(p.mass, b, h, q0, q1, warp, g, row_seg, row_out);
-      mass::store_rows(macc, inv, row_out, p.mass, lane);
+      mass::store_rows(macc, inv[0], row_out, p.mass, lane);
     }
   }
   if (p.kv_splits > 1) {
     // This split's normalised partial output and LSE, f32, for segattn_fwd_combine_*.
     const int64_t bh = (static_cast<int64_t>(blk.split) * p.batch + b) * p.num_heads + h;
     SEGATTN_UNROLL
-    for (int r = 0; r < 2; ++r) {
-      const int row = q0 + warp * 16 + g + 8 * r;
-      if (row >= q1) continue;
-      float* const acc = p.o_accum + (bh * p.q_len + row) * Traits::kHeadDim + quad_col;
+    for (int i = 0; i < kMT; ++i) {
       SEGATTN_UNROLL
-      for (int ob = 0; ob < Traits::kNO; ++ob) {
-        *reinterpret_cast<float2*>(acc + ob * 8) = make_float2(o[ob][2 * r] * inv[r], o[ob][2 * r + 1] * inv[r]);
+      for (int r = 0; r < 2; ++r) {
+        const int row = q0 + row_tile(i) * 16 + g + 8 * r;
+        if (row >= q1) continue;
+        float* const acc = p.o_accum + (bh * p.q_len + row) * Traits::kHeadDim + quad_col;
+        SEGATTN_UNROLL
+        for (int ob = 0; ob < Traits::kNO; ++ob) {
+          *reinterpret_cast<float2*>(acc + ob * 8) =
+              make_float2(o[i][ob][2 * r] * inv[i][r], o[i][ob][2 * r + 1] * inv[i][r]);
+        }
+        if ((lane % 4) == 0) p.lse_accum[bh * p.q_len + row] = lse[i][r];
       }
-      if ((lane % 4) == 0) p.lse_accum[bh * p.q_len + row] = lse[r];
     }
     return;
   }
-  SEGATTN_UNROLL
-  for (int ob = 0; ob < Traits::kNO; ++ob) {
-    SEGATTN_UNROLL
-    for (int r = 0; r < 2; ++r) {
-      const int row = warp * 16 + g + 8 * r;
-      *reinterpret_cast<uint32_t*>(s_q + swizzle<kChunks>(row, ob) + quad_col * 2) =
-          pack2<T>(o[ob][2 * r] * inv[r], o[ob][2 * r + 1] * inv[r]);
-    }
-  }
-  __syncwarp();
   T* const o_base = static_cast<T*>(p.o) + static_cast<int64_t>(b) * p.o_strides.batch +
                     static_cast<int64_t>(h) * p.o_strides.head;
   SEGATTN_UNROLL
-  for (int it = 0; it < 16 * kChunks / 32; ++it) {
-    const int idx = it * 32 + lane;
-    const int r = idx / kChunks;
-    const int chunk = idx % kChunks;
-    const int row = q0 + warp * 16 + r;
-    if (row < q1) {
-      *reinterpret_cast<uint4*>(o_base + static_cast<int64_t>(row) * p.o_strides.row + chunk * 8) =
-          *reinterpret_cast<const uint4*>(s_q + swizzle<kChunks>(warp * 16 + r, chunk));
-    }
-  }
-  if (p.lse != nullptr && (lane % 4) == 0) {
+  for (int i = 0; i < kMT; ++i) {
+    const int tile_row0 = row_tile(i) * 16;
     SEGATTN_UNROLL
-    for (int r = 0; r < 2; ++r) {
-      const int row = q0 + warp * 16 + g + 8 * r;
-      if (row < q1) p.lse[(static_cast<int64_t>(b) * p.num_heads + h) * p.q_len + row] = lse[r];
+    for (int ob = 0; ob < Traits::kNO; ++ob) {
+      SEGATTN_UNROLL
+      for (int r = 0; r < 2; ++r) {
+        const int row = tile_row0 + g + 8 * r;
+        *reinterpret_cast<uint32_t*>(s_q + swizzle<kChunks>(row, ob) + quad_col * 2) =
+            pack2<T>(o[i][ob][2 * r] * inv[i][r], o[i][ob][2 * r + 1] * inv[i][r]);
+      }
+    }
+    __syncwarp();
+    SEGATTN_UNROLL
+    for (int it = 0; it < 16 * kChunks / 32; ++it) {
+      const int idx = it * 32 + lane;
+      const int r = idx / kChunks;
+      const int chunk = idx % kChunks;
+      const int row = q0 + tile_row0 + r;
+      if (row < q1) {
+        *reinterpret_cast<uint4*>(o_base + static_cast<int64_t>(row) * p.o_strides.row + chunk * 8) =
+            *reinterpret_cast<const uint4*>(s_q + swizzle<kChunks>(tile_row0 + r, chunk));
+      }
+    }
+    if (p.lse != nullptr && (lane % 4) == 0) {
+      SEGATTN_UNROLL
+      for (int r = 0; r < 2; ++r) {
+        const int row = q0 + tile_row0 + g + 8 * r;
+        if (row < q1) p.lse[(static_cast<int64_t>(b) * p.num_heads + h) * p.q_len + row] = lse[i][r];
+      }
     }
   }
 }

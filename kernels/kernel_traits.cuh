@@ -3,7 +3,9 @@
 //
 // Tiles: a thread block owns kBlockM = 64 query rows (4 warps x 16 rows, one m16 mma tile per warp)
 // and walks key/value tiles of kBlockN = 64 keys. Every tile row is head_dim 16-bit elements, i.e.
-// kChunks 16-byte chunks.
+// kChunks 16-byte chunks. The wide kernel (kMTiles = 2, plain attention only) owns 128 rows, two
+// 16-row tiles per warp (rows 16 w .. and 64 + 16 w ..), Q read from its own shared tile; its key
+// tiles are 32 keys at D = 128 (D = 64: 50,864 B of shared memory, D = 128: 66,992 B).
 //
 // Shared memory (dynamic, in this order, all tiles row-major [row][head_dim] and swizzled):
 //   K[2]     kBlockN x D  x 2       double buffer (the next tile's cp.async in flight)
@@ -47,7 +49,7 @@
 namespace segattn {
 namespace fwd {
 
-template <class Element, int kHeadDim_, bool kRotate_ = false, bool kMass_ = false>
+template <class Element, int kHeadDim_, bool kRotate_ = false, bool kMass_ = false, int kMTiles_ = 1>
 struct FwdTraits {
   using T = Element;
   static constexpr int kHeadDim = kHeadDim_;
@@ -60,13 +62,20 @@ struct FwdTraits {
   // Q read from its own shared tile at every key tile instead of held in registers: PINE's
   // rotation (it re-forms the fragments per segment), and the fused mass at D = 128, whose 32
   // accumulator registers take the place of Q's (with both, the kernel spills).
-  static constexpr bool kQInSmem = kRotate || (kMass && kHeadDim == 128);
-  static constexpr int kBlockM = 64;
-  static constexpr int kBlockN = 64;
+  // Row tiles of 16 query rows per warp: 1, or 2 for the wide kernel (FlashAttention-2's 128-row
+  // blocks: each K and V fragment read from shared memory feeds two mma, and the per-tile costs
+  // of the loop are shared by twice the rows), plain attention only.
+  static constexpr int kMTiles = kMTiles_;
+  static_assert(kMTiles == 1 || (kMTiles == 2 && !kRotate_ && !kMass_), "the wide kernel is plain attention");
+  // ... and the wide kernel, whose two row tiles' accumulators leave no room for their Q.
+  static constexpr bool kQInSmem = kRotate || (kMass && kHeadDim == 128) || kMTiles > 1;
   static constexpr int kWarps = 4;
   static constexpr int kThreads = kWarps * 32;
-  static constexpr int kRowsPerWarp = 16;
-  static_assert(kBlockM == kWarps * kRowsPerWarp, "one m16 mma row tile per warp");
+  static constexpr int kRowsPerWarp = 16 * kMTiles;
+  static constexpr int kBlockM = kWarps * kRowsPerWarp;
+  // Keys per tile: 64; 32 for the wide kernel at D = 128, whose two row tiles' S accumulators at
+  // 64 keys (2 x 32 registers) would not fit next to O's 2 x 64 (FlashAttention-2's 128 x 32).
+  static constexpr int kBlockN = (kMTiles > 1 && kHeadDim == 128) ? 32 : 64;
   static_assert(kHeadDim == 64 || kHeadDim == 128, "head dims 64 and 128 are instantiated");
   static_assert(sizeof(T) == 2, "16-bit inputs");
 
@@ -83,13 +92,13 @@ struct FwdTraits {
   static constexpr int kKVBytes = kBlockN * kHeadDim * 2;
   static constexpr int kOffK = 0;                           // + buf * kKVBytes
   static constexpr int kOffV = kOffK + 2 * kKVBytes;        // + buf * kKVBytes
-  // Q shares K buffer 1: it is moved to registers before buffer 1's first load is issued. With
-  // kQInSmem it has its own tile after V.
-  static constexpr int kOffQ = kQInSmem ? kOffV + 2 * kKVBytes : kOffK + kKVBytes;
-  static_assert(kQBytes <= kKVBytes, "the Q tile fits in a K buffer");
+  // Q shares K buffer 1 when it fits there and is moved to registers before buffer 1's first
+  // load is issued; otherwise (kQInSmem, or the wide kernel's 128 rows) it has its own tile after V.
+  static constexpr bool kQShared = !kQInSmem && kQBytes <= kKVBytes;
+  static constexpr int kOffQ = kQShared ? kOffK + kKVBytes : kOffV + 2 * kKVBytes;
   // kRotate: the turned Q tile, whose fragments the S mma reads k-step by k-step.
   static constexpr int kOffQTurned = kOffQ + kQBytes;
-  static constexpr int kOffQId = kOffV + 2 * kKVBytes + (kRotate ? 2 * kQBytes : kQInSmem ? kQBytes : 0);  // u32[kBlockM]
+  static constexpr int kOffQId = kOffV + 2 * kKVBytes + (kRotate ? 2 * kQBytes : kQShared ? 0 : kQBytes);  // u32[kBlockM]
   static constexpr int kOffQEnd = kOffQId + 4 * kBlockM;    // i32[kBlockM]
   static constexpr int kOffQStarts = kOffQEnd + 4 * kBlockM;  // u32[kBlockM / 32]
   static constexpr int kOffKId = kOffQStarts + 4 * (kBlockM / 32);  // u32[2][kBlockN]

@@ -131,6 +131,19 @@ __device__ __forceinline__ void cp_async_16(void* smem_dst, const void* gmem_src
 #endif
 }
 
+// cp.async.ca.shared.global, 4 bytes, both addresses 4-byte aligned. pred == false: src-size 0,
+// nothing is read and the 4 destination bytes are zero-filled.
+__device__ __forceinline__ void cp_async_4(void* smem_dst, const void* gmem_src,
+                                           bool pred SEGATTN_PTX_SITE) {
+#if defined(__CUDA_ARCH__)
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_u32addr(smem_dst)),
+               "l"(gmem_src), "r"(pred ? 4 : 0)
+               : "memory");
+#elif defined(SEGATTN_EMULATE)
+  ::segattn::emu::cp_async_4(smem_dst, gmem_src, pred, SEGATTN_PTX_HERE);
+#endif
+}
+
 // Closes the calling thread's cp.async operations issued so far into one group.
 __device__ __forceinline__ void cp_async_commit() {
 #if defined(__CUDA_ARCH__)
@@ -190,6 +203,7 @@ __device__ __forceinline__ int shfl_xor(int v, int lane_mask) {
 
 // Also reachable unqualified from kernels outside namespace segattn.
 using segattn::cp_async_16;
+using segattn::cp_async_4;
 using segattn::cp_async_commit;
 using segattn::cp_async_wait;
 using segattn::exp2_approx;

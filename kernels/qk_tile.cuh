@@ -25,30 +25,47 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
   }
 }
 
-// s = Q K^T for the K tile at `s_k` (shared, swizzled). `q_fragment(kc, qa)` puts Q's A fragment
-// of k-step kc (dims 16 kc .. 16 kc + 15) in qa: from registers held for the whole loop, or from
-// the Q tile in shared memory where registers are short.
-template <class Traits, class QFragment>
-__device__ __forceinline__ void qk_tile(const QFragment& q_fragment, const char* s_k, int lane,
-                                        float (&s)[Traits::kNS][4]) {
+// s[i] = Q_i K^T for the kMT row tiles of a warp and the K tile at `s_k` (shared, swizzled).
+// `q_fragment(i, kc, qa)` puts row tile i's A fragment of k-step kc (dims 16 kc .. 16 kc + 15) in
+// qa: from registers held for the whole loop, or from the Q tile in shared memory where registers
+// are short. Each K fragment is loaded once and serves every row tile (kMT > 1 halves the
+// ldmatrix traffic per mma of K).
+template <class Traits, int kMT, class QFragment>
+__device__ __forceinline__ void qk_tiles(const QFragment& q_fragment, const char* s_k, int lane,
+                                         float (&s)[kMT][Traits::kNS][4]) {
   using T = typename Traits::T;
   SEGATTN_UNROLL
-  for (int nb = 0; nb < Traits::kNS; ++nb) {
+  for (int i = 0; i < kMT; ++i) {
     SEGATTN_UNROLL
-    for (int e = 0; e < 4; ++e) s[nb][e] = 0.0f;
+    for (int nb = 0; nb < Traits::kNS; ++nb) {
+      SEGATTN_UNROLL
+      for (int e = 0; e < 4; ++e) s[i][nb][e] = 0.0f;
+    }
   }
   SEGATTN_UNROLL
   for (int kc = 0; kc < Traits::kDK; ++kc) {
-    uint32_t qa[4];
-    q_fragment(kc, qa);
+    uint32_t qa[kMT][4];
+    SEGATTN_UNROLL
+    for (int i = 0; i < kMT; ++i) q_fragment(i, kc, qa[i]);
     SEGATTN_UNROLL
     for (int np = 0; np < Traits::kNS / 2; ++np) {
       uint32_t kb[4];
       load_k_fragments<Traits>(s_k, np, kc, lane, kb);
-      mma_16816<T>(s[2 * np], qa, kb[0], kb[1]);
-      mma_16816<T>(s[2 * np + 1], qa, kb[2], kb[3]);
+      SEGATTN_UNROLL
+      for (int i = 0; i < kMT; ++i) {
+        mma_16816<T>(s[i][2 * np], qa[i], kb[0], kb[1]);
+        mma_16816<T>(s[i][2 * np + 1], qa[i], kb[2], kb[3]);
+      }
     }
   }
+}
+
+// qk_tiles for one row tile: `q_fragment(kc, qa)`.
+template <class Traits, class QFragment>
+__device__ __forceinline__ void qk_tile(const QFragment& q_fragment, const char* s_k, int lane,
+                                        float (&s)[Traits::kNS][4]) {
+  qk_tiles<Traits, 1>([&](int, int kc, uint32_t(&qa)[4]) { q_fragment(kc, qa); }, s_k, lane,
+                      reinterpret_cast<float(&)[1][Traits::kNS][4]>(s));
 }
 
 }  // namespace fwd

@@ -185,9 +185,9 @@ __device__ void scores_kernel(const SegattnScoresParams& sp) {
     const bool exact = two_pass && pass == 1;
     const bool first = pass == (saved ? 1 : 0);  // loads the Q tile
     int cls = SEGATTN_TILE_SKIP;
-    int tile = blk.next_visible(blk.first_tile, cls);
+    int tile = blk.next_visible(p, blk.first_tile, cls);
     if (tile < end_tile) {
-      if (tid < kN) s_kid[tid] = blk.key_id(tile, tid);  // published by the barrier below
+      if (tid < kN) s_kid[tid] = blk.key_id(p, tile, tid);  // published by the barrier below
       if (first) {
         fwd::load_tile_async<Traits, kM>(s_q, q_base, p.q_strides.row, q1 - q0);
         cp_async_commit();
@@ -206,9 +206,9 @@ __device__ void scores_kernel(const SegattnScoresParams& sp) {
     int buf = 0;
     while (tile < end_tile) {
       int next_cls = SEGATTN_TILE_SKIP;
-      const int next = blk.next_visible(tile + 1, next_cls);
+      const int next = blk.next_visible(p, tile + 1, next_cls);
       // The next tile's key ids: loaded now, stored at the end of the iteration.
-      const uint32_t next_kid = tid < kN && next < end_tile ? blk.key_id(next, tid) : 0u;
+      const uint32_t next_kid = tid < kN && next < end_tile ? blk.key_id(p, next, tid) : 0u;
       // This tile's pieces (its ids were published by the last barrier), before the barrier that
       // publishes local_id.
       uint32_t starts[2] = {0u, 0u};
@@ -247,7 +247,7 @@ __device__ void scores_kernel(const SegattnScoresParams& sp) {
           const int key = k0 + col;
           const bool visible =
               !(partial || ragged) ||
-              (key < kv_len && (!partial || mask::element_visible(blk.rule, row_seg[r], kid[col], row_pos[r], key)));
+              (key < kv_len && (!partial || mask::element_visible(blk.rule_of(p), row_seg[r], kid[col], row_pos[r], key)));
           s[nb][e] = visible ? s[nb][e] * p.scale_log2 : -INFINITY;
         }
       }

@@ -142,6 +142,11 @@ typedef struct SegattnFwdParams {
   float *o_accum;
   float *lse_accum;
 
+  /* Query rows per block of the launched forward entry point: 64, or 128 for segattn_fwd_wide_*
+   * (0 reads as 64). The grid's x counts blocks of this many rows; a kernel launched with another
+   * value traps (a grid built for another entry point). */
+  int32_t block_rows;
+
   /* Only for the segattn_fwd_mass_* entry points (mass.mass NULL otherwise): the per-segment mass
    * of this attention's softmax, computed in the same pass (one pass: mass.num_segments <= 64;
    * kv_splits must be <= 1). See SegattnMassOutput. */

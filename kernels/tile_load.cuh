@@ -32,21 +32,22 @@ __device__ __forceinline__ void load_tile_async(char* smem_tile, const typename 
   }
 }
 
-// The A fragment of this warp's 16 query rows (rows 16 * warp ..) for k-step kc (dims 16 kc ..):
-// ldmatrix.x4 matrices 0..3 = (rows 0-7, cols 0-7), (rows 8-15, cols 0-7), (rows 0-7, cols 8-15),
-// (rows 8-15, cols 8-15) of the 16 x 16 block = a0..a3 of m16n8k16.
+// The A fragment of 16-row tile `row_tile` of the Q tile (rows 16 * row_tile ..; a warp's own, or
+// one of them) for k-step kc (dims 16 kc ..): ldmatrix.x4 matrices 0..3 = (rows 0-7, cols 0-7),
+// (rows 8-15, cols 0-7), (rows 0-7, cols 8-15), (rows 8-15, cols 8-15) of the 16 x 16 block =
+// a0..a3 of m16n8k16.
 template <class Traits>
-__device__ __forceinline__ void load_q_fragment(const char* sq, int warp, int lane, int kc, uint32_t (&qa)[4]) {
-  const int row = warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
+__device__ __forceinline__ void load_q_fragment(const char* sq, int row_tile, int lane, int kc, uint32_t (&qa)[4]) {
+  const int row = row_tile * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
   ldmatrix_x4(qa, sq + swizzle<Traits::kChunks>(row, 2 * kc + (lane >> 4)));
 }
 
 // The A fragments of all head_dim / 16 k-steps.
 template <class Traits>
-__device__ __forceinline__ void load_q_fragments(const char* sq, int warp, int lane,
+__device__ __forceinline__ void load_q_fragments(const char* sq, int row_tile, int lane,
                                                  uint32_t (&qf)[Traits::kDK][4]) {
   SEGATTN_UNROLL
-  for (int kc = 0; kc < Traits::kDK; ++kc) load_q_fragment<Traits>(sq, warp, lane, kc, qf[kc]);
+  for (int kc = 0; kc < Traits::kDK; ++kc) load_q_fragment<Traits>(sq, row_tile, lane, kc, qf[kc]);
 }
 
 // B fragments of K^T for key n-blocks 2*np and 2*np+1 (keys 16*np .. +16) and k-step kc (dims

@@ -14,12 +14,14 @@
 #   all    both
 #   profile (5) Nsight Compute (ncu, hardware counters; Firecracker machines) on one launch of each
 #              kernel that the performance targets depend on: the forward kernel at causal,
-#              documents8 and pine, L 8k, D 128 (gpu_bench), the mass kernel and the fused forward
+#              documents8 and pine, L 8k, D 128 (gpu_bench; causal also with the 64-row kernel,
+#              SEGATTN_FWD_WIDE=0), the mass kernel and the fused forward
 #              (gpu_bench --mass), the rope kernel and the decode kernels (gpu_bench --pine):
 #              throughput, occupancy, warp stall reasons -> $OUT/profile.txt (not part of "all")
 #
 # Writes under $OUT (or $SEGATTN_SUITE_OUT, default /tmp/segattn-gpu-out): summary.md, tests.log,
-# sanitizer.log, segattn.jsonl, peers.jsonl, RESULTS.md (the table, with card, driver, date and
+# sanitizer.log, segattn.jsonl, narrow.txt (the 64-row kernel where the launcher takes the wide
+# one, at L 8k D 128), pine.md, mass.md, peers.jsonl, RESULTS.md (the table, with card, driver, date and
 # commit: copy it to bench/RESULTS.md). Each step runs under a time budget so that a partial run
 # still writes what it measured: SEGATTN_SUITE_BUDGET_S (default 570 s per invocation).
 #
@@ -184,6 +186,10 @@ if [ "$PHASE" = bench ] || [ "$PHASE" = all ]; then
   note "- (3) gpu_bench: exit $rc, $(wc -l <"$OUTDIR/segattn.jsonl" 2>/dev/null || echo 0) shapes, $((SECONDS - t)) s"
   [ "$rc" = 0 ] || status=1
 
+  log "(3) the 64-row kernel at the target shapes (SEGATTN_FWD_WIDE=0): the wide kernel's before / after"
+  SEGATTN_FWD_WIDE=0 budgeted 90 60 "$WORK/gpu_bench" --filter "L8192 B2 H16/16 D128" 2>&1 | tee "$OUTDIR/narrow.txt"
+  note "- (3) SEGATTN_FWD_WIDE=0 gpu_bench (64-row kernel, L 8k D 128): exit ${PIPESTATUS[0]}"
+
   log "(3) PINE layer (gpu_bench --pine)"
   t=$SECONDS
   budgeted 100000 20 "$WORK/gpu_bench" --pine 2>&1 | tee "$OUTDIR/pine.md"
@@ -245,8 +251,10 @@ if [ "$PHASE" = profile ]; then
       note "- (5) $label: exit $rc, $((SECONDS - t)) s"
     }
     for shape in "causal L8192 B2 H16/16 D128" "documents8 L8192 B2 H16/16 D128" "pine L8192 B2 H16/16 D128"; do
-      profile_one "$shape" '^segattn_fwd_bf16_d128$' "$WORK/gpu_bench" --filter "$shape" --reps 20 --warmup 3 || break
+      profile_one "$shape" '^segattn_fwd_(wide_)?bf16_d128$' "$WORK/gpu_bench" --filter "$shape" --reps 20 --warmup 3 || break
     done
+    SEGATTN_FWD_WIDE=0 profile_one "causal L8192 B2 H16/16 D128, 64-row kernel" '^segattn_fwd_bf16_d128$' \
+      "$WORK/gpu_bench" --filter "causal L8192 B2 H16/16 D128" --reps 20 --warmup 3
     profile_one "mass (standalone)" '^segattn_scores_bf16_d128$' "$WORK/gpu_bench" --mass
     profile_one "mass (fused forward)" '^segattn_fwd_mass_bf16_d128$' "$WORK/gpu_bench" --mass
     profile_one "PINE prefill attention" '^segattn_fwd_rope_bf16_d128$' "$WORK/gpu_bench" --pine

@@ -211,6 +211,33 @@ pub fn forward(
     )
 }
 
+/// [`forward`] with the plain kernel's tile chosen: `wide` = the 128-row kernel
+/// (`segattn_fwd_wide_*`), else the 64-row one, whatever the number of rows (the GPU launcher
+/// takes the wide one from 128 rows on, without split-K).
+#[allow(clippy::too_many_arguments)]
+pub fn forward_tiled(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &SegmentMask,
+    scale: Option<f64>,
+    wide: bool,
+    schedule: Schedule,
+    seed: u64,
+) -> Result<AttentionOutput> {
+    run_forward(
+        q,
+        k,
+        v,
+        mask,
+        Launch {
+            scale,
+            wide: Some(wide),
+            ..Launch::new(schedule, seed)
+        },
+    )
+}
+
 /// [`forward`] with split-K: the key tiles cut into `kv_splits` slices run as separate blocks,
 /// whose f32 partials `segattn_fwd_combine_*` merges through their LSE (the decode path of the
 /// GPU for long caches).
@@ -309,6 +336,8 @@ pub(crate) struct Launch<'a> {
     pub kv_splits: usize,
     /// GQA decode packing as on the GPU (`src/decode_pack.rs`).
     pub gqa_pack: bool,
+    /// Plain attention: the wide (128-row) kernel or not; `None`: as the GPU launcher chooses.
+    pub wide: Option<bool>,
     /// The emulator's thread schedule and its seed.
     pub schedule: Schedule,
     pub seed: u64,
@@ -324,6 +353,7 @@ impl Launch<'_> {
             mass: None,
             kv_splits: 1,
             gqa_pack: true,
+            wide: None,
             schedule,
             seed,
         }
@@ -344,6 +374,7 @@ pub(crate) fn run_forward(
         mass,
         kv_splits,
         gqa_pack,
+        wide,
         schedule,
         seed,
     } = launch;
@@ -429,6 +460,14 @@ pub(crate) fn run_forward(
     let mut mass = mass;
     if let Some((plan, true, buf)) = &mut mass {
         p.mass = mass_output(plan, q_len, buf.as_mut_ptr())?;
+    }
+    // The entry point the GPU launcher would take (segattn_emu_fwd dispatches on these fields).
+    if rotation.is_none() && !matches!(mass, Some((_, true, _))) {
+        let variant = match wide {
+            None => FwdVariant::plain(kshape.q_len, kv_splits),
+            Some(_) => FwdVariant::plain_with(kshape.q_len, kv_splits, wide),
+        };
+        p.block_rows = variant.block_rows() as i32;
     }
     // The rotation's arrays, packed as the GPU launcher uploads them (alive until the launch ends).
     let packed = rotation.map(|rot| (rot.table.packed(), rot.shifts.packed_rows()));

@@ -154,6 +154,9 @@ pub enum FwdVariant {
     Mass,
     /// With PINE's in-loop query rotation (`params.rotation`).
     Rope,
+    /// Segment-masked attention in blocks of 128 query rows, two 16-row tiles per warp
+    /// (`segattn_fwd_wide_*`; no split-K).
+    Wide,
 }
 
 impl FwdVariant {
@@ -163,6 +166,39 @@ impl FwdVariant {
             Self::Plain => 0,
             Self::Rope => 1,
             Self::Mass => 2,
+            Self::Wide => 3,
+        }
+    }
+
+    /// Query rows per block (`params.block_rows`).
+    pub(crate) fn block_rows(self) -> usize {
+        match self {
+            Self::Wide => 128,
+            _ => 64,
+        }
+    }
+
+    /// The kernel for plain attention (no rotation, no fused mass): the wide one when there are at
+    /// least 128 query rows and no split-K (FlashAttention-2's tile: each K and V fragment read
+    /// from shared memory feeds two mma, and the loop's per-tile costs are shared by 128 rows),
+    /// else the 64-row one. `SEGATTN_FWD_WIDE=0` always takes the 64-row kernel, `=1` the wide one
+    /// wherever it applies (any number of rows; tests).
+    pub(crate) fn plain(q_len: usize, kv_splits: usize) -> Self {
+        let setting = std::env::var("SEGATTN_FWD_WIDE").ok();
+        let wide = match setting.as_deref() {
+            Some("0") => Some(false),
+            Some("1") => Some(true),
+            _ => None,
+        };
+        Self::plain_with(q_len, kv_splits, wide)
+    }
+
+    /// [`FwdVariant::plain`] with the choice given (`None`: by the number of rows).
+    pub(crate) fn plain_with(q_len: usize, kv_splits: usize, wide: Option<bool>) -> Self {
+        if wide.unwrap_or(q_len >= 128) && kv_splits <= 1 {
+            Self::Wide
+        } else {
+            Self::Plain
         }
     }
 }

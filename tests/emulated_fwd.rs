@@ -15,7 +15,7 @@ mod common;
 use candle_core::{DType, Device, Result, Tensor};
 use common::{env_count, lse_tolerance, proptest_config, tolerance};
 use proptest::prelude::*;
-use segattn::emulated::{classify_tile_both, forward, fwd_smem_bytes, FwdVariant, Schedule};
+use segattn::emulated::{classify_tile_both, forward, forward_tiled, fwd_smem_bytes, FwdVariant, Schedule};
 use segattn::{reference, PairRule, PairTable, PineLayout, SegmentMask, Visibility};
 
 const SCHEDULES: [Schedule; 3] = [Schedule::Forward, Schedule::HighFirst, Schedule::RandomWarp];
@@ -255,8 +255,8 @@ fn flat_f64(t: &Tensor) -> Result<Vec<f64>> {
     t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()
 }
 
-/// Runs one case under every schedule and checks it against the reference.
-#[allow(clippy::too_many_arguments)]
+/// Runs one case under every schedule and checks it against the reference, with the plain kernel
+/// the GPU launcher would take.
 fn check_case(
     desc: &str,
     q: &Tensor,
@@ -266,6 +266,23 @@ fn check_case(
     scale: Option<f64>,
     seed: u64,
 ) -> Result<()> {
+    check_case_tiled(desc, q, k, v, mask, scale, seed, None)
+}
+
+/// [`check_case`] with the kernel chosen: `Some(true)` the wide (128-row) one, `Some(false)` the
+/// 64-row one, `None` as the launcher decides. The wide kernel at D = 64 must give the 64-row
+/// kernel's bits (same key tiles, same order of operations per row).
+#[allow(clippy::too_many_arguments)]
+fn check_case_tiled(
+    desc: &str,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &SegmentMask,
+    scale: Option<f64>,
+    seed: u64,
+    wide: Option<bool>,
+) -> Result<()> {
     let dtype = q.dtype();
     let want = reference::attention(q, k, v, mask, scale)?;
     let want_out = flat_f64(&want.out)?;
@@ -274,7 +291,10 @@ fn check_case(
     let (atol, rtol) = tolerance(dtype);
     let mut first: Option<(Vec<u32>, Vec<u32>)> = None;
     for schedule in SCHEDULES {
-        let got = forward(q, k, v, mask, scale, schedule, seed)?;
+        let got = match wide {
+            None => forward(q, k, v, mask, scale, schedule, seed)?,
+            Some(w) => forward_tiled(q, k, v, mask, scale, w, schedule, seed)?,
+        };
         assert_eq!(got.out.dims(), &[b, lq, h, d], "{desc}");
         assert_eq!(got.out.dtype(), dtype, "{desc}");
         let lse = got.lse.expect("the emulated forward always returns the LSE");
@@ -327,6 +347,14 @@ fn check_case(
             ),
         }
     }
+    if wide == Some(true) && d == 64 {
+        let narrow = forward_tiled(q, k, v, mask, scale, false, Schedule::Forward, seed)?;
+        let wide_out = forward_tiled(q, k, v, mask, scale, true, Schedule::Forward, seed)?;
+        assert!(
+            common::bits(&narrow.out)? == common::bits(&wide_out.out)?,
+            "{desc}\nthe wide kernel at D = 64 differs from the 64-row kernel"
+        );
+    }
     Ok(())
 }
 
@@ -351,6 +379,7 @@ fn run_random_case(
     lk: usize,
     lq_raw: usize,
     kind: usize,
+    wide: Option<bool>,
 ) {
     let mut rng = Rng(seed);
     let dtype = if bf16 { DType::BF16 } else { DType::F16 };
@@ -372,10 +401,10 @@ fn run_random_case(
     };
     let (name, mask) = build_mask(&mut rng, kind, batch, lq, lk).unwrap();
     let desc = format!(
-        "seed {seed}: {dtype:?} D {d} B {batch} Lq {lq} Lk {lk} H {h} Hkv {hkv} strided {strided} scale {scale:?} mask {name}"
+        "seed {seed}: {dtype:?} D {d} B {batch} Lq {lq} Lk {lk} H {h} Hkv {hkv} strided {strided} scale {scale:?} wide {wide:?} mask {name}"
     );
     let (q, k, v) = inputs(&mut rng, (batch, lq, lk, h, hkv, d), dtype, strided).unwrap();
-    check_case(&desc, &q, &k, &v, &mask, scale, seed).unwrap_or_else(|e| panic!("{desc}\n{e}"));
+    check_case_tiled(&desc, &q, &k, &v, &mask, scale, seed, wide).unwrap_or_else(|e| panic!("{desc}\n{e}"));
 }
 
 proptest! {
@@ -391,41 +420,54 @@ proptest! {
         lk in 1usize..=200,
         lq_raw in 1usize..=200,
         kind in 0usize..MASK_KINDS,
+        tile in 0usize..3,
     ) {
-        run_random_case(seed, bf16, d128, batch, heads, lk, lq_raw, kind);
+        // The launcher's choice (wide from 128 rows on), or either kernel forced at any size.
+        let wide = [None, Some(false), Some(true)][tile];
+        run_random_case(seed, bf16, d128, batch, heads, lk, lq_raw, kind, wide);
     }
 }
 
-/// Every mask kind at least once in both dtypes and head dims, whatever the random draw.
+/// Every mask kind at least once in both dtypes and head dims, with both kernels (64 and 128
+/// rows per block), whatever the random draw.
 #[test]
 fn every_mask_kind_every_instantiation() {
     for kind in 0..MASK_KINDS {
         let (bf16, d128) = (kind % 2 == 0, (kind / 2) % 2 == 0);
-        run_random_case(1000 + kind as u64, bf16, d128, 2, kind % HEADS.len(), 150, 77, kind);
-        run_random_case(
-            2000 + kind as u64,
-            !bf16,
-            !d128,
-            1,
-            (kind + 1) % HEADS.len(),
-            100,
-            100,
-            kind,
-        );
+        for wide in [false, true] {
+            let seed = 1000 + kind as u64 + if wide { 500 } else { 0 };
+            run_random_case(seed, bf16, d128, 2, kind % HEADS.len(), 150, 77, kind, Some(wide));
+            run_random_case(
+                seed + 1000,
+                !bf16,
+                !d128,
+                1,
+                (kind + 1) % HEADS.len(),
+                100,
+                100,
+                kind,
+                Some(wide),
+            );
+        }
     }
 }
 
 /// Lengths that are exact multiples of the tiles (no ragged tile), and single rows / keys.
 #[test]
 fn tile_multiples_and_tiny_lengths() {
-    for (lq, lk) in [(128, 128), (64, 192), (1, 1), (1, 128), (2, 65)] {
+    for (lq, lk) in [(128, 128), (256, 256), (64, 192), (1, 1), (1, 128), (2, 65), (129, 161)] {
         let mut rng = Rng(lq as u64 * 1000 + lk as u64);
         let mask = SegmentMask::documents(&[&[lk / 2, lk - lk / 2][..]], &Device::Cpu)
             .unwrap()
             .last_queries(lq)
             .unwrap();
-        let (q, k, v) = inputs(&mut rng, (2, lq, lk, 4, 2, 64), DType::BF16, false).unwrap();
-        check_case(&format!("documents Lq {lq} Lk {lk}"), &q, &k, &v, &mask, None, 7).unwrap();
+        for d in [64, 128] {
+            let (q, k, v) = inputs(&mut rng, (2, lq, lk, 4, 2, d), DType::BF16, false).unwrap();
+            for wide in [false, true] {
+                let desc = format!("documents Lq {lq} Lk {lk} D {d} wide {wide}");
+                check_case_tiled(&desc, &q, &k, &v, &mask, None, 7, Some(wide)).unwrap();
+            }
+        }
     }
 }
 
@@ -445,8 +487,13 @@ fn long_key_sequences_refill_the_class_window() {
     // SKIP, FULL and PARTIAL tiles all along: every other run of keys is hidden.
     let mask = alternating_runs(lq, lk).unwrap();
     let mut rng = Rng(9100);
-    let (q, k, v) = inputs(&mut rng, (1, lq, lk, 2, 1, 64), DType::BF16, false).unwrap();
-    check_case("alternating runs", &q, &k, &v, &mask, None, 3).unwrap();
+    for d in [64, 128] {
+        let (q, k, v) = inputs(&mut rng, (1, lq, lk, 2, 1, d), DType::BF16, false).unwrap();
+        for wide in [false, true] {
+            let desc = format!("alternating runs D {d} wide {wide}");
+            check_case_tiled(&desc, &q, &k, &v, &mask, None, 3, Some(wide)).unwrap();
+        }
+    }
 }
 
 /// Queries of segment 0 against keys in runs of 500 (segments 0, 1, 2, ...) of which a pair
@@ -562,6 +609,12 @@ fn smem_sizes() {
     for (d, want) in [(64usize, 33_960usize), (128, 83_112)] {
         assert_eq!(fwd_smem_bytes(DType::BF16, d, FwdVariant::Mass), Some(want));
         assert_eq!(fwd_smem_bytes(DType::F16, d, FwdVariant::Mass), Some(want));
+    }
+    // The wide kernel: Q (128 rows) in its own tile; key tiles of 32 at D = 128.
+    // D = 64: 4 x 8 KiB + 16 KiB + 1,712 B; D = 128: 4 x 8 KiB + 32 KiB + 1,456 B.
+    for (d, want) in [(64usize, 50_864usize), (128, 66_992)] {
+        assert_eq!(fwd_smem_bytes(DType::BF16, d, FwdVariant::Wide), Some(want));
+        assert_eq!(fwd_smem_bytes(DType::F16, d, FwdVariant::Wide), Some(want));
     }
     // PINE's variant keeps Q and the turned Q in their own tiles.
     for (d, want) in [(64usize, 50_344usize), (128, 99_496)] {

@@ -31,8 +31,9 @@ enum class FiberState : uint8_t { Ready, Running, Waiting, Done };
 // One cp.async in flight: applied when its group is waited for. src == nullptr: zero-fill.
 struct AsyncCopy {
   void* dst;
-  const void* src;
+  const void* src;  // nullptr: zero-fill
   uint32_t group;
+  uint32_t bytes;   // 16 or 4
 };
 
 struct Fiber {

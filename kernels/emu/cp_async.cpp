@@ -19,7 +19,20 @@ void cp_async_16(void* smem_dst, const void* gmem_src, bool pred, Site site) {
     c.fail("cp.async.cg 16 bytes at ", site, ": addresses must be 16-byte aligned ", buf);
   }
   // src-size 0 (pred false): nothing is read, the 16 bytes are zero-filled.
-  me.copies.push_back(AsyncCopy{smem_dst, pred ? gmem_src : nullptr, me.groups_committed});
+  me.copies.push_back(AsyncCopy{smem_dst, pred ? gmem_src : nullptr, me.groups_committed, 16});
+}
+
+void cp_async_4(void* smem_dst, const void* gmem_src, bool pred, Site site) {
+  Context& c = context();
+  Fiber& me = c.self();
+  const bool bad_dst = (reinterpret_cast<uintptr_t>(smem_dst) & 3) != 0 || smem_dst == nullptr;
+  const bool bad_src = pred && (reinterpret_cast<uintptr_t>(gmem_src) & 3) != 0;
+  if (bad_dst || bad_src) {
+    char buf[96];
+    std::snprintf(buf, sizeof buf, "(dst %p, src %p)", smem_dst, gmem_src);
+    c.fail("cp.async.ca 4 bytes at ", site, ": addresses must be 4-byte aligned ", buf);
+  }
+  me.copies.push_back(AsyncCopy{smem_dst, pred ? gmem_src : nullptr, me.groups_committed, 4});
 }
 
 void cp_async_commit() { ++context().self().groups_committed; }
@@ -33,9 +46,9 @@ void cp_async_wait(int n) {
     const AsyncCopy& cp = me.copies[me.copies_head];
     if (uint64_t{cp.group} + keep >= me.groups_committed) break;
     if (cp.src)
-      std::memcpy(cp.dst, cp.src, 16);
+      std::memcpy(cp.dst, cp.src, cp.bytes);
     else
-      std::memset(cp.dst, 0, 16);
+      std::memset(cp.dst, 0, cp.bytes);
     ++me.copies_head;
   }
   if (me.copies_head == me.copies.size()) {

@@ -72,6 +72,7 @@ void mma_m16n8k16(MmaInput type, float d[4], const uint32_t a[4], const uint32_t
 void ldmatrix(int num, bool trans, uint32_t* r, const void* row_ptr, Site site);
 
 void cp_async_16(void* smem_dst, const void* gmem_src, bool pred, Site site);
+void cp_async_4(void* smem_dst, const void* gmem_src, bool pred, Site site);
 void cp_async_commit();
 void cp_async_wait(int n);
 

@@ -8,6 +8,9 @@
 //   Q in its own tile, 83,112 bytes)
 //   segattn_fwd_rope_{bf16,f16}_d{64,128} (PINE: params.rotation set; Q in its own smem tile:
 //   and the turned Q in a second: D = 64: 50,344 bytes, D = 128: 99,496 bytes)
+//   segattn_fwd_wide_{bf16,f16}_d{64,128} (plain attention in blocks of 128 query rows, two
+//   16-row tiles per warp, Q in its own shared tile; key tiles of 32 at D = 128; no split-K;
+//   grid x ceil(Lq / 128); params.block_rows = 128)
 //   split-K (params.kv_splits = S > 1): grid x is ceil(Lq / 64) * S, then
 //   segattn_fwd_combine_{bf16,f16}_d{64,128} merges the partials (grid ceil(B * H * Lq / 4), 128).
 //   grid (ceil(Lq / 64), H, B), block 128 threads,
@@ -23,26 +26,31 @@
 #include "combine_kernel.cuh"
 #include "fwd_kernel.cuh"
 
-#define SEGATTN_FWD_ENTRY(name, T, D, ROTATE, MASS)                                                        \
-  extern "C" __global__ void __launch_bounds__(segattn::fwd::FwdTraits<T, D, ROTATE, MASS>::kThreads, 1) \
-      name(const SegattnFwdParams params) {                                                                \
-    segattn::fwd::fwd_kernel<segattn::fwd::FwdTraits<T, D, ROTATE, MASS>>(params);                         \
+#define SEGATTN_FWD_ENTRY(name, T, D, ROTATE, MASS, MTILES)                                                        \
+  extern "C" __global__ void __launch_bounds__(segattn::fwd::FwdTraits<T, D, ROTATE, MASS, MTILES>::kThreads, 1) \
+      name(const SegattnFwdParams params) {                                                                        \
+    segattn::fwd::fwd_kernel<segattn::fwd::FwdTraits<T, D, ROTATE, MASS, MTILES>>(params);                         \
   }
 
-SEGATTN_FWD_ENTRY(segattn_fwd_bf16_d64, segattn::bf16, 64, false, false)
-SEGATTN_FWD_ENTRY(segattn_fwd_bf16_d128, segattn::bf16, 128, false, false)
-SEGATTN_FWD_ENTRY(segattn_fwd_f16_d64, segattn::f16, 64, false, false)
-SEGATTN_FWD_ENTRY(segattn_fwd_f16_d128, segattn::f16, 128, false, false)
+SEGATTN_FWD_ENTRY(segattn_fwd_bf16_d64, segattn::bf16, 64, false, false, 1)
+SEGATTN_FWD_ENTRY(segattn_fwd_bf16_d128, segattn::bf16, 128, false, false, 1)
+SEGATTN_FWD_ENTRY(segattn_fwd_f16_d64, segattn::f16, 64, false, false, 1)
+SEGATTN_FWD_ENTRY(segattn_fwd_f16_d128, segattn::f16, 128, false, false, 1)
 // The per-segment mass of the same softmax, fused (params.mass).
-SEGATTN_FWD_ENTRY(segattn_fwd_mass_bf16_d64, segattn::bf16, 64, false, true)
-SEGATTN_FWD_ENTRY(segattn_fwd_mass_bf16_d128, segattn::bf16, 128, false, true)
-SEGATTN_FWD_ENTRY(segattn_fwd_mass_f16_d64, segattn::f16, 64, false, true)
-SEGATTN_FWD_ENTRY(segattn_fwd_mass_f16_d128, segattn::f16, 128, false, true)
+SEGATTN_FWD_ENTRY(segattn_fwd_mass_bf16_d64, segattn::bf16, 64, false, true, 1)
+SEGATTN_FWD_ENTRY(segattn_fwd_mass_bf16_d128, segattn::bf16, 128, false, true, 1)
+SEGATTN_FWD_ENTRY(segattn_fwd_mass_f16_d64, segattn::f16, 64, false, true, 1)
+SEGATTN_FWD_ENTRY(segattn_fwd_mass_f16_d128, segattn::f16, 128, false, true, 1)
 // PINE: the query rotated in the loop (params.rotation).
-SEGATTN_FWD_ENTRY(segattn_fwd_rope_bf16_d64, segattn::bf16, 64, true, false)
-SEGATTN_FWD_ENTRY(segattn_fwd_rope_bf16_d128, segattn::bf16, 128, true, false)
-SEGATTN_FWD_ENTRY(segattn_fwd_rope_f16_d64, segattn::f16, 64, true, false)
-SEGATTN_FWD_ENTRY(segattn_fwd_rope_f16_d128, segattn::f16, 128, true, false)
+SEGATTN_FWD_ENTRY(segattn_fwd_rope_bf16_d64, segattn::bf16, 64, true, false, 1)
+SEGATTN_FWD_ENTRY(segattn_fwd_rope_bf16_d128, segattn::bf16, 128, true, false, 1)
+SEGATTN_FWD_ENTRY(segattn_fwd_rope_f16_d64, segattn::f16, 64, true, false, 1)
+SEGATTN_FWD_ENTRY(segattn_fwd_rope_f16_d128, segattn::f16, 128, true, false, 1)
+// Wide: 128 query rows per block, two 16-row tiles per warp (no split-K).
+SEGATTN_FWD_ENTRY(segattn_fwd_wide_bf16_d64, segattn::bf16, 64, false, false, 2)
+SEGATTN_FWD_ENTRY(segattn_fwd_wide_bf16_d128, segattn::bf16, 128, false, false, 2)
+SEGATTN_FWD_ENTRY(segattn_fwd_wide_f16_d64, segattn::f16, 64, false, false, 2)
+SEGATTN_FWD_ENTRY(segattn_fwd_wide_f16_d128, segattn::f16, 128, false, false, 2)
 
 #undef SEGATTN_FWD_ENTRY
 
@@ -116,6 +124,14 @@ extern "C" int segattn_emu_fwd(const SegattnFwdParams* p) {
   const bool d64 = p->head_dim == 64;
   const bool rope = p->rotation.cos != nullptr;
   const bool mass = p->mass.mass != nullptr;
+  const bool wide = p->block_rows == 128;
+  if (p->block_rows != 0 && p->block_rows != 64 && !wide) {
+    std::snprintf(message, sizeof message, "segattn_emu_fwd: block_rows %d (expected 64 or 128)", p->block_rows);
+    return emu_entry::fail(message);
+  }
+  if (wide && (rope || mass || p->kv_splits > 1)) {
+    return emu_entry::fail("segattn_emu_fwd: the wide kernel is plain attention without split-K");
+  }
   if (rope && mass) return emu_entry::fail("segattn_emu_fwd: the fused mass is not offered with PINE's rotation");
   if (mass && (p->kv_splits > 1 || p->mass.num_segments > segattn::mass::kMaxOnePassSegments)) {
     std::snprintf(message, sizeof message,
@@ -133,6 +149,10 @@ extern "C" int segattn_emu_fwd(const SegattnFwdParams* p) {
         return d64 ? emu_entry::launch<FwdTraits<bf16, 64, false, true>>(*p, segattn_fwd_mass_bf16_d64, nullptr)
                    : emu_entry::launch<FwdTraits<bf16, 128, false, true>>(*p, segattn_fwd_mass_bf16_d128, nullptr);
       }
+      if (wide) {
+        return d64 ? emu_entry::launch<FwdTraits<bf16, 64, false, false, 2>>(*p, segattn_fwd_wide_bf16_d64, nullptr)
+                   : emu_entry::launch<FwdTraits<bf16, 128, false, false, 2>>(*p, segattn_fwd_wide_bf16_d128, nullptr);
+      }
       return d64 ? emu_entry::launch<FwdTraits<bf16, 64>>(*p, segattn_fwd_bf16_d64, segattn_fwd_combine_bf16_d64)
                  : emu_entry::launch<FwdTraits<bf16, 128>>(*p, segattn_fwd_bf16_d128, segattn_fwd_combine_bf16_d128);
     case SEGATTN_DTYPE_F16:
@@ -143,6 +163,10 @@ extern "C" int segattn_emu_fwd(const SegattnFwdParams* p) {
       if (mass) {
         return d64 ? emu_entry::launch<FwdTraits<f16, 64, false, true>>(*p, segattn_fwd_mass_f16_d64, nullptr)
                    : emu_entry::launch<FwdTraits<f16, 128, false, true>>(*p, segattn_fwd_mass_f16_d128, nullptr);
+      }
+      if (wide) {
+        return d64 ? emu_entry::launch<FwdTraits<f16, 64, false, false, 2>>(*p, segattn_fwd_wide_f16_d64, nullptr)
+                   : emu_entry::launch<FwdTraits<f16, 128, false, false, 2>>(*p, segattn_fwd_wide_f16_d128, nullptr);
       }
       return d64 ? emu_entry::launch<FwdTraits<f16, 64>>(*p, segattn_fwd_f16_d64, segattn_fwd_combine_f16_d64)
                  : emu_entry::launch<FwdTraits<f16, 128>>(*p, segattn_fwd_f16_d128, segattn_fwd_combine_f16_d128);
@@ -155,7 +179,7 @@ extern "C" int segattn_emu_fwd(const SegattnFwdParams* p) {
 }
 
 // Dynamic shared memory of the kernel for (dtype, head_dim, variant: 0 plain, 1 PINE's rotation,
-// 2 fused mass), 0 if unsupported (for the Rust side to check its launch configuration against the
+// 2 fused mass, 3 wide), 0 if unsupported (for the Rust side to check its launch configuration against the
 // traits).
 extern "C" int segattn_emu_fwd_smem_bytes(int dtype, int head_dim, int variant) {
   using namespace segattn::fwd;
@@ -170,6 +194,9 @@ extern "C" int segattn_emu_fwd_smem_bytes(int dtype, int head_dim, int variant) 
       return d64 ? FwdTraits<bf16, 64, true>::kSmemBytes : FwdTraits<bf16, 128, true>::kSmemBytes;
     case 2:
       return d64 ? FwdTraits<bf16, 64, false, true>::kSmemBytes : FwdTraits<bf16, 128, false, true>::kSmemBytes;
+    case 3:
+      return d64 ? FwdTraits<bf16, 64, false, false, 2>::kSmemBytes
+                 : FwdTraits<bf16, 128, false, false, 2>::kSmemBytes;
     default:
       return 0;
   }

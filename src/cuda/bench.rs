@@ -32,6 +32,8 @@ pub struct PreparedForward {
     kernels: Arc<Kernels>,
     dtype: DType,
     head_dim: usize,
+    /// The forward kernel chosen for the shape (`FwdVariant::plain`).
+    variant: FwdVariant,
     cfg: LaunchConfig,
     stream: Arc<CudaStream>,
 }
@@ -77,7 +79,8 @@ impl PreparedForward {
         let scale = scale.unwrap_or_else(|| default_scale(shape.head_dim));
         let host = mask.host_metadata(shape.batch, shape.q_len, shape.kv_len)?;
         let kernels = kernels(stream.context())?;
-        let Some(kernel) = kernels.fwd(q.dtype(), shape.head_dim, FwdVariant::Plain) else {
+        let variant = FwdVariant::plain(shape.q_len, 1);
+        let Some(kernel) = kernels.fwd(q.dtype(), shape.head_dim, variant) else {
             invalid_arg!(
                 "internal error: no CUDA kernel for {:?} D = {}",
                 q.dtype(),
@@ -91,6 +94,7 @@ impl PreparedForward {
             scale as f32,
             [strides_of(q.layout()), strides_of(k.layout()), strides_of(v.layout())],
         )?;
+        params.block_rows = kernel.block_rows as i32;
         params.q = address("q", q, &stream)? as *const std::ffi::c_void;
         params.k = address("k", k, &stream)? as *const std::ffi::c_void;
         params.v = address("v", v, &stream)? as *const std::ffi::c_void;
@@ -120,6 +124,7 @@ impl PreparedForward {
             kernels,
             dtype: q.dtype(),
             head_dim: shape.head_dim,
+            variant,
             cfg,
             stream,
         })
@@ -127,7 +132,7 @@ impl PreparedForward {
 
     /// Enqueues the kernel once on the device's stream (asynchronous; checked).
     pub fn launch(&self) -> Result<()> {
-        let Some(kernel) = self.kernels.fwd(self.dtype, self.head_dim, FwdVariant::Plain) else {
+        let Some(kernel) = self.kernels.fwd(self.dtype, self.head_dim, self.variant) else {
             invalid_arg!(
                 "internal error: no CUDA kernel for {:?} D = {}",
                 self.dtype,
@@ -140,7 +145,7 @@ impl PreparedForward {
     /// The kernel's name.
     pub fn kernel_name(&self) -> &'static str {
         self.kernels
-            .fwd(self.dtype, self.head_dim, FwdVariant::Plain)
+            .fwd(self.dtype, self.head_dim, self.variant)
             .map_or("?", |k| k.name)
     }
 

@@ -218,13 +218,13 @@ pub(crate) fn kv_splits(shape: &AttentionShape, sm_count: usize) -> usize {
     (2 * sm_count).div_ceil(blocks).min(tiles / 2).clamp(1, 64)
 }
 
-/// The launch configuration: grid (ceil(Lq / 64) x kv_splits, H, B), 128 threads, the traits'
-/// shared memory.
+/// The launch configuration: grid (ceil(Lq / block rows) x kv_splits, H, B), 128 threads, the
+/// traits' shared memory.
 pub(crate) fn launch_config(shape: &AttentionShape, kernel: &FwdKernel, kv_splits: usize) -> Result<LaunchConfig> {
     check_grid(shape)?;
     Ok(LaunchConfig {
         grid_dim: (
-            (shape.q_len.div_ceil(FWD_BLOCK_M) * kv_splits) as u32,
+            (shape.q_len.div_ceil(kernel.block_rows) * kv_splits) as u32,
             shape.num_heads as u32,
             shape.batch as u32,
         ),
@@ -496,7 +496,7 @@ fn forward_typed<T: CudaDType + DeviceRepr + ValidAsZeroBits + candle_core::With
     } else if mass_in_forward {
         FwdVariant::Mass
     } else {
-        FwdVariant::Plain
+        FwdVariant::plain(kshape.q_len, splits)
     };
     let Some(kernel) = kernels.fwd(T::DTYPE, shape.head_dim, variant) else {
         invalid_arg!(
@@ -518,6 +518,7 @@ fn forward_typed<T: CudaDType + DeviceRepr + ValidAsZeroBits + candle_core::With
         scale,
         [strides_of(&qo.layout), strides_of(&ko.layout), strides_of(&vo.layout)],
     )?;
+    params.block_rows = kernel.block_rows as i32;
     if let Some(p) = &packing {
         params.q_strides = p.strides(strides_of(&qo.layout));
         params.o_strides = p.strides(contiguous_strides(shape.q_len, shape.num_heads, shape.head_dim));

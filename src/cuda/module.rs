@@ -27,7 +27,8 @@ static FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/segattn.fatbin"
 
 /// Threads per block of the forward kernel (`FwdTraits::kThreads`: 4 warps).
 pub(crate) const FWD_THREADS: u32 = 128;
-/// Query rows per block of the forward kernel (`FwdTraits::kBlockM`).
+/// Query rows per block of the 64-row forward kernels (`FwdTraits::kBlockM`; the wide ones:
+/// [`FwdVariant::block_rows`]).
 pub(crate) const FWD_BLOCK_M: usize = 64;
 /// Keys per tile of the forward kernel (`FwdTraits::kBlockN`).
 pub(crate) const FWD_BLOCK_N: usize = 64;
@@ -40,6 +41,8 @@ pub(crate) struct FwdKernel {
     pub func: CudaFunction,
     /// Dynamic shared memory per block (the kernel traits' `kSmemBytes`).
     pub smem_bytes: u32,
+    /// Query rows per block (`kBlockM`: the grid's x and `params.block_rows`).
+    pub block_rows: usize,
 }
 
 /// The loaded module of one context: the forward kernels by (dtype, head dim, variant).
@@ -77,7 +80,7 @@ impl Kernels {
 }
 
 /// Every forward entry point of kernels/fwd/fwd.cu: (name, dtype, head dim, variant).
-const FWD_ENTRIES: [(&str, DType, usize, FwdVariant); 12] = [
+const FWD_ENTRIES: [(&str, DType, usize, FwdVariant); 16] = [
     ("segattn_fwd_bf16_d64", DType::BF16, 64, FwdVariant::Plain),
     ("segattn_fwd_bf16_d128", DType::BF16, 128, FwdVariant::Plain),
     ("segattn_fwd_f16_d64", DType::F16, 64, FwdVariant::Plain),
@@ -90,6 +93,10 @@ const FWD_ENTRIES: [(&str, DType, usize, FwdVariant); 12] = [
     ("segattn_fwd_rope_bf16_d128", DType::BF16, 128, FwdVariant::Rope),
     ("segattn_fwd_rope_f16_d64", DType::F16, 64, FwdVariant::Rope),
     ("segattn_fwd_rope_f16_d128", DType::F16, 128, FwdVariant::Rope),
+    ("segattn_fwd_wide_bf16_d64", DType::BF16, 64, FwdVariant::Wide),
+    ("segattn_fwd_wide_bf16_d128", DType::BF16, 128, FwdVariant::Wide),
+    ("segattn_fwd_wide_f16_d64", DType::F16, 64, FwdVariant::Wide),
+    ("segattn_fwd_wide_f16_d128", DType::F16, 128, FwdVariant::Wide),
 ];
 
 /// The split-K merge entry points of kernels/fwd/fwd.cu.
@@ -194,6 +201,7 @@ fn load(ctx: &Arc<CudaContext>) -> Result<Kernels> {
                 name,
                 func,
                 smem_bytes: smem as u32,
+                block_rows: variant.block_rows(),
             },
         ));
     }
