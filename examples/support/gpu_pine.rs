@@ -3,7 +3,10 @@
 //! 128, 2 segments of 500, suffix 32): PINE prefill (importance, device-side order, rope kernel)
 //! against our plain causal attention of the same shape, and a PINE decode step (split-K rope
 //! kernel) against a plain decode step (split-K plain kernel, q already rotated). Wall clock of
-//! the public calls to stream synchronisation, median of `reps` after `warmup`.
+//! the public calls to stream synchronisation, median of `reps` after `warmup`. A second table
+//! breaks PINE's calls down: the rotation of K that prefill does (once, at the original
+//! positions), steps 1-2 alone (importance and order: `PineAttention::bench_plan`), and the rest
+//! (the attention with its per-call setup) by difference.
 
 use candle_core::{DType, Device, Result, Tensor};
 use segattn::pine::{PineAttention, Rope};
@@ -26,6 +29,9 @@ pub fn run(dev: &Device, reps: usize, warmup: usize, smoke: bool) -> Result<Stri
             ("judge", PineLayout::new(128, &[500, 500], 32)),
         ]
     };
+    let mut breakdown = String::from(
+        "| prompt | prefill: K rotation ms | prefill: importance + order ms | prefill: attention ms (rest) | decode: importance + order ms | decode: attention ms (rest) |\n|---|---|---|---|---|---|\n",
+    );
     let mut out = String::from(
         "| prompt | L | PINE prefill ms | causal prefill ms | ratio (target <= 1.6) | PINE decode ms | plain decode ms | ratio (target <= 1.5) |\n|---|---|---|---|---|---|---|---|\n",
     );
@@ -53,6 +59,16 @@ pub fn run(dev: &Device, reps: usize, warmup: usize, smoke: bool) -> Result<Stri
             pine_ms / causal_ms,
             pine_step / plain_step
         ));
+        let rotate_ms = median_ms(dev, reps, warmup, || pine.rotate_keys(&k))?;
+        let plan_ms = median_ms(dev, reps, warmup, || pine.bench_plan(&q, &k, &v, false))?;
+        let step_plan_ms = median_ms(dev, reps, warmup, || pine.bench_plan(&q1, &k_cache, &v1, true))?;
+        breakdown.push_str(&format!(
+            "| {name} | {rotate_ms:.3} | {plan_ms:.3} | {:.3} | {step_plan_ms:.3} | {:.3} |\n",
+            pine_ms - rotate_ms - plan_ms,
+            pine_step - step_plan_ms
+        ));
     }
+    out.push('\n');
+    out.push_str(&breakdown);
     Ok(out)
 }

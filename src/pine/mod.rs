@@ -217,6 +217,22 @@ impl PineAttention {
         self.attend_planned(&plan, q, k_cache, v_cache)
     }
 
+    /// Benchmark support, not a stable API: steps 1 and 2 alone (the importance scores, then each
+    /// query group's order and shifts) of [`PineAttention::prefill`] (`decode` false: `k`
+    /// un-rotated, the whole prompt) or of [`PineAttention::decode`] (`k` the rotated cache).
+    /// Returns the shifts `[B, H, groups, Sk]` u32 on the device of q, for the caller to wait on.
+    #[doc(hidden)]
+    pub fn bench_plan(&self, q: &Tensor, k: &Tensor, v: &Tensor, decode: bool) -> Result<Tensor> {
+        let shape = AttentionShape::of(q, k, v)?;
+        self.check_batch(&shape)?;
+        let keys = if decode {
+            ScoreKeys::RotatedCache(k)
+        } else {
+            ScoreKeys::Plain(k)
+        };
+        Ok(self.plan_with(q, keys, &shape)?.rotation.shift_tensor)
+    }
+
     /// The attention of the last `Lq` tokens: `k_plain` un-rotated (for the importance), `k_rot`
     /// rotated at the scheme's positions.
     fn attend(
