@@ -236,6 +236,7 @@ impl Rope {
             sin,
             #[cfg(feature = "cuda")]
             device: Default::default(),
+            tensors: Default::default(),
         }
     }
 
@@ -308,9 +309,51 @@ pub(crate) struct RopeTable {
     /// otherwise copy the whole table to the GPU twice).
     #[cfg(feature = "cuda")]
     pub device: crate::cuda::DeviceTables,
+    /// cos and sin as `[len, half]` tensors on each non-CPU device the tensor-op rotation ran on,
+    /// uploaded once: the rotation then gathers its rows there from the positions alone.
+    tensors: TableTensors,
+}
+
+/// Device copies of a table as tensors, by device (see [`RopeTable::gather`]).
+#[derive(Clone, Default)]
+struct TableTensors(Arc<Mutex<Vec<(Device, Tensor, Tensor)>>>);
+
+impl std::fmt::Debug for TableTensors {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = self.0.lock().map_or(0, |v| v.len());
+        write!(f, "TableTensors({n} devices)")
+    }
 }
 
 impl RopeTable {
+    /// [`RopeTable::gather`] by `index_select` on the table's copy on `device`.
+    fn gather_on_device(&self, pos: &[u32], (pb, l): (usize, usize), device: &Device) -> Result<(Tensor, Tensor)> {
+        let (cos, sin) = self.on_device(device)?;
+        let idx = Tensor::from_slice(pos, pos.len(), device)?;
+        let h = self.half;
+        Ok((
+            cos.index_select(&idx, 0)?.reshape((pb, l, 1, h))?,
+            sin.index_select(&idx, 0)?.reshape((pb, l, 1, h))?,
+        ))
+    }
+
+    /// The table as `[len, half]` cos and sin tensors on `device`, uploaded on first use.
+    fn on_device(&self, device: &Device) -> Result<(Tensor, Tensor)> {
+        let mut copies = self
+            .tensors
+            .0
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("segattn: RoPE table cache poisoned by a panic".into()))?;
+        if let Some((_, c, s)) = copies.iter().find(|(d, _, _)| d.same_device(device)) {
+            return Ok((c.clone(), s.clone()));
+        }
+        let rows = self.cos.len() / self.half.max(1);
+        let cos = Tensor::from_slice(&self.cos, (rows, self.half), device)?;
+        let sin = Tensor::from_slice(&self.sin, (rows, self.half), device)?;
+        copies.push((device.clone(), cos.clone(), sin.clone()));
+        Ok((cos, sin))
+    }
+
     /// Rotates one row (`2 * half` values, rotate-half pairs) in place by position `p`.
     #[inline]
     pub fn rotate_row(&self, row: &mut [f32], p: usize) {
@@ -325,8 +368,13 @@ impl RopeTable {
     }
 
     /// cos and sin gathered at `pos` (`[pb, l]`), as `[pb, l, 1, half]` f32 tensors on `device`.
+    /// On a GPU the rows are gathered there from the table's device copy (uploaded once), so a
+    /// call uploads its positions (4 bytes a token), not 2 x half floats a token.
     fn gather(&self, pos: &[u32], (pb, l): (usize, usize), device: &Device) -> Result<(Tensor, Tensor)> {
         let h = self.half;
+        if !device.is_cpu() {
+            return self.gather_on_device(pos, (pb, l), device);
+        }
         let mut cos = Vec::with_capacity(pos.len() * h);
         let mut sin = Vec::with_capacity(pos.len() * h);
         for &p in pos {
@@ -357,4 +405,29 @@ fn cpu_f32(x: &Tensor) -> Result<Vec<f32>> {
         }
     }
     x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The device gather (index_select on the table's device copy; here the CPU stands in for a
+    /// GPU) gives the host gather's rows, batch-shared positions or not, and uploads the table
+    /// once per device.
+    #[test]
+    fn device_gather_equals_host_gather() -> Result<()> {
+        let rope = Rope::new(10_000.0);
+        let table = rope.table(16, 40)?;
+        let pos: Vec<u32> = vec![0, 3, 39, 7, 7, 12, 1, 38];
+        for (pb, l) in [(1usize, 8usize), (2, 4)] {
+            let (hc, hs) = table.gather(&pos, (pb, l), &Device::Cpu)?;
+            let (dc, ds) = table.gather_on_device(&pos, (pb, l), &Device::Cpu)?;
+            assert_eq!(dc.dims(), &[pb, l, 1, 8]);
+            let flat = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
+            assert_eq!(flat(&hc)?, flat(&dc)?);
+            assert_eq!(flat(&hs)?, flat(&ds)?);
+        }
+        assert_eq!(table.tensors.0.lock().unwrap().len(), 1);
+        Ok(())
+    }
 }
