@@ -4,10 +4,9 @@
 // split-K slice), and the next tile that is not SKIP. The prologue both kernels share.
 //
 // Tile classes come from a window of kThreads tiles classified ahead, one tile per thread
-// (mask.cuh classify_alone, no barrier), kept in shared memory: finding the next tile in the loop
-// reads that window, instead of classifying each tile with global loads of its key ids and two
-// block barriers on the loop's critical path. Tiles too complex for one thread's budget fall back
-// to the block-cooperative classify.
+// (mask.cuh classify_alone, exact, no barrier), kept in shared memory: finding the next tile in the
+// loop reads that window, instead of classifying each tile with global loads of its key ids and
+// block barriers on the loop's critical path.
 #ifndef SEGATTN_BLOCK_INFO_CUH
 #define SEGATTN_BLOCK_INFO_CUH
 
@@ -19,12 +18,10 @@
 namespace segattn {
 namespace fwd {
 
-// Out of line, both: the loop calls them once per 128 tiles (and for tiles too complex for one
-// thread), and inlined, their temporaries would add to the register pressure of the whole loop.
-// Arguments by value, so that the caller's state stays in registers (the caller saves what is
-// live around the call).
-
 // Block-collective: classifies tiles [base, base + kThreads) ahead, one per thread, into `window`.
+// Out of line: the loop calls it once per 128 tiles, and inlined, its temporaries would add to the
+// register pressure of the whole loop. Arguments by value, so that the caller's state stays in
+// registers (the caller saves what is live around the call).
 template <class Traits, class Classifier>
 __device__ __noinline__ void fill_class_window(const Classifier classifier, const mask::Rule rule,
                                                const mask::Segments kv, int q0, int kv_len, int pos_offset,
@@ -113,9 +110,9 @@ struct BlockInfo {
     return end_tile;
   }
 
-  // Key segment id of key j of tile t (0 past the keys), read from global memory: the loop loads
-  // the next tile's ids into a register while it computes the current tile, and stores them into
-  // shared memory before the barrier that ends the iteration.
+  // Key segment id of key j of tile t (0 past the keys), read from global memory (the mass
+  // kernel's loop loads the next tile's ids into a register while it computes the current tile,
+  // and stores them into shared memory before the barrier that ends the iteration).
   __device__ uint32_t key_id(const SegattnFwdParams& p, int t, int j) const {
     const int key = t * kN + j;
     return key < kv_len ? kv_segs_of(p).ids[key] : 0u;
@@ -156,7 +153,6 @@ struct BlockInfo {
     SEGATTN_DYNAMIC_SMEM(char, smem);
     return reinterpret_cast<uint8_t*>(smem + Traits::kOffClass);
   }
-
 
   // This thread's two rows of 16-row tile `row_tile` of the block (g and g + 8; a warp's own
   // tile is its index): segment id and position.

@@ -72,18 +72,16 @@ __device__ __forceinline__ int piece_visibility(int rule, int qa, int qb, int ka
   return SEGATTN_TILE_PARTIAL;
 }
 
-// Block-cooperative tile classification for query tiles of up to kBlockM rows and key tiles of up
-// to kBlockN keys, by kThreads threads. The query tile's pieces are recorded once in shared memory
-// (init_queries); then each key tile is classified with every piece pair evaluated by some thread:
-// thread t takes key position k0 + t % kBlockN (if a key piece starts there) against the query
-// pieces starting in the bit words w = t / kBlockN, w + kThreads / kBlockN, ... Every thread of
-// the block must call both functions (they contain __syncthreads).
+// Tile classification for a query tile of up to kBlockM rows and key tiles of up to kBlockN keys,
+// in a block of kThreads threads. The query tile's pieces are recorded once in shared memory
+// (init_queries, block-collective); then one thread alone classifies a key tile against them
+// (classify_alone: the block classifies many tiles at once, a thread each), or bounds the key-tile
+// range (visible_tile_range, block-collective).
 template <int kBlockM, int kBlockN, int kThreads>
 struct TileClassifier {
   static_assert(kBlockM % 32 == 0, "query rows in whole warps (ballot)");
-  static_assert(kThreads % kBlockN == 0 && kThreads >= kBlockM, "thread mapping");
+  static_assert(kThreads >= kBlockM, "one thread per query row in init_queries");
   static constexpr int kWords = kBlockM / 32;
-  static constexpr int kGroups = kThreads / kBlockN;
 
   uint32_t* q_id;      // [kBlockM] segment id of each row of the tile (0 past q1)
   int* q_end;          // [kBlockM] end of the piece that starts at a row (clipped to q1)
@@ -103,39 +101,6 @@ struct TileClassifier {
       if ((r & 31) == 0) q_starts[r / 32] = bits;
     }
     __syncthreads();
-  }
-
-  // Classifies query rows [q0, q1) (as given to init_queries) x keys [k0, k1), every piece pair
-  // evaluated by some thread. The result is the same in every thread. Exact for any number of
-  // pieces; two barriers, so the loop calls it only for tiles that classify_alone gave up on.
-  __device__ int classify(const Rule& rule, const Segments& kv, int q0, int k0, int k1, int pos_offset) const {
-    const int jj = threadIdx.x % kBlockN;
-    const int group = threadIdx.x / kBlockN;
-    const int j = k0 + jj;
-    bool any_visible = false;
-    bool all_full = true;
-    if (j < k1) {
-      const uint32_t sk = kv.ids[j];
-      if (jj == 0 || kv.ids[j - 1] != sk) {  // a key piece [j, kb) starts here
-        const int kb = min(static_cast<int>(kv.span_end[j]), k1);
-        for (int w = group; w < kWords; w += kGroups) {
-          uint32_t bits = q_starts[w];
-          while (bits != 0u) {
-            const int r = w * 32 + (__ffs(static_cast<int>(bits)) - 1);
-            bits &= bits - 1u;
-            const int c = piece_visibility(rule.lookup(q_id[r], sk), q0 + r, q_end[r], j, kb, pos_offset);
-            any_visible |= c != SEGATTN_TILE_SKIP;
-            all_full &= c == SEGATTN_TILE_FULL;
-            if (any_visible && !all_full) break;  // this thread's verdict cannot change
-          }
-          if (any_visible && !all_full) break;
-        }
-      }
-    }
-    any_visible = __syncthreads_or(any_visible) != 0;
-    all_full = __syncthreads_and(all_full) != 0;
-    if (!any_visible) return SEGATTN_TILE_SKIP;
-    return all_full ? SEGATTN_TILE_FULL : SEGATTN_TILE_PARTIAL;
   }
 
   // One thread alone: the class of the tile query rows [q0, q1) x keys [k0, k1), or kTileUnknown

@@ -535,7 +535,8 @@ pub(crate) fn run_forward(
 pub struct TileClasses {
     /// [`crate::mask::tiles`] (`SEGATTN_TILE_*` code).
     pub rust: u8,
-    /// `kernels/mask.cuh` `TileClassifier::classify`, block-cooperative (`SEGATTN_TILE_*` code).
+    /// `kernels/mask.cuh` `TileClassifier::classify_alone` with the kernels' budget (every piece
+    /// pair: exact; `SEGATTN_TILE_*` code).
     pub kernel: u8,
     /// `kernels/mask.cuh` `TileClassifier::may_be_visible` (one thread, conservative, with the
     /// given budget of piece pairs).

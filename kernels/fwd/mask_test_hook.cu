@@ -1,5 +1,5 @@
-// Emulation-only test hook: classifies one tile with the block-cooperative classifier of
-// kernels/mask.cuh (the code the forward kernel runs), so that tests can compare it with
+// Emulation-only test hook: classifies one tile with the classifier of kernels/mask.cuh (the code
+// the forward and mass kernels run), so that tests can compare it with
 // src/mask/tiles.rs on random metadata. Not a production file.
 #if defined(SEGATTN_EMULATE)
 
@@ -24,11 +24,13 @@ constexpr int kSmemBytes = kOffQStarts + 4 * Classifier::kWords;
 }  // namespace segattn
 
 // Classifies query rows [q0, q1) x keys [k0, k1) of batch row `b` under the mask of `p` (segments,
-// rule, q_len and kv_len are read; tensors are not) and writes SEGATTN_TILE_* to `out_class`, the
-// single-thread conservative verdict of TileClassifier::may_be_visible with `budget` piece
-// pairs (0 or 1) to `out_may_be_visible`, and the single-thread class of
-// TileClassifier::classify_alone with that budget (SEGATTN_TILE_*, or -1 past it) to `out_alone`. Needs 0 <= q1 - q0 <= 64 and 0 <= k1 - k0 <= 64 within
-// the sequence. Returns 0, or nonzero with the message in segattn_emu_last_error().
+// rule, q_len and kv_len are read; tensors are not) and writes to `out_class` the class
+// (SEGATTN_TILE_*) that the kernels' window gives it (TileClassifier::classify_alone with a budget
+// of every piece pair: exact), to `out_may_be_visible` the conservative loop-bound verdict of
+// TileClassifier::may_be_visible with `budget` piece pairs (0 or 1), and to `out_alone` the class
+// of classify_alone with that budget (SEGATTN_TILE_*, or -1 past it). Needs 0 <= q1 - q0 <= 64 and
+// 0 <= k1 - k0 <= 64 within the sequence. Returns 0, or nonzero with the message in
+// segattn_emu_last_error().
 extern "C" int segattn_emu_classify_tile(const SegattnFwdParams* p, int b, int q0, int q1, int k0, int k1,
                                          int budget, int* out_class, int* out_may_be_visible,
                                          int* out_alone) {
@@ -52,9 +54,8 @@ extern "C" int segattn_emu_classify_tile(const SegattnFwdParams* p, int b, int q
     const mask::Rule rule = mask::rule_of_batch(*p, b);
     const mask::Segments kv = mask::segments_of_batch(p->kv_segments, b);
     const int pos_offset = p->kv_len - p->q_len;
-    const int cls = c.classify(rule, kv, q0, k0, k1, pos_offset);
     if (threadIdx.x == 0) {
-      *out_class = cls;
+      *out_class = c.classify_alone(rule, kv, q0, k0, k1, pos_offset, kBlockM * kBlockN);
       *out_may_be_visible = c.may_be_visible(rule, kv, q0, k0, k1, pos_offset, budget) ? 1 : 0;
       *out_alone = c.classify_alone(rule, kv, q0, k0, k1, pos_offset, budget);
     }
