@@ -233,3 +233,60 @@ fn baselines_are_masks_and_positions() -> Result<()> {
     assert_eq!(&pcw[48..], &[25, 26, 27, 28, 29, 30, 31]);
     Ok(())
 }
+
+/// A layer keeps what a call derives from its layouts (groups, mask, key metadata) for the next
+/// call of the same shape and scheme (the other layers of a step): reused across decode steps of
+/// different cache lengths, prefill and decode in turn, and clones switched to a baseline scheme
+/// (which share the kept step), it gives what a fresh layer gives, bit for bit.
+#[test]
+fn a_layer_reused_across_shapes_and_schemes_matches_fresh_layers() -> Result<()> {
+    let mut rng = Rng::new(12);
+    let layout = PineLayout::new(4, &[11, 7, 9, 5], 3);
+    let l = layout.len();
+    let rope = Rope::new(10_000.0);
+    let (h, hkv, d) = (4, 2, 32);
+    let q = random_tensor(&mut rng, &[1, l + 3, h, d], DType::F32)?;
+    let k = random_tensor(&mut rng, &[1, l + 3, hkv, d], DType::F32)?;
+    let v = random_tensor(&mut rng, &[1, l + 3, hkv, d], DType::F32)?;
+    let bits = |t: &Tensor| -> Result<Vec<u32>> {
+        Ok(t.flatten_all()?.to_vec1::<f32>()?.iter().map(|x| x.to_bits()).collect())
+    };
+    let fresh = || PineAttention::new(std::slice::from_ref(&layout), rope.clone());
+    let kept = fresh()?;
+    let cache = kept.rotate_keys(&k)?;
+    // Decode steps of growing, then repeated, cache lengths; prefill in between.
+    for &(extra, prefill) in &[
+        (1usize, false),
+        (2, false),
+        (2, false),
+        (0, true),
+        (3, false),
+        (1, false),
+    ] {
+        if prefill {
+            let (qp, kp, vp) = (q.narrow(1, 0, l)?, k.narrow(1, 0, l)?, v.narrow(1, 0, l)?);
+            let got = kept.prefill(&qp, &kp, &vp)?.out;
+            let want = fresh()?.prefill(&qp, &kp, &vp)?.out;
+            assert_eq!(bits(&got)?, bits(&want)?, "prefill after decode steps");
+        } else {
+            let n = l + extra;
+            let (qs, kc, vc) = (q.narrow(1, n - 1, 1)?, cache.narrow(1, 0, n)?, v.narrow(1, 0, n)?);
+            let got = kept.decode(&qs, &kc, &vc)?.out;
+            let want = fresh()?.decode(&qs, &kc, &vc)?.out;
+            assert_eq!(bits(&got)?, bits(&want)?, "decode at Lk {n}");
+        }
+    }
+    // A clone switched to a baseline shares the kept step: its mask must be the baseline's.
+    for scheme in [PositionScheme::Nia, PositionScheme::Pcw, PositionScheme::Pine] {
+        let switched = kept.clone().scheme(scheme);
+        let (qp, kp, vp) = (q.narrow(1, 0, l)?, k.narrow(1, 0, l)?, v.narrow(1, 0, l)?);
+        let got = switched.prefill(&qp, &kp, &vp)?.out;
+        let want = fresh()?.scheme(scheme).prefill(&qp, &kp, &vp)?.out;
+        assert_eq!(
+            bits(&got)?,
+            bits(&want)?,
+            "{scheme:?} after PINE calls on a shared step"
+        );
+    }
+    Ok(())
+}

@@ -7,6 +7,8 @@
 //! - `launch`: device pointers and strides from the storages' layouts, mask metadata upload
 //!   (O(N), one copy), output / LSE allocation, the checked launch.
 //! - `pine`: PINE's device-side order and shifts, and the rotation inputs of the forward kernel.
+//! - `device_copies`: device copies of immutable host arrays (RoPE tables, a PINE step's
+//!   metadata), uploaded once per context.
 //! - `PreparedForward`: the same launch prepared once and repeated, for benchmarks (hidden).
 //!
 //! The public API is the CPU one: build the tensors and the mask on `Device::new_cuda(i)` and call
@@ -14,12 +16,14 @@
 //! inputs are errors naming the argument (no silent fallback to the CPU).
 
 mod bench;
+mod device_copies;
 mod launch;
 mod module;
 mod pine;
 mod scores;
 
 pub use bench::PreparedForward;
+pub(crate) use device_copies::DeviceCopies;
 pub(crate) use launch::{forward, DeviceMasks, ForwardExtras};
 pub(crate) use pine::{pine_decode_scores, pine_shifts, DeviceTables};
 pub(crate) use scores::segment_scores;

@@ -3,7 +3,7 @@
 //! points. The shifts never leave the device: the importance scores (the per-segment mass kernel)
 //! feed the shifts kernel, whose output the attention kernel reads.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
@@ -11,6 +11,7 @@ use candle_core::cuda_backend::cudarc::driver::{
 };
 use candle_core::{CudaStorage, Layout, Result, Storage, Tensor};
 
+use super::device_copies::DeviceCopies;
 use super::driver_err;
 use super::module;
 use crate::error::invalid_arg;
@@ -42,10 +43,10 @@ pub(crate) fn pine_shifts(
     let (Some((r0, _)), Some((s0, _))) = (rl.contiguous_offsets(), sl.contiguous_offsets()) else {
         invalid_arg!("internal error: PINE scores not contiguous");
     };
-    let meta = g.packed_meta();
-    let meta = stream
-        .clone_htod(&meta)
-        .map_err(|e| driver_err(format!("uploading {} words of PINE layout metadata", meta.len()), e))?;
+    // Uploaded once per step (every layer's call shares the step's groups).
+    let meta = g
+        .device_meta
+        .get_or_upload(&stream, "PINE layout metadata", || g.packed_meta())?;
     // SAFETY: the kernel writes every element.
     let mut out = unsafe { stream.alloc::<u32>(n_out.max(1)) }.map_err(|e| driver_err("allocating the shifts", e))?;
     let kernels = module::kernels(stream.context())?;
@@ -58,7 +59,7 @@ pub(crate) fn pine_shifts(
         let ss = s.as_cuda_slice::<f32>()?;
         let (rp, _gr) = rs.device_ptr(&stream);
         let (sp, _gs) = ss.device_ptr(&stream);
-        let (mp, _gm) = meta.device_ptr(&stream);
+        let (mp, _gm) = meta.as_ref().device_ptr(&stream);
         let (op_ptr, _go) = out.device_ptr_mut(&stream);
         let params = shifts_params(
             g,
@@ -101,44 +102,9 @@ pub(crate) fn pine_shifts(
 }
 
 /// The packed copies (`[cos | sin]`, [`RopeTable::packed`]) of one RoPE table on the CUDA
-/// contexts it was used in, keyed like the module cache by (device ordinal, context): uploaded on
-/// first use, then shared by every launch that reads the table. Tables are immutable, so a copy
-/// never goes stale; it is freed with the table.
-#[derive(Clone, Default)]
-pub(crate) struct DeviceTables(Arc<Mutex<Vec<DeviceTable>>>);
-
-/// One device copy: its CUDA context (device ordinal, CUcontext address) and the buffer.
-type DeviceTable = ((usize, usize), Arc<CudaSlice<f32>>);
-
-impl std::fmt::Debug for DeviceTables {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let n = self.0.lock().map_or(0, |v| v.len());
-        write!(f, "DeviceTables({n} devices)")
-    }
-}
-
-impl DeviceTables {
-    /// The copy of `table` in the context of `stream`, uploaded now if there is none yet.
-    pub(crate) fn get_or_upload(&self, stream: &Arc<CudaStream>, table: &RopeTable) -> Result<Arc<CudaSlice<f32>>> {
-        let ctx = stream.context();
-        let key = (ctx.ordinal(), ctx.cu_ctx() as usize);
-        let mut copies = self
-            .0
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("segattn: RoPE table cache poisoned by a panic".into()))?;
-        if let Some((_, copy)) = copies.iter().find(|(k, _)| *k == key) {
-            return Ok(copy.clone());
-        }
-        let packed = table.packed();
-        let copy = Arc::new(
-            stream
-                .clone_htod(&packed)
-                .map_err(|e| driver_err(format!("uploading the RoPE table ({} floats)", packed.len()), e))?,
-        );
-        copies.push((key, copy.clone()));
-        Ok(copy)
-    }
-}
+/// contexts it was used in: uploaded on first use, then shared by every launch that reads the
+/// table (tables are immutable; a longer one is a new table).
+pub(crate) type DeviceTables = DeviceCopies<f32>;
 
 /// The rotation inputs of one launch on the device: the RoPE table `[cos | sin]` (the table's
 /// cached device copy) and the rows' `[q_pos | row_group]` (uploaded with one copy); the shifts
@@ -146,20 +112,21 @@ impl DeviceTables {
 pub(crate) struct RotationBuffers<'a> {
     rot: &'a PineRotation,
     tables: Arc<CudaSlice<f32>>,
-    rows: CudaSlice<u32>,
+    rows: Arc<CudaSlice<u32>>,
 }
 
 impl<'a> RotationBuffers<'a> {
     pub(crate) fn upload(stream: &Arc<CudaStream>, rot: &'a PineRotation) -> Result<Self> {
         rot.check_kernel_limits()?;
-        let tables = rot.table.device.get_or_upload(stream, &rot.table)?;
-        let rows = rot.shifts.packed_rows();
-        let rows = stream.clone_htod(&rows).map_err(|e| {
-            driver_err(
-                format!("uploading PINE's row positions and groups ({} words)", rows.len()),
-                e,
-            )
-        })?;
+        let tables = rot
+            .table
+            .device
+            .get_or_upload(stream, "the RoPE table", || rot.table.packed())?;
+        // Uploaded once per step (shared by the step's groups).
+        let rows = rot
+            .shifts
+            .device_rows
+            .get_or_upload(stream, "PINE's row positions and groups", || rot.shifts.packed_rows())?;
         Ok(Self { rot, tables, rows })
     }
 
@@ -179,7 +146,7 @@ impl<'a> RotationBuffers<'a> {
             sp + 4 * s0 as u64
         };
         let (tp, _gt) = self.tables.device_ptr(stream);
-        let (rp, _gr) = self.rows.device_ptr(stream);
+        let (rp, _gr) = self.rows.as_ref().device_ptr(stream);
         p.rotation = rotation_params(
             self.rot,
             tp as *const f32,
@@ -196,11 +163,13 @@ impl<'a> RotationBuffers<'a> {
 unsafe impl DeviceRepr for SegattnDecodeScoresParams {}
 
 /// The importance `[B, H, Lq, sk]` of decode rows `q` (un-rotated) against the rotated cache
-/// `k_cache` (`kernels/pine/decode_scores.cu`); `words` = `[key_pos | key_seg | seg_lens]`.
+/// `k_cache` (`kernels/pine/decode_scores.cu`); `words` = `[key_pos | key_seg | seg_lens]`, whose
+/// device copies `device_words` keeps (uploaded once per step).
 pub(crate) fn pine_decode_scores(
     q: &Tensor,
     k_cache: &Tensor,
     words: &[u32],
+    device_words: &DeviceCopies<u32>,
     table: &RopeTable,
     scale: f32,
     sk: usize,
@@ -221,10 +190,10 @@ pub(crate) fn pine_decode_scores(
     };
     let stream = dev.cuda_stream();
     let b = shape.batch;
-    let meta = stream
-        .clone_htod(words)
-        .map_err(|e| driver_err(format!("uploading {} words of PINE decode metadata", words.len()), e))?;
-    let tables = table.device.get_or_upload(&stream, table)?;
+    let meta = device_words.get_or_upload(&stream, "PINE decode metadata", || words.to_vec())?;
+    let tables = table
+        .device
+        .get_or_upload(&stream, "the RoPE table", || table.packed())?;
     let n_out = b * shape.num_heads * shape.q_len * sk;
     let mut out = stream
         .alloc_zeros::<f32>(n_out.max(1))
@@ -277,7 +246,7 @@ pub(crate) fn pine_decode_scores(
             candle_core::DType::BF16 => ks.as_cuda_slice::<half::bf16>()?.device_ptr(&stream),
             _ => ks.as_cuda_slice::<half::f16>()?.device_ptr(&stream),
         };
-        let (mp, _gm) = meta.device_ptr(&stream);
+        let (mp, _gm) = meta.as_ref().device_ptr(&stream);
         let (tp, _gt) = tables.device_ptr(&stream);
         let (op, _go) = out.device_ptr_mut(&stream);
         let partial_ptrs = partial_bufs.as_mut().map(|(m, t, a)| {

@@ -14,8 +14,6 @@ use crate::scores::{segment_scores, QueryReduction, SegmentScoreOptions};
 
 /// Importance scores, f32 tensors on the device of q.
 pub(crate) struct Importance {
-    /// Key segment ids (`max n + 2`): the last axis of both tensors.
-    pub sk: usize,
     /// `[B, H, Sk, Sk]`: `I[b, h, i, j]` for segment query ids `i`, when some row has `n > 2`.
     pub segments: Option<Tensor>,
     /// `[B, H, m, Sk]`: per-row scores of the last `m` query rows (suffix / generated rows).
@@ -84,7 +82,6 @@ pub(crate) fn importance(
         None
     };
     Ok(Importance {
-        sk,
         segments,
         rows,
         scored_rows,

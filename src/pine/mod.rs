@@ -23,6 +23,7 @@ pub(crate) mod order;
 mod rope;
 mod scheme;
 pub(crate) mod shifts;
+mod step;
 
 use candle_core::{DType, Device, Result, Tensor};
 
@@ -76,6 +77,8 @@ pub struct PineAttention {
     scheme: PositionScheme,
     scale: Option<f64>,
     return_lse: bool,
+    /// What the last call derived from the layouts (shared by every layer of a step).
+    step: step::StepCache,
 }
 
 impl PineAttention {
@@ -106,6 +109,7 @@ impl PineAttention {
             scheme: PositionScheme::Pine,
             scale: None,
             return_lse: false,
+            step: Default::default(),
         })
     }
 
@@ -303,9 +307,11 @@ impl PineAttention {
             row_group: groups.row_group,
             shifts: host_shifts,
             q_pos: groups.q_pos,
+            #[cfg(feature = "cuda")]
+            device_rows: groups.device_rows,
         };
         Ok(PinePlan {
-            mask: self.mask(shape)?,
+            mask: self.step(shape)?.mask.clone(),
             rotation: PineRotation {
                 table,
                 shifts,
@@ -331,50 +337,67 @@ impl PineAttention {
         keys: ScoreKeys<'_>,
         shape: &AttentionShape,
     ) -> Result<(importance::Importance, order::GroupLayout)> {
-        let (q_len, kv_len) = (shape.q_len, shape.kv_len);
-        let extended: Vec<PineLayout> = self.layouts.iter().map(|l| scheme::extend(l, kv_len)).collect();
-        let off = kv_len - q_len;
-        let scored_rows = extended
-            .iter()
-            .map(|l| q_len - (l.len() - l.suffix_len).saturating_sub(off).min(q_len))
-            .max()
-            .unwrap_or(0);
+        let step = self.step(shape)?;
+        let (extended, sk) = (&step.extended, step.sk);
         let imp = match keys {
             ScoreKeys::RotatedCache(k_cache) => {
                 // Decode: every query row is a suffix / generated row.
-                let sk = extended.iter().map(PineLayout::num_ids).max().unwrap_or(2);
-                let table = self.rope.table(shape.head_dim, kv_len)?;
+                let table = self.rope.table(shape.head_dim, shape.kv_len)?;
                 let scale = self.scale_for(shape);
                 let rows = if q.device().is_cpu() {
-                    importance::decode_rows_cpu(q, k_cache, &extended, &table, scale, sk)?
+                    importance::decode_rows_cpu(q, k_cache, extended, &table, scale, sk)?
                 } else {
-                    self.decode_rows_gpu(q, k_cache, &extended, &table, scale, sk)?
+                    self.decode_rows_gpu(q, k_cache, &step, &table, scale)?
                 };
                 importance::Importance {
-                    sk,
                     segments: None,
                     rows: Some(rows),
-                    scored_rows: q_len,
+                    scored_rows: shape.q_len,
                 }
             }
             ScoreKeys::Plain(k_plain) => {
                 // f32 on the CPU (exact); the GPU's scores kernel takes the inputs' 16-bit dtype.
                 let plain = if q.device().is_cpu() { DType::F32 } else { q.dtype() };
                 let (q_plain, k_plain) = (q.to_dtype(plain)?, k_plain.to_dtype(plain)?);
-                importance::importance(&q_plain, &k_plain, &extended, self.scale_for(shape), scored_rows)?
+                importance::importance(&q_plain, &k_plain, extended, self.scale_for(shape), step.scored_rows)?
             }
         };
-        let groups = order::GroupLayout::new(&extended, imp.sk, q_len, kv_len, &self.positions(kv_len));
-        Ok((imp, groups))
+        Ok((imp, step.groups.clone()))
+    }
+
+    /// What this call derives from the layouts alone (see [`step`]): the one kept from the last
+    /// call when it had the same scheme and shape (every layer of a step), else built now.
+    fn step(&self, shape: &AttentionShape) -> Result<std::sync::Arc<step::StepLayout>> {
+        let key = step::StepKey {
+            scheme: self.scheme,
+            q_len: shape.q_len,
+            kv_len: shape.kv_len,
+        };
+        self.step.get_or_build(key, || {
+            let (q_len, kv_len) = (shape.q_len, shape.kv_len);
+            let extended: Vec<PineLayout> = self.layouts.iter().map(|l| scheme::extend(l, kv_len)).collect();
+            let sk = extended.iter().map(PineLayout::num_ids).max().unwrap_or(2);
+            let off = kv_len - q_len;
+            let scored_rows = extended
+                .iter()
+                .map(|l| q_len - (l.len() - l.suffix_len).saturating_sub(off).min(q_len))
+                .max()
+                .unwrap_or(0);
+            let groups = order::GroupLayout::new(&extended, sk, q_len, kv_len, &self.positions(kv_len));
+            let mask = self
+                .scheme
+                .mask(&self.layouts, kv_len, &Device::Cpu)?
+                .last_queries(q_len)?;
+            Ok(step::StepLayout::new(key, extended, sk, scored_rows, groups, mask))
+        })
     }
 
     /// The mask of the last `Lq` tokens under this scheme.
     /// The attention's mask, on the CPU whatever the device of q: the launchers read only its
-    /// host metadata (kept with it from the layouts), so a GPU step uploads no mask tensor.
+    /// host metadata (kept with it from the layouts), so a GPU step uploads no mask tensor; and
+    /// kept with the step, so every layer of the step shares its packed device copy.
     fn mask(&self, shape: &AttentionShape) -> Result<crate::mask::SegmentMask> {
-        self.scheme
-            .mask(&self.layouts, shape.kv_len, &Device::Cpu)?
-            .last_queries(shape.q_len)
+        Ok(self.step(shape)?.mask.clone())
     }
 
     fn scale_for(&self, shape: &AttentionShape) -> f64 {
@@ -424,15 +447,15 @@ impl PineAttention {
         &self,
         q: &Tensor,
         k_cache: &Tensor,
-        extended: &[PineLayout],
+        step: &step::StepLayout,
         table: &RopeTable,
         scale: f64,
-        sk: usize,
     ) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
         {
-            let words = self.decode_keys(extended, k_cache.dim(1)?, sk);
-            crate::cuda::pine_decode_scores(q, k_cache, &words, table, scale as f32, sk)
+            let kv_len = k_cache.dim(1)?;
+            let words = step.decode_words(|| self.decode_keys(&step.extended, kv_len, step.sk));
+            crate::cuda::pine_decode_scores(q, k_cache, words, &step.device_words, table, scale as f32, step.sk)
         }
         #[cfg(not(feature = "cuda"))]
         invalid_arg!(

@@ -25,6 +25,10 @@ pub(crate) struct QueryShifts {
     pub shifts: Vec<u32>,
     /// `[B, Lq]`: the original (un-shifted) RoPE position of every query row.
     pub q_pos: Vec<u32>,
+    /// The device copies of `[q_pos | row_group]` ([`QueryShifts::packed_rows`]), shared with the
+    /// [`GroupLayout`] they come from (so every layer of a step uploads them once).
+    #[cfg(feature = "cuda")]
+    pub device_rows: crate::cuda::DeviceCopies<u32>,
 }
 
 impl QueryShifts {
@@ -82,6 +86,13 @@ pub(crate) struct GroupLayout {
     pub row_group: Vec<u32>,
     /// `[B, Lq]` original RoPE position of every query row.
     pub q_pos: Vec<u32>,
+    /// Device copies of [`GroupLayout::packed_meta`] (the shifts kernel's metadata) and of the
+    /// rows' `[q_pos | row_group]` (the rope kernel's), uploaded once per context; clones share
+    /// them.
+    #[cfg(feature = "cuda")]
+    pub device_meta: crate::cuda::DeviceCopies<u32>,
+    #[cfg(feature = "cuda")]
+    pub device_rows: crate::cuda::DeviceCopies<u32>,
 }
 
 impl GroupLayout {
@@ -96,6 +107,10 @@ impl GroupLayout {
             segment_lens: vec![0; batch * sk],
             row_group: vec![0; batch * q_len],
             q_pos: vec![0; batch * q_len],
+            #[cfg(feature = "cuda")]
+            device_meta: Default::default(),
+            #[cfg(feature = "cuda")]
+            device_rows: Default::default(),
         };
         for (b, layout) in layouts.iter().enumerate() {
             let n = layout.segment_lens.len();
@@ -163,6 +178,8 @@ pub(crate) fn query_shifts(groups: GroupLayout, heads: usize, q_len: usize, imp:
         row_group: groups.row_group,
         shifts,
         q_pos: groups.q_pos,
+        #[cfg(feature = "cuda")]
+        device_rows: groups.device_rows,
     }
 }
 
