@@ -78,11 +78,15 @@ struct BlockInfo {
     const Classifier classifier = classifier_in(smem);
     classifier.init_queries(mask::segments_of_batch(p.q_segments, b), q0, q1);
     // Key tiles outside [first_tile, last_tile] are SKIP for sure (a cheap per-thread scan;
-    // causal-like masks end far before num_tiles).
+    // causal-like masks end far before num_tiles). Up to kThreads tiles, the same pass classifies
+    // every tile exactly into the window, which the loop then reads without another pass.
     first_tile = 0;
     int last_tile = -1;
-    classifier.visible_tile_range(rule, kv_segs, q0, kv_len, pos_offset, num_tiles, Traits::kScanBudget,
-                                  reinterpret_cast<int*>(smem + Traits::kOffScan), first_tile, last_tile);
+    if (classifier.visible_tile_range(rule, kv_segs, q0, kv_len, pos_offset, num_tiles, Traits::kScanBudget,
+                                      reinterpret_cast<int*>(smem + Traits::kOffScan), window_in(smem),
+                                      first_tile, last_tile)) {
+      window_base = 0;
+    }
     if (splits > 1) {
       const int per = (num_tiles + splits - 1) / splits;
       first_tile = max(first_tile, split * per);
@@ -149,9 +153,10 @@ struct BlockInfo {
     SEGATTN_DYNAMIC_SMEM(char, smem);
     return classifier_in(smem);
   }
+  __device__ static uint8_t* window_in(char* smem) { return reinterpret_cast<uint8_t*>(smem + Traits::kOffClass); }
   __device__ static uint8_t* window() {
     SEGATTN_DYNAMIC_SMEM(char, smem);
-    return reinterpret_cast<uint8_t*>(smem + Traits::kOffClass);
+    return window_in(smem);
   }
 
   // This thread's two rows of 16-row tile `row_tile` of the block (g and g + 8; a warp's own

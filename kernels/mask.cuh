@@ -144,16 +144,35 @@ struct TileClassifier {
   // The first and last key tile (of kBlockN keys, `num_tiles` of them) that may be visible to the
   // query tile, by may_be_visible over the tiles spread across the block's threads, reduced
   // through `scratch` (2 * kThreads / 32 ints of shared memory). last < first when none is.
-  // Every thread of the block must call it (it contains __syncthreads).
-  __device__ void visible_tile_range(const Rule& rule, const Segments& kv, int q0, int kv_len, int pos_offset,
-                                     int num_tiles, int budget, int* scratch, int& first, int& last) const {
+  // When every tile has a thread (num_tiles <= kThreads), each thread classifies its tile exactly
+  // instead, into `window[t]` (kThreads bytes; SKIP past num_tiles): the loop then needs no other
+  // classification pass, and the function returns true. Every thread of the block must call it
+  // (it contains __syncthreads; the window is readable by all after it returns).
+  __device__ bool visible_tile_range(const Rule& rule, const Segments& kv, int q0, int kv_len, int pos_offset,
+                                     int num_tiles, int budget, int* scratch, uint8_t* window, int& first,
+                                     int& last) const {
     int lo = num_tiles;
     int hi = -1;
-    for (int t = threadIdx.x; t < num_tiles; t += kThreads) {
-      const int k0 = t * kBlockN;
-      if (may_be_visible(rule, kv, q0, k0, min(k0 + kBlockN, kv_len), pos_offset, budget)) {
-        lo = min(lo, t);
-        hi = max(hi, t);
+    const bool one_pass = num_tiles <= kThreads;
+    if (one_pass) {
+      const int t = threadIdx.x;
+      int c = SEGATTN_TILE_SKIP;
+      if (t < num_tiles) {
+        const int k0 = t * kBlockN;
+        c = classify_alone(rule, kv, q0, k0, min(k0 + kBlockN, kv_len), pos_offset, kBlockM * kBlockN);
+      }
+      window[t] = static_cast<uint8_t>(c);
+      if (c != SEGATTN_TILE_SKIP) {
+        lo = t;
+        hi = t;
+      }
+    } else {
+      for (int t = threadIdx.x; t < num_tiles; t += kThreads) {
+        const int k0 = t * kBlockN;
+        if (may_be_visible(rule, kv, q0, k0, min(k0 + kBlockN, kv_len), pos_offset, budget)) {
+          lo = min(lo, t);
+          hi = max(hi, t);
+        }
       }
     }
     for (int m = 16; m >= 1; m /= 2) {
@@ -173,6 +192,7 @@ struct TileClassifier {
       first = min(first, scratch[w]);
       last = max(last, scratch[kWarps + w]);
     }
+    return one_pass;
   }
 };
 
