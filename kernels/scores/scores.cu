@@ -14,10 +14,11 @@
 #include "platform.cuh"
 #include "scores_kernel.cuh"
 
-#define SEGATTN_SCORES_ENTRY(name, T, D)                                                           \
-  extern "C" __global__ void __launch_bounds__(segattn::scores::ScoresTraits<T, D>::kThreads, 1) \
-      name(const SegattnScoresParams params) {                                                     \
-    segattn::scores::scores_kernel<segattn::scores::ScoresTraits<T, D>>(params);                   \
+#define SEGATTN_SCORES_ENTRY(name, T, D)                                                   \
+  extern "C" __global__ void __launch_bounds__(segattn::scores::ScoresTraits<T, D>::kThreads, \
+                                               segattn::scores::ScoresTraits<T, D>::kMinBlocks) \
+      name(const SegattnScoresParams params) {                                             \
+    segattn::scores::scores_kernel<segattn::scores::ScoresTraits<T, D>>(params);           \
   }
 
 SEGATTN_SCORES_ENTRY(segattn_scores_bf16_d64, segattn::bf16, 64)
