@@ -22,18 +22,18 @@ namespace fwd {
 // Out of line: the loop calls it once per 128 tiles, and inlined, its temporaries would add to the
 // register pressure of the whole loop. Arguments by value, so that the caller's state stays in
 // registers (the caller saves what is live around the call).
-template <class Traits, class Classifier>
-__device__ __noinline__ void fill_class_window(const Classifier classifier, const mask::Rule rule,
-                                               const mask::Segments kv, int q0, int kv_len, int pos_offset,
-                                               int end_tile, int base, uint8_t* window) {
+// (Templated on the tile shape only: one copy per shape, whatever the kernel's element type.)
+template <int kBlockM, int kBlockN, int kThreads>
+__device__ __noinline__ void fill_class_window(const mask::TileClassifier<kBlockM, kBlockN, kThreads> classifier,
+                                               const mask::Rule rule, const mask::Segments kv, int q0, int kv_len,
+                                               int pos_offset, int end_tile, int base, uint8_t* window) {
   __syncthreads();  // every thread has read the previous window
   const int t = base + static_cast<int>(threadIdx.x);
   int c = SEGATTN_TILE_SKIP;
   if (t < end_tile) {
-    const int k0 = t * Traits::kBlockN;
+    const int k0 = t * kBlockN;
     // Budget: every piece pair of the tile, so the class is exact (typical tiles have a few).
-    c = classifier.classify_alone(rule, kv, q0, k0, min(k0 + Traits::kBlockN, kv_len), pos_offset,
-                                  Traits::kBlockM * Traits::kBlockN);
+    c = classifier.classify_alone(rule, kv, q0, k0, min(k0 + kBlockN, kv_len), pos_offset, kBlockM * kBlockN);
   }
   window[threadIdx.x] = static_cast<uint8_t>(c);
   __syncthreads();
@@ -100,8 +100,7 @@ struct BlockInfo {
   __device__ int next_visible(const SegattnFwdParams& p, int from, int& cls) {
     for (int t = from; t < end_tile; ++t) {
       if (t < window_base || t >= window_base + Traits::kThreads) {
-        fill_class_window<Traits>(classifier(), rule_of(p), kv_segs_of(p), q0, kv_len, pos_offset, end_tile, t,
-                                  window());
+        fill_class_window(classifier(), rule_of(p), kv_segs_of(p), q0, kv_len, pos_offset, end_tile, t, window());
         window_base = t;
       }
       const int c = window()[t - window_base];
