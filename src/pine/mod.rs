@@ -45,6 +45,11 @@ use crate::validate::{default_scale, AttentionShape};
 /// `[B, L, Hkv, D]` (GQA: `H % Hkv == 0`), f32 / f16 / bf16, one [`PineLayout`] per batch row
 /// (rows may differ; every row must have the same total length).
 ///
+/// Build one per request and share it (or clones of it) between the model's layers: it keeps
+/// what the last call derived from the layouts for its shape (query groups, the attention's mask,
+/// the decode key metadata and their GPU copies), which the other layers of a prefill or of a
+/// decode step then reuse.
+///
 /// ```
 /// use candle_core::{Device, Tensor};
 /// use segattn::pine::{PineAttention, Rope};
