@@ -17,9 +17,10 @@
 // The Q tile (kBlockM x D) lives in K buffer 1: it is loaded together with the first K/V tile
 // (into buffer 0), moved to registers, and only then may buffer 1 be filled; the epilogue stages
 // the output there again. (With kQInSmem Q has its own tile after V[2], + 16 KiB at D = 128; with
-// kRotate, PINE's variant, the turned Q a second one: + 16 KiB at D = 64, + 32 KiB at D = 128.) D = 64: 32 KiB of tiles + 1192 B = 33,960 B (under the 48 KiB default);
-// D = 128: 64 KiB + 1192 B = 66,728 B (the launcher must raise
-// cudaFuncAttributeMaxDynamicSharedMemorySize), two blocks per SM on A100 as on H100.
+// kRotate, PINE's variant, the turned Q a second one: + 16 KiB at D = 64, + 32 KiB at D = 128.)
+// Plain kernel: D = 64: 32 KiB of tiles + 1192 B = 33,960 B (under the 48 KiB default); D = 128:
+// 64 KiB + 1192 B = 66,728 B (the launcher raises cudaFuncAttributeMaxDynamicSharedMemorySize
+// above 48 KiB).
 //
 // Bank conflicts: XOR swizzle of 16-byte chunks, no padding. Chunk c of row r is stored at chunk
 // position (c ^ (r & 7)) of that row. An ldmatrix phase reads 8 consecutive rows at one logical
