@@ -2,7 +2,9 @@
 //! D = 128, H = 16 (and GQA 32 / 8), L = 8k, B = 2: for each mask, our attention alone, the
 //! attention with its fused mass (`return_segment_mass`, per query row; and summed by query
 //! segment), and the standalone op `segment_scores` under the same mask. Wall clock of the public
-//! calls to stream synchronisation, median of `reps` after `warmup`.
+//! calls to stream synchronisation, median of `reps` after `warmup`. The attention alone is also
+//! timed with the 64-row kernel (`SEGATTN_FWD_WIDE=0`): the fused mass extends that kernel, while
+//! plain attention from 128 rows on takes the wide one.
 //!
 //! Masks: documents (8 equal: Sk = 8, the forward kernel's on-chip accumulators), PINE (prefix
 //! 256, 20 segments, suffix 64: Sk = 22) and 100 documents (Sk = 100: the forward kernel then the
@@ -20,12 +22,24 @@ fn equal_docs(len: usize, n: usize) -> Vec<usize> {
     docs
 }
 
+/// `f` with plain attention on the 64-row kernel (`SEGATTN_FWD_WIDE=0`), the setting restored after.
+fn with_64_row_kernel<R>(f: impl FnOnce() -> Result<R>) -> Result<R> {
+    let before = std::env::var("SEGATTN_FWD_WIDE").ok();
+    std::env::set_var("SEGATTN_FWD_WIDE", "0");
+    let res = f();
+    match before {
+        Some(v) => std::env::set_var("SEGATTN_FWD_WIDE", v),
+        None => std::env::remove_var("SEGATTN_FWD_WIDE"),
+    }
+    res
+}
+
 /// The markdown table of the mass benchmark (`smoke`: B = 1, L = 1024, for a dry run).
 pub fn run(dev: &Device, reps: usize, warmup: usize, smoke: bool) -> Result<String> {
     let (batch, len, d) = if smoke { (1, 1024, 128) } else { (2, 8192, 128) };
     let mut out = String::from(
-        "| mask | Sk | heads | attention ms | + fused mass ms | overhead (target <= 15%) | + fused mass by query segment ms | overhead | standalone ms | standalone / attention (target <= 0.60) |\n\
-         |---|---|---|---|---|---|---|---|---|---|\n",
+        "| mask | Sk | heads | attention ms | + fused mass ms | overhead (target <= 15%) | + fused mass by query segment ms | overhead | standalone ms | standalone / attention (target <= 0.60) | attention, 64-row kernel ms | fused overhead over it |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     let documents = |n: usize| SegmentMask::documents(&vec![equal_docs(len, n); batch], dev);
     let pine = || {
@@ -51,16 +65,19 @@ pub fn run(dev: &Device, reps: usize, warmup: usize, smoke: bool) -> Result<Stri
             let per_row = SegmentScoreOptions::new();
             let by_segment = SegmentScoreOptions::new().query_reduction(QueryReduction::SumBySegment);
             let plain_ms = median_ms(dev, reps, warmup, || Ok(attention.forward(&q, &k, &v)?.out))?;
+            let narrow_ms =
+                with_64_row_kernel(|| median_ms(dev, reps, warmup, || Ok(attention.forward(&q, &k, &v)?.out)))?;
             let fused = attention.clone().return_segment_mass(per_row);
             let fused_ms = median_ms(dev, reps, warmup, || Ok(fused.forward(&q, &k, &v)?.out))?;
             let fused_seg = attention.clone().return_segment_mass(by_segment);
             let fused_seg_ms = median_ms(dev, reps, warmup, || Ok(fused_seg.forward(&q, &k, &v)?.out))?;
             let alone_ms = median_ms(dev, reps, warmup, || segment_scores(&q, &k, &mask, &per_row))?;
             out.push_str(&format!(
-                "| {name} | {sk} | {h}/{hkv} | {plain_ms:.3} | {fused_ms:.3} | {:+.1}% | {fused_seg_ms:.3} | {:+.1}% | {alone_ms:.3} | {:.2} |\n",
+                "| {name} | {sk} | {h}/{hkv} | {plain_ms:.3} | {fused_ms:.3} | {:+.1}% | {fused_seg_ms:.3} | {:+.1}% | {alone_ms:.3} | {:.2} | {narrow_ms:.3} | {:+.1}% |\n",
                 100.0 * (fused_ms / plain_ms - 1.0),
                 100.0 * (fused_seg_ms / plain_ms - 1.0),
-                alone_ms / plain_ms
+                alone_ms / plain_ms,
+                100.0 * (fused_ms / narrow_ms - 1.0)
             ));
         }
     }
