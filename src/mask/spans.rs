@@ -3,15 +3,19 @@
 //! For every position we keep its segment id and `span_end`, one past the last position of its
 //! segment. Walking a range of positions segment by segment is then `i = span_end[i]`.
 
+use std::sync::Arc;
+
 use candle_core::{Result, Tensor};
 
 use crate::error::invalid_arg;
 
-/// Segment ids and span ends of every batch row of one side, `[rows, len]` flattened.
+/// Segment ids and span ends of every batch row of one side, `[rows, len]` flattened. Immutable
+/// and shared: a clone (every call's copy of a mask's metadata) costs two reference counts, not
+/// O(len) copies.
 #[derive(Clone, Debug)]
 pub struct SegmentSpans {
-    ids: Vec<u32>,
-    span_end: Vec<u32>,
+    ids: Arc<[u32]>,
+    span_end: Arc<[u32]>,
     rows: usize,
     len: usize,
 }
@@ -52,8 +56,8 @@ impl SegmentSpans {
             }
         }
         Ok(Self {
-            ids,
-            span_end,
+            ids: ids.into(),
+            span_end: span_end.into(),
             rows,
             len,
         })
