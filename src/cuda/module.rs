@@ -51,15 +51,35 @@ pub(crate) struct Kernels {
     fwd: Vec<((DType, usize, FwdVariant), FwdKernel)>,
     /// Split-K merge kernels by (dtype, head dim).
     combine: Vec<((DType, usize), CudaFunction)>,
+    /// The other entry points (mass, PINE), looked up on first use and kept.
+    others: Mutex<Vec<(&'static str, CudaFunction)>>,
     /// Streaming multiprocessors of the device (the split-K heuristic).
     pub sm_count: usize,
 }
 
 impl Kernels {
-    /// The loaded module, for the other kernels of the fatbin (the per-segment mass, whose
-    /// launcher looks its entry points up itself: src/cuda/scores.rs).
+    /// The loaded module.
     pub fn module(&self) -> &Arc<CudaModule> {
         &self._module
+    }
+
+    /// Entry point `name` of the fatbin (the mass and PINE kernels), looked up once per context.
+    pub fn function(&self, name: &'static str) -> Result<CudaFunction> {
+        let mut others = self
+            .others
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("segattn: CUDA function cache poisoned by a panic".into()))?;
+        if let Some((_, f)) = others.iter().find(|(n, _)| *n == name) {
+            return Ok(f.clone());
+        }
+        let f = self.module().load_function(name).map_err(|e| {
+            driver_err(
+                format!("kernel {name} is not in the embedded fatbin (kernels/production.txt lists its file?)"),
+                e,
+            )
+        })?;
+        others.push((name, f.clone()));
+        Ok(f)
     }
 
     /// The split-K merge kernel for `dtype` and `head_dim`.
@@ -219,6 +239,7 @@ fn load(ctx: &Arc<CudaContext>) -> Result<Kernels> {
         _module: module,
         fwd,
         combine,
+        others: Mutex::new(Vec::new()),
         sm_count: usize::try_from(sm_count).unwrap_or(1).max(1),
     })
 }

@@ -50,10 +50,7 @@ pub(crate) fn pine_shifts(
     // SAFETY: the kernel writes every element.
     let mut out = unsafe { stream.alloc::<u32>(n_out.max(1)) }.map_err(|e| driver_err("allocating the shifts", e))?;
     let kernels = module::kernels(stream.context())?;
-    let func = kernels
-        .module()
-        .load_function("segattn_pine_shifts")
-        .map_err(|e| driver_err("looking up segattn_pine_shifts in the embedded fatbin", e))?;
+    let func = kernels.function("segattn_pine_shifts")?;
     {
         let rs = r.as_cuda_slice::<f32>()?;
         let ss = s.as_cuda_slice::<f32>()?;
@@ -227,10 +224,7 @@ pub(crate) fn pine_decode_scores(
     } else {
         "segattn_pine_decode_scores_f16"
     };
-    let func = kernels
-        .module()
-        .load_function(name)
-        .map_err(|e| driver_err(format!("looking up {name} in the embedded fatbin"), e))?;
+    let func = kernels.function(name)?;
     {
         let (qs, ql) = q.storage_and_layout();
         let (ks, kl) = k_cache.storage_and_layout();
@@ -301,10 +295,7 @@ pub(crate) fn pine_decode_scores(
         if splits > 1 {
             let combine = "segattn_pine_decode_scores_combine";
             super::launch::check_grid_of(combine, b, shape.num_heads)?;
-            let func = kernels
-                .module()
-                .load_function(combine)
-                .map_err(|e| driver_err(format!("looking up {combine} in the embedded fatbin"), e))?;
+            let func = kernels.function(combine)?;
             let cfg = LaunchConfig {
                 grid_dim: (shape.q_len as u32, shape.num_heads as u32, b as u32),
                 block_dim: (128, 1, 1),

@@ -144,14 +144,7 @@ pub(crate) fn launch_kernel(
     let Some(smem) = crate::emulated::scores_smem_bytes(dtype, shape.head_dim) else {
         invalid_arg!("internal error: no shared memory size for kernel {name}");
     };
-    let func = kernels.module().load_function(name).map_err(|e| {
-        driver_err(
-            format!(
-                "kernel {name} is not in the embedded fatbin (kernels/production.txt lists kernels/scores/scores.cu?)"
-            ),
-            e,
-        )
-    })?;
+    let func = kernels.function(name)?;
     let cfg = LaunchConfig {
         grid_dim: (
             shape.q_len.div_ceil(BLOCK_M) as u32,
