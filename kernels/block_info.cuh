@@ -158,6 +158,40 @@ struct BlockInfo {
     return window_in(smem);
   }
 
+  // Scores of one 16-row tile `row_tile` against the key tile at k0 (C fragments [kNS][4]) into
+  // the log2 domain (times p.scale_log2), with -inf where the mask hides the key (PARTIAL tiles,
+  // `partial`) or the key is past the end (the ragged last tile). The rows' segments and positions
+  // are read here, not held through the loop.
+  template <int kNS>
+  __device__ __forceinline__ void scale_and_mask(float (&s)[kNS][4], const SegattnFwdParams& p, int row_tile,
+                                                 int lane, const uint32_t* kid, int k0, bool partial) const {
+    if (!partial && k0 + kN <= kv_len) {
+      SEGATTN_UNROLL
+      for (int nb = 0; nb < kNS; ++nb) {
+        SEGATTN_UNROLL
+        for (int e = 0; e < 4; ++e) s[nb][e] *= p.scale_log2;
+      }
+      return;
+    }
+    const mask::Rule rule = rule_of(p);
+    uint32_t row_seg[2];
+    int row_pos[2];
+    rows(row_tile, lane, row_seg, row_pos);
+    const int quad_col = 2 * (lane % 4);
+    SEGATTN_UNROLL
+    for (int nb = 0; nb < kNS; ++nb) {
+      SEGATTN_UNROLL
+      for (int e = 0; e < 4; ++e) {
+        const int col = nb * 8 + quad_col + (e & 1);
+        const int r = e >> 1;
+        const int key = k0 + col;
+        const bool visible =
+            key < kv_len && (!partial || mask::element_visible(rule, row_seg[r], kid[col], row_pos[r], key));
+        s[nb][e] = visible ? s[nb][e] * p.scale_log2 : -INFINITY;
+      }
+    }
+  }
+
   // This thread's two rows of 16-row tile `row_tile` of the block (g and g + 8; a warp's own
   // tile is its index): segment id and position.
   __device__ void rows(int row_tile, int lane, uint32_t (&row_seg)[2], int (&row_pos)[2]) const {

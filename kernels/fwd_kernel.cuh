@@ -211,36 +211,10 @@ __device__ void fwd_kernel(const SegattnFwdParams& p) {
           s_k, lane, s);
     }
 
-    // Scale into the log2 domain; mask PARTIAL tiles and keys past the end.
-    const bool partial = cls == SEGATTN_TILE_PARTIAL;
-    const bool ragged = k0 + kN > kv_len;
+    // Scale into the log2 domain; mask PARTIAL tiles and keys past the end; online softmax.
     SEGATTN_UNROLL
     for (int i = 0; i < kMT; ++i) {
-      if (partial || ragged) {
-        // The rows' segments and positions read here, not held through the loop.
-        const mask::Rule rule = blk.rule_of(p);
-        uint32_t row_seg[2];
-        int row_pos[2];
-        blk.rows(row_tile(i), lane, row_seg, row_pos);
-        SEGATTN_UNROLL
-        for (int nb = 0; nb < Traits::kNS; ++nb) {
-          SEGATTN_UNROLL
-          for (int e = 0; e < 4; ++e) {
-            const int col = nb * 8 + quad_col + (e & 1);
-            const int r = e >> 1;
-            const int key = k0 + col;
-            const bool visible =
-                key < kv_len && (!partial || mask::element_visible(rule, row_seg[r], kid[col], row_pos[r], key));
-            s[i][nb][e] = visible ? s[i][nb][e] * p.scale_log2 : -INFINITY;
-          }
-        }
-      } else {
-        SEGATTN_UNROLL
-        for (int nb = 0; nb < Traits::kNS; ++nb) {
-          SEGATTN_UNROLL
-          for (int e = 0; e < 4; ++e) s[i][nb][e] *= p.scale_log2;
-        }
-      }
+      blk.scale_and_mask(s[i], p, row_tile(i), lane, kid, k0, cls == SEGATTN_TILE_PARTIAL);
       softmax[i].update(s[i], o[i]);
     }
     if constexpr (Traits::kMass) {

@@ -239,21 +239,7 @@ __device__ void scores_kernel(const SegattnScoresParams& sp) {
           s_k, lane, s);
 
       // Scale into the log2 domain; mask PARTIAL tiles and keys past the end.
-      const bool partial = cls == SEGATTN_TILE_PARTIAL;
-      const bool ragged = k0 + kN > kv_len;
-      SEGATTN_UNROLL
-      for (int nb = 0; nb < Traits::kNS; ++nb) {
-        SEGATTN_UNROLL
-        for (int e = 0; e < 4; ++e) {
-          const int col = nb * 8 + quad_col + (e & 1);
-          const int r = e >> 1;
-          const int key = k0 + col;
-          const bool visible =
-              !(partial || ragged) ||
-              (key < kv_len && (!partial || mask::element_visible(blk.rule_of(p), row_seg[r], kid[col], row_pos[r], key)));
-          s[nb][e] = visible ? s[nb][e] * p.scale_log2 : -INFINITY;
-        }
-      }
+      blk.scale_and_mask(s, p, warp, lane, kid, k0, cls == SEGATTN_TILE_PARTIAL);
 
       if (stats_only) {
         float none[1][4] = {{0.0f, 0.0f, 0.0f, 0.0f}};

@@ -256,24 +256,11 @@ fn flat_f64(t: &Tensor) -> Result<Vec<f64>> {
 }
 
 /// Runs one case under every schedule and checks it against the reference, with the plain kernel
-/// the GPU launcher would take.
-fn check_case(
-    desc: &str,
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    mask: &SegmentMask,
-    scale: Option<f64>,
-    seed: u64,
-) -> Result<()> {
-    check_case_tiled(desc, q, k, v, mask, scale, seed, None)
-}
-
-/// [`check_case`] with the kernel chosen: `Some(true)` the wide (128-row) one, `Some(false)` the
-/// 64-row one, `None` as the launcher decides. The wide kernel at D = 64 must give the 64-row
+/// `wide`: `Some(true)` the wide (128-row) one, `Some(false)` the 64-row one, `None` as the GPU
+/// launcher decides. The wide kernel at D = 64 must give the 64-row
 /// kernel's bits (same key tiles, same order of operations per row).
 #[allow(clippy::too_many_arguments)]
-fn check_case_tiled(
+fn check_case(
     desc: &str,
     q: &Tensor,
     k: &Tensor,
@@ -404,7 +391,7 @@ fn run_random_case(
         "seed {seed}: {dtype:?} D {d} B {batch} Lq {lq} Lk {lk} H {h} Hkv {hkv} strided {strided} scale {scale:?} wide {wide:?} mask {name}"
     );
     let (q, k, v) = inputs(&mut rng, (batch, lq, lk, h, hkv, d), dtype, strided).unwrap();
-    check_case_tiled(&desc, &q, &k, &v, &mask, scale, seed, wide).unwrap_or_else(|e| panic!("{desc}\n{e}"));
+    check_case(&desc, &q, &k, &v, &mask, scale, seed, wide).unwrap_or_else(|e| panic!("{desc}\n{e}"));
 }
 
 proptest! {
@@ -465,7 +452,7 @@ fn tile_multiples_and_tiny_lengths() {
             let (q, k, v) = inputs(&mut rng, (2, lq, lk, 4, 2, d), DType::BF16, false).unwrap();
             for wide in [false, true] {
                 let desc = format!("documents Lq {lq} Lk {lk} D {d} wide {wide}");
-                check_case_tiled(&desc, &q, &k, &v, &mask, None, 7, Some(wide)).unwrap();
+                check_case(&desc, &q, &k, &v, &mask, None, 7, Some(wide)).unwrap();
             }
         }
     }
@@ -482,42 +469,18 @@ fn long_key_sequences_refill_the_class_window() {
         let mut rng = Rng(9000 + kind as u64);
         let (name, mask) = build_mask(&mut rng, kind, 1, lq, lk).unwrap();
         let (q, k, v) = inputs(&mut rng, (1, lq, lk, 2, 1, 64), DType::BF16, false).unwrap();
-        check_case(&format!("Lq {lq} Lk {lk} {name}"), &q, &k, &v, &mask, None, 3).unwrap();
+        check_case(&format!("Lq {lq} Lk {lk} {name}"), &q, &k, &v, &mask, None, 3, None).unwrap();
     }
     // SKIP, FULL and PARTIAL tiles all along: every other run of keys is hidden.
-    let mask = alternating_runs(lq, lk).unwrap();
+    let mask = common::cases::alternating_runs(lq, lk).unwrap();
     let mut rng = Rng(9100);
     for d in [64, 128] {
         let (q, k, v) = inputs(&mut rng, (1, lq, lk, 2, 1, d), DType::BF16, false).unwrap();
         for wide in [false, true] {
             let desc = format!("alternating runs D {d} wide {wide}");
-            check_case_tiled(&desc, &q, &k, &v, &mask, None, 3, Some(wide)).unwrap();
+            check_case(&desc, &q, &k, &v, &mask, None, 3, Some(wide)).unwrap();
         }
     }
-}
-
-/// Queries of segment 0 against keys in runs of 500 (segments 0, 1, 2, ...) of which a pair
-/// table hides every other one.
-fn alternating_runs(lq: usize, lk: usize) -> Result<SegmentMask> {
-    let dev = &Device::Cpu;
-    let runs = lk.div_ceil(500);
-    let q_ids = Tensor::from_vec(vec![0u32; lq], (1, lq), dev)?;
-    let kv_ids: Vec<u32> = (0..lk).map(|j| (j / 500) as u32).collect();
-    let kv_ids = Tensor::from_vec(kv_ids, (1, lk), dev)?;
-    let mut rules = vec![vec![None; runs]; runs];
-    for (s, rule) in rules[0].iter_mut().enumerate() {
-        *rule = Some(if s % 2 == 0 {
-            Visibility::Blocked
-        } else {
-            Visibility::Full
-        });
-    }
-    let table = PairTable::from_rules(&rules, dev)?;
-    SegmentMask::new(
-        &q_ids,
-        &kv_ids,
-        PairRule::new(Visibility::Full, Visibility::Full).with_table(table),
-    )
 }
 
 #[test]
@@ -540,7 +503,7 @@ fn fully_masked_rows() -> Result<()> {
     for dtype in [DType::BF16, DType::F16] {
         let mut rng = Rng(5);
         let (q, k, v) = inputs(&mut rng, (2, 147, 147, 2, 1, 128), dtype, false)?;
-        check_case("blocked segment 1", &q, &k, &v, &mask, None, 3)?;
+        check_case("blocked segment 1", &q, &k, &v, &mask, None, 3, None)?;
         let got = forward(&q, &k, &v, &mask, None, Schedule::Forward, 0)?;
         let lse = got.lse.unwrap().to_vec3::<f32>()?;
         assert!(lse[1][1][40..90].iter().all(|&x| x == f32::NEG_INFINITY));

@@ -216,27 +216,8 @@ fn long_key_sequences_refill_the_class_window() -> Result<()> {
             )?;
         }
     }
-    // SKIP, FULL and PARTIAL tiles all along: queries of segment 0 against key runs of 500
-    // (segments 0, 1, 2, ...) of which a pair table hides every other one.
-    let dev = &Device::Cpu;
-    let runs = lk.div_ceil(500);
-    let q_ids = Tensor::from_vec(vec![0u32; lq], (1, lq), dev)?;
-    let kv_ids: Vec<u32> = (0..lk).map(|j| (j / 500) as u32).collect();
-    let kv_ids = Tensor::from_vec(kv_ids, (1, lk), dev)?;
-    let mut rules = vec![vec![None; runs]; runs];
-    for (s, rule) in rules[0].iter_mut().enumerate() {
-        *rule = Some(if s % 2 == 0 {
-            Visibility::Blocked
-        } else {
-            Visibility::Full
-        });
-    }
-    let table = segattn::PairTable::from_rules(&rules, dev)?;
-    let mask = SegmentMask::new(
-        &q_ids,
-        &kv_ids,
-        PairRule::new(Visibility::Full, Visibility::Full).with_table(table),
-    )?;
+    // SKIP, FULL and PARTIAL tiles all along: every other run of keys is hidden.
+    let mask = common::cases::alternating_runs(lq, lk)?;
     let mut rng = Rng::new(9200);
     let q = common::random_tensor(&mut rng, &[1, lq, 2, 64], DType::F16)?;
     let k = common::random_tensor(&mut rng, &[1, lk, 1, 64], DType::F16)?;

@@ -157,3 +157,27 @@ pub fn draw(
         description,
     })
 }
+
+/// Queries of segment 0 against keys in runs of 500 (segments 0, 1, 2, ...) of which a pair table
+/// hides every other one: SKIP, FULL and PARTIAL key tiles all along a long key sequence.
+pub fn alternating_runs(lq: usize, lk: usize) -> Result<SegmentMask> {
+    let dev = &Device::Cpu;
+    let runs = lk.div_ceil(500);
+    let q_ids = Tensor::from_vec(vec![0u32; lq], (1, lq), dev)?;
+    let kv_ids: Vec<u32> = (0..lk).map(|j| (j / 500) as u32).collect();
+    let kv_ids = Tensor::from_vec(kv_ids, (1, lk), dev)?;
+    let mut rules = vec![vec![None; runs]; runs];
+    for (s, rule) in rules[0].iter_mut().enumerate() {
+        *rule = Some(if s % 2 == 0 {
+            Visibility::Blocked
+        } else {
+            Visibility::Full
+        });
+    }
+    let table = PairTable::from_rules(&rules, dev)?;
+    SegmentMask::new(
+        &q_ids,
+        &kv_ids,
+        PairRule::new(Visibility::Full, Visibility::Full).with_table(table),
+    )
+}
