@@ -8,31 +8,33 @@
 
 namespace segattn::emu {
 
-void cp_async_16(void* smem_dst, const void* gmem_src, bool pred, Site site) {
+namespace {
+
+// Queues one copy of `bytes` (16: cp.async.cg, 4: .ca) into the calling thread's list; both
+// addresses must be aligned to it. pred false (src-size 0): nothing is read, the destination
+// bytes are zero-filled.
+void enqueue(void* smem_dst, const void* gmem_src, bool pred, uint32_t bytes, const char* what, Site site) {
   Context& c = context();
   Fiber& me = c.self();
-  const bool bad_dst = (reinterpret_cast<uintptr_t>(smem_dst) & 15) != 0 || smem_dst == nullptr;
-  const bool bad_src = pred && (reinterpret_cast<uintptr_t>(gmem_src) & 15) != 0;
+  const uintptr_t align = bytes - 1;
+  const bool bad_dst = (reinterpret_cast<uintptr_t>(smem_dst) & align) != 0 || smem_dst == nullptr;
+  const bool bad_src = pred && (reinterpret_cast<uintptr_t>(gmem_src) & align) != 0;
   if (bad_dst || bad_src) {
     char buf[96];
-    std::snprintf(buf, sizeof buf, "(dst %p, src %p)", smem_dst, gmem_src);
-    c.fail("cp.async.cg 16 bytes at ", site, ": addresses must be 16-byte aligned ", buf);
+    std::snprintf(buf, sizeof buf, ": addresses must be %u-byte aligned (dst %p, src %p)", bytes, smem_dst, gmem_src);
+    c.fail(what, site, buf);
   }
-  // src-size 0 (pred false): nothing is read, the 16 bytes are zero-filled.
-  me.copies.push_back(AsyncCopy{smem_dst, pred ? gmem_src : nullptr, me.groups_committed, 16});
+  me.copies.push_back(AsyncCopy{smem_dst, pred ? gmem_src : nullptr, me.groups_committed, bytes});
+}
+
+}  // namespace
+
+void cp_async_16(void* smem_dst, const void* gmem_src, bool pred, Site site) {
+  enqueue(smem_dst, gmem_src, pred, 16, "cp.async.cg 16 bytes at ", site);
 }
 
 void cp_async_4(void* smem_dst, const void* gmem_src, bool pred, Site site) {
-  Context& c = context();
-  Fiber& me = c.self();
-  const bool bad_dst = (reinterpret_cast<uintptr_t>(smem_dst) & 3) != 0 || smem_dst == nullptr;
-  const bool bad_src = pred && (reinterpret_cast<uintptr_t>(gmem_src) & 3) != 0;
-  if (bad_dst || bad_src) {
-    char buf[96];
-    std::snprintf(buf, sizeof buf, "(dst %p, src %p)", smem_dst, gmem_src);
-    c.fail("cp.async.ca 4 bytes at ", site, ": addresses must be 4-byte aligned ", buf);
-  }
-  me.copies.push_back(AsyncCopy{smem_dst, pred ? gmem_src : nullptr, me.groups_committed, 4});
+  enqueue(smem_dst, gmem_src, pred, 4, "cp.async.ca 4 bytes at ", site);
 }
 
 void cp_async_commit() { ++context().self().groups_committed; }
