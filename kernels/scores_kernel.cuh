@@ -56,7 +56,7 @@ struct ScoresTraits {
   static constexpr int kThreads = kWarps * 32;
   static_assert(kBlockM == kWarps * 16, "one m16 mma row tile per warp");
   // Blocks per SM the registers must allow (__launch_bounds__): three at D = 64 (at most 168
-  // registers: 165, no spill, against 188 unbounded), one (the compiler's choice) at D = 128.
+  // registers: 161-162 now, no spill; 188 when it was unbounded), one (the compiler's choice) at D = 128.
   static constexpr int kMinBlocks = kHeadDim == 64 ? 3 : 1;
   static_assert(kHeadDim == 64 || kHeadDim == 128, "head dims 64 and 128 are instantiated");
   static_assert(sizeof(T) == 2, "16-bit inputs");
