@@ -1,10 +1,12 @@
 // The per-segment attention mass kernel: Q K^T, the online softmax statistics and, per query row,
 // the sum of the probabilities over each key segment id. No V, nothing of size Lq x Lk.
 //
-// Same structure as the forward kernel (fwd_kernel.cuh): grid (ceil(Lq / 64), H, B), 128 threads,
-// warp w owns query rows 16w .. 16w + 15 of the block's tile; the same tile classifier
-// (mask.cuh: SKIP tiles never loaded), cp.async double-buffered K tiles, Q in registers as
-// ldmatrix A fragments, S = Q K^T with mma.sync m16n8k16, masking and OnlineSoftmax (softmax.cuh).
+// Same structure as the forward kernel (fwd_kernel.cuh): grid (ceil(Lq / kBlockM), H, B), 128
+// threads, warp w owns query rows 16w .. 16w + 15 of the block's tile (the wide kernel, 128 rows:
+// also 64 + 16w ..; each K fragment serves both row tiles); the same tile classes found ahead
+// (block_info.cuh: SKIP tiles never loaded), cp.async double-buffered K tiles, Q in registers as
+// ldmatrix A fragments (wide: read from its shared tile), S = Q K^T with mma.sync m16n8k16,
+// masking and OnlineSoftmax (softmax.cuh).
 // The segment sums are two more mma per 16 keys and 8 segments (segment_mass.cuh: P, as an f16
 // value plus the f16 value of its rounding error, times a one-hot segment matrix built in
 // registers from the key ids): f32-like sums, which PINE's importance order needs.
@@ -23,7 +25,8 @@
 //     (row, segment) element has one owner thread, so without a reduction no atomics are needed.
 //
 // Shared memory (dynamic): K[2] kBlockN x D (double buffer; the Q tile is staged in K buffer 1,
-// as in the forward kernel), then q_id / q_end / q_starts (classifier), k_id[2][kBlockN],
+// as in the forward kernel, or, wide, has its own tile after K), then q_id / q_end / q_starts
+// (classifier), k_id[2][kBlockN],
 // local_id[2][kBlockN] (global id of each local segment of the buffer's tile), scan[2 * kWarps],
 // class[kThreads] (the window of key-tile classes found ahead, block_info.cuh).
 #ifndef SEGATTN_SCORES_KERNEL_CUH
@@ -46,18 +49,26 @@
 namespace segattn {
 namespace scores {
 
-template <class Element, int kHeadDim_>
+template <class Element, int kHeadDim_, int kMTiles_ = 1>
 struct ScoresTraits {
   using T = Element;
   static constexpr int kHeadDim = kHeadDim_;
-  static constexpr int kBlockM = 64;
-  static constexpr int kBlockN = 64;
+  // Row tiles of 16 query rows per warp: 1, or 2 for the wide kernel (as the forward kernel's:
+  // each K fragment and each one-hot segment fragment serves both row tiles, and the loop's
+  // per-tile costs are shared by 128 rows); its Q is read from its own shared tile.
+  static constexpr int kMTiles = kMTiles_;
+  static_assert(kMTiles == 1 || kMTiles == 2, "one or two row tiles per warp");
+  static constexpr bool kQInSmem = kMTiles > 1;
   static constexpr int kWarps = 4;
   static constexpr int kThreads = kWarps * 32;
-  static_assert(kBlockM == kWarps * 16, "one m16 mma row tile per warp");
-  // Blocks per SM the registers must allow (__launch_bounds__): three at D = 64 (at most 168
-  // registers: 161-162 now, no spill; 188 when it was unbounded), one (the compiler's choice) at D = 128.
-  static constexpr int kMinBlocks = kHeadDim == 64 ? 3 : 1;
+  static constexpr int kBlockM = kWarps * 16 * kMTiles;
+  // Keys per tile: 64; 32 for the wide kernel (two row tiles' S and segment accumulators: at 64
+  // keys the D = 64 kernel spills on sm_90).
+  static constexpr int kBlockN = kMTiles > 1 ? 32 : 64;
+  // Blocks per SM the registers must allow (__launch_bounds__): three for the 64-row kernel at
+  // D = 64 (at most 168 registers: 161-162, no spill; 188 when it was unbounded), else one (the
+  // compiler's choice).
+  static constexpr int kMinBlocks = (kHeadDim == 64 && kMTiles == 1) ? 3 : 1;
   static_assert(kHeadDim == 64 || kHeadDim == 128, "head dims 64 and 128 are instantiated");
   static_assert(sizeof(T) == 2, "16-bit inputs");
 
@@ -69,14 +80,15 @@ struct ScoresTraits {
   // kBlockN local segments per tile.
   static constexpr int kSegBlocks = mass::kSegBlocks;
   static constexpr int kMaxOnePassSegments = mass::kMaxOnePassSegments;
-  static_assert(kMaxOnePassSegments == kBlockN, "a tile has at most kBlockN local segments");
+  static_assert(kBlockN <= kMaxOnePassSegments, "a tile has at most kBlockN <= 64 local segments");
 
   static constexpr int kKBytes = kBlockN * kHeadDim * 2;
   static constexpr int kQBytes = kBlockM * kHeadDim * 2;
   static constexpr int kOffK = 0;              // + buf * kKBytes
-  static constexpr int kOffQ = kOffK + kKBytes;  // Q shares K buffer 1 (in registers before its reuse)
-  static_assert(kQBytes <= kKBytes, "the Q tile fits in a K buffer");
-  static constexpr int kOffQId = kOffK + 2 * kKBytes;                  // u32[kBlockM]
+  // Q shares K buffer 1 (in registers before its reuse), or (kQInSmem) has its own tile after K.
+  static constexpr int kOffQ = kQInSmem ? kOffK + 2 * kKBytes : kOffK + kKBytes;
+  static_assert(kQInSmem || kQBytes <= kKBytes, "the Q tile fits in a K buffer");
+  static constexpr int kOffQId = kOffK + 2 * kKBytes + (kQInSmem ? kQBytes : 0);  // u32[kBlockM]
   static constexpr int kOffQEnd = kOffQId + 4 * kBlockM;               // i32[kBlockM]
   static constexpr int kOffQStarts = kOffQEnd + 4 * kBlockM;           // u32[kBlockM / 32]
   static constexpr int kOffKId = kOffQStarts + 4 * (kBlockM / 32);     // u32[2][kBlockN]
@@ -109,6 +121,8 @@ __device__ void scores_kernel(const SegattnScoresParams& sp) {
   uint32_t* const s_kid = reinterpret_cast<uint32_t*>(smem + Traits::kOffKId);          // [2][kN]
   uint32_t* const s_local_id = reinterpret_cast<uint32_t*>(smem + Traits::kOffLocalId);  // [2][kN]
 
+  // A grid built for another entry point would cover the wrong rows: fail loudly.
+  if ((p.block_rows == 0 ? 64 : p.block_rows) != kM) __trap();
   const int tid = static_cast<int>(threadIdx.x);
   const int warp = tid / 32;
   const int lane = tid % 32;
@@ -148,39 +162,54 @@ __device__ void scores_kernel(const SegattnScoresParams& sp) {
                                 min(kN, kv_len - k0));
   };
 
-  // This thread's two rows (g and g + 8 of the warp).
+  // This thread's rows: g and g + 8 of each of the warp's kMT row tiles (row tile i of warp w is
+  // rows 16 (w + kWarps i) .. + 15 of the block), and where they land in `mass` (query
+  // reduction: the row's query segment id).
+  constexpr int kMT = Traits::kMTiles;
+  const auto row_tile = [&](int i) { return warp + Traits::kWarps * i; };
   const int g = lane / 4;
   const int quad_col = 2 * (lane % 4);
-  uint32_t row_seg[2];
-  int row_pos[2];
-  blk.rows(warp, lane, row_seg, row_pos);
-  // Where this thread's rows land in `mass` (query reduction: the row's query segment id).
-  float* row_out[2];
-  mass::row_outputs(sp.out, b, h, q0, q1, warp, g, row_seg, row_out);
+  float* row_out[kMT][2];
+  SEGATTN_UNROLL
+  for (int i = 0; i < kMT; ++i) {
+    uint32_t row_seg[2];
+    int row_pos[2];
+    blk.rows(row_tile(i), lane, row_seg, row_pos);
+    mass::row_outputs(sp.out, b, h, q0, q1, row_tile(i), g, row_seg, row_out[i]);
+  }
 
   // One pass: the accumulators of segment ids 0..8 kSB - 1 (C fragments: rows g, g + 8; ids
   // 8 nb + quad_col + {0, 1}). Two passes: the current tile's sums by local segment.
-  float acc[kSB][4];
+  float acc[kMT][kSB][4];
+  fwd::OnlineSoftmax softmax[kMT];
+  // Two passes: log2-domain LSE of each row (+inf: sees nothing).
+  float lse2[kMT][2];
   SEGATTN_UNROLL
-  for (int nb = 0; nb < kSB; ++nb) {
+  for (int i = 0; i < kMT; ++i) {
     SEGATTN_UNROLL
-    for (int e = 0; e < 4; ++e) acc[nb][e] = 0.0f;
+    for (int nb = 0; nb < kSB; ++nb) {
+      SEGATTN_UNROLL
+      for (int e = 0; e < 4; ++e) acc[i][nb][e] = 0.0f;
+    }
+    softmax[i].init();
+    lse2[i][0] = INFINITY;
+    lse2[i][1] = INFINITY;
   }
-  fwd::OnlineSoftmax softmax;
-  softmax.init();
-  float lse2[2] = {INFINITY, INFINITY};  // two passes: log2-domain LSE of each row (+inf: sees nothing)
   // Two passes with the forward kernel's LSE: the statistics pass is skipped.
   const bool saved = two_pass && sp.saved_lse != nullptr;
   if (saved) {
     SEGATTN_UNROLL
-    for (int r = 0; r < 2; ++r) {
-      const int row = q0 + warp * 16 + g + 8 * r;
-      const float lse = row < q1 ? sp.saved_lse[(static_cast<int64_t>(b) * p.num_heads + h) * p.q_len + row]
-                                 : -INFINITY;
-      lse2[r] = lse == -INFINITY ? INFINITY : lse * 1.44269504088896340736f;  // ln -> log2
+    for (int i = 0; i < kMT; ++i) {
+      SEGATTN_UNROLL
+      for (int r = 0; r < 2; ++r) {
+        const int row = q0 + row_tile(i) * 16 + g + 8 * r;
+        const float lse = row < q1 ? sp.saved_lse[(static_cast<int64_t>(b) * p.num_heads + h) * p.q_len + row]
+                                   : -INFINITY;
+        lse2[i][r] = lse == -INFINITY ? INFINITY : lse * 1.44269504088896340736f;  // ln -> log2
+      }
     }
   }
-  uint32_t qf[Traits::kDK][4];
+  uint32_t qf[Traits::kQInSmem ? 1 : Traits::kDK][4];
 
   const int passes = two_pass ? 2 : 1;
   for (int pass = saved ? 1 : 0; pass < passes; ++pass) {
@@ -200,9 +229,9 @@ __device__ void scores_kernel(const SegattnScoresParams& sp) {
       if (first) {
         cp_async_wait<1>();  // the Q group
         __syncthreads();
-        fwd::load_q_fragments<Traits>(s_q, warp, lane, qf);
+        if constexpr (!Traits::kQInSmem) fwd::load_q_fragments<Traits>(s_q, warp, lane, qf);
       }
-      __syncthreads();  // the ids; (first pass) the Q tile shares K buffer 1, which the loop's
+      __syncthreads();  // the ids; (first pass) the Q tile may share K buffer 1, which the loop's
                         // first prefetch overwrites
     }
 
@@ -229,55 +258,59 @@ __device__ void scores_kernel(const SegattnScoresParams& sp) {
       const uint32_t* const kid = s_kid + buf * kN;
       const int k0 = tile * kN;
 
-      // S = Q K^T.
-      float s[Traits::kNS][4];
-      fwd::qk_tile<Traits>(
-          [&](int kc, uint32_t(&qa)[4]) {
-            SEGATTN_UNROLL
-            for (int i = 0; i < 4; ++i) qa[i] = qf[kc][i];
+      // S = Q K^T, each K fragment serving every row tile of the warp.
+      float s[kMT][Traits::kNS][4];
+      fwd::qk_tiles<Traits, kMT>(
+          [&](int i, int kc, uint32_t(&qa)[4]) {
+            if constexpr (Traits::kQInSmem) {
+              fwd::load_q_fragment<Traits>(s_q, row_tile(i), lane, kc, qa);
+            } else {
+              SEGATTN_UNROLL
+              for (int j = 0; j < 4; ++j) qa[j] = qf[kc][j];
+            }
           },
           s_k, lane, s);
 
-      // Scale into the log2 domain; mask PARTIAL tiles and keys past the end.
-      blk.scale_and_mask(s, p, warp, lane, kid, k0, cls == SEGATTN_TILE_PARTIAL);
-
-      if (stats_only) {
-        float none[1][4] = {{0.0f, 0.0f, 0.0f, 0.0f}};
-        softmax.update(s, none);
-      } else if (!exact) {
-        softmax.update(s, acc);  // s -> unnormalised P; acc rescaled like O
+      // Which segment blocks the tile touches (the same in every thread).
+      int nb_lo = 0;
+      int nb_hi = -1;
+      if (exact) {
+        nb_hi = (__popc(starts[0]) + __popc(starts[1]) - 1) / 8;
       } else {
-        SEGATTN_UNROLL
-        for (int nb = 0; nb < Traits::kNS; ++nb) {
-          SEGATTN_UNROLL
-          for (int e = 0; e < 4; ++e) s[nb][e] = exp2_approx(s[nb][e] - lse2[e >> 1]);
-        }
+        nb_lo = static_cast<int>(kid[0] / 8u);
+        nb_hi = static_cast<int>(kid[min(kN, kv_len - k0) - 1] / 8u);
       }
+      // P x one-hot(segment of each key): global ids in one pass, local numbers in the second.
+      const auto seg_of = [&](int j) { return exact ? local_of(starts, j) : static_cast<int>(kid[j]); };
 
-      if (!stats_only) {
-        // Which segment blocks the tile touches (the same in every thread).
-        int nb_lo = 0;
-        int nb_hi = -1;
-        if (exact) {
-          nb_hi = (__popc(starts[0]) + __popc(starts[1]) - 1) / 8;
-        } else {
-          nb_lo = static_cast<int>(kid[0] / 8u);
-          nb_hi = static_cast<int>(kid[min(kN, kv_len - k0) - 1] / 8u);
+      SEGATTN_UNROLL
+      for (int i = 0; i < kMT; ++i) {
+        // Scale into the log2 domain; mask PARTIAL tiles and keys past the end.
+        blk.scale_and_mask(s[i], p, row_tile(i), lane, kid, k0, cls == SEGATTN_TILE_PARTIAL);
+        if (stats_only) {
+          float none[1][4] = {{0.0f, 0.0f, 0.0f, 0.0f}};
+          softmax[i].update(s[i], none);
+          continue;
         }
-        if (exact) {
+        if (!exact) {
+          softmax[i].update(s[i], acc[i]);  // s -> unnormalised P; acc rescaled like O
+        } else {
+          SEGATTN_UNROLL
+          for (int nb = 0; nb < Traits::kNS; ++nb) {
+            SEGATTN_UNROLL
+            for (int e = 0; e < 4; ++e) s[i][nb][e] = exp2_approx(s[i][nb][e] - lse2[i][e >> 1]);
+          }
           // Two passes: acc holds this tile's sums only (local segments).
           SEGATTN_UNROLL
           for (int nb = 0; nb < kSB; ++nb) {
             SEGATTN_UNROLL
-            for (int e = 0; e < 4; ++e) acc[nb][e] = 0.0f;
+            for (int e = 0; e < 4; ++e) acc[i][nb][e] = 0.0f;
           }
         }
-        // P x one-hot(segment of each key): global ids in one pass, local numbers in the second.
-        const auto seg_of = [&](int j) { return exact ? local_of(starts, j) : static_cast<int>(kid[j]); };
         // Two f16 terms of P: PINE orders segments by these sums, so they must agree with f32
         // ones well below the gaps that decide an order (one term: 2^-11 relative). acc holds the
         // sums times mass::kTermScale.
-        mass::accumulate<2>(s, seg_of, lane, nb_lo, nb_hi, acc);
+        mass::accumulate<2>(s[i], seg_of, lane, nb_lo, nb_hi, acc[i]);
         if (exact) {
           // Add the tile's sums to mass[row][global id of each local segment].
           const int nloc = __popc(starts[0]) + __popc(starts[1]);
@@ -288,8 +321,8 @@ __device__ void scores_kernel(const SegattnScoresParams& sp) {
             SEGATTN_UNROLL
             for (int e = 0; e < 4; ++e) {
               const int loc = 8 * nb + quad_col + (e & 1);
-              float* const out = row_out[e >> 1];
-              const float v = acc[nb][e] * (1.0f / mass::kTermScale);
+              float* const out = row_out[i][e >> 1];
+              const float v = acc[i][nb][e] * (1.0f / mass::kTermScale);
               const uint32_t id = local_id[loc];
               // (Every key id is below num_segments; the test only keeps a stray id in bounds.)
               if (loc < nloc && out != nullptr && v != 0.0f && id < static_cast<uint32_t>(sp.out.num_segments)) {
@@ -315,9 +348,12 @@ __device__ void scores_kernel(const SegattnScoresParams& sp) {
 
     if (stats_only) {
       SEGATTN_UNROLL
-      for (int r = 0; r < 2; ++r) {
-        const float sum = fwd::quad_sum(softmax.row_sum[r]);
-        lse2[r] = sum > 0.0f ? softmax.row_max[r] + log2f(sum) : INFINITY;
+      for (int i = 0; i < kMT; ++i) {
+        SEGATTN_UNROLL
+        for (int r = 0; r < 2; ++r) {
+          const float sum = fwd::quad_sum(softmax[i].row_sum[r]);
+          lse2[i][r] = sum > 0.0f ? softmax[i].row_max[r] + log2f(sum) : INFINITY;
+        }
       }
     }
   }
@@ -325,12 +361,15 @@ __device__ void scores_kernel(const SegattnScoresParams& sp) {
   if (!two_pass) {
     // Epilogue: normalise by the row sum; store every (row < q1, id < num_segments) element, or
     // add the nonzero ones under a reduction.
-    float inv[2];
-    float lse[2];
-    softmax.finalize(inv, lse);
     SEGATTN_UNROLL
-    for (int r = 0; r < 2; ++r) inv[r] *= 1.0f / mass::kTermScale;  // acc holds scaled sums
-    mass::store_rows(acc, inv, row_out, sp.out, lane);
+    for (int i = 0; i < kMT; ++i) {
+      float inv[2];
+      float lse[2];
+      softmax[i].finalize(inv, lse);
+      SEGATTN_UNROLL
+      for (int r = 0; r < 2; ++r) inv[r] *= 1.0f / mass::kTermScale;  // acc holds scaled sums
+      mass::store_rows(acc[i], inv, row_out[i], sp.out, lane);
+    }
   }
 }
 

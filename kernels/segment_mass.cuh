@@ -42,13 +42,13 @@ __device__ __forceinline__ void atomic_add(float* p, float v) {
 #endif
 }
 
-// Where this thread's rows (g and g + 8 of warp `warp`, query segment ids `row_seg`) land in
-// `out`: the row of `mass` for (b, h), or nullptr for a row past q1.
-__device__ __forceinline__ void row_outputs(const SegattnMassOutput& out, int b, int h, int q0, int q1, int warp,
+// Where this thread's rows (g and g + 8 of 16-row tile `row_tile` of the block, query segment ids
+// `row_seg`) land in `out`: the row of `mass` for (b, h), or nullptr for a row past q1.
+__device__ __forceinline__ void row_outputs(const SegattnMassOutput& out, int b, int h, int q0, int q1, int row_tile,
                                             int g, const uint32_t (&row_seg)[2], float* (&row_out)[2]) {
   SEGATTN_UNROLL
   for (int r = 0; r < 2; ++r) {
-    const int row = q0 + warp * 16 + g + 8 * r;
+    const int row = q0 + row_tile * 16 + g + 8 * r;
     const int64_t ro = out.query_reduce != 0 ? static_cast<int64_t>(row_seg[r]) : static_cast<int64_t>(row);
     const int64_t ho = out.head_reduce != 0 ? 0 : h;
     row_out[r] = row < q1 ? out.mass + static_cast<int64_t>(b) * out.batch_stride + ho * out.head_stride +

@@ -27,7 +27,7 @@ use crate::validate::{default_scale, AttentionShape};
 mod pine;
 mod scores;
 pub use pine::{decode_scores_smem_bytes, pine_decode, pine_decode_importance_both, pine_prefill, pine_shifts_both};
-pub use scores::{scores_smem_bytes, segment_scores};
+pub use scores::{scores_smem_bytes, segment_scores, segment_scores_tiled};
 
 /// The order in which the emulator runs the threads of a block between synchronisation points
 /// (see `kernels/emu/emu_api.h`). Warp-granular schedules expose missing barriers.
@@ -499,7 +499,7 @@ pub(crate) fn run_forward(
             k: ki.ptr,
             ..base_params(&shape, dtype, scale as f32, [qi.strides, ki.strides, ki.strides])?
         };
-        scores::run_kernel(base, &host, plan, true, Some(&lse), buf, schedule, seed)?;
+        scores::run_kernel(base, &host, plan, true, Some(&lse), buf, None, schedule, seed)?;
     }
     drop((qi, ki, vi));
     let segment_mass = match mass {

@@ -202,3 +202,13 @@ impl FwdVariant {
         }
     }
 }
+
+/// Query rows per block of the mass kernel (`params.base.block_rows`): 128 (the wide kernel) where
+/// plain attention takes the wide forward kernel (the same rule and `SEGATTN_FWD_WIDE`), else 64;
+/// `wide` forces the choice.
+pub(crate) fn mass_block_rows(q_len: usize, wide: Option<bool>) -> usize {
+    match wide {
+        None => FwdVariant::plain(q_len, 1).block_rows(),
+        Some(_) => FwdVariant::plain_with(q_len, 1, wide).block_rows(),
+    }
+}

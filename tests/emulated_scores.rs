@@ -14,7 +14,7 @@ use candle_core::{DType, Device, Result, Tensor};
 use common::cases::{draw, MASK_KINDS};
 use common::{env_count, mass_tolerance, mass_tolerance_for, proptest_config, random_mass_options, worst_ratio, Rng};
 use proptest::prelude::*;
-use segattn::emulated::{scores_smem_bytes, segment_scores, Schedule};
+use segattn::emulated::{scores_smem_bytes, segment_scores, segment_scores_tiled, Schedule};
 use segattn::{
     reference, HeadReduction, MassAlgorithm, PairRule, QueryReduction, SegmentMask, SegmentScoreOptions, Visibility,
 };
@@ -30,12 +30,29 @@ fn cases(default: u32) -> u32 {
 /// gives the same bits; under a reduction, where warps add into shared elements with atomics in
 /// schedule order (as on a GPU), the same values to f32 rounding.
 fn check(desc: &str, q: &Tensor, k: &Tensor, mask: &SegmentMask, opts: &SegmentScoreOptions, seed: u64) -> Result<()> {
+    check_tiled(desc, q, k, mask, opts, seed, None)
+}
+
+/// [`check`] with the kernel's tile chosen: `Some(true)` 128 query rows per block, `Some(false)`
+/// 64, `None` as the GPU launcher decides (128 from 128 rows on).
+fn check_tiled(
+    desc: &str,
+    q: &Tensor,
+    k: &Tensor,
+    mask: &SegmentMask,
+    opts: &SegmentScoreOptions,
+    seed: u64,
+    wide: Option<bool>,
+) -> Result<()> {
     let want = reference::segment_mass(q, k, mask, opts)?;
     let (_, lq, h, _) = q.dims4()?;
     let (atol, rtol) = mass_tolerance_for(q.dtype(), opts, lq, h);
     let mut first: Option<Vec<f32>> = None;
     for schedule in SCHEDULES {
-        let got = segment_scores(q, k, mask, opts, schedule, seed)?;
+        let got = match wide {
+            None => segment_scores(q, k, mask, opts, schedule, seed)?,
+            Some(w) => segment_scores_tiled(q, k, mask, opts, w, schedule, seed)?,
+        };
         assert_eq!(got.dims(), want.dims(), "{desc}");
         let (r, at) = worst_ratio(&got, &want, atol, rtol)?;
         if r > 1.0 {
@@ -81,6 +98,7 @@ fn run_random_case(
     lk: usize,
     lq_equal: bool,
     kind: usize,
+    wide: Option<bool>,
 ) {
     let dtype = if bf16 { DType::BF16 } else { DType::F16 };
     let d = if d128 { 128 } else { 64 };
@@ -103,8 +121,8 @@ fn run_random_case(
     } else {
         (case.q.clone(), case.k.clone())
     };
-    let desc = format!("{} {opts:?}", case.description);
-    check(&desc, &q, &k, &case.mask, &opts, seed).unwrap_or_else(|e| panic!("{desc}\n{e}"));
+    let desc = format!("{} {opts:?} wide {wide:?}", case.description);
+    check_tiled(&desc, &q, &k, &case.mask, &opts, seed, wide).unwrap_or_else(|e| panic!("{desc}\n{e}"));
 }
 
 proptest! {
@@ -120,8 +138,11 @@ proptest! {
         lk in 1usize..=200,
         lq_equal in any::<bool>(),
         kind in 0usize..MASK_KINDS.len(),
+        tile in 0usize..3,
     ) {
-        run_random_case(seed, bf16, d128, batch, heads, lk, lq_equal, kind);
+        // The launcher's choice (wide from 128 rows on), or either kernel forced at any size.
+        let wide = [None, Some(false), Some(true)][tile];
+        run_random_case(seed, bf16, d128, batch, heads, lk, lq_equal, kind, wide);
     }
 }
 
@@ -149,14 +170,10 @@ fn every_mask_kind_both_algorithms() -> Result<()> {
         };
         for algorithm in [one_pass, MassAlgorithm::TwoPass] {
             let opts = SegmentScoreOptions::new().algorithm(algorithm);
-            check(
-                &format!("{} {algorithm:?}", case.description),
-                &case.q,
-                &case.k,
-                &case.mask,
-                &opts,
-                1,
-            )?;
+            for wide in [false, true] {
+                let desc = format!("{} {algorithm:?} wide {wide}", case.description);
+                check_tiled(&desc, &case.q, &case.k, &case.mask, &opts, 1, Some(wide))?;
+            }
         }
     }
     Ok(())
@@ -206,14 +223,10 @@ fn long_key_sequences_refill_the_class_window() -> Result<()> {
         let k = common::random_tensor(&mut rng, &[1, lk, 1, 64], DType::BF16)?;
         for algorithm in [MassAlgorithm::Auto, MassAlgorithm::TwoPass] {
             let opts = SegmentScoreOptions::new().algorithm(algorithm);
-            check(
-                &format!("{} Lq {lq} Lk {lk} {algorithm:?}", MASK_KINDS[kind]),
-                &q,
-                &k,
-                &mask,
-                &opts,
-                2,
-            )?;
+            for wide in [false, true] {
+                let desc = format!("{} Lq {lq} Lk {lk} {algorithm:?} wide {wide}", MASK_KINDS[kind]);
+                check_tiled(&desc, &q, &k, &mask, &opts, 2, Some(wide))?;
+            }
         }
     }
     // SKIP, FULL and PARTIAL tiles all along: every other run of keys is hidden.
@@ -223,7 +236,17 @@ fn long_key_sequences_refill_the_class_window() -> Result<()> {
     let k = common::random_tensor(&mut rng, &[1, lk, 1, 64], DType::F16)?;
     for algorithm in [MassAlgorithm::OnePass, MassAlgorithm::TwoPass] {
         let opts = SegmentScoreOptions::new().algorithm(algorithm);
-        check(&format!("alternating runs {algorithm:?}"), &q, &k, &mask, &opts, 2)?;
+        for wide in [false, true] {
+            check_tiled(
+                &format!("alternating runs {algorithm:?} wide {wide}"),
+                &q,
+                &k,
+                &mask,
+                &opts,
+                2,
+                Some(wide),
+            )?;
+        }
     }
     Ok(())
 }
@@ -291,10 +314,15 @@ fn limits_and_smem() -> Result<()> {
         .to_string();
     assert!(e.contains("head dim") && e.contains("96"), "{e}");
     for (d, want) in [(64usize, 18_088usize), (128, 34_472)] {
-        assert_eq!(scores_smem_bytes(DType::BF16, d), Some(want));
-        assert_eq!(scores_smem_bytes(DType::F16, d), Some(want));
+        assert_eq!(scores_smem_bytes(DType::BF16, d, false), Some(want));
+        assert_eq!(scores_smem_bytes(DType::F16, d, false), Some(want));
     }
-    assert_eq!(scores_smem_bytes(DType::F32, 64), None);
+    // The wide kernel: Q (128 rows) in its own tile, 32-key tiles.
+    for (d, want) in [(64usize, 26_288usize), (128, 50_864)] {
+        assert_eq!(scores_smem_bytes(DType::BF16, d, true), Some(want));
+        assert_eq!(scores_smem_bytes(DType::F16, d, true), Some(want));
+    }
+    assert_eq!(scores_smem_bytes(DType::F32, 64, false), None);
     Ok(())
 }
 

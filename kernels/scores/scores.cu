@@ -4,7 +4,10 @@
 //   segattn_scores_bf16_d64, segattn_scores_bf16_d128, segattn_scores_f16_d64, segattn_scores_f16_d128
 //   grid (ceil(Lq / 64), H, B), block 128 threads,
 //   dynamic shared memory segattn::scores::ScoresTraits<T, D>::kSmemBytes
-//   (D = 64: 18,088 bytes; D = 128: 34,472 bytes: under the 48 KiB default).
+//   (D = 64: 18,088 bytes; D = 128: 34,472 bytes: under the 48 KiB default);
+//   segattn_scores_wide_{bf16,f16}_d{64,128}: 128 query rows per block (two 16-row tiles per warp,
+//   Q in its own shared tile; key tiles of 32 at D = 128), grid (ceil(Lq / 128), H, B),
+//   params.base.block_rows = 128.
 // Inputs as for the forward kernel (16-byte aligned q / k, strides multiples of 8 elements). The
 // mass output must be zeroed first when two_pass, head_reduce or query_reduce is set (the kernel
 // adds into it); see SegattnScoresParams in segattn_params.h.
@@ -14,17 +17,22 @@
 #include "platform.cuh"
 #include "scores_kernel.cuh"
 
-#define SEGATTN_SCORES_ENTRY(name, T, D)                                                   \
-  extern "C" __global__ void __launch_bounds__(segattn::scores::ScoresTraits<T, D>::kThreads, \
-                                               segattn::scores::ScoresTraits<T, D>::kMinBlocks) \
-      name(const SegattnScoresParams params) {                                             \
-    segattn::scores::scores_kernel<segattn::scores::ScoresTraits<T, D>>(params);           \
+#define SEGATTN_SCORES_ENTRY(name, T, D, MTILES)                                                     \
+  extern "C" __global__ void __launch_bounds__(segattn::scores::ScoresTraits<T, D, MTILES>::kThreads,   \
+                                               segattn::scores::ScoresTraits<T, D, MTILES>::kMinBlocks) \
+      name(const SegattnScoresParams params) {                                                       \
+    segattn::scores::scores_kernel<segattn::scores::ScoresTraits<T, D, MTILES>>(params);             \
   }
 
-SEGATTN_SCORES_ENTRY(segattn_scores_bf16_d64, segattn::bf16, 64)
-SEGATTN_SCORES_ENTRY(segattn_scores_bf16_d128, segattn::bf16, 128)
-SEGATTN_SCORES_ENTRY(segattn_scores_f16_d64, segattn::f16, 64)
-SEGATTN_SCORES_ENTRY(segattn_scores_f16_d128, segattn::f16, 128)
+SEGATTN_SCORES_ENTRY(segattn_scores_bf16_d64, segattn::bf16, 64, 1)
+SEGATTN_SCORES_ENTRY(segattn_scores_bf16_d128, segattn::bf16, 128, 1)
+SEGATTN_SCORES_ENTRY(segattn_scores_f16_d64, segattn::f16, 64, 1)
+SEGATTN_SCORES_ENTRY(segattn_scores_f16_d128, segattn::f16, 128, 1)
+// Wide: 128 query rows per block.
+SEGATTN_SCORES_ENTRY(segattn_scores_wide_bf16_d64, segattn::bf16, 64, 2)
+SEGATTN_SCORES_ENTRY(segattn_scores_wide_bf16_d128, segattn::bf16, 128, 2)
+SEGATTN_SCORES_ENTRY(segattn_scores_wide_f16_d64, segattn::f16, 64, 2)
+SEGATTN_SCORES_ENTRY(segattn_scores_wide_f16_d128, segattn::f16, 128, 2)
 
 #undef SEGATTN_SCORES_ENTRY
 
@@ -84,12 +92,25 @@ extern "C" int segattn_emu_scores(const SegattnScoresParams* p) {
                   ScoresTraits<bf16, 64>::kMaxOnePassSegments, p->out.num_segments);
     return emu_entry::fail(message);
   }
+  if (b.block_rows != 0 && b.block_rows != 64 && b.block_rows != 128) {
+    std::snprintf(message, sizeof message, "segattn_emu_scores: block_rows %d (expected 64 or 128)", b.block_rows);
+    return emu_entry::fail(message);
+  }
   const bool d64 = b.head_dim == 64;
+  const bool wide = b.block_rows == 128;
   switch (b.dtype) {
     case SEGATTN_DTYPE_BF16:
+      if (wide) {
+        return d64 ? emu_entry::launch<ScoresTraits<bf16, 64, 2>>(*p, segattn_scores_wide_bf16_d64)
+                   : emu_entry::launch<ScoresTraits<bf16, 128, 2>>(*p, segattn_scores_wide_bf16_d128);
+      }
       return d64 ? emu_entry::launch<ScoresTraits<bf16, 64>>(*p, segattn_scores_bf16_d64)
                  : emu_entry::launch<ScoresTraits<bf16, 128>>(*p, segattn_scores_bf16_d128);
     case SEGATTN_DTYPE_F16:
+      if (wide) {
+        return d64 ? emu_entry::launch<ScoresTraits<f16, 64, 2>>(*p, segattn_scores_wide_f16_d64)
+                   : emu_entry::launch<ScoresTraits<f16, 128, 2>>(*p, segattn_scores_wide_f16_d128);
+      }
       return d64 ? emu_entry::launch<ScoresTraits<f16, 64>>(*p, segattn_scores_f16_d64)
                  : emu_entry::launch<ScoresTraits<f16, 128>>(*p, segattn_scores_f16_d128);
     default:
@@ -100,12 +121,16 @@ extern "C" int segattn_emu_scores(const SegattnScoresParams* p) {
   }
 }
 
-// Dynamic shared memory of the mass kernel for (dtype, head_dim), 0 if unsupported.
-extern "C" int segattn_emu_scores_smem_bytes(int dtype, int head_dim) {
+// Dynamic shared memory of the mass kernel for (dtype, head_dim, wide: 0 or 1), 0 if unsupported.
+extern "C" int segattn_emu_scores_smem_bytes(int dtype, int head_dim, int wide) {
   using namespace segattn::scores;
   if (dtype != SEGATTN_DTYPE_BF16 && dtype != SEGATTN_DTYPE_F16) return 0;
-  if (head_dim == 64) return ScoresTraits<segattn::bf16, 64>::kSmemBytes;
-  if (head_dim == 128) return ScoresTraits<segattn::bf16, 128>::kSmemBytes;
+  if (head_dim == 64) {
+    return wide ? ScoresTraits<segattn::bf16, 64, 2>::kSmemBytes : ScoresTraits<segattn::bf16, 64>::kSmemBytes;
+  }
+  if (head_dim == 128) {
+    return wide ? ScoresTraits<segattn::bf16, 128, 2>::kSmemBytes : ScoresTraits<segattn::bf16, 128>::kSmemBytes;
+  }
   return 0;
 }
 

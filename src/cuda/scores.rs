@@ -10,6 +10,7 @@
 use std::sync::Arc;
 
 use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
 use candle_core::cuda_backend::cudarc::driver::{
     CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg,
 };
@@ -31,9 +32,8 @@ use crate::validate::AttentionShape;
 // the kernel's only parameter; its pointers are device addresses that the kernel dereferences.
 unsafe impl DeviceRepr for SegattnScoresParams {}
 
-/// Threads per block and query rows per block (`ScoresTraits::kThreads`, `kBlockM`).
+/// Threads per block (`ScoresTraits::kThreads`); query rows per block: `mass_block_rows`.
 const THREADS: u32 = 128;
-const BLOCK_M: usize = 64;
 
 /// The raw mass of q `[B, Lq, H, D]` and k `[B, Lk, Hkv, D]` (bf16 / f16, D = 64 / 128) under
 /// `host`, laid out by `plan`; `two_pass` selects the kernel's algorithm (one pass needs
@@ -126,7 +126,9 @@ fn typed<T: CudaDType + DeviceRepr + candle_core::WithDType>(
 
 /// Launches the mass kernel for `dtype` and `shape.head_dim` with `params` (q, k, mask, mass and,
 /// for the fused mass after a forward launch, the forward kernel's LSE, all live device
-/// allocations of the sizes stated in it) on `stream`, checked.
+/// allocations of the sizes stated in it) on `stream`, checked: the 128-row kernel where plain
+/// attention takes the wide forward kernel (`params.base.block_rows` set to match), else the
+/// 64-row one.
 pub(crate) fn launch_kernel(
     stream: &Arc<CudaStream>,
     kernels: &Kernels,
@@ -134,20 +136,41 @@ pub(crate) fn launch_kernel(
     shape: &AttentionShape,
     params: &SegattnScoresParams,
 ) -> Result<()> {
-    let name = match (dtype, shape.head_dim) {
-        (DType::BF16, 64) => "segattn_scores_bf16_d64",
-        (DType::BF16, _) => "segattn_scores_bf16_d128",
-        (_, 64) => "segattn_scores_f16_d64",
-        _ => "segattn_scores_f16_d128",
+    let block_rows = crate::kernel_params::mass_block_rows(shape.q_len, None);
+    let wide = block_rows == 128;
+    let name = match (wide, dtype, shape.head_dim) {
+        (false, DType::BF16, 64) => "segattn_scores_bf16_d64",
+        (false, DType::BF16, _) => "segattn_scores_bf16_d128",
+        (false, _, 64) => "segattn_scores_f16_d64",
+        (false, _, _) => "segattn_scores_f16_d128",
+        (true, DType::BF16, 64) => "segattn_scores_wide_bf16_d64",
+        (true, DType::BF16, _) => "segattn_scores_wide_bf16_d128",
+        (true, _, 64) => "segattn_scores_wide_f16_d64",
+        (true, _, _) => "segattn_scores_wide_f16_d128",
     };
-    // The traits' size, from the same headers compiled for the host (under 48 KiB: no opt-in).
-    let Some(smem) = crate::emulated::scores_smem_bytes(dtype, shape.head_dim) else {
+    let mut params = *params;
+    params.base.block_rows = block_rows as i32;
+    let params = &params;
+    // The traits' size, from the same headers compiled for the host.
+    let Some(smem) = crate::emulated::scores_smem_bytes(dtype, shape.head_dim, wide) else {
         invalid_arg!("internal error: no shared memory size for kernel {name}");
     };
     let func = kernels.function(name)?;
+    if smem > 48 * 1024 {
+        func.set_attribute(
+            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            smem as i32,
+        )
+        .map_err(|e| {
+            driver_err(
+                format!("raising the dynamic shared memory of {name} to {smem} bytes"),
+                e,
+            )
+        })?;
+    }
     let cfg = LaunchConfig {
         grid_dim: (
-            shape.q_len.div_ceil(BLOCK_M) as u32,
+            shape.q_len.div_ceil(block_rows) as u32,
             shape.num_heads as u32,
             shape.batch as u32,
         ),

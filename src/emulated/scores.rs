@@ -19,15 +19,15 @@ use crate::validate::{default_scale, AttentionShape};
 
 extern "C" {
     fn segattn_emu_scores(params: *const SegattnScoresParams) -> c_int;
-    fn segattn_emu_scores_smem_bytes(dtype: c_int, head_dim: c_int) -> c_int;
+    fn segattn_emu_scores_smem_bytes(dtype: c_int, head_dim: c_int, wide: c_int) -> c_int;
 }
 
 /// Dynamic shared memory of the mass kernel for `dtype` (bf16 / f16) and `head_dim` (64 / 128),
-/// from the kernel's traits, or `None` when unsupported.
-pub fn scores_smem_bytes(dtype: DType, head_dim: usize) -> Option<usize> {
+/// 64-row or `wide` (128 rows per block), from the kernel's traits, or `None` when unsupported.
+pub fn scores_smem_bytes(dtype: DType, head_dim: usize, wide: bool) -> Option<usize> {
     let code = dtype_code(dtype)?;
     // SAFETY: a pure function of its arguments.
-    let bytes = unsafe { segattn_emu_scores_smem_bytes(code, c_int::try_from(head_dim).ok()?) };
+    let bytes = unsafe { segattn_emu_scores_smem_bytes(code, c_int::try_from(head_dim).ok()?, c_int::from(wide)) };
     (bytes > 0).then_some(bytes as usize)
 }
 
@@ -41,6 +41,33 @@ pub fn segment_scores(
     k: &Tensor,
     mask: &SegmentMask,
     options: &SegmentScoreOptions,
+    schedule: Schedule,
+    seed: u64,
+) -> Result<Tensor> {
+    run_segment_scores(q, k, mask, options, None, schedule, seed)
+}
+
+/// [`segment_scores`] with the kernel's tile chosen: `wide` = 128 query rows per block
+/// (`segattn_scores_wide_*`), else 64, whatever the number of rows (the GPU launcher takes the
+/// wide one from 128 rows on).
+pub fn segment_scores_tiled(
+    q: &Tensor,
+    k: &Tensor,
+    mask: &SegmentMask,
+    options: &SegmentScoreOptions,
+    wide: bool,
+    schedule: Schedule,
+    seed: u64,
+) -> Result<Tensor> {
+    run_segment_scores(q, k, mask, options, Some(wide), schedule, seed)
+}
+
+fn run_segment_scores(
+    q: &Tensor,
+    k: &Tensor,
+    mask: &SegmentMask,
+    options: &SegmentScoreOptions,
+    wide: Option<bool>,
     schedule: Schedule,
     seed: u64,
 ) -> Result<Tensor> {
@@ -75,7 +102,7 @@ pub fn segment_scores(
         k: ki.ptr,
         ..base_params(&shape, dtype, scale as f32, [qi.strides, ki.strides, ki.strides])?
     };
-    run_kernel(base, &host, &plan, two_pass, None, &mut mass, schedule, seed)?;
+    run_kernel(base, &host, &plan, two_pass, None, &mut mass, wide, schedule, seed)?;
     drop((qi, ki));
     let raw = Tensor::from_vec(mass, (b_out, h_out, l_out, sk), &Device::Cpu)?;
     apply_weights(raw, &plan)
@@ -83,7 +110,8 @@ pub fn segment_scores(
 
 /// Runs the emulated mass kernel with the q / k / sizes of `base` under `host` into `mass` (raw,
 /// laid out by `plan`; zeroed first where the kernel adds into it). `saved_lse` (`[B, H, Lq]`, with
-/// `two_pass`): the forward kernel's LSE, which replaces the kernel's first pass.
+/// `two_pass`): the forward kernel's LSE, which replaces the kernel's first pass. `wide`: the
+/// 128-row kernel or not (`None`: as the GPU launcher chooses).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn run_kernel(
     mut base: SegattnFwdParams,
@@ -92,11 +120,13 @@ pub(crate) fn run_kernel(
     two_pass: bool,
     saved_lse: Option<&[f32]>,
     mass: &mut [f32],
+    wide: Option<bool>,
     schedule: Schedule,
     seed: u64,
 ) -> Result<()> {
     fill_mask_params(&mut base, host);
     let q_len = usize::try_from(base.q_len).unwrap_or(0);
+    base.block_rows = crate::kernel_params::mass_block_rows(q_len, wide) as i32;
     if let Some(lse) = saved_lse {
         let want = plan.batch * plan.num_heads * q_len;
         if !two_pass || lse.len() != want {
