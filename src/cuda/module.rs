@@ -65,6 +65,12 @@ impl Kernels {
 
     /// Entry point `name` of the fatbin (the mass and PINE kernels), looked up once per context.
     pub fn function(&self, name: &'static str) -> Result<CudaFunction> {
+        self.function_with_smem(name, 0)
+    }
+
+    /// [`Kernels::function`] for a kernel that takes `smem` bytes of dynamic shared memory (a
+    /// constant of its traits): above the 48 KiB default, the limit is raised once, on lookup.
+    pub fn function_with_smem(&self, name: &'static str, smem: usize) -> Result<CudaFunction> {
         let mut others = self
             .others
             .lock()
@@ -78,6 +84,18 @@ impl Kernels {
                 e,
             )
         })?;
+        if smem > DEFAULT_DYNAMIC_SMEM {
+            f.set_attribute(
+                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                smem as i32,
+            )
+            .map_err(|e| {
+                driver_err(
+                    format!("raising the dynamic shared memory of {name} to {smem} bytes"),
+                    e,
+                )
+            })?;
+        }
         others.push((name, f.clone()));
         Ok(f)
     }

@@ -10,7 +10,6 @@
 use std::sync::Arc;
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
 use candle_core::cuda_backend::cudarc::driver::{
     CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg,
 };
@@ -155,19 +154,7 @@ pub(crate) fn launch_kernel(
     let Some(smem) = crate::emulated::scores_smem_bytes(dtype, shape.head_dim, wide) else {
         invalid_arg!("internal error: no shared memory size for kernel {name}");
     };
-    let func = kernels.function(name)?;
-    if smem > 48 * 1024 {
-        func.set_attribute(
-            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            smem as i32,
-        )
-        .map_err(|e| {
-            driver_err(
-                format!("raising the dynamic shared memory of {name} to {smem} bytes"),
-                e,
-            )
-        })?;
-    }
+    let func = kernels.function_with_smem(name, smem)?;
     let cfg = LaunchConfig {
         grid_dim: (
             shape.q_len.div_ceil(block_rows) as u32,
