@@ -255,7 +255,7 @@ if [ "$PHASE" = profile ]; then
     done
     SEGATTN_FWD_WIDE=0 profile_one "causal L8192 B2 H16/16 D128, 64-row kernel" '^segattn_fwd_bf16_d128$' \
       "$WORK/gpu_bench" --filter "causal L8192 B2 H16/16 D128" --reps 20 --warmup 3
-    profile_one "mass (standalone)" '^segattn_scores_bf16_d128$' "$WORK/gpu_bench" --mass
+    profile_one "mass (standalone)" '^segattn_scores_(wide_)?bf16_d128$' "$WORK/gpu_bench" --mass
     profile_one "mass (fused forward)" '^segattn_fwd_mass_bf16_d128$' "$WORK/gpu_bench" --mass
     profile_one "PINE prefill attention" '^segattn_fwd_rope_bf16_d128$' "$WORK/gpu_bench" --pine
     profile_one "PINE decode importance" '^segattn_pine_decode_scores_bf16$' "$WORK/gpu_bench" --pine
