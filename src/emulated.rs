@@ -612,3 +612,35 @@ pub fn classify_tile_both(
         alone: u8::try_from(alone).ok(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The emulated entry points refuse a block size no kernel has (a launcher bug), naming it.
+    #[test]
+    fn unknown_block_rows_are_errors() {
+        let mut p = SegattnFwdParams {
+            batch: 1,
+            q_len: 1,
+            kv_len: 1,
+            num_heads: 1,
+            num_kv_heads: 1,
+            head_dim: 64,
+            dtype: dtype_code(DType::BF16).unwrap(),
+            block_rows: 96,
+            ..Default::default()
+        };
+        // SAFETY: the params are rejected before any pointer in them is read.
+        let rc = unsafe { segattn_emu_fwd(&p) };
+        assert_ne!(rc, 0);
+        assert!(last_error().contains("block_rows 96"), "{}", last_error());
+        // The wide kernel is plain attention without split-K.
+        p.block_rows = 128;
+        p.kv_splits = 2;
+        // SAFETY: as above.
+        let rc = unsafe { segattn_emu_fwd(&p) };
+        assert_ne!(rc, 0);
+        assert!(last_error().contains("wide kernel"), "{}", last_error());
+    }
+}
