@@ -59,6 +59,9 @@ struct BlockInfo {
   // split) (kv_splits <= 1: no split-K), its query pieces recorded in shared memory and its
   // key-tile range.
   __device__ void init(const SegattnFwdParams& p, char* smem, int kv_splits) {
+    // A grid built for another entry point (params.block_rows, 0 read as 64) would cover the
+    // wrong rows: fail loudly.
+    if ((p.block_rows == 0 ? 64 : p.block_rows) != kM) __trap();
     window_base = -2 * Traits::kThreads;
     const int splits = max(kv_splits, 1);
     b = static_cast<int>(blockIdx.z);

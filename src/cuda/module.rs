@@ -48,6 +48,8 @@ pub(crate) struct FwdKernel {
 /// The loaded module of one context: the forward kernels by (dtype, head dim, variant).
 pub(crate) struct Kernels {
     _module: Arc<CudaModule>,
+    /// The context the module is loaded in (bound before function attributes are set).
+    ctx: Arc<CudaContext>,
     fwd: Vec<((DType, usize, FwdVariant), FwdKernel)>,
     /// Split-K merge kernels by (dtype, head dim).
     combine: Vec<((DType, usize), CudaFunction)>,
@@ -84,18 +86,7 @@ impl Kernels {
                 e,
             )
         })?;
-        if smem > DEFAULT_DYNAMIC_SMEM {
-            f.set_attribute(
-                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                smem as i32,
-            )
-            .map_err(|e| {
-                driver_err(
-                    format!("raising the dynamic shared memory of {name} to {smem} bytes"),
-                    e,
-                )
-            })?;
-        }
+        raise_dynamic_smem(&self.ctx, &f, name, smem)?;
         others.push((name, f.clone()));
         Ok(f)
     }
@@ -167,6 +158,26 @@ pub(crate) fn kernels(ctx: &Arc<CudaContext>) -> Result<Arc<Kernels>> {
     Ok(kernels)
 }
 
+/// Raises the dynamic shared memory limit of `func` (entry point `name` in `ctx`) to `smem` bytes
+/// when that is above the 48 KiB every kernel may use without opting in.
+fn raise_dynamic_smem(ctx: &Arc<CudaContext>, func: &CudaFunction, name: &str, smem: usize) -> Result<()> {
+    if smem <= DEFAULT_DYNAMIC_SMEM {
+        return Ok(());
+    }
+    ctx.bind_to_thread()
+        .map_err(|e| driver_err(format!("binding the context of GPU {}", ctx.ordinal()), e))?;
+    func.set_attribute(
+        CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        smem as i32,
+    )
+    .map_err(|e| {
+        driver_err(
+            format!("raising the dynamic shared memory of {name} to {smem} bytes"),
+            e,
+        )
+    })
+}
+
 fn load(ctx: &Arc<CudaContext>) -> Result<Kernels> {
     let gpu = ctx.ordinal();
     let module = ctx.load_module(Ptx::from_binary(FATBIN.to_vec())).map_err(|e| {
@@ -219,20 +230,7 @@ fn load(ctx: &Arc<CudaContext>) -> Result<Kernels> {
             ))
             .bt());
         }
-        if smem > DEFAULT_DYNAMIC_SMEM {
-            ctx.bind_to_thread()
-                .map_err(|e| driver_err(format!("binding the context of GPU {gpu}"), e))?;
-            func.set_attribute(
-                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                smem as i32,
-            )
-            .map_err(|e| {
-                driver_err(
-                    format!("raising the dynamic shared memory of {name} to {smem} bytes"),
-                    e,
-                )
-            })?;
-        }
+        raise_dynamic_smem(ctx, &func, name, smem)?;
         fwd.push((
             (dtype, head_dim, variant),
             FwdKernel {
@@ -255,6 +253,7 @@ fn load(ctx: &Arc<CudaContext>) -> Result<Kernels> {
         .map_err(|e| driver_err(format!("querying the multiprocessor count of GPU {gpu}"), e))?;
     Ok(Kernels {
         _module: module,
+        ctx: ctx.clone(),
         fwd,
         combine,
         others: Mutex::new(Vec::new()),
