@@ -179,20 +179,7 @@ fn single_token_segments_at_the_limit() -> Result<()> {
 /// Rows that see no key (a blocked segment) get zero mass on both paths, as they get a zero output.
 #[test]
 fn fully_masked_rows() -> Result<()> {
-    let dev = &Device::Cpu;
-    let lens = [40usize, 50, 57];
-    let ids: Vec<u32> = lens
-        .iter()
-        .enumerate()
-        .flat_map(|(i, &l)| std::iter::repeat_n(i as u32, l))
-        .collect();
-    let ids = Tensor::from_vec(ids, (1, 147), dev)?;
-    let b = Some(Visibility::Blocked);
-    let table = segattn::PairTable::from_rules(&[vec![None, None, None], vec![b, b, b], vec![None, None, None]], dev)?;
-    let mask = SegmentMask::self_attention(
-        &ids,
-        PairRule::new(Visibility::Causal, Visibility::Full).with_table(table),
-    )?;
+    let mask = common::cases::blocked_middle_segment()?;
     let mut rng = Rng::new(5);
     for (d, algorithm) in [(128usize, MassAlgorithm::OnePass), (64, MassAlgorithm::TwoPass)] {
         let case = Case {

@@ -181,3 +181,22 @@ pub fn alternating_runs(lq: usize, lk: usize) -> Result<SegmentMask> {
         PairRule::new(Visibility::Full, Visibility::Full).with_table(table),
     )
 }
+
+/// 147 tokens in segments of 40, 50 and 57 (causal inside, full across) where a pair table blocks
+/// every key for the queries of the middle segment: rows 40..90 see nothing.
+pub fn blocked_middle_segment() -> Result<SegmentMask> {
+    let dev = &Device::Cpu;
+    let lens = [40usize, 50, 57];
+    let ids: Vec<u32> = lens
+        .iter()
+        .enumerate()
+        .flat_map(|(i, &l)| std::iter::repeat_n(i as u32, l))
+        .collect();
+    let ids = Tensor::from_vec(ids, (1, 147), dev)?;
+    let b = Some(Visibility::Blocked);
+    let table = PairTable::from_rules(&[vec![None, None, None], vec![b, b, b], vec![None, None, None]], dev)?;
+    SegmentMask::self_attention(
+        &ids,
+        PairRule::new(Visibility::Causal, Visibility::Full).with_table(table),
+    )
+}
