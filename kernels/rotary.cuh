@@ -39,12 +39,16 @@ struct QueryRotator {
 
   // Makes the warp's rows of the turned tile `s_qt` its rows of `s_q` turned for the keys of
   // segment `id` (rows q0 + row0 and q0 + row0 + 8 of (b, h) for this thread). A no-op when the
-  // id did not change. Warp-collective (ldmatrix); ends with __syncwarp: the warp reads only its
-  // own rows of `s_qt`.
+  // id did not change. Warp-collective (ldmatrix); begins and ends with __syncwarp: the warp reads
+  // only its own rows of `s_qt`.
   __device__ __forceinline__ void turn_for(const SegattnFwdParams& p, int b, int h, int q0, int q1, int row0,
                                            uint32_t id, const char* s_q, char* s_qt, int warp, int lane) {
     if (static_cast<int>(id) == cur_id) return;
     cur_id = static_cast<int>(id);
+    // The warp's S mma of the last tile read these rows of `s_qt` (ldmatrix, other lanes' rows):
+    // their reads are ordered before this turn's writes (compute-sanitizer racecheck reported the
+    // intra-warp hazard under independent thread scheduling).
+    __syncwarp();
     const SegattnRotation& rot = p.rotation;
     int angle[2];
     SEGATTN_UNROLL

@@ -111,10 +111,13 @@ status=0
 if [ "$PHASE" = test ] || [ "$PHASE" = all ]; then
   : >"$OUTDIR/tests.log"
   per_test=$((300 / ${#GPU_TESTS[@]}))
+  # Time kept for the sanitizers: 250 s, or 2/5 of a smaller budget (tests come first).
+  san_reserve=$((BUDGET * 2 / 5))
+  [ "$san_reserve" -gt 250 ] && san_reserve=250
   for name in "${GPU_TESTS[@]}"; do
     log "(1) property tests on the GPU: $name"
     t=$SECONDS
-    SEGATTN_REQUIRE_GPU=1 budgeted "$per_test" 250 "$WORK/$name" --test-threads "$(nproc)" >"$WORK/$name.log" 2>&1
+    SEGATTN_REQUIRE_GPU=1 budgeted "$per_test" "$san_reserve" "$WORK/$name" --test-threads "$(nproc)" >"$WORK/$name.log" 2>&1
     rc=$?
     { echo "=== $name (exit $rc) ==="; cat "$WORK/$name.log"; } >>"$OUTDIR/tests.log"
     tail -25 "$WORK/$name.log"
@@ -132,9 +135,14 @@ if [ "$PHASE" = test ] || [ "$PHASE" = all ]; then
     small=(tile_multiples_and_tiny_lengths fully_masked_rows empty_inputs misaligned_views gpu_kernel_matches_reference)
     for tool in memcheck racecheck synccheck initcheck; do
       t=$SECONDS
+      # Our kernels only, except initcheck: it tracks the writes of instrumented kernels alone, so
+      # with the filter the outputs of candle's copy / cast kernels read as uninitialised (the
+      # 2026-11-26 findings in empty_inputs, misaligned_views and the fused mass test; clean without).
+      kn=(--kernel-name kns=segattn_)
+      [ "$tool" = initcheck ] && kn=()
       # Small cases only (the sanitizers slow kernels down 10-100x); our kernels only.
       SEGATTN_REQUIRE_GPU=1 SEGATTN_GPU_CASES=8 \
-        budgeted 60 15 "$SAN" --tool "$tool" --error-exitcode 99 --kernel-name kns=segattn_fwd \
+        budgeted 60 15 "$SAN" --tool "$tool" --error-exitcode 99 "${kn[@]}" \
         "$WORK/gpu_fwd" --test-threads 1 "${small[@]}" >"$WORK/san-$tool.log" 2>&1
       rc=$?
       # PINE (the rope kernels, the shifts kernel, split-K and its merge) and the per-segment mass
@@ -144,7 +152,7 @@ if [ "$PHASE" = test ] || [ "$PHASE" = all ]; then
         read -r -a run <<<"$extra"
         [ -x "$WORK/${run[0]}" ] || continue
         SEGATTN_REQUIRE_GPU=1 SEGATTN_GPU_CASES=4 \
-          budgeted 60 15 "$SAN" --tool "$tool" --error-exitcode 99 --kernel-name kns=segattn_ \
+          budgeted 60 15 "$SAN" --tool "$tool" --error-exitcode 99 "${kn[@]}" \
           "$WORK/${run[0]}" --test-threads 1 "${run[@]:1}" >>"$WORK/san-$tool.log" 2>&1
         rc2=$?
         [ "$rc" = 0 ] && rc=$rc2

@@ -463,10 +463,7 @@ pub(crate) fn run_forward(
     }
     // The entry point the GPU launcher would take (segattn_emu_fwd dispatches on these fields).
     if rotation.is_none() && !matches!(mass, Some((_, true, _))) {
-        let variant = match wide {
-            None => FwdVariant::plain(kshape.q_len, kv_splits),
-            Some(_) => FwdVariant::plain_with(kshape.q_len, kv_splits, wide),
-        };
+        let variant = FwdVariant::plain(kshape.q_len, kv_splits, khost.rule.has_causal(), wide);
         p.block_rows = variant.block_rows() as i32;
     }
     // The rotation's arrays, packed as the GPU launcher uploads them (alive until the launch ends).

@@ -179,23 +179,16 @@ impl FwdVariant {
     }
 
     /// The kernel for plain attention (no rotation, no fused mass): the wide one when there are at
-    /// least 128 query rows and no split-K (FlashAttention-2's tile: each K and V fragment read
-    /// from shared memory feeds two mma, and the loop's per-tile costs are shared by 128 rows),
-    /// else the 64-row one. `SEGATTN_FWD_WIDE=0` always takes the 64-row kernel, `=1` the wide one
-    /// wherever it applies (any number of rows; tests).
-    pub(crate) fn plain(q_len: usize, kv_splits: usize) -> Self {
-        let setting = std::env::var("SEGATTN_FWD_WIDE").ok();
-        let wide = match setting.as_deref() {
-            Some("0") => Some(false),
-            Some("1") => Some(true),
-            _ => None,
-        };
-        Self::plain_with(q_len, kv_splits, wide)
-    }
-
-    /// [`FwdVariant::plain`] with the choice given (`None`: by the number of rows).
-    pub(crate) fn plain_with(q_len: usize, kv_splits: usize, wide: Option<bool>) -> Self {
-        if wide.unwrap_or(q_len >= 128) && kv_splits <= 1 {
+    /// least 128 query rows, no split-K and no causal pair in the mask (`causal`), else the 64-row
+    /// one. The wide kernel (FlashAttention-2's tile: each K and V fragment read from shared memory
+    /// feeds two mma, the loop's per-tile costs shared by 128 rows) wins where tiles are full; on
+    /// an H200 it lost where the diagonal's partial tiles weigh (bench/NOTES.md CUDA 10: causal
+    /// -2%, causal documents -14 to -21%, full +6%). `SEGATTN_FWD_WIDE=0` always takes the 64-row
+    /// kernel, `=1` the wide one wherever it applies (any number of rows or mask; tests).
+    /// `forced` (tests) takes precedence over `SEGATTN_FWD_WIDE`, which takes precedence over the rule.
+    pub(crate) fn plain(q_len: usize, kv_splits: usize, causal: bool, forced: Option<bool>) -> Self {
+        let wide = forced.or_else(wide_setting).unwrap_or(q_len >= 128 && !causal);
+        if wide && kv_splits <= 1 {
             Self::Wide
         } else {
             Self::Plain
@@ -203,12 +196,18 @@ impl FwdVariant {
     }
 }
 
-/// Query rows per block of the mass kernel (`params.base.block_rows`): 128 (the wide kernel) where
-/// plain attention takes the wide forward kernel (the same rule and `SEGATTN_FWD_WIDE`), else 64;
-/// `wide` forces the choice.
-pub(crate) fn mass_block_rows(q_len: usize, wide: Option<bool>) -> usize {
-    match wide {
-        None => FwdVariant::plain(q_len, 1).block_rows(),
-        Some(_) => FwdVariant::plain_with(q_len, 1, wide).block_rows(),
+/// `SEGATTN_FWD_WIDE`: `Some(false)` for "0", `Some(true)` for "1", else `None` (the rule decides).
+fn wide_setting() -> Option<bool> {
+    match std::env::var("SEGATTN_FWD_WIDE").ok().as_deref() {
+        Some("0") => Some(false),
+        Some("1") => Some(true),
+        _ => None,
     }
+}
+
+/// Query rows per block of the mass kernel (`params.base.block_rows`): 128 (the wide kernel) where
+/// plain attention would take the wide forward kernel (the same rule and `SEGATTN_FWD_WIDE`), else
+/// 64; `wide` forces the choice.
+pub(crate) fn mass_block_rows(q_len: usize, causal: bool, wide: Option<bool>) -> usize {
+    FwdVariant::plain(q_len, 1, causal, wide).block_rows()
 }

@@ -8,14 +8,17 @@
 //   segattn_pine_decode_scores_combine (kv_splits > 1): grid (Lq, H, B), 128 threads.
 //
 // One block per (key slice, query row, KV head) scores that slice for ALL P query heads of the KV
-// head, so each key row is read once per KV head, not once per query head. A warp takes one key
-// at a time, its lanes over the rotate-half pairs (coalesced loads of the key row and of its
-// position's cos / sin row); the cache holds k rotated at its original position p, and
+// head, so each key row is read once per KV head, not once per query head. A warp takes keys
+// kUnroll at a time (their loads all in flight before the first dot product: a decode step is
+// bound by load latency, not arithmetic), its lanes over the rotate-half pairs (coalesced loads
+// of the key row and of its position's cos / sin row); the cache holds k rotated at its original
+// position p, and
 //   q . rope^-1(k, p) = sum over pairs c of  cos(p f_c) (q1 k1 + q2 k2) + sin(p f_c) (q1 k2 - q2 k1),
-// reduced over the warp with shuffles, for each head in turn from the same key registers. Two
-// passes over the slice (the row max, then exp(s - max) summed per segment in shared memory): no
-// per-key buffer; decode caches sit in L2 for the second pass. Slices let short-query decode fill
-// the GPU; their partial (max, sum, per-segment sums) merge like split-K attention's.
+// reduced over the warp with shuffles, for each head in turn from the same key registers. One
+// pass over the slice, in chunks of kChunk keys: the chunk's scores go to shared memory, then its
+// max, then exp(s - max) summed per segment; the per-segment sums are rescaled when a chunk raises
+// the max (online softmax, as the attention's O). Slices let short-query decode fill the GPU;
+// their partial (max, sum, per-segment sums) merge like split-K attention's.
 //
 // Host emulation (SEGATTN_EMULATE): `segattn_emu_pine_decode_scores(params)`.
 #include "platform.cuh"
@@ -28,6 +31,9 @@ namespace pine {
 
 constexpr int kDecodeScoresThreads = 128;
 constexpr int kDecodeScoresWarps = kDecodeScoresThreads / 32;
+// Keys per chunk (scores held in shared memory) and keys in flight per warp.
+constexpr int kDecodeScoresChunk = 128;
+constexpr int kDecodeScoresUnroll = 4;
 
 // Adds v to *p in shared memory: atomically on the GPU; the emulator runs a block's threads as
 // fibers of one OS thread, so a plain add is atomic there.
@@ -44,10 +50,15 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-// Shared memory (floats): q [P][D] (scaled), acc [P][S], per-warp max and sum [kWarps][P] each,
-// block max [P].
+__device__ __forceinline__ float warp_max(float v) {
+  for (int m = 16; m >= 1; m /= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, m));
+  return v;
+}
+
+// Shared memory (4-byte words): q [P][D] (scaled), scores [P][kChunk], acc [P][S], running max
+// [P], rescale [P], the chunk's key positions and segment ids [kChunk] each.
 __host__ __device__ inline int decode_scores_smem_floats(int heads_per_kv, int head_dim, int num_segments) {
-  return heads_per_kv * (head_dim + num_segments + 2 * kDecodeScoresWarps + 1);
+  return heads_per_kv * (head_dim + kDecodeScoresChunk + num_segments + 2) + 2 * kDecodeScoresChunk;
 }
 
 template <class T, int kHeadDim>
@@ -59,10 +70,12 @@ __device__ void decode_scores_kernel(const SegattnDecodeScoresParams& p) {
   const int P = p.num_heads / p.num_kv_heads;
   const int S = p.num_segments;
   float* const s_q = smem;                                  // [P][D]
-  float* const s_acc = s_q + P * kHeadDim;                  // [P][S]
-  float* const s_wmax = s_acc + P * S;                      // [kWarps][P]
-  float* const s_wsum = s_wmax + kDecodeScoresWarps * P;    // [kWarps][P]
-  float* const s_max = s_wsum + kDecodeScoresWarps * P;     // [P]
+  float* const s_score = s_q + P * kHeadDim;                // [P][kChunk]
+  float* const s_acc = s_score + P * kDecodeScoresChunk;    // [P][S]
+  float* const s_max = s_acc + P * S;                       // [P]
+  float* const s_rescale = s_max + P;                       // [P]
+  uint32_t* const s_pos = reinterpret_cast<uint32_t*>(s_rescale + P);  // [kChunk]
+  uint32_t* const s_seg = s_pos + kDecodeScoresChunk;                  // [kChunk]
   const int split = static_cast<int>(blockIdx.x);
   const int i = static_cast<int>(blockIdx.y) / p.num_kv_heads;
   const int kh = static_cast<int>(blockIdx.y) % p.num_kv_heads;
@@ -71,7 +84,7 @@ __device__ void decode_scores_kernel(const SegattnDecodeScoresParams& p) {
   const int warp = tid / 32;
   const int lane = tid % 32;
 
-  // The P query rows, scaled; zeroed sums.
+  // The P query rows, scaled; zeroed sums, no max yet.
   for (int x = tid; x < P * kHeadDim; x += kDecodeScoresThreads) {
     const int hh = x / kHeadDim;
     const T* const q = static_cast<const T*>(p.q) + static_cast<int64_t>(b) * p.q_strides.batch +
@@ -80,11 +93,7 @@ __device__ void decode_scores_kernel(const SegattnDecodeScoresParams& p) {
     s_q[x] = to_float(q[x % kHeadDim]) * p.scale;
   }
   for (int x = tid; x < P * S; x += kDecodeScoresThreads) s_acc[x] = 0.0f;
-  for (int x = tid; x < kDecodeScoresWarps * P; x += kDecodeScoresThreads) {
-    s_wmax[x] = -INFINITY;
-    s_wsum[x] = 0.0f;
-  }
-  __syncthreads();
+  for (int x = tid; x < P; x += kDecodeScoresThreads) s_max[x] = -INFINITY;
 
   const int splits = max(p.kv_splits, 1);
   const int per = (p.kv_len + splits - 1) / splits;
@@ -95,16 +104,15 @@ __device__ void decode_scores_kernel(const SegattnDecodeScoresParams& p) {
   const uint32_t* const pos = p.key_pos + static_cast<int64_t>(b) * p.kv_len;
   const uint32_t* const seg = p.key_seg + static_cast<int64_t>(b) * p.kv_len;
 
-  // This lane's pairs c = lane kPairs + t of key j: the key halves and the cos / sin of its
-  // position (one coalesced read of each per key), then each head's score from them.
+  // This lane's pairs c = lane kPairs + t of a key: its halves and the cos / sin of its position.
   struct KeyPairs {
     float k1[kPairs], k2[kPairs], c[kPairs], s[kPairs];
   };
-  auto load_key = [&](int j) {
+  auto load_key = [&](int j, uint32_t at) {
     KeyPairs kp;
     const T* const kr = k_base + static_cast<int64_t>(j) * p.k_strides.row;
-    const float* const cs = p.cos + static_cast<int64_t>(pos[j]) * kHalf;
-    const float* const sn = p.sin + static_cast<int64_t>(pos[j]) * kHalf;
+    const float* const cs = p.cos + static_cast<int64_t>(at) * kHalf;
+    const float* const sn = p.sin + static_cast<int64_t>(at) * kHalf;
     SEGATTN_UNROLL
     for (int t = 0; t < kPairs; ++t) {
       const int c = lane * kPairs + t;
@@ -127,42 +135,72 @@ __device__ void decode_scores_kernel(const SegattnDecodeScoresParams& p) {
     return warp_sum(acc);  // every lane holds the score
   };
 
-  // Pass 1: each head's max over the slice's segment keys.
-  for (int j = j0 + warp; j < j1; j += kDecodeScoresWarps) {
-    if (seg[j] == 0) continue;  // warp-uniform
-    const KeyPairs kp = load_key(j);
-    for (int hh = 0; hh < P; ++hh) {
-      const float sc = score(kp, hh);
-      if (lane == 0) s_wmax[warp * P + hh] = fmaxf(s_wmax[warp * P + hh], sc);
+  for (int c0 = j0; c0 < j1; c0 += kDecodeScoresChunk) {
+    const int n = min(kDecodeScoresChunk, j1 - c0);
+    __syncthreads();  // the last chunk's scores and ids are consumed (and the setup is written)
+    for (int jj = tid; jj < n; jj += kDecodeScoresThreads) {
+      s_pos[jj] = pos[c0 + jj];
+      s_seg[jj] = seg[c0 + jj];
     }
-  }
-  __syncthreads();
-  for (int hh = tid; hh < P; hh += kDecodeScoresThreads) {
-    float m = -INFINITY;
-    for (int w = 0; w < kDecodeScoresWarps; ++w) m = fmaxf(m, s_wmax[w * P + hh]);
-    s_max[hh] = m;
-  }
-  __syncthreads();
+    __syncthreads();
 
-  // Pass 2: exp(s - max) summed per segment (a head whose max is -inf saw no key here).
-  for (int j = j0 + warp; j < j1; j += kDecodeScoresWarps) {
-    if (seg[j] == 0) continue;
-    const KeyPairs kp = load_key(j);
-    for (int hh = 0; hh < P; ++hh) {
-      const float e = expf(score(kp, hh) - s_max[hh]);
-      if (lane == 0) {
-        smem_add(&s_acc[hh * S + seg[j]], e);
-        s_wsum[warp * P + hh] += e;  // this warp's own slot
+    // (1) Scores of the chunk's keys, -inf for keys outside every segment (id 0).
+    for (int base = warp; base < n; base += kDecodeScoresWarps * kDecodeScoresUnroll) {
+      KeyPairs kp[kDecodeScoresUnroll] = {};
+      SEGATTN_UNROLL
+      for (int u = 0; u < kDecodeScoresUnroll; ++u) {
+        const int jj = base + u * kDecodeScoresWarps;
+        if (jj < n && s_seg[jj] != 0) kp[u] = load_key(c0 + jj, s_pos[jj]);  // warp-uniform
+      }
+      SEGATTN_UNROLL
+      for (int u = 0; u < kDecodeScoresUnroll; ++u) {
+        const int jj = base + u * kDecodeScoresWarps;
+        if (jj >= n) break;
+        const bool scored = s_seg[jj] != 0;
+        for (int hh = 0; hh < P; ++hh) {
+          const float sc = scored ? score(kp[u], hh) : -INFINITY;
+          if (lane == 0) s_score[hh * kDecodeScoresChunk + jj] = sc;
+        }
       }
     }
+    __syncthreads();
+
+    // (2) Each head's max so far; the factor that rescales its sums to it.
+    for (int hh = warp; hh < P; hh += kDecodeScoresWarps) {
+      float m = -INFINITY;
+      for (int jj = lane; jj < n; jj += 32) m = fmaxf(m, s_score[hh * kDecodeScoresChunk + jj]);
+      m = warp_max(m);
+      if (lane == 0) {
+        const float old = s_max[hh];
+        const float now = fmaxf(old, m);
+        s_rescale[hh] = old == now ? 1.0f : expf(old - now);  // old -inf: sums are 0, any factor
+        s_max[hh] = now;
+      }
+    }
+    __syncthreads();
+    for (int x = tid; x < P * S; x += kDecodeScoresThreads) {
+      const float f = s_rescale[x / S];
+      if (f != 1.0f) s_acc[x] *= f;
+    }
+    __syncthreads();
+
+    // (3) exp(s - max) summed per segment.
+    for (int x = tid; x < P * n; x += kDecodeScoresThreads) {
+      const int hh = x / n;
+      const int jj = x % n;
+      const uint32_t id = s_seg[jj];
+      if (id != 0) smem_add(&s_acc[hh * S + id], expf(s_score[hh * kDecodeScoresChunk + jj] - s_max[hh]));
+    }
   }
   __syncthreads();
 
+  // Each head's total is the sum of its segments' sums (every scored key has a segment id).
   const uint32_t* const lens = p.seg_lens + static_cast<int64_t>(b) * S;
   for (int hh = 0; hh < P; ++hh) {
     const int h = kh * P + hh;
-    float total = 0.0f;
-    for (int w = 0; w < kDecodeScoresWarps; ++w) total += s_wsum[w * P + hh];
+    float part = 0.0f;
+    for (int s = lane; s < S; s += 32) part += s_acc[hh * S + s];
+    const float total = warp_sum(part);  // every warp computes it: no barrier
     const int64_t row = (static_cast<int64_t>(b) * p.num_heads + h) * p.q_len + i;  // [B, H, Lq]
     if (splits == 1) {
       if (total > 0.0f) {

@@ -496,7 +496,7 @@ fn forward_typed<T: CudaDType + DeviceRepr + ValidAsZeroBits + candle_core::With
     } else if mass_in_forward {
         FwdVariant::Mass
     } else {
-        FwdVariant::plain(kshape.q_len, splits)
+        FwdVariant::plain(kshape.q_len, splits, host.rule.has_causal(), None)
     };
     let Some(kernel) = kernels.fwd(T::DTYPE, shape.head_dim, variant) else {
         invalid_arg!(
@@ -616,7 +616,7 @@ fn forward_typed<T: CudaDType + DeviceRepr + ValidAsZeroBits + candle_core::With
                 two_pass: 1,
                 saved_lse: *lp as *const f32,
             };
-            super::scores::launch_kernel(&stream, &kernels, T::DTYPE, &shape, &scores)?;
+            super::scores::launch_kernel(&stream, &kernels, T::DTYPE, &shape, host.rule.has_causal(), &scores)?;
         }
     }
     // Errors that cudarc recorded instead of returning (event records in the guards' drops).

@@ -196,16 +196,17 @@ pub(crate) fn pine_decode_scores(
         .alloc_zeros::<f32>(n_out.max(1))
         .map_err(|e| driver_err("allocating the decode importance", e))?;
     let kernels = module::kernels(stream.context())?;
-    // Key slices: about two blocks per SM when (rows x KV heads) leave the GPU idle, each slice
-    // at least 128 keys.
+    // Key slices: about four blocks per SM when (rows x KV heads) leave the GPU idle, each slice
+    // at least 32 keys. The kernel is bound by load latency (a few keys per warp in flight), so
+    // many short slices beat few long ones; the merge reads `splits` partials per row.
     let blocks = shape.q_len * shape.num_kv_heads * b;
-    let splits = if blocks >= kernels.sm_count {
+    let splits = if blocks >= 4 * kernels.sm_count {
         1
     } else {
-        (2 * kernels.sm_count)
+        (4 * kernels.sm_count)
             .div_ceil(blocks)
-            .min(shape.kv_len.div_ceil(128))
-            .clamp(1, 256)
+            .min(shape.kv_len.div_ceil(32))
+            .clamp(1, 1024)
     };
     let (n_rows, n_acc) = DecodePartials::sizes(&shape, sk, splits);
     // SAFETY: the kernel writes every element of the partials before the merge reads them.

@@ -117,7 +117,7 @@ fn typed<T: CudaDType + DeviceRepr + candle_core::WithDType>(
             two_pass: i32::from(two_pass),
             saved_lse: std::ptr::null(),
         };
-        launch_kernel(&stream, &kernels, T::DTYPE, &shape, &params)?;
+        launch_kernel(&stream, &kernels, T::DTYPE, &shape, host.rule.has_causal(), &params)?;
     }
     drop(mask);
     Ok(CudaStorage::wrap_cuda_slice(mass, dev.clone()))
@@ -126,16 +126,17 @@ fn typed<T: CudaDType + DeviceRepr + candle_core::WithDType>(
 /// Launches the mass kernel for `dtype` and `shape.head_dim` with `params` (q, k, mask, mass and,
 /// for the fused mass after a forward launch, the forward kernel's LSE, all live device
 /// allocations of the sizes stated in it) on `stream`, checked: the 128-row kernel where plain
-/// attention takes the wide forward kernel (`params.base.block_rows` set to match), else the
-/// 64-row one.
+/// attention would take the wide forward kernel (`causal`: the mask has a causal pair;
+/// `params.base.block_rows` set to match), else the 64-row one.
 pub(crate) fn launch_kernel(
     stream: &Arc<CudaStream>,
     kernels: &Kernels,
     dtype: DType,
     shape: &AttentionShape,
+    causal: bool,
     params: &SegattnScoresParams,
 ) -> Result<()> {
-    let block_rows = crate::kernel_params::mass_block_rows(shape.q_len, None);
+    let block_rows = crate::kernel_params::mass_block_rows(shape.q_len, causal, None);
     let wide = block_rows == 128;
     let name = match (wide, dtype, shape.head_dim) {
         (false, DType::BF16, 64) => "segattn_scores_bf16_d64",

@@ -126,7 +126,7 @@ pub(crate) fn run_kernel(
 ) -> Result<()> {
     fill_mask_params(&mut base, host);
     let q_len = usize::try_from(base.q_len).unwrap_or(0);
-    base.block_rows = crate::kernel_params::mass_block_rows(q_len, wide) as i32;
+    base.block_rows = crate::kernel_params::mass_block_rows(q_len, host.rule.has_causal(), wide) as i32;
     if let Some(lse) = saved_lse {
         let want = plan.batch * plan.num_heads * q_len;
         if !two_pass || lse.len() != want {

@@ -187,6 +187,13 @@ impl HostRule {
         })
     }
 
+    /// Whether some pair of segments may be causal (the default pair or a table entry): the masks
+    /// whose tiles along the diagonal are partial, where the 64-row forward kernel is the faster.
+    pub fn has_causal(&self) -> bool {
+        let causal = Visibility::Causal.code();
+        self.intra == Visibility::Causal || self.inter == Visibility::Causal || self.table.contains(&causal)
+    }
+
     /// The table slice of batch row `b` (empty when there is no table).
     pub fn table_row(&self, b: usize) -> &[u8] {
         if self.table_size == 0 {
