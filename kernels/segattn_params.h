@@ -237,4 +237,30 @@ typedef struct SegattnDecodeScoresParams {
   float scale;
 } SegattnDecodeScoresParams;
 
+/* Rows rotated at per-token positions (kernels/pine/rope_rows.cu): PINE's keys rotated once at
+ * their original positions (and a decode step's new keys, or the queries of the baselines), one
+ * pass in the input dtype: out[b, t, h, :] = rope(x[b, t, h, :], sign * pos[b, t]) (rotate-half
+ * pairs (c, c + head_dim / 2), computed in f32, rounded once). */
+typedef struct SegattnRopeRowsParams {
+  /* x [B, L, heads, D] (any strides; the last dimension contiguous), dtype given by `dtype`. */
+  const void *x;
+  SegattnStrides x_strides;
+  /* [B, L, heads, D] contiguous, the dtype of x. */
+  void *out;
+  /* [pos_batches, L]: each token's position; pos_batches 1 (shared) or B. */
+  const uint32_t *pos;
+  int32_t pos_batches;
+  /* [table_len, head_dim / 2] f32 cos / sin; every position < table_len (checked: trap). */
+  const float *cos;
+  const float *sin;
+  int32_t table_len;
+  int32_t batch;
+  int32_t len;
+  int32_t heads;
+  int32_t head_dim;
+  /* +1: rotate; -1: undo a rotation. */
+  float sign;
+  int32_t dtype;
+} SegattnRopeRowsParams;
+
 #endif /* SEGATTN_PARAMS_H */

@@ -26,7 +26,9 @@ use crate::validate::{default_scale, AttentionShape};
 
 mod pine;
 mod scores;
-pub use pine::{decode_scores_smem_bytes, pine_decode, pine_decode_importance_both, pine_prefill, pine_shifts_both};
+pub use pine::{
+    decode_scores_smem_bytes, pine_decode, pine_decode_importance_both, pine_prefill, pine_shifts_both, rope_rows,
+};
 pub use scores::{scores_smem_bytes, segment_scores, segment_scores_tiled};
 
 /// The order in which the emulator runs the threads of a block between synchronisation points
@@ -147,7 +149,28 @@ impl Input {
         }
     }
 
+    /// For kernels that load elements one by one (no alignment needed): `t` as it is when its
+    /// last dimension is contiguous, else a contiguous copy.
+    pub(crate) fn elementwise(name: &str, t: &Tensor) -> Result<Self> {
+        let t = if t.layout().stride().last() == Some(&1) {
+            t.clone()
+        } else {
+            t.contiguous()?
+        };
+        Self::try_direct_if(name, &t, |_, _| true)?
+            .ok_or_else(|| candle_core::Error::Msg(format!("segattn: {name}: no view for the kernel")))
+    }
+
     fn try_direct(name: &str, t: &Tensor) -> Result<Option<Self>> {
+        Self::try_direct_if(name, t, |ptr, strides| loadable(ptr as u64, strides))
+    }
+
+    /// `t` in place when it is empty or `usable(start, strides)` holds.
+    fn try_direct_if(
+        name: &str,
+        t: &Tensor,
+        usable: impl Fn(*const c_void, &SegattnStrides) -> bool,
+    ) -> Result<Option<Self>> {
         let (base, layout) = {
             let (storage, layout) = t.storage_and_layout();
             let base = match &*storage {
@@ -160,7 +183,7 @@ impl Input {
         let strides = strides_of(&layout);
         let ptr = base.wrapping_byte_add(layout.start_offset() * 2);
         // An empty tensor is never read.
-        let aligned = t.elem_count() == 0 || loadable(ptr as u64, &strides);
+        let aligned = t.elem_count() == 0 || usable(ptr, &strides);
         // The storage of a tensor is never reallocated while a clone of it (kept in `_tensor`)
         // is alive, and candle's CPU storage is immutable once shared.
         Ok(aligned.then(|| Self {

@@ -15,8 +15,8 @@ mod common;
 
 use candle_core::{DType, Result};
 use common::pine::{compare_with_oracle, PinePath, PineTolerance};
-use common::{env_count, random_tensor, Rng};
-use segattn::emulated::{pine_decode_importance_both, pine_prefill, pine_shifts_both, Schedule};
+use common::{env_count, one_rounding_tolerance, random_tensor, Rng};
+use segattn::emulated::{pine_decode_importance_both, pine_prefill, pine_shifts_both, rope_rows, Schedule};
 use segattn::pine::{PineAttention, Rope};
 use segattn::{reference, PineLayout};
 
@@ -176,6 +176,43 @@ fn decode_importance_kernel_matches_the_cpu() -> Result<()> {
             );
         }
         assert!(cpu.iter().any(|&x| x > 0.0), "seed {seed}: nothing scored");
+    }
+    Ok(())
+}
+
+/// The rope-rows kernel (PINE's keys rotated once on the GPU, in the input dtype) equals the CPU
+/// rotation rounded to the dtype, within one unit in the last place: random shapes, head dims
+/// (any even one), strided views, positions shared or per batch row, rotation and its inverse.
+#[test]
+fn rope_rows_kernel_matches_the_cpu_rotation() -> Result<()> {
+    for seed in 0..24u64 {
+        let mut rng = Rng::new(seed + 900);
+        let (b, l, heads) = (1 + rng.below(2), 1 + rng.below(300), 1 + rng.below(8));
+        let d = [2, 64, 96, 128][rng.below(4)];
+        let dtype = [DType::BF16, DType::F16][rng.below(2)];
+        // A strided view: every other head of a wider tensor.
+        let wide = random_tensor(&mut rng, &[b, l, 2 * heads, d], dtype)?;
+        let x = wide.reshape((b, l, heads, 2, d))?.narrow(3, 1, 1)?.squeeze(3)?;
+        let pb = if rng.below(2) == 0 { 1 } else { b };
+        let positions: Vec<u32> = (0..pb * l).map(|_| rng.below(5000) as u32).collect();
+        let inverse = rng.below(2) == 1;
+        let rope = if rng.below(2) == 0 {
+            Rope::new(10_000.0)
+        } else {
+            Rope::new(500_000.0).with_llama3_scaling(segattn::pine::Llama3Scaling::llama31())
+        };
+        let pos_t = candle_core::Tensor::from_vec(positions.clone(), (pb, l), &candle_core::Device::Cpu)?;
+        let want = rope.rotate(&x, &pos_t, inverse)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let got = rope_rows(&rope, &x, &positions, pb, inverse)?;
+        assert_eq!(got.dtype(), dtype);
+        let got = got.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let (atol, rtol) = one_rounding_tolerance(dtype);
+        for (i, (w, g)) in want.iter().zip(&got).enumerate() {
+            assert!(
+                ((w - g).abs() as f64) <= atol + rtol * w.abs() as f64,
+                "seed {seed} [{b}, {l}, {heads}, {d}] {dtype:?} pb {pb} inverse {inverse}: element {i}: CPU {w}, kernel {g}"
+            );
+        }
     }
     Ok(())
 }

@@ -20,12 +20,14 @@ mod device_copies;
 mod launch;
 mod module;
 mod pine;
+mod rope_rows;
 mod scores;
 
 pub use bench::PreparedForward;
 pub(crate) use device_copies::DeviceCopies;
 pub(crate) use launch::{forward, DeviceMasks, ForwardExtras};
 pub(crate) use pine::{pine_decode_scores, pine_shifts, DeviceTables};
+pub(crate) use rope_rows::rope_rows;
 pub(crate) use scores::segment_scores;
 
 /// A driver error as a candle error that says what was being done.

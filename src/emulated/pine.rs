@@ -5,14 +5,15 @@ use candle_core::{DType, Result, Tensor};
 
 use super::{last_error, run_forward, Launch, Schedule};
 use crate::op::AttentionOutput;
-use crate::params::{SegattnDecodeScoresParams, SegattnShiftsParams};
-use crate::pine::kernel_args::{decode_scores_params, shifts_params, DecodePartials};
+use crate::params::{SegattnDecodeScoresParams, SegattnRopeRowsParams, SegattnShiftsParams};
+use crate::pine::kernel_args::{decode_scores_params, rope_rows_params, shifts_params, DecodePartials};
 use crate::pine::{PineAttention, ScoreKeys};
 use crate::validate::AttentionShape;
 
 extern "C" {
     fn segattn_emu_pine_shifts(params: *const SegattnShiftsParams) -> std::ffi::c_int;
     fn segattn_emu_pine_decode_scores(params: *const SegattnDecodeScoresParams) -> std::ffi::c_int;
+    fn segattn_emu_rope_rows(params: *const SegattnRopeRowsParams) -> std::ffi::c_int;
     fn segattn_pine_decode_scores_smem_bytes(
         heads_per_kv: std::ffi::c_int,
         head_dim: std::ffi::c_int,
@@ -187,4 +188,56 @@ pub fn pine_decode_importance_both(
     }
     drop((qi, ki));
     Ok((cpu, kernel))
+}
+
+/// Rows of `x` `[B, L, heads, D]` (CPU, bf16 / f16) rotated at `positions` `[pb, L]` (row-major,
+/// `pb` 1 or B; `inverse`: undone) by the emulated rope-rows kernel (`segattn_rope_rows_*`, the
+/// GPU path of PINE's key rotation), in the dtype of `x`. The output is NaN-poisoned before the
+/// launch: the kernel must write every element.
+pub fn rope_rows(rope: &crate::pine::Rope, x: &Tensor, positions: &[u32], pb: usize, inverse: bool) -> Result<Tensor> {
+    let dims = x.dims4()?;
+    let (b, l, heads, d) = dims;
+    if positions.len() != pb * l || (pb != 1 && pb != b) {
+        crate::error::invalid_arg!(
+            "positions: expected [1 or {b}, {l}] positions, got {} for {pb} rows",
+            positions.len()
+        );
+    }
+    let len = positions.iter().copied().max().map_or(1, |m| m as usize + 1);
+    let table = rope.table(d, len)?;
+    let packed = table.packed();
+    let xi = super::Input::elementwise("x", x)?;
+    let n = b * l * heads * d;
+    let launch = |out: *mut std::ffi::c_void| -> Result<()> {
+        let p = rope_rows_params(
+            dims,
+            x.dtype(),
+            (xi.ptr, xi.strides),
+            (positions.as_ptr(), pb),
+            &table,
+            packed.as_ptr(),
+            out,
+            inverse,
+        )?;
+        // SAFETY: every pointer of `p` points into a live buffer of the size stated in `p` (`xi`,
+        // `positions`, `packed`, the output), all alive for the call.
+        let rc = unsafe { segattn_emu_rope_rows(&p) };
+        if rc != 0 {
+            return Err(candle_core::Error::Msg(format!("segattn: emulated rope-rows kernel failed: {}", last_error())).bt());
+        }
+        Ok(())
+    };
+    match x.dtype() {
+        DType::BF16 => {
+            let mut out = vec![half::bf16::NAN; n];
+            launch(out.as_mut_ptr().cast())?;
+            Tensor::from_vec(out, dims, x.device())
+        }
+        DType::F16 => {
+            let mut out = vec![half::f16::NAN; n];
+            launch(out.as_mut_ptr().cast())?;
+            Tensor::from_vec(out, dims, x.device())
+        }
+        other => crate::error::invalid_arg!("x: the emulated kernel takes bf16 or f16, got {other:?}"),
+    }
 }

@@ -9,7 +9,9 @@ use candle_core::{DType, Result};
 use super::order::{GroupLayout, QueryShifts};
 use super::{PineRotation, RopeTable};
 use crate::kernel_params::{dtype_code, to_i32};
-use crate::params::{SegattnDecodeScoresParams, SegattnRotation, SegattnShiftsParams, SegattnStrides};
+use crate::params::{
+    SegattnDecodeScoresParams, SegattnRopeRowsParams, SegattnRotation, SegattnShiftsParams, SegattnStrides,
+};
 use crate::validate::AttentionShape;
 
 impl GroupLayout {
@@ -160,5 +162,45 @@ pub(crate) fn decode_scores_params(
         part_max: partials.max,
         part_total: partials.total,
         part_acc: partials.acc,
+    })
+}
+
+/// The rope-rows kernel's launch (`kernels/pine/rope_rows.cu`): `x` `[B, L, heads, D]` at
+/// `x_addr` with `x_strides` (last dimension contiguous), positions `[pb, L]` at `pos`, the
+/// [`RopeTable::packed`] of `table` at `table_addr` (longer than every position: the caller built
+/// it so), `out` contiguous `[B, L, heads, D]`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn rope_rows_params(
+    dims: (usize, usize, usize, usize),
+    dtype: DType,
+    (x, x_strides): (*const std::ffi::c_void, SegattnStrides),
+    (pos, pb): (*const u32, usize),
+    table: &RopeTable,
+    table_addr: *const f32,
+    out: *mut std::ffi::c_void,
+    inverse: bool,
+) -> Result<SegattnRopeRowsParams> {
+    let Some(code) = dtype_code(dtype) else {
+        crate::error::invalid_arg!("x: the CUDA kernels support dtype bf16 or f16, got {dtype:?}");
+    };
+    let (b, l, heads, d) = dims;
+    if d != 2 * table.half {
+        crate::error::invalid_arg!("x: expected head dim {} (the RoPE table's), got {d}", 2 * table.half);
+    }
+    Ok(SegattnRopeRowsParams {
+        x,
+        x_strides,
+        out,
+        pos,
+        pos_batches: to_i32("position rows", pb)?,
+        cos: table_addr,
+        sin: table_addr.wrapping_add(table.cos.len()),
+        table_len: to_i32("rope table", table.cos.len() / table.half.max(1))?,
+        batch: to_i32("batch", b)?,
+        len: to_i32("len", l)?,
+        heads: to_i32("heads", heads)?,
+        head_dim: to_i32("head_dim", d)?,
+        sign: if inverse { -1.0 } else { 1.0 },
+        dtype: code,
     })
 }

@@ -258,7 +258,8 @@ impl Rope {
     }
 
     /// [`Rope::rotate`] at host positions `pos` (`[pb, L]`, row-major; no device read), f32
-    /// whatever the dtype of `x` (no final rounding).
+    /// whatever the dtype of `x` (no final rounding) — except for bf16 / f16 on a CUDA device,
+    /// where one kernel returns the dtype of `x` (rounded once: what every caller rounds to).
     pub(crate) fn rotate_at(&self, x: &Tensor, pos: &[u32], pb: usize, inverse: bool) -> Result<Tensor> {
         let (b, l, heads, d) = x.dims4()?;
         let len = pos.iter().copied().max().map_or(0, |m| m as usize + 1);
@@ -285,6 +286,11 @@ impl Rope {
                 }
             }
             return Tensor::from_vec(out, (b, l, heads, d), x.device());
+        }
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() && matches!(x.dtype(), DType::BF16 | DType::F16) {
+            // One kernel, in the dtype of x (the callers round to it anyway).
+            return crate::cuda::rope_rows(x, pos, pb, &table, inverse);
         }
         let (cos, sin) = table.gather(pos, (pb, l), x.device())?;
         let sin = if inverse { sin.neg()? } else { sin };

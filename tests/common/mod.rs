@@ -16,6 +16,16 @@ pub fn tolerance(dtype: DType) -> (f64, f64) {
     }
 }
 
+/// Tolerance of one f32 result rounded once to `dtype` by two paths whose f32 arithmetic may
+/// differ in the last bit (fused multiply-add or not): one unit in the last place of the dtype.
+pub fn one_rounding_tolerance(dtype: DType) -> (f64, f64) {
+    match dtype {
+        DType::F16 => (1e-6, 1.0 / 1024.0),
+        DType::BF16 => (1e-6, 1.0 / 128.0),
+        _ => (1e-6, 1e-6),
+    }
+}
+
 /// Tolerance of the CUDA kernels' PINE attention against the oracle: K rotated once and rounded
 /// to the dtype, and each turned query rounded to the dtype for the tensor cores (two roundings
 /// more than [`tolerance`] covers).
