@@ -202,7 +202,11 @@ fn rope_rows_kernel_matches_the_cpu_rotation() -> Result<()> {
             Rope::new(500_000.0).with_llama3_scaling(segattn::pine::Llama3Scaling::llama31())
         };
         let pos_t = candle_core::Tensor::from_vec(positions.clone(), (pb, l), &candle_core::Device::Cpu)?;
-        let want = rope.rotate(&x, &pos_t, inverse)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let want = rope
+            .rotate(&x, &pos_t, inverse)?
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
         let got = rope_rows(&rope, &x, &positions, pb, inverse)?;
         assert_eq!(got.dtype(), dtype);
         let got = got.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;

@@ -88,7 +88,10 @@ pub(crate) fn rope_rows(x: &Tensor, pos: &[u32], pb: usize, table: &RopeTable, i
                     let params = rope_rows_params(
                         dims,
                         x.dtype(),
-                        ((xp + 2 * xl.start_offset() as u64) as *const std::ffi::c_void, strides),
+                        (
+                            (xp + 2 * xl.start_offset() as u64) as *const std::ffi::c_void,
+                            strides,
+                        ),
                         (pp as *const u32, pb),
                         table,
                         tp as *const f32,

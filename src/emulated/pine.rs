@@ -223,7 +223,11 @@ pub fn rope_rows(rope: &crate::pine::Rope, x: &Tensor, positions: &[u32], pb: us
         // `positions`, `packed`, the output), all alive for the call.
         let rc = unsafe { segattn_emu_rope_rows(&p) };
         if rc != 0 {
-            return Err(candle_core::Error::Msg(format!("segattn: emulated rope-rows kernel failed: {}", last_error())).bt());
+            return Err(candle_core::Error::Msg(format!(
+                "segattn: emulated rope-rows kernel failed: {}",
+                last_error()
+            ))
+            .bt());
         }
         Ok(())
     };
