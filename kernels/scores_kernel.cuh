@@ -280,6 +280,9 @@ __device__ void scores_kernel(const SegattnScoresParams& sp) {
       }
       // P x one-hot(segment of each key): global ids in one pass, local numbers in the second.
       const auto seg_of = [&](int j) { return exact ? local_of(starts, j) : static_cast<int>(kid[j]); };
+      // Every key in one segment (ids are non-decreasing: first == last; or one local piece).
+      const bool uniform = exact ? __popc(starts[0]) + __popc(starts[1]) == 1
+                                 : kid[0] == kid[min(kN, kv_len - k0) - 1];
 
       SEGATTN_UNROLL
       for (int i = 0; i < kMT; ++i) {
@@ -305,10 +308,10 @@ __device__ void scores_kernel(const SegattnScoresParams& sp) {
             for (int e = 0; e < 4; ++e) acc[i][nb][e] = 0.0f;
           }
         }
-        // Two f16 terms of P: PINE orders segments by these sums, so they must agree with f32
-        // ones well below the gaps that decide an order (one term: 2^-11 relative). acc holds the
-        // sums times mass::kTermScale.
-        mass::accumulate<2>(s[i], seg_of, lane, nb_lo, nb_hi, acc[i]);
+        // Two f16 terms of P for the mma: PINE orders segments by these sums, so they must agree
+        // with f32 ones well below the gaps that decide an order (one term: 2^-11 relative); a
+        // uniform tile adds f32 row sums. acc holds the sums times mass::kTermScale.
+        mass::accumulate_tile<2>(s[i], seg_of, uniform, lane, nb_lo, nb_hi, acc[i]);
         if (exact) {
           // Add the tile's sums to mass[row][global id of each local segment].
           const int nloc = __popc(starts[0]) + __popc(starts[1]);

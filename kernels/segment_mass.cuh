@@ -117,6 +117,47 @@ __device__ __forceinline__ void accumulate(const float (&p)[kNS][4], const SegOf
   }
 }
 
+// acc += the row sums of the tile's P into the column of segment `seg` (a tile whose keys all
+// belong to it, the common case: segments are runs of tokens), times `scale` (acc's scale): f32
+// sums of the thread's P elements reduced over the quad, added by the thread that holds that
+// column. No mma and no f16 rounding of P.
+template <int kNS, int kSB>
+__device__ __forceinline__ void add_row_sums(const float (&p)[kNS][4], int seg, int lane, float scale,
+                                             float (&acc)[kSB][4]) {
+  float sum0 = 0.0f, sum1 = 0.0f;
+  SEGATTN_UNROLL
+  for (int nb = 0; nb < kNS; ++nb) {
+    sum0 += p[nb][0] + p[nb][1];
+    sum1 += p[nb][2] + p[nb][3];
+  }
+  sum0 = fwd::quad_sum(sum0) * scale;
+  sum1 = fwd::quad_sum(sum1) * scale;
+  // Column seg of a C fragment: block seg / 8, thread lane % 4 == (seg % 8) / 2, element seg % 2
+  // (of rows g and g + 8). Added to every block with a 0 / 1 weight: a branch on the block lets
+  // the compiler index acc at run time, which puts it in local memory.
+  const bool mine = (lane % 4) == ((seg % 8) >> 1);
+  const bool odd = (seg & 1) != 0;
+  const float v[4] = {odd ? 0.0f : sum0, odd ? sum0 : 0.0f, odd ? 0.0f : sum1, odd ? sum1 : 0.0f};
+  SEGATTN_UNROLL
+  for (int nb = 0; nb < kSB; ++nb) {
+    const float w = (mine && nb == seg / 8) ? 1.0f : 0.0f;
+    SEGATTN_UNROLL
+    for (int e = 0; e < 4; ++e) acc[nb][e] = fmaf(w, v[e], acc[nb][e]);
+  }
+}
+
+// The tile's acc += P x one-hot(segment of each key): by add_row_sums when every key of the tile
+// has one segment (`uniform`, uniform over the block), else by accumulate's mma.
+template <int kTerms = 1, int kNS, int kSB, class SegOf>
+__device__ __forceinline__ void accumulate_tile(const float (&p)[kNS][4], const SegOf& seg_of, bool uniform, int lane,
+                                                int nb_lo, int nb_hi, float (&acc)[kSB][4]) {
+  if (uniform) {
+    add_row_sums(p, seg_of(0), lane, kTerms == 2 ? kTermScale : 1.0f, acc);
+  } else {
+    accumulate<kTerms>(p, seg_of, lane, nb_lo, nb_hi, acc);
+  }
+}
+
 // One-pass epilogue: acc (segment ids 0..8 kSB - 1) times each row's 1 / sum into the rows'
 // outputs: every (row < q1, id < num_segments) element written, or the nonzero ones added under a
 // reduction.
