@@ -430,6 +430,15 @@ fn main() -> Result<()> {
         return export_masks(path, args.smoke);
     }
     let dev = if args.cpu { Device::Cpu } else { Device::new_cuda(0)? };
+    // candle runs on a stream of its own, which puts cudarc in multi-stream mode: every buffer
+    // access records and waits on CUDA events (host time per launch). Single-stream users can turn
+    // that off; SEGATTN_BENCH_EVENT_TRACKING=0 measures what it costs the small calls.
+    #[cfg(feature = "cuda")]
+    if let (Device::Cuda(d), Ok("0")) = (&dev, std::env::var("SEGATTN_BENCH_EVENT_TRACKING").as_deref()) {
+        // SAFETY: one stream only (candle's); buffers created after this call are not tracked.
+        unsafe { d.disable_event_tracking() };
+        eprintln!("gpu_bench: cudarc event tracking disabled");
+    }
     if args.pine {
         println!("{}", gpu_pine::run(&dev, args.reps, args.warmup, args.smoke)?);
         return Ok(());

@@ -199,7 +199,7 @@ typedef struct SegattnShiftsParams {
  * for query row i of head h, over every key j with key_seg[j] != 0,
  *   s_j = scale * q_i . rope^-1(k_j, key_pos[j])      (k stored rotated at its original position),
  * softmax over those keys, probabilities summed per segment id and divided by seg_lens:
- *   out[b, h, i, s] (s >= 1); out must be zeroed by the caller (ids without keys stay 0). */
+ *   out[b, h, i, s] (s >= 1); every element of out is written (0 for ids without keys). */
 typedef struct SegattnDecodeScoresParams {
   /* q [B, Lq, H, D] un-rotated, k [B, Lk, Hkv, D] rotated, dtype given by `dtype` (bf16 / f16). */
   const void *q;

@@ -206,6 +206,10 @@ if [ "$PHASE" = bench ] || [ "$PHASE" = all ]; then
   SEGATTN_GQA_PACK=0 budgeted 100000 20 "$WORK/gpu_bench" --pine 2>&1 | tee "$OUTDIR/pine-unpacked.md"
   note "- (3) SEGATTN_GQA_PACK=0 gpu_bench --pine: exit ${PIPESTATUS[0]}"
 
+  # The same with cudarc's event tracking off (what the small calls of a decode step pay for it).
+  SEGATTN_BENCH_EVENT_TRACKING=0 budgeted 100000 20 "$WORK/gpu_bench" --pine 2>&1 | tee "$OUTDIR/pine-no-events.md"
+  note "- (3) SEGATTN_BENCH_EVENT_TRACKING=0 gpu_bench --pine: exit ${PIPESTATUS[0]}"
+
   log "(3) per-segment mass, fused and standalone (gpu_bench --mass)"
   t=$SECONDS
   budgeted 100000 20 "$WORK/gpu_bench" --mass 2>&1 | tee "$OUTDIR/mass.md"

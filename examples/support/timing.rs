@@ -21,3 +21,24 @@ pub fn median_ms(dev: &Device, reps: usize, warmup: usize, mut f: impl FnMut() -
     t.sort_by(f64::total_cmp);
     Ok(t[t.len() / 2])
 }
+
+/// The median wall clock (ms) per call of `calls` calls of `f` issued back to back and one stream
+/// synchronisation, over `reps` runs after `warmup`: a model's layers in a row, where the GPU
+/// work of one call overlaps the host work of the next and no call pays the synchronisation.
+pub fn per_call_in_row_ms(
+    dev: &Device,
+    reps: usize,
+    warmup: usize,
+    calls: usize,
+    mut f: impl FnMut() -> Result<Tensor>,
+) -> Result<f64> {
+    let calls = calls.max(1);
+    median_ms(dev, reps, warmup, || {
+        let mut last = f()?;
+        for _ in 1..calls {
+            last = f()?;
+        }
+        Ok(last)
+    })
+    .map(|ms| ms / calls as f64)
+}

@@ -203,10 +203,10 @@ __device__ void decode_scores_kernel(const SegattnDecodeScoresParams& p) {
     const float total = warp_sum(part);  // every warp computes it: no barrier
     const int64_t row = (static_cast<int64_t>(b) * p.num_heads + h) * p.q_len + i;  // [B, H, Lq]
     if (splits == 1) {
-      if (total > 0.0f) {
-        for (int s = tid; s < S; s += kDecodeScoresThreads) {
-          if (lens[s] != 0) p.out[row * S + s] = s_acc[hh * S + s] / total / static_cast<float>(lens[s]);
-        }
+      // Every element written (0 for ids without keys): the output needs no zeroing.
+      for (int s = tid; s < S; s += kDecodeScoresThreads) {
+        p.out[row * S + s] =
+            total > 0.0f && lens[s] != 0 ? s_acc[hh * S + s] / total / static_cast<float>(lens[s]) : 0.0f;
       }
     } else {
       const int64_t rows = static_cast<int64_t>(p.batch) * p.num_heads * p.q_len;
@@ -230,7 +230,10 @@ __device__ void decode_scores_combine(const SegattnDecodeScoresParams& p) {
   const int64_t row = (static_cast<int64_t>(b) * p.num_heads + h) * p.q_len + i;
   float m = -INFINITY;
   for (int x = 0; x < p.kv_splits; ++x) m = fmaxf(m, p.part_max[x * rows + row]);
-  if (m == -INFINITY) return;  // no segment key: the zeroed output stays
+  if (m == -INFINITY) {  // no segment key: zeros (every element is written)
+    for (int s = static_cast<int>(threadIdx.x); s < S; s += kDecodeScoresThreads) p.out[row * S + s] = 0.0f;
+    return;
+  }
   float total = 0.0f;
   for (int x = 0; x < p.kv_splits; ++x) {
     const float mx = p.part_max[x * rows + row];
@@ -238,7 +241,10 @@ __device__ void decode_scores_combine(const SegattnDecodeScoresParams& p) {
   }
   const uint32_t* const lens = p.seg_lens + static_cast<int64_t>(b) * S;
   for (int s = static_cast<int>(threadIdx.x); s < S; s += kDecodeScoresThreads) {
-    if (lens[s] == 0) continue;
+    if (lens[s] == 0) {
+      p.out[row * S + s] = 0.0f;
+      continue;
+    }
     float acc = 0.0f;
     for (int x = 0; x < p.kv_splits; ++x) {
       const float mx = p.part_max[x * rows + row];

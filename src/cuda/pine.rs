@@ -192,9 +192,9 @@ pub(crate) fn pine_decode_scores(
         .device
         .get_or_upload(&stream, "the RoPE table", || table.packed())?;
     let n_out = b * shape.num_heads * shape.q_len * sk;
-    let mut out = stream
-        .alloc_zeros::<f32>(n_out.max(1))
-        .map_err(|e| driver_err("allocating the decode importance", e))?;
+    // SAFETY: the kernel (or the merge) writes every element (no zeroing launch).
+    let mut out =
+        unsafe { stream.alloc::<f32>(n_out.max(1)) }.map_err(|e| driver_err("allocating the decode importance", e))?;
     let kernels = module::kernels(stream.context())?;
     // Key slices: about four blocks per SM when (rows x KV heads) leave the GPU idle, each slice
     // at least 32 keys. The kernel is bound by load latency (a few keys per warp in flight), so

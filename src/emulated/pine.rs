@@ -147,7 +147,7 @@ pub fn pine_decode_importance_both(
     let words = pine.decode_keys(&extended, shape.kv_len, sk);
     let packed_table = table.packed();
     let (qi, ki) = (super::Input::new("q", q)?, super::Input::new("k_cache", k_cache)?);
-    let mut kernel = vec![0f32; shape.batch * shape.num_heads * shape.q_len * sk];
+    let mut kernel = vec![f32::NAN; shape.batch * shape.num_heads * shape.q_len * sk];
     // Slice partials, NaN-poisoned: the kernel must write every element.
     let splits = kv_splits.max(1);
     let (n_rows, n_acc) = DecodePartials::sizes(&shape, sk, splits);
