@@ -13,9 +13,11 @@
 //!
 //! ```text
 //! gpu_bench [--smoke] [--reps N] [--warmup N] [--filter SUBSTR] [--json FILE] [--list]
-//!           [--export-masks FILE] [--pine] [--mass] [--cpu]
+//!           [--export-masks FILE] [--pine] [--pine-decode-trace] [--mass] [--cpu]
 //! ```
 //! `--pine`: instead, one PINE layer at Llama-3-8B shapes (examples/support/gpu_pine.rs).
+//! `--pine-decode-trace`: only PINE decode steps of the RAG prompt, 64 layer calls in a row after
+//! warm-up, for a timeline (`nsys profile`: the suite's profile half).
 //! `--mass`: instead, the per-segment mass, fused and standalone, against the attention alone
 //! (examples/support/gpu_mass.rs). With `--smoke` both run scaled-down shapes; with `--cpu` they
 //! run on the CPU (a dry run of their code paths where there is no GPU: the times mean nothing;
@@ -53,6 +55,7 @@ struct Args {
     list: bool,
     export_masks: Option<String>,
     pine: bool,
+    pine_decode_trace: bool,
     mass: bool,
     cpu: bool,
 }
@@ -67,6 +70,7 @@ fn parse_args() -> std::result::Result<Args, String> {
         list: false,
         export_masks: None,
         pine: false,
+        pine_decode_trace: false,
         mass: false,
         cpu: false,
     };
@@ -77,6 +81,7 @@ fn parse_args() -> std::result::Result<Args, String> {
             "--smoke" => a.smoke = true,
             "--list" => a.list = true,
             "--pine" => a.pine = true,
+            "--pine-decode-trace" => a.pine_decode_trace = true,
             "--mass" => a.mass = true,
             "--cpu" => a.cpu = true,
             "--reps" => a.reps = value("--reps")?.parse().map_err(|e| format!("--reps: {e}"))?,
@@ -87,7 +92,7 @@ fn parse_args() -> std::result::Result<Args, String> {
             "-h" | "--help" => {
                 return Err(
                     "usage: gpu_bench [--smoke] [--reps N] [--warmup N] [--filter SUBSTR] [--json FILE] \
-                     [--list] [--export-masks FILE] [--pine] [--mass] [--cpu]"
+                     [--list] [--export-masks FILE] [--pine] [--pine-decode-trace] [--mass] [--cpu]"
                         .into(),
                 )
             }
@@ -438,6 +443,10 @@ fn main() -> Result<()> {
         // SAFETY: one stream only (candle's); buffers created after this call are not tracked.
         unsafe { d.disable_event_tracking() };
         eprintln!("gpu_bench: cudarc event tracking disabled");
+    }
+    if args.pine_decode_trace {
+        println!("{}", gpu_pine::decode_trace(&dev, args.smoke)?);
+        return Ok(());
     }
     if args.pine {
         println!("{}", gpu_pine::run(&dev, args.reps, args.warmup, args.smoke)?);

@@ -271,6 +271,23 @@ if [ "$PHASE" = profile ]; then
     profile_one "mass (fused forward)" '^segattn_fwd_mass_bf16_d128$' "$WORK/gpu_bench" --mass
     profile_one "PINE prefill attention" '^segattn_fwd_rope_bf16_d128$' "$WORK/gpu_bench" --pine
     profile_one "PINE decode importance" '^segattn_pine_decode_scores_bf16$' "$WORK/gpu_bench" --pine
+    # A timeline of PINE decode steps (64 layer calls in a row): where a step's time goes between
+    # launches, allocations and copies (the kernels alone are a fraction of it).
+    NSYS="$(command -v nsys || ls /usr/local/cuda*/bin/nsys /opt/nvidia/nsight-systems/*/bin/nsys 2>/dev/null | head -1 || true)"
+    if [ -n "$NSYS" ]; then
+      t=$SECONDS
+      {
+        echo "=================== PINE decode timeline (nsys) ==================="
+        budgeted 90 10 "$NSYS" profile --force-overwrite true -o "$WORK/pine-decode" "$WORK/gpu_bench" --pine-decode-trace &&
+          budgeted 60 5 "$NSYS" stats --force-export true --report cuda_api_sum --report cuda_gpu_kern_sum \
+            --report cuda_gpu_mem_time_sum "$WORK/pine-decode.nsys-rep"
+        echo "--- the last 80 GPU operations ---"
+        budgeted 60 5 "$NSYS" stats --report cuda_gpu_trace --format csv "$WORK/pine-decode.nsys-rep" | tail -80
+      } >"$OUTDIR/pine-decode-timeline.txt" 2>&1
+      note "- (5) PINE decode timeline (nsys): exit $?, $((SECONDS - t)) s (pine-decode-timeline.txt)"
+    else
+      note "- (5) nsys: NOT FOUND (no PINE decode timeline)"
+    fi
     # The one-line figures per kernel, for the summary.
     grep -E '^=====|Compute \(SM\) Throughput|Memory Throughput|Achieved Occupancy|Theoretical Occupancy|Registers Per|Duration|Issued Ipc Active|No Eligible' \
       "$PROFILE" | tee -a "$SUMMARY"

@@ -76,7 +76,7 @@ log "built in $((SECONDS - t0)) s: ${bins[*]}"
 # Dry runs on the CPU against the link stubs (no CUDA call is made), so that a mistake in the
 # suite's own code does not cost GPU time: every GPU test with the CPU as its device
 # (SEGATTN_GPU_TESTS_ON_CPU=1, few cases; tests of CUDA-only limits skip), and the benchmark's
-# --pine and --mass code paths at small shapes.
+# --pine, --mass and --pine-decode-trace code paths at small shapes.
 for pair in "${bins[@]}"; do
   name="${pair%%:*}"
   [ "$name" = gpu_bench ] && continue
@@ -88,13 +88,13 @@ for pair in "${bins[@]}"; do
   fi
   log "$name dry run on the CPU: $(grep -E '^test result' "$msgs.dry" | tail -1)"
 done
-for mode in --pine --mass; do
+for mode in --pine --mass --pine-decode-trace; do
   if ! LD_LIBRARY_PATH="$SEGATTN_CUDA_STUBS" "$BENCH_BIN" "$mode" --cpu --smoke --reps 1 --warmup 0 >"$msgs.dry" 2>&1; then
     cat "$msgs.dry" >&2
     log "error: gpu_bench $mode failed its dry run on the CPU"
     exit 1
   fi
-  log "gpu_bench $mode dry run on the CPU: $(grep -c '^| ' "$msgs.dry") table lines"
+  log "gpu_bench $mode dry run on the CPU: $(grep -c -E '^(\| |PINE decode trace)' "$msgs.dry") result lines"
 done
 rm -f "$msgs.dry"
 

@@ -87,3 +87,24 @@ pub fn run(dev: &Device, reps: usize, warmup: usize, smoke: bool) -> Result<Stri
     out.push_str(&in_row);
     Ok(out)
 }
+
+/// `gpu_bench --pine-decode-trace`: PINE decode steps of the RAG prompt (the smoke prompt with
+/// `smoke`) as a model makes them, 64 layer calls in a row after 16 warm-up calls, for a timeline
+/// tool to show the launches, copies and gaps of one step. Returns a one-line summary.
+pub fn decode_trace(dev: &Device, smoke: bool) -> Result<String> {
+    let (h, hkv, d) = (32, 8, 128);
+    let layout = if smoke {
+        PineLayout::new(16, &[30; 5], 8)
+    } else {
+        PineLayout::new(256, &[150; 20], 64)
+    };
+    let l = layout.len();
+    let r = |shape: (usize, usize, usize, usize)| Tensor::randn(0f32, 1.0, shape, dev)?.to_dtype(DType::BF16);
+    let pine = PineAttention::new(std::slice::from_ref(&layout), Rope::new(500_000.0))?;
+    let k_cache = pine.rotate_keys(&r((1, l + 1, hkv, d))?)?;
+    let (v1, q1) = (r((1, l + 1, hkv, d))?, r((1, 1, h, d))?);
+    let ms = per_call_in_row_ms(dev, 1, 16, 64, || Ok(pine.decode(&q1, &k_cache, &v1)?.out))?;
+    Ok(format!(
+        "PINE decode trace: L {l}, 64 layer calls in a row, {ms:.3} ms per call"
+    ))
+}

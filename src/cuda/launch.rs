@@ -535,12 +535,14 @@ fn forward_typed<T: CudaDType + DeviceRepr + ValidAsZeroBits + candle_core::With
         None
     };
     let mut mass = alloc_mass(mass_after || mass_request.is_some_and(|(plan, _)| mass_accumulates(plan, false)))?;
-    // Split-K partials: every element written by the forward kernel before the merge reads it.
+    // Split-K partials, O then LSE in one allocation (n_out is a multiple of D, so the LSE part
+    // starts 256-byte aligned): every element written by the forward kernel before the merge
+    // reads it.
     let mut partials = if splits > 1 {
-        Some((
-            unsafe { stream.alloc::<f32>(splits * n_out) }.map_err(|e| driver_err("allocating split-K partials", e))?,
-            unsafe { stream.alloc::<f32>(splits * n_lse) }.map_err(|e| driver_err("allocating split-K LSEs", e))?,
-        ))
+        Some(
+            unsafe { stream.alloc::<f32>(splits * (n_out + n_lse)) }
+                .map_err(|e| driver_err("allocating split-K partials", e))?,
+        )
     } else {
         None
     };
@@ -585,16 +587,15 @@ fn forward_typed<T: CudaDType + DeviceRepr + ValidAsZeroBits + candle_core::With
                 poison(&stream, *p, n_lse, 4)?;
             }
         }
-        let partial_ptrs = partials
-            .as_mut()
-            .map(|(o, l)| (o.device_ptr_mut(&stream), l.device_ptr_mut(&stream)));
-        if let Some(((o_acc, _), (l_acc, _))) = &partial_ptrs {
+        let partial_ptr = partials.as_mut().map(|buf| buf.device_ptr_mut(&stream));
+        if let Some((base, _)) = &partial_ptr {
+            let (o_acc, l_acc) = (*base, *base + 4 * (splits * n_out) as u64);
             params.kv_splits = splits as i32;
-            params.o_accum = *o_acc as *mut f32;
-            params.lse_accum = *l_acc as *mut f32;
+            params.o_accum = o_acc as *mut f32;
+            params.lse_accum = l_acc as *mut f32;
             if poison_outputs() {
-                poison(&stream, *o_acc, splits * n_out, 4)?;
-                poison(&stream, *l_acc, splits * n_lse, 4)?;
+                poison(&stream, o_acc, splits * n_out, 4)?;
+                poison(&stream, l_acc, splits * n_lse, 4)?;
             }
         }
         launch(&stream, kernel, &params, cfg)?;

@@ -209,14 +209,14 @@ pub(crate) fn pine_decode_scores(
             .clamp(1, 1024)
     };
     let (n_rows, n_acc) = DecodePartials::sizes(&shape, sk, splits);
-    // SAFETY: the kernel writes every element of the partials before the merge reads them.
-    let mut partial_bufs = if splits > 1 {
-        let alloc = |n: usize| unsafe { stream.alloc::<f32>(n.max(1)) };
-        Some((
-            alloc(n_rows).map_err(|e| driver_err("allocating decode importance partials", e))?,
-            alloc(n_rows).map_err(|e| driver_err("allocating decode importance partials", e))?,
-            alloc(n_acc).map_err(|e| driver_err("allocating decode importance partials", e))?,
-        ))
+    // The three partial arrays in one allocation (max, totals, per-segment sums; f32 throughout,
+    // so every part stays 4-byte aligned).
+    let mut partial_buf = if splits > 1 {
+        // SAFETY: the kernel writes every element of the partials before the merge reads them.
+        Some(
+            unsafe { stream.alloc::<f32>(2 * n_rows + n_acc) }
+                .map_err(|e| driver_err("allocating decode importance partials", e))?,
+        )
     } else {
         None
     };
@@ -244,20 +244,17 @@ pub(crate) fn pine_decode_scores(
         let (mp, _gm) = meta.as_ref().device_ptr(&stream);
         let (tp, _gt) = tables.device_ptr(&stream);
         let (op, _go) = out.device_ptr_mut(&stream);
-        let partial_ptrs = partial_bufs.as_mut().map(|(m, t, a)| {
-            (
-                m.device_ptr_mut(&stream),
-                t.device_ptr_mut(&stream),
-                a.device_ptr_mut(&stream),
-            )
-        });
-        let partials = match &partial_ptrs {
-            Some(((m, _), (t, _), (a, _))) => DecodePartials {
-                splits,
-                max: *m as *mut f32,
-                total: *t as *mut f32,
-                acc: *a as *mut f32,
-            },
+        let partial_ptr = partial_buf.as_mut().map(|buf| buf.device_ptr_mut(&stream));
+        let partials = match &partial_ptr {
+            Some((base, _)) => {
+                let base = *base as *mut f32;
+                DecodePartials {
+                    splits,
+                    max: base,
+                    total: base.wrapping_add(n_rows),
+                    acc: base.wrapping_add(2 * n_rows),
+                }
+            }
             None => DecodePartials::none(),
         };
         let params = decode_scores_params(
