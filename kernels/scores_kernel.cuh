@@ -58,17 +58,20 @@ struct ScoresTraits {
   // per-tile costs are shared by 128 rows); its Q is read from its own shared tile.
   static constexpr int kMTiles = kMTiles_;
   static_assert(kMTiles == 1 || kMTiles == 2, "one or two row tiles per warp");
-  static constexpr bool kQInSmem = kMTiles > 1;
+  // Q read from its own shared tile at each k-step (not held in registers) for the wide kernel and
+  // at D = 128, whose 32 Q registers would keep the 64-row kernel from three blocks per SM.
+  static constexpr bool kQInSmem = kMTiles > 1 || kHeadDim == 128;
   static constexpr int kWarps = 4;
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kBlockM = kWarps * 16 * kMTiles;
   // Keys per tile: 64; 32 for the wide kernel (two row tiles' S and segment accumulators: at 64
   // keys the D = 64 kernel spills on sm_90).
   static constexpr int kBlockN = kMTiles > 1 ? 32 : 64;
-  // Blocks per SM the registers must allow (__launch_bounds__): three for the 64-row kernel at
-  // D = 64 (at most 168 registers: 161-162, no spill; 188 when it was unbounded), else one (the
-  // compiler's choice).
-  static constexpr int kMinBlocks = (kHeadDim == 64 && kMTiles == 1) ? 3 : 1;
+  // Blocks per SM the registers must allow (__launch_bounds__): three for the 64-row kernel (at
+  // most 168 registers: 160-162, no spill; 188 at D = 64 and 208-216 at D = 128 unbounded; at
+  // D = 128 with Q in shared memory and the rows' output pointers not held through the loop),
+  // else one (the compiler's choice).
+  static constexpr int kMinBlocks = kMTiles == 1 ? 3 : 1;
   static_assert(kHeadDim == 64 || kHeadDim == 128, "head dims 64 and 128 are instantiated");
   static_assert(sizeof(T) == 2, "16-bit inputs");
 
@@ -167,14 +170,13 @@ __device__ void scores_kernel(const SegattnScoresParams& sp) {
   const auto row_tile = [&](int i) { return warp + Traits::kWarps * i; };
   const int g = lane / 4;
   const int quad_col = 2 * (lane % 4);
-  float* row_out[kMT][2];
-  SEGATTN_UNROLL
-  for (int i = 0; i < kMT; ++i) {
+  // Computed where used (not held through the loop: four registers fewer).
+  const auto outputs_of = [&](int i, float* (&row_out)[2]) {
     uint32_t row_seg[2];
     int row_pos[2];
     blk.rows(row_tile(i), lane, row_seg, row_pos);
-    mass::row_outputs(sp.out, b, h, q0, q1, row_tile(i), g, row_seg, row_out[i]);
-  }
+    mass::row_outputs(sp.out, b, h, q0, q1, row_tile(i), g, row_seg, row_out);
+  };
 
   // One pass: the accumulators of segment ids 0..8 kSB - 1 (C fragments: rows g, g + 8; ids
   // 8 nb + quad_col + {0, 1}). Two passes: the current tile's sums by local segment.
@@ -314,6 +316,8 @@ __device__ void scores_kernel(const SegattnScoresParams& sp) {
         mass::accumulate_tile<2>(s[i], seg_of, uniform, lane, nb_lo, nb_hi, acc[i]);
         if (exact) {
           // Add the tile's sums to mass[row][global id of each local segment].
+          float* row_out[2];
+          outputs_of(i, row_out);
           const int nloc = __popc(starts[0]) + __popc(starts[1]);
           const uint32_t* const local_id = s_local_id + buf * kN;
           SEGATTN_UNROLL
@@ -322,7 +326,7 @@ __device__ void scores_kernel(const SegattnScoresParams& sp) {
             SEGATTN_UNROLL
             for (int e = 0; e < 4; ++e) {
               const int loc = 8 * nb + quad_col + (e & 1);
-              float* const out = row_out[i][e >> 1];
+              float* const out = row_out[e >> 1];
               const float v = acc[i][nb][e] * (1.0f / mass::kTermScale);
               const uint32_t id = local_id[loc];
               // (Every key id is below num_segments; the test only keeps a stray id in bounds.)
@@ -369,7 +373,9 @@ __device__ void scores_kernel(const SegattnScoresParams& sp) {
       softmax[i].finalize(inv, lse);
       SEGATTN_UNROLL
       for (int r = 0; r < 2; ++r) inv[r] *= 1.0f / mass::kTermScale;  // acc holds scaled sums
-      mass::store_rows(acc[i], inv, row_out[i], sp.out, lane);
+      float* row_out[2];
+      outputs_of(i, row_out);
+      mass::store_rows(acc[i], inv, row_out, sp.out, lane);
     }
   }
 }
