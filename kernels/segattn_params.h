@@ -220,12 +220,22 @@ typedef struct SegattnDecodeScoresParams {
    * ceil(kv_len / kv_splits), for every query head of its KV head. kv_splits <= 1: the kernel
    * writes `out` itself. kv_splits > 1: it writes each slice's row max `part_max` and exp sum
    * `part_total` [kv_splits, B, H, Lq] and per-segment exp sums `part_acc` [kv_splits, B, H, Lq,
-   * num_segments] (every element; max -inf for a slice without segment keys), and
-   * segattn_pine_decode_scores_combine merges them into `out`. */
+   * num_segments] (every element; max -inf for a slice without segment keys); the last block of
+   * a (row, KV head) to finish (counted in `done` [B, Lq, Hkv] u32, zeroed by the caller) merges
+   * them into `out`. */
   int32_t kv_splits;
   float *part_max;
   float *part_total;
   float *part_acc;
+  uint32_t *done;
+  /* PINE's order of the rows, from their merged scores (kernels/pine/order.cuh): `shifts` [B, H,
+   * groups, num_segments] u32, every element written (row i's group n_b + 1 + i -
+   * first_suffix_row[b] by the block that merged row i, every other group by row 0's);
+   * `num_segs` [B] and `first_suffix_row` [B] as in SegattnShiftsParams, lengths = seg_lens. */
+  uint32_t *shifts;
+  const uint32_t *num_segs;
+  const uint32_t *first_suffix_row;
+  int32_t groups;
   int32_t batch;
   int32_t q_len;
   int32_t kv_len;

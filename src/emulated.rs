@@ -28,6 +28,7 @@ mod pine;
 mod scores;
 pub use pine::{
     decode_scores_smem_bytes, pine_decode, pine_decode_importance_both, pine_prefill, pine_shifts_both, rope_rows,
+    DecodeImportanceBoth,
 };
 pub use scores::{scores_smem_bytes, segment_scores, segment_scores_tiled};
 

@@ -145,8 +145,9 @@ fn device_shifts_match_the_cpu_order() -> Result<()> {
 }
 
 /// The GPU's decode-importance kernel (each key un-rotated inside its dot product) equals the
-/// CPU's (the query turned per key position) on the same rotated cache: random layouts, batch
-/// rows with different layouts, GQA, bf16 / f16, D 64 / 128, one or two decode rows.
+/// CPU's (the query turned per key position) on the same rotated cache, and the order it derives
+/// from its scores is the CPU order of those scores: random layouts, batch rows with different
+/// layouts, GQA, bf16 / f16, D 64 / 128, one or two decode rows, one to 64 key slices.
 #[test]
 fn decode_importance_kernel_matches_the_cpu() -> Result<()> {
     for seed in 0..16u64 {
@@ -168,8 +169,14 @@ fn decode_importance_kernel_matches_the_cpu() -> Result<()> {
         let k_cache = pine.rotate_keys(&k)?;
         // One slice, or several merged (slices of a few keys, some holding no segment key).
         let splits = [1, 2, 5, 64][rng.below(4)];
-        let (cpu, kernel) = pine_decode_importance_both(&pine, &q, &k_cache, splits)?;
-        for (i, (a, b)) in cpu.iter().zip(&kernel).enumerate() {
+        let both = pine_decode_importance_both(&pine, &q, &k_cache, splits)?;
+        let (cpu, kernel) = (&both.cpu, &both.kernel);
+        // The kernel's own order of its rows: exactly the CPU order of its scores.
+        assert_eq!(
+            both.kernel_shifts, both.shifts_of_kernel_scores,
+            "seed {seed} {layouts:?} H {h}/{hkv} splits {splits}: shifts"
+        );
+        for (i, (a, b)) in cpu.iter().zip(kernel).enumerate() {
             assert!(
                 (a - b).abs() <= 1e-5 + 1e-4 * a.abs(),
                 "seed {seed} {layouts:?} H {h}/{hkv} D {d} {dtype:?} splits {splits}: element {i}: CPU {a}, kernel {b}"

@@ -5,7 +5,6 @@
 //   segattn_pine_decode_scores_{bf16,f16}: grid (kv_splits, Lq * Hkv, B), 128 threads, dynamic
 //     shared memory segattn_pine_decode_scores_smem_bytes(P, head_dim, num_segments) with
 //     P = H / Hkv; head_dim 64 or 128.
-//   segattn_pine_decode_scores_combine (kv_splits > 1): grid (Lq, H, B), 128 threads.
 //
 // One block per (key slice, query row, KV head) scores that slice for ALL P query heads of the KV
 // head, so each key row is read once per KV head, not once per query head. A warp takes keys
@@ -18,13 +17,16 @@
 // pass over the slice, in chunks of kChunk keys: the chunk's scores go to shared memory, then its
 // max, then exp(s - max) summed per segment; the per-segment sums are rescaled when a chunk raises
 // the max (online softmax, as the attention's O). Slices let short-query decode fill the GPU;
-// their partial (max, sum, per-segment sums) merge like split-K attention's.
+// their partial (max, sum, per-segment sums) merge like split-K attention's, in the same launch:
+// the last slice of a (row, KV head) to finish (a counter per pair) merges them, then orders the
+// segments for its row (order.cuh): a decode step's importance and order are one launch.
 //
 // Host emulation (SEGATTN_EMULATE): `segattn_emu_pine_decode_scores(params)`.
 #include "platform.cuh"
 #include "dtypes.cuh"
 #include "kernel_traits.cuh"
 #include "segattn_params.h"
+#include "order.cuh"
 
 namespace segattn {
 namespace pine {
@@ -45,6 +47,27 @@ __device__ __forceinline__ void smem_add(float* p, float v) {
 #endif
 }
 
+// Adds v to *p in global memory and returns the old value (as smem_add: a plain add in the
+// emulator, which runs one block at a time).
+__device__ __forceinline__ uint32_t atomic_add_u32(uint32_t* p, uint32_t v) {
+#if defined(SEGATTN_EMULATE)
+  const uint32_t old = *p;
+  *p = old + v;
+  return old;
+#else
+  return atomicAdd(p, v);
+#endif
+}
+
+// A load that bypasses L1 (the merging block reads what other blocks wrote).
+__device__ __forceinline__ float load_cg(const float* p) {
+#if defined(SEGATTN_EMULATE)
+  return *p;
+#else
+  return __ldcg(p);
+#endif
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
   for (int m = 16; m >= 1; m /= 2) v += __shfl_xor_sync(0xffffffffu, v, m);
   return v;
@@ -55,10 +78,11 @@ __device__ __forceinline__ float warp_max(float v) {
   return v;
 }
 
-// Shared memory (4-byte words): q [P][D] (scaled), scores [P][kChunk], acc [P][S], running max
-// [P], rescale [P], the chunk's key positions and segment ids [kChunk] each.
+// Shared memory (4-byte words): q [P][D] (scaled), scores [P][kChunk], acc [P][S] (then the
+// importance), running max [P], rescale [P] (then the totals), the chunk's key positions and
+// segment ids [kChunk] each, the last-slice flag.
 __host__ __device__ inline int decode_scores_smem_floats(int heads_per_kv, int head_dim, int num_segments) {
-  return heads_per_kv * (head_dim + kDecodeScoresChunk + num_segments + 2) + 2 * kDecodeScoresChunk;
+  return heads_per_kv * (head_dim + kDecodeScoresChunk + num_segments + 2) + 2 * kDecodeScoresChunk + 1;
 }
 
 template <class T, int kHeadDim>
@@ -76,6 +100,7 @@ __device__ void decode_scores_kernel(const SegattnDecodeScoresParams& p) {
   float* const s_rescale = s_max + P;                       // [P]
   uint32_t* const s_pos = reinterpret_cast<uint32_t*>(s_rescale + P);  // [kChunk]
   uint32_t* const s_seg = s_pos + kDecodeScoresChunk;                  // [kChunk]
+  uint32_t* const s_last = s_seg + kDecodeScoresChunk;                 // [1]
   const int split = static_cast<int>(blockIdx.x);
   const int i = static_cast<int>(blockIdx.y) / p.num_kv_heads;
   const int kh = static_cast<int>(blockIdx.y) % p.num_kv_heads;
@@ -194,63 +219,105 @@ __device__ void decode_scores_kernel(const SegattnDecodeScoresParams& p) {
   }
   __syncthreads();
 
-  // Each head's total is the sum of its segments' sums (every scored key has a segment id).
   const uint32_t* const lens = p.seg_lens + static_cast<int64_t>(b) * S;
-  for (int hh = 0; hh < P; ++hh) {
-    const int h = kh * P + hh;
-    float part = 0.0f;
-    for (int s = lane; s < S; s += 32) part += s_acc[hh * S + s];
-    const float total = warp_sum(part);  // every warp computes it: no barrier
-    const int64_t row = (static_cast<int64_t>(b) * p.num_heads + h) * p.q_len + i;  // [B, H, Lq]
-    if (splits == 1) {
-      // Every element written (0 for ids without keys): the output needs no zeroing.
-      for (int s = tid; s < S; s += kDecodeScoresThreads) {
-        p.out[row * S + s] =
-            total > 0.0f && lens[s] != 0 ? s_acc[hh * S + s] / total / static_cast<float>(lens[s]) : 0.0f;
-      }
-    } else {
-      const int64_t rows = static_cast<int64_t>(p.batch) * p.num_heads * p.q_len;
-      const int64_t at = split * rows + row;
+  const int64_t rows = static_cast<int64_t>(p.batch) * p.num_heads * p.q_len;
+  const auto row_of = [&](int hh) {  // [B, H, Lq]
+    return (static_cast<int64_t>(b) * p.num_heads + kh * P + hh) * p.q_len + i;
+  };
+  if (splits > 1) {
+    // This slice's partials: each head's max, total (the sum of its segments' sums: every scored
+    // key has a segment id) and per-segment sums.
+    for (int hh = 0; hh < P; ++hh) {
+      float part = 0.0f;
+      for (int s = lane; s < S; s += 32) part += s_acc[hh * S + s];
+      const float total = warp_sum(part);  // every warp computes it: no barrier
+      const int64_t at = split * rows + row_of(hh);
       if (tid == 0) {
         p.part_max[at] = s_max[hh];
         p.part_total[at] = total;
       }
       for (int s = tid; s < S; s += kDecodeScoresThreads) p.part_acc[at * S + s] = s_acc[hh * S + s];
     }
+    // Published before the count; the last slice of this (row, KV head) to finish merges.
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) {
+      const uint32_t before = atomic_add_u32(&p.done[(static_cast<int64_t>(b) * p.q_len + i) * p.num_kv_heads + kh], 1u);
+      *s_last = before == static_cast<uint32_t>(splits - 1) ? 1u : 0u;
+    }
+    __syncthreads();
+    if (*s_last == 0u) return;
+    __threadfence();
+    // Merge (weights exp(max_x - max), as split-K does): the max and the total of each head,
+    // then every per-segment sum (reads that bypass L1: other blocks wrote them).
+    for (int hh = tid; hh < P; hh += kDecodeScoresThreads) {
+      float m = -INFINITY;
+      for (int x = 0; x < splits; ++x) m = fmaxf(m, load_cg(p.part_max + x * rows + row_of(hh)));
+      float total = 0.0f;
+      for (int x = 0; x < splits; ++x) {
+        const float mx = load_cg(p.part_max + x * rows + row_of(hh));
+        if (mx != -INFINITY) total += expf(mx - m) * load_cg(p.part_total + x * rows + row_of(hh));
+      }
+      s_max[hh] = m;
+      s_rescale[hh] = total;
+    }
+    __syncthreads();
+    for (int x = tid; x < P * S; x += kDecodeScoresThreads) {
+      const int hh = x / S;
+      float acc = 0.0f;
+      if (s_max[hh] != -INFINITY) {
+        for (int y = 0; y < splits; ++y) {
+          const float my = load_cg(p.part_max + y * rows + row_of(hh));
+          if (my != -INFINITY) acc += expf(my - s_max[hh]) * load_cg(p.part_acc + (y * rows + row_of(hh)) * S + x % S);
+        }
+      }
+      s_acc[x] = acc;
+    }
+  } else {
+    // One slice: each head's total from its own sums.
+    for (int hh = warp; hh < P; hh += kDecodeScoresWarps) {
+      float part = 0.0f;
+      for (int s = lane; s < S; s += 32) part += s_acc[hh * S + s];
+      const float total = warp_sum(part);
+      if (lane == 0) s_rescale[hh] = total;
+    }
   }
-}
+  __syncthreads();
 
-// Merges the slices' partials of row (b, h, i): weights exp(max_s - max) as split-K does.
-__device__ void decode_scores_combine(const SegattnDecodeScoresParams& p) {
-  const int i = static_cast<int>(blockIdx.x);
-  const int h = static_cast<int>(blockIdx.y);
-  const int b = static_cast<int>(blockIdx.z);
-  const int S = p.num_segments;
-  const int64_t rows = static_cast<int64_t>(p.batch) * p.num_heads * p.q_len;
-  const int64_t row = (static_cast<int64_t>(b) * p.num_heads + h) * p.q_len + i;
-  float m = -INFINITY;
-  for (int x = 0; x < p.kv_splits; ++x) m = fmaxf(m, p.part_max[x * rows + row]);
-  if (m == -INFINITY) {  // no segment key: zeros (every element is written)
-    for (int s = static_cast<int>(threadIdx.x); s < S; s += kDecodeScoresThreads) p.out[row * S + s] = 0.0f;
-    return;
+  // The importance (sums / total / segment length; 0 for ids without keys), kept for the order
+  // and written to `out`: every element.
+  for (int x = tid; x < P * S; x += kDecodeScoresThreads) {
+    const int hh = x / S;
+    const int s = x % S;
+    const float total = s_rescale[hh];
+    const float v = total > 0.0f && lens[s] != 0 ? s_acc[x] / total / static_cast<float>(lens[s]) : 0.0f;
+    s_acc[x] = v;
+    p.out[row_of(hh) * S + s] = v;
   }
-  float total = 0.0f;
-  for (int x = 0; x < p.kv_splits; ++x) {
-    const float mx = p.part_max[x * rows + row];
-    if (mx != -INFINITY) total += expf(mx - m) * p.part_total[x * rows + row];
+  __syncthreads();
+
+  // The order: this row's group from its scores; row 0's block also every group that is not a
+  // query row's (segment groups by index, as PINE orders them for n <= 2 and as a decode plan
+  // has no segment queries; the prefix group and unused groups 0).
+  const int n = static_cast<int>(p.num_segs[b]);
+  const int first = static_cast<int>(p.first_suffix_row[b]);
+  const auto shift_at = [&](int hh, int g) {
+    return p.shifts + ((static_cast<int64_t>(b) * p.num_heads + kh * P + hh) * p.groups + g) * S;
+  };
+  if (i >= first && n + 1 + i - first < p.groups) {
+    const int g = n + 1 + i - first;
+    for (int x = tid; x < P * S; x += kDecodeScoresThreads) {
+      const int hh = x / S;
+      shift_at(hh, g)[x % S] = pine_shift(g, x % S, n, lens, nullptr, s_acc + hh * S);
+    }
   }
-  const uint32_t* const lens = p.seg_lens + static_cast<int64_t>(b) * S;
-  for (int s = static_cast<int>(threadIdx.x); s < S; s += kDecodeScoresThreads) {
-    if (lens[s] == 0) {
-      p.out[row * S + s] = 0.0f;
-      continue;
+  if (i == 0) {
+    for (int x = tid; x < P * p.groups * S; x += kDecodeScoresThreads) {
+      const int hh = x / (p.groups * S);
+      const int g = (x / S) % p.groups;
+      const bool row_group = g > n && first + g - n - 1 < p.q_len;
+      if (!row_group) shift_at(hh, g)[x % S] = pine_shift(g, x % S, n, lens, nullptr, nullptr);
     }
-    float acc = 0.0f;
-    for (int x = 0; x < p.kv_splits; ++x) {
-      const float mx = p.part_max[x * rows + row];
-      if (mx != -INFINITY) acc += expf(mx - m) * p.part_acc[(x * rows + row) * S + s];
-    }
-    p.out[row * S + s] = acc / total / static_cast<float>(lens[s]);
   }
 }
 
@@ -274,11 +341,6 @@ extern "C" __global__ void __launch_bounds__(segattn::pine::kDecodeScoresThreads
 extern "C" __global__ void __launch_bounds__(segattn::pine::kDecodeScoresThreads)
     segattn_pine_decode_scores_f16(const SegattnDecodeScoresParams params) {
   segattn::pine::decode_scores_entry<segattn::f16>(params);
-}
-
-extern "C" __global__ void __launch_bounds__(segattn::pine::kDecodeScoresThreads)
-    segattn_pine_decode_scores_combine(const SegattnDecodeScoresParams params) {
-  segattn::pine::decode_scores_combine(params);
 }
 
 #if defined(SEGATTN_EMULATE)
@@ -311,9 +373,7 @@ extern "C" int segattn_emu_pine_decode_scores(const SegattnDecodeScoresParams* p
       segattn_pine_decode_scores_f16(*p);
     }
   });
-  if (rc != 0 || splits == 1) return rc;
-  return ::segattn::emu::launch(dim3(p->q_len, p->num_heads, p->batch), dim3(segattn::pine::kDecodeScoresThreads), 0,
-                                [&] { segattn_pine_decode_scores_combine(*p); });
+  return rc;
 }
 
 #endif  // SEGATTN_EMULATE

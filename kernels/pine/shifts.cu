@@ -3,13 +3,12 @@
 //
 // nvcc: `extern "C" __global__ void segattn_pine_shifts(const SegattnShiftsParams)`,
 //   grid (ceil(groups * num_segments / 128), H, B), block 128 threads, no shared memory.
-// One thread per (group, key segment j): j's rank is counted, not sorted — the segments ranked
-// before j are those with a higher score, or an equal score and a lower id (a stable descending
-// sort), the group's own segment always first. O(n) per thread; n up to a few thousand.
+// One thread per (group, key segment j): pine_shift (order.cuh) counts j's rank.
 //
 // Host emulation (SEGATTN_EMULATE): `segattn_emu_pine_shifts(params)`.
 #include "platform.cuh"
 #include "segattn_params.h"
+#include "order.cuh"
 
 namespace segattn {
 namespace pine {
@@ -26,32 +25,19 @@ __device__ __forceinline__ void shifts_kernel(const SegattnShiftsParams& p) {
   const int j = idx % S;
   const int n = static_cast<int>(p.num_segs[b]);
   const uint32_t* lens = p.segment_lens + static_cast<int64_t>(b) * S;
-  uint32_t shift = 0;
-  if (g >= 1 && j >= 1 && j <= n) {
-    const int64_t bh = static_cast<int64_t>(b) * p.num_heads + h;
-    if (g <= n) {
-      // Segment query group g: g itself first; with n > 2 the others by I[g, .].
-      if (j != g) {
-        shift = lens[g];
-        const float* score = p.segment_scores != nullptr && n > 2 ? p.segment_scores + (bh * S + g) * S : nullptr;
-        for (int m = 1; m <= n; ++m) {
-          if (m == g || m == j) continue;
-          const bool before = score != nullptr ? (score[m] > score[j] || (score[m] == score[j] && m < j)) : m < j;
-          if (before) shift += lens[m];
-        }
-      }
-    } else {
-      // Suffix / generated row: its own scores over every segment.
-      const int row = static_cast<int>(p.first_suffix_row[b]) + g - n - 1;
-      const int r = row - (p.q_len - p.scored_rows);
-      if (row < p.q_len && r >= 0) {
-        const float* score = p.row_scores + (bh * p.scored_rows + r) * S;
-        for (int m = 1; m <= n; ++m) {
-          if (m != j && (score[m] > score[j] || (score[m] == score[j] && m < j))) shift += lens[m];
-        }
-      }
-    }
+  const int64_t bh = static_cast<int64_t>(b) * p.num_heads + h;
+  // Segment query group g (n > 2): its importance of every segment; a suffix / generated row's
+  // group: the row's own scores, when the row is a query row and scored.
+  const float* seg_score = nullptr;
+  const float* row_score = nullptr;
+  if (g >= 1 && g <= n) {
+    if (p.segment_scores != nullptr && n > 2) seg_score = p.segment_scores + (bh * S + g) * S;
+  } else if (g > n) {
+    const int row = static_cast<int>(p.first_suffix_row[b]) + g - n - 1;
+    const int r = row - (p.q_len - p.scored_rows);
+    if (row < p.q_len && r >= 0) row_score = p.row_scores + (bh * p.scored_rows + r) * S;
   }
+  const uint32_t shift = pine_shift(g, j, n, lens, seg_score, row_score);
   p.shifts[((static_cast<int64_t>(b) * p.num_heads + h) * p.groups + g) * S + j] = shift;
 }
 

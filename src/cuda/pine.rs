@@ -16,7 +16,8 @@ use super::driver_err;
 use super::module;
 use crate::error::invalid_arg;
 use crate::params::{SegattnDecodeScoresParams, SegattnFwdParams, SegattnShiftsParams};
-use crate::pine::kernel_args::{decode_scores_params, rotation_params, shifts_params, DecodePartials};
+use crate::pine::kernel_args::{decode_scores_params, rotation_params, shifts_params, DecodeOrder, DecodePartials};
+use crate::pine::order::GroupLayout;
 use crate::pine::shifts::ShiftsOp;
 use crate::pine::{PineRotation, RopeTable};
 use crate::validate::AttentionShape;
@@ -160,17 +161,20 @@ impl<'a> RotationBuffers<'a> {
 unsafe impl DeviceRepr for SegattnDecodeScoresParams {}
 
 /// The importance `[B, H, Lq, sk]` of decode rows `q` (un-rotated) against the rotated cache
-/// `k_cache` (`kernels/pine/decode_scores.cu`); `words` = `[key_pos | key_seg | seg_lens]`, whose
-/// device copies `device_words` keeps (uploaded once per step).
+/// `k_cache`, and their order as the shifts `[B, H, groups, sk]` of `groups`, in one launch
+/// (`kernels/pine/decode_scores.cu`); `words` = `[key_pos | key_seg | seg_lens]`, whose device
+/// copies `device_words` keeps (uploaded once per step).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn pine_decode_scores(
     q: &Tensor,
     k_cache: &Tensor,
     words: &[u32],
     device_words: &DeviceCopies<u32>,
+    groups: &GroupLayout,
     table: &RopeTable,
     scale: f32,
     sk: usize,
-) -> Result<Tensor> {
+) -> Result<(Tensor, Tensor)> {
     let shape = AttentionShape::of(q, k_cache, k_cache)?;
     crate::kernel_params::check_supported(q.dtype(), shape.head_dim)?;
     let heads_per_kv = shape.num_heads / shape.num_kv_heads;
@@ -188,6 +192,13 @@ pub(crate) fn pine_decode_scores(
     let stream = dev.cuda_stream();
     let b = shape.batch;
     let meta = device_words.get_or_upload(&stream, "PINE decode metadata", || words.to_vec())?;
+    let group_meta = groups
+        .device_meta
+        .get_or_upload(&stream, "PINE layout metadata", || groups.packed_meta())?;
+    let n_shifts = b * shape.num_heads * groups.groups * sk;
+    // SAFETY: the kernel writes every element of the shifts.
+    let mut shifts =
+        unsafe { stream.alloc::<u32>(n_shifts.max(1)) }.map_err(|e| driver_err("allocating the shifts", e))?;
     let tables = table
         .device
         .get_or_upload(&stream, "the RoPE table", || table.packed())?;
@@ -220,6 +231,16 @@ pub(crate) fn pine_decode_scores(
     } else {
         None
     };
+    // The last slice of each (row, KV head) to finish merges: counted from zero.
+    let mut done = if splits > 1 {
+        Some(
+            stream
+                .alloc_zeros::<u32>(DecodePartials::counters(&shape))
+                .map_err(|e| driver_err("allocating decode importance counters", e))?,
+        )
+    } else {
+        None
+    };
     let name = if q.dtype() == candle_core::DType::BF16 {
         "segattn_pine_decode_scores_bf16"
     } else {
@@ -244,18 +265,28 @@ pub(crate) fn pine_decode_scores(
         let (mp, _gm) = meta.as_ref().device_ptr(&stream);
         let (tp, _gt) = tables.device_ptr(&stream);
         let (op, _go) = out.device_ptr_mut(&stream);
+        let (gp, _gg) = group_meta.as_ref().device_ptr(&stream);
+        let (sp, _gs) = shifts.device_ptr_mut(&stream);
         let partial_ptr = partial_buf.as_mut().map(|buf| buf.device_ptr_mut(&stream));
-        let partials = match &partial_ptr {
-            Some((base, _)) => {
+        let done_ptr = done.as_mut().map(|d| d.device_ptr_mut(&stream));
+        let partials = match (&partial_ptr, &done_ptr) {
+            (Some((base, _)), Some((d, _))) => {
                 let base = *base as *mut f32;
                 DecodePartials {
                     splits,
                     max: base,
                     total: base.wrapping_add(n_rows),
                     acc: base.wrapping_add(2 * n_rows),
+                    done: *d as *mut u32,
                 }
             }
-            None => DecodePartials::none(),
+            _ => DecodePartials::none(),
+        };
+        let order = DecodeOrder {
+            shifts: sp as *mut u32,
+            meta: gp as *const u32,
+            groups: groups.groups,
+            batch: b,
         };
         let params = decode_scores_params(
             &shape,
@@ -275,6 +306,7 @@ pub(crate) fn pine_decode_scores(
             tp as *const f32,
             op as *mut f32,
             partials,
+            order,
         )?;
         super::launch::check_grid_of(name, b, shape.q_len * shape.num_kv_heads)?;
         let cfg = LaunchConfig {
@@ -286,37 +318,27 @@ pub(crate) fn pine_decode_scores(
         builder.arg(&params);
         // SAFETY: the kernel's one parameter is a SegattnDecodeScoresParams by value whose
         // pointers are live device allocations of the stated sizes (q, the cache, `meta`,
-        // `tables`, `out`, the partials), held until the launch is ordered on `stream`.
+        // `tables`, `out`, the partials and counters, the group metadata, the shifts), held until
+        // the launch is ordered on `stream`.
         unsafe { builder.launch(cfg) }
             .map_err(|e| driver_err(format!("launching {name} (grid {:?})", cfg.grid_dim), e))?;
         super::launch::sync_if_asked(&stream, name)?;
-        if splits > 1 {
-            let combine = "segattn_pine_decode_scores_combine";
-            super::launch::check_grid_of(combine, b, shape.num_heads)?;
-            let func = kernels.function(combine)?;
-            let cfg = LaunchConfig {
-                grid_dim: (shape.q_len as u32, shape.num_heads as u32, b as u32),
-                block_dim: (128, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            let mut builder = stream.launch_builder(&func);
-            builder.arg(&params);
-            // SAFETY: as above; the merge reads the partials the kernel just wrote (same stream)
-            // and writes `out`.
-            unsafe { builder.launch(cfg) }
-                .map_err(|e| driver_err(format!("launching {combine} (grid {:?})", cfg.grid_dim), e))?;
-            super::launch::sync_if_asked(&stream, combine)?;
-        }
     }
     stream
         .context()
         .check_err()
         .map_err(|e| driver_err(format!("after launching {name}"), e))?;
-    let storage = CudaStorage::wrap_cuda_slice(out, dev);
-    Ok(Tensor::from_storage(
-        Storage::Cuda(storage),
+    let importance = Tensor::from_storage(
+        Storage::Cuda(CudaStorage::wrap_cuda_slice(out, dev.clone())),
         (b, shape.num_heads, shape.q_len, sk),
         candle_core::op::BackpropOp::none(),
         false,
-    ))
+    );
+    let shifts = Tensor::from_storage(
+        Storage::Cuda(CudaStorage::wrap_cuda_slice(shifts, dev)),
+        (b, shape.num_heads, groups.groups, sk),
+        candle_core::op::BackpropOp::none(),
+        false,
+    );
+    Ok((importance, shifts))
 }

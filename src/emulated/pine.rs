@@ -6,7 +6,7 @@ use candle_core::{DType, Result, Tensor};
 use super::{last_error, run_forward, Launch, Schedule};
 use crate::op::AttentionOutput;
 use crate::params::{SegattnDecodeScoresParams, SegattnRopeRowsParams, SegattnShiftsParams};
-use crate::pine::kernel_args::{decode_scores_params, rope_rows_params, shifts_params, DecodePartials};
+use crate::pine::kernel_args::{decode_scores_params, rope_rows_params, shifts_params, DecodeOrder, DecodePartials};
 use crate::pine::{PineAttention, ScoreKeys};
 use crate::validate::AttentionShape;
 
@@ -126,42 +126,64 @@ pub fn pine_shifts_both(pine: &PineAttention, q: &Tensor, k: &Tensor) -> Result<
     Ok((cpu, kernel))
 }
 
+/// What [`pine_decode_importance_both`] computes: the importance `[B, H, Lq, Sk]` by the CPU path
+/// and by the kernel, the kernel's shifts `[B, H, groups, Sk]`, and the CPU order of the kernel's
+/// own importance (which the kernel's shifts must equal exactly).
+#[derive(Debug)]
+pub struct DecodeImportanceBoth {
+    pub cpu: Vec<f32>,
+    pub kernel: Vec<f32>,
+    pub kernel_shifts: Vec<u32>,
+    pub shifts_of_kernel_scores: Vec<u32>,
+}
+
 /// The importance of decode rows `q` (`[B, Lq, H, D]` un-rotated, bf16 / f16) against a cache
 /// rotated with [`PineAttention::rotate_keys`], computed twice: by the CPU path (which reads the
 /// rotated cache with turned queries) and by the GPU kernel `segattn_pine_decode_scores`
-/// (un-rotating each key in its dot product; the keys cut into `kv_splits` slices merged by
-/// `segattn_pine_decode_scores_combine` when more than one), emulated. Returns (CPU, kernel),
-/// `[B, H, Lq, Sk]`.
+/// (un-rotating each key in its dot product; the keys cut into `kv_splits` slices, the last slice
+/// of each row merging them), emulated; with the kernel's order of its rows. Outputs and partials
+/// are poisoned (NaN, u32::MAX): the kernel must write every element.
 pub fn pine_decode_importance_both(
     pine: &PineAttention,
     q: &Tensor,
     k_cache: &Tensor,
     kv_splits: usize,
-) -> Result<(Vec<f32>, Vec<f32>)> {
+) -> Result<DecodeImportanceBoth> {
     let shape = AttentionShape::of(q, k_cache, k_cache)?;
     super::check_emulated_inputs(&shape, q.dtype(), &[("q", q), ("k_cache", k_cache)])?;
     let (extended, sk, table, scale) = pine.decode_inputs(&shape)?;
     let cpu = crate::pine::importance::decode_rows_cpu(q, k_cache, &extended, &table, scale, sk)?
         .flatten_all()?
         .to_vec1::<f32>()?;
+    let groups = pine.step_groups(&shape)?;
     let words = pine.decode_keys(&extended, shape.kv_len, sk);
+    let meta = groups.packed_meta();
     let packed_table = table.packed();
     let (qi, ki) = (super::Input::new("q", q)?, super::Input::new("k_cache", k_cache)?);
     let mut kernel = vec![f32::NAN; shape.batch * shape.num_heads * shape.q_len * sk];
-    // Slice partials, NaN-poisoned: the kernel must write every element.
+    let mut kernel_shifts = vec![u32::MAX; shape.batch * shape.num_heads * groups.groups * sk];
+    // Slice partials, NaN-poisoned: the kernel must write every element; counters zeroed.
     let splits = kv_splits.max(1);
     let (n_rows, n_acc) = DecodePartials::sizes(&shape, sk, splits);
     let (mut part_max, mut part_total, mut part_acc) =
         (vec![f32::NAN; n_rows], vec![f32::NAN; n_rows], vec![f32::NAN; n_acc]);
+    let mut done = vec![0u32; DecodePartials::counters(&shape)];
     let partials = if splits > 1 {
         DecodePartials {
             splits,
             max: part_max.as_mut_ptr(),
             total: part_total.as_mut_ptr(),
             acc: part_acc.as_mut_ptr(),
+            done: done.as_mut_ptr(),
         }
     } else {
         DecodePartials::none()
+    };
+    let order = DecodeOrder {
+        shifts: kernel_shifts.as_mut_ptr(),
+        meta: meta.as_ptr(),
+        groups: groups.groups,
+        batch: shape.batch,
     };
     let p = decode_scores_params(
         &shape,
@@ -175,9 +197,11 @@ pub fn pine_decode_importance_both(
         packed_table.as_ptr(),
         kernel.as_mut_ptr(),
         partials,
+        order,
     )?;
     // SAFETY: every pointer of `p` points into a live buffer of the size stated in `p` (`qi`,
-    // `ki`, `words`, `packed_table`, `kernel`, the partials), all alive for the call.
+    // `ki`, `words`, `packed_table`, `kernel`, the partials and counters, `meta`, the shifts), all
+    // alive for the call.
     let rc = unsafe { segattn_emu_pine_decode_scores(&p) };
     if rc != 0 {
         return Err(candle_core::Error::Msg(format!(
@@ -187,7 +211,18 @@ pub fn pine_decode_importance_both(
         .bt());
     }
     drop((qi, ki));
-    Ok((cpu, kernel))
+    let host = crate::pine::importance::HostImportance {
+        segments: None,
+        rows: kernel.clone(),
+        scored_rows: shape.q_len,
+    };
+    let shifts_of_kernel_scores = crate::pine::order::query_shifts(groups, shape.num_heads, shape.q_len, &host).shifts;
+    Ok(DecodeImportanceBoth {
+        cpu,
+        kernel,
+        kernel_shifts,
+        shifts_of_kernel_scores,
+    })
 }
 
 /// Rows of `x` `[B, L, heads, D]` (CPU, bf16 / f16) rotated at `positions` `[pb, L]` (row-major,

@@ -91,13 +91,16 @@ pub(crate) fn shifts_params(
 }
 
 /// The decode-importance kernel's key slices: `splits` of them, and (`splits > 1`) the partial
-/// buffers `max`, `total` (`splits * rows` floats, rows = B H Lq) and `acc` (`splits * rows * Sk`).
+/// buffers `max`, `total` (`splits * rows` floats, rows = B H Lq) and `acc` (`splits * rows * Sk`),
+/// and `done`, one zeroed counter per (batch row, query row, KV head) (the last slice to finish
+/// merges).
 #[derive(Clone, Copy)]
 pub(crate) struct DecodePartials {
     pub splits: usize,
     pub max: *mut f32,
     pub total: *mut f32,
     pub acc: *mut f32,
+    pub done: *mut u32,
 }
 
 impl DecodePartials {
@@ -108,6 +111,7 @@ impl DecodePartials {
             max: std::ptr::null_mut(),
             total: std::ptr::null_mut(),
             acc: std::ptr::null_mut(),
+            done: std::ptr::null_mut(),
         }
     }
 
@@ -116,10 +120,27 @@ impl DecodePartials {
         let rows = shape.batch * shape.num_heads * shape.q_len;
         (splits * rows, splits * rows * sk)
     }
+
+    /// Counters of `done`: one per (batch row, query row, KV head).
+    pub fn counters(shape: &AttentionShape) -> usize {
+        shape.batch * shape.q_len * shape.num_kv_heads
+    }
+}
+
+/// Where the decode-importance kernel writes the order of its rows: `shifts` `[B, H,
+/// groups.groups, Sk]` (every element), from the group metadata `meta` ([`GroupLayout::packed_meta`]
+/// of `groups`).
+#[derive(Clone, Copy)]
+pub(crate) struct DecodeOrder {
+    pub shifts: *mut u32,
+    pub meta: *const u32,
+    pub groups: usize,
+    pub batch: usize,
 }
 
 /// The decode-importance kernel's launch: `words` holds `PineAttention::decode_keys`
-/// (`[key_pos | key_seg | seg_lens]`), `table_addr` the [`RopeTable::packed`] of `table`.
+/// (`[key_pos | key_seg | seg_lens]`), `table_addr` the [`RopeTable::packed`] of `table`; the
+/// kernel also orders its rows (`order`).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn decode_scores_params(
     shape: &AttentionShape,
@@ -133,6 +154,7 @@ pub(crate) fn decode_scores_params(
     table_addr: *const f32,
     out: *mut f32,
     partials: DecodePartials,
+    order: DecodeOrder,
 ) -> Result<SegattnDecodeScoresParams> {
     let Some(dtype) = dtype_code(dtype) else {
         crate::error::invalid_arg!("q: the CUDA kernels support dtype bf16 or f16, got {dtype:?}");
@@ -162,6 +184,11 @@ pub(crate) fn decode_scores_params(
         part_max: partials.max,
         part_total: partials.total,
         part_acc: partials.acc,
+        done: partials.done,
+        shifts: order.shifts,
+        num_segs: order.meta,
+        first_suffix_row: order.meta.wrapping_add(order.batch),
+        groups: to_i32("query groups", order.groups)?,
     })
 }
 

@@ -286,9 +286,13 @@ impl PineAttention {
 
     /// [`PineAttention::plan`] with the keys of the importance given either way.
     pub(crate) fn plan_with(&self, q: &Tensor, keys: ScoreKeys<'_>, shape: &AttentionShape) -> Result<PinePlan> {
-        let (imp, groups) = self.importance_with(q, keys, shape)?;
-        // The order on the device of the scores: no host round trip on the GPU.
-        let shift_tensor = shifts::shifts(&imp, &groups, shape.num_heads, shape.q_len, q.device())?;
+        let (imp, groups, ordered) = self.importance_with(q, keys, shape)?;
+        // The order on the device of the scores: no host round trip on the GPU (a GPU decode step's
+        // importance kernel orders its rows itself).
+        let shift_tensor = match ordered {
+            Some(shifts) => shifts,
+            None => shifts::shifts(&imp, &groups, shape.num_heads, shape.q_len, q.device())?,
+        };
         let host_shifts = if shift_tensor.device().is_cpu() {
             shift_tensor.flatten_all()?.to_vec1::<u32>()?
         } else {
@@ -333,7 +337,8 @@ impl PineAttention {
         k_plain: &Tensor,
         shape: &AttentionShape,
     ) -> Result<(importance::Importance, order::GroupLayout)> {
-        self.importance_with(q, ScoreKeys::Plain(k_plain), shape)
+        let (imp, groups, _) = self.importance_with(q, ScoreKeys::Plain(k_plain), shape)?;
+        Ok((imp, groups))
     }
 
     fn importance_with(
@@ -341,9 +346,10 @@ impl PineAttention {
         q: &Tensor,
         keys: ScoreKeys<'_>,
         shape: &AttentionShape,
-    ) -> Result<(importance::Importance, order::GroupLayout)> {
+    ) -> Result<(importance::Importance, order::GroupLayout, Option<Tensor>)> {
         let step = self.step(shape)?;
         let (extended, sk) = (&step.extended, step.sk);
+        let mut ordered = None;
         let imp = match keys {
             ScoreKeys::RotatedCache(k_cache) => {
                 // Decode: every query row is a suffix / generated row.
@@ -352,7 +358,9 @@ impl PineAttention {
                 let rows = if q.device().is_cpu() {
                     importance::decode_rows_cpu(q, k_cache, extended, &table, scale, sk)?
                 } else {
-                    self.decode_rows_gpu(q, k_cache, &step, &table, scale)?
+                    let (rows, shifts) = self.decode_rows_gpu(q, k_cache, &step, &table, scale)?;
+                    ordered = Some(shifts);
+                    rows
                 };
                 importance::Importance {
                     segments: None,
@@ -367,7 +375,7 @@ impl PineAttention {
                 importance::importance(&q_plain, &k_plain, extended, self.scale_for(shape), step.scored_rows)?
             }
         };
-        Ok((imp, step.groups.clone()))
+        Ok((imp, step.groups.clone(), ordered))
     }
 
     /// What this call derives from the layouts alone (see [`step`]): the one kept from the last
@@ -446,7 +454,13 @@ impl PineAttention {
         Ok((extended, sk, table, self.scale_for(shape)))
     }
 
-    /// The decode rows' importance on the GPU (`kernels/pine/decode_scores.cu`).
+    /// The query groups of a step of `shape` (the step's cached layout work).
+    pub(crate) fn step_groups(&self, shape: &AttentionShape) -> Result<order::GroupLayout> {
+        Ok(self.step(shape)?.groups.clone())
+    }
+
+    /// The decode rows' importance on the GPU and their order (shifts), from one kernel
+    /// (`kernels/pine/decode_scores.cu`).
     #[allow(unused_variables)]
     fn decode_rows_gpu(
         &self,
@@ -455,12 +469,21 @@ impl PineAttention {
         step: &step::StepLayout,
         table: &RopeTable,
         scale: f64,
-    ) -> Result<Tensor> {
+    ) -> Result<(Tensor, Tensor)> {
         #[cfg(feature = "cuda")]
         {
             let kv_len = k_cache.dim(1)?;
             let words = step.decode_words(|| self.decode_keys(&step.extended, kv_len, step.sk));
-            crate::cuda::pine_decode_scores(q, k_cache, words, &step.device_words, table, scale as f32, step.sk)
+            crate::cuda::pine_decode_scores(
+                q,
+                k_cache,
+                words,
+                &step.device_words,
+                &step.groups,
+                table,
+                scale as f32,
+                step.sk,
+            )
         }
         #[cfg(not(feature = "cuda"))]
         invalid_arg!(
