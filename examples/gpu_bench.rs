@@ -19,7 +19,7 @@
 //! `--pine-decode-trace`: only PINE decode steps of the RAG prompt, 64 layer calls in a row after
 //! warm-up, for a timeline (`nsys profile`: the suite's profile half).
 //! `--mass`: instead, the per-segment mass, fused and standalone, against the attention alone
-//! (examples/support/gpu_mass.rs). With `--smoke` both run scaled-down shapes; with `--cpu` they
+//! (examples/support/gpu_mass.rs). With `--smoke` these run scaled-down shapes; with `--cpu` they
 //! run on the CPU (a dry run of their code paths where there is no GPU: the times mean nothing;
 //! scripts/gpu-suite.sh does it before packing).
 //! `--list` prints the shapes; `--export-masks FILE` writes every mask (segment ids, rules, visible
@@ -105,8 +105,8 @@ fn parse_args() -> std::result::Result<Args, String> {
     if a.reps == 0 {
         return Err("--reps 0: at least one repetition".into());
     }
-    if a.cpu && !(a.pine || a.mass) {
-        return Err("--cpu: only with --pine or --mass (a dry run of their code paths)".into());
+    if a.cpu && !(a.pine || a.mass || a.pine_decode_trace) {
+        return Err("--cpu: only with --pine, --mass or --pine-decode-trace (a dry run of their code paths)".into());
     }
     Ok(a)
 }
