@@ -203,7 +203,7 @@ pub(crate) fn pine_decode_scores(
         .device
         .get_or_upload(&stream, "the RoPE table", || table.packed())?;
     let n_out = b * shape.num_heads * shape.q_len * sk;
-    // SAFETY: the kernel (or the merge) writes every element (no zeroing launch).
+    // SAFETY: the kernel (one slice, or the last slice of each row) writes every element.
     let mut out =
         unsafe { stream.alloc::<f32>(n_out.max(1)) }.map_err(|e| driver_err("allocating the decode importance", e))?;
     let kernels = module::kernels(stream.context())?;
