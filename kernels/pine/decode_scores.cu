@@ -73,6 +73,38 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+// Heads scored together, and the scores reduced over the warp at once (kUnroll keys x heads).
+constexpr int kHeadsAtOnce = 4;
+constexpr int kReduced = kDecodeScoresUnroll * kHeadsAtOnce;
+static_assert(kReduced == 16, "warp_sum_many halves 16 values over lane bits 4..1");
+
+// Reduces 16 values over the warp with 16 shuffles (5 per value one by one): at each step a lane
+// keeps half of its values, adds its partner's copy of that half and hands over the other half.
+// Returns the index of the sum that v[0] then holds: (lane >> 1) & 15 (lanes 2 k and 2 k + 1
+// hold the same one).
+// One step of warp_sum_many: values 0..2 kHalf - 1 -> 0..kHalf - 1, across lane bit kBit.
+// Constant indices only (the steps are spelled out: a loop the compiler does not unroll would
+// index v at run time, in local memory).
+template <int kHalf, int kBit>
+__device__ __forceinline__ void halve(float (&v)[kReduced], int lane) {
+  const bool upper = (lane & kBit) != 0;
+  SEGATTN_UNROLL
+  for (int i = 0; i < kHalf; ++i) {
+    const float keep = upper ? v[i + kHalf] : v[i];
+    const float give = upper ? v[i] : v[i + kHalf];
+    v[i] = keep + __shfl_xor_sync(0xffffffffu, give, kBit);
+  }
+}
+
+__device__ __forceinline__ int warp_sum_many(float (&v)[kReduced], int lane) {
+  halve<8, 16>(v, lane);
+  halve<4, 8>(v, lane);
+  halve<2, 4>(v, lane);
+  halve<1, 2>(v, lane);
+  v[0] += __shfl_xor_sync(0xffffffffu, v[0], 1);
+  return (lane >> 1) & 15;
+}
+
 __device__ __forceinline__ float warp_max(float v) {
   for (int m = 16; m >= 1; m /= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, m));
   return v;
@@ -148,7 +180,8 @@ __device__ void decode_scores_kernel(const SegattnDecodeScoresParams& p) {
     }
     return kp;
   };
-  auto score = [&](const KeyPairs& kp, int hh) {
+  // This lane's part of q_hh . rope^-1(k): its pairs only (the warp reduces it).
+  auto partial_score = [&](const KeyPairs& kp, int hh) {
     const float* const q = s_q + hh * kHeadDim;
     float acc = 0.0f;
     SEGATTN_UNROLL
@@ -157,7 +190,7 @@ __device__ void decode_scores_kernel(const SegattnDecodeScoresParams& p) {
       const float q1 = q[c], q2 = q[c + kHalf];
       acc += kp.c[t] * (q1 * kp.k1[t] + q2 * kp.k2[t]) + kp.s[t] * (q1 * kp.k2[t] - q2 * kp.k1[t]);
     }
-    return warp_sum(acc);  // every lane holds the score
+    return acc;
   };
 
   for (int c0 = j0; c0 < j1; c0 += kDecodeScoresChunk) {
@@ -177,14 +210,23 @@ __device__ void decode_scores_kernel(const SegattnDecodeScoresParams& p) {
         const int jj = base + u * kDecodeScoresWarps;
         if (jj < n && s_seg[jj] != 0) kp[u] = load_key(c0 + jj, s_pos[jj]);  // warp-uniform
       }
-      SEGATTN_UNROLL
-      for (int u = 0; u < kDecodeScoresUnroll; ++u) {
-        const int jj = base + u * kDecodeScoresWarps;
-        if (jj >= n) break;
-        const bool scored = s_seg[jj] != 0;
-        for (int hh = 0; hh < P; ++hh) {
-          const float sc = scored ? score(kp[u], hh) : -INFINITY;
-          if (lane == 0) s_score[hh * kDecodeScoresChunk + jj] = sc;
+      // The kUnroll keys' scores for kHeadsAtOnce heads at a time: 16 lane partials reduced over
+      // the warp together (16 shuffles for 16 scores, not 5 each); lane pair (2 v, 2 v + 1)
+      // ends with score v.
+      for (int h0 = 0; h0 < P; h0 += kHeadsAtOnce) {
+        float v[kReduced];
+        SEGATTN_UNROLL
+        for (int u = 0; u < kDecodeScoresUnroll; ++u) {
+          SEGATTN_UNROLL
+          for (int t = 0; t < kHeadsAtOnce; ++t) {
+            v[u * kHeadsAtOnce + t] = h0 + t < P ? partial_score(kp[u], h0 + t) : 0.0f;
+          }
+        }
+        const int idx = warp_sum_many(v, lane);
+        const int jj = base + (idx / kHeadsAtOnce) * kDecodeScoresWarps;
+        const int hh = h0 + idx % kHeadsAtOnce;
+        if ((lane & 1) == 0 && jj < n && hh < P) {
+          s_score[hh * kDecodeScoresChunk + jj] = s_seg[jj] != 0 ? v[0] : -INFINITY;
         }
       }
     }
@@ -333,12 +375,14 @@ __device__ void decode_scores_entry(const SegattnDecodeScoresParams& p) {
 }  // namespace pine
 }  // namespace segattn
 
-extern "C" __global__ void __launch_bounds__(segattn::pine::kDecodeScoresThreads)
+// Four blocks per SM (the launcher's target; <= 128 registers): without the bound ptxas stopped at
+// 80 registers and spilled one value across the loop.
+extern "C" __global__ void __launch_bounds__(segattn::pine::kDecodeScoresThreads, 4)
     segattn_pine_decode_scores_bf16(const SegattnDecodeScoresParams params) {
   segattn::pine::decode_scores_entry<segattn::bf16>(params);
 }
 
-extern "C" __global__ void __launch_bounds__(segattn::pine::kDecodeScoresThreads)
+extern "C" __global__ void __launch_bounds__(segattn::pine::kDecodeScoresThreads, 4)
     segattn_pine_decode_scores_f16(const SegattnDecodeScoresParams params) {
   segattn::pine::decode_scores_entry<segattn::f16>(params);
 }
