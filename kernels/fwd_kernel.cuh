@@ -24,7 +24,8 @@
 //   LSE = (max + log2 sum) * ln 2 in f32.
 //
 // Split-K (params.kv_splits > 1, decode): each block covers one slice of the key tiles and writes
-// an f32 partial output and LSE; combine_kernel.cuh merges the slices.
+// an f32 partial output and LSE; the last slice of a query tile to finish merges them
+// (split_merge.cuh), so split-K needs no second launch.
 //
 // The fused mass variant (Traits::kMass, segment_mass.cuh): per tile, P times a one-hot segment
 // matrix into on-chip accumulators for segment ids 0..63, rescaled like O; the epilogue writes
@@ -50,6 +51,7 @@
 #include "rotary.cuh"
 #include "segment_mass.cuh"
 #include "softmax.cuh"
+#include "split_merge.cuh"
 #include "tile_load.cuh"
 
 namespace segattn {
@@ -268,7 +270,7 @@ __device__ void fwd_kernel(const SegattnFwdParams& p) {
     }
   }
   if (p.kv_splits > 1) {
-    // This split's normalised partial output and LSE, f32, for segattn_fwd_combine_*.
+    // This split's normalised partial output and LSE, f32, for the merge below.
     const int64_t bh = (static_cast<int64_t>(blk.split) * p.batch + b) * p.num_heads + h;
     SEGATTN_UNROLL
     for (int i = 0; i < kMT; ++i) {
@@ -284,6 +286,22 @@ __device__ void fwd_kernel(const SegattnFwdParams& p) {
         }
         if ((lane % 4) == 0) p.lse_accum[bh * p.q_len + row] = lse[i][r];
       }
+    }
+    // Published before the count; the last slice of this query tile to finish merges its rows
+    // (one warp per row). The flag lives in the K buffer, free since the loop's last barrier.
+    __threadfence();
+    __syncthreads();
+    uint32_t* const s_last = reinterpret_cast<uint32_t*>(smem + Traits::kOffK);
+    if (threadIdx.x == 0) {
+      if (p.split_done == nullptr) __trap();  // the launcher provides the counters with split-K
+      const int64_t tile = (static_cast<int64_t>(b) * p.num_heads + h) * ((p.q_len + kM - 1) / kM) + q0 / kM;
+      *s_last = count_done(p.split_done + tile) == static_cast<uint32_t>(p.kv_splits - 1) ? 1u : 0u;
+    }
+    __syncthreads();
+    if (*s_last == 0u) return;
+    __threadfence();
+    for (int row = q0 + warp; row < q1; row += Traits::kWarps) {
+      merge_split_row<T, Traits::kHeadDim>(p, (static_cast<int64_t>(b) * p.num_heads + h) * p.q_len + row, lane);
     }
     return;
   }

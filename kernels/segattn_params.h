@@ -137,10 +137,12 @@ typedef struct SegattnFwdParams {
    * lse. kv_splits = S > 1: the grid's x is (query tiles x S); block (t, s) covers key tiles
    * [s * per, (s + 1) * per), per = ceil(tiles / S), and writes its normalised partial output
    * o_accum [S, B, H, Lq, head_dim] f32 and lse_accum [S, B, H, Lq] f32 (-inf: saw nothing);
-   * segattn_fwd_combine_* then merges the S partials into o (and lse) through their LSE. */
+   * the last of the S blocks of a query tile to finish (counted in split_done [B, H, query tiles]
+   * u32, zeroed by the caller) merges the partials into o (and lse) through their LSE. */
   int32_t kv_splits;
   float *o_accum;
   float *lse_accum;
+  uint32_t *split_done;
 
   /* Query rows per block of the launched forward entry point: 64, or 128 for segattn_fwd_wide_*
    * (0 reads as 64). The grid's x counts blocks of this many rows; a kernel launched with another

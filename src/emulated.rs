@@ -263,7 +263,7 @@ pub fn forward_tiled(
 }
 
 /// [`forward`] with split-K: the key tiles cut into `kv_splits` slices run as separate blocks,
-/// whose f32 partials `segattn_fwd_combine_*` merges through their LSE (the decode path of the
+/// whose f32 partials the last slice of each query tile merges through their LSE (the decode path of the
 /// GPU for long caches).
 #[allow(clippy::too_many_arguments)]
 pub fn forward_split(
@@ -456,6 +456,9 @@ pub(crate) fn run_forward(
     } else {
         (Vec::new(), Vec::new())
     };
+    // One zeroed counter per (batch row, head, 64-row query tile) of the launch: the last slice of
+    // a tile to finish merges it.
+    let mut split_done = vec![0u32; kshape.batch * kshape.num_heads * kshape.q_len.div_ceil(64)];
 
     let mut p = SegattnFwdParams {
         q: qi.ptr,
@@ -471,6 +474,11 @@ pub(crate) fn run_forward(
         },
         lse_accum: if kv_splits > 1 {
             lse_accum.as_mut_ptr()
+        } else {
+            std::ptr::null_mut()
+        },
+        split_done: if kv_splits > 1 {
+            split_done.as_mut_ptr()
         } else {
             std::ptr::null_mut()
         },

@@ -11,8 +11,8 @@
 //   segattn_fwd_wide_{bf16,f16}_d{64,128} (plain attention in blocks of 128 query rows, two
 //   16-row tiles per warp, Q in its own shared tile; key tiles of 32 at D = 128; no split-K;
 //   grid x ceil(Lq / 128); params.block_rows = 128)
-//   split-K (params.kv_splits = S > 1): grid x is ceil(Lq / 64) * S, then
-//   segattn_fwd_combine_{bf16,f16}_d{64,128} merges the partials (grid ceil(B * H * Lq / 4), 128).
+//   split-K (params.kv_splits = S > 1): grid x is ceil(Lq / 64) * S; the last slice of each query
+//   tile merges the partials (params.split_done zeroed by the caller).
 //   grid (ceil(Lq / 64), H, B), block 128 threads,
 //   dynamic shared memory segattn::fwd::FwdTraits<T, D>::kSmemBytes
 //   (D = 64: 33,960 bytes; D = 128: 66,728 bytes, so the launcher must set
@@ -23,7 +23,6 @@
 // Host emulation (SEGATTN_EMULATE): `segattn_emu_fwd(params)` runs the same entry points on the
 // CPU through the SIMT emulator.
 #include "platform.cuh"
-#include "combine_kernel.cuh"
 #include "fwd_kernel.cuh"
 
 #define SEGATTN_FWD_ENTRY(name, T, D, ROTATE, MASS, MTILES)                                                        \
@@ -54,20 +53,6 @@ SEGATTN_FWD_ENTRY(segattn_fwd_wide_f16_d128, segattn::f16, 128, false, false, 2)
 
 #undef SEGATTN_FWD_ENTRY
 
-// Split-K merge (params.kv_splits > 1): grid ceil(B * H * Lq / 4), 128 threads, no shared memory.
-#define SEGATTN_COMBINE_ENTRY(name, T, D)                                                  \
-  extern "C" __global__ void __launch_bounds__(segattn::fwd::kCombineThreads) name(       \
-      const SegattnFwdParams params) {                                                     \
-    segattn::fwd::combine_kernel<T, D>(params);                                            \
-  }
-
-SEGATTN_COMBINE_ENTRY(segattn_fwd_combine_bf16_d64, segattn::bf16, 64)
-SEGATTN_COMBINE_ENTRY(segattn_fwd_combine_bf16_d128, segattn::bf16, 128)
-SEGATTN_COMBINE_ENTRY(segattn_fwd_combine_f16_d64, segattn::f16, 64)
-SEGATTN_COMBINE_ENTRY(segattn_fwd_combine_f16_d128, segattn::f16, 128)
-
-#undef SEGATTN_COMBINE_ENTRY
-
 #if defined(SEGATTN_EMULATE)
 
 #include <cstdio>
@@ -81,16 +66,12 @@ namespace emu_entry {
 using Entry = void (*)(const SegattnFwdParams);
 
 template <class Traits>
-int launch(const SegattnFwdParams& p, Entry entry, Entry combine) {
+int launch(const SegattnFwdParams& p, Entry entry) {
   if (p.batch <= 0 || p.num_heads <= 0 || p.q_len <= 0) return 0;  // nothing to compute
   const int splits = p.kv_splits > 1 ? p.kv_splits : 1;
   const dim3 grid((p.q_len + Traits::kBlockM - 1) / Traits::kBlockM * splits, p.num_heads, p.batch);
   const dim3 block(Traits::kThreads);
-  const int rc = ::segattn::emu::launch(grid, block, Traits::kSmemBytes, [&] { entry(p); });
-  if (rc != 0 || splits == 1) return rc;
-  const long rows = static_cast<long>(p.batch) * p.num_heads * p.q_len;
-  const dim3 cgrid(static_cast<unsigned>((rows + kCombineRowsPerBlock - 1) / kCombineRowsPerBlock));
-  return ::segattn::emu::launch(cgrid, dim3(kCombineThreads), 0, [&] { combine(p); });
+  return ::segattn::emu::launch(grid, block, Traits::kSmemBytes, [&] { entry(p); });
 }
 
 // Fails through the emulator, so that segattn_emu_last_error() carries `message`.
@@ -142,34 +123,34 @@ extern "C" int segattn_emu_fwd(const SegattnFwdParams* p) {
   switch (p->dtype) {
     case SEGATTN_DTYPE_BF16:
       if (rope) {
-        return d64 ? emu_entry::launch<FwdTraits<bf16, 64, true>>(*p, segattn_fwd_rope_bf16_d64, segattn_fwd_combine_bf16_d64)
-                   : emu_entry::launch<FwdTraits<bf16, 128, true>>(*p, segattn_fwd_rope_bf16_d128, segattn_fwd_combine_bf16_d128);
+        return d64 ? emu_entry::launch<FwdTraits<bf16, 64, true>>(*p, segattn_fwd_rope_bf16_d64)
+                   : emu_entry::launch<FwdTraits<bf16, 128, true>>(*p, segattn_fwd_rope_bf16_d128);
       }
       if (mass) {
-        return d64 ? emu_entry::launch<FwdTraits<bf16, 64, false, true>>(*p, segattn_fwd_mass_bf16_d64, nullptr)
-                   : emu_entry::launch<FwdTraits<bf16, 128, false, true>>(*p, segattn_fwd_mass_bf16_d128, nullptr);
+        return d64 ? emu_entry::launch<FwdTraits<bf16, 64, false, true>>(*p, segattn_fwd_mass_bf16_d64)
+                   : emu_entry::launch<FwdTraits<bf16, 128, false, true>>(*p, segattn_fwd_mass_bf16_d128);
       }
       if (wide) {
-        return d64 ? emu_entry::launch<FwdTraits<bf16, 64, false, false, 2>>(*p, segattn_fwd_wide_bf16_d64, nullptr)
-                   : emu_entry::launch<FwdTraits<bf16, 128, false, false, 2>>(*p, segattn_fwd_wide_bf16_d128, nullptr);
+        return d64 ? emu_entry::launch<FwdTraits<bf16, 64, false, false, 2>>(*p, segattn_fwd_wide_bf16_d64)
+                   : emu_entry::launch<FwdTraits<bf16, 128, false, false, 2>>(*p, segattn_fwd_wide_bf16_d128);
       }
-      return d64 ? emu_entry::launch<FwdTraits<bf16, 64>>(*p, segattn_fwd_bf16_d64, segattn_fwd_combine_bf16_d64)
-                 : emu_entry::launch<FwdTraits<bf16, 128>>(*p, segattn_fwd_bf16_d128, segattn_fwd_combine_bf16_d128);
+      return d64 ? emu_entry::launch<FwdTraits<bf16, 64>>(*p, segattn_fwd_bf16_d64)
+                 : emu_entry::launch<FwdTraits<bf16, 128>>(*p, segattn_fwd_bf16_d128);
     case SEGATTN_DTYPE_F16:
       if (rope) {
-        return d64 ? emu_entry::launch<FwdTraits<f16, 64, true>>(*p, segattn_fwd_rope_f16_d64, segattn_fwd_combine_f16_d64)
-                   : emu_entry::launch<FwdTraits<f16, 128, true>>(*p, segattn_fwd_rope_f16_d128, segattn_fwd_combine_f16_d128);
+        return d64 ? emu_entry::launch<FwdTraits<f16, 64, true>>(*p, segattn_fwd_rope_f16_d64)
+                   : emu_entry::launch<FwdTraits<f16, 128, true>>(*p, segattn_fwd_rope_f16_d128);
       }
       if (mass) {
-        return d64 ? emu_entry::launch<FwdTraits<f16, 64, false, true>>(*p, segattn_fwd_mass_f16_d64, nullptr)
-                   : emu_entry::launch<FwdTraits<f16, 128, false, true>>(*p, segattn_fwd_mass_f16_d128, nullptr);
+        return d64 ? emu_entry::launch<FwdTraits<f16, 64, false, true>>(*p, segattn_fwd_mass_f16_d64)
+                   : emu_entry::launch<FwdTraits<f16, 128, false, true>>(*p, segattn_fwd_mass_f16_d128);
       }
       if (wide) {
-        return d64 ? emu_entry::launch<FwdTraits<f16, 64, false, false, 2>>(*p, segattn_fwd_wide_f16_d64, nullptr)
-                   : emu_entry::launch<FwdTraits<f16, 128, false, false, 2>>(*p, segattn_fwd_wide_f16_d128, nullptr);
+        return d64 ? emu_entry::launch<FwdTraits<f16, 64, false, false, 2>>(*p, segattn_fwd_wide_f16_d64)
+                   : emu_entry::launch<FwdTraits<f16, 128, false, false, 2>>(*p, segattn_fwd_wide_f16_d128);
       }
-      return d64 ? emu_entry::launch<FwdTraits<f16, 64>>(*p, segattn_fwd_f16_d64, segattn_fwd_combine_f16_d64)
-                 : emu_entry::launch<FwdTraits<f16, 128>>(*p, segattn_fwd_f16_d128, segattn_fwd_combine_f16_d128);
+      return d64 ? emu_entry::launch<FwdTraits<f16, 64>>(*p, segattn_fwd_f16_d64)
+                 : emu_entry::launch<FwdTraits<f16, 128>>(*p, segattn_fwd_f16_d128);
     default:
       std::snprintf(message, sizeof message,
                     "segattn_emu_fwd: unsupported dtype code %d (expected %d = f16 or %d = bf16)", p->dtype,

@@ -281,27 +281,6 @@ pub(crate) fn check_grid_of(kernel: &str, batch: usize, heads: usize) -> Result<
     Ok(())
 }
 
-/// Launches the split-K merge of `params`' partials: one warp per output row, 4 rows per block.
-fn launch_combine(
-    stream: &Arc<CudaStream>,
-    func: &candle_core::cuda_backend::cudarc::driver::CudaFunction,
-    params: &SegattnFwdParams,
-    rows: usize,
-) -> Result<()> {
-    let cfg = LaunchConfig {
-        grid_dim: (rows.div_ceil(4) as u32, 1, 1),
-        block_dim: (128, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    let mut builder = stream.launch_builder(func);
-    builder.arg(params);
-    // SAFETY: the merge reads the partials the forward kernel just wrote (same stream) and writes
-    // o and lse, all live allocations of the sizes in `params`.
-    unsafe { builder.launch(cfg) }
-        .map_err(|e| driver_err(format!("launching the split-K merge (grid {:?})", cfg.grid_dim), e))?;
-    sync_if_asked(stream, "the split-K merge")
-}
-
 /// Fills `n` 16-bit or 32-bit words at `ptr` with all-ones bits (NaN in bf16, f16 and f32).
 fn poison(stream: &CudaStream, ptr: u64, n: usize, bytes: usize) -> Result<()> {
     if n == 0 {
@@ -537,12 +516,16 @@ fn forward_typed<T: CudaDType + DeviceRepr + ValidAsZeroBits + candle_core::With
     let mut mass = alloc_mass(mass_after || mass_request.is_some_and(|(plan, _)| mass_accumulates(plan, false)))?;
     // Split-K partials, O then LSE in one allocation (n_out is a multiple of D, so the LSE part
     // starts 256-byte aligned): every element written by the forward kernel before the merge
-    // reads it.
+    // reads it. The merge is the last slice of each query tile to finish: zeroed counters, one
+    // per (batch row, head, query tile) of the launch.
     let mut partials = if splits > 1 {
-        Some(
+        Some((
             unsafe { stream.alloc::<f32>(splits * (n_out + n_lse)) }
                 .map_err(|e| driver_err("allocating split-K partials", e))?,
-        )
+            stream
+                .alloc_zeros::<u32>(kshape.batch * kshape.num_heads * kshape.q_len.div_ceil(variant.block_rows()))
+                .map_err(|e| driver_err("allocating split-K counters", e))?,
+        ))
     } else {
         None
     };
@@ -587,28 +570,21 @@ fn forward_typed<T: CudaDType + DeviceRepr + ValidAsZeroBits + candle_core::With
                 poison(&stream, *p, n_lse, 4)?;
             }
         }
-        let partial_ptr = partials.as_mut().map(|buf| buf.device_ptr_mut(&stream));
-        if let Some((base, _)) = &partial_ptr {
+        let partial_ptr = partials
+            .as_mut()
+            .map(|(buf, done)| (buf.device_ptr_mut(&stream), done.device_ptr_mut(&stream)));
+        if let Some(((base, _), (done, _))) = &partial_ptr {
             let (o_acc, l_acc) = (*base, *base + 4 * (splits * n_out) as u64);
             params.kv_splits = splits as i32;
             params.o_accum = o_acc as *mut f32;
             params.lse_accum = l_acc as *mut f32;
+            params.split_done = *done as *mut u32;
             if poison_outputs() {
                 poison(&stream, o_acc, splits * n_out, 4)?;
                 poison(&stream, l_acc, splits * n_lse, 4)?;
             }
         }
         launch(&stream, kernel, &params, cfg)?;
-        if splits > 1 {
-            let Some(combine) = kernels.combine(T::DTYPE, shape.head_dim) else {
-                invalid_arg!(
-                    "internal error: no split-K merge kernel for {:?} D = {}",
-                    T::DTYPE,
-                    shape.head_dim
-                );
-            };
-            launch_combine(&stream, combine, &params, n_lse)?;
-        }
         if let (true, Some((plan, _)), Some((mp, _)), Some((lp, _))) = (mass_after, mass_request, &mass_ptr, &lse_ptr) {
             // The mass kernel's exact pass with the LSE just written (same stream).
             let scores = SegattnScoresParams {

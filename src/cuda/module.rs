@@ -51,8 +51,6 @@ pub(crate) struct Kernels {
     /// The context the module is loaded in (bound before function attributes are set).
     ctx: Arc<CudaContext>,
     fwd: Vec<((DType, usize, FwdVariant), FwdKernel)>,
-    /// Split-K merge kernels by (dtype, head dim).
-    combine: Vec<((DType, usize), CudaFunction)>,
     /// The other entry points (mass, PINE), looked up on first use and kept.
     others: Mutex<Vec<(&'static str, CudaFunction)>>,
     /// Streaming multiprocessors of the device (the split-K heuristic).
@@ -91,14 +89,6 @@ impl Kernels {
         Ok(f)
     }
 
-    /// The split-K merge kernel for `dtype` and `head_dim`.
-    pub fn combine(&self, dtype: DType, head_dim: usize) -> Option<&CudaFunction> {
-        self.combine
-            .iter()
-            .find(|((d, h), _)| *d == dtype && *h == head_dim)
-            .map(|(_, f)| f)
-    }
-
     /// The forward kernel `variant` for `dtype` (bf16 / f16) and `head_dim` (64 / 128).
     pub fn fwd(&self, dtype: DType, head_dim: usize, variant: FwdVariant) -> Option<&FwdKernel> {
         self.fwd
@@ -126,14 +116,6 @@ const FWD_ENTRIES: [(&str, DType, usize, FwdVariant); 16] = [
     ("segattn_fwd_wide_bf16_d128", DType::BF16, 128, FwdVariant::Wide),
     ("segattn_fwd_wide_f16_d64", DType::F16, 64, FwdVariant::Wide),
     ("segattn_fwd_wide_f16_d128", DType::F16, 128, FwdVariant::Wide),
-];
-
-/// The split-K merge entry points of kernels/fwd/fwd.cu.
-const COMBINE_ENTRIES: [(&str, DType, usize); 4] = [
-    ("segattn_fwd_combine_bf16_d64", DType::BF16, 64),
-    ("segattn_fwd_combine_bf16_d128", DType::BF16, 128),
-    ("segattn_fwd_combine_f16_d64", DType::F16, 64),
-    ("segattn_fwd_combine_f16_d128", DType::F16, 128),
 ];
 
 type Cache = Mutex<HashMap<(usize, usize), Arc<Kernels>>>;
@@ -241,13 +223,6 @@ fn load(ctx: &Arc<CudaContext>) -> Result<Kernels> {
             },
         ));
     }
-    let mut combine = Vec::with_capacity(COMBINE_ENTRIES.len());
-    for (name, dtype, head_dim) in COMBINE_ENTRIES {
-        let func = module
-            .load_function(name)
-            .map_err(|e| driver_err(format!("kernel {name} is not in the embedded fatbin"), e))?;
-        combine.push(((dtype, head_dim), func));
-    }
     let sm_count = ctx
         .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
         .map_err(|e| driver_err(format!("querying the multiprocessor count of GPU {gpu}"), e))?;
@@ -255,7 +230,6 @@ fn load(ctx: &Arc<CudaContext>) -> Result<Kernels> {
         _module: module,
         ctx: ctx.clone(),
         fwd,
-        combine,
         others: Mutex::new(Vec::new()),
         sm_count: usize::try_from(sm_count).unwrap_or(1).max(1),
     })

@@ -66,7 +66,7 @@ pub fn pine_prefill(
 }
 
 /// A PINE decode step through the emulated rope kernel with split-K (`kv_splits` slices merged
-/// by the combine kernel; 1 = none): q `[B, Lq, H, D]` un-rotated, the cache rotated with
+/// by the last slice of each query tile; 1 = none): q `[B, Lq, H, D]` un-rotated, the cache rotated with
 /// [`PineAttention::rotate_keys`], as [`PineAttention::decode`].
 #[allow(clippy::too_many_arguments)]
 pub fn pine_decode(

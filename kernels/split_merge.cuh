@@ -1,39 +1,51 @@
-// Split-K merge of the forward kernel's partial outputs (params.kv_splits > 1).
+// Split-K merge of the forward kernel's partial outputs (params.kv_splits > 1), done by the last
+// block of each query tile to finish (fwd_kernel.cuh's epilogue): no merge launch.
 //
 // Per output row (b, h, i): the S partials O_s (normalised, f32) and their log-sum-exps L_s merge
 // as softmax blocks do: L = log sum_s e^(L_s), O = sum_s e^(L_s - L) O_s. A row that no split saw
 // (every L_s = -inf) gets O = 0 and L = -inf, never NaN.
-//
-// One warp per row, lanes over the head dim; grid ceil(B * H * Lq / kRowsPerBlock), 128 threads.
-#ifndef SEGATTN_COMBINE_KERNEL_CUH
-#define SEGATTN_COMBINE_KERNEL_CUH
+#ifndef SEGATTN_SPLIT_MERGE_CUH
+#define SEGATTN_SPLIT_MERGE_CUH
 
 #include "platform.cuh"
 #include "dtypes.cuh"
-#include "kernel_traits.cuh"
 #include "segattn_params.h"
 
 namespace segattn {
 namespace fwd {
 
-constexpr int kCombineThreads = 128;
-constexpr int kCombineRowsPerBlock = kCombineThreads / 32;
+// A load that bypasses L1: the merging block reads what other blocks wrote.
+__device__ __forceinline__ float load_partial(const float* p) {
+#if defined(SEGATTN_EMULATE)
+  return *p;
+#else
+  return __ldcg(p);
+#endif
+}
 
+// Adds 1 to *counter and returns the old value (a plain add in the emulator, which runs one block
+// at a time).
+__device__ __forceinline__ uint32_t count_done(uint32_t* counter) {
+#if defined(SEGATTN_EMULATE)
+  return (*counter)++;
+#else
+  return atomicAdd(counter, 1u);
+#endif
+}
+
+// Merges row `row` = (b H + h) Lq + i of the partials into o and lse: one warp, lanes over the
+// head dim.
 template <class T, int kHeadDim>
-__device__ void combine_kernel(const SegattnFwdParams& p) {
-  const int lane = static_cast<int>(threadIdx.x) % 32;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * kCombineRowsPerBlock + threadIdx.x / 32;
+__device__ __forceinline__ void merge_split_row(const SegattnFwdParams& p, int64_t row, int lane) {
   const int64_t rows = static_cast<int64_t>(p.batch) * p.num_heads * p.q_len;
-  if (row >= rows) return;
   const int splits = p.kv_splits;
-  // row = (b * H + h) * Lq + i
   const int i = static_cast<int>(row % p.q_len);
   const int64_t bh = row / p.q_len;
   const int h = static_cast<int>(bh % p.num_heads);
   const int b = static_cast<int>(bh / p.num_heads);
 
   float m = -INFINITY;
-  for (int s = 0; s < splits; ++s) m = fmaxf(m, p.lse_accum[static_cast<int64_t>(s) * rows + row]);
+  for (int s = 0; s < splits; ++s) m = fmaxf(m, load_partial(p.lse_accum + static_cast<int64_t>(s) * rows + row));
   float total = 0.0f;
   constexpr int kPerLane = kHeadDim / 32;
   float acc[kPerLane];
@@ -41,11 +53,12 @@ __device__ void combine_kernel(const SegattnFwdParams& p) {
   for (int e = 0; e < kPerLane; ++e) acc[e] = 0.0f;
   if (m != -INFINITY) {
     for (int s = 0; s < splits; ++s) {
-      const float w = expf(p.lse_accum[static_cast<int64_t>(s) * rows + row] - m);  // 0 for an empty split
+      // 0 for an empty split.
+      const float w = expf(load_partial(p.lse_accum + static_cast<int64_t>(s) * rows + row) - m);
       total += w;
       const float* const o_s = p.o_accum + (static_cast<int64_t>(s) * rows + row) * kHeadDim;
       SEGATTN_UNROLL
-      for (int e = 0; e < kPerLane; ++e) acc[e] += w * o_s[e * 32 + lane];
+      for (int e = 0; e < kPerLane; ++e) acc[e] += w * load_partial(o_s + e * 32 + lane);
     }
   }
   const float inv = total > 0.0f ? 1.0f / total : 0.0f;
@@ -59,4 +72,4 @@ __device__ void combine_kernel(const SegattnFwdParams& p) {
 }  // namespace fwd
 }  // namespace segattn
 
-#endif  // SEGATTN_COMBINE_KERNEL_CUH
+#endif  // SEGATTN_SPLIT_MERGE_CUH
