@@ -115,20 +115,26 @@ fn gpu_baselines_match_the_cpu() -> Result<()> {
     Ok(())
 }
 
-/// Decode shapes (one query row, long keys) take the split-K path (blocks << SMs): plain
-/// attention under every preset against the reference.
+/// Decode shapes (one query row, or a chunk of 130 rows: three query tiles, each merged by its
+/// own last slice; long keys) take the split-K path (blocks << SMs): plain attention under every
+/// preset against the reference.
 #[test]
 fn gpu_split_k_decode_matches_reference() -> Result<()> {
     let Some(dev) = gpu() else { return Ok(()) };
     let mut rng = Rng::new(11);
-    for (lk, d, dtype) in [(2000, 128, DType::BF16), (777, 64, DType::F16), (4096, 128, DType::F16)] {
+    for (lk, d, dtype, rows) in [
+        (2000, 128, DType::BF16, 1),
+        (777, 64, DType::F16, 1),
+        (4096, 128, DType::F16, 1),
+        (4096, 64, DType::BF16, 130),
+    ] {
         let layout = PineLayout::new(100, &[lk / 4, lk / 3, 57], lk - 100 - lk / 4 - lk / 3 - 57);
         for mask in [
             segattn::SegmentMask::causal(lk, &Device::Cpu)?,
             segattn::SegmentMask::pine_batch(std::slice::from_ref(&layout), &Device::Cpu)?,
         ] {
-            let mask = mask.last_queries(1)?;
-            let q = random_tensor(&mut rng, &[1, 1, 8, d], dtype)?;
+            let mask = mask.last_queries(rows)?;
+            let q = random_tensor(&mut rng, &[1, rows, 8, d], dtype)?;
             let k = random_tensor(&mut rng, &[1, lk, 2, d], dtype)?;
             let v = random_tensor(&mut rng, &[1, lk, 2, d], dtype)?;
             let want = reference::attention(&q, &k, &v, &mask, None)?;
@@ -143,9 +149,9 @@ fn gpu_split_k_decode_matches_reference() -> Result<()> {
                 &v.to_device(&dev)?,
             )?;
             let (r, at) = worst_ratio(&got.out.to_device(&Device::Cpu)?, &want.out, 2e-2, 2e-2)?;
-            assert!(r <= 1.0, "Lk {lk} D {d}: off by {r} x tolerance at {at}");
+            assert!(r <= 1.0, "Lk {lk} D {d} rows {rows}: off by {r} x tolerance at {at}");
             let (r, _) = worst_ratio(&got.lse.unwrap().to_device(&Device::Cpu)?, &want.lse, 2e-3, 0.0)?;
-            assert!(r <= 1.0, "Lk {lk} D {d}: lse off by {r} x tolerance");
+            assert!(r <= 1.0, "Lk {lk} D {d} rows {rows}: lse off by {r} x tolerance");
         }
     }
     Ok(())
