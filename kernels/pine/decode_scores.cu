@@ -4,7 +4,7 @@
 // nvcc: `extern "C" __global__` entry points, params by value:
 //   segattn_pine_decode_scores_{bf16,f16}: grid (kv_splits, Lq * Hkv, B), 128 threads, dynamic
 //     shared memory segattn_pine_decode_scores_smem_bytes(P, head_dim, num_segments) with
-//     P = H / Hkv; head_dim 64 or 128.
+//     P = H / Hkv; head_dim 64 or 128; with kv_splits > 1, params.done zeroed.
 //
 // One block per (key slice, query row, KV head) scores that slice for ALL P query heads of the KV
 // head, so each key row is read once per KV head, not once per query head. A warp takes keys
@@ -13,7 +13,7 @@
 // of the key row and of its position's cos / sin row); the cache holds k rotated at its original
 // position p, and
 //   q . rope^-1(k, p) = sum over pairs c of  cos(p f_c) (q1 k1 + q2 k2) + sin(p f_c) (q1 k2 - q2 k1),
-// reduced over the warp with shuffles, for each head in turn from the same key registers. One
+// reduced over the warp with shuffles, 4 keys x 4 heads together (warp_sum_many). One
 // pass over the slice, in chunks of kChunk keys: the chunk's scores go to shared memory, then its
 // max, then exp(s - max) summed per segment; the per-segment sums are rescaled when a chunk raises
 // the max (online softmax, as the attention's O). Slices let short-query decode fill the GPU;
