@@ -1,5 +1,5 @@
 // Split-K merge of the forward kernel's partial outputs (params.kv_splits > 1), done by the last
-// block of each query tile to finish (fwd_kernel.cuh's epilogue): no merge launch.
+// block of each query tile to finish (fwd_kernel.cuh's epilogue, last_block.cuh): no merge launch.
 //
 // Per output row (b, h, i): the S partials O_s (normalised, f32) and their log-sum-exps L_s merge
 // as softmax blocks do: L = log sum_s e^(L_s), O = sum_s e^(L_s - L) O_s. A row that no split saw
@@ -10,28 +10,10 @@
 #include "platform.cuh"
 #include "dtypes.cuh"
 #include "segattn_params.h"
+#include "last_block.cuh"
 
 namespace segattn {
 namespace fwd {
-
-// A load that bypasses L1: the merging block reads what other blocks wrote.
-__device__ __forceinline__ float load_partial(const float* p) {
-#if defined(SEGATTN_EMULATE)
-  return *p;
-#else
-  return __ldcg(p);
-#endif
-}
-
-// Adds 1 to *counter and returns the old value (a plain add in the emulator, which runs one block
-// at a time).
-__device__ __forceinline__ uint32_t count_done(uint32_t* counter) {
-#if defined(SEGATTN_EMULATE)
-  return (*counter)++;
-#else
-  return atomicAdd(counter, 1u);
-#endif
-}
 
 // Merges row `row` = (b H + h) Lq + i of the partials into o and lse: one warp, lanes over the
 // head dim.
@@ -45,7 +27,7 @@ __device__ __forceinline__ void merge_split_row(const SegattnFwdParams& p, int64
   const int b = static_cast<int>(bh / p.num_heads);
 
   float m = -INFINITY;
-  for (int s = 0; s < splits; ++s) m = fmaxf(m, load_partial(p.lse_accum + static_cast<int64_t>(s) * rows + row));
+  for (int s = 0; s < splits; ++s) m = fmaxf(m, load_cg(p.lse_accum + static_cast<int64_t>(s) * rows + row));
   float total = 0.0f;
   constexpr int kPerLane = kHeadDim / 32;
   float acc[kPerLane];
@@ -54,11 +36,11 @@ __device__ __forceinline__ void merge_split_row(const SegattnFwdParams& p, int64
   if (m != -INFINITY) {
     for (int s = 0; s < splits; ++s) {
       // 0 for an empty split.
-      const float w = expf(load_partial(p.lse_accum + static_cast<int64_t>(s) * rows + row) - m);
+      const float w = expf(load_cg(p.lse_accum + static_cast<int64_t>(s) * rows + row) - m);
       total += w;
       const float* const o_s = p.o_accum + (static_cast<int64_t>(s) * rows + row) * kHeadDim;
       SEGATTN_UNROLL
-      for (int e = 0; e < kPerLane; ++e) acc[e] += w * load_partial(o_s + e * 32 + lane);
+      for (int e = 0; e < kPerLane; ++e) acc[e] += w * load_cg(o_s + e * 32 + lane);
     }
   }
   const float inv = total > 0.0f ? 1.0f / total : 0.0f;

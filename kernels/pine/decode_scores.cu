@@ -27,6 +27,7 @@
 #include "kernel_traits.cuh"
 #include "segattn_params.h"
 #include "order.cuh"
+#include "last_block.cuh"
 
 namespace segattn {
 namespace pine {
@@ -44,27 +45,6 @@ __device__ __forceinline__ void smem_add(float* p, float v) {
   *p += v;
 #else
   atomicAdd(p, v);
-#endif
-}
-
-// Adds v to *p in global memory and returns the old value (as smem_add: a plain add in the
-// emulator, which runs one block at a time).
-__device__ __forceinline__ uint32_t atomic_add_u32(uint32_t* p, uint32_t v) {
-#if defined(SEGATTN_EMULATE)
-  const uint32_t old = *p;
-  *p = old + v;
-  return old;
-#else
-  return atomicAdd(p, v);
-#endif
-}
-
-// A load that bypasses L1 (the merging block reads what other blocks wrote).
-__device__ __forceinline__ float load_cg(const float* p) {
-#if defined(SEGATTN_EMULATE)
-  return *p;
-#else
-  return __ldcg(p);
 #endif
 }
 
@@ -284,7 +264,7 @@ __device__ void decode_scores_kernel(const SegattnDecodeScoresParams& p) {
     __threadfence();
     __syncthreads();
     if (tid == 0) {
-      const uint32_t before = atomic_add_u32(&p.done[(static_cast<int64_t>(b) * p.q_len + i) * p.num_kv_heads + kh], 1u);
+      const uint32_t before = count_done(&p.done[(static_cast<int64_t>(b) * p.q_len + i) * p.num_kv_heads + kh]);
       *s_last = before == static_cast<uint32_t>(splits - 1) ? 1u : 0u;
     }
     __syncthreads();
