@@ -485,21 +485,8 @@ fn long_key_sequences_refill_the_class_window() {
 
 #[test]
 fn fully_masked_rows() -> Result<()> {
-    let dev = &Device::Cpu;
-    let lens = [40usize, 50, 57];
-    let ids: Vec<u32> = lens
-        .iter()
-        .enumerate()
-        .flat_map(|(i, &l)| std::iter::repeat_n(i as u32, l))
-        .collect();
-    let ids = Tensor::from_vec(ids, (1, 147), dev)?;
-    // Segment 1 is blocked from everything (itself included).
-    let b = Some(Visibility::Blocked);
-    let table = PairTable::from_rules(&[vec![None, None, None], vec![b, b, b], vec![None, None, None]], dev)?;
-    let mask = SegmentMask::self_attention(
-        &ids,
-        PairRule::new(Visibility::Causal, Visibility::Full).with_table(table),
-    )?;
+    // Segment 1 (rows 40..90) is blocked from everything (itself included).
+    let mask = common::cases::blocked_middle_segment()?;
     for dtype in [DType::BF16, DType::F16] {
         let mut rng = Rng(5);
         let (q, k, v) = inputs(&mut rng, (2, 147, 147, 2, 1, 128), dtype, false)?;

@@ -336,23 +336,8 @@ fn tile_multiples_and_tiny_lengths() {
 #[test]
 fn fully_masked_rows() -> Result<()> {
     let Some(dev) = gpu() else { return Ok(()) };
-    let lens = [40usize, 150, 57];
-    let ids: Vec<u32> = lens
-        .iter()
-        .enumerate()
-        .flat_map(|(i, &l)| std::iter::repeat_n(i as u32, l))
-        .collect();
-    let n = ids.len();
-    let ids = Tensor::from_vec(ids, (1, n), &Device::Cpu)?;
-    let b = Some(Visibility::Blocked);
-    let table = PairTable::from_rules(
-        &[vec![None, None, None], vec![b, b, b], vec![None, None, None]],
-        &Device::Cpu,
-    )?;
-    let mask = SegmentMask::self_attention(
-        &ids,
-        PairRule::new(Visibility::Causal, Visibility::Full).with_table(table),
-    )?;
+    let mask = common::cases::blocked_middle_segment_of(150)?;
+    let n = 40 + 150 + 57;
     for dtype in [DType::BF16, DType::F16] {
         let mut rng = Rng::new(5);
         let (q, k, v) = inputs(&mut rng, (2, n, n, 2, 1, 128), dtype, false)?;

@@ -185,14 +185,21 @@ pub fn alternating_runs(lq: usize, lk: usize) -> Result<SegmentMask> {
 /// 147 tokens in segments of 40, 50 and 57 (causal inside, full across) where a pair table blocks
 /// every key for the queries of the middle segment: rows 40..90 see nothing.
 pub fn blocked_middle_segment() -> Result<SegmentMask> {
+    blocked_middle_segment_of(50)
+}
+
+/// [`blocked_middle_segment`] with a middle segment of `middle` tokens (40 + middle + 57 in all):
+/// rows 40..40 + middle see nothing.
+pub fn blocked_middle_segment_of(middle: usize) -> Result<SegmentMask> {
     let dev = &Device::Cpu;
-    let lens = [40usize, 50, 57];
+    let lens = [40usize, middle, 57];
     let ids: Vec<u32> = lens
         .iter()
         .enumerate()
         .flat_map(|(i, &l)| std::iter::repeat_n(i as u32, l))
         .collect();
-    let ids = Tensor::from_vec(ids, (1, 147), dev)?;
+    let n = ids.len();
+    let ids = Tensor::from_vec(ids, (1, n), dev)?;
     let b = Some(Visibility::Blocked);
     let table = PairTable::from_rules(&[vec![None, None, None], vec![b, b, b], vec![None, None, None]], dev)?;
     SegmentMask::self_attention(
