@@ -286,7 +286,6 @@ pub(crate) fn pine_decode_scores(
             shifts: sp as *mut u32,
             meta: gp as *const u32,
             groups: groups.groups,
-            batch: b,
         };
         let params = decode_scores_params(
             &shape,

@@ -183,7 +183,6 @@ pub fn pine_decode_importance_both(
         shifts: kernel_shifts.as_mut_ptr(),
         meta: meta.as_ptr(),
         groups: groups.groups,
-        batch: shape.batch,
     };
     let p = decode_scores_params(
         &shape,

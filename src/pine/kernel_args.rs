@@ -19,6 +19,12 @@ impl GroupLayout {
     pub(crate) fn packed_meta(&self) -> Vec<u32> {
         [&self.num_segs[..], &self.first_suffix_row, &self.segment_lens].concat()
     }
+
+    /// Where the parts of a [`GroupLayout::packed_meta`] copy at `meta` start, for `batch` rows:
+    /// (num_segs, first_suffix_row, segment_lens).
+    fn meta_parts(meta: *const u32, batch: usize) -> (*const u32, *const u32, *const u32) {
+        (meta, meta.wrapping_add(batch), meta.wrapping_add(2 * batch))
+    }
 }
 
 impl QueryShifts {
@@ -74,12 +80,13 @@ pub(crate) fn shifts_params(
     out: *mut u32,
 ) -> Result<SegattnShiftsParams> {
     let batch = groups.num_segs.len();
+    let (num_segs, first_suffix_row, segment_lens) = GroupLayout::meta_parts(meta, batch);
     Ok(SegattnShiftsParams {
         segment_scores,
         row_scores,
-        num_segs: meta,
-        first_suffix_row: meta.wrapping_add(batch),
-        segment_lens: meta.wrapping_add(2 * batch),
+        num_segs,
+        first_suffix_row,
+        segment_lens,
         shifts: out,
         batch: to_i32("batch", batch)?,
         num_heads: to_i32("num_heads", heads)?,
@@ -135,7 +142,6 @@ pub(crate) struct DecodeOrder {
     pub shifts: *mut u32,
     pub meta: *const u32,
     pub groups: usize,
-    pub batch: usize,
 }
 
 /// The decode-importance kernel's launch: `words` holds `PineAttention::decode_keys`
@@ -160,6 +166,8 @@ pub(crate) fn decode_scores_params(
         crate::error::invalid_arg!("q: the CUDA kernels support dtype bf16 or f16, got {dtype:?}");
     };
     let (b, lk) = (shape.batch, shape.kv_len);
+    // The decode words carry the segment lengths; the group metadata the counts and first rows.
+    let (num_segs, first_suffix_row, _) = GroupLayout::meta_parts(order.meta, b);
     Ok(SegattnDecodeScoresParams {
         q,
         q_strides,
@@ -186,8 +194,8 @@ pub(crate) fn decode_scores_params(
         part_acc: partials.acc,
         done: partials.done,
         shifts: order.shifts,
-        num_segs: order.meta,
-        first_suffix_row: order.meta.wrapping_add(order.batch),
+        num_segs,
+        first_suffix_row,
         groups: to_i32("query groups", order.groups)?,
     })
 }
