@@ -135,23 +135,17 @@ impl SegmentMask {
     ) -> Result<Self> {
         let spans = SegmentSpans::from_ids("segment ids", ids.clone(), rows, len)?;
         let mut rule = PairRule::new(intra, inter);
-        let mut host_rule = HostRule {
-            intra,
-            inter,
-            table: Vec::new(),
-            table_size: 0,
-            table_batches: 0,
+        let host_rule = match table {
+            None => HostRule::new((intra, inter), Vec::new(), 0, 0),
+            Some((codes, table_rows, size)) => {
+                rule = rule.with_table(PairTable::new(Tensor::from_vec(
+                    codes.clone(),
+                    (table_rows, size, size),
+                    device,
+                )?)?);
+                HostRule::new((intra, inter), codes, size, table_rows)
+            }
         };
-        if let Some((codes, table_rows, size)) = table {
-            rule = rule.with_table(PairTable::new(Tensor::from_vec(
-                codes.clone(),
-                (table_rows, size, size),
-                device,
-            )?)?);
-            host_rule.table = codes;
-            host_rule.table_size = size;
-            host_rule.table_batches = table_rows;
-        }
         let mask = Self::self_attention(&Tensor::from_vec(ids, (rows, len), device)?, rule)?;
         let _ = mask.host.set(HostParts {
             q: spans.clone(),

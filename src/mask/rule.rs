@@ -165,9 +165,31 @@ pub(crate) struct HostRule {
     pub table: Vec<u8>,
     pub table_size: usize,
     pub table_batches: usize,
+    /// Whether some pair of segments may be causal (see [`HostRule::has_causal`]), found once
+    /// here: the launchers ask at every call, and a table can hold millions of codes.
+    causal: bool,
 }
 
 impl HostRule {
+    /// The default pair and the table codes (`[batches, size, size]` flattened; empty, 0, 0: none).
+    pub fn new(
+        (intra, inter): (Visibility, Visibility),
+        table: Vec<u8>,
+        table_size: usize,
+        table_batches: usize,
+    ) -> Self {
+        let causal =
+            intra == Visibility::Causal || inter == Visibility::Causal || table.contains(&Visibility::Causal.code());
+        Self {
+            intra,
+            inter,
+            table,
+            table_size,
+            table_batches,
+            causal,
+        }
+    }
+
     pub fn from_rule(rule: &PairRule) -> Result<Self> {
         let (table, table_size, table_batches) = match &rule.table {
             None => (Vec::new(), 0, 0),
@@ -178,20 +200,13 @@ impl HostRule {
                 (codes, s, batches)
             }
         };
-        Ok(Self {
-            intra: rule.intra,
-            inter: rule.inter,
-            table,
-            table_size,
-            table_batches,
-        })
+        Ok(Self::new((rule.intra, rule.inter), table, table_size, table_batches))
     }
 
     /// Whether some pair of segments may be causal (the default pair or a table entry): the masks
     /// whose tiles along the diagonal are partial, where the 64-row forward kernel is the faster.
     pub fn has_causal(&self) -> bool {
-        let causal = Visibility::Causal.code();
-        self.intra == Visibility::Causal || self.inter == Visibility::Causal || self.table.contains(&causal)
+        self.causal
     }
 
     /// The table slice of batch row `b` (empty when there is no table).
