@@ -18,18 +18,7 @@ use super::timing::{median_ms, per_call_in_row_ms};
 /// The markdown table of the PINE benchmark (`smoke`: small prompts, for a dry run).
 pub fn run(dev: &Device, reps: usize, warmup: usize, smoke: bool) -> Result<String> {
     let (h, hkv, d) = (32, 8, 128);
-    // `smoke`: the same prompt shapes scaled down, for a dry run.
-    let prompts = if smoke {
-        [
-            ("RAG", PineLayout::new(16, &[30; 5], 8)),
-            ("judge", PineLayout::new(8, &[40, 40], 4)),
-        ]
-    } else {
-        [
-            ("RAG", PineLayout::new(256, &[150; 20], 64)),
-            ("judge", PineLayout::new(128, &[500, 500], 32)),
-        ]
-    };
+    let prompts = [("RAG", rag_layout(smoke)), ("judge", judge_layout(smoke))];
     let mut breakdown = String::from(
         "| prompt | prefill: K rotation ms | prefill: importance + order ms | prefill: attention ms (rest) | decode: importance + order ms | decode: attention ms (rest) |\n|---|---|---|---|---|---|\n",
     );
@@ -93,11 +82,7 @@ pub fn run(dev: &Device, reps: usize, warmup: usize, smoke: bool) -> Result<Stri
 /// tool to show the launches, copies and gaps of one step. Returns a one-line summary.
 pub fn decode_trace(dev: &Device, smoke: bool) -> Result<String> {
     let (h, hkv, d) = (32, 8, 128);
-    let layout = if smoke {
-        PineLayout::new(16, &[30; 5], 8)
-    } else {
-        PineLayout::new(256, &[150; 20], 64)
-    };
+    let layout = rag_layout(smoke);
     let l = layout.len();
     let r = |shape: (usize, usize, usize, usize)| Tensor::randn(0f32, 1.0, shape, dev)?.to_dtype(DType::BF16);
     let pine = PineAttention::new(std::slice::from_ref(&layout), Rope::new(500_000.0))?;
@@ -107,4 +92,22 @@ pub fn decode_trace(dev: &Device, smoke: bool) -> Result<String> {
     Ok(format!(
         "PINE decode trace: L {l}, 64 layer calls in a row, {ms:.3} ms per call"
     ))
+}
+
+/// The RAG prompt: prefix 256, 20 segments of 150, suffix 64 (`smoke`: scaled down).
+fn rag_layout(smoke: bool) -> PineLayout {
+    if smoke {
+        PineLayout::new(16, &[30; 5], 8)
+    } else {
+        PineLayout::new(256, &[150; 20], 64)
+    }
+}
+
+/// The judge prompt: prefix 128, 2 segments of 500, suffix 32 (`smoke`: scaled down).
+fn judge_layout(smoke: bool) -> PineLayout {
+    if smoke {
+        PineLayout::new(8, &[40, 40], 4)
+    } else {
+        PineLayout::new(128, &[500, 500], 32)
+    }
 }
