@@ -41,9 +41,12 @@
 // Partial unrolling, where a full one lets the scheduler hoist every load of the loop and run out
 // of registers.
 #define SEGATTN_UNROLL_2 _Pragma("unroll 2")
+// Loads of independent iterations in flight together (latency-bound loops over a few partials).
+#define SEGATTN_UNROLL_8 _Pragma("unroll 8")
 #else
 #define SEGATTN_UNROLL
 #define SEGATTN_UNROLL_2
+#define SEGATTN_UNROLL_8
 #endif
 #endif
 

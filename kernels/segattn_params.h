@@ -29,6 +29,10 @@
 #define SEGATTN_DTYPE_BF16 1
 #define SEGATTN_DTYPE_F32 2
 
+/* Most key slices (kv_splits) of a PINE decode-importance launch: its merge keeps a weight per
+ * slice and query head in shared memory. */
+#define SEGATTN_DECODE_SCORES_MAX_SPLITS 128
+
 /* Segment metadata of one side (queries or keys), O(len) per batch row. */
 typedef struct SegattnSegments {
   /* [batch, len] segment id of every position (non-decreasing along a row). */
@@ -224,7 +228,7 @@ typedef struct SegattnDecodeScoresParams {
    * `part_total` [kv_splits, B, H, Lq] and per-segment exp sums `part_acc` [kv_splits, B, H, Lq,
    * num_segments] (every element; max -inf for a slice without segment keys); the last block of
    * a (row, KV head) to finish (counted in `done` [B, Lq, Hkv] u32, zeroed by the caller) merges
-   * them into `out`. */
+   * them into `out`. At most SEGATTN_DECODE_SCORES_MAX_SPLITS. */
   int32_t kv_splits;
   float *part_max;
   float *part_total;

@@ -11,6 +11,8 @@
 #include "dtypes.cuh"
 #include "segattn_params.h"
 #include "last_block.cuh"
+#include "kernel_traits.cuh"
+#include "ptx.cuh"
 
 namespace segattn {
 namespace fwd {
@@ -26,14 +28,19 @@ __device__ __forceinline__ void merge_split_row(const SegattnFwdParams& p, int64
   const int h = static_cast<int>(bh % p.num_heads);
   const int b = static_cast<int>(bh / p.num_heads);
 
+  // The max over the slices, the lanes over the slices: their loads in flight together, not one
+  // L2 round trip per slice.
   float m = -INFINITY;
-  for (int s = 0; s < splits; ++s) m = fmaxf(m, load_cg(p.lse_accum + static_cast<int64_t>(s) * rows + row));
+  for (int s = lane; s < splits; s += 32) m = fmaxf(m, load_cg(p.lse_accum + static_cast<int64_t>(s) * rows + row));
+  SEGATTN_UNROLL
+  for (int x = 16; x >= 1; x /= 2) m = fmaxf(m, shfl_xor(m, x));
   float total = 0.0f;
   constexpr int kPerLane = kHeadDim / 32;
   float acc[kPerLane];
   SEGATTN_UNROLL
   for (int e = 0; e < kPerLane; ++e) acc[e] = 0.0f;
   if (m != -INFINITY) {
+    SEGATTN_UNROLL_8
     for (int s = 0; s < splits; ++s) {
       // 0 for an empty split.
       const float w = expf(load_cg(p.lse_accum + static_cast<int64_t>(s) * rows + row) - m);

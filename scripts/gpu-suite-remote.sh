@@ -30,7 +30,8 @@
 # FlexAttention compilations, fits one 10-minute call next to our benchmark; "H32/8 D128", "D64",
 # ... in further calls; "" = all 120), SEGATTN_BENCH_FILTER (gpu_bench shape filter, default all), SEGATTN_CUDA_LIBS
 # (directory with libcublas / libcurand / libnvrtc 13; default: the Python env's nvidia/cu13/lib),
-# PYTHON (default python3), SEGATTN_SUITE_SMOKE=1 (tiny shapes, 2k tokens: a dry run of the
+# PYTHON (default python3), SEGATTN_BENCH_SHAPES_ONLY=1 (bench: the attention shapes and their
+# peers only, for a further call with other filters), SEGATTN_SUITE_SMOKE=1 (tiny shapes, 2k tokens: a dry run of the
 # bench half).
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -194,6 +195,9 @@ if [ "$PHASE" = bench ] || [ "$PHASE" = all ]; then
   note "- (3) gpu_bench: exit $rc, $(wc -l <"$OUTDIR/segattn.jsonl" 2>/dev/null || echo 0) shapes, $((SECONDS - t)) s"
   [ "$rc" = 0 ] || status=1
 
+  # SEGATTN_BENCH_SHAPES_ONLY=1: a further call for more shapes (e.g. GQA 32/8): the attention
+  # shapes and their peers only, not the fixed-shape runs below (64-row kernel, PINE, mass).
+  if [ "${SEGATTN_BENCH_SHAPES_ONLY:-0}" != 1 ]; then
   log "(3) the 64-row kernel at the target shapes (SEGATTN_FWD_WIDE=0): the wide kernel's before / after"
   SEGATTN_FWD_WIDE=0 budgeted 90 60 "$WORK/gpu_bench" --filter "L8192 B2 H16/16 D128" 2>&1 | tee "$OUTDIR/narrow.txt"
   note "- (3) SEGATTN_FWD_WIDE=0 gpu_bench (64-row kernel, L 8k D 128): exit ${PIPESTATUS[0]}"
@@ -214,6 +218,7 @@ if [ "$PHASE" = bench ] || [ "$PHASE" = all ]; then
   t=$SECONDS
   budgeted 100000 20 "$WORK/gpu_bench" --mass 2>&1 | tee "$OUTDIR/mass.md"
   note "- (3) gpu_bench --mass: exit ${PIPESTATUS[0]}, $((SECONDS - t)) s"
+  fi
 
   log "(3) peers (torch)"
   t=$SECONDS

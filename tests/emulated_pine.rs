@@ -147,7 +147,7 @@ fn device_shifts_match_the_cpu_order() -> Result<()> {
 /// The GPU's decode-importance kernel (each key un-rotated inside its dot product) equals the
 /// CPU's (the query turned per key position) on the same rotated cache, and the order it derives
 /// from its scores is the CPU order of those scores: random layouts, batch rows with different
-/// layouts, GQA, bf16 / f16, D 64 / 128, one or two decode rows, one to 64 key slices.
+/// layouts, GQA, bf16 / f16, D 64 / 128, one or two decode rows, one to 128 key slices (the most).
 #[test]
 fn decode_importance_kernel_matches_the_cpu() -> Result<()> {
     for seed in 0..16u64 {
@@ -168,7 +168,7 @@ fn decode_importance_kernel_matches_the_cpu() -> Result<()> {
         let pine = PineAttention::new(&layouts, Rope::new(10_000.0))?;
         let k_cache = pine.rotate_keys(&k)?;
         // One slice, or several merged (slices of a few keys, some holding no segment key).
-        let splits = [1, 2, 5, 64][rng.below(4)];
+        let splits = [1, 2, 5, 64, 128][rng.below(5)];
         let both = pine_decode_importance_both(&pine, &q, &k_cache, splits)?;
         let (cpu, kernel) = (&both.cpu, &both.kernel);
         // The kernel's own order of its rows: exactly the CPU order of its scores.
@@ -184,6 +184,21 @@ fn decode_importance_kernel_matches_the_cpu() -> Result<()> {
         }
         assert!(cpu.iter().any(|&x| x > 0.0), "seed {seed}: nothing scored");
     }
+    Ok(())
+}
+
+/// More key slices than the decode-importance merge holds (128): an error naming kv_splits.
+#[test]
+fn decode_importance_rejects_too_many_slices() -> Result<()> {
+    let mut rng = Rng::new(77);
+    let layouts = vec![PineLayout::new(4, &[30, 30], 2)];
+    let q = random_tensor(&mut rng, &[1, 1, 2, 64], DType::BF16)?;
+    let k = random_tensor(&mut rng, &[1, layouts[0].len() + 1, 1, 64], DType::BF16)?;
+    let pine = PineAttention::new(&layouts, Rope::new(10_000.0))?;
+    let k_cache = pine.rotate_keys(&k)?;
+    let err = pine_decode_importance_both(&pine, &q, &k_cache, 129).err().expect("129 slices must fail");
+    let msg = err.to_string();
+    assert!(msg.contains("kv_splits") && msg.contains("128") && msg.contains("129"), "{msg}");
     Ok(())
 }
 

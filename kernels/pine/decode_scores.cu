@@ -37,6 +37,10 @@ constexpr int kDecodeScoresWarps = kDecodeScoresThreads / 32;
 // Keys per chunk (scores held in shared memory) and keys in flight per warp.
 constexpr int kDecodeScoresChunk = 128;
 constexpr int kDecodeScoresUnroll = 4;
+// Most key slices of a launch: the merge keeps one weight per slice and head where the chunk's
+// scores were ([P][kChunk]); the launchers cap kv_splits at it.
+constexpr int kMaxDecodeScoresSplits = SEGATTN_DECODE_SCORES_MAX_SPLITS;
+static_assert(kMaxDecodeScoresSplits <= kDecodeScoresChunk, "the slice weights live in the scores' shared memory");
 
 // Adds v to *p in shared memory: atomically on the GPU; the emulator runs a block's threads as
 // fibers of one OS thread, so a plain add is atomic there.
@@ -270,29 +274,39 @@ __device__ void decode_scores_kernel(const SegattnDecodeScoresParams& p) {
     __syncthreads();
     if (*s_last == 0u) return;
     __threadfence();
-    // Merge (weights exp(max_x - max), as split-K does): the max and the total of each head,
-    // then every per-segment sum (reads that bypass L1: other blocks wrote them).
-    for (int hh = tid; hh < P; hh += kDecodeScoresThreads) {
+    // Merge (weights exp(max_x - max), as split-K does), with every slice's loads in flight at
+    // once: a loop over the slices that waited on each load cost ~45 us at 66 slices. (a) A warp
+    // per head, its lanes over the slices: the max, each slice's weight (kept in the scores'
+    // shared memory, which the chunks no longer need) and the total.
+    float* const s_weight = s_score;  // [P][kMaxDecodeScoresSplits]
+    for (int hh = warp; hh < P; hh += kDecodeScoresWarps) {
+      const int64_t row = row_of(hh);
       float m = -INFINITY;
-      for (int x = 0; x < splits; ++x) m = fmaxf(m, load_cg(p.part_max + x * rows + row_of(hh)));
+      for (int x = lane; x < splits; x += 32) m = fmaxf(m, load_cg(p.part_max + x * rows + row));
+      m = warp_max(m);
       float total = 0.0f;
-      for (int x = 0; x < splits; ++x) {
-        const float mx = load_cg(p.part_max + x * rows + row_of(hh));
-        if (mx != -INFINITY) total += expf(mx - m) * load_cg(p.part_total + x * rows + row_of(hh));
+      for (int x = lane; x < splits; x += 32) {
+        const float mx = load_cg(p.part_max + x * rows + row);
+        const float w = mx == -INFINITY ? 0.0f : expf(mx - m);  // an empty slice's sums are 0
+        s_weight[hh * kMaxDecodeScoresSplits + x] = w;
+        total += w * load_cg(p.part_total + x * rows + row);
       }
-      s_max[hh] = m;
-      s_rescale[hh] = total;
+      total = warp_sum(total);
+      if (lane == 0) {
+        s_max[hh] = m;
+        s_rescale[hh] = total;
+      }
     }
     __syncthreads();
+    // (b) A thread per (head, segment): the weighted sum over the slices; no branch on what the
+    // loads return, so the unrolled loads issue together (an empty slice has weight 0 and sums 0).
     for (int x = tid; x < P * S; x += kDecodeScoresThreads) {
       const int hh = x / S;
+      const float* const part = p.part_acc + row_of(hh) * S + x % S;
+      const float* const w = s_weight + hh * kMaxDecodeScoresSplits;
       float acc = 0.0f;
-      if (s_max[hh] != -INFINITY) {
-        for (int y = 0; y < splits; ++y) {
-          const float my = load_cg(p.part_max + y * rows + row_of(hh));
-          if (my != -INFINITY) acc += expf(my - s_max[hh]) * load_cg(p.part_acc + (y * rows + row_of(hh)) * S + x % S);
-        }
-      }
+      SEGATTN_UNROLL_8
+      for (int y = 0; y < splits; ++y) acc += w[y] * load_cg(part + y * rows * S);
       s_acc[x] = acc;
     }
   } else {

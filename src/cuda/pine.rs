@@ -209,7 +209,8 @@ pub(crate) fn pine_decode_scores(
     let kernels = module::kernels(stream.context())?;
     // Key slices: about four blocks per SM when (rows x KV heads) leave the GPU idle, each slice
     // at least 32 keys. The kernel is bound by load latency (a few keys per warp in flight), so
-    // many short slices beat few long ones; the merge reads `splits` partials per row.
+    // many short slices beat few long ones; the merge reads `splits` partials per row (at most 128:
+    // their weights are kept in shared memory).
     let blocks = shape.q_len * shape.num_kv_heads * b;
     let splits = if blocks >= 4 * kernels.sm_count {
         1
@@ -217,7 +218,7 @@ pub(crate) fn pine_decode_scores(
         (4 * kernels.sm_count)
             .div_ceil(blocks)
             .min(shape.kv_len.div_ceil(32))
-            .clamp(1, 1024)
+            .clamp(1, crate::params::SEGATTN_DECODE_SCORES_MAX_SPLITS as usize)
     };
     let (n_rows, n_acc) = DecodePartials::sizes(&shape, sk, splits);
     // The three partial arrays in one allocation (max, totals, per-segment sums; f32 throughout,

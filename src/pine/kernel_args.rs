@@ -165,6 +165,13 @@ pub(crate) fn decode_scores_params(
     let Some(dtype) = dtype_code(dtype) else {
         crate::error::invalid_arg!("q: the CUDA kernels support dtype bf16 or f16, got {dtype:?}");
     };
+    let max_splits = crate::params::SEGATTN_DECODE_SCORES_MAX_SPLITS as usize;
+    if partials.splits > max_splits {
+        crate::error::invalid_arg!(
+            "kv_splits: PINE's decode importance merges at most {max_splits} key slices, got {}",
+            partials.splits
+        );
+    }
     let (b, lk) = (shape.batch, shape.kv_len);
     // The decode words carry the segment lengths; the group metadata the counts and first rows.
     let (num_segs, first_suffix_row, _) = GroupLayout::meta_parts(order.meta, b);
