@@ -75,6 +75,8 @@ def main():
         s = f"{r['tflops']:.0f}"
         if base:
             s += f" (x{base / r['tflops']:.2f})" if r["tflops"] > 0 else ""
+        if r.get("config"):
+            s += " [a]"  # a non-default configuration, explained below the table
         return s
 
     for k in sorted(by):
@@ -95,6 +97,11 @@ def main():
             if k[0] == 128 and k[1] == 16 and k[2] == 16 and k[3] == 8192 and k[5] == mask and impl in d:
                 return d[impl].get("tflops")
         return None
+
+    configs = sorted({f"{impl}: {r['config']}" for d in by.values() for impl, r in d.items()
+                      if isinstance(r, dict) and r.get("config")})
+    if configs:
+        out += [""] + [f"[a] {c}" for c in configs]
 
     out += ["", "Targets (bf16, D 128, L 8k, H 16; meant for H100):", ""]
     causal = get("causal", "segattn")

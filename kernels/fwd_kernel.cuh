@@ -172,7 +172,16 @@ __device__ void fwd_kernel(const SegattnFwdParams& p) {
       // that overlap the piece, with the keys outside the piece zeroed in the B fragments.
       const int valid = min(kN, kv_len - k0);
       char* const s_qt = smem + Traits::kOffQTurned;
-      for (int a = 0; a < valid;) {
+      // Most tiles lie in one segment (one piece): the plain S mma, without the per-column-pair
+      // piece tests and zeroed B fragments (keys past kv_len are masked below, as in the plain
+      // kernel).
+      const bool one_piece = static_cast<int>(blk.kv_segs_of(p).span_end[k0]) - k0 >= valid;
+      if (one_piece) {
+        rotator.turn_for(p, b, h, q0, q1, warp * 16 + g, kid[0], s_q, s_qt, warp, lane);
+        qk_tile<Traits>([&](int kc, uint32_t(&qa)[4]) { load_q_fragment<Traits>(s_qt, warp, lane, kc, qa); }, s_k,
+                        lane, s[0]);
+      }
+      for (int a = one_piece ? valid : 0; a < valid;) {
         const int e = min(static_cast<int>(blk.kv_segs_of(p).span_end[k0 + a]) - k0, valid);
         rotator.turn_for(p, b, h, q0, q1, warp * 16 + g, kid[a], s_q, s_qt, warp, lane);
         SEGATTN_UNROLL_2

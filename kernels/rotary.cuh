@@ -23,6 +23,16 @@
 namespace segattn {
 namespace fwd {
 
+// Two adjacent floats at an even offset of an 8-byte aligned table (SegattnRotation), in one
+// load on the GPU; the emulator's host tables are only 4-byte aligned.
+__device__ __forceinline__ float2 load_pair(const float* at) {
+#if defined(SEGATTN_EMULATE)
+  return make_float2(at[0], at[1]);
+#else
+  return *reinterpret_cast<const float2*>(at);
+#endif
+}
+
 template <class Traits>
 struct QueryRotator {
   using T = typename Traits::T;
@@ -76,9 +86,11 @@ struct QueryRotator {
       for (int reg = 0; reg < 4; ++reg) {
         const int r = reg & 1;
         const int col = kc * 16 + 8 * (reg >> 1) + quad_col;
+        // col is even and the tables' rows even-sized: one 8-byte load for each pair of angles.
         const int at = angle[r] * kHalf + col;
-        const float c0 = rot.cos[at], c1 = rot.cos[at + 1];
-        const float s0 = rot.sin[at], s1 = rot.sin[at + 1];
+        const float2 cs = load_pair(rot.cos + at);
+        const float2 sn = load_pair(rot.sin + at);
+        const float c0 = cs.x, c1 = cs.y, s0 = sn.x, s1 = sn.y;
         const float2 x1 = unpack2<T>(lo[reg]);
         const float2 x2 = unpack2<T>(hi[reg]);
         // Back to shared memory at this element pair's own place (row, col) and (row, col + D/2).

@@ -56,7 +56,7 @@ typedef struct SegattnStrides {
  * which gives PINE's rope(q, p_q) . rope(k, p_k - shift). */
 typedef struct SegattnRotation {
   /* [table_len, head_dim / 2] f32: cos / sin of position p for pair c; table_len > every
-   * q_pos + shift. */
+   * q_pos + shift. 8-byte aligned on the GPU (read two pairs at a time). */
   const float *cos;
   const float *sin;
   int32_t table_len;

@@ -7,13 +7,14 @@
 //! breaks PINE's calls down: the rotation of K that prefill does (once, at the original
 //! positions), steps 1-2 alone (importance and order: `PineAttention::bench_plan`), and the rest
 //! (the attention with its per-call setup) by difference. A third table times decode steps as a
-//! model makes them: 32 layer calls in a row, one synchronisation, per call.
+//! model makes them: 32 layer calls in a row, one synchronisation, per call, and the host's share:
+//! the time to issue them without waiting for the GPU.
 
 use candle_core::{DType, Device, Result, Tensor};
 use segattn::pine::{PineAttention, Rope};
 use segattn::{PineLayout, SegmentAttention, SegmentMask};
 
-use super::timing::{median_ms, per_call_in_row_ms};
+use super::timing::{host_ms_per_call, median_ms, per_call_in_row_ms};
 
 /// The markdown table of the PINE benchmark (`smoke`: small prompts, for a dry run).
 pub fn run(dev: &Device, reps: usize, warmup: usize, smoke: bool) -> Result<String> {
@@ -23,7 +24,7 @@ pub fn run(dev: &Device, reps: usize, warmup: usize, smoke: bool) -> Result<Stri
         "| prompt | prefill: K rotation ms | prefill: importance + order ms | prefill: attention ms (rest) | decode: importance + order ms | decode: attention ms (rest) |\n|---|---|---|---|---|---|\n",
     );
     let mut in_row = String::from(
-        "| prompt | PINE decode ms per layer, 32 in a row | plain decode ms per layer, 32 in a row | ratio (target <= 1.5) |\n|---|---|---|---|\n",
+        "| prompt | PINE decode ms per layer, 32 in a row | plain decode ms per layer, 32 in a row | ratio (target <= 1.5) | PINE host ms per layer (issue only) | plain host ms per layer |\n|---|---|---|---|---|---|\n",
     );
     let mut out = String::from(
         "| prompt | L | PINE prefill ms | causal prefill ms | ratio (target <= 1.6) | PINE decode ms | plain decode ms | ratio (target <= 1.5) |\n|---|---|---|---|---|---|---|---|\n",
@@ -57,8 +58,12 @@ pub fn run(dev: &Device, reps: usize, warmup: usize, smoke: bool) -> Result<Stri
         let plain_row = per_call_in_row_ms(dev, reps, warmup, layers, || {
             Ok(SegmentAttention::new(&step_mask).forward(&q1, &k_cache, &v1)?.out)
         })?;
+        let pine_host = host_ms_per_call(dev, reps, warmup, layers, || Ok(pine.decode(&q1, &k_cache, &v1)?.out))?;
+        let plain_host = host_ms_per_call(dev, reps, warmup, layers, || {
+            Ok(SegmentAttention::new(&step_mask).forward(&q1, &k_cache, &v1)?.out)
+        })?;
         in_row.push_str(&format!(
-            "| {name} | {pine_row:.3} | {plain_row:.3} | {:.2} |\n",
+            "| {name} | {pine_row:.3} | {plain_row:.3} | {:.2} | {pine_host:.3} | {plain_host:.3} |\n",
             pine_row / plain_row
         ));
         let rotate_ms = median_ms(dev, reps, warmup, || pine.rotate_keys(&k))?;

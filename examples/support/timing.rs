@@ -42,3 +42,34 @@ pub fn per_call_in_row_ms(
     })
     .map(|ms| ms / calls as f64)
 }
+
+/// The median host time (ms) per call to issue `calls` calls of `f` back to back, without waiting
+/// for the GPU (synchronised after each run, outside the timing), over `reps` runs after
+/// `warmup`: where it is close to [`per_call_in_row_ms`], the calls are bound by their host work
+/// (launches, allocations, uploads), not by their kernels.
+pub fn host_ms_per_call(
+    dev: &Device,
+    reps: usize,
+    warmup: usize,
+    calls: usize,
+    mut f: impl FnMut() -> Result<Tensor>,
+) -> Result<f64> {
+    let calls = calls.max(1);
+    for _ in 0..warmup {
+        f()?;
+    }
+    dev.synchronize()?;
+    let mut t = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let start = Instant::now();
+        let mut outs = Vec::with_capacity(calls);
+        for _ in 0..calls {
+            outs.push(f()?);
+        }
+        t.push(start.elapsed().as_secs_f64() * 1e3 / calls as f64);
+        dev.synchronize()?;
+        drop(outs);
+    }
+    t.sort_by(f64::total_cmp);
+    Ok(t[t.len() / 2])
+}

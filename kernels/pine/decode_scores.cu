@@ -348,11 +348,14 @@ __device__ void decode_scores_kernel(const SegattnDecodeScoresParams& p) {
     }
   }
   if (i == 0) {
-    for (int x = tid; x < P * p.groups * S; x += kDecodeScoresThreads) {
-      const int hh = x / (p.groups * S);
-      const int g = (x / S) % p.groups;
+    // The same for every head: computed once, written for each (this block's tail: the launch
+    // waits for it).
+    for (int x = tid; x < p.groups * S; x += kDecodeScoresThreads) {
+      const int g = x / S;
       const bool row_group = g > n && first + g - n - 1 < p.q_len;
-      if (!row_group) shift_at(hh, g)[x % S] = pine_shift(g, x % S, n, lens, nullptr, nullptr);
+      if (row_group) continue;
+      const uint32_t v = pine_shift(g, x % S, n, lens, nullptr, nullptr);
+      for (int hh = 0; hh < P; ++hh) shift_at(hh, g)[x % S] = v;
     }
   }
 }
