@@ -152,8 +152,16 @@ fi
 cat <<EOF
 
 === GPU suite packed in $SUITE/ ($((bytes / 1024)) KiB) in $((SECONDS - t0)) s ===
-On a GPU machine through the \`run\` tool (one command at most 10 minutes, so two calls on the
-same warm machine; each prints its part of the table and writes it under \$OUT):
+On a GPU machine through the \`run\` tool with a short device budget: ONE call runs every phase
+under its own time budget and packs all outputs into \$OUT/gpu-session.tgz (see the script's
+header for the budgets and filters):
+
+  run  command: bash scripts/gpu-session.sh $SUITE
+       carry:   ["$SUITE"]
+       timeout_s: 580
+
+Or phase by phase (one command at most 10 minutes, so two calls on the same warm machine; each
+prints its part of the table and writes it under \$OUT):
 
   run  command: bash scripts/gpu-suite-remote.sh test $SUITE
        carry:   ["$SUITE"]
