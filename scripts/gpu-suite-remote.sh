@@ -12,11 +12,12 @@
 #   bench  (3) our benchmark (examples/gpu_bench.rs) and bench/peers.py (SDPA flash / cuDNN / math,
 #              FlexAttention) on identical shapes and masks, (4) the results table
 #   all    both
-#   profile (5) Nsight Compute (ncu, hardware counters; Firecracker machines) on one launch of each
-#              kernel that the performance targets depend on: the forward kernel at causal,
+#   profile (5) Nsight Compute (ncu, hardware counters; Firecracker machines): first the duration of
+#              every kernel of steady PINE decode steps (gpu_bench --pine-decode-trace), then one
+#              launch of each kernel that the performance targets depend on: the forward kernel at causal,
 #              documents8 and pine, L 8k, D 128 (gpu_bench; causal also with the 64-row kernel,
 #              SEGATTN_FWD_WIDE=0), the mass kernel and the fused forward
-#              (gpu_bench --mass), the rope kernel and the decode kernels (gpu_bench --pine):
+#              (gpu_bench --mass), the rope kernel (gpu_bench --pine), the decode importance:
 #              throughput, occupancy, warp stall reasons -> $OUT/profile.txt (not part of "all")
 #
 # Writes under $OUT (or $SEGATTN_SUITE_OUT, default /tmp/segattn-gpu-out): summary.md, tests.log,
@@ -267,6 +268,16 @@ if [ "$PHASE" = profile ]; then
       fi
       note "- (5) $label: exit $rc, $((SECONDS - t)) s"
     }
+    # First (short budgets cut the list): every kernel of steady-state PINE decode steps (RAG
+    # prompt, layer calls in a row), durations only: where a step's GPU time goes.
+    t=$SECONDS
+    {
+      echo "=================== PINE decode steps, every kernel (gpu_bench --pine-decode-trace) ==================="
+      budgeted 90 15 "$NCU" --clock-control none --kernel-name "regex:^segattn_" --launch-skip 40 --launch-count 6 \
+        --section SpeedOfLight --section LaunchStats "$WORK/gpu_bench" --pine-decode-trace
+    } >>"$PROFILE" 2>&1
+    note "- (5) PINE decode steps, every kernel: exit $?, $((SECONDS - t)) s"
+    profile_one "PINE decode importance" '^segattn_pine_decode_scores_bf16$' "$WORK/gpu_bench" --pine-decode-trace
     for shape in "causal L8192 B2 H16/16 D128" "documents8 L8192 B2 H16/16 D128" "pine L8192 B2 H16/16 D128"; do
       profile_one "$shape" '^segattn_fwd_(wide_)?bf16_d128$' "$WORK/gpu_bench" --filter "$shape" --reps 20 --warmup 3 || break
     done
@@ -275,7 +286,6 @@ if [ "$PHASE" = profile ]; then
     profile_one "mass (standalone)" '^segattn_scores_(wide_)?bf16_d128$' "$WORK/gpu_bench" --mass
     profile_one "mass (fused forward)" '^segattn_fwd_mass_bf16_d128$' "$WORK/gpu_bench" --mass
     profile_one "PINE prefill attention" '^segattn_fwd_rope_bf16_d128$' "$WORK/gpu_bench" --pine
-    profile_one "PINE decode importance" '^segattn_pine_decode_scores_bf16$' "$WORK/gpu_bench" --pine
     # A timeline of PINE decode steps (64 layer calls in a row): where a step's time goes between
     # launches, allocations and copies (the kernels alone are a fraction of it).
     NSYS="$(command -v nsys || ls /usr/local/cuda*/bin/nsys /opt/nvidia/nsight-systems/*/bin/nsys 2>/dev/null | head -1 || true)"
@@ -294,7 +304,7 @@ if [ "$PHASE" = profile ]; then
       note "- (5) nsys: NOT FOUND (no PINE decode timeline)"
     fi
     # The one-line figures per kernel, for the summary.
-    grep -E '^=====|Compute \(SM\) Throughput|Memory Throughput|Achieved Occupancy|Theoretical Occupancy|Registers Per|Duration|Issued Ipc Active|No Eligible' \
+    grep -E '^=====|^  segattn_|Compute \(SM\) Throughput|Memory Throughput|Achieved Occupancy|Theoretical Occupancy|Registers Per|Duration|Issued Ipc Active|No Eligible' \
       "$PROFILE" | tee -a "$SUMMARY"
   fi
 fi
