@@ -13,22 +13,38 @@ namespace fwd {
 
 // Issues the cp.async copies of a kRows-row tile: row r of the tile is global row `src_row0 + r`
 // (element pointer `src` + r * row_stride), for r < rows_valid; rows past it are zero-filled (the
-// source pointer then stays at row 0 of the tile, which exists). Each of the kThreads threads
-// copies every kThreads-th 16-byte chunk. Does not commit.
+// source pointer then stays at row 0 of the tile, which exists). Thread t copies chunk t % kChunks
+// of rows t / kChunks + m kRowsPerRound: its source advances by a fixed stride and its
+// destination by a constant (the swizzle repeats every 8 rows), so each copy costs a pointer add
+// and a compare, not a 64-bit row multiply (the loop is issue-bound: every instruction counts).
+// Does not commit.
 template <class Traits, int kRows>
 __device__ __forceinline__ void load_tile_async(char* smem_tile, const typename Traits::T* src, int64_t row_stride,
                                                 int rows_valid) {
+  using T = typename Traits::T;
   constexpr int kChunks = Traits::kChunks;
-  constexpr int kTotal = kRows * kChunks;
-  static_assert(kTotal % Traits::kThreads == 0, "whole copy rounds");
+  constexpr int kRowsPerRound = Traits::kThreads / kChunks;
+  static_assert(Traits::kThreads % kChunks == 0 && kRows % kRowsPerRound == 0, "whole copy rounds");
+  static_assert(kRowsPerRound % 8 == 0, "one swizzle pattern for all of a thread's rows");
+  const int row0 = static_cast<int>(threadIdx.x) / kChunks;
+  const int chunk = static_cast<int>(threadIdx.x) % kChunks;
+  const T* const first = src + chunk * 8;
+  const T* g = first + static_cast<int64_t>(row0) * row_stride;
+  const int64_t step = kRowsPerRound * row_stride;
+  char* const dst = smem_tile + swizzle<kChunks>(row0, chunk);
+  if (rows_valid >= kRows) {  // every tile but a ragged last one: no per-row test
+    SEGATTN_UNROLL
+    for (int m = 0; m < kRows / kRowsPerRound; ++m) {
+      cp_async_16(dst + m * kRowsPerRound * kChunks * 16, g, true);
+      g += step;
+    }
+    return;
+  }
   SEGATTN_UNROLL
-  for (int it = 0; it < kTotal / Traits::kThreads; ++it) {
-    const int idx = it * Traits::kThreads + static_cast<int>(threadIdx.x);
-    const int row = idx / kChunks;
-    const int chunk = idx % kChunks;
-    const bool pred = row < rows_valid;
-    const typename Traits::T* g = src + (pred ? static_cast<int64_t>(row) * row_stride : 0) + chunk * 8;
-    cp_async_16(smem_tile + swizzle<kChunks>(row, chunk), g, pred);
+  for (int m = 0; m < kRows / kRowsPerRound; ++m) {
+    const bool pred = row0 + m * kRowsPerRound < rows_valid;
+    cp_async_16(dst + m * kRowsPerRound * kChunks * 16, pred ? g : first, pred);
+    g += step;
   }
 }
 
