@@ -8,6 +8,12 @@
 // Scores arrive already scaled by scale * log2(e) (so exp2 is the exponential) and masked (-inf).
 // A row that has seen no visible key keeps max = -inf and sum = 0: its output is 0 and its LSE
 // -inf, never NaN (the exponent reference is taken as 0 while the max is -inf).
+//
+// The exponent reference of a row moves only when a tile's max exceeds it by more than
+// kRefSlack (FlashAttention-3's trick): probabilities then stay below 2^kRefSlack, and most tiles
+// leave O and the other accumulators as they are; a warp skips their rescaling (64 multiplies a
+// tile at D = 128) when none of its rows moved. Exact: the output and the LSE are computed against
+// whatever reference was used. kRefSlack = 3 keeps P x mass::kTermScale (2^12) inside f16.
 #ifndef SEGATTN_SOFTMAX_CUH
 #define SEGATTN_SOFTMAX_CUH
 
@@ -29,10 +35,14 @@ __device__ __forceinline__ float quad_sum(float x) {
   return x + shfl_xor(x, 2);
 }
 
+constexpr float kRefSlack = 3.0f;
+
 struct OnlineSoftmax {
-  float row_max[2];  // running max of the scaled scores (log2 domain), -inf before any key
+  float row_max[2];  // exponent reference of the scaled scores (log2 domain): at most kRefSlack
+                     // below the running max; -inf before any key
   float row_sum[2];  // this thread's partial sum of exp2(s - row_max) (quad-reduced at the end)
   float alpha[2];    // the last update's rescale factor (for accumulators other than O)
+  bool moved;        // warp-uniform: the last update moved some row's reference (alpha != 1)
 
   __device__ __forceinline__ void init() {
     SEGATTN_UNROLL
@@ -41,6 +51,7 @@ struct OnlineSoftmax {
       row_sum[r] = 0.0f;
       alpha[r] = 1.0f;
     }
+    moved = false;
   }
 
   // One key tile: turns the scores `s` [kNS][4] into unnormalised probabilities in place and
@@ -48,6 +59,7 @@ struct OnlineSoftmax {
   // rescale afterwards).
   template <int kNS, int kNO>
   __device__ __forceinline__ void update(float (&s)[kNS][4], float (&o)[kNO][4]) {
+    bool any = false;
     SEGATTN_UNROLL
     for (int r = 0; r < 2; ++r) {
       float tile_max = -INFINITY;
@@ -56,11 +68,14 @@ struct OnlineSoftmax {
         tile_max = fmaxf(tile_max, fmaxf(s[nb][2 * r], s[nb][2 * r + 1]));
       }
       tile_max = quad_max(tile_max);
-      const float new_max = fmaxf(row_max[r], tile_max);
+      // Moves on the first visible key (-inf + slack is -inf) and past the slack.
+      const bool move = tile_max > row_max[r] + kRefSlack;
+      const float new_ref = move ? tile_max : row_max[r];
       // Exponent reference: 0 while the row has seen nothing (all its scores are -inf then).
-      const float ref = new_max == -INFINITY ? 0.0f : new_max;
-      alpha[r] = exp2_approx(row_max[r] - ref);
-      row_max[r] = new_max;
+      const float ref = new_ref == -INFINITY ? 0.0f : new_ref;
+      alpha[r] = move ? exp2_approx(row_max[r] - ref) : 1.0f;
+      any = any || move;
+      row_max[r] = new_ref;
       float sum = row_sum[r] * alpha[r];
       SEGATTN_UNROLL
       for (int nb = 0; nb < kNS; ++nb) {
@@ -72,13 +87,15 @@ struct OnlineSoftmax {
       }
       row_sum[r] = sum;
     }
+    moved = __any_sync(0xffffffffu, any) != 0;
     rescale(o);
   }
 
-  // Rescales an accumulator of the same rows (C fragments [kN][4]) to the running max of the last
-  // update, as update does for O.
+  // Rescales an accumulator of the same rows (C fragments [kN][4]) to the reference of the last
+  // update, as update does for O; nothing when no row of the warp moved (warp-uniform).
   template <int kN>
   __device__ __forceinline__ void rescale(float (&acc)[kN][4]) const {
+    if (!moved) return;
     SEGATTN_UNROLL
     for (int nb = 0; nb < kN; ++nb) {
       SEGATTN_UNROLL
