@@ -74,14 +74,15 @@ struct QueryRotator {
         angle[r] = static_cast<int>(rot.q_pos[at]) + static_cast<int>(rot.shifts[group * rot.num_segments + id]);
       }
     }
-    const int ld_row = warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
+    // ldmatrix rows warp 16 + (lane & 15), chunks 2 kc + (lane >> 4) (as load_q_fragment).
+    const SwizzledRows<Traits::kChunks> ld_rows(lane & 15, lane >> 4, lane);
     const int quad_col = 2 * (lane % 4);
     SEGATTN_UNROLL
     for (int kc = 0; kc < kDK / 2; ++kc) {
       // The pair (kc, kc + kDK/2) holds columns c and c + D/2: a rotate-half pair, in-thread.
       uint32_t lo[4], hi[4];
-      ldmatrix_x4(lo, s_q + swizzle<Traits::kChunks>(ld_row, 2 * kc + (lane >> 4)));
-      ldmatrix_x4(hi, s_q + swizzle<Traits::kChunks>(ld_row, 2 * (kc + kDK / 2) + (lane >> 4)));
+      ldmatrix_x4(lo, s_q + ld_rows.at(warp * 16, kc));
+      ldmatrix_x4(hi, s_q + ld_rows.at(warp * 16, kc + kDK / 2));
       SEGATTN_UNROLL
       for (int reg = 0; reg < 4; ++reg) {
         const int r = reg & 1;

@@ -54,8 +54,9 @@ __device__ __forceinline__ void load_tile_async(char* smem_tile, const typename 
 // a0..a3 of m16n8k16.
 template <class Traits>
 __device__ __forceinline__ void load_q_fragment(const char* sq, int row_tile, int lane, int kc, uint32_t (&qa)[4]) {
-  const int row = row_tile * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
-  ldmatrix_x4(qa, sq + swizzle<Traits::kChunks>(row, 2 * kc + (lane >> 4)));
+  // Row row_tile 16 + (lane & 7) + ((lane >> 3) & 1) 8, chunk 2 kc + (lane >> 4).
+  const SwizzledRows<Traits::kChunks> rows(lane & 15, lane >> 4, lane);
+  ldmatrix_x4(qa, sq + rows.at(row_tile * 16, kc));
 }
 
 // The A fragments of all head_dim / 16 k-steps.
@@ -72,8 +73,9 @@ __device__ __forceinline__ void load_q_fragments(const char* sq, int row_tile, i
 // (keys 8-15, dims 0-7) = b0 of n-block 2np+1, (keys 8-15, dims 8-15) = b1.
 template <class Traits>
 __device__ __forceinline__ void load_k_fragments(const char* sk, int np, int kc, int lane, uint32_t (&kb)[4]) {
-  const int row = np * 16 + (lane & 7) + (lane >> 4) * 8;
-  ldmatrix_x4(kb, sk + swizzle<Traits::kChunks>(row, 2 * kc + ((lane >> 3) & 1)));
+  // Row np 16 + (lane & 7) + (lane >> 4) 8, chunk 2 kc + ((lane >> 3) & 1).
+  const SwizzledRows<Traits::kChunks> rows((lane & 7) + (lane >> 4) * 8, (lane >> 3) & 1, lane);
+  ldmatrix_x4(kb, sk + rows.at(np * 16, kc));
 }
 
 // B fragments of V for output n-blocks 2*dp and 2*dp+1 (dims 16*dp .. +16) and k-step kc (keys
@@ -82,8 +84,9 @@ __device__ __forceinline__ void load_k_fragments(const char* sk, int np, int kc,
 // 2dp+1, (keys 8-15, dims 8-15) = b1.
 template <class Traits>
 __device__ __forceinline__ void load_v_fragments(const char* sv, int dp, int kc, int lane, uint32_t (&vb)[4]) {
-  const int row = kc * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
-  ldmatrix_x4_trans(vb, sv + swizzle<Traits::kChunks>(row, 2 * dp + (lane >> 4)));
+  // Row kc 16 + (lane & 7) + ((lane >> 3) & 1) 8, chunk 2 dp + (lane >> 4).
+  const SwizzledRows<Traits::kChunks> rows(lane & 15, lane >> 4, lane);
+  ldmatrix_x4_trans(vb, sv + rows.at(kc * 16, dp));
 }
 
 }  // namespace fwd
