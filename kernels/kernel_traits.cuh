@@ -122,22 +122,22 @@ __device__ __forceinline__ int swizzle(int row, int chunk) {
   return (row * kChunks + (chunk ^ (row & 7))) * 16;
 }
 
-// swizzle(row0 + drow, 2 pair + half) for the ldmatrix patterns, whose rows satisfy
-// row0 & 7 == lane & 7 and drow % 8 == 0, split into a per-thread part and a part known at compile
-// time in the unrolled fragment loops. With l = lane & 7 = 2 c + e:
+// swizzle(row0 + drow, 2 pair + half) with drow % 8 == 0 (the rows of one thread in the fragment
+// loaders and stores), split into a per-thread part and a part known at compile time in unrolled
+// loops. With l = row0 & 7 = 2 c + e:
 //   (2 pair + half) ^ l = 2 (pair ^ c) + (half ^ e), and pair ^ c = (pair & ~3) + ((pair & 3) ^ c)
 // since c < 4. So the offset is base | ((32 (pair & 3)) ^ c32) plus a constant, base =
 // 16 (row0 kChunks + (half ^ e)) having bits 5 and 6 clear: one LOP3 per distinct pair % 4 in a
-// loop, the rest folded into the ldmatrix immediates (the plain form cost a multiply-add and an
-// XOR per fragment: ~75 instructions of a key tile's S mma at D = 128).
+// loop, the rest folded into the instructions' immediates (the plain form cost a multiply-add
+// and an XOR per fragment: ~75 instructions of a key tile's S mma at D = 128).
 template <int kChunks>
 struct SwizzledRows {
   static_assert(kChunks % 8 == 0, "rows of at least 128 bytes: base keeps bits 5 and 6 clear");
-  int base;  // 16 (row0 kChunks + (half ^ (lane & 1)))
-  int c32;   // 32 ((lane >> 1) & 3)
+  int base;  // 16 (row0 kChunks + (half ^ (row0 & 1)))
+  int c32;   // 32 ((row0 >> 1) & 3)
 
-  __device__ __forceinline__ SwizzledRows(int row0, int half, int lane)
-      : base(16 * (row0 * kChunks + (half ^ (lane & 1)))), c32(32 * ((lane >> 1) & 3)) {}
+  __device__ __forceinline__ SwizzledRows(int row0, int half)
+      : base(16 * (row0 * kChunks + (half ^ (row0 & 1)))), c32(32 * ((row0 >> 1) & 3)) {}
 
   __device__ __forceinline__ int at(int drow, int pair) const {
     return (base | ((32 * (pair & 3)) ^ c32)) + 32 * (pair & ~3) + drow * kChunks * 16;

@@ -75,7 +75,10 @@ struct QueryRotator {
       }
     }
     // ldmatrix rows warp 16 + (lane & 15), chunks 2 kc + (lane >> 4) (as load_q_fragment).
-    const SwizzledRows<Traits::kChunks> ld_rows(lane & 15, lane >> 4, lane);
+    const SwizzledRows<Traits::kChunks> ld_rows(lane & 15, lane >> 4);
+    // The element pairs go back to rows row0 and row0 + 8, chunks 2 kc + (reg >> 1).
+    const SwizzledRows<Traits::kChunks> st_rows[2] = {SwizzledRows<Traits::kChunks>(row0, 0),
+                                                      SwizzledRows<Traits::kChunks>(row0, 1)};
     const int quad_col = 2 * (lane % 4);
     SEGATTN_UNROLL
     for (int kc = 0; kc < kDK / 2; ++kc) {
@@ -95,10 +98,10 @@ struct QueryRotator {
         const float2 x1 = unpack2<T>(lo[reg]);
         const float2 x2 = unpack2<T>(hi[reg]);
         // Back to shared memory at this element pair's own place (row, col) and (row, col + D/2).
-        const int row = row0 + 8 * r;
-        *reinterpret_cast<uint32_t*>(s_qt + swizzle<Traits::kChunks>(row, col / 8) + (col % 8) * 2) =
+        const SwizzledRows<Traits::kChunks>& rows = st_rows[reg >> 1];
+        *reinterpret_cast<uint32_t*>(s_qt + rows.at(8 * r, kc) + quad_col * 2) =
             pack2<T>(x1.x * c0 - x2.x * s0, x1.y * c1 - x2.y * s1);
-        *reinterpret_cast<uint32_t*>(s_qt + swizzle<Traits::kChunks>(row, (col + kHalf) / 8) + (col % 8) * 2) =
+        *reinterpret_cast<uint32_t*>(s_qt + rows.at(8 * r, kc + kDK / 2) + quad_col * 2) =
             pack2<T>(x2.x * c0 + x1.x * s0, x2.y * c1 + x1.y * s1);
       }
     }

@@ -55,7 +55,7 @@ __device__ __forceinline__ void load_tile_async(char* smem_tile, const typename 
 template <class Traits>
 __device__ __forceinline__ void load_q_fragment(const char* sq, int row_tile, int lane, int kc, uint32_t (&qa)[4]) {
   // Row row_tile 16 + (lane & 7) + ((lane >> 3) & 1) 8, chunk 2 kc + (lane >> 4).
-  const SwizzledRows<Traits::kChunks> rows(lane & 15, lane >> 4, lane);
+  const SwizzledRows<Traits::kChunks> rows(lane & 15, lane >> 4);
   ldmatrix_x4(qa, sq + rows.at(row_tile * 16, kc));
 }
 
@@ -74,7 +74,7 @@ __device__ __forceinline__ void load_q_fragments(const char* sq, int row_tile, i
 template <class Traits>
 __device__ __forceinline__ void load_k_fragments(const char* sk, int np, int kc, int lane, uint32_t (&kb)[4]) {
   // Row np 16 + (lane & 7) + (lane >> 4) 8, chunk 2 kc + ((lane >> 3) & 1).
-  const SwizzledRows<Traits::kChunks> rows((lane & 7) + (lane >> 4) * 8, (lane >> 3) & 1, lane);
+  const SwizzledRows<Traits::kChunks> rows((lane & 7) + (lane >> 4) * 8, (lane >> 3) & 1);
   ldmatrix_x4(kb, sk + rows.at(np * 16, kc));
 }
 
@@ -85,7 +85,7 @@ __device__ __forceinline__ void load_k_fragments(const char* sk, int np, int kc,
 template <class Traits>
 __device__ __forceinline__ void load_v_fragments(const char* sv, int dp, int kc, int lane, uint32_t (&vb)[4]) {
   // Row kc 16 + (lane & 7) + ((lane >> 3) & 1) 8, chunk 2 dp + (lane >> 4).
-  const SwizzledRows<Traits::kChunks> rows(lane & 15, lane >> 4, lane);
+  const SwizzledRows<Traits::kChunks> rows(lane & 15, lane >> 4);
   ldmatrix_x4_trans(vb, sv + rows.at(kc * 16, dp));
 }
 
