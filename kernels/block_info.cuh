@@ -55,10 +55,16 @@ struct BlockInfo {
   int window_base;     // block-uniform: window() holds the classes of tiles [window_base, + kThreads)
                        // (none yet: a value no tile index reaches)
 
-  // Block-collective (barriers): the block of grid x = gridDim.x - 1 - (query tile * kv_splits +
-  // split) (kv_splits <= 1: no split-K), its query pieces recorded in shared memory and its
-  // key-tile range.
+  // Block-collective (barriers): locate() then find_tiles().
   __device__ void init(const SegattnFwdParams& p, char* smem, int kv_splits) {
+    locate(p, kv_splits);
+    find_tiles(p, smem, kv_splits);
+  }
+
+  // The block of grid x = gridDim.x - 1 - (query tile * kv_splits + split) (kv_splits <= 1: no
+  // split-K): its batch row, heads and query rows, from the grid alone (no memory read: the
+  // forward kernel issues its Q tile's copy before the key-tile scan, to overlap the two).
+  __device__ void locate(const SegattnFwdParams& p, int kv_splits) {
     // A grid built for another entry point (params.block_rows, 0 read as 64) would cover the
     // wrong rows: fail loudly.
     if ((p.block_rows == 0 ? 64 : p.block_rows) != kM) __trap();
@@ -75,6 +81,12 @@ struct BlockInfo {
     q1 = min(q0 + kM, p.q_len);
     kv_len = p.kv_len;
     pos_offset = kv_len - p.q_len;
+  }
+
+  // Block-collective (barriers), after locate(): the block's query pieces recorded in shared
+  // memory and its key-tile range.
+  __device__ void find_tiles(const SegattnFwdParams& p, char* smem, int kv_splits) {
+    const int splits = max(kv_splits, 1);
     const int num_tiles = (kv_len + kN - 1) / kN;
     const mask::Rule rule = rule_of(p);
     const mask::Segments kv_segs = kv_segs_of(p);

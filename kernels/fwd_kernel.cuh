@@ -72,7 +72,14 @@ __device__ void fwd_kernel(const SegattnFwdParams& p) {
   const int warp = tid / 32;
   const int lane = tid % 32;
   BlockInfo<Traits> blk;
-  blk.init(p, smem, p.kv_splits);
+  blk.locate(p, p.kv_splits);
+  // The Q tile's copy first (its own cp.async group): its latency overlaps the key-tile scan,
+  // which reads the mask metadata and ends in barriers (a block whose rows see no key waits for
+  // the copy all the same before its epilogue reuses shared memory).
+  load_tile_async<Traits, kM>(s_q, blk.template q_rows<T>(p.q, p.q_strides), p.q_strides.row,
+                              blk.q1 - blk.q0);
+  cp_async_commit();
+  blk.find_tiles(p, smem, p.kv_splits);
   const int b = blk.b;
   const int h = blk.h;
   const int q0 = blk.q0;
@@ -80,7 +87,6 @@ __device__ void fwd_kernel(const SegattnFwdParams& p) {
   const int kv_len = blk.kv_len;
   const int end_tile = blk.end_tile;
 
-  const T* const q_base = blk.template q_rows<T>(p.q, p.q_strides);
   const T* const k_base = blk.template kv_rows<T>(p.k, p.k_strides);
   const T* const v_base = blk.template kv_rows<T>(p.v, p.v_strides);
   // K, V and the key segment ids of tile t into buffer buf.
@@ -125,13 +131,13 @@ __device__ void fwd_kernel(const SegattnFwdParams& p) {
   int cls = SEGATTN_TILE_SKIP;
   int tile = blk.next_visible(p, blk.first_tile, cls);
   if (tile < end_tile) {
-    load_tile_async<Traits, kM>(s_q, q_base, p.q_strides.row, q1 - q0);
-    cp_async_commit();
     load_kv_async(tile, 0);
     cp_async_commit();
     cp_async_wait<1>();  // the Q group
-    __syncthreads();
+  } else {
+    cp_async_wait<0>();
   }
+  __syncthreads();
   uint32_t qf[Traits::kQInSmem ? 1 : kMT][Traits::kDK][4];
   if (!Traits::kQInSmem && tile < end_tile) {
     SEGATTN_UNROLL
