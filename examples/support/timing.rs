@@ -4,22 +4,32 @@ use std::time::Instant;
 
 use candle_core::{Device, Result, Tensor};
 
-/// The median wall clock (ms) of `f` to stream synchronisation, over `reps` runs after `warmup`.
-pub fn median_ms(dev: &Device, reps: usize, warmup: usize, mut f: impl FnMut() -> Result<Tensor>) -> Result<f64> {
+/// `warmup` calls of `f`, then a stream synchronisation.
+fn warm_up(dev: &Device, warmup: usize, f: &mut impl FnMut() -> Result<Tensor>) -> Result<()> {
     for _ in 0..warmup {
         f()?;
     }
-    dev.synchronize()?;
-    let mut t = Vec::with_capacity(reps);
-    for _ in 0..reps {
+    dev.synchronize()
+}
+
+/// The median of `reps` (at least one) measurements `measure()`.
+fn median_of(reps: usize, mut measure: impl FnMut() -> Result<f64>) -> Result<f64> {
+    let mut t = (0..reps.max(1)).map(|_| measure()).collect::<Result<Vec<f64>>>()?;
+    t.sort_by(f64::total_cmp);
+    Ok(t[t.len() / 2])
+}
+
+/// The median wall clock (ms) of `f` to stream synchronisation, over `reps` runs after `warmup`.
+pub fn median_ms(dev: &Device, reps: usize, warmup: usize, mut f: impl FnMut() -> Result<Tensor>) -> Result<f64> {
+    warm_up(dev, warmup, &mut f)?;
+    median_of(reps, || {
         let start = Instant::now();
         let out = f()?;
         dev.synchronize()?;
-        t.push(start.elapsed().as_secs_f64() * 1e3);
+        let ms = start.elapsed().as_secs_f64() * 1e3;
         drop(out);
-    }
-    t.sort_by(f64::total_cmp);
-    Ok(t[t.len() / 2])
+        Ok(ms)
+    })
 }
 
 /// The median wall clock (ms) per call of `calls` calls of `f` issued back to back and one stream
@@ -55,21 +65,13 @@ pub fn host_ms_per_call(
     mut f: impl FnMut() -> Result<Tensor>,
 ) -> Result<f64> {
     let calls = calls.max(1);
-    for _ in 0..warmup {
-        f()?;
-    }
-    dev.synchronize()?;
-    let mut t = Vec::with_capacity(reps);
-    for _ in 0..reps {
+    warm_up(dev, warmup, &mut f)?;
+    median_of(reps, || {
         let start = Instant::now();
-        let mut outs = Vec::with_capacity(calls);
-        for _ in 0..calls {
-            outs.push(f()?);
-        }
-        t.push(start.elapsed().as_secs_f64() * 1e3 / calls as f64);
+        let outs = (0..calls).map(|_| f()).collect::<Result<Vec<Tensor>>>()?;
+        let ms = start.elapsed().as_secs_f64() * 1e3 / calls as f64;
         dev.synchronize()?;
         drop(outs);
-    }
-    t.sort_by(f64::total_cmp);
-    Ok(t[t.len() / 2])
+        Ok(ms)
+    })
 }
