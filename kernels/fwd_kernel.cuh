@@ -238,8 +238,8 @@ __device__ void fwd_kernel(const SegattnFwdParams& p) {
       const uint32_t last_id = kid[min(kN, kv_len - k0) - 1];
       const int nb_lo = static_cast<int>(kid[0] / 8u);
       const int nb_hi = static_cast<int>(last_id / 8u);
-      mass::accumulate_tile(s[0], [&](int j) { return static_cast<int>(kid[j]); }, kid[0] == last_id, lane, nb_lo,
-                            nb_hi, macc);
+      mass::accumulate_tile(s[0], true, softmax[0].tile_sum, [&](int j) { return static_cast<int>(kid[j]); },
+                            kid[0] == last_id, lane, nb_lo, nb_hi, macc);
     }
 
     // O += P V, with P packed to 16 bits straight from the S accumulators; each V fragment

@@ -313,7 +313,8 @@ __device__ void scores_kernel(const SegattnScoresParams& sp) {
         // Two f16 terms of P for the mma: PINE orders segments by these sums, so they must agree
         // with f32 ones well below the gaps that decide an order (one term: 2^-11 relative); a
         // uniform tile adds f32 row sums. acc holds the sums times mass::kTermScale.
-        mass::accumulate_tile<2>(s[i], seg_of, uniform, lane, nb_lo, nb_hi, acc[i]);
+        // (One pass: the softmax's row sums of the tile; the exact pass sums its own P.)
+        mass::accumulate_tile<2>(s[i], !exact, softmax[i].tile_sum, seg_of, uniform, lane, nb_lo, nb_hi, acc[i]);
         if (exact) {
           // Add the tile's sums to mass[row][global id of each local segment].
           float* row_out[2];

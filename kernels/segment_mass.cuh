@@ -122,13 +122,18 @@ __device__ __forceinline__ void accumulate(const float (&p)[kNS][4], const SegOf
 // sums of the thread's P elements reduced over the quad, added by the thread that holds that
 // column. No mma and no f16 rounding of P.
 template <int kNS, int kSB>
-__device__ __forceinline__ void add_row_sums(const float (&p)[kNS][4], int seg, int lane, float scale,
-                                             float (&acc)[kSB][4]) {
+__device__ __forceinline__ void add_row_sums(const float (&p)[kNS][4], bool have_partial, const float (&partial)[2],
+                                             int seg, int lane, float scale, float (&acc)[kSB][4]) {
   float sum0 = 0.0f, sum1 = 0.0f;
-  SEGATTN_UNROLL
-  for (int nb = 0; nb < kNS; ++nb) {
-    sum0 += p[nb][0] + p[nb][1];
-    sum1 += p[nb][2] + p[nb][3];
+  if (have_partial) {  // OnlineSoftmax::tile_sum: the same sums, already added up
+    sum0 = partial[0];
+    sum1 = partial[1];
+  } else {
+    SEGATTN_UNROLL
+    for (int nb = 0; nb < kNS; ++nb) {
+      sum0 += p[nb][0] + p[nb][1];
+      sum1 += p[nb][2] + p[nb][3];
+    }
   }
   sum0 = fwd::quad_sum(sum0) * scale;
   sum1 = fwd::quad_sum(sum1) * scale;
@@ -147,12 +152,14 @@ __device__ __forceinline__ void add_row_sums(const float (&p)[kNS][4], int seg, 
 }
 
 // The tile's acc += P x one-hot(segment of each key): by add_row_sums when every key of the tile
-// has one segment (`uniform`, uniform over the block), else by accumulate's mma.
+// has one segment (`uniform`, uniform over the block), else by accumulate's mma. With
+// `have_partial`, `partial` holds this thread's row sums of p (OnlineSoftmax::tile_sum).
 template <int kTerms = 1, int kNS, int kSB, class SegOf>
-__device__ __forceinline__ void accumulate_tile(const float (&p)[kNS][4], const SegOf& seg_of, bool uniform, int lane,
-                                                int nb_lo, int nb_hi, float (&acc)[kSB][4]) {
+__device__ __forceinline__ void accumulate_tile(const float (&p)[kNS][4], bool have_partial, const float (&partial)[2],
+                                                const SegOf& seg_of, bool uniform, int lane, int nb_lo, int nb_hi,
+                                                float (&acc)[kSB][4]) {
   if (uniform) {
-    add_row_sums(p, seg_of(0), lane, kTerms == 2 ? kTermScale : 1.0f, acc);
+    add_row_sums(p, have_partial, partial, seg_of(0), lane, kTerms == 2 ? kTermScale : 1.0f, acc);
   } else {
     accumulate<kTerms>(p, seg_of, lane, nb_lo, nb_hi, acc);
   }

@@ -42,6 +42,8 @@ struct OnlineSoftmax {
                      // below the running max; -inf before any key
   float row_sum[2];  // this thread's partial sum of exp2(s - row_max) (quad-reduced at the end)
   float alpha[2];    // the last update's rescale factor (for accumulators other than O)
+  float tile_sum[2];  // this thread's partial sum of the last tile's probabilities (the mass
+                      // kernels add a one-segment tile's row sums from it)
   bool moved;        // warp-uniform: the last update moved some row's reference (alpha != 1)
 
   __device__ __forceinline__ void init() {
@@ -76,7 +78,7 @@ struct OnlineSoftmax {
       alpha[r] = move ? exp2_approx(row_max[r] - ref) : 1.0f;
       any = any || move;
       row_max[r] = new_ref;
-      float sum = row_sum[r] * alpha[r];
+      float sum = 0.0f;
       SEGATTN_UNROLL
       for (int nb = 0; nb < kNS; ++nb) {
         const float p0 = exp2_approx(s[nb][2 * r] - ref);
@@ -85,7 +87,8 @@ struct OnlineSoftmax {
         s[nb][2 * r + 1] = p1;
         sum += p0 + p1;
       }
-      row_sum[r] = sum;
+      tile_sum[r] = sum;
+      row_sum[r] = fmaf(row_sum[r], alpha[r], sum);
     }
     moved = __any_sync(0xffffffffu, any) != 0;
     rescale(o);
