@@ -529,44 +529,13 @@ fn no_keys() -> Result<()> {
 }
 
 /// Scores that grow along the keys by several log2 units a tile in some rows and stay flat in the
-/// others (softmax.cuh's reference moves only past its slack, and a warp rescales only when one
-/// of its rows moved): rows of both kinds in every warp, moves at every tile, at some tiles, or
-/// never; every kernel shape against the reference.
+/// others (`common::cases::growing_scores`): every kernel shape against the reference.
 #[test]
 fn softmax_reference_moves_in_some_rows() -> Result<()> {
     let dev = &Device::Cpu;
-    let (lq, lk, h) = (130, 330, 2);
+    let (lq, lk) = (130, 330);
     for (d, dtype) in [(64, DType::BF16), (128, DType::F16)] {
-        let mut rng = Rng(11);
-        // Dimension 0 carries the trend: q's is 1 (steep rows) or 0.01 (flat rows) by row, k's
-        // grows with the key; the other dimensions are small random values (never zero).
-        let small = |rng: &mut Rng| (0.05 + 0.05 * rng.unit()) * if rng.coin(0.5) { -1.0 } else { 1.0 };
-        let mut q = Vec::with_capacity(lq * h * d);
-        for i in 0..lq {
-            for hh in 0..h {
-                for c in 0..d {
-                    q.push(if c == 0 {
-                        if (i + hh) % 3 == 0 {
-                            1.0
-                        } else {
-                            0.01
-                        }
-                    } else {
-                        small(&mut rng)
-                    });
-                }
-            }
-        }
-        let steep = (d as f32).sqrt() * 0.08; // ~7 log2 units per 64 keys in the steep rows
-        let mut k = Vec::with_capacity(lk * d);
-        for j in 0..lk {
-            for c in 0..d {
-                k.push(if c == 0 { steep * j as f32 } else { small(&mut rng) });
-            }
-        }
-        let q = Tensor::from_vec(q, (1, lq, h, d), dev)?.to_dtype(dtype)?;
-        let k = Tensor::from_vec(k, (1, lk, 1, d), dev)?.to_dtype(dtype)?;
-        let v = values(&mut rng, &[1, lk, 1, d], dtype)?;
+        let (q, k, v) = common::cases::growing_scores(&mut common::Rng::new(11), (lq, lk, 2, d), dtype)?;
         for (name, mask) in [
             ("full", SegmentMask::full(lk, dev)?.last_queries(lq)?),
             ("causal", SegmentMask::causal(lk, dev)?.last_queries(lq)?),

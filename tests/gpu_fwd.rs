@@ -346,6 +346,25 @@ fn fully_masked_rows() -> Result<()> {
     Ok(())
 }
 
+/// Scores that grow along the keys by several log2 units a tile in some rows and stay flat in the
+/// others (`common::cases::growing_scores`: the softmax reference's slack, a warp's rescale skip).
+#[test]
+fn softmax_reference_moves_in_some_rows() -> Result<()> {
+    let Some(dev) = gpu() else { return Ok(()) };
+    let (lq, lk) = (200, 700);
+    for (d, dtype) in [(64, DType::BF16), (128, DType::F16), (128, DType::BF16)] {
+        let (q, k, v) = common::cases::growing_scores(&mut Rng::new(11), (lq, lk, 4, d), dtype)?;
+        for (name, mask) in [
+            ("full", SegmentMask::full(lk, &Device::Cpu)?.last_queries(lq)?),
+            ("causal", SegmentMask::causal(lk, &Device::Cpu)?.last_queries(lq)?),
+        ] {
+            let desc = format!("growing scores, {name}, D {d} {dtype:?}");
+            check_reference(&desc, &dev, (&q, &k, &v), &mask, None)?;
+        }
+    }
+    Ok(())
+}
+
 /// No key at all (Lk = 0): output 0, LSE -inf. No query (Lq = 0) or no batch row: empty outputs.
 #[test]
 fn empty_inputs() -> Result<()> {

@@ -207,3 +207,44 @@ pub fn blocked_middle_segment_of(middle: usize) -> Result<SegmentMask> {
         PairRule::new(Visibility::Causal, Visibility::Full).with_table(table),
     )
 }
+
+/// Inputs `(q [1, lq, h, d], k [1, lk, 1, d], v)` on the CPU whose scores grow along the keys by
+/// several log2 units a 64-key tile in some rows and stay flat in the others (rows of both kinds
+/// in every warp): the online softmax's reference then moves at every tile in some rows and never
+/// in others (softmax.cuh's slack and a warp's rescale skip). Dimension 0 carries the trend (q's
+/// is 1 or 0.01 by row and head, k's grows with the key); the others are small random values,
+/// never zero.
+pub fn growing_scores(
+    rng: &mut Rng,
+    (lq, lk, h, d): (usize, usize, usize, usize),
+    dtype: DType,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let dev = &Device::Cpu;
+    let small = |rng: &mut Rng| {
+        let x = (0.05 + 0.05 * rng.unit()) as f32;
+        if rng.below(2) == 0 {
+            -x
+        } else {
+            x
+        }
+    };
+    let mut q = Vec::with_capacity(lq * h * d);
+    for i in 0..lq {
+        for hh in 0..h {
+            q.push(if (i + hh) % 3 == 0 { 1.0 } else { 0.01 });
+            q.extend((1..d).map(|_| small(rng)));
+        }
+    }
+    // ~7 log2 units per 64 keys in the steep rows at the default scale 1 / sqrt(d).
+    let steep = (d as f32).sqrt() * 0.08;
+    let mut k = Vec::with_capacity(lk * d);
+    for j in 0..lk {
+        k.push(steep * j as f32);
+        k.extend((1..d).map(|_| small(rng)));
+    }
+    Ok((
+        Tensor::from_vec(q, (1, lq, h, d), dev)?.to_dtype(dtype)?,
+        Tensor::from_vec(k, (1, lk, 1, d), dev)?.to_dtype(dtype)?,
+        random_tensor(rng, &[1, lk, 1, d], dtype)?,
+    ))
+}
