@@ -20,7 +20,10 @@
 # nvidia/cu13/lib is found automatically; set SEGATTN_CUDA_LIBS otherwise).
 #
 # Environment: SEGATTN_CACHE (toolchain, stubs, target-cuda), SEGATTN_SUITE_DIR (default
-# .gpu-suite), SEGATTN_SUITE_LIMIT_MIB (default 60; the carry limit is 64 MiB for everything).
+# .gpu-suite), SEGATTN_SUITE_LIMIT_MIB (default 60; the carry limit is 64 MiB for everything),
+# SEGATTN_SUITE_BASELINE (a git revision: its gpu_bench is packed too, as gpu_bench_baseline, and
+# the bench half times it next to this tree's at the target shapes: a change's before / after on
+# one machine in one run).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -37,7 +40,7 @@ log "CUDA build env: CUDA_HOME=$CUDA_HOME CARGO_TARGET_DIR=$CARGO_TARGET_DIR"
 
 # Build both binaries; cargo reports their paths as JSON (the test binary's name has a hash).
 msgs="$(mktemp)"
-trap 'rm -f "$msgs"' EXIT
+trap 'rm -f "$msgs" "$msgs.bench.bin" "$msgs.base.bin"' EXIT
 # Every GPU test file: tests/gpu_*.rs (compiled only with the cuda feature).
 mapfile -t GPU_TESTS < <(cd tests && ls gpu_*.rs | sed 's/\.rs$//')
 [ ${#GPU_TESTS[@]} -gt 0 ] || { log "error: no tests/gpu_*.rs"; exit 1; }
@@ -47,7 +50,7 @@ log "building the GPU tests (${GPU_TESTS[*]}) and the benchmark (release, --feat
 cargo build --release --features cuda --example gpu_bench --message-format=json-render-diagnostics >"$msgs"
 cargo test --release --features cuda "${test_args[@]}" --no-run --message-format=json-render-diagnostics >>"$msgs"
 exe_of() {
-  python3 - "$msgs" "$1" "$2" <<'EOF'
+  python3 - "${3:-$msgs}" "$1" "$2" <<'EOF'
 import json, sys
 path, kind, name = sys.argv[1:]
 found = None
@@ -70,8 +73,28 @@ for t in "${GPU_TESTS[@]}"; do
 done
 BENCH_BIN="$(exe_of example gpu_bench)"
 [ -x "$BENCH_BIN" ] || { log "error: no benchmark binary found in cargo's output"; exit 1; }
+# A copy: cargo's path is the uplifted examples/gpu_bench, which a baseline build overwrites.
+cp "$BENCH_BIN" "$msgs.bench.bin"
+BENCH_BIN="$msgs.bench.bin"
 bins+=("gpu_bench:$BENCH_BIN")
 log "built in $((SECONDS - t0)) s: ${bins[*]}"
+
+# The baseline's benchmark: built from a detached worktree of that revision, in the same target
+# directory (the dependencies are shared; the worktree's crate is a separate package to cargo).
+BASELINE_REV=""
+if [ -n "${SEGATTN_SUITE_BASELINE:-}" ]; then
+  BASELINE_REV="$(git rev-parse --short "$SEGATTN_SUITE_BASELINE")"
+  wt="$(mktemp -d)/baseline"
+  git worktree add --detach "$wt" "$BASELINE_REV" >/dev/null 2>&1
+  log "building the baseline's gpu_bench ($BASELINE_REV)"
+  (cd "$wt" && cargo build --release --features cuda --example gpu_bench --message-format=json-render-diagnostics) \
+    >"$msgs.base"
+  base_bin="$(exe_of example gpu_bench "$msgs.base")"
+  [ -x "$base_bin" ] || { log "error: no baseline benchmark binary in cargo's output"; exit 1; }
+  cp "$base_bin" "$msgs.base.bin"
+  git worktree remove --force "$wt"
+  bins+=("gpu_bench_baseline:$msgs.base.bin")
+fi
 
 # Dry runs on the CPU against the link stubs (no CUDA call is made), so that a mistake in the
 # suite's own code does not cost GPU time: every GPU test with the CPU as its device
@@ -79,7 +102,7 @@ log "built in $((SECONDS - t0)) s: ${bins[*]}"
 # --pine, --mass and --pine-decode-trace code paths at small shapes.
 for pair in "${bins[@]}"; do
   name="${pair%%:*}"
-  [ "$name" = gpu_bench ] && continue
+  case "$name" in gpu_bench*) continue ;; esac
   if ! SEGATTN_GPU_TESTS_ON_CPU=1 SEGATTN_GPU_CASES=8 LD_LIBRARY_PATH="$SEGATTN_CUDA_STUBS" "${pair#*:}" \
     --test-threads 2 >"$msgs.dry" 2>&1; then
     cat "$msgs.dry" >&2
@@ -96,7 +119,7 @@ for mode in --pine --mass --pine-decode-trace; do
   fi
   log "gpu_bench $mode dry run on the CPU: $(grep -c -E '^(\| |PINE decode trace)' "$msgs.dry") result lines"
 done
-rm -f "$msgs.dry"
+rm -f "$msgs.dry" "$msgs.base"
 
 # The pack: stripped, xz-compressed binaries plus a manifest.
 grep -qxF "/$SUITE/" .git/info/exclude 2>/dev/null || { mkdir -p .git/info; echo "/$SUITE/" >>.git/info/exclude; }
@@ -112,6 +135,7 @@ commit="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
 dirty="$(git status --porcelain 2>/dev/null | grep -qv "^?? $SUITE/" && echo "+uncommitted changes" || true)"
 {
   echo "commit=$commit$dirty"
+  [ -n "$BASELINE_REV" ] && echo "baseline=$BASELINE_REV"
   echo "built=$(date -u +%Y-%m-%dT%H:%M:%SZ) on $(uname -n), $(rustc --version)"
   echo "nvcc=$("$CUDA_HOME/bin/nvcc" --version | sed -n 's/.*release \([0-9.]*\), V\([0-9.]*\).*/\2/p')"
   echo "tests=${GPU_TESTS[*]}"
