@@ -39,47 +39,78 @@ impl Importance {
     }
 }
 
+/// PINE's two scoring masks for the last `q_len` of `kv_len` tokens (see the module docs), on a
+/// device: built once per step (`super::step::StepLayout::scoring_masks`), shared by its layers.
+pub(crate) struct ScoringMasks {
+    /// Segment queries over the other segments: only for a whole prompt with `n > 2` somewhere.
+    pub segments: Option<SegmentMask>,
+    /// The last `scored_rows` query rows over every segment token, when there are such rows.
+    pub rows: Option<SegmentMask>,
+}
+
+impl ScoringMasks {
+    /// `layouts` extended to `kv_len` keys; `scored_rows` as in [`importance`].
+    pub fn new(
+        layouts: &[PineLayout],
+        device: &Device,
+        q_len: usize,
+        kv_len: usize,
+        scored_rows: usize,
+    ) -> Result<Self> {
+        let needs_segments = q_len == kv_len && layouts.iter().any(|l| l.segment_lens.len() > 2);
+        let segments = if needs_segments {
+            Some(scoring_mask(layouts, device, |q_id, k_id, n| {
+                (1..=n).contains(&q_id) && (1..=n).contains(&k_id) && q_id != k_id
+            })?)
+        } else {
+            None
+        };
+        let rows = if scored_rows > 0 {
+            Some(
+                scoring_mask(layouts, device, |q_id, k_id, n| {
+                    q_id == n + 1 && (1..=n).contains(&k_id)
+                })?
+                .last_queries(scored_rows)?,
+            )
+        } else {
+            None
+        };
+        Ok(Self { segments, rows })
+    }
+}
+
 /// Scores for `q` (`[B, Lq, H, D]`, the last `Lq` of the `Lk` tokens of every layout, extended)
-/// against `k` (un-rotated, `[B, Lk, Hkv, D]`). `scored_rows`: how many last query rows are
-/// suffix / generated rows in at least one batch row.
+/// against `k` (un-rotated, `[B, Lk, Hkv, D]`) under `masks` (built for the same shape).
+/// `scored_rows`: how many last query rows are suffix / generated rows in at least one batch row.
 pub(crate) fn importance(
     q: &Tensor,
     k: &Tensor,
     layouts: &[PineLayout],
+    masks: &ScoringMasks,
     scale: f64,
     scored_rows: usize,
 ) -> Result<Importance> {
-    let (_, q_len, _, _) = q.dims4()?;
-    let kv_len = k.dim(1)?;
-    let device = q.device();
+    let q_len = q.dim(1)?;
     let sk = layouts.iter().map(PineLayout::num_ids).max().unwrap_or(2);
     let base = SegmentScoreOptions::new()
         .normalize_by_length(true)
         .scale(scale)
         .num_key_segments(sk);
-
-    let needs_segments = q_len == kv_len && layouts.iter().any(|l| l.segment_lens.len() > 2);
-    let segments = if needs_segments {
-        let mask = scoring_mask(layouts, device, |q_id, k_id, n| {
-            (1..=n).contains(&q_id) && (1..=n).contains(&k_id) && q_id != k_id
-        })?;
-        let opts = base
-            .query_reduction(QueryReduction::SumBySegment)
-            .num_query_segments(sk);
-        Some(segment_scores(q, k, &mask, &opts)?)
-    } else {
-        None
+    let segments = match &masks.segments {
+        Some(mask) => {
+            let opts = base
+                .query_reduction(QueryReduction::SumBySegment)
+                .num_query_segments(sk);
+            Some(segment_scores(q, k, mask, &opts)?)
+        }
+        None => None,
     };
-
-    let rows = if scored_rows > 0 {
-        let mask = scoring_mask(layouts, device, |q_id, k_id, n| {
-            q_id == n + 1 && (1..=n).contains(&k_id)
-        })?
-        .last_queries(scored_rows)?;
-        let q_last = q.narrow(1, q_len - scored_rows, scored_rows)?;
-        Some(segment_scores(&q_last, k, &mask, &base)?)
-    } else {
-        None
+    let rows = match &masks.rows {
+        Some(mask) => {
+            let q_last = q.narrow(1, q_len - scored_rows, scored_rows)?;
+            Some(segment_scores(&q_last, k, mask, &base)?)
+        }
+        None => None,
     };
     Ok(Importance {
         segments,

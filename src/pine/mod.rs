@@ -372,7 +372,15 @@ impl PineAttention {
                 // f32 on the CPU (exact); the GPU's scores kernel takes the inputs' 16-bit dtype.
                 let plain = if q.device().is_cpu() { DType::F32 } else { q.dtype() };
                 let (q_plain, k_plain) = (q.to_dtype(plain)?, k_plain.to_dtype(plain)?);
-                importance::importance(&q_plain, &k_plain, extended, self.scale_for(shape), step.scored_rows)?
+                let masks = step.scoring_masks(q.device())?;
+                importance::importance(
+                    &q_plain,
+                    &k_plain,
+                    extended,
+                    &masks,
+                    self.scale_for(shape),
+                    step.scored_rows,
+                )?
             }
         };
         Ok((imp, step.groups.clone(), ordered))

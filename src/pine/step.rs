@@ -8,8 +8,9 @@
 use std::sync::OnceLock;
 use std::sync::{Arc, Mutex};
 
-use candle_core::Result;
+use candle_core::{Device, DeviceLocation, Result};
 
+use super::importance::ScoringMasks;
 use super::order::GroupLayout;
 use super::scheme::PositionScheme;
 use crate::mask::{PineLayout, SegmentMask};
@@ -36,6 +37,9 @@ pub(crate) struct StepLayout {
     /// The attention's mask, on the CPU (the launchers read its host metadata; it keeps its
     /// packed device copy).
     pub mask: SegmentMask,
+    /// The importance's scoring masks, on the device of the call that first needed them (a
+    /// prefill's 32 layers build and upload them once).
+    scoring: Mutex<Option<(DeviceLocation, Arc<ScoringMasks>)>>,
     /// `[key_pos | key_seg | seg_lens]` of the GPU decode importance, built on first use.
     #[cfg(feature = "cuda")]
     decode_words: OnceLock<Vec<u32>>,
@@ -60,11 +64,36 @@ impl StepLayout {
             scored_rows,
             groups,
             mask,
+            scoring: Mutex::new(None),
             #[cfg(feature = "cuda")]
             decode_words: OnceLock::new(),
             #[cfg(feature = "cuda")]
             device_words: Default::default(),
         }
+    }
+
+    /// The scoring masks of this step on `device`: the kept ones, or built now (and kept, replacing
+    /// those of another device).
+    pub fn scoring_masks(&self, device: &Device) -> Result<Arc<ScoringMasks>> {
+        let mut kept = self
+            .scoring
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("segattn: PINE scoring-mask cache poisoned by a panic".into()))?;
+        let location = device.location();
+        if let Some((at, masks)) = kept.as_ref() {
+            if *at == location {
+                return Ok(masks.clone());
+            }
+        }
+        let masks = Arc::new(ScoringMasks::new(
+            &self.extended,
+            device,
+            self.key.q_len,
+            self.key.kv_len,
+            self.scored_rows,
+        )?);
+        *kept = Some((location, masks.clone()));
+        Ok(masks)
     }
 
     /// The decode importance's key metadata, built by `build` the first time.
