@@ -1,8 +1,9 @@
 //! What a PINE call derives from the layouts alone, for its position scheme and shape (query rows,
 //! keys): the layouts extended to the keys, the query groups, the attention's mask, the
-//! importance's scoring masks and the decode importance's key metadata. Every layer of a decode step (or of a prefill) has the same, so a
-//! [`super::PineAttention`] keeps the last one built ([`StepCache`]), with the device copies of
-//! its arrays: a 32-layer decode step builds and uploads them once, not 32 times.
+//! importance's scoring masks and the decode importance's key metadata. Every layer of a decode
+//! step (or of a prefill) has the same, so a [`super::PineAttention`] keeps the last one built
+//! ([`StepCache`]), with the device copies of its arrays: a 32-layer decode step builds and
+//! uploads them once, not 32 times.
 
 #[cfg(feature = "cuda")]
 use std::sync::OnceLock;
