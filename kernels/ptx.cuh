@@ -199,6 +199,17 @@ __device__ __forceinline__ int shfl_xor(int v, int lane_mask) {
 }
 #endif
 
+// Sum and max over the 32 lanes of a full warp (butterfly: every lane gets the result).
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int m = 16; m >= 1; m /= 2) v += shfl_xor(v, m);
+  return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+  for (int m = 16; m >= 1; m /= 2) v = fmaxf(v, shfl_xor(v, m));
+  return v;
+}
+
 }  // namespace segattn
 
 // Also reachable unqualified from kernels outside namespace segattn.
@@ -215,6 +226,8 @@ using segattn::mma_m16n8k16_bf16;
 using segattn::mma_m16n8k16_f16;
 using segattn::shfl_xor;
 using segattn::smem_u32addr;
+using segattn::warp_max;
+using segattn::warp_sum;
 
 #undef SEGATTN_PTX_SITE
 #undef SEGATTN_PTX_HERE

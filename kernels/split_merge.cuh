@@ -32,8 +32,7 @@ __device__ __forceinline__ void merge_split_row(const SegattnFwdParams& p, int64
   // L2 round trip per slice.
   float m = -INFINITY;
   for (int s = lane; s < splits; s += 32) m = fmaxf(m, load_cg(p.lse_accum + static_cast<int64_t>(s) * rows + row));
-  SEGATTN_UNROLL
-  for (int x = 16; x >= 1; x /= 2) m = fmaxf(m, shfl_xor(m, x));
+  m = warp_max(m);
   float total = 0.0f;
   constexpr int kPerLane = kHeadDim / 32;
   float acc[kPerLane];

@@ -25,6 +25,7 @@
 #include "platform.cuh"
 #include "dtypes.cuh"
 #include "kernel_traits.cuh"
+#include "ptx.cuh"
 #include "segattn_params.h"
 #include "order.cuh"
 #include "last_block.cuh"
@@ -50,11 +51,6 @@ __device__ __forceinline__ void smem_add(float* p, float v) {
 #else
   atomicAdd(p, v);
 #endif
-}
-
-__device__ __forceinline__ float warp_sum(float v) {
-  for (int m = 16; m >= 1; m /= 2) v += __shfl_xor_sync(0xffffffffu, v, m);
-  return v;
 }
 
 // Heads scored together, and the scores reduced over the warp at once (kUnroll keys x heads).
@@ -87,11 +83,6 @@ __device__ __forceinline__ int warp_sum_many(float (&v)[kReduced], int lane) {
   halve<1, 2>(v, lane);
   v[0] += __shfl_xor_sync(0xffffffffu, v[0], 1);
   return (lane >> 1) & 15;
-}
-
-__device__ __forceinline__ float warp_max(float v) {
-  for (int m = 16; m >= 1; m /= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, m));
-  return v;
 }
 
 // Shared memory (4-byte words): q [P][D] (scaled), scores [P][kChunk], acc [P][S] (then the
