@@ -92,6 +92,15 @@ pub(crate) fn last_error() -> String {
         .into_owned()
 }
 
+/// `Ok` for an emulated launch's return code 0, else the emulator's error for `what` (the kernel
+/// launched: "forward kernel", "mass kernel", ...).
+pub(crate) fn check_launch(rc: c_int, what: &str) -> Result<()> {
+    if rc == 0 {
+        return Ok(());
+    }
+    Err(candle_core::Error::Msg(format!("segattn: emulated {what} failed: {}", last_error())).bt())
+}
+
 /// Dynamic shared memory of the forward kernel `variant` for `dtype` (bf16 / f16) and `head_dim`
 /// (64 / 128), from the kernel's traits, or `None` when unsupported.
 pub fn fwd_smem_bytes(dtype: DType, head_dim: usize, variant: FwdVariant) -> Option<usize> {
@@ -518,9 +527,7 @@ pub(crate) fn run_forward(
         segattn_emu_set_schedule(schedule.code(), seed);
         segattn_emu_fwd(&p)
     };
-    if rc != 0 {
-        return Err(candle_core::Error::Msg(format!("segattn: emulated forward kernel failed: {}", last_error())).bt());
-    }
+    check_launch(rc, "forward kernel")?;
     if let Some((plan, false, buf)) = &mut mass {
         // After the forward kernel: the mass kernel's exact pass with its LSE.
         let base = SegattnFwdParams {
@@ -627,13 +634,7 @@ pub fn classify_tile_both(
             &mut alone,
         )
     };
-    if rc != 0 {
-        return Err(candle_core::Error::Msg(format!(
-            "segattn: emulated tile classification failed: {}",
-            last_error()
-        ))
-        .bt());
-    }
+    check_launch(rc, "tile classification")?;
     Ok(TileClasses {
         rust,
         kernel: cls as u8,

@@ -3,7 +3,7 @@
 
 use candle_core::{DType, Result, Tensor};
 
-use super::{last_error, run_forward, Launch, Schedule};
+use super::{check_launch, run_forward, Launch, Schedule};
 use crate::op::AttentionOutput;
 use crate::params::{SegattnDecodeScoresParams, SegattnRopeRowsParams, SegattnShiftsParams};
 use crate::pine::kernel_args::{decode_scores_params, rope_rows_params, shifts_params, DecodeOrder, DecodePartials};
@@ -119,9 +119,7 @@ pub fn pine_shifts_both(pine: &PineAttention, q: &Tensor, k: &Tensor) -> Result<
     // SAFETY: every pointer of `p` points into a live buffer of the size stated in `p`
     // (`imp`, `meta`, `kernel`), all alive for the call.
     let rc = unsafe { segattn_emu_pine_shifts(&p) };
-    if rc != 0 {
-        return Err(candle_core::Error::Msg(format!("segattn: emulated shifts kernel failed: {}", last_error())).bt());
-    }
+    check_launch(rc, "shifts kernel")?;
     let cpu = crate::pine::order::query_shifts(groups, shape.num_heads, shape.q_len, &imp).shifts;
     Ok((cpu, kernel))
 }
@@ -202,13 +200,7 @@ pub fn pine_decode_importance_both(
     // `ki`, `words`, `packed_table`, `kernel`, the partials and counters, `meta`, the shifts), all
     // alive for the call.
     let rc = unsafe { segattn_emu_pine_decode_scores(&p) };
-    if rc != 0 {
-        return Err(candle_core::Error::Msg(format!(
-            "segattn: emulated decode-importance kernel failed: {}",
-            last_error()
-        ))
-        .bt());
-    }
+    check_launch(rc, "decode-importance kernel")?;
     drop((qi, ki));
     let host = crate::pine::importance::HostImportance {
         segments: None,
@@ -256,14 +248,7 @@ pub fn rope_rows(rope: &crate::pine::Rope, x: &Tensor, positions: &[u32], pb: us
         // SAFETY: every pointer of `p` points into a live buffer of the size stated in `p` (`xi`,
         // `positions`, `packed`, the output), all alive for the call.
         let rc = unsafe { segattn_emu_rope_rows(&p) };
-        if rc != 0 {
-            return Err(candle_core::Error::Msg(format!(
-                "segattn: emulated rope-rows kernel failed: {}",
-                last_error()
-            ))
-            .bt());
-        }
-        Ok(())
+        check_launch(rc, "rope-rows kernel")
     };
     match x.dtype() {
         DType::BF16 => {

@@ -8,7 +8,7 @@ use std::ffi::c_int;
 use candle_core::{DType, Device, Result, Tensor};
 
 use super::{
-    check_emulated_inputs, dtype_code, fill_mask_params, last_error, segattn_emu_set_schedule, Input, Schedule,
+    check_emulated_inputs, check_launch, dtype_code, fill_mask_params, segattn_emu_set_schedule, Input, Schedule,
 };
 use crate::error::invalid_arg;
 use crate::kernel_params::{base_params, mass_accumulates, mass_output};
@@ -153,8 +153,5 @@ pub(crate) fn run_kernel(
         segattn_emu_set_schedule(schedule.code(), seed);
         segattn_emu_scores(&p)
     };
-    if rc != 0 {
-        return Err(candle_core::Error::Msg(format!("segattn: emulated mass kernel failed: {}", last_error())).bt());
-    }
-    Ok(())
+    check_launch(rc, "mass kernel")
 }
