@@ -221,24 +221,18 @@ pub(crate) fn pine_decode_scores(
             .clamp(1, crate::params::SEGATTN_DECODE_SCORES_MAX_SPLITS as usize)
     };
     let (n_rows, n_acc) = DecodePartials::sizes(&shape, sk, splits);
-    // The three partial arrays in one allocation (max, totals, per-segment sums; f32 throughout,
-    // so every part stays 4-byte aligned).
-    let mut partial_buf = if splits > 1 {
-        // SAFETY: the kernel writes every element of the partials before the merge reads them.
-        Some(
+    // With slices: the three partial arrays in one allocation (max, totals, per-segment sums; f32
+    // throughout, so every part stays 4-byte aligned), and the counters by which the last slice
+    // of each (row, KV head) to finish merges (zeroed).
+    let mut partials_and_done = if splits > 1 {
+        Some((
+            // SAFETY: the kernel writes every element of the partials before the merge reads them.
             unsafe { stream.alloc::<f32>(2 * n_rows + n_acc) }
                 .map_err(|e| driver_err("allocating decode importance partials", e))?,
-        )
-    } else {
-        None
-    };
-    // The last slice of each (row, KV head) to finish merges: counted from zero.
-    let mut done = if splits > 1 {
-        Some(
             stream
                 .alloc_zeros::<u32>(DecodePartials::counters(&shape))
                 .map_err(|e| driver_err("allocating decode importance counters", e))?,
-        )
+        ))
     } else {
         None
     };
@@ -268,10 +262,11 @@ pub(crate) fn pine_decode_scores(
         let (op, _go) = out.device_ptr_mut(&stream);
         let (gp, _gg) = group_meta.as_ref().device_ptr(&stream);
         let (sp, _gs) = shifts.device_ptr_mut(&stream);
-        let partial_ptr = partial_buf.as_mut().map(|buf| buf.device_ptr_mut(&stream));
-        let done_ptr = done.as_mut().map(|d| d.device_ptr_mut(&stream));
-        let partials = match (&partial_ptr, &done_ptr) {
-            (Some((base, _)), Some((d, _))) => {
+        let partial_ptrs = partials_and_done
+            .as_mut()
+            .map(|(buf, done)| (buf.device_ptr_mut(&stream), done.device_ptr_mut(&stream)));
+        let partials = match &partial_ptrs {
+            Some(((base, _), (d, _))) => {
                 let base = *base as *mut f32;
                 DecodePartials {
                     splits,
@@ -281,7 +276,7 @@ pub(crate) fn pine_decode_scores(
                     done: *d as *mut u32,
                 }
             }
-            _ => DecodePartials::none(),
+            None => DecodePartials::none(),
         };
         let order = DecodeOrder {
             shifts: sp as *mut u32,
