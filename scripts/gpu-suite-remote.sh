@@ -44,6 +44,8 @@ PACK="${2:-.gpu-suite}"
 OUTDIR="${OUT:-${SEGATTN_SUITE_OUT:-/tmp/segattn-gpu-out}}"
 BUDGET="${SEGATTN_SUITE_BUDGET_S:-570}"
 PYTHON="${PYTHON:-python3}"
+# The shapes of issue 4's targets (a gpu_bench / peers.py label filter): L 8k, H 16 / 16, D 128.
+TARGET="L8192 B2 H16/16 D128"
 START=$SECONDS
 mkdir -p "$OUTDIR"
 SUMMARY="$OUTDIR/summary.md"
@@ -209,14 +211,14 @@ if [ "$PHASE" = bench ] || [ "$PHASE" = all ]; then
   if [ -n "$BASELINE_REV" ]; then
     # The same shapes, PINE and mass with the baseline's build, on this machine, right after ours.
     log "(3) the baseline ($BASELINE_REV) at the target shapes, PINE and mass: the change's before / after"
-    budgeted 60 60 "$WORK/gpu_bench_baseline" --filter "L8192 B2 H16/16 D128" 2>&1 | tee "$OUTDIR/baseline.txt"
+    budgeted 60 60 "$WORK/gpu_bench_baseline" --filter "$TARGET" 2>&1 | tee "$OUTDIR/baseline.txt"
     budgeted 60 50 "$WORK/gpu_bench_baseline" --pine 2>&1 | tee "$OUTDIR/baseline-pine.md"
     budgeted 60 40 "$WORK/gpu_bench_baseline" --mass 2>&1 | tee "$OUTDIR/baseline-mass.md"
     note "- (3) baseline $BASELINE_REV gpu_bench (target shapes, --pine, --mass): baseline*.txt / .md"
-    budgeted 60 30 "$WORK/gpu_bench" --filter "L8192 B2 H16/16 D128" 2>&1 | tee "$OUTDIR/ours-again.txt"
+    budgeted 60 30 "$WORK/gpu_bench" --filter "$TARGET" 2>&1 | tee "$OUTDIR/ours-again.txt"
   fi
   log "(3) the 64-row kernel at the target shapes (SEGATTN_FWD_WIDE=0): the wide kernel's before / after"
-  SEGATTN_FWD_WIDE=0 budgeted 90 60 "$WORK/gpu_bench" --filter "L8192 B2 H16/16 D128" 2>&1 | tee "$OUTDIR/narrow.txt"
+  SEGATTN_FWD_WIDE=0 budgeted 90 60 "$WORK/gpu_bench" --filter "$TARGET" 2>&1 | tee "$OUTDIR/narrow.txt"
   note "- (3) SEGATTN_FWD_WIDE=0 gpu_bench (64-row kernel, L 8k D 128): exit ${PIPESTATUS[0]}"
 
   log "(3) PINE layer (gpu_bench --pine)"
@@ -294,11 +296,11 @@ if [ "$PHASE" = profile ]; then
     } >>"$PROFILE" 2>&1
     note "- (5) PINE decode steps, every kernel: exit $?, $((SECONDS - t)) s"
     profile_one "PINE decode importance" '^segattn_pine_decode_scores_bf16$' "$WORK/gpu_bench" --pine-decode-trace
-    for shape in "causal L8192 B2 H16/16 D128" "documents8 L8192 B2 H16/16 D128" "pine L8192 B2 H16/16 D128"; do
+    for shape in "causal $TARGET" "documents8 $TARGET" "pine $TARGET"; do
       profile_one "$shape" '^segattn_fwd_(wide_)?bf16_d128$' "$WORK/gpu_bench" --filter "$shape" --reps 20 --warmup 3 || break
     done
-    SEGATTN_FWD_WIDE=0 profile_one "causal L8192 B2 H16/16 D128, 64-row kernel" '^segattn_fwd_bf16_d128$' \
-      "$WORK/gpu_bench" --filter "causal L8192 B2 H16/16 D128" --reps 20 --warmup 3
+    SEGATTN_FWD_WIDE=0 profile_one "causal $TARGET, 64-row kernel" '^segattn_fwd_bf16_d128$' \
+      "$WORK/gpu_bench" --filter "causal $TARGET" --reps 20 --warmup 3
     profile_one "mass (standalone)" '^segattn_scores_(wide_)?bf16_d128$' "$WORK/gpu_bench" --mass
     profile_one "mass (fused forward)" '^segattn_fwd_mass_bf16_d128$' "$WORK/gpu_bench" --mass
     profile_one "PINE prefill attention" '^segattn_fwd_rope_bf16_d128$' "$WORK/gpu_bench" --pine
