@@ -44,24 +44,22 @@ pub fn run(dev: &Device, reps: usize, warmup: usize, smoke: bool) -> Result<Stri
         let k_cache = pine.rotate_keys(&k1)?;
         let q1 = r((1, 1, h, d))?;
         let step_mask = SegmentMask::causal(l + 1, dev)?.last_queries(1)?;
-        let pine_step = median_ms(dev, reps, warmup, || Ok(pine.decode(&q1, &k_cache, &v1)?.out))?;
-        let plain_step = median_ms(dev, reps, warmup, || {
-            Ok(SegmentAttention::new(&step_mask).forward(&q1, &k_cache, &v1)?.out)
-        })?;
+        // One decode step of a layer, PINE and plain (closures over shared references: Copy, so
+        // each timing below takes its own).
+        let pine_call = || Ok(pine.decode(&q1, &k_cache, &v1)?.out);
+        let plain_call = || Ok(SegmentAttention::new(&step_mask).forward(&q1, &k_cache, &v1)?.out);
+        let pine_step = median_ms(dev, reps, warmup, pine_call)?;
+        let plain_step = median_ms(dev, reps, warmup, plain_call)?;
         out.push_str(&format!(
             "| {name} | {l} | {pine_ms:.3} | {causal_ms:.3} | {:.2} | {pine_step:.3} | {plain_step:.3} | {:.2} |\n",
             pine_ms / causal_ms,
             pine_step / plain_step
         ));
         let layers = 32;
-        let pine_row = per_call_in_row_ms(dev, reps, warmup, layers, || Ok(pine.decode(&q1, &k_cache, &v1)?.out))?;
-        let plain_row = per_call_in_row_ms(dev, reps, warmup, layers, || {
-            Ok(SegmentAttention::new(&step_mask).forward(&q1, &k_cache, &v1)?.out)
-        })?;
-        let pine_host = host_ms_per_call(dev, reps, warmup, layers, || Ok(pine.decode(&q1, &k_cache, &v1)?.out))?;
-        let plain_host = host_ms_per_call(dev, reps, warmup, layers, || {
-            Ok(SegmentAttention::new(&step_mask).forward(&q1, &k_cache, &v1)?.out)
-        })?;
+        let pine_row = per_call_in_row_ms(dev, reps, warmup, layers, pine_call)?;
+        let plain_row = per_call_in_row_ms(dev, reps, warmup, layers, plain_call)?;
+        let pine_host = host_ms_per_call(dev, reps, warmup, layers, pine_call)?;
+        let plain_host = host_ms_per_call(dev, reps, warmup, layers, plain_call)?;
         in_row.push_str(&format!(
             "| {name} | {pine_row:.3} | {plain_row:.3} | {:.2} | {pine_host:.3} | {plain_host:.3} |\n",
             pine_row / plain_row
