@@ -174,8 +174,8 @@ __device__ void fwd_kernel(const SegattnFwdParams& p) {
         for (int e = 0; e < 4; ++e) s[0][nb][e] = 0.0f;
       }
       // Piece by piece of the tile's key segments (block-uniform bounds [a, e)): the query turned
-      // for the piece's segment (into the turned Q tile), the mma only on the 16-key column pairs
-      // that overlap the piece, with the keys outside the piece zeroed in the B fragments.
+      // for the piece's segment (into the turned Q tile), the mma only on the columns of the piece
+      // (qk_piece).
       const int valid = min(kN, kv_len - k0);
       char* const s_qt = smem + Traits::kOffQTurned;
       // Most tiles lie in one segment (one piece): the plain S mma, without the per-column-pair
@@ -190,25 +190,8 @@ __device__ void fwd_kernel(const SegattnFwdParams& p) {
       for (int a = one_piece ? valid : 0; a < valid;) {
         const int e = min(static_cast<int>(blk.kv_segs_of(p).span_end[k0 + a]) - k0, valid);
         rotator.turn_for(p, b, h, q0, q1, warp * 16 + g, kid[a], s_q, s_qt, warp, lane);
-        SEGATTN_UNROLL_2
-        for (int kc = 0; kc < Traits::kDK; ++kc) {
-          uint32_t qa[4];
-          load_q_fragment<Traits>(s_qt, warp, lane, kc, qa);
-          SEGATTN_UNROLL
-          for (int np = 0; np < Traits::kNS / 2; ++np) {
-            const int c0 = np * 16;
-            if (c0 >= e || c0 + 16 <= a) continue;
-            // This thread's B fragments hold keys c0 + g (n-block 2np) and c0 + 8 + g (2np + 1):
-            // zeroing the keys outside the piece makes the mma add nothing to their columns, so
-            // every piece accumulates straight into S.
-            const bool in0 = c0 + g >= a && c0 + g < e;
-            const bool in1 = c0 + 8 + g >= a && c0 + 8 + g < e;
-            uint32_t kb[4];
-            load_k_fragments<Traits>(s_k, np, kc, lane, kb);
-            mma_16816<T>(s[0][2 * np], qa, in0 ? kb[0] : 0u, in0 ? kb[1] : 0u);
-            mma_16816<T>(s[0][2 * np + 1], qa, in1 ? kb[2] : 0u, in1 ? kb[3] : 0u);
-          }
-        }
+        qk_piece<Traits>([&](int kc, uint32_t(&qa)[4]) { load_q_fragment<Traits>(s_qt, warp, lane, kc, qa); }, s_k,
+                         lane, a, e, s[0]);
         a = e;
       }
     } else {

@@ -68,6 +68,48 @@ __device__ __forceinline__ void qk_tile(const QFragment& q_fragment, const char*
                       reinterpret_cast<float(&)[1][Traits::kNS][4]>(s));
 }
 
+// s += Q K^T on the key columns [a, e) of the tile only (a piece of PINE's rope kernel: one key
+// segment, with Q turned for it), for one row tile; a and e are block-uniform. Column pairs of 16
+// keys are visited one at a time (compile-time indices, uniform branches): a pair outside the
+// piece costs nothing, a pair inside it the plain k-steps, and only a pair that the piece cuts
+// zeroes the B fragments of the keys outside it (so the mma adds exactly nothing to their
+// columns, and every piece accumulates straight into s). Per column the k-steps add in the same
+// order as in qk_tile. Q's fragment is re-read for each pair (one more ldmatrix per k-step and
+// pair): cheaper than testing each pair at each k-step, which cost ~500 instructions a piece.
+template <class Traits, class QFragment>
+__device__ __forceinline__ void qk_piece(const QFragment& q_fragment, const char* s_k, int lane, int a, int e,
+                                         float (&s)[Traits::kNS][4]) {
+  using T = typename Traits::T;
+  const int g = lane / 4;
+  SEGATTN_UNROLL
+  for (int np = 0; np < Traits::kNS / 2; ++np) {
+    const int c0 = np * 16;
+    if (c0 >= e || c0 + 16 <= a) continue;
+    if (c0 >= a && c0 + 16 <= e) {
+      SEGATTN_UNROLL
+      for (int kc = 0; kc < Traits::kDK; ++kc) {
+        uint32_t qa[4], kb[4];
+        q_fragment(kc, qa);
+        load_k_fragments<Traits>(s_k, np, kc, lane, kb);
+        mma_16816<T>(s[2 * np], qa, kb[0], kb[1]);
+        mma_16816<T>(s[2 * np + 1], qa, kb[2], kb[3]);
+      }
+    } else {
+      // This thread's B fragments hold keys c0 + g (n-block 2 np) and c0 + 8 + g (2 np + 1).
+      const uint32_t m0 = (c0 + g >= a && c0 + g < e) ? ~0u : 0u;
+      const uint32_t m1 = (c0 + 8 + g >= a && c0 + 8 + g < e) ? ~0u : 0u;
+      SEGATTN_UNROLL
+      for (int kc = 0; kc < Traits::kDK; ++kc) {
+        uint32_t qa[4], kb[4];
+        q_fragment(kc, qa);
+        load_k_fragments<Traits>(s_k, np, kc, lane, kb);
+        mma_16816<T>(s[2 * np], qa, kb[0] & m0, kb[1] & m0);
+        mma_16816<T>(s[2 * np + 1], qa, kb[2] & m1, kb[3] & m1);
+      }
+    }
+  }
+}
+
 }  // namespace fwd
 }  // namespace segattn
 
