@@ -196,6 +196,16 @@ struct TileClassifier {
   }
 };
 
+// No limit: every key position is at most this.
+constexpr int kNoKeyLimit = 0x7fffffff;
+
+// Under `rule`, the query at position q_pos sees exactly the keys at positions <= this limit
+// (FULL: all, CAUSAL: up to its own position, BLOCKED: none, key positions being >= 0): allows()
+// as one comparison, for a row and a run of keys of one segment.
+__device__ __forceinline__ int key_limit(int rule, int q_pos) {
+  return rule == SEGATTN_RULE_FULL ? kNoKeyLimit : rule == SEGATTN_RULE_CAUSAL ? q_pos : -1;
+}
+
 // Whether key `k_pos` (segment sk) is visible to the query at position `q_pos` (segment sq): the
 // per-element test of PARTIAL tiles.
 __device__ __forceinline__ bool element_visible(const Rule& rule, uint32_t sq, uint32_t sk, int q_pos, int k_pos) {
