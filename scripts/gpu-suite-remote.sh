@@ -22,9 +22,9 @@
 #
 # Writes under $OUT (or $SEGATTN_SUITE_OUT, default /tmp/segattn-gpu-out): summary.md, tests.log,
 # sanitizer.log, segattn.jsonl, narrow.txt (the 64-row kernel where the launcher takes the wide
-# one, at L 8k D 128), pine.md, mass.md, (with a baseline in the pack: baseline.txt,
-# baseline-pine.md, baseline-mass.md and ours-again.txt, the target shapes once more after the
-# baseline), peers.jsonl, RESULTS.md (the table, with card, driver, date and
+# one, at L 8k D 128), wide.txt (the wide kernel for every mask, causal ones included), pine.md,
+# mass.md, (with a baseline in the pack: baseline.txt, baseline-pine.md, baseline-mass.md and
+# ours-again.txt, the target shapes once more after the baseline), peers.jsonl, RESULTS.md (the table, with card, driver, date and
 # commit: copy it to bench/RESULTS.md). Each step runs under a time budget so that a partial run
 # still writes what it measured: SEGATTN_SUITE_BUDGET_S (default 570 s per invocation).
 #
@@ -220,6 +220,10 @@ if [ "$PHASE" = bench ] || [ "$PHASE" = all ]; then
   log "(3) the 64-row kernel at the target shapes (SEGATTN_FWD_WIDE=0): the wide kernel's before / after"
   SEGATTN_FWD_WIDE=0 budgeted 90 60 "$WORK/gpu_bench" --filter "$TARGET" 2>&1 | tee "$OUTDIR/narrow.txt"
   note "- (3) SEGATTN_FWD_WIDE=0 gpu_bench (64-row kernel, L 8k D 128): exit ${PIPESTATUS[0]}"
+  # And the wide kernel for every mask (the rule keeps it from causal ones: four PARTIAL tiles
+  # per diagonal block; bench/NOTES.md CUDA 10 and 21).
+  SEGATTN_FWD_WIDE=1 budgeted 90 60 "$WORK/gpu_bench" --filter "$TARGET" 2>&1 | tee "$OUTDIR/wide.txt"
+  note "- (3) SEGATTN_FWD_WIDE=1 gpu_bench (wide kernel for every mask, L 8k D 128): exit ${PIPESTATUS[0]}"
 
   log "(3) PINE layer (gpu_bench --pine)"
   t=$SECONDS
