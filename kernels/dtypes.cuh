@@ -154,6 +154,16 @@ template <class T>
 __host__ __device__ inline float2 unpack2(uint32_t packed) {
   return make_float2(unpack_lo<T>(packed), unpack_hi<T>(packed));
 }
+// bf16 is the top half of an f32: the high element is the register with its low half cleared
+// (one AND; the general form shifted down and up again, two instructions).
+template <>
+__host__ __device__ inline float2 unpack2<bf16>(uint32_t packed) {
+#if defined(SEGATTN_EMULATE)
+  return make_float2(detail::f32_from_bits(packed << 16), detail::f32_from_bits(packed & 0xffff0000u));
+#else
+  return make_float2(__uint_as_float(packed << 16), __uint_as_float(packed & 0xffff0000u));
+#endif
+}
 
 }  // namespace segattn
 
