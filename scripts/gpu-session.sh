@@ -15,7 +15,7 @@
 # SEGATTN_PEERS_FILTER; this script defaults them to the target shapes, "H16/16 D128" and
 # "L8192 B2 H16/16 D128"). Everything, with the per-test and sanitizer logs, is packed into
 # $OUT/gpu-session.tgz (one file) after each phase, so a call cut short still returns what ran.
-# A pack built with SEGATTN_SUITE_BASELINE=REV (scripts/gpu-suite.sh) also times REV's benchmark
+# A pack built with SEGATTN_SUITE_BASELINE="REV..." (scripts/gpu-suite.sh) also times each REV's benchmark
 # in the bench phase: before / after on the same machine. The phases' summaries go to stdout
 # (the call's output tail). The budgets add up to the call's
 # time: pass the run a timeout of their sum plus a minute.

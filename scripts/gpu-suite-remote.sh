@@ -23,8 +23,8 @@
 # Writes under $OUT (or $SEGATTN_SUITE_OUT, default /tmp/segattn-gpu-out): summary.md, tests.log,
 # sanitizer.log, segattn.jsonl, narrow.txt (the 64-row kernel where the launcher takes the wide
 # one, at L 8k D 128), wide.txt (the wide kernel for every mask, causal ones included), pine.md,
-# mass.md, (with a baseline in the pack: baseline.txt, baseline-pine.md, baseline-mass.md and
-# ours-again.txt, the target shapes once more after the baseline), peers.jsonl, RESULTS.md (the table, with card, driver, date and
+# mass.md, (with baselines in the pack, for each revision REV: baseline-REV.txt, baseline-REV-pine.md,
+# baseline-REV-mass.md; and ours-again.txt, the target shapes once more after them), peers.jsonl, RESULTS.md (the table, with card, driver, date and
 # commit: copy it to bench/RESULTS.md). Each step runs under a time budget so that a partial run
 # still writes what it measured: SEGATTN_SUITE_BUDGET_S (default 570 s per invocation).
 #
@@ -85,11 +85,11 @@ for name in "${GPU_TESTS[@]}" gpu_bench; do
   xz -dc "$PACK/$name.xz" >"$WORK/$name" || { echo "cannot unpack $PACK/$name.xz" >&2; exit 2; }
   chmod +x "$WORK/$name"
 done
-# A baseline revision's benchmark (scripts/gpu-suite.sh with SEGATTN_SUITE_BASELINE), if packed.
-BASELINE_REV="$(sed -n 's/^baseline=//p' "$PACK/MANIFEST")"
-if [ -n "$BASELINE_REV" ]; then
-  xz -dc "$PACK/gpu_bench_baseline.xz" >"$WORK/gpu_bench_baseline" && chmod +x "$WORK/gpu_bench_baseline"
-fi
+# Baseline revisions' benchmarks (scripts/gpu-suite.sh with SEGATTN_SUITE_BASELINE), if packed.
+read -r -a BASELINE_REVS <<<"$(sed -n 's/^baselines=//p' "$PACK/MANIFEST")"
+for rev in "${BASELINE_REVS[@]}"; do
+  xz -dc "$PACK/gpu_bench_base_$rev.xz" >"$WORK/gpu_bench_base_$rev" && chmod +x "$WORK/gpu_bench_base_$rev"
+done
 if [ -z "${SEGATTN_CUDA_LIBS:-}" ]; then
   SEGATTN_CUDA_LIBS="$("$PYTHON" - <<'EOF' 2>/dev/null
 import os
@@ -208,13 +208,15 @@ if [ "$PHASE" = bench ] || [ "$PHASE" = all ]; then
   # SEGATTN_BENCH_SHAPES_ONLY=1: a further call for more shapes (e.g. GQA 32/8): the attention
   # shapes and their peers only, not the fixed-shape runs below (64-row kernel, PINE, mass).
   if [ "${SEGATTN_BENCH_SHAPES_ONLY:-0}" != 1 ]; then
-  if [ -n "$BASELINE_REV" ]; then
-    # The same shapes, PINE and mass with the baseline's build, on this machine, right after ours.
-    log "(3) the baseline ($BASELINE_REV) at the target shapes, PINE and mass: the change's before / after"
-    budgeted 60 60 "$WORK/gpu_bench_baseline" --filter "$TARGET" 2>&1 | tee "$OUTDIR/baseline.txt"
-    budgeted 60 50 "$WORK/gpu_bench_baseline" --pine 2>&1 | tee "$OUTDIR/baseline-pine.md"
-    budgeted 60 40 "$WORK/gpu_bench_baseline" --mass 2>&1 | tee "$OUTDIR/baseline-mass.md"
-    note "- (3) baseline $BASELINE_REV gpu_bench (target shapes, --pine, --mass): baseline*.txt / .md"
+  if [ "${#BASELINE_REVS[@]}" -gt 0 ]; then
+    # The same shapes, PINE and mass with each baseline's build, on this machine, right after ours.
+    for rev in "${BASELINE_REVS[@]}"; do
+      log "(3) the baseline $rev at the target shapes, PINE and mass: the changes' before / after"
+      budgeted 60 60 "$WORK/gpu_bench_base_$rev" --filter "$TARGET" 2>&1 | tee "$OUTDIR/baseline-$rev.txt"
+      budgeted 60 50 "$WORK/gpu_bench_base_$rev" --pine 2>&1 | tee "$OUTDIR/baseline-$rev-pine.md"
+      budgeted 60 40 "$WORK/gpu_bench_base_$rev" --mass 2>&1 | tee "$OUTDIR/baseline-$rev-mass.md"
+      note "- (3) baseline $rev gpu_bench (target shapes, --pine, --mass): baseline-$rev*.txt / .md"
+    done
     budgeted 60 30 "$WORK/gpu_bench" --filter "$TARGET" 2>&1 | tee "$OUTDIR/ours-again.txt"
   fi
   log "(3) the 64-row kernel at the target shapes (SEGATTN_FWD_WIDE=0): the wide kernel's before / after"

@@ -21,9 +21,10 @@
 #
 # Environment: SEGATTN_CACHE (toolchain, stubs, target-cuda), SEGATTN_SUITE_DIR (default
 # .gpu-suite), SEGATTN_SUITE_LIMIT_MIB (default 60; the carry limit is 64 MiB for everything),
-# SEGATTN_SUITE_BASELINE (a git revision: its gpu_bench is packed too, as gpu_bench_baseline, and
-# the bench half times it next to this tree's at the target shapes: a change's before / after on
-# one machine in one run).
+# SEGATTN_SUITE_BASELINE (git revisions, separated by spaces: each one's gpu_bench is packed too,
+# as gpu_bench_base_REV, and the bench half times it next to this tree's at the target shapes, PINE
+# and mass: a change's before / after on one machine in one run; two revisions split two rounds
+# of unmeasured changes).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -81,20 +82,21 @@ log "built in $((SECONDS - t0)) s: ${bins[*]}"
 
 # The baseline's benchmark: built from a detached worktree of that revision, in the same target
 # directory (the dependencies are shared; the worktree's crate is a separate package to cargo).
-BASELINE_REV=""
-if [ -n "${SEGATTN_SUITE_BASELINE:-}" ]; then
-  BASELINE_REV="$(git rev-parse --short "$SEGATTN_SUITE_BASELINE")"
+BASELINE_REVS=()
+for rev in ${SEGATTN_SUITE_BASELINE:-}; do
+  rev="$(git rev-parse --short "$rev")"
+  BASELINE_REVS+=("$rev")
   wt="$(mktemp -d)/baseline"
-  git worktree add --detach "$wt" "$BASELINE_REV" >/dev/null 2>&1
-  log "building the baseline's gpu_bench ($BASELINE_REV)"
+  git worktree add --detach "$wt" "$rev" >/dev/null 2>&1
+  log "building the baseline's gpu_bench ($rev)"
   (cd "$wt" && cargo build --release --features cuda --example gpu_bench --message-format=json-render-diagnostics) \
     >"$msgs.base"
   base_bin="$(exe_of example gpu_bench "$msgs.base")"
   [ -x "$base_bin" ] || { log "error: no baseline benchmark binary in cargo's output"; exit 1; }
-  cp "$base_bin" "$msgs.base.bin"
+  cp "$base_bin" "$msgs.base.$rev.bin"
   git worktree remove --force "$wt"
-  bins+=("gpu_bench_baseline:$msgs.base.bin")
-fi
+  bins+=("gpu_bench_base_$rev:$msgs.base.$rev.bin")
+done
 
 # Dry runs on the CPU against the link stubs (no CUDA call is made), so that a mistake in the
 # suite's own code does not cost GPU time: every GPU test with the CPU as its device
@@ -135,7 +137,7 @@ commit="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
 dirty="$(git status --porcelain 2>/dev/null | grep -qv "^?? $SUITE/" && echo "+uncommitted changes" || true)"
 {
   echo "commit=$commit$dirty"
-  [ -n "$BASELINE_REV" ] && echo "baseline=$BASELINE_REV"
+  [ "${#BASELINE_REVS[@]}" -gt 0 ] && echo "baselines=${BASELINE_REVS[*]}"
   echo "built=$(date -u +%Y-%m-%dT%H:%M:%SZ) on $(uname -n), $(rustc --version)"
   echo "nvcc=$("$CUDA_HOME/bin/nvcc" --version | sed -n 's/.*release \([0-9.]*\), V\([0-9.]*\).*/\2/p')"
   echo "tests=${GPU_TESTS[*]}"
