@@ -198,23 +198,20 @@ struct BlockInfo {
     // diagonal, a segment boundary). Then in each run a row sees exactly the keys up to a limit
     // (mask::key_limit), and an element costs a comparison and a select instead of a rule lookup
     // (~28 instructions with branches, ~1,800 for a tile: three times its Q K^T).
-    const int valid = min(kN, kv_len - k0);
-    const uint32_t id0 = kid[0];
-    const int e0 = first_key_not_in(kid, id0, 0, valid, lane);
-    const uint32_t id1 = kid[min(e0, valid - 1)];
-    if (e0 >= valid || first_key_not_in(kid, id1, e0, valid, lane) >= valid) {
+    const mask::KeyRuns runs = mask::key_runs<kN>(kid, min(kN, kv_len - k0), lane);
+    if (runs.at_most_two) {
       // limit[run][r], relative to this thread's first column: key k0 + quad_col + c is visible
       // to row r iff c <= limit (the ragged last tile: keys past kv_len never).
       int limit[2][2];
       SEGATTN_UNROLL
       for (int r = 0; r < 2; ++r) {
         const int last = kv_len - 1;
-        const int l0 = partial ? mask::key_limit(rule.lookup(row_seg[r], id0), row_pos[r]) : mask::kNoKeyLimit;
-        const int l1 = partial ? mask::key_limit(rule.lookup(row_seg[r], id1), row_pos[r]) : mask::kNoKeyLimit;
+        const int l0 = partial ? mask::key_limit(rule.lookup(row_seg[r], runs.id0), row_pos[r]) : mask::kNoKeyLimit;
+        const int l1 = partial ? mask::key_limit(rule.lookup(row_seg[r], runs.id1), row_pos[r]) : mask::kNoKeyLimit;
         limit[0][r] = min(l0, last) - k0 - quad_col;
         limit[1][r] = min(l1, last) - k0 - quad_col;
       }
-      const int run0_end = e0 - quad_col;
+      const int run0_end = runs.end0 - quad_col;
       SEGATTN_UNROLL
       for (int nb = 0; nb < kNS; ++nb) {
         SEGATTN_UNROLL
@@ -239,19 +236,6 @@ struct BlockInfo {
         s[nb][e] = visible ? s[nb][e] * p.scale_log2 : -INFINITY;
       }
     }
-  }
-
-  // The first column in [from, valid) of the tile whose key segment id (kid, shared memory) is
-  // not `id`, or `valid` if none. Warp-collective (a ballot per 32 keys); the result is uniform.
-  __device__ __forceinline__ static int first_key_not_in(const uint32_t* kid, uint32_t id, int from, int valid,
-                                                         int lane) {
-    SEGATTN_UNROLL
-    for (int w = 0; w < kN / 32; ++w) {
-      const int col = 32 * w + lane;
-      const unsigned other = __ballot_sync(0xffffffffu, col >= from && col < valid && kid[col] != id);
-      if (other != 0u) return 32 * w + __ffs(static_cast<int>(other)) - 1;
-    }
-    return valid;
   }
 
   // This thread's two rows of 16-row tile `row_tile` of the block (g and g + 8; a warp's own

@@ -122,6 +122,8 @@ __device__ void fwd_kernel(const SegattnFwdParams& p) {
   }
   // kMass: the per-segment sums of segment ids 0..63 (C fragments, rows g and g + 8).
   float macc[Traits::kMass ? mass::kSegBlocks : 1][4];
+  mass::PendingSums pending;  // kMass: the last tiles' sums of one segment, not yet in macc
+  pending.init();
   SEGATTN_UNROLL
   for (int nb = 0; nb < (Traits::kMass ? mass::kSegBlocks : 1); ++nb) {
     SEGATTN_UNROLL
@@ -216,13 +218,9 @@ __device__ void fwd_kernel(const SegattnFwdParams& p) {
       softmax[i].update(s[i], o[i]);
     }
     if constexpr (Traits::kMass) {
-      // The segment blocks between the tile's first and last key id (ids are non-decreasing).
       softmax[0].rescale(macc);
-      const uint32_t last_id = kid[min(kN, kv_len - k0) - 1];
-      const int nb_lo = static_cast<int>(kid[0] / 8u);
-      const int nb_hi = static_cast<int>(last_id / 8u);
-      mass::accumulate_tile(s[0], true, softmax[0].tile_sum, [&](int j) { return static_cast<int>(kid[j]); },
-                            kid[0] == last_id, lane, nb_lo, nb_hi, macc);
+      pending.rescale(softmax[0]);
+      mass::accumulate_one_pass<1, kN>(s[0], softmax[0].tile_sum, kid, min(kN, kv_len - k0), lane, pending, macc);
     }
 
     // O += P V, with P packed to 16 bits straight from the S accumulators; each V fragment
@@ -264,6 +262,7 @@ __device__ void fwd_kernel(const SegattnFwdParams& p) {
       int row_pos[2];
       blk.rows(warp, lane, row_seg, row_pos);
       mass::row_outputs(p.mass, b, h, q0, q1, warp, g, row_seg, row_out);
+      pending.flush(lane, 1.0f, macc);
       mass::store_rows(macc, inv[0], row_out, p.mass, lane);
     }
   }

@@ -14,6 +14,7 @@
 #define SEGATTN_MASK_CUH
 
 #include "platform.cuh"
+#include "kernel_traits.cuh"
 #include "segattn_params.h"
 
 namespace segattn {
@@ -204,6 +205,40 @@ constexpr int kNoKeyLimit = 0x7fffffff;
 // as one comparison, for a row and a run of keys of one segment.
 __device__ __forceinline__ int key_limit(int rule, int q_pos) {
   return rule == SEGATTN_RULE_FULL ? kNoKeyLimit : rule == SEGATTN_RULE_CAUSAL ? q_pos : -1;
+}
+
+// The first column in [from, valid) of a key tile whose segment id (`kid`, kN ids in shared
+// memory) is not `id`, or `valid` if none. Warp-collective (a ballot per 32 keys); uniform.
+template <int kN>
+__device__ __forceinline__ int first_key_not_in(const uint32_t* kid, uint32_t id, int from, int valid, int lane) {
+  SEGATTN_UNROLL
+  for (int w = 0; w < kN / 32; ++w) {
+    const int col = 32 * w + lane;
+    const unsigned other = __ballot_sync(0xffffffffu, col >= from && col < valid && kid[col] != id);
+    if (other != 0u) return 32 * w + __ffs(static_cast<int>(other)) - 1;
+  }
+  return valid;
+}
+
+// A key tile's keys as runs of one segment id: a masked tile or a mass tile across a segment
+// boundary nearly always has one or two (a diagonal, a boundary), which the kernels treat with
+// per-run quantities instead of per-key ones.
+struct KeyRuns {
+  int end0;           // the first run is columns [0, end0) (end0 == valid: one run)
+  uint32_t id0, id1;  // the first run's id and the second's (id0 again with one run)
+  bool at_most_two;   // no third run before `valid`
+};
+
+// The runs of the first `valid` keys of a tile (`kid`, kN ids in shared memory).
+// Warp-collective; the result is uniform.
+template <int kN>
+__device__ __forceinline__ KeyRuns key_runs(const uint32_t* kid, int valid, int lane) {
+  KeyRuns runs;
+  runs.id0 = kid[0];
+  runs.end0 = first_key_not_in<kN>(kid, runs.id0, 0, valid, lane);
+  runs.id1 = kid[min(runs.end0, valid - 1)];
+  runs.at_most_two = runs.end0 >= valid || first_key_not_in<kN>(kid, runs.id1, runs.end0, valid, lane) >= valid;
+  return runs;
 }
 
 // Whether key `k_pos` (segment sk) is visible to the query at position `q_pos` (segment sq): the

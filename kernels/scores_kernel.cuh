@@ -7,9 +7,10 @@
 // (block_info.cuh: SKIP tiles never loaded), cp.async double-buffered K tiles, Q in registers as
 // ldmatrix A fragments (wide: read from its shared tile), S = Q K^T with mma.sync m16n8k16,
 // masking and OnlineSoftmax (softmax.cuh).
-// The segment sums are two more mma per 16 keys and 8 segments (segment_mass.cuh: P, as an f16
-// value plus the f16 value of its rounding error, times a one-hot segment matrix built in
-// registers from the key ids): f32-like sums, which PINE's importance order needs.
+// The segment sums (segment_mass.cuh): f32 row sums for a tile of one or two segments (nearly
+// all), else two more mma per 16 keys and 8 segments (P, as an f16 value plus the f16 value of
+// its rounding error, times a one-hot segment matrix built in registers from the key ids):
+// f32-like sums, which PINE's importance order needs.
 //
 // Two algorithms (p.two_pass):
 //   one pass (Sk <= 64): accumulators for segment ids 0..63 on chip, acc[8][4] per thread (the C
@@ -181,6 +182,7 @@ __device__ void scores_kernel(const SegattnScoresParams& sp) {
   // One pass: the accumulators of segment ids 0..8 kSB - 1 (C fragments: rows g, g + 8; ids
   // 8 nb + quad_col + {0, 1}). Two passes: the current tile's sums by local segment.
   float acc[kMT][kSB][4];
+  mass::PendingSums pending[kMT];  // one pass: the last tiles' sums of one segment, not yet in acc
   fwd::OnlineSoftmax softmax[kMT];
   // Two passes: log2-domain LSE of each row (+inf: sees nothing).
   float lse2[kMT][2];
@@ -192,6 +194,7 @@ __device__ void scores_kernel(const SegattnScoresParams& sp) {
       for (int e = 0; e < 4; ++e) acc[i][nb][e] = 0.0f;
     }
     softmax[i].init();
+    pending[i].init();
     lse2[i][0] = INFINITY;
     lse2[i][1] = INFINITY;
   }
@@ -271,20 +274,11 @@ __device__ void scores_kernel(const SegattnScoresParams& sp) {
           },
           s_k, lane, s);
 
-      // Which segment blocks the tile touches (the same in every thread).
-      int nb_lo = 0;
-      int nb_hi = -1;
-      if (exact) {
-        nb_hi = (__popc(starts[0]) + __popc(starts[1]) - 1) / 8;
-      } else {
-        nb_lo = static_cast<int>(kid[0] / 8u);
-        nb_hi = static_cast<int>(kid[min(kN, kv_len - k0) - 1] / 8u);
-      }
-      // P x one-hot(segment of each key): global ids in one pass, local numbers in the second.
-      const auto seg_of = [&](int j) { return exact ? local_of(starts, j) : static_cast<int>(kid[j]); };
-      // Every key in one segment (ids are non-decreasing: first == last; or one local piece).
-      const bool uniform = exact ? __popc(starts[0]) + __popc(starts[1]) == 1
-                                 : kid[0] == kid[min(kN, kv_len - k0) - 1];
+      // The exact pass: the tile's local segments (piece order), the blocks of 8 they fill, and
+      // whether there is only one.
+      const int nloc = exact ? __popc(starts[0]) + __popc(starts[1]) : 0;
+      const int nb_hi = (nloc - 1) / 8;
+      const auto local_seg = [&](int j) { return local_of(starts, j); };
 
       SEGATTN_UNROLL
       for (int i = 0; i < kMT; ++i) {
@@ -296,30 +290,31 @@ __device__ void scores_kernel(const SegattnScoresParams& sp) {
           continue;
         }
         if (!exact) {
-          softmax[i].update(s[i], acc[i]);  // s -> unnormalised P; acc rescaled like O
+          // s -> unnormalised P; acc and the pending sums rescaled like O; the tile's sums by
+          // global id (PendingSums, or two f16 terms of P through the one-hot mma: PINE orders
+          // segments by these sums, so they must agree with f32 ones well below the gaps that
+          // decide an order; one term would be 2^-11 relative). acc holds the sums times
+          // mass::kTermScale.
+          softmax[i].update(s[i], acc[i]);
+          pending[i].rescale(softmax[i]);
+          mass::accumulate_one_pass<2, kN>(s[i], softmax[i].tile_sum, kid, min(kN, kv_len - k0), lane, pending[i],
+                                           acc[i]);
         } else {
           SEGATTN_UNROLL
           for (int nb = 0; nb < Traits::kNS; ++nb) {
             SEGATTN_UNROLL
             for (int e = 0; e < 4; ++e) s[i][nb][e] = exp2_approx(s[i][nb][e] - lse2[i][e >> 1]);
           }
-          // Two passes: acc holds this tile's sums only (local segments).
+          // Two passes: acc holds this tile's sums only (local segments), as above.
           SEGATTN_UNROLL
           for (int nb = 0; nb < kSB; ++nb) {
             SEGATTN_UNROLL
             for (int e = 0; e < 4; ++e) acc[i][nb][e] = 0.0f;
           }
-        }
-        // Two f16 terms of P for the mma: PINE orders segments by these sums, so they must agree
-        // with f32 ones well below the gaps that decide an order (one term: 2^-11 relative); a
-        // uniform tile adds f32 row sums. acc holds the sums times mass::kTermScale.
-        // (One pass: the softmax's row sums of the tile; the exact pass sums its own P.)
-        mass::accumulate_tile<2>(s[i], !exact, softmax[i].tile_sum, seg_of, uniform, lane, nb_lo, nb_hi, acc[i]);
-        if (exact) {
+          mass::accumulate_tile<2>(s[i], local_seg, nloc == 1, lane, 0, nb_hi, acc[i]);
           // Add the tile's sums to mass[row][global id of each local segment].
           float* row_out[2];
           outputs_of(i, row_out);
-          const int nloc = __popc(starts[0]) + __popc(starts[1]);
           const uint32_t* const local_id = s_local_id + buf * kN;
           SEGATTN_UNROLL
           for (int nb = 0; nb < kSB; ++nb) {
@@ -374,6 +369,7 @@ __device__ void scores_kernel(const SegattnScoresParams& sp) {
       softmax[i].finalize(inv, lse);
       SEGATTN_UNROLL
       for (int r = 0; r < 2; ++r) inv[r] *= 1.0f / mass::kTermScale;  // acc holds scaled sums
+      pending[i].flush(lane, mass::kTermScale, acc[i]);
       float* row_out[2];
       outputs_of(i, row_out);
       mass::store_rows(acc[i], inv, row_out, sp.out, lane);

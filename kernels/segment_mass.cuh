@@ -9,6 +9,9 @@
 // 8 nb + quad_col + {0, 1}). The caller rescales acc with the running max exactly like O (one
 // pass: OnlineSoftmax::rescale) or clears it per tile (the mass kernel's second pass, where
 // segments are numbered per tile).
+// Most tiles need no mma (segments are runs of tokens): one pass, a tile inside one segment adds
+// the softmax's row sums to PendingSums (two numbers, moved into acc when the segment changes),
+// and a tile of two segments its f32 sums on either side of the boundary (accumulate_one_pass).
 #ifndef SEGATTN_SEGMENT_MASS_CUH
 #define SEGATTN_SEGMENT_MASS_CUH
 
@@ -17,6 +20,7 @@
 #include "ptx.cuh"
 #include "segattn_params.h"
 #include "kernel_traits.cuh"
+#include "mask.cuh"
 #include "softmax.cuh"
 
 namespace segattn {
@@ -117,26 +121,14 @@ __device__ __forceinline__ void accumulate(const float (&p)[kNS][4], const SegOf
   }
 }
 
-// acc += the row sums of the tile's P into the column of segment `seg` (a tile whose keys all
-// belong to it, the common case: segments are runs of tokens), times `scale` (acc's scale): f32
-// sums of the thread's P elements reduced over the quad, added by the thread that holds that
-// column. No mma and no f16 rounding of P.
-template <int kNS, int kSB>
-__device__ __forceinline__ void add_row_sums(const float (&p)[kNS][4], bool have_partial, const float (&partial)[2],
-                                             int seg, int lane, float scale, float (&acc)[kSB][4]) {
-  float sum0 = 0.0f, sum1 = 0.0f;
-  if (have_partial) {  // OnlineSoftmax::tile_sum: the same sums, already added up
-    sum0 = partial[0];
-    sum1 = partial[1];
-  } else {
-    SEGATTN_UNROLL
-    for (int nb = 0; nb < kNS; ++nb) {
-      sum0 += p[nb][0] + p[nb][1];
-      sum1 += p[nb][2] + p[nb][3];
-    }
-  }
-  sum0 = fwd::quad_sum(sum0) * scale;
-  sum1 = fwd::quad_sum(sum1) * scale;
+// acc += this thread's partial row sums `sum` (rows g and g + 8) reduced over the quad, into the
+// column of segment `seg`, times `scale` (acc's scale): added by the thread that holds that
+// column. Collective over the quad.
+template <int kSB>
+__device__ __forceinline__ void add_to_column(const float (&sum)[2], int seg, int lane, float scale,
+                                              float (&acc)[kSB][4]) {
+  const float sum0 = fwd::quad_sum(sum[0]) * scale;
+  const float sum1 = fwd::quad_sum(sum[1]) * scale;
   // Column seg of a C fragment: block seg / 8, thread lane % 4 == (seg % 8) / 2, element seg % 2
   // (of rows g and g + 8). Added to every block with a 0 / 1 weight: a branch on the block lets
   // the compiler index acc at run time, which puts it in local memory.
@@ -151,18 +143,126 @@ __device__ __forceinline__ void add_row_sums(const float (&p)[kNS][4], bool have
   }
 }
 
-// The tile's acc += P x one-hot(segment of each key): by add_row_sums when every key of the tile
-// has one segment (`uniform`, uniform over the block), else by accumulate's mma. With
-// `have_partial`, `partial` holds this thread's row sums of p (OnlineSoftmax::tile_sum).
-template <int kTerms = 1, int kNS, int kSB, class SegOf>
-__device__ __forceinline__ void accumulate_tile(const float (&p)[kNS][4], bool have_partial, const float (&partial)[2],
-                                                const SegOf& seg_of, bool uniform, int lane, int nb_lo, int nb_hi,
-                                                float (&acc)[kSB][4]) {
+// acc += the row sums of the tile's P into the column of segment `seg` (a tile whose keys all
+// belong to it), times `scale`: f32 sums, no mma and no f16 rounding of P. (The exact second
+// pass of the mass kernel; one pass goes through PendingSums.)
+template <int kNS, int kSB>
+__device__ __forceinline__ void add_row_sums(const float (&p)[kNS][4], int seg, int lane, float scale,
+                                             float (&acc)[kSB][4]) {
+  float sum[2] = {0.0f, 0.0f};
+  SEGATTN_UNROLL
+  for (int nb = 0; nb < kNS; ++nb) {
+    sum[0] += p[nb][0] + p[nb][1];
+    sum[1] += p[nb][2] + p[nb][3];
+  }
+  add_to_column(sum, seg, lane, scale, acc);
+}
+
+// The tile's acc += P x one-hot(segment of each key) (the exact second pass: acc holds the tile's
+// sums only): by add_row_sums when every key of the tile has one segment (`uniform`, uniform over
+// the block), else by accumulate's mma.
+template <int kTerms, int kNS, int kSB, class SegOf>
+__device__ __forceinline__ void accumulate_tile(const float (&p)[kNS][4], const SegOf& seg_of, bool uniform, int lane,
+                                                int nb_lo, int nb_hi, float (&acc)[kSB][4]) {
   if (uniform) {
-    add_row_sums(p, have_partial, partial, seg_of(0), lane, kTerms == 2 ? kTermScale : 1.0f, acc);
+    add_row_sums(p, seg_of(0), lane, kTerms == 2 ? kTermScale : 1.0f, acc);
   } else {
     accumulate<kTerms>(p, seg_of, lane, nb_lo, nb_hi, acc);
   }
+}
+
+// One pass: the row sums of the key segment the last tiles lay in, not yet added to the
+// accumulators. Segments are runs of tokens, so consecutive key tiles mostly share one: such a
+// tile adds two numbers here (the softmax's row sums), and the quad reduction and the weighted
+// adds into acc (~35 instructions) happen once per change of segment instead of once per tile.
+// Rescaled with the softmax like acc, so the sum of both is what acc alone held before.
+struct PendingSums {
+  float sum[2];  // this thread's partial row sums (rows g and g + 8), not reduced over the quad
+  int seg;       // their key segment id (uniform over the block); -1: none yet
+
+  __device__ __forceinline__ void init() {
+    sum[0] = 0.0f;
+    sum[1] = 0.0f;
+    seg = -1;
+  }
+
+  // To the reference of the softmax's last update (as OnlineSoftmax::rescale does acc).
+  __device__ __forceinline__ void rescale(const fwd::OnlineSoftmax& sm) {
+    if (!sm.moved) return;
+    sum[0] *= sm.alpha[0];
+    sum[1] *= sm.alpha[1];
+  }
+
+  // Moves the pending sums into acc (times `scale`). Quad-collective; call it uniformly.
+  template <int kSB>
+  __device__ __forceinline__ void flush(int lane, float scale, float (&acc)[kSB][4]) {
+    if (seg >= 0) add_to_column(sum, seg, lane, scale, acc);
+    sum[0] = 0.0f;
+    sum[1] = 0.0f;
+    seg = -1;
+  }
+
+  // Adds row sums of key segment `id` (uniform), flushing the pending ones of another segment.
+  template <int kSB>
+  __device__ __forceinline__ void add(int id, float v0, float v1, int lane, float scale, float (&acc)[kSB][4]) {
+    if (id != seg) {
+      flush(lane, scale, acc);
+      seg = id;
+    }
+    sum[0] += v0;
+    sum[1] += v1;
+  }
+};
+
+// This thread's partial row sums of P over the tile's columns before `end0` and from it on (a
+// tile of two key segments): exact f32 sums, each element in one of them.
+template <int kNS>
+__device__ __forceinline__ void run_sums(const float (&p)[kNS][4], int end0, int lane, float (&before)[2],
+                                         float (&after)[2]) {
+  const int end = end0 - 2 * (lane % 4);  // relative to this thread's first column
+  SEGATTN_UNROLL
+  for (int r = 0; r < 2; ++r) {
+    before[r] = 0.0f;
+    after[r] = 0.0f;
+  }
+  SEGATTN_UNROLL
+  for (int nb = 0; nb < kNS; ++nb) {
+    SEGATTN_UNROLL
+    for (int e = 0; e < 4; ++e) {
+      const float x = p[nb][e];
+      const float lo = nb * 8 + (e & 1) < end ? x : 0.0f;
+      before[e >> 1] += lo;
+      after[e >> 1] += x - lo;  // exactly x or 0
+    }
+  }
+}
+
+// One pass, a key tile's P into the per-segment sums (acc holds them times `scale`): a tile inside
+// one segment adds the softmax's row sums `tile_sum` to `pending`; a tile of two segments its
+// sums on either side of the boundary; any other tile goes through the one-hot mma (kTerms terms
+// of P) for the 8-segment blocks between its first and last id. `kid`: the tile's kN key ids in
+// shared memory, the first `valid` of them keys. After the softmax's update and
+// pending.rescale.
+template <int kTerms, int kN, int kNS, int kSB>
+__device__ __forceinline__ void accumulate_one_pass(const float (&p)[kNS][4], const float (&tile_sum)[2],
+                                                    const uint32_t* kid, int valid, int lane, PendingSums& pending,
+                                                    float (&acc)[kSB][4]) {
+  constexpr float scale = kTerms == 2 ? kTermScale : 1.0f;
+  const uint32_t last_id = kid[valid - 1];
+  if (kid[0] == last_id) {
+    pending.add(static_cast<int>(last_id), tile_sum[0], tile_sum[1], lane, scale, acc);
+    return;
+  }
+  const mask::KeyRuns runs = mask::key_runs<kN>(kid, valid, lane);
+  if (runs.at_most_two) {
+    float before[2], after[2];
+    run_sums(p, runs.end0, lane, before, after);
+    pending.add(static_cast<int>(runs.id0), before[0], before[1], lane, scale, acc);
+    pending.add(static_cast<int>(runs.id1), after[0], after[1], lane, scale, acc);
+    return;
+  }
+  accumulate<kTerms>(p, [&](int j) { return static_cast<int>(kid[j]); }, lane, static_cast<int>(kid[0] / 8u),
+                     static_cast<int>(last_id / 8u), acc);
 }
 
 // One-pass epilogue: acc (segment ids 0..8 kSB - 1) times each row's 1 / sum into the rows'
