@@ -249,7 +249,7 @@ __device__ __forceinline__ void accumulate_one_pass(const float (&p)[kNS][4], co
                                                     float (&acc)[kSB][4]) {
   constexpr float scale = kTerms == 2 ? kTermScale : 1.0f;
   const uint32_t last_id = kid[valid - 1];
-  if (kid[0] == last_id) {
+  if (kid[0] == last_id) {  // one segment: ids are non-decreasing along a row (validated)
     pending.add(static_cast<int>(last_id), tile_sum[0], tile_sum[1], lane, scale, acc);
     return;
   }
