@@ -23,10 +23,12 @@
 # Writes under $OUT (or $SEGATTN_SUITE_OUT, default /tmp/segattn-gpu-out): summary.md, tests.log,
 # sanitizer.log, segattn.jsonl, narrow.txt (the 64-row kernel where the launcher takes the wide
 # one, at L 8k D 128), wide.txt (the wide kernel for every mask, causal ones included), pine.md,
-# mass.md, (with baselines in the pack, for each revision REV: baseline-REV.txt, baseline-REV-pine.md,
-# baseline-REV-mass.md; and ours-again.txt, the target shapes once more after them), peers.jsonl, RESULTS.md (the table, with card, driver, date and
-# commit: copy it to bench/RESULTS.md). Each step runs under a time budget so that a partial run
-# still writes what it measured: SEGATTN_SUITE_BUDGET_S (default 570 s per invocation).
+# mass.md, mass-b4.md and pine-b4.md (the mass kernel with four blocks per SM), (with baselines
+# in the pack, for each revision REV: baseline-REV.txt, baseline-REV-pine.md,
+# baseline-REV-mass.md; and ours-again.txt, the target shapes once more after them), peers.jsonl,
+# RESULTS.md (the table, with card, driver, date and commit: copy it to bench/RESULTS.md). Each
+# step runs under a time budget so that a partial run still writes what it measured:
+# SEGATTN_SUITE_BUDGET_S (default 570 s per invocation).
 #
 # Environment: SEGATTN_GPU_CASES (random property cases, default: each test file's), SEGATTN_PEERS_FILTER
 # (peers.py shape filter, a substring of the shape label; default "H16/16 D128": 30 shapes, 5
@@ -135,6 +137,16 @@ if [ "$PHASE" = test ] || [ "$PHASE" = all ]; then
     note "- (1) $name: $(grep -E '^test result' "$WORK/$name.log" | tail -1 || echo 'no result line') (exit $rc, $((SECONDS - t)) s)"
     [ "$rc" = 0 ] || status=1
   done
+  # The mass kernel's four-blocks-per-SM variant (SEGATTN_SCORES_BLOCKS=4; other registers and
+  # spills, the same source) against the reference too: a few cases.
+  if [ -x "$WORK/gpu_scores" ]; then
+    SEGATTN_SCORES_BLOCKS=4 SEGATTN_REQUIRE_GPU=1 SEGATTN_GPU_CASES=20 budgeted 60 "$san_reserve" \
+      "$WORK/gpu_scores" --test-threads "$(nproc)" gpu_scores_match_reference >"$WORK/gpu_scores_b4.log" 2>&1
+    rc=$?
+    { echo "=== gpu_scores, SEGATTN_SCORES_BLOCKS=4 (exit $rc) ==="; cat "$WORK/gpu_scores_b4.log"; } >>"$OUTDIR/tests.log"
+    note "- (1) gpu_scores (four-block mass kernel): $(grep -E '^test result' "$WORK/gpu_scores_b4.log" | tail -1 || echo 'no result line') (exit $rc)"
+    [ "$rc" = 0 ] || status=1
+  fi
 
   log "(2) compute-sanitizer on small cases"
   SAN="$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1 || true)"
@@ -243,6 +255,11 @@ if [ "$PHASE" = bench ] || [ "$PHASE" = all ]; then
   t=$SECONDS
   budgeted 100000 20 "$WORK/gpu_bench" --mass 2>&1 | tee "$OUTDIR/mass.md"
   note "- (3) gpu_bench --mass: exit ${PIPESTATUS[0]}, $((SECONDS - t)) s"
+  # The mass kernel with four blocks per SM at D = 128 (bench/NOTES.md CUDA 22): the standalone op
+  # and PINE's importance, against the three-block kernel above.
+  SEGATTN_SCORES_BLOCKS=4 budgeted 100000 20 "$WORK/gpu_bench" --mass 2>&1 | tee "$OUTDIR/mass-b4.md"
+  SEGATTN_SCORES_BLOCKS=4 budgeted 100000 20 "$WORK/gpu_bench" --pine 2>&1 | tee "$OUTDIR/pine-b4.md"
+  note "- (3) SEGATTN_SCORES_BLOCKS=4 gpu_bench --mass / --pine: mass-b4.md, pine-b4.md"
   fi
 
   log "(3) peers (torch)"

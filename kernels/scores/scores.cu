@@ -4,7 +4,11 @@
 //   segattn_scores_bf16_d64, segattn_scores_bf16_d128, segattn_scores_f16_d64, segattn_scores_f16_d128
 //   grid (ceil(Lq / 64), H, B), block 128 threads,
 //   dynamic shared memory segattn::scores::ScoresTraits<T, D>::kSmemBytes
-//   (D = 64: 18,088 bytes; D = 128: 34,472 bytes: under the 48 KiB default);
+//   (D = 64: 18,088 bytes; D = 128: 50,856 bytes, Q in its own tile: raised by the launcher);
+//   registers for three blocks per SM;
+//   segattn_scores_b4_{bf16,f16}_d128: the same kernel with registers for FOUR blocks per SM (128
+//   registers: a few bytes of spills, kernels/production.txt; 4 x 50,856 bytes of shared memory fit
+//   sm_90, not sm_80), chosen by SEGATTN_SCORES_BLOCKS=4 until a GPU measures which is faster;
 //   segattn_scores_wide_{bf16,f16}_d{64,128}: 128 query rows per block (two 16-row tiles per warp,
 //   Q in its own shared tile; key tiles of 32 at D = 128), grid (ceil(Lq / 128), H, B),
 //   params.base.block_rows = 128.
@@ -17,17 +21,22 @@
 #include "platform.cuh"
 #include "scores_kernel.cuh"
 
-#define SEGATTN_SCORES_ENTRY(name, T, D, MTILES)                                                     \
+#define SEGATTN_SCORES_ENTRY_BLOCKS(name, T, D, MTILES, MIN_BLOCKS)                                 \
   extern "C" __global__ void __launch_bounds__(segattn::scores::ScoresTraits<T, D, MTILES>::kThreads,   \
-                                               segattn::scores::ScoresTraits<T, D, MTILES>::kMinBlocks) \
+                                               MIN_BLOCKS)                                           \
       name(const SegattnScoresParams params) {                                                       \
     segattn::scores::scores_kernel<segattn::scores::ScoresTraits<T, D, MTILES>>(params);             \
   }
+#define SEGATTN_SCORES_ENTRY(name, T, D, MTILES) \
+  SEGATTN_SCORES_ENTRY_BLOCKS(name, T, D, MTILES, (segattn::scores::ScoresTraits<T, D, MTILES>::kMinBlocks))
 
 SEGATTN_SCORES_ENTRY(segattn_scores_bf16_d64, segattn::bf16, 64, 1)
 SEGATTN_SCORES_ENTRY(segattn_scores_bf16_d128, segattn::bf16, 128, 1)
 SEGATTN_SCORES_ENTRY(segattn_scores_f16_d64, segattn::f16, 64, 1)
 SEGATTN_SCORES_ENTRY(segattn_scores_f16_d128, segattn::f16, 128, 1)
+// Four blocks per SM at D = 128 (SEGATTN_SCORES_BLOCKS=4).
+SEGATTN_SCORES_ENTRY_BLOCKS(segattn_scores_b4_bf16_d128, segattn::bf16, 128, 1, 4)
+SEGATTN_SCORES_ENTRY_BLOCKS(segattn_scores_b4_f16_d128, segattn::f16, 128, 1, 4)
 // Wide: 128 query rows per block.
 SEGATTN_SCORES_ENTRY(segattn_scores_wide_bf16_d64, segattn::bf16, 64, 2)
 SEGATTN_SCORES_ENTRY(segattn_scores_wide_bf16_d128, segattn::bf16, 128, 2)
@@ -35,6 +44,7 @@ SEGATTN_SCORES_ENTRY(segattn_scores_wide_f16_d64, segattn::f16, 64, 2)
 SEGATTN_SCORES_ENTRY(segattn_scores_wide_f16_d128, segattn::f16, 128, 2)
 
 #undef SEGATTN_SCORES_ENTRY
+#undef SEGATTN_SCORES_ENTRY_BLOCKS
 
 #if defined(SEGATTN_EMULATE)
 

@@ -123,6 +123,14 @@ fn typed<T: CudaDType + DeviceRepr + candle_core::WithDType>(
     Ok(CudaStorage::wrap_cuda_slice(mass, dev.clone()))
 }
 
+/// `SEGATTN_SCORES_BLOCKS=4`: the 64-row mass kernel at D = 128 with registers for four blocks per
+/// SM (`segattn_scores_b4_*`: 128 registers and a few bytes of spills, against three blocks without
+/// spills), for the GPU suite to measure both (bench/NOTES.md CUDA 22). Read once.
+fn four_blocks_setting() -> bool {
+    static FLAG: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *FLAG.get_or_init(|| std::env::var_os("SEGATTN_SCORES_BLOCKS").is_some_and(|v| v == "4"))
+}
+
 /// Launches the mass kernel for `dtype` and `shape.head_dim` with `params` (q, k, mask, mass and,
 /// for the fused mass after a forward launch, the forward kernel's LSE, all live device
 /// allocations of the sizes stated in it) on `stream`, checked: the 128-row kernel where plain
@@ -138,10 +146,13 @@ pub(crate) fn launch_kernel(
 ) -> Result<()> {
     let block_rows = crate::kernel_params::mass_block_rows(shape.q_len, causal, None);
     let wide = block_rows == 128;
+    let four = four_blocks_setting();
     let name = match (wide, dtype, shape.head_dim) {
         (false, DType::BF16, 64) => "segattn_scores_bf16_d64",
+        (false, DType::BF16, _) if four => "segattn_scores_b4_bf16_d128",
         (false, DType::BF16, _) => "segattn_scores_bf16_d128",
         (false, _, 64) => "segattn_scores_f16_d64",
+        (false, _, _) if four => "segattn_scores_b4_f16_d128",
         (false, _, _) => "segattn_scores_f16_d128",
         (true, DType::BF16, 64) => "segattn_scores_wide_bf16_d64",
         (true, DType::BF16, _) => "segattn_scores_wide_bf16_d128",
