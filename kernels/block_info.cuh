@@ -68,6 +68,7 @@ struct BlockInfo {
     // A grid built for another entry point (params.block_rows, 0 read as 64) would cover the
     // wrong rows: fail loudly.
     if ((p.block_rows == 0 ? 64 : p.block_rows) != kM) __trap();
+    if (p.block_keys != 0 && p.block_keys != kN) __trap();
     window_base = -2 * Traits::kThreads;
     const int splits = max(kv_splits, 1);
     b = static_cast<int>(blockIdx.z);

@@ -153,6 +153,11 @@ typedef struct SegattnFwdParams {
    * value traps (a grid built for another entry point). */
   int32_t block_rows;
 
+  /* Keys per key tile of the launched forward entry point, as a check: 0 (any), or the entry's
+   * (64; 32 for segattn_fwd_wide_* at head dim 128, 64 for segattn_fwd_wide64_*): a kernel
+   * launched with another value traps. The emulator picks the entry point by it. */
+  int32_t block_keys;
+
   /* Only for the segattn_fwd_mass_* entry points (mass.mass NULL otherwise): the per-segment mass
    * of this attention's softmax, computed in the same pass (one pass: mass.num_segments <= 64;
    * kv_splits must be <= 1). See SegattnMassOutput. */

@@ -22,7 +22,8 @@
 #
 # Writes under $OUT (or $SEGATTN_SUITE_OUT, default /tmp/segattn-gpu-out): summary.md, tests.log,
 # sanitizer.log, segattn.jsonl, narrow.txt (the 64-row kernel where the launcher takes the wide
-# one, at L 8k D 128), wide.txt (the wide kernel for every mask, causal ones included), pine.md,
+# one, at L 8k D 128), wide.txt (the wide kernel for every mask, causal ones included), wide64.txt
+# (the same with 64-key tiles at D 128), pine.md,
 # mass.md, mass-b4.md and pine-b4.md (the mass kernel with four blocks per SM), (with baselines
 # in the pack, for each revision REV: baseline-REV.txt, baseline-REV-pine.md,
 # baseline-REV-mass.md; and ours-again.txt, the target shapes once more after them), peers.jsonl,
@@ -137,8 +138,16 @@ if [ "$PHASE" = test ] || [ "$PHASE" = all ]; then
     note "- (1) $name: $(grep -E '^test result' "$WORK/$name.log" | tail -1 || echo 'no result line') (exit $rc, $((SECONDS - t)) s)"
     [ "$rc" = 0 ] || status=1
   done
-  # The mass kernel's four-blocks-per-SM variant (SEGATTN_SCORES_BLOCKS=4; other registers and
-  # spills, the same source) against the reference too: a few cases.
+  # The opt-in variants (other registers and spills, the same source) against the reference too,
+  # a few cases each: the wide kernel with 64-key tiles on every mask (SEGATTN_FWD_WIDE=1
+  # SEGATTN_FWD_WIDE_KEYS=64), and the mass kernel with four blocks per SM (SEGATTN_SCORES_BLOCKS=4).
+  SEGATTN_FWD_WIDE=1 SEGATTN_FWD_WIDE_KEYS=64 SEGATTN_REQUIRE_GPU=1 SEGATTN_GPU_CASES=40 budgeted 90 "$san_reserve" \
+    "$WORK/gpu_fwd" --test-threads "$(nproc)" gpu_kernel_matches_reference every_mask_kind_every_instantiation \
+    tile_multiples_and_tiny_lengths fully_masked_rows >"$WORK/gpu_fwd_wide64.log" 2>&1
+  rc=$?
+  { echo "=== gpu_fwd, SEGATTN_FWD_WIDE=1 SEGATTN_FWD_WIDE_KEYS=64 (exit $rc) ==="; cat "$WORK/gpu_fwd_wide64.log"; } >>"$OUTDIR/tests.log"
+  note "- (1) gpu_fwd (wide kernel, 64-key tiles): $(grep -E '^test result' "$WORK/gpu_fwd_wide64.log" | tail -1 || echo 'no result line') (exit $rc)"
+  [ "$rc" = 0 ] || status=1
   if [ -x "$WORK/gpu_scores" ]; then
     SEGATTN_SCORES_BLOCKS=4 SEGATTN_REQUIRE_GPU=1 SEGATTN_GPU_CASES=20 budgeted 60 "$san_reserve" \
       "$WORK/gpu_scores" --test-threads "$(nproc)" gpu_scores_match_reference >"$WORK/gpu_scores_b4.log" 2>&1
@@ -238,6 +247,10 @@ if [ "$PHASE" = bench ] || [ "$PHASE" = all ]; then
   # per diagonal block; bench/NOTES.md CUDA 10 and 21).
   SEGATTN_FWD_WIDE=1 budgeted 90 60 "$WORK/gpu_bench" --filter "$TARGET" 2>&1 | tee "$OUTDIR/wide.txt"
   note "- (3) SEGATTN_FWD_WIDE=1 gpu_bench (wide kernel for every mask, L 8k D 128): exit ${PIPESTATUS[0]}"
+  # And with FlashAttention-2's 64-key tiles (segattn_fwd_wide64_*, bench/NOTES.md CUDA 23).
+  SEGATTN_FWD_WIDE=1 SEGATTN_FWD_WIDE_KEYS=64 budgeted 90 60 "$WORK/gpu_bench" --filter "$TARGET" 2>&1 |
+    tee "$OUTDIR/wide64.txt"
+  note "- (3) SEGATTN_FWD_WIDE=1 SEGATTN_FWD_WIDE_KEYS=64 gpu_bench (128 x 64 tiles, L 8k D 128): exit ${PIPESTATUS[0]}"
 
   log "(3) PINE layer (gpu_bench --pine)"
   t=$SECONDS

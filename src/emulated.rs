@@ -271,6 +271,32 @@ pub fn forward_tiled(
     )
 }
 
+/// [`forward`] on the wide kernel with FlashAttention-2's 64-key tiles at D = 128
+/// (`segattn_fwd_wide64_*`; at D = 64 the wide kernel's tiles are 64 keys already), whatever the
+/// number of rows.
+pub fn forward_wide64(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &SegmentMask,
+    scale: Option<f64>,
+    schedule: Schedule,
+    seed: u64,
+) -> Result<AttentionOutput> {
+    run_forward(
+        q,
+        k,
+        v,
+        mask,
+        Launch {
+            scale,
+            wide: Some(true),
+            wide_keys64: Some(true),
+            ..Launch::new(schedule, seed)
+        },
+    )
+}
+
 /// [`forward`] with split-K: the key tiles cut into `kv_splits` slices run as separate blocks,
 /// whose f32 partials the last slice of each query tile merges through their LSE (the decode path of the
 /// GPU for long caches).
@@ -371,6 +397,9 @@ pub(crate) struct Launch<'a> {
     pub gqa_pack: bool,
     /// Plain attention: the wide (128-row) kernel or not; `None`: as the GPU launcher chooses.
     pub wide: Option<bool>,
+    /// The wide kernel at D = 128: with 64-key tiles (`segattn_fwd_wide64_*`) or not; `None`: as
+    /// the GPU launcher chooses ([`FwdVariant::with_wide_keys`]).
+    pub wide_keys64: Option<bool>,
     /// The emulator's thread schedule and its seed.
     pub schedule: Schedule,
     pub seed: u64,
@@ -387,6 +416,7 @@ impl Launch<'_> {
             kv_splits: 1,
             gqa_pack: true,
             wide: None,
+            wide_keys64: None,
             schedule,
             seed,
         }
@@ -408,6 +438,7 @@ pub(crate) fn run_forward(
         kv_splits,
         gqa_pack,
         wide,
+        wide_keys64,
         schedule,
         seed,
     } = launch;
@@ -504,8 +535,10 @@ pub(crate) fn run_forward(
     }
     // The entry point the GPU launcher would take (segattn_emu_fwd dispatches on these fields).
     if rotation.is_none() && !matches!(mass, Some((_, true, _))) {
-        let variant = FwdVariant::plain(kshape.q_len, kv_splits, khost.rule.has_causal(), wide);
+        let variant = FwdVariant::plain(kshape.q_len, kv_splits, khost.rule.has_causal(), wide)
+            .with_wide_keys(head_dim, wide_keys64);
         p.block_rows = variant.block_rows() as i32;
+        p.block_keys = variant.block_keys();
     }
     // The rotation's arrays, packed as the GPU launcher uploads them (alive until the launch ends).
     let packed = rotation.map(|rot| (rot.table.packed(), rot.shifts.packed_rows()));

@@ -157,6 +157,9 @@ pub enum FwdVariant {
     /// Segment-masked attention in blocks of 128 query rows, two 16-row tiles per warp
     /// (`segattn_fwd_wide_*`; no split-K).
     Wide,
+    /// [`FwdVariant::Wide`] with key tiles of 64 at D = 128 (`segattn_fwd_wide64_*`,
+    /// FlashAttention-2's 128 x 64 tile; opt-in: `SEGATTN_FWD_WIDE_KEYS=64`).
+    Wide64,
 }
 
 impl FwdVariant {
@@ -167,13 +170,22 @@ impl FwdVariant {
             Self::Rope => 1,
             Self::Mass => 2,
             Self::Wide => 3,
+            Self::Wide64 => 4,
+        }
+    }
+
+    /// Keys per key tile for `params.block_keys` (0: the entry point's own, unchecked).
+    pub(crate) fn block_keys(self) -> i32 {
+        match self {
+            Self::Wide64 => 64,
+            _ => 0,
         }
     }
 
     /// Query rows per block (`params.block_rows`).
     pub(crate) fn block_rows(self) -> usize {
         match self {
-            Self::Wide => 128,
+            Self::Wide | Self::Wide64 => 128,
             _ => 64,
         }
     }
@@ -194,6 +206,25 @@ impl FwdVariant {
             Self::Plain
         }
     }
+
+    /// The wide kernel with 64-key tiles at D = 128 ([`FwdVariant::Wide64`]) in place of
+    /// [`FwdVariant::Wide`] when `forced` says so (tests), else when `SEGATTN_FWD_WIDE_KEYS=64`;
+    /// every other variant as it is. Opt-in until a GPU measures it against the 32-key tiles
+    /// (bench/NOTES.md CUDA 23).
+    pub(crate) fn with_wide_keys(self, head_dim: usize, forced: Option<bool>) -> Self {
+        let keys64 = forced.unwrap_or_else(wide_keys_setting);
+        if self == Self::Wide && head_dim == 128 && keys64 {
+            Self::Wide64
+        } else {
+            self
+        }
+    }
+}
+
+/// `SEGATTN_FWD_WIDE_KEYS=64`: the wide kernel with 64-key tiles at D = 128. Read once.
+fn wide_keys_setting() -> bool {
+    static FLAG: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *FLAG.get_or_init(|| std::env::var_os("SEGATTN_FWD_WIDE_KEYS").is_some_and(|v| v == "64"))
 }
 
 /// `SEGATTN_FWD_WIDE`: `Some(false)` for "0", `Some(true)` for "1", else `None` (the rule decides).

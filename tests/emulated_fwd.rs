@@ -15,7 +15,9 @@ mod common;
 use candle_core::{DType, Device, Result, Tensor};
 use common::{env_count, lse_tolerance, proptest_config, tolerance};
 use proptest::prelude::*;
-use segattn::emulated::{classify_tile_both, forward, forward_tiled, fwd_smem_bytes, FwdVariant, Schedule};
+use segattn::emulated::{
+    classify_tile_both, forward, forward_tiled, forward_wide64, fwd_smem_bytes, FwdVariant, Schedule,
+};
 use segattn::{reference, PairRule, PairTable, PineLayout, SegmentMask, Visibility};
 
 const SCHEDULES: [Schedule; 3] = [Schedule::Forward, Schedule::HighFirst, Schedule::RandomWarp];
@@ -334,13 +336,21 @@ fn check_case(
             ),
         }
     }
-    if wide == Some(true) && d == 64 {
+    if wide == Some(true) {
+        // 64-key tiles on both sides (the wide kernel's at D = 64, the wide64 entry's at D = 128):
+        // the same operations per row in the same order, so the same bits, every schedule.
         let narrow = forward_tiled(q, k, v, mask, scale, false, Schedule::Forward, seed)?;
-        let wide_out = forward_tiled(q, k, v, mask, scale, true, Schedule::Forward, seed)?;
-        assert!(
-            common::bits(&narrow.out)? == common::bits(&wide_out.out)?,
-            "{desc}\nthe wide kernel at D = 64 differs from the 64-row kernel"
-        );
+        for schedule in SCHEDULES {
+            let wide_out = if d == 64 {
+                forward_tiled(q, k, v, mask, scale, true, schedule, seed)?
+            } else {
+                forward_wide64(q, k, v, mask, scale, schedule, seed)?
+            };
+            assert!(
+                common::bits(&narrow.out)? == common::bits(&wide_out.out)?,
+                "{desc}\n{schedule:?}: the wide kernel with 64-key tiles (D = {d}) differs from the 64-row kernel"
+            );
+        }
     }
     Ok(())
 }
@@ -586,6 +596,12 @@ fn smem_sizes() {
     for (d, want) in [(64usize, 50_864usize), (128, 66_992)] {
         assert_eq!(fwd_smem_bytes(DType::BF16, d, FwdVariant::Wide), Some(want));
         assert_eq!(fwd_smem_bytes(DType::F16, d, FwdVariant::Wide), Some(want));
+    }
+    // The wide kernel with 64-key tiles at D = 128: 4 x 16 KiB + 32 KiB + 1,712 B (two blocks per
+    // SM on sm_90); at D = 64 the wide kernel's own.
+    for (d, want) in [(64usize, 50_864usize), (128, 100_016)] {
+        assert_eq!(fwd_smem_bytes(DType::BF16, d, FwdVariant::Wide64), Some(want));
+        assert_eq!(fwd_smem_bytes(DType::F16, d, FwdVariant::Wide64), Some(want));
     }
     // PINE's variant keeps Q and the turned Q in their own tiles.
     for (d, want) in [(64usize, 50_344usize), (128, 99_496)] {

@@ -11,6 +11,8 @@
 //   segattn_fwd_wide_{bf16,f16}_d{64,128} (plain attention in blocks of 128 query rows, two
 //   16-row tiles per warp, Q in its own shared tile; key tiles of 32 at D = 128; no split-K;
 //   grid x ceil(Lq / 128); params.block_rows = 128)
+//   segattn_fwd_wide64_{bf16,f16}_d128 (the wide kernel with key tiles of 64: FlashAttention-2's
+//   128 x 64 tile, a few spills; params.block_keys = 64; opt-in, SEGATTN_FWD_WIDE_KEYS=64)
 //   split-K (params.kv_splits = S > 1): grid x is ceil(Lq / 64) * S; the last slice of each query
 //   tile merges the partials (params.split_done zeroed by the caller).
 //   grid (ceil(Lq / 64), H, B), block 128 threads,
@@ -25,11 +27,13 @@
 #include "platform.cuh"
 #include "fwd_kernel.cuh"
 
-#define SEGATTN_FWD_ENTRY(name, T, D, ROTATE, MASS, MTILES)                                                        \
-  extern "C" __global__ void __launch_bounds__(segattn::fwd::FwdTraits<T, D, ROTATE, MASS, MTILES>::kThreads, 1) \
-      name(const SegattnFwdParams params) {                                                                        \
-    segattn::fwd::fwd_kernel<segattn::fwd::FwdTraits<T, D, ROTATE, MASS, MTILES>>(params);                         \
+#define SEGATTN_FWD_ENTRY_KEYS(name, T, D, ROTATE, MASS, MTILES, KEYS)                                   \
+  extern "C" __global__ void __launch_bounds__(                                                             \
+      segattn::fwd::FwdTraits<T, D, ROTATE, MASS, MTILES, KEYS>::kThreads, 1)                               \
+      name(const SegattnFwdParams params) {                                                                 \
+    segattn::fwd::fwd_kernel<segattn::fwd::FwdTraits<T, D, ROTATE, MASS, MTILES, KEYS>>(params);            \
   }
+#define SEGATTN_FWD_ENTRY(name, T, D, ROTATE, MASS, MTILES) SEGATTN_FWD_ENTRY_KEYS(name, T, D, ROTATE, MASS, MTILES, 0)
 
 SEGATTN_FWD_ENTRY(segattn_fwd_bf16_d64, segattn::bf16, 64, false, false, 1)
 SEGATTN_FWD_ENTRY(segattn_fwd_bf16_d128, segattn::bf16, 128, false, false, 1)
@@ -50,8 +54,12 @@ SEGATTN_FWD_ENTRY(segattn_fwd_wide_bf16_d64, segattn::bf16, 64, false, false, 2)
 SEGATTN_FWD_ENTRY(segattn_fwd_wide_bf16_d128, segattn::bf16, 128, false, false, 2)
 SEGATTN_FWD_ENTRY(segattn_fwd_wide_f16_d64, segattn::f16, 64, false, false, 2)
 SEGATTN_FWD_ENTRY(segattn_fwd_wide_f16_d128, segattn::f16, 128, false, false, 2)
+// Wide with 64-key tiles at D = 128 (FlashAttention-2's 128 x 64; SEGATTN_FWD_WIDE_KEYS=64).
+SEGATTN_FWD_ENTRY_KEYS(segattn_fwd_wide64_bf16_d128, segattn::bf16, 128, false, false, 2, 64)
+SEGATTN_FWD_ENTRY_KEYS(segattn_fwd_wide64_f16_d128, segattn::f16, 128, false, false, 2, 64)
 
 #undef SEGATTN_FWD_ENTRY
+#undef SEGATTN_FWD_ENTRY_KEYS
 
 #if defined(SEGATTN_EMULATE)
 
@@ -106,6 +114,9 @@ extern "C" int segattn_emu_fwd(const SegattnFwdParams* p) {
   const bool rope = p->rotation.cos != nullptr;
   const bool mass = p->mass.mass != nullptr;
   const bool wide = p->block_rows == 128;
+  // The wide kernel's 64-key tiles at D = 128 (segattn_fwd_wide64_*); any other mismatch between
+  // block_keys and the entry's tiles traps in the kernel.
+  const bool keys64 = p->block_keys == 64;
   if (p->block_rows != 0 && p->block_rows != 64 && !wide) {
     std::snprintf(message, sizeof message, "segattn_emu_fwd: block_rows %d (expected 64 or 128)", p->block_rows);
     return emu_entry::fail(message);
@@ -131,6 +142,9 @@ extern "C" int segattn_emu_fwd(const SegattnFwdParams* p) {
                    : emu_entry::launch<FwdTraits<bf16, 128, false, true>>(*p, segattn_fwd_mass_bf16_d128);
       }
       if (wide) {
+        if (!d64 && keys64) {
+          return emu_entry::launch<FwdTraits<bf16, 128, false, false, 2, 64>>(*p, segattn_fwd_wide64_bf16_d128);
+        }
         return d64 ? emu_entry::launch<FwdTraits<bf16, 64, false, false, 2>>(*p, segattn_fwd_wide_bf16_d64)
                    : emu_entry::launch<FwdTraits<bf16, 128, false, false, 2>>(*p, segattn_fwd_wide_bf16_d128);
       }
@@ -146,6 +160,9 @@ extern "C" int segattn_emu_fwd(const SegattnFwdParams* p) {
                    : emu_entry::launch<FwdTraits<f16, 128, false, true>>(*p, segattn_fwd_mass_f16_d128);
       }
       if (wide) {
+        if (!d64 && keys64) {
+          return emu_entry::launch<FwdTraits<f16, 128, false, false, 2, 64>>(*p, segattn_fwd_wide64_f16_d128);
+        }
         return d64 ? emu_entry::launch<FwdTraits<f16, 64, false, false, 2>>(*p, segattn_fwd_wide_f16_d64)
                    : emu_entry::launch<FwdTraits<f16, 128, false, false, 2>>(*p, segattn_fwd_wide_f16_d128);
       }
@@ -160,7 +177,7 @@ extern "C" int segattn_emu_fwd(const SegattnFwdParams* p) {
 }
 
 // Dynamic shared memory of the kernel for (dtype, head_dim, variant: 0 plain, 1 PINE's rotation,
-// 2 fused mass, 3 wide), 0 if unsupported (for the Rust side to check its launch configuration against the
+// 2 fused mass, 3 wide, 4 wide with 64-key tiles: at D = 64 the same as 3), 0 if unsupported (for the Rust side to check its launch configuration against the
 // traits).
 extern "C" int segattn_emu_fwd_smem_bytes(int dtype, int head_dim, int variant) {
   using namespace segattn::fwd;
@@ -178,6 +195,9 @@ extern "C" int segattn_emu_fwd_smem_bytes(int dtype, int head_dim, int variant) 
     case 3:
       return d64 ? FwdTraits<bf16, 64, false, false, 2>::kSmemBytes
                  : FwdTraits<bf16, 128, false, false, 2>::kSmemBytes;
+    case 4:
+      return d64 ? FwdTraits<bf16, 64, false, false, 2>::kSmemBytes
+                 : FwdTraits<bf16, 128, false, false, 2, 64>::kSmemBytes;
     default:
       return 0;
   }

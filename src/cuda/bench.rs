@@ -79,7 +79,8 @@ impl PreparedForward {
         let scale = scale.unwrap_or_else(|| default_scale(shape.head_dim));
         let host = mask.host_metadata(shape.batch, shape.q_len, shape.kv_len)?;
         let kernels = kernels(stream.context())?;
-        let variant = FwdVariant::plain(shape.q_len, 1, host.rule.has_causal(), None);
+        let variant =
+            FwdVariant::plain(shape.q_len, 1, host.rule.has_causal(), None).with_wide_keys(shape.head_dim, None);
         let Some(kernel) = kernels.fwd(q.dtype(), shape.head_dim, variant) else {
             invalid_arg!(
                 "internal error: no CUDA kernel for {:?} D = {}",
@@ -95,6 +96,7 @@ impl PreparedForward {
             [strides_of(q.layout()), strides_of(k.layout()), strides_of(v.layout())],
         )?;
         params.block_rows = kernel.block_rows as i32;
+        params.block_keys = kernel.block_keys;
         params.q = address("q", q, &stream)? as *const std::ffi::c_void;
         params.k = address("k", k, &stream)? as *const std::ffi::c_void;
         params.v = address("v", v, &stream)? as *const std::ffi::c_void;

@@ -475,7 +475,7 @@ fn forward_typed<T: CudaDType + DeviceRepr + ValidAsZeroBits + candle_core::With
     } else if mass_in_forward {
         FwdVariant::Mass
     } else {
-        FwdVariant::plain(kshape.q_len, splits, host.rule.has_causal(), None)
+        FwdVariant::plain(kshape.q_len, splits, host.rule.has_causal(), None).with_wide_keys(shape.head_dim, None)
     };
     let Some(kernel) = kernels.fwd(T::DTYPE, shape.head_dim, variant) else {
         invalid_arg!(
@@ -498,6 +498,7 @@ fn forward_typed<T: CudaDType + DeviceRepr + ValidAsZeroBits + candle_core::With
         [strides_of(&qo.layout), strides_of(&ko.layout), strides_of(&vo.layout)],
     )?;
     params.block_rows = kernel.block_rows as i32;
+    params.block_keys = kernel.block_keys;
     if let Some(p) = &packing {
         params.q_strides = p.strides(strides_of(&qo.layout));
         params.o_strides = p.strides(contiguous_strides(shape.q_len, shape.num_heads, shape.head_dim));

@@ -43,6 +43,8 @@ pub(crate) struct FwdKernel {
     pub smem_bytes: u32,
     /// Query rows per block (`kBlockM`: the grid's x and `params.block_rows`).
     pub block_rows: usize,
+    /// `params.block_keys` (the entry's key tile, checked by the kernel; 0: unchecked).
+    pub block_keys: i32,
 }
 
 /// The loaded module of one context: the forward kernels by (dtype, head dim, variant).
@@ -99,7 +101,7 @@ impl Kernels {
 }
 
 /// Every forward entry point of kernels/fwd/fwd.cu: (name, dtype, head dim, variant).
-const FWD_ENTRIES: [(&str, DType, usize, FwdVariant); 16] = [
+const FWD_ENTRIES: [(&str, DType, usize, FwdVariant); 18] = [
     ("segattn_fwd_bf16_d64", DType::BF16, 64, FwdVariant::Plain),
     ("segattn_fwd_bf16_d128", DType::BF16, 128, FwdVariant::Plain),
     ("segattn_fwd_f16_d64", DType::F16, 64, FwdVariant::Plain),
@@ -116,6 +118,8 @@ const FWD_ENTRIES: [(&str, DType, usize, FwdVariant); 16] = [
     ("segattn_fwd_wide_bf16_d128", DType::BF16, 128, FwdVariant::Wide),
     ("segattn_fwd_wide_f16_d64", DType::F16, 64, FwdVariant::Wide),
     ("segattn_fwd_wide_f16_d128", DType::F16, 128, FwdVariant::Wide),
+    ("segattn_fwd_wide64_bf16_d128", DType::BF16, 128, FwdVariant::Wide64),
+    ("segattn_fwd_wide64_f16_d128", DType::F16, 128, FwdVariant::Wide64),
 ];
 
 type Cache = Mutex<HashMap<(usize, usize), Arc<Kernels>>>;
@@ -220,6 +224,7 @@ fn load(ctx: &Arc<CudaContext>) -> Result<Kernels> {
                 func,
                 smem_bytes: smem as u32,
                 block_rows: variant.block_rows(),
+                block_keys: variant.block_keys(),
             },
         ));
     }
