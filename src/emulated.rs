@@ -81,6 +81,7 @@ extern "C" {
         out_may_be_visible: *mut c_int,
         out_alone: *mut c_int,
     ) -> c_int;
+    fn segattn_emu_key_runs(kid: *const u32, valid: c_int, out: *mut i64) -> c_int;
 }
 
 /// The calling thread's last emulator error.
@@ -674,6 +675,22 @@ pub fn classify_tile_both(
         may_be_visible: maybe != 0,
         alone: u8::try_from(alone).ok(),
     })
+}
+
+/// A key tile's runs of one segment id as `kernels/mask.cuh` `key_runs` finds them (the kernels'
+/// masked tiles and mass sums): `(end0, id0, id1, at_most_two)`, the first run being keys
+/// `[0, end0)`. `kid`: the tile's 64 key ids (non-decreasing over the first `valid`), `valid` in
+/// `1..=64`. Errors if the warp's lanes disagree (the result must be uniform).
+pub fn key_runs(kid: &[u32; 64], valid: usize) -> Result<(usize, u32, u32, bool)> {
+    let mut out = [0i64; 4 * 32];
+    let valid = c_int::try_from(valid).unwrap_or(c_int::MAX);
+    // SAFETY: `kid` holds the 64 ids the hook reads and `out` the 4 x 32 values it writes.
+    let rc = unsafe { segattn_emu_key_runs(kid.as_ptr(), valid, out.as_mut_ptr()) };
+    check_launch(rc, "key runs")?;
+    if out.chunks_exact(4).any(|lane| lane != &out[..4]) {
+        invalid_arg!("key_runs: the lanes of the warp disagree: {out:?}");
+    }
+    Ok((out[0] as usize, out[1] as u32, out[2] as u32, out[3] != 0))
 }
 
 #[cfg(test)]

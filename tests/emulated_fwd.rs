@@ -655,3 +655,35 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    #![proptest_config(proptest_config(cases(512)))]
+
+    /// kernels/mask.cuh `key_runs` (one warp, emulated; what the masked tiles and the mass sums
+    /// rely on) against the plain definition, on non-decreasing ids with one to many runs, ragged
+    /// `valid`, and ids past `valid` that do not continue the sequence (the kernels zero-fill them).
+    #[test]
+    fn key_runs_match_the_definition(seed in any::<u64>(), valid in 1usize..=64, runs in 1usize..=6) {
+        let mut rng = Rng(seed);
+        let mut kid = [0u32; 64];
+        let mut id = rng.below(5) as u32;
+        for x in kid.iter_mut().take(valid) {
+            if rng.coin(runs as f64 / 64.0) {
+                id += 1 + rng.below(3) as u32;
+            }
+            *x = id;
+        }
+        for x in kid.iter_mut().skip(valid) {
+            *x = if rng.coin(0.5) { 0 } else { id + 1 };
+        }
+        let (end0, id0, id1, at_most_two) = segattn::emulated::key_runs(&kid, valid).unwrap();
+        let want_end0 = kid[..valid].iter().position(|&x| x != kid[0]).unwrap_or(valid);
+        let want_id1 = kid[want_end0.min(valid - 1)];
+        let want_two = kid[want_end0..valid].iter().all(|&x| x == want_id1);
+        let at = format!("seed {seed} valid {valid} ids {:?}", &kid[..valid]);
+        prop_assert_eq!(end0, want_end0, "{}", at);
+        prop_assert_eq!(id0, kid[0], "{}", at);
+        prop_assert_eq!(id1, want_id1, "{}", at);
+        prop_assert_eq!(at_most_two, want_two, "{}", at);
+    }
+}

@@ -62,4 +62,30 @@ extern "C" int segattn_emu_classify_tile(const SegattnFwdParams* p, int b, int q
   });
 }
 
+// mask::key_runs of the key ids kid[0..64) (a tile's, non-decreasing) with `valid` keys, run by one
+// warp: out[4 lane + {0, 1, 2, 3}] = end0, id0, id1, at_most_two as each lane sees them (the
+// result must be uniform). Needs 1 <= valid <= 64. Returns 0, or nonzero with the message in
+// segattn_emu_last_error().
+extern "C" int segattn_emu_key_runs(const uint32_t* kid, int valid, int64_t* out) {
+  namespace mask = segattn::mask;
+  using namespace segattn::mask_test_hook;
+  if (valid < 1 || valid > kBlockN) {
+    return segattn::emu::launch(dim3(1), dim3(1), 0, [] {
+      segattn::emu::trap("segattn_emu_key_runs: valid must be in 1..=64", SEGATTN_EMU_HERE);
+    });
+  }
+  return segattn::emu::launch(dim3(1), dim3(32), 4 * kBlockN, [&] {
+    SEGATTN_DYNAMIC_SMEM(uint32_t, s_kid);
+    const int lane = static_cast<int>(threadIdx.x);
+    s_kid[lane] = kid[lane];
+    s_kid[lane + 32] = kid[lane + 32];
+    __syncwarp();
+    const mask::KeyRuns runs = mask::key_runs<kBlockN>(s_kid, valid, lane);
+    out[4 * lane] = runs.end0;
+    out[4 * lane + 1] = runs.id0;
+    out[4 * lane + 2] = runs.id1;
+    out[4 * lane + 3] = runs.at_most_two ? 1 : 0;
+  });
+}
+
 #endif  // SEGATTN_EMULATE
