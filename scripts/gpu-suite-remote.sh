@@ -12,13 +12,13 @@
 #   bench  (3) our benchmark (examples/gpu_bench.rs) and bench/peers.py (SDPA flash / cuDNN / math,
 #              FlexAttention) on identical shapes and masks, (4) the results table
 #   all    both
-#   profile (5) Nsight Compute (ncu, hardware counters; Firecracker machines): first the duration of
-#              every kernel of steady PINE decode steps (gpu_bench --pine-decode-trace), then one
-#              launch of each kernel that the performance targets depend on: the forward kernel at causal,
-#              documents8 and pine, L 8k, D 128 (gpu_bench; causal also with the 64-row kernel,
-#              SEGATTN_FWD_WIDE=0), the mass kernel and the fused forward
-#              (gpu_bench --mass), the rope kernel (gpu_bench --pine), the decode importance:
-#              throughput, occupancy, warp stall reasons -> $OUT/profile.txt (not part of "all")
+#   profile (5) Nsight Compute (ncu, hardware counters; Firecracker machines): one launch of each
+#              kernel that the performance targets depend on, in this order: the forward kernel at
+#              causal, documents8 and pine, L 8k, D 128 (gpu_bench; causal also with the opt-in
+#              128 x 64 tile), the mass kernel and the fused forward (gpu_bench --mass), the rope
+#              kernel (gpu_bench --pine); then the duration of every kernel of steady PINE decode
+#              steps (gpu_bench --pine-decode-trace) and the decode importance: throughput,
+#              occupancy, warp stall reasons -> $OUT/profile.txt (not part of "all")
 #
 # Writes under $OUT (or $SEGATTN_SUITE_OUT, default /tmp/segattn-gpu-out): summary.md, tests.log,
 # sanitizer.log, segattn.jsonl, narrow.txt (the 64-row kernel where the launcher takes the wide
@@ -322,8 +322,18 @@ if [ "$PHASE" = profile ]; then
       fi
       note "- (5) $label: exit $rc, $((SECONDS - t)) s"
     }
-    # First (short budgets cut the list): every kernel of steady-state PINE decode steps (RAG
-    # prompt, layer calls in a row), durations only: where a step's GPU time goes.
+    # In order of what the open targets need most (short budgets cut the list): the forward kernel
+    # at the target shapes (and the opt-in 128 x 64 tile), the mass kernels, the rope kernel, then
+    # every kernel of steady-state PINE decode steps (RAG prompt, layer calls in a row), durations
+    # only, and the decode importance.
+    for shape in "causal $TARGET" "documents8 $TARGET" "pine $TARGET"; do
+      profile_one "$shape" '^segattn_fwd_(wide_)?bf16_d128$' "$WORK/gpu_bench" --filter "$shape" --reps 20 --warmup 3 || break
+    done
+    SEGATTN_FWD_WIDE=1 SEGATTN_FWD_WIDE_KEYS=64 profile_one "causal $TARGET, wide kernel with 64-key tiles" \
+      '^segattn_fwd_wide64_bf16_d128$' "$WORK/gpu_bench" --filter "causal $TARGET" --reps 20 --warmup 3
+    profile_one "mass (standalone)" '^segattn_scores_(wide_)?bf16_d128$' "$WORK/gpu_bench" --mass
+    profile_one "mass (fused forward)" '^segattn_fwd_mass_bf16_d128$' "$WORK/gpu_bench" --mass
+    profile_one "PINE prefill attention" '^segattn_fwd_rope_bf16_d128$' "$WORK/gpu_bench" --pine
     t=$SECONDS
     {
       echo "=================== PINE decode steps, every kernel (gpu_bench --pine-decode-trace) ==================="
@@ -332,14 +342,6 @@ if [ "$PHASE" = profile ]; then
     } >>"$PROFILE" 2>&1
     note "- (5) PINE decode steps, every kernel: exit $?, $((SECONDS - t)) s"
     profile_one "PINE decode importance" '^segattn_pine_decode_scores_bf16$' "$WORK/gpu_bench" --pine-decode-trace
-    for shape in "causal $TARGET" "documents8 $TARGET" "pine $TARGET"; do
-      profile_one "$shape" '^segattn_fwd_(wide_)?bf16_d128$' "$WORK/gpu_bench" --filter "$shape" --reps 20 --warmup 3 || break
-    done
-    SEGATTN_FWD_WIDE=0 profile_one "causal $TARGET, 64-row kernel" '^segattn_fwd_bf16_d128$' \
-      "$WORK/gpu_bench" --filter "causal $TARGET" --reps 20 --warmup 3
-    profile_one "mass (standalone)" '^segattn_scores_(wide_)?bf16_d128$' "$WORK/gpu_bench" --mass
-    profile_one "mass (fused forward)" '^segattn_fwd_mass_bf16_d128$' "$WORK/gpu_bench" --mass
-    profile_one "PINE prefill attention" '^segattn_fwd_rope_bf16_d128$' "$WORK/gpu_bench" --pine
     # A timeline of PINE decode steps (64 layer calls in a row): where a step's time goes between
     # launches, allocations and copies (the kernels alone are a fraction of it).
     NSYS="$(command -v nsys || ls /usr/local/cuda*/bin/nsys /opt/nvidia/nsight-systems/*/bin/nsys 2>/dev/null | head -1 || true)"
