@@ -1,8 +1,10 @@
-//! GQA decode packing for the CUDA kernels (the GPU launcher and the emulated launches).
+//! GQA decode packing for the CUDA kernels (the GPU launcher and the emulated launches) and the
+//! CPU path (`src/op.rs`).
 //!
 //! A decode step has one query row per head: `q [B, 1, H, D]`. The forward kernel gives each
 //! (head, batch row) a block of 64 query rows, so a step would use 1 row of 64 and read each KV
-//! head's K and V once per query head sharing it (H / Hkv times). Packed, the `P = H / Hkv` query
+//! head's K and V once per query head sharing it (H / Hkv times); the CPU path likewise converted
+//! each K / V tile once per query head, with register blocks of 4 rows holding one. Packed, the `P = H / Hkv` query
 //! heads of a KV head become the rows of one block: the kernel sees `q_len = P` rows and
 //! `num_heads = Hkv` heads through strides alone (row stride = q's head stride, head stride = P
 //! times it; the same for the output), so K and V are read once per KV head and the block does P
@@ -12,7 +14,7 @@
 //! the packed rows (which the kernel places at `Lk - P .. Lk - 1`) get the original row's segment
 //! id and the rule with causal turned into full: every row sees exactly the original row's keys.
 //! PINE's rotation reads the original row's position, group and per-head shifts through
-//! `SegattnRotation::packed_heads`. Not used with the fused mass (its output is laid out per head
+//! `SegattnRotation::packed_heads` (CPU: `QueryRotation::packed_heads`). Not used with the fused mass (its output is laid out per head
 //! and row) nor without GQA. `SEGATTN_GQA_PACK=0` turns it off (benchmarks).
 
 use std::sync::OnceLock;

@@ -148,6 +148,35 @@ fn rows_that_see_nothing_give_zero_and_minus_infinity() -> Result<()> {
     check(&case, None)
 }
 
+/// A GQA decode step (one query row, H > Hkv) runs packed on the CPU (the P query heads of a KV
+/// head as the rows of one work item, as on the GPU): bitwise the same output and LSE as the same
+/// step with K and V repeated to H heads (unpacked: no GQA), for every mask kind and both dtypes.
+#[test]
+fn packed_gqa_decode_is_bitwise_unpacked() -> Result<()> {
+    for kind in 0..MASK_KINDS.len() {
+        for (i, dtype) in [DType::BF16, DType::F32].into_iter().enumerate() {
+            let case = draw(7 * kind as u64 + i as u64, 2, 150, true, (8, 2), 64, dtype, kind)?;
+            let mask = case.mask.last_queries(1)?;
+            let q = case.q.narrow(1, 149, 1)?;
+            let repeat = |t: &Tensor| -> Result<Tensor> {
+                let (b, l, hkv, d) = t.dims4()?;
+                t.unsqueeze(3)?.repeat((1, 1, 1, 4, 1))?.reshape((b, l, hkv * 4, d))
+            };
+            let op = SegmentAttention::new(&mask).return_lse(true);
+            let packed = op.forward(&q, &case.k, &case.v)?;
+            let unpacked = op.forward(&q, &repeat(&case.k)?, &repeat(&case.v)?)?;
+            let at = format!("{} {dtype:?}", case.description);
+            assert!(
+                common::bits(&packed.out)? == common::bits(&unpacked.out)?,
+                "{at}: output"
+            );
+            let (pl, ul) = (packed.lse.unwrap(), unpacked.lse.unwrap());
+            assert!(common::bits(&pl)? == common::bits(&ul)?, "{at}: lse");
+        }
+    }
+    Ok(())
+}
+
 #[test]
 fn decode_and_chunked_prefill_match_reference() -> Result<()> {
     for lq in [1, 2, 37, 64, 65] {

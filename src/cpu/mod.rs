@@ -196,7 +196,7 @@ impl Scratch {
         self.q.fill(0.0);
         load::load_scaled_rows(&mut self.q, dp, rows, |r| q.row(b, q0 + r, h, d), scale_log2);
         if let Some(rot) = rotation {
-            rot.rotate_base(&mut self.q, dp, rows, b, shape.q_len, q0);
+            rot.rotate_base(&mut self.q, dp, rows, b, h, shape.q_len, q0);
         }
         self.o.fill(0.0);
         if let Some(m) = &mut self.mass {

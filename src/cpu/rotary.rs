@@ -15,16 +15,34 @@ use crate::pine::{QueryShifts, RopeTable};
 pub(crate) struct QueryRotation<'a> {
     pub table: &'a RopeTable,
     pub shifts: &'a QueryShifts,
+    /// GQA decode packing (`crate::decode_pack`): the attention's row `i` of head `h` is query
+    /// row `i / P` of head `h P + i % P`, `P` = this (1: no packing).
+    pub packed_heads: usize,
 }
 
 impl QueryRotation<'_> {
-    /// Rotates the loaded (scaled) query rows `[q0, q0 + rows)` of batch row `b` at their
-    /// original positions: the base every shift turns further.
-    pub fn rotate_base(&self, q: &mut [f32], dp: usize, rows: usize, b: usize, q_len: usize, q0: usize) {
+    /// The query row and head (and the query length) that the attention's row `i` of head `h`
+    /// stands for, out of `q_len` rows: themselves without packing.
+    fn origin(&self, h: usize, q_len: usize, i: usize) -> (usize, usize, usize) {
+        let p = self.packed_heads.max(1);
+        (h * p + i % p, q_len / p, i / p)
+    }
+
+    /// Rotates the loaded (scaled) query rows `[q0, q0 + rows)` of head `h` of batch row `b` at
+    /// their original positions: the base every shift turns further.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rotate_base(&self, q: &mut [f32], dp: usize, rows: usize, b: usize, h: usize, q_len: usize, q0: usize) {
         for r in 0..rows {
-            let p = self.shifts.q_pos[b * q_len + q0 + r] as usize;
+            let (_, len, i) = self.origin(h, q_len, q0 + r);
+            let p = self.shifts.q_pos[b * len + i] as usize;
             self.table.rotate_row(&mut q[r * dp..(r + 1) * dp], p);
         }
+    }
+
+    /// The shift of key segment `id` for the attention's row `i` of head `h` of batch row `b`.
+    fn shift(&self, b: usize, h: usize, q_len: usize, i: usize, id: u32) -> u32 {
+        let (h, len, i) = self.origin(h, q_len, i);
+        self.shifts.shift(b, h, len, i, id)
     }
 }
 
@@ -60,10 +78,9 @@ pub(crate) fn rotated_scores<const FMA: bool>(
     (b, h, q_len, q0): (usize, usize, usize, usize),
 ) {
     let row_blocks = row_blocks_rows / super::tile::ROWS;
-    let shifts = rot.shifts;
     let single = pieces.list.len() == 1;
     for piece in &pieces.list {
-        let shift = |r: usize| shifts.shift(b, h, q_len, q0 + r, piece.id) as usize;
+        let shift = |r: usize| rot.shift(b, h, q_len, q0 + r, piece.id) as usize;
         let cols = (piece.a / LANES * LANES, piece.b.div_ceil(LANES) * LANES);
         let dst: &mut [f32] = if single { s } else { &mut scratch.s };
         if (0..rows).all(|r| shift(r) == 0) {

@@ -595,6 +595,7 @@ impl PineRotation {
         QueryRotation {
             table: &self.table,
             shifts: &self.shifts,
+            packed_heads: 1,
         }
     }
 }
