@@ -122,7 +122,7 @@ pub(crate) fn forward<T: Element>(
 }
 
 /// Whether the running CPU has AVX2 and FMA (checked once per call; the result is cached by std).
-fn fma_available() -> bool {
+pub(crate) fn fma_available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")

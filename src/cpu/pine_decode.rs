@@ -40,106 +40,32 @@ pub(crate) fn suffix_importance<T: Element>(
         ..
     } = shape;
     let (group, kv_heads) = (shape.group_size(), shape.num_kv_heads);
-    let half = d / 2;
     // Work items: (batch row, KV head, row); the query heads of one KV head share every key row
     // (converted to f32 once, dotted with each head's turned query).
+    let use_fma = super::fma_available();
     let per_item: Vec<Vec<f32>> = (0..batch * kv_heads * q_len)
         .into_par_iter()
         .map(|item| {
             let i = item % q_len;
             let kh = (item / q_len) % kv_heads;
             let b = item / (q_len * kv_heads);
-            let mut rows = vec![0f32; group * sk];
-            let layout = &layouts[b];
-            let p = layout.prefix_len;
-            let end = p + layout.segment_lens.iter().sum::<usize>();
-            let longest = layout.segment_lens.iter().copied().max().unwrap_or(0);
-            if longest == 0 {
-                return rows;
+            let args = ItemArgs {
+                q,
+                k,
+                layout: &layouts[b],
+                table,
+                scale,
+                sk,
+                group,
+                d,
+                at: (b, kh, i),
+            };
+            #[cfg(target_arch = "x86_64")]
+            if use_fma {
+                // SAFETY: the CPU has AVX2 and FMA (checked at run time).
+                return unsafe { item_scores_avx2(&args) };
             }
-            // Position by position over [E - longest, E): each head's query turned to it once,
-            // then dotted with the key at that position in every segment long enough to have one
-            // (the turned queries stay in a `group x D` buffer: cache-resident).
-            let base = end - longest;
-            let queries: Vec<Vec<f32>> = (0..group)
-                .map(|g| {
-                    q.row(b, i, kh * group + g, d)
-                        .iter()
-                        .map(|x| x.to_f32() * scale)
-                        .collect()
-                })
-                .collect();
-            let starts: Vec<usize> = layout
-                .segment_lens
-                .iter()
-                .scan(p, |at, &len| {
-                    let s = *at;
-                    *at += len;
-                    Some(s)
-                })
-                .collect();
-            let keys = end - p;
-            let mut scores = vec![0f32; group * keys];
-            let mut turned = vec![0f32; group * d];
-            let (mut krow, mut raw) = (vec![0f32; d], vec![0f32; d]);
-            for o in 0..longest {
-                let pos = base + o;
-                let (c, s) = (
-                    &table.cos[pos * half..(pos + 1) * half],
-                    &table.sin[pos * half..(pos + 1) * half],
-                );
-                // Keys at this position: one per segment long enough. Fewer keys than heads
-                // (two long answers, GQA 4): turning the keys back is cheaper than turning every
-                // head's query; both give q . k of the un-rotated projections.
-                let at_pos = layout.segment_lens.iter().filter(|&&len| o + len >= longest).count();
-                let turn_keys = at_pos < group;
-                if !turn_keys {
-                    for (t, qrow) in turned.chunks_exact_mut(d).zip(&queries) {
-                        rotate(t, qrow, c, s, 1.0);
-                    }
-                }
-                for (&len, &start) in layout.segment_lens.iter().zip(&starts) {
-                    // Segment tokens are right-aligned: token t of a segment of `len` sits at
-                    // offset longest - len + t.
-                    let Some(t) = o.checked_sub(longest - len) else {
-                        continue;
-                    };
-                    let row = k.row(b, start + t, kh, d);
-                    let at = start - p + t;
-                    if turn_keys {
-                        for (dst, x) in raw.iter_mut().zip(row) {
-                            *dst = x.to_f32();
-                        }
-                        rotate(&mut krow, &raw, c, s, -1.0);
-                        for (g, qrow) in queries.iter().enumerate() {
-                            scores[g * keys + at] = dot(qrow, &krow);
-                        }
-                    } else {
-                        for (dst, x) in krow.iter_mut().zip(row) {
-                            *dst = x.to_f32();
-                        }
-                        for (g, tq) in turned.chunks_exact(d).enumerate() {
-                            scores[g * keys + at] = dot(tq, &krow);
-                        }
-                    }
-                }
-            }
-            // Per head: softmax over all segment keys, summed per segment, divided by its length.
-            for (g, head_scores) in scores.chunks_exact_mut(keys).enumerate() {
-                let max = head_scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut total = 0f32;
-                for x in head_scores.iter_mut() {
-                    *x = (*x - max).exp();
-                    total += *x;
-                }
-                let mut at = 0;
-                for (j, &len) in layout.segment_lens.iter().enumerate() {
-                    let mass: f32 = head_scores[at..at + len].iter().sum();
-                    rows[g * sk + j + 1] = mass / total / len as f32;
-                    at += len;
-                }
-            }
-            rows
+            item_scores::<T, false>(&args)
         })
         .collect();
     let mut out = vec![0f32; batch * num_heads * q_len * sk];
@@ -155,27 +81,195 @@ pub(crate) fn suffix_importance<T: Element>(
     Ok(out)
 }
 
+/// What one work item of [`suffix_importance`] reads: (batch row, KV head, query row) `at`.
+struct ItemArgs<'a, T> {
+    q: Strided<'a, T>,
+    k: Strided<'a, T>,
+    layout: &'a PineLayout,
+    table: &'a RopeTable,
+    scale: f32,
+    sk: usize,
+    group: usize,
+    d: usize,
+    at: (usize, usize, usize),
+}
+
+impl<T: Copy> Clone for ItemArgs<'_, T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T: Copy> Copy for ItemArgs<'_, T> {}
+
+/// The importance rows `[group, sk]` of the query heads of one KV head for one query row.
+#[inline(always)]
+fn item_scores<T: Element, const FMA: bool>(args: &ItemArgs<'_, T>) -> Vec<f32> {
+    let ItemArgs {
+        q,
+        k,
+        layout,
+        table,
+        scale,
+        sk,
+        group,
+        d,
+        at: (b, kh, i),
+    } = *args;
+    let half = d / 2;
+    let mut rows = vec![0f32; group * sk];
+    let p = layout.prefix_len;
+    let end = p + layout.segment_lens.iter().sum::<usize>();
+    let longest = layout.segment_lens.iter().copied().max().unwrap_or(0);
+    if longest == 0 {
+        return rows;
+    }
+    // Position by position over [E - longest, E): each head's query turned to it once,
+    // then dotted with the key at that position in every segment long enough to have one
+    // (the turned queries stay in a `group x D` buffer: cache-resident).
+    let base = end - longest;
+    // The group's queries, scaled, one after another (`group x D`).
+    let queries: Vec<f32> = (0..group)
+        .flat_map(|g| q.row(b, i, kh * group + g, d).iter().map(|x| x.to_f32() * scale))
+        .collect();
+    let starts: Vec<usize> = layout
+        .segment_lens
+        .iter()
+        .scan(p, |at, &len| {
+            let s = *at;
+            *at += len;
+            Some(s)
+        })
+        .collect();
+    let keys = end - p;
+    let mut scores = vec![0f32; group * keys];
+    let mut turned = vec![0f32; group * d];
+    let (mut krow, mut raw) = (vec![0f32; d], vec![0f32; d]);
+    for o in 0..longest {
+        let pos = base + o;
+        let (c, s) = (
+            &table.cos[pos * half..(pos + 1) * half],
+            &table.sin[pos * half..(pos + 1) * half],
+        );
+        // Keys at this position: one per segment long enough. Fewer keys than heads
+        // (two long answers, GQA 4): turning the keys back is cheaper than turning every
+        // head's query; both give q . k of the un-rotated projections.
+        let at_pos = layout.segment_lens.iter().filter(|&&len| o + len >= longest).count();
+        let turn_keys = at_pos < group;
+        if !turn_keys {
+            for (t, qrow) in turned.chunks_exact_mut(d).zip(queries.chunks_exact(d)) {
+                rotate::<FMA>(t, qrow, c, s, 1.0);
+            }
+        }
+        for (&len, &start) in layout.segment_lens.iter().zip(&starts) {
+            // Segment tokens are right-aligned: token t of a segment of `len` sits at
+            // offset longest - len + t.
+            let Some(t) = o.checked_sub(longest - len) else {
+                continue;
+            };
+            let row = k.row(b, start + t, kh, d);
+            let at = start - p + t;
+            if turn_keys {
+                for (dst, x) in raw.iter_mut().zip(row) {
+                    *dst = x.to_f32();
+                }
+                rotate::<FMA>(&mut krow, &raw, c, s, -1.0);
+                dots::<FMA>(&queries, &krow, &mut scores, keys, at);
+            } else {
+                for (dst, x) in krow.iter_mut().zip(row) {
+                    *dst = x.to_f32();
+                }
+                dots::<FMA>(&turned, &krow, &mut scores, keys, at);
+            }
+        }
+    }
+    // Per head: softmax over all segment keys, summed per segment, divided by its length.
+    for (g, head_scores) in scores.chunks_exact_mut(keys).enumerate() {
+        let max = head_scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut total = 0f32;
+        for x in head_scores.iter_mut() {
+            *x = (*x - max).exp();
+            total += *x;
+        }
+        let mut at = 0;
+        for (j, &len) in layout.segment_lens.iter().enumerate() {
+            let mass: f32 = head_scores[at..at + len].iter().sum();
+            rows[g * sk + j + 1] = mass / total / len as f32;
+            at += len;
+        }
+    }
+    rows
+}
+
+/// [`item_scores`] compiled for AVX2 + FMA (the loops vectorise 8 wide and fuse their
+/// multiply-adds; the generic build is SSE2 only).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn item_scores_avx2<T: Element>(args: &ItemArgs<'_, T>) -> Vec<f32> {
+    item_scores::<T, true>(args)
+}
+
+/// `a b + c`, fused where the CPU has FMA (a plain `mul_add` outside an FMA build calls libm).
+#[inline(always)]
+fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FMA {
+        a.mul_add(b, c)
+    } else {
+        a * b + c
+    }
+}
+
 /// `dst` = `x` turned (rotate-half) by the angle whose cos / sin are `c` / `s`, times `sign` for
 /// the inverse.
-#[inline]
-fn rotate(dst: &mut [f32], x: &[f32], c: &[f32], s: &[f32], sign: f32) {
+#[inline(always)]
+fn rotate<const FMA: bool>(dst: &mut [f32], x: &[f32], c: &[f32], s: &[f32], sign: f32) {
     let half = c.len();
     for j in 0..half {
         let (x1, x2, sn) = (x[j], x[j + half], sign * s[j]);
-        dst[j] = x1 * c[j] - x2 * sn;
-        dst[j + half] = x2 * c[j] + x1 * sn;
+        dst[j] = madd::<FMA>(x1, c[j], -(x2 * sn));
+        dst[j + half] = madd::<FMA>(x2, c[j], x1 * sn);
+    }
+}
+
+/// `scores[g keys + at] = qs_g . k` for each query `qs_g` of `qs` (`group x D`): the key read
+/// once for four queries at a time, each over 8 independent lanes (one register each; a dot per
+/// query reloaded the key and vectorised poorly).
+#[inline(always)]
+fn dots<const FMA: bool>(qs: &[f32], k: &[f32], scores: &mut [f32], keys: usize, at: usize) {
+    let d = k.len();
+    let group = qs.len() / d;
+    let mut g0 = 0;
+    if d % 8 == 0 {
+        while g0 + 4 <= group {
+            let mut acc = [[0f32; 8]; 4];
+            let q4: [&[f32]; 4] = std::array::from_fn(|j| &qs[(g0 + j) * d..(g0 + j + 1) * d]);
+            for (c, kc) in k.chunks_exact(8).enumerate() {
+                for (acc_j, q) in acc.iter_mut().zip(&q4) {
+                    let qc = &q[c * 8..c * 8 + 8];
+                    for l in 0..8 {
+                        acc_j[l] = madd::<FMA>(qc[l], kc[l], acc_j[l]);
+                    }
+                }
+            }
+            for (j, acc_j) in acc.iter().enumerate() {
+                scores[(g0 + j) * keys + at] = acc_j.iter().sum();
+            }
+            g0 += 4;
+        }
+    }
+    for g in g0..group {
+        scores[g * keys + at] = dot::<FMA, f32>(&qs[g * d..(g + 1) * d], k);
     }
 }
 
 /// `a . b` in f32 over 8 independent lanes (vectorises; one chain would not).
-#[inline]
-fn dot<T: Element>(a: &[f32], b: &[T]) -> f32 {
+#[inline(always)]
+fn dot<const FMA: bool, T: Element>(a: &[f32], b: &[T]) -> f32 {
     let mut acc = [0f32; 8];
     let mut ca = a.chunks_exact(8);
     let mut cb = b.chunks_exact(8);
     for (x, y) in (&mut ca).zip(&mut cb) {
         for l in 0..8 {
-            acc[l] += x[l] * y[l].to_f32();
+            acc[l] = madd::<FMA>(x[l], y[l].to_f32(), acc[l]);
         }
     }
     let tail: f32 = ca
