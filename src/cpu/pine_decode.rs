@@ -16,6 +16,8 @@
 use candle_core::Result;
 use rayon::prelude::*;
 
+use super::exp2::exp2;
+use super::tile::{lane_max, lane_sum};
 use super::{Element, Strided};
 use crate::mask::PineLayout;
 use crate::pine::RopeTable;
@@ -123,9 +125,8 @@ fn item_scores<T: Element, const FMA: bool>(args: &ItemArgs<'_, T>) -> Vec<f32> 
     if longest == 0 {
         return rows;
     }
-    // Position by position over [E - longest, E): each head's query turned to it once,
-    // then dotted with the key at that position in every segment long enough to have one
-    // (the turned queries stay in a `group x D` buffer: cache-resident).
+    // Each head's query turned once to each position of [E - longest, E) that has keys, then
+    // dotted with those keys.
     let base = end - longest;
     // The group's queries, scaled, one after another (`group x D`).
     let queries: Vec<f32> = (0..group)
@@ -142,57 +143,79 @@ fn item_scores<T: Element, const FMA: bool>(args: &ItemArgs<'_, T>) -> Vec<f32> 
         .collect();
     let keys = end - p;
     let mut scores = vec![0f32; group * keys];
-    let mut turned = vec![0f32; group * d];
-    let (mut krow, mut raw) = (vec![0f32; d], vec![0f32; d]);
-    for o in 0..longest {
+    // Per position offset o (position base + o): whether the keys there are fewer than the heads
+    // (two long answers, GQA 4: turning those keys back is cheaper than turning every head's
+    // query; both give q . k of the un-rotated projections), else every head's query turned to
+    // it, computed once (`[longest, group, D]`). Then the keys are read segment by segment, in
+    // memory order (position by position they were 20 strided streams at the RAG prompt).
+    let turn_keys: Vec<bool> = (0..longest)
+        .map(|o| layout.segment_lens.iter().filter(|&&len| o + len >= longest).count() < group)
+        .collect();
+    let cos_sin = |o: usize| {
         let pos = base + o;
-        let (c, s) = (
+        (
             &table.cos[pos * half..(pos + 1) * half],
             &table.sin[pos * half..(pos + 1) * half],
-        );
-        // Keys at this position: one per segment long enough. Fewer keys than heads
-        // (two long answers, GQA 4): turning the keys back is cheaper than turning every
-        // head's query; both give q . k of the un-rotated projections.
-        let at_pos = layout.segment_lens.iter().filter(|&&len| o + len >= longest).count();
-        let turn_keys = at_pos < group;
-        if !turn_keys {
-            for (t, qrow) in turned.chunks_exact_mut(d).zip(queries.chunks_exact(d)) {
+        )
+    };
+    let mut turned = vec![
+        0f32;
+        if turn_keys.iter().all(|&t| t) {
+            0
+        } else {
+            longest * group * d
+        }
+    ];
+    for (o, &keys_turn) in turn_keys.iter().enumerate() {
+        if !keys_turn {
+            let (c, s) = cos_sin(o);
+            let at = &mut turned[o * group * d..(o + 1) * group * d];
+            for (t, qrow) in at.chunks_exact_mut(d).zip(queries.chunks_exact(d)) {
                 rotate::<FMA>(t, qrow, c, s, 1.0);
             }
         }
-        for (&len, &start) in layout.segment_lens.iter().zip(&starts) {
-            // Segment tokens are right-aligned: token t of a segment of `len` sits at
-            // offset longest - len + t.
-            let Some(t) = o.checked_sub(longest - len) else {
-                continue;
-            };
+    }
+    let (mut krow, mut raw) = (vec![0f32; d], vec![0f32; d]);
+    for (&len, &start) in layout.segment_lens.iter().zip(&starts) {
+        for t in 0..len {
+            // Segment tokens are right-aligned: token t of a segment of `len` sits at offset
+            // longest - len + t.
+            let o = longest - len + t;
             let row = k.row(b, start + t, kh, d);
             let at = start - p + t;
-            if turn_keys {
+            if turn_keys[o] {
                 for (dst, x) in raw.iter_mut().zip(row) {
                     *dst = x.to_f32();
                 }
+                let (c, s) = cos_sin(o);
                 rotate::<FMA>(&mut krow, &raw, c, s, -1.0);
                 dots::<FMA>(&queries, &krow, &mut scores, keys, at);
             } else {
                 for (dst, x) in krow.iter_mut().zip(row) {
                     *dst = x.to_f32();
                 }
-                dots::<FMA>(&turned, &krow, &mut scores, keys, at);
+                dots::<FMA>(
+                    &turned[o * group * d..(o + 1) * group * d],
+                    &krow,
+                    &mut scores,
+                    keys,
+                    at,
+                );
             }
         }
     }
     // Per head: softmax over all segment keys, summed per segment, divided by its length.
+    // (The exponentials as the attention's: 2^x by a vectorised polynomial, about one f32 ulp;
+    // libm's expf was a call per key and a dependency chain through the sum.)
     for (g, head_scores) in scores.chunks_exact_mut(keys).enumerate() {
-        let max = head_scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut total = 0f32;
+        let max = lane_max(head_scores);
         for x in head_scores.iter_mut() {
-            *x = (*x - max).exp();
-            total += *x;
+            *x = exp2((*x - max) * std::f32::consts::LOG2_E);
         }
+        let total = lane_sum(head_scores);
         let mut at = 0;
         for (j, &len) in layout.segment_lens.iter().enumerate() {
-            let mass: f32 = head_scores[at..at + len].iter().sum();
+            let mass = lane_sum(&head_scores[at..at + len]);
             rows[g * sk + j + 1] = mass / total / len as f32;
             at += len;
         }
