@@ -17,7 +17,7 @@ use candle_core::Result;
 use rayon::prelude::*;
 
 use super::exp2::exp2;
-use super::tile::{lane_max, lane_sum};
+use super::tile::{lane_max, lane_sum, madd};
 use super::{Element, Strided};
 use crate::mask::PineLayout;
 use crate::pine::RopeTable;
@@ -229,16 +229,6 @@ fn item_scores<T: Element, const FMA: bool>(args: &ItemArgs<'_, T>) -> Vec<f32> 
 #[target_feature(enable = "avx2,fma")]
 unsafe fn item_scores_avx2<T: Element>(args: &ItemArgs<'_, T>) -> Vec<f32> {
     item_scores::<T, true>(args)
-}
-
-/// `a b + c`, fused where the CPU has FMA (a plain `mul_add` outside an FMA build calls libm).
-#[inline(always)]
-fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
-    if FMA {
-        a.mul_add(b, c)
-    } else {
-        a * b + c
-    }
 }
 
 /// `dst` = `x` turned (rotate-half) by the angle whose cos / sin are `c` / `s`, times `sign` for

@@ -17,8 +17,9 @@ pub(crate) const LANES: usize = 16;
 /// Rows of one accumulator block.
 pub(crate) const ROWS: usize = 4;
 
+/// `a b + c`, fused where the build has FMA (`mul_add` outside an FMA build calls libm).
 #[inline(always)]
-fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+pub(crate) fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
     if FMA {
         a.mul_add(b, c)
     } else {
