@@ -24,7 +24,11 @@ impl QueryRotation<'_> {
     /// The query row and head (and the query length) that the attention's row `i` of head `h`
     /// stands for, out of `q_len` rows: themselves without packing.
     fn origin(&self, h: usize, q_len: usize, i: usize) -> (usize, usize, usize) {
-        let p = self.packed_heads.max(1);
+        let p = self.packed_heads;
+        if p <= 1 {
+            // Unpacked (every prefill): no divisions in the per-row, per-piece shift lookups.
+            return (h, q_len, i);
+        }
         (h * p + i % p, q_len / p, i / p)
     }
 
