@@ -337,14 +337,12 @@ impl AttentionOp<'_> {
 /// `(b, i, kh)` is head `kh P + i` (see [`DecodePacking`]).
 fn unpack_decode_rows<T: Copy>(packed: &[T], shape: AttentionShape, p: usize) -> Vec<T> {
     let (d, hkv) = (shape.head_dim, shape.num_kv_heads);
-    let mut out = packed.to_vec();
+    let mut out = Vec::with_capacity(packed.len());
     for b in 0..shape.batch {
-        for i in 0..p {
-            for kh in 0..hkv {
-                let from = ((b * p + i) * hkv + kh) * d;
-                let to = (b * shape.num_heads + kh * p + i) * d;
-                out[to..to + d].copy_from_slice(&packed[from..from + d]);
-            }
+        for h in 0..shape.num_heads {
+            let (kh, i) = (h / p, h % p);
+            let from = ((b * p + i) * hkv + kh) * d;
+            out.extend_from_slice(&packed[from..from + d]);
         }
     }
     out
