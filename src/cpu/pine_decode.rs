@@ -84,6 +84,7 @@ pub(crate) fn suffix_importance<T: Element>(
 }
 
 /// What one work item of [`suffix_importance`] reads: (batch row, KV head, query row) `at`.
+#[derive(Clone, Copy)]
 struct ItemArgs<'a, T> {
     q: Strided<'a, T>,
     k: Strided<'a, T>,
@@ -95,13 +96,6 @@ struct ItemArgs<'a, T> {
     d: usize,
     at: (usize, usize, usize),
 }
-
-impl<T: Copy> Clone for ItemArgs<'_, T> {
-    fn clone(&self) -> Self {
-        *self
-    }
-}
-impl<T: Copy> Copy for ItemArgs<'_, T> {}
 
 /// The importance rows `[group, sk]` of the query heads of one KV head for one query row.
 #[inline(always)]
