@@ -10,7 +10,7 @@
 //! # Two modes
 //!
 //! - `cargo bench --bench pine` runs a few small criterion groups (sample size 10, flat
-//!   sampling): PINE vs causal prefill at the judge shape, PINE vs plain decode at both shapes.
+//!   sampling): PINE vs causal prefill at the judge shape, PINE vs plain decode at both shapes (and the PINE step's importance and order alone, `pine_plan`).
 //! - `cargo bench --bench pine -- --table` (or `SEGATTN_BENCH_TABLE=1`) skips criterion and
 //!   prints Markdown tables on stdout (progress on stderr); it writes no file
 //!   (`... -- --table > bench/pine_table.md`). Calls that are compared are INTERLEAVED in rotating
@@ -215,6 +215,13 @@ impl Case {
         self.pine.decode(&self.q_new, &self.k_cache, &self.v_cache).unwrap().out
     }
 
+    /// A decode step's importance and order alone (the part PINE adds to a plain step).
+    fn pine_decode_plan(&self) -> Tensor {
+        self.pine
+            .bench_plan(&self.q_new, &self.k_cache, &self.v_cache, true)
+            .unwrap()
+    }
+
     fn plain_decode(&self) -> Tensor {
         SegmentAttention::new(&self.decode_mask)
             .forward(&self.q_new_rot, &self.k_cache, &self.v_cache)
@@ -310,6 +317,9 @@ fn criterion_main() -> Result<()> {
         g.sampling_mode(SamplingMode::Flat);
         g.bench_function(BenchmarkId::new("pine", l + 1), |b| b.iter(|| case.pine_decode()));
         g.bench_function(BenchmarkId::new("plain", l + 1), |b| b.iter(|| case.plain_decode()));
+        g.bench_function(BenchmarkId::new("pine_plan", l + 1), |b| {
+            b.iter(|| case.pine_decode_plan())
+        });
         g.finish();
     }
     c.final_summary();

@@ -1,5 +1,7 @@
 //! Tile loads shared by the CPU kernels.
 
+#[cfg(target_arch = "x86_64")]
+use super::element::widen8;
 use super::element::Element;
 use super::tile::BC;
 
@@ -11,8 +13,8 @@ use super::tile::BC;
 pub(crate) fn transpose_rows<'a, T: Element>(kt: &mut [f32], cols: usize, d: usize, row: impl Fn(usize) -> &'a [T]) {
     #[cfg(target_arch = "x86_64")]
     {
-        if is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU has AVX2 (checked just above; std caches the detection).
+        if super::element::widen8_available() {
+            // SAFETY: the CPU has AVX2 and F16C (checked just above; std caches the detection).
             unsafe { transpose_rows_avx2(kt, cols, d, row) };
             return;
         }
@@ -67,10 +69,10 @@ fn transpose_rows_generic<'a, T: Element>(kt: &mut [f32], cols: usize, d: usize,
     tails(kt, cols, d, j_full, c_full, &row);
 }
 
-/// [`transpose_rows_generic`] with each 8 x 8 block transposed in registers (unpack, shuffle and
-/// 128-bit lane permutes: 24 shuffles per 64 values).
+/// [`transpose_rows_generic`] with each 8 x 8 block widened ([`widen8`]) and transposed in
+/// registers (unpack, shuffle and 128-bit lane permutes: 24 shuffles per 64 values).
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
+#[target_feature(enable = "avx2,f16c")]
 unsafe fn transpose_rows_avx2<'a, T: Element>(kt: &mut [f32], cols: usize, d: usize, row: impl Fn(usize) -> &'a [T]) {
     use std::arch::x86_64::*;
     const B: usize = 8;
@@ -80,9 +82,9 @@ unsafe fn transpose_rows_avx2<'a, T: Element>(kt: &mut [f32], cols: usize, d: us
         let rows: [&[T]; B] = std::array::from_fn(|l| row(j0 + l));
         for c0 in (0..c_full).step_by(B) {
             let v: [__m256; B] = std::array::from_fn(|l| {
-                let x = eight(rows[l], c0);
-                // SAFETY: `x` holds 8 f32.
-                unsafe { _mm256_loadu_ps(x.as_ptr()) }
+                let x = &rows[l][c0..c0 + 8];
+                // SAFETY: `x` holds 8 elements; the CPU has AVX2 and F16C (this function's features).
+                unsafe { widen8(x.as_ptr()) }
             });
             let t0 = _mm256_unpacklo_ps(v[0], v[1]);
             let t1 = _mm256_unpackhi_ps(v[0], v[1]);

@@ -121,11 +121,12 @@ pub(crate) fn forward<T: Element>(
     })
 }
 
-/// Whether the running CPU has AVX2 and FMA (checked once per call; the result is cached by std).
+/// Whether the running CPU has AVX2, FMA and F16C, which the `_avx2` builds of the CPU loops use
+/// (checked once per call; the result is cached by std).
 pub(crate) fn fma_available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+        is_x86_feature_detected!("fma") && element::widen8_available()
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -333,10 +334,7 @@ impl Scratch {
         }
         load::transpose_rows(&mut self.kt, cols, d, |j| k.row(b, k0 + j, kh, d));
         for j in 0..cols {
-            let vrow = v.row(b, k0 + j, kh, d);
-            for (dst, x) in self.v[j * dp..j * dp + d].iter_mut().zip(vrow) {
-                *dst = x.to_f32();
-            }
+            element::widen_into(&mut self.v[j * dp..j * dp + d], v.row(b, k0 + j, kh, d));
         }
     }
 

@@ -16,6 +16,8 @@
 use candle_core::Result;
 use rayon::prelude::*;
 
+#[cfg(target_arch = "x86_64")]
+use super::element::widen8;
 use super::exp2::exp2;
 use super::tile::{lane_max, lane_sum, madd};
 use super::{Element, Strided};
@@ -137,14 +139,6 @@ fn item_scores<T: Element, const FMA: bool>(args: &ItemArgs<'_, T>) -> Vec<f32> 
         .collect();
     let keys = end - p;
     let mut scores = vec![0f32; group * keys];
-    // Per position offset o (position base + o): whether the keys there are fewer than the heads
-    // (two long answers, GQA 4: turning those keys back is cheaper than turning every head's
-    // query; both give q . k of the un-rotated projections), else every head's query turned to
-    // it, computed once (`[longest, group, D]`). Then the keys are read segment by segment, in
-    // memory order (position by position they were 20 strided streams at the RAG prompt).
-    let turn_keys: Vec<bool> = (0..longest)
-        .map(|o| layout.segment_lens.iter().filter(|&&len| o + len >= longest).count() < group)
-        .collect();
     let cos_sin = |o: usize| {
         let pos = base + o;
         (
@@ -152,49 +146,61 @@ fn item_scores<T: Element, const FMA: bool>(args: &ItemArgs<'_, T>) -> Vec<f32> 
             &table.sin[pos * half..(pos + 1) * half],
         )
     };
-    let mut turned = vec![
-        0f32;
-        if turn_keys.iter().all(|&t| t) {
-            0
-        } else {
-            longest * group * d
-        }
-    ];
-    for (o, &keys_turn) in turn_keys.iter().enumerate() {
-        if !keys_turn {
-            let (c, s) = cos_sin(o);
-            let at = &mut turned[o * group * d..(o + 1) * group * d];
-            for (t, qrow) in at.chunks_exact_mut(d).zip(queries.chunks_exact(d)) {
-                rotate::<FMA>(t, qrow, c, s, 1.0);
-            }
-        }
-    }
+    // Segments SEG_BLOCK at a time (all of them at the usual counts), offset by offset within a
+    // block (offset o = position base + o): every head's query is turned to the offset's position
+    // once, into `turned` (`group x D`, 2 KB at GQA 4, D 128, in L1), and the block's keys there
+    // are dotted with it, two at a time. (A table of every offset's turned queries, read once per
+    // key in segment order, came from L2 at ~64 cycles a key.)
+    let mut turned = vec![0f32; group * d];
     let (mut krow, mut raw) = (vec![0f32; d], vec![0f32; d]);
-    for (&len, &start) in layout.segment_lens.iter().zip(&starts) {
-        for t in 0..len {
-            // Segment tokens are right-aligned: token t of a segment of `len` sits at offset
-            // longest - len + t.
-            let o = longest - len + t;
-            let row = k.row(b, start + t, kh, d);
-            let at = start - p + t;
-            if turn_keys[o] {
-                for (dst, x) in raw.iter_mut().zip(row) {
-                    *dst = x.to_f32();
+    let segments: Vec<(usize, usize)> = layout
+        .segment_lens
+        .iter()
+        .copied()
+        .zip(starts.iter().copied())
+        .collect();
+    for block in segments.chunks(SEG_BLOCK) {
+        for o in 0..longest {
+            let here = block.iter().filter(|&&(len, _)| o + len >= longest).count();
+            // Fewer keys here than query heads sharing them (two long answers, GQA 4): turning
+            // those keys back is cheaper than turning every head's query; both give q . k of
+            // the un-rotated projections.
+            let turn_keys = here < group;
+            let (c, s) = cos_sin(o);
+            if here > 0 && !turn_keys {
+                for (t, qrow) in turned.chunks_exact_mut(d).zip(queries.chunks_exact(d)) {
+                    rotate::<FMA>(t, qrow, c, s, 1.0);
                 }
-                let (c, s) = cos_sin(o);
-                rotate::<FMA>(&mut krow, &raw, c, s, -1.0);
-                dots::<FMA>(&queries, &krow, &mut scores, keys, at);
-            } else {
-                for (dst, x) in krow.iter_mut().zip(row) {
-                    *dst = x.to_f32();
+            }
+            // Keys that use `turned` go in pairs (each query chunk loaded once for both).
+            let mut pending: Option<(&[T], usize)> = None;
+            for &(len, start) in block {
+                // Segment tokens are right-aligned: token t of a segment of `len` sits at offset
+                // longest - len + t.
+                let Some(t) = (o + len).checked_sub(longest) else {
+                    continue;
+                };
+                let row = k.row(b, start + t, kh, d);
+                let at = start - p + t;
+                #[cfg(target_arch = "x86_64")]
+                if FMA && t + PREFETCH_ROWS < len {
+                    prefetch_row(k.row(b, start + t + PREFETCH_ROWS, kh, d));
                 }
-                dots::<FMA>(
-                    &turned[o * group * d..(o + 1) * group * d],
-                    &krow,
-                    &mut scores,
-                    keys,
-                    at,
-                );
+                if turn_keys {
+                    for (dst, x) in raw.iter_mut().zip(row) {
+                        *dst = x.to_f32();
+                    }
+                    rotate::<FMA>(&mut krow, &raw, c, s, -1.0);
+                    dots::<FMA, f32>(&queries, &krow, &mut scores, keys, at);
+                } else if let Some((first, first_at)) = pending.take() {
+                    dots_pair::<FMA, T>(&turned, [first, row], [first_at, at], &mut scores, keys);
+                } else {
+                    pending = Some((row, at));
+                }
+            }
+            if let Some((row, at)) = pending {
+                // The cache row as it is: widened in registers where the build has AVX2.
+                dots::<FMA, T>(&turned, row, &mut scores, keys, at);
             }
         }
     }
@@ -217,12 +223,32 @@ fn item_scores<T: Element, const FMA: bool>(args: &ItemArgs<'_, T>) -> Vec<f32> 
     rows
 }
 
-/// [`item_scores`] compiled for AVX2 + FMA (the loops vectorise 8 wide and fuse their
-/// multiply-adds; the generic build is SSE2 only).
+/// [`item_scores`] compiled for AVX2 + FMA + F16C (the loops vectorise 8 wide and fuse their
+/// multiply-adds, the dots take [`dots_avx2`]; the generic build is SSE2 only).
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn item_scores_avx2<T: Element>(args: &ItemArgs<'_, T>) -> Vec<f32> {
     item_scores::<T, true>(args)
+}
+
+/// How many cache rows ahead [`item_scores`] asks for: a head's slice of each row is a few cache
+/// lines a whole token row apart (`Hkv D` elements), a stride the hardware prefetcher follows late.
+const PREFETCH_ROWS: usize = 8;
+
+/// Segments whose keys [`item_scores`] reads side by side, offset by offset (one memory stream
+/// each).
+const SEG_BLOCK: usize = 32;
+
+/// Asks for the cache lines of `row` (a hint: no fault, no effect on results).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn prefetch_row<T>(row: &[T]) {
+    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+    let bytes = std::mem::size_of_val(row);
+    for off in (0..bytes).step_by(64) {
+        // SAFETY: prefetch never faults; the address is inside `row`.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(row.as_ptr().cast::<i8>().add(off)) };
+    }
 }
 
 /// `dst` = `x` turned (rotate-half) by the angle whose cos / sin are `c` / `s`, times `sign` for
@@ -237,35 +263,134 @@ fn rotate<const FMA: bool>(dst: &mut [f32], x: &[f32], c: &[f32], s: &[f32], sig
     }
 }
 
-/// `scores[g keys + at] = qs_g . k` for each query `qs_g` of `qs` (`group x D`): the key read
-/// once for four queries at a time, each over 8 independent lanes (one register each; a dot per
-/// query reloaded the key and vectorised poorly).
+/// `scores[g keys + at] = qs_g . k` for each query `qs_g` of `qs` (`group x D`). `FMA` (this
+/// module's AVX2 + FMA + F16C build) takes [`dots_avx2`].
 #[inline(always)]
-fn dots<const FMA: bool>(qs: &[f32], k: &[f32], scores: &mut [f32], keys: usize, at: usize) {
+fn dots<const FMA: bool, T: Element>(qs: &[f32], k: &[T], scores: &mut [f32], keys: usize, at: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if FMA && k.len() % 8 == 0 {
+        // SAFETY: `FMA` is only set in `item_scores_avx2`, called after checking the CPU's features.
+        unsafe { dots_avx2(qs, k, scores, keys, at) };
+        return;
+    }
+    let d = k.len();
+    for (g, q) in qs.chunks_exact(d).enumerate() {
+        scores[g * keys + at] = dot::<FMA, T>(q, k);
+    }
+}
+
+/// [`dots`] in AVX2 registers: the key widened 8 values at a time straight from the cache row,
+/// each 8 used by four queries (one accumulator each), the four sums reduced together by
+/// horizontal adds. (The same loops written for the auto-vectoriser came out as 4-wide shuffles,
+/// ~3x slower.)
+///
+/// # Safety
+/// The CPU must have AVX2, FMA and F16C; `k.len()` a multiple of 8, `qs.len()` a multiple of it.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn dots_avx2<T: Element>(qs: &[f32], k: &[T], scores: &mut [f32], keys: usize, at: usize) {
+    use std::arch::x86_64::*;
     let d = k.len();
     let group = qs.len() / d;
+    let (kp, qp) = (k.as_ptr(), qs.as_ptr());
     let mut g0 = 0;
-    if d % 8 == 0 {
-        while g0 + 4 <= group {
-            let mut acc = [[0f32; 8]; 4];
-            let q4: [&[f32]; 4] = std::array::from_fn(|j| &qs[(g0 + j) * d..(g0 + j + 1) * d]);
-            for (c, kc) in k.chunks_exact(8).enumerate() {
-                for (acc_j, q) in acc.iter_mut().zip(&q4) {
-                    let qc = &q[c * 8..c * 8 + 8];
-                    for l in 0..8 {
-                        acc_j[l] = madd::<FMA>(qc[l], kc[l], acc_j[l]);
-                    }
-                }
+    while g0 + 4 <= group {
+        let mut acc = [_mm256_setzero_ps(); 4];
+        for c in (0..d).step_by(8) {
+            // SAFETY: c + 8 <= d for the key and for each of the four query rows g0..g0 + 4 < group.
+            let kv = unsafe { widen8(kp.add(c)) };
+            for (j, a) in acc.iter_mut().enumerate() {
+                let qv = unsafe { _mm256_loadu_ps(qp.add((g0 + j) * d + c)) };
+                *a = _mm256_fmadd_ps(qv, kv, *a);
             }
-            for (j, acc_j) in acc.iter().enumerate() {
-                scores[(g0 + j) * keys + at] = acc_j.iter().sum();
-            }
-            g0 += 4;
         }
+        for (j, x) in hsum4(&acc).into_iter().enumerate() {
+            scores[(g0 + j) * keys + at] = x;
+        }
+        g0 += 4;
     }
     for g in g0..group {
-        scores[g * keys + at] = dot::<FMA, f32>(&qs[g * d..(g + 1) * d], k);
+        let mut acc = _mm256_setzero_ps();
+        for c in (0..d).step_by(8) {
+            // SAFETY: as above, for the one query row g < group.
+            let (kv, qv) = unsafe { (widen8(kp.add(c)), _mm256_loadu_ps(qp.add(g * d + c))) };
+            acc = _mm256_fmadd_ps(qv, kv, acc);
+        }
+        let half = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps::<1>(acc));
+        let two = _mm_add_ps(half, _mm_movehl_ps(half, half));
+        scores[g * keys + at] = _mm_cvtss_f32(_mm_add_ss(two, _mm_shuffle_ps::<1>(two, two)));
     }
+}
+
+/// [`dots`] for two keys: `scores[g keys + at[x]] = qs_g . k[x]`.
+#[inline(always)]
+fn dots_pair<const FMA: bool, T: Element>(qs: &[f32], k: [&[T]; 2], at: [usize; 2], scores: &mut [f32], keys: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if FMA && k[0].len() % 8 == 0 {
+        // SAFETY: as in `dots`.
+        unsafe { dots_pair_avx2(qs, k, at, scores, keys) };
+        return;
+    }
+    for x in 0..2 {
+        dots::<FMA, T>(qs, k[x], scores, keys, at[x]);
+    }
+}
+
+/// [`dots_avx2`] for two keys: each query chunk loaded once for both (8 accumulators; per 8
+/// values 6 loads for 8 FMAs, where one key at a time needed 5 for 4).
+///
+/// # Safety
+/// As [`dots_avx2`], for both keys (same length).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn dots_pair_avx2<T: Element>(qs: &[f32], k: [&[T]; 2], at: [usize; 2], scores: &mut [f32], keys: usize) {
+    use std::arch::x86_64::*;
+    let d = k[0].len();
+    assert_eq!(k[1].len(), d, "dots_pair: keys of different lengths");
+    let group = qs.len() / d;
+    let (k0, k1, qp) = (k[0].as_ptr(), k[1].as_ptr(), qs.as_ptr());
+    let mut g0 = 0;
+    while g0 + 4 <= group {
+        let mut acc = [[_mm256_setzero_ps(); 4]; 2];
+        for c in (0..d).step_by(8) {
+            // SAFETY: c + 8 <= d for both keys and each of the four query rows g0..g0 + 4 < group.
+            let (kv0, kv1) = unsafe { (widen8(k0.add(c)), widen8(k1.add(c))) };
+            for j in 0..4 {
+                let qv = unsafe { _mm256_loadu_ps(qp.add((g0 + j) * d + c)) };
+                acc[0][j] = _mm256_fmadd_ps(qv, kv0, acc[0][j]);
+                acc[1][j] = _mm256_fmadd_ps(qv, kv1, acc[1][j]);
+            }
+        }
+        for (x, acc) in acc.iter().enumerate() {
+            for (j, sum) in hsum4(acc).into_iter().enumerate() {
+                scores[(g0 + j) * keys + at[x]] = sum;
+            }
+        }
+        g0 += 4;
+    }
+    if g0 < group {
+        for x in 0..2 {
+            // SAFETY: as this function's contract, for the remaining query rows.
+            unsafe { dots_avx2(&qs[g0 * d..], k[x], &mut scores[g0 * keys..], keys, at[x]) };
+        }
+    }
+}
+
+/// The horizontal sums of four registers: `[sum(a[0]), .., sum(a[3])]`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+fn hsum4(a: &[std::arch::x86_64::__m256; 4]) -> [f32; 4] {
+    use std::arch::x86_64::*;
+    // [a0 a0 a1 a1 | ...] -> [a0 a1 a2 a3] per 128-bit half, then the halves added.
+    let pairs = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+    let sums = _mm_add_ps(_mm256_castps256_ps128(pairs), _mm256_extractf128_ps::<1>(pairs));
+    let mut four = [0f32; 4];
+    // SAFETY: `four` holds 4 f32.
+    unsafe { _mm_storeu_ps(four.as_mut_ptr(), sums) };
+    four
 }
 
 /// `a . b` in f32 over 8 independent lanes (vectorises; one chain would not).

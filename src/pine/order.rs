@@ -48,12 +48,13 @@ impl QueryShifts {
 /// The order of segments `1..=n` by descending `score(j)` (ties: lower index first), with `own`
 /// first when given.
 pub(crate) fn segment_order(n: usize, own: Option<usize>, score: impl Fn(usize) -> f32) -> Vec<usize> {
-    let mut order: Vec<usize> = (1..=n).filter(|&j| Some(j) != own).collect();
+    // One allocation of its final size (a decode step sorts once per head and row).
+    let mut order = Vec::with_capacity(n);
+    order.extend(own);
+    let first = order.len();
+    order.extend((1..=n).filter(|&j| Some(j) != own));
     // sort_by is stable; total_cmp keeps NaN-free scores in their numeric order.
-    order.sort_by(|&a, &b| score(b).total_cmp(&score(a)));
-    if let Some(own) = own {
-        order.insert(0, own);
-    }
+    order[first..].sort_by(|&a, &b| score(b).total_cmp(&score(a)));
     order
 }
 
@@ -148,18 +149,32 @@ pub(crate) fn query_shifts(groups: GroupLayout, heads: usize, q_len: usize, imp:
         let n = groups.num_segs[b] as usize;
         let lens: Vec<usize> = (1..=n).map(|j| groups.segment_lens[b * sk + j] as usize).collect();
         let first_suffix_row = groups.first_suffix_row[b] as usize;
+        let segment_scores = imp.segments.as_ref().filter(|_| n > 2);
+        // Without scores (a decode step's segment groups, or n <= 2) a segment group's order is
+        // its own segment, then the others by index: the same for every head.
+        let unscored: Vec<u32> = match segment_scores {
+            Some(_) => Vec::new(),
+            None => {
+                let mut all = vec![0u32; (n + 1) * sk];
+                for i in 1..=n {
+                    let order = segment_order(n, Some(i), |_| 0.0);
+                    write_shifts(&order, &lens, &mut all[i * sk..(i + 1) * sk]);
+                }
+                all
+            }
+        };
         for h in 0..heads {
             let base = (b * heads + h) * ng;
             // Segment groups.
-            for i in 1..=n {
-                let order = match (&imp.segments, n) {
-                    (Some(seg), n) if n > 2 => {
+            match segment_scores {
+                Some(seg) => {
+                    for i in 1..=n {
                         let row = &seg[((b * heads + h) * sk + i) * sk..][..sk];
-                        segment_order(n, Some(i), |j| row[j])
+                        let order = segment_order(n, Some(i), |j| row[j]);
+                        write_shifts(&order, &lens, &mut shifts[(base + i) * sk..(base + i + 1) * sk]);
                     }
-                    _ => segment_order(n, Some(i), |_| 0.0),
-                };
-                write_shifts(&order, &lens, &mut shifts[(base + i) * sk..(base + i + 1) * sk]);
+                }
+                None => shifts[(base + 1) * sk..(base + n + 1) * sk].copy_from_slice(&unscored[sk..]),
             }
             // Suffix / generated rows, one group each.
             for i in first_suffix_row..q_len {
