@@ -357,10 +357,11 @@ unsafe fn dots_pair_avx2<T: Element>(qs: &[f32], k: [&[T]; 2], at: [usize; 2], s
         for c in (0..d).step_by(8) {
             // SAFETY: c + 8 <= d for both keys and each of the four query rows g0..g0 + 4 < group.
             let (kv0, kv1) = unsafe { (widen8(k0.add(c)), widen8(k1.add(c))) };
-            for j in 0..4 {
+            let [acc0, acc1] = &mut acc;
+            for (j, (a0, a1)) in acc0.iter_mut().zip(acc1.iter_mut()).enumerate() {
                 let qv = unsafe { _mm256_loadu_ps(qp.add((g0 + j) * d + c)) };
-                acc[0][j] = _mm256_fmadd_ps(qv, kv0, acc[0][j]);
-                acc[1][j] = _mm256_fmadd_ps(qv, kv1, acc[1][j]);
+                *a0 = _mm256_fmadd_ps(qv, kv0, *a0);
+                *a1 = _mm256_fmadd_ps(qv, kv1, *a1);
             }
         }
         for (x, acc) in acc.iter().enumerate() {
