@@ -61,9 +61,14 @@ const THETA: f64 = 500_000.0;
 /// The head subset the reference is timed on: one KV group.
 const REF_HEADS: usize = 4;
 const REF_KV_HEADS: usize = 1;
-/// Interleaved rounds: prefill (8 calls a round: PINE, causal, breakdown, baselines), decode (5).
+/// Interleaved rounds: prefill (8 calls a round: PINE, causal, breakdown, baselines), decode (2).
 const PREFILL_ROUNDS: usize = 5;
-const DECODE_ROUNDS: usize = 31;
+const DECODE_ROUNDS: usize = 101;
+/// Calls (interleaved) before each measured set, after the wait for a quiet machine: at least this
+/// long. Sub-millisecond decode steps timed right after the idle wait ran ~40% slower than in a
+/// steady loop (a clock still ramping up, cold caches), a different state from one layer's step
+/// among the others of a model.
+const WARM_UP: Duration = Duration::from_millis(500);
 const REF_PINE_ROUNDS: usize = 3;
 /// Other processes' CPU share above which a measurement is repeated, and the attempts at most.
 const CONTENDED: f64 = 0.15;
@@ -342,12 +347,15 @@ fn pct(load: Option<f64>) -> String {
 /// op's median and the share of the CPU other processes used meanwhile. While that share is above
 /// [`CONTENDED`], measures again ([`ATTEMPTS`] in all at most) and keeps the least contended.
 fn interleaved(rounds: usize, ops: &[&dyn Fn()]) -> (Vec<Duration>, Option<f64>) {
-    for op in ops {
-        op(); // warm-up
-    }
     let mut best: Option<(Vec<Duration>, Option<f64>)> = None;
     for attempt in 0..ATTEMPTS {
         wait_for_quiet(Duration::from_secs(20));
+        let warm = Instant::now();
+        while warm.elapsed() < WARM_UP {
+            for op in ops {
+                op();
+            }
+        }
         let before = CpuSnapshot::now();
         let mut t = vec![Vec::with_capacity(rounds); ops.len()];
         for round in 0..rounds {

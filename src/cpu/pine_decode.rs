@@ -5,7 +5,8 @@
 //! `q . k == rope(q, p_k) . rope(k, p_k)`, the query is turned instead of the keys — and segments
 //! are right-aligned to end at the same position `E - 1`, so the segment keys use at most
 //! `max L_j` distinct positions: each row turns its query once per position (`max L_j x D`
-//! work), then every segment key costs one dot product with the cache row as it is. (Where a
+//! work; once per block of up to 32 segments), then every segment key costs one dot product with
+//! the cache row as it is. (Where a
 //! position holds fewer keys than the query heads sharing them, the keys are turned back instead.)
 //! No un-rotated copy of the cache, no extra pass over it.
 //!
@@ -128,15 +129,6 @@ fn item_scores<T: Element, const FMA: bool>(args: &ItemArgs<'_, T>) -> Vec<f32> 
     let queries: Vec<f32> = (0..group)
         .flat_map(|g| q.row(b, i, kh * group + g, d).iter().map(|x| x.to_f32() * scale))
         .collect();
-    let starts: Vec<usize> = layout
-        .segment_lens
-        .iter()
-        .scan(p, |at, &len| {
-            let s = *at;
-            *at += len;
-            Some(s)
-        })
-        .collect();
     let keys = end - p;
     let mut scores = vec![0f32; group * keys];
     let cos_sin = |o: usize| {
@@ -154,11 +146,14 @@ fn item_scores<T: Element, const FMA: bool>(args: &ItemArgs<'_, T>) -> Vec<f32> 
     let mut turned = vec![0f32; group * d];
     // Two keys turned back (where keys are turned).
     let mut turned_keys = vec![0f32; 2 * d];
+    // (length, first token) of each segment.
     let segments: Vec<(usize, usize)> = layout
         .segment_lens
         .iter()
-        .copied()
-        .zip(starts.iter().copied())
+        .scan(p, |at, &len| {
+            *at += len;
+            Some((len, *at - len))
+        })
         .collect();
     for block in segments.chunks(SEG_BLOCK) {
         for o in 0..longest {
