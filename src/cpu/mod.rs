@@ -5,10 +5,12 @@
 //! never touched, FULL tiles run without per-element tests, PARTIAL tiles test each element.
 //! Inputs are converted to f32 one tile at a time; nothing of size `Lq x Lk` is ever allocated.
 
+mod dots;
 mod element;
 mod exp2;
 mod load;
 pub(crate) mod pine_decode;
+mod pv_rows;
 pub(crate) mod rotary;
 pub(crate) mod segment;
 mod tile;
@@ -24,7 +26,9 @@ use crate::scores::MassPlan;
 use crate::validate::{strides4, AttentionShape};
 use rotary::{rotated_scores, QueryRotation, RotaryScratch};
 use segment::{mask_tile, MassRows, MassSink, TilePieces};
-use tile::{attend_scored_tile, attend_tile, RowState, BC, BR, LANES, ROWS};
+use tile::{
+    attend_scored_tile, attend_tile, softmax_tile, tile_scores, RowState, RowsOf, TileKeys, BC, BR, LANES, ROWS,
+};
 
 /// A rank-4 input `[B, L, heads, D]` with arbitrary strides on the first three dims.
 #[derive(Clone, Copy)]
@@ -208,6 +212,9 @@ impl Scratch {
         let table = mask.rule.table_row(b);
         let (qs, ks) = (mask.q.row(b), mask.kv.row(b));
         let off = mask.pos_offset;
+        // Decode-sized items (one register block of rows: a decode step, GQA-packed or not) read
+        // S's keys straight from their rows: no K^T transpose (`TileKeys::Rows`).
+        let direct = use_fma && rows <= ROWS && d == dp && d % 8 == 0;
         for k0 in (0..shape.kv_len).step_by(BC) {
             let k1 = (k0 + BC).min(shape.kv_len);
             let class = classify_tile(&mask.rule, table, qs, ks, (q0, q1), (k0, k1), off);
@@ -215,12 +222,32 @@ impl Scratch {
                 continue;
             }
             let cols = k1 - k0;
-            self.load_kv(k, v, b, kh, d, k0, cols);
+            if !direct {
+                self.load_kv(k, v, b, kh, d, k0, cols);
+            }
             if self.mass.is_some() || rotation.is_some() {
                 segment::tile_pieces(mask, b, k0, k1, &mut self.pieces);
             }
+            let key_row = |j: usize| k.row(b, k0 + j, kh, d);
+            let value_row = |j: usize| v.row(b, k0 + j, kh, d);
+            let (keys, values) = if direct {
+                (TileKeys::Rows(&key_row), Some(&value_row as RowsOf<'_, T>))
+            } else {
+                (TileKeys::Transposed, None)
+            };
             if let Some(rot) = rotation {
-                self.attend_rotated(rot, mask, shape, (b, h), (q0, q1), (k0, k1), class, &mut state, use_fma);
+                self.attend_rotated(
+                    rot,
+                    (keys, values),
+                    mask,
+                    shape,
+                    (b, h),
+                    (q0, q1),
+                    (k0, k1),
+                    class,
+                    &mut state,
+                    use_fma,
+                );
                 continue;
             }
             let partial = class == TileClass::Partial;
@@ -247,7 +274,14 @@ impl Scratch {
                     m.follow(r, alpha, p, pieces);
                 }
             };
-            if use_fma {
+            if let Some(values) = values {
+                // SAFETY: `direct` implies use_fma: fma_available() checked the CPU's features.
+                #[cfg(target_arch = "x86_64")]
+                unsafe {
+                    tile_scores_avx2(keys, qb, s, dp, rows, (0, cols));
+                    attend_rows_scored_avx2(s, values, o, &mut state, dp, rows, cols, partial, masked, hook)
+                };
+            } else if use_fma {
                 // SAFETY: fma_available() checked that the CPU has AVX2 and FMA.
                 #[cfg(target_arch = "x86_64")]
                 unsafe {
@@ -264,9 +298,10 @@ impl Scratch {
     /// ([`rotated_scores`]), the mask of a PARTIAL tile by piece pairs, then the online softmax
     /// and P V as usual.
     #[allow(clippy::too_many_arguments)]
-    fn attend_rotated(
+    fn attend_rotated<'a, T: Element>(
         &mut self,
         rot: &QueryRotation<'_>,
+        (keys, values): (TileKeys<'a, T>, Option<RowsOf<'a, T>>),
         mask: &HostMask,
         shape: AttentionShape,
         (b, h): (usize, usize),
@@ -294,17 +329,23 @@ impl Scratch {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: fma_available() checked that the CPU has AVX2 and FMA.
             unsafe {
-                rotated_scores_avx2(rot, qb, kt, s, scratch, dp, (rows, padded), pieces, at)
+                rotated_scores_avx2(rot, qb, keys, kt, s, scratch, dp, (rows, padded), pieces, at)
             };
         } else {
-            rotated_scores::<false>(rot, qb, kt, s, scratch, dp, (rows, padded), pieces, at);
+            rotated_scores::<false, T>(rot, qb, keys, kt, s, scratch, dp, (rows, padded), pieces, at);
         }
         if class == TileClass::Partial {
             mask_tile(s, mask, b, (q0, q1), (k0, k1), &pieces.list);
         }
         let none = |_: usize, _: usize| false;
         let hook = |_: usize, _: f32, _: &[f32]| {};
-        if use_fma {
+        if let Some(values) = values {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as above (values only come with `TileKeys::Rows`, an AVX2 build).
+            unsafe {
+                attend_rows_scored_avx2(s, values, o, state, dp, rows, cols, false, none, hook)
+            };
+        } else if use_fma {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: as above.
             unsafe {
@@ -395,13 +436,51 @@ unsafe fn attend_tile_avx2(
     attend_tile::<true>(q, kt, v, s, o, state, dp, rows, cols, partial, masked, row_hook)
 }
 
-/// [`rotated_scores`] compiled for AVX2 + FMA.
+/// S of a decode-sized tile's keys `[c_begin, c_end)` from their rows ([`TileKeys::Rows`]),
+/// compiled for AVX2 + FMA + F16C.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn tile_scores_avx2<T: Element>(
+    keys: TileKeys<'_, T>,
+    q: &[f32],
+    s: &mut [f32],
+    dp: usize,
+    rows: usize,
+    cols: (usize, usize),
+) {
+    tile_scores::<true, T>(keys, q, &[], s, dp, (rows, 1), cols)
+}
+
+/// [`attend_scored_tile`] for a decode-sized tile with V read from its rows
+/// ([`pv_rows::accumulate_pv_rows_avx2`]), compiled for AVX2 + FMA + F16C.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn rotated_scores_avx2(
+unsafe fn attend_rows_scored_avx2<'a, T: Element>(
+    s: &mut [f32],
+    values: &dyn Fn(usize) -> &'a [T],
+    o: &mut [f32],
+    state: &mut RowState,
+    dp: usize,
+    rows: usize,
+    cols: usize,
+    partial: bool,
+    masked: impl Fn(usize, usize) -> bool,
+    row_hook: impl FnMut(usize, f32, &[f32]),
+) {
+    softmax_tile(s, o, state, dp, rows, cols, partial, masked, row_hook);
+    // SAFETY: this function's features; `dp` = D a multiple of 16 and rows <= ROWS (`direct`).
+    unsafe { pv_rows::accumulate_pv_rows_avx2(s, values, o, dp, rows, cols) }
+}
+
+/// [`rotated_scores`] compiled for AVX2 + FMA + F16C.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn rotated_scores_avx2<T: Element>(
     rot: &QueryRotation<'_>,
     q: &[f32],
+    keys: TileKeys<'_, T>,
     kt: &[f32],
     s: &mut [f32],
     scratch: &mut RotaryScratch,
@@ -410,7 +489,7 @@ unsafe fn rotated_scores_avx2(
     pieces: &TilePieces,
     at: (usize, usize, usize, usize),
 ) {
-    rotated_scores::<true>(rot, q, kt, s, scratch, dp, rows, pieces, at)
+    rotated_scores::<true, T>(rot, q, keys, kt, s, scratch, dp, rows, pieces, at)
 }
 
 /// [`attend_scored_tile`] (already masked) compiled for AVX2 + FMA.

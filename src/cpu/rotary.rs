@@ -8,7 +8,8 @@
 //! own rotation: exact, whatever the tile boundaries.
 
 use super::segment::TilePieces;
-use super::tile::{scores, BC, LANES};
+use super::tile::{tile_scores, TileKeys, BC};
+use super::Element;
 use crate::pine::{QueryShifts, RopeTable};
 
 /// Positions and shifts of the query rows, and the RoPE table that turns them.
@@ -70,9 +71,10 @@ impl RotaryScratch {
 /// `row_blocks` rows are computed (padding rows of `q` are zero).
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-pub(crate) fn rotated_scores<const FMA: bool>(
+pub(crate) fn rotated_scores<const FMA: bool, T: Element>(
     rot: &QueryRotation<'_>,
     q: &[f32],
+    keys: TileKeys<'_, T>,
     kt: &[f32],
     s: &mut [f32],
     scratch: &mut RotaryScratch,
@@ -85,10 +87,10 @@ pub(crate) fn rotated_scores<const FMA: bool>(
     let single = pieces.list.len() == 1;
     for piece in &pieces.list {
         let shift = |r: usize| rot.shift(b, h, q_len, q0 + r, piece.id) as usize;
-        let cols = (piece.a / LANES * LANES, piece.b.div_ceil(LANES) * LANES);
+        let cols = (piece.a, piece.b);
         let dst: &mut [f32] = if single { s } else { &mut scratch.s };
         if (0..rows).all(|r| shift(r) == 0) {
-            scores::<FMA>(q, kt, dst, dp, row_blocks, cols);
+            tile_scores::<FMA, T>(keys, q, kt, dst, dp, (rows, row_blocks), cols);
         } else {
             let qr = &mut scratch.qr;
             qr[..row_blocks_rows * dp].copy_from_slice(&q[..row_blocks_rows * dp]);
@@ -98,7 +100,7 @@ pub(crate) fn rotated_scores<const FMA: bool>(
                     rot.table.rotate_row(&mut qr[r * dp..(r + 1) * dp], sh);
                 }
             }
-            scores::<FMA>(qr, kt, dst, dp, row_blocks, cols);
+            tile_scores::<FMA, T>(keys, qr, kt, dst, dp, (rows, row_blocks), cols);
         }
         if !single {
             for r in 0..rows {

@@ -83,9 +83,27 @@ pub(crate) fn attend_scored_tile<const FMA: bool>(
     cols: usize,
     partial: bool,
     masked: impl Fn(usize, usize) -> bool,
+    row_hook: impl FnMut(usize, f32, &[f32]),
+) {
+    softmax_tile(s, o, state, dp, rows, cols, partial, masked, row_hook);
+    accumulate_pv::<FMA>(s, v, o, dp, rows.div_ceil(ROWS), cols);
+}
+
+/// The online softmax of a tile's rows (the part of [`attend_scored_tile`] before P V): masks a
+/// PARTIAL tile's hidden elements, turns S into P in place, rescales each row's O and state.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+pub(crate) fn softmax_tile(
+    s: &mut [f32],
+    o: &mut [f32],
+    state: &mut RowState,
+    dp: usize,
+    rows: usize,
+    cols: usize,
+    partial: bool,
+    masked: impl Fn(usize, usize) -> bool,
     mut row_hook: impl FnMut(usize, f32, &[f32]),
 ) {
-    let row_blocks = rows.div_ceil(ROWS);
     for r in 0..rows {
         let srow = &mut s[r * BC..(r + 1) * BC];
         if partial {
@@ -104,7 +122,6 @@ pub(crate) fn attend_scored_tile<const FMA: bool>(
         );
         row_hook(r, alpha, &srow[..cols]);
     }
-    accumulate_pv::<FMA>(s, v, o, dp, row_blocks, cols);
 }
 
 /// S[r, j] = sum_d Q[r, d] K^T[d, j] for the first `row_blocks * ROWS` rows and the columns
@@ -140,6 +157,47 @@ pub(crate) fn scores<const FMA: bool>(
                 s[(r0 + rr) * BC + c0..(r0 + rr) * BC + c0 + LANES].copy_from_slice(acc_row);
             }
         }
+    }
+}
+
+/// Rows of a K or V tile as stored: `row(j)` is the tile's key `j` (`D` elements).
+pub(crate) type RowsOf<'a, T> = &'a dyn Fn(usize) -> &'a [T];
+
+/// Where a tile's S reads its keys.
+#[derive(Clone, Copy)]
+pub(crate) enum TileKeys<'a, T> {
+    /// The tile transposed into `kt` (`[dp, BC]`, by `load_kv`): the register-blocked [`scores`].
+    Transposed,
+    /// Key `j` of the tile is `row(j)`, as stored: dotted with each query row (`cpu/dots.rs`).
+    /// For decode-sized tiles (one block of [`ROWS`] rows, `D == dp`, an AVX2 build), where
+    /// transposing 64 keys cost as much as their S.
+    Rows(RowsOf<'a, T>),
+}
+
+/// S of the tile's keys `[c_begin, c_end)` for the `rows` query rows of `q`. [`TileKeys::Transposed`]
+/// computes the `row_blocks` blocks of [`ROWS`] rows (padding rows of `q` are zero) and the
+/// enclosing multiples of [`LANES`] columns, within `s`'s padding; [`TileKeys::Rows`] exactly
+/// `rows` x `[c_begin, c_end)`.
+#[inline(always)]
+pub(crate) fn tile_scores<const FMA: bool, T: super::Element>(
+    keys: TileKeys<'_, T>,
+    q: &[f32],
+    kt: &[f32],
+    s: &mut [f32],
+    dp: usize,
+    (rows, row_blocks): (usize, usize),
+    (c_begin, c_end): (usize, usize),
+) {
+    match keys {
+        TileKeys::Transposed => scores::<FMA>(
+            q,
+            kt,
+            s,
+            dp,
+            row_blocks,
+            (c_begin / LANES * LANES, c_end.div_ceil(LANES) * LANES),
+        ),
+        TileKeys::Rows(row) => super::dots::dots_rows::<FMA, T>(&q[..rows * dp], row, c_begin..c_end, s, BC),
     }
 }
 

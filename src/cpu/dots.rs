@@ -1,0 +1,226 @@
+//! Dot products of a few f32 query rows with key rows as stored (f32, f16 or bf16): the S of
+//! PINE's decode importance (`pine_decode`) and of decode-sized attention tiles (a few query
+//! rows against each key, where transposing the key tile to K^T would cost more than the dots).
+//!
+//! Layout: `qs` is `group` rows of `D` f32, one after another; `k` a key row of `D` elements;
+//! the result for query `g` and key index `at` goes to `scores[g * keys + at]`.
+
+#[cfg(target_arch = "x86_64")]
+use super::element::widen8;
+use super::tile::madd;
+use super::Element;
+
+/// `scores[g keys + at] = qs_g . k` for each query `qs_g` of `qs` (`group x D`). `FMA` (set only
+/// inside the callers' AVX2 + FMA + F16C builds, after checking the CPU) takes [`dots_avx2`].
+#[inline(always)]
+pub(crate) fn dots<const FMA: bool, T: Element>(qs: &[f32], k: &[T], scores: &mut [f32], keys: usize, at: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if FMA && k.len() % 8 == 0 {
+        // SAFETY: `FMA` is only set in functions built for AVX2 + FMA + F16C, called after
+        // checking the CPU's features (`super::fma_available`).
+        unsafe { dots_avx2(qs, k, scores, keys, at) };
+        return;
+    }
+    let d = k.len();
+    for (g, q) in qs.chunks_exact(d).enumerate() {
+        scores[g * keys + at] = dot::<FMA, T>(q, k);
+    }
+}
+
+/// [`dots`] in AVX2 registers: the key widened 8 values at a time straight from the cache row,
+/// each 8 used by four queries (one accumulator each), the four sums reduced together by
+/// horizontal adds. (The same loops written for the auto-vectoriser came out as 4-wide shuffles,
+/// ~3x slower.)
+///
+/// # Safety
+/// The CPU must have AVX2, FMA and F16C; `k.len()` a multiple of 8, `qs.len()` a multiple of it.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn dots_avx2<T: Element>(qs: &[f32], k: &[T], scores: &mut [f32], keys: usize, at: usize) {
+    use std::arch::x86_64::*;
+    let d = k.len();
+    let group = qs.len() / d;
+    let (kp, qp) = (k.as_ptr(), qs.as_ptr());
+    let mut g0 = 0;
+    while g0 + 4 <= group {
+        let mut acc = [_mm256_setzero_ps(); 4];
+        for c in (0..d).step_by(8) {
+            // SAFETY: c + 8 <= d for the key and for each of the four query rows g0..g0 + 4 < group.
+            let kv = unsafe { widen8(kp.add(c)) };
+            for (j, a) in acc.iter_mut().enumerate() {
+                let qv = unsafe { _mm256_loadu_ps(qp.add((g0 + j) * d + c)) };
+                *a = _mm256_fmadd_ps(qv, kv, *a);
+            }
+        }
+        for (j, x) in hsum4(&acc).into_iter().enumerate() {
+            scores[(g0 + j) * keys + at] = x;
+        }
+        g0 += 4;
+    }
+    for g in g0..group {
+        let mut acc = _mm256_setzero_ps();
+        for c in (0..d).step_by(8) {
+            // SAFETY: as above, for the one query row g < group.
+            let (kv, qv) = unsafe { (widen8(kp.add(c)), _mm256_loadu_ps(qp.add(g * d + c))) };
+            acc = _mm256_fmadd_ps(qv, kv, acc);
+        }
+        scores[g * keys + at] = hsum1(acc);
+    }
+}
+
+/// [`dots`] for two keys: `scores[g keys + at[x]] = qs_g . k[x]`.
+#[inline(always)]
+pub(crate) fn dots_pair<const FMA: bool, T: Element>(
+    qs: &[f32],
+    k: [&[T]; 2],
+    at: [usize; 2],
+    scores: &mut [f32],
+    keys: usize,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if FMA && k[0].len() % 8 == 0 {
+        // SAFETY: as in `dots`.
+        unsafe { dots_pair_avx2(qs, k, at, scores, keys) };
+        return;
+    }
+    for x in 0..2 {
+        dots::<FMA, T>(qs, k[x], scores, keys, at[x]);
+    }
+}
+
+/// [`dots_avx2`] for two keys: each query chunk loaded once for both (8 accumulators; per 8
+/// values 6 loads for 8 FMAs, where one key at a time needed 5 for 4).
+///
+/// # Safety
+/// As [`dots_avx2`], for both keys (same length).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn dots_pair_avx2<T: Element>(qs: &[f32], k: [&[T]; 2], at: [usize; 2], scores: &mut [f32], keys: usize) {
+    use std::arch::x86_64::*;
+    let d = k[0].len();
+    assert_eq!(k[1].len(), d, "dots_pair: keys of different lengths");
+    let group = qs.len() / d;
+    let (k0, k1, qp) = (k[0].as_ptr(), k[1].as_ptr(), qs.as_ptr());
+    let mut g0 = 0;
+    while g0 + 4 <= group {
+        let mut acc = [[_mm256_setzero_ps(); 4]; 2];
+        for c in (0..d).step_by(8) {
+            // SAFETY: c + 8 <= d for both keys and each of the four query rows g0..g0 + 4 < group.
+            let (kv0, kv1) = unsafe { (widen8(k0.add(c)), widen8(k1.add(c))) };
+            let [acc0, acc1] = &mut acc;
+            for (j, (a0, a1)) in acc0.iter_mut().zip(acc1.iter_mut()).enumerate() {
+                let qv = unsafe { _mm256_loadu_ps(qp.add((g0 + j) * d + c)) };
+                *a0 = _mm256_fmadd_ps(qv, kv0, *a0);
+                *a1 = _mm256_fmadd_ps(qv, kv1, *a1);
+            }
+        }
+        for (x, acc) in acc.iter().enumerate() {
+            for (j, sum) in hsum4(acc).into_iter().enumerate() {
+                scores[(g0 + j) * keys + at[x]] = sum;
+            }
+        }
+        g0 += 4;
+    }
+    if g0 < group {
+        for x in 0..2 {
+            // SAFETY: as this function's contract, for the remaining query rows.
+            unsafe { dots_avx2(&qs[g0 * d..], k[x], &mut scores[g0 * keys..], keys, at[x]) };
+        }
+    }
+}
+
+/// [`dots`] for the keys `row(j)`, `j` in `range`, at `at = j`: two keys at a time.
+#[inline(always)]
+pub(crate) fn dots_rows<'a, const FMA: bool, T: Element>(
+    qs: &[f32],
+    row: &dyn Fn(usize) -> &'a [T],
+    range: std::ops::Range<usize>,
+    scores: &mut [f32],
+    keys: usize,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if FMA {
+        // SAFETY: as in `dots`.
+        unsafe { dots_rows_avx2(qs, row, range, scores, keys) };
+        return;
+    }
+    for j in range {
+        dots::<FMA, T>(qs, row(j), scores, keys, j);
+    }
+}
+
+/// [`dots_rows`] as one AVX2 function, so that the pair loop is inlined into it (a call per pair
+/// of keys cost ~15% of a decode tile's S).
+///
+/// # Safety
+/// The CPU must have AVX2, FMA and F16C.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dots_rows_avx2<'a, T: Element>(
+    qs: &[f32],
+    row: &dyn Fn(usize) -> &'a [T],
+    range: std::ops::Range<usize>,
+    scores: &mut [f32],
+    keys: usize,
+) {
+    let mut j = range.start;
+    while j + 2 <= range.end {
+        dots_pair::<true, T>(qs, [row(j), row(j + 1)], [j, j + 1], scores, keys);
+        j += 2;
+    }
+    if j < range.end {
+        dots::<true, T>(qs, row(j), scores, keys, j);
+    }
+}
+
+/// The horizontal sum of one register, added in the same order as [`hsum4`] adds each of its four
+/// (so that a query's score does not depend on how many rows share its tile: a GQA-packed decode
+/// step stays bitwise the unpacked one).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+fn hsum1(a: std::arch::x86_64::__m256) -> f32 {
+    use std::arch::x86_64::*;
+    let pairs = _mm256_hadd_ps(_mm256_hadd_ps(a, a), _mm256_hadd_ps(a, a));
+    _mm_cvtss_f32(_mm_add_ss(
+        _mm256_castps256_ps128(pairs),
+        _mm256_extractf128_ps::<1>(pairs),
+    ))
+}
+
+/// The horizontal sums of four registers: `[sum(a[0]), .., sum(a[3])]`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+fn hsum4(a: &[std::arch::x86_64::__m256; 4]) -> [f32; 4] {
+    use std::arch::x86_64::*;
+    // [a0 a0 a1 a1 | ...] -> [a0 a1 a2 a3] per 128-bit half, then the halves added.
+    let pairs = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+    let sums = _mm_add_ps(_mm256_castps256_ps128(pairs), _mm256_extractf128_ps::<1>(pairs));
+    let mut four = [0f32; 4];
+    // SAFETY: `four` holds 4 f32.
+    unsafe { _mm_storeu_ps(four.as_mut_ptr(), sums) };
+    four
+}
+
+/// `a . b` in f32 over 8 independent lanes (vectorises; one chain would not).
+#[inline(always)]
+fn dot<const FMA: bool, T: Element>(a: &[f32], b: &[T]) -> f32 {
+    let mut acc = [0f32; 8];
+    let mut ca = a.chunks_exact(8);
+    let mut cb = b.chunks_exact(8);
+    for (x, y) in (&mut ca).zip(&mut cb) {
+        for l in 0..8 {
+            acc[l] = madd::<FMA>(x[l], y[l].to_f32(), acc[l]);
+        }
+    }
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y.to_f32())
+        .sum();
+    acc.iter().sum::<f32>() + tail
+}

@@ -1,0 +1,92 @@
+//! O += P V for decode-sized tiles (one block of [`ROWS`] query rows) with V read from its rows as
+//! stored (f32, f16 or bf16) and widened in registers: no f32 copy of the V tile, which cost a
+//! sixth of a decode step.
+
+#[cfg(target_arch = "x86_64")]
+use super::element::widen8;
+use super::tile::{BC, ROWS};
+use super::Element;
+
+/// `O[r, :] += sum_{j < cols} P[r, j] V[j, :]` for the first `rows` (at most [`ROWS`]) rows of `o`
+/// (rows of `dp`) and `p` (rows of [`BC`]), `V[j]` = `row(j)`.
+///
+/// # Safety
+/// The CPU must have AVX2, FMA and F16C.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn accumulate_pv_rows_avx2<'a, T: Element>(
+    p: &[f32],
+    row: &dyn Fn(usize) -> &'a [T],
+    o: &mut [f32],
+    dp: usize,
+    rows: usize,
+    cols: usize,
+) {
+    // The row count as a constant: the accumulators stay in registers.
+    // SAFETY (each): this function's features.
+    unsafe {
+        match rows {
+            1 => pv_block::<T, 1>(p, row, o, dp, cols),
+            2 => pv_block::<T, 2>(p, row, o, dp, cols),
+            3 => pv_block::<T, 3>(p, row, o, dp, cols),
+            _ => pv_block::<T, ROWS>(p, row, o, dp, cols),
+        }
+    }
+}
+
+/// [`accumulate_pv_rows_avx2`] for `R` rows: per 16 columns, `2 R` accumulators over the keys.
+///
+/// # Safety
+/// The CPU must have AVX2, FMA and F16C.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn pv_block<'a, T: Element, const R: usize>(
+    p: &[f32],
+    row: &dyn Fn(usize) -> &'a [T],
+    o: &mut [f32],
+    dp: usize,
+    cols: usize,
+) {
+    use std::arch::x86_64::*;
+    assert!(
+        R <= ROWS && dp % 16 == 0 && cols <= BC && o.len() >= R * dp && p.len() >= R * BC,
+        "accumulate_pv_rows: shapes"
+    );
+    let mut rows = [std::ptr::null::<T>(); BC];
+    for (j, r) in rows.iter_mut().enumerate().take(cols) {
+        let v = row(j);
+        assert_eq!(v.len(), dp, "accumulate_pv_rows: V row length");
+        *r = v.as_ptr();
+        // The loop below reads each row 16 columns at a time, all rows per 16 columns: ask for
+        // every line of the rows now (a hint: never faults).
+        for off in (0..std::mem::size_of_val(v)).step_by(64) {
+            _mm_prefetch::<_MM_HINT_T0>(v.as_ptr().cast::<i8>().wrapping_add(off));
+        }
+    }
+    let op = o.as_mut_ptr();
+    for c0 in (0..dp).step_by(16) {
+        // SAFETY (the loads and stores of O): r < R and c0 + 16 <= dp, inside `o` (asserted).
+        let mut acc: [[__m256; 2]; R] = std::array::from_fn(|r| unsafe {
+            [
+                _mm256_loadu_ps(op.add(r * dp + c0)),
+                _mm256_loadu_ps(op.add(r * dp + c0 + 8)),
+            ]
+        });
+        for (j, &vr) in rows.iter().enumerate().take(cols) {
+            // SAFETY: row j holds dp elements and c0 + 16 <= dp.
+            let (v0, v1) = unsafe { (widen8(vr.add(c0)), widen8(vr.add(c0 + 8))) };
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let pv = _mm256_set1_ps(p[r * BC + j]);
+                acc[0] = _mm256_fmadd_ps(pv, v0, acc[0]);
+                acc[1] = _mm256_fmadd_ps(pv, v1, acc[1]);
+            }
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            // SAFETY: as for the loads.
+            unsafe {
+                _mm256_storeu_ps(op.add(r * dp + c0), acc[0]);
+                _mm256_storeu_ps(op.add(r * dp + c0 + 8), acc[1]);
+            }
+        }
+    }
+}
