@@ -3,7 +3,9 @@
 //! Work items are (batch, head, query tile), run in parallel with rayon. For each item the key
 //! tiles are classified from the segment metadata (see [`crate::mask::tiles`]): SKIP tiles are
 //! never touched, FULL tiles run without per-element tests, PARTIAL tiles test each element.
-//! Inputs are converted to f32 one tile at a time; nothing of size `Lq x Lk` is ever allocated.
+//! Inputs are converted to f32 one tile at a time (K transposed to K^T for the register-blocked
+//! loops of `tile.rs`); an item of at most one block of query rows (a decode step) reads K and V
+//! rows as stored instead (`dots.rs`, `pv_rows.rs`). Nothing of size `Lq x Lk` is ever allocated.
 
 mod dots;
 mod element;
@@ -212,9 +214,10 @@ impl Scratch {
         let table = mask.rule.table_row(b);
         let (qs, ks) = (mask.q.row(b), mask.kv.row(b));
         let off = mask.pos_offset;
-        // Decode-sized items (one register block of rows: a decode step, GQA-packed or not) read
-        // S's keys straight from their rows: no K^T transpose (`TileKeys::Rows`).
-        let direct = use_fma && rows <= ROWS && d == dp && d % 8 == 0;
+        // Decode-sized items (one register block of rows: a decode step, GQA-packed or not; D a
+        // multiple of LANES) read K and V straight from their rows: no K^T transpose, no f32 V
+        // tile (`TileKeys::Rows`, `pv_rows`).
+        let direct = use_fma && rows <= ROWS && d == dp;
         for k0 in (0..shape.kv_len).step_by(BC) {
             let k1 = (k0 + BC).min(shape.kv_len);
             let class = classify_tile(&mask.rule, table, qs, ks, (q0, q1), (k0, k1), off);

@@ -68,7 +68,8 @@ impl RotaryScratch {
 
 /// S of one key tile (`s`, `[BR, BC]`) for query rows `[q0, q0 + rows)` of (b, h): every key
 /// piece's columns from the base queries `q` turned by each row's shift for that piece's segment.
-/// `row_blocks` rows are computed (padding rows of `q` are zero).
+/// With [`TileKeys::Transposed`] the `row_blocks_rows` rows are computed (padding rows of `q` are
+/// zero), with [`TileKeys::Rows`] the `rows` rows.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 pub(crate) fn rotated_scores<const FMA: bool, T: Element>(
