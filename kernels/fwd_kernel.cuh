@@ -292,7 +292,7 @@ __device__ void fwd_kernel(const SegattnFwdParams& p) {
     if (threadIdx.x == 0) {
       if (p.split_done == nullptr) __trap();  // the launcher provides the counters with split-K
       const int64_t tile = (static_cast<int64_t>(b) * p.num_heads + h) * ((p.q_len + kM - 1) / kM) + q0 / kM;
-      *s_last = count_done(p.split_done + tile) == static_cast<uint32_t>(p.kv_splits - 1) ? 1u : 0u;
+      *s_last = arrive_last(p.split_done + tile, static_cast<uint32_t>(p.kv_splits)) ? 1u : 0u;
     }
     __syncthreads();
     if (*s_last == 0u) return;

@@ -142,7 +142,8 @@ typedef struct SegattnFwdParams {
    * [s * per, (s + 1) * per), per = ceil(tiles / S), and writes its normalised partial output
    * o_accum [S, B, H, Lq, head_dim] f32 and lse_accum [S, B, H, Lq] f32 (-inf: saw nothing);
    * the last of the S blocks of a query tile to finish (counted in split_done [B, H, query tiles]
-   * u32, zeroed by the caller) merges the partials into o (and lse) through their LSE. */
+   * u32, zero at the launch; the last block puts its counter back to zero) merges the partials
+   * into o (and lse) through their LSE. */
   int32_t kv_splits;
   float *o_accum;
   float *lse_accum;
@@ -232,8 +233,8 @@ typedef struct SegattnDecodeScoresParams {
    * writes `out` itself. kv_splits > 1: it writes each slice's row max `part_max` and exp sum
    * `part_total` [kv_splits, B, H, Lq] and per-segment exp sums `part_acc` [kv_splits, B, H, Lq,
    * num_segments] (every element; max -inf for a slice without segment keys); the last block of
-   * a (row, KV head) to finish (counted in `done` [B, Lq, Hkv] u32, zeroed by the caller) merges
-   * them into `out`. At most SEGATTN_DECODE_SCORES_MAX_SPLITS. */
+   * a (row, KV head) to finish (counted in `done` [B, Lq, Hkv] u32, zero at the launch and left
+   * zero) merges them into `out`. At most SEGATTN_DECODE_SCORES_MAX_SPLITS. */
   int32_t kv_splits;
   float *part_max;
   float *part_total;

@@ -102,6 +102,19 @@ pub(crate) fn check_launch(rc: c_int, what: &str) -> Result<()> {
     Err(candle_core::Error::Msg(format!("segattn: emulated {what} failed: {}", last_error())).bt())
 }
 
+/// Fails unless every last-block counter is zero after the launch: the GPU launcher reuses one
+/// zeroed buffer per stream, which the kernels must leave zero (`arrive_last`).
+pub(crate) fn check_counters_left_zero(counters: &[u32], what: &str) -> Result<()> {
+    match counters.iter().position(|&c| c != 0) {
+        None => Ok(()),
+        Some(i) => Err(candle_core::Error::Msg(format!(
+            "segattn: emulated {what} left counter {i} at {} (must be reset to 0 by the last block)",
+            counters[i]
+        ))
+        .bt()),
+    }
+}
+
 /// Dynamic shared memory of the forward kernel `variant` for `dtype` (bf16 / f16) and `head_dim`
 /// (64 / 128), from the kernel's traits, or `None` when unsupported.
 pub fn fwd_smem_bytes(dtype: DType, head_dim: usize, variant: FwdVariant) -> Option<usize> {
@@ -498,7 +511,7 @@ pub(crate) fn run_forward(
         (Vec::new(), Vec::new())
     };
     // One zeroed counter per (batch row, head, 64-row query tile) of the launch: the last slice of
-    // a tile to finish merges it.
+    // a tile to finish merges it (and leaves the counter zero, checked after the launch).
     let mut split_done = vec![0u32; kshape.batch * kshape.num_heads * kshape.q_len.div_ceil(64)];
 
     let mut p = SegattnFwdParams {
@@ -562,6 +575,7 @@ pub(crate) fn run_forward(
         segattn_emu_fwd(&p)
     };
     check_launch(rc, "forward kernel")?;
+    check_counters_left_zero(&split_done, "forward kernel")?;
     if let Some((plan, false, buf)) = &mut mass {
         // After the forward kernel: the mass kernel's exact pass with its LSE.
         let base = SegattnFwdParams {

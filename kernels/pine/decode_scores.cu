@@ -4,7 +4,7 @@
 // nvcc: `extern "C" __global__` entry points, params by value:
 //   segattn_pine_decode_scores_{bf16,f16}: grid (kv_splits, Lq * Hkv, B), 128 threads, dynamic
 //     shared memory segattn_pine_decode_scores_smem_bytes(P, head_dim, num_segments) with
-//     P = H / Hkv; head_dim 64 or 128; with kv_splits > 1, params.done zeroed.
+//     P = H / Hkv; head_dim 64 or 128; with kv_splits > 1, params.done zero (and left zero).
 //
 // One block per (key slice, query row, KV head) scores that slice for ALL P query heads of the KV
 // head, so each key row is read once per KV head, not once per query head. A warp takes keys
@@ -259,8 +259,8 @@ __device__ void decode_scores_kernel(const SegattnDecodeScoresParams& p) {
     __threadfence();
     __syncthreads();
     if (tid == 0) {
-      const uint32_t before = count_done(&p.done[(static_cast<int64_t>(b) * p.q_len + i) * p.num_kv_heads + kh]);
-      *s_last = before == static_cast<uint32_t>(splits - 1) ? 1u : 0u;
+      uint32_t* const done = &p.done[(static_cast<int64_t>(b) * p.q_len + i) * p.num_kv_heads + kh];
+      *s_last = arrive_last(done, static_cast<uint32_t>(splits)) ? 1u : 0u;
     }
     __syncthreads();
     if (*s_last == 0u) return;

@@ -517,15 +517,16 @@ fn forward_typed<T: CudaDType + DeviceRepr + ValidAsZeroBits + candle_core::With
     let mut mass = alloc_mass(mass_after || mass_request.is_some_and(|(plan, _)| mass_accumulates(plan, false)))?;
     // Split-K partials, O then LSE in one allocation (n_out is a multiple of D, so the LSE part
     // starts 256-byte aligned): every element written by the forward kernel before the merge
-    // reads it. The merge is the last slice of each query tile to finish: zeroed counters, one
-    // per (batch row, head, query tile) of the launch.
+    // reads it. The merge is the last slice of each query tile to finish: one counter per (batch
+    // row, head, query tile) of the launch, from the stream's zeroed counters (left zero).
     let mut partials = if splits > 1 {
         Some((
             unsafe { stream.alloc::<f32>(splits * (n_out + n_lse)) }
                 .map_err(|e| driver_err("allocating split-K partials", e))?,
-            stream
-                .alloc_zeros::<u32>(kshape.batch * kshape.num_heads * kshape.q_len.div_ceil(variant.block_rows()))
-                .map_err(|e| driver_err("allocating split-K counters", e))?,
+            super::counters::zeroed_counters(
+                &stream,
+                kshape.batch * kshape.num_heads * kshape.q_len.div_ceil(variant.block_rows()),
+            )?,
         ))
     } else {
         None
@@ -573,7 +574,7 @@ fn forward_typed<T: CudaDType + DeviceRepr + ValidAsZeroBits + candle_core::With
         }
         let partial_ptr = partials
             .as_mut()
-            .map(|(buf, done)| (buf.device_ptr_mut(&stream), done.device_ptr_mut(&stream)));
+            .map(|(buf, done)| (buf.device_ptr_mut(&stream), done.device_ptr(&stream)));
         if let Some(((base, _), (done, _))) = &partial_ptr {
             let (o_acc, l_acc) = (*base, *base + 4 * (splits * n_out) as u64);
             params.kv_splits = splits as i32;

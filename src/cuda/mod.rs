@@ -9,6 +9,8 @@
 //! - `pine`: PINE's device-side order and shifts, and the rotation inputs of the forward kernel.
 //! - `device_copies`: device copies of immutable host arrays (RoPE tables, a PINE step's
 //!   metadata), uploaded once per context.
+//! - `counters`: the last-block merges' counters, zeroed once per stream and left zero by the
+//!   kernels.
 //! - `PreparedForward`: the same launch prepared once and repeated, for benchmarks (hidden).
 //!
 //! The public API is the CPU one: build the tensors and the mask on `Device::new_cuda(i)` and call
@@ -16,6 +18,7 @@
 //! inputs are errors naming the argument (no silent fallback to the CPU).
 
 mod bench;
+mod counters;
 mod device_copies;
 mod launch;
 mod module;

@@ -201,6 +201,7 @@ pub fn pine_decode_importance_both(
     // alive for the call.
     let rc = unsafe { segattn_emu_pine_decode_scores(&p) };
     check_launch(rc, "decode-importance kernel")?;
+    super::check_counters_left_zero(&done, "decode-importance kernel")?;
     drop((qi, ki));
     let host = crate::pine::importance::HostImportance {
         segments: None,
