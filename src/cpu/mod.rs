@@ -231,6 +231,15 @@ impl Scratch {
             if self.mass.is_some() || rotation.is_some() {
                 segment::tile_pieces(mask, b, k0, k1, &mut self.pieces);
             }
+            if direct {
+                // The next key tile's K and V rows, asked for into L2 while this tile computes:
+                // a decode step streams the cache once, each row a few lines a whole token row
+                // apart (a stride the hardware prefetcher follows late).
+                let next = (k1..(k1 + BC).min(shape.kv_len)).flat_map(|t| [k.row(b, t, kh, d), v.row(b, t, kh, d)]);
+                for row in next {
+                    load::prefetch_l2(row);
+                }
+            }
             let key_row = |j: usize| k.row(b, k0 + j, kh, d);
             let value_row = |j: usize| v.row(b, k0 + j, kh, d);
             let (keys, values) = if direct {
