@@ -138,18 +138,31 @@ pub(crate) fn load_scaled_rows<'a, T: Element>(
     }
 }
 
+/// Asks for every cache line of `row` into L1 (a hint: never faults, no effect on results).
+#[inline(always)]
+pub(crate) fn prefetch_l1<T>(row: &[T]) {
+    #[cfg(target_arch = "x86_64")]
+    prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }, T>(row);
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = row;
+}
+
 /// Asks for every cache line of `row` into L2 (a hint: never faults, no effect on results).
 #[inline(always)]
 pub(crate) fn prefetch_l2<T>(row: &[T]) {
     #[cfg(target_arch = "x86_64")]
-    for off in (0..std::mem::size_of_val(row)).step_by(64) {
-        // SAFETY: prefetch never faults; the address is inside `row`.
-        unsafe {
-            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(row.as_ptr().cast::<i8>().add(off))
-        };
-    }
+    prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }, T>(row);
     #[cfg(not(target_arch = "x86_64"))]
     let _ = row;
+}
+
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn prefetch<const HINT: i32, T>(row: &[T]) {
+    for off in (0..std::mem::size_of_val(row)).step_by(64) {
+        // SAFETY: prefetch never faults; the address is inside `row`.
+        unsafe { std::arch::x86_64::_mm_prefetch::<HINT>(row.as_ptr().cast::<i8>().add(off)) };
+    }
 }
 
 #[cfg(test)]

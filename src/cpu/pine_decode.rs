@@ -181,9 +181,8 @@ fn item_scores<T: Element, const FMA: bool>(args: &ItemArgs<'_, T>) -> Vec<f32> 
                 };
                 let row = k.row(b, start + t, kh, d);
                 let at = start - p + t;
-                #[cfg(target_arch = "x86_64")]
                 if FMA && t + PREFETCH_ROWS < len {
-                    prefetch_row(k.row(b, start + t + PREFETCH_ROWS, kh, d));
+                    super::load::prefetch_l1(k.row(b, start + t + PREFETCH_ROWS, kh, d));
                 }
                 if turn_keys {
                     let slot = usize::from(pending_turned.is_some());
@@ -229,7 +228,7 @@ fn item_scores<T: Element, const FMA: bool>(args: &ItemArgs<'_, T>) -> Vec<f32> 
 }
 
 /// [`item_scores`] compiled for AVX2 + FMA + F16C (the loops vectorise 8 wide and fuse their
-/// multiply-adds, the dots take [`dots_avx2`]; the generic build is SSE2 only).
+/// multiply-adds, the dots take `dots.rs`'s AVX2 kernels; the generic build is SSE2 only).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn item_scores_avx2<T: Element>(args: &ItemArgs<'_, T>) -> Vec<f32> {
@@ -245,18 +244,6 @@ const PREFETCH_ROWS: usize = 2;
 /// Segments whose keys [`item_scores`] reads side by side, offset by offset (one memory stream
 /// each).
 const SEG_BLOCK: usize = 32;
-
-/// Asks for the cache lines of `row` (a hint: no fault, no effect on results).
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-fn prefetch_row<T>(row: &[T]) {
-    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-    let bytes = std::mem::size_of_val(row);
-    for off in (0..bytes).step_by(64) {
-        // SAFETY: prefetch never faults; the address is inside `row`.
-        unsafe { _mm_prefetch::<_MM_HINT_T0>(row.as_ptr().cast::<i8>().add(off)) };
-    }
-}
 
 /// `dst` = `x` turned (rotate-half) by the angle whose cos / sin are `c` / `s`, times `sign` for
 /// the inverse.

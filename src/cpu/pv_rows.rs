@@ -58,10 +58,8 @@ unsafe fn pv_block<'a, T: Element, const R: usize>(
         assert_eq!(v.len(), dp, "accumulate_pv_rows: V row length");
         *r = v.as_ptr();
         // The loop below reads each row 16 columns at a time, all rows per 16 columns: ask for
-        // every line of the rows now (a hint: never faults).
-        for off in (0..std::mem::size_of_val(v)).step_by(64) {
-            _mm_prefetch::<_MM_HINT_T0>(v.as_ptr().cast::<i8>().wrapping_add(off));
-        }
+        // every line of the rows now.
+        super::load::prefetch_l1(v);
     }
     let op = o.as_mut_ptr();
     for c0 in (0..dp).step_by(16) {
