@@ -17,7 +17,7 @@
 
 use std::fmt::Write as _;
 use std::hint::black_box;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use candle_core::{DType, Device, Result, Tensor};
 use criterion::{BenchmarkId, Criterion, SamplingMode};
@@ -27,6 +27,8 @@ use segattn::{segment_attention, SegmentMask};
 mod cold_cache;
 #[path = "support/machine_load.rs"]
 mod machine_load;
+#[path = "support/rounds.rs"]
+mod rounds;
 use machine_load::{median, ms, CpuSnapshot};
 
 const HEADS: usize = 32;
@@ -142,23 +144,8 @@ fn criterion_main() -> Result<()> {
 /// (untimed) before each timed call, and the share of the CPU other processes used meanwhile.
 fn interleaved(rounds: usize, ops: &[&dyn Fn()], evictor: &cold_cache::Evictor) -> (Vec<Duration>, Option<f64>) {
     machine_load::wait_for_quiet(Duration::from_secs(20), 0.10);
-    let warm = Instant::now();
-    while warm.elapsed() < WARM_UP {
-        for op in ops {
-            op();
-        }
-    }
     let before = CpuSnapshot::now();
-    let mut t = vec![Vec::with_capacity(rounds); ops.len()];
-    for round in 0..rounds {
-        for i in 0..ops.len() {
-            let op = (round + i) % ops.len();
-            evictor.evict();
-            let start = Instant::now();
-            ops[op]();
-            t[op].push(start.elapsed());
-        }
-    }
+    let t = rounds::timed_rounds(rounds, ops, WARM_UP, &|| evictor.evict());
     let load = before.and_then(|b| b.foreign_load_since(CpuSnapshot::now()));
     (t.into_iter().map(median).collect(), load)
 }

@@ -56,6 +56,8 @@ use segattn::{
 mod cold_cache;
 #[path = "support/machine_load.rs"]
 mod machine_load;
+#[path = "support/rounds.rs"]
+mod rounds;
 use machine_load::{median, ms, CpuSnapshot};
 
 const HEADS: usize = 32;
@@ -359,23 +361,8 @@ fn interleaved_after(rounds: usize, ops: &[&dyn Fn()], prepare: &dyn Fn()) -> (V
     let mut best: Option<(Vec<Duration>, Option<f64>)> = None;
     for attempt in 0..ATTEMPTS {
         wait_for_quiet(Duration::from_secs(20));
-        let warm = Instant::now();
-        while warm.elapsed() < WARM_UP {
-            for op in ops {
-                op();
-            }
-        }
         let before = CpuSnapshot::now();
-        let mut t = vec![Vec::with_capacity(rounds); ops.len()];
-        for round in 0..rounds {
-            for i in 0..ops.len() {
-                let op = (round + i) % ops.len();
-                prepare();
-                let start = Instant::now();
-                ops[op]();
-                t[op].push(start.elapsed());
-            }
-        }
+        let t = rounds::timed_rounds(rounds, ops, WARM_UP, prepare);
         let load = before.and_then(|b| b.foreign_load_since(CpuSnapshot::now()));
         let result = (t.into_iter().map(median).collect(), load);
         let better = match (&best, load) {
@@ -638,40 +625,29 @@ fn table_main() -> Result<()> {
             .unwrap();
         }
         let decode_pairs = l + 1;
-        writeln!(
-            md,
-            "{head}| **PINE decode step** (cache L + 1) | {:.2} | **{:.2}x plain** | - | {:.0} | {} |",
-            ms(r.pine_decode),
-            ratio(r.pine_decode, r.plain_decode),
-            gflops(decode_pairs, r.pine_decode),
-            pct(r.decode_load)
-        )
-        .unwrap();
-        writeln!(
-            md,
-            "{head}| plain decode step (causal, last query) | {:.2} | 1.00x | - | {:.0} | {} |",
-            ms(r.plain_decode),
-            gflops(decode_pairs, r.plain_decode),
-            pct(r.decode_load)
-        )
-        .unwrap();
-        writeln!(
-            md,
-            "{head}| **PINE decode step, cold cache** | {:.2} | **{:.2}x plain** | - | {:.0} | {} |",
-            ms(r.pine_decode_cold),
-            ratio(r.pine_decode_cold, r.plain_decode_cold),
-            gflops(decode_pairs, r.pine_decode_cold),
-            pct(r.cold_load)
-        )
-        .unwrap();
-        writeln!(
-            md,
-            "{head}| plain decode step, cold cache | {:.2} | 1.00x | - | {:.0} | {} |",
-            ms(r.plain_decode_cold),
-            gflops(decode_pairs, r.plain_decode_cold),
-            pct(r.cold_load)
-        )
-        .unwrap();
+        let regimes = [
+            ("", r.pine_decode, r.plain_decode, r.decode_load),
+            (", cold cache", r.pine_decode_cold, r.plain_decode_cold, r.cold_load),
+        ];
+        for (regime, pine, plain, load) in regimes {
+            writeln!(
+                md,
+                "{head}| **PINE decode step{regime}** (cache L + 1) | {:.2} | **{:.2}x plain** | - | {:.0} | {} |",
+                ms(pine),
+                ratio(pine, plain),
+                gflops(decode_pairs, pine),
+                pct(load)
+            )
+            .unwrap();
+            writeln!(
+                md,
+                "{head}| plain decode step{regime} (causal, last query) | {:.2} | 1.00x | - | {:.0} | {} |",
+                ms(plain),
+                gflops(decode_pairs, plain),
+                pct(load)
+            )
+            .unwrap();
+        }
     }
 
     writeln!(
