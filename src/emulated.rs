@@ -258,9 +258,21 @@ pub fn forward(
     )
 }
 
-/// [`forward`] with the plain kernel's tile chosen: `wide` = the 128-row kernel
-/// (`segattn_fwd_wide_*`), else the 64-row one, whatever the number of rows (the GPU launcher
-/// takes the wide one from 128 rows on, without split-K).
+/// The plain kernel's tile, for [`forward_tiled`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tile {
+    /// 64 query rows (`segattn_fwd_*`).
+    Rows64,
+    /// 128 query rows (`segattn_fwd_wide_*`: key tiles of 32 at D = 128, 64 at D = 64).
+    Wide,
+    /// 128 query rows with FlashAttention-2's 64-key tiles at D = 128 (`segattn_fwd_wide64_*`;
+    /// at D = 64 the same as [`Tile::Wide`]).
+    WideKeys64,
+}
+
+/// [`forward`] with the plain kernel's tile chosen, whatever the number of rows (the GPU launcher
+/// takes the wide one from 128 rows on, without split-K, and its 32-key tiles unless
+/// `SEGATTN_FWD_WIDE_KEYS=64`).
 #[allow(clippy::too_many_arguments)]
 pub fn forward_tiled(
     q: &Tensor,
@@ -268,7 +280,7 @@ pub fn forward_tiled(
     v: &Tensor,
     mask: &SegmentMask,
     scale: Option<f64>,
-    wide: bool,
+    tile: Tile,
     schedule: Schedule,
     seed: u64,
 ) -> Result<AttentionOutput> {
@@ -279,33 +291,8 @@ pub fn forward_tiled(
         mask,
         Launch {
             scale,
-            wide: Some(wide),
-            ..Launch::new(schedule, seed)
-        },
-    )
-}
-
-/// [`forward`] on the wide kernel with FlashAttention-2's 64-key tiles at D = 128
-/// (`segattn_fwd_wide64_*`; at D = 64 the wide kernel's tiles are 64 keys already), whatever the
-/// number of rows.
-pub fn forward_wide64(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    mask: &SegmentMask,
-    scale: Option<f64>,
-    schedule: Schedule,
-    seed: u64,
-) -> Result<AttentionOutput> {
-    run_forward(
-        q,
-        k,
-        v,
-        mask,
-        Launch {
-            scale,
-            wide: Some(true),
-            wide_keys64: Some(true),
+            wide: Some(tile != Tile::Rows64),
+            wide_keys64: Some(tile == Tile::WideKeys64),
             ..Launch::new(schedule, seed)
         },
     )

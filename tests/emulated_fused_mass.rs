@@ -13,7 +13,7 @@ use candle_core::{DType, Device, Result, Tensor};
 use common::cases::{draw, Case, MASK_KINDS};
 use common::{bits, env_count, mass_tolerance_for, proptest_config, random_mass_options, worst_ratio, Rng};
 use proptest::prelude::*;
-use segattn::emulated::{forward_split, forward_tiled, forward_with_mass, segment_scores, Schedule};
+use segattn::emulated::{forward_split, forward_tiled, forward_with_mass, segment_scores, Schedule, Tile};
 use segattn::{reference, MassAlgorithm, PairRule, QueryReduction, SegmentMask, SegmentScoreOptions, Visibility};
 
 const HEADS: [(usize, usize); 3] = [(4, 2), (3, 1), (2, 2)];
@@ -33,7 +33,7 @@ fn check(case: &Case, opts: &SegmentScoreOptions, kv_splits: usize, schedule: Sc
     // Bitwise a plain launch: the 64-row kernel that the mass variant extends, or (mass after the
     // forward kernel: more than 64 segments, two passes, split-K) the kernel the launcher takes
     // for plain attention (the wide one from 128 rows on, whose key tiles differ at D = 128).
-    let narrow = forward_tiled(q, k, v, mask, scale, false, schedule, seed)?;
+    let narrow = forward_tiled(q, k, v, mask, scale, Tile::Rows64, schedule, seed)?;
     let plain = if kv_splits == 1 && bits(&fused.out)? == bits(&narrow.out)? {
         narrow
     } else {

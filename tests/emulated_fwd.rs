@@ -15,9 +15,7 @@ mod common;
 use candle_core::{DType, Device, Result, Tensor};
 use common::{env_count, lse_tolerance, proptest_config, tolerance};
 use proptest::prelude::*;
-use segattn::emulated::{
-    classify_tile_both, forward, forward_tiled, forward_wide64, fwd_smem_bytes, FwdVariant, Schedule,
-};
+use segattn::emulated::{classify_tile_both, forward, forward_tiled, fwd_smem_bytes, FwdVariant, Schedule, Tile};
 use segattn::{reference, PairRule, PairTable, PineLayout, SegmentMask, Visibility};
 
 const SCHEDULES: [Schedule; 3] = [Schedule::Forward, Schedule::HighFirst, Schedule::RandomWarp];
@@ -282,7 +280,7 @@ fn check_case(
     for schedule in SCHEDULES {
         let got = match wide {
             None => forward(q, k, v, mask, scale, schedule, seed)?,
-            Some(w) => forward_tiled(q, k, v, mask, scale, w, schedule, seed)?,
+            Some(w) => forward_tiled(q, k, v, mask, scale, wide_tile(w), schedule, seed)?,
         };
         assert_eq!(got.out.dims(), &[b, lq, h, d], "{desc}");
         assert_eq!(got.out.dtype(), dtype, "{desc}");
@@ -339,13 +337,10 @@ fn check_case(
     if wide == Some(true) {
         // 64-key tiles on both sides (the wide kernel's at D = 64, the wide64 entry's at D = 128):
         // the same operations per row in the same order, so the same bits, every schedule.
-        let narrow = forward_tiled(q, k, v, mask, scale, false, Schedule::Forward, seed)?;
+        let narrow = forward_tiled(q, k, v, mask, scale, Tile::Rows64, Schedule::Forward, seed)?;
+        let tile = if d == 64 { Tile::Wide } else { Tile::WideKeys64 };
         for schedule in SCHEDULES {
-            let wide_out = if d == 64 {
-                forward_tiled(q, k, v, mask, scale, true, schedule, seed)?
-            } else {
-                forward_wide64(q, k, v, mask, scale, schedule, seed)?
-            };
+            let wide_out = forward_tiled(q, k, v, mask, scale, tile, schedule, seed)?;
             assert!(
                 common::bits(&narrow.out)? == common::bits(&wide_out.out)?,
                 "{desc}\n{schedule:?}: the wide kernel with 64-key tiles (D = {d}) differs from the 64-row kernel"
@@ -353,6 +348,15 @@ fn check_case(
         }
     }
     Ok(())
+}
+
+/// The tile of `wide`: the 128-row kernel or the 64-row one.
+fn wide_tile(wide: bool) -> Tile {
+    if wide {
+        Tile::Wide
+    } else {
+        Tile::Rows64
+    }
 }
 
 const HEADS: [(usize, usize); 3] = [(4, 2), (3, 1), (2, 2)];
