@@ -28,9 +28,7 @@ use crate::scores::MassPlan;
 use crate::validate::{strides4, AttentionShape};
 use rotary::{rotated_scores, QueryRotation, RotaryScratch};
 use segment::{mask_tile, MassRows, MassSink, TilePieces};
-use tile::{
-    attend_scored_tile, attend_tile, softmax_tile, tile_scores, RowState, RowsOf, TileKeys, BC, BR, LANES, ROWS,
-};
+use tile::{attend_scored_tile, attend_tile, RowState, TileKeys, TileValues, BC, BR, LANES, ROWS};
 
 /// A rank-4 input `[B, L, heads, D]` with arbitrary strides on the first three dims.
 #[derive(Clone, Copy)]
@@ -243,9 +241,9 @@ impl Scratch {
             let key_row = |j: usize| k.row(b, k0 + j, kh, d);
             let value_row = |j: usize| v.row(b, k0 + j, kh, d);
             let (keys, values) = if direct {
-                (TileKeys::Rows(&key_row), Some(&value_row as RowsOf<'_, T>))
+                (TileKeys::Rows(&key_row), TileValues::Rows(&value_row))
             } else {
-                (TileKeys::Transposed, None)
+                (TileKeys::Transposed, TileValues::Widened)
             };
             if let Some(rot) = rotation {
                 self.attend_rotated(
@@ -286,21 +284,19 @@ impl Scratch {
                     m.follow(r, alpha, p, pieces);
                 }
             };
-            if let Some(values) = values {
-                // SAFETY: `direct` implies use_fma: fma_available() checked the CPU's features.
+            let (keys, values) = ((keys, &kt[..]), (values, &vb[..]));
+            if use_fma {
+                // SAFETY: fma_available() checked that the CPU has AVX2, FMA and F16C.
                 #[cfg(target_arch = "x86_64")]
                 unsafe {
-                    tile_scores_avx2(keys, qb, s, dp, rows, (0, cols));
-                    attend_rows_scored_avx2(s, values, o, &mut state, dp, rows, cols, partial, masked, hook)
-                };
-            } else if use_fma {
-                // SAFETY: fma_available() checked that the CPU has AVX2 and FMA.
-                #[cfg(target_arch = "x86_64")]
-                unsafe {
-                    attend_tile_avx2(qb, kt, vb, s, o, &mut state, dp, rows, cols, partial, masked, hook)
+                    attend_tile_avx2(
+                        qb, keys, values, s, o, &mut state, dp, rows, cols, partial, masked, hook,
+                    )
                 };
             } else {
-                attend_tile::<false>(qb, kt, vb, s, o, &mut state, dp, rows, cols, partial, masked, hook);
+                attend_tile::<false, T>(
+                    qb, keys, values, s, o, &mut state, dp, rows, cols, partial, masked, hook,
+                );
             }
         }
         state
@@ -313,7 +309,7 @@ impl Scratch {
     fn attend_rotated<'a, T: Element>(
         &mut self,
         rot: &QueryRotation<'_>,
-        (keys, values): (TileKeys<'a, T>, Option<RowsOf<'a, T>>),
+        (keys, values): (TileKeys<'a, T>, TileValues<'a, T>),
         mask: &HostMask,
         shape: AttentionShape,
         (b, h): (usize, usize),
@@ -351,20 +347,15 @@ impl Scratch {
         }
         let none = |_: usize, _: usize| false;
         let hook = |_: usize, _: f32, _: &[f32]| {};
-        if let Some(values) = values {
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: as above (values only come with `TileKeys::Rows`, an AVX2 build).
-            unsafe {
-                attend_rows_scored_avx2(s, values, o, state, dp, rows, cols, false, none, hook)
-            };
-        } else if use_fma {
+        let values = (values, &vb[..]);
+        if use_fma {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: as above.
             unsafe {
-                attend_scored_tile_avx2(s, vb, o, state, dp, rows, cols, none, hook)
+                attend_scored_tile_avx2(s, values, o, state, dp, rows, cols, none, hook)
             };
         } else {
-            attend_scored_tile::<false>(s, vb, o, state, dp, rows, cols, false, none, hook);
+            attend_scored_tile::<false, T>(s, values, o, state, dp, rows, cols, false, none, hook);
         }
     }
 
@@ -427,14 +418,14 @@ impl Scratch {
     }
 }
 
-/// [`attend_tile`] compiled for AVX2 + FMA.
+/// [`attend_tile`] compiled for AVX2 + FMA + F16C.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn attend_tile_avx2(
+unsafe fn attend_tile_avx2<T: Element>(
     q: &[f32],
-    kt: &[f32],
-    v: &[f32],
+    keys: (TileKeys<'_, T>, &[f32]),
+    values: (TileValues<'_, T>, &[f32]),
     s: &mut [f32],
     o: &mut [f32],
     state: &mut RowState,
@@ -445,44 +436,7 @@ unsafe fn attend_tile_avx2(
     masked: impl Fn(usize, usize) -> bool,
     row_hook: impl FnMut(usize, f32, &[f32]),
 ) {
-    attend_tile::<true>(q, kt, v, s, o, state, dp, rows, cols, partial, masked, row_hook)
-}
-
-/// S of a decode-sized tile's keys `[c_begin, c_end)` from their rows ([`TileKeys::Rows`]),
-/// compiled for AVX2 + FMA + F16C.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn tile_scores_avx2<T: Element>(
-    keys: TileKeys<'_, T>,
-    q: &[f32],
-    s: &mut [f32],
-    dp: usize,
-    rows: usize,
-    cols: (usize, usize),
-) {
-    tile_scores::<true, T>(keys, q, &[], s, dp, (rows, 1), cols)
-}
-
-/// [`attend_scored_tile`] for a decode-sized tile with V read from its rows
-/// ([`pv_rows::accumulate_pv_rows_avx2`]), compiled for AVX2 + FMA + F16C.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn attend_rows_scored_avx2<'a, T: Element>(
-    s: &mut [f32],
-    values: &dyn Fn(usize) -> &'a [T],
-    o: &mut [f32],
-    state: &mut RowState,
-    dp: usize,
-    rows: usize,
-    cols: usize,
-    partial: bool,
-    masked: impl Fn(usize, usize) -> bool,
-    row_hook: impl FnMut(usize, f32, &[f32]),
-) {
-    softmax_tile(s, o, state, dp, rows, cols, partial, masked, row_hook);
-    // SAFETY: this function's features; `dp` = D a multiple of 16 and rows <= ROWS (`direct`).
-    unsafe { pv_rows::accumulate_pv_rows_avx2(s, values, o, dp, rows, cols) }
+    attend_tile::<true, T>(q, keys, values, s, o, state, dp, rows, cols, partial, masked, row_hook)
 }
 
 /// [`rotated_scores`] compiled for AVX2 + FMA + F16C.
@@ -504,13 +458,13 @@ unsafe fn rotated_scores_avx2<T: Element>(
     rotated_scores::<true, T>(rot, q, keys, kt, s, scratch, dp, rows, pieces, at)
 }
 
-/// [`attend_scored_tile`] (already masked) compiled for AVX2 + FMA.
+/// [`attend_scored_tile`] (already masked) compiled for AVX2 + FMA + F16C.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn attend_scored_tile_avx2(
+unsafe fn attend_scored_tile_avx2<T: Element>(
     s: &mut [f32],
-    v: &[f32],
+    values: (TileValues<'_, T>, &[f32]),
     o: &mut [f32],
     state: &mut RowState,
     dp: usize,
@@ -519,5 +473,5 @@ unsafe fn attend_scored_tile_avx2(
     masked: impl Fn(usize, usize) -> bool,
     row_hook: impl FnMut(usize, f32, &[f32]),
 ) {
-    attend_scored_tile::<true>(s, v, o, state, dp, rows, cols, false, masked, row_hook)
+    attend_scored_tile::<true, T>(s, values, o, state, dp, rows, cols, false, masked, row_hook)
 }

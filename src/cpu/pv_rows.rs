@@ -4,17 +4,45 @@
 
 #[cfg(target_arch = "x86_64")]
 use super::element::widen8;
-use super::tile::{BC, ROWS};
+use super::tile::{madd, BC, ROWS};
 use super::Element;
 
 /// `O[r, :] += sum_{j < cols} P[r, j] V[j, :]` for the first `rows` (at most [`ROWS`]) rows of `o`
-/// (rows of `dp`) and `p` (rows of [`BC`]), `V[j]` = `row(j)`.
+/// (rows of `dp`) and `p` (rows of [`BC`]), `V[j]` = `row(j)`. `FMA` (set only inside the
+/// callers' AVX2 + FMA + F16C builds, after checking the CPU) takes the register kernel.
+#[inline(always)]
+pub(crate) fn accumulate_pv_rows<'a, const FMA: bool, T: Element>(
+    p: &[f32],
+    row: &dyn Fn(usize) -> &'a [T],
+    o: &mut [f32],
+    dp: usize,
+    rows: usize,
+    cols: usize,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if FMA && dp % 16 == 0 {
+        // SAFETY: as in `dots::dots`.
+        unsafe { accumulate_pv_rows_avx2(p, row, o, dp, rows, cols) };
+        return;
+    }
+    for j in 0..cols {
+        let v = row(j);
+        for r in 0..rows {
+            let pv = p[r * BC + j];
+            for (acc, x) in o[r * dp..r * dp + v.len()].iter_mut().zip(v) {
+                *acc = madd::<FMA>(pv, x.to_f32(), *acc);
+            }
+        }
+    }
+}
+
+/// [`accumulate_pv_rows`] in AVX2 registers.
 ///
 /// # Safety
 /// The CPU must have AVX2, FMA and F16C.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn accumulate_pv_rows_avx2<'a, T: Element>(
+unsafe fn accumulate_pv_rows_avx2<'a, T: Element>(
     p: &[f32],
     row: &dyn Fn(usize) -> &'a [T],
     o: &mut [f32],

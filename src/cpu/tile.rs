@@ -52,10 +52,10 @@ impl RowState {
 /// per-segment mass) update there; pass `|_, _, _| {}` for none.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-pub(crate) fn attend_tile<const FMA: bool>(
+pub(crate) fn attend_tile<const FMA: bool, T: super::Element>(
     q: &[f32],
-    kt: &[f32],
-    v: &[f32],
+    (keys, kt): (TileKeys<'_, T>, &[f32]),
+    (values, v): (TileValues<'_, T>, &[f32]),
     s: &mut [f32],
     o: &mut [f32],
     state: &mut RowState,
@@ -66,16 +66,16 @@ pub(crate) fn attend_tile<const FMA: bool>(
     masked: impl Fn(usize, usize) -> bool,
     row_hook: impl FnMut(usize, f32, &[f32]),
 ) {
-    scores::<FMA>(q, kt, s, dp, rows.div_ceil(ROWS), (0, BC));
-    attend_scored_tile::<FMA>(s, v, o, state, dp, rows, cols, partial, masked, row_hook);
+    tile_scores::<FMA, T>(keys, q, kt, s, dp, (rows, rows.div_ceil(ROWS)), (0, cols));
+    attend_scored_tile::<FMA, T>(s, (values, v), o, state, dp, rows, cols, partial, masked, row_hook);
 }
 
 /// [`attend_tile`] after S: the same work on scores `s` already computed (and scaled).
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-pub(crate) fn attend_scored_tile<const FMA: bool>(
+pub(crate) fn attend_scored_tile<const FMA: bool, T: super::Element>(
     s: &mut [f32],
-    v: &[f32],
+    (values, v): (TileValues<'_, T>, &[f32]),
     o: &mut [f32],
     state: &mut RowState,
     dp: usize,
@@ -86,14 +86,17 @@ pub(crate) fn attend_scored_tile<const FMA: bool>(
     row_hook: impl FnMut(usize, f32, &[f32]),
 ) {
     softmax_tile(s, o, state, dp, rows, cols, partial, masked, row_hook);
-    accumulate_pv::<FMA>(s, v, o, dp, rows.div_ceil(ROWS), cols);
+    match values {
+        TileValues::Widened => accumulate_pv::<FMA>(s, v, o, dp, rows.div_ceil(ROWS), cols),
+        TileValues::Rows(row) => super::pv_rows::accumulate_pv_rows::<FMA, T>(s, row, o, dp, rows, cols),
+    }
 }
 
 /// The online softmax of a tile's rows (the part of [`attend_scored_tile`] before P V): masks a
 /// PARTIAL tile's hidden elements, turns S into P in place, rescales each row's O and state.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-pub(crate) fn softmax_tile(
+fn softmax_tile(
     s: &mut [f32],
     o: &mut [f32],
     state: &mut RowState,
@@ -169,8 +172,18 @@ pub(crate) enum TileKeys<'a, T> {
     /// The tile transposed into `kt` (`[dp, BC]`, by `load_kv`): the register-blocked [`scores`].
     Transposed,
     /// Key `j` of the tile is `row(j)`, as stored: dotted with each query row (`cpu/dots.rs`).
-    /// For decode-sized tiles (one block of [`ROWS`] rows, `D == dp`, an AVX2 build), where
-    /// transposing 64 keys cost as much as their S.
+    /// For decode-sized tiles (one block of [`ROWS`] rows, `D == dp`), where transposing 64 keys
+    /// cost as much as their S.
+    Rows(RowsOf<'a, T>),
+}
+
+/// Where a tile's P V reads its values.
+#[derive(Clone, Copy)]
+pub(crate) enum TileValues<'a, T> {
+    /// The tile widened into `v` (`[BC, dp]`, by `load_kv`): the register-blocked P V.
+    Widened,
+    /// Value `j` of the tile is `row(j)`, as stored, widened in registers (`cpu/pv_rows.rs`); with
+    /// [`TileKeys::Rows`].
     Rows(RowsOf<'a, T>),
 }
 
