@@ -17,9 +17,7 @@
 use candle_core::Result;
 use rayon::prelude::*;
 
-use super::dots::{dots, dots_pair};
-#[cfg(target_arch = "x86_64")]
-use super::element::widen8;
+use super::dots::{dots, dots_pair, turned_back_dots_pair};
 use super::exp2::exp2;
 use super::tile::{lane_max, lane_sum, madd};
 use super::{Element, Strided};
@@ -145,8 +143,6 @@ fn item_scores<T: Element, const FMA: bool>(args: &ItemArgs<'_, T>) -> Vec<f32> 
     // are dotted with it, two at a time. (A table of every offset's turned queries, read once per
     // key in segment order, came from L2 at ~64 cycles a key.)
     let mut turned = vec![0f32; group * d];
-    // Two keys turned back (where keys are turned).
-    let mut turned_keys = vec![0f32; 2 * d];
     // (length, first token) of each segment.
     let segments: Vec<(usize, usize)> = layout
         .segment_lens
@@ -166,13 +162,12 @@ fn item_scores<T: Element, const FMA: bool>(args: &ItemArgs<'_, T>) -> Vec<f32> 
             let (c, s) = cos_sin(o);
             if here > 0 && !turn_keys {
                 for (t, qrow) in turned.chunks_exact_mut(d).zip(queries.chunks_exact(d)) {
-                    rotate::<FMA, f32>(t, qrow, c, s, 1.0);
+                    rotate::<FMA>(t, qrow, c, s);
                 }
             }
             // Keys go in pairs (each query chunk loaded once for both): cache rows dotted with
-            // `turned`, or keys turned back dotted with `queries`.
+            // `turned`, or keys turned back in registers and dotted with `queries`.
             let mut pending: Option<(&[T], usize)> = None;
-            let mut pending_turned: Option<usize> = None;
             for &(len, start) in block {
                 // Segment tokens are right-aligned: token t of a segment of `len` sits at offset
                 // longest - len + t.
@@ -185,13 +180,17 @@ fn item_scores<T: Element, const FMA: bool>(args: &ItemArgs<'_, T>) -> Vec<f32> 
                     super::load::prefetch_l1(k.row(b, start + t + PREFETCH_ROWS, kh, d));
                 }
                 if turn_keys {
-                    let slot = usize::from(pending_turned.is_some());
-                    rotate::<FMA, T>(&mut turned_keys[slot * d..(slot + 1) * d], row, c, s, -1.0);
-                    if let Some(first_at) = pending_turned.take() {
-                        let (first, second) = turned_keys.split_at(d);
-                        dots_pair::<FMA, f32>(&queries, [first, second], [first_at, at], &mut scores, keys);
+                    if let Some((first, first_at)) = pending.take() {
+                        turned_back_dots_pair::<FMA, T>(
+                            &queries,
+                            [first, row],
+                            (c, s),
+                            [first_at, at],
+                            &mut scores,
+                            keys,
+                        );
                     } else {
-                        pending_turned = Some(at);
+                        pending = Some((row, at));
                     }
                 } else if let Some((first, first_at)) = pending.take() {
                     dots_pair::<FMA, T>(&turned, [first, row], [first_at, at], &mut scores, keys);
@@ -199,12 +198,14 @@ fn item_scores<T: Element, const FMA: bool>(args: &ItemArgs<'_, T>) -> Vec<f32> 
                     pending = Some((row, at));
                 }
             }
-            if let Some((row, at)) = pending {
+            match pending {
+                // A last key turned back on its own (paired with itself).
+                Some((row, at)) if turn_keys => {
+                    turned_back_dots_pair::<FMA, T>(&queries, [row, row], (c, s), [at, at], &mut scores, keys);
+                }
                 // The cache row as it is: widened in registers where the build has AVX2.
-                dots::<FMA, T>(&turned, row, &mut scores, keys, at);
-            }
-            if let Some(at) = pending_turned {
-                dots::<FMA, f32>(&queries, &turned_keys[..d], &mut scores, keys, at);
+                Some((row, at)) => dots::<FMA, T>(&turned, row, &mut scores, keys, at),
+                None => {}
             }
         }
     }
@@ -245,50 +246,46 @@ const PREFETCH_ROWS: usize = 2;
 /// each).
 const SEG_BLOCK: usize = 32;
 
-/// `dst` = `x` turned (rotate-half) by the angle whose cos / sin are `c` / `s`, times `sign` for
-/// the inverse.
+/// `dst` = `x` turned (rotate-half) by the angle whose cos / sin are `c` / `s`.
 #[inline(always)]
-fn rotate<const FMA: bool, T: Element>(dst: &mut [f32], x: &[T], c: &[f32], s: &[f32], sign: f32) {
+fn rotate<const FMA: bool>(dst: &mut [f32], x: &[f32], c: &[f32], s: &[f32]) {
     let half = c.len();
     #[cfg(target_arch = "x86_64")]
     if FMA && half % 8 == 0 {
         // SAFETY: as in `dots`.
-        unsafe { rotate_avx2(dst, x, c, s, sign) };
+        unsafe { rotate_avx2(dst, x, c, s) };
         return;
     }
     for j in 0..half {
-        let (x1, x2, sn) = (x[j].to_f32(), x[j + half].to_f32(), sign * s[j]);
-        dst[j] = madd::<FMA>(x1, c[j], -(x2 * sn));
-        dst[j + half] = madd::<FMA>(x2, c[j], x1 * sn);
+        let (x1, x2) = (x[j], x[j + half]);
+        dst[j] = madd::<FMA>(x1, c[j], -(x2 * s[j]));
+        dst[j + half] = madd::<FMA>(x2, c[j], x1 * s[j]);
     }
 }
 
-/// [`rotate`] 8 pairs at a time, `x` widened in registers. (The loop above, auto-vectorised, kept
-/// a scalar path that a turned-back key at the judge prompt mostly took.)
+/// [`rotate`] 8 pairs at a time.
 ///
 /// # Safety
-/// The CPU must have AVX2, FMA and F16C; `c.len() == s.len()` a multiple of 8, `dst` and `x` of
-/// twice that length.
+/// The CPU must have AVX2 and FMA; `c.len() == s.len()` a multiple of 8, `dst` and `x` of twice
+/// that length.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
+#[target_feature(enable = "avx2,fma")]
 #[inline]
-unsafe fn rotate_avx2<T: Element>(dst: &mut [f32], x: &[T], c: &[f32], s: &[f32], sign: f32) {
+unsafe fn rotate_avx2(dst: &mut [f32], x: &[f32], c: &[f32], s: &[f32]) {
     use std::arch::x86_64::*;
     let half = c.len();
     assert!(
         s.len() == half && dst.len() == 2 * half && x.len() == 2 * half,
         "rotate: lengths"
     );
-    let sign = _mm256_set1_ps(sign);
     let (xp, dp) = (x.as_ptr(), dst.as_mut_ptr());
     for j in (0..half).step_by(8) {
         // SAFETY: j + 8 <= half, so every access is inside its slice (lengths asserted above).
         unsafe {
-            let (x1, x2) = (widen8(xp.add(j)), widen8(xp.add(j + half)));
-            let cv = _mm256_loadu_ps(c.as_ptr().add(j));
-            let sn = _mm256_mul_ps(sign, _mm256_loadu_ps(s.as_ptr().add(j)));
-            _mm256_storeu_ps(dp.add(j), _mm256_fmsub_ps(x1, cv, _mm256_mul_ps(x2, sn)));
-            _mm256_storeu_ps(dp.add(j + half), _mm256_fmadd_ps(x2, cv, _mm256_mul_ps(x1, sn)));
+            let (x1, x2) = (_mm256_loadu_ps(xp.add(j)), _mm256_loadu_ps(xp.add(j + half)));
+            let (cv, sv) = (_mm256_loadu_ps(c.as_ptr().add(j)), _mm256_loadu_ps(s.as_ptr().add(j)));
+            _mm256_storeu_ps(dp.add(j), _mm256_fmsub_ps(x1, cv, _mm256_mul_ps(x2, sv)));
+            _mm256_storeu_ps(dp.add(j + half), _mm256_fmadd_ps(x2, cv, _mm256_mul_ps(x1, sv)));
         }
     }
 }
