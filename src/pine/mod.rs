@@ -222,8 +222,15 @@ impl PineAttention {
             return self.attend(q, k_cache, k_cache, v_cache, &shape);
         }
         // Importance straight from the rotated cache: no un-rotated copy of it.
-        let plan = self.plan_with(q, ScoreKeys::RotatedCache(k_cache), &shape)?;
-        self.attend_planned(&plan, q, k_cache, v_cache)
+        let step = || {
+            let plan = self.plan_with(q, ScoreKeys::RotatedCache(k_cache), &shape)?;
+            self.attend_planned(&plan, q, k_cache, v_cache)
+        };
+        if q.device().is_cpu() {
+            rayon::scope(|_| step())
+        } else {
+            step()
+        }
     }
 
     /// Benchmark support, not a stable API: steps 1 and 2 alone (the importance scores, then each
