@@ -53,17 +53,31 @@ impl Element for bf16 {
     }
 }
 
-/// Whether the running CPU has what [`widen8`] needs (AVX2 and F16C; std caches the detection).
+/// Whether the running CPU has what [`widen8`] needs (AVX2 and F16C; std caches the detection),
+/// and the vector paths are not switched off by [`PORTABLE_ENV`]. Every `_avx2` path of the CPU
+/// kernels is behind this check (directly or through `fma_available`).
 #[inline]
 pub(crate) fn widen8_available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("f16c")
+        !portable_only() && is_x86_feature_detected!("avx2") && is_x86_feature_detected!("f16c")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
         false
     }
+}
+
+/// Set to `1` to run the CPU kernels' portable code (as on a CPU without AVX2, FMA and F16C, or
+/// not x86) on any CPU: the tests run once this way so that the path other machines take is
+/// tested here too. Read once per process.
+pub(crate) const PORTABLE_ENV: &str = "SEGATTN_CPU_PORTABLE";
+
+/// Whether [`PORTABLE_ENV`] is set to `1`.
+#[cfg(target_arch = "x86_64")]
+fn portable_only() -> bool {
+    static PORTABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *PORTABLE.get_or_init(|| std::env::var(PORTABLE_ENV).is_ok_and(|v| v == "1"))
 }
 
 /// The 8 elements at `src` as f32 in one AVX register: f32 loaded, f16 through F16C, bf16 by
@@ -148,5 +162,13 @@ mod tests {
         let mut got = vec![0f32; f.len()];
         widen_into(&mut got, &f);
         assert_eq!(got, f);
+    }
+
+    /// `SEGATTN_CPU_PORTABLE=1` switches every vector path off (CI runs the CPU tests so).
+    #[test]
+    fn the_portable_switch_is_honoured() {
+        if std::env::var(PORTABLE_ENV).is_ok_and(|v| v == "1") {
+            assert!(!widen8_available() && !crate::cpu::fma_available());
+        }
     }
 }
