@@ -10,8 +10,8 @@
 //! # Two modes
 //!
 //! - `cargo bench --bench pine` runs a few small criterion groups (sample size 10, flat
-//!   sampling): PINE vs causal prefill at the judge shape, PINE vs plain decode at both shapes
-//!   (and the PINE step's importance and order alone, `pine_plan`).
+//!   sampling): PINE vs causal prefill, PINE vs plain decode at both shapes, back to back and
+//!   from a cold cache (`*_cold`), and the PINE step's importance and order alone (`pine_plan`).
 //! - `cargo bench --bench pine -- --table` (or `SEGATTN_BENCH_TABLE=1`) skips criterion and
 //!   prints Markdown tables on stdout (progress on stderr); it writes no file
 //!   (`... -- --table > bench/pine_table.md`). Calls that are compared are INTERLEAVED in rotating
@@ -317,7 +317,8 @@ fn criterion_main() -> Result<()> {
     for prompt in Prompt::ALL {
         let case = Case::new(prompt, DType::BF16, HEADS, KV_HEADS)?;
         let l = case.len();
-        if prompt == Prompt::Judge {
+        {
+            // (The RAG prefill takes ~1.5 s a call: criterion stretches its time to 10 samples.)
             let mut g = c.benchmark_group(format!("prefill_{}_bf16", prompt.name()));
             g.sampling_mode(SamplingMode::Flat);
             g.bench_function(BenchmarkId::new("pine", l), |b| b.iter(|| case.pine_prefill()));
@@ -331,10 +332,30 @@ fn criterion_main() -> Result<()> {
         g.bench_function(BenchmarkId::new("pine_plan", l + 1), |b| {
             b.iter(|| case.pine_decode_plan())
         });
+        // The same steps from a cold cache (evicted, untimed, before each call).
+        let evictor = cold_cache::Evictor::new();
+        g.bench_function(BenchmarkId::new("pine_cold", l + 1), |b| {
+            b.iter_custom(|iters| cold_iters(&evictor, iters, || case.pine_decode()))
+        });
+        g.bench_function(BenchmarkId::new("plain_cold", l + 1), |b| {
+            b.iter_custom(|iters| cold_iters(&evictor, iters, || case.plain_decode()))
+        });
         g.finish();
     }
     c.final_summary();
     Ok(())
+}
+
+/// The time of `iters` calls of `step`, each after the caches were evicted (untimed).
+fn cold_iters(evictor: &cold_cache::Evictor, iters: u64, step: impl Fn() -> Tensor) -> Duration {
+    let mut total = Duration::ZERO;
+    for _ in 0..iters {
+        evictor.evict();
+        let t = Instant::now();
+        black_box(step());
+        total += t.elapsed();
+    }
+    total
 }
 
 // ---------------------------------------------------------------------------------------------
