@@ -108,7 +108,19 @@ pub(crate) fn forward<T: Element>(
             let b = item / (q_tiles * num_heads);
             let q0 = qt * BR;
             let q1 = (q0 + BR).min(q_len);
-            let state = scratch.run(q, k, v, shape, mask, scale, rotation, (b, h), (q0, q1), use_fma);
+            let item = Item {
+                q,
+                k,
+                v,
+                shape,
+                mask,
+                scale,
+                rotation,
+                at: (b, h),
+                rows: (q0, q1),
+                use_fma,
+            };
+            let state = scratch.run(&item);
             // SAFETY: each work item writes only rows [q0, q1) of head h of batch b, in `out` and
             // `lse`; items are disjoint, and both vectors outlive the parallel loop.
             unsafe {
@@ -148,6 +160,31 @@ struct SharedMut<T>(*mut T);
 unsafe impl<T> Sync for SharedMut<T> {}
 unsafe impl<T> Send for SharedMut<T> {}
 
+/// One work item of the forward: the query rows `rows` of head `at.1` of batch row `at.0`, and
+/// what every key tile of it reads.
+#[derive(Clone, Copy)]
+struct Item<'a, 'r, T> {
+    q: Strided<'a, T>,
+    k: Strided<'a, T>,
+    v: Strided<'a, T>,
+    shape: AttentionShape,
+    mask: &'a HostMask,
+    scale: f32,
+    rotation: Option<&'a QueryRotation<'r>>,
+    at: (usize, usize),
+    rows: (usize, usize),
+    /// The CPU has AVX2, FMA and F16C ([`fma_available`]).
+    use_fma: bool,
+}
+
+impl<T> Item<'_, '_, T> {
+    /// Whether the item's tiles read K and V rows as stored (decode-sized: at most one register
+    /// block of rows; D a multiple of [`LANES`]; AVX2 builds).
+    fn direct(&self) -> bool {
+        self.use_fma && self.rows.1 - self.rows.0 <= ROWS && self.shape.head_dim % LANES == 0
+    }
+}
+
 /// Per-thread tile buffers, reused across work items.
 struct Scratch {
     dp: usize,
@@ -182,26 +219,28 @@ impl Scratch {
 
     /// Runs one query tile over every visible key tile; returns the softmax state, with the
     /// unnormalised output in `self.o`.
-    #[allow(clippy::too_many_arguments)]
-    fn run<T: Element>(
-        &mut self,
-        q: Strided<'_, T>,
-        k: Strided<'_, T>,
-        v: Strided<'_, T>,
-        shape: AttentionShape,
-        mask: &HostMask,
-        scale: f32,
-        rotation: Option<&QueryRotation<'_>>,
-        (b, h): (usize, usize),
-        (q0, q1): (usize, usize),
-        use_fma: bool,
-    ) -> RowState {
-        let d = shape.head_dim;
-        let dp = self.dp;
-        let kh = h / shape.group_size();
-        let rows = q1 - q0;
-        let scale_log2 = scale * std::f32::consts::LOG2_E;
+    fn run<T: Element>(&mut self, item: &Item<'_, '_, T>) -> RowState {
+        let mut state = self.begin(item);
+        for k0 in (0..item.shape.kv_len).step_by(BC) {
+            self.key_tile(item, &mut state, k0);
+        }
+        state
+    }
 
+    /// Loads the item's query rows (scaled; turned to their positions under a rotation) and clears
+    /// O: the state before the first key tile.
+    fn begin<T: Element>(&mut self, item: &Item<'_, '_, T>) -> RowState {
+        let Item {
+            q,
+            shape,
+            scale,
+            rotation,
+            at: (b, h),
+            rows: (q0, q1),
+            ..
+        } = *item;
+        let (d, dp, rows) = (shape.head_dim, self.dp, q1 - q0);
+        let scale_log2 = scale * std::f32::consts::LOG2_E;
         // Only the row blocks the loops compute are read (a decode item: one block of 4 rows, not
         // the 64 of a tile; zeroing all of q and O cost ~2% of a decode step).
         let used = rows.div_ceil(ROWS) * ROWS * dp;
@@ -217,102 +256,112 @@ impl Scratch {
         if let Some(m) = &mut self.mass {
             m.clear(rows);
         }
-        let mut state = RowState::new();
+        RowState::new()
+    }
 
+    /// Key tile `[k0, k0 + BC)` of the item (clipped to Lk): skipped when the mask hides it,
+    /// otherwise S, the online softmax and P V into `state` and `self.o`.
+    fn key_tile<T: Element>(&mut self, item: &Item<'_, '_, T>, state: &mut RowState, k0: usize) {
+        let Item {
+            k,
+            v,
+            shape,
+            mask,
+            rotation,
+            at: (b, h),
+            rows: (q0, q1),
+            use_fma,
+            ..
+        } = *item;
+        let (d, dp, rows) = (shape.head_dim, self.dp, q1 - q0);
+        let kh = h / shape.group_size();
         let table = mask.rule.table_row(b);
         let (qs, ks) = (mask.q.row(b), mask.kv.row(b));
         let off = mask.pos_offset;
+        let k1 = (k0 + BC).min(shape.kv_len);
+        let class = classify_tile(&mask.rule, table, qs, ks, (q0, q1), (k0, k1), off);
+        if class == TileClass::Skip {
+            return;
+        }
         // Decode-sized items (one register block of rows: a decode step, GQA-packed or not; D a
         // multiple of LANES) read K and V straight from their rows: no K^T transpose, no f32 V
         // tile (`TileKeys::Rows`, `pv_rows`).
-        let direct = use_fma && rows <= ROWS && d == dp;
-        for k0 in (0..shape.kv_len).step_by(BC) {
-            let k1 = (k0 + BC).min(shape.kv_len);
-            let class = classify_tile(&mask.rule, table, qs, ks, (q0, q1), (k0, k1), off);
-            if class == TileClass::Skip {
-                continue;
-            }
-            let cols = k1 - k0;
-            if !direct {
-                self.load_kv(k, v, b, kh, d, k0, cols);
-            }
-            if self.mass.is_some() || rotation.is_some() {
-                segment::tile_pieces(mask, b, k0, k1, &mut self.pieces);
-            }
-            // Decode-sized items: as S reads key j, the K and V rows of key j + AHEAD are asked
-            // for into L2. A decode step streams the cache once, each row a few lines a whole
-            // token row apart (a stride the hardware prefetcher follows late); the hints spread
-            // over the tile, not issued all at its start (which left most of them dropped).
-            let kv_len = shape.kv_len;
-            let key_row = |j: usize| {
-                let t = k0 + j + AHEAD;
-                if direct && t < kv_len {
-                    load::prefetch_l2(k.row(b, t, kh, d));
-                    load::prefetch_l2(v.row(b, t, kh, d));
-                }
-                k.row(b, k0 + j, kh, d)
-            };
-            let value_row = |j: usize| v.row(b, k0 + j, kh, d);
-            let (keys, values) = if direct {
-                (TileKeys::Rows(&key_row), TileValues::Rows(&value_row))
-            } else {
-                (TileKeys::Transposed, TileValues::Widened)
-            };
-            if let Some(rot) = rotation {
-                self.attend_rotated(
-                    rot,
-                    (keys, values),
-                    mask,
-                    shape,
-                    (b, h),
-                    (q0, q1),
-                    (k0, k1),
-                    class,
-                    &mut state,
-                    use_fma,
-                );
-                continue;
-            }
-            let partial = class == TileClass::Partial;
-            let masked = |r: usize, j: usize| {
-                let (i, kj) = (q0 + r, k0 + j);
-                !mask
-                    .rule
-                    .lookup(table, qs.ids[i], ks.ids[kj])
-                    .allows(i as i64 + off, kj as i64)
-            };
-            let Self {
-                q: qb,
-                kt,
-                v: vb,
-                s,
-                o,
-                mass,
-                pieces,
-                ..
-            } = self;
-            // The mass accumulators follow O's rescaling; P of the tile is summed per key segment.
-            let hook = |r: usize, alpha: f32, p: &[f32]| {
-                if let Some(m) = mass.as_mut() {
-                    m.follow(r, alpha, p, pieces);
-                }
-            };
-            let (keys, values) = ((keys, &kt[..]), (values, &vb[..]));
-            if use_fma {
-                // SAFETY: fma_available() checked that the CPU has AVX2, FMA and F16C.
-                #[cfg(target_arch = "x86_64")]
-                unsafe {
-                    attend_tile_avx2(
-                        qb, keys, values, s, o, &mut state, dp, rows, cols, partial, masked, hook,
-                    )
-                };
-            } else {
-                attend_tile::<false, T>(
-                    qb, keys, values, s, o, &mut state, dp, rows, cols, partial, masked, hook,
-                );
-            }
+        let direct = item.direct();
+        let cols = k1 - k0;
+        if !direct {
+            self.load_kv(k, v, b, kh, d, k0, cols);
         }
-        state
+        if self.mass.is_some() || rotation.is_some() {
+            segment::tile_pieces(mask, b, k0, k1, &mut self.pieces);
+        }
+        // Decode-sized items: as S reads key j, the K and V rows of key j + AHEAD are asked for
+        // into L2. A decode step streams the cache once, each row a few lines a whole token row
+        // apart (a stride the hardware prefetcher follows late); the hints spread over the tile,
+        // not issued all at its start (which left most of them dropped).
+        let kv_len = shape.kv_len;
+        let key_row = |j: usize| {
+            let t = k0 + j + AHEAD;
+            if direct && t < kv_len {
+                load::prefetch_l2(k.row(b, t, kh, d));
+                load::prefetch_l2(v.row(b, t, kh, d));
+            }
+            k.row(b, k0 + j, kh, d)
+        };
+        let value_row = |j: usize| v.row(b, k0 + j, kh, d);
+        let (keys, values) = if direct {
+            (TileKeys::Rows(&key_row), TileValues::Rows(&value_row))
+        } else {
+            (TileKeys::Transposed, TileValues::Widened)
+        };
+        if let Some(rot) = rotation {
+            self.attend_rotated(
+                rot,
+                (keys, values),
+                mask,
+                shape,
+                (b, h),
+                (q0, q1),
+                (k0, k1),
+                class,
+                state,
+                use_fma,
+            );
+            return;
+        }
+        let partial = class == TileClass::Partial;
+        let masked = |r: usize, j: usize| {
+            let (i, kj) = (q0 + r, k0 + j);
+            !mask
+                .rule
+                .lookup(table, qs.ids[i], ks.ids[kj])
+                .allows(i as i64 + off, kj as i64)
+        };
+        let Self {
+            q: qb,
+            kt,
+            v: vb,
+            s,
+            o,
+            mass,
+            pieces,
+            ..
+        } = self;
+        // The mass accumulators follow O's rescaling; P of the tile is summed per key segment.
+        let hook = |r: usize, alpha: f32, p: &[f32]| {
+            if let Some(m) = mass.as_mut() {
+                m.follow(r, alpha, p, pieces);
+            }
+        };
+        let (keys, values) = ((keys, &kt[..]), (values, &vb[..]));
+        if use_fma {
+            // SAFETY: fma_available() checked that the CPU has AVX2, FMA and F16C.
+            #[cfg(target_arch = "x86_64")]
+            unsafe {
+                attend_tile_avx2(qb, keys, values, s, o, state, dp, rows, cols, partial, masked, hook)
+            };
+        } else {
+            attend_tile::<false, T>(qb, keys, values, s, o, state, dp, rows, cols, partial, masked, hook);
+        }
     }
 
     /// One key tile with the query rotated per row and key piece: S piece by piece
