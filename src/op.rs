@@ -131,7 +131,11 @@ impl<'a> SegmentAttention<'a> {
 
     /// Runs the fused attention.
     pub fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<AttentionOutput> {
-        let shape = AttentionShape::of(q, k, v)?;
+        let shape = if self.rotation.is_some() {
+            AttentionShape::of_rotated_keys(q, k, v)?
+        } else {
+            AttentionShape::of(q, k, v)?
+        };
         let scale = self.scale.unwrap_or_else(|| default_scale(shape.head_dim));
         if !scale.is_finite() {
             invalid_arg!("scale: expected a finite number, got {scale}");
@@ -258,7 +262,9 @@ impl AttentionOp<'_> {
         Ok(lse)
     }
 
-    fn cpu_typed<T: Element + candle_core::WithDType>(
+    /// The CPU path on q, v of element type `T` and k of `K` (the same type, except PINE's prefill:
+    /// 16-bit q and v with K rotated once in f32, [`AttentionShape::of_rotated_keys`]).
+    fn cpu_typed<T: Element + candle_core::WithDType, K: Element + candle_core::WithDType>(
         &self,
         (q, ql): (&CpuStorage, &Layout),
         (k, kl): (&CpuStorage, &Layout),
@@ -266,7 +272,7 @@ impl AttentionOp<'_> {
     ) -> Result<CpuStorage> {
         let (q, k, v) = (
             Strided::new(q.as_slice::<T>()?, ql),
-            Strided::new(k.as_slice::<T>()?, kl),
+            Strided::new(k.as_slice::<K>()?, kl),
             Strided::new(v.as_slice::<T>()?, vl),
         );
         let rotation = self.rotation.map(PineRotation::cpu);
@@ -363,11 +369,18 @@ impl CustomOp3 for AttentionOp<'_> {
         vl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let args = ((q, ql), (k, kl), (v, vl));
-        let out = match q.dtype() {
-            DType::F32 => self.cpu_typed::<f32>(args.0, args.1, args.2)?,
-            DType::F16 => self.cpu_typed::<f16>(args.0, args.1, args.2)?,
-            DType::BF16 => self.cpu_typed::<bf16>(args.0, args.1, args.2)?,
-            other => invalid_arg!("q: expected dtype f32, f16 or bf16, got {other:?}"),
+        let out = match (q.dtype(), k.dtype()) {
+            (DType::F32, DType::F32) => self.cpu_typed::<f32, f32>(args.0, args.1, args.2)?,
+            (DType::F16, DType::F16) => self.cpu_typed::<f16, f16>(args.0, args.1, args.2)?,
+            (DType::BF16, DType::BF16) => self.cpu_typed::<bf16, bf16>(args.0, args.1, args.2)?,
+            // PINE's prefill: K rotated once, kept in f32 (validated in `forward`).
+            (DType::F16, DType::F32) if self.rotation.is_some() => {
+                self.cpu_typed::<f16, f32>(args.0, args.1, args.2)?
+            }
+            (DType::BF16, DType::F32) if self.rotation.is_some() => {
+                self.cpu_typed::<bf16, f32>(args.0, args.1, args.2)?
+            }
+            (other, _) => invalid_arg!("q: expected dtype f32, f16 or bf16 (k the same), got {other:?}"),
         };
         let s = self.shape;
         Ok((out, Shape::from((s.batch, s.q_len, s.num_heads, s.head_dim))))

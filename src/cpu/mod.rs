@@ -69,9 +69,9 @@ pub(crate) struct Forward<T> {
 /// `rotation`, q is un-rotated and is turned inside the loop per row and key segment (PINE's
 /// re-assigned positions, see [`rotary`]); k is then rotated at its original positions.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn forward<T: Element>(
+pub(crate) fn forward<T: Element, K: Element>(
     q: Strided<'_, T>,
-    k: Strided<'_, T>,
+    k: Strided<'_, K>,
     v: Strided<'_, T>,
     shape: AttentionShape,
     mask: &HostMask,
@@ -163,9 +163,9 @@ unsafe impl<T> Send for SharedMut<T> {}
 /// One work item of the forward: the query rows `rows` of head `at.1` of batch row `at.0`, and
 /// what every key tile of it reads.
 #[derive(Clone, Copy)]
-struct Item<'a, 'r, T> {
+struct Item<'a, 'r, T, K = T> {
     q: Strided<'a, T>,
-    k: Strided<'a, T>,
+    k: Strided<'a, K>,
     v: Strided<'a, T>,
     shape: AttentionShape,
     mask: &'a HostMask,
@@ -177,7 +177,7 @@ struct Item<'a, 'r, T> {
     use_fma: bool,
 }
 
-impl<T> Item<'_, '_, T> {
+impl<T, K> Item<'_, '_, T, K> {
     /// Whether the item's tiles read K and V rows as stored (decode-sized: at most one register
     /// block of rows; D a multiple of [`LANES`]; AVX2 builds).
     fn direct(&self) -> bool {
@@ -219,7 +219,7 @@ impl Scratch {
 
     /// Runs one query tile over every visible key tile; returns the softmax state, with the
     /// unnormalised output in `self.o`.
-    fn run<T: Element>(&mut self, item: &Item<'_, '_, T>) -> RowState {
+    fn run<T: Element, K: Element>(&mut self, item: &Item<'_, '_, T, K>) -> RowState {
         let mut state = self.begin(item);
         for k0 in (0..item.shape.kv_len).step_by(BC) {
             self.key_tile(item, &mut state, k0);
@@ -229,7 +229,7 @@ impl Scratch {
 
     /// Loads the item's query rows (scaled; turned to their positions under a rotation) and clears
     /// O: the state before the first key tile.
-    fn begin<T: Element>(&mut self, item: &Item<'_, '_, T>) -> RowState {
+    fn begin<T: Element, K: Element>(&mut self, item: &Item<'_, '_, T, K>) -> RowState {
         let Item {
             q,
             shape,
@@ -261,7 +261,7 @@ impl Scratch {
 
     /// Key tile `[k0, k0 + BC)` of the item (clipped to Lk): skipped when the mask hides it,
     /// otherwise S, the online softmax and P V into `state` and `self.o`.
-    fn key_tile<T: Element>(&mut self, item: &Item<'_, '_, T>, state: &mut RowState, k0: usize) {
+    fn key_tile<T: Element, K: Element>(&mut self, item: &Item<'_, '_, T, K>, state: &mut RowState, k0: usize) {
         let Item {
             k,
             v,
@@ -360,7 +360,7 @@ impl Scratch {
                 attend_tile_avx2(qb, keys, values, s, o, state, dp, rows, cols, partial, masked, hook)
             };
         } else {
-            attend_tile::<false, T>(qb, keys, values, s, o, state, dp, rows, cols, partial, masked, hook);
+            attend_tile::<false, K, T>(qb, keys, values, s, o, state, dp, rows, cols, partial, masked, hook);
         }
     }
 
@@ -368,10 +368,10 @@ impl Scratch {
     /// ([`rotated_scores`]), the mask of a PARTIAL tile by piece pairs, then the online softmax
     /// and P V as usual.
     #[allow(clippy::too_many_arguments)]
-    fn attend_rotated<'a, T: Element>(
+    fn attend_rotated<'a, T: Element, K: Element>(
         &mut self,
         rot: &QueryRotation<'_>,
-        (keys, values): (TileKeys<'a, T>, TileValues<'a, T>),
+        (keys, values): (TileKeys<'a, K>, TileValues<'a, T>),
         mask: &HostMask,
         shape: AttentionShape,
         (b, h): (usize, usize),
@@ -402,7 +402,7 @@ impl Scratch {
                 rotated_scores_avx2(rot, qb, keys, kt, s, scratch, dp, (rows, padded), pieces, at)
             };
         } else {
-            rotated_scores::<false, T>(rot, qb, keys, kt, s, scratch, dp, (rows, padded), pieces, at);
+            rotated_scores::<false, K>(rot, qb, keys, kt, s, scratch, dp, (rows, padded), pieces, at);
         }
         if class == TileClass::Partial {
             mask_tile(s, mask, b, (q0, q1), (k0, k1), &pieces.list);
@@ -423,9 +423,9 @@ impl Scratch {
 
     /// Loads key tile rows `[k0, k0 + cols)` as K^T `[dp, BC]` and V `[BC, dp]`, zero-padded.
     #[allow(clippy::too_many_arguments)]
-    fn load_kv<T: Element>(
+    fn load_kv<T: Element, K: Element>(
         &mut self,
-        k: Strided<'_, T>,
+        k: Strided<'_, K>,
         v: Strided<'_, T>,
         b: usize,
         kh: usize,
@@ -484,9 +484,9 @@ impl Scratch {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn attend_tile_avx2<T: Element>(
+unsafe fn attend_tile_avx2<K: Element, T: Element>(
     q: &[f32],
-    keys: (TileKeys<'_, T>, &[f32]),
+    keys: (TileKeys<'_, K>, &[f32]),
     values: (TileValues<'_, T>, &[f32]),
     s: &mut [f32],
     o: &mut [f32],
@@ -498,17 +498,17 @@ unsafe fn attend_tile_avx2<T: Element>(
     masked: impl Fn(usize, usize) -> bool,
     row_hook: impl FnMut(usize, f32, &[f32]),
 ) {
-    attend_tile::<true, T>(q, keys, values, s, o, state, dp, rows, cols, partial, masked, row_hook)
+    attend_tile::<true, K, T>(q, keys, values, s, o, state, dp, rows, cols, partial, masked, row_hook)
 }
 
 /// [`rotated_scores`] compiled for AVX2 + FMA + F16C.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn rotated_scores_avx2<T: Element>(
+unsafe fn rotated_scores_avx2<K: Element>(
     rot: &QueryRotation<'_>,
     q: &[f32],
-    keys: TileKeys<'_, T>,
+    keys: TileKeys<'_, K>,
     kt: &[f32],
     s: &mut [f32],
     scratch: &mut RotaryScratch,
@@ -517,7 +517,7 @@ unsafe fn rotated_scores_avx2<T: Element>(
     pieces: &TilePieces,
     at: (usize, usize, usize, usize),
 ) {
-    rotated_scores::<true, T>(rot, q, keys, kt, s, scratch, dp, rows, pieces, at)
+    rotated_scores::<true, K>(rot, q, keys, kt, s, scratch, dp, rows, pieces, at)
 }
 
 /// [`attend_scored_tile`] (already masked) compiled for AVX2 + FMA + F16C.

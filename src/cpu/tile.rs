@@ -52,9 +52,9 @@ impl RowState {
 /// per-segment mass) update there; pass `|_, _, _| {}` for none.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-pub(crate) fn attend_tile<const FMA: bool, T: super::Element>(
+pub(crate) fn attend_tile<const FMA: bool, K: super::Element, T: super::Element>(
     q: &[f32],
-    (keys, kt): (TileKeys<'_, T>, &[f32]),
+    (keys, kt): (TileKeys<'_, K>, &[f32]),
     (values, v): (TileValues<'_, T>, &[f32]),
     s: &mut [f32],
     o: &mut [f32],
@@ -66,7 +66,7 @@ pub(crate) fn attend_tile<const FMA: bool, T: super::Element>(
     masked: impl Fn(usize, usize) -> bool,
     row_hook: impl FnMut(usize, f32, &[f32]),
 ) {
-    tile_scores::<FMA, T>(keys, q, kt, s, dp, (rows, rows.div_ceil(ROWS)), (0, cols));
+    tile_scores::<FMA, K>(keys, q, kt, s, dp, (rows, rows.div_ceil(ROWS)), (0, cols));
     attend_scored_tile::<FMA, T>(s, (values, v), o, state, dp, rows, cols, partial, masked, row_hook);
 }
 
