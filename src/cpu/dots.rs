@@ -358,3 +358,109 @@ fn dot<const FMA: bool, T: Element>(a: &[f32], b: &[T]) -> f32 {
         .sum();
     acc.iter().sum::<f32>() + tail
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use half::bf16;
+
+    /// A small deterministic generator (values in [-1, 1), never 0).
+    fn values(seed: u64, n: usize) -> Vec<f32> {
+        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let v = ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0;
+                if v == 0.0 {
+                    0.5
+                } else {
+                    v
+                }
+            })
+            .collect()
+    }
+
+    /// `turned_back_dots_pair` against the key turned back by the inverse rotation and dotted in
+    /// f64: every query count 1-9 (blocks of 4 and the rest), D 16 / 64 / 128, f32 and bf16 keys,
+    /// the AVX2 path and the portable one.
+    #[test]
+    fn turned_back_dots_match_f64() {
+        for (seed, &d) in [16usize, 64, 128].iter().enumerate() {
+            let half = d / 2;
+            let angles: Vec<f64> = values(seed as u64 + 7, half).iter().map(|&a| 3.0 * a as f64).collect();
+            let c: Vec<f32> = angles.iter().map(|a| a.cos() as f32).collect();
+            let s: Vec<f32> = angles.iter().map(|a| a.sin() as f32).collect();
+            for group in 1..=9 {
+                let qs = values(seed as u64 * 31 + group as u64, group * d);
+                let keys32 = [values(100 + group as u64, d), values(200 + group as u64, d)];
+                let keys16: Vec<Vec<bf16>> = keys32
+                    .iter()
+                    .map(|k| k.iter().map(|&x| bf16::from_f32(x)).collect())
+                    .collect();
+                let want = |k: &[f32], g: usize| -> f64 {
+                    let q = &qs[g * d..(g + 1) * d];
+                    (0..half)
+                        .map(|j| {
+                            let (x1, x2) = (k[j] as f64, k[j + half] as f64);
+                            let (cj, sj) = (c[j] as f64, s[j] as f64);
+                            q[j] as f64 * (x1 * cj + x2 * sj) + q[j + half] as f64 * (x2 * cj - x1 * sj)
+                        })
+                        .sum()
+                };
+                let check = |got: &[f32], keys: [&[f32]; 2], what: &str| {
+                    for g in 0..group {
+                        for x in 0..2 {
+                            let (w, v) = (want(keys[x], g), got[g * 2 + x] as f64);
+                            assert!(
+                                (w - v).abs() <= 1e-5 * (1.0 + w.abs()),
+                                "{what} D {d} group {group} g {g} key {x}: {v} vs {w}"
+                            );
+                        }
+                    }
+                };
+                let wide: [Vec<f32>; 2] = [0, 1].map(|x| keys16[x].iter().map(|v| v.to_f32()).collect());
+                for fma in [false, true] {
+                    if fma && !crate::cpu::fma_available() {
+                        continue;
+                    }
+                    let mut got = vec![f32::NAN; group * 2];
+                    let mut got16 = vec![f32::NAN; group * 2];
+                    let (k32, k16) = ([&keys32[0][..], &keys32[1][..]], [&keys16[0][..], &keys16[1][..]]);
+                    if fma {
+                        // SAFETY: the CPU has AVX2, FMA and F16C (checked above).
+                        #[cfg(target_arch = "x86_64")]
+                        unsafe {
+                            pair_avx2_for_test(&qs, k32, k16, (&c, &s), &mut got, &mut got16)
+                        };
+                    } else {
+                        turned_back_dots_pair::<false, f32>(&qs, k32, (&c, &s), [0, 1], &mut got, 2);
+                        turned_back_dots_pair::<false, bf16>(&qs, k16, (&c, &s), [0, 1], &mut got16, 2);
+                    }
+                    check(&got, k32, if fma { "avx2 f32" } else { "portable f32" });
+                    check(
+                        &got16,
+                        [&wide[0], &wide[1]],
+                        if fma { "avx2 bf16" } else { "portable bf16" },
+                    );
+                }
+            }
+        }
+    }
+
+    /// The AVX2 build of `turned_back_dots_pair` (the `FMA` flag is only set inside such builds).
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn pair_avx2_for_test(
+        qs: &[f32],
+        k32: [&[f32]; 2],
+        k16: [&[bf16]; 2],
+        cs: (&[f32], &[f32]),
+        got: &mut [f32],
+        got16: &mut [f32],
+    ) {
+        turned_back_dots_pair::<true, f32>(qs, k32, cs, [0, 1], got, 2);
+        turned_back_dots_pair::<true, bf16>(qs, k16, cs, [0, 1], got16, 2);
+    }
+}
