@@ -70,7 +70,7 @@ pub(crate) fn strides_of(layout: &Layout) -> SegattnStrides {
 /// Whether the kernels' 16-byte loads can read a 16-bit tensor at address `addr` with `strides`
 /// in place: a 16-byte aligned start and strides that are multiples of 8 elements.
 pub(crate) fn loadable(addr: u64, strides: &SegattnStrides) -> bool {
-    addr % 16 == 0 && [strides.batch, strides.row, strides.head].iter().all(|s| s % 8 == 0)
+    addr.is_multiple_of(16) && [strides.batch, strides.row, strides.head].iter().all(|s| s % 8 == 0)
 }
 
 /// Strides of a contiguous `[B, len, heads, head_dim]` tensor (the kernels' output).

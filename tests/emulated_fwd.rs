@@ -363,7 +363,7 @@ const HEADS: [(usize, usize); 3] = [(4, 2), (3, 1), (2, 2)];
 
 /// A length in 1..=200 that is not a multiple of 64.
 fn ragged(x: usize) -> usize {
-    if x % 64 == 0 {
+    if x.is_multiple_of(64) {
         x - 1
     } else {
         x

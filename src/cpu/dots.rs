@@ -6,7 +6,7 @@
 //! the result for query `g` and key index `at` goes to `scores[g * keys + at]`.
 
 #[cfg(target_arch = "x86_64")]
-use super::element::widen8;
+use super::element::{widen16, widen8};
 use super::tile::madd;
 use super::Element;
 
@@ -15,7 +15,12 @@ use super::Element;
 #[inline(always)]
 pub(crate) fn dots<const FMA: bool, T: Element>(qs: &[f32], k: &[T], scores: &mut [f32], keys: usize, at: usize) {
     #[cfg(target_arch = "x86_64")]
-    if FMA && k.len() % 8 == 0 {
+    if FMA && k.len().is_multiple_of(8) {
+        if k.len().is_multiple_of(16) && super::element::avx512_available() {
+            // SAFETY: the CPU has AVX-512F, AVX2, FMA and F16C (checked just above).
+            unsafe { dots_pair_avx512(qs, [k, k], [at, at], scores, keys) };
+            return;
+        }
         // SAFETY: `FMA` is only set in functions built for AVX2 + FMA + F16C, called after
         // checking the CPU's features (`super::fma_available`).
         unsafe { dots_avx2(qs, k, scores, keys, at) };
@@ -79,7 +84,12 @@ pub(crate) fn dots_pair<const FMA: bool, T: Element>(
     keys: usize,
 ) {
     #[cfg(target_arch = "x86_64")]
-    if FMA && k[0].len() % 8 == 0 {
+    if FMA && k[0].len().is_multiple_of(8) {
+        if k[0].len().is_multiple_of(16) && super::element::avx512_available() {
+            // SAFETY: the CPU has AVX-512F, AVX2, FMA and F16C (checked just above).
+            unsafe { dots_pair_avx512(qs, k, at, scores, keys) };
+            return;
+        }
         // SAFETY: as in `dots`.
         unsafe { dots_pair_avx2(qs, k, at, scores, keys) };
         return;
@@ -148,6 +158,11 @@ pub(crate) fn turned_back_dots_pair<const FMA: bool, T: Element>(
     let half = c.len();
     #[cfg(target_arch = "x86_64")]
     if FMA && half % 8 == 0 {
+        if half % 16 == 0 && super::element::avx512_available() {
+            // SAFETY: the CPU has AVX-512F, AVX2, FMA and F16C (checked just above).
+            unsafe { turned_back_dots_pair_avx512(qs, k, (c, s), at, scores, keys) };
+            return;
+        }
         // SAFETY: as in `dots`.
         unsafe { turned_back_dots_pair_avx2(qs, k, (c, s), at, scores, keys) };
         return;
@@ -265,6 +280,99 @@ unsafe fn turned_back_block<const N: usize, T: Element>(
     out
 }
 
+/// [`turned_back_dots_pair_avx2`] in AVX-512 registers (16 pairs per pass).
+///
+/// # Safety
+/// The CPU must have AVX-512F, AVX2, FMA and F16C; `c.len() == s.len()` a multiple of 16, both
+/// keys of twice that length, `qs.len()` a multiple of it.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+#[inline]
+unsafe fn turned_back_dots_pair_avx512<T: Element>(
+    qs: &[f32],
+    k: [&[T]; 2],
+    (c, s): (&[f32], &[f32]),
+    at: [usize; 2],
+    scores: &mut [f32],
+    keys: usize,
+) {
+    let half = c.len();
+    let d = 2 * half;
+    assert!(
+        half % 16 == 0 && s.len() == half && k[0].len() == d && k[1].len() == d,
+        "turned_back_dots_pair: lengths"
+    );
+    let group = qs.len() / d;
+    let mut g0 = 0;
+    while g0 + 4 <= group {
+        // SAFETY: rows g0..g0 + 4 of qs exist; the rest as this function's contract.
+        let sums = unsafe { turned_back_block512::<4, T>(&qs[g0 * d..], k, (c, s)) };
+        for (r, pair) in sums.iter().enumerate() {
+            for x in 0..2 {
+                scores[(g0 + r) * keys + at[x]] = pair[x];
+            }
+        }
+        g0 += 4;
+    }
+    for g in g0..group {
+        // SAFETY: as above, for row g.
+        let [pair] = unsafe { turned_back_block512::<1, T>(&qs[g * d..], k, (c, s)) };
+        for x in 0..2 {
+            scores[g * keys + at[x]] = pair[x];
+        }
+    }
+}
+
+/// [`turned_back_block`] with 16-lane registers.
+///
+/// # Safety
+/// As [`turned_back_dots_pair_avx512`], with at least `N` rows in `qs`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+#[inline]
+unsafe fn turned_back_block512<const N: usize, T: Element>(
+    qs: &[f32],
+    k: [&[T]; 2],
+    (c, s): (&[f32], &[f32]),
+) -> [[f32; 2]; N] {
+    use std::arch::x86_64::*;
+    let half = c.len();
+    let d = 2 * half;
+    assert!(qs.len() >= N * d, "turned_back_block: rows");
+    let (k0, k1, qp, cp, sp) = (k[0].as_ptr(), k[1].as_ptr(), qs.as_ptr(), c.as_ptr(), s.as_ptr());
+    let mut acc = [[_mm512_setzero_ps(); N]; 2];
+    for j in (0..half).step_by(16) {
+        // SAFETY: j + 16 <= half: both halves of both keys (length d), of the N query rows, and
+        // of c and s are in bounds (asserted by the callers and above).
+        unsafe {
+            let (cv, sv) = (_mm512_loadu_ps(cp.add(j)), _mm512_loadu_ps(sp.add(j)));
+            // rope^-1 of (x1, x2): lo = x1 c + x2 s, hi = x2 c - x1 s.
+            let turn = |kp: *const T| {
+                let (x1, x2) = (widen16(kp.add(j)), widen16(kp.add(j + half)));
+                (
+                    _mm512_fmadd_ps(x1, cv, _mm512_mul_ps(x2, sv)),
+                    _mm512_fmsub_ps(x2, cv, _mm512_mul_ps(x1, sv)),
+                )
+            };
+            let ((lo0, hi0), (lo1, hi1)) = (turn(k0), turn(k1));
+            let [acc0, acc1] = &mut acc;
+            for r in 0..N {
+                let row = qp.add(r * d + j);
+                let (qlo, qhi) = (_mm512_loadu_ps(row), _mm512_loadu_ps(row.add(half)));
+                acc0[r] = _mm512_fmadd_ps(qhi, hi0, _mm512_fmadd_ps(qlo, lo0, acc0[r]));
+                acc1[r] = _mm512_fmadd_ps(qhi, hi1, _mm512_fmadd_ps(qlo, lo1, acc1[r]));
+            }
+        }
+    }
+    let mut out = [[0f32; 2]; N];
+    for (x, acc) in acc.iter().enumerate() {
+        for (r, a) in acc.iter().enumerate() {
+            out[r][x] = _mm512_reduce_add_ps(*a);
+        }
+    }
+    out
+}
+
 /// [`dots`] for the keys `row(j)`, `j` in `range`, at `at = j`: two keys at a time.
 #[inline(always)]
 pub(crate) fn dots_rows<'a, const FMA: bool, T: Element>(
@@ -276,6 +384,12 @@ pub(crate) fn dots_rows<'a, const FMA: bool, T: Element>(
 ) {
     #[cfg(target_arch = "x86_64")]
     if FMA {
+        let d16 = !range.is_empty() && row(range.start).len().is_multiple_of(16);
+        if d16 && super::element::avx512_available() {
+            // SAFETY: the CPU has AVX-512F, AVX2, FMA and F16C (checked just above).
+            unsafe { dots_rows_avx512(qs, row, range, scores, keys) };
+            return;
+        }
         // SAFETY: as in `dots`.
         unsafe { dots_rows_avx2(qs, row, range, scores, keys) };
         return;
@@ -307,6 +421,106 @@ unsafe fn dots_rows_avx2<'a, T: Element>(
     if j < range.end {
         dots::<true, T>(qs, row(j), scores, keys, j);
     }
+}
+
+/// [`dots_rows`] in AVX-512 registers, two keys at a time ([`dots_pair_avx512`]; a last odd key
+/// paired with itself).
+///
+/// # Safety
+/// The CPU must have AVX-512F, AVX2, FMA and F16C; every key `D` long with `D` a multiple of 16,
+/// `qs.len()` a multiple of `D`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn dots_rows_avx512<'a, T: Element>(
+    qs: &[f32],
+    row: &dyn Fn(usize) -> &'a [T],
+    range: std::ops::Range<usize>,
+    scores: &mut [f32],
+    keys: usize,
+) {
+    let mut j = range.start;
+    while j + 2 <= range.end {
+        // SAFETY: this function's contract.
+        unsafe { dots_pair_avx512(qs, [row(j), row(j + 1)], [j, j + 1], scores, keys) };
+        j += 2;
+    }
+    if j < range.end {
+        let k = row(j);
+        // SAFETY: as above.
+        unsafe { dots_pair_avx512(qs, [k, k], [j, j], scores, keys) };
+    }
+}
+
+/// [`dots_pair`] in AVX-512 registers: each 16 values of both keys widened once and multiplied
+/// into four queries at a time (8 accumulators), the rest of the queries one at a time. Every
+/// query's sum is reduced on its own, in one order, whatever the number of queries (so a
+/// GQA-packed decode step stays bitwise the unpacked one).
+///
+/// # Safety
+/// The CPU must have AVX-512F, AVX2, FMA and F16C; both keys `D` long with `D` a multiple of 16,
+/// `qs.len()` a multiple of `D`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+#[inline]
+unsafe fn dots_pair_avx512<T: Element>(qs: &[f32], k: [&[T]; 2], at: [usize; 2], scores: &mut [f32], keys: usize) {
+    let d = k[0].len();
+    assert!(
+        d.is_multiple_of(16) && k[1].len() == d && qs.len().is_multiple_of(d),
+        "dots_pair: lengths"
+    );
+    let group = qs.len() / d;
+    let mut put = |g: usize, sums: [f32; 2]| {
+        scores[g * keys + at[0]] = sums[0];
+        scores[g * keys + at[1]] = sums[1];
+    };
+    let mut g0 = 0;
+    while g0 + 4 <= group {
+        // SAFETY: rows g0..g0 + 4 of qs and both keys hold d values; d % 16 == 0.
+        let sums = unsafe { dots_block512::<4, T>(&qs[g0 * d..], k) };
+        for (r, pair_sums) in sums.into_iter().enumerate() {
+            put(g0 + r, pair_sums);
+        }
+        g0 += 4;
+    }
+    for g in g0..group {
+        // SAFETY: as above, for row g.
+        let [pair_sums] = unsafe { dots_block512::<1, T>(&qs[g * d..], k) };
+        put(g, pair_sums);
+    }
+}
+
+/// The `N` query rows at the start of `qs` dotted with two keys: `[row][key]`.
+///
+/// # Safety
+/// The CPU must have AVX-512F; both keys `D` long (a multiple of 16), `N` rows of `D` in `qs`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+#[inline]
+unsafe fn dots_block512<const N: usize, T: Element>(qs: &[f32], k: [&[T]; 2]) -> [[f32; 2]; N] {
+    use std::arch::x86_64::*;
+    let d = k[0].len();
+    assert!(qs.len() >= N * d, "dots_block512: rows");
+    let (k0, k1, qp) = (k[0].as_ptr(), k[1].as_ptr(), qs.as_ptr());
+    let mut acc = [[_mm512_setzero_ps(); N]; 2];
+    for c in (0..d).step_by(16) {
+        // SAFETY: c + 16 <= d, inside both keys and each of the N query rows.
+        unsafe {
+            let (kv0, kv1) = (widen16(k0.add(c)), widen16(k1.add(c)));
+            let [acc0, acc1] = &mut acc;
+            for r in 0..N {
+                let qv = _mm512_loadu_ps(qp.add(r * d + c));
+                acc0[r] = _mm512_fmadd_ps(qv, kv0, acc0[r]);
+                acc1[r] = _mm512_fmadd_ps(qv, kv1, acc1[r]);
+            }
+        }
+    }
+    let mut out = [[0f32; 2]; N];
+    for (x, acc) in acc.iter().enumerate() {
+        for (r, a) in acc.iter().enumerate() {
+            out[r][x] = _mm512_reduce_add_ps(*a);
+        }
+    }
+    out
 }
 
 /// The horizontal sum of one register, added in the same order as [`hsum4`] adds each of its four

@@ -104,6 +104,48 @@ pub(crate) unsafe fn widen8<T: Element>(src: *const T) -> std::arch::x86_64::__m
     }
 }
 
+/// Whether the decode-sized loops may take their AVX-512 builds ([`widen16`]): the CPU has
+/// AVX-512F (with AVX2, FMA and F16C: [`widen8_available`]) and neither [`PORTABLE_ENV`] nor
+/// [`NO_AVX512_ENV`] is set.
+#[inline]
+pub(crate) fn avx512_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static NO_AVX512: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let off = *NO_AVX512.get_or_init(|| std::env::var(NO_AVX512_ENV).is_ok_and(|v| v == "1"));
+        !off && widen8_available() && is_x86_feature_detected!("fma") && is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Set to `1` to keep the CPU kernels on their AVX2 builds where the CPU also has AVX-512 (the
+/// tests run once this way, so that both builds are tested on an AVX-512 machine).
+pub(crate) const NO_AVX512_ENV: &str = "SEGATTN_CPU_NO_AVX512";
+
+/// [`widen8`] for 16 elements in one AVX-512 register.
+///
+/// # Safety
+/// `src` must be valid for reading 16 elements, and the CPU must have AVX-512F
+/// ([`avx512_available`]).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+pub(crate) unsafe fn widen16<T: Element>(src: *const T) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    // SAFETY (all three): 16 elements readable at `src` (the caller's contract), unaligned loads.
+    match T::STORAGE {
+        Storage::F32 => unsafe { _mm512_loadu_ps(src.cast()) },
+        Storage::F16 => unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(src.cast())) },
+        Storage::BF16 => unsafe {
+            let wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(src.cast()));
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(wide))
+        },
+    }
+}
+
 /// `dst[i] = src[i] as f32` (same lengths), 8 at a time where the CPU has AVX2 and F16C.
 #[inline]
 pub(crate) fn widen_into<T: Element>(dst: &mut [f32], src: &[T]) {
@@ -164,11 +206,53 @@ mod tests {
         assert_eq!(got, f);
     }
 
-    /// `SEGATTN_CPU_PORTABLE=1` switches every vector path off (CI runs the CPU tests so).
+    /// `SEGATTN_CPU_PORTABLE=1` switches every vector path off, `SEGATTN_CPU_NO_AVX512=1` the
+    /// AVX-512 ones (CI runs the tests both ways).
     #[test]
-    fn the_portable_switch_is_honoured() {
+    fn the_isa_switches_are_honoured() {
         if std::env::var(PORTABLE_ENV).is_ok_and(|v| v == "1") {
-            assert!(!widen8_available() && !crate::cpu::fma_available());
+            assert!(!widen8_available() && !crate::cpu::fma_available() && !avx512_available());
         }
+        if std::env::var(NO_AVX512_ENV).is_ok_and(|v| v == "1") {
+            assert!(!avx512_available());
+        }
+    }
+
+    /// Every f16 / bf16 bit pattern (NaNs: still NaN) widens 16 at a time in AVX-512 to what the
+    /// scalar `to_f32` gives; f32 loads unchanged.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn widen16_is_to_f32() {
+        if !avx512_available() {
+            return;
+        }
+        #[target_feature(enable = "avx512f")]
+        fn wide<T: Element>(src: &[T]) -> Vec<f32> {
+            src.chunks_exact(16)
+                .flat_map(|c| {
+                    let mut out = [0f32; 16];
+                    // SAFETY: 16 elements at c, the CPU has AVX-512F (checked by the caller).
+                    unsafe { std::arch::x86_64::_mm512_storeu_ps(out.as_mut_ptr(), widen16(c.as_ptr())) };
+                    out
+                })
+                .collect()
+        }
+        fn check<T: Element>(from_bits: impl Fn(u16) -> T) {
+            let all: Vec<T> = (0..=u16::MAX).map(&from_bits).collect();
+            // SAFETY: the CPU has AVX-512F (checked above).
+            let got = unsafe { wide(&all) };
+            for (x, g) in all.iter().zip(&got) {
+                let want = x.to_f32();
+                assert!(
+                    want.to_bits() == g.to_bits() || (want.is_nan() && g.is_nan()),
+                    "{want} vs {g}"
+                );
+            }
+        }
+        check(half::f16::from_bits);
+        check(half::bf16::from_bits);
+        let f: Vec<f32> = (0..32).map(|i| i as f32 * -1.25e-3).collect();
+        // SAFETY: as above.
+        assert_eq!(unsafe { wide(&f) }, f);
     }
 }

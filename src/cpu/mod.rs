@@ -181,7 +181,7 @@ impl<T, K> Item<'_, '_, T, K> {
     /// Whether the item's tiles read K and V rows as stored (decode-sized: at most one register
     /// block of rows; D a multiple of [`LANES`]; AVX2 builds).
     fn direct(&self) -> bool {
-        self.use_fma && self.rows.1 - self.rows.0 <= ROWS && self.shape.head_dim % LANES == 0
+        self.use_fma && self.rows.1 - self.rows.0 <= ROWS && self.shape.head_dim.is_multiple_of(LANES)
     }
 }
 

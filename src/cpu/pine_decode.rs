@@ -47,6 +47,7 @@ pub(crate) fn suffix_importance<T: Element>(
     // Work items: (batch row, KV head, row); the query heads of one KV head share every key row
     // (converted to f32 once, dotted with each head's turned query).
     let use_fma = super::fma_available();
+    let use_avx512 = super::element::avx512_available();
     let per_item: Vec<Vec<f32>> = (0..batch * kv_heads * q_len)
         .into_par_iter()
         .map(|item| {
@@ -64,6 +65,11 @@ pub(crate) fn suffix_importance<T: Element>(
                 d,
                 at: (b, kh, i),
             };
+            #[cfg(target_arch = "x86_64")]
+            if use_avx512 {
+                // SAFETY: the CPU has AVX-512F, AVX2, FMA and F16C (checked at run time).
+                return unsafe { item_scores_avx512(&args) };
+            }
             #[cfg(target_arch = "x86_64")]
             if use_fma {
                 // SAFETY: the CPU has AVX2 and FMA (checked at run time).
@@ -236,6 +242,14 @@ unsafe fn item_scores_avx2<T: Element>(args: &ItemArgs<'_, T>) -> Vec<f32> {
     item_scores::<T, true>(args)
 }
 
+/// [`item_scores`] where the CPU also has AVX-512F: the same code, with the dots' AVX-512 kernels
+/// inlined (`dots.rs` picks them at run time).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn item_scores_avx512<T: Element>(args: &ItemArgs<'_, T>) -> Vec<f32> {
+    item_scores::<T, true>(args)
+}
+
 /// How many offsets ahead [`item_scores`] asks for each segment's cache row: a head's slice of
 /// each row is a few cache lines a whole token row apart (`Hkv D` elements), a stride the
 /// hardware prefetcher follows late. (Measured at the RAG prompt, 20 streams: 1-2 best, 8 ~8%
@@ -251,7 +265,7 @@ const SEG_BLOCK: usize = 32;
 fn rotate<const FMA: bool>(dst: &mut [f32], x: &[f32], c: &[f32], s: &[f32]) {
     let half = c.len();
     #[cfg(target_arch = "x86_64")]
-    if FMA && half % 8 == 0 {
+    if FMA && half.is_multiple_of(8) {
         // SAFETY: as in `dots`.
         unsafe { rotate_avx2(dst, x, c, s) };
         return;

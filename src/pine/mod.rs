@@ -527,7 +527,7 @@ impl PineAttention {
                 shape.batch
             );
         }
-        if shape.head_dim % 2 != 0 {
+        if !shape.head_dim.is_multiple_of(2) {
             invalid_arg!("q: RoPE needs an even head dimension, got D = {}", shape.head_dim);
         }
         Ok(())

@@ -152,7 +152,7 @@ impl Rope {
     /// Checks the configuration against head dimension `d` and positions `< len` (tables: `len`
     /// may reach twice their length, the rest comes from angle addition).
     pub(crate) fn check(&self, d: usize, len: usize) -> Result<()> {
-        if d % 2 != 0 {
+        if !d.is_multiple_of(2) {
             invalid_arg!("q: RoPE needs an even head dimension, got D = {d}");
         }
         match &self.angles {
