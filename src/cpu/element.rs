@@ -104,8 +104,8 @@ pub(crate) unsafe fn widen8<T: Element>(src: *const T) -> std::arch::x86_64::__m
     }
 }
 
-/// Whether the decode-sized loops may take their AVX-512 builds ([`widen16`]): the CPU has
-/// AVX-512F (with AVX2, FMA and F16C: [`widen8_available`]) and neither [`PORTABLE_ENV`] nor
+/// Whether the CPU loops may take their AVX-512 builds ([`widen16`]): the CPU has AVX-512F and VL
+/// (with AVX2, FMA and F16C: [`widen8_available`]) and neither [`PORTABLE_ENV`] nor
 /// [`NO_AVX512_ENV`] is set.
 #[inline]
 pub(crate) fn avx512_available() -> bool {
@@ -113,7 +113,10 @@ pub(crate) fn avx512_available() -> bool {
     {
         static NO_AVX512: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         let off = *NO_AVX512.get_or_init(|| std::env::var(NO_AVX512_ENV).is_ok_and(|v| v == "1"));
-        !off && widen8_available() && is_x86_feature_detected!("fma") && is_x86_feature_detected!("avx512f")
+        !off && widen8_available()
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512vl")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
