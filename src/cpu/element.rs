@@ -111,12 +111,15 @@ pub(crate) unsafe fn widen8<T: Element>(src: *const T) -> std::arch::x86_64::__m
 pub(crate) fn avx512_available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        static NO_AVX512: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        let off = *NO_AVX512.get_or_init(|| std::env::var(NO_AVX512_ENV).is_ok_and(|v| v == "1"));
-        !off && widen8_available()
-            && is_x86_feature_detected!("fma")
-            && is_x86_feature_detected!("avx512f")
-            && is_x86_feature_detected!("avx512vl")
+        // Decided once per process: the decode loops ask per pair of keys.
+        static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *AVAILABLE.get_or_init(|| {
+            let off = std::env::var(NO_AVX512_ENV).is_ok_and(|v| v == "1");
+            !off && widen8_available()
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512vl")
+        })
     }
     #[cfg(not(target_arch = "x86_64"))]
     {

@@ -330,6 +330,7 @@ pub(crate) fn segment_mass<T: Element>(
     let sink = MassSink::new(plan, mask, q_len);
     let q_tiles = q_len.div_ceil(BR);
     let use_fma = fma_available();
+    let use_avx512 = use_fma && super::element::avx512_available();
     let two_pass = plan.algorithm == MassAlgorithm::TwoPass;
     (0..batch * num_heads * q_tiles).into_par_iter().try_for_each_init(
         || ScoreScratch::new(d, plan.sk),
@@ -339,7 +340,17 @@ pub(crate) fn segment_mass<T: Element>(
             let b = item / (q_tiles * num_heads);
             let q0 = qt * BR;
             let q1 = (q0 + BR).min(q_len);
-            scratch.run(q, k, shape, mask, scale, (b, h), (q0, q1), use_fma, two_pass);
+            scratch.run(
+                q,
+                k,
+                shape,
+                mask,
+                scale,
+                (b, h),
+                (q0, q1),
+                (use_fma, use_avx512),
+                two_pass,
+            );
             // SAFETY: items are disjoint in (b, h, rows).
             unsafe { sink.put(b, h, (q0, q1), &scratch.mass) }
         },
@@ -383,9 +394,11 @@ impl ScoreScratch {
         scale: f32,
         (b, h): (usize, usize),
         (q0, q1): (usize, usize),
-        use_fma: bool,
+        (use_fma, use_avx512): (bool, bool),
         two_pass: bool,
     ) {
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = use_avx512;
         let d = shape.head_dim;
         let dp = self.dp;
         let kh = h / shape.group_size();
@@ -447,8 +460,8 @@ impl ScoreScratch {
                     pieces,
                 };
                 #[cfg(target_arch = "x86_64")]
-                if use_fma && super::element::avx512_available() {
-                    // SAFETY: the CPU has AVX-512F, AVX2 and FMA (checked just above).
+                if use_avx512 {
+                    // SAFETY: the CPU has AVX-512F and VL, AVX2 and FMA (checked by the op).
                     unsafe { mass_tile_avx512(tile, mass, &mut state, pass, masked) };
                     continue;
                 }
