@@ -14,17 +14,17 @@
 #   all    both
 #   profile (5) Nsight Compute (ncu, hardware counters; Firecracker machines): one launch of each
 #              kernel that the performance targets depend on, in this order: the forward kernel at
-#              causal, documents8 and pine, L 8k, D 128 (gpu_bench; causal also with the opt-in
-#              128 x 64 tile), the mass kernel and the fused forward (gpu_bench --mass), the rope
+#              causal, documents8 and pine, L 8k, D 128 (gpu_bench; causal also with the 64-row
+#              kernel), the mass kernel and the fused forward (gpu_bench --mass), the rope
 #              kernel (gpu_bench --pine); then the duration of every kernel of steady PINE decode
 #              steps (gpu_bench --pine-decode-trace) and the decode importance: throughput,
 #              occupancy, warp stall reasons -> $OUT/profile.txt (not part of "all")
 #
 # Writes under $OUT (or $SEGATTN_SUITE_OUT, default /tmp/segattn-gpu-out): summary.md, tests.log,
-# sanitizer.log, segattn.jsonl, narrow.txt (the 64-row kernel where the launcher takes the wide
-# one, at L 8k D 128), wide.txt (the wide kernel for every mask, causal ones included), wide64.txt
-# (the same with 64-key tiles at D 128), pine.md,
-# mass.md, mass-b4.md and pine-b4.md (the mass kernel with four blocks per SM), (with baselines
+# sanitizer.log, segattn.jsonl, narrow.txt (the 64-row kernel for every mask, on gpu_bench's
+# shapes), wide.txt (the wide kernel for every mask, L 8k D 128), wide32.txt (the same with 32-key
+# tiles at D 128), pine.md,
+# mass.md, mass-b3.md and pine-b3.md (the mass kernel with three blocks per SM), (with baselines
 # in the pack, for each revision REV: baseline-REV.txt, baseline-REV-pine.md,
 # baseline-REV-mass.md; and ours-again.txt, the target shapes once more after them), peers.jsonl,
 # RESULTS.md (the table, with card, driver, date and commit: copy it to bench/RESULTS.md). Each
@@ -138,22 +138,25 @@ if [ "$PHASE" = test ] || [ "$PHASE" = all ]; then
     note "- (1) $name: $(grep -E '^test result' "$WORK/$name.log" | tail -1 || echo 'no result line') (exit $rc, $((SECONDS - t)) s)"
     [ "$rc" = 0 ] || status=1
   done
-  # The opt-in variants (other registers and spills, the same source) against the reference too,
-  # a few cases each: the wide kernel with 64-key tiles on every mask (SEGATTN_FWD_WIDE=1
-  # SEGATTN_FWD_WIDE_KEYS=64), and the mass kernel with four blocks per SM (SEGATTN_SCORES_BLOCKS=4).
-  SEGATTN_FWD_WIDE=1 SEGATTN_FWD_WIDE_KEYS=64 SEGATTN_REQUIRE_GPU=1 SEGATTN_GPU_CASES=40 budgeted 90 "$san_reserve" \
-    "$WORK/gpu_fwd" --test-threads "$(nproc)" gpu_kernel_matches_reference every_mask_kind_every_instantiation \
-    tile_multiples_and_tiny_lengths fully_masked_rows >"$WORK/gpu_fwd_wide64.log" 2>&1
-  rc=$?
-  { echo "=== gpu_fwd, SEGATTN_FWD_WIDE=1 SEGATTN_FWD_WIDE_KEYS=64 (exit $rc) ==="; cat "$WORK/gpu_fwd_wide64.log"; } >>"$OUTDIR/tests.log"
-  note "- (1) gpu_fwd (wide kernel, 64-key tiles): $(grep -E '^test result' "$WORK/gpu_fwd_wide64.log" | tail -1 || echo 'no result line') (exit $rc)"
-  [ "$rc" = 0 ] || status=1
-  if [ -x "$WORK/gpu_scores" ]; then
-    SEGATTN_SCORES_BLOCKS=4 SEGATTN_REQUIRE_GPU=1 SEGATTN_GPU_CASES=20 budgeted 60 "$san_reserve" \
-      "$WORK/gpu_scores" --test-threads "$(nproc)" gpu_scores_match_reference >"$WORK/gpu_scores_b4.log" 2>&1
+  # The other kernel variants (other registers and spills, the same source) against the reference
+  # too, a few cases each: the wide kernel on every mask and length (SEGATTN_FWD_WIDE=1: 64-key
+  # tiles at D = 128), the same with its 32-key tiles (SEGATTN_FWD_WIDE_KEYS=32), and the mass
+  # kernel with three blocks per SM (SEGATTN_SCORES_BLOCKS=3).
+  for keys in 64 32; do
+    SEGATTN_FWD_WIDE=1 SEGATTN_FWD_WIDE_KEYS=$keys SEGATTN_REQUIRE_GPU=1 SEGATTN_GPU_CASES=40 budgeted 90 "$san_reserve" \
+      "$WORK/gpu_fwd" --test-threads "$(nproc)" gpu_kernel_matches_reference every_mask_kind_every_instantiation \
+      tile_multiples_and_tiny_lengths fully_masked_rows >"$WORK/gpu_fwd_wide$keys.log" 2>&1
     rc=$?
-    { echo "=== gpu_scores, SEGATTN_SCORES_BLOCKS=4 (exit $rc) ==="; cat "$WORK/gpu_scores_b4.log"; } >>"$OUTDIR/tests.log"
-    note "- (1) gpu_scores (four-block mass kernel): $(grep -E '^test result' "$WORK/gpu_scores_b4.log" | tail -1 || echo 'no result line') (exit $rc)"
+    { echo "=== gpu_fwd, SEGATTN_FWD_WIDE=1 SEGATTN_FWD_WIDE_KEYS=$keys (exit $rc) ==="; cat "$WORK/gpu_fwd_wide$keys.log"; } >>"$OUTDIR/tests.log"
+    note "- (1) gpu_fwd (wide kernel on every mask, $keys-key tiles at D 128): $(grep -E '^test result' "$WORK/gpu_fwd_wide$keys.log" | tail -1 || echo 'no result line') (exit $rc)"
+    [ "$rc" = 0 ] || status=1
+  done
+  if [ -x "$WORK/gpu_scores" ]; then
+    SEGATTN_SCORES_BLOCKS=3 SEGATTN_REQUIRE_GPU=1 SEGATTN_GPU_CASES=20 budgeted 60 "$san_reserve" \
+      "$WORK/gpu_scores" --test-threads "$(nproc)" gpu_scores_match_reference >"$WORK/gpu_scores_b3.log" 2>&1
+    rc=$?
+    { echo "=== gpu_scores, SEGATTN_SCORES_BLOCKS=3 (exit $rc) ==="; cat "$WORK/gpu_scores_b3.log"; } >>"$OUTDIR/tests.log"
+    note "- (1) gpu_scores (three-block mass kernel): $(grep -E '^test result' "$WORK/gpu_scores_b3.log" | tail -1 || echo 'no result line') (exit $rc)"
     [ "$rc" = 0 ] || status=1
   fi
 
@@ -240,17 +243,16 @@ if [ "$PHASE" = bench ] || [ "$PHASE" = all ]; then
     done
     budgeted 60 30 "$WORK/gpu_bench" --filter "$TARGET" 2>&1 | tee "$OUTDIR/ours-again.txt"
   fi
-  log "(3) the 64-row kernel at the target shapes (SEGATTN_FWD_WIDE=0): the wide kernel's before / after"
-  SEGATTN_FWD_WIDE=0 budgeted 90 60 "$WORK/gpu_bench" --filter "$TARGET" 2>&1 | tee "$OUTDIR/narrow.txt"
-  note "- (3) SEGATTN_FWD_WIDE=0 gpu_bench (64-row kernel, L 8k D 128): exit ${PIPESTATUS[0]}"
-  # And the wide kernel for every mask (the rule keeps it from causal ones: four PARTIAL tiles
-  # per diagonal block; bench/NOTES.md CUDA 10 and 21).
+  log "(3) the 64-row kernel on the same shapes (SEGATTN_FWD_WIDE=0): the wide kernel's before / after"
+  SEGATTN_FWD_WIDE=0 budgeted 90 60 "$WORK/gpu_bench" "${smoke[@]}" "${bench_filter[@]}" 2>&1 | tee "$OUTDIR/narrow.txt"
+  note "- (3) SEGATTN_FWD_WIDE=0 gpu_bench (64-row kernel): exit ${PIPESTATUS[0]}"
+  # The wide kernel for every mask (SEGATTN_FWD_WIDE=1; at D = 128 the default already takes it
+  # from 128 rows on), then with its 32-key tiles at D = 128 (bench/NOTES.md CUDA 23 and 25).
   SEGATTN_FWD_WIDE=1 budgeted 90 60 "$WORK/gpu_bench" --filter "$TARGET" 2>&1 | tee "$OUTDIR/wide.txt"
   note "- (3) SEGATTN_FWD_WIDE=1 gpu_bench (wide kernel for every mask, L 8k D 128): exit ${PIPESTATUS[0]}"
-  # And with FlashAttention-2's 64-key tiles (segattn_fwd_wide64_*, bench/NOTES.md CUDA 23).
-  SEGATTN_FWD_WIDE=1 SEGATTN_FWD_WIDE_KEYS=64 budgeted 90 60 "$WORK/gpu_bench" --filter "$TARGET" 2>&1 |
-    tee "$OUTDIR/wide64.txt"
-  note "- (3) SEGATTN_FWD_WIDE=1 SEGATTN_FWD_WIDE_KEYS=64 gpu_bench (128 x 64 tiles, L 8k D 128): exit ${PIPESTATUS[0]}"
+  SEGATTN_FWD_WIDE=1 SEGATTN_FWD_WIDE_KEYS=32 budgeted 90 60 "$WORK/gpu_bench" --filter "$TARGET" 2>&1 |
+    tee "$OUTDIR/wide32.txt"
+  note "- (3) SEGATTN_FWD_WIDE=1 SEGATTN_FWD_WIDE_KEYS=32 gpu_bench (128 x 32 tiles, L 8k D 128): exit ${PIPESTATUS[0]}"
 
   log "(3) PINE layer (gpu_bench --pine)"
   t=$SECONDS
@@ -268,11 +270,11 @@ if [ "$PHASE" = bench ] || [ "$PHASE" = all ]; then
   t=$SECONDS
   budgeted 100000 20 "$WORK/gpu_bench" --mass 2>&1 | tee "$OUTDIR/mass.md"
   note "- (3) gpu_bench --mass: exit ${PIPESTATUS[0]}, $((SECONDS - t)) s"
-  # The mass kernel with four blocks per SM at D = 128 (bench/NOTES.md CUDA 22): the standalone op
-  # and PINE's importance, against the three-block kernel above.
-  SEGATTN_SCORES_BLOCKS=4 budgeted 100000 20 "$WORK/gpu_bench" --mass 2>&1 | tee "$OUTDIR/mass-b4.md"
-  SEGATTN_SCORES_BLOCKS=4 budgeted 100000 20 "$WORK/gpu_bench" --pine 2>&1 | tee "$OUTDIR/pine-b4.md"
-  note "- (3) SEGATTN_SCORES_BLOCKS=4 gpu_bench --mass / --pine: mass-b4.md, pine-b4.md"
+  # The mass kernel with three blocks per SM at D = 128 (bench/NOTES.md CUDA 22, 25): the
+  # standalone op and PINE's importance, against the four-block default above.
+  SEGATTN_SCORES_BLOCKS=3 budgeted 100000 20 "$WORK/gpu_bench" --mass 2>&1 | tee "$OUTDIR/mass-b3.md"
+  SEGATTN_SCORES_BLOCKS=3 budgeted 100000 20 "$WORK/gpu_bench" --pine 2>&1 | tee "$OUTDIR/pine-b3.md"
+  note "- (3) SEGATTN_SCORES_BLOCKS=3 gpu_bench --mass / --pine: mass-b3.md, pine-b3.md"
   fi
 
   log "(3) peers (torch)"
@@ -323,15 +325,15 @@ if [ "$PHASE" = profile ]; then
       note "- (5) $label: exit $rc, $((SECONDS - t)) s"
     }
     # In order of what the open targets need most (short budgets cut the list): the forward kernel
-    # at the target shapes (and the opt-in 128 x 64 tile), the mass kernels, the rope kernel, then
+    # at the target shapes (and the 64-row kernel at causal), the mass kernels, the rope kernel, then
     # every kernel of steady-state PINE decode steps (RAG prompt, layer calls in a row), durations
     # only, and the decode importance.
     for shape in "causal $TARGET" "documents8 $TARGET" "pine $TARGET"; do
-      profile_one "$shape" '^segattn_fwd_(wide_)?bf16_d128$' "$WORK/gpu_bench" --filter "$shape" --reps 20 --warmup 3 || break
+      profile_one "$shape" '^segattn_fwd_(wide64_|wide_)?bf16_d128$' "$WORK/gpu_bench" --filter "$shape" --reps 20 --warmup 3 || break
     done
-    SEGATTN_FWD_WIDE=1 SEGATTN_FWD_WIDE_KEYS=64 profile_one "causal $TARGET, wide kernel with 64-key tiles" \
-      '^segattn_fwd_wide64_bf16_d128$' "$WORK/gpu_bench" --filter "causal $TARGET" --reps 20 --warmup 3
-    profile_one "mass (standalone)" '^segattn_scores_(wide_)?bf16_d128$' "$WORK/gpu_bench" --mass
+    SEGATTN_FWD_WIDE=0 profile_one "causal $TARGET, 64-row kernel" \
+      '^segattn_fwd_bf16_d128$' "$WORK/gpu_bench" --filter "causal $TARGET" --reps 20 --warmup 3
+    profile_one "mass (standalone)" '^segattn_scores_(wide_|b4_)?bf16_d128$' "$WORK/gpu_bench" --mass
     profile_one "mass (fused forward)" '^segattn_fwd_mass_bf16_d128$' "$WORK/gpu_bench" --mass
     profile_one "PINE prefill attention" '^segattn_fwd_rope_bf16_d128$' "$WORK/gpu_bench" --pine
     t=$SECONDS

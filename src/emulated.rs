@@ -271,8 +271,8 @@ pub enum Tile {
 }
 
 /// [`forward`] with the plain kernel's tile chosen, whatever the number of rows (the GPU launcher
-/// takes the wide one from 128 rows on, without split-K, and its 32-key tiles unless
-/// `SEGATTN_FWD_WIDE_KEYS=64`).
+/// takes the wide one from 128 rows on without split-K, at D = 64 only for masks without a causal
+/// pair, and its 64-key tiles at D = 128 unless `SEGATTN_FWD_WIDE_KEYS=32`).
 #[allow(clippy::too_many_arguments)]
 pub fn forward_tiled(
     q: &Tensor,
@@ -536,7 +536,7 @@ pub(crate) fn run_forward(
     }
     // The entry point the GPU launcher would take (segattn_emu_fwd dispatches on these fields).
     if rotation.is_none() && !matches!(mass, Some((_, true, _))) {
-        let variant = FwdVariant::plain(kshape.q_len, kv_splits, khost.rule.has_causal(), wide)
+        let variant = FwdVariant::plain(kshape.q_len, kv_splits, khost.rule.has_causal(), head_dim, wide)
             .with_wide_keys(head_dim, wide_keys64);
         p.block_rows = variant.block_rows() as i32;
         p.block_keys = variant.block_keys();

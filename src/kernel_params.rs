@@ -158,7 +158,7 @@ pub enum FwdVariant {
     /// (`segattn_fwd_wide_*`; no split-K).
     Wide,
     /// [`FwdVariant::Wide`] with key tiles of 64 at D = 128 (`segattn_fwd_wide64_*`,
-    /// FlashAttention-2's 128 x 64 tile; opt-in: `SEGATTN_FWD_WIDE_KEYS=64`).
+    /// FlashAttention-2's 128 x 64 tile; plain attention's default at D = 128, see [`FwdVariant::plain`]).
     Wide64,
 }
 
@@ -190,16 +190,20 @@ impl FwdVariant {
         }
     }
 
-    /// The kernel for plain attention (no rotation, no fused mass): the wide one when there are at
-    /// least 128 query rows, no split-K and no causal pair in the mask (`causal`), else the 64-row
-    /// one. The wide kernel (FlashAttention-2's tile: each K and V fragment read from shared memory
-    /// feeds two mma, the loop's per-tile costs shared by 128 rows) wins where tiles are full; on
-    /// an H200 it lost where the diagonal's partial tiles weigh (bench/NOTES.md CUDA 10: causal
-    /// -2%, causal documents -14 to -21%, full +6%). `SEGATTN_FWD_WIDE=0` always takes the 64-row
-    /// kernel, `=1` the wide one wherever it applies (any number of rows or mask; tests).
+    /// The kernel for plain attention (no rotation, no fused mass), from 128 query rows on and
+    /// without split-K: at D = 128 the wide kernel for every mask, at D = 64 the wide kernel only
+    /// for masks without a causal pair (`causal`); else the 64-row one. The wide kernel
+    /// (FlashAttention-2's tile: each K and V fragment read from shared memory feeds two mma, the
+    /// loop's per-tile costs shared by 128 rows) lost on an H200 where the diagonal's partial tiles
+    /// weigh with its 32-key tiles (bench/NOTES.md CUDA 10); with 64-key tiles at D = 128 it beat
+    /// the 64-row kernel on an H100 on every mask (causal +9%, PINE +16%, documents +2%: CUDA 25).
+    /// D = 64 has no 64-key variant and keeps the H200's rule. `SEGATTN_FWD_WIDE=0` always takes
+    /// the 64-row kernel, `=1` the wide one wherever it applies (any number of rows or mask; tests).
     /// `forced` (tests) takes precedence over `SEGATTN_FWD_WIDE`, which takes precedence over the rule.
-    pub(crate) fn plain(q_len: usize, kv_splits: usize, causal: bool, forced: Option<bool>) -> Self {
-        let wide = forced.or_else(wide_setting).unwrap_or(q_len >= 128 && !causal);
+    pub(crate) fn plain(q_len: usize, kv_splits: usize, causal: bool, head_dim: usize, forced: Option<bool>) -> Self {
+        let wide = forced
+            .or_else(wide_setting)
+            .unwrap_or(q_len >= 128 && (head_dim == 128 || !causal));
         if wide && kv_splits <= 1 {
             Self::Wide
         } else {
@@ -208,9 +212,9 @@ impl FwdVariant {
     }
 
     /// The wide kernel with 64-key tiles at D = 128 ([`FwdVariant::Wide64`]) in place of
-    /// [`FwdVariant::Wide`] when `forced` says so (tests), else when `SEGATTN_FWD_WIDE_KEYS=64`;
-    /// every other variant as it is. Opt-in until a GPU measures it against the 32-key tiles
-    /// (bench/NOTES.md CUDA 23).
+    /// [`FwdVariant::Wide`], unless `forced` says otherwise (tests) or `SEGATTN_FWD_WIDE_KEYS=32`
+    /// asks for the 32-key tiles; every other variant as it is. The 64-key tiles were 7-15%
+    /// faster on every mask on an H100 (bench/NOTES.md CUDA 25).
     pub(crate) fn with_wide_keys(self, head_dim: usize, forced: Option<bool>) -> Self {
         let keys64 = forced.unwrap_or_else(wide_keys_setting);
         if self == Self::Wide && head_dim == 128 && keys64 {
@@ -221,10 +225,11 @@ impl FwdVariant {
     }
 }
 
-/// `SEGATTN_FWD_WIDE_KEYS=64`: the wide kernel with 64-key tiles at D = 128. Read once.
+/// `SEGATTN_FWD_WIDE_KEYS`: "32" takes the wide kernel's 32-key tiles at D = 128; anything else
+/// (or unset) the 64-key tiles. Read once.
 fn wide_keys_setting() -> bool {
     static FLAG: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *FLAG.get_or_init(|| std::env::var_os("SEGATTN_FWD_WIDE_KEYS").is_some_and(|v| v == "64"))
+    *FLAG.get_or_init(|| std::env::var_os("SEGATTN_FWD_WIDE_KEYS").is_none_or(|v| v != "32"))
 }
 
 /// `SEGATTN_FWD_WIDE`: `Some(false)` for "0", `Some(true)` for "1", else `None` (the rule decides).
@@ -236,9 +241,10 @@ fn wide_setting() -> Option<bool> {
     }
 }
 
-/// Query rows per block of the mass kernel (`params.base.block_rows`): 128 (the wide kernel) where
-/// plain attention would take the wide forward kernel (the same rule and `SEGATTN_FWD_WIDE`), else
-/// 64; `wide` forces the choice.
+/// Query rows per block of the mass kernel (`params.base.block_rows`): 128 (its wide kernel) from
+/// 128 query rows on for masks without a causal pair, else 64 (the forward kernel's rule at D = 64:
+/// the mass kernel's wide variant has only 32-key tiles, and was not measured against the 64-row
+/// one on causal masks); `SEGATTN_FWD_WIDE` and `wide` force the choice as for the forward kernel.
 pub(crate) fn mass_block_rows(q_len: usize, causal: bool, wide: Option<bool>) -> usize {
-    FwdVariant::plain(q_len, 1, causal, wide).block_rows()
+    FwdVariant::plain(q_len, 1, causal, 64, wide).block_rows()
 }

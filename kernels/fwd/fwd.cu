@@ -12,7 +12,8 @@
 //   16-row tiles per warp, Q in its own shared tile; key tiles of 32 at D = 128; no split-K;
 //   grid x ceil(Lq / 128); params.block_rows = 128)
 //   segattn_fwd_wide64_{bf16,f16}_d128 (the wide kernel with key tiles of 64: FlashAttention-2's
-//   128 x 64 tile, a few spills; params.block_keys = 64; opt-in, SEGATTN_FWD_WIDE_KEYS=64)
+//   128 x 64 tile, a few spills; params.block_keys = 64; plain attention's kernel at D = 128 from
+//   128 query rows on, SEGATTN_FWD_WIDE_KEYS=32 for the 32-key tiles)
 //   split-K (params.kv_splits = S > 1): grid x is ceil(Lq / 64) * S; the last slice of each query
 //   tile merges the partials (params.split_done zeroed by the caller).
 //   grid (ceil(Lq / 64), H, B), block 128 threads,
@@ -54,7 +55,7 @@ SEGATTN_FWD_ENTRY(segattn_fwd_wide_bf16_d64, segattn::bf16, 64, false, false, 2)
 SEGATTN_FWD_ENTRY(segattn_fwd_wide_bf16_d128, segattn::bf16, 128, false, false, 2)
 SEGATTN_FWD_ENTRY(segattn_fwd_wide_f16_d64, segattn::f16, 64, false, false, 2)
 SEGATTN_FWD_ENTRY(segattn_fwd_wide_f16_d128, segattn::f16, 128, false, false, 2)
-// Wide with 64-key tiles at D = 128 (FlashAttention-2's 128 x 64; SEGATTN_FWD_WIDE_KEYS=64).
+// Wide with 64-key tiles at D = 128 (FlashAttention-2's 128 x 64; the default at D = 128).
 SEGATTN_FWD_ENTRY_KEYS(segattn_fwd_wide64_bf16_d128, segattn::bf16, 128, false, false, 2, 64)
 SEGATTN_FWD_ENTRY_KEYS(segattn_fwd_wide64_f16_d128, segattn::f16, 128, false, false, 2, 64)
 

