@@ -258,6 +258,10 @@ pub fn forward(
     )
 }
 
+/// The SM count the emulated launches choose their plain kernel for (an H100's): the GPU
+/// launcher's rule takes the wide kernel only with enough blocks per SM.
+pub const EMULATED_SM_COUNT: usize = 132;
+
 /// The plain kernel's tile, for [`forward_tiled`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Tile {
@@ -270,9 +274,8 @@ pub enum Tile {
     WideKeys64,
 }
 
-/// [`forward`] with the plain kernel's tile chosen, whatever the number of rows (the GPU launcher
-/// takes the wide one from 128 rows on without split-K, at D = 64 only for masks without a causal
-/// pair, and its 64-key tiles at D = 128 unless `SEGATTN_FWD_WIDE_KEYS=32`).
+/// [`forward`] with the plain kernel's tile chosen, whatever the number of rows (the GPU launcher's
+/// rule: `FwdVariant::plain` in src/kernel_params.rs).
 #[allow(clippy::too_many_arguments)]
 pub fn forward_tiled(
     q: &Tensor,
@@ -536,7 +539,7 @@ pub(crate) fn run_forward(
     }
     // The entry point the GPU launcher would take (segattn_emu_fwd dispatches on these fields).
     if rotation.is_none() && !matches!(mass, Some((_, true, _))) {
-        let variant = FwdVariant::plain(kshape.q_len, kv_splits, khost.rule.has_causal(), head_dim, wide)
+        let variant = FwdVariant::plain(&kshape, kv_splits, khost.summary(), EMULATED_SM_COUNT, wide)
             .with_wide_keys(head_dim, wide_keys64);
         p.block_rows = variant.block_rows() as i32;
         p.block_keys = variant.block_keys();

@@ -190,20 +190,41 @@ impl FwdVariant {
         }
     }
 
-    /// The kernel for plain attention (no rotation, no fused mass), from 128 query rows on and
-    /// without split-K: at D = 128 the wide kernel for every mask, at D = 64 the wide kernel only
-    /// for masks without a causal pair (`causal`); else the 64-row one. The wide kernel
-    /// (FlashAttention-2's tile: each K and V fragment read from shared memory feeds two mma, the
-    /// loop's per-tile costs shared by 128 rows) lost on an H200 where the diagonal's partial tiles
-    /// weigh with its 32-key tiles (bench/NOTES.md CUDA 10); with 64-key tiles at D = 128 it beat
-    /// the 64-row kernel on an H100 on every mask (causal +9%, PINE +16%, documents +2%: CUDA 25).
-    /// D = 64 has no 64-key variant and keeps the H200's rule. `SEGATTN_FWD_WIDE=0` always takes
-    /// the 64-row kernel, `=1` the wide one wherever it applies (any number of rows or mask; tests).
-    /// `forced` (tests) takes precedence over `SEGATTN_FWD_WIDE`, which takes precedence over the rule.
-    pub(crate) fn plain(q_len: usize, kv_splits: usize, causal: bool, head_dim: usize, forced: Option<bool>) -> Self {
-        let wide = forced
-            .or_else(wide_setting)
-            .unwrap_or(q_len >= 128 && (head_dim == 128 || !causal));
+    /// The kernel for plain attention (no rotation, no fused mass) of `shape` (the launch's: rows
+    /// as the kernel sees them) on a GPU of `sm_count` SMs. The wide kernel (FlashAttention-2's
+    /// tile: each K and V fragment read from shared memory feeds two mma, the loop's per-tile costs
+    /// shared by 128 rows) where all of these hold, else the 64-row one:
+    /// - at least 128 query rows and no split-K;
+    /// - at least [`WIDE_MIN_BLOCKS_PER_SM`] of its blocks per SM: with fewer, the last wave of
+    ///   twice as long blocks leaves SMs idle (an H100, causal, 1,160 rows x 32 heads, 320 wide
+    ///   blocks: the 64-row kernel 14% faster; 832 blocks: equal);
+    /// - at D = 128 (128 x 64 tiles), any mask but short causal documents; at D = 64, a mask
+    ///   without a causal pair. On an H100 the 128 x 64 kernel beat the 64-row one on causal
+    ///   (+4-10%), full (+17-21%), prefix-LM and PINE masks (+2-17%) from 1k to 16k tokens and on
+    ///   causal documents of 2k tokens (+4%), and lost on documents of 128 to 1k tokens (-1-10%: a
+    ///   block of 128 rows sees a few key tiles, its fixed costs weigh); D = 64 has no 64-key
+    ///   variant and keeps the H200's rule (its 32-key kind lost where the diagonal's partial
+    ///   tiles weigh). bench/NOTES.md CUDA 10 and 25.
+    ///
+    /// `SEGATTN_FWD_WIDE=0` always takes the 64-row kernel, `=1` the wide one wherever it applies
+    /// (any number of rows, blocks or mask; tests). `forced` (tests) takes precedence over
+    /// `SEGATTN_FWD_WIDE`, which takes precedence over the rule.
+    pub(crate) fn plain(
+        shape: &AttentionShape,
+        kv_splits: usize,
+        mask: MaskSummary,
+        sm_count: usize,
+        forced: Option<bool>,
+    ) -> Self {
+        let blocks = shape.q_len.div_ceil(128) * shape.num_heads * shape.batch;
+        let by_rule = shape.q_len >= 128
+            && blocks >= WIDE_MIN_BLOCKS_PER_SM * sm_count
+            && if shape.head_dim == 128 {
+                !mask.short_documents
+            } else {
+                !mask.causal
+            };
+        let wide = forced.or_else(wide_setting).unwrap_or(by_rule);
         if wide && kv_splits <= 1 {
             Self::Wide
         } else {
@@ -246,5 +267,109 @@ fn wide_setting() -> Option<bool> {
 /// the mass kernel's wide variant has only 32-key tiles, and was not measured against the 64-row
 /// one on causal masks); `SEGATTN_FWD_WIDE` and `wide` force the choice as for the forward kernel.
 pub(crate) fn mass_block_rows(q_len: usize, causal: bool, wide: Option<bool>) -> usize {
-    FwdVariant::plain(q_len, 1, causal, 64, wide).block_rows()
+    if wide.or_else(wide_setting).unwrap_or(q_len >= 128 && !causal) {
+        128
+    } else {
+        64
+    }
+}
+
+/// Wide forward blocks per SM below which the 64-row kernel is taken (four waves of two blocks
+/// per SM; see [`FwdVariant::plain`]).
+pub(crate) const WIDE_MIN_BLOCKS_PER_SM: usize = 8;
+
+/// The mean length up to which causal documents count as short (see [`MaskSummary`]): on an H100
+/// the 64-row kernel was faster on documents of 128 to 1,024 tokens, the wide one on 2,048.
+pub(crate) const SHORT_DOCUMENT_TOKENS: f64 = 1024.0;
+
+/// What the choice of the plain forward kernel ([`FwdVariant::plain`]) needs to know of a mask.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct MaskSummary {
+    /// Some pair of segments may be causal (partial tiles along the diagonal).
+    pub causal: bool,
+    /// Causal documents blocked from each other (no pair table), at least two a row, their key
+    /// segments at most [`SHORT_DOCUMENT_TOKENS`] long on average: each block of query rows sees a
+    /// few key tiles.
+    pub short_documents: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::SegmentMask;
+    use candle_core::Device;
+
+    /// An H100's SM count.
+    const SMS: usize = 132;
+
+    fn shape(len: usize, heads: usize, d: usize) -> AttentionShape {
+        AttentionShape {
+            batch: 1,
+            q_len: len,
+            kv_len: len,
+            num_heads: heads,
+            num_kv_heads: heads,
+            head_dim: d,
+        }
+    }
+
+    /// The plain forward kernel the rule (no forcing) takes for `mask` at `len` tokens x 32 heads
+    /// (enough blocks on an H100 from 4,224 tokens on) and head dim `d`.
+    fn chosen(mask: &SegmentMask, len: usize, d: usize) -> FwdVariant {
+        let host = mask.host_metadata(1, len, len).unwrap();
+        FwdVariant::plain(&shape(len, 32, d), 1, host.summary(), SMS, None).with_wide_keys(d, None)
+    }
+
+    #[test]
+    fn plain_kernel_rule() {
+        // The rule only: skipped where the environment forces a kernel.
+        if std::env::var_os("SEGATTN_FWD_WIDE").is_some() || std::env::var_os("SEGATTN_FWD_WIDE_KEYS").is_some() {
+            return;
+        }
+        let cpu = &Device::Cpu;
+        let n = 8192;
+        let causal = SegmentMask::causal(n, cpu).unwrap();
+        let full = SegmentMask::full(n, cpu).unwrap();
+        let short_docs = SegmentMask::documents(&[[256; 32]], cpu).unwrap();
+        let long_docs = SegmentMask::documents(&[[2048; 4]], cpu).unwrap();
+        let bidirectional_docs = SegmentMask::documents_bidirectional(&[[256; 32]], cpu).unwrap();
+        let pine = SegmentMask::pine(64, &[800; 10], 128, cpu).unwrap();
+        // D = 128: the 128 x 64 wide kernel but for short causal documents.
+        assert_eq!(chosen(&causal, n, 128), FwdVariant::Wide64);
+        assert_eq!(chosen(&full, n, 128), FwdVariant::Wide64);
+        assert_eq!(chosen(&long_docs, n, 128), FwdVariant::Wide64);
+        assert_eq!(chosen(&bidirectional_docs, n, 128), FwdVariant::Wide64);
+        assert_eq!(chosen(&pine, n, 128), FwdVariant::Wide64);
+        assert_eq!(chosen(&short_docs, n, 128), FwdVariant::Plain);
+        // D = 64: the wide kernel only without a causal pair.
+        assert_eq!(chosen(&full, n, 64), FwdVariant::Wide);
+        assert_eq!(chosen(&causal, n, 64), FwdVariant::Plain);
+        assert_eq!(chosen(&pine, n, 64), FwdVariant::Plain);
+        // Too few wide blocks (1,160 rows x 32 heads: 320), fewer than 128 query rows, or
+        // split-K: the 64-row kernel.
+        let judge = SegmentMask::causal(1160, cpu).unwrap();
+        assert_eq!(chosen(&judge, 1160, 128), FwdVariant::Plain);
+        let small = SegmentMask::full(100, cpu).unwrap();
+        let host = small.host_metadata(1, 100, 100).unwrap();
+        assert_eq!(
+            FwdVariant::plain(&shape(100, 4096, 128), 1, host.summary(), SMS, None),
+            FwdVariant::Plain
+        );
+        let host = full.host_metadata(1, n, n).unwrap();
+        assert_eq!(
+            FwdVariant::plain(&shape(n, 32, 128), 4, host.summary(), SMS, None),
+            FwdVariant::Plain
+        );
+        // Forcing wins over the rule.
+        assert_eq!(
+            FwdVariant::plain(&shape(n, 32, 128), 1, host.summary(), SMS, Some(false)),
+            FwdVariant::Plain
+        );
+        let judge_host = judge.host_metadata(1, 1160, 1160).unwrap();
+        assert_eq!(
+            FwdVariant::plain(&shape(1160, 32, 128), 1, judge_host.summary(), SMS, Some(true)),
+            FwdVariant::Wide
+        );
+        assert_eq!(FwdVariant::Wide.with_wide_keys(128, Some(false)), FwdVariant::Wide);
+    }
 }

@@ -475,8 +475,7 @@ fn forward_typed<T: CudaDType + DeviceRepr + ValidAsZeroBits + candle_core::With
     } else if mass_in_forward {
         FwdVariant::Mass
     } else {
-        FwdVariant::plain(kshape.q_len, splits, host.rule.has_causal(), shape.head_dim, None)
-            .with_wide_keys(shape.head_dim, None)
+        FwdVariant::plain(&kshape, splits, host.summary(), kernels.sm_count, None).with_wide_keys(shape.head_dim, None)
     };
     let Some(kernel) = kernels.fwd(T::DTYPE, shape.head_dim, variant) else {
         invalid_arg!(

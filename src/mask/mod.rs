@@ -217,6 +217,20 @@ pub(crate) struct HostMask {
 }
 
 impl HostMask {
+    /// What the choice of the plain forward kernel needs to know of the mask (O(1)).
+    pub fn summary(&self) -> crate::kernel_params::MaskSummary {
+        let r = &self.rule;
+        crate::kernel_params::MaskSummary {
+            causal: r.has_causal(),
+            short_documents: r.intra == Visibility::Causal
+                && r.inter == Visibility::Blocked
+                && r.table_size == 0
+                && self.kv.mean_span_len() <= crate::kernel_params::SHORT_DOCUMENT_TOKENS
+                // One segment a row is a causal mask, where the wide kernel won even at 1k.
+                && self.kv.mean_span_len() < self.kv.len() as f64,
+        }
+    }
+
     /// Whether key `j` is visible to query `i` in batch row `b`.
     pub fn visible(&self, b: usize, i: usize, j: usize) -> bool {
         tiles::element_visible(
@@ -258,6 +272,15 @@ mod tests {
     use candle_core::Device;
 
     use super::*;
+
+    #[test]
+    fn mean_span_len_counts_runs_of_every_row() -> Result<()> {
+        // Row 0: runs of 2, 3, 1; row 1: one run of 6.
+        let spans = SegmentSpans::from_ids("ids", vec![0, 0, 1, 1, 1, 2, 5, 5, 5, 5, 5, 5], 2, 6)?;
+        assert_eq!(spans.mean_span_len(), 3.0);
+        assert_eq!(SegmentSpans::from_ids("ids", vec![], 1, 0)?.mean_span_len(), 0.0);
+        Ok(())
+    }
 
     /// The metadata of `mask` as a fresh mask over the same tensors reads it back.
     fn read_back(mask: &SegmentMask, batch: usize, q_len: usize, kv_len: usize) -> Result<HostMask> {

@@ -18,6 +18,8 @@ pub struct SegmentSpans {
     span_end: Arc<[u32]>,
     rows: usize,
     len: usize,
+    /// Number of spans (runs of one id) over all rows.
+    spans: usize,
 }
 
 impl SegmentSpans {
@@ -32,6 +34,7 @@ impl SegmentSpans {
     /// Builds spans from `rows` rows of `len` ids each; ids must be non-decreasing in each row.
     pub fn from_ids(name: &str, ids: Vec<u32>, rows: usize, len: usize) -> Result<Self> {
         let mut span_end = vec![0u32; ids.len()];
+        let mut spans = 0;
         for r in 0..rows {
             let row = &ids[r * len..(r + 1) * len];
             for i in 1..len {
@@ -54,12 +57,14 @@ impl SegmentSpans {
                 }
                 ends[i] = end;
             }
+            spans += (1..len).filter(|&i| row[i] != row[i - 1]).count() + usize::from(len > 0);
         }
         Ok(Self {
             ids: ids.into(),
             span_end: span_end.into(),
             rows,
             len,
+            spans,
         })
     }
 
@@ -76,6 +81,15 @@ impl SegmentSpans {
     /// Whether rows are empty.
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// The mean length of a span (a run of one segment id) over all rows; 0 for empty rows.
+    pub fn mean_span_len(&self) -> f64 {
+        if self.spans == 0 {
+            0.0
+        } else {
+            (self.rows * self.len) as f64 / self.spans as f64
+        }
     }
 
     /// The row used by batch row `b` (row 0 when shared).
