@@ -158,7 +158,7 @@ pub enum FwdVariant {
     /// (`segattn_fwd_wide_*`; no split-K).
     Wide,
     /// [`FwdVariant::Wide`] with key tiles of 64 at D = 128 (`segattn_fwd_wide64_*`,
-    /// FlashAttention-2's 128 x 64 tile; plain attention's default at D = 128, see [`FwdVariant::plain`]).
+    /// FlashAttention-2's 128 x 64 tile; plain attention's default at D = 128, see `FwdVariant::plain`).
     Wide64,
 }
 
