@@ -6,71 +6,30 @@
 //! the result for query `g` and key index `at` goes to `scores[g * keys + at]`.
 
 #[cfg(target_arch = "x86_64")]
-use super::element::{widen16, widen8};
+use super::simd::{Avx2, Avx512, Lanes};
 use super::tile::madd;
 use super::Element;
 
 /// `scores[g keys + at] = qs_g . k` for each query `qs_g` of `qs` (`group x D`). `FMA` (set only
-/// inside the callers' AVX2 + FMA + F16C builds, after checking the CPU) takes [`dots_avx2`].
+/// inside the callers' AVX2 + FMA + F16C builds, after checking the CPU) takes the register
+/// kernel ([`dots_simd`]).
 #[inline(always)]
 pub(crate) fn dots<const FMA: bool, T: Element>(qs: &[f32], k: &[T], scores: &mut [f32], keys: usize, at: usize) {
     #[cfg(target_arch = "x86_64")]
     if FMA && k.len().is_multiple_of(8) {
         if k.len().is_multiple_of(16) && super::element::avx512_available() {
             // SAFETY: the CPU has AVX-512F, AVX2, FMA and F16C (checked just above).
-            unsafe { dots_pair_avx512(qs, [k, k], [at, at], scores, keys) };
+            unsafe { dots_avx512::<1, T>(qs, [k], [at], scores, keys) };
             return;
         }
         // SAFETY: `FMA` is only set in functions built for AVX2 + FMA + F16C, called after
         // checking the CPU's features (`super::fma_available`).
-        unsafe { dots_avx2(qs, k, scores, keys, at) };
+        unsafe { dots_avx2::<1, T>(qs, [k], [at], scores, keys) };
         return;
     }
     let d = k.len();
     for (g, q) in qs.chunks_exact(d).enumerate() {
         scores[g * keys + at] = dot::<FMA, T>(q, k);
-    }
-}
-
-/// [`dots`] in AVX2 registers: the key widened 8 values at a time straight from the cache row,
-/// each 8 used by four queries (one accumulator each), the four sums reduced together by
-/// horizontal adds. (The same loops written for the auto-vectoriser came out as 4-wide shuffles,
-/// ~3x slower.)
-///
-/// # Safety
-/// The CPU must have AVX2, FMA and F16C; `k.len()` a multiple of 8, `qs.len()` a multiple of it.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-#[inline]
-unsafe fn dots_avx2<T: Element>(qs: &[f32], k: &[T], scores: &mut [f32], keys: usize, at: usize) {
-    use std::arch::x86_64::*;
-    let d = k.len();
-    let group = qs.len() / d;
-    let (kp, qp) = (k.as_ptr(), qs.as_ptr());
-    let mut g0 = 0;
-    while g0 + 4 <= group {
-        let mut acc = [_mm256_setzero_ps(); 4];
-        for c in (0..d).step_by(8) {
-            // SAFETY: c + 8 <= d for the key and for each of the four query rows g0..g0 + 4 < group.
-            let kv = unsafe { widen8(kp.add(c)) };
-            for (j, a) in acc.iter_mut().enumerate() {
-                let qv = unsafe { _mm256_loadu_ps(qp.add((g0 + j) * d + c)) };
-                *a = _mm256_fmadd_ps(qv, kv, *a);
-            }
-        }
-        for (j, x) in hsum4(&acc).into_iter().enumerate() {
-            scores[(g0 + j) * keys + at] = x;
-        }
-        g0 += 4;
-    }
-    for g in g0..group {
-        let mut acc = _mm256_setzero_ps();
-        for c in (0..d).step_by(8) {
-            // SAFETY: as above, for the one query row g < group.
-            let (kv, qv) = unsafe { (widen8(kp.add(c)), _mm256_loadu_ps(qp.add(g * d + c))) };
-            acc = _mm256_fmadd_ps(qv, kv, acc);
-        }
-        scores[g * keys + at] = hsum1(acc);
     }
 }
 
@@ -87,11 +46,11 @@ pub(crate) fn dots_pair<const FMA: bool, T: Element>(
     if FMA && k[0].len().is_multiple_of(8) {
         if k[0].len().is_multiple_of(16) && super::element::avx512_available() {
             // SAFETY: the CPU has AVX-512F, AVX2, FMA and F16C (checked just above).
-            unsafe { dots_pair_avx512(qs, k, at, scores, keys) };
+            unsafe { dots_avx512::<2, T>(qs, k, at, scores, keys) };
             return;
         }
         // SAFETY: as in `dots`.
-        unsafe { dots_pair_avx2(qs, k, at, scores, keys) };
+        unsafe { dots_avx2::<2, T>(qs, k, at, scores, keys) };
         return;
     }
     for x in 0..2 {
@@ -99,46 +58,143 @@ pub(crate) fn dots_pair<const FMA: bool, T: Element>(
     }
 }
 
-/// [`dots_avx2`] for two keys: each query chunk loaded once for both (8 accumulators; per 8
-/// values 6 loads for 8 FMAs, where one key at a time needed 5 for 4).
+/// [`dots`] / [`dots_pair`] for `K` (1 or 2) keys in AVX2 registers ([`dots_simd`]).
 ///
 /// # Safety
-/// As [`dots_avx2`], for both keys (same length).
+/// The CPU must have AVX2, FMA and F16C; every key `D` long with `D` a multiple of 8, `qs.len()`
+/// a multiple of `D`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn dots_pair_avx2<T: Element>(qs: &[f32], k: [&[T]; 2], at: [usize; 2], scores: &mut [f32], keys: usize) {
-    use std::arch::x86_64::*;
+unsafe fn dots_avx2<const K: usize, T: Element>(
+    qs: &[f32],
+    k: [&[T]; K],
+    at: [usize; K],
+    scores: &mut [f32],
+    keys: usize,
+) {
+    // SAFETY: this function's features and contract.
+    unsafe { dots_simd::<Avx2, K, T>(qs, k, at, scores, keys) }
+}
+
+/// [`dots_avx2`] in AVX-512 registers.
+///
+/// # Safety
+/// The CPU must have AVX-512F, AVX2, FMA and F16C; every key `D` long with `D` a multiple of 16,
+/// `qs.len()` a multiple of `D`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+#[inline]
+unsafe fn dots_avx512<const K: usize, T: Element>(
+    qs: &[f32],
+    k: [&[T]; K],
+    at: [usize; K],
+    scores: &mut [f32],
+    keys: usize,
+) {
+    // SAFETY: this function's features and contract.
+    unsafe { dots_simd::<Avx512, K, T>(qs, k, at, scores, keys) }
+}
+
+/// `scores[g keys + at[x]] = qs_g . k[x]` for `K` keys in registers `V`: each `LANES` values of
+/// the keys widened straight from the cache rows once and multiplied into four queries at a time
+/// (`4 K` accumulators; two keys: 6 loads for 8 multiply-adds per 8 lanes, where one key needs 5
+/// for 4), the rest of the queries one at a time. (The same loops written for the auto-vectoriser
+/// came out as 4-wide shuffles, ~3x slower.)
+///
+/// # Safety
+/// `V`'s CPU features; every key `D` long with `D` a multiple of `V::LANES`, `qs.len()` a
+/// multiple of `D`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn dots_simd<V: Lanes, const K: usize, T: Element>(
+    qs: &[f32],
+    k: [&[T]; K],
+    at: [usize; K],
+    scores: &mut [f32],
+    keys: usize,
+) {
     let d = k[0].len();
-    assert_eq!(k[1].len(), d, "dots_pair: keys of different lengths");
+    assert!(
+        d.is_multiple_of(V::LANES) && k.iter().all(|x| x.len() == d) && qs.len().is_multiple_of(d),
+        "dots: lengths"
+    );
     let group = qs.len() / d;
-    let (k0, k1, qp) = (k[0].as_ptr(), k[1].as_ptr(), qs.as_ptr());
     let mut g0 = 0;
     while g0 + 4 <= group {
-        let mut acc = [[_mm256_setzero_ps(); 4]; 2];
-        for c in (0..d).step_by(8) {
-            // SAFETY: c + 8 <= d for both keys and each of the four query rows g0..g0 + 4 < group.
-            let (kv0, kv1) = unsafe { (widen8(k0.add(c)), widen8(k1.add(c))) };
-            let [acc0, acc1] = &mut acc;
-            for (j, (a0, a1)) in acc0.iter_mut().zip(acc1.iter_mut()).enumerate() {
-                let qv = unsafe { _mm256_loadu_ps(qp.add((g0 + j) * d + c)) };
-                *a0 = _mm256_fmadd_ps(qv, kv0, *a0);
-                *a1 = _mm256_fmadd_ps(qv, kv1, *a1);
-            }
-        }
-        for (x, acc) in acc.iter().enumerate() {
-            for (j, sum) in hsum4(acc).into_iter().enumerate() {
-                scores[(g0 + j) * keys + at[x]] = sum;
+        // SAFETY: rows g0..g0 + 4 of qs and every key hold d values, d % LANES == 0.
+        let sums = unsafe { dots_block::<V, 4, K, T>(&qs[g0 * d..], k) };
+        for (x, sums) in sums.iter().enumerate() {
+            for (r, &sum) in sums.iter().enumerate() {
+                scores[(g0 + r) * keys + at[x]] = sum;
             }
         }
         g0 += 4;
     }
-    if g0 < group {
-        for x in 0..2 {
-            // SAFETY: as this function's contract, for the remaining query rows.
-            unsafe { dots_avx2(&qs[g0 * d..], k[x], &mut scores[g0 * keys..], keys, at[x]) };
+    for g in g0..group {
+        // SAFETY: as above, for row g.
+        let sums = unsafe { dots_block::<V, 1, K, T>(&qs[g * d..], k) };
+        for x in 0..K {
+            scores[g * keys + at[x]] = sums[x][0];
         }
     }
+}
+
+/// The `N` (1 or 4) query rows at the start of `qs` dotted with `K` keys: `[key][row]`. `N` and
+/// `K` constants so that the accumulators stay in registers.
+///
+/// # Safety
+/// As [`dots_simd`], with at least `N` rows in `qs`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn dots_block<V: Lanes, const N: usize, const K: usize, T: Element>(qs: &[f32], k: [&[T]; K]) -> [[f32; N]; K] {
+    let d = k[0].len();
+    assert!(qs.len() >= N * d, "dots_block: rows");
+    let qp = qs.as_ptr();
+    // SAFETY (all): the features are the caller's; c + LANES <= d, inside every key and each of
+    // the N query rows.
+    unsafe {
+        let mut acc = [[V::zero(); N]; K];
+        for c in (0..d).step_by(V::LANES) {
+            let mut kv = [V::zero(); K];
+            for (kv, k) in kv.iter_mut().zip(k) {
+                *kv = V::widen(k.as_ptr().add(c));
+            }
+            for r in 0..N {
+                let qv = V::load(qp.add(r * d + c));
+                for (acc, kv) in acc.iter_mut().zip(kv) {
+                    acc[r] = V::mul_add(qv, kv, acc[r]);
+                }
+            }
+        }
+        let mut out = [[0f32; N]; K];
+        for (out, acc) in out.iter_mut().zip(acc) {
+            *out = sums::<V, N>(acc);
+        }
+        out
+    }
+}
+
+/// The lane sums of `N` registers, four at a time where `N` is 4 ([`Lanes::sum4`]: the same order
+/// as one at a time, so that a query's score does not depend on how many rows share its tile).
+///
+/// # Safety
+/// `V`'s CPU features.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn sums<V: Lanes, const N: usize>(a: [V; N]) -> [f32; N] {
+    let mut out = [0f32; N];
+    // SAFETY: the caller's features.
+    unsafe {
+        if N == 4 {
+            out.copy_from_slice(&V::sum4([a[0], a[1], a[2], a[3]]));
+        } else {
+            for (out, a) in out.iter_mut().zip(a) {
+                *out = a.sum();
+            }
+        }
+    }
+    out
 }
 
 /// [`dots_pair`] of the two keys turned BACK by the angle whose cos / sin are `c` / `s` (rotate-half
@@ -160,11 +216,11 @@ pub(crate) fn turned_back_dots_pair<const FMA: bool, T: Element>(
     if FMA && half % 8 == 0 {
         if half % 16 == 0 && super::element::avx512_available() {
             // SAFETY: the CPU has AVX-512F, AVX2, FMA and F16C (checked just above).
-            unsafe { turned_back_dots_pair_avx512(qs, k, (c, s), at, scores, keys) };
+            unsafe { turned_back_avx512(qs, k, (c, s), at, scores, keys) };
             return;
         }
         // SAFETY: as in `dots`.
-        unsafe { turned_back_dots_pair_avx2(qs, k, (c, s), at, scores, keys) };
+        unsafe { turned_back_avx2(qs, k, (c, s), at, scores, keys) };
         return;
     }
     let d = 2 * half;
@@ -183,10 +239,7 @@ pub(crate) fn turned_back_dots_pair<const FMA: bool, T: Element>(
     }
 }
 
-/// [`turned_back_dots_pair`] in AVX2 registers: per 8 pairs, both keys widened and turned (the
-/// cos / sin loaded once for both: they sit at the same position), then four queries at a time
-/// multiplied in (8 accumulators; 12 multiply-adds per 14 loads). Query rows past a multiple of
-/// four go one at a time, turning the keys again.
+/// [`turned_back_dots_pair`] in AVX2 registers ([`turned_back_simd`]).
 ///
 /// # Safety
 /// The CPU must have AVX2, FMA and F16C; `c.len() == s.len()` a multiple of 8, both keys of twice
@@ -194,93 +247,19 @@ pub(crate) fn turned_back_dots_pair<const FMA: bool, T: Element>(
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn turned_back_dots_pair_avx2<T: Element>(
+unsafe fn turned_back_avx2<T: Element>(
     qs: &[f32],
     k: [&[T]; 2],
-    (c, s): (&[f32], &[f32]),
+    cs: (&[f32], &[f32]),
     at: [usize; 2],
     scores: &mut [f32],
     keys: usize,
 ) {
-    let half = c.len();
-    let d = 2 * half;
-    assert!(
-        s.len() == half && k[0].len() == d && k[1].len() == d,
-        "turned_back_dots_pair: lengths"
-    );
-    let group = qs.len() / d;
-    let mut g0 = 0;
-    while g0 + 4 <= group {
-        // SAFETY: rows g0..g0 + 4 of qs exist; the rest as this function's contract.
-        let sums = unsafe { turned_back_block::<4, T>(&qs[g0 * d..], k, (c, s)) };
-        for (r, pair) in sums.iter().enumerate() {
-            for x in 0..2 {
-                scores[(g0 + r) * keys + at[x]] = pair[x];
-            }
-        }
-        g0 += 4;
-    }
-    for g in g0..group {
-        // SAFETY: as above, for row g.
-        let [pair] = unsafe { turned_back_block::<1, T>(&qs[g * d..], k, (c, s)) };
-        for x in 0..2 {
-            scores[g * keys + at[x]] = pair[x];
-        }
-    }
+    // SAFETY: this function's features and contract.
+    unsafe { turned_back_simd::<Avx2, T>(qs, k, cs, at, scores, keys) }
 }
 
-/// The `N` (1 or 4) query rows at the start of `qs` dotted with the two turned-back keys:
-/// `[row][key]`. `N` a constant so that the accumulators stay in registers.
-///
-/// # Safety
-/// As [`turned_back_dots_pair_avx2`], with at least `N` rows in `qs`.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-#[inline]
-unsafe fn turned_back_block<const N: usize, T: Element>(
-    qs: &[f32],
-    k: [&[T]; 2],
-    (c, s): (&[f32], &[f32]),
-) -> [[f32; 2]; N] {
-    use std::arch::x86_64::*;
-    let half = c.len();
-    let d = 2 * half;
-    assert!(qs.len() >= N * d, "turned_back_block: rows");
-    let (k0, k1, qp, cp, sp) = (k[0].as_ptr(), k[1].as_ptr(), qs.as_ptr(), c.as_ptr(), s.as_ptr());
-    let mut acc = [[_mm256_setzero_ps(); N]; 2];
-    for j in (0..half).step_by(8) {
-        // SAFETY: j + 8 <= half: both halves of both keys (length d), of the N query rows, and
-        // of c and s are in bounds (asserted by the callers and above).
-        unsafe {
-            let (cv, sv) = (_mm256_loadu_ps(cp.add(j)), _mm256_loadu_ps(sp.add(j)));
-            // rope^-1 of (x1, x2): lo = x1 c + x2 s, hi = x2 c - x1 s.
-            let turn = |kp: *const T| {
-                let (x1, x2) = (widen8(kp.add(j)), widen8(kp.add(j + half)));
-                (
-                    _mm256_fmadd_ps(x1, cv, _mm256_mul_ps(x2, sv)),
-                    _mm256_fmsub_ps(x2, cv, _mm256_mul_ps(x1, sv)),
-                )
-            };
-            let ((lo0, hi0), (lo1, hi1)) = (turn(k0), turn(k1));
-            let [acc0, acc1] = &mut acc;
-            for r in 0..N {
-                let row = qp.add(r * d + j);
-                let (qlo, qhi) = (_mm256_loadu_ps(row), _mm256_loadu_ps(row.add(half)));
-                acc0[r] = _mm256_fmadd_ps(qhi, hi0, _mm256_fmadd_ps(qlo, lo0, acc0[r]));
-                acc1[r] = _mm256_fmadd_ps(qhi, hi1, _mm256_fmadd_ps(qlo, lo1, acc1[r]));
-            }
-        }
-    }
-    let mut out = [[0f32; 2]; N];
-    for (x, acc) in acc.iter().enumerate() {
-        for (r, a) in acc.iter().enumerate() {
-            out[r][x] = hsum1(*a);
-        }
-    }
-    out
-}
-
-/// [`turned_back_dots_pair_avx2`] in AVX-512 registers (16 pairs per pass).
+/// [`turned_back_avx2`] in AVX-512 registers.
 ///
 /// # Safety
 /// The CPU must have AVX-512F, AVX2, FMA and F16C; `c.len() == s.len()` a multiple of 16, both
@@ -288,7 +267,29 @@ unsafe fn turned_back_block<const N: usize, T: Element>(
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
 #[inline]
-unsafe fn turned_back_dots_pair_avx512<T: Element>(
+unsafe fn turned_back_avx512<T: Element>(
+    qs: &[f32],
+    k: [&[T]; 2],
+    cs: (&[f32], &[f32]),
+    at: [usize; 2],
+    scores: &mut [f32],
+    keys: usize,
+) {
+    // SAFETY: this function's features and contract.
+    unsafe { turned_back_simd::<Avx512, T>(qs, k, cs, at, scores, keys) }
+}
+
+/// [`turned_back_dots_pair`] in registers `V`: per `LANES` pairs, both keys widened and turned
+/// (the cos / sin loaded once for both: they sit at the same position), then four queries at a
+/// time multiplied in (8 accumulators; 12 multiply-adds per 14 loads). Query rows past a
+/// multiple of four go one at a time, turning the keys again.
+///
+/// # Safety
+/// `V`'s CPU features; `c.len() == s.len()` a multiple of `V::LANES`, both keys of twice that
+/// length, `qs.len()` a multiple of it.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn turned_back_simd<V: Lanes, T: Element>(
     qs: &[f32],
     k: [&[T]; 2],
     (c, s): (&[f32], &[f32]),
@@ -299,78 +300,82 @@ unsafe fn turned_back_dots_pair_avx512<T: Element>(
     let half = c.len();
     let d = 2 * half;
     assert!(
-        half % 16 == 0 && s.len() == half && k[0].len() == d && k[1].len() == d,
+        half.is_multiple_of(V::LANES) && s.len() == half && k[0].len() == d && k[1].len() == d,
         "turned_back_dots_pair: lengths"
     );
     let group = qs.len() / d;
     let mut g0 = 0;
     while g0 + 4 <= group {
         // SAFETY: rows g0..g0 + 4 of qs exist; the rest as this function's contract.
-        let sums = unsafe { turned_back_block512::<4, T>(&qs[g0 * d..], k, (c, s)) };
-        for (r, pair) in sums.iter().enumerate() {
-            for x in 0..2 {
-                scores[(g0 + r) * keys + at[x]] = pair[x];
+        let sums = unsafe { turned_back_block::<V, 4, T>(&qs[g0 * d..], k, (c, s)) };
+        for (x, sums) in sums.iter().enumerate() {
+            for (r, &sum) in sums.iter().enumerate() {
+                scores[(g0 + r) * keys + at[x]] = sum;
             }
         }
         g0 += 4;
     }
     for g in g0..group {
         // SAFETY: as above, for row g.
-        let [pair] = unsafe { turned_back_block512::<1, T>(&qs[g * d..], k, (c, s)) };
+        let sums = unsafe { turned_back_block::<V, 1, T>(&qs[g * d..], k, (c, s)) };
         for x in 0..2 {
-            scores[g * keys + at[x]] = pair[x];
+            scores[g * keys + at[x]] = sums[x][0];
         }
     }
 }
 
-/// [`turned_back_block`] with 16-lane registers.
+/// The `N` (1 or 4) query rows at the start of `qs` dotted with the two turned-back keys:
+/// `[key][row]`. `N` a constant so that the accumulators stay in registers.
 ///
 /// # Safety
-/// As [`turned_back_dots_pair_avx512`], with at least `N` rows in `qs`.
+/// As [`turned_back_simd`], with at least `N` rows in `qs`.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma,f16c")]
-#[inline]
-unsafe fn turned_back_block512<const N: usize, T: Element>(
+#[inline(always)]
+unsafe fn turned_back_block<V: Lanes, const N: usize, T: Element>(
     qs: &[f32],
     k: [&[T]; 2],
     (c, s): (&[f32], &[f32]),
-) -> [[f32; 2]; N] {
-    use std::arch::x86_64::*;
+) -> [[f32; N]; 2] {
     let half = c.len();
     let d = 2 * half;
     assert!(qs.len() >= N * d, "turned_back_block: rows");
     let (k0, k1, qp, cp, sp) = (k[0].as_ptr(), k[1].as_ptr(), qs.as_ptr(), c.as_ptr(), s.as_ptr());
-    let mut acc = [[_mm512_setzero_ps(); N]; 2];
-    for j in (0..half).step_by(16) {
-        // SAFETY: j + 16 <= half: both halves of both keys (length d), of the N query rows, and
-        // of c and s are in bounds (asserted by the callers and above).
-        unsafe {
-            let (cv, sv) = (_mm512_loadu_ps(cp.add(j)), _mm512_loadu_ps(sp.add(j)));
-            // rope^-1 of (x1, x2): lo = x1 c + x2 s, hi = x2 c - x1 s.
-            let turn = |kp: *const T| {
-                let (x1, x2) = (widen16(kp.add(j)), widen16(kp.add(j + half)));
-                (
-                    _mm512_fmadd_ps(x1, cv, _mm512_mul_ps(x2, sv)),
-                    _mm512_fmsub_ps(x2, cv, _mm512_mul_ps(x1, sv)),
-                )
-            };
-            let ((lo0, hi0), (lo1, hi1)) = (turn(k0), turn(k1));
+    // SAFETY (all): the features are the caller's; j + LANES <= half: both halves of both keys
+    // (length d), of the N query rows, and of c and s are in bounds (asserted by the callers and
+    // above).
+    unsafe {
+        let mut acc = [[V::zero(); N]; 2];
+        for j in (0..half).step_by(V::LANES) {
+            let (cv, sv) = (V::load(cp.add(j)), V::load(sp.add(j)));
+            let ((lo0, hi0), (lo1, hi1)) = (
+                turn_back::<V, T>(k0.add(j), k0.add(j + half), cv, sv),
+                turn_back::<V, T>(k1.add(j), k1.add(j + half), cv, sv),
+            );
             let [acc0, acc1] = &mut acc;
             for r in 0..N {
                 let row = qp.add(r * d + j);
-                let (qlo, qhi) = (_mm512_loadu_ps(row), _mm512_loadu_ps(row.add(half)));
-                acc0[r] = _mm512_fmadd_ps(qhi, hi0, _mm512_fmadd_ps(qlo, lo0, acc0[r]));
-                acc1[r] = _mm512_fmadd_ps(qhi, hi1, _mm512_fmadd_ps(qlo, lo1, acc1[r]));
+                let (qlo, qhi) = (V::load(row), V::load(row.add(half)));
+                acc0[r] = V::mul_add(qhi, hi0, V::mul_add(qlo, lo0, acc0[r]));
+                acc1[r] = V::mul_add(qhi, hi1, V::mul_add(qlo, lo1, acc1[r]));
             }
         }
+        [sums::<V, N>(acc[0]), sums::<V, N>(acc[1])]
     }
-    let mut out = [[0f32; 2]; N];
-    for (x, acc) in acc.iter().enumerate() {
-        for (r, a) in acc.iter().enumerate() {
-            out[r][x] = _mm512_reduce_add_ps(*a);
-        }
+}
+
+/// The rotate-half pair `(x1, x2)` at `p1` / `p2` turned back (rope^-1) by the angle of `(c, s)`:
+/// `(x1 c + x2 s, x2 c - x1 s)`.
+///
+/// # Safety
+/// `V`'s CPU features; `LANES` elements readable at `p1` and `p2`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn turn_back<V: Lanes, T: Element>(p1: *const T, p2: *const T, c: V, s: V) -> (V, V) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        let (x1, x2) = (V::widen(p1), V::widen(p2));
+        (V::mul_add(x1, c, V::mul(x2, s)), V::mul_sub(x2, c, V::mul(x1, s)))
     }
-    out
 }
 
 /// [`dots`] for the keys `row(j)`, `j` in `range`, at `at = j`: two keys at a time.
@@ -423,8 +428,7 @@ unsafe fn dots_rows_avx2<'a, T: Element>(
     }
 }
 
-/// [`dots_rows`] in AVX-512 registers, two keys at a time ([`dots_pair_avx512`]; a last odd key
-/// paired with itself).
+/// [`dots_rows`] in AVX-512 registers, two keys at a time ([`dots_avx512`]; a last odd key alone).
 ///
 /// # Safety
 /// The CPU must have AVX-512F, AVX2, FMA and F16C; every key `D` long with `D` a multiple of 16,
@@ -441,116 +445,13 @@ unsafe fn dots_rows_avx512<'a, T: Element>(
     let mut j = range.start;
     while j + 2 <= range.end {
         // SAFETY: this function's contract.
-        unsafe { dots_pair_avx512(qs, [row(j), row(j + 1)], [j, j + 1], scores, keys) };
+        unsafe { dots_avx512::<2, T>(qs, [row(j), row(j + 1)], [j, j + 1], scores, keys) };
         j += 2;
     }
     if j < range.end {
-        let k = row(j);
         // SAFETY: as above.
-        unsafe { dots_pair_avx512(qs, [k, k], [j, j], scores, keys) };
+        unsafe { dots_avx512::<1, T>(qs, [row(j)], [j], scores, keys) };
     }
-}
-
-/// [`dots_pair`] in AVX-512 registers: each 16 values of both keys widened once and multiplied
-/// into four queries at a time (8 accumulators), the rest of the queries one at a time. Every
-/// query's sum is reduced on its own, in one order, whatever the number of queries (so a
-/// GQA-packed decode step stays bitwise the unpacked one).
-///
-/// # Safety
-/// The CPU must have AVX-512F, AVX2, FMA and F16C; both keys `D` long with `D` a multiple of 16,
-/// `qs.len()` a multiple of `D`.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma,f16c")]
-#[inline]
-unsafe fn dots_pair_avx512<T: Element>(qs: &[f32], k: [&[T]; 2], at: [usize; 2], scores: &mut [f32], keys: usize) {
-    let d = k[0].len();
-    assert!(
-        d.is_multiple_of(16) && k[1].len() == d && qs.len().is_multiple_of(d),
-        "dots_pair: lengths"
-    );
-    let group = qs.len() / d;
-    let mut put = |g: usize, sums: [f32; 2]| {
-        scores[g * keys + at[0]] = sums[0];
-        scores[g * keys + at[1]] = sums[1];
-    };
-    let mut g0 = 0;
-    while g0 + 4 <= group {
-        // SAFETY: rows g0..g0 + 4 of qs and both keys hold d values; d % 16 == 0.
-        let sums = unsafe { dots_block512::<4, T>(&qs[g0 * d..], k) };
-        for (r, pair_sums) in sums.into_iter().enumerate() {
-            put(g0 + r, pair_sums);
-        }
-        g0 += 4;
-    }
-    for g in g0..group {
-        // SAFETY: as above, for row g.
-        let [pair_sums] = unsafe { dots_block512::<1, T>(&qs[g * d..], k) };
-        put(g, pair_sums);
-    }
-}
-
-/// The `N` query rows at the start of `qs` dotted with two keys: `[row][key]`.
-///
-/// # Safety
-/// The CPU must have AVX-512F; both keys `D` long (a multiple of 16), `N` rows of `D` in `qs`.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma,f16c")]
-#[inline]
-unsafe fn dots_block512<const N: usize, T: Element>(qs: &[f32], k: [&[T]; 2]) -> [[f32; 2]; N] {
-    use std::arch::x86_64::*;
-    let d = k[0].len();
-    assert!(qs.len() >= N * d, "dots_block512: rows");
-    let (k0, k1, qp) = (k[0].as_ptr(), k[1].as_ptr(), qs.as_ptr());
-    let mut acc = [[_mm512_setzero_ps(); N]; 2];
-    for c in (0..d).step_by(16) {
-        // SAFETY: c + 16 <= d, inside both keys and each of the N query rows.
-        unsafe {
-            let (kv0, kv1) = (widen16(k0.add(c)), widen16(k1.add(c)));
-            let [acc0, acc1] = &mut acc;
-            for r in 0..N {
-                let qv = _mm512_loadu_ps(qp.add(r * d + c));
-                acc0[r] = _mm512_fmadd_ps(qv, kv0, acc0[r]);
-                acc1[r] = _mm512_fmadd_ps(qv, kv1, acc1[r]);
-            }
-        }
-    }
-    let mut out = [[0f32; 2]; N];
-    for (x, acc) in acc.iter().enumerate() {
-        for (r, a) in acc.iter().enumerate() {
-            out[r][x] = _mm512_reduce_add_ps(*a);
-        }
-    }
-    out
-}
-
-/// The horizontal sum of one register, added in the same order as [`hsum4`] adds each of its four
-/// (so that a query's score does not depend on how many rows share its tile: a GQA-packed decode
-/// step stays bitwise the unpacked one).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-#[inline]
-fn hsum1(a: std::arch::x86_64::__m256) -> f32 {
-    use std::arch::x86_64::*;
-    let pairs = _mm256_hadd_ps(_mm256_hadd_ps(a, a), _mm256_hadd_ps(a, a));
-    _mm_cvtss_f32(_mm_add_ss(
-        _mm256_castps256_ps128(pairs),
-        _mm256_extractf128_ps::<1>(pairs),
-    ))
-}
-
-/// The horizontal sums of four registers: `[sum(a[0]), .., sum(a[3])]`.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-#[inline]
-fn hsum4(a: &[std::arch::x86_64::__m256; 4]) -> [f32; 4] {
-    use std::arch::x86_64::*;
-    // [a0 a0 a1 a1 | ...] -> [a0 a1 a2 a3] per 128-bit half, then the halves added.
-    let pairs = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
-    let sums = _mm_add_ps(_mm256_castps256_ps128(pairs), _mm256_extractf128_ps::<1>(pairs));
-    let mut four = [0f32; 4];
-    // SAFETY: `four` holds 4 f32.
-    unsafe { _mm_storeu_ps(four.as_mut_ptr(), sums) };
-    four
 }
 
 /// `a . b` in f32 over 8 independent lanes (vectorises; one chain would not).

@@ -15,6 +15,7 @@ pub(crate) mod pine_decode;
 mod pv_rows;
 pub(crate) mod rotary;
 pub(crate) mod segment;
+mod simd;
 mod tile;
 
 use candle_core::{Layout, Result};
