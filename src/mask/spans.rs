@@ -51,13 +51,14 @@ impl SegmentSpans {
             }
             let ends = &mut span_end[r * len..(r + 1) * len];
             let mut end = len as u32;
+            spans += usize::from(len > 0);
             for i in (0..len).rev() {
                 if i + 1 < len && row[i] != row[i + 1] {
                     end = (i + 1) as u32;
+                    spans += 1;
                 }
                 ends[i] = end;
             }
-            spans += (1..len).filter(|&i| row[i] != row[i - 1]).count() + usize::from(len > 0);
         }
         Ok(Self {
             ids: ids.into(),
