@@ -216,8 +216,9 @@ impl FwdVariant {
         sm_count: usize,
         forced: Option<bool>,
     ) -> Self {
-        let blocks = shape.q_len.div_ceil(128) * shape.num_heads * shape.batch;
-        let by_rule = shape.q_len >= 128
+        let rows = Self::Wide.block_rows();
+        let blocks = shape.q_len.div_ceil(rows) * shape.num_heads * shape.batch;
+        let by_rule = shape.q_len >= rows
             && blocks >= WIDE_MIN_BLOCKS_PER_SM * sm_count
             && if shape.head_dim == 128 {
                 !mask.short_documents
@@ -267,10 +268,11 @@ fn wide_setting() -> Option<bool> {
 /// the mass kernel's wide variant has only 32-key tiles, and was not measured against the 64-row
 /// one on causal masks); `SEGATTN_FWD_WIDE` and `wide` force the choice as for the forward kernel.
 pub(crate) fn mass_block_rows(q_len: usize, causal: bool, wide: Option<bool>) -> usize {
-    if wide.or_else(wide_setting).unwrap_or(q_len >= 128 && !causal) {
-        128
+    let wide_rows = FwdVariant::Wide.block_rows();
+    if wide.or_else(wide_setting).unwrap_or(q_len >= wide_rows && !causal) {
+        wide_rows
     } else {
-        64
+        FwdVariant::Plain.block_rows()
     }
 }
 
