@@ -124,19 +124,13 @@ unsafe fn dots_simd<V: Lanes, const K: usize, T: Element>(
     while g0 + 4 <= group {
         // SAFETY: rows g0..g0 + 4 of qs and every key hold d values, d % LANES == 0.
         let sums = unsafe { dots_block::<V, 4, K, T>(&qs[g0 * d..], k) };
-        for (x, sums) in sums.iter().enumerate() {
-            for (r, &sum) in sums.iter().enumerate() {
-                scores[(g0 + r) * keys + at[x]] = sum;
-            }
-        }
+        put(scores, keys, g0, at, sums);
         g0 += 4;
     }
     for g in g0..group {
         // SAFETY: as above, for row g.
         let sums = unsafe { dots_block::<V, 1, K, T>(&qs[g * d..], k) };
-        for x in 0..K {
-            scores[g * keys + at[x]] = sums[x][0];
-        }
+        put(scores, keys, g, at, sums);
     }
 }
 
@@ -172,6 +166,22 @@ unsafe fn dots_block<V: Lanes, const N: usize, const K: usize, T: Element>(qs: &
             *out = sums::<V, N>(acc);
         }
         out
+    }
+}
+
+/// Stores a block's sums (`[key][row]`, rows from query `g0` on): `scores[g keys + at[x]]`.
+#[inline(always)]
+fn put<const N: usize, const K: usize>(
+    scores: &mut [f32],
+    keys: usize,
+    g0: usize,
+    at: [usize; K],
+    sums: [[f32; N]; K],
+) {
+    for (x, sums) in sums.iter().enumerate() {
+        for (r, &sum) in sums.iter().enumerate() {
+            scores[(g0 + r) * keys + at[x]] = sum;
+        }
     }
 }
 
@@ -308,19 +318,13 @@ unsafe fn turned_back_simd<V: Lanes, T: Element>(
     while g0 + 4 <= group {
         // SAFETY: rows g0..g0 + 4 of qs exist; the rest as this function's contract.
         let sums = unsafe { turned_back_block::<V, 4, T>(&qs[g0 * d..], k, (c, s)) };
-        for (x, sums) in sums.iter().enumerate() {
-            for (r, &sum) in sums.iter().enumerate() {
-                scores[(g0 + r) * keys + at[x]] = sum;
-            }
-        }
+        put(scores, keys, g0, at, sums);
         g0 += 4;
     }
     for g in g0..group {
         // SAFETY: as above, for row g.
         let sums = unsafe { turned_back_block::<V, 1, T>(&qs[g * d..], k, (c, s)) };
-        for x in 0..2 {
-            scores[g * keys + at[x]] = sums[x][0];
-        }
+        put(scores, keys, g, at, sums);
     }
 }
 
