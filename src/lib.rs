@@ -20,6 +20,7 @@
 
 #![warn(missing_docs)]
 
+mod backward;
 mod cpu;
 /// The CUDA path (`--features cuda`); public only for benchmarks ([`cuda::PreparedForward`]).
 #[cfg(feature = "cuda")]

@@ -1,6 +1,6 @@
 //! The public attention API and its candle `CustomOp3`.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use candle_core::backend::BackendStorage;
 use candle_core::op::BackpropOp;
@@ -162,23 +162,53 @@ impl<'a> SegmentAttention<'a> {
             mass_plan,
             mass_algorithm: self.segment_mass.as_ref().map_or(MassAlgorithm::Auto, |o| o.algorithm),
             mass: Mutex::new(None),
-            rotation: self.rotation,
+            rotation: None,
         };
-        if let Some(rot) = self.rotation {
-            rot.check(&shape)?;
-            if self.segment_mass.is_some() {
-                invalid_arg!("return_segment_mass: not available with PINE's query rotation");
-            }
-        }
-        let out = q.apply_op3_no_bwd(k, v, &op)?;
-        let lse = op.take_lse()?.map(|storage| {
+        let lse_of = |storage| {
             Tensor::from_storage(
                 storage,
                 (shape.batch, shape.num_heads, shape.q_len),
                 BackpropOp::none(),
                 false,
             )
-        });
+        };
+        let (out, op, lse): (Tensor, Arc<AttentionOp>, Option<Tensor>) = match self.rotation {
+            // PINE's rotated attention is inference only: no gradient is recorded.
+            Some(rot) => {
+                rot.check(&shape)?;
+                if self.segment_mass.is_some() {
+                    invalid_arg!("return_segment_mass: not available with PINE's query rotation");
+                }
+                let op = AttentionOp {
+                    rotation: Some(rot),
+                    ..op
+                };
+                let out = q.apply_op3_no_bwd(k, v, &op)?;
+                let lse = op.take_lse()?.map(lse_of);
+                (out, Arc::new(op), lse)
+            }
+            // With gradients: candle keeps the op for the backward pass (`TrackedAttention`),
+            // which reuses the forward's LSE (computed whether asked for or not).
+            None if q.track_op() || k.track_op() || v.track_op() => {
+                let op = Arc::new(AttentionOp { want_lse: true, ..op });
+                let saved_lse = Arc::new(OnceLock::new());
+                let tracked: Arc<Box<dyn CustomOp3 + Send + Sync>> = Arc::new(Box::new(TrackedAttention {
+                    op: Arc::clone(&op),
+                    lse: Arc::clone(&saved_lse),
+                }));
+                let out = q.apply_op3_arc(k, v, tracked)?;
+                let Some(lse) = op.take_lse()?.map(lse_of) else {
+                    invalid_arg!("internal error: the attention op produced no LSE");
+                };
+                let _ = saved_lse.set(lse.clone());
+                (out, op, self.return_lse.then_some(lse))
+            }
+            None => {
+                let out = q.apply_op3_no_bwd(k, v, &op)?;
+                let lse = op.take_lse()?.map(lse_of);
+                (out, Arc::new(op), lse)
+            }
+        };
         let segment_mass = match (&op.mass_plan, take_slot(&op.mass)?) {
             (Some(plan), Some(storage)) => {
                 // The CPU path weights the mass itself; the CUDA kernels leave it raw.
@@ -197,6 +227,63 @@ impl<'a> SegmentAttention<'a> {
 /// See [`SegmentAttention`] for shapes and options.
 pub fn segment_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &SegmentMask) -> Result<Tensor> {
     Ok(SegmentAttention::new(mask).forward(q, k, v)?.out)
+}
+
+/// The attention op as candle records it for the backward pass (inputs that track gradients):
+/// the same forward, and [`crate::backward`]'s gradients, which start from the forward's LSE
+/// (`lse`, set once the forward ran). The LSE and the segment mass returned to the caller stay
+/// outputs without gradient.
+struct TrackedAttention {
+    op: Arc<AttentionOp<'static>>,
+    lse: Arc<OnceLock<Tensor>>,
+}
+
+impl CustomOp3 for TrackedAttention {
+    fn name(&self) -> &'static str {
+        "segattn-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        q: &CpuStorage,
+        ql: &Layout,
+        k: &CpuStorage,
+        kl: &Layout,
+        v: &CpuStorage,
+        vl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.op.cpu_fwd(q, ql, k, kl, v, vl)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        q: &candle_core::CudaStorage,
+        ql: &Layout,
+        k: &candle_core::CudaStorage,
+        kl: &Layout,
+        v: &candle_core::CudaStorage,
+        vl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.op.cuda_fwd(q, ql, k, kl, v, vl)
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _out: &Tensor,
+        d_out: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let op = &self.op;
+        let Some(lse) = self.lse.get() else {
+            invalid_arg!("internal error: the backward pass ran before the forward's LSE was kept");
+        };
+        // Only the inputs that track gradients get one (candle would store the others too).
+        let wanted = [q.track_op(), k.track_op(), v.track_op()];
+        crate::backward::attention_gradients((q, k, v), d_out, lse, op.shape, &op.host_mask, op.scale, wanted)
+    }
 }
 
 /// Checks the fused mass options against the attention call and lays out the output.

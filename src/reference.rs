@@ -89,6 +89,104 @@ pub fn attention(
     })
 }
 
+/// Output of [`attention_backward`]: the gradients of `sum(out * d_out)` with respect to q, k
+/// and v, f64 on the CPU, in the shapes of q, k and v.
+#[derive(Clone, Debug)]
+pub struct ReferenceGradients {
+    /// `[B, Lq, H, D]`.
+    pub dq: Tensor,
+    /// `[B, Lk, Hkv, D]` (summed over the query heads of each KV head).
+    pub dk: Tensor,
+    /// `[B, Lk, Hkv, D]`.
+    pub dv: Tensor,
+}
+
+/// Exact gradients of [`attention`] for the output gradient `d_out` `[B, Lq, H, D]`, row by row
+/// in f64 (`P` the softmax of a row, `dP_j = dO . v_j`, `dS_j = P_j (dP_j - sum_l P_l dP_l)`,
+/// `dq = scale sum_j dS_j k_j`, `dk_j += scale dS_j q`, `dv_j += P_j dO`). A row that sees no
+/// key contributes nothing.
+pub fn attention_backward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    d_out: &Tensor,
+    mask: &SegmentMask,
+    scale: Option<f64>,
+) -> Result<ReferenceGradients> {
+    let shape = AttentionShape::of(q, k, v)?;
+    let AttentionShape {
+        batch,
+        q_len,
+        kv_len,
+        num_heads,
+        head_dim: d,
+        ..
+    } = shape;
+    if d_out.dims() != q.dims() {
+        crate::error::invalid_arg!("d_out: expected the shape of q {:?}, got {:?}", q.dims(), d_out.dims());
+    }
+    let scale = scale.unwrap_or_else(|| default_scale(d));
+    let visible = dense_mask_vec(mask, batch, q_len, kv_len)?;
+    let (q, k, v, d_out) = (to_f64(q)?, to_f64(k)?, to_f64(v)?, to_f64(d_out)?);
+    let hkv = shape.num_kv_heads;
+    let group = shape.group_size();
+    let q_at = |b: usize, i: usize, h: usize| ((b * q_len + i) * num_heads + h) * d;
+    let k_at = |b: usize, j: usize, kh: usize| ((b * kv_len + j) * hkv + kh) * d;
+
+    let mut dq = vec![0f64; q.len()];
+    let mut dk = vec![0f64; k.len()];
+    let mut dv = vec![0f64; v.len()];
+    let mut probs = vec![0f64; kv_len];
+    let mut dp = vec![0f64; kv_len];
+    for b in 0..batch {
+        for h in 0..num_heads {
+            let kh = h / group;
+            for i in 0..q_len {
+                let qi = &q[q_at(b, i, h)..][..d];
+                let doi = &d_out[q_at(b, i, h)..][..d];
+                let dot = |x: &[f64], y: &[f64]| x.iter().zip(y).map(|(a, b)| a * b).sum::<f64>();
+                let mut max = f64::NEG_INFINITY;
+                for (j, p) in probs.iter_mut().enumerate() {
+                    *p = f64::NEG_INFINITY;
+                    if visible[(b * q_len + i) * kv_len + j] {
+                        *p = scale * dot(qi, &k[k_at(b, j, kh)..][..d]);
+                        max = max.max(*p);
+                    }
+                }
+                if max == f64::NEG_INFINITY {
+                    continue;
+                }
+                probs.iter_mut().for_each(|p| *p = (*p - max).exp());
+                let denom: f64 = probs.iter().sum();
+                probs.iter_mut().for_each(|p| *p /= denom);
+                for (j, g) in dp.iter_mut().enumerate() {
+                    *g = dot(doi, &v[k_at(b, j, kh)..][..d]);
+                }
+                let row_dot: f64 = probs.iter().zip(&dp).map(|(p, g)| p * g).sum();
+                for j in 0..kv_len {
+                    let p = probs[j];
+                    if p == 0.0 {
+                        continue;
+                    }
+                    let ds = p * (dp[j] - row_dot);
+                    let at = k_at(b, j, kh);
+                    for c in 0..d {
+                        dq[q_at(b, i, h) + c] += scale * ds * k[at + c];
+                        dk[at + c] += scale * ds * qi[c];
+                        dv[at + c] += p * doi[c];
+                    }
+                }
+            }
+        }
+    }
+    let cpu = &Device::Cpu;
+    Ok(ReferenceGradients {
+        dq: Tensor::from_vec(dq, (batch, q_len, num_heads, d), cpu)?,
+        dk: Tensor::from_vec(dk, (batch, kv_len, hkv, d), cpu)?,
+        dv: Tensor::from_vec(dv, (batch, kv_len, hkv, d), cpu)?,
+    })
+}
+
 /// The mask materialised: `[B, Lq, Lk]` u8, 1 where key `j` is visible to query `i`.
 /// O(B Lq Lk) memory: for tests and inspection only.
 pub fn dense_mask(mask: &SegmentMask, batch: usize, q_len: usize, kv_len: usize) -> Result<Tensor> {

@@ -1,8 +1,8 @@
 //! Shared test helpers: tolerances (the one place they are stated), random inputs, comparisons.
 #![allow(dead_code)]
 
-use candle_core::{DType, Device, Result, Tensor};
-use segattn::{HeadReduction, MassAlgorithm, QueryReduction, SegmentScoreOptions};
+use candle_core::{DType, Device, Result, Tensor, Var};
+use segattn::{HeadReduction, MassAlgorithm, QueryReduction, SegmentAttention, SegmentMask, SegmentScoreOptions};
 
 /// Absolute and relative tolerance of a fused result against the f64 reference, by input dtype.
 /// Inputs are rounded to the dtype before both run, so the error is the kernel's own: f32
@@ -42,6 +42,18 @@ pub fn rotated_lse_tolerance(dtype: DType) -> f64 {
     match dtype {
         DType::BF16 => 1e-2,
         _ => lse_tolerance(dtype),
+    }
+}
+
+/// Absolute and relative tolerance of the gradients dq, dk, dv against the f64 reference, by
+/// input dtype. The backward runs in f32 from the dtype's inputs; for 16-bit types the error is
+/// mostly the final rounding of each gradient to the dtype (half a unit in the last place).
+pub fn gradient_tolerance(dtype: DType) -> (f64, f64) {
+    match dtype {
+        DType::F32 => (1e-4, 1e-4),
+        DType::F16 => (2e-4, 2e-3),
+        DType::BF16 => (2e-4, 8e-3),
+        other => panic!("no tolerance for {other:?}"),
     }
 }
 
@@ -210,3 +222,28 @@ pub mod cases;
 #[cfg(feature = "cuda")]
 pub mod gpu;
 pub mod pine;
+
+/// dq, dk, dv of the loss `sum(out * w)` of attention over `(q, k, v)` under `mask`, from
+/// candle's backward pass through the op (`w` in the dtype of q, so the gradient that reaches
+/// the op is exactly `w`).
+pub fn autograd_gradients(
+    (q, k, v): (&Tensor, &Tensor, &Tensor),
+    mask: &SegmentMask,
+    w: &Tensor,
+    scale: Option<f64>,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (q, k, v) = (Var::from_tensor(q)?, Var::from_tensor(k)?, Var::from_tensor(v)?);
+    let mut attn = SegmentAttention::new(mask);
+    if let Some(s) = scale {
+        attn = attn.scale(s);
+    }
+    let out = attn.forward(q.as_tensor(), k.as_tensor(), v.as_tensor())?.out;
+    let grads = (out * w)?.sum_all()?.backward()?;
+    let get = |x: &Var, name: &str| {
+        grads
+            .get(x.as_tensor())
+            .cloned()
+            .ok_or_else(|| candle_core::Error::Msg(format!("no gradient for {name}")))
+    };
+    Ok((get(&q, "q")?, get(&k, "k")?, get(&v, "v")?))
+}

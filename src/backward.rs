@@ -1,0 +1,218 @@
+//! Gradients of segment-masked attention, for training (packed documents, prefix-LM, any rule).
+//!
+//! FlashAttention-2's backward equations, with P recomputed from q, k and the forward's
+//! log-sum-exp (all the forward keeps besides its inputs): for the scaled scores
+//! `S = scale q k^T` under the mask, `P = exp(S - lse)`, and the output gradient `dO`,
+//!
+//! ```text
+//! dV = P^T dO      dP = dO V^T      D_i = sum_j P_ij dP_ij (= dO_i . O_i)
+//! dS = P * (dP - D)      dQ = scale dS K      dK = scale dS^T Q
+//! ```
+//!
+//! computed in f32 through candle's tensor ops on the device of q (so the CPU and CUDA backends
+//! both run it), a block of query rows at a time: memory O(rows x Lk) per block, never Lq x Lk.
+//! Each block reads only the key range its rows can see (the first to the last visible key of
+//! the block), so causal, document and PINE masks skip most hidden keys. A row that sees no key
+//! has P = 0 and gets zero gradients. Under GQA the P query heads of a KV head are stacked as the
+//! rows of one product, so dK and dV sum over them without repeating K or V.
+//!
+//! `D_i` is taken as `sum_j P_ij dP_ij` rather than `dO_i . O_i`: the same number in exact
+//! arithmetic, but free of the forward output's rounding to a 16-bit dtype.
+
+use candle_core::{DType, Result, Tensor, D};
+
+use crate::mask::HostMask;
+use crate::validate::AttentionShape;
+
+/// Elements of one f32 score block `[B, H, rows, keys]` the block size aims at (32 MB; about
+/// five such buffers are alive at once).
+const SCORE_BLOCK_ELEMENTS: usize = 1 << 23;
+/// Query rows per block: at least this many (fewer products, each larger)...
+const MIN_BLOCK_ROWS: usize = 16;
+/// ...and at most this many (smaller blocks skip more hidden keys under causal masks).
+const MAX_BLOCK_ROWS: usize = 256;
+
+/// Gradients of attention: `(dq, dk, dv)`, each `None` unless asked for in `wanted`.
+pub(crate) type Gradients = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
+
+/// The gradients of segment-masked attention at `(q, k, v)` for the output gradient `d_out`
+/// `[B, Lq, H, D]`, each in the dtype of its input; only those `wanted` (q, k, v) are computed.
+pub(crate) fn attention_gradients(
+    (q, k, v): (&Tensor, &Tensor, &Tensor),
+    d_out: &Tensor,
+    lse: &Tensor,
+    shape: AttentionShape,
+    host: &HostMask,
+    scale: f32,
+    wanted: [bool; 3],
+) -> Result<Gradients> {
+    let AttentionShape {
+        batch: b,
+        q_len: lq,
+        kv_len: lk,
+        num_heads: h,
+        num_kv_heads: hkv,
+        head_dim: d,
+    } = shape;
+    let p = shape.group_size();
+    let dev = q.device();
+    // [B, Hkv, Lk, D] f32.
+    let heads_first = |t: &Tensor| t.to_dtype(DType::F32)?.transpose(1, 2)?.contiguous();
+    let (kf, vf) = (heads_first(k)?, heads_first(v)?);
+    let mut dk = Tensor::zeros((b, hkv, lk, d), DType::F32, dev)?;
+    let mut dv = Tensor::zeros((b, hkv, lk, d), DType::F32, dev)?;
+    // The forward's LSE `[B, H, Lq]`, with +inf for rows that see no key (P = exp(-inf) = 0
+    // there, where -inf would give exp(NaN)).
+    let lse = lse.to_dtype(DType::F32)?;
+    let lse = lse
+        .eq(f32::NEG_INFINITY)?
+        .where_cond(&Tensor::full(f32::INFINITY, lse.shape(), dev)?, &lse)?;
+    let mut dq_blocks = Vec::new();
+    let rows = block_rows(b * h * lk.max(1)).min(lq.max(1));
+    for r0 in (0..lq).step_by(rows) {
+        let c = rows.min(lq - r0);
+        // [B, c, H, D] -> [B, H, c, D] -> [B, Hkv, P c, D]: query head kh P + i is rows i c.. of kh.
+        let stack = |t: &Tensor| heads_first(&t.narrow(1, r0, c)?)?.reshape((b, hkv, p * c, d));
+        let Some(bias) = BlockBias::new(host, b, r0, c, lk) else {
+            // No row of the block sees a key: zero gradients for it, nothing added to dK, dV.
+            if wanted[0] {
+                dq_blocks.push(Tensor::zeros((b, c, h, d), DType::F32, dev)?);
+            }
+            continue;
+        };
+        let (k0, kw) = (bias.first_key, bias.keys);
+        let bias = Tensor::from_vec(bias.values, (b, 1, 1, c, kw), dev)?;
+        let (kb, vb) = (kf.narrow(2, k0, kw)?, vf.narrow(2, k0, kw)?);
+        let (qb, dob) = (stack(q)?, stack(d_out)?);
+
+        // P = exp(S - lse) over the block's key range, [B, Hkv, P c, kw] (0 where hidden).
+        let qs = (&qb * f64::from(scale))?;
+        let lse_block = lse.narrow(2, r0, c)?.reshape((b, hkv, p, c, 1))?;
+        let probs = qs
+            .matmul(&kb.t()?)?
+            .reshape((b, hkv, p, c, kw))?
+            .broadcast_add(&bias)?
+            .broadcast_sub(&lse_block)?
+            .exp()?
+            .reshape((b, hkv, p * c, kw))?;
+
+        let dp = dob.matmul(&vb.t()?)?;
+        let row_dot = (&probs * &dp)?.sum_keepdim(D::Minus1)?;
+        let ds = (&probs * dp.broadcast_sub(&row_dot)?)?;
+        if wanted[0] {
+            let dq_block = (ds.matmul(&kb)? * f64::from(scale))?
+                .reshape((b, h, c, d))?
+                .transpose(1, 2)?;
+            dq_blocks.push(dq_block);
+        }
+        let pad = |t: Tensor| t.pad_with_zeros(2, k0, lk - k0 - kw);
+        if wanted[1] {
+            dk = (dk + pad(ds.t()?.matmul(&qs)?)?)?;
+        }
+        if wanted[2] {
+            dv = (dv + pad(probs.t()?.matmul(&dob)?)?)?;
+        }
+    }
+    let dq = match (wanted[0], dq_blocks.is_empty()) {
+        (false, _) => None,
+        (true, true) => Some(Tensor::zeros((b, lq, h, d), q.dtype(), dev)?),
+        (true, false) => Some(Tensor::cat(&dq_blocks, 1)?.to_dtype(q.dtype())?.contiguous()?),
+    };
+    let back = |t: Tensor, like: &Tensor| t.transpose(1, 2)?.to_dtype(like.dtype())?.contiguous();
+    let dk = if wanted[1] { Some(back(dk, k)?) } else { None };
+    let dv = if wanted[2] { Some(back(dv, v)?) } else { None };
+    Ok((dq, dk, dv))
+}
+
+/// Query rows per block for `per_row` score elements per row (B H Lk).
+fn block_rows(per_row: usize) -> usize {
+    (SCORE_BLOCK_ELEMENTS / per_row).clamp(MIN_BLOCK_ROWS, MAX_BLOCK_ROWS)
+}
+
+/// The additive mask of a block of query rows over the keys they can see: 0 where visible,
+/// `-inf` where hidden, `[B, rows, keys]` for keys `first_key..first_key + keys`.
+struct BlockBias {
+    values: Vec<f32>,
+    first_key: usize,
+    keys: usize,
+}
+
+impl BlockBias {
+    /// The bias of rows `r0..r0 + rows` over every key, cut to the visible key range of the
+    /// block; `None` when no row of the block sees any key. O(rows x Lk) on the host, from the
+    /// mask's spans (a rule lookup per span, not per element).
+    fn new(host: &HostMask, batch: usize, r0: usize, rows: usize, kv_len: usize) -> Option<Self> {
+        let mut full = vec![f32::NEG_INFINITY; batch * rows * kv_len];
+        let (mut lo, mut hi) = (kv_len, 0);
+        for b in 0..batch {
+            let (q_row, kv_row, table) = (host.q.row(b), host.kv.row(b), host.rule.table_row(b));
+            for r in 0..rows {
+                let i = r0 + r;
+                let pos = i as i64 + host.pos_offset;
+                let out = &mut full[(b * rows + r) * kv_len..][..kv_len];
+                kv_row.for_each_span(0, kv_len, |id, start, end| {
+                    let stop = match host.rule.lookup(table, q_row.ids[i], id) {
+                        crate::Visibility::Blocked => start,
+                        crate::Visibility::Full => end,
+                        // Keys j <= pos of the span.
+                        crate::Visibility::Causal => (pos + 1).clamp(start as i64, end as i64) as usize,
+                    };
+                    if stop > start {
+                        out[start..stop].fill(0.0);
+                        lo = lo.min(start);
+                        hi = hi.max(stop);
+                    }
+                });
+            }
+        }
+        if hi <= lo {
+            return None;
+        }
+        let keys = hi - lo;
+        let values = if keys == kv_len {
+            full
+        } else {
+            full.chunks_exact(kv_len)
+                .flat_map(|row| row[lo..hi].iter().copied())
+                .collect()
+        };
+        Some(Self {
+            values,
+            first_key: lo,
+            keys,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::Device;
+
+    use super::*;
+
+    #[test]
+    fn block_rows_stay_in_bounds() {
+        assert_eq!(block_rows(1), MAX_BLOCK_ROWS);
+        assert_eq!(block_rows(usize::MAX / 2), MIN_BLOCK_ROWS);
+        assert_eq!(block_rows(SCORE_BLOCK_ELEMENTS / 100), 100);
+    }
+
+    #[test]
+    fn block_bias_cuts_to_the_visible_keys() -> Result<()> {
+        let dev = Device::Cpu;
+        // Two documents of 3 and 4 tokens: rows 3..5 see keys 3..=4 at most.
+        let mask = crate::SegmentMask::documents(&[&[3, 4]], &dev)?;
+        let host = mask.host_metadata(1, 7, 7)?;
+        let bias = BlockBias::new(&host, 1, 3, 2, 7).expect("visible keys");
+        assert_eq!((bias.first_key, bias.keys), (3, 2));
+        assert_eq!(bias.values, vec![0.0, f32::NEG_INFINITY, 0.0, 0.0]);
+        // A rule that hides everything: no block.
+        let blocked = crate::SegmentMask::new(
+            mask.q_segments(),
+            mask.kv_segments(),
+            crate::PairRule::new(crate::Visibility::Blocked, crate::Visibility::Blocked),
+        )?;
+        assert!(BlockBias::new(&blocked.host_metadata(1, 7, 7)?, 1, 0, 7, 7).is_none());
+        Ok(())
+    }
+}

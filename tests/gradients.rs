@@ -1,0 +1,143 @@
+//! Gradients of the attention op (candle autograd through `segment_attention`) against the f64
+//! reference backward, and that reference against finite differences.
+
+mod common;
+
+use candle_core::{DType, Device, Result, Tensor, Var};
+use common::cases::{draw, Case, MASK_KINDS};
+use common::{autograd_gradients, env_count, gradient_tolerance, random_tensor, worst_ratio, Rng};
+use proptest::prelude::*;
+use segattn::{reference, segment_attention, SegmentAttention, SegmentMask};
+
+const HEADS: [(usize, usize); 5] = [(1, 1), (2, 1), (4, 2), (3, 3), (6, 2)];
+const DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
+
+fn check(case: &Case, seed: u64, scale: Option<f64>) -> Result<()> {
+    let dtype = case.q.dtype();
+    let w = random_tensor(&mut Rng::new(seed ^ 0x5eed), case.q.dims(), dtype)?;
+    let (dq, dk, dv) = autograd_gradients((&case.q, &case.k, &case.v), &case.mask, &w, scale)?;
+    let want = reference::attention_backward(&case.q, &case.k, &case.v, &w, &case.mask, scale)?;
+    let (atol, rtol) = gradient_tolerance(dtype);
+    for (name, got, want, like) in [
+        ("dq", &dq, &want.dq, &case.q),
+        ("dk", &dk, &want.dk, &case.k),
+        ("dv", &dv, &want.dv, &case.v),
+    ] {
+        assert_eq!(got.dims(), like.dims(), "{}: {name} shape", case.description);
+        assert_eq!(got.dtype(), dtype, "{}: {name} dtype", case.description);
+        let (r, at) = worst_ratio(got, want, atol, rtol)?;
+        assert!(
+            r <= 1.0,
+            "{}: {name} off by {r} x tolerance at flat index {at}",
+            case.description
+        );
+    }
+    Ok(())
+}
+
+fn cases() -> u32 {
+    env_count("SEGATTN_CASES").unwrap_or(64)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: cases(), ..ProptestConfig::default() })]
+
+    /// Every mask family (fully masked rows, single-token segments, rule tables included), GQA,
+    /// Lq <= Lk, every dtype.
+    #[test]
+    fn gradients_match_reference(
+        seed in any::<u64>(),
+        batch in 1usize..=2,
+        lk in 1usize..=160,
+        lq_equal in any::<bool>(),
+        heads in prop::sample::select(HEADS.to_vec()),
+        head_dim in 1usize..=48,
+        dtype in prop::sample::select(DTYPES.to_vec()),
+        kind in 0..MASK_KINDS.len(),
+    ) {
+        let case = draw(seed, batch, lk, lq_equal, heads, head_dim, dtype, kind).unwrap();
+        check(&case, seed, None).unwrap();
+    }
+}
+
+/// More query rows than one block of the backward (256): the blocks, their key ranges and the
+/// sums of dK and dV over blocks; a custom scale.
+#[test]
+fn long_rows_over_several_blocks() -> Result<()> {
+    for (kind, dtype) in [
+        (0, DType::F32),
+        (2, DType::BF16),
+        (5, DType::F32),
+        (7, DType::F16),
+        (9, DType::F32),
+    ] {
+        let case = draw(40 + kind as u64, 1, 700, true, (4, 2), 16, dtype, kind)?;
+        check(&case, kind as u64, Some(0.21))?;
+    }
+    Ok(())
+}
+
+/// The oracle itself: its gradients equal central differences of the reference forward's loss
+/// `sum(out * w)` (f64, steps of 2^-10 that the f32 inputs represent exactly).
+#[test]
+fn reference_backward_matches_finite_differences() -> Result<()> {
+    let dev = Device::Cpu;
+    let mut rng = Rng::new(9);
+    let (b, lq, lk, h, hkv, d) = (2, 5, 6, 4, 2, 3);
+    let q = random_tensor(&mut rng, &[b, lq, h, d], DType::F32)?;
+    let k = random_tensor(&mut rng, &[b, lk, hkv, d], DType::F32)?;
+    let v = random_tensor(&mut rng, &[b, lk, hkv, d], DType::F32)?;
+    let w = random_tensor(&mut rng, &[b, lq, h, d], DType::F32)?;
+    // PINE rows over the last 5 of 6 keys, and a row of the first batch row that sees nothing.
+    let ids = Tensor::new(&[[0u32, 0, 1, 1, 2, 2], [0, 1, 1, 2, 2, 3]], &dev)?;
+    let rule = segattn::PairRule::new(segattn::Visibility::Causal, segattn::Visibility::Full);
+    let mask = SegmentMask::self_attention(&ids, rule)?.last_queries(lq)?;
+    let scale = Some(0.7);
+    let loss = |q: &Tensor, k: &Tensor, v: &Tensor| -> Result<f64> {
+        let out = reference::attention(q, k, v, &mask, scale)?.out;
+        (out * w.to_dtype(DType::F64)?)?.sum_all()?.to_scalar::<f64>()
+    };
+    let grads = reference::attention_backward(&q, &k, &v, &w, &mask, scale)?;
+    let step = 1.0 / 1024.0;
+    for (which, want) in [(0, &grads.dq), (1, &grads.dk), (2, &grads.dv)] {
+        let base = [&q, &k, &v][which];
+        let flat = base.flatten_all()?.to_vec1::<f32>()?;
+        let want = want.flatten_all()?.to_vec1::<f64>()?;
+        for (n, want) in want.iter().enumerate() {
+            let nudged = |delta: f32| -> Result<Tensor> {
+                let mut x = flat.clone();
+                x[n] += delta;
+                Tensor::from_vec(x, base.dims(), &dev)
+            };
+            let mut inputs = [q.clone(), k.clone(), v.clone()];
+            inputs[which] = nudged(step)?;
+            let up = loss(&inputs[0], &inputs[1], &inputs[2])?;
+            inputs[which] = nudged(-step)?;
+            let down = loss(&inputs[0], &inputs[1], &inputs[2])?;
+            let numeric = (up - down) / (2.0 * f64::from(step));
+            assert!(
+                (numeric - want).abs() <= 1e-5 + 1e-4 * want.abs(),
+                "input {which} element {n}: finite difference {numeric}, reference {want}"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Only the inputs that track gradients get one; the LSE asked alongside changes nothing.
+#[test]
+fn gradients_reach_only_variables() -> Result<()> {
+    let case = draw(5, 1, 40, true, (2, 1), 8, DType::F32, 5)?;
+    let k = Var::from_tensor(&case.k)?;
+    let res = SegmentAttention::new(&case.mask)
+        .return_lse(true)
+        .forward(&case.q, k.as_tensor(), &case.v)?;
+    assert!(res.lse.is_some());
+    let grads = res.out.sum_all()?.backward()?;
+    assert!(grads.get(k.as_tensor()).is_some());
+    assert!(grads.get(&case.q).is_none() && grads.get(&case.v).is_none());
+    // Without a variable no backward op is recorded: the plain path.
+    let out = segment_attention(&case.q, &case.k, &case.v, &case.mask)?;
+    assert!(!out.track_op());
+    Ok(())
+}
