@@ -19,7 +19,7 @@
 //! `D_i` is taken as `sum_j P_ij dP_ij` rather than `dO_i . O_i`: the same number in exact
 //! arithmetic, but free of the forward output's rounding to a 16-bit dtype.
 
-use candle_core::{DType, Result, Tensor, D};
+use candle_core::{CpuStorage, DType, Result, Storage, Tensor, D};
 
 use crate::mask::HostMask;
 use crate::validate::AttentionShape;
@@ -67,6 +67,12 @@ pub(crate) fn attention_gradients(
     let lse = lse
         .eq(f32::NEG_INFINITY)?
         .where_cond(&Tensor::full(f32::INFINITY, lse.shape(), dev)?, &lse)?;
+    // On the CPU the elementwise middle runs as one pass per row over the LSE's host copy.
+    let lse_host = if dev.is_cpu() {
+        Some(lse.flatten_all()?.to_vec1::<f32>()?)
+    } else {
+        None
+    };
     let mut dq_blocks = Vec::new();
     let rows = block_rows(b * h * lk.max(1)).min(lq.max(1));
     for r0 in (0..lq).step_by(rows) {
@@ -81,24 +87,28 @@ pub(crate) fn attention_gradients(
             continue;
         };
         let (k0, kw) = (bias.first_key, bias.keys);
-        let bias = Tensor::from_vec(bias.values, (b, 1, 1, c, kw), dev)?;
         let (kb, vb) = (kf.narrow(2, k0, kw)?, vf.narrow(2, k0, kw)?);
         let (qb, dob) = (stack(q)?, stack(d_out)?);
-
-        // P = exp(S - lse) over the block's key range, [B, Hkv, P c, kw] (0 where hidden).
+        // Raw scaled scores and dP = dO V^T over the block's key range, [B, Hkv, P c, kw].
         let qs = (&qb * f64::from(scale))?;
-        let lse_block = lse.narrow(2, r0, c)?.reshape((b, hkv, p, c, 1))?;
-        let probs = qs
-            .matmul(&kb.t()?)?
-            .reshape((b, hkv, p, c, kw))?
-            .broadcast_add(&bias)?
-            .broadcast_sub(&lse_block)?
-            .exp()?
-            .reshape((b, hkv, p * c, kw))?;
-
+        let scores = qs.matmul(&kb.t()?)?;
         let dp = dob.matmul(&vb.t()?)?;
-        let row_dot = (&probs * &dp)?.sum_keepdim(D::Minus1)?;
-        let ds = (&probs * dp.broadcast_sub(&row_dot)?)?;
+        let (probs, ds) = match &lse_host {
+            Some(lse_host) => {
+                let lse_row = |row: usize| {
+                    // Row ((bb Hkv + kh) P + i) c + r is query head kh P + i, row r0 + r.
+                    let (head_row, r) = (row / c, row % c);
+                    let (bb, head) = (head_row / h, head_row % h);
+                    lse_host[(bb * h + head) * lq + r0 + r]
+                };
+                softmax_grad_cpu(&scores, &dp, &bias, lse_row, (b, hkv, p, c))?
+            }
+            None => {
+                let lse_block = lse.narrow(2, r0, c)?.reshape((b, hkv, p, c, 1))?;
+                let bias = Tensor::from_vec(bias.values, (b, 1, 1, c, kw), dev)?;
+                softmax_grad_ops(&scores, &dp, &bias, &lse_block)?
+            }
+        };
         if wanted[0] {
             let dq_block = (ds.matmul(&kb)? * f64::from(scale))?
                 .reshape((b, h, c, d))?
@@ -122,6 +132,64 @@ pub(crate) fn attention_gradients(
     let dk = if wanted[1] { Some(back(dk, k)?) } else { None };
     let dv = if wanted[2] { Some(back(dv, v)?) } else { None };
     Ok((dq, dk, dv))
+}
+
+/// `(P, dS)` of a block through candle's ops (the CUDA path, and the definition the CPU pass is
+/// tested against): `scores`, `dp` `[B, Hkv, P c, kw]`, `bias` `[B, 1, 1, c, kw]`, `lse_block`
+/// `[B, Hkv, P, c, 1]`.
+pub(crate) fn softmax_grad_ops(
+    scores: &Tensor,
+    dp: &Tensor,
+    bias: &Tensor,
+    lse_block: &Tensor,
+) -> Result<(Tensor, Tensor)> {
+    let (b, hkv, p, c, _) = lse_block.dims5()?;
+    let kw = scores.dim(D::Minus1)?;
+    let probs = scores
+        .reshape((b, hkv, p, c, kw))?
+        .broadcast_add(bias)?
+        .broadcast_sub(lse_block)?
+        .exp()?
+        .reshape((b, hkv, p * c, kw))?;
+    let row_dot = (&probs * dp)?.sum_keepdim(D::Minus1)?;
+    let ds = (&probs * dp.broadcast_sub(&row_dot)?)?;
+    Ok((probs, ds))
+}
+
+/// `(P, dS)` of a block on the CPU: the same as [`softmax_grad_ops`] in one pass per row
+/// ([`crate::cpu::softmax_grad`]). `lse_row(row)` is the LSE of row `row` of the block.
+fn softmax_grad_cpu(
+    scores: &Tensor,
+    dp: &Tensor,
+    bias: &BlockBias,
+    lse_row: impl Fn(usize) -> f32 + Sync,
+    (b, hkv, p, c): (usize, usize, usize, usize),
+) -> Result<(Tensor, Tensor)> {
+    let kw = bias.keys;
+    let (s_storage, s_layout) = scores.storage_and_layout();
+    let (dp_storage, dp_layout) = dp.storage_and_layout();
+    let (Storage::Cpu(CpuStorage::F32(s_all)), Storage::Cpu(CpuStorage::F32(dp_all))) = (&*s_storage, &*dp_storage)
+    else {
+        crate::error::invalid_arg!("internal error: the backward's CPU pass needs f32 CPU scores");
+    };
+    let (Some((s0, s1)), Some((d0, d1))) = (s_layout.contiguous_offsets(), dp_layout.contiguous_offsets()) else {
+        crate::error::invalid_arg!("internal error: the backward's CPU pass needs contiguous scores");
+    };
+    let rows = crate::cpu::softmax_grad::GradRows {
+        keys: kw,
+        // Row ((bb Hkv + kh) P + i) c + r uses the bias of (bb, r).
+        bias_row: |row: usize| {
+            let bb = row / (hkv * p * c);
+            &bias.values[(bb * c + row % c) * kw..][..kw]
+        },
+        lse: lse_row,
+    };
+    let (probs, ds) = rows.run(&s_all[s0..s1], &dp_all[d0..d1]);
+    let dims = (b, hkv, p * c, kw);
+    Ok((
+        Tensor::from_vec(probs, dims, scores.device())?,
+        Tensor::from_vec(ds, dims, scores.device())?,
+    ))
 }
 
 /// Query rows per block for `per_row` score elements per row (B H Lk).
@@ -195,6 +263,44 @@ mod tests {
         assert_eq!(block_rows(1), MAX_BLOCK_ROWS);
         assert_eq!(block_rows(usize::MAX / 2), MIN_BLOCK_ROWS);
         assert_eq!(block_rows(SCORE_BLOCK_ELEMENTS / 100), 100);
+    }
+
+    /// The CPU pass equals candle's ops on a block with hidden keys, a row that sees nothing
+    /// (+inf LSE) and GQA rows sharing bias rows.
+    #[test]
+    fn cpu_pass_matches_ops() -> Result<()> {
+        let dev = Device::Cpu;
+        let (b, hkv, p, c, kw) = (2, 2, 3, 5, 37);
+        let n = b * hkv * p * c * kw;
+        let wave = |k: usize, f: f32| (0..k).map(|x| ((x as f32) * f).sin()).collect::<Vec<f32>>();
+        let scores = Tensor::from_vec(wave(n, 0.37), (b, hkv, p * c, kw), &dev)?;
+        let dp = Tensor::from_vec(wave(n, 0.11), (b, hkv, p * c, kw), &dev)?;
+        let mut bias_values = vec![0f32; b * c * kw];
+        for (x, v) in bias_values.iter_mut().enumerate() {
+            if x % 3 == 0 || (x / kw) % c == 2 {
+                *v = f32::NEG_INFINITY; // hidden keys; row 2 of every block sees nothing
+            }
+        }
+        let mut lse = wave(b * hkv * p * c, 0.7);
+        for (row, l) in lse.iter_mut().enumerate() {
+            *l = if row % c == 2 { f32::INFINITY } else { *l + 1.5 };
+        }
+        let lse_block = Tensor::from_vec(lse.clone(), (b, hkv, p, c, 1), &dev)?;
+        let bias = BlockBias {
+            values: bias_values.clone(),
+            first_key: 0,
+            keys: kw,
+        };
+        let (p_cpu, ds_cpu) = softmax_grad_cpu(&scores, &dp, &bias, |row| lse[row], (b, hkv, p, c))?;
+        let bias_t = Tensor::from_vec(bias_values, (b, 1, 1, c, kw), &dev)?;
+        let (p_ops, ds_ops) = softmax_grad_ops(&scores, &dp, &bias_t, &lse_block)?;
+        for (x, y) in [(p_cpu, p_ops), (ds_cpu, ds_ops)] {
+            let (x, y) = (x.flatten_all()?.to_vec1::<f32>()?, y.flatten_all()?.to_vec1::<f32>()?);
+            for (i, (a, b)) in x.iter().zip(&y).enumerate() {
+                assert!((a - b).abs() <= 1e-6 + 1e-5 * b.abs(), "element {i}: {a} vs {b}");
+            }
+        }
+        Ok(())
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //! pair of segments ([`SegmentMask`]); it costs O(L) memory, never `L x L`.
 //!
 //! - [`segment_attention`] / [`SegmentAttention`]: the fused attention (CPU now; CUDA kernels in
-//!   `kernels/`).
+//!   `kernels/`), differentiable through candle's autograd (gradients for training).
 //! - [`segment_scores`] / [`SegmentAttention::return_segment_mass`]: the per-segment attention
 //!   mass `[B, H, Lq, Sk]` (how much attention each query pays to each key segment; PINE's
 //!   importance scores), standalone (no V) or fused into the attention's pass; options in

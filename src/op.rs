@@ -225,6 +225,25 @@ impl<'a> SegmentAttention<'a> {
 
 /// Segment-masked attention with the default scale: `[B, Lq, H, D]` in the dtype of q.
 /// See [`SegmentAttention`] for shapes and options.
+///
+/// Differentiable: when q, k or v track gradients, candle's backward pass gives dq, dk and dv
+/// (FlashAttention-2's backward equations, blocks of query rows, O(rows x Lk) memory; the LSE
+/// and segment-mass outputs of [`SegmentAttention`] carry no gradient).
+///
+/// ```
+/// use candle_core::{Device, Tensor, Var};
+/// use segattn::{segment_attention, SegmentMask};
+/// let dev = Device::Cpu;
+/// let q = Var::from_tensor(&Tensor::randn(0f32, 1.0, (1, 96, 4, 32), &dev)?)?;
+/// let k = Tensor::randn(0f32, 1.0, (1, 96, 2, 32), &dev)?;
+/// let v = Tensor::randn(0f32, 1.0, (1, 96, 2, 32), &dev)?;
+/// let mask = SegmentMask::documents(&[&[40, 56]], &dev)?; // two packed documents
+/// let out = segment_attention(q.as_tensor(), &k, &v, &mask)?;
+/// let grads = out.sqr()?.sum_all()?.backward()?;
+/// assert_eq!(grads.get(q.as_tensor()).unwrap().dims(), &[1, 96, 4, 32]);
+/// assert!(grads.get(&k).is_none()); // only variables get a gradient
+/// # Ok::<(), candle_core::Error>(())
+/// ```
 pub fn segment_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &SegmentMask) -> Result<Tensor> {
     Ok(SegmentAttention::new(mask).forward(q, k, v)?.out)
 }

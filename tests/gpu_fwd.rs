@@ -561,10 +561,11 @@ fn errors_name_the_argument() -> Result<()> {
 fn gradients_match_reference() -> Result<()> {
     let Some(dev) = gpu() else { return Ok(()) };
     let mut rng = Rng::new(77);
-    for case in 0..cases(40) as usize {
+    // At most 24 cases: the f64 reference backward runs on the host.
+    for case in 0..cases(24).min(24) as usize {
         let kind = case % MASK_KINDS.len();
         let dtype = if case % 2 == 0 { DType::BF16 } else { DType::F16 };
-        let (b, lk) = (1 + rng.below(2), 1 + rng.below(400));
+        let (b, lk) = (1 + rng.below(2), 1 + rng.below(300));
         let lq = if rng.below(2) == 0 { lk } else { 1 + rng.below(lk) };
         let (h, hkv) = HEADS[rng.below(HEADS.len())];
         let d = if rng.below(2) == 0 { 64 } else { 128 };

@@ -16,6 +16,7 @@ mod pv_rows;
 pub(crate) mod rotary;
 pub(crate) mod segment;
 mod simd;
+pub(crate) mod softmax_grad;
 mod tile;
 
 use candle_core::{Layout, Result};

@@ -1,0 +1,70 @@
+//! The elementwise middle of the attention backward on the CPU, one pass per row: from the raw
+//! scaled scores `S` and `dP = dO V^T` of a block of rows, the probabilities and the score
+//! gradient
+//!
+//! ```text
+//! P = exp(S + bias - lse)      dS = P (dP - sum_j P_j dP_j)
+//! ```
+//!
+//! where candle's ops would take seven passes over the block and allocate at each. The
+//! reference form is `crate::backward::softmax_grad_ops`, which the CUDA path runs.
+
+use rayon::prelude::*;
+
+use super::exp2::exp2;
+
+/// A block of rows of the backward: row `r` of `s` / `dp` (each `[rows, keys]`, row-major) uses
+/// bias row `bias_row(r)` (`[keys]`, 0 visible, `-inf` hidden) and log-sum-exp `lse(r)` (`+inf`
+/// for a row that sees no key).
+pub(crate) struct GradRows<'a, B: Fn(usize) -> &'a [f32] + Sync, L: Fn(usize) -> f32 + Sync> {
+    pub keys: usize,
+    pub bias_row: B,
+    pub lse: L,
+}
+
+impl<'a, B: Fn(usize) -> &'a [f32] + Sync, L: Fn(usize) -> f32 + Sync> GradRows<'a, B, L> {
+    /// `(P, dS)`, each `[rows, keys]` like `s` and `dp`.
+    pub fn run(&self, s: &[f32], dp: &[f32]) -> (Vec<f32>, Vec<f32>) {
+        let n = self.keys;
+        let mut probs = vec![0f32; s.len()];
+        let mut ds = vec![0f32; s.len()];
+        if n == 0 {
+            return (probs, ds);
+        }
+        // Rows in parallel, a few at a time (a row is at most a few KB).
+        const ROWS_PER_TASK: usize = 8;
+        probs
+            .par_chunks_mut(n * ROWS_PER_TASK)
+            .zip(ds.par_chunks_mut(n * ROWS_PER_TASK))
+            .enumerate()
+            .for_each(|(task, (p_rows, ds_rows))| {
+                for (k, (p, g)) in p_rows.chunks_exact_mut(n).zip(ds_rows.chunks_exact_mut(n)).enumerate() {
+                    let r = task * ROWS_PER_TASK + k;
+                    self.row(&s[r * n..][..n], &dp[r * n..][..n], r, p, g);
+                }
+            });
+        (probs, ds)
+    }
+
+    fn row(&self, s: &[f32], dp: &[f32], r: usize, p: &mut [f32], ds: &mut [f32]) {
+        let bias = (self.bias_row)(r);
+        let lse = (self.lse)(r);
+        for ((p, &s), &b) in p.iter_mut().zip(s).zip(bias) {
+            // exp(x) = 2^(x log2 e); -inf (hidden, or a row that sees nothing) gives 0.
+            *p = exp2((s + b - lse) * std::f32::consts::LOG2_E);
+        }
+        // Eight partial sums, so that the loop vectorises.
+        let mut part = [0f32; 8];
+        let (p8, g8) = (p.chunks_exact(8), dp.chunks_exact(8));
+        let tail: f32 = p8.remainder().iter().zip(g8.remainder()).map(|(p, g)| p * g).sum();
+        for (p, g) in p8.zip(g8) {
+            for l in 0..8 {
+                part[l] += p[l] * g[l];
+            }
+        }
+        let row_dot = part.iter().sum::<f32>() + tail;
+        for ((ds, &p), &g) in ds.iter_mut().zip(p.iter()).zip(dp) {
+            *ds = p * (g - row_dot);
+        }
+    }
+}
