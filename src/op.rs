@@ -195,6 +195,7 @@ impl<'a> SegmentAttention<'a> {
                 let tracked: Arc<Box<dyn CustomOp3 + Send + Sync>> = Arc::new(Box::new(TrackedAttention {
                     op: Arc::clone(&op),
                     lse: Arc::clone(&saved_lse),
+                    mask: self.mask.clone(),
                 }));
                 let out = q.apply_op3_arc(k, v, tracked)?;
                 let Some(lse) = op.take_lse()?.map(lse_of) else {
@@ -255,6 +256,8 @@ pub fn segment_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &SegmentMask)
 struct TrackedAttention {
     op: Arc<AttentionOp<'static>>,
     lse: Arc<OnceLock<Tensor>>,
+    /// The mask (a clone: its tensors are shared), for the backward's bias on the device.
+    mask: SegmentMask,
 }
 
 impl CustomOp3 for TrackedAttention {
@@ -301,7 +304,15 @@ impl CustomOp3 for TrackedAttention {
         };
         // Only the inputs that track gradients get one (candle would store the others too).
         let wanted = [q.track_op(), k.track_op(), v.track_op()];
-        crate::backward::attention_gradients((q, k, v), d_out, lse, op.shape, &op.host_mask, op.scale, wanted)
+        crate::backward::attention_gradients(
+            (q, k, v),
+            d_out,
+            lse,
+            op.shape,
+            (&self.mask, &op.host_mask),
+            op.scale,
+            wanted,
+        )
     }
 }
 

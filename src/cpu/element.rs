@@ -73,9 +73,9 @@ pub(crate) fn widen8_available() -> bool {
 /// tested here too. Read once per process.
 pub(crate) const PORTABLE_ENV: &str = "SEGATTN_CPU_PORTABLE";
 
-/// Whether [`PORTABLE_ENV`] is set to `1`.
-#[cfg(target_arch = "x86_64")]
-fn portable_only() -> bool {
+/// Whether [`PORTABLE_ENV`] is set to `1`. The attention's backward also takes its
+/// device-generic path on the CPU then (`crate::backward`).
+pub(crate) fn portable_only() -> bool {
     static PORTABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *PORTABLE.get_or_init(|| std::env::var(PORTABLE_ENV).is_ok_and(|v| v == "1"))
 }

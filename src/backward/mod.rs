@@ -21,7 +21,11 @@
 
 use candle_core::{CpuStorage, DType, Result, Storage, Tensor, D};
 
-use crate::mask::HostMask;
+mod bias;
+
+use bias::BlockKeys;
+
+use crate::mask::{HostMask, SegmentMask};
 use crate::validate::AttentionShape;
 
 /// Elements of one f32 score block `[B, H, rows, keys]` the block size aims at (32 MB; about
@@ -42,7 +46,7 @@ pub(crate) fn attention_gradients(
     d_out: &Tensor,
     lse: &Tensor,
     shape: AttentionShape,
-    host: &HostMask,
+    (mask, host): (&SegmentMask, &HostMask),
     scale: f32,
     wanted: [bool; 3],
 ) -> Result<Gradients> {
@@ -59,34 +63,36 @@ pub(crate) fn attention_gradients(
     // [B, Hkv, Lk, D] f32.
     let heads_first = |t: &Tensor| t.to_dtype(DType::F32)?.transpose(1, 2)?.contiguous();
     let (kf, vf) = (heads_first(k)?, heads_first(v)?);
-    let mut dk = Tensor::zeros((b, hkv, lk, d), DType::F32, dev)?;
-    let mut dv = Tensor::zeros((b, hkv, lk, d), DType::F32, dev)?;
     // The forward's LSE `[B, H, Lq]`, with +inf for rows that see no key (P = exp(-inf) = 0
     // there, where -inf would give exp(NaN)).
     let lse = lse.to_dtype(DType::F32)?;
     let lse = lse
         .eq(f32::NEG_INFINITY)?
         .where_cond(&Tensor::full(f32::INFINITY, lse.shape(), dev)?, &lse)?;
-    // On the CPU the elementwise middle runs as one pass per row over the LSE's host copy.
-    let lse_host = if dev.is_cpu() {
+    // On the CPU the elementwise middle runs as one pass per row over the LSE's host copy
+    // (unless SEGATTN_CPU_PORTABLE=1 asks for the device-generic path, the one CUDA runs).
+    let lse_host = if dev.is_cpu() && !crate::cpu::portable_requested() {
         Some(lse.flatten_all()?.to_vec1::<f32>()?)
     } else {
         None
     };
+    let cpu_pass = lse_host.is_some();
+    let mut dk = KeyGradient::new(cpu_pass, (b, hkv, lk, d), dev)?;
+    let mut dv = KeyGradient::new(cpu_pass, (b, hkv, lk, d), dev)?;
     let mut dq_blocks = Vec::new();
     let rows = block_rows(b * h * lk.max(1)).min(lq.max(1));
     for r0 in (0..lq).step_by(rows) {
         let c = rows.min(lq - r0);
         // [B, c, H, D] -> [B, H, c, D] -> [B, Hkv, P c, D]: query head kh P + i is rows i c.. of kh.
         let stack = |t: &Tensor| heads_first(&t.narrow(1, r0, c)?)?.reshape((b, hkv, p * c, d));
-        let Some(bias) = BlockBias::new(host, b, r0, c, lk) else {
+        let Some(keys) = BlockKeys::of(host, b, r0, c, lk) else {
             // No row of the block sees a key: zero gradients for it, nothing added to dK, dV.
             if wanted[0] {
                 dq_blocks.push(Tensor::zeros((b, c, h, d), DType::F32, dev)?);
             }
             continue;
         };
-        let (k0, kw) = (bias.first_key, bias.keys);
+        let (k0, kw) = (keys.first, keys.count);
         let (kb, vb) = (kf.narrow(2, k0, kw)?, vf.narrow(2, k0, kw)?);
         let (qb, dob) = (stack(q)?, stack(d_out)?);
         // Raw scaled scores and dP = dO V^T over the block's key range, [B, Hkv, P c, kw].
@@ -101,12 +107,12 @@ pub(crate) fn attention_gradients(
                     let (bb, head) = (head_row / h, head_row % h);
                     lse_host[(bb * h + head) * lq + r0 + r]
                 };
+                let bias = keys.host_bias(host, b);
                 softmax_grad_cpu(&scores, &dp, &bias, lse_row, (b, hkv, p, c))?
             }
             None => {
                 let lse_block = lse.narrow(2, r0, c)?.reshape((b, hkv, p, c, 1))?;
-                let bias = Tensor::from_vec(bias.values, (b, 1, 1, c, kw), dev)?;
-                softmax_grad_ops(&scores, &dp, &bias, &lse_block)?
+                softmax_grad_ops(&scores, &dp, &keys.bias(mask, host, b, dev)?, &lse_block)?
             }
         };
         if wanted[0] {
@@ -115,12 +121,11 @@ pub(crate) fn attention_gradients(
                 .transpose(1, 2)?;
             dq_blocks.push(dq_block);
         }
-        let pad = |t: Tensor| t.pad_with_zeros(2, k0, lk - k0 - kw);
         if wanted[1] {
-            dk = (dk + pad(ds.t()?.matmul(&qs)?)?)?;
+            dk.add(&ds.t()?.matmul(&qs)?, k0)?;
         }
         if wanted[2] {
-            dv = (dv + pad(probs.t()?.matmul(&dob)?)?)?;
+            dv.add(&probs.t()?.matmul(&dob)?, k0)?;
         }
     }
     let dq = match (wanted[0], dq_blocks.is_empty()) {
@@ -129,8 +134,16 @@ pub(crate) fn attention_gradients(
         (true, false) => Some(Tensor::cat(&dq_blocks, 1)?.to_dtype(q.dtype())?.contiguous()?),
     };
     let back = |t: Tensor, like: &Tensor| t.transpose(1, 2)?.to_dtype(like.dtype())?.contiguous();
-    let dk = if wanted[1] { Some(back(dk, k)?) } else { None };
-    let dv = if wanted[2] { Some(back(dv, v)?) } else { None };
+    let dk = if wanted[1] {
+        Some(back(dk.into_tensor()?, k)?)
+    } else {
+        None
+    };
+    let dv = if wanted[2] {
+        Some(back(dv.into_tensor()?, v)?)
+    } else {
+        None
+    };
     Ok((dq, dk, dv))
 }
 
@@ -157,34 +170,26 @@ pub(crate) fn softmax_grad_ops(
 }
 
 /// `(P, dS)` of a block on the CPU: the same as [`softmax_grad_ops`] in one pass per row
-/// ([`crate::cpu::softmax_grad`]). `lse_row(row)` is the LSE of row `row` of the block.
+/// ([`crate::cpu::softmax_grad`]). `bias` is the block's host bias `[B, c, kw]`, `lse_row(row)`
+/// the LSE of row `row` of the block.
 fn softmax_grad_cpu(
     scores: &Tensor,
     dp: &Tensor,
-    bias: &BlockBias,
+    bias: &[f32],
     lse_row: impl Fn(usize) -> f32 + Sync,
     (b, hkv, p, c): (usize, usize, usize, usize),
 ) -> Result<(Tensor, Tensor)> {
-    let kw = bias.keys;
-    let (s_storage, s_layout) = scores.storage_and_layout();
-    let (dp_storage, dp_layout) = dp.storage_and_layout();
-    let (Storage::Cpu(CpuStorage::F32(s_all)), Storage::Cpu(CpuStorage::F32(dp_all))) = (&*s_storage, &*dp_storage)
-    else {
-        crate::error::invalid_arg!("internal error: the backward's CPU pass needs f32 CPU scores");
-    };
-    let (Some((s0, s1)), Some((d0, d1))) = (s_layout.contiguous_offsets(), dp_layout.contiguous_offsets()) else {
-        crate::error::invalid_arg!("internal error: the backward's CPU pass needs contiguous scores");
-    };
+    let kw = scores.dim(D::Minus1)?;
     let rows = crate::cpu::softmax_grad::GradRows {
         keys: kw,
         // Row ((bb Hkv + kh) P + i) c + r uses the bias of (bb, r).
         bias_row: |row: usize| {
             let bb = row / (hkv * p * c);
-            &bias.values[(bb * c + row % c) * kw..][..kw]
+            &bias[(bb * c + row % c) * kw..][..kw]
         },
         lse: lse_row,
     };
-    let (probs, ds) = rows.run(&s_all[s0..s1], &dp_all[d0..d1]);
+    let (probs, ds) = with_cpu_f32(scores, |s| with_cpu_f32(dp, |dp| rows.run(s, dp)))??;
     let dims = (b, hkv, p * c, kw);
     Ok((
         Tensor::from_vec(probs, dims, scores.device())?,
@@ -192,64 +197,73 @@ fn softmax_grad_cpu(
     ))
 }
 
+/// Calls `f` on the elements of `t`, an f32 tensor on the CPU, in place (no copy).
+fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let (Storage::Cpu(CpuStorage::F32(all)), Some((start, end))) = (&*storage, layout.contiguous_offsets()) else {
+        crate::error::invalid_arg!("internal error: the backward's CPU pass needs contiguous f32 CPU tensors");
+    };
+    Ok(f(&all[start..end]))
+}
+
+/// dK or dV `[B, Hkv, Lk, D]` f32, the sum of the blocks' contributions, each over its own key
+/// range: added in place on the host for the CPU pass; on a device, padded to every key and added.
+enum KeyGradient {
+    Host {
+        sum: Vec<f32>,
+        dims: (usize, usize, usize, usize),
+    },
+    Device(Tensor),
+}
+
+impl KeyGradient {
+    fn new(on_host: bool, dims: (usize, usize, usize, usize), dev: &candle_core::Device) -> Result<Self> {
+        Ok(if on_host {
+            Self::Host {
+                sum: vec![0f32; dims.0 * dims.1 * dims.2 * dims.3],
+                dims,
+            }
+        } else {
+            Self::Device(Tensor::zeros(dims, DType::F32, dev)?)
+        })
+    }
+
+    /// Adds `block` `[B, Hkv, kw, D]`, the gradient of keys `k0..k0 + kw`.
+    fn add(&mut self, block: &Tensor, k0: usize) -> Result<()> {
+        match self {
+            Self::Host {
+                sum,
+                dims: (_, _, lk, d),
+            } => {
+                let (lk, d) = (*lk, *d);
+                let kw = block.dim(2)?;
+                with_cpu_f32(block, |block| {
+                    // Per (b, kh): rows k0.. of the sum, kw D contiguous elements.
+                    for (head, part) in block.chunks_exact(kw * d).enumerate() {
+                        let at = (head * lk + k0) * d;
+                        sum[at..at + kw * d].iter_mut().zip(part).for_each(|(s, x)| *s += x);
+                    }
+                })
+            }
+            Self::Device(sum) => {
+                let (lk, kw) = (sum.dim(2)?, block.dim(2)?);
+                *sum = (&*sum + block.pad_with_zeros(2, k0, lk - k0 - kw)?)?;
+                Ok(())
+            }
+        }
+    }
+
+    fn into_tensor(self) -> Result<Tensor> {
+        match self {
+            Self::Host { sum, dims } => Tensor::from_vec(sum, dims, &candle_core::Device::Cpu),
+            Self::Device(sum) => Ok(sum),
+        }
+    }
+}
+
 /// Query rows per block for `per_row` score elements per row (B H Lk).
 fn block_rows(per_row: usize) -> usize {
     (SCORE_BLOCK_ELEMENTS / per_row).clamp(MIN_BLOCK_ROWS, MAX_BLOCK_ROWS)
-}
-
-/// The additive mask of a block of query rows over the keys they can see: 0 where visible,
-/// `-inf` where hidden, `[B, rows, keys]` for keys `first_key..first_key + keys`.
-struct BlockBias {
-    values: Vec<f32>,
-    first_key: usize,
-    keys: usize,
-}
-
-impl BlockBias {
-    /// The bias of rows `r0..r0 + rows` over every key, cut to the visible key range of the
-    /// block; `None` when no row of the block sees any key. O(rows x Lk) on the host, from the
-    /// mask's spans (a rule lookup per span, not per element).
-    fn new(host: &HostMask, batch: usize, r0: usize, rows: usize, kv_len: usize) -> Option<Self> {
-        let mut full = vec![f32::NEG_INFINITY; batch * rows * kv_len];
-        let (mut lo, mut hi) = (kv_len, 0);
-        for b in 0..batch {
-            let (q_row, kv_row, table) = (host.q.row(b), host.kv.row(b), host.rule.table_row(b));
-            for r in 0..rows {
-                let i = r0 + r;
-                let pos = i as i64 + host.pos_offset;
-                let out = &mut full[(b * rows + r) * kv_len..][..kv_len];
-                kv_row.for_each_span(0, kv_len, |id, start, end| {
-                    let stop = match host.rule.lookup(table, q_row.ids[i], id) {
-                        crate::Visibility::Blocked => start,
-                        crate::Visibility::Full => end,
-                        // Keys j <= pos of the span.
-                        crate::Visibility::Causal => (pos + 1).clamp(start as i64, end as i64) as usize,
-                    };
-                    if stop > start {
-                        out[start..stop].fill(0.0);
-                        lo = lo.min(start);
-                        hi = hi.max(stop);
-                    }
-                });
-            }
-        }
-        if hi <= lo {
-            return None;
-        }
-        let keys = hi - lo;
-        let values = if keys == kv_len {
-            full
-        } else {
-            full.chunks_exact(kv_len)
-                .flat_map(|row| row[lo..hi].iter().copied())
-                .collect()
-        };
-        Some(Self {
-            values,
-            first_key: lo,
-            keys,
-        })
-    }
 }
 
 #[cfg(test)]
@@ -286,12 +300,7 @@ mod tests {
             *l = if row % c == 2 { f32::INFINITY } else { *l + 1.5 };
         }
         let lse_block = Tensor::from_vec(lse.clone(), (b, hkv, p, c, 1), &dev)?;
-        let bias = BlockBias {
-            values: bias_values.clone(),
-            first_key: 0,
-            keys: kw,
-        };
-        let (p_cpu, ds_cpu) = softmax_grad_cpu(&scores, &dp, &bias, |row| lse[row], (b, hkv, p, c))?;
+        let (p_cpu, ds_cpu) = softmax_grad_cpu(&scores, &dp, &bias_values, |row| lse[row], (b, hkv, p, c))?;
         let bias_t = Tensor::from_vec(bias_values, (b, 1, 1, c, kw), &dev)?;
         let (p_ops, ds_ops) = softmax_grad_ops(&scores, &dp, &bias_t, &lse_block)?;
         for (x, y) in [(p_cpu, p_ops), (ds_cpu, ds_ops)] {
@@ -300,25 +309,6 @@ mod tests {
                 assert!((a - b).abs() <= 1e-6 + 1e-5 * b.abs(), "element {i}: {a} vs {b}");
             }
         }
-        Ok(())
-    }
-
-    #[test]
-    fn block_bias_cuts_to_the_visible_keys() -> Result<()> {
-        let dev = Device::Cpu;
-        // Two documents of 3 and 4 tokens: rows 3..5 see keys 3..=4 at most.
-        let mask = crate::SegmentMask::documents(&[&[3, 4]], &dev)?;
-        let host = mask.host_metadata(1, 7, 7)?;
-        let bias = BlockBias::new(&host, 1, 3, 2, 7).expect("visible keys");
-        assert_eq!((bias.first_key, bias.keys), (3, 2));
-        assert_eq!(bias.values, vec![0.0, f32::NEG_INFINITY, 0.0, 0.0]);
-        // A rule that hides everything: no block.
-        let blocked = crate::SegmentMask::new(
-            mask.q_segments(),
-            mask.kv_segments(),
-            crate::PairRule::new(crate::Visibility::Blocked, crate::Visibility::Blocked),
-        )?;
-        assert!(BlockBias::new(&blocked.host_metadata(1, 7, 7)?, 1, 0, 7, 7).is_none());
         Ok(())
     }
 }
