@@ -13,13 +13,15 @@
 //!
 //! ```text
 //! gpu_bench [--smoke] [--reps N] [--warmup N] [--filter SUBSTR] [--json FILE] [--list]
-//!           [--export-masks FILE] [--pine] [--pine-decode-trace] [--mass] [--cpu]
+//!           [--export-masks FILE] [--pine] [--pine-decode-trace] [--mass] [--backward] [--cpu]
 //! ```
 //! `--pine`: instead, one PINE layer at Llama-3-8B shapes (examples/support/gpu_pine.rs).
 //! `--pine-decode-trace`: only PINE decode steps of the RAG prompt, 64 layer calls in a row after
 //! warm-up, for a timeline (`nsys profile`: the suite's profile half).
 //! `--mass`: instead, the per-segment mass, fused and standalone, against the attention alone
-//! (examples/support/gpu_mass.rs). With `--smoke` these run scaled-down shapes; with `--cpu` they
+//! (examples/support/gpu_mass.rs). `--backward`: instead, a training step's attention, forward
+//! and backward through candle's autograd (examples/support/gpu_backward.rs). With `--smoke` these
+//! run scaled-down shapes; with `--cpu` they
 //! run on the CPU (a dry run of their code paths where there is no GPU: the times mean nothing;
 //! scripts/gpu-suite.sh does it before packing).
 //! `--list` prints the shapes; `--export-masks FILE` writes every mask (segment ids, rules, visible
@@ -34,6 +36,8 @@ use candle_core::{DType, Device, Result, Tensor};
 use segattn::cuda::PreparedForward;
 use segattn::{PineLayout, SegmentAttention, SegmentMask, Visibility};
 
+#[path = "support/gpu_backward.rs"]
+mod gpu_backward;
 #[path = "support/gpu_mass.rs"]
 mod gpu_mass;
 #[path = "support/gpu_pine.rs"]
@@ -57,6 +61,7 @@ struct Args {
     pine: bool,
     pine_decode_trace: bool,
     mass: bool,
+    backward: bool,
     cpu: bool,
 }
 
@@ -72,6 +77,7 @@ fn parse_args() -> std::result::Result<Args, String> {
         pine: false,
         pine_decode_trace: false,
         mass: false,
+        backward: false,
         cpu: false,
     };
     let mut it = std::env::args().skip(1);
@@ -83,6 +89,7 @@ fn parse_args() -> std::result::Result<Args, String> {
             "--pine" => a.pine = true,
             "--pine-decode-trace" => a.pine_decode_trace = true,
             "--mass" => a.mass = true,
+            "--backward" => a.backward = true,
             "--cpu" => a.cpu = true,
             "--reps" => a.reps = value("--reps")?.parse().map_err(|e| format!("--reps: {e}"))?,
             "--warmup" => a.warmup = value("--warmup")?.parse().map_err(|e| format!("--warmup: {e}"))?,
@@ -92,7 +99,7 @@ fn parse_args() -> std::result::Result<Args, String> {
             "-h" | "--help" => {
                 return Err(
                     "usage: gpu_bench [--smoke] [--reps N] [--warmup N] [--filter SUBSTR] [--json FILE] \
-                     [--list] [--export-masks FILE] [--pine] [--pine-decode-trace] [--mass] [--cpu]"
+                     [--list] [--export-masks FILE] [--pine] [--pine-decode-trace] [--mass] [--backward] [--cpu]"
                         .into(),
                 )
             }
@@ -105,8 +112,10 @@ fn parse_args() -> std::result::Result<Args, String> {
     if a.reps == 0 {
         return Err("--reps 0: at least one repetition".into());
     }
-    if a.cpu && !(a.pine || a.mass || a.pine_decode_trace) {
-        return Err("--cpu: only with --pine, --mass or --pine-decode-trace (a dry run of their code paths)".into());
+    if a.cpu && !(a.pine || a.mass || a.pine_decode_trace || a.backward) {
+        return Err(
+            "--cpu: only with --pine, --mass, --pine-decode-trace or --backward (a dry run of their code paths)".into(),
+        );
     }
     Ok(a)
 }
@@ -450,6 +459,10 @@ fn main() -> Result<()> {
     }
     if args.pine {
         println!("{}", gpu_pine::run(&dev, args.reps, args.warmup, args.smoke)?);
+        return Ok(());
+    }
+    if args.backward {
+        println!("{}", gpu_backward::run(&dev, args.reps, args.warmup, args.smoke)?);
         return Ok(());
     }
     if args.mass {

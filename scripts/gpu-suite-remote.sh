@@ -24,7 +24,8 @@
 # sanitizer.log, segattn.jsonl, narrow.txt (the 64-row kernel for every mask, on gpu_bench's
 # shapes), wide.txt (the wide kernel for every mask, L 8k D 128), wide32.txt (the same with 32-key
 # tiles at D 128), pine.md,
-# mass.md, mass-b3.md and pine-b3.md (the mass kernel with three blocks per SM), (with baselines
+# mass.md, mass-b3.md and pine-b3.md (the mass kernel with three blocks per SM), backward.md (the
+# attention's backward pass: gpu_bench --backward), (with baselines
 # in the pack, for each revision REV: baseline-REV.txt, baseline-REV-pine.md,
 # baseline-REV-mass.md; and ours-again.txt, the target shapes once more after them), peers.jsonl,
 # RESULTS.md (the table, with card, driver, date and commit: copy it to bench/RESULTS.md). Each
@@ -275,6 +276,11 @@ if [ "$PHASE" = bench ] || [ "$PHASE" = all ]; then
   SEGATTN_SCORES_BLOCKS=3 budgeted 100000 20 "$WORK/gpu_bench" --mass 2>&1 | tee "$OUTDIR/mass-b3.md"
   SEGATTN_SCORES_BLOCKS=3 budgeted 100000 20 "$WORK/gpu_bench" --pine 2>&1 | tee "$OUTDIR/pine-b3.md"
   note "- (3) SEGATTN_SCORES_BLOCKS=3 gpu_bench --mass / --pine: mass-b3.md, pine-b3.md"
+
+  log "(3) the attention's backward pass (gpu_bench --backward)"
+  t=$SECONDS
+  budgeted 100000 20 "$WORK/gpu_bench" --backward 2>&1 | tee "$OUTDIR/backward.md"
+  note "- (3) gpu_bench --backward: exit ${PIPESTATUS[0]}, $((SECONDS - t)) s"
   fi
 
   log "(3) peers (torch)"

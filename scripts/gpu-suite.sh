@@ -4,7 +4,7 @@
 # them into .gpu-suite/ (ignored through .git/info/exclude, so it travels only when carried), and
 # prints how to run the suite on a GPU machine:
 #
-#   scripts/gpu-suite.sh            # build, dry-run the GPU tests and gpu_bench --pine / --mass
+#   scripts/gpu-suite.sh            # build, dry-run the GPU tests and gpu_bench --pine / --mass / --backward
 #                                   # on the CPU, pack, then print the `run` invocations
 #   scripts/gpu-suite.sh --check    # also start both binaries here against the link stubs
 #                                   # (no GPU: the tests skip, the benchmark exports its masks)
@@ -113,7 +113,7 @@ for pair in "${bins[@]}"; do
   fi
   log "$name dry run on the CPU: $(grep -E '^test result' "$msgs.dry" | tail -1)"
 done
-for mode in --pine --mass --pine-decode-trace; do
+for mode in --pine --mass --pine-decode-trace --backward; do
   if ! LD_LIBRARY_PATH="$SEGATTN_CUDA_STUBS" "$BENCH_BIN" "$mode" --cpu --smoke --reps 1 --warmup 0 >"$msgs.dry" 2>&1; then
     cat "$msgs.dry" >&2
     log "error: gpu_bench $mode failed its dry run on the CPU"
