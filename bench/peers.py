@@ -26,6 +26,12 @@ only, as for segattn).
 Runs on CPU torch too (--smoke: tiny shapes; flash / cuDNN are then unavailable). --check
 checks that the translated mask sees exactly segattn's visible pairs and compares flex and
 sdpa_math outputs on every shape where both ran.
+
+--backward: a training step instead (forward, then torch.autograd.grad of the output against a
+fixed random output gradient: dq, dk, dv), on the shapes and masks of `gpu_bench --backward`
+(causal, documents8, prefix_lm; L 2k and 8k, H 16 / 16, D 128; sdpa_math left out). TFLOP/s
+then count 3.5x the forward's (the backward's five products against the forward's two, as
+FlashAttention reports it).
 """
 
 import argparse
@@ -39,6 +45,7 @@ import time
 L2_BYTES = 60 << 20  # when the device does not say (H100 50 MB, H200 60 MB)
 MASKS = ["causal", "full", "documents8", "documents_ragged", "prefix_lm", "pine"]
 IMPLS = ["sdpa_flash", "sdpa_cudnn", "sdpa_math", "flex"]
+BACKWARD_MASKS = ["causal", "documents8", "prefix_lm"]
 
 
 def shapes(smoke):
@@ -66,12 +73,20 @@ def main():
     ap.add_argument("--impls", default=",".join(IMPLS))
     ap.add_argument("--list", action="store_true")
     ap.add_argument("--check", action="store_true")
+    ap.add_argument("--backward", action="store_true", help="time forward + backward (see above)")
     ap.add_argument("--math-mem-frac", type=float, default=0.4,
                     help="skip sdpa_math when its estimated memory exceeds this fraction of free memory")
     a = ap.parse_args()
 
     selected = [(m, s) for s in shapes(a.smoke) for m in MASKS
                 if not a.filter or a.filter in label(m, s)]
+    if a.backward:
+        # The shapes and masks of gpu_bench --backward.
+        lens = (256,) if a.smoke else (2048, 8192)
+        selected = [(m, s) for m, s in selected if m in BACKWARD_MASKS and s["len"] in lens
+                    and s["heads"] == 16 and s["kv_heads"] == 16 and s["head_dim"] == 128]
+        if a.check:
+            ap.error("--check compares forward outputs: not with --backward")
     if a.list:
         for m, s in selected:
             print(label(m, s))
@@ -80,7 +95,7 @@ def main():
         ap.error("--masks FILE is required (gpu_bench --export-masks FILE)")
     if a.reps < 20 and not a.smoke:
         ap.error("--reps: at least 20 repetitions")
-    impls = [i for i in a.impls.split(",") if i]
+    impls = [i for i in a.impls.split(",") if i and not (a.backward and i == "sdpa_math")]
     for i in impls:
         if i not in IMPLS:
             ap.error(f"unknown impl {i}")
@@ -104,7 +119,7 @@ def main():
         except Exception as e:  # noqa: BLE001 - report, do not hide
             print(f"flex_attention unavailable: {e!r}", file=sys.stderr)
 
-    meta = dict(meta=True, torch=torch.__version__, device=str(dev),
+    meta = dict(meta=True, torch=torch.__version__, device=str(dev), backward=a.backward,
                 name=torch.cuda.get_device_name(0) if cuda else "cpu",
                 cuda=torch.version.cuda, date=time.strftime("%Y-%m-%d %H:%M:%S"))
     print(json.dumps(meta))
@@ -149,7 +164,7 @@ def main():
             return 1
         B, L, H, Hkv, D = s["batch"], s["len"], s["heads"], s["kv_heads"], s["head_dim"]
         visible = m["visible_pairs"] * B
-        flops = 4.0 * D * H * visible
+        flops = 4.0 * D * H * visible * (3.5 if a.backward else 1.0)
         ids = torch.tensor(m["ids"], dtype=torch.int32, device=dev)
         # Every mask as the same kind of data (a [S, S] table padded with 3 = "default" to a
         # multiple of 32, intra / inter as tensors), so that torch.compile builds one FlexAttention
@@ -177,7 +192,14 @@ def main():
         nsets = max(2, min(16, math.ceil(4 * l2 / set_bytes)))
         gen = torch.Generator(device=dev).manual_seed(0)
         sets = [tuple(torch.randn(B, h, L, D, device=dev, dtype=torch.bfloat16, generator=gen)
-                      for h in (H, Hkv, Hkv)) for _ in range(nsets)]
+                      .requires_grad_(a.backward) for h in (H, Hkv, Hkv)) for _ in range(nsets)]
+        grad_out = torch.randn(B, H, L, D, device=dev, dtype=torch.bfloat16, generator=gen)
+
+        def timed_step(run):
+            """The forward alone, or with --backward forward + the gradients of q, k, v."""
+            if not a.backward:
+                return timed(run, sets)
+            return timed(lambda q, k, v: torch.autograd.grad(run(q, k, v), (q, k, v), grad_out), sets)
         dense = None
         outputs = {}
 
@@ -225,8 +247,8 @@ def main():
                     def run(q, k, v, backend=backend, kw=kw):
                         with sdpa_kernel(backend):
                             return F.scaled_dot_product_attention(q, k, v, enable_gqa=H != Hkv, **kw)
-                    outputs[impl] = run(*sets[0])
-                    record(impl, timed(run, sets))
+                    outputs[impl] = run(*sets[0]).detach()
+                    record(impl, timed_step(run))
                 elif impl == "sdpa_math":
                     est = B * H * L * L * 4 * 3 + L * L
                     free = torch.cuda.mem_get_info()[0] if cuda else 8 << 30
@@ -239,8 +261,8 @@ def main():
                     def run(q, k, v):
                         with sdpa_kernel(SDPBackend.MATH):
                             return F.scaled_dot_product_attention(q, k, v, attn_mask=dense, enable_gqa=H != Hkv)
-                    outputs[impl] = run(*sets[0])
-                    record(impl, timed(run, sets))
+                    outputs[impl] = run(*sets[0]).detach()
+                    record(impl, timed_step(run))
                 elif impl == "flex":
                     if flex_fn is None:
                         record(impl, status="unavailable")
@@ -264,7 +286,7 @@ def main():
                         return flex_fn(q, k, v, block_mask=bm, enable_gqa=H != Hkv, kernel_options=opts)
                     config = None
                     try:
-                        outputs[impl] = run(*sets[0])
+                        outputs[impl] = run(*sets[0]).detach()
                     except Exception as e:  # noqa: BLE001
                         # Inductor's default tiles for some shapes (D 64 with GQA on an H200) ask for
                         # more shared memory than the card has; its own advice: smaller blocks.
@@ -274,8 +296,8 @@ def main():
                         config = "BLOCK_M 64, BLOCK_N 64, 2 stages (the default tiles exceed shared memory)"
                         torch._dynamo.reset()
                         run = functools.partial(run, opts=opts)
-                        outputs[impl] = run(*sets[0])
-                    record(impl, timed(run, sets), mask_ms=statistics.median(builds), config=config)
+                        outputs[impl] = run(*sets[0]).detach()
+                    record(impl, timed_step(run), mask_ms=statistics.median(builds), config=config)
             except Exception as e:  # noqa: BLE001 - a peer's failure is a result, not a crash
                 msg = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
                 record(impl, status=f"error: {type(e).__name__}: {msg}")

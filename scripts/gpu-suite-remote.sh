@@ -293,6 +293,12 @@ if [ "$PHASE" = bench ] || [ "$PHASE" = all ]; then
   rc=${PIPESTATUS[0]}
   note "- (3) peers.py (filter '${peers_filter}'): exit $rc$([ "$rc" = 124 ] && echo ' (time budget reached: partial)'), $((SECONDS - t)) s"
   [ "$rc" = 0 ] || [ "$rc" = 124 ] || status=1
+  # The peers' training step (SDPA flash / cuDNN, flex: forward + backward) on gpu_bench
+  # --backward's shapes, next to its backward.md.
+  t=$SECONDS
+  PYTHONUNBUFFERED=1 budgeted 100000 20 "$PYTHON" bench/peers.py --backward --masks "$WORK/masks.json" \
+    --json "$OUTDIR/peers-backward.jsonl" "${smoke[@]}" 2>&1 | grep -v '^{' | tee "$OUTDIR/peers-backward.txt"
+  note "- (3) peers.py --backward: exit ${PIPESTATUS[0]}, $((SECONDS - t)) s (peers-backward.txt)"
 
   log "(4) results table (with the results of earlier calls of this pack on this machine)"
   cat "$OUTDIR/segattn.jsonl" >>"$WORK/segattn-all.jsonl" 2>/dev/null
