@@ -304,9 +304,12 @@ impl CustomOp3 for TrackedAttention {
         };
         // Only the inputs that track gradients get one (candle would store the others too).
         let wanted = [q.track_op(), k.track_op(), v.track_op()];
+        // Detached: the gradients are computed from the values alone, so that they carry no op
+        // graph (which would keep every block's intermediates alive as long as they live).
+        let (q, k, v, d_out) = (q.detach(), k.detach(), v.detach(), d_out.detach());
         crate::backward::attention_gradients(
-            (q, k, v),
-            d_out,
+            (&q, &k, &v),
+            &d_out,
             lse,
             op.shape,
             (&self.mask, &op.host_mask),

@@ -136,6 +136,10 @@ fn gradients_reach_only_variables() -> Result<()> {
     let grads = res.out.sum_all()?.backward()?;
     assert!(grads.get(k.as_tensor()).is_some());
     assert!(grads.get(&case.q).is_none() && grads.get(&case.v).is_none());
+    // The gradients are plain values: no op graph hangs off them (none of the backward's blocks).
+    let w = case.q.ones_like()?;
+    let all = autograd_gradients((&case.q, &case.k, &case.v), &case.mask, &w, None)?;
+    assert!(!all.0.track_op() && !all.1.track_op() && !all.2.track_op());
     // Without a variable no backward op is recorded: the plain path.
     let out = segment_attention(&case.q, &case.k, &case.v, &case.mask)?;
     assert!(!out.track_op());
