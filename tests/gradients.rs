@@ -161,7 +161,7 @@ fn packed_documents_equal_separate_runs() -> Result<()> {
         let k = random_tensor(&mut rng, &[1, len, hkv, d], DType::F32)?;
         let v = random_tensor(&mut rng, &[1, len, hkv, d], DType::F32)?;
         let w = random_tensor(&mut rng, &[1, len, h, d], DType::F32)?;
-        let packed = SegmentMask::documents(&[docs.clone()], &dev)?;
+        let packed = SegmentMask::documents(std::slice::from_ref(&docs), &dev)?;
         let (dq, dk, dv) = autograd_gradients((&q, &k, &v), &packed, &w, None)?;
         let mut start = 0;
         for &n in &docs {
