@@ -25,6 +25,70 @@ pub struct ReferenceOutput {
     pub lse: Tensor,
 }
 
+/// One dense reference problem: the shapes, the scale, the mask materialised and the inputs in
+/// f64 (`[B, L, heads, D]` flattened).
+struct Dense {
+    shape: AttentionShape,
+    scale: f64,
+    visible: Vec<bool>,
+    q: Vec<f64>,
+    k: Vec<f64>,
+    v: Vec<f64>,
+}
+
+impl Dense {
+    fn new(q: &Tensor, k: &Tensor, v: &Tensor, mask: &SegmentMask, scale: Option<f64>) -> Result<Self> {
+        let shape = AttentionShape::of(q, k, v)?;
+        Ok(Self {
+            shape,
+            scale: scale.unwrap_or_else(|| default_scale(shape.head_dim)),
+            visible: dense_mask_vec(mask, shape.batch, shape.q_len, shape.kv_len)?,
+            q: to_f64(q)?,
+            k: to_f64(k)?,
+            v: to_f64(v)?,
+        })
+    }
+
+    /// Offset of query row `i` of head `h` in batch row `b` (in q, the output and dq).
+    fn q_at(&self, b: usize, i: usize, h: usize) -> usize {
+        let s = self.shape;
+        ((b * s.q_len + i) * s.num_heads + h) * s.head_dim
+    }
+
+    /// Offset of key `j` of KV head `kh` in batch row `b` (in k, v, dk and dv).
+    fn k_at(&self, b: usize, j: usize, kh: usize) -> usize {
+        let s = self.shape;
+        ((b * s.kv_len + j) * s.num_kv_heads + kh) * s.head_dim
+    }
+
+    /// The softmax of row `i` of head `h` in batch row `b` over its visible keys, written to
+    /// `probs` (`[Lk]`, 0 for hidden keys), and the row's log-sum-exp; `None` (probs untouched)
+    /// when the row sees no key.
+    fn softmax_row(&self, (b, h, i): (usize, usize, usize), probs: &mut [f64]) -> Option<f64> {
+        let s = self.shape;
+        let (d, kh) = (s.head_dim, h / s.group_size());
+        let qi = &self.q[self.q_at(b, i, h)..][..d];
+        let mut max = f64::NEG_INFINITY;
+        for (j, p) in probs.iter_mut().enumerate() {
+            *p = f64::NEG_INFINITY;
+            if self.visible[(b * s.q_len + i) * s.kv_len + j] {
+                *p = self.scale * dot(qi, &self.k[self.k_at(b, j, kh)..][..d]);
+                max = max.max(*p);
+            }
+        }
+        if max == f64::NEG_INFINITY {
+            return None;
+        }
+        let denom: f64 = probs.iter().map(|p| (p - max).exp()).sum();
+        probs.iter_mut().for_each(|p| *p = (*p - max).exp() / denom);
+        Some(max + denom.ln())
+    }
+}
+
+fn dot(x: &[f64], y: &[f64]) -> f64 {
+    x.iter().zip(y).map(|(a, b)| a * b).sum()
+}
+
 /// Exact segment-masked attention. `scale` defaults to `1 / sqrt(D)`.
 pub fn attention(
     q: &Tensor,
@@ -33,7 +97,7 @@ pub fn attention(
     mask: &SegmentMask,
     scale: Option<f64>,
 ) -> Result<ReferenceOutput> {
-    let shape = AttentionShape::of(q, k, v)?;
+    let p = Dense::new(q, k, v, mask, scale)?;
     let AttentionShape {
         batch,
         q_len,
@@ -41,43 +105,24 @@ pub fn attention(
         num_heads,
         head_dim: d,
         ..
-    } = shape;
-    let scale = scale.unwrap_or_else(|| default_scale(d));
-    let visible = dense_mask_vec(mask, batch, q_len, kv_len)?;
-    let q = to_f64(q)?;
-    let k = to_f64(k)?;
-    let v = to_f64(v)?;
-    let hkv = shape.num_kv_heads;
-    let group = shape.group_size();
-
-    let mut out = vec![0f64; batch * q_len * num_heads * d];
+    } = p.shape;
+    let mut out = vec![0f64; p.q.len()];
     let mut lse = vec![f64::NEG_INFINITY; batch * num_heads * q_len];
-    let mut scores = vec![0f64; kv_len];
+    let mut probs = vec![0f64; kv_len];
     for b in 0..batch {
         for h in 0..num_heads {
-            let kh = h / group;
+            let kh = h / p.shape.group_size();
             for i in 0..q_len {
-                let qi = &q[((b * q_len + i) * num_heads + h) * d..][..d];
-                let mut max = f64::NEG_INFINITY;
-                for (j, s) in scores.iter_mut().enumerate() {
-                    *s = f64::NEG_INFINITY;
-                    if visible[(b * q_len + i) * kv_len + j] {
-                        let kj = &k[((b * kv_len + j) * hkv + kh) * d..][..d];
-                        *s = scale * qi.iter().zip(kj).map(|(a, b)| a * b).sum::<f64>();
-                        max = max.max(*s);
-                    }
-                }
-                if max == f64::NEG_INFINITY {
-                    continue; // sees no key: output 0, lse -inf
-                }
-                let denom: f64 = scores.iter().map(|s| (s - max).exp()).sum();
-                lse[(b * num_heads + h) * q_len + i] = max + denom.ln();
-                let o = &mut out[((b * q_len + i) * num_heads + h) * d..][..d];
-                for (j, s) in scores.iter().enumerate() {
-                    let p = (s - max).exp() / denom;
-                    if p > 0.0 {
-                        let vj = &v[((b * kv_len + j) * hkv + kh) * d..][..d];
-                        o.iter_mut().zip(vj).for_each(|(o, v)| *o += p * v);
+                // A row that sees no key: output 0, lse -inf.
+                let Some(row_lse) = p.softmax_row((b, h, i), &mut probs) else {
+                    continue;
+                };
+                lse[(b * num_heads + h) * q_len + i] = row_lse;
+                let o = &mut out[p.q_at(b, i, h)..][..d];
+                for (j, &pj) in probs.iter().enumerate() {
+                    if pj > 0.0 {
+                        let vj = &p.v[p.k_at(b, j, kh)..][..d];
+                        o.iter_mut().zip(vj).for_each(|(o, v)| *o += pj * v);
                     }
                 }
             }
@@ -113,67 +158,46 @@ pub fn attention_backward(
     mask: &SegmentMask,
     scale: Option<f64>,
 ) -> Result<ReferenceGradients> {
-    let shape = AttentionShape::of(q, k, v)?;
+    if d_out.dims() != q.dims() {
+        crate::error::invalid_arg!("d_out: expected the shape of q {:?}, got {:?}", q.dims(), d_out.dims());
+    }
+    let p = Dense::new(q, k, v, mask, scale)?;
     let AttentionShape {
         batch,
         q_len,
         kv_len,
         num_heads,
+        num_kv_heads: hkv,
         head_dim: d,
-        ..
-    } = shape;
-    if d_out.dims() != q.dims() {
-        crate::error::invalid_arg!("d_out: expected the shape of q {:?}, got {:?}", q.dims(), d_out.dims());
-    }
-    let scale = scale.unwrap_or_else(|| default_scale(d));
-    let visible = dense_mask_vec(mask, batch, q_len, kv_len)?;
-    let (q, k, v, d_out) = (to_f64(q)?, to_f64(k)?, to_f64(v)?, to_f64(d_out)?);
-    let hkv = shape.num_kv_heads;
-    let group = shape.group_size();
-    let q_at = |b: usize, i: usize, h: usize| ((b * q_len + i) * num_heads + h) * d;
-    let k_at = |b: usize, j: usize, kh: usize| ((b * kv_len + j) * hkv + kh) * d;
-
-    let mut dq = vec![0f64; q.len()];
-    let mut dk = vec![0f64; k.len()];
-    let mut dv = vec![0f64; v.len()];
+    } = p.shape;
+    let d_out = to_f64(d_out)?;
+    let mut dq = vec![0f64; p.q.len()];
+    let mut dk = vec![0f64; p.k.len()];
+    let mut dv = vec![0f64; p.v.len()];
     let mut probs = vec![0f64; kv_len];
     let mut dp = vec![0f64; kv_len];
     for b in 0..batch {
         for h in 0..num_heads {
-            let kh = h / group;
+            let kh = h / p.shape.group_size();
             for i in 0..q_len {
-                let qi = &q[q_at(b, i, h)..][..d];
-                let doi = &d_out[q_at(b, i, h)..][..d];
-                let dot = |x: &[f64], y: &[f64]| x.iter().zip(y).map(|(a, b)| a * b).sum::<f64>();
-                let mut max = f64::NEG_INFINITY;
-                for (j, p) in probs.iter_mut().enumerate() {
-                    *p = f64::NEG_INFINITY;
-                    if visible[(b * q_len + i) * kv_len + j] {
-                        *p = scale * dot(qi, &k[k_at(b, j, kh)..][..d]);
-                        max = max.max(*p);
-                    }
-                }
-                if max == f64::NEG_INFINITY {
+                if p.softmax_row((b, h, i), &mut probs).is_none() {
                     continue;
                 }
-                probs.iter_mut().for_each(|p| *p = (*p - max).exp());
-                let denom: f64 = probs.iter().sum();
-                probs.iter_mut().for_each(|p| *p /= denom);
+                let (qi, doi) = (&p.q[p.q_at(b, i, h)..][..d], &d_out[p.q_at(b, i, h)..][..d]);
                 for (j, g) in dp.iter_mut().enumerate() {
-                    *g = dot(doi, &v[k_at(b, j, kh)..][..d]);
+                    *g = dot(doi, &p.v[p.k_at(b, j, kh)..][..d]);
                 }
-                let row_dot: f64 = probs.iter().zip(&dp).map(|(p, g)| p * g).sum();
-                for j in 0..kv_len {
-                    let p = probs[j];
-                    if p == 0.0 {
+                let row_dot = dot(&probs, &dp);
+                for (j, (&pj, &g)) in probs.iter().zip(&dp).enumerate() {
+                    if pj == 0.0 {
                         continue;
                     }
-                    let ds = p * (dp[j] - row_dot);
-                    let at = k_at(b, j, kh);
+                    let ds = pj * (g - row_dot);
+                    let at = p.k_at(b, j, kh);
                     for c in 0..d {
-                        dq[q_at(b, i, h) + c] += scale * ds * k[at + c];
-                        dk[at + c] += scale * ds * qi[c];
-                        dv[at + c] += p * doi[c];
+                        dq[p.q_at(b, i, h) + c] += p.scale * ds * p.k[at + c];
+                        dk[at + c] += p.scale * ds * qi[c];
+                        dv[at + c] += pj * doi[c];
                     }
                 }
             }
