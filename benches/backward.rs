@@ -202,9 +202,7 @@ fn criterion_main() -> Result<()> {
 }
 
 fn main() -> Result<()> {
-    let args: Vec<String> = std::env::args().collect();
-    let table = args.iter().any(|a| a == "--table") || std::env::var("SEGATTN_BENCH_TABLE").is_ok_and(|v| v == "1");
-    if table {
+    if machine_load::table_mode() {
         table_main()
     } else {
         criterion_main()

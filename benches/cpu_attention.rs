@@ -800,9 +800,7 @@ fn main_table() -> Result<()> {
 }
 
 fn main() -> Result<()> {
-    let args: Vec<String> = std::env::args().collect();
-    let table = args.iter().any(|a| a == "--table") || std::env::var("SEGATTN_BENCH_TABLE").is_ok_and(|v| v == "1");
-    if table {
+    if machine_load::table_mode() {
         return main_table();
     }
     let mut c = Criterion::default()

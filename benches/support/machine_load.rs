@@ -90,3 +90,11 @@ pub fn cpu_model() -> String {
         })
         .unwrap_or_else(|| "unknown CPU".into())
 }
+
+/// Whether the benchmark runs in table mode: `--table` among the arguments or
+/// `SEGATTN_BENCH_TABLE=1` (looked for before criterion parses the arguments, which rejects
+/// unknown flags).
+#[allow(dead_code)]
+pub fn table_mode() -> bool {
+    std::env::args().any(|a| a == "--table") || std::env::var("SEGATTN_BENCH_TABLE").is_ok_and(|v| v == "1")
+}
