@@ -9,8 +9,10 @@
 //! dS = P * (dP - D)      dQ = scale dS K      dK = scale dS^T Q
 //! ```
 //!
-//! computed in f32 through candle's tensor ops on the device of q (so the CPU and CUDA backends
-//! both run it), a block of query rows at a time: memory O(rows x Lk) per block, never Lq x Lk.
+//! computed in f32 on the device of q, a block of query rows at a time: memory O(rows x Lk) per
+//! block, never Lq x Lk. The five products are candle matmuls (cuBLAS on a GPU); the softmax
+//! gradient between them is candle's elementwise ops on a GPU (with the block's mask built there,
+//! `bias.rs`) and one pass per row of our own on the CPU (`crate::cpu::softmax_grad`).
 //! Each block reads only the key range its rows can see (the first to the last visible key of
 //! the block), so causal, document and PINE masks skip most hidden keys. A row that sees no key
 //! has P = 0 and gets zero gradients. Under GQA the P query heads of a KV head are stacked as the
@@ -150,7 +152,7 @@ pub(crate) fn attention_gradients(
 /// `(P, dS)` of a block through candle's ops (the CUDA path, and the definition the CPU pass is
 /// tested against): `scores`, `dp` `[B, Hkv, P c, kw]`, `bias` `[B, 1, 1, c, kw]`, `lse_block`
 /// `[B, Hkv, P, c, 1]`.
-pub(crate) fn softmax_grad_ops(
+fn softmax_grad_ops(
     scores: &Tensor,
     dp: &Tensor,
     bias: &Tensor,
