@@ -57,7 +57,8 @@ impl BlockKeys {
             lo = lo.min(start);
             hi = hi.max(stop);
         });
-        (hi > lo).then_some(Self {
+        // Lazily: `hi - lo` only exists when some key is visible.
+        (hi > lo).then(|| Self {
             r0,
             rows,
             first: lo,
