@@ -152,12 +152,7 @@ pub(crate) fn attention_gradients(
 /// `(P, dS)` of a block through candle's ops (the CUDA path, and the definition the CPU pass is
 /// tested against): `scores`, `dp` `[B, Hkv, P c, kw]`, `bias` `[B, 1, 1, c, kw]`, `lse_block`
 /// `[B, Hkv, P, c, 1]`.
-fn softmax_grad_ops(
-    scores: &Tensor,
-    dp: &Tensor,
-    bias: &Tensor,
-    lse_block: &Tensor,
-) -> Result<(Tensor, Tensor)> {
+fn softmax_grad_ops(scores: &Tensor, dp: &Tensor, bias: &Tensor, lse_block: &Tensor) -> Result<(Tensor, Tensor)> {
     let (b, hkv, p, c, _) = lse_block.dims5()?;
     let kw = scores.dim(D::Minus1)?;
     let probs = scores
