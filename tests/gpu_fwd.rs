@@ -580,7 +580,9 @@ fn gradients_match_reference() -> Result<()> {
         let on = |t: &Tensor| t.to_device(&dev);
         let got = common::autograd_gradients((&on(&q)?, &on(&k)?, &on(&v)?), &mask_on(&mask, &dev)?, &on(&w)?, None)?;
         let want = reference::attention_backward(&q, &k, &v, &w, &mask, None)?;
-        let (atol, rtol) = common::gradient_tolerance(dtype);
+        // P comes from the GPU forward's LSE (ex2.approx, f32 sums in another order): its error
+        // enters every gradient, so the forward kernel's own tolerance bounds them here.
+        let (atol, rtol) = tolerance(dtype);
         for (name, got, want) in [("dq", got.0, want.dq), ("dk", got.1, want.dk), ("dv", got.2, want.dv)] {
             let (r, at) = worst_ratio(&got.to_device(&Device::Cpu)?, &want, atol, rtol)?;
             assert!(r <= 1.0, "{desc}: {name} off by {r} x tolerance at flat index {at}");
