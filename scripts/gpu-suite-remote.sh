@@ -276,11 +276,6 @@ if [ "$PHASE" = bench ] || [ "$PHASE" = all ]; then
   SEGATTN_SCORES_BLOCKS=3 budgeted 100000 20 "$WORK/gpu_bench" --mass 2>&1 | tee "$OUTDIR/mass-b3.md"
   SEGATTN_SCORES_BLOCKS=3 budgeted 100000 20 "$WORK/gpu_bench" --pine 2>&1 | tee "$OUTDIR/pine-b3.md"
   note "- (3) SEGATTN_SCORES_BLOCKS=3 gpu_bench --mass / --pine: mass-b3.md, pine-b3.md"
-
-  log "(3) the attention's backward pass (gpu_bench --backward)"
-  t=$SECONDS
-  budgeted 100000 20 "$WORK/gpu_bench" --backward 2>&1 | tee "$OUTDIR/backward.md"
-  note "- (3) gpu_bench --backward: exit ${PIPESTATUS[0]}, $((SECONDS - t)) s"
   fi
 
   log "(3) peers (torch)"
@@ -293,12 +288,19 @@ if [ "$PHASE" = bench ] || [ "$PHASE" = all ]; then
   rc=${PIPESTATUS[0]}
   note "- (3) peers.py (filter '${peers_filter}'): exit $rc$([ "$rc" = 124 ] && echo ' (time budget reached: partial)'), $((SECONDS - t)) s"
   [ "$rc" = 0 ] || [ "$rc" = 124 ] || status=1
-  # The peers' training step (SDPA flash / cuDNN, flex: forward + backward) on gpu_bench
-  # --backward's shapes, next to its backward.md.
-  t=$SECONDS
-  PYTHONUNBUFFERED=1 budgeted 100000 20 "$PYTHON" bench/peers.py --backward --masks "$WORK/masks.json" \
-    --json "$OUTDIR/peers-backward.jsonl" "${smoke[@]}" 2>&1 | grep -v '^{' | tee "$OUTDIR/peers-backward.txt"
-  note "- (3) peers.py --backward: exit ${PIPESTATUS[0]}, $((SECONDS - t)) s (peers-backward.txt)"
+  # The attention's backward pass (training), ours then the peers' (SDPA flash / cuDNN, flex:
+  # forward + backward) on the same shapes: last, with at most 40 s each, so that it never takes
+  # time from the forward's targets above (not in a SEGATTN_BENCH_SHAPES_ONLY call).
+  if [ "${SEGATTN_BENCH_SHAPES_ONLY:-0}" != 1 ]; then
+    log "(3) the attention's backward pass (gpu_bench --backward, peers.py --backward)"
+    t=$SECONDS
+    budgeted 40 10 "$WORK/gpu_bench" --backward 2>&1 | tee "$OUTDIR/backward.md"
+    note "- (3) gpu_bench --backward: exit ${PIPESTATUS[0]}, $((SECONDS - t)) s (backward.md)"
+    t=$SECONDS
+    PYTHONUNBUFFERED=1 budgeted 40 10 "$PYTHON" bench/peers.py --backward --masks "$WORK/masks.json" \
+      --json "$OUTDIR/peers-backward.jsonl" "${smoke[@]}" 2>&1 | grep -v '^{' | tee "$OUTDIR/peers-backward.txt"
+    note "- (3) peers.py --backward: exit ${PIPESTATUS[0]}, $((SECONDS - t)) s (peers-backward.txt)"
+  fi
 
   log "(4) results table (with the results of earlier calls of this pack on this machine)"
   cat "$OUTDIR/segattn.jsonl" >>"$WORK/segattn-all.jsonl" 2>/dev/null
