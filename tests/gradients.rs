@@ -180,3 +180,33 @@ fn packed_documents_equal_separate_runs() -> Result<()> {
     }
     Ok(())
 }
+
+/// More query rows than keys: under a causal rule the first rows sit before every key and see
+/// nothing; their gradients are zero, the others match the reference, nothing is NaN.
+#[test]
+fn rows_before_every_key_get_zero_gradients() -> Result<()> {
+    let dev = Device::Cpu;
+    let mut rng = Rng::new(31);
+    let (lq, lk, h, hkv, d) = (300, 40, 4, 2, 16);
+    let q = random_tensor(&mut rng, &[1, lq, h, d], DType::F32)?;
+    let k = random_tensor(&mut rng, &[1, lk, hkv, d], DType::F32)?;
+    let v = random_tensor(&mut rng, &[1, lk, hkv, d], DType::F32)?;
+    let w = random_tensor(&mut rng, &[1, lq, h, d], DType::F32)?;
+    let rule = segattn::PairRule::new(segattn::Visibility::Causal, segattn::Visibility::Blocked);
+    let mask = SegmentMask::new(
+        &Tensor::zeros((1, lq), DType::U32, &dev)?,
+        &Tensor::zeros((1, lk), DType::U32, &dev)?,
+        rule,
+    )?;
+    let (dq, dk, dv) = autograd_gradients((&q, &k, &v), &mask, &w, None)?;
+    let want = reference::attention_backward(&q, &k, &v, &w, &mask, None)?;
+    let (atol, rtol) = gradient_tolerance(DType::F32);
+    for (name, got, want) in [("dq", &dq, &want.dq), ("dk", &dk, &want.dk), ("dv", &dv, &want.dv)] {
+        let (r, at) = worst_ratio(got, want, atol, rtol)?;
+        assert!(r <= 1.0, "{name} off by {r} x tolerance at {at}");
+    }
+    // Rows 0..260 are at positions -260..-1.
+    let blind = dq.narrow(1, 0, lq - lk)?.abs()?.max_all()?.to_scalar::<f32>()?;
+    assert_eq!(blind, 0.0);
+    Ok(())
+}
