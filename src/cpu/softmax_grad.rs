@@ -6,8 +6,9 @@
 //! P = exp(S + bias - lse)      dS = P (dP - sum_j P_j dP_j)
 //! ```
 //!
-//! where candle's ops would take seven passes over the block and allocate at each. The
-//! reference form is `crate::backward::softmax_grad_ops`, which the CUDA path runs.
+//! where candle's ops would take seven passes over the block and allocate at each. The same
+//! through candle's ops is `softmax_grad_ops` in `crate::backward` (the CUDA path, and the
+//! definition this pass is tested against).
 
 use rayon::prelude::*;
 
@@ -31,7 +32,7 @@ impl<'a, B: Fn(usize) -> &'a [f32] + Sync, L: Fn(usize) -> f32 + Sync> GradRows<
         if n == 0 {
             return (probs, ds);
         }
-        // Rows in parallel, a few at a time (a row is at most a few KB).
+        // Rows in parallel, a few at a time (a row is one key range of the block: <= Lk floats).
         const ROWS_PER_TASK: usize = 8;
         probs
             .par_chunks_mut(n * ROWS_PER_TASK)
