@@ -7,6 +7,7 @@ use candle_core::op::BackpropOp;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
 use half::{bf16, f16};
 
+use crate::backward::Upstream;
 use crate::cpu::{self, Element, Strided};
 use crate::decode_pack::DecodePacking;
 use crate::error::invalid_arg;
@@ -23,7 +24,8 @@ pub struct AttentionOutput {
     /// `[B, H, Lq]` f32 natural log of each row's softmax denominator over the scaled scores,
     /// `-inf` for a row that sees no key; present when asked with
     /// [`SegmentAttention::return_lse`]. Use it to merge partial results with
-    /// [`crate::merge_partials`].
+    /// [`crate::merge_partials`]; with inputs that track gradients it has its gradient (a loss
+    /// through the merge trains q and k through it too).
     pub lse: Option<Tensor>,
     /// `[B, Ho, Lo, Sk]` f32 per-segment attention mass of this attention's softmax, computed in
     /// the same pass; present when asked with [`SegmentAttention::return_segment_mass`]. Layout
@@ -192,17 +194,27 @@ impl<'a> SegmentAttention<'a> {
             None if q.track_op() || k.track_op() || v.track_op() => {
                 let op = Arc::new(AttentionOp { want_lse: true, ..op });
                 let saved_lse = Arc::new(OnceLock::new());
-                let tracked: Arc<Box<dyn CustomOp3 + Send + Sync>> = Arc::new(Box::new(TrackedAttention {
-                    op: Arc::clone(&op),
-                    lse: Arc::clone(&saved_lse),
-                    mask: self.mask.clone(),
-                }));
-                let out = q.apply_op3_arc(k, v, tracked)?;
+                let tracked = |output| -> Arc<Box<dyn CustomOp3 + Send + Sync>> {
+                    Arc::new(Box::new(TrackedAttention {
+                        op: Arc::clone(&op),
+                        lse: Arc::clone(&saved_lse),
+                        mask: self.mask.clone(),
+                        output,
+                    }))
+                };
+                let out = q.apply_op3_arc(k, v, tracked(TrackedOutput::Out))?;
                 let Some(lse) = op.take_lse()?.map(lse_of) else {
                     invalid_arg!("internal error: the attention op produced no LSE");
                 };
-                let _ = saved_lse.set(lse.clone());
-                (out, op, self.return_lse.then_some(lse))
+                let _ = saved_lse.set(lse);
+                // The LSE asked for is the output of a second recorded op (a copy of the kept
+                // one), so that a loss through it (merge_partials in ring attention) gets its
+                // gradient too.
+                let lse = match self.return_lse {
+                    true => Some(q.apply_op3_arc(k, v, tracked(TrackedOutput::Lse))?),
+                    false => None,
+                };
+                (out, op, lse)
             }
             None => {
                 let out = q.apply_op3_no_bwd(k, v, &op)?;
@@ -228,8 +240,9 @@ impl<'a> SegmentAttention<'a> {
 /// See [`SegmentAttention`] for shapes and options.
 ///
 /// Differentiable: when q, k or v track gradients, candle's backward pass gives dq, dk and dv
-/// (FlashAttention-2's backward equations, blocks of query rows, O(rows x Lk) memory; the LSE
-/// and segment-mass outputs of [`SegmentAttention`] carry no gradient).
+/// (FlashAttention-2's backward equations, blocks of query rows, O(rows x Lk) memory). The LSE
+/// of [`SegmentAttention::return_lse`] is differentiable too (ring attention through
+/// [`crate::merge_partials`]); the segment mass is not.
 ///
 /// ```
 /// use candle_core::{Device, Tensor, Var};
@@ -249,20 +262,42 @@ pub fn segment_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &SegmentMask)
     Ok(SegmentAttention::new(mask).forward(q, k, v)?.out)
 }
 
-/// The attention op as candle records it for the backward pass (inputs that track gradients):
-/// the same forward, and [`crate::backward`]'s gradients, which start from the forward's LSE
-/// (`lse`, set once the forward ran). The LSE and the segment mass returned to the caller stay
-/// outputs without gradient.
+/// Which output of the attention a [`TrackedAttention`] op gives candle.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum TrackedOutput {
+    /// The output `[B, Lq, H, D]`: the forward runs here.
+    Out,
+    /// The LSE `[B, H, Lq]`: a copy of the one the `Out` op kept.
+    Lse,
+}
+
+/// The attention as candle records it for the backward pass (inputs that track gradients): the
+/// same forward, and [`crate::backward`]'s gradients, which start from the forward's LSE (`lse`,
+/// set once the forward ran). The output and, when asked for, the LSE are each the output of
+/// such an op; candle adds their gradients. The segment mass has no gradient.
 struct TrackedAttention {
     op: Arc<AttentionOp<'static>>,
     lse: Arc<OnceLock<Tensor>>,
     /// The mask (a clone: its tensors are shared), for the backward's bias on the device.
     mask: SegmentMask,
+    output: TrackedOutput,
+}
+
+impl TrackedAttention {
+    fn kept_lse(&self) -> Result<&Tensor> {
+        match self.lse.get() {
+            Some(lse) => Ok(lse),
+            None => invalid_arg!("internal error: the forward's LSE was not kept"),
+        }
+    }
 }
 
 impl CustomOp3 for TrackedAttention {
     fn name(&self) -> &'static str {
-        "segattn-attention"
+        match self.output {
+            TrackedOutput::Out => "segattn-attention",
+            TrackedOutput::Lse => "segattn-attention-lse",
+        }
     }
 
     fn cpu_fwd(
@@ -274,7 +309,15 @@ impl CustomOp3 for TrackedAttention {
         v: &CpuStorage,
         vl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        self.op.cpu_fwd(q, ql, k, kl, v, vl)
+        if self.output == TrackedOutput::Out {
+            return self.op.cpu_fwd(q, ql, k, kl, v, vl);
+        }
+        let lse = self.kept_lse()?;
+        let (storage, layout) = lse.storage_and_layout();
+        match &*storage {
+            Storage::Cpu(s) => Ok((s.try_clone(layout)?, lse.shape().clone())),
+            _ => invalid_arg!("internal error: the kept LSE is not on the CPU"),
+        }
     }
 
     #[cfg(feature = "cuda")]
@@ -287,7 +330,15 @@ impl CustomOp3 for TrackedAttention {
         v: &candle_core::CudaStorage,
         vl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        self.op.cuda_fwd(q, ql, k, kl, v, vl)
+        if self.output == TrackedOutput::Out {
+            return self.op.cuda_fwd(q, ql, k, kl, v, vl);
+        }
+        let lse = self.kept_lse()?;
+        let (storage, layout) = lse.storage_and_layout();
+        match &*storage {
+            Storage::Cuda(s) => Ok((s.try_clone(layout)?, lse.shape().clone())),
+            _ => invalid_arg!("internal error: the kept LSE is not on the GPU"),
+        }
     }
 
     fn bwd(
@@ -295,21 +346,29 @@ impl CustomOp3 for TrackedAttention {
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
-        _out: &Tensor,
-        d_out: &Tensor,
+        _res: &Tensor,
+        d_res: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let op = &self.op;
-        let Some(lse) = self.lse.get() else {
-            invalid_arg!("internal error: the backward pass ran before the forward's LSE was kept");
-        };
+        let lse = self.kept_lse()?;
         // Only the inputs that track gradients get one (candle would store the others too).
         let wanted = [q.track_op(), k.track_op(), v.track_op()];
         // Detached: the gradients are computed from the values alone, so that they carry no op
         // graph (which would keep every block's intermediates alive as long as they live).
-        let (q, k, v, d_out) = (q.detach(), k.detach(), v.detach(), d_out.detach());
+        let (q, k, v, d_res) = (q.detach(), k.detach(), v.detach(), d_res.detach());
+        let up = match self.output {
+            TrackedOutput::Out => Upstream {
+                d_out: Some(&d_res),
+                d_lse: None,
+            },
+            TrackedOutput::Lse => Upstream {
+                d_out: None,
+                d_lse: Some(&d_res),
+            },
+        };
         crate::backward::attention_gradients(
             (&q, &k, &v),
-            &d_out,
+            up,
             lse,
             op.shape,
             (&self.mask, &op.host_mask),

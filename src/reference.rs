@@ -134,8 +134,8 @@ pub fn attention(
     })
 }
 
-/// Output of [`attention_backward`]: the gradients of `sum(out * d_out)` with respect to q, k
-/// and v, f64 on the CPU, in the shapes of q, k and v.
+/// Output of [`attention_backward`]: the gradients of `sum(out * d_out) + sum(lse * d_lse)` with
+/// respect to q, k and v, f64 on the CPU, in the shapes of q, k and v.
 #[derive(Clone, Debug)]
 pub struct ReferenceGradients {
     /// `[B, Lq, H, D]`.
@@ -146,20 +146,30 @@ pub struct ReferenceGradients {
     pub dv: Tensor,
 }
 
-/// Exact gradients of [`attention`] for the output gradient `d_out` `[B, Lq, H, D]`, row by row
-/// in f64 (`P` the softmax of a row, `dP_j = dO . v_j`, `dS_j = P_j (dP_j - sum_l P_l dP_l)`,
-/// `dq = scale sum_j dS_j k_j`, `dk_j += scale dS_j q`, `dv_j += P_j dO`). A row that sees no
-/// key contributes nothing.
+/// Exact gradients of [`attention`] for the gradient `d_out` `[B, Lq, H, D]` of its output and,
+/// optionally, `d_lse` `[B, H, Lq]` of its LSE, row by row in f64 (`P` the softmax of a row,
+/// `dP_j = dO . v_j`, `dS_j = P_j (dP_j - sum_l P_l dP_l + dlse)`, `dq = scale sum_j dS_j k_j`,
+/// `dk_j += scale dS_j q`, `dv_j += P_j dO`). A row that sees no key contributes nothing.
 pub fn attention_backward(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     d_out: &Tensor,
+    d_lse: Option<&Tensor>,
     mask: &SegmentMask,
     scale: Option<f64>,
 ) -> Result<ReferenceGradients> {
     if d_out.dims() != q.dims() {
         crate::error::invalid_arg!("d_out: expected the shape of q {:?}, got {:?}", q.dims(), d_out.dims());
+    }
+    let (b, lq, h, _) = q.dims4()?;
+    if let Some(g) = d_lse {
+        if g.dims() != [b, h, lq] {
+            crate::error::invalid_arg!(
+                "d_lse: expected shape [{b}, {h}, {lq}] ([B, H, Lq]), got {:?}",
+                g.dims()
+            );
+        }
     }
     let p = Dense::new(q, k, v, mask, scale)?;
     let AttentionShape {
@@ -171,6 +181,7 @@ pub fn attention_backward(
         head_dim: d,
     } = p.shape;
     let d_out = to_f64(d_out)?;
+    let d_lse = d_lse.map(to_f64).transpose()?;
     let mut dq = vec![0f64; p.q.len()];
     let mut dk = vec![0f64; p.k.len()];
     let mut dv = vec![0f64; p.v.len()];
@@ -187,12 +198,13 @@ pub fn attention_backward(
                 for (j, g) in dp.iter_mut().enumerate() {
                     *g = dot(doi, &p.v[p.k_at(b, j, kh)..][..d]);
                 }
-                let row_dot = dot(&probs, &dp);
+                let lse_grad = d_lse.as_ref().map_or(0.0, |g| g[(b * num_heads + h) * q_len + i]);
+                let centre = dot(&probs, &dp) - lse_grad;
                 for (j, (&pj, &g)) in probs.iter().zip(&dp).enumerate() {
                     if pj == 0.0 {
                         continue;
                     }
-                    let ds = pj * (g - row_dot);
+                    let ds = pj * (g - centre);
                     let at = p.k_at(b, j, kh);
                     for c in 0..d {
                         dq[p.q_at(b, i, h) + c] += p.scale * ds * p.k[at + c];

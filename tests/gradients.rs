@@ -5,27 +5,56 @@ mod common;
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 use common::cases::{draw, Case, MASK_KINDS};
-use common::{autograd_gradients, env_count, gradient_tolerance, random_tensor, worst_ratio, Rng};
+use common::{
+    autograd_gradients, env_count, gradient_tolerance, random_tensor, worst_ratio, worst_ratio_of_terms, Rng,
+};
 use proptest::prelude::*;
 use segattn::{reference, segment_attention, SegmentAttention, SegmentMask};
 
 const HEADS: [(usize, usize); 5] = [(1, 1), (2, 1), (4, 2), (3, 3), (6, 2)];
 const DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
 
-fn check(case: &Case, seed: u64, scale: Option<f64>) -> Result<()> {
+/// Checks the gradients of `sum(out * w)`, plus `sum(lse * w_lse)` with `through_lse`.
+fn check(case: &Case, seed: u64, scale: Option<f64>, through_lse: bool) -> Result<()> {
     let dtype = case.q.dtype();
-    let w = random_tensor(&mut Rng::new(seed ^ 0x5eed), case.q.dims(), dtype)?;
-    let (dq, dk, dv) = autograd_gradients((&case.q, &case.k, &case.v), &case.mask, &w, scale)?;
-    let want = reference::attention_backward(&case.q, &case.k, &case.v, &w, &case.mask, scale)?;
+    let mut rng = Rng::new(seed ^ 0x5eed);
+    let w = random_tensor(&mut rng, case.q.dims(), dtype)?;
+    let (b, lq, h, _) = case.q.dims4()?;
+    let w_lse = if through_lse {
+        Some(random_tensor(&mut rng, &[b, h, lq], DType::F32)?)
+    } else {
+        None
+    };
+    let (dq, dk, dv) = autograd_gradients((&case.q, &case.k, &case.v), &case.mask, (&w, w_lse.as_ref()), scale)?;
+    let reference = |w: &Tensor, w_lse: Option<&Tensor>| {
+        reference::attention_backward(&case.q, &case.k, &case.v, w, w_lse, &case.mask, scale)
+    };
+    let want = reference(&w, w_lse.as_ref())?;
+    // Through the LSE, candle adds the output's and the LSE's gradients, each rounded to the
+    // dtype: the tolerance follows the two terms (each from the reference alone).
+    let terms = match &w_lse {
+        Some(w_lse) => Some((reference(&w, None)?, reference(&w.zeros_like()?, Some(w_lse))?)),
+        None => None,
+    };
     let (atol, rtol) = gradient_tolerance(dtype);
-    for (name, got, want, like) in [
+    for (n, (name, got, want, like)) in [
         ("dq", &dq, &want.dq, &case.q),
         ("dk", &dk, &want.dk, &case.k),
         ("dv", &dv, &want.dv, &case.v),
-    ] {
+    ]
+    .into_iter()
+    .enumerate()
+    {
         assert_eq!(got.dims(), like.dims(), "{}: {name} shape", case.description);
         assert_eq!(got.dtype(), dtype, "{}: {name} dtype", case.description);
-        let (r, at) = worst_ratio(got, want, atol, rtol)?;
+        let magnitude = match &terms {
+            Some((a, b)) => {
+                let pick = |g: &reference::ReferenceGradients| [&g.dq, &g.dk, &g.dv][n].abs();
+                (pick(a)? + pick(b)?)?
+            }
+            None => want.abs()?,
+        };
+        let (r, at) = worst_ratio_of_terms(got, want, &magnitude, atol, rtol)?;
         assert!(
             r <= 1.0,
             "{}: {name} off by {r} x tolerance at flat index {at}",
@@ -56,7 +85,8 @@ proptest! {
         kind in 0..MASK_KINDS.len(),
     ) {
         let case = draw(seed, batch, lk, lq_equal, heads, head_dim, dtype, kind).unwrap();
-        check(&case, seed, None).unwrap();
+        // Half the cases also backpropagate through the LSE (ring attention's merge does).
+        check(&case, seed, None, seed % 2 == 0).unwrap();
     }
 }
 
@@ -72,13 +102,14 @@ fn long_rows_over_several_blocks() -> Result<()> {
         (9, DType::F32),
     ] {
         let case = draw(40 + kind as u64, 1, 700, true, (4, 2), 16, dtype, kind)?;
-        check(&case, kind as u64, Some(0.21))?;
+        check(&case, kind as u64, Some(0.21), kind % 2 == 1)?;
     }
     Ok(())
 }
 
 /// The oracle itself: its gradients equal central differences of the reference forward's loss
-/// `sum(out * w)` (f64, steps of 2^-10 that the f32 inputs represent exactly).
+/// `sum(out * w) + sum(lse * w_lse)` over the rows that see a key (f64, steps of 2^-10 that the
+/// f32 inputs represent exactly).
 #[test]
 fn reference_backward_matches_finite_differences() -> Result<()> {
     let dev = Device::Cpu;
@@ -88,16 +119,26 @@ fn reference_backward_matches_finite_differences() -> Result<()> {
     let k = random_tensor(&mut rng, &[b, lk, hkv, d], DType::F32)?;
     let v = random_tensor(&mut rng, &[b, lk, hkv, d], DType::F32)?;
     let w = random_tensor(&mut rng, &[b, lq, h, d], DType::F32)?;
+    let w_lse = random_tensor(&mut rng, &[b, h, lq], DType::F32)?;
     // PINE rows over the last 5 of 6 keys, and a row of the first batch row that sees nothing.
     let ids = Tensor::new(&[[0u32, 0, 1, 1, 2, 2], [0, 1, 1, 2, 2, 3]], &dev)?;
     let rule = segattn::PairRule::new(segattn::Visibility::Causal, segattn::Visibility::Full);
     let mask = SegmentMask::self_attention(&ids, rule)?.last_queries(lq)?;
     let scale = Some(0.7);
     let loss = |q: &Tensor, k: &Tensor, v: &Tensor| -> Result<f64> {
-        let out = reference::attention(q, k, v, &mask, scale)?.out;
-        (out * w.to_dtype(DType::F64)?)?.sum_all()?.to_scalar::<f64>()
+        let r = reference::attention(q, k, v, &mask, scale)?;
+        let out_term = (r.out * w.to_dtype(DType::F64)?)?.sum_all()?.to_scalar::<f64>()?;
+        let lse = r.lse.flatten_all()?.to_vec1::<f64>()?;
+        let wl = w_lse.flatten_all()?.to_vec1::<f32>()?;
+        let lse_term: f64 = lse
+            .iter()
+            .zip(&wl)
+            .filter(|(l, _)| l.is_finite())
+            .map(|(l, w)| l * f64::from(*w))
+            .sum();
+        Ok(out_term + lse_term)
     };
-    let grads = reference::attention_backward(&q, &k, &v, &w, &mask, scale)?;
+    let grads = reference::attention_backward(&q, &k, &v, &w, Some(&w_lse), &mask, scale)?;
     let step = 1.0 / 1024.0;
     for (which, want) in [(0, &grads.dq), (1, &grads.dk), (2, &grads.dv)] {
         let base = [&q, &k, &v][which];
@@ -138,7 +179,7 @@ fn gradients_reach_only_variables() -> Result<()> {
     assert!(grads.get(&case.q).is_none() && grads.get(&case.v).is_none());
     // The gradients are plain values: no op graph hangs off them (none of the backward's blocks).
     let w = case.q.ones_like()?;
-    let all = autograd_gradients((&case.q, &case.k, &case.v), &case.mask, &w, None)?;
+    let all = autograd_gradients((&case.q, &case.k, &case.v), &case.mask, (&w, None), None)?;
     assert!(!all.0.track_op() && !all.1.track_op() && !all.2.track_op());
     // Without a variable no backward op is recorded: the plain path.
     let out = segment_attention(&case.q, &case.k, &case.v, &case.mask)?;
@@ -162,12 +203,12 @@ fn packed_documents_equal_separate_runs() -> Result<()> {
         let v = random_tensor(&mut rng, &[1, len, hkv, d], DType::F32)?;
         let w = random_tensor(&mut rng, &[1, len, h, d], DType::F32)?;
         let packed = SegmentMask::documents(std::slice::from_ref(&docs), &dev)?;
-        let (dq, dk, dv) = autograd_gradients((&q, &k, &v), &packed, &w, None)?;
+        let (dq, dk, dv) = autograd_gradients((&q, &k, &v), &packed, (&w, None), None)?;
         let mut start = 0;
         for &n in &docs {
             let part = |t: &Tensor| t.narrow(1, start, n);
             let causal = SegmentMask::causal(n, &dev)?;
-            let alone = autograd_gradients((&part(&q)?, &part(&k)?, &part(&v)?), &causal, &part(&w)?, None)?;
+            let alone = autograd_gradients((&part(&q)?, &part(&k)?, &part(&v)?), &causal, (&part(&w)?, None), None)?;
             for (name, packed, alone) in [("dq", &dq, alone.0), ("dk", &dk, alone.1), ("dv", &dv, alone.2)] {
                 let (r, at) = worst_ratio(&part(packed)?, &alone, 1e-6, 1e-5)?;
                 assert!(
@@ -198,8 +239,8 @@ fn rows_before_every_key_get_zero_gradients() -> Result<()> {
         &Tensor::zeros((1, lk), DType::U32, &dev)?,
         rule,
     )?;
-    let (dq, dk, dv) = autograd_gradients((&q, &k, &v), &mask, &w, None)?;
-    let want = reference::attention_backward(&q, &k, &v, &w, &mask, None)?;
+    let (dq, dk, dv) = autograd_gradients((&q, &k, &v), &mask, (&w, None), None)?;
+    let want = reference::attention_backward(&q, &k, &v, &w, None, &mask, None)?;
     let (atol, rtol) = gradient_tolerance(DType::F32);
     for (name, got, want) in [("dq", &dq, &want.dq), ("dk", &dk, &want.dk), ("dv", &dv, &want.dv)] {
         let (r, at) = worst_ratio(got, want, atol, rtol)?;
@@ -208,5 +249,43 @@ fn rows_before_every_key_get_zero_gradients() -> Result<()> {
     // Rows 0..260 are at positions -260..-1.
     let blind = dq.narrow(1, 0, lq - lk)?.abs()?.max_all()?.to_scalar::<f32>()?;
     assert_eq!(blind, 0.0);
+    Ok(())
+}
+
+/// Ring / context-parallel training: attention over all keys computed as two partial attentions
+/// over disjoint key halves, merged through their LSE (`merge_partials`), has the gradients of
+/// the attention computed at once: the LSE passes its gradient back.
+#[test]
+fn merged_partials_have_the_gradients_of_the_whole() -> Result<()> {
+    let dev = Device::Cpu;
+    let mut rng = Rng::new(77);
+    let (lq, half, h, hkv, d) = (40, 48, 4, 2, 16);
+    let q = random_tensor(&mut rng, &[2, lq, h, d], DType::F32)?;
+    let k = random_tensor(&mut rng, &[2, 2 * half, hkv, d], DType::F32)?;
+    let v = random_tensor(&mut rng, &[2, 2 * half, hkv, d], DType::F32)?;
+    let w = random_tensor(&mut rng, &[2, lq, h, d], DType::F32)?;
+    let whole = SegmentMask::full(2 * half, &dev)?.last_queries(lq)?;
+    let want = autograd_gradients((&q, &k, &v), &whole, (&w, None), None)?;
+
+    let (qv, kv, vv) = (Var::from_tensor(&q)?, Var::from_tensor(&k)?, Var::from_tensor(&v)?);
+    let part_mask = SegmentMask::full(half, &dev)?.last_queries(lq)?;
+    let part = |start: usize| {
+        let (k, v) = (
+            kv.as_tensor().narrow(1, start, half)?,
+            vv.as_tensor().narrow(1, start, half)?,
+        );
+        SegmentAttention::new(&part_mask)
+            .return_lse(true)
+            .forward(qv.as_tensor(), &k, &v)
+    };
+    let (a, b) = (part(0)?, part(half)?);
+    let lse = |r: &segattn::AttentionOutput| r.lse.clone().expect("lse was asked for");
+    let (out, _) = segattn::merge_partials(&a.out, &lse(&a), &b.out, &lse(&b))?;
+    let grads = (out * &w)?.sum_all()?.backward()?;
+    for (name, x, want) in [("dq", &qv, &want.0), ("dk", &kv, &want.1), ("dv", &vv, &want.2)] {
+        let got = grads.get(x.as_tensor()).expect("a gradient");
+        let (r, at) = worst_ratio(got, want, 1e-5, 1e-4)?;
+        assert!(r <= 1.0, "{name} of the merged halves off by {r} x tolerance at {at}");
+    }
     Ok(())
 }

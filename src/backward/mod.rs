@@ -41,11 +41,20 @@ const MAX_BLOCK_ROWS: usize = 256;
 /// Gradients of attention: `(dq, dk, dv)`, each `None` unless asked for in `wanted`.
 pub(crate) type Gradients = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
 
-/// The gradients of segment-masked attention at `(q, k, v)` for the output gradient `d_out`
-/// `[B, Lq, H, D]`, each in the dtype of its input; only those `wanted` (q, k, v) are computed.
+/// What flows back into the attention: the gradient of its output `[B, Lq, H, D]` and / or of
+/// its LSE `[B, H, Lq]` (at least one).
+#[derive(Clone, Copy)]
+pub(crate) struct Upstream<'a> {
+    pub d_out: Option<&'a Tensor>,
+    pub d_lse: Option<&'a Tensor>,
+}
+
+/// The gradients of segment-masked attention at `(q, k, v)` for the gradients `up` of its output
+/// and LSE, each in the dtype of its input; only those `wanted` (q, k, v) are computed. The LSE's
+/// gradient adds `P_ij dlse_i` to `dS_ij` (d lse_i / d S_ij = P_ij) and nothing to dV.
 pub(crate) fn attention_gradients(
     (q, k, v): (&Tensor, &Tensor, &Tensor),
-    d_out: &Tensor,
+    up: Upstream,
     lse: &Tensor,
     shape: AttentionShape,
     (mask, host): (&SegmentMask, &HostMask),
@@ -78,6 +87,12 @@ pub(crate) fn attention_gradients(
     } else {
         None
     };
+    // The LSE's gradient `[B, H, Lq]` f32 (and its host copy for the CPU pass).
+    let d_lse = up.d_lse.map(|t| t.to_dtype(DType::F32)).transpose()?;
+    let d_lse_host = match (&d_lse, lse_host.is_some()) {
+        (Some(t), true) => Some(t.flatten_all()?.to_vec1::<f32>()?),
+        _ => None,
+    };
     let cpu_pass = lse_host.is_some();
     let mut dk = KeyGradient::new(cpu_pass, (b, hkv, lk, d), dev)?;
     let mut dv = KeyGradient::new(cpu_pass, (b, hkv, lk, d), dev)?;
@@ -96,25 +111,33 @@ pub(crate) fn attention_gradients(
         };
         let (k0, kw) = (keys.first, keys.count);
         let (kb, vb) = (kf.narrow(2, k0, kw)?, vf.narrow(2, k0, kw)?);
-        let (qb, dob) = (stack(q)?, stack(d_out)?);
-        // Raw scaled scores and dP = dO V^T over the block's key range, [B, Hkv, P c, kw].
+        let qb = stack(q)?;
+        let dob = up.d_out.map(stack).transpose()?;
+        // Raw scaled scores and dP = dO V^T over the block's key range, [B, Hkv, P c, kw]
+        // (dP = 0 when only the LSE has a gradient).
         let qs = (&qb * f64::from(scale))?;
         let scores = qs.matmul(&kb.t()?)?;
-        let dp = dob.matmul(&vb.t()?)?;
+        let dp = match &dob {
+            Some(dob) => dob.matmul(&vb.t()?)?,
+            None => scores.zeros_like()?,
+        };
         let (probs, ds) = match &lse_host {
             Some(lse_host) => {
-                let lse_row = |row: usize| {
-                    // Row ((bb Hkv + kh) P + i) c + r is query head kh P + i, row r0 + r.
+                // Row ((bb Hkv + kh) P + i) c + r is query head kh P + i, row r0 + r.
+                let at = |row: usize| {
                     let (head_row, r) = (row / c, row % c);
                     let (bb, head) = (head_row / h, head_row % h);
-                    lse_host[(bb * h + head) * lq + r0 + r]
+                    (bb * h + head) * lq + r0 + r
                 };
                 let bias = keys.host_bias(host, b);
-                softmax_grad_cpu(&scores, &dp, &bias, lse_row, (b, hkv, p, c))?
+                let rows = |row: usize| (lse_host[at(row)], d_lse_host.as_ref().map_or(0.0, |g| g[at(row)]));
+                softmax_grad_cpu(&scores, &dp, &bias, rows, (b, hkv, p, c))?
             }
             None => {
-                let lse_block = lse.narrow(2, r0, c)?.reshape((b, hkv, p, c, 1))?;
-                softmax_grad_ops(&scores, &dp, &keys.bias(mask, host, b, dev)?, &lse_block)?
+                let block = |t: &Tensor| t.narrow(2, r0, c)?.reshape((b, hkv, p, c, 1));
+                let d_lse_block = d_lse.as_ref().map(block).transpose()?;
+                let bias = keys.bias(mask, host, b, dev)?;
+                softmax_grad_ops(&scores, &dp, &bias, &block(&lse)?, d_lse_block.as_ref())?
             }
         };
         if wanted[0] {
@@ -126,8 +149,8 @@ pub(crate) fn attention_gradients(
         if wanted[1] {
             dk.add(&ds.t()?.matmul(&qs)?, k0)?;
         }
-        if wanted[2] {
-            dv.add(&probs.t()?.matmul(&dob)?, k0)?;
+        if let (true, Some(dob)) = (wanted[2], &dob) {
+            dv.add(&probs.t()?.matmul(dob)?, k0)?;
         }
     }
     let dq = match (wanted[0], dq_blocks.is_empty()) {
@@ -151,8 +174,14 @@ pub(crate) fn attention_gradients(
 
 /// `(P, dS)` of a block through candle's ops (the CUDA path, and the definition the CPU pass is
 /// tested against): `scores`, `dp` `[B, Hkv, P c, kw]`, `bias` `[B, 1, 1, c, kw]`, `lse_block`
-/// `[B, Hkv, P, c, 1]`.
-fn softmax_grad_ops(scores: &Tensor, dp: &Tensor, bias: &Tensor, lse_block: &Tensor) -> Result<(Tensor, Tensor)> {
+/// and the LSE's gradient `d_lse_block` (if any) `[B, Hkv, P, c, 1]`.
+fn softmax_grad_ops(
+    scores: &Tensor,
+    dp: &Tensor,
+    bias: &Tensor,
+    lse_block: &Tensor,
+    d_lse_block: Option<&Tensor>,
+) -> Result<(Tensor, Tensor)> {
     let (b, hkv, p, c, _) = lse_block.dims5()?;
     let kw = scores.dim(D::Minus1)?;
     let probs = scores
@@ -161,19 +190,23 @@ fn softmax_grad_ops(scores: &Tensor, dp: &Tensor, bias: &Tensor, lse_block: &Ten
         .broadcast_sub(lse_block)?
         .exp()?
         .reshape((b, hkv, p * c, kw))?;
-    let row_dot = (&probs * dp)?.sum_keepdim(D::Minus1)?;
-    let ds = (&probs * dp.broadcast_sub(&row_dot)?)?;
+    let mut centre = (&probs * dp)?.sum_keepdim(D::Minus1)?;
+    if let Some(g) = d_lse_block {
+        // dS = P (dP - D + dlse).
+        centre = (centre - g.reshape((b, hkv, p * c, 1))?)?;
+    }
+    let ds = (&probs * dp.broadcast_sub(&centre)?)?;
     Ok((probs, ds))
 }
 
 /// `(P, dS)` of a block on the CPU: the same as [`softmax_grad_ops`] in one pass per row
-/// ([`crate::cpu::softmax_grad`]). `bias` is the block's host bias `[B, c, kw]`, `lse_row(row)`
-/// the LSE of row `row` of the block.
+/// ([`crate::cpu::softmax_grad`]). `bias` is the block's host bias `[B, c, kw]`, `rows(row)` the
+/// LSE of row `row` of the block and its gradient.
 fn softmax_grad_cpu(
     scores: &Tensor,
     dp: &Tensor,
     bias: &[f32],
-    lse_row: impl Fn(usize) -> f32 + Sync,
+    rows: impl Fn(usize) -> (f32, f32) + Sync,
     (b, hkv, p, c): (usize, usize, usize, usize),
 ) -> Result<(Tensor, Tensor)> {
     let kw = scores.dim(D::Minus1)?;
@@ -184,7 +217,7 @@ fn softmax_grad_cpu(
             let bb = row / (hkv * p * c);
             &bias[(bb * c + row % c) * kw..][..kw]
         },
-        lse: lse_row,
+        lse: rows,
     };
     let (probs, ds) = with_cpu_f32(scores, |s| with_cpu_f32(dp, |dp| rows.run(s, dp)))??;
     let dims = (b, hkv, p * c, kw);
@@ -297,9 +330,12 @@ mod tests {
             *l = if row % c == 2 { f32::INFINITY } else { *l + 1.5 };
         }
         let lse_block = Tensor::from_vec(lse.clone(), (b, hkv, p, c, 1), &dev)?;
-        let (p_cpu, ds_cpu) = softmax_grad_cpu(&scores, &dp, &bias_values, |row| lse[row], (b, hkv, p, c))?;
+        let d_lse = wave(b * hkv * p * c, 0.3);
+        let rows = |row: usize| (lse[row], d_lse[row]);
+        let (p_cpu, ds_cpu) = softmax_grad_cpu(&scores, &dp, &bias_values, rows, (b, hkv, p, c))?;
+        let d_lse_block = Tensor::from_vec(d_lse.clone(), (b, hkv, p, c, 1), &dev)?;
         let bias_t = Tensor::from_vec(bias_values, (b, 1, 1, c, kw), &dev)?;
-        let (p_ops, ds_ops) = softmax_grad_ops(&scores, &dp, &bias_t, &lse_block)?;
+        let (p_ops, ds_ops) = softmax_grad_ops(&scores, &dp, &bias_t, &lse_block, Some(&d_lse_block))?;
         for (x, y) in [(p_cpu, p_ops), (ds_cpu, ds_ops)] {
             let (x, y) = (x.flatten_all()?.to_vec1::<f32>()?, y.flatten_all()?.to_vec1::<f32>()?);
             for (i, (a, b)) in x.iter().zip(&y).enumerate() {

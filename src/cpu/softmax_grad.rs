@@ -3,7 +3,7 @@
 //! gradient
 //!
 //! ```text
-//! P = exp(S + bias - lse)      dS = P (dP - sum_j P_j dP_j)
+//! P = exp(S + bias - lse)      dS = P (dP - sum_j P_j dP_j + dlse)
 //! ```
 //!
 //! where candle's ops would take seven passes over the block and allocate at each. The same
@@ -15,15 +15,15 @@ use rayon::prelude::*;
 use super::exp2::exp2;
 
 /// A block of rows of the backward: row `r` of `s` / `dp` (each `[rows, keys]`, row-major) uses
-/// bias row `bias_row(r)` (`[keys]`, 0 visible, `-inf` hidden) and log-sum-exp `lse(r)` (`+inf`
-/// for a row that sees no key).
-pub(crate) struct GradRows<'a, B: Fn(usize) -> &'a [f32] + Sync, L: Fn(usize) -> f32 + Sync> {
+/// bias row `bias_row(r)` (`[keys]`, 0 visible, `-inf` hidden) and `lse(r)`: its log-sum-exp
+/// (`+inf` for a row that sees no key) and the gradient of that LSE (0 when it has none).
+pub(crate) struct GradRows<'a, B: Fn(usize) -> &'a [f32] + Sync, L: Fn(usize) -> (f32, f32) + Sync> {
     pub keys: usize,
     pub bias_row: B,
     pub lse: L,
 }
 
-impl<'a, B: Fn(usize) -> &'a [f32] + Sync, L: Fn(usize) -> f32 + Sync> GradRows<'a, B, L> {
+impl<'a, B: Fn(usize) -> &'a [f32] + Sync, L: Fn(usize) -> (f32, f32) + Sync> GradRows<'a, B, L> {
     /// `(P, dS)`, each `[rows, keys]` like `s` and `dp`.
     pub fn run(&self, s: &[f32], dp: &[f32]) -> (Vec<f32>, Vec<f32>) {
         let n = self.keys;
@@ -64,13 +64,13 @@ impl<'a, B: Fn(usize) -> &'a [f32] + Sync, L: Fn(usize) -> f32 + Sync> GradRows<
 /// The CPU must have AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn row_avx2(s: &[f32], bias: &[f32], dp: &[f32], lse: f32, p: &mut [f32], ds: &mut [f32]) {
+unsafe fn row_avx2(s: &[f32], bias: &[f32], dp: &[f32], lse: (f32, f32), p: &mut [f32], ds: &mut [f32]) {
     row_body(s, bias, dp, lse, p, ds);
 }
 
-/// One row: `p = exp(s + bias - lse)`, `ds = p (dp - sum p dp)`.
+/// One row: `p = exp(s + bias - lse)`, `ds = p (dp - sum p dp + dlse)` for `(lse, dlse)`.
 #[inline(always)]
-fn row_body(s: &[f32], bias: &[f32], dp: &[f32], lse: f32, p: &mut [f32], ds: &mut [f32]) {
+fn row_body(s: &[f32], bias: &[f32], dp: &[f32], (lse, d_lse): (f32, f32), p: &mut [f32], ds: &mut [f32]) {
     for ((p, &s), &b) in p.iter_mut().zip(s).zip(bias) {
         // exp(x) = 2^(x log2 e); -inf (hidden, or a row that sees nothing) gives 0.
         *p = exp2((s + b - lse) * std::f32::consts::LOG2_E);
@@ -84,8 +84,8 @@ fn row_body(s: &[f32], bias: &[f32], dp: &[f32], lse: f32, p: &mut [f32], ds: &m
             part[l] += p[l] * g[l];
         }
     }
-    let row_dot = part.iter().sum::<f32>() + tail;
+    let centre = part.iter().sum::<f32>() + tail - d_lse;
     for ((ds, &p), &g) in ds.iter_mut().zip(p.iter()).zip(dp) {
-        *ds = p * (g - row_dot);
+        *ds = p * (g - centre);
     }
 }

@@ -195,6 +195,30 @@ pub fn random_partition(rng: &mut Rng, len: usize, max_segments: usize) -> Vec<u
     lens
 }
 
+/// Max |a - b| / (atol + rtol m) over all elements, for magnitudes `m` of the terms `b` is a sum
+/// of (a result that two ops each round to a 16-bit dtype and candle then adds: under
+/// cancellation the error follows the terms, not their sum). NaN anywhere fails.
+pub fn worst_ratio_of_terms(a: &Tensor, b: &Tensor, m: &Tensor, atol: f64, rtol: f64) -> Result<(f64, usize)> {
+    let f = |t: &Tensor| t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>();
+    let (a, b, m) = (f(a)?, f(b)?, f(m)?);
+    assert!(
+        a.len() == b.len() && b.len() == m.len(),
+        "compared tensors differ in size"
+    );
+    let mut worst = (0.0, 0);
+    for (i, ((&x, &y), &m)) in a.iter().zip(&b).zip(&m).enumerate() {
+        let r = if x.is_nan() || y.is_nan() {
+            f64::INFINITY
+        } else {
+            (x - y).abs() / (atol + rtol * m)
+        };
+        if r > worst.0 {
+            worst = (r, i);
+        }
+    }
+    Ok(worst)
+}
+
 /// Max |a - b| / (atol + rtol |b|) over all elements; `-inf == -inf` counts as equal and any NaN
 /// in `a` fails. Returns the worst ratio and its flat index (ratio <= 1 passes).
 pub fn worst_ratio(a: &Tensor, b: &Tensor, atol: f64, rtol: f64) -> Result<(f64, usize)> {
@@ -223,22 +247,30 @@ pub mod cases;
 pub mod gpu;
 pub mod pine;
 
-/// dq, dk, dv of the loss `sum(out * w)` of attention over `(q, k, v)` under `mask`, from
-/// candle's backward pass through the op (`w` in the dtype of q, so the gradient that reaches
-/// the op is exactly `w`).
+/// dq, dk, dv of the loss `sum(out * w)` (plus `sum(lse * w_lse)` when `w_lse` is given) of
+/// attention over `(q, k, v)` under `mask`, from candle's backward pass through the op (`w` in
+/// the dtype of q, so the gradient that reaches the op is exactly `w`; `w_lse` f32 `[B, H, Lq]`).
 pub fn autograd_gradients(
     (q, k, v): (&Tensor, &Tensor, &Tensor),
     mask: &SegmentMask,
-    w: &Tensor,
+    (w, w_lse): (&Tensor, Option<&Tensor>),
     scale: Option<f64>,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let (q, k, v) = (Var::from_tensor(q)?, Var::from_tensor(k)?, Var::from_tensor(v)?);
-    let mut attn = SegmentAttention::new(mask);
+    let mut attn = SegmentAttention::new(mask).return_lse(w_lse.is_some());
     if let Some(s) = scale {
         attn = attn.scale(s);
     }
-    let out = attn.forward(q.as_tensor(), k.as_tensor(), v.as_tensor())?.out;
-    let grads = (out * w)?.sum_all()?.backward()?;
+    let res = attn.forward(q.as_tensor(), k.as_tensor(), v.as_tensor())?;
+    let mut loss = (res.out * w)?.sum_all()?.to_dtype(DType::F32)?;
+    if let (Some(w_lse), Some(lse)) = (w_lse, &res.lse) {
+        // Rows that see nothing have lse -inf: weight 0 there would still give NaN, so they are
+        // left out of the loss.
+        let finite = lse.ne(f32::NEG_INFINITY)?;
+        let term = finite.where_cond(&(lse * w_lse)?, &lse.zeros_like()?)?;
+        loss = (loss + term.sum_all()?)?;
+    }
+    let grads = loss.backward()?;
     let get = |x: &Var, name: &str| {
         grads
             .get(x.as_tensor())
