@@ -289,3 +289,34 @@ fn merged_partials_have_the_gradients_of_the_whole() -> Result<()> {
     }
     Ok(())
 }
+
+/// Views as inputs, as models pass them: q a transposed `[B, H, L, D]` tensor, k and v the two
+/// halves of one fused projection `[B, L, 2 Hkv, D]`; the gradients flow back through the views
+/// (the fused tensor gets both halves' gradients) and equal those of contiguous copies.
+#[test]
+fn gradients_through_views() -> Result<()> {
+    let mut rng = Rng::new(12);
+    let (b, l, h, hkv, d) = (2, 70, 4, 2, 16);
+    let case = draw(3, b, l, true, (h, hkv), d, DType::F32, 5)?;
+    let w = random_tensor(&mut rng, &[b, l, h, d], DType::F32)?;
+    let want = autograd_gradients((&case.q, &case.k, &case.v), &case.mask, (&w, None), None)?;
+
+    let q_heads_first = Var::from_tensor(&case.q.transpose(1, 2)?.contiguous()?)?;
+    let kv = Var::from_tensor(&Tensor::cat(&[&case.k, &case.v], 2)?)?;
+    let q = q_heads_first.as_tensor().transpose(1, 2)?;
+    let (k, v) = (kv.as_tensor().narrow(2, 0, hkv)?, kv.as_tensor().narrow(2, hkv, hkv)?);
+    assert!(!q.is_contiguous() && !k.is_contiguous());
+    let out = segment_attention(&q, &k, &v, &case.mask)?;
+    let grads = (out * &w)?.sum_all()?.backward()?;
+    let dq = grads.get(q_heads_first.as_tensor()).expect("dq").transpose(1, 2)?;
+    let dkv = grads.get(kv.as_tensor()).expect("dkv");
+    for (name, got, want) in [
+        ("dq", dq, &want.0),
+        ("dk", dkv.narrow(2, 0, hkv)?, &want.1),
+        ("dv", dkv.narrow(2, hkv, hkv)?, &want.2),
+    ] {
+        let (r, at) = worst_ratio(&got, want, 1e-6, 1e-5)?;
+        assert!(r <= 1.0, "{name} through views off by {r} x tolerance at {at}");
+    }
+    Ok(())
+}
