@@ -33,6 +33,7 @@ mod error;
 mod kernel_params;
 pub mod mask;
 mod merge;
+mod no_backward;
 mod op;
 pub mod pine;
 pub mod reference;

@@ -12,6 +12,7 @@ use crate::cpu::{self, Element, Strided};
 use crate::decode_pack::DecodePacking;
 use crate::error::invalid_arg;
 use crate::mask::{HostMask, SegmentMask};
+use crate::no_backward;
 use crate::pine::PineRotation;
 use crate::scores::{apply_weights, kernel_two_pass, MassAlgorithm, MassPlan, SegmentScoreOptions};
 use crate::validate::{default_scale, AttentionShape};
@@ -175,7 +176,8 @@ impl<'a> SegmentAttention<'a> {
             )
         };
         let (out, op, lse): (Tensor, Arc<AttentionOp>, Option<Tensor>) = match self.rotation {
-            // PINE's rotated attention is inference only: no gradient is recorded.
+            // PINE's rotated attention is inference only: no backward (one through it is an
+            // error, `no_backward`).
             Some(rot) => {
                 rot.check(&shape)?;
                 if self.segment_mass.is_some() {
@@ -187,7 +189,8 @@ impl<'a> SegmentAttention<'a> {
                 };
                 let out = q.apply_op3_no_bwd(k, v, &op)?;
                 let lse = op.take_lse()?.map(lse_of);
-                (out, Arc::new(op), lse)
+                let mark = |t: Tensor| no_backward::mark(t, [q, k, v], "segattn PINE attention (inference only)");
+                (mark(out)?, Arc::new(op), lse.map(mark).transpose()?)
             }
             // With gradients: candle keeps the op for the backward pass (`TrackedAttention`),
             // which reuses the forward's LSE (computed whether asked for or not).
@@ -227,7 +230,12 @@ impl<'a> SegmentAttention<'a> {
                 // The CPU path weights the mass itself; the CUDA kernels leave it raw.
                 let on_cpu = matches!(storage, Storage::Cpu(_));
                 let mass = Tensor::from_storage(storage, plan.out_dims(shape.q_len), BackpropOp::none(), false);
-                Some(if on_cpu { mass } else { apply_weights(mass, plan)? })
+                let mass = if on_cpu { mass } else { apply_weights(mass, plan)? };
+                Some(no_backward::mark(
+                    mass,
+                    [q, k, v],
+                    "segattn segment mass (no gradient)",
+                )?)
             }
             (None, _) => None,
             (Some(_), None) => invalid_arg!("internal error: the attention op produced no segment mass"),

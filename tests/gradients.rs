@@ -320,3 +320,46 @@ fn gradients_through_views() -> Result<()> {
     }
     Ok(())
 }
+
+/// The outputs without a gradient (PINE's attention, the segment mass, `segment_scores`) are
+/// not silent constants in candle's graph: a backward pass through them is an error naming them,
+/// while their values are those of the untracked call.
+#[test]
+fn backward_through_outputs_without_gradient_is_an_error() -> Result<()> {
+    use segattn::pine::{PineAttention, Rope};
+    use segattn::{segment_scores, PineLayout, SegmentScoreOptions};
+    let mut rng = Rng::new(21);
+    let layout = PineLayout::new(6, &[20, 14], 5);
+    let l = layout.len();
+    let q = random_tensor(&mut rng, &[1, l, 4, 16], DType::F32)?;
+    let k = random_tensor(&mut rng, &[1, l, 2, 16], DType::F32)?;
+    let v = random_tensor(&mut rng, &[1, l, 2, 16], DType::F32)?;
+    let qv = Var::from_tensor(&q)?;
+    let expect_error = |loss: Tensor, what: &str, plain: &Tensor, marked: &Tensor| -> Result<()> {
+        let diff = (plain - marked)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert_eq!(diff, 0.0, "{what}: the marked output differs from the plain one");
+        let err = loss.backward().err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains(what), "{what}: expected an error naming it, got {err:?}");
+        Ok(())
+    };
+
+    let pine = PineAttention::new(std::slice::from_ref(&layout), Rope::new(10_000.0))?;
+    let plain = pine.prefill(&q, &k, &v)?.out;
+    let marked = pine.prefill(qv.as_tensor(), &k, &v)?.out;
+    expect_error(marked.sum_all()?, "PINE attention", &plain, &marked)?;
+
+    let mask = SegmentMask::pine(6, &[20, 14], 5, &Device::Cpu)?;
+    let opts = SegmentScoreOptions::new();
+    let plain = segment_scores(&q, &k, &mask, &opts)?;
+    let marked = segment_scores(qv.as_tensor(), &k, &mask, &opts)?;
+    expect_error(marked.sum_all()?, "segment_scores", &plain, &marked)?;
+
+    let attn = SegmentAttention::new(&mask).return_segment_mass(opts);
+    let plain = attn.forward(&q, &k, &v)?.segment_mass.expect("mass");
+    let res = attn.forward(qv.as_tensor(), &k, &v)?;
+    let marked = res.segment_mass.expect("mass");
+    expect_error(marked.sum_all()?, "segment mass", &plain, &marked)?;
+    // The attention output of the same call still trains.
+    assert!(res.out.sum_all()?.backward()?.get(qv.as_tensor()).is_some());
+    Ok(())
+}

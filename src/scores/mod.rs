@@ -83,14 +83,16 @@ pub fn segment_scores(q: &Tensor, k: &Tensor, mask: &SegmentMask, options: &Segm
         plan,
         kernel_two_pass,
     };
-    if on_gpu {
+    let mass = if on_gpu {
         // The kernel reads q and k in place with 16-byte loads: contiguous (a no-op when they are)
         // guarantees that for D = 64 / 128. It writes the raw mass; the weights follow as tensor ops.
         let out = q.contiguous()?.apply_op2_no_bwd(&k.contiguous()?, &op)?;
-        apply_weights(out, &op.plan)
+        apply_weights(out, &op.plan)?
     } else {
-        q.apply_op2_no_bwd(k, &op)
-    }
+        q.apply_op2_no_bwd(k, &op)?
+    };
+    // No backward: one through the mass is an error naming it, not a silent constant.
+    crate::no_backward::mark(mass, [q, k, k], "segattn segment_scores (no gradient)")
 }
 
 /// The CUDA kernel's algorithm for `algorithm` and `sk` key segments: `true` for two passes. Its

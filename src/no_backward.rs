@@ -1,0 +1,85 @@
+//! Outputs without a gradient, recorded so that a backward pass through them fails loudly.
+//!
+//! PINE's rotated attention, the per-segment mass and `segment_scores` have no backward. Applied
+//! without one, their outputs would be constants in candle's graph: a loss through them would
+//! silently train nothing through them. When an input tracks gradients, such an output is
+//! instead handed to candle as the output of an op of those inputs whose backward is candle's
+//! `BackwardNotSupported` error naming it. The forward then costs one copy of the output.
+
+use std::sync::Arc;
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
+
+use crate::error::invalid_arg;
+
+/// `value`, as an output of `inputs` whose backward is an error naming `what`, when one of
+/// `inputs` tracks gradients; `value` unchanged otherwise.
+pub(crate) fn mark(value: Tensor, inputs: [&Tensor; 3], what: &'static str) -> Result<Tensor> {
+    if !inputs.iter().any(|t| t.track_op()) {
+        return Ok(value);
+    }
+    let op: Arc<Box<dyn CustomOp3 + Send + Sync>> = Arc::new(Box::new(NoBackward { value, what }));
+    inputs[0].apply_op3_arc(inputs[1], inputs[2], op)
+}
+
+/// The op of [`mark`]: its forward returns a copy of `value`; its backward is candle's default,
+/// the `BackwardNotSupported` error for op `what`.
+struct NoBackward {
+    value: Tensor,
+    what: &'static str,
+}
+
+impl NoBackward {
+    /// `value` laid out from the start of its storage, contiguous (a copy when it is not), as
+    /// the storage an op returns is read.
+    fn packed(&self) -> Result<Tensor> {
+        let layout = self.value.layout();
+        if layout.is_contiguous() && layout.start_offset() == 0 {
+            Ok(self.value.clone())
+        } else {
+            self.value.copy()
+        }
+    }
+}
+
+impl CustomOp3 for NoBackward {
+    fn name(&self) -> &'static str {
+        self.what
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let value = self.packed()?;
+        let (storage, layout) = value.storage_and_layout();
+        match &*storage {
+            Storage::Cpu(s) => Ok((s.try_clone(layout)?, value.shape().clone())),
+            _ => invalid_arg!("internal error: {} is not on the CPU", self.what),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let value = self.packed()?;
+        let (storage, layout) = value.storage_and_layout();
+        match &*storage {
+            Storage::Cuda(s) => Ok((s.try_clone(layout)?, value.shape().clone())),
+            _ => invalid_arg!("internal error: {} is not on the GPU", self.what),
+        }
+    }
+}
