@@ -9,6 +9,9 @@ use crate::error::invalid_arg;
 /// key sets: `out` `[B, Lq, H, D]` (any float dtype), `lse` `[B, H, Lq]` f32. Returns the output
 /// and LSE of attention over both key sets, exactly as if computed at once. A part with LSE
 /// `-inf` (it saw no key) contributes nothing; if both are `-inf` the result is 0 and `-inf`.
+/// Differentiable (candle ops): with parts from [`crate::SegmentAttention`] with `return_lse`,
+/// whose LSE has its gradient, the merged result trains as the whole would (ring /
+/// context-parallel training).
 ///
 /// ```
 /// use candle_core::{Device, Tensor};
