@@ -5,6 +5,7 @@
 //! silently train nothing through them. When an input tracks gradients, such an output is
 //! instead handed to candle as the output of an op of those inputs whose backward is candle's
 //! `BackwardNotSupported` error naming it. The forward then costs one copy of the output.
+//! (`cpu_copy` / `cuda_copy` also give the recorded attention op its LSE output.)
 
 use std::sync::Arc;
 
@@ -30,19 +31,6 @@ struct NoBackward {
     what: &'static str,
 }
 
-impl NoBackward {
-    /// `value` laid out from the start of its storage, contiguous (a copy when it is not), as
-    /// the storage an op returns is read.
-    fn packed(&self) -> Result<Tensor> {
-        let layout = self.value.layout();
-        if layout.is_contiguous() && layout.start_offset() == 0 {
-            Ok(self.value.clone())
-        } else {
-            self.value.copy()
-        }
-    }
-}
-
 impl CustomOp3 for NoBackward {
     fn name(&self) -> &'static str {
         self.what
@@ -57,12 +45,7 @@ impl CustomOp3 for NoBackward {
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let value = self.packed()?;
-        let (storage, layout) = value.storage_and_layout();
-        match &*storage {
-            Storage::Cpu(s) => Ok((s.try_clone(layout)?, value.shape().clone())),
-            _ => invalid_arg!("internal error: {} is not on the CPU", self.what),
-        }
+        cpu_copy(&self.value, self.what)
     }
 
     #[cfg(feature = "cuda")]
@@ -75,11 +58,39 @@ impl CustomOp3 for NoBackward {
         _: &candle_core::CudaStorage,
         _: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let value = self.packed()?;
-        let (storage, layout) = value.storage_and_layout();
-        match &*storage {
-            Storage::Cuda(s) => Ok((s.try_clone(layout)?, value.shape().clone())),
-            _ => invalid_arg!("internal error: {} is not on the GPU", self.what),
-        }
+        cuda_copy(&self.value, self.what)
+    }
+}
+
+/// `t` laid out from the start of its storage, contiguous (a copy when it is not), as the
+/// storage an op returns is read.
+fn packed(t: &Tensor) -> Result<Tensor> {
+    let layout = t.layout();
+    if layout.is_contiguous() && layout.start_offset() == 0 {
+        Ok(t.clone())
+    } else {
+        t.copy()
+    }
+}
+
+/// A copy of `t` (on the CPU) as a custom op's output: storage and shape. `what` names it in
+/// the error for a tensor on another device.
+pub(crate) fn cpu_copy(t: &Tensor, what: &str) -> Result<(CpuStorage, Shape)> {
+    let t = packed(t)?;
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        Storage::Cpu(s) => Ok((s.try_clone(layout)?, t.shape().clone())),
+        _ => invalid_arg!("internal error: {what} is not on the CPU"),
+    }
+}
+
+/// A copy of `t` (on a GPU) as a custom op's output: storage and shape.
+#[cfg(feature = "cuda")]
+pub(crate) fn cuda_copy(t: &Tensor, what: &str) -> Result<(candle_core::CudaStorage, Shape)> {
+    let t = packed(t)?;
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        Storage::Cuda(s) => Ok((s.try_clone(layout)?, t.shape().clone())),
+        _ => invalid_arg!("internal error: {what} is not on the GPU"),
     }
 }

@@ -320,12 +320,7 @@ impl CustomOp3 for TrackedAttention {
         if self.output == TrackedOutput::Out {
             return self.op.cpu_fwd(q, ql, k, kl, v, vl);
         }
-        let lse = self.kept_lse()?;
-        let (storage, layout) = lse.storage_and_layout();
-        match &*storage {
-            Storage::Cpu(s) => Ok((s.try_clone(layout)?, lse.shape().clone())),
-            _ => invalid_arg!("internal error: the kept LSE is not on the CPU"),
-        }
+        no_backward::cpu_copy(self.kept_lse()?, "the kept LSE")
     }
 
     #[cfg(feature = "cuda")]
@@ -341,12 +336,7 @@ impl CustomOp3 for TrackedAttention {
         if self.output == TrackedOutput::Out {
             return self.op.cuda_fwd(q, ql, k, kl, v, vl);
         }
-        let lse = self.kept_lse()?;
-        let (storage, layout) = lse.storage_and_layout();
-        match &*storage {
-            Storage::Cuda(s) => Ok((s.try_clone(layout)?, lse.shape().clone())),
-            _ => invalid_arg!("internal error: the kept LSE is not on the GPU"),
-        }
+        no_backward::cuda_copy(self.kept_lse()?, "the kept LSE")
     }
 
     fn bwd(
