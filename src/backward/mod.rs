@@ -51,7 +51,8 @@ pub(crate) struct Upstream<'a> {
 
 /// The gradients of segment-masked attention at `(q, k, v)` for the gradients `up` of its output
 /// and LSE, each in the dtype of its input; only those `wanted` (q, k, v) are computed. The LSE's
-/// gradient adds `P_ij dlse_i` to `dS_ij` (d lse_i / d S_ij = P_ij) and nothing to dV.
+/// gradient adds `P_ij dlse_i` to `dS_ij` (d lse_i / d S_ij = P_ij) and nothing to dV (dv is
+/// `None` when the output has no gradient).
 pub(crate) fn attention_gradients(
     (q, k, v): (&Tensor, &Tensor, &Tensor),
     up: Upstream,
@@ -73,7 +74,11 @@ pub(crate) fn attention_gradients(
     let dev = q.device();
     // [B, Hkv, Lk, D] f32.
     let heads_first = |t: &Tensor| t.to_dtype(DType::F32)?.transpose(1, 2)?.contiguous();
-    let (kf, vf) = (heads_first(k)?, heads_first(v)?);
+    let kf = heads_first(k)?;
+    // V enters only through the output's gradient (dP = dO V^T, dV = P^T dO); the LSE's gradient
+    // gives none to v.
+    let vf = up.d_out.map(|_| heads_first(v)).transpose()?;
+    let wanted = [wanted[0], wanted[1], wanted[2] && up.d_out.is_some()];
     // The forward's LSE `[B, H, Lq]`, with +inf for rows that see no key (P = exp(-inf) = 0
     // there, where -inf would give exp(NaN)).
     let lse = lse.to_dtype(DType::F32)?;
@@ -82,7 +87,7 @@ pub(crate) fn attention_gradients(
         .where_cond(&Tensor::full(f32::INFINITY, lse.shape(), dev)?, &lse)?;
     // On the CPU the elementwise middle runs as one pass per row over the LSE's host copy
     // (unless SEGATTN_CPU_PORTABLE=1 asks for the device-generic path, the one CUDA runs).
-    let lse_host = if dev.is_cpu() && !crate::cpu::portable_requested() {
+    let lse_host = if dev.is_cpu() && !crate::cpu::portable_only() {
         Some(lse.flatten_all()?.to_vec1::<f32>()?)
     } else {
         None
@@ -110,16 +115,16 @@ pub(crate) fn attention_gradients(
             continue;
         };
         let (k0, kw) = (keys.first, keys.count);
-        let (kb, vb) = (kf.narrow(2, k0, kw)?, vf.narrow(2, k0, kw)?);
+        let kb = kf.narrow(2, k0, kw)?;
         let qb = stack(q)?;
         let dob = up.d_out.map(stack).transpose()?;
         // Raw scaled scores and dP = dO V^T over the block's key range, [B, Hkv, P c, kw]
         // (dP = 0 when only the LSE has a gradient).
         let qs = (&qb * f64::from(scale))?;
         let scores = qs.matmul(&kb.t()?)?;
-        let dp = match &dob {
-            Some(dob) => dob.matmul(&vb.t()?)?,
-            None => scores.zeros_like()?,
+        let dp = match (&dob, &vf) {
+            (Some(dob), Some(vf)) => dob.matmul(&vf.narrow(2, k0, kw)?.t()?)?,
+            _ => scores.zeros_like()?,
         };
         let (probs, ds) = match &lse_host {
             Some(lse_host) => {

@@ -22,7 +22,7 @@ mod tile;
 use candle_core::{Layout, Result};
 use rayon::prelude::*;
 
-pub(crate) use element::{portable_only as portable_requested, Element};
+pub(crate) use element::{portable_only, Element};
 
 use crate::mask::tiles::{classify_tile, TileClass};
 use crate::mask::HostMask;
