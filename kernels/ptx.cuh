@@ -199,6 +199,16 @@ __device__ __forceinline__ int shfl_xor(int v, int lane_mask) {
 }
 #endif
 
+// Adds v to *p (global or shared memory): atomically on the GPU. The emulator runs a block's
+// threads as fibers of one OS thread and blocks one after another, so a plain add is atomic there.
+__device__ __forceinline__ void atomic_add(float* p, float v) {
+#if defined(SEGATTN_EMULATE)
+  *p += v;
+#else
+  atomicAdd(p, v);
+#endif
+}
+
 // Sum and max over the 32 lanes of a full warp (butterfly: every lane gets the result).
 __device__ __forceinline__ float warp_sum(float v) {
   for (int m = 16; m >= 1; m /= 2) v += shfl_xor(v, m);
@@ -213,6 +223,7 @@ __device__ __forceinline__ float warp_max(float v) {
 }  // namespace segattn
 
 // Also reachable unqualified from kernels outside namespace segattn.
+using segattn::atomic_add;
 using segattn::cp_async_16;
 using segattn::cp_async_4;
 using segattn::cp_async_commit;

@@ -329,7 +329,7 @@ __device__ void scores_kernel(const SegattnScoresParams& sp) {
               if (loc < nloc && out != nullptr && v != 0.0f && id < static_cast<uint32_t>(sp.out.num_segments)) {
                 float* const dst = out + id;
                 if (reduce) {
-                  mass::atomic_add(dst, v);
+                  segattn::atomic_add(dst, v);
                 } else {
                   *dst += v;  // this thread owns (row, segment): no other writer
                 }

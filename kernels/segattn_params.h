@@ -180,6 +180,32 @@ typedef struct SegattnScoresParams {
   const float *saved_lse;
 } SegattnScoresParams;
 
+/* Gradients of attention (kernels/bwd/bwd.cu): FlashAttention-2's backward over the key tiles of
+ * `base`'s mask. `base` gives q, k, v (16-byte aligned, strides multiples of 8 elements), their
+ * strides, the mask, the sizes and the scale (o, lse and the rest unused). With P the softmax of
+ * row i (P_ij = exp(scale q_i.k_j - lse_i) on visible keys, 0 elsewhere), dP_ij = dO_i . v_j and
+ * dS_ij = P_ij (dP_ij - delta_i):
+ *   dq_accum[b, i, h, :] += scale sum_j dS_ij k_j        (f32, atomically: zero it first)
+ *   dk[b, j, kh, :] = scale sum over the query heads h of kh and rows i of dS_ij q_i
+ *   dv[b, j, kh, :] = sum over the same of P_ij dO_i     (both in the input dtype, every
+ *                                                         element written)
+ * Grid (ceil(kv_len / 64), num_kv_heads, batch): one block per 64 keys of one KV head. */
+typedef struct SegattnBwdParams {
+  SegattnFwdParams base;
+  /* [B, Lq, H, D] gradient of the output, the input dtype, 16-byte aligned like q. */
+  const void *d_out;
+  SegattnStrides d_out_strides;
+  /* [B, H, Lq] f32: the forward's natural-log LSE, and delta_i = dO_i . O_i (minus the LSE's
+   * gradient, if any). A row that sees no key may hold anything (its P is 0). */
+  const float *lse;
+  const float *delta;
+  /* [B, Lq, H, D] f32, contiguous, zeroed before the launch. */
+  float *dq_accum;
+  /* [B, Lk, Hkv, D] in the input dtype, contiguous. */
+  void *dk;
+  void *dv;
+} SegattnBwdParams;
+
 /* PINE's segment order and shifts on the device (kernels/pine/shifts.cu), from the importance
  * scores. Query groups per (b, h): 0 = prefix rows (no shift), 1..n_b the segments, then one per
  * suffix / generated query row (row first_suffix_row[b] + g - n_b - 1 of the query). For group g

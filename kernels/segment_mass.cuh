@@ -36,16 +36,6 @@ __device__ __forceinline__ uint32_t onehot2(int seg_lo, int seg_hi, int want) {
   return (seg_lo == want ? 0x3C00u : 0u) | (seg_hi == want ? 0x3C000000u : 0u);
 }
 
-// Adds v to *p: atomically on the GPU. The emulator runs a block's threads as fibers of one OS
-// thread and blocks one after another, so a plain add is atomic there.
-__device__ __forceinline__ void atomic_add(float* p, float v) {
-#if defined(SEGATTN_EMULATE)
-  *p += v;
-#else
-  atomicAdd(p, v);
-#endif
-}
-
 // Where this thread's rows (g and g + 8 of 16-row tile `row_tile` of the block, query segment ids
 // `row_seg`) land in `out`: the row of `mass` for (b, h), or nullptr for a row past q1.
 __device__ __forceinline__ void row_outputs(const SegattnMassOutput& out, int b, int h, int q0, int q1, int row_tile,
@@ -284,7 +274,7 @@ __device__ __forceinline__ void store_rows(const float (&acc)[kSB][4], const flo
       if (!reduce) {
         dst[seg] = v;
       } else if (v != 0.0f) {
-        atomic_add(dst + seg, v);
+        segattn::atomic_add(dst + seg, v);
       }
     }
   }

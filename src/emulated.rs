@@ -24,8 +24,10 @@ use crate::pine::PineRotation;
 use crate::scores::{apply_weights, fused_mass_in_forward, MassPlan, SegmentScoreOptions};
 use crate::validate::{default_scale, AttentionShape};
 
+mod backward;
 mod pine;
 mod scores;
+pub use backward::{attention_backward, bwd_smem_bytes};
 pub use pine::{
     decode_scores_smem_bytes, pine_decode, pine_decode_importance_both, pine_prefill, pine_shifts_both, rope_rows,
     DecodeImportanceBoth,

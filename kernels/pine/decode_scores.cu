@@ -43,16 +43,6 @@ constexpr int kDecodeScoresUnroll = 4;
 constexpr int kMaxDecodeScoresSplits = SEGATTN_DECODE_SCORES_MAX_SPLITS;
 static_assert(kMaxDecodeScoresSplits <= kDecodeScoresChunk, "the slice weights live in the scores' shared memory");
 
-// Adds v to *p in shared memory: atomically on the GPU; the emulator runs a block's threads as
-// fibers of one OS thread, so a plain add is atomic there.
-__device__ __forceinline__ void smem_add(float* p, float v) {
-#if defined(SEGATTN_EMULATE)
-  *p += v;
-#else
-  atomicAdd(p, v);
-#endif
-}
-
 // Heads scored together, and the scores reduced over the warp at once (kUnroll keys x heads).
 constexpr int kHeadsAtOnce = 4;
 constexpr int kReduced = kDecodeScoresUnroll * kHeadsAtOnce;
@@ -231,7 +221,7 @@ __device__ void decode_scores_kernel(const SegattnDecodeScoresParams& p) {
       const int hh = x / n;
       const int jj = x % n;
       const uint32_t id = s_seg[jj];
-      if (id != 0) smem_add(&s_acc[hh * S + id], expf(s_score[hh * kDecodeScoresChunk + jj] - s_max[hh]));
+      if (id != 0) segattn::atomic_add(&s_acc[hh * S + id], expf(s_score[hh * kDecodeScoresChunk + jj] - s_max[hh]));
     }
   }
   __syncthreads();

@@ -24,6 +24,7 @@
 use candle_core::{CpuStorage, DType, Result, Storage, Tensor, D};
 
 mod bias;
+pub(crate) mod fused;
 
 use bias::BlockKeys;
 

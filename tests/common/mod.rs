@@ -57,6 +57,21 @@ pub fn gradient_tolerance(dtype: DType) -> (f64, f64) {
     }
 }
 
+/// Tolerance of the fused CUDA backward kernel's gradients against the f64 reference: (a
+/// fraction of the tensor's largest magnitude, an absolute floor, relative). The kernel rounds P
+/// and dS to the dtype for its tensor-core products (FlashAttention-2's choice) and takes
+/// delta = dO . O from the rounded output, so an element's error follows the size of the terms it
+/// sums, which the tensor's largest element bounds; the floor covers tensors whose terms cancel
+/// to exactly 0 (every row sees one key: dS = 0 in exact arithmetic, ~1e-8 from O's rounding).
+/// See [`worst_ratio_scaled`].
+pub fn fused_gradient_tolerance(dtype: DType) -> (f64, f64, f64) {
+    match dtype {
+        DType::F16 => (1e-3, 1e-5, 1e-3),
+        DType::BF16 => (6e-3, 1e-4, 6e-3),
+        other => panic!("no fused backward for {other:?}"),
+    }
+}
+
 /// Tolerance of the LSE (always f32): absolute, on values of magnitude ~log(Lk) + max score.
 pub fn lse_tolerance(dtype: DType) -> f64 {
     match dtype {
@@ -217,6 +232,19 @@ pub fn worst_ratio_of_terms(a: &Tensor, b: &Tensor, m: &Tensor, atol: f64, rtol:
         }
     }
     Ok(worst)
+}
+
+/// Max |a - b| / (frac max|b| + atol + rtol |b|) over all elements (an error measured against
+/// the tensor's scale), for `(frac, atol, rtol)` from [`fused_gradient_tolerance`]. NaN anywhere
+/// fails.
+pub fn worst_ratio_scaled(a: &Tensor, b: &Tensor, (frac, atol, rtol): (f64, f64, f64)) -> Result<(f64, usize)> {
+    let largest = b
+        .abs()?
+        .to_dtype(DType::F64)?
+        .flatten_all()?
+        .max(0)?
+        .to_scalar::<f64>()?;
+    worst_ratio(a, b, frac * largest + atol, rtol)
 }
 
 /// Max |a - b| / (atol + rtol |b|) over all elements; `-inf == -inf` counts as equal and any NaN
