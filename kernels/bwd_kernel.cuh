@@ -2,7 +2,8 @@
 // the segment mask leaves visible.
 //
 // Grid (ceil(Lk / 64), Hkv, B), 128 threads. The block owns keys [k0, k0 + 64) of KV head kh of
-// batch row b; warp w owns keys 16w .. 16w + 15 and keeps their dK and dV in registers. With the
+// batch row b; warp w owns keys 16w .. 16w + 15 and keeps their dK and dV in registers; query
+// tiles of kBlockM rows (64, or 32 at D = 128: bwd_traits.cuh). With the
 // forward's LSE and delta_i = dO_i . O_i given:
 //
 //   load K, V (cp.async); record the keys' segment pieces (bwd_block_info.cuh)
@@ -17,7 +18,8 @@
 //       dK  += dS^T Q                    (the same, from dS^T)
 //       dS^T -> shared memory (16-bit); barrier
 //       dQ  += scale dS K                (A = dS through ldmatrix .trans; f32 atomic adds into
-//                                         dq_accum, 16 rows a warp); barrier
+//                                         dq_accum, a 16-row tile and a range of dims a warp);
+//                                         barrier
 //   dK * scale and dV -> 16-bit, stored
 //
 // Rows past Lq read zero-filled Q and dO and an LSE of +inf: P = 0 there. Keys past Lk read zero
@@ -237,12 +239,15 @@ __device__ void bwd_kernel(const SegattnBwdParams& bp) {
         }
         __syncthreads();
 
-        // dQ += scale dS K: warp w takes query rows 16w .. 16w + 15 of the tile, 16 dims at a time.
+        // dQ += scale dS K: warp w takes 16-row tile w % kDqRowTiles of the query tile and its
+        // share of the dims, 16 at a time.
+        const int dq_tile = warp % Traits::kDqRowTiles;
+        const int dq_pair0 = warp / Traits::kDqRowTiles * Traits::kDqPairsPerWarp;
         float* const dq_rows = bp.dq_accum + ((static_cast<int64_t>(b) * p.q_len + q0) * p.num_heads + h) *
                                                  static_cast<int64_t>(Traits::kHeadDim);
         const int64_t dq_row_stride = static_cast<int64_t>(p.num_heads) * Traits::kHeadDim;
         SEGATTN_UNROLL
-        for (int dpair = 0; dpair < Traits::kNO / 2; ++dpair) {
+        for (int dpair = dq_pair0; dpair < dq_pair0 + Traits::kDqPairsPerWarp; ++dpair) {
           float acc[2][4];
           SEGATTN_UNROLL
           for (int i = 0; i < 2; ++i) {
@@ -252,14 +257,14 @@ __device__ void bwd_kernel(const SegattnBwdParams& bp) {
           SEGATTN_UNROLL
           for (int kc = 0; kc < Traits::kQK; ++kc) {
             uint32_t a[4], kb[4];
-            load_ds_fragment<Traits>(s_ds, warp, kc, lane, a);
+            load_ds_fragment<Traits>(s_ds, dq_tile, kc, lane, a);
             load_v_fragments<Traits>(s_k, dpair, kc, lane, kb);
             mma_16816<T>(acc[0], a, kb[0], kb[1]);
             mma_16816<T>(acc[1], a, kb[2], kb[3]);
           }
           SEGATTN_UNROLL
           for (int r = 0; r < 2; ++r) {
-            const int row = warp * 16 + g + 8 * r;
+            const int row = dq_tile * 16 + g + 8 * r;
             if (row >= rows) continue;
             float* const dst = dq_rows + row * dq_row_stride + dpair * 16 + quad_col;
             SEGATTN_UNROLL

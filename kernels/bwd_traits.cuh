@@ -2,7 +2,7 @@
 // shared-memory layout for one (element type, head dim) pair.
 //
 // A thread block owns kBlockN = 64 keys of one KV head (4 warps x 16 keys: each warp's dK and dV
-// rows stay in its registers for the whole kernel) and walks query tiles of kBlockM = 64 rows, for
+// rows stay in its registers for the whole kernel) and walks query tiles of kBlockM rows, for
 // every query head of its KV head. Tiles are row-major [row][head_dim] 16-bit and swizzled as in
 // the forward kernel (kernel_traits.cuh), so the forward's fragment loaders serve: K and V as A
 // operands (their rows are the warp's keys), Q and dO as B operands, non-transposed for
@@ -10,14 +10,15 @@
 //
 // Shared memory (dynamic, in this order):
 //   K, V        kBlockN x D x 2 each     loaded once
-//   Q, dO       kBlockM x D x 2 each     per query tile and head
+//   Q, dO       kBlockM x D x 2 each     per query tile and head (kBlockM = 64 at D = 64, 32 at
+//                                        D = 128)
 //   dS^T        kBlockN x (kBlockM + 8) x 2   16-bit, rows padded by 16 bytes (conflict-free
 //               fragment stores and ldmatrix .trans reads): the A operand of dQ = dS K
 //   lse, delta  f32[kBlockM]  (lse in the log2 domain; +inf past the rows: P = 0)
 //   q_id        u32[kBlockM]  the query tile's segment ids (per-element masking)
 //   key pieces  u32 k_id[kBlockN], i32 k_end[kBlockN], u32 k_starts[kBlockN / 32]
 //   window      u8[kThreads]  classes of the query tiles ahead, one per thread
-// D = 64: 43,400 bytes; D = 128: 76,168 bytes (the launcher raises the limit above 48 KiB).
+// D = 64: 43,400 bytes; D = 128: 55,304 bytes (the launcher raises the limit above 48 KiB).
 #ifndef SEGATTN_BWD_TRAITS_CUH
 #define SEGATTN_BWD_TRAITS_CUH
 
@@ -37,7 +38,9 @@ struct BwdTraits {
   static constexpr int kWarps = 4;
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kBlockN = 16 * kWarps;  // keys per block: 16 per warp
-  static constexpr int kBlockM = 64;           // query rows per query tile
+  // Query rows per query tile: 64 at D = 64; 32 at D = 128, where the 2 x 64 dK / dV accumulators
+  // leave no room for two 64-column S^T / dP^T blocks (255 registers and spills at 64 rows).
+  static constexpr int kBlockM = kHeadDim == 128 ? 32 : 64;
 
   static constexpr int kChunks = kHeadDim / 8;  // 16-byte chunks per tile row
   static constexpr int kDK = kHeadDim / 16;     // k-steps of S^T = K Q^T and dP^T = V dO^T
@@ -45,6 +48,12 @@ struct BwdTraits {
   static constexpr int kNO = kHeadDim / 8;      // n-blocks of dK, dV, dQ (8 dims each)
   static constexpr int kPK = kBlockM / 16;      // k-steps of dV += P^T dO, dK += dS^T Q
   static constexpr int kQK = kBlockN / 16;      // k-steps of dQ += dS K
+  // dQ = dS K of a query tile: its 16-row tiles shared among the warps, each warp taking one row
+  // tile and a range of the dims (all of them at kBlockM = 64, half at 32).
+  static constexpr int kDqRowTiles = kBlockM / 16;
+  static constexpr int kDqWarpsPerRowTile = kWarps / kDqRowTiles;
+  static constexpr int kDqPairsPerWarp = kNO / 2 / kDqWarpsPerRowTile;  // 16-dim column pairs
+  static_assert(kWarps % kDqRowTiles == 0 && (kNO / 2) % kDqWarpsPerRowTile == 0, "dQ split evenly");
 
   static constexpr int kKVBytes = kBlockN * kHeadDim * 2;
   static constexpr int kQBytes = kBlockM * kHeadDim * 2;

@@ -344,7 +344,7 @@ impl CustomOp3 for TrackedAttention {
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
-        _res: &Tensor,
+        res: &Tensor,
         d_res: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let op = &self.op;
@@ -353,15 +353,17 @@ impl CustomOp3 for TrackedAttention {
         let wanted = [q.track_op(), k.track_op(), v.track_op()];
         // Detached: the gradients are computed from the values alone, so that they carry no op
         // graph (which would keep every block's intermediates alive as long as they live).
-        let (q, k, v, d_res) = (q.detach(), k.detach(), v.detach(), d_res.detach());
+        let (q, k, v, res, d_res) = (q.detach(), k.detach(), v.detach(), res.detach(), d_res.detach());
         let up = match self.output {
             TrackedOutput::Out => Upstream {
                 d_out: Some(&d_res),
                 d_lse: None,
+                out: Some(&res),
             },
             TrackedOutput::Lse => Upstream {
                 d_out: None,
                 d_lse: Some(&d_res),
+                out: None,
             },
         };
         crate::backward::attention_gradients(

@@ -48,6 +48,10 @@ pub(crate) type Gradients = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
 pub(crate) struct Upstream<'a> {
     pub d_out: Option<&'a Tensor>,
     pub d_lse: Option<&'a Tensor>,
+    /// The forward's output, when known (the fused CUDA kernel's delta = dO . O needs it; unread
+    /// without the `cuda` feature).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub out: Option<&'a Tensor>,
 }
 
 /// The gradients of segment-masked attention at `(q, k, v)` for the gradients `up` of its output
@@ -71,6 +75,12 @@ pub(crate) fn attention_gradients(
         num_kv_heads: hkv,
         head_dim: d,
     } = shape;
+    #[cfg(feature = "cuda")]
+    if let (Some(d_out), Some(out), None) = (up.d_out, up.out, up.d_lse) {
+        if fused::available(q, &shape) {
+            return fused::gradients((q, k, v), (out, d_out), lse, shape, host, scale, wanted);
+        }
+    }
     let p = shape.group_size();
     let dev = q.device();
     // [B, Hkv, Lk, D] f32.

@@ -9,6 +9,7 @@
 //! - `pine`: PINE's device-side order and shifts, and the rotation inputs of the forward kernel.
 //! - `device_copies`: device copies of immutable host arrays (RoPE tables, a PINE step's
 //!   metadata), uploaded once per context.
+//! - `backward`: the fused backward kernel (the gradients of attention, `crate::backward`).
 //! - `counters`: the last-block merges' counters, zeroed once per stream and left zero by the
 //!   kernels.
 //! - `PreparedForward`: the same launch prepared once and repeated, for benchmarks (hidden).
@@ -17,6 +18,7 @@
 //! [`crate::SegmentAttention::forward`]. The CUDA kernels take bf16 / f16 and D = 64 / 128; other
 //! inputs are errors naming the argument (no silent fallback to the CPU).
 
+mod backward;
 mod bench;
 mod counters;
 mod device_copies;
@@ -26,6 +28,7 @@ mod pine;
 mod rope_rows;
 mod scores;
 
+pub(crate) use backward::attention_backward;
 pub use bench::PreparedForward;
 pub(crate) use device_copies::DeviceCopies;
 pub(crate) use launch::{forward, DeviceMasks, ForwardExtras};

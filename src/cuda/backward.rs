@@ -1,0 +1,201 @@
+//! Launching the fused backward kernel (`kernels/bwd/bwd.cu`) on candle's stream: dQ accumulated
+//! in a zeroed f32 buffer (converted to the dtype by the caller), dK and dV written in the dtype.
+//! Its inputs besides q, k, v and the mask (the forward's LSE, delta = dO . O) are prepared by
+//! `crate::backward::fused` with tensor ops on the device.
+
+use std::ffi::c_void;
+
+use candle_core::cuda_backend::cudarc::driver::{
+    DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+};
+use candle_core::cuda_backend::CudaDType;
+use candle_core::op::BackpropOp;
+use candle_core::{CudaStorage, DType, Result, Storage, Tensor};
+use half::{bf16, f16};
+
+use super::driver_err;
+use super::launch::{base_params, check_supported, loadable, strides_of, sync_if_asked, MaskBuffer};
+use super::module;
+use crate::error::invalid_arg;
+use crate::mask::HostMask;
+use crate::params::{SegattnBwdParams, SegattnStrides};
+use crate::validate::AttentionShape;
+
+// SAFETY: a plain C struct (bindgen of kernels/segattn_params.h, layout-tested) passed by value as
+// the kernel's only parameter; its pointers are device addresses that the kernel dereferences.
+unsafe impl DeviceRepr for SegattnBwdParams {}
+
+/// Threads per block and keys per block (`BwdTraits::kThreads`, `kBlockN`).
+const THREADS: u32 = 128;
+const BLOCK_KEYS: usize = 64;
+
+/// The gradients `(dq_accum f32 [B, Lq, H, D], dk, dv [B, Lk, Hkv, D] in the dtype)` of attention
+/// over q, k, v (CUDA, bf16 / f16, D = 64 / 128) under `host` for the output gradient `d_out`,
+/// given the forward's LSE and delta `[B, H, Lq]` f32 contiguous.
+pub(crate) fn attention_backward(
+    (q, k, v): (&Tensor, &Tensor, &Tensor),
+    d_out: &Tensor,
+    (lse, delta): (&Tensor, &Tensor),
+    shape: AttentionShape,
+    host: &HostMask,
+    scale: f32,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    check_supported(q.dtype(), shape.head_dim)?;
+    match q.dtype() {
+        DType::BF16 => typed::<bf16>((q, k, v), d_out, (lse, delta), shape, host, scale),
+        _ => typed::<f16>((q, k, v), d_out, (lse, delta), shape, host, scale),
+    }
+}
+
+/// A device input's address (start offset applied) and strides, checked for the kernel's 16-byte
+/// loads; `T` its element type.
+fn input_address<T: CudaDType + DeviceRepr>(
+    name: &str,
+    t: &Tensor,
+    stream: &candle_core::cuda_backend::cudarc::driver::CudaStream,
+) -> Result<(u64, SegattnStrides)> {
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cuda(s) = &*storage else {
+        invalid_arg!("{name}: expected a CUDA tensor on the device of q");
+    };
+    let slice = s.as_cuda_slice::<T>()?;
+    let (ptr, _guard) = slice.device_ptr(stream);
+    let addr = ptr + (std::mem::size_of::<T>() * layout.start_offset()) as u64;
+    let strides = strides_of(layout);
+    if !loadable(addr, &strides) {
+        invalid_arg!(
+            "{name}: the backward kernel reads 16-byte chunks: expected a 16-byte aligned start and strides that are \
+             multiples of 8 elements, got strides {:?} (call .contiguous())",
+            layout.stride()
+        );
+    }
+    Ok((addr, strides))
+}
+
+/// The address of a contiguous f32 CUDA tensor `t`.
+fn f32_address(name: &str, t: &Tensor, stream: &candle_core::cuda_backend::cudarc::driver::CudaStream) -> Result<u64> {
+    let (storage, layout) = t.storage_and_layout();
+    let (Storage::Cuda(s), true) = (&*storage, layout.is_contiguous()) else {
+        invalid_arg!("internal error: {name} must be a contiguous CUDA tensor");
+    };
+    let (ptr, _guard) = s.as_cuda_slice::<f32>()?.device_ptr(stream);
+    Ok(ptr + 4 * layout.start_offset() as u64)
+}
+
+fn typed<T: CudaDType + DeviceRepr + ValidAsZeroBits + candle_core::WithDType>(
+    (q, k, v): (&Tensor, &Tensor, &Tensor),
+    d_out: &Tensor,
+    (lse, delta): (&Tensor, &Tensor),
+    shape: AttentionShape,
+    host: &HostMask,
+    scale: f32,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let candle_core::Device::Cuda(dev) = q.device() else {
+        invalid_arg!("internal error: the fused backward runs on a CUDA device");
+    };
+    let stream = dev.cuda_stream();
+    let AttentionShape {
+        batch,
+        q_len,
+        kv_len,
+        num_heads,
+        num_kv_heads,
+        head_dim,
+    } = shape;
+    let n_q = batch * q_len * num_heads * head_dim;
+    let n_kv = batch * kv_len * num_kv_heads * head_dim;
+    // Never zero-byte allocations (the shape says how many elements there are).
+    let mut dq_accum = stream
+        .alloc_zeros::<f32>(n_q.max(1))
+        .map_err(|e| driver_err("allocating the backward's dQ accumulator", e))?;
+    // dK and dV: every element is written by the kernel; zeroed all the same, so that an empty
+    // key range (no launch) reads as zero gradients.
+    let mut dk = stream
+        .alloc_zeros::<T>(n_kv.max(1))
+        .map_err(|e| driver_err("allocating dK", e))?;
+    let mut dv = stream
+        .alloc_zeros::<T>(n_kv.max(1))
+        .map_err(|e| driver_err("allocating dV", e))?;
+    if n_q > 0 && n_kv > 0 {
+        let kernels = module::kernels(stream.context())?;
+        let mask = MaskBuffer::of(&stream, host, 1)?;
+        let (qa, qs) = input_address::<T>("q", q, &stream)?;
+        let (ka, ks) = input_address::<T>("k", k, &stream)?;
+        let (va, vs) = input_address::<T>("v", v, &stream)?;
+        let (doa, dos) = input_address::<T>("d_out", d_out, &stream)?;
+        let mut base = base_params(&shape, T::DTYPE, scale, [qs, ks, vs])?;
+        base.q = qa as *const c_void;
+        base.k = ka as *const c_void;
+        base.v = va as *const c_void;
+        base.o = std::ptr::null_mut();
+        base.lse = std::ptr::null_mut();
+        mask.fill(mask.device_address(&stream), &mut base);
+        let (dqp, _g1) = dq_accum.device_ptr_mut(&stream);
+        let (dkp, _g2) = dk.device_ptr_mut(&stream);
+        let (dvp, _g3) = dv.device_ptr_mut(&stream);
+        let params = SegattnBwdParams {
+            base,
+            d_out: doa as *const c_void,
+            d_out_strides: dos,
+            lse: f32_address("lse", lse, &stream)? as *const f32,
+            delta: f32_address("delta", delta, &stream)? as *const f32,
+            dq_accum: dqp as *mut f32,
+            dk: dkp as *mut c_void,
+            dv: dvp as *mut c_void,
+        };
+        let name = match (T::DTYPE, head_dim) {
+            (DType::BF16, 64) => "segattn_bwd_bf16_d64",
+            (DType::BF16, _) => "segattn_bwd_bf16_d128",
+            (_, 64) => "segattn_bwd_f16_d64",
+            _ => "segattn_bwd_f16_d128",
+        };
+        let Some(smem) = crate::emulated::bwd_smem_bytes(T::DTYPE, head_dim) else {
+            invalid_arg!("internal error: no shared memory size for kernel {name}");
+        };
+        if num_kv_heads > 65_535 || batch > 65_535 {
+            invalid_arg!(
+                "k: the backward kernel launches one grid row per KV head and batch row (at most 65535 each), got B = \
+                 {batch} and Hkv = {num_kv_heads}"
+            );
+        }
+        let func = kernels.function_with_smem(name, smem)?;
+        let cfg = LaunchConfig {
+            grid_dim: (kv_len.div_ceil(BLOCK_KEYS) as u32, num_kv_heads as u32, batch as u32),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: smem as u32,
+        };
+        let mut builder = stream.launch_builder(&func);
+        builder.arg(&params);
+        // SAFETY: the kernel's one parameter is a SegattnBwdParams by value whose pointers are live
+        // device allocations of the sizes stated in it (the inputs, held by the caller; the mask
+        // buffer and the outputs, held here until after the launch is ordered on the stream); the
+        // grid covers [B, Hkv, Lk] as the kernel expects.
+        unsafe { builder.launch(cfg) }.map_err(|e| {
+            driver_err(
+                format!(
+                    "launching {name} (grid {:?}, block {:?}, {smem} bytes of dynamic shared memory)",
+                    cfg.grid_dim, cfg.block_dim
+                ),
+                e,
+            )
+        })?;
+        sync_if_asked(&stream, name)?;
+        stream
+            .context()
+            .check_err()
+            .map_err(|e| driver_err(format!("after launching {name}"), e))?;
+    }
+    let wrap = |storage: CudaStorage, dims: (usize, usize, usize, usize)| {
+        Tensor::from_storage(Storage::Cuda(storage), dims, BackpropOp::none(), false)
+    };
+    let dq_accum = wrap(
+        CudaStorage::wrap_cuda_slice(dq_accum, dev.clone()),
+        (batch, q_len, num_heads, head_dim),
+    );
+    let kv_dims = (batch, kv_len, num_kv_heads, head_dim);
+    Ok((
+        dq_accum,
+        wrap(CudaStorage::wrap_cuda_slice(dk, dev.clone()), kv_dims),
+        wrap(CudaStorage::wrap_cuda_slice(dv, dev.clone()), kv_dims),
+    ))
+}
