@@ -462,7 +462,10 @@ fn main() -> Result<()> {
         return Ok(());
     }
     if args.backward {
-        println!("{}", gpu_backward::run(&dev, args.reps, args.warmup, args.smoke)?);
+        println!(
+            "{}",
+            gpu_backward::run(&dev, args.reps, args.warmup, args.smoke, visible_pairs)?
+        );
         return Ok(());
     }
     if args.mass {

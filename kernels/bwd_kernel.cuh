@@ -146,18 +146,6 @@ __device__ void bwd_kernel(const SegattnBwdParams& bp) {
   load_tile_async<Traits, kN>(s_v, kv_rows(p.v, p.v_strides), p.v_strides.row, valid_keys);
   cp_async_commit();
   blk.record_keys(p, smem);
-  const auto key_pieces = KeyBlock<Traits>::pieces_in(smem);
-  // This thread's two keys (rows g and g + 8 of the warp's 16): segment id and position.
-  uint32_t key_seg[2];
-  int key_pos[2];
-  SEGATTN_UNROLL
-  for (int r = 0; r < 2; ++r) {
-    const int row = warp * 16 + g + 8 * r;
-    key_seg[r] = key_pieces.q_id[row];
-    key_pos[r] = row < valid_keys ? k0 + row : -1;  // -1: past the keys (always masked)
-  }
-  const mask::Rule rule = mask::rule_of_batch(p, b);
-  const mask::Segments q_segs = mask::segments_of_batch(p.q_segments, b);
 
   float dk[Traits::kNO][4];
   float dv[Traits::kNO][4];
@@ -195,7 +183,7 @@ __device__ void bwd_kernel(const SegattnBwdParams& bp) {
           const bool row_valid = tid < rows;
           s_lse[tid] = row_valid ? bp.lse[at] * log2e : INFINITY;
           s_delta[tid] = row_valid ? bp.delta[at] : 0.0f;
-          s_qid[tid] = row_valid ? q_segs.ids[q0 + tid] : 0u;
+          s_qid[tid] = row_valid ? mask::segments_of_batch(p.q_segments, b).ids[q0 + tid] : 0u;
         }
         cp_async_wait<0>();
         __syncthreads();
@@ -203,19 +191,40 @@ __device__ void bwd_kernel(const SegattnBwdParams& bp) {
         // S^T = K Q^T, then P^T in place.
         float s[Traits::kNS][4];
         rows_times_tile_t<Traits>(s_k, s_q, warp, lane, s);
+        if (masked) {
+          // This thread's two keys (rows g and g + 8 of the warp's 16), read here rather than held
+          // in registers through the loop: segment id, and position (-1 past the keys: hidden).
+          const mask::Rule rule = mask::rule_of_batch(p, b);
+          uint32_t key_seg[2];
+          int key_pos[2];
+          SEGATTN_UNROLL
+          for (int r = 0; r < 2; ++r) {
+            const int row = warp * 16 + g + 8 * r;
+            key_seg[r] = KeyBlock<Traits>::pieces_in(smem).q_id[row];
+            key_pos[r] = row < valid_keys ? k0 + row : -1;
+          }
+          SEGATTN_UNROLL
+          for (int nb = 0; nb < Traits::kNS; ++nb) {
+            SEGATTN_UNROLL
+            for (int e = 0; e < 4; ++e) {
+              const int col = nb * 8 + quad_col + (e & 1);
+              const int r = e >> 1;
+              const bool visible = key_pos[r] >= 0 && mask::element_visible(rule, s_qid[col], key_seg[r],
+                                                                            q0 + col + blk.pos_offset, key_pos[r]);
+              s[nb][e] = visible ? s[nb][e] * p.scale_log2 - s_lse[col] : -INFINITY;
+            }
+          }
+        } else {
+          SEGATTN_UNROLL
+          for (int nb = 0; nb < Traits::kNS; ++nb) {
+            SEGATTN_UNROLL
+            for (int e = 0; e < 4; ++e) s[nb][e] = s[nb][e] * p.scale_log2 - s_lse[nb * 8 + quad_col + (e & 1)];
+          }
+        }
         SEGATTN_UNROLL
         for (int nb = 0; nb < Traits::kNS; ++nb) {
           SEGATTN_UNROLL
-          for (int e = 0; e < 4; ++e) {
-            const int col = nb * 8 + quad_col + (e & 1);
-            const int r = e >> 1;
-            bool visible = true;
-            if (masked) {
-              visible = key_pos[r] >= 0 &&
-                        mask::element_visible(rule, s_qid[col], key_seg[r], q0 + col + blk.pos_offset, key_pos[r]);
-            }
-            s[nb][e] = visible ? exp2_approx(s[nb][e] * p.scale_log2 - s_lse[col]) : 0.0f;
-          }
+          for (int e = 0; e < 4; ++e) s[nb][e] = exp2_approx(s[nb][e]);  // exp2(-inf) = 0
         }
         // dP^T = V dO^T; dV += P^T dO.
         float dp[Traits::kNS][4];

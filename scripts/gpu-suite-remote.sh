@@ -168,7 +168,9 @@ if [ "$PHASE" = test ] || [ "$PHASE" = all ]; then
     note "- (2) compute-sanitizer: NOT FOUND"
     status=1
   else
-    small=(tile_multiples_and_tiny_lengths fully_masked_rows empty_inputs misaligned_views gpu_kernel_matches_reference)
+    # (gradients_match_reference: the fused backward kernel.)
+    small=(tile_multiples_and_tiny_lengths fully_masked_rows empty_inputs misaligned_views gpu_kernel_matches_reference
+      gradients_match_reference)
     for tool in memcheck racecheck synccheck initcheck; do
       t=$SECONDS
       # Our kernels only, except initcheck: it tracks the writes of instrumented kernels alone, so

@@ -26,14 +26,21 @@ fn check(seed: u64, lk: usize, lq_equal: bool, heads: usize, head_dim: usize, dt
     let lse = fwd.lse.expect("the emulated forward returns the LSE");
     let mut rng = Rng::new(seed ^ 0xb4c4);
     let d_out = random_tensor(&mut rng, case.q.dims(), dtype)?;
-    let want = kernel_definition(&case, (&fwd.out, &d_out), scale)?;
+    // A third of the cases with a gradient of the LSE as well, a third with it alone (dO = 0).
+    let (b, lq, h, _) = case.q.dims4()?;
+    let d_lse = match seed % 3 {
+        0 => None,
+        _ => Some(random_tensor(&mut rng, &[b, h, lq], DType::F32)?),
+    };
+    let d_out = if seed % 3 == 2 { d_out.zeros_like()? } else { d_out };
+    let want = kernel_definition(&case, (&fwd.out, &d_out), d_lse.as_ref(), scale)?;
     let tol = fused_gradient_tolerance(dtype);
     let mut first: Option<[Vec<u32>; 3]> = None;
     for (i, schedule) in SCHEDULES.into_iter().enumerate() {
         let got = attention_backward(
             (&case.q, &case.k, &case.v),
             (&fwd.out, &lse),
-            &d_out,
+            (&d_out, d_lse.as_ref()),
             &case.mask,
             scale,
             schedule,
@@ -70,11 +77,12 @@ fn check(seed: u64, lk: usize, lq_equal: bool, heads: usize, head_dim: usize, dt
 /// delta_i = dO_i . O_i taken from the output as rounded to the dtype (`out`), where the exact
 /// gradient has dO_i . O_i of the exact output. The two differ by that rounding alone (~2^-9 of
 /// |dO| |O| per element in bf16, which does not vanish where the exact dQ does: a row that sees
-/// one key); the reference takes the difference as a gradient of the LSE, which enters dS the
-/// same way: dS = P (dP - dO . O_exact + dlse).
+/// one key); the reference takes the difference as a gradient of the LSE (added to `d_lse`, the
+/// LSE's own gradient, if any), which enters dS the same way: dS = P (dP - dO . O_exact + dlse).
 fn kernel_definition(
     case: &common::cases::Case,
     (out, d_out): (&Tensor, &Tensor),
+    d_lse: Option<&Tensor>,
     scale: Option<f64>,
 ) -> Result<reference::ReferenceGradients> {
     let exact = reference::attention(&case.q, &case.k, &case.v, &case.mask, scale)?.out;
@@ -83,6 +91,10 @@ fn kernel_definition(
         .sum(candle_core::D::Minus1)?
         .transpose(1, 2)?
         .contiguous()?;
+    let correction = match d_lse {
+        Some(g) => (correction + g.to_dtype(DType::F64)?)?,
+        None => correction,
+    };
     reference::attention_backward(&case.q, &case.k, &case.v, d_out, Some(&correction), &case.mask, scale)
 }
 
@@ -136,7 +148,7 @@ fn bad_inputs_are_errors() -> Result<()> {
     let err = attention_backward(
         (&case.q, &case.k, &case.v),
         (&fwd.out, &lse),
-        &short,
+        (&short, None),
         &case.mask,
         None,
         Schedule::Forward,
@@ -150,7 +162,7 @@ fn bad_inputs_are_errors() -> Result<()> {
     let err = attention_backward(
         (&case.q, &case.k, &case.v),
         (&fwd.out, &bad_lse),
-        &d_out,
+        (&d_out, None),
         &case.mask,
         None,
         Schedule::Forward,
@@ -185,7 +197,7 @@ fn padding_keys_stay_masked_under_huge_negative_scores() -> Result<()> {
     let (dq, dk, dv) = attention_backward(
         (&q, &k, &v),
         (&fwd.out, &lse),
-        &d_out,
+        (&d_out, None),
         &mask,
         None,
         Schedule::Forward,

@@ -1,7 +1,9 @@
 //! `gpu_bench --backward`: a training step's attention on the GPU, bf16, D = 128, H = 16 / 16,
 //! 16k tokens a batch (L 2k x B 8, L 8k x B 2): our forward alone, and forward + backward through
 //! candle's autograd (the loss `sum(out * w)`), under causal, 8 packed documents and prefix-LM
-//! (prefix L / 4). At L 2k also the same step through plain candle ops on a dense additive mask.
+//! (prefix L / 4), with the backward through the fused kernel (TFLOP/s: FlashAttention-2's count
+//! of five products over the visible pairs) and through candle's ops (the path it replaced). At
+//! L 2k also the same step through plain candle ops on a dense additive mask.
 //! Wall clock of the calls to stream synchronisation, median of `reps` after `warmup`.
 
 use candle_core::{DType, Device, Result, Tensor, Var, D};
@@ -39,13 +41,21 @@ fn dense(q: &Var, k: &Var, v: &Var, w: &Tensor, bias: &Tensor) -> Result<Tensor>
         .ok_or_else(|| candle_core::Error::Msg("no gradient for q".into()))
 }
 
-/// The markdown table of the backward benchmark (`smoke`: L 256 x B 2, for a dry run).
-pub fn run(dev: &Device, reps: usize, warmup: usize, smoke: bool) -> Result<String> {
+/// The markdown table of the backward benchmark (`smoke`: L 256 x B 2, for a dry run);
+/// `visible_pairs(mask)`: the visible (q, k) pairs of one row of the mask.
+pub fn run(
+    dev: &Device,
+    reps: usize,
+    warmup: usize,
+    smoke: bool,
+    visible_pairs: impl Fn(&SegmentMask) -> Result<u64>,
+) -> Result<String> {
     let (h, d) = (16usize, 128usize);
     let lengths: &[(usize, usize)] = if smoke { &[(256, 2)] } else { &[(2048, 8), (8192, 2)] };
     let mut out = String::from(
-        "| mask | L | B | forward ms | forward + backward ms | backward / forward | dense candle ops, forward + backward ms |\n\
-         |---|---|---|---|---|---|---|\n",
+        "| mask | L | B | forward ms | forward + backward ms | backward / forward | backward TFLOP/s | \
+         forward + backward through candle ops (our previous GPU backward) ms | dense candle ops, forward + backward ms |\n\
+         |---|---|---|---|---|---|---|---|---|\n",
     );
     for &(len, batch) in lengths {
         let masks = [
@@ -65,6 +75,18 @@ pub fn run(dev: &Device, reps: usize, warmup: usize, smoke: bool) -> Result<Stri
             let (qd, kd, vd) = (q.as_tensor().detach(), k.as_tensor().detach(), v.as_tensor().detach());
             let fwd_ms = median_ms(dev, reps, warmup, || segment_attention(&qd, &kd, &vd, mask))?;
             let step_ms = median_ms(dev, reps, warmup, || ours(&q, &k, &v, &w, mask))?;
+            // The same step with the backward through candle's ops (cuBLAS f32 products and
+            // elementwise kernels): what the fused kernel replaced.
+            let ops_ms = {
+                segattn::cuda::set_fused_backward(false);
+                let ms = median_ms(dev, reps.min(10), warmup.min(2), || ours(&q, &k, &v, &w, mask));
+                segattn::cuda::set_fused_backward(true);
+                format!("{:.3}", ms?)
+            };
+            // FlashAttention-2's count: the backward's five products, 2.5x the forward's two, over
+            // the visible pairs only.
+            let flops = 10.0 * (visible_pairs(mask)? * batch as u64 * h as u64 * d as u64) as f64;
+            let bwd_tflops = flops / ((step_ms - fwd_ms) * 1e-3) / 1e12;
             let dense_ms = if len <= 2048 {
                 let visible = dense_mask(mask, 1, len, len)?.to_device(dev)?;
                 let zero = Tensor::zeros((1, len, len), DType::F32, dev)?;
@@ -75,7 +97,7 @@ pub fn run(dev: &Device, reps: usize, warmup: usize, smoke: bool) -> Result<Stri
                 "-".into()
             };
             out.push_str(&format!(
-                "| {name} | {len} | {batch} | {fwd_ms:.3} | {step_ms:.3} | {:.2} | {dense_ms} |\n",
+                "| {name} | {len} | {batch} | {fwd_ms:.3} | {step_ms:.3} | {:.2} | {bwd_tflops:.1} | {ops_ms} | {dense_ms} |\n",
                 (step_ms - fwd_ms) / fwd_ms
             ));
         }

@@ -30,12 +30,30 @@ pub(crate) fn kernel_lse(lse: &Tensor) -> Result<Tensor> {
     lse.to_dtype(DType::F32)?.contiguous()
 }
 
+/// Whether the fused kernel is off: 0 not yet read, 1 on, 2 off.
 #[cfg(feature = "cuda")]
-/// Whether `SEGATTN_BWD_FUSED=0` asks for the backward through candle's ops on a GPU (the fused
-/// kernel's reference path, kept for comparison). Read once.
-pub(crate) fn fused_disabled() -> bool {
-    static FLAG: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *FLAG.get_or_init(|| std::env::var_os("SEGATTN_BWD_FUSED").is_some_and(|v| v == "0"))
+static FUSED_MODE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Whether the backward on a GPU goes through candle's ops instead of the fused kernel:
+/// `SEGATTN_BWD_FUSED=0` (read on first use), or [`set_fused_backward`].
+#[cfg(feature = "cuda")]
+fn fused_disabled() -> bool {
+    use std::sync::atomic::Ordering;
+    match FUSED_MODE.load(Ordering::Relaxed) {
+        0 => {
+            let off = std::env::var_os("SEGATTN_BWD_FUSED").is_some_and(|v| v == "0");
+            FUSED_MODE.store(if off { 2 } else { 1 }, Ordering::Relaxed);
+            off
+        }
+        mode => mode == 2,
+    }
+}
+
+/// Selects the GPU backward for this process: the fused kernel (`true`, the default) or the
+/// same equations through candle's ops (`false`; the reference path, for benchmarks).
+#[cfg(feature = "cuda")]
+pub fn set_fused_backward(on: bool) {
+    FUSED_MODE.store(if on { 1 } else { 2 }, std::sync::atomic::Ordering::Relaxed);
 }
 
 #[cfg(feature = "cuda")]
@@ -48,19 +66,30 @@ pub(crate) fn available(q: &Tensor, shape: &AttentionShape) -> bool {
         && !fused_disabled()
 }
 
-/// The gradients through the fused kernel (see [`available`]), for the output gradient `d_out`
-/// of the forward's output `out`; only those `wanted` are returned.
+/// The gradients through the fused kernel (see [`available`]) for the gradients `up` of the
+/// output (with the forward's output `up.out`) and / or of the LSE; only those `wanted` are
+/// returned (dv only with an output gradient: the LSE's gives v none). With the LSE's gradient
+/// alone the kernel runs with dO = 0 (dP = 0, delta = -dlse).
 #[cfg(feature = "cuda")]
 pub(crate) fn gradients(
     (q, k, v): (&Tensor, &Tensor, &Tensor),
-    (out, d_out): (&Tensor, &Tensor),
+    up: super::Upstream,
     lse: &Tensor,
     shape: AttentionShape,
     host: &crate::mask::HostMask,
     scale: f32,
     wanted: [bool; 3],
 ) -> Result<super::Gradients> {
-    let delta = delta(out, d_out, None)?;
+    let (d_out, delta) = match (up.d_out, up.out) {
+        (Some(d_out), Some(out)) => (d_out.clone(), delta(out, d_out, up.d_lse)?),
+        (None, _) => {
+            let Some(d_lse) = up.d_lse else {
+                crate::error::invalid_arg!("internal error: a backward with no upstream gradient");
+            };
+            (q.zeros_like()?, d_lse.to_dtype(DType::F32)?.neg()?.contiguous()?)
+        }
+        (Some(_), None) => crate::error::invalid_arg!("internal error: the fused backward needs the forward's output"),
+    };
     let lse = kernel_lse(lse)?;
     // The kernel reads 16-byte chunks: views that are not contiguous are copied first.
     let packed = |t: &Tensor| {
@@ -70,12 +99,16 @@ pub(crate) fn gradients(
             t.contiguous()
         }
     };
-    let (q, k, v, d_out) = (packed(q)?, packed(k)?, packed(v)?, packed(d_out)?);
+    let (q, k, v, d_out) = (packed(q)?, packed(k)?, packed(v)?, packed(&d_out)?);
     let (dq_accum, dk, dv) = crate::cuda::attention_backward((&q, &k, &v), &d_out, (&lse, &delta), shape, host, scale)?;
     let dq = if wanted[0] {
         Some(dq_accum.to_dtype(q.dtype())?)
     } else {
         None
     };
-    Ok((dq, wanted[1].then_some(dk), wanted[2].then_some(dv)))
+    Ok((
+        dq,
+        wanted[1].then_some(dk),
+        (wanted[2] && up.d_out.is_some()).then_some(dv),
+    ))
 }

@@ -76,10 +76,8 @@ pub(crate) fn attention_gradients(
         head_dim: d,
     } = shape;
     #[cfg(feature = "cuda")]
-    if let (Some(d_out), Some(out), None) = (up.d_out, up.out, up.d_lse) {
-        if fused::available(q, &shape) {
-            return fused::gradients((q, k, v), (out, d_out), lse, shape, host, scale, wanted);
-        }
+    if fused::available(q, &shape) && (up.d_out.is_none() || up.out.is_some()) {
+        return fused::gradients((q, k, v), up, lse, shape, host, scale, wanted);
     }
     let p = shape.group_size();
     let dev = q.device();

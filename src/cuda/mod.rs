@@ -28,6 +28,8 @@ mod pine;
 mod rope_rows;
 mod scores;
 
+#[doc(hidden)]
+pub use crate::backward::fused::set_fused_backward;
 pub(crate) use backward::attention_backward;
 pub use bench::PreparedForward;
 pub(crate) use device_copies::DeviceCopies;

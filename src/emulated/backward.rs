@@ -32,13 +32,14 @@ pub fn bwd_smem_bytes(dtype: DType, head_dim: usize) -> Option<usize> {
 
 /// Runs the emulated CUDA backward kernel: the gradients `(dq, dk, dv)` of attention over q
 /// `[B, Lq, H, D]`, k and v `[B, Lk, Hkv, D]` (CPU tensors, bf16 or f16, D = 64 or 128) under
-/// `mask`, for the output gradient `d_out`, given the forward's output `out` and LSE `lse`
-/// `[B, H, Lq]` (from [`super::forward`] or the op). Each gradient in the dtype of its input.
-#[allow(clippy::too_many_arguments)]
+/// `mask`, for the gradients of its output `d_out` and, optionally, of its LSE `d_lse`
+/// `[B, H, Lq]` (a zero `d_out` for the LSE's alone, as the GPU path runs it), given the
+/// forward's output `out` and LSE `lse` `[B, H, Lq]` (from [`super::forward`] or the op). Each
+/// gradient in the dtype of its input.
 pub fn attention_backward(
     (q, k, v): (&Tensor, &Tensor, &Tensor),
     (out, lse): (&Tensor, &Tensor),
-    d_out: &Tensor,
+    (d_out, d_lse): (&Tensor, Option<&Tensor>),
     mask: &SegmentMask,
     scale: Option<f64>,
     schedule: Schedule,
@@ -71,7 +72,15 @@ pub fn attention_backward(
     }
     let scale = scale.unwrap_or_else(|| default_scale(head_dim));
     let host = mask.host_metadata(batch, q_len, kv_len)?;
-    let delta = fused::delta(out, d_out, None)?.flatten_all()?.to_vec1::<f32>()?;
+    if let Some(g) = d_lse {
+        if g.dims() != [batch, num_heads, q_len] {
+            invalid_arg!(
+                "d_lse: expected [{batch}, {num_heads}, {q_len}] ([B, H, Lq]), got {:?}",
+                g.dims()
+            );
+        }
+    }
+    let delta = fused::delta(out, d_out, d_lse)?.flatten_all()?.to_vec1::<f32>()?;
     let lse = fused::kernel_lse(lse)?.flatten_all()?.to_vec1::<f32>()?;
 
     let (qi, ki, vi, doi) = (
