@@ -8,8 +8,9 @@
 //
 //   load K, V (cp.async); record the keys' segment pieces (bwd_block_info.cuh)
 //   for each window of 128 query tiles: classify them against the keys, one per thread
-//     for each query tile that is not SKIP, for each query head h of kh:
-//       load Q, dO (cp.async), the rows' LSE (log2 domain) and delta, their segment ids; barrier
+//     for each query tile that is not SKIP, for each query head h of kh (an "item"):
+//       cp.async the NEXT item's Q, dO, rows' LSE, delta and segment ids into the other buffer;
+//       wait for this item's; barrier
 //       S^T  = K Q^T                     (keys x queries: rows of the warp's keys; mma.sync)
 //       P^T  = exp2(S^T scale log2(e) - lse), 0 where masked (PARTIAL tiles, keys past the end)
 //       dP^T = V dO^T
@@ -18,8 +19,7 @@
 //       dK  += dS^T Q                    (the same, from dS^T)
 //       dS^T -> shared memory (16-bit); barrier
 //       dQ  += scale dS K                (A = dS through ldmatrix .trans; f32 atomic adds into
-//                                         dq_accum, a 16-row tile and a range of dims a warp);
-//                                         barrier
+//                                         dq_accum, a 16-row tile and a range of dims a warp)
 //   dK * scale and dV -> 16-bit, stored
 //
 // Rows past Lq read zero-filled Q and dO and an LSE of +inf: P = 0 there. Keys past Lk read zero
@@ -117,12 +117,7 @@ __device__ void bwd_kernel(const SegattnBwdParams& bp) {
   SEGATTN_DYNAMIC_SMEM(char, smem);
   char* const s_k = smem + Traits::kOffK;
   char* const s_v = smem + Traits::kOffV;
-  char* const s_q = smem + Traits::kOffQ;
-  char* const s_do = smem + Traits::kOffDo;
   char* const s_ds = smem + Traits::kOffDs;
-  float* const s_lse = reinterpret_cast<float*>(smem + Traits::kOffLse);
-  float* const s_delta = reinterpret_cast<float*>(smem + Traits::kOffDelta);
-  uint32_t* const s_qid = reinterpret_cast<uint32_t*>(smem + Traits::kOffQId);
   const uint8_t* const window = reinterpret_cast<const uint8_t*>(smem + Traits::kOffWindow);
 
   const int tid = static_cast<int>(threadIdx.x);
@@ -161,130 +156,171 @@ __device__ void bwd_kernel(const SegattnBwdParams& bp) {
   const int group = p.num_heads / p.num_kv_heads;
   const int num_tiles = (p.q_len + kM - 1) / kM;
   const float log2e = 1.4426950408889634f;
+  // The work items of a window: (query tile ti of the window, query head j of the KV head), for
+  // the tiles that are not SKIP, heads innermost. ti = kThreads: none left in the window.
+  const auto first_from = [&](int ti, int in_window) {
+    while (ti < in_window && window[ti] == SEGATTN_TILE_SKIP) ++ti;
+    return ti < in_window ? ti : Traits::kThreads;
+  };
+  // cp.async of item (ti, j)'s Q and dO tiles, LSE, delta and segment ids into buffer buf (zero
+  // past the rows). Commits.
+  const auto issue = [&](int base, int ti, int j, int buf) {
+    const int q0 = (base + ti) * kM;
+    const int rows = min(kM, p.q_len - q0);
+    const int h = kh * group + j;
+    const auto q_rows = [&](const void* base_ptr, const SegattnStrides& s) {
+      return static_cast<const T*>(base_ptr) + static_cast<int64_t>(b) * s.batch + static_cast<int64_t>(q0) * s.row +
+             static_cast<int64_t>(h) * s.head;
+    };
+    load_tile_async<Traits, kM>(smem + Traits::kOffQ + buf * Traits::kQBytes, q_rows(p.q, p.q_strides),
+                                p.q_strides.row, rows);
+    load_tile_async<Traits, kM>(smem + Traits::kOffDo + buf * Traits::kQBytes, q_rows(bp.d_out, bp.d_out_strides),
+                                bp.d_out_strides.row, rows);
+    if (tid < kM) {
+      const int64_t at = (static_cast<int64_t>(b) * p.num_heads + h) * p.q_len + q0;
+      const uint32_t* const ids = mask::segments_of_batch(p.q_segments, b).ids + q0;
+      const bool row_valid = tid < rows;
+      const int r = row_valid ? tid : 0;  // a valid address even when nothing is read
+      cp_async_4(smem + Traits::kOffLse + 4 * (buf * kM + tid), bp.lse + at + r, row_valid);
+      cp_async_4(smem + Traits::kOffDelta + 4 * (buf * kM + tid), bp.delta + at + r, row_valid);
+      cp_async_4(smem + Traits::kOffQId + 4 * (buf * kM + tid), ids + r, row_valid);
+    }
+    cp_async_commit();
+  };
   for (int base = 0; base < num_tiles; base += Traits::kThreads) {
     blk.classify_window(p, smem, base, num_tiles);
-    for (int ti = 0; ti < Traits::kThreads && base + ti < num_tiles; ++ti) {
+    const int in_window = min(Traits::kThreads, num_tiles - base);
+    int ti = first_from(0, in_window);
+    int j = 0;
+    int buf = 0;
+    if (ti < Traits::kThreads) issue(base, ti, j, buf);
+    while (ti < Traits::kThreads) {
+      // The next item's copies go out before this one is computed (none past the window: the
+      // next window's classification comes first).
+      const int next_j = j + 1 < group ? j + 1 : 0;
+      const int next_ti = j + 1 < group ? ti : first_from(ti + 1, in_window);
+      if (next_ti < Traits::kThreads) {
+        issue(base, next_ti, next_j, buf ^ 1);
+        cp_async_wait<1>();
+      } else {
+        cp_async_wait<0>();
+      }
+      __syncthreads();
+
       const int cls = window[ti];
-      if (cls == SEGATTN_TILE_SKIP) continue;
       const int q0 = (base + ti) * kM;
       const int rows = min(kM, p.q_len - q0);
+      const int h = kh * group + j;
       const bool masked = cls == SEGATTN_TILE_PARTIAL || valid_keys < kN;
-      for (int j = 0; j < group; ++j) {
-        const int h = kh * group + j;
-        const auto q_rows = [&](const void* base_ptr, const SegattnStrides& s) {
-          return static_cast<const T*>(base_ptr) + static_cast<int64_t>(b) * s.batch +
-                 static_cast<int64_t>(q0) * s.row + static_cast<int64_t>(h) * s.head;
-        };
-        load_tile_async<Traits, kM>(s_q, q_rows(p.q, p.q_strides), p.q_strides.row, rows);
-        load_tile_async<Traits, kM>(s_do, q_rows(bp.d_out, bp.d_out_strides), bp.d_out_strides.row, rows);
-        cp_async_commit();
-        if (tid < kM) {
-          const int64_t at = (static_cast<int64_t>(b) * p.num_heads + h) * p.q_len + q0 + tid;
-          const bool row_valid = tid < rows;
-          s_lse[tid] = row_valid ? bp.lse[at] * log2e : INFINITY;
-          s_delta[tid] = row_valid ? bp.delta[at] : 0.0f;
-          s_qid[tid] = row_valid ? mask::segments_of_batch(p.q_segments, b).ids[q0 + tid] : 0u;
-        }
-        cp_async_wait<0>();
-        __syncthreads();
+      const char* const s_q = smem + Traits::kOffQ + buf * Traits::kQBytes;
+      const char* const s_do = smem + Traits::kOffDo + buf * Traits::kQBytes;
+      const float* const s_lse = reinterpret_cast<const float*>(smem + Traits::kOffLse) + buf * kM;
+      const float* const s_delta = reinterpret_cast<const float*>(smem + Traits::kOffDelta) + buf * kM;
+      const uint32_t* const s_qid = reinterpret_cast<const uint32_t*>(smem + Traits::kOffQId) + buf * kM;
 
-        // S^T = K Q^T, then P^T in place.
-        float s[Traits::kNS][4];
-        rows_times_tile_t<Traits>(s_k, s_q, warp, lane, s);
-        if (masked) {
-          // This thread's two keys (rows g and g + 8 of the warp's 16), read here rather than held
-          // in registers through the loop: segment id, and position (-1 past the keys: hidden).
-          const mask::Rule rule = mask::rule_of_batch(p, b);
-          uint32_t key_seg[2];
-          int key_pos[2];
-          SEGATTN_UNROLL
-          for (int r = 0; r < 2; ++r) {
-            const int row = warp * 16 + g + 8 * r;
-            key_seg[r] = KeyBlock<Traits>::pieces_in(smem).q_id[row];
-            key_pos[r] = row < valid_keys ? k0 + row : -1;
-          }
-          SEGATTN_UNROLL
-          for (int nb = 0; nb < Traits::kNS; ++nb) {
-            SEGATTN_UNROLL
-            for (int e = 0; e < 4; ++e) {
-              const int col = nb * 8 + quad_col + (e & 1);
-              const int r = e >> 1;
-              const bool visible = key_pos[r] >= 0 && mask::element_visible(rule, s_qid[col], key_seg[r],
-                                                                            q0 + col + blk.pos_offset, key_pos[r]);
-              s[nb][e] = visible ? s[nb][e] * p.scale_log2 - s_lse[col] : -INFINITY;
-            }
-          }
-        } else {
-          SEGATTN_UNROLL
-          for (int nb = 0; nb < Traits::kNS; ++nb) {
-            SEGATTN_UNROLL
-            for (int e = 0; e < 4; ++e) s[nb][e] = s[nb][e] * p.scale_log2 - s_lse[nb * 8 + quad_col + (e & 1)];
-          }
+      // S^T = K Q^T, then P^T in place.
+      float s[Traits::kNS][4];
+      rows_times_tile_t<Traits>(s_k, s_q, warp, lane, s);
+      if (masked) {
+        // This thread's two keys (rows g and g + 8 of the warp's 16), read here rather than held
+        // in registers through the loop: segment id, and position (-1 past the keys: hidden).
+        const mask::Rule rule = mask::rule_of_batch(p, b);
+        uint32_t key_seg[2];
+        int key_pos[2];
+        SEGATTN_UNROLL
+        for (int r = 0; r < 2; ++r) {
+          const int row = warp * 16 + g + 8 * r;
+          key_seg[r] = KeyBlock<Traits>::pieces_in(smem).q_id[row];
+          key_pos[r] = row < valid_keys ? k0 + row : -1;
         }
         SEGATTN_UNROLL
         for (int nb = 0; nb < Traits::kNS; ++nb) {
           SEGATTN_UNROLL
-          for (int e = 0; e < 4; ++e) s[nb][e] = exp2_approx(s[nb][e]);  // exp2(-inf) = 0
-        }
-        // dP^T = V dO^T; dV += P^T dO.
-        float dp[Traits::kNS][4];
-        rows_times_tile_t<Traits>(s_v, s_do, warp, lane, dp);
-        accumulate_keys<Traits>(s, s_do, lane, dv);
-        // dS^T = P^T (dP^T - delta), in place of dP^T; dK += dS^T Q; dS^T to shared memory.
-        SEGATTN_UNROLL
-        for (int nb = 0; nb < Traits::kNS; ++nb) {
-          SEGATTN_UNROLL
-          for (int e = 0; e < 4; ++e) dp[nb][e] = s[nb][e] * (dp[nb][e] - s_delta[nb * 8 + quad_col + (e & 1)]);
-        }
-        accumulate_keys<Traits>(dp, s_q, lane, dk);
-        SEGATTN_UNROLL
-        for (int nb = 0; nb < Traits::kNS; ++nb) {
-          SEGATTN_UNROLL
-          for (int r = 0; r < 2; ++r) {
-            const int key = warp * 16 + g + 8 * r;
-            *reinterpret_cast<uint32_t*>(s_ds + key * Traits::kDsStride + (nb * 8 + quad_col) * 2) =
-                pack2<T>(dp[nb][2 * r], dp[nb][2 * r + 1]);
+          for (int e = 0; e < 4; ++e) {
+            const int col = nb * 8 + quad_col + (e & 1);
+            const int r = e >> 1;
+            const bool visible = key_pos[r] >= 0 && mask::element_visible(rule, s_qid[col], key_seg[r],
+                                                                          q0 + col + blk.pos_offset, key_pos[r]);
+            s[nb][e] = visible ? s[nb][e] * p.scale_log2 - s_lse[col] * log2e : -INFINITY;
           }
         }
-        __syncthreads();
+      } else {
+        SEGATTN_UNROLL
+        for (int nb = 0; nb < Traits::kNS; ++nb) {
+          SEGATTN_UNROLL
+          for (int e = 0; e < 4; ++e) {
+            s[nb][e] = s[nb][e] * p.scale_log2 - s_lse[nb * 8 + quad_col + (e & 1)] * log2e;
+          }
+        }
+      }
+      SEGATTN_UNROLL
+      for (int nb = 0; nb < Traits::kNS; ++nb) {
+        SEGATTN_UNROLL
+        for (int e = 0; e < 4; ++e) s[nb][e] = exp2_approx(s[nb][e]);  // exp2(-inf) = 0
+      }
+      // dP^T = V dO^T; dV += P^T dO.
+      float dp[Traits::kNS][4];
+      rows_times_tile_t<Traits>(s_v, s_do, warp, lane, dp);
+      accumulate_keys<Traits>(s, s_do, lane, dv);
+      // dS^T = P^T (dP^T - delta), in place of dP^T; dK += dS^T Q; dS^T to shared memory.
+      SEGATTN_UNROLL
+      for (int nb = 0; nb < Traits::kNS; ++nb) {
+        SEGATTN_UNROLL
+        for (int e = 0; e < 4; ++e) dp[nb][e] = s[nb][e] * (dp[nb][e] - s_delta[nb * 8 + quad_col + (e & 1)]);
+      }
+      accumulate_keys<Traits>(dp, s_q, lane, dk);
+      SEGATTN_UNROLL
+      for (int nb = 0; nb < Traits::kNS; ++nb) {
+        SEGATTN_UNROLL
+        for (int r = 0; r < 2; ++r) {
+          const int key = warp * 16 + g + 8 * r;
+          *reinterpret_cast<uint32_t*>(s_ds + key * Traits::kDsStride + (nb * 8 + quad_col) * 2) =
+              pack2<T>(dp[nb][2 * r], dp[nb][2 * r + 1]);
+        }
+      }
+      __syncthreads();
 
-        // dQ += scale dS K: warp w takes 16-row tile w % kDqRowTiles of the query tile and its
-        // share of the dims, 16 at a time.
-        const int dq_tile = warp % Traits::kDqRowTiles;
-        const int dq_pair0 = warp / Traits::kDqRowTiles * Traits::kDqPairsPerWarp;
-        float* const dq_rows = bp.dq_accum + ((static_cast<int64_t>(b) * p.q_len + q0) * p.num_heads + h) *
-                                                 static_cast<int64_t>(Traits::kHeadDim);
-        const int64_t dq_row_stride = static_cast<int64_t>(p.num_heads) * Traits::kHeadDim;
+      // dQ += scale dS K: warp w takes 16-row tile w % kDqRowTiles of the query tile and its
+      // share of the dims, 16 at a time.
+      const int dq_tile = warp % Traits::kDqRowTiles;
+      const int dq_pair0 = warp / Traits::kDqRowTiles * Traits::kDqPairsPerWarp;
+      float* const dq_rows = bp.dq_accum + ((static_cast<int64_t>(b) * p.q_len + q0) * p.num_heads + h) *
+                                               static_cast<int64_t>(Traits::kHeadDim);
+      const int64_t dq_row_stride = static_cast<int64_t>(p.num_heads) * Traits::kHeadDim;
+      SEGATTN_UNROLL
+      for (int dpair = dq_pair0; dpair < dq_pair0 + Traits::kDqPairsPerWarp; ++dpair) {
+        float acc[2][4];
         SEGATTN_UNROLL
-        for (int dpair = dq_pair0; dpair < dq_pair0 + Traits::kDqPairsPerWarp; ++dpair) {
-          float acc[2][4];
+        for (int i = 0; i < 2; ++i) {
+          SEGATTN_UNROLL
+          for (int e = 0; e < 4; ++e) acc[i][e] = 0.0f;
+        }
+        SEGATTN_UNROLL
+        for (int kc = 0; kc < Traits::kQK; ++kc) {
+          uint32_t a[4], kb[4];
+          load_ds_fragment<Traits>(s_ds, dq_tile, kc, lane, a);
+          load_v_fragments<Traits>(s_k, dpair, kc, lane, kb);
+          mma_16816<T>(acc[0], a, kb[0], kb[1]);
+          mma_16816<T>(acc[1], a, kb[2], kb[3]);
+        }
+        SEGATTN_UNROLL
+        for (int r = 0; r < 2; ++r) {
+          const int row = dq_tile * 16 + g + 8 * r;
+          if (row >= rows) continue;
+          float* const dst = dq_rows + row * dq_row_stride + dpair * 16 + quad_col;
           SEGATTN_UNROLL
           for (int i = 0; i < 2; ++i) {
-            SEGATTN_UNROLL
-            for (int e = 0; e < 4; ++e) acc[i][e] = 0.0f;
-          }
-          SEGATTN_UNROLL
-          for (int kc = 0; kc < Traits::kQK; ++kc) {
-            uint32_t a[4], kb[4];
-            load_ds_fragment<Traits>(s_ds, dq_tile, kc, lane, a);
-            load_v_fragments<Traits>(s_k, dpair, kc, lane, kb);
-            mma_16816<T>(acc[0], a, kb[0], kb[1]);
-            mma_16816<T>(acc[1], a, kb[2], kb[3]);
-          }
-          SEGATTN_UNROLL
-          for (int r = 0; r < 2; ++r) {
-            const int row = dq_tile * 16 + g + 8 * r;
-            if (row >= rows) continue;
-            float* const dst = dq_rows + row * dq_row_stride + dpair * 16 + quad_col;
-            SEGATTN_UNROLL
-            for (int i = 0; i < 2; ++i) {
-              atomic_add(dst + 8 * i, acc[i][2 * r] * p.scale);
-              atomic_add(dst + 8 * i + 1, acc[i][2 * r + 1] * p.scale);
-            }
+            atomic_add(dst + 8 * i, acc[i][2 * r] * p.scale);
+            atomic_add(dst + 8 * i + 1, acc[i][2 * r + 1] * p.scale);
           }
         }
-        __syncthreads();  // Q, dO, dS^T and the row data are free for the next tile
       }
+      // No barrier here: Q, dO and the row data of buffer buf are last read before the barrier
+      // above (the next item's copies into it are issued after it), and dS^T is next written
+      // after the next item's first barrier, which every warp reaches only once done with dQ.
+      ti = next_ti;
+      j = next_j;
+      buf ^= 1;
     }
   }
 

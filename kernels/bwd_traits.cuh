@@ -10,15 +10,16 @@
 //
 // Shared memory (dynamic, in this order):
 //   K, V        kBlockN x D x 2 each     loaded once
-//   Q, dO       kBlockM x D x 2 each     per query tile and head (kBlockM = 64 at D = 64, 32 at
-//                                        D = 128)
+//   Q, dO [2]   kBlockM x D x 2 each     per query tile and head, double buffered: the next
+//                                        (tile, head)'s copies are in flight while one is
+//                                        computed (kBlockM = 64 at D = 64, 32 at D = 128)
 //   dS^T        kBlockN x (kBlockM + 8) x 2   16-bit, rows padded by 16 bytes (conflict-free
 //               fragment stores and ldmatrix .trans reads): the A operand of dQ = dS K
-//   lse, delta  f32[kBlockM]  (lse in the log2 domain; +inf past the rows: P = 0)
-//   q_id        u32[kBlockM]  the query tile's segment ids (per-element masking)
+//   lse, delta, q_id [2]   f32 / f32 / u32 [kBlockM]: the rows' LSE (natural log), delta and
+//               segment ids, copied with the tiles (zero past the rows)
 //   key pieces  u32 k_id[kBlockN], i32 k_end[kBlockN], u32 k_starts[kBlockN / 32]
 //   window      u8[kThreads]  classes of the query tiles ahead, one per thread
-// D = 64: 43,400 bytes; D = 128: 55,304 bytes (the launcher raises the limit above 48 KiB).
+// D = 64: 60,552 bytes; D = 128: 72,072 bytes (the launcher raises the limit above 48 KiB).
 #ifndef SEGATTN_BWD_TRAITS_CUH
 #define SEGATTN_BWD_TRAITS_CUH
 
@@ -60,13 +61,13 @@ struct BwdTraits {
   static constexpr int kDsStride = kBlockM * 2 + 16;  // bytes per dS^T row (padded)
   static constexpr int kOffK = 0;
   static constexpr int kOffV = kOffK + kKVBytes;
-  static constexpr int kOffQ = kOffV + kKVBytes;
-  static constexpr int kOffDo = kOffQ + kQBytes;
-  static constexpr int kOffDs = kOffDo + kQBytes;
-  static constexpr int kOffLse = kOffDs + kBlockN * kDsStride;  // f32[kBlockM]
-  static constexpr int kOffDelta = kOffLse + 4 * kBlockM;       // f32[kBlockM]
-  static constexpr int kOffQId = kOffDelta + 4 * kBlockM;       // u32[kBlockM]
-  static constexpr int kOffKId = kOffQId + 4 * kBlockM;         // u32[kBlockN]
+  static constexpr int kOffQ = kOffV + kKVBytes;       // + buf * kQBytes
+  static constexpr int kOffDo = kOffQ + 2 * kQBytes;   // + buf * kQBytes
+  static constexpr int kOffDs = kOffDo + 2 * kQBytes;
+  static constexpr int kOffLse = kOffDs + kBlockN * kDsStride;  // f32[2][kBlockM]
+  static constexpr int kOffDelta = kOffLse + 2 * 4 * kBlockM;   // f32[2][kBlockM]
+  static constexpr int kOffQId = kOffDelta + 2 * 4 * kBlockM;   // u32[2][kBlockM]
+  static constexpr int kOffKId = kOffQId + 2 * 4 * kBlockM;     // u32[kBlockN]
   static constexpr int kOffKEnd = kOffKId + 4 * kBlockN;        // i32[kBlockN]
   static constexpr int kOffKStarts = kOffKEnd + 4 * kBlockN;    // u32[kBlockN / 32]
   static constexpr int kOffWindow = kOffKStarts + 4 * (kBlockN / 32);  // u8[kThreads]

@@ -209,3 +209,50 @@ fn padding_keys_stay_masked_under_huge_negative_scores() -> Result<()> {
     }
     Ok(())
 }
+
+/// More than one window of query tiles (128 tiles of 32 rows at D = 128: 4,096 rows), so the
+/// pipeline stops at a window's end and restarts after the next classification; GQA. Against
+/// the CPU path's gradients (f32, exact delta; the f64 reference is too slow at this length),
+/// which tests/gradients.rs checks against the reference.
+#[test]
+fn several_windows_of_query_tiles() -> Result<()> {
+    let dev = candle_core::Device::Cpu;
+    let (len, d) = (4200, 128);
+    let mut rng = Rng::new(5);
+    let q = random_tensor(&mut rng, &[1, len, 2, d], DType::BF16)?;
+    let k = random_tensor(&mut rng, &[1, len, 1, d], DType::BF16)?;
+    let v = random_tensor(&mut rng, &[1, len, 1, d], DType::BF16)?;
+    let d_out = random_tensor(&mut rng, &[1, len, 2, d], DType::BF16)?;
+    let mut docs = vec![100; len / 100];
+    docs.push(len % 100);
+    docs.retain(|&l| l > 0);
+    let mask = segattn::SegmentMask::documents(&[docs], &dev)?;
+    let fwd = forward(&q, &k, &v, &mask, None, Schedule::Forward, 0)?;
+    let lse = fwd.lse.unwrap();
+    let got = attention_backward(
+        (&q, &k, &v),
+        (&fwd.out, &lse),
+        (&d_out, None),
+        &mask,
+        None,
+        Schedule::Forward,
+        0,
+    )?;
+    let f32s = |t: &Tensor| t.to_dtype(DType::F32);
+    let want = common::autograd_gradients(
+        (&f32s(&q)?, &f32s(&k)?, &f32s(&v)?),
+        &mask,
+        (&f32s(&d_out)?, None),
+        None,
+    )?;
+    let tol = fused_gradient_tolerance(DType::BF16);
+    for (name, got, want) in [
+        ("dq", &got.0, &want.0),
+        ("dk", &got.1, &want.1),
+        ("dv", &got.2, &want.2),
+    ] {
+        let (r, at) = worst_ratio_scaled(got, want, tol)?;
+        assert!(r <= 1.0, "{name} off by {r} x tolerance at flat index {at}");
+    }
+    Ok(())
+}

@@ -3,8 +3,8 @@
 // nvcc: `extern "C" __global__` entry points with stable names, params by value:
 //   segattn_bwd_bf16_d64, segattn_bwd_bf16_d128, segattn_bwd_f16_d64, segattn_bwd_f16_d128
 //   grid (ceil(Lk / 64), Hkv, B), block 128 threads,
-//   dynamic shared memory segattn::bwd::BwdTraits<T, D>::kSmemBytes (D = 64: 43,400 bytes;
-//   D = 128: 55,304 bytes, raised by the launcher).
+//   dynamic shared memory segattn::bwd::BwdTraits<T, D>::kSmemBytes (D = 64: 60,552 bytes;
+//   D = 128: 72,072 bytes, raised by the launcher).
 // Inputs: see SegattnBwdParams in segattn_params.h (q, k, v and d_out 16-byte aligned with strides
 // that are multiples of 8 elements; dq_accum zeroed).
 //
