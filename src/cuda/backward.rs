@@ -5,16 +5,14 @@
 
 use std::ffi::c_void;
 
-use candle_core::cuda_backend::cudarc::driver::{
-    DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
-};
+use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, ValidAsZeroBits};
 use candle_core::cuda_backend::CudaDType;
 use candle_core::op::BackpropOp;
 use candle_core::{CudaStorage, DType, Result, Storage, Tensor};
 use half::{bf16, f16};
 
 use super::driver_err;
-use super::launch::{base_params, check_supported, loadable, strides_of, sync_if_asked, MaskBuffer};
+use super::launch::{base_params, check_supported, launch_with_params, loadable, strides_of, MaskBuffer};
 use super::module;
 use crate::error::invalid_arg;
 use crate::mask::HostMask;
@@ -164,26 +162,11 @@ fn typed<T: CudaDType + DeviceRepr + ValidAsZeroBits + candle_core::WithDType>(
             block_dim: (THREADS, 1, 1),
             shared_mem_bytes: smem as u32,
         };
-        let mut builder = stream.launch_builder(&func);
-        builder.arg(&params);
-        // SAFETY: the kernel's one parameter is a SegattnBwdParams by value whose pointers are live
-        // device allocations of the sizes stated in it (the inputs, held by the caller; the mask
-        // buffer and the outputs, held here until after the launch is ordered on the stream); the
-        // grid covers [B, Hkv, Lk] as the kernel expects.
-        unsafe { builder.launch(cfg) }.map_err(|e| {
-            driver_err(
-                format!(
-                    "launching {name} (grid {:?}, block {:?}, {smem} bytes of dynamic shared memory)",
-                    cfg.grid_dim, cfg.block_dim
-                ),
-                e,
-            )
-        })?;
-        sync_if_asked(&stream, name)?;
-        stream
-            .context()
-            .check_err()
-            .map_err(|e| driver_err(format!("after launching {name}"), e))?;
+        // SAFETY: the kernel's one parameter is a SegattnBwdParams whose pointers are live device
+        // allocations of the sizes stated in it (the inputs, held by the caller; the mask buffer
+        // and the outputs, held here until after the launch is ordered on the stream); the grid
+        // covers [B, Hkv, Lk] as the kernel expects.
+        unsafe { launch_with_params(&stream, &func, name, cfg, &params) }?;
     }
     let wrap = |storage: CudaStorage, dims: (usize, usize, usize, usize)| {
         Tensor::from_storage(Storage::Cuda(storage), dims, BackpropOp::none(), false)

@@ -19,7 +19,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
-    sys, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+    sys, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg,
+    ValidAsZeroBits,
 };
 use candle_core::cuda_backend::CudaDType;
 use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result};
@@ -261,6 +262,39 @@ pub(crate) fn launch(
             .map_err(|e| driver_err(format!("running {} (SEGATTN_CUDA_SYNC=1)", kernel.name), e))?;
     }
     Ok(())
+}
+
+/// Launches `func` (entry point `name`) with `params`, its only parameter, on `stream`, checked:
+/// the launch, an execution error with `SEGATTN_CUDA_SYNC=1`, and the context's sticky error.
+///
+/// # Safety
+/// `params` must be the kernel's parameter struct, its pointers live device allocations (held by
+/// the caller until the launch is ordered on `stream`) of the sizes stated in it, and `cfg` the
+/// grid, block and dynamic shared memory the kernel expects for them.
+pub(crate) unsafe fn launch_with_params<P: DeviceRepr>(
+    stream: &Arc<CudaStream>,
+    func: &CudaFunction,
+    name: &str,
+    cfg: LaunchConfig,
+    params: &P,
+) -> Result<()> {
+    let mut builder = stream.launch_builder(func);
+    builder.arg(params);
+    // SAFETY: the caller's contract (above).
+    unsafe { builder.launch(cfg) }.map_err(|e| {
+        driver_err(
+            format!(
+                "launching {name} (grid {:?}, block {:?}, {} bytes of dynamic shared memory)",
+                cfg.grid_dim, cfg.block_dim, cfg.shared_mem_bytes
+            ),
+            e,
+        )
+    })?;
+    sync_if_asked(stream, name)?;
+    stream
+        .context()
+        .check_err()
+        .map_err(|e| driver_err(format!("after launching {name}"), e))
 }
 
 /// With `SEGATTN_CUDA_SYNC=1`: synchronizes `stream` and reports an execution error of `kernel`.

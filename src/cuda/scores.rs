@@ -10,15 +10,13 @@
 use std::sync::Arc;
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{
-    CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg,
-};
+use candle_core::cuda_backend::cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig};
 use candle_core::cuda_backend::CudaDType;
 use candle_core::{CudaStorage, DType, Layout, Result};
 use half::{bf16, f16};
 
 use super::driver_err;
-use super::launch::{base_params, check_grid, check_supported, loadable, strides_of, sync_if_asked, MaskBuffer};
+use super::launch::{base_params, check_grid, check_supported, launch_with_params, loadable, strides_of, MaskBuffer};
 use super::module::{self, Kernels};
 use crate::error::invalid_arg;
 use crate::kernel_params::mass_output;
@@ -177,24 +175,8 @@ pub(crate) fn launch_kernel(
         block_dim: (THREADS, 1, 1),
         shared_mem_bytes: smem as u32,
     };
-    let mut builder = stream.launch_builder(&func);
-    builder.arg(params);
-    // SAFETY: the kernel's one parameter is a SegattnScoresParams by value whose pointers are
-    // live device allocations of the sizes stated in it (every key id < Sk and every query id < Lo
-    // under a query reduction: checked by MassPlan); the grid covers [B, H, Lq] as the kernel
-    // expects.
-    unsafe { builder.launch(cfg) }.map_err(|e| {
-        driver_err(
-            format!(
-                "launching {name} (grid {:?}, block {:?}, {smem} bytes of dynamic shared memory)",
-                cfg.grid_dim, cfg.block_dim
-            ),
-            e,
-        )
-    })?;
-    sync_if_asked(stream, name)?;
-    stream
-        .context()
-        .check_err()
-        .map_err(|e| driver_err(format!("after launching {name}"), e))
+    // SAFETY: the kernel's one parameter is a SegattnScoresParams whose pointers are live device
+    // allocations of the sizes stated in it (every key id < Sk and every query id < Lo under a
+    // query reduction: checked by MassPlan); the grid covers [B, H, Lq] as the kernel expects.
+    unsafe { launch_with_params(stream, &func, name, cfg, params) }
 }
