@@ -3,8 +3,8 @@
 //
 // Grid (ceil(Lk / 64), Hkv, B), 128 threads. The block owns keys [k0, k0 + 64) of KV head kh of
 // batch row b; warp w owns keys 16w .. 16w + 15 and keeps their dK and dV in registers; query
-// tiles of kBlockM rows (64, or 32 at D = 128: bwd_traits.cuh). With the
-// forward's LSE and delta_i = dO_i . O_i given:
+// tiles of kBlockM rows (64, or 32 at D = 128: bwd_traits.cuh). With the forward's LSE and
+// delta_i = dO_i . O_i given:
 //
 //   load K, V (cp.async); record the keys' segment pieces (bwd_block_info.cuh)
 //   for each window of 128 query tiles: classify them against the keys, one per thread
@@ -22,9 +22,10 @@
 //                                         dq_accum, a 16-row tile and a range of dims a warp)
 //   dK * scale and dV -> 16-bit, stored
 //
-// Rows past Lq read zero-filled Q and dO and an LSE of +inf: P = 0 there. Keys past Lk read zero
-// K and V, and are masked (their P would be exp(-lse), which can overflow). So no NaN can arise
-// from padding. The order of the atomic adds into dq_accum varies between runs on a GPU (the
+// Rows past Lq read zero Q, dO, LSE and delta: their P^T is exp2(0) = 1, but dV += P^T dO and
+// dS^T = P^T (dP^T - 0) = 0 add nothing, and their dQ is not stored. Keys past Lk read zero K and
+// V and are masked (their P would be exp(-lse), which can overflow). So no NaN can arise from
+// padding. The order of the atomic adds into dq_accum varies between runs on a GPU (the
 // last bits of dQ with it), as in FlashAttention-2.
 #ifndef SEGATTN_BWD_KERNEL_CUH
 #define SEGATTN_BWD_KERNEL_CUH

@@ -1,11 +1,12 @@
-//! What the fused backward kernel (`kernels/bwd/bwd.cu`) needs besides q, k, v and the mask, and
-//! what its output needs after it, device-agnostic (the CUDA launcher and the emulated one share
-//! them): `delta_i = dO_i . O_i` per row, and dQ from the kernel's f32 accumulator.
+//! The fused backward kernel (`kernels/bwd/bwd.cu`) as the op's backward on a GPU: when it is
+//! taken, and what it needs besides q, k, v and the mask, prepared with tensor ops on the device
+//! (the emulated launcher shares them): `delta_i = dO_i . O_i` per row and the LSE as f32.
 //!
 //! The kernel takes `delta` from the forward's output, FlashAttention-2's choice: one pass over
 //! dO and O instead of a second pass over every visible key. The output's rounding to a 16-bit
-//! dtype enters `dS = P (dP - delta)` (relative 2^-9 in bf16 per element of O); the tests'
-//! gradient tolerance covers it.
+//! dtype enters `dS = P (dP - delta)` (relative 2^-9 in bf16 per element of O): the gradient is
+//! exact for that definition (tests/emulated_bwd.rs checks it against the f64 reference of it),
+//! which differs from the exact gradient by that rounding.
 
 use candle_core::{DType, Result, Tensor, D};
 
@@ -56,9 +57,9 @@ pub fn set_fused_backward(on: bool) {
     FUSED_MODE.store(if on { 1 } else { 2 }, std::sync::atomic::Ordering::Relaxed);
 }
 
-#[cfg(feature = "cuda")]
 /// Whether the fused kernel takes the backward at `q`: a CUDA tensor, bf16 / f16, D = 64 / 128
 /// (every input the CUDA forward takes), unless `SEGATTN_BWD_FUSED=0`.
+#[cfg(feature = "cuda")]
 pub(crate) fn available(q: &Tensor, shape: &AttentionShape) -> bool {
     q.device().is_cuda()
         && matches!(q.dtype(), DType::BF16 | DType::F16)

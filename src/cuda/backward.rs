@@ -5,10 +5,12 @@
 
 use std::ffi::c_void;
 
-use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, ValidAsZeroBits};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, ValidAsZeroBits,
+};
 use candle_core::cuda_backend::CudaDType;
 use candle_core::op::BackpropOp;
-use candle_core::{CudaStorage, DType, Result, Storage, Tensor};
+use candle_core::{CudaStorage, DType, Layout, Result, Storage, Tensor};
 use half::{bf16, f16};
 
 use super::driver_err;
@@ -45,20 +47,18 @@ pub(crate) fn attention_backward(
     }
 }
 
-/// A device input's address (start offset applied) and strides, checked for the kernel's 16-byte
-/// loads; `T` its element type.
-fn input_address<T: CudaDType + DeviceRepr>(
-    name: &str,
-    t: &Tensor,
-    stream: &candle_core::cuda_backend::cudarc::driver::CudaStream,
-) -> Result<(u64, SegattnStrides)> {
-    let (storage, layout) = t.storage_and_layout();
-    let Storage::Cuda(s) = &*storage else {
-        invalid_arg!("{name}: expected a CUDA tensor on the device of q");
-    };
-    let slice = s.as_cuda_slice::<T>()?;
-    let (ptr, _guard) = slice.device_ptr(stream);
-    let addr = ptr + (std::mem::size_of::<T>() * layout.start_offset()) as u64;
+/// The CUDA slice of `storage` (the storage of input `name`), elements of type `T`.
+fn cuda_slice<'a, T: CudaDType>(name: &str, storage: &'a Storage) -> Result<&'a CudaSlice<T>> {
+    match storage {
+        Storage::Cuda(s) => s.as_cuda_slice::<T>(),
+        _ => invalid_arg!("{name}: expected a CUDA tensor on the device of q"),
+    }
+}
+
+/// The address of a 16-bit input at device address `base` with `layout` (start offset applied)
+/// and its strides, checked for the kernel's 16-byte loads.
+fn checked_input<T>(name: &str, base: u64, layout: &Layout) -> Result<(u64, SegattnStrides)> {
+    let addr = base + (std::mem::size_of::<T>() * layout.start_offset()) as u64;
     let strides = strides_of(layout);
     if !loadable(addr, &strides) {
         invalid_arg!(
@@ -70,14 +70,12 @@ fn input_address<T: CudaDType + DeviceRepr>(
     Ok((addr, strides))
 }
 
-/// The address of a contiguous f32 CUDA tensor `t`.
-fn f32_address(name: &str, t: &Tensor, stream: &candle_core::cuda_backend::cudarc::driver::CudaStream) -> Result<u64> {
-    let (storage, layout) = t.storage_and_layout();
-    let (Storage::Cuda(s), true) = (&*storage, layout.is_contiguous()) else {
-        invalid_arg!("internal error: {name} must be a contiguous CUDA tensor");
-    };
-    let (ptr, _guard) = s.as_cuda_slice::<f32>()?.device_ptr(stream);
-    Ok(ptr + 4 * layout.start_offset() as u64)
+/// The address of a contiguous f32 row vector (`name`: the LSE or delta) at `base` with `layout`.
+fn checked_rows(name: &str, base: u64, layout: &Layout) -> Result<u64> {
+    if !layout.is_contiguous() {
+        invalid_arg!("internal error: {name} must be contiguous");
+    }
+    Ok(base + 4 * layout.start_offset() as u64)
 }
 
 fn typed<T: CudaDType + DeviceRepr + ValidAsZeroBits + candle_core::WithDType>(
@@ -100,6 +98,12 @@ fn typed<T: CudaDType + DeviceRepr + ValidAsZeroBits + candle_core::WithDType>(
         num_kv_heads,
         head_dim,
     } = shape;
+    if num_kv_heads > 65_535 || batch > 65_535 {
+        invalid_arg!(
+            "k: the backward kernel launches one grid row per KV head and batch row (at most 65535 each), got B = \
+             {batch} and Hkv = {num_kv_heads}"
+        );
+    }
     let n_q = batch * q_len * num_heads * head_dim;
     let n_kv = batch * kv_len * num_kv_heads * head_dim;
     // Never zero-byte allocations (the shape says how many elements there are).
@@ -117,10 +121,23 @@ fn typed<T: CudaDType + DeviceRepr + ValidAsZeroBits + candle_core::WithDType>(
     if n_q > 0 && n_kv > 0 {
         let kernels = module::kernels(stream.context())?;
         let mask = MaskBuffer::of(&stream, host, 1)?;
-        let (qa, qs) = input_address::<T>("q", q, &stream)?;
-        let (ka, ks) = input_address::<T>("k", k, &stream)?;
-        let (va, vs) = input_address::<T>("v", v, &stream)?;
-        let (doa, dos) = input_address::<T>("d_out", d_out, &stream)?;
+        // Every device pointer's guard is held until the launch is ordered on the stream.
+        let (q_st, q_l) = q.storage_and_layout();
+        let (k_st, k_l) = k.storage_and_layout();
+        let (v_st, v_l) = v.storage_and_layout();
+        let (do_st, do_l) = d_out.storage_and_layout();
+        let (lse_st, lse_l) = lse.storage_and_layout();
+        let (delta_st, delta_l) = delta.storage_and_layout();
+        let (q_ptr, _gq) = cuda_slice::<T>("q", &q_st)?.device_ptr(&stream);
+        let (k_ptr, _gk) = cuda_slice::<T>("k", &k_st)?.device_ptr(&stream);
+        let (v_ptr, _gv) = cuda_slice::<T>("v", &v_st)?.device_ptr(&stream);
+        let (do_ptr, _gdo) = cuda_slice::<T>("d_out", &do_st)?.device_ptr(&stream);
+        let (lse_ptr, _glse) = cuda_slice::<f32>("lse", &lse_st)?.device_ptr(&stream);
+        let (delta_ptr, _gdelta) = cuda_slice::<f32>("delta", &delta_st)?.device_ptr(&stream);
+        let (qa, qs) = checked_input::<T>("q", q_ptr, q_l)?;
+        let (ka, ks) = checked_input::<T>("k", k_ptr, k_l)?;
+        let (va, vs) = checked_input::<T>("v", v_ptr, v_l)?;
+        let (doa, dos) = checked_input::<T>("d_out", do_ptr, do_l)?;
         let mut base = base_params(&shape, T::DTYPE, scale, [qs, ks, vs])?;
         base.q = qa as *const c_void;
         base.k = ka as *const c_void;
@@ -135,8 +152,8 @@ fn typed<T: CudaDType + DeviceRepr + ValidAsZeroBits + candle_core::WithDType>(
             base,
             d_out: doa as *const c_void,
             d_out_strides: dos,
-            lse: f32_address("lse", lse, &stream)? as *const f32,
-            delta: f32_address("delta", delta, &stream)? as *const f32,
+            lse: checked_rows("lse", lse_ptr, lse_l)? as *const f32,
+            delta: checked_rows("delta", delta_ptr, delta_l)? as *const f32,
             dq_accum: dqp as *mut f32,
             dk: dkp as *mut c_void,
             dv: dvp as *mut c_void,
@@ -150,12 +167,6 @@ fn typed<T: CudaDType + DeviceRepr + ValidAsZeroBits + candle_core::WithDType>(
         let Some(smem) = crate::emulated::bwd_smem_bytes(T::DTYPE, head_dim) else {
             invalid_arg!("internal error: no shared memory size for kernel {name}");
         };
-        if num_kv_heads > 65_535 || batch > 65_535 {
-            invalid_arg!(
-                "k: the backward kernel launches one grid row per KV head and batch row (at most 65535 each), got B = \
-                 {batch} and Hkv = {num_kv_heads}"
-            );
-        }
         let func = kernels.function_with_smem(name, smem)?;
         let cfg = LaunchConfig {
             grid_dim: (kv_len.div_ceil(BLOCK_KEYS) as u32, num_kv_heads as u32, batch as u32),
