@@ -234,15 +234,49 @@ __device__ void bwd_kernel(const SegattnBwdParams& bp) {
           key_seg[r] = KeyBlock<Traits>::pieces_in(smem).q_id[row];
           key_pos[r] = row < valid_keys ? k0 + row : -1;
         }
-        SEGATTN_UNROLL
-        for (int nb = 0; nb < Traits::kNS; ++nb) {
+        // The tile's query rows in runs of one segment id: a masked tile nearly always has one or
+        // two (a diagonal, a segment boundary). Then in each run a key is seen by exactly the
+        // rows from a first column on (FULL: 0; CAUSAL: the key's position; BLOCKED, or a key
+        // past the end: none), and an element costs a comparison instead of a rule lookup
+        // (the forward's scale_and_mask, with rows and keys swapped).
+        const mask::KeyRuns runs = mask::key_runs<kM>(s_qid, rows, lane);
+        if (runs.at_most_two) {
+          constexpr int kNever = 1 << 30;
+          int from[2][2];  // [run][r]: the first column that sees key r, less this thread's first
           SEGATTN_UNROLL
-          for (int e = 0; e < 4; ++e) {
-            const int col = nb * 8 + quad_col + (e & 1);
-            const int r = e >> 1;
-            const bool visible = key_pos[r] >= 0 && mask::element_visible(rule, s_qid[col], key_seg[r],
-                                                                          q0 + col + blk.pos_offset, key_pos[r]);
-            s[nb][e] = visible ? s[nb][e] * p.scale_log2 - s_lse[col] * log2e : -INFINITY;
+          for (int r = 0; r < 2; ++r) {
+            SEGATTN_UNROLL
+            for (int run = 0; run < 2; ++run) {
+              const int code = rule.lookup(run == 0 ? runs.id0 : runs.id1, key_seg[r]);
+              int first = code == SEGATTN_RULE_FULL     ? 0
+                          : code == SEGATTN_RULE_CAUSAL ? key_pos[r] - q0 - blk.pos_offset
+                                                        : kNever;
+              if (key_pos[r] < 0) first = kNever;
+              from[run][r] = first - quad_col;
+            }
+          }
+          const int run0_end = runs.end0 - quad_col;
+          SEGATTN_UNROLL
+          for (int nb = 0; nb < Traits::kNS; ++nb) {
+            SEGATTN_UNROLL
+            for (int e = 0; e < 4; ++e) {
+              const int c = nb * 8 + (e & 1);
+              const int r = e >> 1;
+              const bool visible = c >= (c < run0_end ? from[0][r] : from[1][r]);
+              s[nb][e] = visible ? s[nb][e] * p.scale_log2 - s_lse[c + quad_col] * log2e : -INFINITY;
+            }
+          }
+        } else {
+          SEGATTN_UNROLL
+          for (int nb = 0; nb < Traits::kNS; ++nb) {
+            SEGATTN_UNROLL
+            for (int e = 0; e < 4; ++e) {
+              const int col = nb * 8 + quad_col + (e & 1);
+              const int r = e >> 1;
+              const bool visible = key_pos[r] >= 0 && mask::element_visible(rule, s_qid[col], key_seg[r],
+                                                                            q0 + col + blk.pos_offset, key_pos[r]);
+              s[nb][e] = visible ? s[nb][e] * p.scale_log2 - s_lse[col] * log2e : -INFINITY;
+            }
           }
         }
       } else {
