@@ -11,7 +11,7 @@ use super::{
 };
 use crate::backward::fused;
 use crate::error::invalid_arg;
-use crate::kernel_params::{base_params, to_i32};
+use crate::kernel_params::base_params;
 use crate::mask::SegmentMask;
 use crate::params::SegattnBwdParams;
 use crate::validate::{default_scale, AttentionShape};
@@ -48,6 +48,9 @@ pub fn attention_backward(
     let shape = AttentionShape::of(q, k, v)?;
     let dtype = q.dtype();
     check_emulated_inputs(&shape, dtype, &[("q", q), ("k", k), ("v", v), ("d_out", d_out)])?;
+    if out.dims() != q.dims() {
+        invalid_arg!("out: expected the shape of q {:?}, got {:?}", q.dims(), out.dims());
+    }
     if d_out.dims() != q.dims() || d_out.dtype() != dtype {
         invalid_arg!(
             "d_out: expected the shape and dtype of q ({:?}, {dtype:?}), got {:?}, {:?}",
@@ -113,7 +116,6 @@ pub fn attention_backward(
         dk: dk.as_mut_ptr() as *mut c_void,
         dv: dv.as_mut_ptr() as *mut c_void,
     };
-    to_i32("kv_len", kv_len)?;
     // SAFETY: every pointer in `p` points into buffers that outlive the call (`qi`, `ki`, `vi`,
     // `doi`, `host`, `lse`, `delta`, `dq_accum`, `dk`, `dv`) whose sizes match the shape in `p`;
     // the schedule applies to this thread.
