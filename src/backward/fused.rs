@@ -31,30 +31,41 @@ pub(crate) fn kernel_lse(lse: &Tensor) -> Result<Tensor> {
     lse.to_dtype(DType::F32)?.contiguous()
 }
 
-/// Whether the fused kernel is off: 0 not yet read, 1 on, 2 off.
+/// The process's choice from `SEGATTN_BWD_FUSED`: 0 not yet read, 1 fused, 2 off.
 #[cfg(feature = "cuda")]
-static FUSED_MODE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+static ENV_MODE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
 
-/// Whether the backward on a GPU goes through candle's ops instead of the fused kernel:
-/// `SEGATTN_BWD_FUSED=0` (read on first use), or [`set_fused_backward`].
+#[cfg(feature = "cuda")]
+thread_local! {
+    /// The calling thread's choice from [`set_fused_backward`]: 0 none (the process's), 1, 2.
+    static THREAD_MODE: std::cell::Cell<u8> = const { std::cell::Cell::new(0) };
+}
+
+/// Whether the backward on a GPU goes through candle's ops instead of the fused kernel: the
+/// calling thread's [`set_fused_backward`], else `SEGATTN_BWD_FUSED=0` (read on first use).
 #[cfg(feature = "cuda")]
 fn fused_disabled() -> bool {
     use std::sync::atomic::Ordering;
-    match FUSED_MODE.load(Ordering::Relaxed) {
+    match THREAD_MODE.with(|m| m.get()) {
+        0 => {}
+        mode => return mode == 2,
+    }
+    match ENV_MODE.load(Ordering::Relaxed) {
         0 => {
             let off = std::env::var_os("SEGATTN_BWD_FUSED").is_some_and(|v| v == "0");
-            FUSED_MODE.store(if off { 2 } else { 1 }, Ordering::Relaxed);
+            ENV_MODE.store(if off { 2 } else { 1 }, Ordering::Relaxed);
             off
         }
         mode => mode == 2,
     }
 }
 
-/// Selects the GPU backward for this process: the fused kernel (`true`, the default) or the
-/// same equations through candle's ops (`false`; the reference path, for benchmarks).
+/// Selects the GPU backward for the calling thread (the one that runs `backward()`): the fused
+/// kernel (`true`, the default) or the same equations through candle's ops (`false`; the
+/// reference path, for benchmarks and tests). Other threads are not affected.
 #[cfg(feature = "cuda")]
 pub fn set_fused_backward(on: bool) {
-    FUSED_MODE.store(if on { 1 } else { 2 }, std::sync::atomic::Ordering::Relaxed);
+    THREAD_MODE.with(|m| m.set(if on { 1 } else { 2 }));
 }
 
 /// Whether the fused kernel takes the backward at `q`: a CUDA tensor, bf16 / f16, D = 64 / 128
