@@ -586,24 +586,39 @@ pub(crate) fn run_forward(
         )?),
     };
 
-    // SAFETY: `out` holds at least n_out 16-bit elements (u128 has no invalid bit patterns, nor
-    // do bf16 / f16).
-    let out = match dtype {
-        DType::BF16 => {
-            let s = unsafe { std::slice::from_raw_parts(out.as_ptr() as *const half::bf16, n_out) };
-            Tensor::from_slice(s, (batch, q_len, num_heads, head_dim), &Device::Cpu)?
-        }
-        _ => {
-            let s = unsafe { std::slice::from_raw_parts(out.as_ptr() as *const half::f16, n_out) };
-            Tensor::from_slice(s, (batch, q_len, num_heads, head_dim), &Device::Cpu)?
-        }
-    };
+    let out = tensor_of_halves(&out, dtype, (batch, q_len, num_heads, head_dim))?;
     let lse = Tensor::from_vec(lse, (batch, num_heads, q_len), &Device::Cpu)?;
     Ok(AttentionOutput {
         out,
         lse: Some(lse),
         segment_mass,
     })
+}
+
+/// The first `dims.elem_count()` 16-bit elements (bf16, or f16 for any other `dtype`) of
+/// `words`, a buffer a kernel wrote with wide stores (u32 / u128 words: aligned for them), as a
+/// CPU tensor of shape `dims`. Fails if `words` holds fewer.
+pub(crate) fn tensor_of_halves<W: Copy>(
+    words: &[W],
+    dtype: DType,
+    dims: (usize, usize, usize, usize),
+) -> Result<Tensor> {
+    let n = dims.0 * dims.1 * dims.2 * dims.3;
+    if std::mem::size_of_val(words) < 2 * n {
+        invalid_arg!("internal error: a kernel output buffer holds fewer than {n} 16-bit elements");
+    }
+    // SAFETY: `words` holds at least n 16-bit elements (checked above); the word types used here
+    // (u32, u128) and bf16 / f16 have no invalid bit patterns, and 2-byte alignment holds.
+    match dtype {
+        DType::BF16 => {
+            let s = unsafe { std::slice::from_raw_parts(words.as_ptr() as *const half::bf16, n) };
+            Tensor::from_slice(s, dims, &Device::Cpu)
+        }
+        _ => {
+            let s = unsafe { std::slice::from_raw_parts(words.as_ptr() as *const half::f16, n) };
+            Tensor::from_slice(s, dims, &Device::Cpu)
+        }
+    }
 }
 
 /// One tile classified by Rust and by the kernel's code, see [`classify_tile_both`].

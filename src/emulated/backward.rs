@@ -7,7 +7,8 @@ use std::ffi::{c_int, c_void};
 use candle_core::{DType, Device, Result, Tensor};
 
 use super::{
-    check_emulated_inputs, check_launch, dtype_code, fill_mask_params, segattn_emu_set_schedule, Input, Schedule,
+    check_emulated_inputs, check_launch, dtype_code, fill_mask_params, segattn_emu_set_schedule, tensor_of_halves,
+    Input, Schedule,
 };
 use crate::backward::fused;
 use crate::error::invalid_arg;
@@ -127,19 +128,9 @@ pub fn attention_backward(
     drop((qi, ki, vi, doi));
     let dq = Tensor::from_vec(dq_accum, (batch, q_len, num_heads, head_dim), &Device::Cpu)?.to_dtype(dtype)?;
     let kv_dims = (batch, kv_len, num_kv_heads, head_dim);
-    let halves = |words: Vec<u32>| -> Result<Tensor> {
-        // SAFETY: `words` holds at least n_kv 16-bit elements; every bit pattern is a valid
-        // bf16 / f16.
-        match dtype {
-            DType::BF16 => {
-                let s = unsafe { std::slice::from_raw_parts(words.as_ptr() as *const half::bf16, n_kv) };
-                Tensor::from_slice(s, kv_dims, &Device::Cpu)
-            }
-            _ => {
-                let s = unsafe { std::slice::from_raw_parts(words.as_ptr() as *const half::f16, n_kv) };
-                Tensor::from_slice(s, kv_dims, &Device::Cpu)
-            }
-        }
-    };
-    Ok((dq, halves(dk)?, halves(dv)?))
+    Ok((
+        dq,
+        tensor_of_halves(&dk, dtype, kv_dims)?,
+        tensor_of_halves(&dv, dtype, kv_dims)?,
+    ))
 }
