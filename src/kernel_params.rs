@@ -17,8 +17,14 @@ pub(crate) fn check_supported(dtype: DType, head_dim: usize) -> Result<()> {
              only; convert with .to_dtype(DType::BF16))"
         );
     }
+    if head_dim > 128 {
+        invalid_arg!(
+            "q: the CUDA kernels support head dim D up to 128 (built for 64 and 128; smaller D run zero-padded to \
+             them), got D = {head_dim}"
+        );
+    }
     if head_dim != 64 && head_dim != 128 {
-        invalid_arg!("q: the CUDA kernels support head dim D = 64 or 128, got D = {head_dim}");
+        invalid_arg!("q: this CUDA kernel is built for head dim D = 64 or 128, got D = {head_dim}");
     }
     Ok(())
 }

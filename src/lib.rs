@@ -30,6 +30,7 @@ mod decode_pack;
 #[doc(hidden)]
 pub mod emulated;
 mod error;
+pub mod head_dim;
 mod kernel_params;
 pub mod mask;
 mod merge;

@@ -11,6 +11,7 @@ use crate::backward::Upstream;
 use crate::cpu::{self, Element, Strided};
 use crate::decode_pack::DecodePacking;
 use crate::error::invalid_arg;
+use crate::head_dim;
 use crate::mask::{HostMask, SegmentMask};
 use crate::no_backward;
 use crate::pine::PineRotation;
@@ -143,6 +144,11 @@ impl<'a> SegmentAttention<'a> {
         if !scale.is_finite() {
             invalid_arg!("scale: expected a finite number, got {scale}");
         }
+        if self.rotation.is_none() {
+            if let Some(width) = head_dim::padded_width(q, shape.head_dim) {
+                return self.forward_padded(q, k, v, width, scale);
+            }
+        }
         let seg_dev = self.mask.q_segments().device().location();
         let host_ok = self.host_mask && self.mask.q_segments().device().is_cpu();
         if seg_dev != q.device().location() && !host_ok {
@@ -241,6 +247,26 @@ impl<'a> SegmentAttention<'a> {
             (Some(_), None) => invalid_arg!("internal error: the attention op produced no segment mass"),
         };
         Ok(AttentionOutput { out, lse, segment_mass })
+    }
+
+    /// [`SegmentAttention::forward`] for a head dim the CUDA kernels are not built for: on
+    /// inputs zero-padded to `width` with the real D's `scale`, the output cut back
+    /// ([`crate::head_dim`]; LSE and segment mass are those of the real D already).
+    fn forward_padded(&self, q: &Tensor, k: &Tensor, v: &Tensor, width: usize, scale: f64) -> Result<AttentionOutput> {
+        let d = q.dim(candle_core::D::Minus1)?;
+        let padded = Self {
+            scale: Some(scale),
+            ..self.clone()
+        };
+        let res = padded.forward(
+            &head_dim::pad(q, width)?,
+            &head_dim::pad(k, width)?,
+            &head_dim::pad(v, width)?,
+        )?;
+        Ok(AttentionOutput {
+            out: head_dim::unpad(&res.out, d)?,
+            ..res
+        })
     }
 }
 

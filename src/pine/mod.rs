@@ -35,6 +35,7 @@ pub(crate) use rope::RopeTable;
 
 use crate::cpu::rotary::QueryRotation;
 use crate::error::invalid_arg;
+use crate::head_dim;
 use crate::mask::PineLayout;
 use crate::op::{AttentionOutput, SegmentAttention};
 use crate::validate::{default_scale, AttentionShape};
@@ -84,6 +85,9 @@ pub struct PineAttention {
     return_lse: bool,
     /// What the last call derived from the layouts (shared by every layer of a step).
     step: step::StepCache,
+    /// `rope` for a head dim the CUDA kernels are not built for, on zero-padded inputs
+    /// ([`crate::head_dim`]): (D, padded width, rotation), kept with its tables (shared by clones).
+    padded_rope: std::sync::Arc<std::sync::Mutex<Option<(usize, usize, Rope)>>>,
 }
 
 impl PineAttention {
@@ -115,6 +119,7 @@ impl PineAttention {
             scale: None,
             return_lse: false,
             step: Default::default(),
+            padded_rope: Default::default(),
         })
     }
 
@@ -158,6 +163,10 @@ impl PineAttention {
     /// `k` `[B, n, Hkv, D]` (un-rotated), the keys of tokens `from .. from + n`, rotated at their
     /// positions: the new tokens' keys to append to a cache during decode.
     pub fn rotate_keys_from(&self, k: &Tensor, from: usize) -> Result<Tensor> {
+        let d = k.dim(candle_core::D::Minus1)?;
+        if let Some((padded, width)) = self.padded(k, d)? {
+            return head_dim::unpad(&padded.rotate_keys_from(&head_dim::pad(k, width)?, from)?, d);
+        }
         let dtype = k.dtype();
         self.rotate_rows(k, from, from + k.dim(1)?, false)?.to_dtype(dtype)
     }
@@ -174,6 +183,10 @@ impl PineAttention {
                 shape.q_len,
                 shape.kv_len
             );
+        }
+        if let Some((padded, width)) = self.padded(q, shape.head_dim)? {
+            let pad = |x: &Tensor| head_dim::pad(x, width);
+            return unpad_output(padded.prefill(&pad(q)?, &pad(k)?, &pad(v)?)?, shape.head_dim);
         }
         if self.scheme != PositionScheme::Pine || !q.device().is_cpu() {
             // The GPU kernels take the 16-bit dtype: K rotated once, rounded to it.
@@ -201,6 +214,11 @@ impl PineAttention {
                 shape.q_len,
                 shape.kv_len
             );
+        }
+        if let Some((padded, width)) = self.padded(q, shape.head_dim)? {
+            // A copy of the cache at the padded width, every step: keep D at 64 / 128 to avoid it.
+            let pad = |x: &Tensor| head_dim::pad(x, width);
+            return unpad_output(padded.decode(&pad(q)?, &pad(k_cache)?, &pad(v_cache)?)?, shape.head_dim);
         }
         let first_row = shape.kv_len - shape.q_len;
         if let Some((b, l)) = self
@@ -519,6 +537,38 @@ impl PineAttention {
         self.layouts.iter().map(|l| self.scheme.positions(l, len)).collect()
     }
 
+    /// This layer at the padded width, when `x`'s device runs head dim `d` zero-padded
+    /// ([`crate::head_dim::padded_width`]): the same layer with the rotation of [`Rope::padded`]
+    /// (kept, with its tables, for the next calls) and the real D's default scale.
+    fn padded(&self, x: &Tensor, d: usize) -> Result<Option<(Self, usize)>> {
+        let Some(width) = head_dim::padded_width(x, d) else {
+            return Ok(None);
+        };
+        if !d.is_multiple_of(2) {
+            invalid_arg!("q: RoPE needs an even head dimension, got D = {d}");
+        }
+        let rope = {
+            let mut kept = self
+                .padded_rope
+                .lock()
+                .map_err(|_| candle_core::Error::Msg("segattn: padded RoPE cache poisoned by a panic".into()))?;
+            match kept.as_ref() {
+                Some((kd, kw, rope)) if (*kd, *kw) == (d, width) => rope.clone(),
+                _ => {
+                    let rope = self.rope.padded(d, width);
+                    *kept = Some((d, width, rope.clone()));
+                    rope
+                }
+            }
+        };
+        let layer = Self {
+            rope,
+            scale: Some(self.scale.unwrap_or_else(|| default_scale(d))),
+            ..self.clone()
+        };
+        Ok(Some((layer, width)))
+    }
+
     fn check_batch(&self, shape: &AttentionShape) -> Result<()> {
         if shape.batch != self.layouts.len() {
             invalid_arg!(
@@ -532,6 +582,14 @@ impl PineAttention {
         }
         Ok(())
     }
+}
+
+/// A padded call's output cut back to head dim `d` (LSE as it is).
+fn unpad_output(res: AttentionOutput, d: usize) -> Result<AttentionOutput> {
+    Ok(AttentionOutput {
+        out: head_dim::unpad(&res.out, d)?,
+        ..res
+    })
 }
 
 /// The keys PINE's importance reads: un-rotated projections, or a decode cache rotated at the

@@ -79,6 +79,9 @@ enum Angles {
 #[derive(Clone, Debug)]
 pub struct Rope {
     angles: Angles,
+    /// Pairs rotated (theta form): those past it keep frequency 0, and the frequencies are those
+    /// of head dim `2 x pairs`; `None`: every pair of the tensor's D. Set by [`Rope::padded`].
+    pairs: Option<usize>,
     /// The longest table built so far (shared by clones): a decode step asks for the same table
     /// as the step before it, and building one costs two f64 sin / cos per entry.
     cache: Arc<Mutex<Option<Arc<RopeTable>>>>,
@@ -89,6 +92,7 @@ impl Rope {
     pub fn new(theta: f64) -> Self {
         Self {
             angles: Angles::Theta { theta, scaling: None },
+            pairs: None,
             cache: Arc::default(),
         }
     }
@@ -124,8 +128,40 @@ impl Rope {
                 max_pos,
                 half,
             },
+            pairs: None,
             cache: Arc::default(),
         })
+    }
+
+    /// This rotation for head dim `d` as it acts on inputs zero-padded to `width`
+    /// ([`crate::head_dim::pad`]: each half padded): pairs `i < d / 2` turn as they do at D = `d`,
+    /// the padding pairs not at all (frequency 0: cos 1, sin 0). A new table cache.
+    pub(crate) fn padded(&self, d: usize, width: usize) -> Self {
+        let (half, wide) = (d / 2, width / 2);
+        let angles = match &self.angles {
+            Angles::Theta { theta, scaling } => Angles::Theta {
+                theta: *theta,
+                scaling: *scaling,
+            },
+            Angles::Tables { cos, sin, max_pos, .. } => {
+                let widen = |t: &[f32], fill: f32| -> Vec<f32> {
+                    t.chunks(half.max(1))
+                        .flat_map(|row| row.iter().copied().chain(std::iter::repeat_n(fill, wide - half)))
+                        .collect()
+                };
+                Angles::Tables {
+                    cos: widen(cos, 1.0),
+                    sin: widen(sin, 0.0),
+                    max_pos: *max_pos,
+                    half: wide,
+                }
+            }
+        };
+        Self {
+            pairs: matches!(angles, Angles::Theta { .. }).then_some(half),
+            angles,
+            cache: Arc::default(),
+        }
     }
 
     /// The base `theta` and scaling, when the angles are not given as tables.
@@ -139,10 +175,16 @@ impl Rope {
     /// The frequency of every pair for head dimension `d`, in f64 (theta form only).
     pub fn inv_freq(&self, d: usize) -> Option<Vec<f64>> {
         let (theta, scaling) = self.theta()?;
+        // A padded rotation (crate-internal): the real head dim's frequencies, then zeros.
+        let pairs = self.pairs.unwrap_or(d / 2).min(d / 2);
+        let real_d = 2 * pairs;
         Some(
             (0..d / 2)
                 .map(|i| {
-                    let f = theta.powf(-2.0 * i as f64 / d as f64);
+                    if i >= pairs {
+                        return 0.0;
+                    }
+                    let f = theta.powf(-2.0 * i as f64 / real_d as f64);
                     scaling.map_or(f, |s| s.apply(f))
                 })
                 .collect(),

@@ -38,8 +38,9 @@ use crate::validate::{default_scale, AttentionShape};
 ///   reduction; see [`SegmentScoreOptions`]. Before any normalisation each row sums to 1, or is
 ///   all zero for a query that sees no key.
 /// - CPU: any dtype above, D up to 256. CUDA (`--features cuda`, q, k and the mask on the GPU):
-///   the kernel of `kernels/scores/` for bf16 / f16 and D = 64 / 128 (other inputs are errors);
-///   it is tested under the SIMT emulator in `cargo test`, not yet on a GPU.
+///   the kernel of `kernels/scores/` for bf16 / f16 and D = 64 / 128, other D up to 128
+///   zero-padded to them ([`crate::head_dim`]); other inputs are errors. Tested under the SIMT
+///   emulator in `cargo test` and on GPUs (`tests/gpu_scores.rs`).
 ///
 /// ```
 /// use candle_core::{Device, Tensor};
@@ -60,6 +61,15 @@ pub fn segment_scores(q: &Tensor, k: &Tensor, mask: &SegmentMask, options: &Segm
     let scale = options.scale.unwrap_or_else(|| default_scale(shape.head_dim));
     if !scale.is_finite() {
         invalid_arg!("scale: expected a finite number, got {scale}");
+    }
+    if let Some(width) = crate::head_dim::padded_width(q, shape.head_dim) {
+        // A head dim the kernels are not built for: zero columns leave q . k as it is.
+        let pad = |x: &Tensor| crate::head_dim::pad(x, width);
+        let options = SegmentScoreOptions {
+            scale: Some(scale),
+            ..*options
+        };
+        return segment_scores(&pad(q)?, &pad(k)?, mask, &options);
     }
     let seg_dev = mask.q_segments().device().location();
     if seg_dev != q.device().location() {

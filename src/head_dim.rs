@@ -1,0 +1,79 @@
+//! Head dims the CUDA kernels are not built for, run on the next width they are built for.
+//!
+//! The kernels exist for D = 64 and 128 (each width is a set of instantiations, tuned and
+//! resource-checked on its own). Appending zero columns to q and k leaves every `q . k` as it
+//! is, and zero columns of v give zero output columns, so a smaller D runs exactly on inputs
+//! padded to 64 (D < 64) or 128 (64 < D < 128), with the softmax scale of the real D, and the
+//! output is cut back to D. The price is the padded width's work (D 96: 4/3 of a native kernel's
+//! products) and one copy of q, k and v; the pad and the cut are candle ops, so gradients flow
+//! through them (the backward runs at the padded width too). Each half of the head dim is padded
+//! separately (`[x1, 0, x2, 0]`), which keeps RoPE's rotate-half pairs `(c, c + D / 2)` pairs.
+//!
+//! The CPU path takes any D up to [`crate::MAX_HEAD_DIM_CPU`] natively and is not padded, except
+//! under [`set_padding_on_cpu`] (tests: the padding checked against the native CPU path).
+
+use std::cell::Cell;
+
+use candle_core::{DType, Tensor, D};
+
+use crate::error::invalid_arg;
+
+/// The head dims the CUDA kernels are built for, smallest first.
+pub const KERNEL_HEAD_DIMS: [usize; 2] = [64, 128];
+
+thread_local! {
+    /// [`set_padding_on_cpu`] of the calling thread.
+    static ON_CPU: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Tests only, not a stable API: pads head dims on the CPU as on a GPU (bf16 / f16 / f32 alike),
+/// for the calling thread, so that the padded path can be checked against the native one where
+/// there is no GPU. Other threads are not affected.
+#[doc(hidden)]
+pub fn set_padding_on_cpu(on: bool) {
+    ON_CPU.with(|c| c.set(on));
+}
+
+/// The width to run `head_dim` at for inputs like `q`, or `None` to run it as it is: on a CUDA
+/// device, bf16 or f16 (other dtypes keep their error), a D between two kernel widths or below
+/// the first. D above the last width is left to the kernels' check (an error naming q).
+pub(crate) fn padded_width(q: &Tensor, head_dim: usize) -> Option<usize> {
+    let padded_here = if q.device().is_cpu() {
+        ON_CPU.with(|c| c.get())
+    } else {
+        q.device().is_cuda() && matches!(q.dtype(), DType::BF16 | DType::F16)
+    };
+    if !padded_here || head_dim == 0 || KERNEL_HEAD_DIMS.contains(&head_dim) {
+        return None;
+    }
+    KERNEL_HEAD_DIMS.iter().copied().find(|&w| w > head_dim)
+}
+
+/// `x` `[..., D]` with each half of its last dim zero-padded to `width / 2`: `[x1, 0, x2, 0]`
+/// (an odd D: its first `D / 2 + 1` columns, then the rest, each padded).
+pub(crate) fn pad(x: &Tensor, width: usize) -> candle_core::Result<Tensor> {
+    let d = x.dim(D::Minus1)?;
+    if d > width || !width.is_multiple_of(2) {
+        invalid_arg!("internal error: head dim {d} padded to {width}");
+    }
+    let first = d.div_ceil(2);
+    let half = width / 2;
+    let lo = x
+        .narrow(D::Minus1, 0, first)?
+        .pad_with_zeros(D::Minus1, 0, half - first)?;
+    let hi = x
+        .narrow(D::Minus1, first, d - first)?
+        .pad_with_zeros(D::Minus1, 0, half - (d - first))?;
+    // candle concatenates strided inputs along a transposed view: the kernels read rows whole.
+    Tensor::cat(&[&lo, &hi], D::Minus1)?.contiguous()
+}
+
+/// The inverse of [`pad`] for an output `[..., width]` of inputs padded from `d`: its `d` real
+/// columns, contiguous.
+pub(crate) fn unpad(x: &Tensor, d: usize) -> candle_core::Result<Tensor> {
+    let width = x.dim(D::Minus1)?;
+    let first = d.div_ceil(2);
+    let lo = x.narrow(D::Minus1, 0, first)?;
+    let hi = x.narrow(D::Minus1, width / 2, d - first)?;
+    Tensor::cat(&[&lo, &hi], D::Minus1)?.contiguous()
+}
