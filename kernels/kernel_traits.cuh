@@ -5,7 +5,8 @@
 // and walks key/value tiles of kBlockN = 64 keys. Every tile row is head_dim 16-bit elements, i.e.
 // kChunks 16-byte chunks. The wide kernel (kMTiles = 2, plain attention only) owns 128 rows, two
 // 16-row tiles per warp (rows 16 w .. and 64 + 16 w ..), Q read from its own shared tile; its key
-// tiles are 32 keys at D = 128 (D = 64: 50,864 B of shared memory, D = 128: 66,992 B).
+// tiles are 32 keys at D = 128 (D = 64: 50,864 B of shared memory, D = 128: 66,992 B). D = 256
+// (plain attention only): 64 rows, 32-key tiles, Q in its own tile (99,240 B).
 //
 // Shared memory (dynamic, in this order, all tiles row-major [row][head_dim] and swizzled):
 //   K[2]     kBlockN x D  x 2       double buffer (the next tile's cp.async in flight)
@@ -73,7 +74,8 @@ struct FwdTraits {
   static constexpr int kMTiles = kMTiles_;
   static_assert(kMTiles == 1 || (kMTiles == 2 && !kRotate_ && !kMass_), "the wide kernel is plain attention");
   // ... and the wide kernel, whose two row tiles' accumulators leave no room for their Q.
-  static constexpr bool kQInSmem = kRotate || (kMass && kHeadDim == 128) || kMTiles > 1;
+  // D = 256 likewise: its 128 O accumulator registers leave no room for 64 of Q fragments.
+  static constexpr bool kQInSmem = kRotate || (kMass && kHeadDim == 128) || kMTiles > 1 || kHeadDim == 256;
   static constexpr int kWarps = 4;
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kRowsPerWarp = 16 * kMTiles;
@@ -82,9 +84,15 @@ struct FwdTraits {
   // tiles' S accumulators at 64 keys (2 x 32 registers) do not fit next to O's 2 x 64 without
   // spills. kBlockN_ = 64 there is FlashAttention-2's 128 x 64 tile for sm_80 / sm_90, spills
   // included (segattn_fwd_wide64_*: the default at D = 128, 10% faster than 128 x 32 on an H100).
-  static constexpr int kBlockN = kBlockN_ != 0 ? kBlockN_ : (kMTiles > 1 && kHeadDim == 128) ? 32 : 64;
+  // D = 256 (plain attention only): 32 keys, so that the double-buffered K and V tiles (64 KiB)
+  // and the Q tile (32 KiB) leave room for two blocks per SM, as FlashAttention-2's hdim-256
+  // kernels keep their tiles small.
+  static constexpr int kBlockN = kBlockN_ != 0 ? kBlockN_
+                                 : ((kMTiles > 1 && kHeadDim == 128) || kHeadDim == 256) ? 32
+                                                                                          : 64;
   static_assert(kBlockN == 32 || kBlockN == 64, "key tiles of 32 or 64");
-  static_assert(kHeadDim == 64 || kHeadDim == 128, "head dims 64 and 128 are instantiated");
+  static_assert(kHeadDim == 64 || kHeadDim == 128 || kHeadDim == 256, "head dims 64, 128 and 256 are instantiated");
+  static_assert(kHeadDim != 256 || (kMTiles == 1 && !kRotate_ && !kMass_), "D = 256: plain attention, 64-row tiles");
   static_assert(sizeof(T) == 2, "16-bit inputs");
 
   // 16-byte chunks per tile row (8 elements each).

@@ -25,17 +25,29 @@ __device__ __forceinline__ void load_tile_async(char* smem_tile, const typename 
   constexpr int kChunks = Traits::kChunks;
   constexpr int kRowsPerRound = Traits::kThreads / kChunks;
   static_assert(Traits::kThreads % kChunks == 0 && kRows % kRowsPerRound == 0, "whole copy rounds");
-  static_assert(kRowsPerRound % 8 == 0, "one swizzle pattern for all of a thread's rows");
+  static_assert(kRowsPerRound % 8 == 0 || 8 % kRowsPerRound == 0, "a swizzle pattern per round or per 8 rows");
   const int row0 = static_cast<int>(threadIdx.x) / kChunks;
   const int chunk = static_cast<int>(threadIdx.x) % kChunks;
   const T* const first = src + chunk * 8;
   const T* g = first + static_cast<int64_t>(row0) * row_stride;
   const int64_t step = kRowsPerRound * row_stride;
   char* const dst = smem_tile + swizzle<kChunks>(row0, chunk);
+  // Round m's destination: a constant step when every round has this thread's swizzle pattern
+  // (rounds of 8 rows or more); D = 256 copies 4 rows a round, whose patterns alternate (m is a
+  // compile-time constant in the unrolled loops, so this is still one add).
+  const auto dst_of = [&](int m) -> char* {
+    if constexpr (kRowsPerRound % 8 == 0) {
+      return dst + m * kRowsPerRound * kChunks * 16;
+    } else {
+      constexpr int kPeriod = 8 / kRowsPerRound;  // rounds per swizzle period
+      return smem_tile + swizzle<kChunks>(row0 + (m % kPeriod) * kRowsPerRound, chunk) +
+             (m / kPeriod) * 8 * kChunks * 16;
+    }
+  };
   if (rows_valid >= kRows) {  // every tile but a ragged last one: no per-row test
     SEGATTN_UNROLL
     for (int m = 0; m < kRows / kRowsPerRound; ++m) {
-      cp_async_16(dst + m * kRowsPerRound * kChunks * 16, g, true);
+      cp_async_16(dst_of(m), g, true);
       g += step;
     }
     return;
@@ -43,7 +55,7 @@ __device__ __forceinline__ void load_tile_async(char* smem_tile, const typename 
   SEGATTN_UNROLL
   for (int m = 0; m < kRows / kRowsPerRound; ++m) {
     const bool pred = row0 + m * kRowsPerRound < rows_valid;
-    cp_async_16(dst + m * kRowsPerRound * kChunks * 16, pred ? g : first, pred);
+    cp_async_16(dst_of(m), pred ? g : first, pred);
     g += step;
   }
 }

@@ -462,6 +462,12 @@ pub(crate) fn run_forward(
     } = shape;
     let dtype = q.dtype();
     check_emulated_inputs(&shape, dtype, &[("q", q), ("k", k), ("v", v)])?;
+    if mass.is_some() {
+        crate::kernel_params::check_supported_up_to_128("segment mass", dtype, head_dim)?;
+    }
+    if rotation.is_some() {
+        crate::kernel_params::check_supported_up_to_128("PINE", dtype, head_dim)?;
+    }
     let scale = scale.unwrap_or_else(|| default_scale(head_dim));
     if !scale.is_finite() {
         invalid_arg!("scale: expected a finite number, got {scale}");

@@ -1,13 +1,14 @@
 //! Head dims the CUDA kernels are not built for, run on the next width they are built for.
 //!
-//! The kernels exist for D = 64 and 128 (each width is a set of instantiations, tuned and
-//! resource-checked on its own). Appending zero columns to q and k leaves every `q . k` as it
-//! is, and zero columns of v give zero output columns, so a smaller D runs exactly on inputs
-//! padded to 64 (D < 64) or 128 (64 < D < 128), with the softmax scale of the real D, and the
-//! output is cut back to D. The price is the padded width's work (D 96: 4/3 of a native kernel's
-//! products) and one copy of q, k and v; the pad and the cut are candle ops, so gradients flow
-//! through them (the backward runs at the padded width too). Each half of the head dim is padded
-//! separately (`[x1, 0, x2, 0]`), which keeps RoPE's rotate-half pairs `(c, c + D / 2)` pairs.
+//! The attention kernel exists for D = 64, 128 and 256, the segment-mass, PINE and fused backward
+//! kernels for 64 and 128 (each width is a set of instantiations, tuned and resource-checked on
+//! its own). Appending zero columns to q and k leaves every `q . k` as it is, and zero columns of v
+//! give zero output columns, so a smaller D runs exactly on inputs padded to the next width, with
+//! the softmax scale of the real D, and the output is cut back to D. The price is the padded
+//! width's work (D 96: 4/3 of a native kernel's products) and one copy of q, k and v; the pad and
+//! the cut are candle ops, so gradients flow through them (the backward runs at the padded width
+//! too). Each half of the head dim is padded separately (`[x1, 0, x2, 0]`), which keeps RoPE's
+//! rotate-half pairs `(c, c + D / 2)` pairs.
 //!
 //! The CPU path takes any D up to [`crate::MAX_HEAD_DIM_CPU`] natively and is not padded, except
 //! under [`set_padding_on_cpu`] (tests: the padding checked against the native CPU path).
@@ -18,7 +19,10 @@ use candle_core::{DType, Tensor, D};
 
 use crate::error::invalid_arg;
 
-/// The head dims the CUDA kernels are built for, smallest first.
+/// The head dims the CUDA attention kernel is built for, smallest first.
+pub const ATTENTION_HEAD_DIMS: [usize; 3] = [64, 128, 256];
+
+/// The head dims of the CUDA segment-mass (standalone and fused), PINE and fused backward kernels.
 pub const KERNEL_HEAD_DIMS: [usize; 2] = [64, 128];
 
 thread_local! {
@@ -34,19 +38,20 @@ pub fn set_padding_on_cpu(on: bool) {
     ON_CPU.with(|c| c.set(on));
 }
 
-/// The width to run `head_dim` at for inputs like `q`, or `None` to run it as it is: on a CUDA
-/// device, bf16 or f16 (other dtypes keep their error), a D between two kernel widths or below
-/// the first. D above the last width is left to the kernels' check (an error naming q).
-pub(crate) fn padded_width(q: &Tensor, head_dim: usize) -> Option<usize> {
+/// The width to run `head_dim` at for inputs like `q` on kernels built for `widths` (smallest
+/// first), or `None` to run it as it is: on a CUDA device, bf16 or f16 (other dtypes keep their
+/// error), a D between two widths or below the first. D above the last width is left to the
+/// kernels' check (an error naming q).
+pub(crate) fn padded_width(q: &Tensor, head_dim: usize, widths: &[usize]) -> Option<usize> {
     let padded_here = if q.device().is_cpu() {
         ON_CPU.with(|c| c.get())
     } else {
         q.device().is_cuda() && matches!(q.dtype(), DType::BF16 | DType::F16)
     };
-    if !padded_here || head_dim == 0 || KERNEL_HEAD_DIMS.contains(&head_dim) {
+    if !padded_here || head_dim == 0 || widths.contains(&head_dim) {
         return None;
     }
-    KERNEL_HEAD_DIMS.iter().copied().find(|&w| w > head_dim)
+    widths.iter().copied().find(|&w| w > head_dim)
 }
 
 /// `x` `[..., D]` with each half of its last dim zero-padded to `width / 2`: `[x1, 0, x2, 0]`

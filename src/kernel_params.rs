@@ -17,14 +17,27 @@ pub(crate) fn check_supported(dtype: DType, head_dim: usize) -> Result<()> {
              only; convert with .to_dtype(DType::BF16))"
         );
     }
-    if head_dim > 128 {
+    if head_dim > 256 {
         invalid_arg!(
-            "q: the CUDA kernels support head dim D up to 128 (built for 64 and 128; smaller D run zero-padded to \
-             them), got D = {head_dim}"
+            "q: the CUDA attention kernel supports head dim D up to 256 (built for 64, 128 and 256; other D run \
+             zero-padded to them), got D = {head_dim}"
         );
     }
-    if head_dim != 64 && head_dim != 128 {
-        invalid_arg!("q: this CUDA kernel is built for head dim D = 64 or 128, got D = {head_dim}");
+    if !crate::head_dim::ATTENTION_HEAD_DIMS.contains(&head_dim) {
+        invalid_arg!("q: the CUDA attention kernel is built for head dim D = 64, 128 or 256, got D = {head_dim}");
+    }
+    Ok(())
+}
+
+/// [`check_supported`] for the kernels built for D = 64 and 128 only (`what`: the segment mass,
+/// PINE, the fused backward), which the API pads D up to 128 for.
+pub(crate) fn check_supported_up_to_128(what: &str, dtype: DType, head_dim: usize) -> Result<()> {
+    check_supported(dtype, head_dim)?;
+    if !crate::head_dim::KERNEL_HEAD_DIMS.contains(&head_dim) {
+        invalid_arg!(
+            "q: the CUDA {what} kernels support head dim D up to 128 (built for 64 and 128; other D run zero-padded \
+             to them), got D = {head_dim}"
+        );
     }
     Ok(())
 }
@@ -222,6 +235,9 @@ impl FwdVariant {
         sm_count: usize,
         forced: Option<bool>,
     ) -> Self {
+        if shape.head_dim == 256 {
+            return Self::Plain; // D = 256 has the 64-row kernel only
+        }
         let rows = Self::Wide.block_rows();
         let blocks = shape.q_len.div_ceil(rows) * shape.num_heads * shape.batch;
         let by_rule = shape.q_len >= rows

@@ -145,7 +145,12 @@ impl<'a> SegmentAttention<'a> {
             invalid_arg!("scale: expected a finite number, got {scale}");
         }
         if self.rotation.is_none() {
-            if let Some(width) = head_dim::padded_width(q, shape.head_dim) {
+            // The mass kernels have no D = 256: with a mass asked for, D up to 128 only.
+            let widths: &[usize] = match self.segment_mass {
+                Some(_) => &head_dim::KERNEL_HEAD_DIMS,
+                None => &head_dim::ATTENTION_HEAD_DIMS,
+            };
+            if let Some(width) = head_dim::padded_width(q, shape.head_dim, widths) {
                 return self.forward_padded(q, k, v, width, scale);
             }
         }

@@ -374,7 +374,7 @@ fn ragged(x: usize) -> usize {
 fn run_random_case(
     seed: u64,
     bf16: bool,
-    d128: bool,
+    d: usize,
     batch: usize,
     heads: usize,
     lk: usize,
@@ -384,7 +384,6 @@ fn run_random_case(
 ) {
     let mut rng = Rng(seed);
     let dtype = if bf16 { DType::BF16 } else { DType::F16 };
-    let d = if d128 { 128 } else { 64 };
     let (h, hkv) = HEADS[heads];
     let lk = ragged(lk);
     let lq = if kind == MASK_KINDS - 1 {
@@ -425,7 +424,26 @@ proptest! {
     ) {
         // The launcher's choice (wide from 128 rows on), or either kernel forced at any size.
         let wide = [None, Some(false), Some(true)][tile];
-        run_random_case(seed, bf16, d128, batch, heads, lk, lq_raw, kind, wide);
+        run_random_case(seed, bf16, if d128 { 128 } else { 64 }, batch, heads, lk, lq_raw, kind, wide);
+    }
+}
+
+proptest! {
+    // A quarter of the cases: each costs twice a D = 128 one under the emulator.
+    #![proptest_config(proptest_config(cases(256).div_ceil(4)))]
+
+    /// D = 256 (plain attention, 64-row blocks of 32-key tiles, Q read from shared memory).
+    #[test]
+    fn emulated_d256_kernel_matches_reference(
+        seed in any::<u64>(),
+        bf16 in any::<bool>(),
+        batch in 1usize..=2,
+        heads in 0usize..HEADS.len(),
+        lk in 1usize..=200,
+        lq_raw in 1usize..=200,
+        kind in 0usize..MASK_KINDS,
+    ) {
+        run_random_case(seed, bf16, 256, batch, heads, lk, lq_raw, kind, None);
     }
 }
 
@@ -437,11 +455,12 @@ fn every_mask_kind_every_instantiation() {
         let (bf16, d128) = (kind % 2 == 0, (kind / 2) % 2 == 0);
         for wide in [false, true] {
             let seed = 1000 + kind as u64 + if wide { 500 } else { 0 };
-            run_random_case(seed, bf16, d128, 2, kind % HEADS.len(), 150, 77, kind, Some(wide));
+            let d = if d128 { 128 } else { 64 };
+            run_random_case(seed, bf16, d, 2, kind % HEADS.len(), 150, 77, kind, Some(wide));
             run_random_case(
                 seed + 1000,
                 !bf16,
-                !d128,
+                if d128 { 64 } else { 128 },
                 1,
                 (kind + 1) % HEADS.len(),
                 100,
@@ -450,6 +469,18 @@ fn every_mask_kind_every_instantiation() {
                 Some(wide),
             );
         }
+        // D = 256: the 64-row kernel only.
+        run_random_case(
+            3000 + kind as u64,
+            !bf16,
+            256,
+            2,
+            kind % HEADS.len(),
+            150,
+            77,
+            kind,
+            None,
+        );
     }
 }
 
@@ -462,9 +493,12 @@ fn tile_multiples_and_tiny_lengths() {
             .unwrap()
             .last_queries(lq)
             .unwrap();
-        for d in [64, 128] {
+        for d in [64, 128, 256] {
             let (q, k, v) = inputs(&mut rng, (2, lq, lk, 4, 2, d), DType::BF16, false).unwrap();
             for wide in [false, true] {
+                if d == 256 && wide {
+                    continue; // D = 256 has the 64-row kernel only
+                }
                 let desc = format!("documents Lq {lq} Lk {lk} D {d} wide {wide}");
                 check_case(&desc, &q, &k, &v, &mask, None, 7, Some(wide)).unwrap();
             }
@@ -586,9 +620,13 @@ fn unsupported_inputs_are_errors() -> Result<()> {
 /// The shared-memory sizes the GPU launcher must request (traits: Q + 2 K + 2 V tiles + metadata).
 #[test]
 fn smem_sizes() {
-    for (d, want) in [(64usize, 33_960usize), (128, 66_728)] {
+    // D = 256: 32-key tiles (4 x 16 KiB) and Q in its own tile (32 KiB), two blocks per sm_90 SM.
+    for (d, want) in [(64usize, 33_960usize), (128, 66_728), (256, 99_240)] {
         assert_eq!(fwd_smem_bytes(DType::BF16, d, FwdVariant::Plain), Some(want));
         assert_eq!(fwd_smem_bytes(DType::F16, d, FwdVariant::Plain), Some(want));
+    }
+    for variant in [FwdVariant::Mass, FwdVariant::Rope, FwdVariant::Wide, FwdVariant::Wide64] {
+        assert_eq!(fwd_smem_bytes(DType::BF16, 256, variant), None, "{variant:?}");
     }
     // The fused mass keeps Q in its own tile at D = 128 (its accumulators take Q's registers).
     for (d, want) in [(64usize, 33_960usize), (128, 83_112)] {

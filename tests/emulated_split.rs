@@ -1,7 +1,7 @@
 //! Split-K of the CUDA forward kernel (params.kv_splits > 1: key tiles cut into slices run as
 //! separate blocks, f32 partials merged by segattn_fwd_combine_* through their LSE), under the
 //! SIMT emulator: decode-like shapes (1 to 3 query rows, hundreds of keys), every mask family
-//! (incl. rows that see nothing and slices that see nothing), GQA, bf16 / f16, D 64 / 128,
+//! (incl. rows that see nothing and slices that see nothing), GQA, bf16 / f16, D 64 / 128 / 256,
 //! against the f64 reference and the unsplit kernel; and PINE's decode step with split-K against
 //! the literal oracle.
 
@@ -29,7 +29,7 @@ fn split_k_matches_reference_and_unsplit() -> Result<()> {
         let lk = 65 + rng.below(500);
         let lq = 1 + rng.below(3);
         let (h, hkv) = [(1, 1), (4, 1), (4, 2)][rng.below(3)];
-        let d = [64, 128][rng.below(2)];
+        let d = [64, 128, 256][rng.below(3)];
         let dtype = [DType::BF16, DType::F16][rng.below(2)];
         let kind = rng.below(MASK_KINDS.len());
         let mask = random_mask(&mut rng, kind, batch, lk)?.last_queries(lq)?;
@@ -69,7 +69,7 @@ fn gqa_decode_packing_is_bitwise_the_unpacked_launch() -> Result<()> {
         let batch = 1 + rng.below(2);
         let lk = 1 + rng.below(400);
         let (h, hkv) = [(4, 1), (4, 2), (8, 2), (6, 3), (2, 1)][rng.below(5)];
-        let d = [64, 128][rng.below(2)];
+        let d = [64, 128, 256][rng.below(3)];
         let dtype = [DType::BF16, DType::F16][rng.below(2)];
         let kind = rng.below(MASK_KINDS.len());
         let mask = random_mask(&mut rng, kind, batch, lk)?.last_queries(1)?;

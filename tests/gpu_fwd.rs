@@ -2,8 +2,8 @@
 //! `Device::new_cuda(0)` tensors and masks), against the f64 reference: the property tests of
 //! tests/emulated_fwd.rs (random shapes with ragged lengths, GQA, Lq < Lk and cross attention,
 //! every mask family, random pair tables shared and per row with fully masked rows, bf16 and
-//! f16, D 64 and 128, strided views, custom scales), with more and larger cases, other head dims
-//! (zero-padded to 64 / 128 by the API), plus large
+//! f16, D 64 and 128, strided views, custom scales), with more and larger cases, D 256 and other
+//! head dims (zero-padded to 64 / 128 / 256 by the API), plus large
 //! shapes against the fused CPU path, determinism, misaligned views, empty inputs and the error
 //! messages of unsupported inputs. Training: the gradients through the fused backward kernel
 //! against the reference (short rows) and against the candle-ops backward (long rows).
@@ -337,12 +337,16 @@ fn tile_multiples_and_tiny_lengths() {
     }
 }
 
-/// Head dims the kernels are not built for run zero-padded to 64 / 128 (`segattn::head_dim`):
-/// against the reference, every mask family, strided views, GQA, both dtypes.
+/// D = 256 (its own kernel: plain attention, 64-row blocks) and the head dims the kernels are not
+/// built for, which run zero-padded to 64 / 128 / 256 (`segattn::head_dim`): against the
+/// reference, every mask family, strided views, GQA, both dtypes.
 #[test]
-fn padded_head_dims_match_reference() -> Result<()> {
+fn other_head_dims_match_reference() -> Result<()> {
     let Some(dev) = gpu() else { return Ok(()) };
-    for (i, d) in [8usize, 32, 33, 80, 96, 112, 127].into_iter().enumerate() {
+    for (i, d) in [8usize, 32, 33, 80, 96, 112, 127, 160, 200, 256, 256]
+        .into_iter()
+        .enumerate()
+    {
         for kind in [i % KINDS, (i + 5) % KINDS] {
             let mut rng = Rng::new(500 + 10 * i as u64 + kind as u64);
             let dtype = if (i + kind) % 2 == 0 { DType::BF16 } else { DType::F16 };
@@ -565,10 +569,19 @@ fn errors_name_the_argument() -> Result<()> {
     let x = Tensor::ones((1, 8, 1, 64), DType::F32, &dev)?;
     let e = msg(SegmentAttention::new(&mask).forward(&x, &x, &x));
     assert!(e.contains("q:") && e.contains("dtype") && e.contains("F32"), "{e}");
-    // Up to 128 every head dim runs (padded); beyond, an error.
-    let x = Tensor::ones((1, 8, 1, 192), DType::BF16, &dev)?;
+    // Up to 256 every head dim runs (padded where it is not 64, 128 or 256); beyond, an error;
+    // the segment mass stops at 128.
+    let x = Tensor::ones((1, 8, 1, 320), DType::BF16, &dev)?;
     let e = msg(SegmentAttention::new(&mask).forward(&x, &x, &x));
-    assert!(e.contains("q:") && e.contains("head dim") && e.contains("192"), "{e}");
+    assert!(e.contains("q:") && e.contains("head dim") && e.contains("320"), "{e}");
+    let x = Tensor::ones((1, 8, 1, 256), DType::BF16, &dev)?;
+    let e = msg(SegmentAttention::new(&mask)
+        .return_segment_mass(segattn::SegmentScoreOptions::new())
+        .forward(&x, &x, &x));
+    assert!(
+        e.contains("q:") && e.contains("segment mass") && e.contains("256"),
+        "{e}"
+    );
 
     // Same message on both devices for an invalid shape / rule / GQA ratio.
     let on = |d: &Device| -> Result<Vec<String>> {
@@ -599,7 +612,7 @@ fn errors_name_the_argument() -> Result<()> {
 /// Training on the GPU: the gradients of `sum(out * w)` through candle's backward pass (our
 /// kernels forward, the fused backward kernel for the output's gradient, candle's CUDA ops for
 /// the LSE's) against the f64 reference
-/// backward, over every mask family, GQA, Lq < Lk, strided inputs, D 64, 128 and 96 (padded).
+/// backward, over every mask family, GQA, Lq < Lk, strided inputs, D 64, 128, 96 (padded), 256.
 #[test]
 fn gradients_match_reference() -> Result<()> {
     let Some(dev) = gpu() else { return Ok(()) };
@@ -611,8 +624,9 @@ fn gradients_match_reference() -> Result<()> {
         let (b, lk) = (1 + rng.below(2), 1 + rng.below(300));
         let lq = if rng.below(2) == 0 { lk } else { 1 + rng.below(lk) };
         let (h, hkv) = HEADS[rng.below(HEADS.len())];
-        // A fifth of the cases at a padded head dim (the backward through the pad and the cut).
-        let d = [64, 128, 64, 128, 96][case % 5];
+        // Some cases at a padded head dim (the backward through the pad and the cut) and at 256
+        // (the candle-ops backward: the fused kernel is built for 64 / 128).
+        let d = [64, 128, 64, 128, 96, 256][case % 6];
         let (q, k, v) = inputs(&mut rng, (b, lq, lk, h, hkv, d), dtype, case % 3 == 0)?;
         let mask = random_mask(&mut rng, kind, b, lk)?;
         let mask = if lq < lk { mask.last_queries(lq)? } else { mask };

@@ -1,5 +1,5 @@
 // The forward kernels: {bf16, f16} x head dim {64, 128}; plain, with the fused per-segment mass,
-// and with PINE's query rotation.
+// and with PINE's query rotation; plain attention at head dim 256 too.
 //
 // nvcc: `extern "C" __global__` entry points with stable names, params by value:
 //   segattn_fwd_bf16_d64, segattn_fwd_bf16_d128, segattn_fwd_f16_d64, segattn_fwd_f16_d128
@@ -14,6 +14,8 @@
 //   segattn_fwd_wide64_{bf16,f16}_d128 (the wide kernel with key tiles of 64: FlashAttention-2's
 //   128 x 64 tile, a few spills; params.block_keys = 64; plain attention's kernel at D = 128 from
 //   128 query rows on, SEGATTN_FWD_WIDE_KEYS=32 for the 32-key tiles)
+//   segattn_fwd_{bf16,f16}_d256 (plain attention, 64 rows x 32-key tiles, Q in its own shared
+//   tile: 99,240 bytes; split-K as the 64-row kernels)
 //   split-K (params.kv_splits = S > 1): grid x is ceil(Lq / 64) * S; the last slice of each query
 //   tile merges the partials (params.split_done zeroed by the caller).
 //   grid (ceil(Lq / 64), H, B), block 128 threads,
@@ -58,6 +60,10 @@ SEGATTN_FWD_ENTRY(segattn_fwd_wide_f16_d128, segattn::f16, 128, false, false, 2)
 // Wide with 64-key tiles at D = 128 (FlashAttention-2's 128 x 64; the default at D = 128).
 SEGATTN_FWD_ENTRY_KEYS(segattn_fwd_wide64_bf16_d128, segattn::bf16, 128, false, false, 2, 64)
 SEGATTN_FWD_ENTRY_KEYS(segattn_fwd_wide64_f16_d128, segattn::f16, 128, false, false, 2, 64)
+
+// D = 256 (Gemma's head dim): plain attention, 64 x 32 tiles, Q read from shared memory.
+SEGATTN_FWD_ENTRY(segattn_fwd_bf16_d256, segattn::bf16, 256, false, false, 1)
+SEGATTN_FWD_ENTRY(segattn_fwd_f16_d256, segattn::f16, 256, false, false, 1)
 
 #undef SEGATTN_FWD_ENTRY
 #undef SEGATTN_FWD_ENTRY_KEYS
@@ -106,8 +112,8 @@ extern "C" int segattn_emu_fwd(const SegattnFwdParams* p) {
                   p->num_heads, p->num_kv_heads);
     return emu_entry::fail(message);
   }
-  if (p->head_dim != 64 && p->head_dim != 128) {
-    std::snprintf(message, sizeof message, "segattn_emu_fwd: unsupported head_dim %d (expected 64 or 128)",
+  if (p->head_dim != 64 && p->head_dim != 128 && p->head_dim != 256) {
+    std::snprintf(message, sizeof message, "segattn_emu_fwd: unsupported head_dim %d (expected 64, 128 or 256)",
                   p->head_dim);
     return emu_entry::fail(message);
   }
@@ -115,6 +121,19 @@ extern "C" int segattn_emu_fwd(const SegattnFwdParams* p) {
   const bool rope = p->rotation.cos != nullptr;
   const bool mass = p->mass.mass != nullptr;
   const bool wide = p->block_rows == 128;
+  if (p->head_dim == 256) {
+    if (rope || mass || wide) {
+      return emu_entry::fail("segattn_emu_fwd: D = 256 is plain attention in 64-row blocks (no rotation, mass or wide)");
+    }
+    switch (p->dtype) {
+      case SEGATTN_DTYPE_BF16:
+        return emu_entry::launch<FwdTraits<bf16, 256>>(*p, segattn_fwd_bf16_d256);
+      case SEGATTN_DTYPE_F16:
+        return emu_entry::launch<FwdTraits<f16, 256>>(*p, segattn_fwd_f16_d256);
+      default:
+        break;  // the dtype's message below
+    }
+  }
   // The wide kernel's 64-key tiles at D = 128 (segattn_fwd_wide64_*); any other mismatch between
   // block_keys and the entry's tiles traps in the kernel.
   const bool keys64 = p->block_keys == 64;
@@ -184,6 +203,7 @@ extern "C" int segattn_emu_fwd_smem_bytes(int dtype, int head_dim, int variant) 
   using namespace segattn::fwd;
   using segattn::bf16;
   if (dtype != SEGATTN_DTYPE_BF16 && dtype != SEGATTN_DTYPE_F16) return 0;
+  if (head_dim == 256) return variant == 0 ? FwdTraits<bf16, 256>::kSmemBytes : 0;
   if (head_dim != 64 && head_dim != 128) return 0;
   const bool d64 = head_dim == 64;
   switch (variant) {

@@ -14,7 +14,7 @@ use candle_core::{CudaStorage, DType, Layout, Result, Storage, Tensor};
 use half::{bf16, f16};
 
 use super::driver_err;
-use super::launch::{base_params, check_supported, launch_with_params, loadable, strides_of, MaskBuffer};
+use super::launch::{base_params, launch_with_params, loadable, strides_of, MaskBuffer};
 use super::module;
 use crate::error::invalid_arg;
 use crate::mask::HostMask;
@@ -40,7 +40,7 @@ pub(crate) fn attention_backward(
     host: &HostMask,
     scale: f32,
 ) -> Result<(Tensor, Tensor, Tensor)> {
-    check_supported(q.dtype(), shape.head_dim)?;
+    crate::kernel_params::check_supported_up_to_128("fused backward", q.dtype(), shape.head_dim)?;
     match q.dtype() {
         DType::BF16 => typed::<bf16>((q, k, v), d_out, (lse, delta), shape, host, scale),
         _ => typed::<f16>((q, k, v), d_out, (lse, delta), shape, host, scale),

@@ -425,6 +425,12 @@ pub(crate) fn forward(
 ) -> Result<ForwardOutputs> {
     let dtype = q.dtype();
     check_supported(dtype, shape.head_dim)?;
+    if extras.mass.is_some() {
+        crate::kernel_params::check_supported_up_to_128("segment mass", dtype, shape.head_dim)?;
+    }
+    if extras.rotation.is_some() {
+        crate::kernel_params::check_supported_up_to_128("PINE", dtype, shape.head_dim)?;
+    }
     match dtype {
         DType::BF16 => forward_typed::<bf16>((q, ql), (k, kl), (v, vl), shape, host, scale, extras),
         _ => forward_typed::<f16>((q, ql), (k, kl), (v, vl), shape, host, scale, extras),
@@ -727,7 +733,17 @@ mod tests {
         assert!(e.contains("q:") && e.contains("dtype") && e.contains("F32"), "{e}");
         let e = check_supported(DType::BF16, 96).unwrap_err().to_string();
         assert!(e.contains("q:") && e.contains("head dim") && e.contains("96"), "{e}");
+        let e = check_supported(DType::BF16, 512).unwrap_err().to_string();
+        assert!(e.contains("q:") && e.contains("up to 256") && e.contains("512"), "{e}");
         assert!(check_supported(DType::F16, 128).is_ok());
+        assert!(check_supported(DType::BF16, 256).is_ok());
+        let e = crate::kernel_params::check_supported_up_to_128("segment mass", DType::BF16, 256)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("q:") && e.contains("segment mass") && e.contains("256"),
+            "{e}"
+        );
     }
 
     #[test]

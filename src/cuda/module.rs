@@ -91,7 +91,7 @@ impl Kernels {
         Ok(f)
     }
 
-    /// The forward kernel `variant` for `dtype` (bf16 / f16) and `head_dim` (64 / 128).
+    /// The forward kernel `variant` for `dtype` (bf16 / f16) and `head_dim` (64 / 128; 256 plain).
     pub fn fwd(&self, dtype: DType, head_dim: usize, variant: FwdVariant) -> Option<&FwdKernel> {
         self.fwd
             .iter()
@@ -101,7 +101,7 @@ impl Kernels {
 }
 
 /// Every forward entry point of kernels/fwd/fwd.cu: (name, dtype, head dim, variant).
-const FWD_ENTRIES: [(&str, DType, usize, FwdVariant); 18] = [
+const FWD_ENTRIES: [(&str, DType, usize, FwdVariant); 20] = [
     ("segattn_fwd_bf16_d64", DType::BF16, 64, FwdVariant::Plain),
     ("segattn_fwd_bf16_d128", DType::BF16, 128, FwdVariant::Plain),
     ("segattn_fwd_f16_d64", DType::F16, 64, FwdVariant::Plain),
@@ -120,6 +120,8 @@ const FWD_ENTRIES: [(&str, DType, usize, FwdVariant); 18] = [
     ("segattn_fwd_wide_f16_d128", DType::F16, 128, FwdVariant::Wide),
     ("segattn_fwd_wide64_bf16_d128", DType::BF16, 128, FwdVariant::Wide64),
     ("segattn_fwd_wide64_f16_d128", DType::F16, 128, FwdVariant::Wide64),
+    ("segattn_fwd_bf16_d256", DType::BF16, 256, FwdVariant::Plain),
+    ("segattn_fwd_f16_d256", DType::F16, 256, FwdVariant::Plain),
 ];
 
 type Cache = Mutex<HashMap<(usize, usize), Arc<Kernels>>>;

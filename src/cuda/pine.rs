@@ -176,7 +176,7 @@ pub(crate) fn pine_decode_scores(
     sk: usize,
 ) -> Result<(Tensor, Tensor)> {
     let shape = AttentionShape::of(q, k_cache, k_cache)?;
-    crate::kernel_params::check_supported(q.dtype(), shape.head_dim)?;
+    crate::kernel_params::check_supported_up_to_128("PINE", q.dtype(), shape.head_dim)?;
     let heads_per_kv = shape.num_heads / shape.num_kv_heads;
     let smem = crate::emulated::decode_scores_smem_bytes(heads_per_kv, shape.head_dim, sk)?;
     if smem > 48 * 1024 {

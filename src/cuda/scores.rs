@@ -16,7 +16,7 @@ use candle_core::{CudaStorage, DType, Layout, Result};
 use half::{bf16, f16};
 
 use super::driver_err;
-use super::launch::{base_params, check_grid, check_supported, launch_with_params, loadable, strides_of, MaskBuffer};
+use super::launch::{base_params, check_grid, launch_with_params, loadable, strides_of, MaskBuffer};
 use super::module::{self, Kernels};
 use crate::error::invalid_arg;
 use crate::kernel_params::mass_output;
@@ -46,7 +46,7 @@ pub(crate) fn segment_scores(
     two_pass: bool,
 ) -> Result<CudaStorage> {
     let dtype = q.dtype();
-    check_supported(dtype, shape.head_dim)?;
+    crate::kernel_params::check_supported_up_to_128("segment mass", dtype, shape.head_dim)?;
     match dtype {
         DType::BF16 => typed::<bf16>((q, ql), (k, kl), shape, host, scale, plan, two_pass),
         _ => typed::<f16>((q, ql), (k, kl), shape, host, scale, plan, two_pass),

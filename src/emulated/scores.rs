@@ -81,6 +81,7 @@ fn run_segment_scores(
     } = shape;
     let dtype = q.dtype();
     check_emulated_inputs(&shape, dtype, &[("q", q), ("k", k)])?;
+    crate::kernel_params::check_supported_up_to_128("segment mass", dtype, shape.head_dim)?;
     let scale = options.scale.unwrap_or_else(|| default_scale(head_dim));
     if !scale.is_finite() {
         invalid_arg!("scale: expected a finite number, got {scale}");

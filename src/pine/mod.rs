@@ -541,7 +541,7 @@ impl PineAttention {
     /// ([`crate::head_dim::padded_width`]): the same layer with the rotation of [`Rope::padded`]
     /// (kept, with its tables, for the next calls) and the real D's default scale.
     fn padded(&self, x: &Tensor, d: usize) -> Result<Option<(Self, usize)>> {
-        let Some(width) = head_dim::padded_width(x, d) else {
+        let Some(width) = head_dim::padded_width(x, d, &head_dim::KERNEL_HEAD_DIMS) else {
             return Ok(None);
         };
         if !d.is_multiple_of(2) {

@@ -62,7 +62,7 @@ pub fn segment_scores(q: &Tensor, k: &Tensor, mask: &SegmentMask, options: &Segm
     if !scale.is_finite() {
         invalid_arg!("scale: expected a finite number, got {scale}");
     }
-    if let Some(width) = crate::head_dim::padded_width(q, shape.head_dim) {
+    if let Some(width) = crate::head_dim::padded_width(q, shape.head_dim, &crate::head_dim::KERNEL_HEAD_DIMS) {
         // A head dim the kernels are not built for: zero columns leave q . k as it is.
         let pad = |x: &Tensor| crate::head_dim::pad(x, width);
         let options = SegmentScoreOptions {
