@@ -55,6 +55,9 @@ def shapes(smoke):
         for h, hkv in ((16, 16), (32, 8)):
             for L in lens:
                 out.append(dict(len=L, batch=tokens // L, heads=h, kv_heads=hkv, head_dim=d))
+    # Head dim 256 (gpu_bench's list has the same shape): one length, H 16 / 16.
+    L = 512 if smoke else 8192
+    out.append(dict(len=L, batch=tokens // L, heads=16, kv_heads=16, head_dim=256))
     return out
 
 

@@ -1,6 +1,6 @@
 //! GPU benchmark of the segattn forward kernels (`--features cuda`), on the shapes of issue 4:
 //! bf16, D = 64 and 128, H = 16 (and GQA 32 / 8), 16k tokens in total (B = 16384 / L), L in
-//! {1k, 2k, 4k, 8k, 16k}; masks causal, full, documents (8 equal, 8 ragged), prefix-LM (prefix
+//! {1k, 2k, 4k, 8k, 16k}, and D = 256 at L 8k, H 16; masks causal, full, documents (8 equal, 8 ragged), prefix-LM (prefix
 //! L / 2) and PINE (prefix 256, 20 segments, suffix 64).
 //!
 //! Per shape: `kernel` = the kernel alone ([`segattn::cuda::PreparedForward`]: mask metadata
@@ -268,6 +268,15 @@ fn shapes(smoke: bool) -> Vec<Shape> {
             }
         }
     }
+    // Head dim 256 (Gemma's; its own 64-row kernel): one length, H 16 / 16.
+    let len = if smoke { 512 } else { 8192 };
+    out.push(Shape {
+        len,
+        batch: tokens / len,
+        heads: 16,
+        kv_heads: 16,
+        head_dim: 256,
+    });
     out
 }
 

@@ -35,7 +35,7 @@
 # Environment: SEGATTN_GPU_CASES (random property cases, default: each test file's), SEGATTN_PEERS_FILTER
 # (peers.py shape filter, a substring of the shape label; default "H16/16 D128": 30 shapes, 5
 # FlexAttention compilations, fits one 10-minute call next to our benchmark; "H32/8 D128", "D64",
-# ... in further calls; "" = all 120), SEGATTN_BENCH_FILTER (gpu_bench shape filter, default all), SEGATTN_CUDA_LIBS
+# "D256" (head dim 256, L 8k) ... in further calls; "" = all 126), SEGATTN_BENCH_FILTER (gpu_bench shape filter, default all), SEGATTN_CUDA_LIBS
 # (directory with libcublas / libcurand / libnvrtc 13; default: the Python env's nvidia/cu13/lib),
 # PYTHON (default python3), SEGATTN_BENCH_SHAPES_ONLY=1 (bench: the attention shapes and their
 # peers only, for a further call with other filters), SEGATTN_SUITE_SMOKE=1 (tiny shapes, 2k tokens: a dry run of the
