@@ -61,6 +61,9 @@ pub(crate) fn pad(x: &Tensor, width: usize) -> candle_core::Result<Tensor> {
     if d > width || !width.is_multiple_of(2) {
         invalid_arg!("internal error: head dim {d} padded to {width}");
     }
+    if x.elem_count() == 0 {
+        return zeros_with_last_dim(x, width); // no copy kernel over an empty grid (CUDA refuses one)
+    }
     let first = d.div_ceil(2);
     let half = width / 2;
     let lo = x
@@ -77,8 +80,20 @@ pub(crate) fn pad(x: &Tensor, width: usize) -> candle_core::Result<Tensor> {
 /// columns, contiguous.
 pub(crate) fn unpad(x: &Tensor, d: usize) -> candle_core::Result<Tensor> {
     let width = x.dim(D::Minus1)?;
+    if x.elem_count() == 0 {
+        return zeros_with_last_dim(x, d);
+    }
     let first = d.div_ceil(2);
     let lo = x.narrow(D::Minus1, 0, first)?;
     let hi = x.narrow(D::Minus1, width / 2, d - first)?;
     Tensor::cat(&[&lo, &hi], D::Minus1)?.contiguous()
+}
+
+/// An empty tensor like `x` with last dim `d`.
+fn zeros_with_last_dim(x: &Tensor, d: usize) -> candle_core::Result<Tensor> {
+    let mut dims = x.dims().to_vec();
+    if let Some(last) = dims.last_mut() {
+        *last = d;
+    }
+    Tensor::zeros(dims, x.dtype(), x.device())
 }

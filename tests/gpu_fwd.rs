@@ -445,6 +445,12 @@ fn empty_inputs() -> Result<()> {
     let got = SegmentAttention::new(&mask).return_lse(true).forward(&q, &k, &k)?;
     assert_eq!(got.out.dims(), &[1, 0, 2, 64]);
     assert_eq!(got.lse.unwrap().dims(), &[1, 2, 0]);
+    // The same at a padded head dim (no copy of an empty tensor).
+    let q = Tensor::zeros((1, 0, 2, 96), DType::BF16, &dev)?;
+    let k = Tensor::ones((1, 7, 2, 96), DType::BF16, &dev)?;
+    let got = SegmentAttention::new(&mask).return_lse(true).forward(&q, &k, &k)?;
+    assert_eq!(got.out.dims(), &[1, 0, 2, 96]);
+    assert_eq!(got.lse.unwrap().dims(), &[1, 2, 0]);
     Ok(())
 }
 

@@ -153,6 +153,17 @@ fn halves_are_padded_apart() -> Result<()> {
     let mask = segattn::SegmentMask::causal(1, &Device::Cpu)?;
     let out = padded(|| SegmentAttention::new(&mask).forward(&x, &x, &x))?.out;
     assert_eq!(out.flatten_all()?.to_vec1::<f32>()?, vec![1., 2., 3., 4., 5., 6.]);
+    // Empty inputs keep their shapes.
+    let empty = Tensor::zeros((1, 0, 2, 6), DType::F32, &Device::Cpu)?;
+    let keys = Tensor::ones((1, 3, 2, 6), DType::F32, &Device::Cpu)?;
+    let none = segattn::SegmentMask::full(3, &Device::Cpu)?.last_queries(0)?;
+    let got = padded(|| {
+        SegmentAttention::new(&none)
+            .return_lse(true)
+            .forward(&empty, &keys, &keys)
+    })?;
+    assert_eq!(got.out.dims(), &[1, 0, 2, 6]);
+    assert_eq!(got.lse.unwrap().dims(), &[1, 2, 0]);
     assert_eq!(segattn::head_dim::KERNEL_HEAD_DIMS, [64, 128]);
     assert_eq!(segattn::head_dim::ATTENTION_HEAD_DIMS, [64, 128, 256]);
     Ok(())
