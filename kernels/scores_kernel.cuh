@@ -61,7 +61,7 @@ struct ScoresTraits {
   static_assert(kMTiles == 1 || kMTiles == 2, "one or two row tiles per warp");
   // Q read from its own shared tile at each k-step (not held in registers) for the wide kernel and
   // at D = 128, whose 32 Q registers would keep the 64-row kernel from three blocks per SM.
-  static constexpr bool kQInSmem = kMTiles > 1 || kHeadDim == 128;
+  static constexpr bool kQInSmem = kMTiles > 1 || kHeadDim >= 128;
   static constexpr int kWarps = 4;
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kBlockM = kWarps * 16 * kMTiles;
@@ -72,8 +72,10 @@ struct ScoresTraits {
   // most 168 registers: 160-162, no spill; 188 at D = 64 and 208-216 at D = 128 unbounded; at
   // D = 128 with Q in shared memory and the rows' output pointers not held through the loop),
   // else one (the compiler's choice).
-  static constexpr int kMinBlocks = kMTiles == 1 ? 3 : 1;
-  static_assert(kHeadDim == 64 || kHeadDim == 128, "head dims 64 and 128 are instantiated");
+  // D = 256 (64-row kernel only): its two K buffers and Q tile (96 KiB) fit two blocks per SM.
+  static constexpr int kMinBlocks = kMTiles == 1 ? (kHeadDim == 256 ? 2 : 3) : 1;
+  static_assert(kHeadDim == 64 || kHeadDim == 128 || kHeadDim == 256, "head dims 64, 128 and 256 are instantiated");
+  static_assert(kHeadDim != 256 || kMTiles == 1, "D = 256: the 64-row kernel only");
   static_assert(sizeof(T) == 2, "16-bit inputs");
 
   static constexpr int kChunks = kHeadDim / 8;  // 16-byte chunks per tile row

@@ -462,9 +462,6 @@ pub(crate) fn run_forward(
     } = shape;
     let dtype = q.dtype();
     check_emulated_inputs(&shape, dtype, &[("q", q), ("k", k), ("v", v)])?;
-    if mass.is_some() {
-        crate::kernel_params::check_supported_up_to_128("segment mass", dtype, head_dim)?;
-    }
     if rotation.is_some() {
         crate::kernel_params::check_supported_up_to_128("PINE", dtype, head_dim)?;
     }
@@ -487,7 +484,7 @@ pub(crate) fn run_forward(
         None => None,
         Some(opts) => {
             let plan = MassPlan::new(&shape, &host, opts)?;
-            let fused = fused_mass_in_forward(opts.algorithm, plan.sk, kv_splits)?;
+            let fused = fused_mass_in_forward(opts.algorithm, plan.sk, kv_splits, head_dim)?;
             let fill = if mass_accumulates(&plan, !fused) { 0.0 } else { f32::NAN };
             let (b, h, l, s) = plan.out_dims(q_len);
             Some((plan, fused, vec![fill; b * h * l * s]))

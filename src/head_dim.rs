@@ -1,7 +1,7 @@
 //! Head dims the CUDA kernels are not built for, run on the next width they are built for.
 //!
-//! The attention kernel exists for D = 64, 128 and 256, the segment-mass, PINE and fused backward
-//! kernels for 64 and 128 (each width is a set of instantiations, tuned and resource-checked on
+//! The attention and segment-mass kernels exist for D = 64, 128 and 256, PINE's and the fused
+//! backward for 64 and 128 (each width is a set of instantiations, tuned and resource-checked on
 //! its own). Appending zero columns to q and k leaves every `q . k` as it is, and zero columns of v
 //! give zero output columns, so a smaller D runs exactly on inputs padded to the next width, with
 //! the softmax scale of the real D, and the output is cut back to D. The price is the padded
@@ -19,11 +19,12 @@ use candle_core::{DType, Tensor, D};
 
 use crate::error::invalid_arg;
 
-/// The head dims the CUDA attention kernel is built for, smallest first.
+/// The head dims the CUDA attention and segment-mass kernels are built for, smallest first.
 pub const ATTENTION_HEAD_DIMS: [usize; 3] = [64, 128, 256];
 
-/// The head dims of the CUDA segment-mass (standalone and fused), PINE and fused backward kernels.
-pub const KERNEL_HEAD_DIMS: [usize; 2] = [64, 128];
+/// The head dims of the CUDA kernels of PINE (rotation in the loop, decode importance) and of the
+/// fused backward.
+pub const PINE_AND_BACKWARD_HEAD_DIMS: [usize; 2] = [64, 128];
 
 thread_local! {
     /// [`set_padding_on_cpu`] of the calling thread.

@@ -19,21 +19,23 @@ pub(crate) fn check_supported(dtype: DType, head_dim: usize) -> Result<()> {
     }
     if head_dim > 256 {
         invalid_arg!(
-            "q: the CUDA attention kernel supports head dim D up to 256 (built for 64, 128 and 256; other D run \
-             zero-padded to them), got D = {head_dim}"
+            "q: the CUDA attention and mass kernels support head dim D up to 256 (built for 64, 128 and 256; other \
+             D run zero-padded to them), got D = {head_dim}"
         );
     }
     if !crate::head_dim::ATTENTION_HEAD_DIMS.contains(&head_dim) {
-        invalid_arg!("q: the CUDA attention kernel is built for head dim D = 64, 128 or 256, got D = {head_dim}");
+        invalid_arg!(
+            "q: the CUDA attention and mass kernels are built for head dim D = 64, 128 or 256, got D = {head_dim}"
+        );
     }
     Ok(())
 }
 
-/// [`check_supported`] for the kernels built for D = 64 and 128 only (`what`: the segment mass,
-/// PINE, the fused backward), which the API pads D up to 128 for.
+/// [`check_supported`] for the kernels built for D = 64 and 128 only (`what`: PINE's, the fused
+/// backward), which the API pads D up to 128 for.
 pub(crate) fn check_supported_up_to_128(what: &str, dtype: DType, head_dim: usize) -> Result<()> {
     check_supported(dtype, head_dim)?;
-    if !crate::head_dim::KERNEL_HEAD_DIMS.contains(&head_dim) {
+    if !crate::head_dim::PINE_AND_BACKWARD_HEAD_DIMS.contains(&head_dim) {
         invalid_arg!(
             "q: the CUDA {what} kernels support head dim D up to 128 (built for 64 and 128; other D run zero-padded \
              to them), got D = {head_dim}"
@@ -289,9 +291,10 @@ fn wide_setting() -> Option<bool> {
 /// 128 query rows on for masks without a causal pair, else 64 (the forward kernel's rule at D = 64:
 /// the mass kernel's wide variant has only 32-key tiles, and was not measured against the 64-row
 /// one on causal masks); `SEGATTN_FWD_WIDE` and `wide` force the choice as for the forward kernel.
-pub(crate) fn mass_block_rows(q_len: usize, causal: bool, wide: Option<bool>) -> usize {
+/// D 256 has the 64-row kernel only.
+pub(crate) fn mass_block_rows(q_len: usize, causal: bool, wide: Option<bool>, head_dim: usize) -> usize {
     let wide_rows = FwdVariant::Wide.block_rows();
-    if wide.or_else(wide_setting).unwrap_or(q_len >= wide_rows && !causal) {
+    if head_dim != 256 && wide.or_else(wide_setting).unwrap_or(q_len >= wide_rows && !causal) {
         wide_rows
     } else {
         FwdVariant::Plain.block_rows()

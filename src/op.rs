@@ -109,8 +109,8 @@ impl<'a> SegmentAttention<'a> {
     /// Also return the per-segment attention mass `[B, Ho, Lo, Sk]` (f32) of this attention's
     /// probabilities, accumulated in the same pass like O (a per-row, per-key-segment accumulator
     /// rescaled with the running max). `options.scale` must be unset or equal to the attention's
-    /// scale. On CUDA: inside the forward kernel for at most 64 key segments (without split-K);
-    /// beyond that, or with [`crate::MassAlgorithm::TwoPass`], the forward kernel runs as usual
+    /// scale. On CUDA: inside the forward kernel for at most 64 key segments (without split-K, D 64
+    /// / 128); beyond that, at D 256, or with [`crate::MassAlgorithm::TwoPass`], the forward kernel runs as usual
     /// and the mass kernel's exact pass follows with the forward kernel's LSE; `OnePass` beyond
     /// 64 segments is an error there.
     ///
@@ -145,12 +145,7 @@ impl<'a> SegmentAttention<'a> {
             invalid_arg!("scale: expected a finite number, got {scale}");
         }
         if self.rotation.is_none() {
-            // The mass kernels have no D = 256: with a mass asked for, D up to 128 only.
-            let widths: &[usize] = match self.segment_mass {
-                Some(_) => &head_dim::KERNEL_HEAD_DIMS,
-                None => &head_dim::ATTENTION_HEAD_DIMS,
-            };
-            if let Some(width) = head_dim::padded_width(q, shape.head_dim, widths) {
+            if let Some(width) = head_dim::padded_width(q, shape.head_dim, &head_dim::ATTENTION_HEAD_DIMS) {
                 return self.forward_padded(q, k, v, width, scale);
             }
         }

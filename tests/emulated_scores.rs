@@ -92,7 +92,7 @@ fn check_tiled(
 fn run_random_case(
     seed: u64,
     bf16: bool,
-    d128: bool,
+    d: usize,
     batch: usize,
     heads: usize,
     lk: usize,
@@ -101,7 +101,6 @@ fn run_random_case(
     wide: Option<bool>,
 ) {
     let dtype = if bf16 { DType::BF16 } else { DType::F16 };
-    let d = if d128 { 128 } else { 64 };
     let case = draw(seed, batch, lk, lq_equal, HEADS[heads], d, dtype, kind).unwrap();
     let mut rng = Rng::new(seed ^ 0xc0ffee);
     let opts = random_mass_options(&mut rng, &[MassAlgorithm::Auto, MassAlgorithm::TwoPass]);
@@ -142,7 +141,26 @@ proptest! {
     ) {
         // The launcher's choice (wide from 128 rows on), or either kernel forced at any size.
         let wide = [None, Some(false), Some(true)][tile];
-        run_random_case(seed, bf16, d128, batch, heads, lk, lq_equal, kind, wide);
+        run_random_case(seed, bf16, if d128 { 128 } else { 64 }, batch, heads, lk, lq_equal, kind, wide);
+    }
+}
+
+proptest! {
+    // A quarter of the cases: each costs twice a D = 128 one under the emulator.
+    #![proptest_config(proptest_config(cases(96).div_ceil(4)))]
+
+    /// D = 256 (the 64-row kernel, Q read from shared memory).
+    #[test]
+    fn emulated_d256_scores_match_reference(
+        seed in any::<u64>(),
+        bf16 in any::<bool>(),
+        batch in 1usize..=2,
+        heads in 0usize..HEADS.len(),
+        lk in 1usize..=200,
+        lq_equal in any::<bool>(),
+        kind in 0usize..MASK_KINDS.len(),
+    ) {
+        run_random_case(seed, bf16, 256, batch, heads, lk, lq_equal, kind, None);
     }
 }
 
@@ -302,10 +320,12 @@ fn limits_and_smem() -> Result<()> {
     assert!(e.contains("head dim") && e.contains("96"), "{e}");
     // At D = 128 Q has its own tile (read from shared memory per k-step: registers for three
     // blocks per SM); at D = 64 it shares K's second buffer.
-    for (d, want) in [(64usize, 18_088usize), (128, 34_472 + 64 * 128 * 2)] {
+    // D = 256 likewise (two K buffers of 32 KiB and the Q tile: two blocks per SM), 64 rows only.
+    for (d, want) in [(64usize, 18_088usize), (128, 34_472 + 64 * 128 * 2), (256, 100_008)] {
         assert_eq!(scores_smem_bytes(DType::BF16, d, false), Some(want));
         assert_eq!(scores_smem_bytes(DType::F16, d, false), Some(want));
     }
+    assert_eq!(scores_smem_bytes(DType::BF16, 256, true), None);
     // The wide kernel: Q (128 rows) in its own tile, 32-key tiles.
     for (d, want) in [(64usize, 26_288usize), (128, 50_864)] {
         assert_eq!(scores_smem_bytes(DType::BF16, d, true), Some(want));

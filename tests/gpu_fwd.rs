@@ -575,19 +575,16 @@ fn errors_name_the_argument() -> Result<()> {
     let x = Tensor::ones((1, 8, 1, 64), DType::F32, &dev)?;
     let e = msg(SegmentAttention::new(&mask).forward(&x, &x, &x));
     assert!(e.contains("q:") && e.contains("dtype") && e.contains("F32"), "{e}");
-    // Up to 256 every head dim runs (padded where it is not 64, 128 or 256); beyond, an error;
-    // the segment mass stops at 128.
+    // Up to 256 every head dim runs (padded where it is not 64, 128 or 256); beyond, an error.
     let x = Tensor::ones((1, 8, 1, 320), DType::BF16, &dev)?;
     let e = msg(SegmentAttention::new(&mask).forward(&x, &x, &x));
     assert!(e.contains("q:") && e.contains("head dim") && e.contains("320"), "{e}");
+    // PINE's kernels stop at 128.
+    let layout = segattn::PineLayout::new(2, &[3, 2], 1);
+    let pine = segattn::pine::PineAttention::new(&[layout], segattn::pine::Rope::new(1e4))?;
     let x = Tensor::ones((1, 8, 1, 256), DType::BF16, &dev)?;
-    let e = msg(SegmentAttention::new(&mask)
-        .return_segment_mass(segattn::SegmentScoreOptions::new())
-        .forward(&x, &x, &x));
-    assert!(
-        e.contains("q:") && e.contains("segment mass") && e.contains("256"),
-        "{e}"
-    );
+    let e = pine.prefill(&x, &x, &x).expect_err("expected an error").to_string();
+    assert!(e.contains("q:") && e.contains("PINE") && e.contains("256"), "{e}");
 
     // Same message on both devices for an invalid shape / rule / GQA ratio.
     let on = |d: &Device| -> Result<Vec<String>> {

@@ -1,6 +1,6 @@
 //! The CUDA per-segment mass kernel on a real GPU, through the public API (`segment_scores` on
 //! `Device::new_cuda(0)` tensors and masks), against the f64 reference: random shapes, every mask
-//! family, every option, both kernel algorithms, bf16 and f16, D 64 and 128 (and 40, 96: padded); single-token
+//! family, every option, both kernel algorithms, bf16 and f16, D 64, 128, 256 (and 40, 96, 200: padded); single-token
 //! segments (Sk in the thousands, two passes); the GPU result against the emulated kernel's.
 //!
 //! Compiled only with `--features cuda`. Without a usable GPU every test prints "skipped" and
@@ -37,7 +37,7 @@ fn check(
     assert!(r <= 1.0, "{desc}: {r:.2} x tolerance at flat index {at}");
     // The emulated kernel reads the same PTX layouts: the GPU must agree with it closely (at the
     // kernels' own head dims; the padded ones are checked against the reference above).
-    if !segattn::head_dim::KERNEL_HEAD_DIMS.contains(&q.dim(3)?) {
+    if !segattn::head_dim::ATTENTION_HEAD_DIMS.contains(&q.dim(3)?) {
         return Ok(());
     }
     let emu = segattn::emulated::segment_scores(q, k, mask, opts, segattn::emulated::Schedule::Forward, 0)?;
@@ -57,8 +57,8 @@ fn cases() -> u64 {
 fn random_case(seed: u64) -> Result<(Case, SegmentScoreOptions)> {
     let mut rng = Rng::new(seed);
     let dtype = if rng.below(2) == 0 { DType::BF16 } else { DType::F16 };
-    // A third of the cases at head dims the API pads to 64 / 128.
-    let d = [64, 128, 64, 128, 40, 96][rng.below(6)];
+    // Some cases at D 256 and at head dims the API pads to 64 / 128 / 256.
+    let d = [64, 128, 64, 128, 40, 96, 256, 200][rng.below(8)];
     let heads = [(4, 2), (3, 1), (2, 2), (8, 1)][rng.below(4)];
     let kind = rng.below(MASK_KINDS.len());
     let (batch, lk, lq_equal) = (1 + rng.below(2), 1 + rng.below(400), rng.below(2) == 0);

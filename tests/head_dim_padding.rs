@@ -74,8 +74,6 @@ proptest! {
         let mut rng = Rng::new(seed ^ 0x5eed);
         let opts = random_mass_options(&mut rng, &[MassAlgorithm::Auto, MassAlgorithm::OnePass]);
         let scale = (rng.below(3) == 0).then(|| 0.05 + 0.3 * rng.unit());
-        // The mass kernels stop at 128 (D 129..=255 then run unpadded: an error on a GPU, native
-        // here); the attention alone pads up to 256.
         let mass_opts = opts.scale(scale.unwrap_or(1.0 / (d as f64).sqrt()));
         let run = || -> Result<segattn::AttentionOutput> {
             let mut op = SegmentAttention::new(&case.mask).return_lse(true);
@@ -164,7 +162,7 @@ fn halves_are_padded_apart() -> Result<()> {
     })?;
     assert_eq!(got.out.dims(), &[1, 0, 2, 6]);
     assert_eq!(got.lse.unwrap().dims(), &[1, 2, 0]);
-    assert_eq!(segattn::head_dim::KERNEL_HEAD_DIMS, [64, 128]);
+    assert_eq!(segattn::head_dim::PINE_AND_BACKWARD_HEAD_DIMS, [64, 128]);
     assert_eq!(segattn::head_dim::ATTENTION_HEAD_DIMS, [64, 128, 256]);
     Ok(())
 }

@@ -1,4 +1,4 @@
-// The per-segment attention mass kernels: {bf16, f16} x head dim {64, 128}.
+// The per-segment attention mass kernels: {bf16, f16} x head dim {64, 128, 256}.
 //
 // nvcc: `extern "C" __global__` entry points with stable names, params by value:
 //   segattn_scores_bf16_d64, segattn_scores_bf16_d128, segattn_scores_f16_d64, segattn_scores_f16_d128
@@ -12,7 +12,9 @@
 //   takes the three-block one);
 //   segattn_scores_wide_{bf16,f16}_d{64,128}: 128 query rows per block (two 16-row tiles per warp,
 //   Q in its own shared tile; key tiles of 32 at D = 128), grid (ceil(Lq / 128), H, B),
-//   params.base.block_rows = 128.
+//   params.base.block_rows = 128;
+//   segattn_scores_{bf16,f16}_d256: the 64-row kernel at D = 256 (Q in its own tile, registers
+//   for two blocks per SM, which its shared memory allows).
 // Inputs as for the forward kernel (16-byte aligned q / k, strides multiples of 8 elements). The
 // mass output must be zeroed first when two_pass, head_reduce or query_reduce is set (the kernel
 // adds into it); see SegattnScoresParams in segattn_params.h.
@@ -43,6 +45,10 @@ SEGATTN_SCORES_ENTRY(segattn_scores_wide_bf16_d64, segattn::bf16, 64, 2)
 SEGATTN_SCORES_ENTRY(segattn_scores_wide_bf16_d128, segattn::bf16, 128, 2)
 SEGATTN_SCORES_ENTRY(segattn_scores_wide_f16_d64, segattn::f16, 64, 2)
 SEGATTN_SCORES_ENTRY(segattn_scores_wide_f16_d128, segattn::f16, 128, 2)
+
+// D = 256: the 64-row kernel, Q in its own shared tile, two blocks per SM.
+SEGATTN_SCORES_ENTRY(segattn_scores_bf16_d256, segattn::bf16, 256, 1)
+SEGATTN_SCORES_ENTRY(segattn_scores_f16_d256, segattn::f16, 256, 1)
 
 #undef SEGATTN_SCORES_ENTRY
 #undef SEGATTN_SCORES_ENTRY_BLOCKS
@@ -91,8 +97,8 @@ extern "C" int segattn_emu_scores(const SegattnScoresParams* p) {
                   b.num_heads, b.num_kv_heads);
     return emu_entry::fail(message);
   }
-  if (b.head_dim != 64 && b.head_dim != 128) {
-    std::snprintf(message, sizeof message, "segattn_emu_scores: unsupported head_dim %d (expected 64 or 128)",
+  if (b.head_dim != 64 && b.head_dim != 128 && b.head_dim != 256) {
+    std::snprintf(message, sizeof message, "segattn_emu_scores: unsupported head_dim %d (expected 64, 128 or 256)",
                   b.head_dim);
     return emu_entry::fail(message);
   }
@@ -109,6 +115,11 @@ extern "C" int segattn_emu_scores(const SegattnScoresParams* p) {
   }
   const bool d64 = b.head_dim == 64;
   const bool wide = b.block_rows == 128;
+  if (b.head_dim == 256) {
+    if (wide) return emu_entry::fail("segattn_emu_scores: D = 256 has the 64-row kernel only");
+    if (b.dtype == SEGATTN_DTYPE_BF16) return emu_entry::launch<ScoresTraits<bf16, 256>>(*p, segattn_scores_bf16_d256);
+    if (b.dtype == SEGATTN_DTYPE_F16) return emu_entry::launch<ScoresTraits<f16, 256>>(*p, segattn_scores_f16_d256);
+  }
   switch (b.dtype) {
     case SEGATTN_DTYPE_BF16:
       if (wide) {
@@ -142,6 +153,7 @@ extern "C" int segattn_emu_scores_smem_bytes(int dtype, int head_dim, int wide) 
   if (head_dim == 128) {
     return wide ? ScoresTraits<segattn::bf16, 128, 2>::kSmemBytes : ScoresTraits<segattn::bf16, 128>::kSmemBytes;
   }
+  if (head_dim == 256) return wide ? 0 : ScoresTraits<segattn::bf16, 256>::kSmemBytes;
   return 0;
 }
 

@@ -425,9 +425,6 @@ pub(crate) fn forward(
 ) -> Result<ForwardOutputs> {
     let dtype = q.dtype();
     check_supported(dtype, shape.head_dim)?;
-    if extras.mass.is_some() {
-        crate::kernel_params::check_supported_up_to_128("segment mass", dtype, shape.head_dim)?;
-    }
     if extras.rotation.is_some() {
         crate::kernel_params::check_supported_up_to_128("PINE", dtype, shape.head_dim)?;
     }
@@ -507,7 +504,7 @@ fn forward_typed<T: CudaDType + DeviceRepr + ValidAsZeroBits + candle_core::With
         kv_splits(&kshape, kernels.sm_count)
     };
     let mass_in_forward = match mass_request {
-        Some((plan, algorithm)) => fused_mass_in_forward(algorithm, plan.sk, splits)?,
+        Some((plan, algorithm)) => fused_mass_in_forward(algorithm, plan.sk, splits, shape.head_dim)?,
         None => false,
     };
     let variant = if rotation.is_some() {
@@ -737,13 +734,10 @@ mod tests {
         assert!(e.contains("q:") && e.contains("up to 256") && e.contains("512"), "{e}");
         assert!(check_supported(DType::F16, 128).is_ok());
         assert!(check_supported(DType::BF16, 256).is_ok());
-        let e = crate::kernel_params::check_supported_up_to_128("segment mass", DType::BF16, 256)
+        let e = crate::kernel_params::check_supported_up_to_128("PINE", DType::BF16, 256)
             .unwrap_err()
             .to_string();
-        assert!(
-            e.contains("q:") && e.contains("segment mass") && e.contains("256"),
-            "{e}"
-        );
+        assert!(e.contains("q:") && e.contains("PINE") && e.contains("256"), "{e}");
     }
 
     #[test]

@@ -46,7 +46,7 @@ pub(crate) fn segment_scores(
     two_pass: bool,
 ) -> Result<CudaStorage> {
     let dtype = q.dtype();
-    crate::kernel_params::check_supported_up_to_128("segment mass", dtype, shape.head_dim)?;
+    crate::kernel_params::check_supported(dtype, shape.head_dim)?;
     match dtype {
         DType::BF16 => typed::<bf16>((q, ql), (k, kl), shape, host, scale, plan, two_pass),
         _ => typed::<f16>((q, ql), (k, kl), shape, host, scale, plan, two_pass),
@@ -143,11 +143,13 @@ pub(crate) fn launch_kernel(
     causal: bool,
     params: &SegattnScoresParams,
 ) -> Result<()> {
-    let block_rows = crate::kernel_params::mass_block_rows(shape.q_len, causal, None);
+    let block_rows = crate::kernel_params::mass_block_rows(shape.q_len, causal, None, shape.head_dim);
     let wide = block_rows == 128;
     let four = four_blocks_setting();
     let name = match (wide, dtype, shape.head_dim) {
         (false, DType::BF16, 64) => "segattn_scores_bf16_d64",
+        (false, DType::BF16, 256) => "segattn_scores_bf16_d256",
+        (false, _, 256) => "segattn_scores_f16_d256",
         (false, DType::BF16, _) if four => "segattn_scores_b4_bf16_d128",
         (false, DType::BF16, _) => "segattn_scores_bf16_d128",
         (false, _, 64) => "segattn_scores_f16_d64",

@@ -81,7 +81,6 @@ fn run_segment_scores(
     } = shape;
     let dtype = q.dtype();
     check_emulated_inputs(&shape, dtype, &[("q", q), ("k", k)])?;
-    crate::kernel_params::check_supported_up_to_128("segment mass", dtype, shape.head_dim)?;
     let scale = options.scale.unwrap_or_else(|| default_scale(head_dim));
     if !scale.is_finite() {
         invalid_arg!("scale: expected a finite number, got {scale}");
@@ -127,7 +126,8 @@ pub(crate) fn run_kernel(
 ) -> Result<()> {
     fill_mask_params(&mut base, host);
     let q_len = usize::try_from(base.q_len).unwrap_or(0);
-    base.block_rows = crate::kernel_params::mass_block_rows(q_len, host.rule.has_causal(), wide) as i32;
+    let head_dim = usize::try_from(base.head_dim).unwrap_or(0);
+    base.block_rows = crate::kernel_params::mass_block_rows(q_len, host.rule.has_causal(), wide, head_dim) as i32;
     if let Some(lse) = saved_lse {
         let want = plan.batch * plan.num_heads * q_len;
         if !two_pass || lse.len() != want {

@@ -188,6 +188,7 @@ impl PineAttention {
             let pad = |x: &Tensor| head_dim::pad(x, width);
             return unpad_output(padded.prefill(&pad(q)?, &pad(k)?, &pad(v)?)?, shape.head_dim);
         }
+        self.check_gpu_kernels(q, &shape)?;
         if self.scheme != PositionScheme::Pine || !q.device().is_cpu() {
             // The GPU kernels take the 16-bit dtype: K rotated once, rounded to it.
             return self.attend(q, k, &self.rotate_keys(k)?, v, &shape);
@@ -220,6 +221,7 @@ impl PineAttention {
             let pad = |x: &Tensor| head_dim::pad(x, width);
             return unpad_output(padded.decode(&pad(q)?, &pad(k_cache)?, &pad(v_cache)?)?, shape.head_dim);
         }
+        self.check_gpu_kernels(q, &shape)?;
         let first_row = shape.kv_len - shape.q_len;
         if let Some((b, l)) = self
             .layouts
@@ -541,7 +543,7 @@ impl PineAttention {
     /// ([`crate::head_dim::padded_width`]): the same layer with the rotation of [`Rope::padded`]
     /// (kept, with its tables, for the next calls) and the real D's default scale.
     fn padded(&self, x: &Tensor, d: usize) -> Result<Option<(Self, usize)>> {
-        let Some(width) = head_dim::padded_width(x, d, &head_dim::KERNEL_HEAD_DIMS) else {
+        let Some(width) = head_dim::padded_width(x, d, &head_dim::PINE_AND_BACKWARD_HEAD_DIMS) else {
             return Ok(None);
         };
         if !d.is_multiple_of(2) {
@@ -567,6 +569,15 @@ impl PineAttention {
             ..self.clone()
         };
         Ok(Some((layer, width)))
+    }
+
+    /// On a GPU, PINE's own kernels (the rotated attention, the decode importance) take bf16 /
+    /// f16 up to D 128: an error before any work (the baselines run plain attention, up to 256).
+    fn check_gpu_kernels(&self, q: &Tensor, shape: &AttentionShape) -> Result<()> {
+        if q.device().is_cuda() && self.scheme == PositionScheme::Pine {
+            crate::kernel_params::check_supported_up_to_128("PINE", q.dtype(), shape.head_dim)?;
+        }
+        Ok(())
     }
 
     fn check_batch(&self, shape: &AttentionShape) -> Result<()> {

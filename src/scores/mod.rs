@@ -38,7 +38,7 @@ use crate::validate::{default_scale, AttentionShape};
 ///   reduction; see [`SegmentScoreOptions`]. Before any normalisation each row sums to 1, or is
 ///   all zero for a query that sees no key.
 /// - CPU: any dtype above, D up to 256. CUDA (`--features cuda`, q, k and the mask on the GPU):
-///   the kernel of `kernels/scores/` for bf16 / f16 and D = 64 / 128, other D up to 128
+///   the kernel of `kernels/scores/` for bf16 / f16 and D = 64 / 128 / 256, other D up to 256
 ///   zero-padded to them ([`crate::head_dim`]); other inputs are errors. Tested under the SIMT
 ///   emulator in `cargo test` and on GPUs (`tests/gpu_scores.rs`).
 ///
@@ -62,7 +62,7 @@ pub fn segment_scores(q: &Tensor, k: &Tensor, mask: &SegmentMask, options: &Segm
     if !scale.is_finite() {
         invalid_arg!("scale: expected a finite number, got {scale}");
     }
-    if let Some(width) = crate::head_dim::padded_width(q, shape.head_dim, &crate::head_dim::KERNEL_HEAD_DIMS) {
+    if let Some(width) = crate::head_dim::padded_width(q, shape.head_dim, &crate::head_dim::ATTENTION_HEAD_DIMS) {
         // A head dim the kernels are not built for: zero columns leave q . k as it is.
         let pad = |x: &Tensor| crate::head_dim::pad(x, width);
         let options = SegmentScoreOptions {
@@ -120,11 +120,20 @@ pub(crate) fn kernel_two_pass(algorithm: MassAlgorithm, sk: usize) -> Result<boo
 }
 
 /// Whether the CUDA kernels compute an attention's fused mass inside the forward kernel (one
-/// pass, on-chip accumulators: at most [`KERNEL_ONE_PASS_MAX_SEGMENTS`] key segments, no split-K)
-/// or after it, by the mass kernel's exact pass with the forward kernel's LSE (any number of
-/// segments; [`MassAlgorithm::TwoPass`] asks for it).
-pub(crate) fn fused_mass_in_forward(algorithm: MassAlgorithm, sk: usize, kv_splits: usize) -> Result<bool> {
+/// pass, on-chip accumulators: at most [`KERNEL_ONE_PASS_MAX_SEGMENTS`] key segments, no split-K,
+/// D 64 / 128) or after it, by the mass kernel's exact pass with the forward kernel's LSE (any
+/// number of segments; [`MassAlgorithm::TwoPass`] asks for it; D 256, whose forward kernel has
+/// no mass variant, whatever the algorithm: the results agree to rounding).
+pub(crate) fn fused_mass_in_forward(
+    algorithm: MassAlgorithm,
+    sk: usize,
+    kv_splits: usize,
+    head_dim: usize,
+) -> Result<bool> {
     let two_pass = kernel_two_pass(algorithm, sk)?;
+    if head_dim == 256 {
+        return Ok(false);
+    }
     if !two_pass && kv_splits > 1 && algorithm == MassAlgorithm::OnePass {
         invalid_arg!(
             "algorithm: the forward kernel's one-pass mass does not run with split-K (kv_splits = {kv_splits})"
