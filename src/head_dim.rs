@@ -18,6 +18,7 @@ use std::cell::Cell;
 use candle_core::{DType, Tensor, D};
 
 use crate::error::invalid_arg;
+use crate::op::AttentionOutput;
 
 /// The head dims the CUDA attention and segment-mass kernels are built for, smallest first.
 pub const ATTENTION_HEAD_DIMS: [usize; 3] = [64, 128, 256];
@@ -88,6 +89,15 @@ pub(crate) fn unpad(x: &Tensor, d: usize) -> candle_core::Result<Tensor> {
     let lo = x.narrow(D::Minus1, 0, first)?;
     let hi = x.narrow(D::Minus1, width / 2, d - first)?;
     Tensor::cat(&[&lo, &hi], D::Minus1)?.contiguous()
+}
+
+/// A padded call's output cut back to head dim `d` (the LSE and the segment mass are the real
+/// D's already).
+pub(crate) fn unpad_output(res: AttentionOutput, d: usize) -> candle_core::Result<AttentionOutput> {
+    Ok(AttentionOutput {
+        out: unpad(&res.out, d)?,
+        ..res
+    })
 }
 
 /// An empty tensor like `x` with last dim `d`.

@@ -31,6 +31,12 @@ pub(crate) fn check_supported(dtype: DType, head_dim: usize) -> Result<()> {
     Ok(())
 }
 
+/// Whether `head_dim` is built as the 64-row plain forward and mass kernels only: D 256 (no wide,
+/// fused-mass or rotated variant; the static_asserts of kernel_traits.cuh and scores_kernel.cuh).
+pub(crate) fn plain_64_row_kernels_only(head_dim: usize) -> bool {
+    head_dim == 256
+}
+
 /// [`check_supported`] for the kernels built for D = 64 and 128 only (`what`: PINE's, the fused
 /// backward), which the API pads D up to 128 for.
 pub(crate) fn check_supported_up_to_128(what: &str, dtype: DType, head_dim: usize) -> Result<()> {
@@ -237,8 +243,8 @@ impl FwdVariant {
         sm_count: usize,
         forced: Option<bool>,
     ) -> Self {
-        if shape.head_dim == 256 {
-            return Self::Plain; // D = 256 has the 64-row kernel only
+        if plain_64_row_kernels_only(shape.head_dim) {
+            return Self::Plain;
         }
         let rows = Self::Wide.block_rows();
         let blocks = shape.q_len.div_ceil(rows) * shape.num_heads * shape.batch;
@@ -294,7 +300,7 @@ fn wide_setting() -> Option<bool> {
 /// D 256 has the 64-row kernel only.
 pub(crate) fn mass_block_rows(q_len: usize, causal: bool, wide: Option<bool>, head_dim: usize) -> usize {
     let wide_rows = FwdVariant::Wide.block_rows();
-    if head_dim != 256 && wide.or_else(wide_setting).unwrap_or(q_len >= wide_rows && !causal) {
+    if !plain_64_row_kernels_only(head_dim) && wide.or_else(wide_setting).unwrap_or(q_len >= wide_rows && !causal) {
         wide_rows
     } else {
         FwdVariant::Plain.block_rows()

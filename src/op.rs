@@ -263,10 +263,7 @@ impl<'a> SegmentAttention<'a> {
             &head_dim::pad(k, width)?,
             &head_dim::pad(v, width)?,
         )?;
-        Ok(AttentionOutput {
-            out: head_dim::unpad(&res.out, d)?,
-            ..res
-        })
+        head_dim::unpad_output(res, d)
     }
 }
 

@@ -15,9 +15,9 @@
 //! - `PreparedForward`: the same launch prepared once and repeated, for benchmarks (hidden).
 //!
 //! The public API is the CPU one: build the tensors and the mask on `Device::new_cuda(i)` and call
-//! [`crate::SegmentAttention::forward`]. The CUDA kernels take bf16 / f16 and D = 64 / 128 (the
-//! API pads other D up to 128: [`crate::head_dim`]); other inputs are errors naming the argument
-//! (no silent fallback to the CPU).
+//! [`crate::SegmentAttention::forward`]. The CUDA kernels take bf16 / f16 and D = 64 / 128 / 256
+//! (PINE's and the fused backward 64 / 128; the API pads other D: [`crate::head_dim`]); other
+//! inputs are errors naming the argument (no silent fallback to the CPU).
 
 mod backward;
 mod bench;

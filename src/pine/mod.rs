@@ -186,7 +186,7 @@ impl PineAttention {
         }
         if let Some((padded, width)) = self.padded(q, shape.head_dim)? {
             let pad = |x: &Tensor| head_dim::pad(x, width);
-            return unpad_output(padded.prefill(&pad(q)?, &pad(k)?, &pad(v)?)?, shape.head_dim);
+            return head_dim::unpad_output(padded.prefill(&pad(q)?, &pad(k)?, &pad(v)?)?, shape.head_dim);
         }
         self.check_gpu_kernels(q, &shape)?;
         if self.scheme != PositionScheme::Pine || !q.device().is_cpu() {
@@ -219,7 +219,7 @@ impl PineAttention {
         if let Some((padded, width)) = self.padded(q, shape.head_dim)? {
             // A copy of the cache at the padded width, every step: keep D at 64 / 128 to avoid it.
             let pad = |x: &Tensor| head_dim::pad(x, width);
-            return unpad_output(padded.decode(&pad(q)?, &pad(k_cache)?, &pad(v_cache)?)?, shape.head_dim);
+            return head_dim::unpad_output(padded.decode(&pad(q)?, &pad(k_cache)?, &pad(v_cache)?)?, shape.head_dim);
         }
         self.check_gpu_kernels(q, &shape)?;
         let first_row = shape.kv_len - shape.q_len;
@@ -593,14 +593,6 @@ impl PineAttention {
         }
         Ok(())
     }
-}
-
-/// A padded call's output cut back to head dim `d` (LSE as it is).
-fn unpad_output(res: AttentionOutput, d: usize) -> Result<AttentionOutput> {
-    Ok(AttentionOutput {
-        out: head_dim::unpad(&res.out, d)?,
-        ..res
-    })
 }
 
 /// The keys PINE's importance reads: un-rotated projections, or a decode cache rotated at the

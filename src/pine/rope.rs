@@ -138,28 +138,26 @@ impl Rope {
     /// the padding pairs not at all (frequency 0: cos 1, sin 0). A new table cache.
     pub(crate) fn padded(&self, d: usize, width: usize) -> Self {
         let (half, wide) = (d / 2, width / 2);
-        let angles = match &self.angles {
-            Angles::Theta { theta, scaling } => Angles::Theta {
-                theta: *theta,
-                scaling: *scaling,
-            },
+        let (angles, pairs) = match &self.angles {
+            theta @ Angles::Theta { .. } => (theta.clone(), Some(half)),
             Angles::Tables { cos, sin, max_pos, .. } => {
                 let widen = |t: &[f32], fill: f32| -> Vec<f32> {
                     t.chunks(half.max(1))
                         .flat_map(|row| row.iter().copied().chain(std::iter::repeat_n(fill, wide - half)))
                         .collect()
                 };
-                Angles::Tables {
+                let tables = Angles::Tables {
                     cos: widen(cos, 1.0),
                     sin: widen(sin, 0.0),
                     max_pos: *max_pos,
                     half: wide,
-                }
+                };
+                (tables, None) // the widened tables carry the padding pairs themselves
             }
         };
         Self {
-            pairs: matches!(angles, Angles::Theta { .. }).then_some(half),
             angles,
+            pairs,
             cache: Arc::default(),
         }
     }

@@ -131,7 +131,7 @@ pub(crate) fn fused_mass_in_forward(
     head_dim: usize,
 ) -> Result<bool> {
     let two_pass = kernel_two_pass(algorithm, sk)?;
-    if head_dim == 256 {
+    if crate::kernel_params::plain_64_row_kernels_only(head_dim) {
         return Ok(false);
     }
     if !two_pass && kv_splits > 1 && algorithm == MassAlgorithm::OnePass {
