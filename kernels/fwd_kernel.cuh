@@ -29,7 +29,10 @@
 //
 // The fused mass variant (Traits::kMass, segment_mass.cuh): per tile, P times a one-hot segment
 // matrix into on-chip accumulators for segment ids 0..63, rescaled like O; the epilogue writes
-// them divided by the row sum into p.mass (one pass, no split-K: the launcher sees to both).
+// them divided by the row sum into p.mass (one pass, no split-K: the launcher sees to both). In
+// the wide kernel (Traits::kMassInSmem) each row's sums live in shared memory, owned by one lane
+// of its quad; a key tile adds its row sums to its segment, or (two segments) its sums on either
+// side of the boundary, split by the softmax's update; the launcher gives it no tile of three.
 //
 // PINE's variant (Traits::kRotate, rotary.cuh): Q stays in shared memory; S is computed piece by
 // piece of the key tile's segments, each with the query turned by the row's position plus its
@@ -120,12 +123,20 @@ __device__ void fwd_kernel(const SegattnFwdParams& p) {
     }
     softmax[i].init();
   }
-  // kMass: the per-segment sums of segment ids 0..63 (C fragments, rows g and g + 8).
-  float macc[Traits::kMass ? mass::kSegBlocks : 1][4];
+  // kMass: the per-segment sums of segment ids 0..63 (C fragments, rows g and g + 8); the wide
+  // kernel keeps them in shared memory instead (kMassInSmem: each lane one row of them).
+  constexpr bool kMassInRegs = Traits::kMass && !Traits::kMassInSmem;
+  float macc[kMassInRegs ? mass::kSegBlocks : 1][4];
+  const auto mass_rows = [&] {  // the block's rows of sums (kMassInSmem)
+    const int nseg = p.mass.num_segments;
+    return mass::MassRows{reinterpret_cast<float*>(smem + Traits::kOffMass), Traits::mass_row_stride(nseg), nseg,
+                          16 * row_tile(0), 16 * row_tile(kMT - 1)};
+  };
+  if constexpr (Traits::kMassInSmem) mass::zero_owned_row(mass_rows(), lane);
   mass::PendingSums pending;  // kMass: the last tiles' sums of one segment, not yet in macc
   pending.init();
   SEGATTN_UNROLL
-  for (int nb = 0; nb < (Traits::kMass ? mass::kSegBlocks : 1); ++nb) {
+  for (int nb = 0; nb < (kMassInRegs ? mass::kSegBlocks : 1); ++nb) {
     SEGATTN_UNROLL
     for (int e = 0; e < 4; ++e) macc[nb][e] = 0.0f;
   }
@@ -212,12 +223,35 @@ __device__ void fwd_kernel(const SegattnFwdParams& p) {
     }
 
     // Scale into the log2 domain; mask PARTIAL tiles and keys past the end; online softmax.
-    SEGATTN_UNROLL
-    for (int i = 0; i < kMT; ++i) {
-      blk.scale_and_mask(s[i], p, row_tile(i), lane, kid, k0, cls == SEGATTN_TILE_PARTIAL);
-      softmax[i].update(s[i], o[i]);
+    // (kMassInSmem: a tile of two key segments also splits its row sums at the boundary.)
+    if constexpr (Traits::kMassInSmem) {
+      SEGATTN_UNROLL
+      for (int i = 0; i < kMT; ++i) {
+        blk.scale_and_mask(s[i], p, row_tile(i), lane, kid, k0, cls == SEGATTN_TILE_PARTIAL);
+      }
+      const int valid = min(kN, kv_len - k0);
+      const int id0 = static_cast<int>(kid[0]);
+      const bool two = static_cast<int>(kid[valid - 1]) != id0;  // uniform
+      mask::KeyRuns runs{valid, kid[0], kid[0], true};
+      if (two) {
+        runs = mask::key_runs<kN>(kid, valid, lane);
+        if (!runs.at_most_two) __trap();  // the launcher takes another kernel for such masks
+        SEGATTN_UNROLL
+        for (int i = 0; i < kMT; ++i) softmax[i].template update<true>(s[i], o[i], runs.end0, lane);
+      } else {
+        SEGATTN_UNROLL
+        for (int i = 0; i < kMT; ++i) softmax[i].update(s[i], o[i]);
+      }
+      mass::rescale_owned_row(softmax, mass_rows, lane);
+      mass::accumulate_rows_in_smem(softmax, two, id0, static_cast<int>(runs.id1), lane, mass_rows);
+    } else {
+      SEGATTN_UNROLL
+      for (int i = 0; i < kMT; ++i) {
+        blk.scale_and_mask(s[i], p, row_tile(i), lane, kid, k0, cls == SEGATTN_TILE_PARTIAL);
+        softmax[i].update(s[i], o[i]);
+      }
     }
-    if constexpr (Traits::kMass) {
+    if constexpr (Traits::kMass && !Traits::kMassInSmem) {
       softmax[0].rescale(macc);
       pending.rescale(softmax[0]);
       mass::accumulate_one_pass<1, kN>(s[0], softmax[0].tile_sum, kid, min(kN, kv_len - k0), lane, pending, macc);
@@ -255,7 +289,23 @@ __device__ void fwd_kernel(const SegattnFwdParams& p) {
   float lse[kMT][2];
   SEGATTN_UNROLL
   for (int i = 0; i < kMT; ++i) softmax[i].finalize(inv[i], lse[i]);
-  if constexpr (Traits::kMass) {
+  if constexpr (Traits::kMassInSmem) {
+    if (p.mass.mass != nullptr) {
+      // The row this lane owns in the sums: its query segment, output and 1 / sum.
+      const int c = lane % 4;
+      const int i = c >> 1;
+      const int r = c & 1;
+      uint32_t row_seg[2];
+      int row_pos[2];
+      blk.rows(row_tile(i), lane, row_seg, row_pos);
+      float* row_out[2];
+      mass::row_outputs(p.mass, b, h, q0, q1, row_tile(i), g, row_seg, row_out);
+      float row_inv = 0.0f;
+      SEGATTN_UNROLL
+      for (int t = 0; t < kMT; ++t) row_inv = t == i ? inv[t][r] : row_inv;
+      mass::store_owned_row(mass_rows(), row_inv, row_out[r], p.mass, lane);
+    }
+  } else if constexpr (Traits::kMass) {
     if (p.kv_splits <= 1 && p.mass.mass != nullptr) {
       float* row_out[2];
       uint32_t row_seg[2];

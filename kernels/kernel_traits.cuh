@@ -3,9 +3,10 @@
 //
 // Tiles: a thread block owns kBlockM = 64 query rows (4 warps x 16 rows, one m16 mma tile per warp)
 // and walks key/value tiles of kBlockN = 64 keys. Every tile row is head_dim 16-bit elements, i.e.
-// kChunks 16-byte chunks. The wide kernel (kMTiles = 2, plain attention only) owns 128 rows, two
-// 16-row tiles per warp (rows 16 w .. and 64 + 16 w ..), Q read from its own shared tile; its key
-// tiles are 32 keys at D = 128 (D = 64: 50,864 B of shared memory, D = 128: 66,992 B). D = 256
+// kChunks 16-byte chunks. The wide kernel (kMTiles = 2; no rotation; the fused mass with its rows'
+// sums in shared memory) owns 128 rows, two 16-row tiles per warp (rows 16 w .. and 64 + 16 w ..),
+// Q read from its own shared tile; its key tiles are 32 keys at D = 128 (D = 64: 50,864 B of
+// shared memory, D = 128: 66,992 B) or 64 (FlashAttention-2's tile, 100,016 B). D = 256
 // (plain attention only): 64 rows, 32-key tiles, Q in its own tile (99,240 B).
 //
 // Shared memory (dynamic, in this order, all tiles row-major [row][head_dim] and swizzled):
@@ -62,7 +63,8 @@ struct FwdTraits {
   // PINE's in-loop query rotation (rotary.cuh): Q stays in its own shared tile for the whole loop.
   static constexpr bool kRotate = kRotate_;
   // The fused per-segment mass output (segment_mass.cuh): 8 more accumulator blocks per thread,
-  // no shared memory.
+  // no shared memory; in the wide kernel, whose registers have no room for them, each row's sums
+  // in shared memory after the fixed layout (kMassInSmem, mass::SmemRowSums).
   static constexpr bool kMass = kMass_;
   static_assert(!(kRotate && kMass), "the fused mass is not offered with PINE's rotation");
   // Q read from its own shared tile at every key tile instead of held in registers: PINE's
@@ -72,7 +74,8 @@ struct FwdTraits {
   // blocks: each K and V fragment read from shared memory feeds two mma, and the per-tile costs
   // of the loop are shared by twice the rows), plain attention only.
   static constexpr int kMTiles = kMTiles_;
-  static_assert(kMTiles == 1 || (kMTiles == 2 && !kRotate_ && !kMass_), "the wide kernel is plain attention");
+  static_assert(kMTiles == 1 || (kMTiles == 2 && !kRotate_), "the wide kernel has no rotation");
+  static constexpr bool kMassInSmem = kMass && kMTiles > 1;
   // ... and the wide kernel, whose two row tiles' accumulators leave no room for their Q.
   // D = 256 likewise: its 128 O accumulator registers leave no room for 64 of Q fragments.
   static constexpr bool kQInSmem = kRotate || (kMass && kHeadDim == 128) || kMTiles > 1 || kHeadDim == 256;
@@ -121,6 +124,15 @@ struct FwdTraits {
   static constexpr int kOffScan = kOffKId + 4 * 2 * kBlockN;         // i32[2 * kWarps]
   static constexpr int kOffClass = kOffScan + 4 * 2 * kWarps;  // u8[kThreads]: tile classes ahead
   static constexpr int kSmemBytes = kOffClass + kThreads;
+  // kMassInSmem: the rows' per-segment sums, f32 [kBlockM][mass_row_stride(num_segments)], after
+  // the fixed layout (kSmemBytes is that layout; the launch adds mass_smem_bytes).
+  static constexpr int kOffMass = (kSmemBytes + 15) / 16 * 16;
+  // Sums per row: an odd count, so that the 8 rows of a quad column's stores fall in 8 banks.
+  __host__ __device__ static constexpr int mass_row_stride(int num_segments) { return num_segments | 1; }
+  // Dynamic shared memory of a launch with `num_segments` key segments (kSmemBytes without kMassInSmem).
+  __host__ __device__ static constexpr int launch_smem_bytes(int num_segments) {
+    return kMassInSmem ? kOffMass + 4 * kBlockM * mass_row_stride(num_segments) : kSmemBytes;
+  }
 
   // Piece pairs one thread evaluates per key tile when bounding the loop (mask.cuh
   // may_be_visible); a tile with more pairs counts as possibly visible.

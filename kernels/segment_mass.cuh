@@ -12,6 +12,8 @@
 // Most tiles need no mma (segments are runs of tokens): one pass, a tile inside one segment adds
 // the softmax's row sums to PendingSums (two numbers, moved into acc when the segment changes),
 // and a tile of two segments its f32 sums on either side of the boundary (accumulate_one_pass).
+// The wide forward kernel (two row tiles per warp) has no registers for acc: its rows' sums live
+// in shared memory (MassRows, accumulate_rows_in_smem, at the end of this file).
 #ifndef SEGATTN_SEGMENT_MASS_CUH
 #define SEGATTN_SEGMENT_MASS_CUH
 
@@ -253,6 +255,115 @@ __device__ __forceinline__ void accumulate_one_pass(const float (&p)[kNS][4], co
   }
   accumulate<kTerms>(p, [&](int j) { return static_cast<int>(kid[j]); }, lane, static_cast<int>(kid[0] / 8u),
                      static_cast<int>(last_id / 8u), acc);
+}
+
+// The fused mass of the wide kernel (two 16-row tiles per warp), whose registers have no room
+// for accumulator blocks (nor for pending sums: the loop sits at the 255 cap): each row's
+// per-segment sums in shared memory, `[kBlockM][stride]` f32. A row is owned by one lane of its
+// quad (lane % 4 = 2 i + r: row g + 8 r of the warp's row tile i), which alone adds to it,
+// rescales it and stores it: no barrier and no atomic on the common paths. A tile's four row
+// sums of a quad are reduced over it with three shuffles that leave each lane its own row's
+// (quad_sums_to_owners). The block's rows are described where used (`rows_of()`, a MassRows
+// derived from the kernel parameters), not held in registers through the loop.
+struct MassRows {
+  float* acc;        // [kBlockM][stride]
+  int stride;        // FwdTraits::mass_row_stride(num_segments)
+  int num_segments;  // ids 0..num_segments - 1 kept (the mass's Sk)
+  int tile0_row0;    // the block rows of the warp's two row tiles
+  int tile1_row0;
+
+  // The row this lane owns.
+  __device__ __forceinline__ float* owned(int lane) const {
+    const int c = lane % 4;
+    return acc + (((c & 2) != 0 ? tile1_row0 : tile0_row0) + lane / 4 + 8 * (c & 1)) * stride;
+  }
+};
+
+__device__ __forceinline__ void zero_owned_row(const MassRows& rows, int lane) {
+  float* const row = rows.owned(lane);
+  for (int j = 0; j < rows.num_segments; ++j) row[j] = 0.0f;
+}
+
+// v[i][r]: this thread's partial sums of rows g + 8 r of row tile i. Returns the quad's total
+// of the row this lane owns (index 2 i + r = lane % 4): each step keeps the half of the values
+// its side of a lane bit owns and adds its partner's copy of that half.
+__device__ __forceinline__ float quad_sums_to_owners(const float (&v)[2][2], int lane) {
+  const bool upper = (lane & 2) != 0;  // owns a row of row tile 1
+  float k0 = upper ? v[1][0] : v[0][0];
+  float k1 = upper ? v[1][1] : v[0][1];
+  const float g0 = upper ? v[0][0] : v[1][0];
+  const float g1 = upper ? v[0][1] : v[1][1];
+  k0 += shfl_xor(g0, 2);
+  k1 += shfl_xor(g1, 2);
+  const bool odd = (lane & 1) != 0;  // owns row g + 8
+  const float keep = odd ? k1 : k0;
+  const float give = odd ? k0 : k1;
+  return keep + shfl_xor(give, 1);
+}
+
+// Rescales this lane's row to the reference of its softmax's last update (as O is).
+template <class Rows>
+__device__ __forceinline__ void rescale_owned_row(const fwd::OnlineSoftmax (&sm)[2], const Rows& rows_of, int lane) {
+  const int c = lane % 4;
+  SEGATTN_UNROLL
+  for (int i = 0; i < 2; ++i) {
+    if (!sm[i].moved) continue;  // warp-uniform
+    const float a = (c & 1) != 0 ? sm[i].alpha[1] : sm[i].alpha[0];
+    if ((c >> 1) == i && a != 1.0f) {
+      const MassRows rows = rows_of();
+      float* const row = rows.owned(lane);
+      for (int j = 0; j < rows.num_segments; ++j) row[j] *= a;
+    }
+  }
+}
+
+// Adds the row sums v (as quad_sums_to_owners) of key segment `id` (uniform) to the rows.
+// Quad-collective.
+template <class Rows>
+__device__ __forceinline__ void add_to_rows(int id, const float (&v)[2][2], const Rows& rows_of, int lane) {
+  const float mine = quad_sums_to_owners(v, lane);
+  const MassRows rows = rows_of();
+  if (id < rows.num_segments) rows.owned(lane)[id] += mine;
+}
+
+// One pass of the wide kernel: a key tile's P (both row tiles) into the rows' sums (`rows_of()`:
+// the block's MassRows): a tile inside one segment `id0` adds the softmaxes' row sums
+// `sm[i].tile_sum`; a tile of two segments `id0` and `id1` (`two`) the sums on either side of the
+// boundary that the softmaxes' update<true> computed (tile_before, tile_after). A tile of more
+// segments is not taken by this kernel (the launcher sees to it: FwdVariant::with_mass; a sum
+// run by run, over P after the update, made ptxas spill in the loop). After rescale_owned_row.
+// Warp-collective.
+template <class Rows>
+__device__ __forceinline__ void accumulate_rows_in_smem(const fwd::OnlineSoftmax (&sm)[2], bool two, int id0, int id1,
+                                                        int lane, const Rows& rows_of) {
+  if (!two) {
+    const float v[2][2] = {{sm[0].tile_sum[0], sm[0].tile_sum[1]}, {sm[1].tile_sum[0], sm[1].tile_sum[1]}};
+    add_to_rows(id0, v, rows_of, lane);
+    return;
+  }
+  const float before[2][2] = {{sm[0].tile_before[0], sm[0].tile_before[1]},
+                              {sm[1].tile_before[0], sm[1].tile_before[1]}};
+  const float after[2][2] = {{sm[0].tile_after[0], sm[0].tile_after[1]}, {sm[1].tile_after[0], sm[1].tile_after[1]}};
+  add_to_rows(id0, before, rows_of, lane);
+  add_to_rows(id1, after, rows_of, lane);
+}
+
+// The wide kernel's epilogue: this lane's row of sums times the row's 1 / sum `inv` into its
+// output `dst` (nullptr: a row past q1): every id < out.num_segments written, or the nonzero ones
+// added under a reduction.
+__device__ __forceinline__ void store_owned_row(const MassRows& rows, float inv, float* dst,
+                                                const SegattnMassOutput& out, int lane) {
+  if (dst == nullptr) return;
+  const bool reduce = out.head_reduce != 0 || out.query_reduce != 0;
+  const float* const row = rows.owned(lane);
+  for (int s = 0; s < out.num_segments; ++s) {
+    const float v = row[s] * inv;
+    if (!reduce) {
+      dst[s] = v;
+    } else if (v != 0.0f) {
+      segattn::atomic_add(dst + s, v);
+    }
+  }
 }
 
 // One-pass epilogue: acc (segment ids 0..8 kSB - 1) times each row's 1 / sum into the rows'

@@ -44,6 +44,8 @@ struct OnlineSoftmax {
   float alpha[2];    // the last update's rescale factor (for accumulators other than O)
   float tile_sum[2];  // this thread's partial sum of the last tile's probabilities (the mass
                       // kernels add a one-segment tile's row sums from it)
+  float tile_before[2];  // update<true>: the part of tile_sum before the split column, and
+  float tile_after[2];   // the part from it on (a tile of two key segments)
   bool moved;        // warp-uniform: the last update moved some row's reference (alpha != 1)
 
   __device__ __forceinline__ void init() {
@@ -58,9 +60,11 @@ struct OnlineSoftmax {
 
   // One key tile: turns the scores `s` [kNS][4] into unnormalised probabilities in place and
   // rescales the output accumulator `o` [kNO][4] to the new running max (other accumulators:
-  // rescale afterwards).
-  template <int kNS, int kNO>
-  __device__ __forceinline__ void update(float (&s)[kNS][4], float (&o)[kNO][4]) {
+  // rescale afterwards). kSplit: also the row sums before column `split` of the tile and from
+  // it on (tile_before, tile_after), in the same pass over the probabilities.
+  template <bool kSplit = false, int kNS, int kNO>
+  __device__ __forceinline__ void update(float (&s)[kNS][4], float (&o)[kNO][4], int split = 0, int lane = 0) {
+    const int limit = split - 2 * (lane % 4);  // kSplit: relative to this thread's first column
     bool any = false;
     SEGATTN_UNROLL
     for (int r = 0; r < 2; ++r) {
@@ -79,6 +83,8 @@ struct OnlineSoftmax {
       any = any || move;
       row_max[r] = new_ref;
       float sum = 0.0f;
+      float before = 0.0f;
+      float after = 0.0f;
       SEGATTN_UNROLL
       for (int nb = 0; nb < kNS; ++nb) {
         const float p0 = exp2_approx(s[nb][2 * r] - ref);
@@ -86,8 +92,14 @@ struct OnlineSoftmax {
         s[nb][2 * r] = p0;
         s[nb][2 * r + 1] = p1;
         sum += p0 + p1;
+        if constexpr (kSplit) {
+          before += (nb * 8 < limit ? p0 : 0.0f) + (nb * 8 + 1 < limit ? p1 : 0.0f);
+          after += (nb * 8 < limit ? 0.0f : p0) + (nb * 8 + 1 < limit ? 0.0f : p1);
+        }
       }
       tile_sum[r] = sum;
+      tile_before[r] = before;
+      tile_after[r] = after;
       row_sum[r] = fmaf(row_sum[r], alpha[r], sum);
     }
     moved = __any_sync(0xffffffffu, any) != 0;

@@ -159,6 +159,14 @@ if [ "$PHASE" = test ] || [ "$PHASE" = all ]; then
     { echo "=== gpu_scores, SEGATTN_SCORES_BLOCKS=3 (exit $rc) ==="; cat "$WORK/gpu_scores_b3.log"; } >>"$OUTDIR/tests.log"
     note "- (1) gpu_scores (three-block mass kernel): $(grep -E '^test result' "$WORK/gpu_scores_b3.log" | tail -1 || echo 'no result line') (exit $rc)"
     [ "$rc" = 0 ] || status=1
+    # The attention's fused mass in the 128 x 64 kernel (segattn_fwd_wide64_mass_*: the rows' sums
+    # in shared memory), which small shapes reach only with the wide kernel forced.
+    SEGATTN_FWD_WIDE=1 SEGATTN_REQUIRE_GPU=1 SEGATTN_GPU_CASES=60 budgeted 60 "$san_reserve" \
+      "$WORK/gpu_scores" --test-threads "$(nproc)" gpu_fused_mass_matches_reference >"$WORK/gpu_scores_wide.log" 2>&1
+    rc=$?
+    { echo "=== gpu_scores, SEGATTN_FWD_WIDE=1 (exit $rc) ==="; cat "$WORK/gpu_scores_wide.log"; } >>"$OUTDIR/tests.log"
+    note "- (1) gpu_scores (fused mass in the 128 x 64 kernel): $(grep -E '^test result' "$WORK/gpu_scores_wide.log" | tail -1 || echo 'no result line') (exit $rc)"
+    [ "$rc" = 0 ] || status=1
   fi
 
   log "(2) compute-sanitizer on small cases"
@@ -195,6 +203,15 @@ if [ "$PHASE" = test ] || [ "$PHASE" = all ]; then
         rc2=$?
         [ "$rc" = 0 ] && rc=$rc2
       done
+      # The fused mass in the 128 x 64 kernel (its rows' sums in shared memory): the wide kernel
+      # forced, as small shapes do not reach it otherwise.
+      if [ -x "$WORK/gpu_scores" ]; then
+        SEGATTN_FWD_WIDE=1 SEGATTN_REQUIRE_GPU=1 SEGATTN_GPU_CASES=4 \
+          budgeted 60 15 "$SAN" --tool "$tool" --error-exitcode 99 "${kn[@]}" \
+          "$WORK/gpu_scores" --test-threads 1 gpu_fused_mass_matches_reference >>"$WORK/san-$tool.log" 2>&1
+        rc2=$?
+        [ "$rc" = 0 ] && rc=$rc2
+      fi
       { echo "=== $tool (exit $rc) ==="; cat "$WORK/san-$tool.log"; } >>"$OUTDIR/sanitizer.log"
       summary_line="$(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|^test result' "$WORK/san-$tool.log" | tr '\n' ' ')"
       if grep -q 'Device not supported' "$WORK/san-$tool.log"; then
@@ -350,7 +367,7 @@ if [ "$PHASE" = profile ]; then
     SEGATTN_FWD_WIDE=0 profile_one "causal $TARGET, 64-row kernel" \
       '^segattn_fwd_bf16_d128$' "$WORK/gpu_bench" --filter "causal $TARGET" --reps 20 --warmup 3
     profile_one "mass (standalone)" '^segattn_scores_(wide_|b4_)?bf16_d128$' "$WORK/gpu_bench" --mass
-    profile_one "mass (fused forward)" '^segattn_fwd_mass_bf16_d128$' "$WORK/gpu_bench" --mass
+    profile_one "mass (fused forward)" '^segattn_fwd_(wide64_)?mass_bf16_d128$' "$WORK/gpu_bench" --mass
     profile_one "PINE prefill attention" '^segattn_fwd_rope_bf16_d128$' "$WORK/gpu_bench" --pine
     t=$SECONDS
     {

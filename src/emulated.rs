@@ -11,11 +11,11 @@ use candle_core::{CpuStorage, DType, Device, Result, Storage, Tensor};
 
 use crate::decode_pack::DecodePacking;
 use crate::error::invalid_arg;
-pub use crate::kernel_params::FwdVariant;
 use crate::kernel_params::{
     base_params, check_grid, contiguous_strides, loadable, mass_accumulates, mass_output, strides_of,
 };
 pub(crate) use crate::kernel_params::{check_supported, dtype_code, to_i32};
+pub use crate::kernel_params::{FwdVariant, WIDE_MASS_MAX_SEGMENTS};
 use crate::mask::tiles::classify_tile;
 use crate::mask::{HostMask, SegmentMask};
 use crate::op::AttentionOutput;
@@ -71,6 +71,7 @@ extern "C" {
     fn segattn_emu_last_error() -> *const c_char;
     fn segattn_emu_fwd(params: *const SegattnFwdParams) -> c_int;
     fn segattn_emu_fwd_smem_bytes(dtype: c_int, head_dim: c_int, variant: c_int) -> c_int;
+    fn segattn_emu_fwd_mass_rows_smem_bytes(dtype: c_int, head_dim: c_int, num_segments: c_int) -> c_int;
     fn segattn_emu_classify_tile(
         params: *const SegattnFwdParams,
         b: c_int,
@@ -123,6 +124,21 @@ pub fn fwd_smem_bytes(dtype: DType, head_dim: usize, variant: FwdVariant) -> Opt
     let code = dtype_code(dtype)?;
     // SAFETY: a pure function of its arguments.
     let bytes = unsafe { segattn_emu_fwd_smem_bytes(code, c_int::try_from(head_dim).ok()?, variant.code()) };
+    (bytes > 0).then_some(bytes as usize)
+}
+
+/// Dynamic shared memory of a launch of [`FwdVariant::WideMass`] (the fixed layout and the rows'
+/// sums) for `num_segments` key segments, from the kernel's traits, or `None` when unsupported.
+pub fn fwd_mass_rows_smem_bytes(dtype: DType, head_dim: usize, num_segments: usize) -> Option<usize> {
+    let code = dtype_code(dtype)?;
+    // SAFETY: a pure function of its arguments.
+    let bytes = unsafe {
+        segattn_emu_fwd_mass_rows_smem_bytes(
+            code,
+            c_int::try_from(head_dim).ok()?,
+            c_int::try_from(num_segments).ok()?,
+        )
+    };
     (bytes > 0).then_some(bytes as usize)
 }
 
@@ -388,6 +404,39 @@ pub fn forward_with_mass(
     )
 }
 
+/// [`forward_with_mass`] with the tile of the kernel plain attention would take chosen, whatever
+/// the number of rows, as for [`forward_tiled`]: with [`Tile::WideKeys64`] at D = 128 and at most
+/// [`WIDE_MASS_MAX_SEGMENTS`] key segments the fused mass runs in the 128 x 64 kernel
+/// (`segattn_fwd_wide64_mass_*`, the rows' sums in shared memory), else in the 64-row one.
+#[allow(clippy::too_many_arguments)]
+pub fn forward_with_mass_tiled(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &SegmentMask,
+    scale: Option<f64>,
+    options: &SegmentScoreOptions,
+    kv_splits: usize,
+    tile: Tile,
+    schedule: Schedule,
+    seed: u64,
+) -> Result<AttentionOutput> {
+    run_forward(
+        q,
+        k,
+        v,
+        mask,
+        Launch {
+            scale,
+            mass: Some(options),
+            kv_splits,
+            wide: Some(tile != Tile::Rows64),
+            wide_keys64: Some(tile == Tile::WideKeys64),
+            ..Launch::new(schedule, seed)
+        },
+    )
+}
+
 /// What an emulated forward launch does besides reading q, k, v and the mask.
 #[derive(Clone, Copy)]
 pub(crate) struct Launch<'a> {
@@ -543,9 +592,13 @@ pub(crate) fn run_forward(
         p.mass = mass_output(plan, q_len, buf.as_mut_ptr())?;
     }
     // The entry point the GPU launcher would take (segattn_emu_fwd dispatches on these fields).
-    if rotation.is_none() && !matches!(mass, Some((_, true, _))) {
-        let variant = FwdVariant::plain(&kshape, kv_splits, khost.summary(), EMULATED_SM_COUNT, wide)
+    if rotation.is_none() {
+        let plain = FwdVariant::plain(&kshape, kv_splits, khost.summary(), EMULATED_SM_COUNT, wide)
             .with_wide_keys(head_dim, wide_keys64);
+        let variant = match &mass {
+            Some((plan, true, _)) => plain.with_mass(plan.sk, khost.summary()),
+            _ => plain,
+        };
         p.block_rows = variant.block_rows() as i32;
         p.block_keys = variant.block_keys();
     }

@@ -172,7 +172,7 @@ pub(crate) fn mass_accumulates(plan: &MassPlan, two_pass: bool) -> bool {
 }
 
 /// The forward kernel's variants (entry points `segattn_fwd_*`, `segattn_fwd_mass_*`,
-/// `segattn_fwd_rope_*` of kernels/fwd/fwd.cu).
+/// `segattn_fwd_rope_*`, `segattn_fwd_wide*` of kernels/fwd/fwd.cu).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum FwdVariant {
     /// Segment-masked attention.
@@ -187,6 +187,10 @@ pub enum FwdVariant {
     /// [`FwdVariant::Wide`] with key tiles of 64 at D = 128 (`segattn_fwd_wide64_*`,
     /// FlashAttention-2's 128 x 64 tile; plain attention's default at D = 128, see `FwdVariant::plain`).
     Wide64,
+    /// [`FwdVariant::Wide64`] with the fused per-segment mass output, each row's sums in shared
+    /// memory (`segattn_fwd_wide64_mass_*`; at most [`WIDE_MASS_MAX_SEGMENTS`] key segments, see
+    /// `FwdVariant::mass`).
+    WideMass,
 }
 
 impl FwdVariant {
@@ -198,13 +202,14 @@ impl FwdVariant {
             Self::Mass => 2,
             Self::Wide => 3,
             Self::Wide64 => 4,
+            Self::WideMass => 5,
         }
     }
 
     /// Keys per key tile for `params.block_keys` (0: the entry point's own, unchecked).
     pub(crate) fn block_keys(self) -> i32 {
         match self {
-            Self::Wide64 => 64,
+            Self::Wide64 | Self::WideMass => 64,
             _ => 0,
         }
     }
@@ -212,7 +217,7 @@ impl FwdVariant {
     /// Query rows per block (`params.block_rows`).
     pub(crate) fn block_rows(self) -> usize {
         match self {
-            Self::Wide | Self::Wide64 => 128,
+            Self::Wide | Self::Wide64 | Self::WideMass => 128,
             _ => 64,
         }
     }
@@ -275,7 +280,29 @@ impl FwdVariant {
             self
         }
     }
+
+    /// The kernel for attention with the fused mass of `num_segments` key segments inside the
+    /// forward kernel (one pass, no split-K), where `self` is the kernel plain attention of the
+    /// same shape and `mask` takes ([`FwdVariant::plain`], [`FwdVariant::with_wide_keys`]): its
+    /// 128 x 64 kernel with the rows' sums in shared memory ([`FwdVariant::WideMass`]) when the sums
+    /// leave room for two blocks per SM (at most [`WIDE_MASS_MAX_SEGMENTS`]) and no tile of 64 keys
+    /// meets more than two key segments (segments of 64 keys and more: documents, PINE's), else the
+    /// 64-row kernel with its on-chip accumulators ([`FwdVariant::Mass`], up to 64 segments, any
+    /// lengths). So the fused mass extends the attention the user would get without it wherever
+    /// it can.
+    pub(crate) fn with_mass(self, num_segments: usize, mask: MaskSummary) -> Self {
+        if self == Self::Wide64 && num_segments <= WIDE_MASS_MAX_SEGMENTS && mask.key_tiles_of_two_segments {
+            Self::WideMass
+        } else {
+            Self::Mass
+        }
+    }
 }
+
+/// Most key segments of [`FwdVariant::WideMass`]: its fixed 100,016 bytes of shared memory and
+/// 128 rows x 29 f32 sums (an odd row stride) are 114,864 bytes, so two blocks still fit an sm_90
+/// SM (228 KiB, 1 KiB reserved per block), as for the plain 128 x 64 kernel.
+pub const WIDE_MASS_MAX_SEGMENTS: usize = 29;
 
 /// `SEGATTN_FWD_WIDE_KEYS`: "32" takes the wide kernel's 32-key tiles at D = 128; anything else
 /// (or unset) the 64-key tiles. Read once.
@@ -324,6 +351,9 @@ pub(crate) struct MaskSummary {
     /// segments at most [`SHORT_DOCUMENT_TOKENS`] long on average: each block of query rows sees a
     /// few key tiles.
     pub short_documents: bool,
+    /// Every aligned tile of 64 keys meets at most two key segments ([`FwdVariant::WideMass`]
+    /// sums a tile's probabilities on either side of one boundary).
+    pub key_tiles_of_two_segments: bool,
 }
 
 #[cfg(test)]
@@ -404,5 +434,59 @@ mod tests {
             FwdVariant::Wide
         );
         assert_eq!(FwdVariant::Wide.with_wide_keys(128, Some(false)), FwdVariant::Wide);
+    }
+
+    #[test]
+    fn fused_mass_kernel_rule() {
+        // The rule only: skipped where the environment forces a kernel.
+        if std::env::var_os("SEGATTN_FWD_WIDE").is_some() || std::env::var_os("SEGATTN_FWD_WIDE_KEYS").is_some() {
+            return;
+        }
+        let cpu = &Device::Cpu;
+        let n = 8192;
+        let with_mass = |mask: &SegmentMask, d: usize, sk: usize| {
+            let summary = mask.host_metadata(1, n, n).unwrap().summary();
+            chosen(mask, n, d).with_mass(sk, summary)
+        };
+        // Where plain attention takes the 128 x 64 kernel, the fused mass extends it...
+        let pine = SegmentMask::pine(64, &[800; 10], 128, cpu).unwrap();
+        let long_docs = SegmentMask::documents(&[[2048; 4]], cpu).unwrap();
+        assert_eq!(with_mass(&pine, 128, 12), FwdVariant::WideMass);
+        assert_eq!(with_mass(&long_docs, 128, 4), FwdVariant::WideMass);
+        assert_eq!(with_mass(&long_docs, 128, WIDE_MASS_MAX_SEGMENTS), FwdVariant::WideMass);
+        // ... but for more segments than its shared memory holds at two blocks per SM, and
+        // wherever plain attention takes another kernel (short documents, D = 64, forced).
+        assert_eq!(with_mass(&long_docs, 128, WIDE_MASS_MAX_SEGMENTS + 1), FwdVariant::Mass);
+        let short_docs = SegmentMask::documents(&[[256; 32]], cpu).unwrap();
+        assert_eq!(with_mass(&short_docs, 128, 32), FwdVariant::Mass);
+        assert_eq!(with_mass(&pine, 64, 12), FwdVariant::Mass);
+        let two = MaskSummary {
+            key_tiles_of_two_segments: true,
+            ..MaskSummary::default()
+        };
+        assert_eq!(FwdVariant::Wide.with_mass(12, two), FwdVariant::Mass);
+        assert_eq!(FwdVariant::Plain.with_mass(12, two), FwdVariant::Mass);
+        assert_eq!(FwdVariant::Wide64.with_mass(12, two), FwdVariant::WideMass);
+        // A tile of 64 keys across three segments (one of 32 keys): the 64-row kernel.
+        let short_segment = SegmentMask::pine(16, &[32, 4008, 4008], 128, cpu).unwrap();
+        assert_eq!(chosen(&short_segment, n, 128), FwdVariant::Wide64);
+        assert_eq!(with_mass(&short_segment, 128, 5), FwdVariant::Mass);
+    }
+
+    /// [`WIDE_MASS_MAX_SEGMENTS`] against the kernel's traits: two blocks per sm_90 SM (233,472
+    /// bytes of shared memory, 1,024 reserved per block) at that many segments, not at the next
+    /// odd stride.
+    #[test]
+    fn wide_mass_segments_fit_two_blocks_per_sm() {
+        const SM90_SMEM_PER_SM: usize = 233_472;
+        let per_block = |sk| crate::emulated::fwd_mass_rows_smem_bytes(DType::BF16, 128, sk).unwrap() + 1024;
+        assert!(2 * per_block(WIDE_MASS_MAX_SEGMENTS) <= SM90_SMEM_PER_SM);
+        assert!(2 * per_block(WIDE_MASS_MAX_SEGMENTS + 2) > SM90_SMEM_PER_SM);
+        let fixed = crate::emulated::fwd_smem_bytes(DType::BF16, 128, FwdVariant::WideMass).unwrap();
+        assert_eq!(
+            fixed,
+            crate::emulated::fwd_smem_bytes(DType::BF16, 128, FwdVariant::Wide64).unwrap()
+        );
+        assert_eq!(per_block(0) - 1024, fixed.div_ceil(16) * 16 + 4 * 128);
     }
 }

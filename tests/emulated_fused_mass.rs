@@ -1,6 +1,7 @@
 //! The attention's fused per-segment mass on the CUDA path, run on the CPU under the SIMT
 //! emulator: the forward kernel's one-pass mass (`segattn_fwd_mass_*`: at most 64 key segments,
-//! no split-K) and, beyond that or with split-K or `MassAlgorithm::TwoPass`, the forward kernel
+//! no split-K; `segattn_fwd_wide64_mass_*`, the 128 x 64 kernel with its rows' sums in shared
+//! memory, at D = 128 and at most `WIDE_MASS_MAX_SEGMENTS` key segments) and, beyond that or with split-K or `MassAlgorithm::TwoPass`, the forward kernel
 //! followed by the mass kernel's exact pass with the forward kernel's LSE. Checked against the
 //! f64 reference, against the standalone mass kernel, and for leaving the attention untouched:
 //! the output and LSE are bitwise those of the plain forward kernel (same split).
@@ -13,7 +14,10 @@ use candle_core::{DType, Device, Result, Tensor};
 use common::cases::{draw, Case, MASK_KINDS};
 use common::{bits, env_count, mass_tolerance_for, proptest_config, random_mass_options, worst_ratio, Rng};
 use proptest::prelude::*;
-use segattn::emulated::{forward_split, forward_tiled, forward_with_mass, segment_scores, Schedule, Tile};
+use segattn::emulated::{
+    forward_split, forward_tiled, forward_with_mass, forward_with_mass_tiled, segment_scores, Schedule, Tile,
+    WIDE_MASS_MAX_SEGMENTS,
+};
 use segattn::{reference, MassAlgorithm, PairRule, QueryReduction, SegmentMask, SegmentScoreOptions, Visibility};
 
 const HEADS: [(usize, usize); 3] = [(4, 2), (3, 1), (2, 2)];
@@ -24,18 +28,39 @@ fn cases(default: u32) -> u32 {
 }
 
 /// The fused mass of `case` with `opts` and `kv_splits` against the reference and the standalone
-/// kernel; the output and LSE bitwise those of the plain kernel.
-fn check(case: &Case, opts: &SegmentScoreOptions, kv_splits: usize, schedule: Schedule, seed: u64) -> Result<Tensor> {
-    let what = format!("{} {opts:?} kv_splits {kv_splits} {schedule:?}", case.description);
+/// kernel; the output and LSE bitwise those of the plain kernel. `wide`: the launch takes the
+/// 128 x 64 kernel for plain attention (`Tile::WideKeys64`), else the launcher's rule.
+fn check(
+    case: &Case,
+    opts: &SegmentScoreOptions,
+    kv_splits: usize,
+    wide: bool,
+    schedule: Schedule,
+    seed: u64,
+) -> Result<Tensor> {
+    let what = format!(
+        "{} {opts:?} kv_splits {kv_splits} wide {wide} {schedule:?}",
+        case.description
+    );
     let (q, k, v, mask) = (&case.q, &case.k, &case.v, &case.mask);
     let scale = opts.scale;
-    let fused = forward_with_mass(q, k, v, mask, scale, opts, kv_splits, schedule, seed)?;
-    // Bitwise a plain launch: the 64-row kernel that the mass variant extends, or (mass after the
-    // forward kernel: more than 64 segments, two passes, split-K) the kernel the launcher takes
-    // for plain attention (the wide one from 128 rows on, whose key tiles differ at D = 128).
-    let narrow = forward_tiled(q, k, v, mask, scale, Tile::Rows64, schedule, seed)?;
-    let plain = if kv_splits == 1 && bits(&fused.out)? == bits(&narrow.out)? {
-        narrow
+    let fused = if wide {
+        forward_with_mass_tiled(q, k, v, mask, scale, opts, kv_splits, Tile::WideKeys64, schedule, seed)?
+    } else {
+        forward_with_mass(q, k, v, mask, scale, opts, kv_splits, schedule, seed)?
+    };
+    // Bitwise a plain launch: the kernel that the mass variant extends (the 128 x 64 one where it
+    // holds the segments, else the 64-row one), or (mass after the forward kernel: more than 64
+    // segments, two passes, split-K) the kernel the launcher takes for plain attention (the wide
+    // one from 128 rows on, whose key tiles differ at D = 128).
+    let d = q.dim(3)?;
+    let sk = 1 + mask.kv_segments().max_all()?.to_scalar::<u32>()? as usize;
+    let in_forward = kv_splits == 1 && opts.algorithm != MassAlgorithm::TwoPass && sk <= 64 && d != 256;
+    let wide_mass = in_forward && wide && d == 128 && sk <= WIDE_MASS_MAX_SEGMENTS && key_tiles_of_two_segments(mask)?;
+    let plain = if wide_mass {
+        forward_tiled(q, k, v, mask, scale, Tile::WideKeys64, schedule, seed)?
+    } else if in_forward {
+        forward_tiled(q, k, v, mask, scale, Tile::Rows64, schedule, seed)?
     } else {
         forward_split(q, k, v, mask, scale, kv_splits, schedule, seed)?
     };
@@ -73,6 +98,16 @@ fn check(case: &Case, opts: &SegmentScoreOptions, kv_splits: usize, schedule: Sc
     Ok(got)
 }
 
+/// Whether every aligned tile of 64 keys meets at most two key segments (the 128 x 64 mass
+/// kernel's condition, besides its segment count).
+fn key_tiles_of_two_segments(mask: &SegmentMask) -> Result<bool> {
+    let ids = mask.kv_segments().to_vec2::<u32>()?;
+    Ok(ids.iter().all(|row| {
+        row.chunks(64)
+            .all(|tile| tile.windows(2).filter(|w| w[0] != w[1]).count() <= 1)
+    }))
+}
+
 #[allow(clippy::too_many_arguments)]
 fn run_random_case(
     seed: u64,
@@ -101,7 +136,8 @@ fn run_random_case(
         [1, 1, 2, 3][rng.below(4)]
     };
     let schedule = SCHEDULES[rng.below(SCHEDULES.len())];
-    check(&case, &opts, kv_splits, schedule, seed).unwrap_or_else(|e| panic!("{}\n{e}", case.description));
+    let wide = rng.below(2) == 0;
+    check(&case, &opts, kv_splits, wide, schedule, seed).unwrap_or_else(|e| panic!("{}\n{e}", case.description));
 }
 
 proptest! {
@@ -143,14 +179,16 @@ proptest! {
 }
 
 /// Every mask family in both head dims, whatever the draw: the in-kernel path (D = 128 reads Q
-/// from shared memory), and the LSE path through TwoPass and through split-K.
+/// from shared memory; the 64-row and the 128 x 64 kernels), and the LSE path through TwoPass and
+/// through split-K.
 #[test]
 fn every_mask_kind_both_paths() -> Result<()> {
     for kind in 0..MASK_KINDS.len() {
-        for (i, (d, algorithm, splits)) in [
-            (128, MassAlgorithm::Auto, 1),
-            (64, MassAlgorithm::TwoPass, 1),
-            (128, MassAlgorithm::Auto, 2),
+        for (i, (d, algorithm, splits, wide)) in [
+            (128, MassAlgorithm::Auto, 1, false),
+            (128, MassAlgorithm::Auto, 1, true),
+            (64, MassAlgorithm::TwoPass, 1, false),
+            (128, MassAlgorithm::Auto, 2, false),
         ]
         .into_iter()
         .enumerate()
@@ -158,7 +196,7 @@ fn every_mask_kind_both_paths() -> Result<()> {
             let seed = 1000 + 10 * kind as u64 + i as u64;
             let case = draw(seed, 2, 150, true, (4, 2), d, DType::BF16, kind)?;
             let opts = SegmentScoreOptions::new().algorithm(algorithm);
-            check(&case, &opts, splits, Schedule::RandomWarp, seed)?;
+            check(&case, &opts, splits, wide, Schedule::RandomWarp, seed)?;
         }
     }
     Ok(())
@@ -185,11 +223,11 @@ fn single_token_segments_at_the_limit() -> Result<()> {
                 mask,
                 description: format!("{l} single-token segments, D = {d}"),
             };
-            check(&case, &SegmentScoreOptions::new(), 1, Schedule::HighFirst, 3)?;
+            check(&case, &SegmentScoreOptions::new(), 1, false, Schedule::HighFirst, 3)?;
             let reduced = SegmentScoreOptions::new()
                 .query_reduction(QueryReduction::SumBySegment)
                 .normalize_by_length(true);
-            check(&case, &reduced, 1, Schedule::Forward, 4)?;
+            check(&case, &reduced, 1, false, Schedule::Forward, 4)?;
         }
     }
     Ok(())
@@ -200,7 +238,11 @@ fn single_token_segments_at_the_limit() -> Result<()> {
 fn fully_masked_rows() -> Result<()> {
     let mask = common::cases::blocked_middle_segment()?;
     let mut rng = Rng::new(5);
-    for (d, algorithm) in [(128usize, MassAlgorithm::OnePass), (64, MassAlgorithm::TwoPass)] {
+    for (d, algorithm, wide) in [
+        (128usize, MassAlgorithm::OnePass, false),
+        (128, MassAlgorithm::OnePass, true),
+        (64, MassAlgorithm::TwoPass, false),
+    ] {
         let case = Case {
             q: common::random_tensor(&mut rng, &[2, 147, 2, d], DType::BF16)?,
             k: common::random_tensor(&mut rng, &[2, 147, 1, d], DType::BF16)?,
@@ -212,10 +254,90 @@ fn fully_masked_rows() -> Result<()> {
             &case,
             &SegmentScoreOptions::new().algorithm(algorithm),
             1,
+            wide,
             Schedule::Forward,
             0,
         )?;
         assert_eq!(got.narrow(2, 40, 50)?.abs()?.max_all()?.to_scalar::<f32>()?, 0.0);
+    }
+    Ok(())
+}
+
+/// The 128 x 64 kernel's rows' sums: key tiles inside one segment and across one boundary
+/// (segments of 64 to 150 keys, a ragged last tile; two segments cut mid-tile), every reduction,
+/// a scale that moves the softmax reference often; at its segment limit (29 segments) and past
+/// it, and with segments too short for it (a tile across three), where the 64-row kernel takes
+/// the mass (`check` asserts which kernel's output it got).
+#[test]
+fn wide_kernel_rows_sums() -> Result<()> {
+    let dev = &Device::Cpu;
+    let mut rng = Rng::new(11);
+    // A large scale spreads the scores: the softmax reference moves often, and the rows' sums
+    // are rescaled with it.
+    let options = [
+        SegmentScoreOptions::new().scale(0.5),
+        SegmentScoreOptions::new()
+            .query_reduction(QueryReduction::MeanBySegment)
+            .normalize_by_length(true),
+        SegmentScoreOptions::new().head_reduction(segattn::HeadReduction::Sum),
+    ];
+    let runs = |lens: &[usize]| -> Vec<u32> {
+        lens.iter()
+            .enumerate()
+            .flat_map(|(id, &n)| std::iter::repeat_n(id as u32, n))
+            .collect()
+    };
+    let mut ragged = Vec::new();
+    while ragged.iter().sum::<usize>() < 600 {
+        ragged.push(64 + rng.below(87));
+    }
+    let mut short = Vec::new();
+    while short.iter().sum::<usize>() < 147 {
+        short.push(1 + rng.below(9));
+    }
+    let layouts = [
+        (runs(&ragged), "segments of 64 to 150 keys"),
+        (runs(&[100, 47]), "two segments cut mid-tile"),
+        (
+            runs(&[2; WIDE_MASS_MAX_SEGMENTS]),
+            "29 segments of 2 keys (tiles of 29 segments: 64-row kernel)",
+        ),
+        (runs(&short), "runs of 1 to 9 keys (64-row kernel)"),
+        (
+            runs(&[64; WIDE_MASS_MAX_SEGMENTS + 1]),
+            "30 segments of 64 keys (64-row kernel)",
+        ),
+    ];
+    for (i, (ids, what)) in layouts.into_iter().enumerate() {
+        let l = ids.len();
+        let ids = Tensor::from_vec(ids, (1, l), dev)?;
+        let rules = [
+            PairRule::new(Visibility::Causal, Visibility::Full),
+            PairRule::new(Visibility::Full, Visibility::Blocked),
+        ];
+        for (j, rule) in rules.into_iter().enumerate() {
+            // The long layout once (the emulator's most expensive case here).
+            if l > 1000 && j > 0 {
+                continue;
+            }
+            let mask = SegmentMask::self_attention(&ids, rule)?;
+            let case = Case {
+                q: common::random_tensor(&mut rng, &[1, l, 4, 128], DType::BF16)?,
+                k: common::random_tensor(&mut rng, &[1, l, 2, 128], DType::BF16)?,
+                v: common::random_tensor(&mut rng, &[1, l, 2, 128], DType::BF16)?,
+                mask,
+                description: format!("{what}, rule {j}"),
+            };
+            let opts = &options[(i + j) % options.len()];
+            check(
+                &case,
+                opts,
+                1,
+                true,
+                SCHEDULES[(i + j) % SCHEDULES.len()],
+                20 + i as u64,
+            )?;
+        }
     }
     Ok(())
 }

@@ -15,7 +15,9 @@ mod common;
 use candle_core::{DType, Device, Result, Tensor};
 use common::{env_count, lse_tolerance, proptest_config, tolerance};
 use proptest::prelude::*;
-use segattn::emulated::{classify_tile_both, forward, forward_tiled, fwd_smem_bytes, FwdVariant, Schedule, Tile};
+use segattn::emulated::{
+    classify_tile_both, forward, forward_tiled, fwd_mass_rows_smem_bytes, fwd_smem_bytes, FwdVariant, Schedule, Tile,
+};
 use segattn::{reference, PairRule, PairTable, PineLayout, SegmentMask, Visibility};
 
 const SCHEDULES: [Schedule; 3] = [Schedule::Forward, Schedule::HighFirst, Schedule::RandomWarp];
@@ -625,7 +627,13 @@ fn smem_sizes() {
         assert_eq!(fwd_smem_bytes(DType::BF16, d, FwdVariant::Plain), Some(want));
         assert_eq!(fwd_smem_bytes(DType::F16, d, FwdVariant::Plain), Some(want));
     }
-    for variant in [FwdVariant::Mass, FwdVariant::Rope, FwdVariant::Wide, FwdVariant::Wide64] {
+    for variant in [
+        FwdVariant::Mass,
+        FwdVariant::Rope,
+        FwdVariant::Wide,
+        FwdVariant::Wide64,
+        FwdVariant::WideMass,
+    ] {
         assert_eq!(fwd_smem_bytes(DType::BF16, 256, variant), None, "{variant:?}");
     }
     // The fused mass keeps Q in its own tile at D = 128 (its accumulators take Q's registers).
@@ -645,6 +653,15 @@ fn smem_sizes() {
         assert_eq!(fwd_smem_bytes(DType::BF16, d, FwdVariant::Wide64), Some(want));
         assert_eq!(fwd_smem_bytes(DType::F16, d, FwdVariant::Wide64), Some(want));
     }
+    // ... and with the fused mass (D = 128 only): the same fixed layout, then the rows' sums
+    // (128 rows x an odd number of f32, at least one).
+    assert_eq!(fwd_smem_bytes(DType::BF16, 64, FwdVariant::WideMass), None);
+    assert_eq!(fwd_smem_bytes(DType::BF16, 128, FwdVariant::WideMass), Some(100_016));
+    for (sk, want) in [(0usize, 100_016 + 512), (22, 100_016 + 512 * 23), (29, 114_864)] {
+        assert_eq!(fwd_mass_rows_smem_bytes(DType::BF16, 128, sk), Some(want));
+        assert_eq!(fwd_mass_rows_smem_bytes(DType::F16, 128, sk), Some(want));
+    }
+    assert_eq!(fwd_mass_rows_smem_bytes(DType::BF16, 64, 8), None);
     // PINE's variant keeps Q and the turned Q in their own tiles.
     for (d, want) in [(64usize, 50_344usize), (128, 99_496)] {
         assert_eq!(fwd_smem_bytes(DType::BF16, d, FwdVariant::Rope), Some(want));

@@ -2,13 +2,14 @@
 //! D = 128, H = 16 (and GQA 32 / 8), L = 8k, B = 2: for each mask, our attention alone, the
 //! attention with its fused mass (`return_segment_mass`, per query row; and summed by query
 //! segment), and the standalone op `segment_scores` under the same mask. Wall clock of the public
-//! calls to stream synchronisation, median of `reps` after `warmup`. The attention alone is also
-//! timed with the 64-row kernel (`SEGATTN_FWD_WIDE=0`): the fused mass extends that kernel, while
-//! plain attention from 128 rows on takes the wide one.
+//! calls to stream synchronisation, median of `reps` after `warmup`. The fused mass extends the
+//! kernel plain attention takes: the 128 x 64 one here (`segattn_fwd_wide64_mass_*`, the rows'
+//! sums in shared memory) for documents8 and PINE; the attention and its fused mass are also timed
+//! with the 64-row kernel (`SEGATTN_FWD_WIDE=0`: `segattn_fwd_mass_*`, on-chip accumulators), the
+//! path every fused mass took before the wide one had it.
 //!
-//! Masks: documents (8 equal: Sk = 8, the forward kernel's on-chip accumulators), PINE (prefix
-//! 256, 20 segments, suffix 64: Sk = 22) and 100 documents (Sk = 100: the forward kernel then the
-//! mass kernel's exact pass with its LSE).
+//! Masks: documents (8 equal: Sk = 8), PINE (prefix 256, 20 segments, suffix 64: Sk = 22) and 100
+//! documents (Sk = 100: the forward kernel then the mass kernel's exact pass with its LSE).
 
 use candle_core::{DType, Device, Result, Tensor};
 use segattn::{segment_scores, QueryReduction, SegmentAttention, SegmentMask, SegmentScoreOptions};
@@ -38,8 +39,8 @@ fn with_64_row_kernel<R>(f: impl FnOnce() -> Result<R>) -> Result<R> {
 pub fn run(dev: &Device, reps: usize, warmup: usize, smoke: bool) -> Result<String> {
     let (batch, len, d) = if smoke { (1, 1024, 128) } else { (2, 8192, 128) };
     let mut out = String::from(
-        "| mask | Sk | heads | attention ms | + fused mass ms | overhead (target <= 15%) | + fused mass by query segment ms | overhead | standalone ms | standalone / attention (target <= 0.60) | attention, 64-row kernel ms | fused overhead over it |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| mask | Sk | heads | attention ms | + fused mass ms | overhead (target <= 15%) | + fused mass by query segment ms | overhead | standalone ms | standalone / attention (target <= 0.60) | 64-row kernel: attention ms | + fused mass ms | overhead |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     let documents = |n: usize| SegmentMask::documents(&vec![equal_docs(len, n); batch], dev);
     let pine = || {
@@ -69,15 +70,17 @@ pub fn run(dev: &Device, reps: usize, warmup: usize, smoke: bool) -> Result<Stri
                 with_64_row_kernel(|| median_ms(dev, reps, warmup, || Ok(attention.forward(&q, &k, &v)?.out)))?;
             let fused = attention.clone().return_segment_mass(per_row);
             let fused_ms = median_ms(dev, reps, warmup, || Ok(fused.forward(&q, &k, &v)?.out))?;
+            let narrow_fused_ms =
+                with_64_row_kernel(|| median_ms(dev, reps, warmup, || Ok(fused.forward(&q, &k, &v)?.out)))?;
             let fused_seg = attention.clone().return_segment_mass(by_segment);
             let fused_seg_ms = median_ms(dev, reps, warmup, || Ok(fused_seg.forward(&q, &k, &v)?.out))?;
             let alone_ms = median_ms(dev, reps, warmup, || segment_scores(&q, &k, &mask, &per_row))?;
             out.push_str(&format!(
-                "| {name} | {sk} | {h}/{hkv} | {plain_ms:.3} | {fused_ms:.3} | {:+.1}% | {fused_seg_ms:.3} | {:+.1}% | {alone_ms:.3} | {:.2} | {narrow_ms:.3} | {:+.1}% |\n",
+                "| {name} | {sk} | {h}/{hkv} | {plain_ms:.3} | {fused_ms:.3} | {:+.1}% | {fused_seg_ms:.3} | {:+.1}% | {alone_ms:.3} | {:.2} | {narrow_ms:.3} | {narrow_fused_ms:.3} | {:+.1}% |\n",
                 100.0 * (fused_ms / plain_ms - 1.0),
                 100.0 * (fused_seg_ms / plain_ms - 1.0),
                 alone_ms / plain_ms,
-                100.0 * (fused_ms / narrow_ms - 1.0)
+                100.0 * (narrow_fused_ms / narrow_ms - 1.0)
             ));
         }
     }

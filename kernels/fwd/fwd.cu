@@ -14,6 +14,9 @@
 //   segattn_fwd_wide64_{bf16,f16}_d128 (the wide kernel with key tiles of 64: FlashAttention-2's
 //   128 x 64 tile, a few spills; params.block_keys = 64; plain attention's kernel at D = 128 from
 //   128 query rows on, SEGATTN_FWD_WIDE_KEYS=32 for the 32-key tiles)
+//   segattn_fwd_wide64_mass_{bf16,f16}_d128 (the 128 x 64 kernel with the fused mass, params.mass
+//   set: each row's sums in shared memory after the fixed layout, FwdTraits::launch_smem_bytes(
+//   params.mass.num_segments) bytes in all; no split-K)
 //   segattn_fwd_{bf16,f16}_d256 (plain attention, 64 rows x 32-key tiles, Q in its own shared
 //   tile: 99,240 bytes; split-K as the 64-row kernels)
 //   split-K (params.kv_splits = S > 1): grid x is ceil(Lq / 64) * S; the last slice of each query
@@ -60,6 +63,9 @@ SEGATTN_FWD_ENTRY(segattn_fwd_wide_f16_d128, segattn::f16, 128, false, false, 2)
 // Wide with 64-key tiles at D = 128 (FlashAttention-2's 128 x 64; the default at D = 128).
 SEGATTN_FWD_ENTRY_KEYS(segattn_fwd_wide64_bf16_d128, segattn::bf16, 128, false, false, 2, 64)
 SEGATTN_FWD_ENTRY_KEYS(segattn_fwd_wide64_f16_d128, segattn::f16, 128, false, false, 2, 64)
+// ... and with the fused mass (params.mass; its rows' sums in shared memory).
+SEGATTN_FWD_ENTRY_KEYS(segattn_fwd_wide64_mass_bf16_d128, segattn::bf16, 128, false, true, 2, 64)
+SEGATTN_FWD_ENTRY_KEYS(segattn_fwd_wide64_mass_f16_d128, segattn::f16, 128, false, true, 2, 64)
 
 // D = 256 (Gemma's head dim): plain attention, 64 x 32 tiles, Q read from shared memory.
 SEGATTN_FWD_ENTRY(segattn_fwd_bf16_d256, segattn::bf16, 256, false, false, 1)
@@ -86,7 +92,7 @@ int launch(const SegattnFwdParams& p, Entry entry) {
   const int splits = p.kv_splits > 1 ? p.kv_splits : 1;
   const dim3 grid((p.q_len + Traits::kBlockM - 1) / Traits::kBlockM * splits, p.num_heads, p.batch);
   const dim3 block(Traits::kThreads);
-  return ::segattn::emu::launch(grid, block, Traits::kSmemBytes, [&] { entry(p); });
+  return ::segattn::emu::launch(grid, block, Traits::launch_smem_bytes(p.mass.num_segments), [&] { entry(p); });
 }
 
 // Fails through the emulator, so that segattn_emu_last_error() carries `message`.
@@ -141,8 +147,10 @@ extern "C" int segattn_emu_fwd(const SegattnFwdParams* p) {
     std::snprintf(message, sizeof message, "segattn_emu_fwd: block_rows %d (expected 64 or 128)", p->block_rows);
     return emu_entry::fail(message);
   }
-  if (wide && (rope || mass || p->kv_splits > 1)) {
-    return emu_entry::fail("segattn_emu_fwd: the wide kernel is plain attention without split-K");
+  if (wide && (rope || p->kv_splits > 1 || (mass && (d64 || !keys64)))) {
+    return emu_entry::fail(
+        "segattn_emu_fwd: the wide kernel has no rotation and no split-K, and the fused mass only with 64-key "
+        "tiles at D = 128");
   }
   if (rope && mass) return emu_entry::fail("segattn_emu_fwd: the fused mass is not offered with PINE's rotation");
   if (mass && (p->kv_splits > 1 || p->mass.num_segments > segattn::mass::kMaxOnePassSegments)) {
@@ -156,6 +164,9 @@ extern "C" int segattn_emu_fwd(const SegattnFwdParams* p) {
       if (rope) {
         return d64 ? emu_entry::launch<FwdTraits<bf16, 64, true>>(*p, segattn_fwd_rope_bf16_d64)
                    : emu_entry::launch<FwdTraits<bf16, 128, true>>(*p, segattn_fwd_rope_bf16_d128);
+      }
+      if (mass && wide) {
+        return emu_entry::launch<FwdTraits<bf16, 128, false, true, 2, 64>>(*p, segattn_fwd_wide64_mass_bf16_d128);
       }
       if (mass) {
         return d64 ? emu_entry::launch<FwdTraits<bf16, 64, false, true>>(*p, segattn_fwd_mass_bf16_d64)
@@ -174,6 +185,9 @@ extern "C" int segattn_emu_fwd(const SegattnFwdParams* p) {
       if (rope) {
         return d64 ? emu_entry::launch<FwdTraits<f16, 64, true>>(*p, segattn_fwd_rope_f16_d64)
                    : emu_entry::launch<FwdTraits<f16, 128, true>>(*p, segattn_fwd_rope_f16_d128);
+      }
+      if (mass && wide) {
+        return emu_entry::launch<FwdTraits<f16, 128, false, true, 2, 64>>(*p, segattn_fwd_wide64_mass_f16_d128);
       }
       if (mass) {
         return d64 ? emu_entry::launch<FwdTraits<f16, 64, false, true>>(*p, segattn_fwd_mass_f16_d64)
@@ -197,8 +211,10 @@ extern "C" int segattn_emu_fwd(const SegattnFwdParams* p) {
 }
 
 // Dynamic shared memory of the kernel for (dtype, head_dim, variant: 0 plain, 1 PINE's rotation,
-// 2 fused mass, 3 wide, 4 wide with 64-key tiles: at D = 64 the same as 3), 0 if unsupported (for the Rust side to check its launch configuration against the
-// traits).
+// 2 fused mass, 3 wide, 4 wide with 64-key tiles: at D = 64 the same as 3, 5 wide with 64-key
+// tiles and the fused mass: D = 128 only, its fixed layout without the rows' sums, see
+// segattn_emu_fwd_mass_rows_smem_bytes), 0 if unsupported (for the Rust side to check its launch
+// configuration against the traits).
 extern "C" int segattn_emu_fwd_smem_bytes(int dtype, int head_dim, int variant) {
   using namespace segattn::fwd;
   using segattn::bf16;
@@ -219,9 +235,19 @@ extern "C" int segattn_emu_fwd_smem_bytes(int dtype, int head_dim, int variant) 
     case 4:
       return d64 ? FwdTraits<bf16, 64, false, false, 2>::kSmemBytes
                  : FwdTraits<bf16, 128, false, false, 2, 64>::kSmemBytes;
+    case 5:
+      return d64 ? 0 : FwdTraits<bf16, 128, false, true, 2, 64>::kSmemBytes;
     default:
       return 0;
   }
+}
+
+// Dynamic shared memory of a launch of the wide kernel with the fused mass (variant 5 above) for
+// `num_segments` key segments: the fixed layout and the rows' sums. 0 if unsupported.
+extern "C" int segattn_emu_fwd_mass_rows_smem_bytes(int dtype, int head_dim, int num_segments) {
+  using namespace segattn::fwd;
+  if ((dtype != SEGATTN_DTYPE_BF16 && dtype != SEGATTN_DTYPE_F16) || head_dim != 128 || num_segments < 0) return 0;
+  return FwdTraits<segattn::bf16, 128, false, true, 2, 64>::launch_smem_bytes(num_segments);
 }
 
 #endif  // SEGATTN_EMULATE

@@ -234,6 +234,14 @@ pub(crate) fn launch_config(shape: &AttentionShape, kernel: &FwdKernel, kv_split
     })
 }
 
+/// Dynamic shared memory of a [`FwdVariant::WideMass`] launch for `num_segments` key segments.
+pub(crate) fn wide_mass_smem_bytes(dtype: DType, num_segments: usize) -> Result<u32> {
+    match crate::emulated::fwd_mass_rows_smem_bytes(dtype, 128, num_segments) {
+        Some(bytes) => Ok(bytes as u32),
+        None => invalid_arg!("internal error: no shared memory size for the wide mass kernel at Sk = {num_segments}"),
+    }
+}
+
 /// Launches `kernel` with `params` on `stream`, checked (and synchronized with
 /// `SEGATTN_CUDA_SYNC=1`).
 pub(crate) fn launch(
@@ -410,8 +418,10 @@ pub(crate) struct ForwardOutputs {
 
 /// The forward pass of the op on CUDA storages.
 ///
-/// The fused mass: inside the forward kernel (`segattn_fwd_mass_*`, on-chip accumulators) when it
-/// has at most 64 key segments (then without split-K), else, and with
+/// The fused mass: inside the forward kernel when it has at most 64 key segments (then without
+/// split-K): the 128 x 64 one (`segattn_fwd_wide64_mass_*`, the rows' sums in shared memory) where
+/// plain attention takes it and the mask allows ([`FwdVariant::with_mass`]), else the 64-row one
+/// (`segattn_fwd_mass_*`, on-chip accumulators); else, and with
 /// [`MassAlgorithm::TwoPass`], the forward kernel (split-K as usual) then the mass kernel's exact
 /// pass with the forward kernel's LSE (`crate::scores::fused_mass_in_forward`).
 pub(crate) fn forward(
@@ -509,10 +519,13 @@ fn forward_typed<T: CudaDType + DeviceRepr + ValidAsZeroBits + candle_core::With
     };
     let variant = if rotation.is_some() {
         FwdVariant::Rope
-    } else if mass_in_forward {
-        FwdVariant::Mass
     } else {
-        FwdVariant::plain(&kshape, splits, host.summary(), kernels.sm_count, None).with_wide_keys(shape.head_dim, None)
+        let plain = FwdVariant::plain(&kshape, splits, host.summary(), kernels.sm_count, None)
+            .with_wide_keys(shape.head_dim, None);
+        match mass_request {
+            Some((plan, _)) if mass_in_forward => plain.with_mass(plan.sk, host.summary()),
+            _ => plain,
+        }
     };
     let Some(kernel) = kernels.fwd(T::DTYPE, shape.head_dim, variant) else {
         invalid_arg!(
@@ -521,7 +534,11 @@ fn forward_typed<T: CudaDType + DeviceRepr + ValidAsZeroBits + candle_core::With
             shape.head_dim
         );
     };
-    let cfg = launch_config(&kshape, kernel, splits)?;
+    let mut cfg = launch_config(&kshape, kernel, splits)?;
+    if let (FwdVariant::WideMass, Some((plan, _))) = (variant, mass_request) {
+        // The rows' sums after the kernel's fixed shared memory (the limit was raised for them).
+        cfg.shared_mem_bytes = wide_mass_smem_bytes(T::DTYPE, plan.sk)?;
+    }
 
     let (qo, ko, vo) = (
         Operand::new::<T>("q", q, ql, &dev)?,

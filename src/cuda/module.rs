@@ -39,7 +39,8 @@ const DEFAULT_DYNAMIC_SMEM: usize = 48 * 1024;
 pub(crate) struct FwdKernel {
     pub name: &'static str,
     pub func: CudaFunction,
-    /// Dynamic shared memory per block (the kernel traits' `kSmemBytes`).
+    /// Dynamic shared memory per block (the kernel traits' `kSmemBytes`; a wide mass launch adds its
+    /// rows' sums, `launch::wide_mass_smem_bytes`).
     pub smem_bytes: u32,
     /// Query rows per block (`kBlockM`: the grid's x and `params.block_rows`).
     pub block_rows: usize,
@@ -101,7 +102,7 @@ impl Kernels {
 }
 
 /// Every forward entry point of kernels/fwd/fwd.cu: (name, dtype, head dim, variant).
-const FWD_ENTRIES: [(&str, DType, usize, FwdVariant); 20] = [
+const FWD_ENTRIES: [(&str, DType, usize, FwdVariant); 22] = [
     ("segattn_fwd_bf16_d64", DType::BF16, 64, FwdVariant::Plain),
     ("segattn_fwd_bf16_d128", DType::BF16, 128, FwdVariant::Plain),
     ("segattn_fwd_f16_d64", DType::F16, 64, FwdVariant::Plain),
@@ -120,6 +121,18 @@ const FWD_ENTRIES: [(&str, DType, usize, FwdVariant); 20] = [
     ("segattn_fwd_wide_f16_d128", DType::F16, 128, FwdVariant::Wide),
     ("segattn_fwd_wide64_bf16_d128", DType::BF16, 128, FwdVariant::Wide64),
     ("segattn_fwd_wide64_f16_d128", DType::F16, 128, FwdVariant::Wide64),
+    (
+        "segattn_fwd_wide64_mass_bf16_d128",
+        DType::BF16,
+        128,
+        FwdVariant::WideMass,
+    ),
+    (
+        "segattn_fwd_wide64_mass_f16_d128",
+        DType::F16,
+        128,
+        FwdVariant::WideMass,
+    ),
     ("segattn_fwd_bf16_d256", DType::BF16, 256, FwdVariant::Plain),
     ("segattn_fwd_f16_d256", DType::F16, 256, FwdVariant::Plain),
 ];
@@ -207,10 +220,17 @@ fn load(ctx: &Arc<CudaContext>) -> Result<Kernels> {
             ))
             .bt());
         }
+        // The wide mass kernel's launches add its rows' sums: the limit covers the most segments.
+        let launch_max = if variant == FwdVariant::WideMass {
+            crate::emulated::fwd_mass_rows_smem_bytes(dtype, head_dim, crate::kernel_params::WIDE_MASS_MAX_SEGMENTS)
+                .unwrap_or(smem)
+        } else {
+            smem
+        };
         let static_smem = func
             .shared_size_bytes()
             .map_err(|e| driver_err(format!("querying the static shared memory of {name}"), e))?;
-        let total = smem + usize::try_from(static_smem).unwrap_or(0);
+        let total = launch_max + usize::try_from(static_smem).unwrap_or(0);
         if total > optin {
             return Err(candle_core::Error::Msg(format!(
                 "segattn: kernel {name} needs {total} bytes of shared memory per block ({smem} dynamic + \
@@ -218,7 +238,7 @@ fn load(ctx: &Arc<CudaContext>) -> Result<Kernels> {
             ))
             .bt());
         }
-        raise_dynamic_smem(ctx, &func, name, smem)?;
+        raise_dynamic_smem(ctx, &func, name, launch_max)?;
         fwd.push((
             (dtype, head_dim, variant),
             FwdKernel {

@@ -228,6 +228,7 @@ impl HostMask {
                 && self.kv.mean_span_len() <= crate::kernel_params::SHORT_DOCUMENT_TOKENS
                 // One segment a row is a causal mask, where the wide kernel won even at 1k.
                 && self.kv.mean_span_len() < self.kv.len() as f64,
+            key_tiles_of_two_segments: self.kv.most_spans_per_tile() <= 2,
         }
     }
 

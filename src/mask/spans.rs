@@ -20,7 +20,12 @@ pub struct SegmentSpans {
     len: usize,
     /// Number of spans (runs of one id) over all rows.
     spans: usize,
+    /// The most spans that any aligned tile of [`RUN_TILE`] positions of a row meets.
+    most_spans_per_tile: usize,
 }
+
+/// The tile of [`SegmentSpans::most_spans_per_tile`]: the forward kernels' key tiles of 64.
+pub const RUN_TILE: usize = 64;
 
 impl SegmentSpans {
     /// Reads and validates a `[B, L]` (or `[1, L]`) u32 segment-id tensor. `name` is the argument
@@ -35,6 +40,7 @@ impl SegmentSpans {
     pub fn from_ids(name: &str, ids: Vec<u32>, rows: usize, len: usize) -> Result<Self> {
         let mut span_end = vec![0u32; ids.len()];
         let mut spans = 0;
+        let mut most_spans_per_tile = 0;
         for r in 0..rows {
             let row = &ids[r * len..(r + 1) * len];
             for i in 1..len {
@@ -48,6 +54,11 @@ impl SegmentSpans {
                         i - 1
                     );
                 }
+            }
+            // Spans a tile meets: one, plus one per segment boundary strictly inside it.
+            for tile in row.chunks(RUN_TILE) {
+                let inside = tile.windows(2).filter(|w| w[0] != w[1]).count();
+                most_spans_per_tile = most_spans_per_tile.max(1 + inside);
             }
             let ends = &mut span_end[r * len..(r + 1) * len];
             let mut end = len as u32;
@@ -66,7 +77,14 @@ impl SegmentSpans {
             rows,
             len,
             spans,
+            most_spans_per_tile,
         })
+    }
+
+    /// The most spans (runs of one id) that any aligned tile of [`RUN_TILE`] positions of a row
+    /// meets (0 for empty rows).
+    pub fn most_spans_per_tile(&self) -> usize {
+        self.most_spans_per_tile
     }
 
     /// Number of rows stored (1 when shared by every batch row).
@@ -133,5 +151,28 @@ impl SpanRow<'_> {
             f(self.ids[i], i, stop);
             i = stop;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn most_spans_per_tile_counts_boundaries_inside_a_tile() -> Result<()> {
+        let spans = |ids: Vec<u32>, rows: usize| {
+            let len = ids.len() / rows;
+            SegmentSpans::from_ids("ids", ids, rows, len).map(|s| s.most_spans_per_tile())
+        };
+        // One segment; a boundary on a tile edge (two tiles of one span each); one inside.
+        assert_eq!(spans(vec![0; 200], 1)?, 1);
+        assert_eq!(spans([vec![0; 64], vec![1; 64]].concat(), 1)?, 1);
+        assert_eq!(spans([vec![0; 40], vec![1; 88]].concat(), 1)?, 2);
+        // Two boundaries inside the second tile of the second row.
+        let row0 = [vec![0; 64], vec![1; 64]].concat();
+        let row1 = [vec![0; 70], vec![1; 10], vec![2; 48]].concat();
+        assert_eq!(spans([row0, row1].concat(), 2)?, 3);
+        assert_eq!(spans(Vec::new(), 1)?, 0);
+        Ok(())
     }
 }
