@@ -50,7 +50,7 @@
 namespace segattn {
 namespace scores {
 
-template <class Element, int kHeadDim_, int kMTiles_ = 1>
+template <class Element, int kHeadDim_, int kMTiles_ = 1, int kBlockN_ = 0>
 struct ScoresTraits {
   using T = Element;
   static constexpr int kHeadDim = kHeadDim_;
@@ -65,9 +65,12 @@ struct ScoresTraits {
   static constexpr int kWarps = 4;
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kBlockM = kWarps * 16 * kMTiles;
-  // Keys per tile: 64; 32 for the wide kernel (two row tiles' S and segment accumulators: at 64
-  // keys the D = 64 kernel spills on sm_90).
-  static constexpr int kBlockN = kMTiles > 1 ? 32 : 64;
+  // Keys per tile (kBlockN_ 0: the default): 64; 32 for the wide kernel (two row tiles' S and
+  // segment accumulators: at 64 keys its D = 64 build spilled on sm_90). kBlockN_ = 64 there is
+  // the forward kernel's 128 x 64 tile (segattn_scores_wide64_*, D = 128: 251 registers, no
+  // spill), opt-in until timed (SEGATTN_SCORES_WIDE_KEYS=64).
+  static constexpr int kBlockN = kBlockN_ != 0 ? kBlockN_ : (kMTiles > 1 ? 32 : 64);
+  static_assert(kBlockN == 32 || kBlockN == 64, "key tiles of 32 or 64");
   // Blocks per SM the registers must allow (__launch_bounds__): three for the 64-row kernel (at
   // most 168 registers: 160-162, no spill; 188 at D = 64 and 208-216 at D = 128 unbounded; at
   // D = 128 with Q in shared memory and the rows' output pointers not held through the loop),

@@ -280,15 +280,16 @@ pub fn forward(
 /// launcher's rule takes the wide kernel only with enough blocks per SM.
 pub const EMULATED_SM_COUNT: usize = 132;
 
-/// The plain kernel's tile, for [`forward_tiled`].
+/// The kernel's tile, for [`forward_tiled`], [`forward_with_mass_tiled`] and [`segment_scores_tiled`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Tile {
-    /// 64 query rows (`segattn_fwd_*`).
+    /// 64 query rows (`segattn_fwd_*`, `segattn_scores_*`).
     Rows64,
-    /// 128 query rows (`segattn_fwd_wide_*`: key tiles of 32 at D = 128, 64 at D = 64).
+    /// 128 query rows (`segattn_fwd_wide_*`, `segattn_scores_wide_*`: key tiles of 32 at D = 128,
+    /// 64 at D = 64).
     Wide,
-    /// 128 query rows with FlashAttention-2's 64-key tiles at D = 128 (`segattn_fwd_wide64_*`;
-    /// at D = 64 the same as [`Tile::Wide`]).
+    /// 128 query rows with FlashAttention-2's 64-key tiles at D = 128 (`segattn_fwd_wide64_*`,
+    /// `segattn_scores_wide64_*`; at D = 64 the same as [`Tile::Wide`]).
     WideKeys64,
 }
 

@@ -189,7 +189,7 @@ pub enum FwdVariant {
     Wide64,
     /// [`FwdVariant::Wide64`] with the fused per-segment mass output, each row's sums in shared
     /// memory (`segattn_fwd_wide64_mass_*`; at most [`WIDE_MASS_MAX_SEGMENTS`] key segments, see
-    /// `FwdVariant::mass`).
+    /// `FwdVariant::with_mass`).
     WideMass,
 }
 
@@ -334,6 +334,20 @@ pub(crate) fn mass_block_rows(q_len: usize, causal: bool, wide: Option<bool>, he
     }
 }
 
+/// Keys per tile of the mass kernel (`params.base.block_keys`) with `block_rows` query rows per
+/// block ([`mass_block_rows`]): 64 for the wide kernel at D = 128 when `forced` (tests) or
+/// `SEGATTN_SCORES_WIDE_KEYS=64` asks for them (`segattn_scores_wide64_*`, the forward kernel's
+/// 128 x 64 tile; opt-in until timed on a GPU), else 0 (the entry point's own: 32 for the wide
+/// kernel, 64 for the 64-row one).
+pub(crate) fn mass_block_keys(block_rows: usize, head_dim: usize, forced: Option<bool>) -> i32 {
+    let keys64 = forced.unwrap_or_else(|| std::env::var_os("SEGATTN_SCORES_WIDE_KEYS").is_some_and(|v| v == "64"));
+    if block_rows == FwdVariant::Wide.block_rows() && head_dim == 128 && keys64 {
+        64
+    } else {
+        0
+    }
+}
+
 /// Wide forward blocks per SM below which the 64-row kernel is taken (four waves of two blocks
 /// per SM; see [`FwdVariant::plain`]).
 pub(crate) const WIDE_MIN_BLOCKS_PER_SM: usize = 8;
@@ -471,6 +485,16 @@ mod tests {
         let short_segment = SegmentMask::pine(16, &[32, 4008, 4008], 128, cpu).unwrap();
         assert_eq!(chosen(&short_segment, n, 128), FwdVariant::Wide64);
         assert_eq!(with_mass(&short_segment, 128, 5), FwdVariant::Mass);
+    }
+
+    /// The mass kernel's 64-key tiles: the wide kernel at D = 128 only, when asked for.
+    #[test]
+    fn mass_kernel_keys() {
+        assert_eq!(mass_block_keys(128, 128, Some(true)), 64);
+        assert_eq!(mass_block_keys(128, 128, Some(false)), 0);
+        assert_eq!(mass_block_keys(64, 128, Some(true)), 0);
+        assert_eq!(mass_block_keys(128, 64, Some(true)), 0);
+        assert_eq!(mass_block_keys(64, 256, Some(true)), 0);
     }
 
     /// [`WIDE_MASS_MAX_SEGMENTS`] against the kernel's traits: two blocks per sm_90 SM (233,472

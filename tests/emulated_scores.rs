@@ -14,7 +14,7 @@ use candle_core::{DType, Device, Result, Tensor};
 use common::cases::{draw, MASK_KINDS};
 use common::{env_count, mass_tolerance, mass_tolerance_for, proptest_config, random_mass_options, worst_ratio, Rng};
 use proptest::prelude::*;
-use segattn::emulated::{scores_smem_bytes, segment_scores, segment_scores_tiled, Schedule};
+use segattn::emulated::{scores_smem_bytes, segment_scores, segment_scores_tiled, Schedule, Tile};
 use segattn::{
     reference, HeadReduction, MassAlgorithm, PairRule, QueryReduction, SegmentMask, SegmentScoreOptions, Visibility,
 };
@@ -33,8 +33,9 @@ fn check(desc: &str, q: &Tensor, k: &Tensor, mask: &SegmentMask, opts: &SegmentS
     check_tiled(desc, q, k, mask, opts, seed, None)
 }
 
-/// [`check`] with the kernel's tile chosen: `Some(true)` 128 query rows per block, `Some(false)`
-/// 64, `None` as the GPU launcher decides (128 from 128 rows on).
+/// [`check`] with the kernel's tile chosen (`Tile::Wide`: 128 query rows per block, 32-key tiles
+/// at D = 128; `Tile::WideKeys64`: 64-key ones), `None` as the GPU launcher decides (128 rows
+/// from 128 rows on).
 fn check_tiled(
     desc: &str,
     q: &Tensor,
@@ -42,16 +43,16 @@ fn check_tiled(
     mask: &SegmentMask,
     opts: &SegmentScoreOptions,
     seed: u64,
-    wide: Option<bool>,
+    tile: Option<Tile>,
 ) -> Result<()> {
     let want = reference::segment_mass(q, k, mask, opts)?;
     let (_, lq, h, _) = q.dims4()?;
     let (atol, rtol) = mass_tolerance_for(q.dtype(), opts, lq, h);
     let mut first: Option<Vec<f32>> = None;
     for schedule in SCHEDULES {
-        let got = match wide {
+        let got = match tile {
             None => segment_scores(q, k, mask, opts, schedule, seed)?,
-            Some(w) => segment_scores_tiled(q, k, mask, opts, w, schedule, seed)?,
+            Some(t) => segment_scores_tiled(q, k, mask, opts, t, schedule, seed)?,
         };
         assert_eq!(got.dims(), want.dims(), "{desc}");
         let (r, at) = worst_ratio(&got, &want, atol, rtol)?;
@@ -98,7 +99,7 @@ fn run_random_case(
     lk: usize,
     lq_equal: bool,
     kind: usize,
-    wide: Option<bool>,
+    tile: Option<Tile>,
 ) {
     let dtype = if bf16 { DType::BF16 } else { DType::F16 };
     let case = draw(seed, batch, lk, lq_equal, HEADS[heads], d, dtype, kind).unwrap();
@@ -120,8 +121,8 @@ fn run_random_case(
     } else {
         (case.q.clone(), case.k.clone())
     };
-    let desc = format!("{} {opts:?} wide {wide:?}", case.description);
-    check_tiled(&desc, &q, &k, &case.mask, &opts, seed, wide).unwrap_or_else(|e| panic!("{desc}\n{e}"));
+    let desc = format!("{} {opts:?} tile {tile:?}", case.description);
+    check_tiled(&desc, &q, &k, &case.mask, &opts, seed, tile).unwrap_or_else(|e| panic!("{desc}\n{e}"));
 }
 
 proptest! {
@@ -137,11 +138,12 @@ proptest! {
         lk in 1usize..=200,
         lq_equal in any::<bool>(),
         kind in 0usize..MASK_KINDS.len(),
-        tile in 0usize..3,
+        tile in 0usize..4,
     ) {
-        // The launcher's choice (wide from 128 rows on), or either kernel forced at any size.
-        let wide = [None, Some(false), Some(true)][tile];
-        run_random_case(seed, bf16, if d128 { 128 } else { 64 }, batch, heads, lk, lq_equal, kind, wide);
+        // The launcher's choice (wide from 128 rows on), or any kernel forced at any size (the
+        // 64-key wide tiles at D = 128; at D = 64 the wide kernel has them already).
+        let tile = [None, Some(Tile::Rows64), Some(Tile::Wide), Some(Tile::WideKeys64)][tile];
+        run_random_case(seed, bf16, if d128 { 128 } else { 64 }, batch, heads, lk, lq_equal, kind, tile);
     }
 }
 
@@ -188,9 +190,12 @@ fn every_mask_kind_both_algorithms() -> Result<()> {
         };
         for algorithm in [one_pass, MassAlgorithm::TwoPass] {
             let opts = SegmentScoreOptions::new().algorithm(algorithm);
-            for wide in [false, true] {
-                let desc = format!("{} {algorithm:?} wide {wide}", case.description);
-                check_tiled(&desc, &case.q, &case.k, &case.mask, &opts, 1, Some(wide))?;
+            for tile in [Tile::Rows64, Tile::Wide, Tile::WideKeys64] {
+                if tile == Tile::WideKeys64 && !d128 {
+                    continue;
+                }
+                let desc = format!("{} {algorithm:?} {tile:?}", case.description);
+                check_tiled(&desc, &case.q, &case.k, &case.mask, &opts, 1, Some(tile))?;
             }
         }
     }
@@ -241,9 +246,9 @@ fn long_key_sequences_refill_the_class_window() -> Result<()> {
         let k = common::random_tensor(&mut rng, &[1, lk, 1, 64], DType::BF16)?;
         for algorithm in [MassAlgorithm::Auto, MassAlgorithm::TwoPass] {
             let opts = SegmentScoreOptions::new().algorithm(algorithm);
-            for wide in [false, true] {
-                let desc = format!("{} Lq {lq} Lk {lk} {algorithm:?} wide {wide}", MASK_KINDS[kind]);
-                check_tiled(&desc, &q, &k, &mask, &opts, 2, Some(wide))?;
+            for tile in [Tile::Rows64, Tile::Wide] {
+                let desc = format!("{} Lq {lq} Lk {lk} {algorithm:?} {tile:?}", MASK_KINDS[kind]);
+                check_tiled(&desc, &q, &k, &mask, &opts, 2, Some(tile))?;
             }
         }
     }
@@ -254,15 +259,15 @@ fn long_key_sequences_refill_the_class_window() -> Result<()> {
     let k = common::random_tensor(&mut rng, &[1, lk, 1, 64], DType::F16)?;
     for algorithm in [MassAlgorithm::OnePass, MassAlgorithm::TwoPass] {
         let opts = SegmentScoreOptions::new().algorithm(algorithm);
-        for wide in [false, true] {
+        for tile in [Tile::Rows64, Tile::Wide] {
             check_tiled(
-                &format!("alternating runs {algorithm:?} wide {wide}"),
+                &format!("alternating runs {algorithm:?} {tile:?}"),
                 &q,
                 &k,
                 &mask,
                 &opts,
                 2,
-                Some(wide),
+                Some(tile),
             )?;
         }
     }
@@ -322,16 +327,22 @@ fn limits_and_smem() -> Result<()> {
     // blocks per SM); at D = 64 it shares K's second buffer.
     // D = 256 likewise (two K buffers of 32 KiB and the Q tile: two blocks per SM), 64 rows only.
     for (d, want) in [(64usize, 18_088usize), (128, 34_472 + 64 * 128 * 2), (256, 100_008)] {
-        assert_eq!(scores_smem_bytes(DType::BF16, d, false), Some(want));
-        assert_eq!(scores_smem_bytes(DType::F16, d, false), Some(want));
+        assert_eq!(scores_smem_bytes(DType::BF16, d, Tile::Rows64), Some(want));
+        assert_eq!(scores_smem_bytes(DType::F16, d, Tile::Rows64), Some(want));
     }
-    assert_eq!(scores_smem_bytes(DType::BF16, 256, true), None);
+    assert_eq!(scores_smem_bytes(DType::BF16, 256, Tile::Wide), None);
     // The wide kernel: Q (128 rows) in its own tile, 32-key tiles.
     for (d, want) in [(64usize, 26_288usize), (128, 50_864)] {
-        assert_eq!(scores_smem_bytes(DType::BF16, d, true), Some(want));
-        assert_eq!(scores_smem_bytes(DType::F16, d, true), Some(want));
+        assert_eq!(scores_smem_bytes(DType::BF16, d, Tile::Wide), Some(want));
+        assert_eq!(scores_smem_bytes(DType::F16, d, Tile::Wide), Some(want));
     }
-    assert_eq!(scores_smem_bytes(DType::F32, 64, false), None);
+    // ... with 64-key tiles at D = 128 only: two K buffers of 16 KiB, Q 32 KiB, metadata.
+    assert_eq!(
+        scores_smem_bytes(DType::BF16, 128, Tile::WideKeys64),
+        Some(50_864 + 16_384 + 512)
+    );
+    assert_eq!(scores_smem_bytes(DType::BF16, 64, Tile::WideKeys64), None);
+    assert_eq!(scores_smem_bytes(DType::F32, 64, Tile::Rows64), None);
     Ok(())
 }
 

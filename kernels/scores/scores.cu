@@ -13,6 +13,8 @@
 //   segattn_scores_wide_{bf16,f16}_d{64,128}: 128 query rows per block (two 16-row tiles per warp,
 //   Q in its own shared tile; key tiles of 32 at D = 128), grid (ceil(Lq / 128), H, B),
 //   params.base.block_rows = 128;
+//   segattn_scores_wide64_{bf16,f16}_d128: the wide kernel with key tiles of 64 (the forward
+//   kernel's 128 x 64 tile; params.base.block_keys = 64; opt-in, SEGATTN_SCORES_WIDE_KEYS=64);
 //   segattn_scores_{bf16,f16}_d256: the 64-row kernel at D = 256 (Q in its own tile, registers
 //   for two blocks per SM, which its shared memory allows).
 // Inputs as for the forward kernel (16-byte aligned q / k, strides multiples of 8 elements). The
@@ -24,12 +26,14 @@
 #include "platform.cuh"
 #include "scores_kernel.cuh"
 
-#define SEGATTN_SCORES_ENTRY_BLOCKS(name, T, D, MTILES, MIN_BLOCKS)                                 \
-  extern "C" __global__ void __launch_bounds__(segattn::scores::ScoresTraits<T, D, MTILES>::kThreads,   \
-                                               MIN_BLOCKS)                                           \
-      name(const SegattnScoresParams params) {                                                       \
-    segattn::scores::scores_kernel<segattn::scores::ScoresTraits<T, D, MTILES>>(params);             \
+#define SEGATTN_SCORES_ENTRY_KEYS(name, T, D, MTILES, KEYS, MIN_BLOCKS)                                   \
+  extern "C" __global__ void __launch_bounds__(segattn::scores::ScoresTraits<T, D, MTILES, KEYS>::kThreads, \
+                                               MIN_BLOCKS)                                                  \
+      name(const SegattnScoresParams params) {                                                              \
+    segattn::scores::scores_kernel<segattn::scores::ScoresTraits<T, D, MTILES, KEYS>>(params);              \
   }
+#define SEGATTN_SCORES_ENTRY_BLOCKS(name, T, D, MTILES, MIN_BLOCKS) \
+  SEGATTN_SCORES_ENTRY_KEYS(name, T, D, MTILES, 0, MIN_BLOCKS)
 #define SEGATTN_SCORES_ENTRY(name, T, D, MTILES) \
   SEGATTN_SCORES_ENTRY_BLOCKS(name, T, D, MTILES, (segattn::scores::ScoresTraits<T, D, MTILES>::kMinBlocks))
 
@@ -45,6 +49,9 @@ SEGATTN_SCORES_ENTRY(segattn_scores_wide_bf16_d64, segattn::bf16, 64, 2)
 SEGATTN_SCORES_ENTRY(segattn_scores_wide_bf16_d128, segattn::bf16, 128, 2)
 SEGATTN_SCORES_ENTRY(segattn_scores_wide_f16_d64, segattn::f16, 64, 2)
 SEGATTN_SCORES_ENTRY(segattn_scores_wide_f16_d128, segattn::f16, 128, 2)
+// Wide with 64-key tiles at D = 128 (opt-in: SEGATTN_SCORES_WIDE_KEYS=64).
+SEGATTN_SCORES_ENTRY_KEYS(segattn_scores_wide64_bf16_d128, segattn::bf16, 128, 2, 64, 1)
+SEGATTN_SCORES_ENTRY_KEYS(segattn_scores_wide64_f16_d128, segattn::f16, 128, 2, 64, 1)
 
 // D = 256: the 64-row kernel, Q in its own shared tile, two blocks per SM.
 SEGATTN_SCORES_ENTRY(segattn_scores_bf16_d256, segattn::bf16, 256, 1)
@@ -52,6 +59,7 @@ SEGATTN_SCORES_ENTRY(segattn_scores_f16_d256, segattn::f16, 256, 1)
 
 #undef SEGATTN_SCORES_ENTRY
 #undef SEGATTN_SCORES_ENTRY_BLOCKS
+#undef SEGATTN_SCORES_ENTRY_KEYS
 
 #if defined(SEGATTN_EMULATE)
 
@@ -115,6 +123,9 @@ extern "C" int segattn_emu_scores(const SegattnScoresParams* p) {
   }
   const bool d64 = b.head_dim == 64;
   const bool wide = b.block_rows == 128;
+  // The wide kernel's 64-key tiles at D = 128 (segattn_scores_wide64_*); any other mismatch
+  // between block_keys and the entry's tiles traps in the kernel.
+  const bool keys64 = wide && !d64 && b.block_keys == 64;
   if (b.head_dim == 256) {
     if (wide) return emu_entry::fail("segattn_emu_scores: D = 256 has the 64-row kernel only");
     if (b.dtype == SEGATTN_DTYPE_BF16) return emu_entry::launch<ScoresTraits<bf16, 256>>(*p, segattn_scores_bf16_d256);
@@ -122,6 +133,7 @@ extern "C" int segattn_emu_scores(const SegattnScoresParams* p) {
   }
   switch (b.dtype) {
     case SEGATTN_DTYPE_BF16:
+      if (keys64) return emu_entry::launch<ScoresTraits<bf16, 128, 2, 64>>(*p, segattn_scores_wide64_bf16_d128);
       if (wide) {
         return d64 ? emu_entry::launch<ScoresTraits<bf16, 64, 2>>(*p, segattn_scores_wide_bf16_d64)
                    : emu_entry::launch<ScoresTraits<bf16, 128, 2>>(*p, segattn_scores_wide_bf16_d128);
@@ -129,6 +141,7 @@ extern "C" int segattn_emu_scores(const SegattnScoresParams* p) {
       return d64 ? emu_entry::launch<ScoresTraits<bf16, 64>>(*p, segattn_scores_bf16_d64)
                  : emu_entry::launch<ScoresTraits<bf16, 128>>(*p, segattn_scores_bf16_d128);
     case SEGATTN_DTYPE_F16:
+      if (keys64) return emu_entry::launch<ScoresTraits<f16, 128, 2, 64>>(*p, segattn_scores_wide64_f16_d128);
       if (wide) {
         return d64 ? emu_entry::launch<ScoresTraits<f16, 64, 2>>(*p, segattn_scores_wide_f16_d64)
                    : emu_entry::launch<ScoresTraits<f16, 128, 2>>(*p, segattn_scores_wide_f16_d128);
@@ -143,10 +156,12 @@ extern "C" int segattn_emu_scores(const SegattnScoresParams* p) {
   }
 }
 
-// Dynamic shared memory of the mass kernel for (dtype, head_dim, wide: 0 or 1), 0 if unsupported.
-extern "C" int segattn_emu_scores_smem_bytes(int dtype, int head_dim, int wide) {
+// Dynamic shared memory of the mass kernel for (dtype, head_dim, wide: 0 or 1, keys64: 1 for the
+// wide kernel's 64-key tiles at D = 128), 0 if unsupported.
+extern "C" int segattn_emu_scores_smem_bytes(int dtype, int head_dim, int wide, int keys64) {
   using namespace segattn::scores;
   if (dtype != SEGATTN_DTYPE_BF16 && dtype != SEGATTN_DTYPE_F16) return 0;
+  if (keys64) return wide && head_dim == 128 ? ScoresTraits<segattn::bf16, 128, 2, 64>::kSmemBytes : 0;
   if (head_dim == 64) {
     return wide ? ScoresTraits<segattn::bf16, 64, 2>::kSmemBytes : ScoresTraits<segattn::bf16, 64>::kSmemBytes;
   }

@@ -144,9 +144,12 @@ pub(crate) fn launch_kernel(
     params: &SegattnScoresParams,
 ) -> Result<()> {
     let block_rows = crate::kernel_params::mass_block_rows(shape.q_len, causal, None, shape.head_dim);
+    let block_keys = crate::kernel_params::mass_block_keys(block_rows, shape.head_dim, None);
     let wide = block_rows == 128;
     let four = four_blocks_setting();
     let name = match (wide, dtype, shape.head_dim) {
+        (true, DType::BF16, 128) if block_keys == 64 => "segattn_scores_wide64_bf16_d128",
+        (true, _, 128) if block_keys == 64 => "segattn_scores_wide64_f16_d128",
         (false, DType::BF16, 64) => "segattn_scores_bf16_d64",
         (false, DType::BF16, 256) => "segattn_scores_bf16_d256",
         (false, _, 256) => "segattn_scores_f16_d256",
@@ -162,9 +165,15 @@ pub(crate) fn launch_kernel(
     };
     let mut params = *params;
     params.base.block_rows = block_rows as i32;
+    params.base.block_keys = block_keys;
     let params = &params;
     // The traits' size, from the same headers compiled for the host.
-    let Some(smem) = crate::emulated::scores_smem_bytes(dtype, shape.head_dim, wide) else {
+    let tile = match (wide, block_keys) {
+        (false, _) => crate::emulated::Tile::Rows64,
+        (true, 64) => crate::emulated::Tile::WideKeys64,
+        (true, _) => crate::emulated::Tile::Wide,
+    };
+    let Some(smem) = crate::emulated::scores_smem_bytes(dtype, shape.head_dim, tile) else {
         invalid_arg!("internal error: no shared memory size for kernel {name}");
     };
     let func = kernels.function_with_smem(name, smem)?;

@@ -8,7 +8,7 @@ use std::ffi::c_int;
 use candle_core::{DType, Device, Result, Tensor};
 
 use super::{
-    check_emulated_inputs, check_launch, dtype_code, fill_mask_params, segattn_emu_set_schedule, Input, Schedule,
+    check_emulated_inputs, check_launch, dtype_code, fill_mask_params, segattn_emu_set_schedule, Input, Schedule, Tile,
 };
 use crate::error::invalid_arg;
 use crate::kernel_params::{base_params, mass_accumulates, mass_output};
@@ -19,15 +19,23 @@ use crate::validate::{default_scale, AttentionShape};
 
 extern "C" {
     fn segattn_emu_scores(params: *const SegattnScoresParams) -> c_int;
-    fn segattn_emu_scores_smem_bytes(dtype: c_int, head_dim: c_int, wide: c_int) -> c_int;
+    fn segattn_emu_scores_smem_bytes(dtype: c_int, head_dim: c_int, wide: c_int, keys64: c_int) -> c_int;
 }
 
-/// Dynamic shared memory of the mass kernel for `dtype` (bf16 / f16) and `head_dim` (64 / 128),
-/// 64-row or `wide` (128 rows per block), from the kernel's traits, or `None` when unsupported.
-pub fn scores_smem_bytes(dtype: DType, head_dim: usize, wide: bool) -> Option<usize> {
+/// Dynamic shared memory of the mass kernel for `dtype` (bf16 / f16) and `head_dim` (64 / 128 /
+/// 256) with the tile `tile` (its 64-key wide tiles at D = 128 only), from the kernel's traits, or
+/// `None` when unsupported.
+pub fn scores_smem_bytes(dtype: DType, head_dim: usize, tile: Tile) -> Option<usize> {
     let code = dtype_code(dtype)?;
     // SAFETY: a pure function of its arguments.
-    let bytes = unsafe { segattn_emu_scores_smem_bytes(code, c_int::try_from(head_dim).ok()?, c_int::from(wide)) };
+    let bytes = unsafe {
+        segattn_emu_scores_smem_bytes(
+            code,
+            c_int::try_from(head_dim).ok()?,
+            c_int::from(tile != Tile::Rows64),
+            c_int::from(tile == Tile::WideKeys64),
+        )
+    };
     (bytes > 0).then_some(bytes as usize)
 }
 
@@ -47,19 +55,20 @@ pub fn segment_scores(
     run_segment_scores(q, k, mask, options, None, schedule, seed)
 }
 
-/// [`segment_scores`] with the kernel's tile chosen: `wide` = 128 query rows per block
-/// (`segattn_scores_wide_*`), else 64, whatever the number of rows (the GPU launcher takes the
-/// wide one from 128 rows on).
+/// [`segment_scores`] with the kernel's tile chosen, whatever the number of rows: 64 query rows
+/// per block, or 128 (`segattn_scores_wide_*`, key tiles of 32 at D = 128; [`Tile::WideKeys64`]:
+/// of 64 at D = 128, `segattn_scores_wide64_*`). The GPU launcher's rule:
+/// `kernel_params::mass_block_rows` and `mass_block_keys`.
 pub fn segment_scores_tiled(
     q: &Tensor,
     k: &Tensor,
     mask: &SegmentMask,
     options: &SegmentScoreOptions,
-    wide: bool,
+    tile: Tile,
     schedule: Schedule,
     seed: u64,
 ) -> Result<Tensor> {
-    run_segment_scores(q, k, mask, options, Some(wide), schedule, seed)
+    run_segment_scores(q, k, mask, options, Some(tile), schedule, seed)
 }
 
 fn run_segment_scores(
@@ -67,7 +76,7 @@ fn run_segment_scores(
     k: &Tensor,
     mask: &SegmentMask,
     options: &SegmentScoreOptions,
-    wide: Option<bool>,
+    tile: Option<Tile>,
     schedule: Schedule,
     seed: u64,
 ) -> Result<Tensor> {
@@ -102,7 +111,7 @@ fn run_segment_scores(
         k: ki.ptr,
         ..base_params(&shape, dtype, scale as f32, [qi.strides, ki.strides, ki.strides])?
     };
-    run_kernel(base, &host, &plan, two_pass, None, &mut mass, wide, schedule, seed)?;
+    run_kernel(base, &host, &plan, two_pass, None, &mut mass, tile, schedule, seed)?;
     drop((qi, ki));
     let raw = Tensor::from_vec(mass, (b_out, h_out, l_out, sk), &Device::Cpu)?;
     apply_weights(raw, &plan)
@@ -110,8 +119,8 @@ fn run_segment_scores(
 
 /// Runs the emulated mass kernel with the q / k / sizes of `base` under `host` into `mass` (raw,
 /// laid out by `plan`; zeroed first where the kernel adds into it). `saved_lse` (`[B, H, Lq]`, with
-/// `two_pass`): the forward kernel's LSE, which replaces the kernel's first pass. `wide`: the
-/// 128-row kernel or not (`None`: as the GPU launcher chooses).
+/// `two_pass`): the forward kernel's LSE, which replaces the kernel's first pass. `tile`: the
+/// kernel's tile (`None`: as the GPU launcher chooses).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn run_kernel(
     mut base: SegattnFwdParams,
@@ -120,14 +129,17 @@ pub(crate) fn run_kernel(
     two_pass: bool,
     saved_lse: Option<&[f32]>,
     mass: &mut [f32],
-    wide: Option<bool>,
+    tile: Option<Tile>,
     schedule: Schedule,
     seed: u64,
 ) -> Result<()> {
     fill_mask_params(&mut base, host);
     let q_len = usize::try_from(base.q_len).unwrap_or(0);
     let head_dim = usize::try_from(base.head_dim).unwrap_or(0);
-    base.block_rows = crate::kernel_params::mass_block_rows(q_len, host.rule.has_causal(), wide, head_dim) as i32;
+    let wide = tile.map(|t| t != Tile::Rows64);
+    let rows = crate::kernel_params::mass_block_rows(q_len, host.rule.has_causal(), wide, head_dim);
+    base.block_rows = rows as i32;
+    base.block_keys = crate::kernel_params::mass_block_keys(rows, head_dim, tile.map(|t| t == Tile::WideKeys64));
     if let Some(lse) = saved_lse {
         let want = plan.batch * plan.num_heads * q_len;
         if !two_pass || lse.len() != want {
