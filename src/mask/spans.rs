@@ -81,8 +81,8 @@ impl SegmentSpans {
         })
     }
 
-    /// The most spans (runs of one id) that any aligned tile of 64 positions (the forward kernels' key tiles) of a row
-    /// meets (0 for empty rows).
+    /// The most spans (runs of one id) that any aligned tile of 64 positions (the forward
+    /// kernels' key tiles) of a row meets (0 for empty rows).
     pub fn most_spans_per_tile(&self) -> usize {
         self.most_spans_per_tile
     }
