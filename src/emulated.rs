@@ -313,10 +313,9 @@ pub fn forward_tiled(
         mask,
         Launch {
             scale,
-            wide: Some(tile != Tile::Rows64),
-            wide_keys64: Some(tile == Tile::WideKeys64),
             ..Launch::new(schedule, seed)
-        },
+        }
+        .with_tile(tile),
     )
 }
 
@@ -431,10 +430,9 @@ pub fn forward_with_mass_tiled(
             scale,
             mass: Some(options),
             kv_splits,
-            wide: Some(tile != Tile::Rows64),
-            wide_keys64: Some(tile == Tile::WideKeys64),
             ..Launch::new(schedule, seed)
-        },
+        }
+        .with_tile(tile),
     )
 }
 
@@ -475,6 +473,15 @@ impl Launch<'_> {
             wide_keys64: None,
             schedule,
             seed,
+        }
+    }
+
+    /// The same launch on the kernel with `tile`, whatever the rows and the mask.
+    pub(crate) fn with_tile(self, tile: Tile) -> Self {
+        Self {
+            wide: Some(tile != Tile::Rows64),
+            wide_keys64: Some(tile == Tile::WideKeys64),
+            ..self
         }
     }
 }

@@ -523,7 +523,18 @@ fn forward_typed<T: CudaDType + DeviceRepr + ValidAsZeroBits + candle_core::With
         let plain = FwdVariant::plain(&kshape, splits, host.summary(), kernels.sm_count, None)
             .with_wide_keys(shape.head_dim, None);
         match mass_request {
-            Some((plan, _)) if mass_in_forward => plain.with_mass(plan.sk, host.summary()),
+            Some((plan, _)) if mass_in_forward => {
+                let with_mass = plain.with_mass(plan.sk, host.summary());
+                // The rows' sums must fit this device's shared memory (not on 99 KiB GPUs).
+                let fits = |k: &FwdKernel| k.mass_segments > 0 && plan.sk <= k.mass_segments;
+                if with_mass == FwdVariant::WideMass
+                    && !kernels.fwd(T::DTYPE, shape.head_dim, with_mass).is_some_and(fits)
+                {
+                    FwdVariant::Mass
+                } else {
+                    with_mass
+                }
+            }
             _ => plain,
         }
     };

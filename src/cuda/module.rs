@@ -46,6 +46,10 @@ pub(crate) struct FwdKernel {
     pub block_rows: usize,
     /// `params.block_keys` (the entry's key tile, checked by the kernel; 0: unchecked).
     pub block_keys: i32,
+    /// [`FwdVariant::WideMass`]: the most key segments whose rows' sums fit this device's shared
+    /// memory next to the fixed layout (up to `kernel_params::WIDE_MASS_MAX_SEGMENTS`; GPUs with
+    /// 99 KiB a block, sm_86 / sm_89, hold none: the 64-row variant runs there); 0 otherwise.
+    pub mass_segments: usize,
 }
 
 /// The loaded module of one context: the forward kernels by (dtype, head dim, variant).
@@ -220,17 +224,11 @@ fn load(ctx: &Arc<CudaContext>) -> Result<Kernels> {
             ))
             .bt());
         }
-        // The wide mass kernel's launches add its rows' sums: the limit covers the most segments.
-        let launch_max = if variant == FwdVariant::WideMass {
-            crate::emulated::fwd_mass_rows_smem_bytes(dtype, head_dim, crate::kernel_params::WIDE_MASS_MAX_SEGMENTS)
-                .unwrap_or(smem)
-        } else {
-            smem
-        };
         let static_smem = func
             .shared_size_bytes()
             .map_err(|e| driver_err(format!("querying the static shared memory of {name}"), e))?;
-        let total = launch_max + usize::try_from(static_smem).unwrap_or(0);
+        let static_smem = usize::try_from(static_smem).unwrap_or(0);
+        let total = smem + static_smem;
         if total > optin {
             return Err(candle_core::Error::Msg(format!(
                 "segattn: kernel {name} needs {total} bytes of shared memory per block ({smem} dynamic + \
@@ -238,6 +236,20 @@ fn load(ctx: &Arc<CudaContext>) -> Result<Kernels> {
             ))
             .bt());
         }
+        // The wide mass kernel's launches add its rows' sums after the fixed layout: the most
+        // segments that fit this device (none: the launcher takes the 64-row variant).
+        let (launch_max, mass_segments) = if variant == FwdVariant::WideMass {
+            let bytes = |sk| crate::emulated::fwd_mass_rows_smem_bytes(dtype, head_dim, sk).unwrap_or(usize::MAX);
+            match (0..=crate::kernel_params::WIDE_MASS_MAX_SEGMENTS)
+                .rev()
+                .find(|&sk| bytes(sk).saturating_add(static_smem) <= optin)
+            {
+                Some(sk) => (bytes(sk), sk),
+                None => (smem, 0),
+            }
+        } else {
+            (smem, 0)
+        };
         raise_dynamic_smem(ctx, &func, name, launch_max)?;
         fwd.push((
             (dtype, head_dim, variant),
@@ -247,6 +259,7 @@ fn load(ctx: &Arc<CudaContext>) -> Result<Kernels> {
                 smem_bytes: smem as u32,
                 block_rows: variant.block_rows(),
                 block_keys: variant.block_keys(),
+                mass_segments,
             },
         ));
     }
