@@ -7,7 +7,8 @@
 // sums in shared memory) owns 128 rows, two 16-row tiles per warp (rows 16 w .. and 64 + 16 w ..),
 // Q read from its own shared tile; its key tiles are 32 keys at D = 128 (D = 64: 50,864 B of
 // shared memory, D = 128: 66,992 B) or 64 (FlashAttention-2's tile, 100,016 B). D = 256
-// (plain attention only): 64 rows, 32-key tiles, Q in its own tile (99,240 B).
+// (plain attention and PINE's rotation): 64 rows, 32-key tiles, Q in its own tile (99,240 B;
+// with the turned Q, 132,008 B: one block per sm_90 SM, none on 99 KiB GPUs).
 //
 // Shared memory (dynamic, in this order, all tiles row-major [row][head_dim] and swizzled):
 //   K[2]     kBlockN x D  x 2       double buffer (the next tile's cp.async in flight)
@@ -87,7 +88,7 @@ struct FwdTraits {
   // tiles' S accumulators at 64 keys (2 x 32 registers) do not fit next to O's 2 x 64 without
   // spills. kBlockN_ = 64 there is FlashAttention-2's 128 x 64 tile for sm_80 / sm_90, spills
   // included (segattn_fwd_wide64_*: the default at D = 128, 10% faster than 128 x 32 on an H100).
-  // D = 256 (plain attention only): 32 keys, so that the double-buffered K and V tiles (64 KiB)
+  // D = 256 (64-row kernels): 32 keys, so that the double-buffered K and V tiles (64 KiB)
   // and the Q tile (32 KiB) leave room for two blocks per SM, as FlashAttention-2's hdim-256
   // kernels keep their tiles small.
   static constexpr int kBlockN = kBlockN_ != 0 ? kBlockN_
@@ -95,7 +96,7 @@ struct FwdTraits {
                                                                                           : 64;
   static_assert(kBlockN == 32 || kBlockN == 64, "key tiles of 32 or 64");
   static_assert(kHeadDim == 64 || kHeadDim == 128 || kHeadDim == 256, "head dims 64, 128 and 256 are instantiated");
-  static_assert(kHeadDim != 256 || (kMTiles == 1 && !kRotate_ && !kMass_), "D = 256: plain attention, 64-row tiles");
+  static_assert(kHeadDim != 256 || (kMTiles == 1 && !kMass_), "D = 256: plain attention and PINE's, 64-row tiles");
   static_assert(sizeof(T) == 2, "16-bit inputs");
 
   // 16-byte chunks per tile row (8 elements each).

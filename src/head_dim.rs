@@ -23,9 +23,12 @@ use crate::op::AttentionOutput;
 /// The head dims the CUDA attention and segment-mass kernels are built for, smallest first.
 pub const ATTENTION_HEAD_DIMS: [usize; 3] = [64, 128, 256];
 
-/// The head dims of the CUDA kernels of PINE (rotation in the loop, decode importance) and of the
-/// fused backward.
-pub const PINE_AND_BACKWARD_HEAD_DIMS: [usize; 2] = [64, 128];
+/// The head dims of the CUDA kernels of PINE (rotation in the loop, decode importance).
+pub const PINE_HEAD_DIMS: [usize; 3] = [64, 128, 256];
+
+/// The head dims of the fused CUDA backward kernel (others take the backward through candle's
+/// ops).
+pub const BACKWARD_HEAD_DIMS: [usize; 2] = [64, 128];
 
 thread_local! {
     /// [`set_padding_on_cpu`] of the calling thread.

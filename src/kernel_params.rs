@@ -37,14 +37,16 @@ pub(crate) fn plain_64_row_kernels_only(head_dim: usize) -> bool {
     head_dim == 256
 }
 
-/// [`check_supported`] for the kernels built for D = 64 and 128 only (`what`: PINE's, the fused
-/// backward), which the API pads D up to 128 for.
-pub(crate) fn check_supported_up_to_128(what: &str, dtype: DType, head_dim: usize) -> Result<()> {
+/// [`check_supported`] for kernels built for the head dims `dims` only (`what`: PINE's,
+/// [`crate::head_dim::PINE_HEAD_DIMS`]; the fused backward's,
+/// [`crate::head_dim::BACKWARD_HEAD_DIMS`]), which the API pads other D up to.
+pub(crate) fn check_supported_dims(what: &str, dtype: DType, head_dim: usize, dims: &[usize]) -> Result<()> {
     check_supported(dtype, head_dim)?;
-    if !crate::head_dim::PINE_AND_BACKWARD_HEAD_DIMS.contains(&head_dim) {
+    if !dims.contains(&head_dim) {
+        let largest = dims.iter().max().copied().unwrap_or(0);
         invalid_arg!(
-            "q: the CUDA {what} kernels support head dim D up to 128 (built for 64 and 128; other D run zero-padded \
-             to them), got D = {head_dim}"
+            "q: the CUDA {what} kernels support head dim D up to {largest} (built for {dims:?}; other D run \
+             zero-padded to them), got D = {head_dim}"
         );
     }
     Ok(())

@@ -629,13 +629,18 @@ fn smem_sizes() {
     }
     for variant in [
         FwdVariant::Mass,
-        FwdVariant::Rope,
         FwdVariant::Wide,
         FwdVariant::Wide64,
         FwdVariant::WideMass,
     ] {
         assert_eq!(fwd_smem_bytes(DType::BF16, 256, variant), None, "{variant:?}");
     }
+    // PINE's D = 256 kernel: the plain one's tiles and the turned Q (32 KiB): one block per sm_90
+    // SM, none on GPUs of 99 KiB a block (its module entry is then unavailable, with a message).
+    assert_eq!(
+        fwd_smem_bytes(DType::BF16, 256, FwdVariant::Rope),
+        Some(99_240 + 32_768)
+    );
     // The fused mass keeps Q in its own tile at D = 128 (its accumulators take Q's registers).
     for (d, want) in [(64usize, 33_960usize), (128, 83_112)] {
         assert_eq!(fwd_smem_bytes(DType::BF16, d, FwdVariant::Mass), Some(want));

@@ -42,7 +42,7 @@ fn run_case(seed: u64) -> Result<(usize, usize)> {
         l.suffix_len += len - l.len();
     }
     let heads = [(1, 1), (2, 1), (4, 2)][rng.below(3)];
-    let d = [64, 128][rng.below(2)];
+    let d = [64, 128, 256][rng.below(3)];
     let dtype = [DType::BF16, DType::F16][rng.below(2)];
     run_layouts(seed, &layouts, heads, d, dtype)
 }
@@ -99,11 +99,11 @@ fn rotated_kernel_matches_the_literal_oracle() -> Result<()> {
 
 /// Tiles that straddle segments by construction: key tile 0 holds the prefix and segments 1 and
 /// 2, tile 1 the ends of segments 3 and 4, single-token segments 5 to 9 and segment 10; the
-/// suffix starts inside tile 2. Both head dims and dtypes, GQA.
+/// suffix starts inside tile 2. Every head dim (D 256: key tiles of 32), both dtypes, GQA.
 #[test]
 fn tiles_straddling_segments() -> Result<()> {
     let layout = PineLayout::new(30, &[3, 25, 20, 20, 1, 1, 1, 1, 1, 30], 20);
-    for (d, dtype) in [(64, DType::BF16), (128, DType::F16)] {
+    for (d, dtype) in [(64, DType::BF16), (128, DType::F16), (256, DType::BF16)] {
         let (compared, _) = run_layouts(7, std::slice::from_ref(&layout), (4, 2), d, dtype)?;
         assert!(compared > 0);
     }
@@ -147,7 +147,8 @@ fn device_shifts_match_the_cpu_order() -> Result<()> {
 /// The GPU's decode-importance kernel (each key un-rotated inside its dot product) equals the
 /// CPU's (the query turned per key position) on the same rotated cache, and the order it derives
 /// from its scores is the CPU order of those scores: random layouts, batch rows with different
-/// layouts, GQA, bf16 / f16, D 64 / 128, one or two decode rows, one to 128 key slices (the most).
+/// layouts, GQA, bf16 / f16, D 64 / 128 / 256, one or two decode rows, one to 128 key slices (the
+/// most).
 #[test]
 fn decode_importance_kernel_matches_the_cpu() -> Result<()> {
     for seed in 0..16u64 {
@@ -161,7 +162,7 @@ fn decode_importance_kernel_matches_the_cpu() -> Result<()> {
         let rows = 1 + rng.below(2);
         let total = len + rows;
         let (h, hkv) = [(2, 1), (4, 2), (4, 4), (8, 2), (6, 1)][rng.below(5)];
-        let d = [64, 128][rng.below(2)];
+        let d = [64, 128, 256][rng.below(3)];
         let dtype = [DType::BF16, DType::F16][rng.below(2)];
         let q = random_tensor(&mut rng, &[batch, rows, h, d], dtype)?;
         let k = random_tensor(&mut rng, &[batch, total, hkv, d], dtype)?;

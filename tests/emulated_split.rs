@@ -111,7 +111,7 @@ fn pine_decode_split_k_matches_the_oracle() -> Result<()> {
         let batch = layouts.len();
         let total = layouts[0].len() + 1;
         let (h, hkv) = [(2, 1), (4, 2), (4, 1)][rng.below(3)];
-        let d = [64, 128][rng.below(2)];
+        let d = [64, 128, 256][rng.below(3)];
         let dtype = [DType::BF16, DType::F16][rng.below(2)];
         let rope = Rope::new(10_000.0);
         let q = random_tensor(&mut rng, &[batch, total, h, d], dtype)?;

@@ -1,8 +1,8 @@
 //! PINE on a real GPU through the public API ([`PineAttention`] on `Device::new_cuda(0)`
 //! tensors): importance (the mass kernel), order and shifts (the shifts kernel, on the device) and
 //! the attention kernel with the query turned in the loop, against the literal oracle on the CPU;
-//! prefill and decode, random layouts, GQA, bf16 and f16, D 64 and 128 (and 96, zero-padded to
-//! 128 by the API); and the baselines.
+//! prefill and decode, random layouts, GQA, bf16 and f16, D 64, 128 and 256 (and 96, zero-padded
+//! to 128 by the API); and the baselines.
 //!
 //! Compiled only with `--features cuda`; skipped without a GPU unless `SEGATTN_REQUIRE_GPU=1`.
 //! `SEGATTN_GPU_CASES=n` scales the number of random cases (default 400 -> 40 here).
@@ -50,7 +50,7 @@ fn gpu_pine_matches_the_literal_oracle() -> Result<()> {
         let total = len + 1 + rng.below(3);
         let (h, hkv) = [(4, 1), (8, 2), (4, 4)][rng.below(3)];
         // Sometimes a head dim the API pads to 128 (RoPE's pairs kept through the padding).
-        let d = [64, 128, 64, 128, 96][rng.below(5)];
+        let d = [64, 128, 64, 128, 96, 256][rng.below(6)];
         let dtype = [DType::BF16, DType::F16][rng.below(2)];
         let rope = Rope::new(500_000.0);
         let q = random_tensor(&mut rng, &[batch, total, h, d], dtype)?;

@@ -162,7 +162,8 @@ fn halves_are_padded_apart() -> Result<()> {
     })?;
     assert_eq!(got.out.dims(), &[1, 0, 2, 6]);
     assert_eq!(got.lse.unwrap().dims(), &[1, 2, 0]);
-    assert_eq!(segattn::head_dim::PINE_AND_BACKWARD_HEAD_DIMS, [64, 128]);
+    assert_eq!(segattn::head_dim::PINE_HEAD_DIMS, [64, 128, 256]);
+    assert_eq!(segattn::head_dim::BACKWARD_HEAD_DIMS, [64, 128]);
     assert_eq!(segattn::head_dim::ATTENTION_HEAD_DIMS, [64, 128, 256]);
     Ok(())
 }
@@ -172,7 +173,7 @@ fn halves_are_padded_apart() -> Result<()> {
 #[test]
 fn padded_pine_matches_unpadded() -> Result<()> {
     let mut rng = Rng::new(11);
-    for (i, &d) in [8usize, 48, 80, 96].iter().enumerate() {
+    for (i, &d) in [8usize, 48, 80, 96, 200].iter().enumerate() {
         let layouts = vec![PineLayout::new(5, &[9, 1, 14, 6], 4), PineLayout::new(3, &[20, 7], 9)];
         let len = layouts[0].len();
         let (h, hkv) = HEADS[i % HEADS.len()];

@@ -18,7 +18,8 @@
 //   set: each row's sums in shared memory after the fixed layout, FwdTraits::launch_smem_bytes(
 //   params.mass.num_segments) bytes in all; no split-K)
 //   segattn_fwd_{bf16,f16}_d256 (plain attention, 64 rows x 32-key tiles, Q in its own shared
-//   tile: 99,240 bytes; split-K as the 64-row kernels)
+//   tile: 99,240 bytes; split-K as the 64-row kernels), segattn_fwd_rope_{bf16,f16}_d256 (PINE's,
+//   the same tiles and the turned Q)
 //   split-K (params.kv_splits = S > 1): grid x is ceil(Lq / 64) * S; the last slice of each query
 //   tile merges the partials (params.split_done zeroed by the caller).
 //   grid (ceil(Lq / 64), H, B), block 128 threads,
@@ -67,9 +68,12 @@ SEGATTN_FWD_ENTRY_KEYS(segattn_fwd_wide64_f16_d128, segattn::f16, 128, false, fa
 SEGATTN_FWD_ENTRY_KEYS(segattn_fwd_wide64_mass_bf16_d128, segattn::bf16, 128, false, true, 2, 64)
 SEGATTN_FWD_ENTRY_KEYS(segattn_fwd_wide64_mass_f16_d128, segattn::f16, 128, false, true, 2, 64)
 
-// D = 256 (Gemma's head dim): plain attention, 64 x 32 tiles, Q read from shared memory.
+// D = 256 (Gemma's head dim): plain attention, 64 x 32 tiles, Q read from shared memory; and
+// PINE's rotation (the turned Q in a second tile: one block per sm_90 SM).
 SEGATTN_FWD_ENTRY(segattn_fwd_bf16_d256, segattn::bf16, 256, false, false, 1)
 SEGATTN_FWD_ENTRY(segattn_fwd_f16_d256, segattn::f16, 256, false, false, 1)
+SEGATTN_FWD_ENTRY(segattn_fwd_rope_bf16_d256, segattn::bf16, 256, true, false, 1)
+SEGATTN_FWD_ENTRY(segattn_fwd_rope_f16_d256, segattn::f16, 256, true, false, 1)
 
 #undef SEGATTN_FWD_ENTRY
 #undef SEGATTN_FWD_ENTRY_KEYS
@@ -128,14 +132,16 @@ extern "C" int segattn_emu_fwd(const SegattnFwdParams* p) {
   const bool mass = p->mass.mass != nullptr;
   const bool wide = p->block_rows == 128;
   if (p->head_dim == 256) {
-    if (rope || mass || wide) {
-      return emu_entry::fail("segattn_emu_fwd: D = 256 is plain attention in 64-row blocks (no rotation, mass or wide)");
+    if (mass || wide) {
+      return emu_entry::fail("segattn_emu_fwd: D = 256 runs in 64-row blocks, without the fused mass");
     }
     switch (p->dtype) {
       case SEGATTN_DTYPE_BF16:
-        return emu_entry::launch<FwdTraits<bf16, 256>>(*p, segattn_fwd_bf16_d256);
+        return rope ? emu_entry::launch<FwdTraits<bf16, 256, true>>(*p, segattn_fwd_rope_bf16_d256)
+                    : emu_entry::launch<FwdTraits<bf16, 256>>(*p, segattn_fwd_bf16_d256);
       case SEGATTN_DTYPE_F16:
-        return emu_entry::launch<FwdTraits<f16, 256>>(*p, segattn_fwd_f16_d256);
+        return rope ? emu_entry::launch<FwdTraits<f16, 256, true>>(*p, segattn_fwd_rope_f16_d256)
+                    : emu_entry::launch<FwdTraits<f16, 256>>(*p, segattn_fwd_f16_d256);
       default:
         break;  // the dtype's message below
     }
@@ -219,7 +225,9 @@ extern "C" int segattn_emu_fwd_smem_bytes(int dtype, int head_dim, int variant) 
   using namespace segattn::fwd;
   using segattn::bf16;
   if (dtype != SEGATTN_DTYPE_BF16 && dtype != SEGATTN_DTYPE_F16) return 0;
-  if (head_dim == 256) return variant == 0 ? FwdTraits<bf16, 256>::kSmemBytes : 0;
+  if (head_dim == 256) {
+    return variant == 0 ? FwdTraits<bf16, 256>::kSmemBytes : variant == 1 ? FwdTraits<bf16, 256, true>::kSmemBytes : 0;
+  }
   if (head_dim != 64 && head_dim != 128) return 0;
   const bool d64 = head_dim == 64;
   switch (variant) {

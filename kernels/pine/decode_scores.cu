@@ -2,9 +2,10 @@
 // un-rotated copy of the cache (see SegattnDecodeScoresParams in segattn_params.h).
 //
 // nvcc: `extern "C" __global__` entry points, params by value:
-//   segattn_pine_decode_scores_{bf16,f16}: grid (kv_splits, Lq * Hkv, B), 128 threads, dynamic
-//     shared memory segattn_pine_decode_scores_smem_bytes(P, head_dim, num_segments) with
-//     P = H / Hkv; head_dim 64 or 128; with kv_splits > 1, params.done zero (and left zero).
+//   segattn_pine_decode_scores_{bf16,f16} (head_dim 64 or 128) and
+//   segattn_pine_decode_scores_d256_{bf16,f16} (head_dim 256): grid (kv_splits, Lq * Hkv, B), 128
+//     threads, dynamic shared memory segattn_pine_decode_scores_smem_bytes(P, head_dim,
+//     num_segments) with P = H / Hkv; with kv_splits > 1, params.done zero (and left zero).
 //
 // One block per (key slice, query row, KV head) scores that slice for ALL P query heads of the KV
 // head, so each key row is read once per KV head, not once per query head. A warp takes keys
@@ -86,7 +87,7 @@ template <class T, int kHeadDim>
 __device__ void decode_scores_kernel(const SegattnDecodeScoresParams& p) {
   constexpr int kHalf = kHeadDim / 2;
   constexpr int kPairs = kHalf / 32;  // rotate-half pairs per lane
-  static_assert(kPairs * 32 == kHalf, "head dims 64 and 128");
+  static_assert(kPairs * 32 == kHalf, "head dims 64, 128 and 256");
   SEGATTN_DYNAMIC_SMEM(float, smem);
   const int P = p.num_heads / p.num_kv_heads;
   const int S = p.num_segments;
@@ -345,8 +346,10 @@ template <class T>
 __device__ void decode_scores_entry(const SegattnDecodeScoresParams& p) {
   if (p.head_dim == 64) {
     decode_scores_kernel<T, 64>(p);
-  } else {
+  } else if (p.head_dim == 128) {
     decode_scores_kernel<T, 128>(p);
+  } else {
+    __trap();  // D 256 has its own entry point
   }
 }
 
@@ -365,6 +368,18 @@ extern "C" __global__ void __launch_bounds__(segattn::pine::kDecodeScoresThreads
   segattn::pine::decode_scores_entry<segattn::f16>(params);
 }
 
+// D = 256 (its own entry point: in the one above, its key pairs in flight made ptxas spill under
+// the four-block bound, for every head dim): two blocks per SM.
+extern "C" __global__ void __launch_bounds__(segattn::pine::kDecodeScoresThreads, 2)
+    segattn_pine_decode_scores_d256_bf16(const SegattnDecodeScoresParams params) {
+  segattn::pine::decode_scores_kernel<segattn::bf16, 256>(params);
+}
+
+extern "C" __global__ void __launch_bounds__(segattn::pine::kDecodeScoresThreads, 2)
+    segattn_pine_decode_scores_d256_f16(const SegattnDecodeScoresParams params) {
+  segattn::pine::decode_scores_kernel<segattn::f16, 256>(params);
+}
+
 #if defined(SEGATTN_EMULATE)
 
 #include "emu/emu_api.h"
@@ -378,9 +393,10 @@ extern "C" int segattn_pine_decode_scores_smem_bytes(int heads_per_kv, int head_
 // with the message in segattn_emu_last_error().
 extern "C" int segattn_emu_pine_decode_scores(const SegattnDecodeScoresParams* p) {
   if (p == nullptr || p->batch <= 0 || p->num_heads <= 0 || p->q_len <= 0) return 0;
-  if (p->num_kv_heads <= 0 || p->num_heads % p->num_kv_heads != 0 || (p->head_dim != 64 && p->head_dim != 128)) {
+  if (p->num_kv_heads <= 0 || p->num_heads % p->num_kv_heads != 0 ||
+      (p->head_dim != 64 && p->head_dim != 128 && p->head_dim != 256)) {
     return ::segattn::emu::launch(dim3(1), dim3(1), 0, [&] {
-      ::segattn::emu::trap("segattn_emu_pine_decode_scores: head_dim 64 or 128 and H a multiple of Hkv",
+      ::segattn::emu::trap("segattn_emu_pine_decode_scores: head_dim 64, 128 or 256 and H a multiple of Hkv",
                            SEGATTN_EMU_HERE);
     });
   }
@@ -389,10 +405,11 @@ extern "C" int segattn_emu_pine_decode_scores(const SegattnDecodeScoresParams* p
   const int smem =
       segattn_pine_decode_scores_smem_bytes(p->num_heads / p->num_kv_heads, p->head_dim, p->num_segments);
   const int rc = ::segattn::emu::launch(grid, dim3(segattn::pine::kDecodeScoresThreads), smem, [&] {
+    const bool d256 = p->head_dim == 256;
     if (p->dtype == SEGATTN_DTYPE_BF16) {
-      segattn_pine_decode_scores_bf16(*p);
+      d256 ? segattn_pine_decode_scores_d256_bf16(*p) : segattn_pine_decode_scores_bf16(*p);
     } else {
-      segattn_pine_decode_scores_f16(*p);
+      d256 ? segattn_pine_decode_scores_d256_f16(*p) : segattn_pine_decode_scores_f16(*p);
     }
   });
   return rc;

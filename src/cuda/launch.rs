@@ -436,7 +436,7 @@ pub(crate) fn forward(
     let dtype = q.dtype();
     check_supported(dtype, shape.head_dim)?;
     if extras.rotation.is_some() {
-        crate::kernel_params::check_supported_up_to_128("PINE", dtype, shape.head_dim)?;
+        crate::kernel_params::check_supported_dims("PINE", dtype, shape.head_dim, &crate::head_dim::PINE_HEAD_DIMS)?;
     }
     match dtype {
         DType::BF16 => forward_typed::<bf16>((q, ql), (k, kl), (v, vl), shape, host, scale, extras),
@@ -538,13 +538,7 @@ fn forward_typed<T: CudaDType + DeviceRepr + ValidAsZeroBits + candle_core::With
             _ => plain,
         }
     };
-    let Some(kernel) = kernels.fwd(T::DTYPE, shape.head_dim, variant) else {
-        invalid_arg!(
-            "internal error: no CUDA kernel for {:?} D = {} ({variant:?})",
-            T::DTYPE,
-            shape.head_dim
-        );
-    };
+    let kernel = kernels.fwd_or_err(T::DTYPE, shape.head_dim, variant)?;
     let mut cfg = launch_config(&kshape, kernel, splits)?;
     if let (FwdVariant::WideMass, Some((plan, _))) = (variant, mass_request) {
         // The rows' sums after the kernel's fixed shared memory (the limit was raised for them).
@@ -762,10 +756,22 @@ mod tests {
         assert!(e.contains("q:") && e.contains("up to 256") && e.contains("512"), "{e}");
         assert!(check_supported(DType::F16, 128).is_ok());
         assert!(check_supported(DType::BF16, 256).is_ok());
-        let e = crate::kernel_params::check_supported_up_to_128("PINE", DType::BF16, 256)
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("q:") && e.contains("PINE") && e.contains("256"), "{e}");
+        let pine =
+            |d| crate::kernel_params::check_supported_dims("PINE", DType::BF16, d, &crate::head_dim::PINE_HEAD_DIMS);
+        assert!(pine(256).is_ok());
+        let backward = |d| {
+            crate::kernel_params::check_supported_dims(
+                "fused backward",
+                DType::BF16,
+                d,
+                &crate::head_dim::BACKWARD_HEAD_DIMS,
+            )
+        };
+        let e = backward(256).unwrap_err().to_string();
+        assert!(
+            e.contains("q:") && e.contains("fused backward") && e.contains("up to 128") && e.contains("256"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -58,6 +58,8 @@ pub(crate) struct Kernels {
     /// The context the module is loaded in (bound before function attributes are set).
     ctx: Arc<CudaContext>,
     fwd: Vec<((DType, usize, FwdVariant), FwdKernel)>,
+    /// The forward entry points this device cannot run, and why (their shared memory).
+    unavailable: Vec<((DType, usize, FwdVariant), String)>,
     /// The other entry points (mass, PINE), looked up on first use and kept.
     others: Mutex<Vec<(&'static str, CudaFunction)>>,
     /// Streaming multiprocessors of the device (the split-K heuristic).
@@ -96,17 +98,33 @@ impl Kernels {
         Ok(f)
     }
 
-    /// The forward kernel `variant` for `dtype` (bf16 / f16) and `head_dim` (64 / 128; 256 plain).
+    /// The forward kernel `variant` for `dtype` (bf16 / f16) and `head_dim` (64 / 128; 256 plain
+    /// and PINE's), if this device runs it.
     pub fn fwd(&self, dtype: DType, head_dim: usize, variant: FwdVariant) -> Option<&FwdKernel> {
         self.fwd
             .iter()
             .find(|((d, h, v), _)| *d == dtype && *h == head_dim && *v == variant)
             .map(|(_, k)| k)
     }
+
+    /// [`Kernels::fwd`], or an error saying why there is none.
+    pub fn fwd_or_err(&self, dtype: DType, head_dim: usize, variant: FwdVariant) -> Result<&FwdKernel> {
+        if let Some(k) = self.fwd(dtype, head_dim, variant) {
+            return Ok(k);
+        }
+        let key = (dtype, head_dim, variant);
+        match self.unavailable.iter().find(|(k, _)| *k == key) {
+            Some((_, why)) => Err(candle_core::Error::Msg(why.clone()).bt()),
+            None => Err(candle_core::Error::Msg(format!(
+                "segattn: internal error: no CUDA kernel for {dtype:?} D = {head_dim} ({variant:?})"
+            ))
+            .bt()),
+        }
+    }
 }
 
 /// Every forward entry point of kernels/fwd/fwd.cu: (name, dtype, head dim, variant).
-const FWD_ENTRIES: [(&str, DType, usize, FwdVariant); 22] = [
+const FWD_ENTRIES: [(&str, DType, usize, FwdVariant); 24] = [
     ("segattn_fwd_bf16_d64", DType::BF16, 64, FwdVariant::Plain),
     ("segattn_fwd_bf16_d128", DType::BF16, 128, FwdVariant::Plain),
     ("segattn_fwd_f16_d64", DType::F16, 64, FwdVariant::Plain),
@@ -139,6 +157,8 @@ const FWD_ENTRIES: [(&str, DType, usize, FwdVariant); 22] = [
     ),
     ("segattn_fwd_bf16_d256", DType::BF16, 256, FwdVariant::Plain),
     ("segattn_fwd_f16_d256", DType::F16, 256, FwdVariant::Plain),
+    ("segattn_fwd_rope_bf16_d256", DType::BF16, 256, FwdVariant::Rope),
+    ("segattn_fwd_rope_f16_d256", DType::F16, 256, FwdVariant::Rope),
 ];
 
 type Cache = Mutex<HashMap<(usize, usize), Arc<Kernels>>>;
@@ -199,6 +219,7 @@ fn load(ctx: &Arc<CudaContext>) -> Result<Kernels> {
         .map_err(|e| driver_err(format!("querying the shared memory limit of GPU {gpu}"), e))?;
     let optin = usize::try_from(optin).unwrap_or(0);
     let mut fwd = Vec::with_capacity(FWD_ENTRIES.len());
+    let mut unavailable = Vec::new();
     for (name, dtype, head_dim, variant) in FWD_ENTRIES {
         let func = module.load_function(name).map_err(|e| {
             driver_err(
@@ -230,11 +251,17 @@ fn load(ctx: &Arc<CudaContext>) -> Result<Kernels> {
         let static_smem = usize::try_from(static_smem).unwrap_or(0);
         let total = smem + static_smem;
         if total > optin {
-            return Err(candle_core::Error::Msg(format!(
-                "segattn: kernel {name} needs {total} bytes of shared memory per block ({smem} dynamic + \
-                 {static_smem} static), GPU {gpu} allows {optin}"
-            ))
-            .bt());
+            // Not this device's (D 256 with PINE's rotation on a GPU of 99 KiB a block): an error
+            // when a call needs it, the rest of the module as usual.
+            unavailable.push((
+                (dtype, head_dim, variant),
+                format!(
+                    "segattn: kernel {name} needs {total} bytes of shared memory per block ({smem} dynamic + \
+                     {static_smem} static), GPU {gpu} allows {optin}: {dtype:?} D = {head_dim} ({variant:?}) does not \
+                     run on this GPU"
+                ),
+            ));
+            continue;
         }
         // The wide mass kernel's launches add its rows' sums after the fixed layout: the most
         // segments that fit this device (none: the launcher takes the 64-row variant).
@@ -270,6 +297,7 @@ fn load(ctx: &Arc<CudaContext>) -> Result<Kernels> {
         _module: module,
         ctx: ctx.clone(),
         fwd,
+        unavailable,
         others: Mutex::new(Vec::new()),
         sm_count: usize::try_from(sm_count).unwrap_or(1).max(1),
     })

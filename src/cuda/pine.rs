@@ -176,7 +176,7 @@ pub(crate) fn pine_decode_scores(
     sk: usize,
 ) -> Result<(Tensor, Tensor)> {
     let shape = AttentionShape::of(q, k_cache, k_cache)?;
-    crate::kernel_params::check_supported_up_to_128("PINE", q.dtype(), shape.head_dim)?;
+    crate::kernel_params::check_supported_dims("PINE", q.dtype(), shape.head_dim, &crate::head_dim::PINE_HEAD_DIMS)?;
     let heads_per_kv = shape.num_heads / shape.num_kv_heads;
     let smem = crate::emulated::decode_scores_smem_bytes(heads_per_kv, shape.head_dim, sk)?;
     if smem > 48 * 1024 {
@@ -234,10 +234,11 @@ pub(crate) fn pine_decode_scores(
     } else {
         None
     };
-    let name = if q.dtype() == candle_core::DType::BF16 {
-        "segattn_pine_decode_scores_bf16"
-    } else {
-        "segattn_pine_decode_scores_f16"
+    let name = match (q.dtype() == candle_core::DType::BF16, shape.head_dim == 256) {
+        (true, false) => "segattn_pine_decode_scores_bf16",
+        (false, false) => "segattn_pine_decode_scores_f16",
+        (true, true) => "segattn_pine_decode_scores_d256_bf16",
+        (false, true) => "segattn_pine_decode_scores_d256_f16",
     };
     let func = kernels.function(name)?;
     {

@@ -49,7 +49,12 @@ pub fn attention_backward(
     let shape = AttentionShape::of(q, k, v)?;
     let dtype = q.dtype();
     check_emulated_inputs(&shape, dtype, &[("q", q), ("k", k), ("v", v), ("d_out", d_out)])?;
-    crate::kernel_params::check_supported_up_to_128("fused backward", dtype, shape.head_dim)?;
+    crate::kernel_params::check_supported_dims(
+        "fused backward",
+        dtype,
+        shape.head_dim,
+        &crate::head_dim::BACKWARD_HEAD_DIMS,
+    )?;
     if out.dims() != q.dims() {
         invalid_arg!("out: expected the shape of q {:?}, got {:?}", q.dims(), out.dims());
     }

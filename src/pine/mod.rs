@@ -543,7 +543,7 @@ impl PineAttention {
     /// ([`crate::head_dim::padded_width`]): the same layer with the rotation of [`Rope::padded`]
     /// (kept, with its tables, for the next calls) and the real D's default scale.
     fn padded(&self, x: &Tensor, d: usize) -> Result<Option<(Self, usize)>> {
-        let Some(width) = head_dim::padded_width(x, d, &head_dim::PINE_AND_BACKWARD_HEAD_DIMS) else {
+        let Some(width) = head_dim::padded_width(x, d, &head_dim::PINE_HEAD_DIMS) else {
             return Ok(None);
         };
         if !d.is_multiple_of(2) {
@@ -572,10 +572,15 @@ impl PineAttention {
     }
 
     /// On a GPU, PINE's own kernels (the rotated attention, the decode importance) take bf16 /
-    /// f16 up to D 128: an error before any work (the baselines run plain attention, up to 256).
+    /// f16 at D 64 / 128 / 256 (the layer pads others up to them): an error before any work.
     fn check_gpu_kernels(&self, q: &Tensor, shape: &AttentionShape) -> Result<()> {
         if q.device().is_cuda() && self.scheme == PositionScheme::Pine {
-            crate::kernel_params::check_supported_up_to_128("PINE", q.dtype(), shape.head_dim)?;
+            crate::kernel_params::check_supported_dims(
+                "PINE",
+                q.dtype(),
+                shape.head_dim,
+                &crate::head_dim::PINE_HEAD_DIMS,
+            )?;
         }
         Ok(())
     }
