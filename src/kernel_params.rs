@@ -31,8 +31,9 @@ pub(crate) fn check_supported(dtype: DType, head_dim: usize) -> Result<()> {
     Ok(())
 }
 
-/// Whether `head_dim` is built as the 64-row plain forward and mass kernels only: D 256 (no wide,
-/// fused-mass or rotated variant; the static_asserts of kernel_traits.cuh and scores_kernel.cuh).
+/// Whether `head_dim` is built as the 64-row forward and mass kernels only: D 256 (no wide or
+/// fused-mass variant; PINE's rotated one is 64 rows too; the static_asserts of kernel_traits.cuh
+/// and scores_kernel.cuh).
 pub(crate) fn plain_64_row_kernels_only(head_dim: usize) -> bool {
     head_dim == 256
 }
