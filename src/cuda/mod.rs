@@ -39,6 +39,21 @@ pub(crate) use pine::{pine_decode_scores, pine_shifts, DeviceTables};
 pub(crate) use rope_rows::rope_rows;
 pub(crate) use scores::segment_scores;
 
+/// An error, before any work, when the GPU of `q` cannot run the forward kernel `variant` at
+/// `q`'s dtype and head dim (its shared memory: PINE's D 256 kernel on a GPU of 99 KiB a block).
+/// Nothing for tensors elsewhere.
+pub(crate) fn check_fwd_kernel_runs(
+    q: &candle_core::Tensor,
+    variant: crate::kernel_params::FwdVariant,
+) -> candle_core::Result<()> {
+    let candle_core::Device::Cuda(dev) = q.device() else {
+        return Ok(());
+    };
+    let kernels = module::kernels(dev.cuda_stream().context())?;
+    kernels.fwd_or_err(q.dtype(), q.dim(candle_core::D::Minus1)?, variant)?;
+    Ok(())
+}
+
 /// A driver error as a candle error that says what was being done.
 pub(crate) fn driver_err(
     what: impl std::fmt::Display,

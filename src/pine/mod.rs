@@ -572,7 +572,8 @@ impl PineAttention {
     }
 
     /// On a GPU, PINE's own kernels (the rotated attention, the decode importance) take bf16 /
-    /// f16 at D 64 / 128 / 256 (the layer pads others up to them): an error before any work.
+    /// f16 at D 64 / 128 / 256 (the layer pads others up to them) where the device has room for
+    /// them: an error before any work.
     fn check_gpu_kernels(&self, q: &Tensor, shape: &AttentionShape) -> Result<()> {
         if q.device().is_cuda() && self.scheme == PositionScheme::Pine {
             crate::kernel_params::check_supported_dims(
@@ -581,6 +582,9 @@ impl PineAttention {
                 shape.head_dim,
                 &crate::head_dim::PINE_HEAD_DIMS,
             )?;
+            // The device may lack the shared memory of the rotated kernel (D 256 on 99 KiB GPUs).
+            #[cfg(feature = "cuda")]
+            crate::cuda::check_fwd_kernel_runs(q, crate::kernel_params::FwdVariant::Rope)?;
         }
         Ok(())
     }
