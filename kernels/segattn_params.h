@@ -239,7 +239,8 @@ typedef struct SegattnShiftsParams {
  * softmax over those keys, probabilities summed per segment id and divided by seg_lens:
  *   out[b, h, i, s] (s >= 1); every element of out is written (0 for ids without keys). */
 typedef struct SegattnDecodeScoresParams {
-  /* q [B, Lq, H, D] un-rotated, k [B, Lk, Hkv, D] rotated, dtype given by `dtype` (bf16 / f16). */
+  /* q [B, Lq, H, D] un-rotated, k [B, Lk, Hkv, D] rotated, dtype given by `dtype` (bf16 / f16);
+   * k is read in 16-byte pieces: a 16-byte aligned start and strides that are multiples of 8. */
   const void *q;
   SegattnStrides q_strides;
   const void *k;
@@ -249,7 +250,7 @@ typedef struct SegattnDecodeScoresParams {
   const uint32_t *key_seg;
   /* [B, num_segments]: length of every segment id (0 for ids that are not segments). */
   const uint32_t *seg_lens;
-  /* [table_len, head_dim / 2] f32 cos / sin; table_len > every key_pos. */
+  /* [table_len, head_dim / 2] f32 cos / sin; table_len > every key_pos; 16-byte aligned. */
   const float *cos;
   const float *sin;
   /* [B, H, Lq, num_segments] f32 output. */

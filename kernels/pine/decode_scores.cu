@@ -8,19 +8,21 @@
 //     num_segments) with P = H / Hkv; with kv_splits > 1, params.done zero (and left zero).
 //
 // One block per (key slice, query row, KV head) scores that slice for ALL P query heads of the KV
-// head, so each key row is read once per KV head, not once per query head. A warp takes keys
-// kUnroll at a time (their loads all in flight before the first dot product: a decode step is
-// bound by load latency, not arithmetic), its lanes over the rotate-half pairs (coalesced loads
-// of the key row and of its position's cos / sin row); the cache holds k rotated at its original
-// position p, and
-//   q . rope^-1(k, p) = sum over pairs c of  cos(p f_c) (q1 k1 + q2 k2) + sin(p f_c) (q1 k2 - q2 k1),
-// reduced over the warp with shuffles, 4 keys x 4 heads together (warp_sum_many). One
-// pass over the slice, in chunks of kChunk keys: the chunk's scores go to shared memory, then its
-// max, then exp(s - max) summed per segment; the per-segment sums are rescaled when a chunk raises
-// the max (online softmax, as the attention's O). Slices let short-query decode fill the GPU;
-// their partial (max, sum, per-segment sums) merge like split-K attention's, in the same launch:
-// the last slice of a (row, KV head) to finish (a counter per pair) merges them, then orders the
-// segments for its row (order.cuh): a decode step's importance and order are one launch.
+// head, so each key row is read once per KV head, not once per query head. A round of the block
+// takes 32 keys, 8 per warp, 4 lanes per key: each lane owns runs of 8 rotate-half pairs of its
+// key and loads them whole (16-byte loads of each half of the key row, 32-byte loads of the cos /
+// sin rows of its position), all in flight at once: a decode step is bound by latency, not
+// arithmetic. The cache holds k rotated at its original position p; the lane turns its pairs back
+// once (rope^-1, shared by the P heads):
+//   u1 = cos(p f_c) k1 + sin(p f_c) k2,   u2 = cos(p f_c) k2 - sin(p f_c) k1,
+// and each head's score is q1 . u1 + q2 . u2 over the pairs, summed over the key's 4 lanes (3
+// shuffles for 4 heads). One pass over the slice, in chunks of kChunk keys: the chunk's scores go
+// to shared memory, then its max, then exp(s - max) summed per segment (a warp sum per 32 keys of
+// one segment); the per-segment sums are rescaled when a chunk raises the max (online softmax, as
+// the attention's O). Slices let short-query decode fill the GPU; their partial (max, sum,
+// per-segment sums) merge like split-K attention's, in the same launch: the last slice of a (row,
+// KV head) to finish (a counter per pair) merges them, then orders the segments for its row
+// (order.cuh): a decode step's importance and order are one launch.
 //
 // Host emulation (SEGATTN_EMULATE): `segattn_emu_pine_decode_scores(params)`.
 #include "platform.cuh"
@@ -36,58 +38,68 @@ namespace pine {
 
 constexpr int kDecodeScoresThreads = 128;
 constexpr int kDecodeScoresWarps = kDecodeScoresThreads / 32;
-// Keys per chunk (scores held in shared memory) and keys in flight per warp.
+// Keys per chunk (scores held in shared memory).
 constexpr int kDecodeScoresChunk = 128;
-constexpr int kDecodeScoresUnroll = 4;
+// Lanes per key, keys per warp and per round of the block; each lane's pairs come in runs of 8.
+constexpr int kLanesPerKey = 4;
+constexpr int kKeysPerWarp = 32 / kLanesPerKey;
+constexpr int kKeysPerRound = kKeysPerWarp * kDecodeScoresWarps;
+constexpr int kPairsPerRun = 8;
+static_assert(kDecodeScoresChunk % kKeysPerRound == 0, "whole rounds per chunk");
 // Most key slices of a launch: the merge keeps one weight per slice and head where the chunk's
 // scores were ([P][kChunk]); the launchers cap kv_splits at it.
 constexpr int kMaxDecodeScoresSplits = SEGATTN_DECODE_SCORES_MAX_SPLITS;
 static_assert(kMaxDecodeScoresSplits <= kDecodeScoresChunk, "the slice weights live in the scores' shared memory");
 
-// Heads scored together, and the scores reduced over the warp at once (kUnroll keys x heads).
-constexpr int kHeadsAtOnce = 4;
-constexpr int kReduced = kDecodeScoresUnroll * kHeadsAtOnce;
-static_assert(kReduced == 16, "warp_sum_many halves 16 values over lane bits 4..1");
+// Heads scored together: one per lane of a key, after the sum over its lanes.
+constexpr int kHeadsAtOnce = kLanesPerKey;
 
-// Reduces 16 values over the warp with 16 shuffles (5 per value one by one): at each step a lane
-// keeps half of its values, adds its partner's copy of that half and hands over the other half.
-// Returns the index of the sum that v[0] then holds: (lane >> 1) & 15 (lanes 2 k and 2 k + 1
-// hold the same one).
-// One step of warp_sum_many: values 0..2 kHalf - 1 -> 0..kHalf - 1, across lane bit kBit.
-// Constant indices only (the steps are spelled out: a loop the compiler does not unroll would
-// index v at run time, in local memory).
-template <int kHalf, int kBit>
-__device__ __forceinline__ void halve(float (&v)[kReduced], int lane) {
-  const bool upper = (lane & kBit) != 0;
+// Sums each of 4 values over the 4 lanes of a key (lane bits 1 and 0) with 3 shuffles, not 2
+// each: at each step a lane keeps half of its values, adds its partner's copy of that half and
+// hands over the other half. Afterwards v[0] of key lane `part` (= lane & 3) holds the sum of
+// value `part`.
+__device__ __forceinline__ void sum_over_key_lanes(float (&v)[kHeadsAtOnce], int lane) {
+  static_assert(kHeadsAtOnce == 4, "two halving steps");
+  const bool upper2 = (lane & 2) != 0;
   SEGATTN_UNROLL
-  for (int i = 0; i < kHalf; ++i) {
-    const float keep = upper ? v[i + kHalf] : v[i];
-    const float give = upper ? v[i] : v[i + kHalf];
-    v[i] = keep + __shfl_xor_sync(0xffffffffu, give, kBit);
+  for (int i = 0; i < 2; ++i) {
+    const float keep = upper2 ? v[i + 2] : v[i];
+    const float give = upper2 ? v[i] : v[i + 2];
+    v[i] = keep + __shfl_xor_sync(0xffffffffu, give, 2);
   }
+  const bool upper1 = (lane & 1) != 0;
+  const float keep = upper1 ? v[1] : v[0];
+  const float give = upper1 ? v[0] : v[1];
+  v[0] = keep + __shfl_xor_sync(0xffffffffu, give, 1);
 }
 
-__device__ __forceinline__ int warp_sum_many(float (&v)[kReduced], int lane) {
-  halve<8, 16>(v, lane);
-  halve<4, 8>(v, lane);
-  halve<2, 4>(v, lane);
-  halve<1, 2>(v, lane);
-  v[0] += __shfl_xor_sync(0xffffffffu, v[0], 1);
-  return (lane >> 1) & 15;
+// 16 bytes from memory: one vector load from a 16-byte aligned address on the device (any address
+// in host emulation).
+template <class V>
+__device__ __forceinline__ V load16(const void* src) {
+  static_assert(sizeof(V) == 16, "16-byte vectors");
+#if defined(SEGATTN_EMULATE)
+  V v;
+  __builtin_memcpy(&v, src, sizeof(V));
+  return v;
+#else
+  return *reinterpret_cast<const V*>(src);
+#endif
 }
 
 // Shared memory (4-byte words): q [P][D] (scaled), scores [P][kChunk], acc [P][S] (then the
-// importance), running max [P], rescale [P] (then the totals), the chunk's key positions and
-// segment ids [kChunk] each, the last-slice flag.
+// importance), running max [P], rescale [P] (then the totals), the chunk's key segment ids
+// [kChunk], the last-slice flag.
 __host__ __device__ inline int decode_scores_smem_floats(int heads_per_kv, int head_dim, int num_segments) {
-  return heads_per_kv * (head_dim + kDecodeScoresChunk + num_segments + 2) + 2 * kDecodeScoresChunk + 1;
+  return heads_per_kv * (head_dim + kDecodeScoresChunk + num_segments + 2) + kDecodeScoresChunk + 1;
 }
 
 template <class T, int kHeadDim>
 __device__ void decode_scores_kernel(const SegattnDecodeScoresParams& p) {
   constexpr int kHalf = kHeadDim / 2;
-  constexpr int kPairs = kHalf / 32;  // rotate-half pairs per lane
-  static_assert(kPairs * 32 == kHalf, "head dims 64, 128 and 256");
+  constexpr int kLanePairs = kHalf / kLanesPerKey;      // rotate-half pairs per lane of a key
+  constexpr int kRuns = kLanePairs / kPairsPerRun;      // their runs of 8
+  static_assert(kRuns * kPairsPerRun * kLanesPerKey == kHalf, "head dims 64, 128 and 256");
   SEGATTN_DYNAMIC_SMEM(float, smem);
   const int P = p.num_heads / p.num_kv_heads;
   const int S = p.num_segments;
@@ -96,8 +108,7 @@ __device__ void decode_scores_kernel(const SegattnDecodeScoresParams& p) {
   float* const s_acc = s_score + P * kDecodeScoresChunk;    // [P][S]
   float* const s_max = s_acc + P * S;                       // [P]
   float* const s_rescale = s_max + P;                       // [P]
-  uint32_t* const s_pos = reinterpret_cast<uint32_t*>(s_rescale + P);  // [kChunk]
-  uint32_t* const s_seg = s_pos + kDecodeScoresChunk;                  // [kChunk]
+  uint32_t* const s_seg = reinterpret_cast<uint32_t*>(s_rescale + P);  // [kChunk]
   uint32_t* const s_last = s_seg + kDecodeScoresChunk;                 // [1]
   const int split = static_cast<int>(blockIdx.x);
   const int i = static_cast<int>(blockIdx.y) / p.num_kv_heads;
@@ -127,34 +138,69 @@ __device__ void decode_scores_kernel(const SegattnDecodeScoresParams& p) {
   const uint32_t* const pos = p.key_pos + static_cast<int64_t>(b) * p.kv_len;
   const uint32_t* const seg = p.key_seg + static_cast<int64_t>(b) * p.kv_len;
 
-  // This lane's pairs c = lane kPairs + t of a key: its halves and the cos / sin of its position.
-  struct KeyPairs {
-    float k1[kPairs], k2[kPairs], c[kPairs], s[kPairs];
+  // A round's key of this lane (key kKeysPerWarp warp + lane / 4 of the round), read whole
+  // before any arithmetic: its runs of pairs c = (t kLanesPerKey + part) 8 + e (e < 8), as
+  // 16-bit halves and their position's cos / sin.
+  const int part = lane % kLanesPerKey;
+  struct KeyRuns {
+    uint4 k1[kRuns], k2[kRuns];
+    float4 cs[2 * kRuns], sn[2 * kRuns];
   };
-  auto load_key = [&](int j, uint32_t at) {
-    KeyPairs kp;
-    const T* const kr = k_base + static_cast<int64_t>(j) * p.k_strides.row;
+  auto load_key = [&](int j, uint32_t at, KeyRuns& kr) {
+    const T* const row = k_base + static_cast<int64_t>(j) * p.k_strides.row;
     const float* const cs = p.cos + static_cast<int64_t>(at) * kHalf;
     const float* const sn = p.sin + static_cast<int64_t>(at) * kHalf;
     SEGATTN_UNROLL
-    for (int t = 0; t < kPairs; ++t) {
-      const int c = lane * kPairs + t;
-      kp.k1[t] = to_float(kr[c]);
-      kp.k2[t] = to_float(kr[c + kHalf]);
-      kp.c[t] = cs[c];
-      kp.s[t] = sn[c];
+    for (int t = 0; t < kRuns; ++t) {
+      const int c = (t * kLanesPerKey + part) * kPairsPerRun;
+      kr.k1[t] = load16<uint4>(row + c);
+      kr.k2[t] = load16<uint4>(row + kHalf + c);
+      kr.cs[2 * t] = load16<float4>(cs + c);
+      kr.cs[2 * t + 1] = load16<float4>(cs + c + 4);
+      kr.sn[2 * t] = load16<float4>(sn + c);
+      kr.sn[2 * t + 1] = load16<float4>(sn + c + 4);
     }
-    return kp;
   };
-  // This lane's part of q_hh . rope^-1(k): its pairs only (the warp reduces it).
-  auto partial_score = [&](const KeyPairs& kp, int hh) {
+  // rope^-1 of the lane's pairs: u1 = cos k1 + sin k2, u2 = cos k2 - sin k1.
+  auto unrotate = [&](const KeyRuns& kr, float (&u1)[kLanePairs], float (&u2)[kLanePairs]) {
+    SEGATTN_UNROLL
+    for (int t = 0; t < kRuns; ++t) {
+      const uint32_t w1[4] = {kr.k1[t].x, kr.k1[t].y, kr.k1[t].z, kr.k1[t].w};
+      const uint32_t w2[4] = {kr.k2[t].x, kr.k2[t].y, kr.k2[t].z, kr.k2[t].w};
+      const float c[8] = {kr.cs[2 * t].x,     kr.cs[2 * t].y,     kr.cs[2 * t].z,     kr.cs[2 * t].w,
+                          kr.cs[2 * t + 1].x, kr.cs[2 * t + 1].y, kr.cs[2 * t + 1].z, kr.cs[2 * t + 1].w};
+      const float s[8] = {kr.sn[2 * t].x,     kr.sn[2 * t].y,     kr.sn[2 * t].z,     kr.sn[2 * t].w,
+                          kr.sn[2 * t + 1].x, kr.sn[2 * t + 1].y, kr.sn[2 * t + 1].z, kr.sn[2 * t + 1].w};
+      SEGATTN_UNROLL
+      for (int w = 0; w < 4; ++w) {
+        const float2 a = unpack2<T>(w1[w]);
+        const float2 b = unpack2<T>(w2[w]);
+        const int e = t * kPairsPerRun + 2 * w;
+        u1[e] = c[2 * w] * a.x + s[2 * w] * b.x;
+        u2[e] = c[2 * w] * b.x - s[2 * w] * a.x;
+        u1[e + 1] = c[2 * w + 1] * a.y + s[2 * w + 1] * b.y;
+        u2[e + 1] = c[2 * w + 1] * b.y - s[2 * w + 1] * a.y;
+      }
+    }
+  };
+  // This lane's part of q_hh . rope^-1(k): its pairs only (the key's 4 lanes sum it).
+  auto partial_score = [&](const float (&u1)[kLanePairs], const float (&u2)[kLanePairs], int hh) {
     const float* const q = s_q + hh * kHeadDim;
     float acc = 0.0f;
     SEGATTN_UNROLL
-    for (int t = 0; t < kPairs; ++t) {
-      const int c = lane * kPairs + t;
-      const float q1 = q[c], q2 = q[c + kHalf];
-      acc += kp.c[t] * (q1 * kp.k1[t] + q2 * kp.k2[t]) + kp.s[t] * (q1 * kp.k2[t] - q2 * kp.k1[t]);
+    for (int t = 0; t < kRuns; ++t) {
+      const int c = (t * kLanesPerKey + part) * kPairsPerRun;
+      SEGATTN_UNROLL
+      for (int e4 = 0; e4 < kPairsPerRun; e4 += 4) {
+        const float4 a = load16<float4>(q + c + e4);
+        const float4 b = load16<float4>(q + kHalf + c + e4);
+        const float* const v1 = u1 + t * kPairsPerRun + e4;
+        const float* const v2 = u2 + t * kPairsPerRun + e4;
+        acc += a.x * v1[0] + b.x * v2[0];
+        acc += a.y * v1[1] + b.y * v2[1];
+        acc += a.z * v1[2] + b.z * v2[2];
+        acc += a.w * v1[3] + b.w * v2[3];
+      }
     }
     return acc;
   };
@@ -162,38 +208,24 @@ __device__ void decode_scores_kernel(const SegattnDecodeScoresParams& p) {
   for (int c0 = j0; c0 < j1; c0 += kDecodeScoresChunk) {
     const int n = min(kDecodeScoresChunk, j1 - c0);
     __syncthreads();  // the last chunk's scores and ids are consumed (and the setup is written)
-    for (int jj = tid; jj < n; jj += kDecodeScoresThreads) {
-      s_pos[jj] = pos[c0 + jj];
-      s_seg[jj] = seg[c0 + jj];
-    }
-    __syncthreads();
 
-    // (1) Scores of the chunk's keys, -inf for keys outside every segment (id 0).
-    for (int base = warp; base < n; base += kDecodeScoresWarps * kDecodeScoresUnroll) {
-      KeyPairs kp[kDecodeScoresUnroll] = {};
-      SEGATTN_UNROLL
-      for (int u = 0; u < kDecodeScoresUnroll; ++u) {
-        const int jj = base + u * kDecodeScoresWarps;
-        if (jj < n && s_seg[jj] != 0) kp[u] = load_key(c0 + jj, s_pos[jj]);  // warp-uniform
-      }
-      // The kUnroll keys' scores for kHeadsAtOnce heads at a time: 16 lane partials reduced over
-      // the warp together (16 shuffles for 16 scores, not 5 each); lane pair (2 v, 2 v + 1)
-      // ends with score v.
+    // (1) Scores of the chunk's keys, -inf for keys outside every segment (id 0), round by round.
+    for (int r0 = 0; r0 < n; r0 += kKeysPerRound) {
+      const int jj = r0 + warp * kKeysPerWarp + lane / kLanesPerKey;
+      const bool valid = jj < n;
+      const uint32_t id = valid ? seg[c0 + jj] : 0u;
+      KeyRuns kr = {};
+      if (valid) load_key(c0 + jj, pos[c0 + jj], kr);
+      float u1[kLanePairs], u2[kLanePairs];
+      unrotate(kr, u1, u2);
+      if (valid && part == 0) s_seg[jj] = id;
       for (int h0 = 0; h0 < P; h0 += kHeadsAtOnce) {
-        float v[kReduced];
+        float v[kHeadsAtOnce];
         SEGATTN_UNROLL
-        for (int u = 0; u < kDecodeScoresUnroll; ++u) {
-          SEGATTN_UNROLL
-          for (int t = 0; t < kHeadsAtOnce; ++t) {
-            v[u * kHeadsAtOnce + t] = h0 + t < P ? partial_score(kp[u], h0 + t) : 0.0f;
-          }
-        }
-        const int idx = warp_sum_many(v, lane);
-        const int jj = base + (idx / kHeadsAtOnce) * kDecodeScoresWarps;
-        const int hh = h0 + idx % kHeadsAtOnce;
-        if ((lane & 1) == 0 && jj < n && hh < P) {
-          s_score[hh * kDecodeScoresChunk + jj] = s_seg[jj] != 0 ? v[0] : -INFINITY;
-        }
+        for (int t = 0; t < kHeadsAtOnce; ++t) v[t] = h0 + t < P ? partial_score(u1, u2, h0 + t) : 0.0f;
+        sum_over_key_lanes(v, lane);
+        const int hh = h0 + part;
+        if (valid && hh < P) s_score[hh * kDecodeScoresChunk + jj] = id != 0 ? v[0] : -INFINITY;
       }
     }
     __syncthreads();
@@ -217,12 +249,22 @@ __device__ void decode_scores_kernel(const SegattnDecodeScoresParams& p) {
     }
     __syncthreads();
 
-    // (3) exp(s - max) summed per segment.
-    for (int x = tid; x < P * n; x += kDecodeScoresThreads) {
-      const int hh = x / n;
-      const int jj = x % n;
-      const uint32_t id = s_seg[jj];
-      if (id != 0) segattn::atomic_add(&s_acc[hh * S + id], expf(s_score[hh * kDecodeScoresChunk + jj] - s_max[hh]));
+    // (3) exp(s - max) summed per segment: a warp per (head, 32 keys); segments are runs of keys,
+    // so the 32 keys mostly share one id and the warp adds one sum (one shared atomic per 32
+    // keys, not 32 on one address); at a boundary each key adds its own.
+    const int groups32 = (n + 31) / 32;
+    for (int task = warp; task < P * groups32; task += kDecodeScoresWarps) {
+      const int hh = task / groups32;
+      const int jj = (task % groups32) * 32 + lane;
+      const uint32_t id = jj < n ? s_seg[jj] : 0u;
+      const float e = id != 0 ? expf(s_score[hh * kDecodeScoresChunk + jj] - s_max[hh]) : 0.0f;
+      const uint32_t first = __shfl_sync(0xffffffffu, id, 0);
+      if (__all_sync(0xffffffffu, id == first || id == 0u)) {
+        const float sum = warp_sum(e);
+        if (lane == 0 && first != 0u) segattn::atomic_add(&s_acc[hh * S + first], sum);
+      } else if (id != 0u) {
+        segattn::atomic_add(&s_acc[hh * S + id], e);
+      }
     }
   }
   __syncthreads();

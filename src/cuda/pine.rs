@@ -175,6 +175,11 @@ pub(crate) fn pine_decode_scores(
     scale: f32,
     sk: usize,
 ) -> Result<(Tensor, Tensor)> {
+    // The kernel reads key rows in 16-byte pieces: a cache view it cannot read in place (an
+    // unaligned start or strides that are not multiples of 8 elements) is copied once.
+    if !readable_in_place(k_cache)? {
+        return pine_decode_scores(q, &k_cache.copy()?, words, device_words, groups, table, scale, sk);
+    }
     let shape = AttentionShape::of(q, k_cache, k_cache)?;
     crate::kernel_params::check_supported_dims("PINE", q.dtype(), shape.head_dim, &crate::head_dim::PINE_HEAD_DIMS)?;
     let heads_per_kv = shape.num_heads / shape.num_kv_heads;
@@ -207,19 +212,7 @@ pub(crate) fn pine_decode_scores(
     let mut out =
         unsafe { stream.alloc::<f32>(n_out.max(1)) }.map_err(|e| driver_err("allocating the decode importance", e))?;
     let kernels = module::kernels(stream.context())?;
-    // Key slices: about four blocks per SM when (rows x KV heads) leave the GPU idle, each slice
-    // at least 32 keys. The kernel is bound by load latency (a few keys per warp in flight), so
-    // many short slices beat few long ones; the merge reads `splits` partials per row (at most 128:
-    // their weights are kept in shared memory).
-    let blocks = shape.q_len * shape.num_kv_heads * b;
-    let splits = if blocks >= 4 * kernels.sm_count {
-        1
-    } else {
-        (4 * kernels.sm_count)
-            .div_ceil(blocks)
-            .min(shape.kv_len.div_ceil(32))
-            .clamp(1, crate::params::SEGATTN_DECODE_SCORES_MAX_SPLITS as usize)
-    };
+    let splits = decode_score_slices(shape.q_len * shape.num_kv_heads * b, shape.kv_len, kernels.sm_count);
     let (n_rows, n_acc) = DecodePartials::sizes(&shape, sk, splits);
     // With slices: the three partial arrays in one allocation (max, totals, per-segment sums; f32
     // throughout, so every part stays 4-byte aligned), and the counters by which the last slice
@@ -335,4 +328,65 @@ pub(crate) fn pine_decode_scores(
         false,
     );
     Ok((importance, shifts))
+}
+
+/// Key slices of a decode-importance launch for `blocks` (rows x KV heads x batch) over `kv_len`
+/// keys: about four blocks per SM when the blocks alone leave the GPU idle, each slice a whole
+/// number of the kernel's 32-key rounds (a partial round costs a whole one). The kernel is bound
+/// by load latency (one round of keys per warp in flight), so many short slices beat few long
+/// ones; the merge reads `splits` partials per row (at most 128: their weights are kept in
+/// shared memory).
+fn decode_score_slices(blocks: usize, kv_len: usize, sm_count: usize) -> usize {
+    const ROUND: usize = 32;
+    if blocks >= 4 * sm_count || kv_len == 0 {
+        return 1;
+    }
+    let wanted = (4 * sm_count)
+        .div_ceil(blocks)
+        .min(kv_len.div_ceil(ROUND))
+        .clamp(1, crate::params::SEGATTN_DECODE_SCORES_MAX_SPLITS as usize);
+    // ceil(kv_len / per) <= wanted, and none of the kernel's slices of ceil(kv_len / splits) is empty.
+    kv_len.div_ceil(kv_len.div_ceil(wanted).next_multiple_of(ROUND))
+}
+
+/// Whether a 16-bit CUDA tensor can be read in place by 16-byte loads.
+fn readable_in_place(t: &Tensor) -> Result<bool> {
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cuda(cs) = &*storage else {
+        invalid_arg!("k_cache: expected a CUDA tensor, got {:?}", t.device().location());
+    };
+    let stream = cs.device().cuda_stream();
+    let base = match t.dtype() {
+        candle_core::DType::BF16 => cs.as_cuda_slice::<half::bf16>()?.device_ptr(&stream).0,
+        candle_core::DType::F16 => cs.as_cuda_slice::<half::f16>()?.device_ptr(&stream).0,
+        other => invalid_arg!("k_cache: expected bf16 or f16 on the GPU, got {other:?}"),
+    };
+    Ok(crate::kernel_params::loadable(
+        base + 2 * layout.start_offset() as u64,
+        &crate::kernel_params::strides_of(layout),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::decode_score_slices;
+
+    #[test]
+    fn decode_slices_are_whole_rounds() {
+        // The RAG step on 132 SMs: 8 blocks of (row, KV head), 3,320 keys: 52 slices of 64 keys.
+        assert_eq!(decode_score_slices(8, 3320, 132), 52);
+        // The judge step: 1,161 keys, 37 slices of 32 (the last one 9 keys).
+        assert_eq!(decode_score_slices(8, 1161, 132), 37);
+        // Enough blocks already, or no keys: one slice.
+        assert_eq!(decode_score_slices(528, 3320, 132), 1);
+        assert_eq!(decode_score_slices(8, 0, 132), 1);
+        // Long caches: at most 128 slices.
+        for (blocks, len) in [(1, 1_000_000), (2, 5_000), (3, 31), (64, 70_000)] {
+            let splits = decode_score_slices(blocks, len, 132);
+            // The kernel's slices of ceil(len / splits) keys: none empty.
+            let per = len.div_ceil(splits);
+            assert!((1..=128).contains(&splits), "{blocks} {len}: {splits}");
+            assert!((splits - 1) * per < len, "{blocks} {len}: {splits} slices of {per}");
+        }
+    }
 }
