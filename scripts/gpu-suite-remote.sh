@@ -385,7 +385,10 @@ if [ "$PHASE" = profile ]; then
         --section SpeedOfLight --section LaunchStats "$WORK/gpu_bench" --pine-decode-trace
     } >>"$PROFILE" 2>&1
     note "- (5) PINE decode steps, every kernel: exit $?, $((SECONDS - t)) s"
-    profile_one "PINE decode importance" '^segattn_pine_decode_scores_bf16$' "$WORK/gpu_bench" --pine-decode-trace
+    # With the hottest source lines (warp stall samples, SASS with the CUDA line: -lineinfo builds):
+    # the decode step is a latency chain, so where the warps wait matters more than the totals.
+    profile_one "PINE decode importance" '^segattn_pine_decode_scores_bf16$' --section SourceCounters \
+      --section InstructionStats --import-source yes "$WORK/gpu_bench" --pine-decode-trace
     # A timeline of PINE decode steps (64 layer calls in a row): where a step's time goes between
     # launches, allocations and copies (the kernels alone are a fraction of it).
     NSYS="$(command -v nsys || ls /usr/local/cuda*/bin/nsys /opt/nvidia/nsight-systems/*/bin/nsys 2>/dev/null | head -1 || true)"
