@@ -377,7 +377,10 @@ if [ "$PHASE" = profile ]; then
       '^segattn_fwd_bf16_d128$' "$WORK/gpu_bench" --filter "causal $TARGET" --reps 20 --warmup 3
     profile_one "mass (standalone)" '^segattn_scores_(wide_|b4_)?bf16_d128$' "$WORK/gpu_bench" --mass
     profile_one "mass (fused forward)" '^segattn_fwd_(wide64_)?mass_bf16_d128$' "$WORK/gpu_bench" --mass
-    profile_one "PINE prefill attention" '^segattn_fwd_rope_bf16_d128$' "$WORK/gpu_bench" --pine
+    # The rope kernel runs at about half the plain kernel's rate on the same mask: where its warps
+    # wait (the turn's table loads? the straddling tiles' pieces?) decides what to change next.
+    profile_one "PINE prefill attention" '^segattn_fwd_rope_bf16_d128$' --section SourceCounters \
+      --import-source yes "$WORK/gpu_bench" --pine
     t=$SECONDS
     {
       echo "=================== PINE decode steps, every kernel (gpu_bench --pine-decode-trace) ==================="

@@ -214,8 +214,10 @@ __device__ void decode_scores_kernel(const SegattnDecodeScoresParams& p) {
       const int jj = r0 + warp * kKeysPerWarp + lane / kLanesPerKey;
       const bool valid = jj < n;
       const uint32_t id = valid ? seg[c0 + jj] : 0u;
+      // Keys outside every segment are not read (their position's table row need not exist); the
+      // key's loads wait on its id as its cos / sin do on its position (both loaded together).
       KeyRuns kr = {};
-      if (valid) load_key(c0 + jj, pos[c0 + jj], kr);
+      if (id != 0u) load_key(c0 + jj, pos[c0 + jj], kr);
       float u1[kLanePairs], u2[kLanePairs];
       unrotate(kr, u1, u2);
       if (valid && part == 0) s_seg[jj] = id;

@@ -18,6 +18,7 @@ use half::{bf16, f16};
 use super::driver_err;
 use super::launch::{base_params, check_grid, launch_with_params, loadable, strides_of, MaskBuffer};
 use super::module::{self, Kernels};
+use crate::emulated::Tile;
 use crate::error::invalid_arg;
 use crate::kernel_params::mass_output;
 use crate::mask::HostMask;
@@ -145,34 +146,36 @@ pub(crate) fn launch_kernel(
 ) -> Result<()> {
     let block_rows = crate::kernel_params::mass_block_rows(shape.q_len, causal, None, shape.head_dim);
     let block_keys = crate::kernel_params::mass_block_keys(block_rows, shape.head_dim, None);
-    let wide = block_rows == 128;
-    let four = four_blocks_setting();
-    let name = match (wide, dtype, shape.head_dim) {
-        (true, DType::BF16, 128) if block_keys == 64 => "segattn_scores_wide64_bf16_d128",
-        (true, _, 128) if block_keys == 64 => "segattn_scores_wide64_f16_d128",
-        (false, DType::BF16, 64) => "segattn_scores_bf16_d64",
-        (false, DType::BF16, 256) => "segattn_scores_bf16_d256",
-        (false, _, 256) => "segattn_scores_f16_d256",
-        (false, DType::BF16, _) if four => "segattn_scores_b4_bf16_d128",
-        (false, DType::BF16, _) => "segattn_scores_bf16_d128",
-        (false, _, 64) => "segattn_scores_f16_d64",
-        (false, _, _) if four => "segattn_scores_b4_f16_d128",
-        (false, _, _) => "segattn_scores_f16_d128",
-        (true, DType::BF16, 64) => "segattn_scores_wide_bf16_d64",
-        (true, DType::BF16, _) => "segattn_scores_wide_bf16_d128",
-        (true, _, 64) => "segattn_scores_wide_f16_d64",
-        (true, _, _) => "segattn_scores_wide_f16_d128",
+    // One tile drives both the entry point and the traits' shared-memory size.
+    let tile = match (block_rows, block_keys) {
+        (64, _) => Tile::Rows64,
+        (_, 64) if shape.head_dim == 128 => Tile::WideKeys64,
+        _ => Tile::Wide,
+    };
+    let bf16 = dtype == DType::BF16;
+    let name = match (tile, shape.head_dim) {
+        (Tile::WideKeys64, _) if bf16 => "segattn_scores_wide64_bf16_d128",
+        (Tile::WideKeys64, _) => "segattn_scores_wide64_f16_d128",
+        (Tile::Wide, 64) if bf16 => "segattn_scores_wide_bf16_d64",
+        (Tile::Wide, 64) => "segattn_scores_wide_f16_d64",
+        (Tile::Wide, _) if bf16 => "segattn_scores_wide_bf16_d128",
+        (Tile::Wide, _) => "segattn_scores_wide_f16_d128",
+        (Tile::Rows64, 64) if bf16 => "segattn_scores_bf16_d64",
+        (Tile::Rows64, 64) => "segattn_scores_f16_d64",
+        (Tile::Rows64, 256) if bf16 => "segattn_scores_bf16_d256",
+        (Tile::Rows64, 256) => "segattn_scores_f16_d256",
+        (Tile::Rows64, _) => match (bf16, four_blocks_setting()) {
+            (true, true) => "segattn_scores_b4_bf16_d128",
+            (true, false) => "segattn_scores_bf16_d128",
+            (false, true) => "segattn_scores_b4_f16_d128",
+            (false, false) => "segattn_scores_f16_d128",
+        },
     };
     let mut params = *params;
     params.base.block_rows = block_rows as i32;
     params.base.block_keys = block_keys;
     let params = &params;
     // The traits' size, from the same headers compiled for the host.
-    let tile = match (wide, block_keys) {
-        (false, _) => crate::emulated::Tile::Rows64,
-        (true, 64) => crate::emulated::Tile::WideKeys64,
-        (true, _) => crate::emulated::Tile::Wide,
-    };
     let Some(smem) = crate::emulated::scores_smem_bytes(dtype, shape.head_dim, tile) else {
         invalid_arg!("internal error: no shared memory size for kernel {name}");
     };
