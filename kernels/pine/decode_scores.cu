@@ -50,6 +50,11 @@ static_assert(kDecodeScoresChunk % kKeysPerRound == 0, "whole rounds per chunk")
 // scores were ([P][kChunk]); the launchers cap kv_splits at it.
 constexpr int kMaxDecodeScoresSplits = SEGATTN_DECODE_SCORES_MAX_SPLITS;
 static_assert(kMaxDecodeScoresSplits <= kDecodeScoresChunk, "the slice weights live in the scores' shared memory");
+// The merge's loads: each lane of a head's warp holds up to kSlicesPerLane slices' max and total;
+// a (head, segment) sum loads kMergeBatch slices at a time.
+constexpr int kSlicesPerLane = kMaxDecodeScoresSplits / 32;
+static_assert(kSlicesPerLane * 32 == kMaxDecodeScoresSplits, "whole warps of slices");
+constexpr int kMergeBatch = 32;
 
 // Heads scored together: one per lane of a key, after the sum over its lanes.
 constexpr int kHeadsAtOnce = kLanesPerKey;
@@ -300,22 +305,32 @@ __device__ void decode_scores_kernel(const SegattnDecodeScoresParams& p) {
     __syncthreads();
     if (*s_last == 0u) return;
     __threadfence();
-    // Merge (weights exp(max_x - max), as split-K does), with every slice's loads in flight at
-    // once: a loop over the slices that waited on each load cost ~45 us at 66 slices. (a) A warp
-    // per head, its lanes over the slices: the max, each slice's weight (kept in the scores'
-    // shared memory, which the chunks no longer need) and the total.
+    // Merge (weights exp(max_x - max), as split-K does), with the slices' loads in flight
+    // together: this block is the launch's tail, so each round trip to L2 here is one the whole
+    // decode step waits for (a loop that waited on each load cost ~45 us at 66 slices; loops of
+    // dependent batches, 11 round trips at 52). (a) A warp per head, each lane up to 4 slices
+    // loaded at once: the max, each slice's weight (kept in the scores' shared memory, which the
+    // chunks no longer need) and the total: one round trip.
     float* const s_weight = s_score;  // [P][kMaxDecodeScoresSplits]
     for (int hh = warp; hh < P; hh += kDecodeScoresWarps) {
       const int64_t row = row_of(hh);
+      float mx[kSlicesPerLane], tot[kSlicesPerLane];
+      SEGATTN_UNROLL
+      for (int t = 0; t < kSlicesPerLane; ++t) {
+        const int x = lane + 32 * t;
+        mx[t] = x < splits ? load_cg(p.part_max + x * rows + row) : -INFINITY;
+        tot[t] = x < splits ? load_cg(p.part_total + x * rows + row) : 0.0f;
+      }
       float m = -INFINITY;
-      for (int x = lane; x < splits; x += 32) m = fmaxf(m, load_cg(p.part_max + x * rows + row));
+      SEGATTN_UNROLL
+      for (int t = 0; t < kSlicesPerLane; ++t) m = fmaxf(m, mx[t]);
       m = warp_max(m);
       float total = 0.0f;
-      for (int x = lane; x < splits; x += 32) {
-        const float mx = load_cg(p.part_max + x * rows + row);
-        const float w = mx == -INFINITY ? 0.0f : expf(mx - m);  // an empty slice's sums are 0
-        s_weight[hh * kMaxDecodeScoresSplits + x] = w;
-        total += w * load_cg(p.part_total + x * rows + row);
+      SEGATTN_UNROLL
+      for (int t = 0; t < kSlicesPerLane; ++t) {
+        const float w = mx[t] == -INFINITY ? 0.0f : expf(mx[t] - m);  // an empty slice's sums are 0
+        if (lane + 32 * t < splits) s_weight[hh * kMaxDecodeScoresSplits + lane + 32 * t] = w;
+        total += w * tot[t];
       }
       total = warp_sum(total);
       if (lane == 0) {
@@ -324,15 +339,24 @@ __device__ void decode_scores_kernel(const SegattnDecodeScoresParams& p) {
       }
     }
     __syncthreads();
-    // (b) A thread per (head, segment): the weighted sum over the slices; no branch on what the
-    // loads return, so the unrolled loads issue together (an empty slice has weight 0 and sums 0).
+    // (b) A thread per (head, segment): the weighted sum over the slices in slice order, their
+    // loads issued kMergeBatch at a time (two round trips at 52 slices).
     for (int x = tid; x < P * S; x += kDecodeScoresThreads) {
       const int hh = x / S;
       const float* const part = p.part_acc + row_of(hh) * S + x % S;
       const float* const w = s_weight + hh * kMaxDecodeScoresSplits;
       float acc = 0.0f;
-      SEGATTN_UNROLL_8
-      for (int y = 0; y < splits; ++y) acc += w[y] * load_cg(part + y * rows * S);
+      for (int y0 = 0; y0 < splits; y0 += kMergeBatch) {
+        float v[kMergeBatch];
+        SEGATTN_UNROLL
+        for (int t = 0; t < kMergeBatch; ++t) {
+          v[t] = y0 + t < splits ? load_cg(part + static_cast<int64_t>(y0 + t) * rows * S) : 0.0f;
+        }
+        SEGATTN_UNROLL
+        for (int t = 0; t < kMergeBatch; ++t) {
+          if (y0 + t < splits) acc += w[y0 + t] * v[t];
+        }
+      }
       s_acc[x] = acc;
     }
   } else {
