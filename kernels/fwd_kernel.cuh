@@ -146,6 +146,8 @@ __device__ void fwd_kernel(const SegattnFwdParams& p) {
   if (tile < end_tile) {
     load_kv_async(tile, 0);
     cp_async_commit();
+    // (kRotate) the rows' positions and shift rows, while the copies are in flight.
+    if constexpr (Traits::kRotate) rotator.stage_rows(p, b, h, q0, q1, smem, warp, lane);
     cp_async_wait<1>();  // the Q group
   } else {
     cp_async_wait<0>();
@@ -196,13 +198,13 @@ __device__ void fwd_kernel(const SegattnFwdParams& p) {
       // kernel).
       const bool one_piece = static_cast<int>(blk.kv_segs_of(p).span_end[k0]) - k0 >= valid;
       if (one_piece) {
-        rotator.turn_for(p, b, h, q0, q1, warp * 16 + g, kid[0], s_q, s_qt, warp, lane);
+        rotator.turn_for(p, warp * 16 + g, kid[0], s_q, s_qt, warp, lane);
         qk_tile<Traits>([&](int kc, uint32_t(&qa)[4]) { load_q_fragment<Traits>(s_qt, warp, lane, kc, qa); }, s_k,
                         lane, s[0]);
       }
       for (int a = one_piece ? valid : 0; a < valid;) {
         const int e = min(static_cast<int>(blk.kv_segs_of(p).span_end[k0 + a]) - k0, valid);
-        rotator.turn_for(p, b, h, q0, q1, warp * 16 + g, kid[a], s_q, s_qt, warp, lane);
+        rotator.turn_for(p, warp * 16 + g, kid[a], s_q, s_qt, warp, lane);
         qk_piece<Traits>([&](int kc, uint32_t(&qa)[4]) { load_q_fragment<Traits>(s_qt, warp, lane, kc, qa); }, s_k,
                          lane, a, e, s[0]);
         a = e;

@@ -8,7 +8,7 @@
 // Q read from its own shared tile; its key tiles are 32 keys at D = 128 (D = 64: 50,864 B of
 // shared memory, D = 128: 66,992 B) or 64 (FlashAttention-2's tile, 100,016 B). D = 256
 // (plain attention and PINE's rotation): 64 rows, 32-key tiles, Q in its own tile (99,240 B;
-// with the turned Q, 132,008 B: one block per sm_90 SM, none on 99 KiB GPUs).
+// with the turned Q and the rows' positions, 132,520 B: one block per sm_90 SM, none on 99 KiB GPUs).
 //
 // Shared memory (dynamic, in this order, all tiles row-major [row][head_dim] and swizzled):
 //   K[2]     kBlockN x D  x 2       double buffer (the next tile's cp.async in flight)
@@ -16,7 +16,9 @@
 //   metadata q_id[kBlockM] u32, q_end[kBlockM] i32, q_starts[kBlockM/32] u32 (piece-start bits),
 //            k_id[2][kBlockN] u32 (the key segment ids of each K/V buffer's tile),
 //            scan[2 * kWarps] i32 (reduction of the visible key-tile range)
-//            class[kThreads] u8 (the window of key-tile classes found ahead, block_info.cuh)
+//            class[kThreads] u8 (the window of key-tile classes found ahead, block_info.cuh),
+//            (kRotate) row_pos[kBlockM], row_shifts[kBlockM] i32 (each row's position and the
+//            start of its group's shifts, rotary.cuh stage_rows)
 // The Q tile (kBlockM x D) lives in K buffer 1: it is loaded together with the first K/V tile
 // (into buffer 0), moved to registers, and only then may buffer 1 be filled; the epilogue stages
 // the output there again. (With kQInSmem Q has its own tile after V[2], + 16 KiB at D = 128; with
@@ -124,7 +126,11 @@ struct FwdTraits {
   static constexpr int kOffKId = kOffQStarts + 4 * (kBlockM / 32);  // u32[2][kBlockN]
   static constexpr int kOffScan = kOffKId + 4 * 2 * kBlockN;         // i32[2 * kWarps]
   static constexpr int kOffClass = kOffScan + 4 * 2 * kWarps;  // u8[kThreads]: tile classes ahead
-  static constexpr int kSmemBytes = kOffClass + kThreads;
+  // kRotate: each row's position and the start of its group's shifts (i32[kBlockM] each, staged
+  // once per block by QueryRotator::stage_rows, read at every turn).
+  static constexpr int kOffRowPos = kOffClass + kThreads;
+  static constexpr int kOffRowShifts = kOffRowPos + 4 * kBlockM;
+  static constexpr int kSmemBytes = kRotate ? kOffRowShifts + 4 * kBlockM : kOffClass + kThreads;
   // kMassInSmem: the rows' per-segment sums, f32 [kBlockM][mass_row_stride(num_segments)], after
   // the fixed layout (kSmemBytes is that layout; the launch adds mass_smem_bytes).
   static constexpr int kOffMass = (kSmemBytes + 15) / 16 * 16;
@@ -138,7 +144,7 @@ struct FwdTraits {
   // Piece pairs one thread evaluates per key tile when bounding the loop (mask.cuh
   // may_be_visible); a tile with more pairs counts as possibly visible.
   static constexpr int kScanBudget = 64;
-  static_assert(kOffK % 128 == 0 && kOffV % 128 == 0 && kOffQId % 16 == 0, "aligned tiles");
+  static_assert(kOffK % 128 == 0 && kOffV % 128 == 0 && kOffQId % 16 == 0 && kOffRowPos % 4 == 0, "aligned tiles");
 };
 
 // Byte offset of 16-byte chunk `chunk` of row `row` in a swizzled tile of `kChunks` chunks per row.

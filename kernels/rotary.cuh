@@ -40,19 +40,46 @@ struct QueryRotator {
   static constexpr int kHalf = Traits::kHeadDim / 2;
 
   // The key segment the fragments are turned for now (-1: none yet). One register of state: the
-  // kernel is at its register limit at D = 128, so the rows' positions and shifts are re-read
-  // (constant bank and L1) at each turn, which happens once per key segment, not per tile. Pieces
-  // are block-uniform, so is this id: the whole warp turns together.
+  // kernel is at its register limit at D = 128, so the rows' positions and shift rows are read
+  // from shared memory (stage_rows) at each turn, which happens once per key segment, not per
+  // tile. Pieces are block-uniform, so is this id: the whole warp turns together.
   int cur_id;
 
   __device__ __forceinline__ void init() { cur_id = -1; }
+
+  // Each row's position and the index of its group's shifts (-1 for padding rows), into shared
+  // memory once per block, each warp its own 16 rows: a turn then waits on two loads (the shift,
+  // then the cos / sin rows), not three (the row's group and position first). Warp-collective;
+  // ends with __syncwarp (a warp's turns read only its own rows).
+  __device__ __forceinline__ void stage_rows(const SegattnFwdParams& p, int b, int h, int q0, int q1, char* smem,
+                                             int warp, int lane) {
+    if (lane < 16) {
+      const int r = warp * 16 + lane;
+      const int i = q0 + r;
+      int pos = 0;
+      int shifts_at = -1;
+      if (i < q1) {
+        const SegattnRotation& rot = p.rotation;
+        // GQA decode packing: kernel row i is query row i / P of head h P + i % P (P = 1: i, h).
+        const int pack = max(rot.packed_heads, 1);
+        const int64_t at = static_cast<int64_t>(b) * (p.q_len / pack) + i / pack;
+        const int head = h * pack + i % pack;
+        const int group = (b * p.num_heads * pack + head) * rot.groups + static_cast<int>(rot.row_group[at]);
+        pos = static_cast<int>(rot.q_pos[at]);
+        shifts_at = group * rot.num_segments;
+      }
+      reinterpret_cast<int*>(smem + Traits::kOffRowPos)[r] = pos;
+      reinterpret_cast<int*>(smem + Traits::kOffRowShifts)[r] = shifts_at;
+    }
+    __syncwarp();
+  }
 
   // Makes the warp's rows of the turned tile `s_qt` its rows of `s_q` turned for the keys of
   // segment `id` (rows q0 + row0 and q0 + row0 + 8 of (b, h) for this thread). A no-op when the
   // id did not change. Warp-collective (ldmatrix); begins and ends with __syncwarp: the warp reads
   // only its own rows of `s_qt`.
-  __device__ __forceinline__ void turn_for(const SegattnFwdParams& p, int b, int h, int q0, int q1, int row0,
-                                           uint32_t id, const char* s_q, char* s_qt, int warp, int lane) {
+  __device__ __forceinline__ void turn_for(const SegattnFwdParams& p, int row0, uint32_t id, const char* s_q,
+                                           char* s_qt, int warp, int lane) {
     if (static_cast<int>(id) == cur_id) return;
     cur_id = static_cast<int>(id);
     // The warp's S mma of the last tile read these rows of `s_qt` (ldmatrix, other lanes' rows):
@@ -60,19 +87,15 @@ struct QueryRotator {
     // intra-warp hazard under independent thread scheduling).
     __syncwarp();
     const SegattnRotation& rot = p.rotation;
+    // The staged rows (stage_rows; the turned tile's offset is known, so is theirs).
+    const int* const row_pos = reinterpret_cast<const int*>(s_qt - Traits::kOffQTurned + Traits::kOffRowPos);
+    const int* const row_shifts = reinterpret_cast<const int*>(s_qt - Traits::kOffQTurned + Traits::kOffRowShifts);
     int angle[2];
     SEGATTN_UNROLL
     for (int r = 0; r < 2; ++r) {
-      const int i = q0 + row0 + 8 * r;
-      angle[r] = 0;  // padding rows: any finite rotation
-      if (i < q1) {
-        // GQA decode packing: kernel row i is query row i / P of head h P + i % P (P = 1: i, h).
-        const int pack = max(rot.packed_heads, 1);
-        const int64_t at = static_cast<int64_t>(b) * (p.q_len / pack) + i / pack;
-        const int head = h * pack + i % pack;
-        const int group = (b * p.num_heads * pack + head) * rot.groups + static_cast<int>(rot.row_group[at]);
-        angle[r] = static_cast<int>(rot.q_pos[at]) + static_cast<int>(rot.shifts[group * rot.num_segments + id]);
-      }
+      const int at = row_shifts[row0 + 8 * r];
+      // Padding rows (-1): any finite rotation.
+      angle[r] = at < 0 ? 0 : row_pos[row0 + 8 * r] + static_cast<int>(rot.shifts[at + id]);
     }
     // ldmatrix rows warp 16 + (lane & 15), chunks 2 kc + (lane >> 4) (as load_q_fragment).
     const SwizzledRows<Traits::kChunks> ld_rows(lane & 15, lane >> 4);

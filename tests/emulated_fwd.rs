@@ -635,11 +635,12 @@ fn smem_sizes() {
     ] {
         assert_eq!(fwd_smem_bytes(DType::BF16, 256, variant), None, "{variant:?}");
     }
-    // PINE's D = 256 kernel: the plain one's tiles and the turned Q (32 KiB): one block per sm_90
-    // SM, none on GPUs of 99 KiB a block (its module entry is then unavailable, with a message).
+    // PINE's D = 256 kernel: the plain one's tiles, the turned Q (32 KiB) and each row's position
+    // and shift row (2 x 64 x 4 B): one block per sm_90 SM, none on GPUs of 99 KiB a block (its
+    // module entry is then unavailable, with a message).
     assert_eq!(
         fwd_smem_bytes(DType::BF16, 256, FwdVariant::Rope),
-        Some(99_240 + 32_768)
+        Some(99_240 + 32_768 + 512)
     );
     // The fused mass keeps Q in its own tile at D = 128 (its accumulators take Q's registers).
     for (d, want) in [(64usize, 33_960usize), (128, 83_112)] {
@@ -667,8 +668,9 @@ fn smem_sizes() {
         assert_eq!(fwd_mass_rows_smem_bytes(DType::F16, 128, sk), Some(want));
     }
     assert_eq!(fwd_mass_rows_smem_bytes(DType::BF16, 64, 8), None);
-    // PINE's variant keeps Q and the turned Q in their own tiles.
-    for (d, want) in [(64usize, 50_344usize), (128, 99_496)] {
+    // PINE's variant keeps Q and the turned Q in their own tiles, and each row's position and
+    // shift row (512 B).
+    for (d, want) in [(64usize, 50_344usize + 512), (128, 99_496 + 512)] {
         assert_eq!(fwd_smem_bytes(DType::BF16, d, FwdVariant::Rope), Some(want));
         assert_eq!(fwd_smem_bytes(DType::F16, d, FwdVariant::Rope), Some(want));
     }
