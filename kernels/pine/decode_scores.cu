@@ -123,17 +123,6 @@ __device__ void decode_scores_kernel(const SegattnDecodeScoresParams& p) {
   const int warp = tid / 32;
   const int lane = tid % 32;
 
-  // The P query rows, scaled; zeroed sums, no max yet.
-  for (int x = tid; x < P * kHeadDim; x += kDecodeScoresThreads) {
-    const int hh = x / kHeadDim;
-    const T* const q = static_cast<const T*>(p.q) + static_cast<int64_t>(b) * p.q_strides.batch +
-                       static_cast<int64_t>(i) * p.q_strides.row +
-                       static_cast<int64_t>(kh * P + hh) * p.q_strides.head;
-    s_q[x] = to_float(q[x % kHeadDim]) * p.scale;
-  }
-  for (int x = tid; x < P * S; x += kDecodeScoresThreads) s_acc[x] = 0.0f;
-  for (int x = tid; x < P; x += kDecodeScoresThreads) s_max[x] = -INFINITY;
-
   const int splits = max(p.kv_splits, 1);
   const int per = (p.kv_len + splits - 1) / splits;
   const int j0 = split * per;
@@ -210,30 +199,77 @@ __device__ void decode_scores_kernel(const SegattnDecodeScoresParams& p) {
     return acc;
   };
 
-  for (int c0 = j0; c0 < j1; c0 += kDecodeScoresChunk) {
+  // This lane's key of the round at r0 of the chunk at c0 (n keys): its segment id (0 past the
+  // chunk) into `id`, its runs into `kr`. Keys outside every segment are not read (their
+  // position's table row need not exist); the key's loads wait on its id as its cos / sin do on
+  // its position (both loaded together).
+  uint32_t id = 0u;
+  KeyRuns kr = {};
+  auto load_round = [&](int c0, int n, int r0) {
+    const int jj = r0 + warp * kKeysPerWarp + lane / kLanesPerKey;
+    id = jj < n ? seg[c0 + jj] : 0u;
+    kr = KeyRuns{};
+    if (id != 0u) load_key(c0 + jj, pos[c0 + jj], kr);
+  };
+  // The first round's loads go out before the setup, whose own loads (q) then overlap them: the
+  // block is a chain of round trips, and most slices are one chunk of two rounds.
+  if (j0 < j1) load_round(j0, min(kDecodeScoresChunk, j1 - j0), 0);
+
+  // The P query rows, scaled (kQBatch loads in flight per thread: P D = 512 at Llama-3-8B's 4 x
+  // 128, one batch); zeroed sums, no max yet.
+  constexpr int kQBatch = 4;
+  const int nq = P * kHeadDim;
+  const T* const q_row = static_cast<const T*>(p.q) + static_cast<int64_t>(b) * p.q_strides.batch +
+                         static_cast<int64_t>(i) * p.q_strides.row + static_cast<int64_t>(kh * P) * p.q_strides.head;
+  for (int x0 = tid; x0 < nq; x0 += kQBatch * kDecodeScoresThreads) {
+    float v[kQBatch];
+    SEGATTN_UNROLL
+    for (int t = 0; t < kQBatch; ++t) {
+      const int x = x0 + t * kDecodeScoresThreads;
+      v[t] = x < nq ? to_float(q_row[static_cast<int64_t>(x / kHeadDim) * p.q_strides.head + x % kHeadDim]) : 0.0f;
+    }
+    SEGATTN_UNROLL
+    for (int t = 0; t < kQBatch; ++t) {
+      const int x = x0 + t * kDecodeScoresThreads;
+      if (x < nq) s_q[x] = v[t] * p.scale;
+    }
+  }
+  for (int x = tid; x < P * S; x += kDecodeScoresThreads) s_acc[x] = 0.0f;
+  for (int x = tid; x < P; x += kDecodeScoresThreads) s_max[x] = -INFINITY;
+
+  // The scores of the round at r0 of the chunk at c0 (n keys) from `id` and `kr` (load_round's),
+  // -inf for keys outside every segment (id 0).
+  auto score_round = [&](int n, int r0) {
+    const int jj = r0 + warp * kKeysPerWarp + lane / kLanesPerKey;
+    const bool valid = jj < n;
+    float u1[kLanePairs], u2[kLanePairs];
+    unrotate(kr, u1, u2);
+    if (valid && part == 0) s_seg[jj] = id;
+    for (int h0 = 0; h0 < P; h0 += kHeadsAtOnce) {
+      float v[kHeadsAtOnce];
+      SEGATTN_UNROLL
+      for (int t = 0; t < kHeadsAtOnce; ++t) v[t] = h0 + t < P ? partial_score(u1, u2, h0 + t) : 0.0f;
+      sum_over_key_lanes(v, lane);
+      const int hh = h0 + part;
+      if (valid && hh < P) s_score[hh * kDecodeScoresChunk + jj] = id != 0 ? v[0] : -INFINITY;
+    }
+  };
+  // One chunk of keys; `preloaded`: its first round's keys are already loaded (the slice's first
+  // chunk). Inlined at its two call sites with `preloaded` constant, so the preloaded registers
+  // are dead once that round is scored, not carried around the loops.
+  auto chunk = [&](int c0, bool preloaded) {
     const int n = min(kDecodeScoresChunk, j1 - c0);
     __syncthreads();  // the last chunk's scores and ids are consumed (and the setup is written)
 
-    // (1) Scores of the chunk's keys, -inf for keys outside every segment (id 0), round by round.
-    for (int r0 = 0; r0 < n; r0 += kKeysPerRound) {
-      const int jj = r0 + warp * kKeysPerWarp + lane / kLanesPerKey;
-      const bool valid = jj < n;
-      const uint32_t id = valid ? seg[c0 + jj] : 0u;
-      // Keys outside every segment are not read (their position's table row need not exist); the
-      // key's loads wait on its id as its cos / sin do on its position (both loaded together).
-      KeyRuns kr = {};
-      if (id != 0u) load_key(c0 + jj, pos[c0 + jj], kr);
-      float u1[kLanePairs], u2[kLanePairs];
-      unrotate(kr, u1, u2);
-      if (valid && part == 0) s_seg[jj] = id;
-      for (int h0 = 0; h0 < P; h0 += kHeadsAtOnce) {
-        float v[kHeadsAtOnce];
-        SEGATTN_UNROLL
-        for (int t = 0; t < kHeadsAtOnce; ++t) v[t] = h0 + t < P ? partial_score(u1, u2, h0 + t) : 0.0f;
-        sum_over_key_lanes(v, lane);
-        const int hh = h0 + part;
-        if (valid && hh < P) s_score[hh * kDecodeScoresChunk + jj] = id != 0 ? v[0] : -INFINITY;
-      }
+    // (1) Scores of the chunk's keys, round by round.
+    int r0 = 0;
+    if (preloaded) {
+      score_round(n, 0);
+      r0 = kKeysPerRound;
+    }
+    for (; r0 < n; r0 += kKeysPerRound) {
+      load_round(c0, n, r0);
+      score_round(n, r0);
     }
     __syncthreads();
 
@@ -273,7 +309,9 @@ __device__ void decode_scores_kernel(const SegattnDecodeScoresParams& p) {
         segattn::atomic_add(&s_acc[hh * S + id], e);
       }
     }
-  }
+  };
+  if (j0 < j1) chunk(j0, true);
+  for (int c0 = j0 + kDecodeScoresChunk; c0 < j1; c0 += kDecodeScoresChunk) chunk(c0, false);
   __syncthreads();
 
   const uint32_t* const lens = p.seg_lens + static_cast<int64_t>(b) * S;
