@@ -82,17 +82,11 @@ __device__ void fwd_kernel(const SegattnFwdParams& p) {
   load_tile_async<Traits, kM>(s_q, blk.template q_rows<T>(p.q, p.q_strides), p.q_strides.row,
                               blk.q1 - blk.q0);
   cp_async_commit();
-  blk.find_tiles(p, smem, p.kv_splits);
-  const int b = blk.b;
-  const int h = blk.h;
-  const int q0 = blk.q0;
-  const int q1 = blk.q1;
   const int kv_len = blk.kv_len;
-  const int end_tile = blk.end_tile;
-
   const T* const k_base = blk.template kv_rows<T>(p.k, p.k_strides);
   const T* const v_base = blk.template kv_rows<T>(p.v, p.v_strides);
-  // K, V and the key segment ids of tile t into buffer buf.
+  // K, V and the key segment ids of tile t into buffer buf (each thread copies the same chunks
+  // whatever the tile: a thread's own cp.async wait orders its copies into a buffer).
   auto load_kv_async = [&](int t, int buf) {
     blk.load_key_ids_async(p, t, s_kid + buf * kN);
     const int k0 = t * kN;
@@ -102,6 +96,26 @@ __device__ void fwd_kernel(const SegattnFwdParams& p) {
     load_tile_async<Traits, kN>(smem + Traits::kOffV + buf * Traits::kKVBytes,
                                 v_base + static_cast<int64_t>(k0) * p.v_strides.row, p.v_strides.row, valid);
   };
+  // Split-K (decode steps): a slice's first key tile is nearly always its first visible one (a
+  // decode row sees every key before it), so its copy goes out now, before the key-tile scan, and
+  // its latency overlaps the scan's as Q's does; a slice that starts elsewhere waits for it to
+  // land before loading its own (below). A block is a short chain of round trips there.
+  int speculated = -1;
+  if (p.kv_splits > 1) {
+    const int num_tiles = (kv_len + kN - 1) / kN;
+    const int first = blk.split * ((num_tiles + p.kv_splits - 1) / p.kv_splits);  // as find_tiles
+    if (first < num_tiles) {
+      load_kv_async(first, 0);
+      cp_async_commit();
+      speculated = first;
+    }
+  }
+  blk.find_tiles(p, smem, p.kv_splits);
+  const int b = blk.b;
+  const int h = blk.h;
+  const int q0 = blk.q0;
+  const int q1 = blk.q1;
+  const int end_tile = blk.end_tile;
 
   // This thread's rows: g and g + 8 of each of the warp's kMT row tiles (row tile i of warp w is
   // rows 16 (w + kWarps i) .. + 15 of the block).
@@ -144,8 +158,11 @@ __device__ void fwd_kernel(const SegattnFwdParams& p) {
   int cls = SEGATTN_TILE_SKIP;
   int tile = blk.next_visible(p, blk.first_tile, cls);
   if (tile < end_tile) {
-    load_kv_async(tile, 0);
-    cp_async_commit();
+    if (tile != speculated) {
+      if (speculated >= 0) cp_async_wait<0>();  // this thread's speculative copies into buffer 0 landed
+      load_kv_async(tile, 0);
+      cp_async_commit();
+    }
     // (kRotate) the rows' positions and shift rows, while the copies are in flight.
     if constexpr (Traits::kRotate) rotator.stage_rows(p, b, h, q0, q1, smem, warp, lane);
     cp_async_wait<1>();  // the Q group
