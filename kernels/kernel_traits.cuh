@@ -48,10 +48,12 @@
 #define SEGATTN_UNROLL_2 _Pragma("unroll 2")
 // Loads of independent iterations in flight together (latency-bound loops over a few partials).
 #define SEGATTN_UNROLL_8 _Pragma("unroll 8")
+#define SEGATTN_UNROLL_16 _Pragma("unroll 16")
 #else
 #define SEGATTN_UNROLL
 #define SEGATTN_UNROLL_2
 #define SEGATTN_UNROLL_8
+#define SEGATTN_UNROLL_16
 #endif
 #endif
 
