@@ -578,11 +578,10 @@ fn forward_typed<T: CudaDType + DeviceRepr + ValidAsZeroBits + candle_core::With
     // starts 256-byte aligned): every element written by the forward kernel before the merge
     // reads it. The merge is the last slice of each query tile to finish: one counter per (batch
     // row, head, query tile) of the launch, from the stream's zeroed counters (left zero).
-    let mut partials = if splits > 1 {
+    let partials = if splits > 1 {
         Some((
-            unsafe { stream.alloc::<f32>(splits * (n_out + n_lse)) }
-                .map_err(|e| driver_err("allocating split-K partials", e))?,
-            super::counters::zeroed_counters(
+            super::per_stream::scratch(&stream, splits * (n_out + n_lse))?,
+            super::per_stream::zeroed_counters(
                 &stream,
                 kshape.batch * kshape.num_heads * kshape.q_len.div_ceil(variant.block_rows()),
             )?,
@@ -631,9 +630,11 @@ fn forward_typed<T: CudaDType + DeviceRepr + ValidAsZeroBits + candle_core::With
                 poison(&stream, *p, n_lse, 4)?;
             }
         }
+        // (The stream's scratch and counters: shared, so not borrowed mutably; only this stream's
+        // launches touch them, in order.)
         let partial_ptr = partials
-            .as_mut()
-            .map(|(buf, done)| (buf.device_ptr_mut(&stream), done.device_ptr(&stream)));
+            .as_ref()
+            .map(|(buf, done)| (buf.device_ptr(&stream), done.device_ptr(&stream)));
         if let Some(((base, _), (done, _))) = &partial_ptr {
             let (o_acc, l_acc) = (*base, *base + 4 * (splits * n_out) as u64);
             params.kv_splits = splits as i32;

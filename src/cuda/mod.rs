@@ -10,8 +10,8 @@
 //! - `device_copies`: device copies of immutable host arrays (RoPE tables, a PINE step's
 //!   metadata), uploaded once per context.
 //! - `backward`: the fused backward kernel (the gradients of attention, `crate::backward`).
-//! - `counters`: the last-block merges' counters, zeroed once per stream and left zero by the
-//!   kernels.
+//! - `per_stream`: the last-block merges' counters (zeroed once per stream and left zero by the
+//!   kernels) and the split launches' scratch, kept per stream: no allocation per decode step.
 //! - `PreparedForward`: the same launch prepared once and repeated, for benchmarks (hidden).
 //!
 //! The public API is the CPU one: build the tensors and the mask on `Device::new_cuda(i)` and call
@@ -21,10 +21,10 @@
 
 mod backward;
 mod bench;
-mod counters;
 mod device_copies;
 mod launch;
 mod module;
+mod per_stream;
 mod pine;
 mod rope_rows;
 mod scores;

@@ -217,12 +217,12 @@ pub(crate) fn pine_decode_scores(
     // With slices: the three partial arrays in one allocation (max, totals, per-segment sums; f32
     // throughout, so every part stays 4-byte aligned), and the counters by which the last slice
     // of each (row, KV head) to finish merges (the stream's zeroed counters, left zero).
-    let mut partials_and_done = if splits > 1 {
+    let partials_and_done = if splits > 1 {
         Some((
-            // SAFETY: the kernel writes every element of the partials before the merge reads them.
-            unsafe { stream.alloc::<f32>(2 * n_rows + n_acc) }
-                .map_err(|e| driver_err("allocating decode importance partials", e))?,
-            super::counters::zeroed_counters(&stream, DecodePartials::counters(&shape))?,
+            // The stream's scratch: the kernel writes every element of the partials before the
+            // merge reads them.
+            super::per_stream::scratch(&stream, 2 * n_rows + n_acc)?,
+            super::per_stream::zeroed_counters(&stream, DecodePartials::counters(&shape))?,
         ))
     } else {
         None
@@ -255,8 +255,8 @@ pub(crate) fn pine_decode_scores(
         let (gp, _gg) = group_meta.as_ref().device_ptr(&stream);
         let (sp, _gs) = shifts.device_ptr_mut(&stream);
         let partial_ptrs = partials_and_done
-            .as_mut()
-            .map(|(buf, done)| (buf.device_ptr_mut(&stream), done.device_ptr(&stream)));
+            .as_ref()
+            .map(|(buf, done)| (buf.device_ptr(&stream), done.device_ptr(&stream)));
         let partials = match &partial_ptrs {
             Some(((base, _), (d, _))) => {
                 let base = *base as *mut f32;

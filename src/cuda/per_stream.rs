@@ -1,0 +1,85 @@
+//! Device buffers kept per stream and reused by every launch on it, so that a decode step, whose
+//! host work is its bottleneck, makes no allocation for them (with cudarc's event tracking an
+//! allocation and its free are about seven driver calls):
+//!
+//! - the "done" counters of the last-block merges (split-K attention, PINE's decode importance):
+//!   zeroed once; the kernels put each counter back to zero when the last block of its group
+//!   arrives (`arrive_last`, kernels/last_block.cuh), so a launch needs no memset either;
+//! - the scratch of the split launches' partials (split-K's O and LSE, the decode importance's
+//!   maxima, totals and segment sums): every element written by the launch before it reads it,
+//!   and dead when the launch ends.
+//!
+//! Launches on one stream run in order, so they may share a buffer; another stream gets its own.
+//! A buffer that is too small is replaced by a larger one; launches already holding the old one
+//! keep it alive, and it is freed (stream-ordered) after them.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaStream, DeviceRepr};
+use candle_core::Result;
+
+use super::driver_err;
+
+/// The fewest counters a buffer holds (a decode step's groups are far fewer).
+const MIN_COUNTERS: usize = 4096;
+/// The fewest f32 a scratch buffer holds (1 MiB: a Llama-3-8B decode step's partials are less).
+const MIN_SCRATCH: usize = 256 * 1024;
+
+/// Buffers by stream (`CUstream` address; each buffer holds its stream, so an address is never
+/// reused while its entry lives).
+type Cache<T> = Mutex<HashMap<usize, Arc<CudaSlice<T>>>>;
+
+fn counter_cache() -> &'static Cache<u32> {
+    static CACHE: OnceLock<Cache<u32>> = OnceLock::new();
+    CACHE.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
+fn scratch_cache() -> &'static Cache<f32> {
+    static CACHE: OnceLock<Cache<f32>> = OnceLock::new();
+    CACHE.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
+/// The stream's buffer of `cache` if it holds at least `n` elements, else a new one of at least
+/// `min` and twice the old one's, made by `alloc` (which names what it allocates in its errors).
+fn kept<T: DeviceRepr>(
+    cache: &Cache<T>,
+    what: &str,
+    stream: &Arc<CudaStream>,
+    n: usize,
+    min: usize,
+    alloc: impl FnOnce(usize) -> Result<CudaSlice<T>>,
+) -> Result<Arc<CudaSlice<T>>> {
+    let key = stream.cu_stream() as usize;
+    let mut buffers = cache
+        .lock()
+        .map_err(|_| candle_core::Error::Msg(format!("segattn: {what} cache poisoned by a panic")))?;
+    if let Some(buf) = buffers.get(&key).filter(|b| b.len() >= n) {
+        return Ok(buf.clone());
+    }
+    let len = n.max(min).max(buffers.get(&key).map_or(0, |b| 2 * b.len()));
+    let buf = Arc::new(alloc(len)?);
+    buffers.insert(key, buf.clone());
+    Ok(buf)
+}
+
+/// At least `n` counters on `stream`, all zero when the launch that uses them starts (the launch
+/// must leave them zero: every counter's group must arrive in full). Keep the returned buffer
+/// until the launch is enqueued.
+pub(crate) fn zeroed_counters(stream: &Arc<CudaStream>, n: usize) -> Result<Arc<CudaSlice<u32>>> {
+    kept(counter_cache(), "split counter", stream, n, MIN_COUNTERS, |len| {
+        stream
+            .alloc_zeros::<u32>(len)
+            .map_err(|e| driver_err(format!("allocating {len} split counters"), e))
+    })
+}
+
+/// At least `n` f32 of scratch on `stream`, of any content: the launch that uses them must write
+/// every element it reads, and nothing may read them after it. Keep the returned buffer until the
+/// launch is enqueued.
+pub(crate) fn scratch(stream: &Arc<CudaStream>, n: usize) -> Result<Arc<CudaSlice<f32>>> {
+    kept(scratch_cache(), "split scratch", stream, n, MIN_SCRATCH, |len| {
+        // SAFETY: uninitialised device memory of a plain type; see the contract above.
+        unsafe { stream.alloc::<f32>(len) }.map_err(|e| driver_err(format!("allocating {len} f32 of split scratch"), e))
+    })
+}
