@@ -630,17 +630,13 @@ fn forward_typed<T: CudaDType + DeviceRepr + ValidAsZeroBits + candle_core::With
                 poison(&stream, *p, n_lse, 4)?;
             }
         }
-        // (The stream's scratch and counters: shared, so not borrowed mutably; only this stream's
-        // launches touch them, in order.)
-        let partial_ptr = partials
-            .as_ref()
-            .map(|(buf, done)| (buf.device_ptr(&stream), done.device_ptr(&stream)));
-        if let Some(((base, _), (done, _))) = &partial_ptr {
-            let (o_acc, l_acc) = (*base, *base + 4 * (splits * n_out) as u64);
+        // (The stream's scratch and counters: only this stream's launches touch them, in order.)
+        if let Some((scratch, done)) = &partials {
+            let (o_acc, l_acc) = (scratch.addr, scratch.addr + 4 * (splits * n_out) as u64);
             params.kv_splits = splits as i32;
             params.o_accum = o_acc as *mut f32;
             params.lse_accum = l_acc as *mut f32;
-            params.split_done = *done as *mut u32;
+            params.split_done = done.addr as *mut u32;
             if poison_outputs() {
                 poison(&stream, o_acc, splits * n_out, 4)?;
                 poison(&stream, l_acc, splits * n_lse, 4)?;

@@ -11,12 +11,15 @@
 //!
 //! Launches on one stream run in order, so they may share a buffer; another stream gets its own.
 //! A buffer that is too small is replaced by a larger one; launches already holding the old one
-//! keep it alive, and it is freed (stream-ordered) after them.
+//! keep it alive, and it is freed (stream-ordered, on its own stream) after them. Since only its
+//! own stream ever touches a buffer, launches take its address as it was when allocated
+//! ([`Kept::addr`]) instead of asking cudarc for it at each launch, which with event tracking
+//! waits on and records events (two more driver calls a buffer and launch).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaStream, DeviceRepr};
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DeviceRepr};
 use candle_core::Result;
 
 use super::driver_err;
@@ -26,9 +29,26 @@ const MIN_COUNTERS: usize = 4096;
 /// The fewest f32 a scratch buffer holds (1 MiB: a Llama-3-8B decode step's partials are less).
 const MIN_SCRATCH: usize = 256 * 1024;
 
+/// A stream's buffer and its device address. Hold it until the launch that uses it is enqueued.
+pub(crate) struct Kept<T> {
+    buf: Arc<CudaSlice<T>>,
+    /// The buffer's device address, for the launches on the stream it was made for.
+    pub addr: u64,
+}
+
+// (Not derived: that would ask T: Clone; only the Arc is cloned.)
+impl<T> Clone for Kept<T> {
+    fn clone(&self) -> Self {
+        Self {
+            buf: self.buf.clone(),
+            addr: self.addr,
+        }
+    }
+}
+
 /// Buffers by stream (`CUstream` address; each buffer holds its stream, so an address is never
 /// reused while its entry lives).
-type Cache<T> = Mutex<HashMap<usize, Arc<CudaSlice<T>>>>;
+type Cache<T> = Mutex<HashMap<usize, Kept<T>>>;
 
 fn counter_cache() -> &'static Cache<u32> {
     static CACHE: OnceLock<Cache<u32>> = OnceLock::new();
@@ -49,24 +69,30 @@ fn kept<T: DeviceRepr>(
     n: usize,
     min: usize,
     alloc: impl FnOnce(usize) -> Result<CudaSlice<T>>,
-) -> Result<Arc<CudaSlice<T>>> {
+) -> Result<Kept<T>> {
     let key = stream.cu_stream() as usize;
     let mut buffers = cache
         .lock()
         .map_err(|_| candle_core::Error::Msg(format!("segattn: {what} cache poisoned by a panic")))?;
-    if let Some(buf) = buffers.get(&key).filter(|b| b.len() >= n) {
-        return Ok(buf.clone());
+    if let Some(kept) = buffers.get(&key).filter(|k| k.buf.len() >= n) {
+        return Ok(kept.clone());
     }
-    let len = n.max(min).max(buffers.get(&key).map_or(0, |b| 2 * b.len()));
-    let buf = Arc::new(alloc(len)?);
-    buffers.insert(key, buf.clone());
-    Ok(buf)
+    let len = n.max(min).max(buffers.get(&key).map_or(0, |k| 2 * k.buf.len()));
+    let buf = alloc(len)?;
+    // Once, after its allocation (ordered on this stream): the address every later launch uses.
+    let addr = buf.device_ptr(stream).0;
+    let kept = Kept {
+        buf: Arc::new(buf),
+        addr,
+    };
+    buffers.insert(key, kept.clone());
+    Ok(kept)
 }
 
 /// At least `n` counters on `stream`, all zero when the launch that uses them starts (the launch
 /// must leave them zero: every counter's group must arrive in full). Keep the returned buffer
 /// until the launch is enqueued.
-pub(crate) fn zeroed_counters(stream: &Arc<CudaStream>, n: usize) -> Result<Arc<CudaSlice<u32>>> {
+pub(crate) fn zeroed_counters(stream: &Arc<CudaStream>, n: usize) -> Result<Kept<u32>> {
     kept(counter_cache(), "split counter", stream, n, MIN_COUNTERS, |len| {
         stream
             .alloc_zeros::<u32>(len)
@@ -77,7 +103,7 @@ pub(crate) fn zeroed_counters(stream: &Arc<CudaStream>, n: usize) -> Result<Arc<
 /// At least `n` f32 of scratch on `stream`, of any content: the launch that uses them must write
 /// every element it reads, and nothing may read them after it. Keep the returned buffer until the
 /// launch is enqueued.
-pub(crate) fn scratch(stream: &Arc<CudaStream>, n: usize) -> Result<Arc<CudaSlice<f32>>> {
+pub(crate) fn scratch(stream: &Arc<CudaStream>, n: usize) -> Result<Kept<f32>> {
     kept(scratch_cache(), "split scratch", stream, n, MIN_SCRATCH, |len| {
         // SAFETY: uninitialised device memory of a plain type; see the contract above.
         unsafe { stream.alloc::<f32>(len) }.map_err(|e| driver_err(format!("allocating {len} f32 of split scratch"), e))

@@ -254,18 +254,16 @@ pub(crate) fn pine_decode_scores(
         let (op, _go) = out.device_ptr_mut(&stream);
         let (gp, _gg) = group_meta.as_ref().device_ptr(&stream);
         let (sp, _gs) = shifts.device_ptr_mut(&stream);
-        let partial_ptrs = partials_and_done
-            .as_ref()
-            .map(|(buf, done)| (buf.device_ptr(&stream), done.device_ptr(&stream)));
-        let partials = match &partial_ptrs {
-            Some(((base, _), (d, _))) => {
-                let base = *base as *mut f32;
+        // (The stream's scratch and counters: only this stream's launches touch them, in order.)
+        let partials = match &partials_and_done {
+            Some((scratch, done)) => {
+                let base = scratch.addr as *mut f32;
                 DecodePartials {
                     splits,
                     max: base,
                     total: base.wrapping_add(n_rows),
                     acc: base.wrapping_add(2 * n_rows),
-                    done: *d as *mut u32,
+                    done: done.addr as *mut u32,
                 }
             }
             None => DecodePartials::none(),
