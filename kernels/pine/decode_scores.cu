@@ -299,14 +299,14 @@ __device__ void decode_scores_kernel(const SegattnDecodeScoresParams& p) {
     for (int task = warp; task < P * groups32; task += kDecodeScoresWarps) {
       const int hh = task / groups32;
       const int jj = (task % groups32) * 32 + lane;
-      const uint32_t id = jj < n ? s_seg[jj] : 0u;
-      const float e = id != 0 ? expf(s_score[hh * kDecodeScoresChunk + jj] - s_max[hh]) : 0.0f;
-      const uint32_t first = __shfl_sync(0xffffffffu, id, 0);
-      if (__all_sync(0xffffffffu, id == first || id == 0u)) {
+      const uint32_t key_id = jj < n ? s_seg[jj] : 0u;
+      const float e = key_id != 0 ? expf(s_score[hh * kDecodeScoresChunk + jj] - s_max[hh]) : 0.0f;
+      const uint32_t first = __shfl_sync(0xffffffffu, key_id, 0);
+      if (__all_sync(0xffffffffu, key_id == first || key_id == 0u)) {
         const float sum = warp_sum(e);
         if (lane == 0 && first != 0u) segattn::atomic_add(&s_acc[hh * S + first], sum);
-      } else if (id != 0u) {
-        segattn::atomic_add(&s_acc[hh * S + id], e);
+      } else if (key_id != 0u) {
+        segattn::atomic_add(&s_acc[hh * S + key_id], e);
       }
     }
   };
