@@ -363,14 +363,13 @@ impl Stored<'_> {
 
 impl<'a> Operand<'a> {
     fn new<T: CudaDType + DeviceRepr>(name: &str, s: &'a CudaStorage, l: &Layout, dev: &CudaDevice) -> Result<Self> {
-        let stream = dev.cuda_stream();
-        let in_place = {
-            let (base, _read) = s.as_cuda_slice::<T>()?.device_ptr(&stream);
-            loadable(
-                base + std::mem::size_of::<T>() as u64 * l.start_offset() as u64,
-                &strides_of(l),
-            )
-        };
+        // From the layout alone: a candle CUDA storage is a whole cudarc allocation (256-byte
+        // aligned), so the start offset and the strides decide. (Asking cudarc for the address
+        // here, as well as at the launch, cost an event wait and record per operand and call.)
+        let in_place = loadable(
+            std::mem::size_of::<T>() as u64 * l.start_offset() as u64,
+            &strides_of(l),
+        );
         if in_place {
             return Ok(Self {
                 storage: Stored::Input(s),
@@ -383,11 +382,7 @@ impl<'a> Operand<'a> {
         let mut dst = T::wrap_cuda_slice(dst, dev.clone());
         s.copy_strided_src(&mut dst, 0, l)?;
         let layout = Layout::contiguous(l.shape());
-        let aligned = {
-            let (ptr, _read) = dst.as_cuda_slice::<T>()?.device_ptr(&stream);
-            loadable(ptr, &strides_of(&layout))
-        };
-        if !aligned {
+        if !loadable(0, &strides_of(&layout)) {
             invalid_arg!("{name}: could not get a 16-byte aligned copy for the kernel's 16-byte loads");
         }
         Ok(Self {
