@@ -9,6 +9,7 @@
 #define SEGATTN_PINE_ORDER_CUH
 
 #include "platform.cuh"
+#include "kernel_traits.cuh"
 
 namespace segattn {
 namespace pine {
@@ -26,6 +27,9 @@ __device__ __forceinline__ uint32_t pine_shift(int g, int j, int n, const uint32
   if (g <= n) {
     if (j == g) return shift;
     shift = lens[g];
+    // Unrolled so that several lengths' (and scores') loads are in flight at once: this runs in
+    // the decode importance's last block, the launch's tail.
+    SEGATTN_UNROLL_8
     for (int m = 1; m <= n; ++m) {
       if (m == g || m == j) continue;
       const bool before =
@@ -33,6 +37,7 @@ __device__ __forceinline__ uint32_t pine_shift(int g, int j, int n, const uint32
       if (before) shift += lens[m];
     }
   } else if (row_score != nullptr) {
+    SEGATTN_UNROLL_8
     for (int m = 1; m <= n; ++m) {
       if (m != j && (row_score[m] > row_score[j] || (row_score[m] == row_score[j] && m < j))) shift += lens[m];
     }
