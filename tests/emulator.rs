@@ -247,6 +247,9 @@ fn cp_async_matches_direct_copy_and_exposes_a_missing_wait() {
     }
     let err = cp_async_run(3, &src).expect_err("a misaligned cp.async must fail the launch");
     assert!(err.contains("16-byte aligned"), "{err}");
+    // Two copies in flight into the same bytes: a race on a GPU (either may land last).
+    let err = cp_async_run(4, &src).expect_err("a second copy into bytes still being copied must fail");
+    assert!(err.contains("overlaps a copy still in flight"), "{err}");
 }
 
 // ---- shuffles, votes, reducing barriers ---------------------------------------------------
@@ -397,7 +400,7 @@ fn matmul_problem() -> MatmulProblem {
     MatmulProblem { a, b, exact, magnitude }
 }
 
-fn run_matmul(p: &MatmulProblem, mode: c_int) -> Vec<f32> {
+fn try_run_matmul(p: &MatmulProblem, mode: c_int) -> Result<Vec<f32>, String> {
     let mut c = vec![0.0f32; M * N];
     check(unsafe {
         segattn_emu_test_tiled_matmul(
@@ -409,9 +412,12 @@ fn run_matmul(p: &MatmulProblem, mode: c_int) -> Vec<f32> {
             N as c_int,
             K as c_int,
         )
-    })
-    .unwrap_or_else(|e| panic!("mode {mode}: {e}"));
-    c
+    })?;
+    Ok(c)
+}
+
+fn run_matmul(p: &MatmulProblem, mode: c_int) -> Vec<f32> {
+    try_run_matmul(p, mode).unwrap_or_else(|e| panic!("mode {mode}: {e}"))
 }
 
 fn matmul_is_correct(p: &MatmulProblem, c: &[f32]) -> bool {
@@ -440,12 +446,13 @@ fn tiled_matmul_correct_under_every_schedule_and_identical() {
 #[test]
 fn planted_bugs_are_caught() {
     let p = matmul_problem();
+    // Caught: a wrong result, or the launch failing (the emulator's own checks).
     let caught_by = |mode: c_int| -> Vec<&'static str> {
         SCHEDULES
             .iter()
             .filter(|&&(schedule, seed, _)| {
                 set_schedule(schedule, seed);
-                !matmul_is_correct(&p, &run_matmul(&p, mode))
+                try_run_matmul(&p, mode).map_or(true, |c| !matmul_is_correct(&p, &c))
             })
             .map(|&(_, _, name)| name)
             .collect()
@@ -461,9 +468,12 @@ fn planted_bugs_are_caught() {
             "missing trailing barrier not caught by {name} (caught by {caught:?})"
         );
     }
-    // Wrong fragment register, missing cp.async wait: wrong under every schedule.
+    // Wrong fragment register, missing cp.async wait: wrong under every schedule (the missing
+    // wait now fails the launch: the next tile's copy lands in bytes still being copied).
     assert_eq!(caught_by(3), all, "wrong fragment index");
     assert_eq!(caught_by(4), all, "missing cp.async wait");
+    let err = try_run_matmul(&p, 4).expect_err("a missing cp.async wait");
+    assert!(err.contains("overlaps a copy still in flight"), "{err}");
 }
 
 // ---- concurrency and cost ------------------------------------------------------------------

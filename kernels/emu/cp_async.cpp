@@ -1,6 +1,8 @@
 // cp.async emulation: copies are queued per thread and applied only when a cp.async.wait_group
 // covers their group, so a missing or too-weak wait leaves the destination stale (or NaN-poisoned)
-// and the kernel's output wrong, instead of working by luck as a synchronous copy would.
+// and the kernel's output wrong, instead of working by luck as a synchronous copy would. Two
+// copies of a thread in flight at once into overlapping bytes are an error: on a GPU they may
+// land in either order (the queue here would apply them in issue order and hide the race).
 #include <cstdio>
 #include <cstring>
 
@@ -23,6 +25,17 @@ void enqueue(void* smem_dst, const void* gmem_src, bool pred, uint32_t bytes, co
     char buf[96];
     std::snprintf(buf, sizeof buf, ": addresses must be %u-byte aligned (dst %p, src %p)", bytes, smem_dst, gmem_src);
     c.fail(what, site, buf);
+  }
+  const uintptr_t lo = reinterpret_cast<uintptr_t>(smem_dst);
+  for (size_t i = me.copies_head; i < me.copies.size(); ++i) {
+    const uintptr_t other = reinterpret_cast<uintptr_t>(me.copies[i].dst);
+    if (lo < other + me.copies[i].bytes && other < lo + bytes) {
+      char buf[128];
+      std::snprintf(buf, sizeof buf,
+                    ": destination %p overlaps a copy still in flight (wait for it before copying there again)",
+                    smem_dst);
+      c.fail(what, site, buf);
+    }
   }
   me.copies.push_back(AsyncCopy{smem_dst, pred ? gmem_src : nullptr, me.groups_committed, bytes});
 }

@@ -13,6 +13,8 @@ constexpr int kChunkBytes = 16;
 // mode 0: commit + wait<0> + __syncthreads (correct). 1: no wait (must leave poison).
 // 2: two groups; after wait<1> the first is complete and the second still pending (out region 0
 //    and 1), after wait<0> the second is complete (region 2). 3: misaligned destination (fails).
+// 4: a second copy into the same chunk while the first is in flight, another group (fails: on a
+//    GPU the two may land in either order).
 __global__ void cp_async_kernel(const unsigned char* src, unsigned char* out, int mode) {
   SEGATTN_DYNAMIC_SMEM(unsigned char, smem);
   const int t = threadIdx.x;
@@ -25,6 +27,14 @@ __global__ void cp_async_kernel(const unsigned char* src, unsigned char* out, in
   };
   if (mode == 3) {
     cp_async_16(smem + t * kChunkBytes + 4, src + t * kChunkBytes, true);
+    return;
+  }
+  if (mode == 4) {
+    cp_async_16(smem + t * kChunkBytes, src + t * kChunkBytes, true);
+    cp_async_commit();
+    cp_async_16(smem + t * kChunkBytes, src + kRegion + t * kChunkBytes, true);
+    cp_async_commit();
+    cp_async_wait<0>();
     return;
   }
   cp_async_16(smem + t * kChunkBytes, src + t * kChunkBytes, pred);
