@@ -600,6 +600,16 @@ fn forward_typed<T: CudaDType + DeviceRepr + ValidAsZeroBits + candle_core::With
         params.q = (qp + elem * qo.layout.start_offset() as u64) as *const std::ffi::c_void;
         params.k = (kp + elem * ko.layout.start_offset() as u64) as *const std::ffi::c_void;
         params.v = (vp + elem * vo.layout.start_offset() as u64) as *const std::ffi::c_void;
+        // Operand::new judged the layouts on the premise that a storage starts 16-byte aligned
+        // (a whole cudarc allocation); one that does not (a pointer wrapped from elsewhere) is an
+        // error here, not a misaligned load on the device.
+        for (arg, addr) in [("q", params.q), ("k", params.k), ("v", params.v)] {
+            if !(addr as u64).is_multiple_of(16) {
+                invalid_arg!(
+                    "{arg}: the kernels read 16-byte chunks: its storage's address {addr:?} is not 16-byte aligned"
+                );
+            }
+        }
         params.o = op as *mut std::ffi::c_void;
         params.lse = lse_ptr.as_ref().map_or(std::ptr::null_mut(), |(p, _)| *p as *mut f32);
         mask.fill(mp, &mut params);

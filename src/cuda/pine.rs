@@ -249,6 +249,15 @@ pub(crate) fn pine_decode_scores(
             candle_core::DType::BF16 => ks.as_cuda_slice::<half::bf16>()?.device_ptr(&stream),
             _ => ks.as_cuda_slice::<half::f16>()?.device_ptr(&stream),
         };
+        // readable_in_place judged the layout on the premise that the storage starts 16-byte
+        // aligned (a whole cudarc allocation); one that does not is an error, not a misaligned load.
+        let k_addr = kp + elem * kl.start_offset() as u64;
+        if !k_addr.is_multiple_of(16) {
+            invalid_arg!(
+                "k_cache: the decode importance reads 16-byte chunks: its storage's address {k_addr:#x} is not 16-byte \
+                 aligned"
+            );
+        }
         let (mp, _gm) = meta.as_ref().device_ptr(&stream);
         let (tp, _gt) = tables.device_ptr(&stream);
         let (op, _go) = out.device_ptr_mut(&stream);
@@ -282,10 +291,7 @@ pub(crate) fn pine_decode_scores(
                 (qp + elem * ql.start_offset() as u64) as *const std::ffi::c_void,
                 crate::kernel_params::strides_of(ql),
             ),
-            (
-                (kp + elem * kl.start_offset() as u64) as *const std::ffi::c_void,
-                crate::kernel_params::strides_of(kl),
-            ),
+            (k_addr as *const std::ffi::c_void, crate::kernel_params::strides_of(kl)),
             mp as *const u32,
             table,
             tp as *const f32,
