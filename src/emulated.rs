@@ -520,7 +520,7 @@ pub(crate) fn run_forward(
     let dtype = q.dtype();
     check_emulated_inputs(&shape, dtype, &[("q", q), ("k", k), ("v", v)])?;
     if rotation.is_some() {
-        crate::kernel_params::check_supported_dims("PINE", dtype, head_dim, &crate::head_dim::PINE_HEAD_DIMS)?;
+        crate::kernel_params::check_pine_dims(dtype, head_dim)?;
     }
     let scale = scale.unwrap_or_else(|| default_scale(head_dim));
     if !scale.is_finite() {

@@ -53,6 +53,16 @@ pub(crate) fn check_supported_dims(what: &str, dtype: DType, head_dim: usize, di
     Ok(())
 }
 
+/// [`check_supported_dims`] for PINE's kernels (rotated attention, decode importance).
+pub(crate) fn check_pine_dims(dtype: DType, head_dim: usize) -> Result<()> {
+    check_supported_dims("PINE", dtype, head_dim, &crate::head_dim::PINE_HEAD_DIMS)
+}
+
+/// [`check_supported_dims`] for the fused backward kernel.
+pub(crate) fn check_backward_dims(dtype: DType, head_dim: usize) -> Result<()> {
+    check_supported_dims("fused backward", dtype, head_dim, &crate::head_dim::BACKWARD_HEAD_DIMS)
+}
+
 /// The kernels launch one grid row per head and one grid layer per batch row (at most 65535
 /// each: CUDA's grid y and z limits).
 pub(crate) fn check_grid(shape: &AttentionShape) -> Result<()> {

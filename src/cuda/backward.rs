@@ -40,12 +40,7 @@ pub(crate) fn attention_backward(
     host: &HostMask,
     scale: f32,
 ) -> Result<(Tensor, Tensor, Tensor)> {
-    crate::kernel_params::check_supported_dims(
-        "fused backward",
-        q.dtype(),
-        shape.head_dim,
-        &crate::head_dim::BACKWARD_HEAD_DIMS,
-    )?;
+    crate::kernel_params::check_backward_dims(q.dtype(), shape.head_dim)?;
     match q.dtype() {
         DType::BF16 => typed::<bf16>((q, k, v), d_out, (lse, delta), shape, host, scale),
         _ => typed::<f16>((q, k, v), d_out, (lse, delta), shape, host, scale),

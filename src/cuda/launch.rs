@@ -431,7 +431,7 @@ pub(crate) fn forward(
     let dtype = q.dtype();
     check_supported(dtype, shape.head_dim)?;
     if extras.rotation.is_some() {
-        crate::kernel_params::check_supported_dims("PINE", dtype, shape.head_dim, &crate::head_dim::PINE_HEAD_DIMS)?;
+        crate::kernel_params::check_pine_dims(dtype, shape.head_dim)?;
     }
     match dtype {
         DType::BF16 => forward_typed::<bf16>((q, ql), (k, kl), (v, vl), shape, host, scale, extras),
@@ -758,18 +758,10 @@ mod tests {
         assert!(e.contains("q:") && e.contains("up to 256") && e.contains("512"), "{e}");
         assert!(check_supported(DType::F16, 128).is_ok());
         assert!(check_supported(DType::BF16, 256).is_ok());
-        let pine =
-            |d| crate::kernel_params::check_supported_dims("PINE", DType::BF16, d, &crate::head_dim::PINE_HEAD_DIMS);
-        assert!(pine(256).is_ok());
-        let backward = |d| {
-            crate::kernel_params::check_supported_dims(
-                "fused backward",
-                DType::BF16,
-                d,
-                &crate::head_dim::BACKWARD_HEAD_DIMS,
-            )
-        };
-        let e = backward(256).unwrap_err().to_string();
+        assert!(crate::kernel_params::check_pine_dims(DType::BF16, 256).is_ok());
+        let e = crate::kernel_params::check_backward_dims(DType::BF16, 256)
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("q:") && e.contains("fused backward") && e.contains("up to 128") && e.contains("256"),
             "{e}"

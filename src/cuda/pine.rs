@@ -181,7 +181,7 @@ pub(crate) fn pine_decode_scores(
         return pine_decode_scores(q, &k_cache.copy()?, words, device_words, groups, table, scale, sk);
     }
     let shape = AttentionShape::of(q, k_cache, k_cache)?;
-    crate::kernel_params::check_supported_dims("PINE", q.dtype(), shape.head_dim, &crate::head_dim::PINE_HEAD_DIMS)?;
+    crate::kernel_params::check_pine_dims(q.dtype(), shape.head_dim)?;
     let heads_per_kv = shape.num_heads / shape.num_kv_heads;
     let smem = crate::emulated::decode_scores_smem_bytes(heads_per_kv, shape.head_dim, sk)?;
     if smem > 48 * 1024 {

@@ -49,12 +49,7 @@ pub fn attention_backward(
     let shape = AttentionShape::of(q, k, v)?;
     let dtype = q.dtype();
     check_emulated_inputs(&shape, dtype, &[("q", q), ("k", k), ("v", v), ("d_out", d_out)])?;
-    crate::kernel_params::check_supported_dims(
-        "fused backward",
-        dtype,
-        shape.head_dim,
-        &crate::head_dim::BACKWARD_HEAD_DIMS,
-    )?;
+    crate::kernel_params::check_backward_dims(dtype, shape.head_dim)?;
     if out.dims() != q.dims() {
         invalid_arg!("out: expected the shape of q {:?}, got {:?}", q.dims(), out.dims());
     }

@@ -149,7 +149,7 @@ pub fn pine_decode_importance_both(
 ) -> Result<DecodeImportanceBoth> {
     let shape = AttentionShape::of(q, k_cache, k_cache)?;
     super::check_emulated_inputs(&shape, q.dtype(), &[("q", q), ("k_cache", k_cache)])?;
-    crate::kernel_params::check_supported_dims("PINE", q.dtype(), shape.head_dim, &crate::head_dim::PINE_HEAD_DIMS)?;
+    crate::kernel_params::check_pine_dims(q.dtype(), shape.head_dim)?;
     let (extended, sk, table, scale) = pine.decode_inputs(&shape)?;
     let cpu = crate::pine::importance::decode_rows_cpu(q, k_cache, &extended, &table, scale, sk)?
         .flatten_all()?

@@ -576,12 +576,7 @@ impl PineAttention {
     /// them: an error before any work.
     fn check_gpu_kernels(&self, q: &Tensor, shape: &AttentionShape) -> Result<()> {
         if q.device().is_cuda() && self.scheme == PositionScheme::Pine {
-            crate::kernel_params::check_supported_dims(
-                "PINE",
-                q.dtype(),
-                shape.head_dim,
-                &crate::head_dim::PINE_HEAD_DIMS,
-            )?;
+            crate::kernel_params::check_pine_dims(q.dtype(), shape.head_dim)?;
             // The device may lack the shared memory of the rotated kernel (D 256 on 99 KiB GPUs).
             #[cfg(feature = "cuda")]
             crate::cuda::check_fwd_kernel_runs(q, crate::kernel_params::FwdVariant::Rope)?;
