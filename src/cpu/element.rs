@@ -213,7 +213,7 @@ mod tests {
     }
 
     /// `SEGATTN_CPU_PORTABLE=1` switches every vector path off, `SEGATTN_CPU_NO_AVX512=1` the
-    /// AVX-512 ones (CI runs the tests both ways).
+    /// AVX-512 ones, bf16 pairs included (CI runs the tests each way).
     #[test]
     fn the_isa_switches_are_honoured() {
         if std::env::var(PORTABLE_ENV).is_ok_and(|v| v == "1") {
@@ -221,6 +221,10 @@ mod tests {
         }
         if std::env::var(NO_AVX512_ENV).is_ok_and(|v| v == "1") {
             assert!(!avx512_available());
+        }
+        // The bf16 pair loops go with the AVX-512 build (and have their own switch).
+        if !avx512_available() || std::env::var(super::super::bf16_pairs::NO_AVX512BF16_ENV).is_ok_and(|v| v == "1") {
+            assert!(!super::super::bf16_pairs::available());
         }
     }
 

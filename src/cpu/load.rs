@@ -86,32 +86,8 @@ unsafe fn transpose_rows_avx2<'a, T: Element>(kt: &mut [f32], cols: usize, d: us
                 // SAFETY: `x` holds 8 elements; the CPU has AVX2 and F16C (this function's features).
                 unsafe { widen8(x.as_ptr()) }
             });
-            let t0 = _mm256_unpacklo_ps(v[0], v[1]);
-            let t1 = _mm256_unpackhi_ps(v[0], v[1]);
-            let t2 = _mm256_unpacklo_ps(v[2], v[3]);
-            let t3 = _mm256_unpackhi_ps(v[2], v[3]);
-            let t4 = _mm256_unpacklo_ps(v[4], v[5]);
-            let t5 = _mm256_unpackhi_ps(v[4], v[5]);
-            let t6 = _mm256_unpacklo_ps(v[6], v[7]);
-            let t7 = _mm256_unpackhi_ps(v[6], v[7]);
-            let s0 = _mm256_shuffle_ps::<0x44>(t0, t2);
-            let s1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
-            let s2 = _mm256_shuffle_ps::<0x44>(t1, t3);
-            let s3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
-            let s4 = _mm256_shuffle_ps::<0x44>(t4, t6);
-            let s5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
-            let s6 = _mm256_shuffle_ps::<0x44>(t5, t7);
-            let s7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
-            let cols_out = [
-                _mm256_permute2f128_ps::<0x20>(s0, s4),
-                _mm256_permute2f128_ps::<0x20>(s1, s5),
-                _mm256_permute2f128_ps::<0x20>(s2, s6),
-                _mm256_permute2f128_ps::<0x20>(s3, s7),
-                _mm256_permute2f128_ps::<0x31>(s0, s4),
-                _mm256_permute2f128_ps::<0x31>(s1, s5),
-                _mm256_permute2f128_ps::<0x31>(s2, s6),
-                _mm256_permute2f128_ps::<0x31>(s3, s7),
-            ];
+            // SAFETY: AVX2 (this function's features).
+            let cols_out = unsafe { transpose8x8(v) };
             for (c, col) in cols_out.iter().enumerate() {
                 let at = (c0 + c) * BC + j0;
                 // SAFETY: c0 + c < d and j0 + 8 <= cols <= BC, so at + 8 <= d * BC <= kt.len() (asserted).
@@ -120,6 +96,41 @@ unsafe fn transpose_rows_avx2<'a, T: Element>(kt: &mut [f32], cols: usize, d: us
         }
     }
     tails(kt, cols, d, j_full, c_full, &row);
+}
+
+/// The 8 x 8 transpose of the rows `v` (unpack, shuffle and 128-bit lane permutes: 24 shuffles
+/// per 64 values; bit patterns kept as they are).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+pub(crate) unsafe fn transpose8x8(v: [std::arch::x86_64::__m256; 8]) -> [std::arch::x86_64::__m256; 8] {
+    use std::arch::x86_64::*;
+    let t0 = _mm256_unpacklo_ps(v[0], v[1]);
+    let t1 = _mm256_unpackhi_ps(v[0], v[1]);
+    let t2 = _mm256_unpacklo_ps(v[2], v[3]);
+    let t3 = _mm256_unpackhi_ps(v[2], v[3]);
+    let t4 = _mm256_unpacklo_ps(v[4], v[5]);
+    let t5 = _mm256_unpackhi_ps(v[4], v[5]);
+    let t6 = _mm256_unpacklo_ps(v[6], v[7]);
+    let t7 = _mm256_unpackhi_ps(v[6], v[7]);
+    let s0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+    let s1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+    let s2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+    let s3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+    let s4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+    let s5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+    let s6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+    let s7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+    [
+        _mm256_permute2f128_ps::<0x20>(s0, s4),
+        _mm256_permute2f128_ps::<0x20>(s1, s5),
+        _mm256_permute2f128_ps::<0x20>(s2, s6),
+        _mm256_permute2f128_ps::<0x20>(s3, s7),
+        _mm256_permute2f128_ps::<0x31>(s0, s4),
+        _mm256_permute2f128_ps::<0x31>(s1, s5),
+        _mm256_permute2f128_ps::<0x31>(s2, s6),
+        _mm256_permute2f128_ps::<0x31>(s3, s7),
+    ]
 }
 
 /// Loads `rows` query rows as f32 times `scale` into `dst` (row stride `dp`; padding untouched).

@@ -7,6 +7,7 @@
 //! loops of `tile.rs`); an item of at most one block of query rows (a decode step) reads K and V
 //! rows as stored instead (`dots.rs`, `pv_rows.rs`). Nothing of size `Lq x Lk` is ever allocated.
 
+mod bf16_pairs;
 mod dots;
 mod element;
 mod exp2;
@@ -28,6 +29,7 @@ use crate::mask::tiles::{classify_tile, TileClass};
 use crate::mask::HostMask;
 use crate::scores::MassPlan;
 use crate::validate::{strides4, AttentionShape};
+use bf16_pairs::PairTiles;
 use rotary::{rotated_scores, QueryRotation, RotaryScratch};
 use segment::{mask_tile, MassRows, MassSink, TilePieces};
 use tile::{attend_scored_tile, attend_tile, RowState, TileKeys, TileValues, BC, BR, LANES, ROWS};
@@ -101,10 +103,13 @@ pub(crate) fn forward<T: Element, K: Element>(
     let lse_ptr = SharedMut(lse.as_mut_ptr());
     let use_fma = fma_available();
     let use_avx512 = use_fma && element::avx512_available();
+    // S of bf16 inputs from bf16 pairs where the CPU has AVX-512 BF16; not under a rotation,
+    // whose queries are turned in f32.
+    let use_bf16_pairs = rotation.is_none() && bf16_pairs::applies::<T, K>();
     let sink = mass.map(|plan| MassSink::new(plan, mask, q_len));
 
     (0..batch * num_heads * q_tiles).into_par_iter().try_for_each_init(
-        || Scratch::new(d, mass.map(|plan| plan.sk), rotation.is_some()),
+        || Scratch::new(d, mass.map(|plan| plan.sk), rotation.is_some(), use_bf16_pairs),
         |scratch, item| {
             let qt = item % q_tiles;
             let h = (item / q_tiles) % num_heads;
@@ -123,6 +128,7 @@ pub(crate) fn forward<T: Element, K: Element>(
                 rows: (q0, q1),
                 use_fma,
                 use_avx512,
+                use_bf16_pairs,
             };
             let state = scratch.run(&item);
             // SAFETY: each work item writes only rows [q0, q1) of head h of batch b, in `out` and
@@ -181,6 +187,9 @@ struct Item<'a, 'r, T, K = T> {
     use_fma: bool,
     /// It also has AVX-512F: the item runs in the AVX-512 build ([`element::avx512_available`]).
     use_avx512: bool,
+    /// q and k are bf16 and the CPU has AVX-512 BF16: S of prefill-sized tiles from bf16 pairs
+    /// ([`bf16_pairs`]; never under a rotation).
+    use_bf16_pairs: bool,
 }
 
 impl<T, K> Item<'_, '_, T, K> {
@@ -188,6 +197,11 @@ impl<T, K> Item<'_, '_, T, K> {
     /// block of rows; D a multiple of [`LANES`]; AVX2 builds).
     fn direct(&self) -> bool {
         self.use_fma && self.rows.1 - self.rows.0 <= ROWS && self.shape.head_dim.is_multiple_of(LANES)
+    }
+
+    /// Whether the item's S reads the bf16 pair tiles (prefill-sized items of bf16 inputs).
+    fn pairs(&self) -> bool {
+        self.use_bf16_pairs && !self.direct()
     }
 }
 
@@ -205,10 +219,12 @@ struct Scratch {
     pieces: TilePieces,
     /// Buffers of the in-loop query rotation, when there is one.
     rotary: Option<RotaryScratch>,
+    /// Q and K^T as bf16 pairs, for the items that take them ([`Item::pairs`]).
+    pairs: Option<PairTiles>,
 }
 
 impl Scratch {
-    fn new(d: usize, mass_segments: Option<usize>, rotary: bool) -> Self {
+    fn new(d: usize, mass_segments: Option<usize>, rotary: bool, bf16_pairs: bool) -> Self {
         let dp = d.div_ceil(LANES) * LANES;
         Self {
             dp,
@@ -220,6 +236,7 @@ impl Scratch {
             mass: mass_segments.map(MassRows::new),
             pieces: TilePieces::default(),
             rotary: rotary.then(|| RotaryScratch::new(BR, dp)),
+            pairs: bf16_pairs.then(|| PairTiles::new(BR, dp)),
         }
     }
 
@@ -282,8 +299,14 @@ impl Scratch {
         // Only the row blocks the loops compute are read (a decode item: one block of 4 rows, not
         // the 64 of a tile; zeroing all of q and O cost ~2% of a decode step).
         let used = rows.div_ceil(ROWS) * ROWS * dp;
-        self.q[..used].fill(0.0);
-        load::load_scaled_rows(&mut self.q, dp, rows, |r| q.row(b, q0 + r, h, d), scale_log2);
+        if item.pairs() {
+            // S reads only the pair tiles; the scale is applied to S.
+            let pairs = self.pairs.as_mut().expect("bf16 pair tiles");
+            pairs.load_queries(rows, d, |r| q.row(b, q0 + r, h, d));
+        } else {
+            self.q[..used].fill(0.0);
+            load::load_scaled_rows(&mut self.q, dp, rows, |r| q.row(b, q0 + r, h, d), scale_log2);
+        }
         if let Some(rot) = rotation {
             rot.rotate_base(&mut self.q, dp, rows, b, h, shape.q_len, q0);
             if let Some(scratch) = &mut self.rotary {
@@ -330,9 +353,10 @@ impl Scratch {
         // multiple of LANES) read K and V straight from their rows: no K^T transpose, no f32 V
         // tile (`TileKeys::Rows`, `pv_rows`).
         let direct = item.direct();
+        let pairs = item.pairs();
         let cols = k1 - k0;
         if !direct {
-            self.load_kv(k, v, b, kh, d, k0, cols);
+            self.load_kv(k, v, b, kh, d, k0, cols, pairs);
         }
         if self.mass.is_some() || rotation.is_some() {
             segment::tile_pieces(mask, b, k0, k1, &mut self.pieces);
@@ -386,8 +410,16 @@ impl Scratch {
             o,
             mass,
             pieces,
+            pairs: pair_tiles,
             ..
         } = self;
+        let keys = match pair_tiles {
+            Some(tiles) if pairs => TileKeys::Pairs {
+                tiles,
+                scale: item.scale * std::f32::consts::LOG2_E,
+            },
+            _ => keys,
+        };
         // The mass accumulators follow O's rescaling; P of the tile is summed per key segment.
         let hook = |r: usize, alpha: f32, p: &[f32]| {
             if let Some(m) = mass.as_mut() {
@@ -439,7 +471,8 @@ impl Scratch {
         attend_scored_tile::<FMA, T>(s, values, o, state, dp, rows, cols, false, none, hook);
     }
 
-    /// Loads key tile rows `[k0, k0 + cols)` as K^T `[dp, BC]` and V `[BC, dp]`, zero-padded.
+    /// Loads key tile rows `[k0, k0 + cols)` as K^T `[dp, BC]` (or, with `pairs`, as the K^T
+    /// pairs of [`Scratch::pairs`]) and V `[BC, dp]`, zero-padded.
     #[allow(clippy::too_many_arguments)]
     fn load_kv<T: Element, K: Element>(
         &mut self,
@@ -450,13 +483,22 @@ impl Scratch {
         d: usize,
         k0: usize,
         cols: usize,
+        pairs: bool,
     ) {
         let dp = self.dp;
         if cols < BC {
-            self.kt.fill(0.0);
             self.v.fill(0.0);
         }
-        load::transpose_rows(&mut self.kt, cols, d, |j| k.row(b, k0 + j, kh, d));
+        let key = |j: usize| k.row(b, k0 + j, kh, d);
+        match &mut self.pairs {
+            Some(tiles) if pairs => tiles.load_keys(cols, d, key),
+            _ => {
+                if cols < BC {
+                    self.kt.fill(0.0);
+                }
+                load::transpose_rows(&mut self.kt, cols, d, key);
+            }
+        }
         for j in 0..cols {
             element::widen_into(&mut self.v[j * dp..j * dp + d], v.row(b, k0 + j, kh, d));
         }

@@ -25,6 +25,7 @@ use std::sync::Mutex;
 use candle_core::Result;
 use rayon::prelude::*;
 
+use super::bf16_pairs::PairTiles;
 use super::exp2::exp2;
 use super::load::{load_scaled_rows, transpose_rows};
 use super::tile::{lane_sum, scores, softmax_row, RowState, BC, BR, LANES};
@@ -332,8 +333,9 @@ pub(crate) fn segment_mass<T: Element>(
     let use_fma = fma_available();
     let use_avx512 = use_fma && super::element::avx512_available();
     let two_pass = plan.algorithm == MassAlgorithm::TwoPass;
+    let use_pairs = super::bf16_pairs::applies::<T, T>();
     (0..batch * num_heads * q_tiles).into_par_iter().try_for_each_init(
-        || ScoreScratch::new(d, plan.sk),
+        || ScoreScratch::new(d, plan.sk, use_pairs),
         |scratch, item| {
             let qt = item % q_tiles;
             let h = (item / q_tiles) % num_heads;
@@ -368,10 +370,12 @@ struct ScoreScratch {
     pieces: TilePieces,
     /// Visible key tiles of the current item (start, partial), kept for the second pass.
     tiles: Vec<(usize, bool)>,
+    /// Q and K^T as bf16 pairs, when S takes them (`cpu/bf16_pairs.rs`); `q` and `kt` unused then.
+    pairs: Option<PairTiles>,
 }
 
 impl ScoreScratch {
-    fn new(d: usize, sk: usize) -> Self {
+    fn new(d: usize, sk: usize, bf16_pairs: bool) -> Self {
         let dp = d.div_ceil(LANES) * LANES;
         Self {
             dp,
@@ -381,6 +385,7 @@ impl ScoreScratch {
             mass: MassRows::new(sk),
             pieces: TilePieces::default(),
             tiles: Vec::new(),
+            pairs: bf16_pairs.then(|| PairTiles::new(BR, dp)),
         }
     }
 
@@ -404,8 +409,13 @@ impl ScoreScratch {
         let kh = h / shape.group_size();
         let rows = q1 - q0;
         let scale_log2 = scale * std::f32::consts::LOG2_E;
-        self.q.fill(0.0);
-        load_scaled_rows(&mut self.q, dp, rows, |r| q.row(b, q0 + r, h, d), scale_log2);
+        match &mut self.pairs {
+            Some(pairs) => pairs.load_queries(rows, d, |r| q.row(b, q0 + r, h, d)),
+            None => {
+                self.q.fill(0.0);
+                load_scaled_rows(&mut self.q, dp, rows, |r| q.row(b, q0 + r, h, d), scale_log2);
+            }
+        }
         self.mass.clear(rows);
         let mut state = RowState::new();
 
@@ -447,11 +457,13 @@ impl ScoreScratch {
                     s,
                     mass,
                     pieces,
+                    pairs,
                     ..
                 } = self;
                 let tile = TileArgs {
                     q: qb,
                     kt,
+                    pairs: pairs.as_ref().map(|tiles| (tiles, scale_log2)),
                     s,
                     dp,
                     rows,
@@ -484,10 +496,15 @@ impl ScoreScratch {
     /// Loads keys `[k0, k0 + cols)` as K^T `[dp, BC]`, zero-padded.
     #[allow(clippy::too_many_arguments)]
     fn load_k<T: Element>(&mut self, k: Strided<'_, T>, b: usize, kh: usize, d: usize, k0: usize, cols: usize) {
+        let key = |j: usize| k.row(b, k0 + j, kh, d);
+        if let Some(pairs) = &mut self.pairs {
+            pairs.load_keys(cols, d, key);
+            return;
+        }
         if cols < BC {
             self.kt.fill(0.0);
         }
-        transpose_rows(&mut self.kt, cols, d, |j| k.row(b, k0 + j, kh, d));
+        transpose_rows(&mut self.kt, cols, d, key);
     }
 }
 
@@ -507,6 +524,8 @@ enum Pass {
 struct TileArgs<'a> {
     q: &'a [f32],
     kt: &'a [f32],
+    /// The bf16 pair tiles and S's scale, when S takes them instead of `q` and `kt`.
+    pairs: Option<(&'a PairTiles, f32)>,
     s: &'a mut [f32],
     dp: usize,
     rows: usize,
@@ -527,6 +546,7 @@ fn mass_tile<const FMA: bool>(
     let TileArgs {
         q,
         kt,
+        pairs,
         s,
         dp,
         rows,
@@ -534,7 +554,10 @@ fn mass_tile<const FMA: bool>(
         partial,
         pieces,
     } = t;
-    scores::<FMA>(q, kt, s, dp, rows.div_ceil(SCORE_ROWS), (0, BC));
+    match pairs {
+        Some((tiles, scale)) => tiles.scores(s, rows.div_ceil(SCORE_ROWS), (0, BC), scale),
+        None => scores::<FMA>(q, kt, s, dp, rows.div_ceil(SCORE_ROWS), (0, BC)),
+    }
     if partial {
         masked(s, &pieces.list);
     }
