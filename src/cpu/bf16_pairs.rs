@@ -96,54 +96,84 @@ impl PairTiles {
         }
     }
 
-    /// Keys `row(0..cols)` (`d` elements each) as K^T pairs; the columns past `cols` zeroed.
+    /// Keys `row(0..cols)` (`d` elements each) as this tile's K^T pairs ([`transpose_key_pairs`]).
     pub fn load_keys<'a, T: Element>(&mut self, cols: usize, d: usize, row: impl Fn(usize) -> &'a [T]) {
-        let pairs = d.div_ceil(2);
-        if cols < BC {
-            self.kt.fill(0);
-        } else {
-            self.kt[pairs * BC..].fill(0); // the padding dims (none where 16 divides D)
-        }
-        // Blocks of 8 keys x 8 pairs (16 elements) moved whole; the rest word by word.
-        let (j_full, p_full) = (cols / 8 * 8, d / 16 * 8);
-        #[cfg(target_arch = "x86_64")]
-        for j0 in (0..j_full).step_by(8) {
-            let rows: [&[u16]; 8] = std::array::from_fn(|l| bits(&row(j0 + l)[..d]));
-            for p0 in (0..p_full).step_by(8) {
-                // SAFETY: `available()` (the caller's condition for using these tiles) checked
-                // AVX2; each row holds d >= 2 (p0 + 8) elements; the block's words are inside kt
-                // ((p0 + 8) * BC <= half * BC, j0 + 8 <= BC).
-                unsafe { transpose_block(&rows, p0, &mut self.kt[p0 * BC + j0..]) };
-            }
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        let (j_full, p_full) = (0, 0);
-        for j in 0..cols {
-            let src = bits(&row(j)[..d]);
-            let from = if j < j_full { p_full } else { 0 };
-            for p in from..pairs {
-                self.kt[p * BC + j] = pair(src, p);
-            }
-        }
+        transpose_key_pairs(&mut self.kt, cols, d, row);
     }
 
-    /// S[r, j] = scale * sum_d Q[r, d] K[j, d] for the first `row_blocks * ROWS` rows and the
-    /// columns `[c_begin, c_end)` (multiples of [`LANES`]), as `tile::scores` does on f32 tiles.
-    pub fn scores(&self, s: &mut [f32], row_blocks: usize, (c_begin, c_end): (usize, usize), scale: f32) {
-        assert!(
-            c_begin % LANES == 0 && c_end % LANES == 0 && c_end <= BC,
-            "bf16 pair scores: columns {c_begin}..{c_end} not whole blocks of {LANES}"
-        );
-        assert!(row_blocks * ROWS * self.half <= self.q.len() && row_blocks * ROWS * BC <= s.len());
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: the CPU has AVX-512F and BF16 (`available()`, the condition for using these
-        // tiles); the bounds are asserted above.
-        unsafe {
-            scores_avx512bf16(&self.q, &self.kt, s, self.half, row_blocks, (c_begin, c_end), scale)
-        };
-        #[cfg(not(target_arch = "x86_64"))]
-        unreachable!("bf16 pairs are x86_64 only");
+    /// The query tile's pairs (`[BR, dp / 2]`).
+    pub fn queries(&self) -> &[u32] {
+        &self.q
     }
+
+    /// This tile's K^T pairs (`[dp / 2, BC]`).
+    pub fn keys(&self) -> &[u32] {
+        &self.kt
+    }
+}
+
+/// Keys `row(0..cols)` (`d` elements each) as K^T pairs into `kt` (`[dp / 2, BC]`); the columns
+/// past `cols` and the dims past `d` zeroed.
+pub(crate) fn transpose_key_pairs<'a, T: Element>(
+    kt: &mut [u32],
+    cols: usize,
+    d: usize,
+    row: impl Fn(usize) -> &'a [T],
+) {
+    let pairs = d.div_ceil(2);
+    if cols < BC {
+        kt.fill(0);
+    } else {
+        kt[pairs * BC..].fill(0); // the padding dims (none where 16 divides D)
+    }
+    // Blocks of 8 keys x 8 pairs (16 elements) moved whole; the rest word by word.
+    let (j_full, p_full) = (cols / 8 * 8, d / 16 * 8);
+    #[cfg(target_arch = "x86_64")]
+    for j0 in (0..j_full).step_by(8) {
+        let rows: [&[u16]; 8] = std::array::from_fn(|l| bits(&row(j0 + l)[..d]));
+        for p0 in (0..p_full).step_by(8) {
+            // SAFETY: `available()` (the caller's condition for using pairs) checked AVX2; each
+            // row holds d >= 2 (p0 + 8) elements; the block's words are inside kt ((p0 + 8) * BC
+            // <= pairs * BC, j0 + 8 <= BC; transpose_block asserts its slice's length).
+            unsafe { transpose_block(&rows, p0, &mut kt[p0 * BC + j0..]) };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let (j_full, p_full) = (0, 0);
+    for j in 0..cols {
+        let src = bits(&row(j)[..d]);
+        let from = if j < j_full { p_full } else { 0 };
+        for p in from..pairs {
+            kt[p * BC + j] = pair(src, p);
+        }
+    }
+}
+
+/// S[r, j] = scale * sum_d Q[r, d] K[j, d] from query pairs `q` (`[rows, half]`) and K^T pairs
+/// `kt` (`[half, BC]`), for the first `row_blocks * ROWS` rows and the columns
+/// `[c_begin, c_end)` (multiples of [`LANES`]), as `tile::scores` does on f32 tiles.
+pub(crate) fn pair_scores(
+    q: &[u32],
+    kt: &[u32],
+    half: usize,
+    s: &mut [f32],
+    row_blocks: usize,
+    (c_begin, c_end): (usize, usize),
+    scale: f32,
+) {
+    assert!(
+        c_begin % LANES == 0 && c_end % LANES == 0 && c_end <= BC,
+        "bf16 pair scores: columns {c_begin}..{c_end} not whole blocks of {LANES}"
+    );
+    assert!(row_blocks * ROWS * half <= q.len() && half * BC <= kt.len() && row_blocks * ROWS * BC <= s.len());
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: the CPU has AVX-512F and BF16 (`available()`, the condition for using pairs); the
+    // bounds are asserted above.
+    unsafe {
+        scores_avx512bf16(q, kt, s, half, row_blocks, (c_begin, c_end), scale)
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("bf16 pairs are x86_64 only");
 }
 
 /// Words `[p0, p0 + 8)` of 8 rows, transposed into `dst[p * BC + l]` (p < 8, l < 8).
@@ -261,7 +291,15 @@ mod tests {
             tiles.load_keys(cols, d, |j| &k[j][..]);
             let mut s = vec![f32::NAN; 64 * BC];
             let scale = 0.37;
-            tiles.scores(&mut s, rows.div_ceil(ROWS), c_range, scale);
+            pair_scores(
+                tiles.queries(),
+                tiles.keys(),
+                dp / 2,
+                &mut s,
+                rows.div_ceil(ROWS),
+                c_range,
+                scale,
+            );
             for r in 0..rows {
                 for j in c_range.0..c_range.1 {
                     let products: Vec<f64> = match k.get(j) {

@@ -11,6 +11,7 @@ mod bf16_pairs;
 mod dots;
 mod element;
 mod exp2;
+mod kv_tiles;
 mod load;
 pub(crate) mod pine_decode;
 mod pv_rows;
@@ -30,6 +31,7 @@ use crate::mask::HostMask;
 use crate::scores::MassPlan;
 use crate::validate::{strides4, AttentionShape};
 use bf16_pairs::PairTiles;
+use kv_tiles::PreparedTiles;
 use rotary::{rotated_scores, QueryRotation, RotaryScratch};
 use segment::{mask_tile, MassRows, MassSink, TilePieces};
 use tile::{attend_scored_tile, attend_tile, RowState, TileKeys, TileValues, BC, BR, LANES, ROWS};
@@ -107,6 +109,13 @@ pub(crate) fn forward<T: Element, K: Element>(
     // whose queries are turned in f32.
     let use_bf16_pairs = rotation.is_none() && bf16_pairs::applies::<T, K>();
     let sink = mass.map(|plan| MassSink::new(plan, mask, q_len));
+    // Every key tile transposed and widened once for the whole call, unless every item is
+    // decode-sized (those read K and V rows as stored) or the tiles would pass the cap.
+    let all_direct = use_fma && q_len <= ROWS && d.is_multiple_of(LANES);
+    let dp = d.div_ceil(LANES) * LANES;
+    let prepared = (!all_direct)
+        .then(|| kv_tiles::PreparedTiles::build(k, Some(v), &shape, dp, use_bf16_pairs))
+        .flatten();
 
     (0..batch * num_heads * q_tiles).into_par_iter().try_for_each_init(
         || Scratch::new(d, mass.map(|plan| plan.sk), rotation.is_some(), use_bf16_pairs),
@@ -129,6 +138,7 @@ pub(crate) fn forward<T: Element, K: Element>(
                 use_fma,
                 use_avx512,
                 use_bf16_pairs,
+                prepared: prepared.as_ref(),
             };
             let state = scratch.run(&item);
             // SAFETY: each work item writes only rows [q0, q1) of head h of batch b, in `out` and
@@ -190,6 +200,9 @@ struct Item<'a, 'r, T, K = T> {
     /// q and k are bf16 and the CPU has AVX-512 BF16: S of prefill-sized tiles from bf16 pairs
     /// ([`bf16_pairs`]; never under a rotation).
     use_bf16_pairs: bool,
+    /// The call's key and value tiles, when prepared once for all items ([`kv_tiles`]); else each
+    /// item loads the tiles it visits into its scratch.
+    prepared: Option<&'a PreparedTiles>,
 }
 
 impl<T, K> Item<'_, '_, T, K> {
@@ -355,7 +368,11 @@ impl Scratch {
         let direct = item.direct();
         let pairs = item.pairs();
         let cols = k1 - k0;
-        if !direct {
+        let prepared = match item.prepared {
+            Some(p) if !direct => Some(p),
+            _ => None,
+        };
+        if !direct && prepared.is_none() {
             self.load_kv(k, v, b, kh, d, k0, cols, pairs);
         }
         if self.mass.is_some() || rotation.is_some() {
@@ -384,6 +401,7 @@ impl Scratch {
             self.attend_rotated::<FMA, T, K>(
                 rot,
                 (keys, values),
+                prepared.map(|p| (p.keys_f32(b, kh, k0), p.values(b, kh, k0))),
                 mask,
                 shape,
                 (b, h),
@@ -415,10 +433,17 @@ impl Scratch {
         } = self;
         let keys = match pair_tiles {
             Some(tiles) if pairs => TileKeys::Pairs {
-                tiles,
+                q: tiles.queries(),
+                kt: prepared.map_or(tiles.keys(), |p| p.key_pairs(b, kh, k0)),
+                half: dp / 2,
                 scale: item.scale * std::f32::consts::LOG2_E,
             },
             _ => keys,
+        };
+        // The tiles this item loaded, or the call's prepared ones.
+        let (kt, vb): (&[f32], &[f32]) = match prepared {
+            Some(p) => (p.keys_f32(b, kh, k0), p.values(b, kh, k0)),
+            None => (kt, vb),
         };
         // The mass accumulators follow O's rescaling; P of the tile is summed per key segment.
         let hook = |r: usize, alpha: f32, p: &[f32]| {
@@ -426,7 +451,7 @@ impl Scratch {
                 m.follow(r, alpha, p, pieces);
             }
         };
-        let (keys, values) = ((keys, &kt[..]), (values, &vb[..]));
+        let (keys, values) = ((keys, kt), (values, vb));
         attend_tile::<FMA, K, T>(qb, keys, values, s, o, state, dp, rows, cols, partial, masked, hook);
     }
 
@@ -439,6 +464,7 @@ impl Scratch {
         &mut self,
         rot: &QueryRotation<'_>,
         (keys, values): (TileKeys<'a, K>, TileValues<'a, T>),
+        prepared: Option<(&[f32], &[f32])>,
         mask: &HostMask,
         shape: AttentionShape,
         (b, h): (usize, usize),
@@ -459,6 +485,7 @@ impl Scratch {
             rotary,
             ..
         } = self;
+        let (kt, vb): (&[f32], &[f32]) = prepared.unwrap_or((kt, vb));
         let scratch = rotary.as_mut().expect("rotation scratch");
         let at = (b, h, shape.q_len, q0);
         rotated_scores::<FMA, K>(rot, qb, keys, kt, s, scratch, dp, (rows, padded), pieces, at);
@@ -467,7 +494,7 @@ impl Scratch {
         }
         let none = |_: usize, _: usize| false;
         let hook = |_: usize, _: f32, _: &[f32]| {};
-        let values = (values, &vb[..]);
+        let values = (values, vb);
         attend_scored_tile::<FMA, T>(s, values, o, state, dp, rows, cols, false, none, hook);
     }
 

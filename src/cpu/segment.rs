@@ -25,8 +25,9 @@ use std::sync::Mutex;
 use candle_core::Result;
 use rayon::prelude::*;
 
-use super::bf16_pairs::PairTiles;
+use super::bf16_pairs::{pair_scores, PairTiles};
 use super::exp2::exp2;
+use super::kv_tiles::PreparedTiles;
 use super::load::{load_scaled_rows, transpose_rows};
 use super::tile::{lane_sum, scores, softmax_row, RowState, BC, BR, LANES};
 use super::{fma_available, Element, SharedMut, Strided};
@@ -334,6 +335,9 @@ pub(crate) fn segment_mass<T: Element>(
     let use_avx512 = use_fma && super::element::avx512_available();
     let two_pass = plan.algorithm == MassAlgorithm::TwoPass;
     let use_pairs = super::bf16_pairs::applies::<T, T>();
+    // Every key tile transposed once for the whole call (`cpu/kv_tiles.rs`), within the cap.
+    let dp = d.div_ceil(LANES) * LANES;
+    let prepared = PreparedTiles::build::<T, T>(k, None, &shape, dp, use_pairs);
     (0..batch * num_heads * q_tiles).into_par_iter().try_for_each_init(
         || ScoreScratch::new(d, plan.sk, use_pairs),
         |scratch, item| {
@@ -352,6 +356,7 @@ pub(crate) fn segment_mass<T: Element>(
                 (q0, q1),
                 (use_fma, use_avx512),
                 two_pass,
+                prepared.as_ref(),
             );
             // SAFETY: items are disjoint in (b, h, rows).
             unsafe { sink.put(b, h, (q0, q1), &scratch.mass) }
@@ -401,6 +406,7 @@ impl ScoreScratch {
         (q0, q1): (usize, usize),
         (use_fma, use_avx512): (bool, bool),
         two_pass: bool,
+        prepared: Option<&PreparedTiles>,
     ) {
         #[cfg(not(target_arch = "x86_64"))]
         let _ = use_avx512;
@@ -448,7 +454,9 @@ impl ScoreScratch {
                 let (k0, partial) = self.tiles[t];
                 let k1 = (k0 + BC).min(shape.kv_len);
                 let cols = k1 - k0;
-                self.load_k(k, b, kh, d, k0, cols);
+                if prepared.is_none() {
+                    self.load_k(k, b, kh, d, k0, cols);
+                }
                 tile_pieces(mask, b, k0, k1, &mut self.pieces);
                 let masked = |s: &mut [f32], pieces: &[Piece]| mask_tile(s, mask, b, (q0, q1), (k0, k1), pieces);
                 let Self {
@@ -460,10 +468,18 @@ impl ScoreScratch {
                     pairs,
                     ..
                 } = self;
+                // The keys this item loaded, or the call's prepared ones.
+                let pairs = pairs.as_ref().map(|tiles| PairArgs {
+                    q: tiles.queries(),
+                    kt: prepared.map_or(tiles.keys(), |p| p.key_pairs(b, kh, k0)),
+                    half: dp / 2,
+                    scale: scale_log2,
+                });
+                let kt = prepared.map_or(&kt[..], |p| p.keys_f32(b, kh, k0));
                 let tile = TileArgs {
                     q: qb,
                     kt,
-                    pairs: pairs.as_ref().map(|tiles| (tiles, scale_log2)),
+                    pairs,
                     s,
                     dp,
                     rows,
@@ -524,14 +540,23 @@ enum Pass {
 struct TileArgs<'a> {
     q: &'a [f32],
     kt: &'a [f32],
-    /// The bf16 pair tiles and S's scale, when S takes them instead of `q` and `kt`.
-    pairs: Option<(&'a PairTiles, f32)>,
+    /// The bf16 pair tiles, when S takes them instead of `q` and `kt`.
+    pairs: Option<PairArgs<'a>>,
     s: &'a mut [f32],
     dp: usize,
     rows: usize,
     cols: usize,
     partial: bool,
     pieces: &'a TilePieces,
+}
+
+/// S's inputs as bf16 pairs (`cpu/bf16_pairs.rs`): `q` `[BR, half]`, `kt` `[half, BC]`, S times
+/// `scale`.
+struct PairArgs<'a> {
+    q: &'a [u32],
+    kt: &'a [u32],
+    half: usize,
+    scale: f32,
 }
 
 /// One key tile of the standalone op: S = Q K^T, the mask, then the pass's row update.
@@ -555,7 +580,7 @@ fn mass_tile<const FMA: bool>(
         pieces,
     } = t;
     match pairs {
-        Some((tiles, scale)) => tiles.scores(s, rows.div_ceil(SCORE_ROWS), (0, BC), scale),
+        Some(PairArgs { q, kt, half, scale }) => pair_scores(q, kt, half, s, rows.div_ceil(SCORE_ROWS), (0, BC), scale),
         None => scores::<FMA>(q, kt, s, dp, rows.div_ceil(SCORE_ROWS), (0, BC)),
     }
     if partial {

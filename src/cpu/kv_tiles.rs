@@ -1,0 +1,142 @@
+//! Key and value tiles prepared once per call, in the form the prefill tile loops read them:
+//! K^T (`[dp, BC]` f32, or `[dp / 2, BC]` bf16 pairs, `cpu/bf16_pairs.rs`) and V widened to f32
+//! (`[BC, dp]`), for every (batch row, KV head, key tile), zero-padded.
+//!
+//! Without this, every work item (one head's query tile) transposed and widened each key tile it
+//! visits: a key tile was prepared once per query tile and per query head sharing its KV head
+//! (GQA), and the transposes and conversions were ~18% of a bf16 prefill (perf, causal RAG
+//! shape). The tiles take 2 (pairs) or 4 (f32) bytes per key element plus 4 per value element, so
+//! a call whose tiles would pass [`MAX_BYTES_ENV`] (default [`DEFAULT_MAX_MIB`] MiB) keeps the
+//! per-item loads instead. Decode-sized items read K and V rows as stored and never use these.
+
+use rayon::prelude::*;
+
+use super::bf16_pairs::transpose_key_pairs;
+use super::element::{widen_into, Element};
+use super::load::transpose_rows;
+use super::tile::BC;
+use super::Strided;
+use crate::validate::AttentionShape;
+
+/// Set to a number of MiB to cap the prepared tiles of one call (`0`: never prepare them, every
+/// work item loads its own tiles: the path CI's AVX2 run takes). Read once per process.
+pub(crate) const MAX_BYTES_ENV: &str = "SEGATTN_CPU_KV_TILES_MAX_MIB";
+
+/// The default cap: 256 MiB (a 16k-token sequence with 8 KV heads of D 128 needs 96 MiB in bf16).
+pub(crate) const DEFAULT_MAX_MIB: usize = 256;
+
+fn max_bytes() -> usize {
+    static MAX: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *MAX.get_or_init(|| {
+        let mib = std::env::var(MAX_BYTES_ENV)
+            .ok()
+            .and_then(|s| s.parse::<usize>().ok())
+            .unwrap_or(DEFAULT_MAX_MIB);
+        mib.saturating_mul(1 << 20)
+    })
+}
+
+/// The prepared K^T tiles.
+enum KeyTiles {
+    F32(Vec<f32>),
+    Pairs(Vec<u32>),
+}
+
+/// Every key tile of a call, prepared (see the module docs).
+pub(crate) struct PreparedTiles {
+    kv_heads: usize,
+    tiles: usize,
+    /// Words of one K^T tile (f32 or pairs).
+    key_words: usize,
+    keys: KeyTiles,
+    /// Floats of one V tile.
+    value_words: usize,
+    values: Vec<f32>,
+}
+
+impl PreparedTiles {
+    /// The tiles of `k` (as pairs with `pairs`: k must be bf16) and, when given, of `v`; `None`
+    /// when they would take more than the cap.
+    pub fn build<K: Element, T: Element>(
+        k: Strided<'_, K>,
+        v: Option<Strided<'_, T>>,
+        shape: &AttentionShape,
+        dp: usize,
+        pairs: bool,
+    ) -> Option<Self> {
+        let (d, kv_heads) = (shape.head_dim, shape.num_kv_heads);
+        let tiles = shape.kv_len.div_ceil(BC);
+        let slots = shape.batch * kv_heads * tiles;
+        let key_words = if pairs { dp / 2 * BC } else { dp * BC };
+        let value_words = if v.is_some() { BC * dp } else { 0 };
+        let bytes = slots * (key_words + value_words) * 4;
+        if bytes > max_bytes() {
+            return None;
+        }
+        // Slot i is key tile t of KV head kh of batch row b, i = (b * Hkv + kh) * tiles + t.
+        let locate = |i: usize| {
+            let t = i % tiles;
+            let kh = (i / tiles) % kv_heads;
+            let b = i / (tiles * kv_heads);
+            let k0 = t * BC;
+            (b, kh, k0, BC.min(shape.kv_len - k0))
+        };
+        let keys = if pairs {
+            let mut words = vec![0u32; slots * key_words];
+            words.par_chunks_mut(key_words).enumerate().for_each(|(i, slot)| {
+                let (b, kh, k0, cols) = locate(i);
+                transpose_key_pairs(slot, cols, d, |j| k.row(b, k0 + j, kh, d));
+            });
+            KeyTiles::Pairs(words)
+        } else {
+            let mut words = vec![0f32; slots * key_words];
+            words.par_chunks_mut(key_words).enumerate().for_each(|(i, slot)| {
+                let (b, kh, k0, cols) = locate(i);
+                transpose_rows(slot, cols, d, |j| k.row(b, k0 + j, kh, d));
+            });
+            KeyTiles::F32(words)
+        };
+        let mut values = vec![0f32; slots * value_words];
+        if let Some(v) = v {
+            values.par_chunks_mut(value_words).enumerate().for_each(|(i, slot)| {
+                let (b, kh, k0, cols) = locate(i);
+                for j in 0..cols {
+                    widen_into(&mut slot[j * dp..j * dp + d], v.row(b, k0 + j, kh, d));
+                }
+            });
+        }
+        Some(Self {
+            kv_heads,
+            tiles,
+            key_words,
+            keys,
+            value_words,
+            values,
+        })
+    }
+
+    fn slot(&self, b: usize, kh: usize, k0: usize) -> usize {
+        (b * self.kv_heads + kh) * self.tiles + k0 / BC
+    }
+
+    /// K^T of the key tile starting at `k0` (f32 tiles; empty for pair tiles).
+    pub fn keys_f32(&self, b: usize, kh: usize, k0: usize) -> &[f32] {
+        match &self.keys {
+            KeyTiles::F32(w) => &w[self.slot(b, kh, k0) * self.key_words..][..self.key_words],
+            KeyTiles::Pairs(_) => &[],
+        }
+    }
+
+    /// K^T pairs of the key tile starting at `k0` (pair tiles; empty for f32 tiles).
+    pub fn key_pairs(&self, b: usize, kh: usize, k0: usize) -> &[u32] {
+        match &self.keys {
+            KeyTiles::Pairs(w) => &w[self.slot(b, kh, k0) * self.key_words..][..self.key_words],
+            KeyTiles::F32(_) => &[],
+        }
+    }
+
+    /// V of the key tile starting at `k0`, widened (empty when the tiles were built without V).
+    pub fn values(&self, b: usize, kh: usize, k0: usize) -> &[f32] {
+        &self.values[self.slot(b, kh, k0) * self.value_words..][..self.value_words]
+    }
+}
