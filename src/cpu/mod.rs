@@ -20,6 +20,7 @@ pub(crate) mod segment;
 mod simd;
 pub(crate) mod softmax_grad;
 mod tile;
+mod tile512;
 
 use candle_core::{Layout, Result};
 use rayon::prelude::*;

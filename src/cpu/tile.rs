@@ -140,6 +140,10 @@ pub(crate) fn scores<const FMA: bool>(
     (c_begin, c_end): (usize, usize),
 ) {
     debug_assert!(c_begin % LANES == 0 && c_end % LANES == 0 && c_end <= BC);
+    if FMA && super::tile512::available() {
+        // 8 accumulators of 16 lanes: the same sums in the same order (`cpu/tile512.rs`).
+        return super::tile512::scores(q, kt, s, dp, row_blocks, (c_begin, c_end));
+    }
     for rb in 0..row_blocks {
         let r0 = rb * ROWS;
         // Rows and columns sliced once to their exact lengths, so that the inner loop carries no
@@ -295,6 +299,10 @@ pub(crate) fn lane_max(x: &[f32]) -> f32 {
 /// O[r, :] += sum_j P[r, j] V[j, :] over the first `cols` keys.
 #[inline(always)]
 fn accumulate_pv<const FMA: bool>(p: &[f32], v: &[f32], o: &mut [f32], dp: usize, row_blocks: usize, cols: usize) {
+    if FMA && super::tile512::available() {
+        // 8 accumulators of 16 lanes: the same sums in the same order (`cpu/tile512.rs`).
+        return super::tile512::accumulate_pv(p, v, o, dp, row_blocks, cols);
+    }
     for rb in 0..row_blocks {
         let r0 = rb * ROWS;
         for c0 in (0..dp).step_by(LANES) {
