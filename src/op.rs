@@ -135,11 +135,7 @@ impl<'a> SegmentAttention<'a> {
 
     /// Runs the fused attention.
     pub fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<AttentionOutput> {
-        let shape = if self.rotation.is_some() {
-            AttentionShape::of_rotated_keys(q, k, v)?
-        } else {
-            AttentionShape::of(q, k, v)?
-        };
+        let shape = AttentionShape::of(q, k, v)?;
         let scale = self.scale.unwrap_or_else(|| default_scale(shape.head_dim));
         if !scale.is_finite() {
             invalid_arg!("scale: expected a finite number, got {scale}");
@@ -464,8 +460,8 @@ impl AttentionOp<'_> {
         Ok(lse)
     }
 
-    /// The CPU path on q, v of element type `T` and k of `K` (the same type, except PINE's prefill:
-    /// 16-bit q and v with K rotated once in f32, [`AttentionShape::of_rotated_keys`]).
+    /// The CPU path on q, v of element type `T` and k of `K` (the same type; the kernels keep them
+    /// apart).
     fn cpu_typed<T: Element + candle_core::WithDType, K: Element + candle_core::WithDType>(
         &self,
         (q, ql): (&CpuStorage, &Layout),
@@ -575,13 +571,6 @@ impl CustomOp3 for AttentionOp<'_> {
             (DType::F32, DType::F32) => self.cpu_typed::<f32, f32>(args.0, args.1, args.2)?,
             (DType::F16, DType::F16) => self.cpu_typed::<f16, f16>(args.0, args.1, args.2)?,
             (DType::BF16, DType::BF16) => self.cpu_typed::<bf16, bf16>(args.0, args.1, args.2)?,
-            // PINE's prefill: K rotated once, kept in f32 (validated in `forward`).
-            (DType::F16, DType::F32) if self.rotation.is_some() => {
-                self.cpu_typed::<f16, f32>(args.0, args.1, args.2)?
-            }
-            (DType::BF16, DType::F32) if self.rotation.is_some() => {
-                self.cpu_typed::<bf16, f32>(args.0, args.1, args.2)?
-            }
             (other, _) => invalid_arg!("q: expected dtype f32, f16 or bf16 (k the same), got {other:?}"),
         };
         let s = self.shape;

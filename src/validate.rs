@@ -27,17 +27,6 @@ pub struct AttentionShape {
 impl AttentionShape {
     /// Validates q, k, v and returns their sizes.
     pub fn of(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Self> {
-        Self::of_keys(q, k, v, false)
-    }
-
-    /// [`AttentionShape::of`] for PINE's rotated attention, where on the CPU k may also be f32
-    /// with 16-bit q and v (K rotated once and kept in f32: no second rounding, no f32 copies of
-    /// q and v).
-    pub(crate) fn of_rotated_keys(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Self> {
-        Self::of_keys(q, k, v, q.device().is_cpu() && k.dtype() == DType::F32)
-    }
-
-    fn of_keys(q: &Tensor, k: &Tensor, v: &Tensor, f32_keys: bool) -> Result<Self> {
         for (name, t) in [("q", q), ("k", k), ("v", v)] {
             if t.rank() != 4 {
                 let want = if name == "q" {
@@ -53,7 +42,7 @@ impl AttentionShape {
             invalid_arg!("q: expected dtype f32, f16 or bf16, got {dtype:?}");
         }
         for (name, t) in [("k", k), ("v", v)] {
-            if t.dtype() != dtype && !(f32_keys && name == "k") {
+            if t.dtype() != dtype {
                 invalid_arg!("{name}: expected dtype {dtype:?} (the dtype of q), got {:?}", t.dtype());
             }
             if t.device().location() != q.device().location() {

@@ -101,6 +101,13 @@ impl PairTiles {
         transpose_key_pairs(&mut self.kt, cols, d, row);
     }
 
+    /// Query rows already in f32 (`rows` of `src`, `dp` apart: PINE's queries turned to their
+    /// positions, scaled) as pairs, each value rounded to bf16 ([`round_into_pairs`]); S then
+    /// takes scale 1.
+    pub fn round_queries(&mut self, src: &[f32], rows: usize, dp: usize) {
+        round_into_pairs(&mut self.q[..rows * self.half], &src[..rows * dp]);
+    }
+
     /// The query tile's pairs (`[BR, dp / 2]`).
     pub fn queries(&self) -> &[u32] {
         &self.q
@@ -109,6 +116,36 @@ impl PairTiles {
     /// This tile's K^T pairs (`[dp / 2, BC]`).
     pub fn keys(&self) -> &[u32] {
         &self.kt
+    }
+}
+
+/// `src` (an even number of f32, a multiple of 32) rounded to bf16 (to nearest, ties to even, as
+/// the tensor cores' inputs are), consecutive values paired into the words of `dst`: the layout of
+/// a row of bf16 read as words. One rounding of each value: the queries PINE turns in f32.
+pub(crate) fn round_into_pairs(dst: &mut [u32], src: &[f32]) {
+    assert!(src.len() == 2 * dst.len() && src.len().is_multiple_of(2 * LANES));
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: AVX-512F and BF16 (`available()`, the condition for using pairs); lengths asserted.
+    unsafe {
+        round_avx512bf16(dst, src)
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("bf16 pairs are x86_64 only");
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn round_avx512bf16(dst: &mut [u32], src: &[f32]) {
+    use std::arch::x86_64::*;
+    for (words, values) in dst.chunks_exact_mut(LANES).zip(src.chunks_exact(2 * LANES)) {
+        // SAFETY: 32 floats read, 16 words written (chunk lengths); unaligned loads and stores.
+        unsafe {
+            let lo = _mm512_loadu_ps(values.as_ptr());
+            let hi = _mm512_loadu_ps(values.as_ptr().add(LANES));
+            // The second operand's 16 values go to the low half: memory order kept.
+            let both = _mm512_cvtne2ps_pbh(hi, lo);
+            _mm512_storeu_si512(words.as_mut_ptr().cast(), std::mem::transmute::<__m512bh, __m512i>(both));
+        }
     }
 }
 

@@ -106,9 +106,9 @@ pub(crate) fn forward<T: Element, K: Element>(
     let lse_ptr = SharedMut(lse.as_mut_ptr());
     let use_fma = fma_available();
     let use_avx512 = use_fma && element::avx512_available();
-    // S of bf16 inputs from bf16 pairs where the CPU has AVX-512 BF16; not under a rotation,
-    // whose queries are turned in f32.
-    let use_bf16_pairs = rotation.is_none() && bf16_pairs::applies::<T, K>();
+    // S of bf16 inputs from bf16 pairs where the CPU has AVX-512 BF16 (under a rotation, from
+    // the queries turned in f32 and rounded to bf16, as the GPU's tensor cores take them).
+    let use_bf16_pairs = bf16_pairs::applies::<T, K>();
     let sink = mass.map(|plan| MassSink::new(plan, mask, q_len));
     // Every key tile transposed and widened once for the whole call, unless every item is
     // decode-sized (those read K and V rows as stored) or the tiles would pass the cap.
@@ -199,7 +199,7 @@ struct Item<'a, 'r, T, K = T> {
     /// It also has AVX-512F: the item runs in the AVX-512 build ([`element::avx512_available`]).
     use_avx512: bool,
     /// q and k are bf16 and the CPU has AVX-512 BF16: S of prefill-sized tiles from bf16 pairs
-    /// ([`bf16_pairs`]; never under a rotation).
+    /// ([`bf16_pairs`]).
     use_bf16_pairs: bool,
     /// The call's key and value tiles, when prepared once for all items ([`kv_tiles`]); else each
     /// item loads the tiles it visits into its scratch.
@@ -249,7 +249,7 @@ impl Scratch {
             o: vec![0.0; BR * dp],
             mass: mass_segments.map(MassRows::new),
             pieces: TilePieces::default(),
-            rotary: rotary.then(|| RotaryScratch::new(BR, dp)),
+            rotary: rotary.then(|| RotaryScratch::new(BR, dp, bf16_pairs)),
             pairs: bf16_pairs.then(|| PairTiles::new(BR, dp)),
         }
     }
@@ -313,8 +313,8 @@ impl Scratch {
         // Only the row blocks the loops compute are read (a decode item: one block of 4 rows, not
         // the 64 of a tile; zeroing all of q and O cost ~2% of a decode step).
         let used = rows.div_ceil(ROWS) * ROWS * dp;
-        if item.pairs() {
-            // S reads only the pair tiles; the scale is applied to S.
+        if item.pairs() && rotation.is_none() {
+            // S reads only the pair tiles, exact bf16 inputs; the scale is applied to S.
             let pairs = self.pairs.as_mut().expect("bf16 pair tiles");
             pairs.load_queries(rows, d, |r| q.row(b, q0 + r, h, d));
         } else {
@@ -325,6 +325,12 @@ impl Scratch {
             rot.rotate_base(&mut self.q, dp, rows, b, h, shape.q_len, q0);
             if let Some(scratch) = &mut self.rotary {
                 scratch.new_query_tile();
+            }
+            if item.pairs() {
+                // The rows at their own positions (scaled), rounded to pairs for the pieces whose
+                // shift is 0; turned rows are rounded as they are turned.
+                let pairs = self.pairs.as_mut().expect("bf16 pair tiles");
+                pairs.round_queries(&self.q, rows.div_ceil(ROWS) * ROWS, dp);
             }
         }
         self.o[..used].fill(0.0);
@@ -402,7 +408,8 @@ impl Scratch {
             self.attend_rotated::<FMA, T, K>(
                 rot,
                 (keys, values),
-                prepared.map(|p| (p.keys_f32(b, kh, k0), p.values(b, kh, k0))),
+                prepared.map(|p| (p.keys_f32(b, kh, k0), p.key_pairs(b, kh, k0), p.values(b, kh, k0))),
+                pairs,
                 mask,
                 shape,
                 (b, h),
@@ -465,7 +472,8 @@ impl Scratch {
         &mut self,
         rot: &QueryRotation<'_>,
         (keys, values): (TileKeys<'a, K>, TileValues<'a, T>),
-        prepared: Option<(&[f32], &[f32])>,
+        prepared: Option<(&[f32], &[u32], &[f32])>,
+        pairs: bool,
         mask: &HostMask,
         shape: AttentionShape,
         (b, h): (usize, usize),
@@ -484,12 +492,18 @@ impl Scratch {
             o,
             pieces,
             rotary,
+            pairs: pair_tiles,
             ..
         } = self;
-        let (kt, vb): (&[f32], &[f32]) = prepared.unwrap_or((kt, vb));
+        // The tiles this item loaded, or the call's prepared ones.
+        let (kt, vb): (&[f32], &[f32]) = prepared.map_or((kt, vb), |(kt, _, vb)| (kt, vb));
+        let pair_args = match pair_tiles {
+            Some(tiles) if pairs => Some((tiles.queries(), prepared.map_or(tiles.keys(), |(_, kt2, _)| kt2))),
+            _ => None,
+        };
         let scratch = rotary.as_mut().expect("rotation scratch");
         let at = (b, h, shape.q_len, q0);
-        rotated_scores::<FMA, K>(rot, qb, keys, kt, s, scratch, dp, (rows, padded), pieces, at);
+        rotated_scores::<FMA, K>(rot, qb, keys, kt, s, scratch, dp, (rows, padded), pieces, at, pair_args);
         if class == TileClass::Partial {
             mask_tile(s, mask, b, (q0, q1), (k0, k1), &pieces.list);
         }

@@ -7,6 +7,7 @@
 //! S are computed with them. A tile that straddles two segments gets each piece's columns from its
 //! own rotation: exact, whatever the tile boundaries.
 
+use super::bf16_pairs::round_into_pairs;
 use super::segment::TilePieces;
 use super::tile::{tile_scores, TileKeys, BC};
 use super::Element;
@@ -59,13 +60,16 @@ pub(crate) struct RotaryScratch {
 }
 
 impl RotaryScratch {
-    pub fn new(br: usize, dp: usize) -> Self {
+    /// Buffers for tiles of `br` rows of `dp`; with `pairs`, each turned tile is also kept as bf16
+    /// pairs (`cpu/bf16_pairs.rs`).
+    pub fn new(br: usize, dp: usize, pairs: bool) -> Self {
         Self {
             s: vec![0.0; br * BC],
             turned: TurnedQueries {
                 slots: [(); TURNED_SLOTS].map(|_| TurnedSlot {
                     id: None,
                     q: vec![0.0; br * dp],
+                    pairs: if pairs { vec![0; br * dp / 2] } else { Vec::new() },
                 }),
                 next: 0,
             },
@@ -95,6 +99,8 @@ struct TurnedSlot {
     /// The key segment; `None`: empty.
     id: Option<u32>,
     q: Vec<f32>,
+    /// `q` rounded to bf16 pairs, when S takes pairs (else empty).
+    pairs: Vec<u32>,
 }
 
 /// Segments remembered: a tile straddling two segments needs the last one's rotation and the
@@ -139,6 +145,9 @@ impl TurnedQueries {
                 table.rotate_row(&mut qr[r * dp..(r + 1) * dp], sh);
             }
         }
+        if !slot.pairs.is_empty() {
+            round_into_pairs(&mut slot.pairs[..row_blocks_rows * dp / 2], qr);
+        }
         PieceQueries::Slot(i)
     }
 }
@@ -153,7 +162,7 @@ impl TurnedQueries {
 pub(crate) fn rotated_scores<const FMA: bool, T: Element>(
     rot: &QueryRotation<'_>,
     q: &[f32],
-    keys: TileKeys<'_, T>,
+    keys_f32: TileKeys<'_, T>,
     kt: &[f32],
     s: &mut [f32],
     scratch: &mut RotaryScratch,
@@ -161,6 +170,7 @@ pub(crate) fn rotated_scores<const FMA: bool, T: Element>(
     (rows, row_blocks_rows): (usize, usize),
     pieces: &TilePieces,
     (b, h, q_len, q0): (usize, usize, usize, usize),
+    pairs: Option<(&[u32], &[u32])>,
 ) {
     let row_blocks = row_blocks_rows / super::tile::ROWS;
     let single = pieces.list.len() == 1;
@@ -169,11 +179,24 @@ pub(crate) fn rotated_scores<const FMA: bool, T: Element>(
         let shift = |r: usize| rot.shift(b, h, q_len, q0 + r, piece.id) as usize;
         let cols = (piece.a, piece.b);
         let dst: &mut [f32] = if single { s } else { piece_s };
-        let queries = match turned.for_segment(piece.id, q, (rows, row_blocks_rows, dp), shift, rot.table) {
-            PieceQueries::Base => q,
-            PieceQueries::Slot(i) => &turned.slots[i].q,
+        let slot = turned.for_segment(piece.id, q, (rows, row_blocks_rows, dp), shift, rot.table);
+        let (queries, query_pairs) = match slot {
+            PieceQueries::Base => (q, pairs.map(|(base, _)| base)),
+            PieceQueries::Slot(i) => (&turned.slots[i].q[..], Some(&turned.slots[i].pairs[..])),
         };
-        tile_scores::<FMA, T>(keys, queries, kt, dst, dp, (rows, row_blocks), cols);
+        match (pairs, query_pairs) {
+            // With pairs: the rows' pairs (rounded, already scaled) against the K^T pairs.
+            (Some((_, kt_pairs)), Some(q_pairs)) => {
+                let keys = TileKeys::Pairs {
+                    q: q_pairs,
+                    kt: kt_pairs,
+                    half: dp / 2,
+                    scale: 1.0,
+                };
+                tile_scores::<FMA, T>(keys, queries, kt, dst, dp, (rows, row_blocks), cols)
+            }
+            _ => tile_scores::<FMA, T>(keys_f32, queries, kt, dst, dp, (rows, row_blocks), cols),
+        }
         if !single {
             for r in 0..rows {
                 let (a, e) = (r * BC + piece.a, r * BC + piece.b);

@@ -25,7 +25,7 @@ mod scheme;
 pub(crate) mod shifts;
 mod step;
 
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{Device, Result, Tensor};
 
 pub use rope::{Llama3Scaling, Rope};
 pub use scheme::PositionScheme;
@@ -189,15 +189,10 @@ impl PineAttention {
             return head_dim::unpad_output(padded.prefill(&pad(q)?, &pad(k)?, &pad(v)?)?, shape.head_dim);
         }
         self.check_gpu_kernels(q, &shape)?;
-        if self.scheme != PositionScheme::Pine || !q.device().is_cpu() {
-            // The GPU kernels take the 16-bit dtype: K rotated once, rounded to it.
-            return self.attend(q, k, &self.rotate_keys(k)?, v, &shape);
-        }
-        // CPU: K rotated once, kept in f32 (no second rounding of 16-bit inputs); the fused attention
-        // reads q and v in their own dtype and K in f32 (f32 copies of q and v cost ~70 ms and
-        // 4 bytes a value at the RAG prompt).
-        let k_rot = self.rotate_rows(k, 0, shape.kv_len, false)?;
-        self.attend(q, k, &k_rot, v, &shape)
+        // K rotated once (in f32) and rounded to the inputs' dtype, as a decode step's cache is,
+        // on the CPU as on the GPU: the attention reads q, k and v in one dtype (16-bit K tiles
+        // take the CPU's bf16 pair loops, `cpu/bf16_pairs.rs`).
+        self.attend(q, k, &self.rotate_keys(k)?, v, &shape)
     }
 
     /// One decode (or chunked suffix) step: q `[B, Lq, H, D]` un-rotated, the last `Lq` tokens;
@@ -393,13 +388,13 @@ impl PineAttention {
                 }
             }
             ScoreKeys::Plain(k_plain) => {
-                // f32 on the CPU (exact); the GPU's scores kernel takes the inputs' 16-bit dtype.
-                let plain = if q.device().is_cpu() { DType::F32 } else { q.dtype() };
-                let (q_plain, k_plain) = (q.to_dtype(plain)?, k_plain.to_dtype(plain)?);
+                // In the inputs' dtype: the scores op computes in f32 from any of them (16-bit
+                // values widen exactly; bf16 on AVX-512 BF16 as exact pair products), and k is
+                // un-rotated here, so q and k share it.
                 let masks = step.scoring_masks(q.device())?;
                 importance::importance(
-                    &q_plain,
-                    &k_plain,
+                    q,
+                    k_plain,
                     extended,
                     &masks,
                     self.scale_for(shape),

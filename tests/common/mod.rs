@@ -26,9 +26,9 @@ pub fn one_rounding_tolerance(dtype: DType) -> (f64, f64) {
     }
 }
 
-/// Tolerance of the CUDA kernels' PINE attention against the oracle: K rotated once and rounded
-/// to the dtype, and each turned query rounded to the dtype for the tensor cores (two roundings
-/// more than [`tolerance`] covers).
+/// Tolerance of PINE's attention against the oracle (CUDA kernels, and the CPU's): K rotated once
+/// and rounded to the dtype, and each turned query rounded to the dtype for the tensor cores (or
+/// the CPU's bf16 pair loops): two roundings more than [`tolerance`] covers.
 pub fn rotated_tolerance(dtype: DType) -> (f64, f64) {
     match dtype {
         DType::F16 => (4e-3, 8e-3),
@@ -37,7 +37,7 @@ pub fn rotated_tolerance(dtype: DType) -> (f64, f64) {
     }
 }
 
-/// LSE tolerance of the CUDA kernels' PINE attention (see [`rotated_tolerance`]).
+/// LSE tolerance of PINE's attention (see [`rotated_tolerance`]).
 pub fn rotated_lse_tolerance(dtype: DType) -> f64 {
     match dtype {
         DType::BF16 => 1e-2,

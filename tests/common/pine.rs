@@ -20,7 +20,9 @@ pub struct PineTolerance {
 /// Which implementation a PINE result comes from.
 #[derive(Clone, Copy, Debug)]
 pub enum PinePath {
-    /// The fused CPU path: f32 throughout, K rotated once in f32.
+    /// The fused CPU path: f32 arithmetic, K rotated once and rounded to the input dtype (as a
+    /// decode step's cache is); with bf16 on AVX-512 BF16 CPUs each turned query is rounded to
+    /// bf16 as well (`cpu/bf16_pairs.rs`), as the GPU's tensor cores take it.
     Cpu,
     /// The CUDA kernels under the emulator: K rotated and rounded to the 16-bit input dtype, as
     /// a GPU cache stores it; importance with f16 probabilities in its segment sums.
@@ -39,12 +41,8 @@ impl PineTolerance {
     /// 1.2e-4 gap; a margin above that left out most rows of 30-segment layouts, whose random
     /// scores sit close: the mass kernel now sums two terms.)
     pub fn of(path: PinePath, dtype: DType) -> Self {
-        let ((atol, rtol), lse_atol) = match path {
-            PinePath::Cpu => (super::tolerance(dtype), super::lse_tolerance(dtype)),
-            PinePath::Emulated | PinePath::Gpu => {
-                (super::rotated_tolerance(dtype), super::rotated_lse_tolerance(dtype))
-            }
-        };
+        // Every path rounds the rotated K (and may round turned queries) to 16-bit inputs' dtype.
+        let ((atol, rtol), lse_atol) = (super::rotated_tolerance(dtype), super::rotated_lse_tolerance(dtype));
         let min_margin = match path {
             PinePath::Cpu | PinePath::Emulated => 1e-5,
             PinePath::Gpu => 1e-4,
