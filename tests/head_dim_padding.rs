@@ -94,8 +94,9 @@ proptest! {
         assert_close(&got.out, &want.out, tolerance(dtype), &format!("out {what}"))?;
         let lse_tol = lse_tolerance(dtype);
         assert_close(got.lse.as_ref().unwrap(), &want.lse, (lse_tol, 0.0), &format!("lse {what}"))?;
-        // Against the unpadded call: at most one rounding apart (16-bit outputs), ~1e-6 in f32.
-        let (atol, rtol) = common::one_rounding_tolerance(dtype);
+        // Against the unpadded call: one rounding apart, and for bf16 P's rounding where only one of
+        // them takes the tile loops (`cpu_paths_tolerance`); ~1e-6 in f32.
+        let (atol, rtol) = common::cpu_paths_tolerance(dtype);
         assert_close(&got.out, &native.out, (atol.max(1e-6), rtol.max(1e-5)), &format!("vs unpadded {what}"))?;
 
         let (_, lq, h, _) = case.q.dims4()?;
@@ -213,7 +214,7 @@ fn padded_pine_matches_unpadded() -> Result<()> {
         };
         let (pre, lse, k_cache, step) = padded(|| run(&pine))?;
         let (pre0, lse0, k_cache0, step0) = run(&pine)?;
-        let (atol, rtol) = common::one_rounding_tolerance(dtype);
+        let (atol, rtol) = common::cpu_paths_tolerance(dtype);
         let near = (atol.max(1e-5), rtol.max(1e-4));
         assert_close(&k_cache, &k_cache0, near, &format!("rotated keys {what}"))?;
         assert_close(&pre, &pre0, near, &format!("prefill {what}"))?;

@@ -60,12 +60,14 @@ fn pair(row: &[u16], p: usize) -> u32 {
     lo | (hi << 16)
 }
 
-/// A query tile and a key tile as bf16 pairs, per thread, reused across tiles.
+/// A query tile, a key tile and a value tile as bf16 pairs, per thread, reused across tiles.
 pub(crate) struct PairTiles {
     /// Words per row of Q (and rows of K^T): `dp / 2`.
     half: usize,
     q: Vec<u32>,
     kt: Vec<u32>,
+    /// V as pairs of keys (`[BC / 2, dp]`, [`pair_value_rows`]).
+    vp: Vec<u32>,
 }
 
 impl PairTiles {
@@ -76,6 +78,7 @@ impl PairTiles {
             half,
             q: vec![0; br * half],
             kt: vec![0; half * BC],
+            vp: vec![0; BC / 2 * dp],
         }
     }
 
@@ -106,6 +109,17 @@ impl PairTiles {
     /// takes scale 1.
     pub fn round_queries(&mut self, src: &[f32], rows: usize, dp: usize) {
         round_into_pairs(&mut self.q[..rows * self.half], &src[..rows * dp]);
+    }
+
+    /// Values `row(0..cols)` (`d` elements each) as this tile's key pairs ([`pair_value_rows`]).
+    pub fn load_values<'a, T: Element>(&mut self, cols: usize, d: usize, row: impl Fn(usize) -> &'a [T]) {
+        let dp = 2 * self.half;
+        pair_value_rows(&mut self.vp, cols, d, dp, row);
+    }
+
+    /// This tile's values as key pairs (`[BC / 2, dp]`).
+    pub fn values(&self) -> &[u32] {
+        &self.vp
     }
 
     /// The query tile's pairs (`[BR, dp / 2]`).
@@ -144,7 +158,117 @@ unsafe fn round_avx512bf16(dst: &mut [u32], src: &[f32]) {
             let hi = _mm512_loadu_ps(values.as_ptr().add(LANES));
             // The second operand's 16 values go to the low half: memory order kept.
             let both = _mm512_cvtne2ps_pbh(hi, lo);
-            _mm512_storeu_si512(words.as_mut_ptr().cast(), std::mem::transmute::<__m512bh, __m512i>(both));
+            _mm512_storeu_si512(
+                words.as_mut_ptr().cast(),
+                std::mem::transmute::<__m512bh, __m512i>(both),
+            );
+        }
+    }
+}
+
+/// Values `row(0..cols)` (`d` elements each) paired by keys into `vp` (`[BC / 2, dp]`): word
+/// `(j / 2, c)` holds element `c` of values `j` (low half) and `j + 1` (high half), the layout in
+/// which P V takes two keys per multiply-add. Zero past `cols` keys and `d` dims.
+pub(crate) fn pair_value_rows<'a, T: Element>(
+    vp: &mut [u32],
+    cols: usize,
+    d: usize,
+    dp: usize,
+    row: impl Fn(usize) -> &'a [T],
+) {
+    vp.fill(0);
+    for jp in 0..cols.div_ceil(2) {
+        let lo = bits(&row(2 * jp)[..d]);
+        let words = &mut vp[jp * dp..jp * dp + d];
+        if 2 * jp + 1 < cols {
+            let hi = bits(&row(2 * jp + 1)[..d]);
+            for ((w, &a), &b) in words.iter_mut().zip(lo).zip(hi) {
+                *w = a as u32 | (b as u32) << 16;
+            }
+        } else {
+            for (w, &a) in words.iter_mut().zip(lo) {
+                *w = a as u32;
+            }
+        }
+    }
+}
+
+/// O[r, :] += sum_j P[r, j] V[j, :] over the first `cols` keys, for the first
+/// `row_blocks * ROWS` rows: P (f32, `[rows, BC]`, zero past `cols`) rounded to bf16 (as the GPU
+/// kernels feed it to the tensor cores), V as key pairs (`[BC / 2, dp]`, [`pair_value_rows`]),
+/// sums in f32.
+pub(crate) fn accumulate_pv_pairs(p: &[f32], vp: &[u32], o: &mut [f32], dp: usize, row_blocks: usize, cols: usize) {
+    assert!(dp.is_multiple_of(LANES) && cols <= BC);
+    assert!(row_blocks * ROWS * BC <= p.len() && BC / 2 * dp <= vp.len() && row_blocks * ROWS * dp <= o.len());
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: the CPU has AVX-512F and BF16 (`available()`, the condition for using pairs); the
+    // bounds are asserted above.
+    unsafe {
+        pv_avx512bf16(p, vp, o, dp, row_blocks, cols)
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("bf16 pairs are x86_64 only");
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn pv_avx512bf16(p: &[f32], vp: &[u32], o: &mut [f32], dp: usize, row_blocks: usize, cols: usize) {
+    use std::arch::x86_64::*;
+    let pairs = cols.div_ceil(2);
+    let as_bh = |x: __m512i| unsafe { std::mem::transmute::<__m512i, __m512bh>(x) };
+    for rb in 0..row_blocks {
+        let r0 = rb * ROWS;
+        // The block's rows of P as pairs of keys (P is zero past `cols`: an odd last key pairs
+        // with a zero).
+        let mut pw = [[0u32; BC / 2]; ROWS];
+        for (rr, words) in pw.iter_mut().enumerate() {
+            round_into_pairs(words, &p[(r0 + rr) * BC..(r0 + rr + 1) * BC]);
+        }
+        let mut c = 0;
+        while c < dp {
+            let wide = c + 2 * LANES <= dp;
+            let at = |rr: usize| (r0 + rr) * dp + c;
+            // SAFETY (loads and stores of o and vp): rows < row_blocks * ROWS of o, columns
+            // c .. c + 16 (or 32 when `wide`) <= dp; rows jp < BC / 2 of vp (asserted lengths).
+            let mut acc: [[__m512; 2]; ROWS] = std::array::from_fn(|rr| {
+                let x = o[at(rr)..].as_ptr();
+                unsafe {
+                    [
+                        _mm512_loadu_ps(x),
+                        if wide {
+                            _mm512_loadu_ps(x.add(LANES))
+                        } else {
+                            _mm512_setzero_ps()
+                        },
+                    ]
+                }
+            });
+            for jp in 0..pairs {
+                let v = vp[jp * dp + c..].as_ptr();
+                let v0 = as_bh(unsafe { _mm512_loadu_si512(v.cast()) });
+                let v1 = if wide {
+                    as_bh(unsafe { _mm512_loadu_si512(v.add(LANES).cast()) })
+                } else {
+                    v0
+                };
+                for (acc_row, words) in acc.iter_mut().zip(&pw) {
+                    let pj = as_bh(_mm512_set1_epi32(words[jp] as i32));
+                    acc_row[0] = _mm512_dpbf16_ps(acc_row[0], pj, v0);
+                    if wide {
+                        acc_row[1] = _mm512_dpbf16_ps(acc_row[1], pj, v1);
+                    }
+                }
+            }
+            for (rr, a) in acc.iter().enumerate() {
+                let x = o[at(rr)..].as_mut_ptr();
+                unsafe {
+                    _mm512_storeu_ps(x, a[0]);
+                    if wide {
+                        _mm512_storeu_ps(x.add(LANES), a[1]);
+                    }
+                }
+            }
+            c += if wide { 2 * LANES } else { LANES };
         }
     }
 }
@@ -354,6 +478,22 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    /// The rounding of turned queries and of P: to nearest bf16, ties to even, as `half` rounds
+    /// (normal values; the instruction flushes denormals).
+    #[test]
+    fn rounding_matches_half() {
+        if !available() {
+            return;
+        }
+        let src: Vec<f32> = (0..256).map(|i| ((i as f32) * 0.7311).sin() * 3.0 + 1e-3).collect();
+        let mut words = vec![0u32; 128];
+        round_into_pairs(&mut words, &src);
+        for (i, x) in src.iter().enumerate() {
+            let got = (words[i / 2] >> (16 * (i % 2))) as u16;
+            assert_eq!(got, bf16::from_f32(*x).to_bits(), "value {i}: {x}");
         }
     }
 }

@@ -11,7 +11,7 @@
 
 use rayon::prelude::*;
 
-use super::bf16_pairs::transpose_key_pairs;
+use super::bf16_pairs::{pair_value_rows, transpose_key_pairs};
 use super::element::{widen_into, Element};
 use super::load::transpose_rows;
 use super::tile::BC;
@@ -36,8 +36,8 @@ fn max_bytes() -> usize {
     })
 }
 
-/// The prepared K^T tiles.
-enum KeyTiles {
+/// The prepared K^T or V tiles: f32, or bf16 pairs.
+enum Words {
     F32(Vec<f32>),
     Pairs(Vec<u32>),
 }
@@ -48,10 +48,10 @@ pub(crate) struct PreparedTiles {
     tiles: usize,
     /// Words of one K^T tile (f32 or pairs).
     key_words: usize,
-    keys: KeyTiles,
-    /// Floats of one V tile.
+    keys: Words,
+    /// Words of one V tile (f32 `[BC, dp]`, or pairs of keys `[BC / 2, dp]`).
     value_words: usize,
-    values: Vec<f32>,
+    values: Words,
 }
 
 impl PreparedTiles {
@@ -68,7 +68,11 @@ impl PreparedTiles {
         let tiles = shape.kv_len.div_ceil(BC);
         let slots = shape.batch * kv_heads * tiles;
         let key_words = if pairs { dp / 2 * BC } else { dp * BC };
-        let value_words = if v.is_some() { BC * dp } else { 0 };
+        let value_words = match (&v, pairs) {
+            (None, _) => 0,
+            (Some(_), false) => BC * dp,
+            (Some(_), true) => BC / 2 * dp,
+        };
         let bytes = slots * (key_words + value_words) * 4;
         if bytes > max_bytes() {
             return None;
@@ -87,24 +91,36 @@ impl PreparedTiles {
                 let (b, kh, k0, cols) = locate(i);
                 transpose_key_pairs(slot, cols, d, |j| k.row(b, k0 + j, kh, d));
             });
-            KeyTiles::Pairs(words)
+            Words::Pairs(words)
         } else {
             let mut words = vec![0f32; slots * key_words];
             words.par_chunks_mut(key_words).enumerate().for_each(|(i, slot)| {
                 let (b, kh, k0, cols) = locate(i);
                 transpose_rows(slot, cols, d, |j| k.row(b, k0 + j, kh, d));
             });
-            KeyTiles::F32(words)
+            Words::F32(words)
         };
-        let mut values = vec![0f32; slots * value_words];
-        if let Some(v) = v {
-            values.par_chunks_mut(value_words).enumerate().for_each(|(i, slot)| {
-                let (b, kh, k0, cols) = locate(i);
-                for j in 0..cols {
-                    widen_into(&mut slot[j * dp..j * dp + d], v.row(b, k0 + j, kh, d));
-                }
-            });
-        }
+        let values = match v {
+            Some(v) if pairs => {
+                let mut words = vec![0u32; slots * value_words];
+                words.par_chunks_mut(value_words).enumerate().for_each(|(i, slot)| {
+                    let (b, kh, k0, cols) = locate(i);
+                    pair_value_rows(slot, cols, d, dp, |j| v.row(b, k0 + j, kh, d));
+                });
+                Words::Pairs(words)
+            }
+            Some(v) => {
+                let mut words = vec![0f32; slots * value_words];
+                words.par_chunks_mut(value_words).enumerate().for_each(|(i, slot)| {
+                    let (b, kh, k0, cols) = locate(i);
+                    for j in 0..cols {
+                        widen_into(&mut slot[j * dp..j * dp + d], v.row(b, k0 + j, kh, d));
+                    }
+                });
+                Words::F32(words)
+            }
+            None => Words::F32(Vec::new()),
+        };
         Some(Self {
             kv_heads,
             tiles,
@@ -119,24 +135,39 @@ impl PreparedTiles {
         (b * self.kv_heads + kh) * self.tiles + k0 / BC
     }
 
+    /// Tile `slot` of `words` (`len` words each) if they are f32, else empty.
+    fn f32_tile<'a>(&self, words: &'a Words, slot: usize, len: usize) -> &'a [f32] {
+        match words {
+            Words::F32(w) if len > 0 => &w[slot * len..][..len],
+            _ => &[],
+        }
+    }
+
+    /// Tile `slot` of `words` (`len` words each) if they are pairs, else empty.
+    fn pair_tile<'a>(&self, words: &'a Words, slot: usize, len: usize) -> &'a [u32] {
+        match words {
+            Words::Pairs(w) if len > 0 => &w[slot * len..][..len],
+            _ => &[],
+        }
+    }
+
     /// K^T of the key tile starting at `k0` (f32 tiles; empty for pair tiles).
     pub fn keys_f32(&self, b: usize, kh: usize, k0: usize) -> &[f32] {
-        match &self.keys {
-            KeyTiles::F32(w) => &w[self.slot(b, kh, k0) * self.key_words..][..self.key_words],
-            KeyTiles::Pairs(_) => &[],
-        }
+        self.f32_tile(&self.keys, self.slot(b, kh, k0), self.key_words)
     }
 
     /// K^T pairs of the key tile starting at `k0` (pair tiles; empty for f32 tiles).
     pub fn key_pairs(&self, b: usize, kh: usize, k0: usize) -> &[u32] {
-        match &self.keys {
-            KeyTiles::Pairs(w) => &w[self.slot(b, kh, k0) * self.key_words..][..self.key_words],
-            KeyTiles::F32(_) => &[],
-        }
+        self.pair_tile(&self.keys, self.slot(b, kh, k0), self.key_words)
     }
 
-    /// V of the key tile starting at `k0`, widened (empty when the tiles were built without V).
+    /// V of the key tile starting at `k0`, widened (f32 tiles; empty for pair tiles or without V).
     pub fn values(&self, b: usize, kh: usize, k0: usize) -> &[f32] {
-        &self.values[self.slot(b, kh, k0) * self.value_words..][..self.value_words]
+        self.f32_tile(&self.values, self.slot(b, kh, k0), self.value_words)
+    }
+
+    /// V of the key tile starting at `k0` as pairs of keys (pair tiles; empty otherwise).
+    pub fn value_pairs(&self, b: usize, kh: usize, k0: usize) -> &[u32] {
+        self.pair_tile(&self.values, self.slot(b, kh, k0), self.value_words)
     }
 }

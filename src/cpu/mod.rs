@@ -219,6 +219,16 @@ impl<T, K> Item<'_, '_, T, K> {
     }
 }
 
+/// One key tile of the call's [`PreparedTiles`]: K^T and V as f32 or as bf16 pairs (the other
+/// pair empty).
+#[derive(Clone, Copy)]
+struct PreparedTile<'a> {
+    kt: &'a [f32],
+    kt_pairs: &'a [u32],
+    v: &'a [f32],
+    v_pairs: &'a [u32],
+}
+
 /// Per-thread tile buffers, reused across work items.
 struct Scratch {
     dp: usize,
@@ -408,7 +418,12 @@ impl Scratch {
             self.attend_rotated::<FMA, T, K>(
                 rot,
                 (keys, values),
-                prepared.map(|p| (p.keys_f32(b, kh, k0), p.key_pairs(b, kh, k0), p.values(b, kh, k0))),
+                prepared.map(|p| PreparedTile {
+                    kt: p.keys_f32(b, kh, k0),
+                    kt_pairs: p.key_pairs(b, kh, k0),
+                    v: p.values(b, kh, k0),
+                    v_pairs: p.value_pairs(b, kh, k0),
+                }),
                 pairs,
                 mask,
                 shape,
@@ -439,14 +454,17 @@ impl Scratch {
             pairs: pair_tiles,
             ..
         } = self;
-        let keys = match pair_tiles {
-            Some(tiles) if pairs => TileKeys::Pairs {
-                q: tiles.queries(),
-                kt: prepared.map_or(tiles.keys(), |p| p.key_pairs(b, kh, k0)),
-                half: dp / 2,
-                scale: item.scale * std::f32::consts::LOG2_E,
-            },
-            _ => keys,
+        let (keys, values) = match pair_tiles {
+            Some(tiles) if pairs => (
+                TileKeys::Pairs {
+                    q: tiles.queries(),
+                    kt: prepared.map_or(tiles.keys(), |p| p.key_pairs(b, kh, k0)),
+                    half: dp / 2,
+                    scale: item.scale * std::f32::consts::LOG2_E,
+                },
+                TileValues::Pairs(prepared.map_or(tiles.values(), |p| p.value_pairs(b, kh, k0))),
+            ),
+            _ => (keys, values),
         };
         // The tiles this item loaded, or the call's prepared ones.
         let (kt, vb): (&[f32], &[f32]) = match prepared {
@@ -472,7 +490,7 @@ impl Scratch {
         &mut self,
         rot: &QueryRotation<'_>,
         (keys, values): (TileKeys<'a, K>, TileValues<'a, T>),
-        prepared: Option<(&[f32], &[u32], &[f32])>,
+        prepared: Option<PreparedTile<'_>>,
         pairs: bool,
         mask: &HostMask,
         shape: AttentionShape,
@@ -496,25 +514,45 @@ impl Scratch {
             ..
         } = self;
         // The tiles this item loaded, or the call's prepared ones.
-        let (kt, vb): (&[f32], &[f32]) = prepared.map_or((kt, vb), |(kt, _, vb)| (kt, vb));
+        let (kt, vb): (&[f32], &[f32]) = prepared.map_or((kt, vb), |p| (p.kt, p.v));
         let pair_args = match pair_tiles {
-            Some(tiles) if pairs => Some((tiles.queries(), prepared.map_or(tiles.keys(), |(_, kt2, _)| kt2))),
+            Some(tiles) if pairs => Some((
+                (tiles.queries(), prepared.map_or(tiles.keys(), |p| p.kt_pairs)),
+                prepared.map_or(tiles.values(), |p| p.v_pairs),
+            )),
             _ => None,
         };
         let scratch = rotary.as_mut().expect("rotation scratch");
         let at = (b, h, shape.q_len, q0);
-        rotated_scores::<FMA, K>(rot, qb, keys, kt, s, scratch, dp, (rows, padded), pieces, at, pair_args);
+        rotated_scores::<FMA, K>(
+            rot,
+            qb,
+            keys,
+            kt,
+            s,
+            scratch,
+            dp,
+            (rows, padded),
+            pieces,
+            at,
+            pair_args.map(|a| a.0),
+        );
         if class == TileClass::Partial {
             mask_tile(s, mask, b, (q0, q1), (k0, k1), &pieces.list);
         }
         let none = |_: usize, _: usize| false;
         let hook = |_: usize, _: f32, _: &[f32]| {};
-        let values = (values, vb);
-        attend_scored_tile::<FMA, T>(s, values, o, state, dp, rows, cols, false, none, hook);
+        match pair_args {
+            Some((_, vp)) => {
+                let values = (TileValues::Pairs(vp), vb);
+                attend_scored_tile::<FMA, T>(s, values, o, state, dp, rows, cols, false, none, hook)
+            }
+            None => attend_scored_tile::<FMA, T>(s, (values, vb), o, state, dp, rows, cols, false, none, hook),
+        }
     }
 
-    /// Loads key tile rows `[k0, k0 + cols)` as K^T `[dp, BC]` (or, with `pairs`, as the K^T
-    /// pairs of [`Scratch::pairs`]) and V `[BC, dp]`, zero-padded.
+    /// Loads key tile rows `[k0, k0 + cols)` as K^T `[dp, BC]` and V `[BC, dp]` (or, with `pairs`,
+    /// as the K^T and V pairs of [`Scratch::pairs`]), zero-padded.
     #[allow(clippy::too_many_arguments)]
     fn load_kv<T: Element, K: Element>(
         &mut self,
@@ -528,21 +566,20 @@ impl Scratch {
         pairs: bool,
     ) {
         let dp = self.dp;
+        let key = |j: usize| k.row(b, k0 + j, kh, d);
+        let value = |j: usize| v.row(b, k0 + j, kh, d);
+        if let (Some(tiles), true) = (&mut self.pairs, pairs) {
+            tiles.load_keys(cols, d, key);
+            tiles.load_values(cols, d, value);
+            return;
+        }
         if cols < BC {
+            self.kt.fill(0.0);
             self.v.fill(0.0);
         }
-        let key = |j: usize| k.row(b, k0 + j, kh, d);
-        match &mut self.pairs {
-            Some(tiles) if pairs => tiles.load_keys(cols, d, key),
-            _ => {
-                if cols < BC {
-                    self.kt.fill(0.0);
-                }
-                load::transpose_rows(&mut self.kt, cols, d, key);
-            }
-        }
+        load::transpose_rows(&mut self.kt, cols, d, key);
         for j in 0..cols {
-            element::widen_into(&mut self.v[j * dp..j * dp + d], v.row(b, k0 + j, kh, d));
+            element::widen_into(&mut self.v[j * dp..j * dp + d], value(j));
         }
     }
 

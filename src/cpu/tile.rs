@@ -90,6 +90,7 @@ pub(crate) fn attend_scored_tile<const FMA: bool, T: super::Element>(
     match values {
         TileValues::Widened => accumulate_pv::<FMA>(s, v, o, dp, rows.div_ceil(ROWS), cols),
         TileValues::Rows(row) => super::pv_rows::accumulate_pv_rows::<FMA, T>(s, row, o, dp, rows, cols),
+        TileValues::Pairs(vp) => super::bf16_pairs::accumulate_pv_pairs(s, vp, o, dp, rows.div_ceil(ROWS), cols),
     }
 }
 
@@ -199,6 +200,9 @@ pub(crate) enum TileValues<'a, T> {
     /// Value `j` of the tile is `row(j)`, as stored, widened in registers (`cpu/pv_rows.rs`); with
     /// [`TileKeys::Rows`].
     Rows(RowsOf<'a, T>),
+    /// The tile's values as bf16 pairs of keys (`cpu/bf16_pairs.rs`, `[BC / 2, dp]`), P rounded to
+    /// bf16 for them; with [`TileKeys::Pairs`].
+    Pairs(&'a [u32]),
 }
 
 /// S of the tile's keys `[c_begin, c_end)` for the `rows` query rows of `q`. [`TileKeys::Transposed`]

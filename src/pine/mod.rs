@@ -392,14 +392,7 @@ impl PineAttention {
                 // values widen exactly; bf16 on AVX-512 BF16 as exact pair products), and k is
                 // un-rotated here, so q and k share it.
                 let masks = step.scoring_masks(q.device())?;
-                importance::importance(
-                    q,
-                    k_plain,
-                    extended,
-                    &masks,
-                    self.scale_for(shape),
-                    step.scored_rows,
-                )?
+                importance::importance(q, k_plain, extended, &masks, self.scale_for(shape), step.scored_rows)?
             }
         };
         Ok((imp, step.groups.clone(), ordered))

@@ -26,6 +26,19 @@ pub fn one_rounding_tolerance(dtype: DType) -> (f64, f64) {
     }
 }
 
+/// Tolerance between two CPU paths of one call that may take different loops (a padded head dim
+/// reads K and V rows as stored where the unpadded one takes the tile loops): one rounding of the
+/// output ([`one_rounding_tolerance`]), and for bf16 the rounding of P to bf16 that the tile loops
+/// of AVX-512 BF16 CPUs make (`cpu/bf16_pairs.rs`, as the GPU's tensor cores take P), at most
+/// 2^-9 of each weight: 2^-9 max |v| (random inputs: |v| < 1.55, so 3e-3) absolute.
+pub fn cpu_paths_tolerance(dtype: DType) -> (f64, f64) {
+    let (atol, rtol) = one_rounding_tolerance(dtype);
+    match dtype {
+        DType::BF16 => (atol.max(4e-3), rtol),
+        _ => (atol, rtol),
+    }
+}
+
 /// Tolerance of PINE's attention against the oracle (CUDA kernels, and the CPU's): K rotated once
 /// and rounded to the dtype, and each turned query rounded to the dtype for the tensor cores (or
 /// the CPU's bf16 pair loops): two roundings more than [`tolerance`] covers.
