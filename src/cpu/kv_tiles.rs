@@ -1,6 +1,7 @@
 //! Key and value tiles prepared once per call, in the form the prefill tile loops read them:
-//! K^T (`[dp, BC]` f32, or `[dp / 2, BC]` bf16 pairs, `cpu/bf16_pairs.rs`) and V widened to f32
-//! (`[BC, dp]`), for every (batch row, KV head, key tile), zero-padded.
+//! K^T (`[dp, BC]` f32, or `[dp / 2, BC]` bf16 pairs, `cpu/bf16_pairs.rs`) and V (`[BC, dp]`
+//! widened to f32, or `[BC / 2, dp]` bf16 pairs of keys), for every (batch row, KV head, key
+//! tile), zero-padded.
 //!
 //! Without this, every work item (one head's query tile) transposed and widened each key tile it
 //! visits: a key tile was prepared once per query tile and per query head sharing its KV head
@@ -151,23 +152,24 @@ impl PreparedTiles {
         }
     }
 
-    /// K^T of the key tile starting at `k0` (f32 tiles; empty for pair tiles).
-    pub fn keys_f32(&self, b: usize, kh: usize, k0: usize) -> &[f32] {
-        self.f32_tile(&self.keys, self.slot(b, kh, k0), self.key_words)
+    /// The key tile starting at `k0` of KV head `kh` of batch row `b`.
+    pub fn tile(&self, b: usize, kh: usize, k0: usize) -> Tile<'_> {
+        let slot = self.slot(b, kh, k0);
+        Tile {
+            kt: self.f32_tile(&self.keys, slot, self.key_words),
+            kt_pairs: self.pair_tile(&self.keys, slot, self.key_words),
+            v: self.f32_tile(&self.values, slot, self.value_words),
+            v_pairs: self.pair_tile(&self.values, slot, self.value_words),
+        }
     }
+}
 
-    /// K^T pairs of the key tile starting at `k0` (pair tiles; empty for f32 tiles).
-    pub fn key_pairs(&self, b: usize, kh: usize, k0: usize) -> &[u32] {
-        self.pair_tile(&self.keys, self.slot(b, kh, k0), self.key_words)
-    }
-
-    /// V of the key tile starting at `k0`, widened (f32 tiles; empty for pair tiles or without V).
-    pub fn values(&self, b: usize, kh: usize, k0: usize) -> &[f32] {
-        self.f32_tile(&self.values, self.slot(b, kh, k0), self.value_words)
-    }
-
-    /// V of the key tile starting at `k0` as pairs of keys (pair tiles; empty otherwise).
-    pub fn value_pairs(&self, b: usize, kh: usize, k0: usize) -> &[u32] {
-        self.pair_tile(&self.values, self.slot(b, kh, k0), self.value_words)
-    }
+/// One prepared key tile: K^T (`[dp, BC]`) and V (`[BC, dp]`) in f32, or their bf16 pairs
+/// (`[dp / 2, BC]`, `[BC / 2, dp]`); the other form empty, and V empty when built without it.
+#[derive(Clone, Copy)]
+pub(crate) struct Tile<'a> {
+    pub kt: &'a [f32],
+    pub kt_pairs: &'a [u32],
+    pub v: &'a [f32],
+    pub v_pairs: &'a [u32],
 }

@@ -219,16 +219,6 @@ impl<T, K> Item<'_, '_, T, K> {
     }
 }
 
-/// One key tile of the call's [`PreparedTiles`]: K^T and V as f32 or as bf16 pairs (the other
-/// pair empty).
-#[derive(Clone, Copy)]
-struct PreparedTile<'a> {
-    kt: &'a [f32],
-    kt_pairs: &'a [u32],
-    v: &'a [f32],
-    v_pairs: &'a [u32],
-}
-
 /// Per-thread tile buffers, reused across work items.
 struct Scratch {
     dp: usize,
@@ -243,7 +233,7 @@ struct Scratch {
     pieces: TilePieces,
     /// Buffers of the in-loop query rotation, when there is one.
     rotary: Option<RotaryScratch>,
-    /// Q and K^T as bf16 pairs, for the items that take them ([`Item::pairs`]).
+    /// Q, K^T and V as bf16 pairs, for the items that take them ([`Item::pairs`]).
     pairs: Option<PairTiles>,
 }
 
@@ -385,8 +375,9 @@ impl Scratch {
         let direct = item.direct();
         let pairs = item.pairs();
         let cols = k1 - k0;
+        // The call's prepared tile, or (None) the tile this item loads into its scratch.
         let prepared = match item.prepared {
-            Some(p) if !direct => Some(p),
+            Some(p) if !direct => Some(p.tile(b, kh, k0)),
             _ => None,
         };
         if !direct && prepared.is_none() {
@@ -418,12 +409,7 @@ impl Scratch {
             self.attend_rotated::<FMA, T, K>(
                 rot,
                 (keys, values),
-                prepared.map(|p| PreparedTile {
-                    kt: p.keys_f32(b, kh, k0),
-                    kt_pairs: p.key_pairs(b, kh, k0),
-                    v: p.values(b, kh, k0),
-                    v_pairs: p.value_pairs(b, kh, k0),
-                }),
+                prepared,
                 pairs,
                 mask,
                 shape,
@@ -458,19 +444,15 @@ impl Scratch {
             Some(tiles) if pairs => (
                 TileKeys::Pairs {
                     q: tiles.queries(),
-                    kt: prepared.map_or(tiles.keys(), |p| p.key_pairs(b, kh, k0)),
+                    kt: prepared.map_or(tiles.keys(), |p| p.kt_pairs),
                     half: dp / 2,
                     scale: item.scale * std::f32::consts::LOG2_E,
                 },
-                TileValues::Pairs(prepared.map_or(tiles.values(), |p| p.value_pairs(b, kh, k0))),
+                TileValues::Pairs(prepared.map_or(tiles.values(), |p| p.v_pairs)),
             ),
             _ => (keys, values),
         };
-        // The tiles this item loaded, or the call's prepared ones.
-        let (kt, vb): (&[f32], &[f32]) = match prepared {
-            Some(p) => (p.keys_f32(b, kh, k0), p.values(b, kh, k0)),
-            None => (kt, vb),
-        };
+        let (kt, vb): (&[f32], &[f32]) = prepared.map_or((kt, vb), |p| (p.kt, p.v));
         // The mass accumulators follow O's rescaling; P of the tile is summed per key segment.
         let hook = |r: usize, alpha: f32, p: &[f32]| {
             if let Some(m) = mass.as_mut() {
@@ -490,7 +472,7 @@ impl Scratch {
         &mut self,
         rot: &QueryRotation<'_>,
         (keys, values): (TileKeys<'a, K>, TileValues<'a, T>),
-        prepared: Option<PreparedTile<'_>>,
+        prepared: Option<kv_tiles::Tile<'_>>,
         pairs: bool,
         mask: &HostMask,
         shape: AttentionShape,
@@ -513,7 +495,6 @@ impl Scratch {
             pairs: pair_tiles,
             ..
         } = self;
-        // The tiles this item loaded, or the call's prepared ones.
         let (kt, vb): (&[f32], &[f32]) = prepared.map_or((kt, vb), |p| (p.kt, p.v));
         let pair_args = match pair_tiles {
             Some(tiles) if pairs => Some((

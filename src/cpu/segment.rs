@@ -469,13 +469,14 @@ impl ScoreScratch {
                     ..
                 } = self;
                 // The keys this item loaded, or the call's prepared ones.
+                let tile = prepared.map(|p| p.tile(b, kh, k0));
                 let pairs = pairs.as_ref().map(|tiles| PairArgs {
                     q: tiles.queries(),
-                    kt: prepared.map_or(tiles.keys(), |p| p.key_pairs(b, kh, k0)),
+                    kt: tile.map_or(tiles.keys(), |t| t.kt_pairs),
                     half: dp / 2,
                     scale: scale_log2,
                 });
-                let kt = prepared.map_or(&kt[..], |p| p.keys_f32(b, kh, k0));
+                let kt = tile.map_or(&kt[..], |t| t.kt);
                 let tile = TileArgs {
                     q: qb,
                     kt,
