@@ -678,7 +678,7 @@ fn table_main() -> Result<()> {
          n > 2; suffix rows over all segments), replicated with the public API; `attention w/o rotation`: \
          `segment_attention` under the PINE mask with no query rotation (the attention work alone); `rest` = \
          PINE prefill minus both (K rotation, masks, order and shifts, in-loop query rotation, RoPE table, and for \
-         16-bit inputs the attention reading K in f32, rotated once without a second rounding).\n"
+         bf16 on AVX-512 BF16 CPUs the turned queries' rounding to bf16).\n"
     )
     .unwrap();
     writeln!(

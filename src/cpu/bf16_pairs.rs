@@ -1,17 +1,23 @@
-//! S = Q K^T of bf16 inputs on CPUs with AVX-512 BF16 (`vdpbf16ps`: 16 lanes, each adding the
-//! products of one pair of bf16 values to an f32 sum): twice the multiply-adds per instruction of
-//! the f32 loops of `tile.rs`, and a K^T tile half as large (pairs are moved as 32-bit words, not
+//! The tile loops of bf16 inputs on CPUs with AVX-512 BF16 (`vdpbf16ps`: 16 lanes, each adding
+//! the products of one pair of bf16 values to an f32 sum): twice the multiply-adds per instruction
+//! of the f32 loops of `tile.rs`, and tiles half as large (pairs are moved as 32-bit words, not
 //! widened first).
 //!
-//! Exactness: a product of two bf16 values is exact in f32, so S differs from the f32 loops only
-//! in the order and grouping of its f32 additions (two roundings per pair of dims instead of one
-//! per dim), as any other summation order would. Q is kept in its input bits, unscaled, and the
-//! scale is applied to each S value once at the end (the f32 loops scale Q first).
+//! - S = Q K^T: a product of two bf16 values is exact in f32, so S differs from the f32 loops only
+//!   in the order and grouping of its f32 additions (two roundings per pair of dims instead of
+//!   one per dim), as any other summation order would. Q is kept in its input bits, unscaled, and
+//!   the scale is applied to each S value once at the end (the f32 loops scale Q first). PINE's
+//!   queries, turned to their positions in f32, are rounded to bf16 first ([`round_into_pairs`]).
+//! - O += P V: P is rounded to bf16, as the GPU kernels round it for the tensor cores, and V is
+//!   read as pairs of keys; sums in f32. The softmax's row sums (and the per-segment mass) use
+//!   the f32 P.
+//!
 //! The instruction flushes denormal inputs to zero (values below ~1e-38).
 //!
 //! Layouts (words are `u32`: element `2p` in the low half, `2p + 1` in the high half, as stored):
-//! Q pairs `[BR, dp / 2]` (row r, pair p), K^T pairs `[dp / 2, BC]` (pair p, key j); zero-padded
-//! (odd D: the last pair's high half is zero).
+//! Q pairs `[BR, dp / 2]` (row r, pair p), K^T pairs `[dp / 2, BC]` (pair p, key j), V pairs
+//! `[BC / 2, dp]` (keys 2i and 2i + 1, column c); zero-padded (odd D or an odd number of keys:
+//! the last pair's high half is zero).
 
 use super::element::{Element, Storage};
 use super::tile::{BC, LANES, ROWS};

@@ -26,7 +26,7 @@ use candle_core::Result;
 use rayon::prelude::*;
 
 use super::bf16_pairs::{pair_scores, PairTiles};
-use super::exp2::exp2;
+use super::exp2::exp2_with;
 use super::kv_tiles::PreparedTiles;
 use super::load::{load_scaled_rows, transpose_rows};
 use super::tile::{lane_sum, scores, softmax_row, RowState, BC, BR, LANES};
@@ -592,11 +592,19 @@ fn mass_tile<const FMA: bool>(
         match pass {
             Pass::Single => {
                 // The accumulators of the row follow the running max exactly like O.
-                softmax_row(srow, cols, &mut state.max[r], &mut state.sum[r], mass.row_mut(r));
-                add_pieces(srow, pieces, mass.row_mut(r));
+                let (_, tile_sum) =
+                    softmax_row::<FMA>(srow, cols, &mut state.max[r], &mut state.sum[r], mass.row_mut(r));
+                match pieces.list.as_slice() {
+                    // One segment over the whole tile (most tiles): its sum is the row's tile sum,
+                    // the same `lane_sum` of the same values as `add_pieces` would take.
+                    [only] if pieces.mode == AddMode::Sums && only.a == 0 && only.b == cols => {
+                        mass.row_mut(r)[only.id as usize] += tile_sum;
+                    }
+                    _ => add_pieces(srow, pieces, mass.row_mut(r)),
+                }
             }
             Pass::Stats => {
-                softmax_row(srow, cols, &mut state.max[r], &mut state.sum[r], &mut []);
+                softmax_row::<FMA>(srow, cols, &mut state.max[r], &mut state.sum[r], &mut []);
             }
             Pass::Exact => {
                 let lse = state.max[r];
@@ -604,7 +612,7 @@ fn mass_tile<const FMA: bool>(
                     continue; // the row sees nothing
                 }
                 for x in srow[..cols].iter_mut() {
-                    *x = exp2(*x - lse);
+                    *x = exp2_with::<FMA>(*x - lse);
                 }
                 add_pieces(srow, pieces, mass.row_mut(r));
             }

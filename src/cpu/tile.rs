@@ -7,7 +7,7 @@
 //! block in SIMD registers; `FMA` selects fused multiply-add where the CPU has it.
 
 use super::bf16_pairs::pair_scores;
-use super::exp2::exp2;
+use super::exp2::exp2_with;
 
 /// Query rows per tile.
 pub(crate) const BR: usize = 64;
@@ -86,7 +86,7 @@ pub(crate) fn attend_scored_tile<const FMA: bool, T: super::Element>(
     masked: impl Fn(usize, usize) -> bool,
     row_hook: impl FnMut(usize, f32, &[f32]),
 ) {
-    softmax_tile(s, o, state, dp, rows, cols, partial, masked, row_hook);
+    softmax_tile::<FMA>(s, o, state, dp, rows, cols, partial, masked, row_hook);
     match values {
         TileValues::Widened => accumulate_pv::<FMA>(s, v, o, dp, rows.div_ceil(ROWS), cols),
         TileValues::Rows(row) => super::pv_rows::accumulate_pv_rows::<FMA, T>(s, row, o, dp, rows, cols),
@@ -98,7 +98,7 @@ pub(crate) fn attend_scored_tile<const FMA: bool, T: super::Element>(
 /// PARTIAL tile's hidden elements, turns S into P in place, rescales each row's O and state.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn softmax_tile(
+fn softmax_tile<const FMA: bool>(
     s: &mut [f32],
     o: &mut [f32],
     state: &mut RowState,
@@ -118,7 +118,7 @@ fn softmax_tile(
                 }
             }
         }
-        let alpha = softmax_row(
+        let (alpha, _) = softmax_row::<FMA>(
             srow,
             cols,
             &mut state.max[r],
@@ -244,31 +244,38 @@ pub(crate) fn tile_scores<const FMA: bool, T: super::Element>(
 /// Online-softmax update of one row: turns the scores into P in place (0 beyond `cols`), and
 /// rescales the row's running sum and output accumulator to the new max. Returns the factor the
 /// accumulator was rescaled by (1 when the max did not move), for other accumulators that must
-/// follow it (the per-segment mass).
+/// follow it (the per-segment mass), and the tile's sum of P (`lane_sum` of its `cols` values;
+/// 0 when the row sees nothing here).
 #[inline(always)]
-pub(crate) fn softmax_row(srow: &mut [f32], cols: usize, max: &mut f32, sum: &mut f32, orow: &mut [f32]) -> f32 {
+pub(crate) fn softmax_row<const FMA: bool>(
+    srow: &mut [f32],
+    cols: usize,
+    max: &mut f32,
+    sum: &mut f32,
+    orow: &mut [f32],
+) -> (f32, f32) {
     let tile_max = lane_max(&srow[..cols]);
     if tile_max == f32::NEG_INFINITY {
         // The row sees nothing in this tile: it contributes nothing.
         srow.fill(0.0);
-        return 1.0;
+        return (1.0, 0.0);
     }
     let new_max = max.max(tile_max);
     // Separate loops: the exponentials vectorise, the sum takes independent lanes.
     for x in srow[..cols].iter_mut() {
-        *x = exp2(*x - new_max);
+        *x = exp2_with::<FMA>(*x - new_max);
     }
     let tile_sum = lane_sum(&srow[..cols]);
     srow[cols..].fill(0.0);
     let mut alpha = 1.0;
     if *max != new_max {
-        alpha = exp2(*max - new_max);
+        alpha = exp2_with::<FMA>(*max - new_max);
         *sum *= alpha;
         orow.iter_mut().for_each(|o| *o *= alpha);
         *max = new_max;
     }
     *sum += tile_sum;
-    alpha
+    (alpha, tile_sum)
 }
 
 /// Sum of `x` over 8 independent lanes: a plain `iter().sum()` of f32 is one dependency chain
