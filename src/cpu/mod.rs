@@ -454,9 +454,9 @@ impl Scratch {
         };
         let (kt, vb): (&[f32], &[f32]) = prepared.map_or((kt, vb), |p| (p.kt, p.v));
         // The mass accumulators follow O's rescaling; P of the tile is summed per key segment.
-        let hook = |r: usize, alpha: f32, p: &[f32]| {
+        let hook = |r: usize, alpha: f32, p: &[f32], sum: f32| {
             if let Some(m) = mass.as_mut() {
-                m.follow(r, alpha, p, pieces);
+                m.follow(r, alpha, (p, sum), pieces);
             }
         };
         let (keys, values) = ((keys, kt), (values, vb));
@@ -522,7 +522,7 @@ impl Scratch {
             mask_tile(s, mask, b, (q0, q1), (k0, k1), &pieces.list);
         }
         let none = |_: usize, _: usize| false;
-        let hook = |_: usize, _: f32, _: &[f32]| {};
+        let hook = |_: usize, _: f32, _: &[f32], _: f32| {};
         match pair_args {
             Some((_, vp)) => {
                 let values = (TileValues::Pairs(vp), vb);

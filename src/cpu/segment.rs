@@ -117,6 +117,17 @@ pub(crate) fn add_pieces(p: &[f32], pieces: &TilePieces, acc: &mut [f32]) {
     }
 }
 
+/// [`add_pieces`] of a tile row `p` (its keys) whose `lane_sum` the softmax took already (`sum`):
+/// a tile inside one segment (most tiles) adds `sum`, the same sum of the same values that
+/// `add_pieces` would compute again.
+#[inline(always)]
+pub(crate) fn add_row(p: &[f32], sum: f32, pieces: &TilePieces, acc: &mut [f32]) {
+    match pieces.list.as_slice() {
+        [only] if pieces.mode == AddMode::Sums && only.a == 0 && only.b == p.len() => acc[only.id as usize] += sum,
+        _ => add_pieces(p, pieces, acc),
+    }
+}
+
 /// Sets the hidden scores of a PARTIAL tile to `-inf`, piece pair by piece pair: one rule lookup
 /// per (query piece, key piece), then whole row ranges (the per-element rule lookup of the
 /// definition, [`crate::mask::tiles::element_visible`], costs more than the tile's Q K^T).
@@ -185,14 +196,15 @@ impl MassRows {
     }
 
     /// Row `r` follows its O accumulator: rescaled by `alpha` (1 when its max did not move), then
-    /// `p` (the tile's unnormalised probabilities) summed per key segment piece.
+    /// `p` (the tile's unnormalised probabilities, `sum` their `lane_sum`) summed per key segment
+    /// piece ([`add_row`]).
     #[inline(always)]
-    pub fn follow(&mut self, r: usize, alpha: f32, p: &[f32], pieces: &TilePieces) {
+    pub fn follow(&mut self, r: usize, alpha: f32, (p, sum): (&[f32], f32), pieces: &TilePieces) {
         let row = self.row_mut(r);
         if alpha != 1.0 {
             row.iter_mut().for_each(|x| *x *= alpha);
         }
-        add_pieces(p, pieces, row);
+        add_row(p, sum, pieces, row);
     }
 
     /// Every row is to be divided by its softmax sum (rows that saw nothing become 0), when put.
@@ -594,14 +606,7 @@ fn mass_tile<const FMA: bool>(
                 // The accumulators of the row follow the running max exactly like O.
                 let (_, tile_sum) =
                     softmax_row::<FMA>(srow, cols, &mut state.max[r], &mut state.sum[r], mass.row_mut(r));
-                match pieces.list.as_slice() {
-                    // One segment over the whole tile (most tiles): its sum is the row's tile sum,
-                    // the same `lane_sum` of the same values as `add_pieces` would take.
-                    [only] if pieces.mode == AddMode::Sums && only.a == 0 && only.b == cols => {
-                        mass.row_mut(r)[only.id as usize] += tile_sum;
-                    }
-                    _ => add_pieces(srow, pieces, mass.row_mut(r)),
-                }
+                add_row(&srow[..cols], tile_sum, pieces, mass.row_mut(r));
             }
             Pass::Stats => {
                 softmax_row::<FMA>(srow, cols, &mut state.max[r], &mut state.sum[r], &mut []);

@@ -47,10 +47,10 @@ impl RowState {
 
 /// One key tile's work for a query tile. `rows` and `cols` are the valid rows and keys (the rest
 /// is padding); `masked(r, j)` is called only when `partial` and says whether element (r, j) is
-/// hidden. Q is already scaled by `scale * log2(e)`. `row_hook(r, alpha, p)` is called after each
-/// row's online-softmax update with the factor its accumulators were rescaled by and its
-/// unnormalised probabilities `p` (`cols` of them): other accumulators that must follow O (the
-/// per-segment mass) update there; pass `|_, _, _| {}` for none.
+/// hidden. Q is already scaled by `scale * log2(e)`. `row_hook(r, alpha, p, sum)` is called after each
+/// row's online-softmax update with the factor its accumulators were rescaled by, its
+/// unnormalised probabilities `p` (`cols` of them) and their `lane_sum`: other accumulators that
+/// must follow O (the per-segment mass) update there; pass `|_, _, _, _| {}` for none.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 pub(crate) fn attend_tile<const FMA: bool, K: super::Element, T: super::Element>(
@@ -65,7 +65,7 @@ pub(crate) fn attend_tile<const FMA: bool, K: super::Element, T: super::Element>
     cols: usize,
     partial: bool,
     masked: impl Fn(usize, usize) -> bool,
-    row_hook: impl FnMut(usize, f32, &[f32]),
+    row_hook: impl FnMut(usize, f32, &[f32], f32),
 ) {
     tile_scores::<FMA, K>(keys, q, kt, s, dp, (rows, rows.div_ceil(ROWS)), (0, cols));
     attend_scored_tile::<FMA, T>(s, (values, v), o, state, dp, rows, cols, partial, masked, row_hook);
@@ -84,7 +84,7 @@ pub(crate) fn attend_scored_tile<const FMA: bool, T: super::Element>(
     cols: usize,
     partial: bool,
     masked: impl Fn(usize, usize) -> bool,
-    row_hook: impl FnMut(usize, f32, &[f32]),
+    row_hook: impl FnMut(usize, f32, &[f32], f32),
 ) {
     softmax_tile::<FMA>(s, o, state, dp, rows, cols, partial, masked, row_hook);
     match values {
@@ -107,7 +107,7 @@ fn softmax_tile<const FMA: bool>(
     cols: usize,
     partial: bool,
     masked: impl Fn(usize, usize) -> bool,
-    mut row_hook: impl FnMut(usize, f32, &[f32]),
+    mut row_hook: impl FnMut(usize, f32, &[f32], f32),
 ) {
     for r in 0..rows {
         let srow = &mut s[r * BC..(r + 1) * BC];
@@ -118,14 +118,14 @@ fn softmax_tile<const FMA: bool>(
                 }
             }
         }
-        let (alpha, _) = softmax_row::<FMA>(
+        let (alpha, tile_sum) = softmax_row::<FMA>(
             srow,
             cols,
             &mut state.max[r],
             &mut state.sum[r],
             &mut o[r * dp..(r + 1) * dp],
         );
-        row_hook(r, alpha, &srow[..cols]);
+        row_hook(r, alpha, &srow[..cols], tile_sum);
     }
 }
 
