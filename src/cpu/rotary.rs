@@ -155,8 +155,10 @@ impl TurnedQueries {
 /// S of one key tile (`s`, `[BR, BC]`) for query rows `[q0, q0 + rows)` of (b, h): every key
 /// piece's columns from the base queries `q` turned by each row's shift for that piece's segment
 /// (once per query tile and segment: [`TurnedQueries`]).
-/// With [`TileKeys::Transposed`] the `row_blocks_rows` rows are computed (padding rows of `q` are
-/// zero), with [`TileKeys::Rows`] the `rows` rows.
+/// With [`TileKeys::Transposed`] (`keys_f32`) the `row_blocks_rows` rows are computed (padding
+/// rows of `q` are zero), with [`TileKeys::Rows`] the `rows` rows. With `pairs` (the base queries'
+/// bf16 pairs, the tile's K^T pairs) S takes the pair loops instead, each turned tile rounded to
+/// pairs as it is turned.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 pub(crate) fn rotated_scores<const FMA: bool, T: Element>(
