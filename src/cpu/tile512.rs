@@ -1,12 +1,14 @@
 //! The f32 register blocks of `tile.rs` (S = Q K^T and O += P V on prefill tiles) with 8
 //! accumulators in AVX-512 builds: 4 rows x 32 columns, two zmm registers a row.
 //!
-//! `tile.rs` blocks 4 rows x [`LANES`] (16) columns, written once for every build: 8 ymm
-//! accumulators in the AVX2 build, but only 4 zmm in the AVX-512 one, where a fused multiply-add
-//! takes 4 cycles and two issue per cycle, so 4 independent sums ran at half the FMA rate (a
-//! kernel-only check: 4 x 16 at ~80-100 GFLOP/s a core, 4 x 32 twice that). Each output element
-//! still sums its products in the same order with the same fused multiply-adds, so the results
-//! are bitwise those of `tile.rs`. A 16-column rest (D of 80, 112, ...) takes one register a row.
+//! `tile.rs` blocks 4 rows x [`LANES`] (16) columns, written once for every build and vectorised
+//! by the compiler: 8 ymm accumulators in the AVX2 build, but only 4 zmm in the AVX-512 one,
+//! whose fused multiply-adds take 4 cycles each, so 4 independent sums cannot keep the unit busy.
+//! These blocks in intrinsics took 24% off a causal bf16 prefill's f32 loops of that time (NOTES
+//! CPU 17; in isolation both explicit forms ran at this VM's one zmm FMA a cycle). Each output
+//! element still sums its products in the same order with the same fused multiply-adds, so the
+//! results are bitwise those of `tile.rs`. A 16-column rest (D of 80, 112, ...) takes one
+//! register a row.
 
 use super::tile::{BC, LANES, ROWS};
 
@@ -45,8 +47,8 @@ pub(crate) fn accumulate_pv(p: &[f32], v: &[f32], o: &mut [f32], dp: usize, row_
 }
 
 /// Two registers (`W` = 2) or one (`W` = 1) of each of [`ROWS`] rows, summing
-/// `a[r][k] * b[k][c0 .. c0 + 16 W]` over `k < n` into `acc` (rows of `a` `a_stride` apart, one
-/// element per k; rows of `b` `b_stride` apart).
+/// `a[r][k] * b[k][0 .. 16 W]` over `k < n` into `acc` (rows of `a` `a_stride` apart, its
+/// elements consecutive in k; rows of `b` `b_stride` apart).
 ///
 /// # Safety
 /// AVX-512F; every element read must be in bounds (the callers' asserts).
@@ -57,7 +59,6 @@ unsafe fn block<const W: usize>(
     acc: &mut [[std::arch::x86_64::__m512; W]; ROWS],
     a: *const f32,
     a_stride: usize,
-    a_step: usize,
     b: *const f32,
     b_stride: usize,
     n: usize,
@@ -68,7 +69,7 @@ unsafe fn block<const W: usize>(
         let bk: [__m512; W] = std::array::from_fn(|w| unsafe { _mm512_loadu_ps(b.add(k * b_stride + w * LANES)) });
         for (r, acc_row) in acc.iter_mut().enumerate() {
             // SAFETY: in bounds (the caller's contract).
-            let ak = _mm512_set1_ps(unsafe { *a.add(r * a_stride + k * a_step) });
+            let ak = _mm512_set1_ps(unsafe { *a.add(r * a_stride + k) });
             for w in 0..W {
                 acc_row[w] = _mm512_fmadd_ps(ak, bk[w], acc_row[w]);
             }
@@ -91,7 +92,7 @@ unsafe fn scores_avx512(q: &[f32], kt: &[f32], s: &mut [f32], dp: usize, row_blo
             if c + 2 * LANES <= c1 {
                 let mut acc = [[_mm512_setzero_ps(); 2]; ROWS];
                 // SAFETY: rows r0.. r0 + 3 of q (dp each), dp rows of kt at columns < c + 32 <= BC.
-                unsafe { block::<2>(&mut acc, qrows, dp, 1, kt[c..].as_ptr(), BC, dp) };
+                unsafe { block::<2>(&mut acc, qrows, dp, kt[c..].as_ptr(), BC, dp) };
                 for (rr, a) in acc.iter().enumerate() {
                     // SAFETY: row r0 + rr of s, columns c .. c + 32 <= BC.
                     unsafe {
@@ -103,7 +104,7 @@ unsafe fn scores_avx512(q: &[f32], kt: &[f32], s: &mut [f32], dp: usize, row_blo
             } else {
                 let mut acc = [[_mm512_setzero_ps(); 1]; ROWS];
                 // SAFETY: as above, columns < c + 16 <= c1.
-                unsafe { block::<1>(&mut acc, qrows, dp, 1, kt[c..].as_ptr(), BC, dp) };
+                unsafe { block::<1>(&mut acc, qrows, dp, kt[c..].as_ptr(), BC, dp) };
                 for (rr, a) in acc.iter().enumerate() {
                     // SAFETY: row r0 + rr of s, columns c .. c + 16.
                     unsafe { _mm512_storeu_ps(out(rr), a[0]) };
@@ -131,7 +132,7 @@ unsafe fn accumulate_pv_avx512(p: &[f32], v: &[f32], o: &mut [f32], dp: usize, r
                     unsafe { [_mm512_loadu_ps(x), _mm512_loadu_ps(x.add(LANES))] }
                 });
                 // SAFETY: rows of p (BC apart, keys < cols), rows j < cols of v at columns < c + 32.
-                unsafe { block::<2>(&mut acc, prows, BC, 1, v[c..].as_ptr(), dp, cols) };
+                unsafe { block::<2>(&mut acc, prows, BC, v[c..].as_ptr(), dp, cols) };
                 for (rr, a) in acc.iter().enumerate() {
                     let x = o[at(rr)..].as_mut_ptr();
                     // SAFETY: as the loads above.
@@ -146,7 +147,7 @@ unsafe fn accumulate_pv_avx512(p: &[f32], v: &[f32], o: &mut [f32], dp: usize, r
                 let mut acc: [[__m512; 1]; ROWS] =
                     std::array::from_fn(|rr| [unsafe { _mm512_loadu_ps(o[at(rr)..].as_ptr()) }]);
                 // SAFETY: as above, columns < c + 16.
-                unsafe { block::<1>(&mut acc, prows, BC, 1, v[c..].as_ptr(), dp, cols) };
+                unsafe { block::<1>(&mut acc, prows, BC, v[c..].as_ptr(), dp, cols) };
                 for (rr, a) in acc.iter().enumerate() {
                     // SAFETY: as the loads above.
                     unsafe { _mm512_storeu_ps(o[at(rr)..].as_mut_ptr(), a[0]) };
