@@ -6,7 +6,8 @@
 //! Without this, every work item (one head's query tile) transposed and widened each key tile it
 //! visits: a key tile was prepared once per query tile and per query head sharing its KV head
 //! (GQA), and the transposes and conversions were ~18% of a bf16 prefill (perf, causal RAG
-//! shape). The tiles take 2 (pairs) or 4 (f32) bytes per key element plus 4 per value element, so
+//! shape). A call whose key tiles are each read by one item only (one query tile per head and one
+//! query head per KV head) keeps the per-item loads: preparing would add a pass. The tiles take 2 (pairs) or 4 (f32) bytes per key element plus 4 per value element, so
 //! a call whose tiles would pass [`MAX_BYTES_ENV`] (default [`DEFAULT_MAX_MIB`] MiB) keeps the
 //! per-item loads instead. Decode-sized items read K and V rows as stored and never use these.
 
@@ -56,16 +57,22 @@ pub(crate) struct PreparedTiles {
 }
 
 impl PreparedTiles {
-    /// The tiles of `k` (as pairs with `pairs`: k must be bf16) and, when given, of `v`; `None`
-    /// when they would take more than the cap.
+    /// The tiles of `k` (as pairs with `pairs`: k must be bf16) and, when given, of `v`, for a
+    /// call of `q_tiles` query tiles a head; `None` when no key tile is read by two work items
+    /// (one query tile and one query head a KV head, as a packed decode step of a large GQA
+    /// group: preparing would only add a pass over K and V) or the tiles would pass the cap.
     pub fn build<K: Element, T: Element>(
         k: Strided<'_, K>,
         v: Option<Strided<'_, T>>,
         shape: &AttentionShape,
+        q_tiles: usize,
         dp: usize,
         pairs: bool,
     ) -> Option<Self> {
         let (d, kv_heads) = (shape.head_dim, shape.num_kv_heads);
+        if shape.group_size() * q_tiles < 2 {
+            return None;
+        }
         let tiles = shape.kv_len.div_ceil(BC);
         let slots = shape.batch * kv_heads * tiles;
         let key_words = if pairs { dp / 2 * BC } else { dp * BC };

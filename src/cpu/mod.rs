@@ -111,11 +111,12 @@ pub(crate) fn forward<T: Element, K: Element>(
     let use_bf16_pairs = bf16_pairs::applies::<T, K>();
     let sink = mass.map(|plan| MassSink::new(plan, mask, q_len));
     // Every key tile transposed and widened once for the whole call, unless every item is
-    // decode-sized (those read K and V rows as stored) or the tiles would pass the cap.
+    // decode-sized (those read K and V rows as stored), no tile is read by two items, or the
+    // tiles would pass the cap (`kv_tiles`).
     let all_direct = use_fma && q_len <= ROWS && d.is_multiple_of(LANES);
     let dp = d.div_ceil(LANES) * LANES;
     let prepared = (!all_direct)
-        .then(|| kv_tiles::PreparedTiles::build(k, Some(v), &shape, dp, use_bf16_pairs))
+        .then(|| kv_tiles::PreparedTiles::build(k, Some(v), &shape, q_tiles, dp, use_bf16_pairs))
         .flatten();
 
     (0..batch * num_heads * q_tiles).into_par_iter().try_for_each_init(

@@ -349,7 +349,7 @@ pub(crate) fn segment_mass<T: Element>(
     let use_pairs = super::bf16_pairs::applies::<T, T>();
     // Every key tile transposed once for the whole call (`cpu/kv_tiles.rs`), within the cap.
     let dp = d.div_ceil(LANES) * LANES;
-    let prepared = PreparedTiles::build::<T, T>(k, None, &shape, dp, use_pairs);
+    let prepared = PreparedTiles::build::<T, T>(k, None, &shape, q_tiles, dp, use_pairs);
     (0..batch * num_heads * q_tiles).into_par_iter().try_for_each_init(
         || ScoreScratch::new(d, plan.sk, use_pairs),
         |scratch, item| {
