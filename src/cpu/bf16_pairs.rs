@@ -316,31 +316,36 @@ pub(crate) fn transpose_key_pairs<'a, T: Element>(
     }
 }
 
-/// S[r, j] = scale * sum_d Q[r, d] K[j, d] from query pairs `q` (`[rows, half]`) and K^T pairs
-/// `kt` (`[half, BC]`), for the first `row_blocks * ROWS` rows and the columns
-/// `[c_begin, c_end)` (multiples of [`LANES`]), as `tile::scores` does on f32 tiles.
-pub(crate) fn pair_scores(
-    q: &[u32],
-    kt: &[u32],
-    half: usize,
-    s: &mut [f32],
-    row_blocks: usize,
-    (c_begin, c_end): (usize, usize),
-    scale: f32,
-) {
-    assert!(
-        c_begin % LANES == 0 && c_end % LANES == 0 && c_end <= BC,
-        "bf16 pair scores: columns {c_begin}..{c_end} not whole blocks of {LANES}"
-    );
-    assert!(row_blocks * ROWS * half <= q.len() && half * BC <= kt.len() && row_blocks * ROWS * BC <= s.len());
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: the CPU has AVX-512F and BF16 (`available()`, the condition for using pairs); the
-    // bounds are asserted above.
-    unsafe {
-        scores_avx512bf16(q, kt, s, half, row_blocks, (c_begin, c_end), scale)
-    };
-    #[cfg(not(target_arch = "x86_64"))]
-    unreachable!("bf16 pairs are x86_64 only");
+/// The inputs of S as bf16 pairs: query pairs `q` (`[rows, half]`), K^T pairs `kt`
+/// (`[half, BC]`), and the factor S takes (the softmax scale for queries kept in their input bits,
+/// 1 for queries scaled before their rounding to pairs).
+#[derive(Clone, Copy)]
+pub(crate) struct PairScores<'a> {
+    pub q: &'a [u32],
+    pub kt: &'a [u32],
+    pub half: usize,
+    pub scale: f32,
+}
+
+impl PairScores<'_> {
+    /// S[r, j] = scale * sum_d Q[r, d] K[j, d] for the first `row_blocks * ROWS` rows and the
+    /// columns `[c_begin, c_end)` (multiples of [`LANES`]), as `tile::scores` does on f32 tiles.
+    pub fn scores(&self, s: &mut [f32], row_blocks: usize, (c_begin, c_end): (usize, usize)) {
+        let Self { q, kt, half, scale } = *self;
+        assert!(
+            c_begin % LANES == 0 && c_end % LANES == 0 && c_end <= BC,
+            "bf16 pair scores: columns {c_begin}..{c_end} not whole blocks of {LANES}"
+        );
+        assert!(row_blocks * ROWS * half <= q.len() && half * BC <= kt.len() && row_blocks * ROWS * BC <= s.len());
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU has AVX-512F and BF16 (`available()`, the condition for using pairs);
+        // the bounds are asserted above.
+        unsafe {
+            scores_avx512bf16(q, kt, s, half, row_blocks, (c_begin, c_end), scale)
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        unreachable!("bf16 pairs are x86_64 only");
+    }
 }
 
 /// Words `[p0, p0 + 8)` of 8 rows, transposed into `dst[p * BC + l]` (p < 8, l < 8).
@@ -362,7 +367,7 @@ unsafe fn transpose_block(rows: &[&[u16]; 8], p0: usize, dst: &mut [u32]) {
     }
 }
 
-/// The kernel of [`PairTiles::scores`]: blocks of [`ROWS`] rows x 32 columns (8 accumulators,
+/// The kernel of [`PairScores::scores`]: blocks of [`ROWS`] rows x 32 columns (8 accumulators,
 /// one K^T load per 4 multiply-adds), then a 16-column block where the range ends there.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
@@ -458,15 +463,13 @@ mod tests {
             tiles.load_keys(cols, d, |j| &k[j][..]);
             let mut s = vec![f32::NAN; 64 * BC];
             let scale = 0.37;
-            pair_scores(
-                tiles.queries(),
-                tiles.keys(),
-                dp / 2,
-                &mut s,
-                rows.div_ceil(ROWS),
-                c_range,
+            let pairs = PairScores {
+                q: tiles.queries(),
+                kt: tiles.keys(),
+                half: dp / 2,
                 scale,
-            );
+            };
+            pairs.scores(&mut s, rows.div_ceil(ROWS), c_range);
             for r in 0..rows {
                 for j in c_range.0..c_range.1 {
                     let products: Vec<f64> = match k.get(j) {

@@ -144,7 +144,7 @@ impl PreparedTiles {
     }
 
     /// Tile `slot` of `words` (`len` words each) if they are f32, else empty.
-    fn f32_tile<'a>(&self, words: &'a Words, slot: usize, len: usize) -> &'a [f32] {
+    fn f32_tile(words: &Words, slot: usize, len: usize) -> &[f32] {
         match words {
             Words::F32(w) if len > 0 => &w[slot * len..][..len],
             _ => &[],
@@ -152,7 +152,7 @@ impl PreparedTiles {
     }
 
     /// Tile `slot` of `words` (`len` words each) if they are pairs, else empty.
-    fn pair_tile<'a>(&self, words: &'a Words, slot: usize, len: usize) -> &'a [u32] {
+    fn pair_tile(words: &Words, slot: usize, len: usize) -> &[u32] {
         match words {
             Words::Pairs(w) if len > 0 => &w[slot * len..][..len],
             _ => &[],
@@ -163,10 +163,10 @@ impl PreparedTiles {
     pub fn tile(&self, b: usize, kh: usize, k0: usize) -> Tile<'_> {
         let slot = self.slot(b, kh, k0);
         Tile {
-            kt: self.f32_tile(&self.keys, slot, self.key_words),
-            kt_pairs: self.pair_tile(&self.keys, slot, self.key_words),
-            v: self.f32_tile(&self.values, slot, self.value_words),
-            v_pairs: self.pair_tile(&self.values, slot, self.value_words),
+            kt: Self::f32_tile(&self.keys, slot, self.key_words),
+            kt_pairs: Self::pair_tile(&self.keys, slot, self.key_words),
+            v: Self::f32_tile(&self.values, slot, self.value_words),
+            v_pairs: Self::pair_tile(&self.values, slot, self.value_words),
         }
     }
 }

@@ -31,7 +31,7 @@ use crate::mask::tiles::{classify_tile, TileClass};
 use crate::mask::HostMask;
 use crate::scores::MassPlan;
 use crate::validate::{strides4, AttentionShape};
-use bf16_pairs::PairTiles;
+use bf16_pairs::{PairScores, PairTiles};
 use kv_tiles::PreparedTiles;
 use rotary::{rotated_scores, QueryRotation, RotaryScratch};
 use segment::{mask_tile, MassRows, MassSink, TilePieces};
@@ -443,12 +443,12 @@ impl Scratch {
         } = self;
         let (keys, values) = match pair_tiles {
             Some(tiles) if pairs => (
-                TileKeys::Pairs {
+                TileKeys::Pairs(PairScores {
                     q: tiles.queries(),
                     kt: prepared.map_or(tiles.keys(), |p| p.kt_pairs),
                     half: dp / 2,
                     scale: item.scale * std::f32::consts::LOG2_E,
-                },
+                }),
                 TileValues::Pairs(prepared.map_or(tiles.values(), |p| p.v_pairs)),
             ),
             _ => (keys, values),

@@ -7,7 +7,7 @@
 //! S are computed with them. A tile that straddles two segments gets each piece's columns from its
 //! own rotation: exact, whatever the tile boundaries.
 
-use super::bf16_pairs::round_into_pairs;
+use super::bf16_pairs::{round_into_pairs, PairScores};
 use super::segment::TilePieces;
 use super::tile::{tile_scores, TileKeys, BC};
 use super::Element;
@@ -189,12 +189,12 @@ pub(crate) fn rotated_scores<const FMA: bool, T: Element>(
         match (pairs, query_pairs) {
             // With pairs: the rows' pairs (rounded, already scaled) against the K^T pairs.
             (Some((_, kt_pairs)), Some(q_pairs)) => {
-                let keys = TileKeys::Pairs {
+                let keys = TileKeys::Pairs(PairScores {
                     q: q_pairs,
                     kt: kt_pairs,
                     half: dp / 2,
                     scale: 1.0,
-                };
+                });
                 tile_scores::<FMA, T>(keys, queries, kt, dst, dp, (rows, row_blocks), cols)
             }
             _ => tile_scores::<FMA, T>(keys_f32, queries, kt, dst, dp, (rows, row_blocks), cols),

@@ -25,7 +25,7 @@ use std::sync::Mutex;
 use candle_core::Result;
 use rayon::prelude::*;
 
-use super::bf16_pairs::{pair_scores, PairTiles};
+use super::bf16_pairs::{PairScores, PairTiles};
 use super::exp2::exp2_with;
 use super::kv_tiles::PreparedTiles;
 use super::load::{load_scaled_rows, transpose_rows};
@@ -482,7 +482,7 @@ impl ScoreScratch {
                 } = self;
                 // The keys this item loaded, or the call's prepared ones.
                 let tile = prepared.map(|p| p.tile(b, kh, k0));
-                let pairs = pairs.as_ref().map(|tiles| PairArgs {
+                let pairs = pairs.as_ref().map(|tiles| PairScores {
                     q: tiles.queries(),
                     kt: tile.map_or(tiles.keys(), |t| t.kt_pairs),
                     half: dp / 2,
@@ -554,22 +554,13 @@ struct TileArgs<'a> {
     q: &'a [f32],
     kt: &'a [f32],
     /// The bf16 pair tiles, when S takes them instead of `q` and `kt`.
-    pairs: Option<PairArgs<'a>>,
+    pairs: Option<PairScores<'a>>,
     s: &'a mut [f32],
     dp: usize,
     rows: usize,
     cols: usize,
     partial: bool,
     pieces: &'a TilePieces,
-}
-
-/// S's inputs as bf16 pairs (`cpu/bf16_pairs.rs`): `q` `[BR, half]`, `kt` `[half, BC]`, S times
-/// `scale`.
-struct PairArgs<'a> {
-    q: &'a [u32],
-    kt: &'a [u32],
-    half: usize,
-    scale: f32,
 }
 
 /// One key tile of the standalone op: S = Q K^T, the mask, then the pass's row update.
@@ -593,7 +584,7 @@ fn mass_tile<const FMA: bool>(
         pieces,
     } = t;
     match pairs {
-        Some(PairArgs { q, kt, half, scale }) => pair_scores(q, kt, half, s, rows.div_ceil(SCORE_ROWS), (0, BC), scale),
+        Some(pairs) => pairs.scores(s, rows.div_ceil(SCORE_ROWS), (0, BC)),
         None => scores::<FMA>(q, kt, s, dp, rows.div_ceil(SCORE_ROWS), (0, BC)),
     }
     if partial {

@@ -6,7 +6,7 @@
 //! register-blocked (`ROWS` rows x `LANES` columns of accumulators) so that the compiler keeps the
 //! block in SIMD registers; `FMA` selects fused multiply-add where the CPU has it.
 
-use super::bf16_pairs::pair_scores;
+use super::bf16_pairs::PairScores;
 use super::exp2::exp2_with;
 
 /// Query rows per tile.
@@ -181,15 +181,9 @@ pub(crate) enum TileKeys<'a, T> {
     /// For decode-sized tiles (one block of [`ROWS`] rows, `D == dp`), where transposing 64 keys
     /// cost as much as their S.
     Rows(RowsOf<'a, T>),
-    /// The query and key tiles as bf16 pairs (`cpu/bf16_pairs.rs`, AVX-512 BF16): `q`
-    /// `[BR, half]`, `kt` `[half, BC]`; S times `scale` (the f32 Q of the other variants is
-    /// scaled already; the pairs are not).
-    Pairs {
-        q: &'a [u32],
-        kt: &'a [u32],
-        half: usize,
-        scale: f32,
-    },
+    /// The query and key tiles as bf16 pairs (`cpu/bf16_pairs.rs`, AVX-512 BF16), with the factor
+    /// S takes (the f32 Q of the other variants is scaled already).
+    Pairs(PairScores<'a>),
 }
 
 /// Where a tile's P V reads its values.
@@ -229,15 +223,7 @@ pub(crate) fn tile_scores<const FMA: bool, T: super::Element>(
             (c_begin / LANES * LANES, c_end.div_ceil(LANES) * LANES),
         ),
         TileKeys::Rows(row) => super::dots::dots_rows::<FMA, T>(&q[..rows * dp], row, c_begin..c_end, s, BC),
-        TileKeys::Pairs { q, kt, half, scale } => pair_scores(
-            q,
-            kt,
-            half,
-            s,
-            row_blocks,
-            (c_begin / LANES * LANES, c_end.div_ceil(LANES) * LANES),
-            scale,
-        ),
+        TileKeys::Pairs(pairs) => pairs.scores(s, row_blocks, (c_begin / LANES * LANES, c_end.div_ceil(LANES) * LANES)),
     }
 }
 
