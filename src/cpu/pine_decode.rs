@@ -19,7 +19,8 @@ use rayon::prelude::*;
 
 use super::dots::{dots, dots_pair, turned_back_dots_pair};
 use super::exp2::exp2;
-use super::tile::{lane_max, lane_sum, madd};
+use super::reduce::{lane_max_with, lane_sum_with};
+use super::tile::madd;
 use super::{Element, Strided};
 use crate::mask::PineLayout;
 use crate::pine::RopeTable;
@@ -219,14 +220,14 @@ fn item_scores<T: Element, const FMA: bool>(args: &ItemArgs<'_, T>) -> Vec<f32> 
     // (The exponentials as the attention's: 2^x by a vectorised polynomial, about one f32 ulp;
     // libm's expf was a call per key and a dependency chain through the sum.)
     for (g, head_scores) in scores.chunks_exact_mut(keys).enumerate() {
-        let max = lane_max(head_scores);
+        let max = lane_max_with::<FMA>(head_scores);
         for x in head_scores.iter_mut() {
             *x = exp2((*x - max) * std::f32::consts::LOG2_E);
         }
-        let total = lane_sum(head_scores);
+        let total = lane_sum_with::<FMA>(head_scores);
         let mut at = 0;
         for (j, &len) in layout.segment_lens.iter().enumerate() {
-            let mass = lane_sum(&head_scores[at..at + len]);
+            let mass = lane_sum_with::<FMA>(&head_scores[at..at + len]);
             rows[g * sk + j + 1] = mass / total / len as f32;
             at += len;
         }

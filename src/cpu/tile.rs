@@ -8,6 +8,7 @@
 
 use super::bf16_pairs::PairScores;
 use super::exp2::exp2_with;
+use super::reduce::{lane_max_with, lane_sum_with};
 
 /// Query rows per tile.
 pub(crate) const BR: usize = 64;
@@ -240,7 +241,7 @@ pub(crate) fn softmax_row<const FMA: bool>(
     sum: &mut f32,
     orow: &mut [f32],
 ) -> (f32, f32) {
-    let tile_max = lane_max(&srow[..cols]);
+    let tile_max = lane_max_with::<FMA>(&srow[..cols]);
     if tile_max == f32::NEG_INFINITY {
         // The row sees nothing in this tile: it contributes nothing.
         srow.fill(0.0);
@@ -251,7 +252,7 @@ pub(crate) fn softmax_row<const FMA: bool>(
     for x in srow[..cols].iter_mut() {
         *x = exp2_with::<FMA>(*x - new_max);
     }
-    let tile_sum = lane_sum(&srow[..cols]);
+    let tile_sum = lane_sum_with::<FMA>(&srow[..cols]);
     srow[cols..].fill(0.0);
     let mut alpha = 1.0;
     if *max != new_max {
@@ -262,35 +263,6 @@ pub(crate) fn softmax_row<const FMA: bool>(
     }
     *sum += tile_sum;
     (alpha, tile_sum)
-}
-
-/// Sum of `x` over 8 independent lanes: a plain `iter().sum()` of f32 is one dependency chain
-/// that also keeps the loop feeding it from vectorising.
-#[inline(always)]
-pub(crate) fn lane_sum(x: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let mut chunks = x.chunks_exact(8);
-    for c in &mut chunks {
-        for l in 0..8 {
-            acc[l] += c[l];
-        }
-    }
-    let tail: f32 = chunks.remainder().iter().sum();
-    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
-}
-
-/// Max of `x` (`-inf` when empty) over 8 independent lanes, like [`lane_sum`].
-#[inline(always)]
-pub(crate) fn lane_max(x: &[f32]) -> f32 {
-    let mut acc = [f32::NEG_INFINITY; 8];
-    let mut chunks = x.chunks_exact(8);
-    for c in &mut chunks {
-        for l in 0..8 {
-            acc[l] = if c[l] > acc[l] { c[l] } else { acc[l] };
-        }
-    }
-    let tail = chunks.remainder().iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-    acc.iter().fold(tail, |m, &v| m.max(v))
 }
 
 /// O[r, :] += sum_j P[r, j] V[j, :] over the first `cols` keys.
