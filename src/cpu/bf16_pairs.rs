@@ -79,12 +79,20 @@ pub(crate) struct PairTiles {
 impl PairTiles {
     /// Buffers for tiles of `br` query rows and head dim padded to `dp` (a multiple of [`LANES`]).
     pub fn new(br: usize, dp: usize) -> Self {
+        Self {
+            vp: vec![0; BC / 2 * dp],
+            ..Self::scores_only(br, dp)
+        }
+    }
+
+    /// [`PairTiles::new`] without the value tile, for S alone (the standalone mass).
+    pub fn scores_only(br: usize, dp: usize) -> Self {
         let half = dp / 2;
         Self {
             half,
             q: vec![0; br * half],
             kt: vec![0; half * BC],
-            vp: vec![0; BC / 2 * dp],
+            vp: Vec::new(),
         }
     }
 
@@ -117,7 +125,8 @@ impl PairTiles {
         round_into_pairs(&mut self.q[..rows * self.half], &src[..rows * dp]);
     }
 
-    /// Values `row(0..cols)` (`d` elements each) as this tile's key pairs ([`pair_value_rows`]).
+    /// Values `row(0..cols)` (`d` elements each) as this tile's key pairs ([`pair_value_rows`]);
+    /// not for tiles made by [`PairTiles::scores_only`].
     pub fn load_values<'a, T: Element>(&mut self, cols: usize, d: usize, row: impl Fn(usize) -> &'a [T]) {
         let dp = 2 * self.half;
         pair_value_rows(&mut self.vp, cols, d, dp, row);

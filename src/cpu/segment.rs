@@ -403,7 +403,7 @@ impl ScoreScratch {
             mass: MassRows::new(sk),
             pieces: TilePieces::default(),
             tiles: Vec::new(),
-            pairs: bf16_pairs.then(|| PairTiles::new(BR, dp)),
+            pairs: bf16_pairs.then(|| PairTiles::scores_only(BR, dp)),
         }
     }
 
