@@ -134,6 +134,7 @@ pub(crate) unsafe fn transpose8x8(v: [std::arch::x86_64::__m256; 8]) -> [std::ar
 }
 
 /// Loads `rows` query rows as f32 times `scale` into `dst` (row stride `dp`; padding untouched).
+#[inline(always)]
 pub(crate) fn load_scaled_rows<'a, T: Element>(
     dst: &mut [f32],
     dp: usize,

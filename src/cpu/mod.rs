@@ -299,7 +299,9 @@ impl Scratch {
     }
 
     /// Loads the item's query rows (scaled; turned to their positions under a rotation) and clears
-    /// O: the state before the first key tile.
+    /// O: the state before the first key tile. Inlined into the loops' SIMD builds, with the
+    /// loads and rotations it calls (out of line they ran in the baseline build).
+    #[inline(always)]
     fn begin<T: Element, K: Element>(&mut self, item: &Item<'_, '_, T, K>) -> RowState {
         let Item {
             q,

@@ -401,7 +401,8 @@ impl RopeTable {
     }
 
     /// Rotates one row (`2 * half` values, rotate-half pairs) in place by position `p`.
-    #[inline]
+    /// Inlined into the CPU loops' SIMD builds (out of line it ran in the baseline build).
+    #[inline(always)]
     pub fn rotate_row(&self, row: &mut [f32], p: usize) {
         let h = self.half;
         let (c, s) = (&self.cos[p * h..(p + 1) * h], &self.sin[p * h..(p + 1) * h]);
@@ -410,6 +411,20 @@ impl RopeTable {
             let (x1, x2) = (lo[i], hi[i]);
             lo[i] = x1 * c[i] - x2 * s[i];
             hi[i] = x2 * c[i] + x1 * s[i];
+        }
+    }
+
+    /// `dst` = `src` rotated by position `p` ([`RopeTable::rotate_row`]'s values, without first
+    /// copying `src` into `dst`); elements past `2 * half` are left alone.
+    #[inline(always)]
+    pub fn rotate_row_into(&self, dst: &mut [f32], src: &[f32], p: usize) {
+        let h = self.half;
+        let (c, s) = (&self.cos[p * h..(p + 1) * h], &self.sin[p * h..(p + 1) * h]);
+        let (x1, x2) = src[..2 * h].split_at(h);
+        let (lo, hi) = dst[..2 * h].split_at_mut(h);
+        for i in 0..h {
+            lo[i] = x1[i] * c[i] - x2[i] * s[i];
+            hi[i] = x2[i] * c[i] + x1[i] * s[i];
         }
     }
 
