@@ -460,7 +460,7 @@ impl Scratch {
         // The mass accumulators follow O's rescaling; P of the tile is summed per key segment.
         let hook = |r: usize, alpha: f32, p: &[f32], sum: f32| {
             if let Some(m) = mass.as_mut() {
-                m.follow::<FMA>(r, alpha, (p, sum), pieces);
+                m.follow(r, alpha, (p, sum), pieces);
             }
         };
         let (keys, values) = ((keys, kt), (values, vb));

@@ -29,7 +29,7 @@ use super::bf16_pairs::{PairScores, PairTiles};
 use super::exp2::exp2_with;
 use super::kv_tiles::PreparedTiles;
 use super::load::{load_scaled_rows, transpose_rows};
-use super::reduce::lane_sum_with;
+use super::reduce::lane_sum;
 use super::tile::{scores, softmax_row, RowState, BC, BR, LANES};
 use super::{fma_available, Element, SharedMut, Strided};
 use crate::mask::tiles::{classify_tile, piece_visibility, TileClass};
@@ -99,11 +99,11 @@ pub(crate) fn tile_pieces(mask: &HostMask, b: usize, k0: usize, k1: usize, out: 
 
 /// Adds `sum(p[a..b])` of every piece to `acc[id]` (`p` holds the tile's keys).
 #[inline(always)]
-pub(crate) fn add_pieces<const FMA: bool>(p: &[f32], pieces: &TilePieces, acc: &mut [f32]) {
+pub(crate) fn add_pieces(p: &[f32], pieces: &TilePieces, acc: &mut [f32]) {
     match pieces.mode {
         AddMode::Sums => {
             for piece in &pieces.list {
-                acc[piece.id as usize] += lane_sum_with::<FMA>(&p[piece.a..piece.b]);
+                acc[piece.id as usize] += lane_sum(&p[piece.a..piece.b]);
             }
         }
         AddMode::Consecutive(id0) => {
@@ -122,10 +122,10 @@ pub(crate) fn add_pieces<const FMA: bool>(p: &[f32], pieces: &TilePieces, acc: &
 /// a tile inside one segment (most tiles) adds `sum`, the same sum of the same values that
 /// `add_pieces` would compute again.
 #[inline(always)]
-pub(crate) fn add_row<const FMA: bool>(p: &[f32], sum: f32, pieces: &TilePieces, acc: &mut [f32]) {
+pub(crate) fn add_row(p: &[f32], sum: f32, pieces: &TilePieces, acc: &mut [f32]) {
     match pieces.list.as_slice() {
         [only] if pieces.mode == AddMode::Sums && only.a == 0 && only.b == p.len() => acc[only.id as usize] += sum,
-        _ => add_pieces::<FMA>(p, pieces, acc),
+        _ => add_pieces(p, pieces, acc),
     }
 }
 
@@ -200,12 +200,12 @@ impl MassRows {
     /// `p` (the tile's unnormalised probabilities, `sum` their `lane_sum`) summed per key segment
     /// piece ([`add_row`]).
     #[inline(always)]
-    pub fn follow<const FMA: bool>(&mut self, r: usize, alpha: f32, (p, sum): (&[f32], f32), pieces: &TilePieces) {
+    pub fn follow(&mut self, r: usize, alpha: f32, (p, sum): (&[f32], f32), pieces: &TilePieces) {
         let row = self.row_mut(r);
         if alpha != 1.0 {
             row.iter_mut().for_each(|x| *x *= alpha);
         }
-        add_row::<FMA>(p, sum, pieces, row);
+        add_row(p, sum, pieces, row);
     }
 
     /// Every row is to be divided by its softmax sum (rows that saw nothing become 0), when put.
@@ -598,7 +598,7 @@ fn mass_tile<const FMA: bool>(
                 // The accumulators of the row follow the running max exactly like O.
                 let (_, tile_sum) =
                     softmax_row::<FMA>(srow, cols, &mut state.max[r], &mut state.sum[r], mass.row_mut(r));
-                add_row::<FMA>(&srow[..cols], tile_sum, pieces, mass.row_mut(r));
+                add_row(&srow[..cols], tile_sum, pieces, mass.row_mut(r));
             }
             Pass::Stats => {
                 softmax_row::<FMA>(srow, cols, &mut state.max[r], &mut state.sum[r], &mut []);
@@ -611,7 +611,7 @@ fn mass_tile<const FMA: bool>(
                 for x in srow[..cols].iter_mut() {
                     *x = exp2_with::<FMA>(*x - lse);
                 }
-                add_pieces::<FMA>(srow, pieces, mass.row_mut(r));
+                add_pieces(srow, pieces, mass.row_mut(r));
             }
         }
     }
