@@ -7,7 +7,7 @@
 
 #[cfg(target_arch = "x86_64")]
 use super::simd::{Avx2, Avx512, Lanes};
-use super::tile::madd;
+use super::tile::{madd, TileRows};
 use super::Element;
 
 /// `scores[g keys + at] = qs_g . k` for each query `qs_g` of `qs` (`group x D`). `FMA` (set only
@@ -382,29 +382,29 @@ unsafe fn turn_back<V: Lanes, T: Element>(p1: *const T, p2: *const T, c: V, s: V
     }
 }
 
-/// [`dots`] for the keys `row(j)`, `j` in `range`, at `at = j`: two keys at a time.
+/// [`dots`] for the keys `rows.read(j)`, `j` in `range`, at `at = j`: two keys at a time.
 #[inline(always)]
 pub(crate) fn dots_rows<'a, const FMA: bool, T: Element>(
     qs: &[f32],
-    row: &dyn Fn(usize) -> &'a [T],
+    rows: TileRows<'a, T>,
     range: std::ops::Range<usize>,
     scores: &mut [f32],
     keys: usize,
 ) {
     #[cfg(target_arch = "x86_64")]
     if FMA {
-        let d16 = !range.is_empty() && row(range.start).len().is_multiple_of(16);
+        let d16 = rows.len().is_multiple_of(16);
         if d16 && super::element::avx512_available() {
             // SAFETY: the CPU has AVX-512F, AVX2, FMA and F16C (checked just above).
-            unsafe { dots_rows_avx512(qs, row, range, scores, keys) };
+            unsafe { dots_rows_avx512(qs, rows, range, scores, keys) };
             return;
         }
         // SAFETY: as in `dots`.
-        unsafe { dots_rows_avx2(qs, row, range, scores, keys) };
+        unsafe { dots_rows_avx2(qs, rows, range, scores, keys) };
         return;
     }
     for j in range {
-        dots::<FMA, T>(qs, row(j), scores, keys, j);
+        dots::<FMA, T>(qs, rows.read(j), scores, keys, j);
     }
 }
 
@@ -417,18 +417,18 @@ pub(crate) fn dots_rows<'a, const FMA: bool, T: Element>(
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dots_rows_avx2<'a, T: Element>(
     qs: &[f32],
-    row: &dyn Fn(usize) -> &'a [T],
+    rows: TileRows<'a, T>,
     range: std::ops::Range<usize>,
     scores: &mut [f32],
     keys: usize,
 ) {
     let mut j = range.start;
     while j + 2 <= range.end {
-        dots_pair::<true, T>(qs, [row(j), row(j + 1)], [j, j + 1], scores, keys);
+        dots_pair::<true, T>(qs, [rows.read(j), rows.read(j + 1)], [j, j + 1], scores, keys);
         j += 2;
     }
     if j < range.end {
-        dots::<true, T>(qs, row(j), scores, keys, j);
+        dots::<true, T>(qs, rows.read(j), scores, keys, j);
     }
 }
 
@@ -441,7 +441,7 @@ unsafe fn dots_rows_avx2<'a, T: Element>(
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
 unsafe fn dots_rows_avx512<'a, T: Element>(
     qs: &[f32],
-    row: &dyn Fn(usize) -> &'a [T],
+    rows: TileRows<'a, T>,
     range: std::ops::Range<usize>,
     scores: &mut [f32],
     keys: usize,
@@ -449,12 +449,12 @@ unsafe fn dots_rows_avx512<'a, T: Element>(
     let mut j = range.start;
     while j + 2 <= range.end {
         // SAFETY: this function's contract.
-        unsafe { dots_avx512::<2, T>(qs, [row(j), row(j + 1)], [j, j + 1], scores, keys) };
+        unsafe { dots_avx512::<2, T>(qs, [rows.read(j), rows.read(j + 1)], [j, j + 1], scores, keys) };
         j += 2;
     }
     if j < range.end {
         // SAFETY: as above.
-        unsafe { dots_avx512::<1, T>(qs, [row(j)], [j], scores, keys) };
+        unsafe { dots_avx512::<1, T>(qs, [rows.read(j)], [j], scores, keys) };
     }
 }
 

@@ -36,7 +36,9 @@ use bf16_pairs::{PairScores, PairTiles};
 use kv_tiles::PreparedTiles;
 use rotary::{rotated_scores, QueryRotation, RotaryScratch};
 use segment::{mask_tile, MassRows, MassSink, TilePieces};
-use tile::{attend_scored_tile, attend_tile, RowState, TileKeys, TileValues, BC, BR, LANES, ROWS};
+use tile::{
+    attend_scored_tile, attend_tile, RowPrefetch, RowState, TileKeys, TileRows, TileValues, BC, BR, LANES, ROWS,
+};
 
 /// How many keys ahead a decode-sized item asks for the K and V rows (one key tile: measured
 /// against two, RAG decode step from a cold cache -20% either way, back to back 64 slightly better).
@@ -394,18 +396,21 @@ impl Scratch {
         // into L2. A decode step streams the cache once, each row a few lines a whole token row
         // apart (a stride the hardware prefetcher follows late); the hints spread over the tile,
         // not issued all at its start (which left most of them dropped).
-        let kv_len = shape.kv_len;
-        let key_row = |j: usize| {
-            let t = k0 + j + AHEAD;
-            if direct && t < kv_len {
-                load::prefetch_l2(k.row(b, t, kh, d));
-                load::prefetch_l2(v.row(b, t, kh, d));
-            }
-            k.row(b, k0 + j, kh, d)
-        };
-        let value_row = |j: usize| v.row(b, k0 + j, kh, d);
         let (keys, values) = if direct {
-            (TileKeys::Rows(&key_row), TileValues::Rows(&value_row))
+            let ahead = k0 + AHEAD;
+            let key_rows = TileRows::of(k, b, k0, kh, d);
+            let key_rows = match shape.kv_len.checked_sub(ahead) {
+                Some(count) if count > 0 => key_rows.with_prefetch(RowPrefetch::new(
+                    TileRows::of(k, b, ahead, kh, d),
+                    TileRows::of(v, b, ahead, kh, d),
+                    count,
+                )),
+                _ => key_rows,
+            };
+            (
+                TileKeys::Rows(key_rows),
+                TileValues::Rows(TileRows::of(v, b, k0, kh, d)),
+            )
         } else {
             (TileKeys::Transposed, TileValues::Widened)
         };

@@ -4,16 +4,16 @@
 
 #[cfg(target_arch = "x86_64")]
 use super::simd::{Avx2, Avx512, Lanes};
-use super::tile::{madd, BC, ROWS};
+use super::tile::{madd, TileRows, BC, ROWS};
 use super::Element;
 
 /// `O[r, :] += sum_{j < cols} P[r, j] V[j, :]` for the first `rows` (at most [`ROWS`]) rows of `o`
-/// (rows of `dp`) and `p` (rows of [`BC`]), `V[j]` = `row(j)`. `FMA` (set only inside the
+/// (rows of `dp`) and `p` (rows of [`BC`]), `V[j]` = `v_rows.row(j)`. `FMA` (set only inside the
 /// callers' AVX2 + FMA + F16C builds, after checking the CPU) takes the register kernel.
 #[inline(always)]
 pub(crate) fn accumulate_pv_rows<'a, const FMA: bool, T: Element>(
     p: &[f32],
-    row: &dyn Fn(usize) -> &'a [T],
+    v_rows: TileRows<'a, T>,
     o: &mut [f32],
     dp: usize,
     rows: usize,
@@ -23,15 +23,15 @@ pub(crate) fn accumulate_pv_rows<'a, const FMA: bool, T: Element>(
     if FMA && dp.is_multiple_of(16) {
         if dp.is_multiple_of(32) && super::element::avx512_available() {
             // SAFETY: the CPU has AVX-512F, AVX2, FMA and F16C (checked just above).
-            unsafe { accumulate_pv_rows_avx512(p, row, o, dp, rows, cols) };
+            unsafe { accumulate_pv_rows_avx512(p, v_rows, o, dp, rows, cols) };
             return;
         }
         // SAFETY: as in `dots::dots`.
-        unsafe { accumulate_pv_rows_avx2(p, row, o, dp, rows, cols) };
+        unsafe { accumulate_pv_rows_avx2(p, v_rows, o, dp, rows, cols) };
         return;
     }
     for j in 0..cols {
-        let v = row(j);
+        let v = v_rows.row(j);
         for r in 0..rows {
             let pv = p[r * BC + j];
             for (acc, x) in o[r * dp..r * dp + v.len()].iter_mut().zip(v) {
@@ -49,14 +49,14 @@ pub(crate) fn accumulate_pv_rows<'a, const FMA: bool, T: Element>(
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn accumulate_pv_rows_avx2<'a, T: Element>(
     p: &[f32],
-    row: &dyn Fn(usize) -> &'a [T],
+    v_rows: TileRows<'a, T>,
     o: &mut [f32],
     dp: usize,
     rows: usize,
     cols: usize,
 ) {
     // SAFETY: this function's features and contract.
-    unsafe { pv_rows_simd::<Avx2, T>(p, row, o, dp, rows, cols) }
+    unsafe { pv_rows_simd::<Avx2, T>(p, v_rows, o, dp, rows, cols) }
 }
 
 /// [`accumulate_pv_rows`] in AVX-512 registers.
@@ -67,14 +67,14 @@ unsafe fn accumulate_pv_rows_avx2<'a, T: Element>(
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
 unsafe fn accumulate_pv_rows_avx512<'a, T: Element>(
     p: &[f32],
-    row: &dyn Fn(usize) -> &'a [T],
+    v_rows: TileRows<'a, T>,
     o: &mut [f32],
     dp: usize,
     rows: usize,
     cols: usize,
 ) {
     // SAFETY: this function's features and contract.
-    unsafe { pv_rows_simd::<Avx512, T>(p, row, o, dp, rows, cols) }
+    unsafe { pv_rows_simd::<Avx512, T>(p, v_rows, o, dp, rows, cols) }
 }
 
 /// [`accumulate_pv_rows`] in registers `V`, the row count made a constant so that the
@@ -86,7 +86,7 @@ unsafe fn accumulate_pv_rows_avx512<'a, T: Element>(
 #[inline(always)]
 unsafe fn pv_rows_simd<'a, V: Lanes, T: Element>(
     p: &[f32],
-    row: &dyn Fn(usize) -> &'a [T],
+    v_rows: TileRows<'a, T>,
     o: &mut [f32],
     dp: usize,
     rows: usize,
@@ -95,10 +95,10 @@ unsafe fn pv_rows_simd<'a, V: Lanes, T: Element>(
     // SAFETY (each): the caller's features and contract.
     unsafe {
         match rows {
-            1 => pv_block::<V, T, 1>(p, row, o, dp, cols),
-            2 => pv_block::<V, T, 2>(p, row, o, dp, cols),
-            3 => pv_block::<V, T, 3>(p, row, o, dp, cols),
-            _ => pv_block::<V, T, ROWS>(p, row, o, dp, cols),
+            1 => pv_block::<V, T, 1>(p, v_rows, o, dp, cols),
+            2 => pv_block::<V, T, 2>(p, v_rows, o, dp, cols),
+            3 => pv_block::<V, T, 3>(p, v_rows, o, dp, cols),
+            _ => pv_block::<V, T, ROWS>(p, v_rows, o, dp, cols),
         }
     }
 }
@@ -112,7 +112,7 @@ unsafe fn pv_rows_simd<'a, V: Lanes, T: Element>(
 #[inline(always)]
 unsafe fn pv_block<'a, V: Lanes, T: Element, const R: usize>(
     p: &[f32],
-    row: &dyn Fn(usize) -> &'a [T],
+    v_rows: TileRows<'a, T>,
     o: &mut [f32],
     dp: usize,
     cols: usize,
@@ -124,7 +124,7 @@ unsafe fn pv_block<'a, V: Lanes, T: Element, const R: usize>(
     );
     let mut rows = [std::ptr::null::<T>(); BC];
     for (j, r) in rows.iter_mut().enumerate().take(cols) {
-        let v = row(j);
+        let v = v_rows.row(j);
         assert_eq!(v.len(), dp, "accumulate_pv_rows: V row length");
         *r = v.as_ptr();
         // The loop below reads each row 2 LANES columns at a time, all rows per step: ask for

@@ -90,7 +90,7 @@ pub(crate) fn attend_scored_tile<const FMA: bool, T: super::Element>(
     softmax_tile::<FMA>(s, o, state, dp, rows, cols, partial, masked, row_hook);
     match values {
         TileValues::Widened => accumulate_pv::<FMA>(s, v, o, dp, rows.div_ceil(ROWS), cols),
-        TileValues::Rows(row) => super::pv_rows::accumulate_pv_rows::<FMA, T>(s, row, o, dp, rows, cols),
+        TileValues::Rows(v_rows) => super::pv_rows::accumulate_pv_rows::<FMA, T>(s, v_rows, o, dp, rows, cols),
         TileValues::Pairs(vp) => super::bf16_pairs::accumulate_pv_pairs(s, vp, o, dp, rows.div_ceil(ROWS), cols),
     }
 }
@@ -170,8 +170,125 @@ pub(crate) fn scores<const FMA: bool>(
     }
 }
 
-/// Rows of a K or V tile as stored: `row(j)` is the tile's key `j` (`D` elements).
-pub(crate) type RowsOf<'a, T> = &'a dyn Fn(usize) -> &'a [T];
+/// The rows of a K or V tile as stored: key `j` of the tile is `D` elements at
+/// `first + j * stride` of `data`. A plain struct, not a closure: the decode kernels read a row
+/// per key, and a `dyn Fn` per key (a call, the strides reloaded, the index recomputed) cost a
+/// decode step ~10% (NOTES CPU 20).
+#[derive(Clone, Copy)]
+pub(crate) struct TileRows<'a, T> {
+    data: &'a [T],
+    first: usize,
+    stride: usize,
+    d: usize,
+    /// With it, [`TileRows::read`] also asks for K and V rows further on ([`RowPrefetch`]).
+    prefetch: Option<RowPrefetch<'a>>,
+}
+
+impl<'a, T: super::Element> TileRows<'a, T> {
+    /// Keys `k0..` of (b, head) of `x`, `d` elements each.
+    #[inline(always)]
+    pub fn of(x: super::Strided<'a, T>, b: usize, k0: usize, head: usize, d: usize) -> Self {
+        Self {
+            data: x.data,
+            first: x.offset + b * x.strides[0] + k0 * x.strides[1] + head * x.strides[2],
+            stride: x.strides[1],
+            d,
+            prefetch: None,
+        }
+    }
+
+    /// These rows, reading which asks for `prefetch`'s rows too.
+    pub fn with_prefetch(self, prefetch: RowPrefetch<'a>) -> Self {
+        Self {
+            prefetch: Some(prefetch),
+            ..self
+        }
+    }
+
+    /// Key `j` of the tile.
+    #[inline(always)]
+    pub fn row(&self, j: usize) -> &'a [T] {
+        let at = self.first + j * self.stride;
+        &self.data[at..at + self.d]
+    }
+
+    /// Key `j` of the tile, after asking for the prefetched rows of key `j + ahead` (if any).
+    #[inline(always)]
+    pub fn read(&self, j: usize) -> &'a [T] {
+        if let Some(p) = &self.prefetch {
+            p.ask(j);
+        }
+        self.row(j)
+    }
+
+    /// The elements per row.
+    #[inline(always)]
+    pub fn len(&self) -> usize {
+        self.d
+    }
+}
+
+/// A decode tile's prefetch: as S reads the tile's key `j`, key `j` of two other row sets (the K
+/// and V rows some keys further on) is asked for into L2 (both viewed as bytes: K and V may
+/// differ in type).
+#[derive(Clone, Copy)]
+pub(crate) struct RowPrefetch<'a> {
+    k: RowBytes<'a>,
+    v: RowBytes<'a>,
+    /// Keys `j < count` have a key `j + ahead` inside the cache.
+    count: usize,
+}
+
+/// One input's rows as bytes: row `j` at `first + j * stride`, `len` bytes.
+#[derive(Clone, Copy)]
+struct RowBytes<'a> {
+    data: &'a [u8],
+    first: usize,
+    stride: usize,
+    len: usize,
+}
+
+impl<'a> RowBytes<'a> {
+    fn of<T: super::Element>(rows: TileRows<'a, T>) -> Self {
+        let size = std::mem::size_of::<T>();
+        // SAFETY: the elements (f32, f16, bf16) are plain data without padding: any of their
+        // bytes may be read as u8, and the view covers exactly the slice's bytes.
+        let data =
+            unsafe { std::slice::from_raw_parts(rows.data.as_ptr().cast::<u8>(), std::mem::size_of_val(rows.data)) };
+        Self {
+            data,
+            first: rows.first * size,
+            stride: rows.stride * size,
+            len: rows.d * size,
+        }
+    }
+
+    #[inline(always)]
+    fn ask(&self, j: usize) {
+        let at = self.first + j * self.stride;
+        super::load::prefetch_l2(&self.data[at..at + self.len]);
+    }
+}
+
+impl<'a> RowPrefetch<'a> {
+    /// Row `j` of `k` and of `v` asked for as the tile's key `j` is read, for `j < count` (rows
+    /// inside the cache).
+    pub fn new<K: super::Element, V: super::Element>(k: TileRows<'a, K>, v: TileRows<'a, V>, count: usize) -> Self {
+        Self {
+            k: RowBytes::of(k),
+            v: RowBytes::of(v),
+            count,
+        }
+    }
+
+    #[inline(always)]
+    fn ask(&self, j: usize) {
+        if j < self.count {
+            self.k.ask(j);
+            self.v.ask(j);
+        }
+    }
+}
 
 /// Where a tile's S reads its keys.
 #[derive(Clone, Copy)]
@@ -181,7 +298,7 @@ pub(crate) enum TileKeys<'a, T> {
     /// Key `j` of the tile is `row(j)`, as stored: dotted with each query row (`cpu/dots.rs`).
     /// For decode-sized tiles (one block of [`ROWS`] rows, `D == dp`), where transposing 64 keys
     /// cost as much as their S.
-    Rows(RowsOf<'a, T>),
+    Rows(TileRows<'a, T>),
     /// The query and key tiles as bf16 pairs (`cpu/bf16_pairs.rs`, AVX-512 BF16), with the factor
     /// S takes (the f32 Q of the other variants is scaled already).
     Pairs(PairScores<'a>),
@@ -194,7 +311,7 @@ pub(crate) enum TileValues<'a, T> {
     Widened,
     /// Value `j` of the tile is `row(j)`, as stored, widened in registers (`cpu/pv_rows.rs`); with
     /// [`TileKeys::Rows`].
-    Rows(RowsOf<'a, T>),
+    Rows(TileRows<'a, T>),
     /// The tile's values as bf16 pairs of keys (`cpu/bf16_pairs.rs`, `[BC / 2, dp]`), P rounded to
     /// bf16 for them; with [`TileKeys::Pairs`].
     Pairs(&'a [u32]),
@@ -223,7 +340,7 @@ pub(crate) fn tile_scores<const FMA: bool, T: super::Element>(
             row_blocks,
             (c_begin / LANES * LANES, c_end.div_ceil(LANES) * LANES),
         ),
-        TileKeys::Rows(row) => super::dots::dots_rows::<FMA, T>(&q[..rows * dp], row, c_begin..c_end, s, BC),
+        TileKeys::Rows(k_rows) => super::dots::dots_rows::<FMA, T>(&q[..rows * dp], k_rows, c_begin..c_end, s, BC),
         TileKeys::Pairs(pairs) => pairs.scores(s, row_blocks, (c_begin / LANES * LANES, c_end.div_ceil(LANES) * LANES)),
     }
 }
