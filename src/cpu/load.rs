@@ -3,7 +3,7 @@
 #[cfg(target_arch = "x86_64")]
 use super::element::widen8;
 use super::element::Element;
-use super::tile::BC;
+use super::tile::{TileRows, BC};
 
 /// Writes rows `row(0..cols)` (`d` elements each) transposed into `kt` `[dp, BC]` (K^T of a key
 /// tile), in 8 x 8 blocks: 8 contiguous reads per row and 8 contiguous writes per column instead
@@ -174,6 +174,68 @@ fn prefetch<const HINT: i32, T>(row: &[T]) {
     for off in (0..std::mem::size_of_val(row)).step_by(64) {
         // SAFETY: prefetch never faults; the address is inside `row`.
         unsafe { std::arch::x86_64::_mm_prefetch::<HINT>(row.as_ptr().cast::<i8>().add(off)) };
+    }
+}
+
+/// A decode tile's prefetch: as S reads the tile's key `j`, key `j` of two other row sets (the K
+/// and V rows some keys further on) is asked for into L2 (both viewed as bytes: K and V may
+/// differ in type).
+#[derive(Clone, Copy)]
+pub(crate) struct RowPrefetch<'a> {
+    k: RowBytes<'a>,
+    v: RowBytes<'a>,
+    /// Rows `j < count` lie inside the cache (the rest of the tile has none to ask for).
+    count: usize,
+}
+
+/// One input's rows as bytes: row `j` at `first + j * stride`, `len` bytes.
+#[derive(Clone, Copy)]
+struct RowBytes<'a> {
+    data: &'a [u8],
+    first: usize,
+    stride: usize,
+    len: usize,
+}
+
+impl<'a> RowBytes<'a> {
+    fn of<T: Element>(rows: TileRows<'a, T>) -> Self {
+        let (data, first, stride, d) = rows.parts();
+        let size = std::mem::size_of::<T>();
+        // SAFETY: the elements (f32, f16, bf16) are plain data without padding: any of their
+        // bytes may be read as u8, and the view covers exactly the slice's bytes.
+        let data = unsafe { std::slice::from_raw_parts(data.as_ptr().cast::<u8>(), std::mem::size_of_val(data)) };
+        Self {
+            data,
+            first: first * size,
+            stride: stride * size,
+            len: d * size,
+        }
+    }
+
+    #[inline(always)]
+    fn ask(&self, j: usize) {
+        let at = self.first + j * self.stride;
+        prefetch_l2(&self.data[at..at + self.len]);
+    }
+}
+
+impl<'a> RowPrefetch<'a> {
+    /// Row `j` of `k` and of `v` asked for as the tile's key `j` is read, for `j < count` (rows
+    /// inside the cache).
+    pub fn new<K: Element, V: Element>(k: TileRows<'a, K>, v: TileRows<'a, V>, count: usize) -> Self {
+        Self {
+            k: RowBytes::of(k),
+            v: RowBytes::of(v),
+            count,
+        }
+    }
+
+    #[inline(always)]
+    pub(crate) fn ask(&self, j: usize) {
+        if j < self.count {
+            self.k.ask(j);
+            self.v.ask(j);
+        }
     }
 }
 

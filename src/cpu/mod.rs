@@ -36,9 +36,7 @@ use bf16_pairs::{PairScores, PairTiles};
 use kv_tiles::PreparedTiles;
 use rotary::{rotated_scores, QueryRotation, RotaryScratch};
 use segment::{mask_tile, MassRows, MassSink, TilePieces};
-use tile::{
-    attend_scored_tile, attend_tile, RowPrefetch, RowState, TileKeys, TileRows, TileValues, BC, BR, LANES, ROWS,
-};
+use tile::{attend_scored_tile, attend_tile, RowState, TileKeys, TileRows, TileValues, BC, BR, LANES, ROWS};
 
 /// How many keys ahead a decode-sized item asks for the K and V rows (one key tile: measured
 /// against two, RAG decode step from a cold cache -20% either way, back to back 64 slightly better).
@@ -483,7 +481,7 @@ impl Scratch {
             let ahead = k0 + AHEAD;
             let key_rows = TileRows::of(k, b, k0, kh, d);
             let key_rows = match shape.kv_len.checked_sub(ahead) {
-                Some(count) if count > 0 => key_rows.with_prefetch(RowPrefetch::new(
+                Some(count) if count > 0 => key_rows.with_prefetch(load::RowPrefetch::new(
                     TileRows::of(k, b, ahead, kh, d),
                     TileRows::of(v, b, ahead, kh, d),
                     count,

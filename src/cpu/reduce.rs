@@ -115,6 +115,9 @@ mod avx {
     }
 
     /// Lanes 0-7 and 8-15 folded in halves.
+    ///
+    /// # Safety
+    /// The CPU has AVX.
     #[inline(always)]
     unsafe fn fold(lo: __m256, hi: __m256) -> f32 {
         let eight = _mm256_add_ps(lo, hi);

@@ -8,6 +8,7 @@
 
 use super::bf16_pairs::PairScores;
 use super::exp2::exp2_with;
+use super::load::RowPrefetch;
 use super::reduce::{lane_max_with, lane_sum_with};
 
 /// Query rows per tile.
@@ -212,7 +213,7 @@ impl<'a, T: super::Element> TileRows<'a, T> {
         &self.data[at..at + self.d]
     }
 
-    /// Key `j` of the tile, after asking for the prefetched rows of key `j + ahead` (if any).
+    /// Key `j` of the tile, after asking for row `j` of the prefetch's rows (if any).
     #[inline(always)]
     pub fn read(&self, j: usize) -> &'a [T] {
         if let Some(p) = &self.prefetch {
@@ -226,67 +227,10 @@ impl<'a, T: super::Element> TileRows<'a, T> {
     pub fn len(&self) -> usize {
         self.d
     }
-}
 
-/// A decode tile's prefetch: as S reads the tile's key `j`, key `j` of two other row sets (the K
-/// and V rows some keys further on) is asked for into L2 (both viewed as bytes: K and V may
-/// differ in type).
-#[derive(Clone, Copy)]
-pub(crate) struct RowPrefetch<'a> {
-    k: RowBytes<'a>,
-    v: RowBytes<'a>,
-    /// Keys `j < count` have a key `j + ahead` inside the cache.
-    count: usize,
-}
-
-/// One input's rows as bytes: row `j` at `first + j * stride`, `len` bytes.
-#[derive(Clone, Copy)]
-struct RowBytes<'a> {
-    data: &'a [u8],
-    first: usize,
-    stride: usize,
-    len: usize,
-}
-
-impl<'a> RowBytes<'a> {
-    fn of<T: super::Element>(rows: TileRows<'a, T>) -> Self {
-        let size = std::mem::size_of::<T>();
-        // SAFETY: the elements (f32, f16, bf16) are plain data without padding: any of their
-        // bytes may be read as u8, and the view covers exactly the slice's bytes.
-        let data =
-            unsafe { std::slice::from_raw_parts(rows.data.as_ptr().cast::<u8>(), std::mem::size_of_val(rows.data)) };
-        Self {
-            data,
-            first: rows.first * size,
-            stride: rows.stride * size,
-            len: rows.d * size,
-        }
-    }
-
-    #[inline(always)]
-    fn ask(&self, j: usize) {
-        let at = self.first + j * self.stride;
-        super::load::prefetch_l2(&self.data[at..at + self.len]);
-    }
-}
-
-impl<'a> RowPrefetch<'a> {
-    /// Row `j` of `k` and of `v` asked for as the tile's key `j` is read, for `j < count` (rows
-    /// inside the cache).
-    pub fn new<K: super::Element, V: super::Element>(k: TileRows<'a, K>, v: TileRows<'a, V>, count: usize) -> Self {
-        Self {
-            k: RowBytes::of(k),
-            v: RowBytes::of(v),
-            count,
-        }
-    }
-
-    #[inline(always)]
-    fn ask(&self, j: usize) {
-        if j < self.count {
-            self.k.ask(j);
-            self.v.ask(j);
-        }
+    /// (data, first row, stride, elements per row).
+    pub fn parts(&self) -> (&'a [T], usize, usize, usize) {
+        (self.data, self.first, self.stride, self.d)
     }
 }
 
@@ -295,7 +239,7 @@ impl<'a> RowPrefetch<'a> {
 pub(crate) enum TileKeys<'a, T> {
     /// The tile transposed into `kt` (`[dp, BC]`, by `load_kv`): the register-blocked [`scores`].
     Transposed,
-    /// Key `j` of the tile is `row(j)`, as stored: dotted with each query row (`cpu/dots.rs`).
+    /// The tile's keys as stored ([`TileRows`]): dotted with each query row (`cpu/dots.rs`).
     /// For decode-sized tiles (one block of [`ROWS`] rows, `D == dp`), where transposing 64 keys
     /// cost as much as their S.
     Rows(TileRows<'a, T>),
@@ -309,7 +253,7 @@ pub(crate) enum TileKeys<'a, T> {
 pub(crate) enum TileValues<'a, T> {
     /// The tile widened into `v` (`[BC, dp]`, by `load_kv`): the register-blocked P V.
     Widened,
-    /// Value `j` of the tile is `row(j)`, as stored, widened in registers (`cpu/pv_rows.rs`); with
+    /// The tile's values as stored ([`TileRows`]), widened in registers (`cpu/pv_rows.rs`); with
     /// [`TileKeys::Rows`].
     Rows(TileRows<'a, T>),
     /// The tile's values as bf16 pairs of keys (`cpu/bf16_pairs.rs`, `[BC / 2, dp]`), P rounded to
