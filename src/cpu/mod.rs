@@ -56,10 +56,16 @@ impl<'a, T: Element> Strided<'a, T> {
         Self { data, strides, offset }
     }
 
+    /// The index in `data` of (b, row, head)'s first element.
+    #[inline(always)]
+    pub(crate) fn start(&self, b: usize, row: usize, head: usize) -> usize {
+        self.offset + b * self.strides[0] + row * self.strides[1] + head * self.strides[2]
+    }
+
     /// The contiguous `D` elements of (b, row, head).
     #[inline]
     pub(crate) fn row(&self, b: usize, row: usize, head: usize, d: usize) -> &'a [T] {
-        let start = self.offset + b * self.strides[0] + row * self.strides[1] + head * self.strides[2];
+        let start = self.start(b, row, head);
         &self.data[start..start + d]
     }
 }

@@ -191,7 +191,7 @@ impl<'a, T: super::Element> TileRows<'a, T> {
     pub fn of(x: super::Strided<'a, T>, b: usize, k0: usize, head: usize, d: usize) -> Self {
         Self {
             data: x.data,
-            first: x.offset + b * x.strides[0] + k0 * x.strides[1] + head * x.strides[2],
+            first: x.start(b, k0, head),
             stride: x.strides[1],
             d,
             prefetch: None,
