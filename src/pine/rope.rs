@@ -312,16 +312,14 @@ impl Rope {
             let mut sn = vec![0f32; half];
             for (t, token) in out.chunks_exact_mut(heads * d).enumerate() {
                 let p = pos[if pb == 1 { t % l } else { t }] as usize;
-                let c = &table.cos[p * half..(p + 1) * half];
-                for (dst, &x) in sn.iter_mut().zip(&table.sin[p * half..(p + 1) * half]) {
+                let (c, sin) = table.angles(p);
+                for (dst, &x) in sn.iter_mut().zip(sin) {
                     *dst = sign * x;
                 }
                 for row in token.chunks_exact_mut(d) {
                     let (lo, hi) = row.split_at_mut(half);
                     for (((x1, x2), &c), &s) in lo.iter_mut().zip(hi.iter_mut()).zip(c).zip(&sn) {
-                        let (a, b) = (*x1, *x2);
-                        *x1 = a * c - b * s;
-                        *x2 = b * c + a * s;
+                        (*x1, *x2) = turn(*x1, *x2, c, s);
                     }
                 }
             }
@@ -404,13 +402,10 @@ impl RopeTable {
     /// Inlined into the CPU loops' SIMD builds (out of line it ran in the baseline build).
     #[inline(always)]
     pub fn rotate_row(&self, row: &mut [f32], p: usize) {
-        let h = self.half;
-        let (c, s) = (&self.cos[p * h..(p + 1) * h], &self.sin[p * h..(p + 1) * h]);
-        let (lo, hi) = row[..2 * h].split_at_mut(h);
-        for i in 0..h {
-            let (x1, x2) = (lo[i], hi[i]);
-            lo[i] = x1 * c[i] - x2 * s[i];
-            hi[i] = x2 * c[i] + x1 * s[i];
+        let (c, s) = self.angles(p);
+        let (lo, hi) = row[..2 * self.half].split_at_mut(self.half);
+        for i in 0..self.half {
+            (lo[i], hi[i]) = turn(lo[i], hi[i], c[i], s[i]);
         }
     }
 
@@ -418,14 +413,19 @@ impl RopeTable {
     /// copying `src` into `dst`); elements past `2 * half` are left alone.
     #[inline(always)]
     pub fn rotate_row_into(&self, dst: &mut [f32], src: &[f32], p: usize) {
-        let h = self.half;
-        let (c, s) = (&self.cos[p * h..(p + 1) * h], &self.sin[p * h..(p + 1) * h]);
-        let (x1, x2) = src[..2 * h].split_at(h);
-        let (lo, hi) = dst[..2 * h].split_at_mut(h);
-        for i in 0..h {
-            lo[i] = x1[i] * c[i] - x2[i] * s[i];
-            hi[i] = x2[i] * c[i] + x1[i] * s[i];
+        let (c, s) = self.angles(p);
+        let (x1, x2) = src[..2 * self.half].split_at(self.half);
+        let (lo, hi) = dst[..2 * self.half].split_at_mut(self.half);
+        for i in 0..self.half {
+            (lo[i], hi[i]) = turn(x1[i], x2[i], c[i], s[i]);
         }
+    }
+
+    /// The cos and sin rows of position `p` (`half` values each).
+    #[inline(always)]
+    fn angles(&self, p: usize) -> (&[f32], &[f32]) {
+        let h = self.half;
+        (&self.cos[p * h..(p + 1) * h], &self.sin[p * h..(p + 1) * h])
     }
 
     /// cos and sin gathered at `pos` (`[pb, l]`), as `[pb, l, 1, half]` f32 tensors on `device`.
@@ -439,15 +439,21 @@ impl RopeTable {
         let mut cos = Vec::with_capacity(pos.len() * h);
         let mut sin = Vec::with_capacity(pos.len() * h);
         for &p in pos {
-            let p = p as usize;
-            cos.extend_from_slice(&self.cos[p * h..(p + 1) * h]);
-            sin.extend_from_slice(&self.sin[p * h..(p + 1) * h]);
+            let (c, s) = self.angles(p as usize);
+            cos.extend_from_slice(c);
+            sin.extend_from_slice(s);
         }
         Ok((
             Tensor::from_vec(cos, (pb, l, 1, h), device)?,
             Tensor::from_vec(sin, (pb, l, 1, h), device)?,
         ))
     }
+}
+
+/// The rotate-half pair `(x1, x2)` (dims i and i + D/2) turned by the angle of cos `c`, sin `s`.
+#[inline(always)]
+fn turn(x1: f32, x2: f32, c: f32, s: f32) -> (f32, f32) {
+    (x1 * c - x2 * s, x2 * c + x1 * s)
 }
 
 /// The elements of a CPU tensor as one new f32 vector, read straight from its storage when it is
