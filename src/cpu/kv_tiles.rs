@@ -7,9 +7,10 @@
 //! visits: a key tile was prepared once per query tile and per query head sharing its KV head
 //! (GQA), and the transposes and conversions were ~18% of a bf16 prefill (perf, causal RAG
 //! shape). A call whose key tiles are each read by one item only (one query tile per head and one
-//! query head per KV head) keeps the per-item loads: preparing would add a pass. The tiles take 2 (pairs) or 4 (f32) bytes per key element plus 4 per value element, so
-//! a call whose tiles would pass [`MAX_BYTES_ENV`] (default [`DEFAULT_MAX_MIB`] MiB) keeps the
-//! per-item loads instead. Decode-sized items read K and V rows as stored and never use these.
+//! query head per KV head) keeps the per-item loads: preparing would add a pass. The tiles take 2
+//! (pairs) or 4 (f32) bytes per key element plus 4 per value element, so a call whose tiles would
+//! pass [`MAX_BYTES_ENV`] (default [`DEFAULT_MAX_MIB`] MiB) keeps the per-item loads instead.
+//! Decode-sized items read K and V rows as stored and never use these.
 
 use rayon::prelude::*;
 
