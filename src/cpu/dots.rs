@@ -107,7 +107,7 @@ unsafe fn dots_avx512<const K: usize, T: Element>(
 /// multiple of `D`.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn dots_simd<V: Lanes, const K: usize, T: Element>(
+pub(crate) unsafe fn dots_simd<V: Lanes, const K: usize, T: Element>(
     qs: &[f32],
     k: [&[T]; K],
     at: [usize; K],
@@ -161,11 +161,7 @@ unsafe fn dots_block<V: Lanes, const N: usize, const K: usize, T: Element>(qs: &
                 }
             }
         }
-        let mut out = [[0f32; N]; K];
-        for (out, acc) in out.iter_mut().zip(acc) {
-            *out = sums::<V, N>(acc);
-        }
-        out
+        block_sums::<V, N, K>(acc)
     }
 }
 
@@ -185,22 +181,32 @@ fn put<const N: usize, const K: usize>(
     }
 }
 
-/// The lane sums of `N` registers, four at a time where `N` is 4 ([`Lanes::sum4`]: the same order
-/// as one at a time, so that a query's score does not depend on how many rows share its tile).
+/// The lane sums of a block's `K x N` accumulators: eight at a time for two keys and four rows,
+/// four at a time for one key ([`Lanes::sum8`] / [`Lanes::sum4`]: the same order as one at a
+/// time, so that a query's score does not depend on how many rows share its tile).
 ///
 /// # Safety
 /// `V`'s CPU features.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn sums<V: Lanes, const N: usize>(a: [V; N]) -> [f32; N] {
-    let mut out = [0f32; N];
+unsafe fn block_sums<V: Lanes, const N: usize, const K: usize>(acc: [[V; N]; K]) -> [[f32; N]; K] {
+    let mut out = [[0f32; N]; K];
     // SAFETY: the caller's features.
     unsafe {
-        if N == 4 {
-            out.copy_from_slice(&V::sum4([a[0], a[1], a[2], a[3]]));
+        if N == 4 && K == 2 {
+            let (a, b) = (&acc[0], &acc[1]);
+            let s = V::sum8([a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3]]);
+            out[0].copy_from_slice(&s[..4]);
+            out[1].copy_from_slice(&s[4..]);
+        } else if N == 4 {
+            for (out, a) in out.iter_mut().zip(acc) {
+                out.copy_from_slice(&V::sum4([a[0], a[1], a[2], a[3]]));
+            }
         } else {
-            for (out, a) in out.iter_mut().zip(a) {
-                *out = a.sum();
+            for (out, acc) in out.iter_mut().zip(acc) {
+                for (out, a) in out.iter_mut().zip(acc) {
+                    *out = a.sum();
+                }
             }
         }
     }
@@ -299,7 +305,7 @@ unsafe fn turned_back_avx512<T: Element>(
 /// length, `qs.len()` a multiple of it.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn turned_back_simd<V: Lanes, T: Element>(
+pub(crate) unsafe fn turned_back_simd<V: Lanes, T: Element>(
     qs: &[f32],
     k: [&[T]; 2],
     (c, s): (&[f32], &[f32]),
@@ -363,7 +369,7 @@ unsafe fn turned_back_block<V: Lanes, const N: usize, T: Element>(
                 acc1[r] = V::mul_add(qhi, hi1, V::mul_add(qlo, lo1, acc1[r]));
             }
         }
-        [sums::<V, N>(acc[0]), sums::<V, N>(acc[1])]
+        block_sums::<V, N, 2>(acc)
     }
 }
 

@@ -21,6 +21,11 @@ use super::dots::{dots, dots_pair, turned_back_dots_pair};
 use super::exp2::exp2;
 use super::reduce::{lane_max_with, lane_sum_with};
 use super::tile::madd;
+#[cfg(target_arch = "x86_64")]
+use super::{
+    dots::{dots_simd, turned_back_simd},
+    simd::Avx512,
+};
 use super::{Element, Strided};
 use crate::mask::PineLayout;
 use crate::pine::RopeTable;
@@ -76,7 +81,7 @@ pub(crate) fn suffix_importance<T: Element>(
                 // SAFETY: the CPU has AVX2 and FMA (checked at run time).
                 return unsafe { item_scores_avx2(&args) };
             }
-            item_scores::<T, false>(&args)
+            item_scores::<T, false, false>(&args)
         })
         .collect();
     let mut out = vec![0f32; batch * num_heads * q_len * sk];
@@ -106,9 +111,10 @@ struct ItemArgs<'a, T> {
     at: (usize, usize, usize),
 }
 
-/// The importance rows `[group, sk]` of the query heads of one KV head for one query row.
+/// The importance rows `[group, sk]` of the query heads of one KV head for one query row. `W16`:
+/// built inside an AVX-512 function ([`item_scores_avx512`]), where the dot kernels are inlined.
 #[inline(always)]
-fn item_scores<T: Element, const FMA: bool>(args: &ItemArgs<'_, T>) -> Vec<f32> {
+fn item_scores<T: Element, const FMA: bool, const W16: bool>(args: &ItemArgs<'_, T>) -> Vec<f32> {
     let ItemArgs {
         q,
         k,
@@ -188,19 +194,13 @@ fn item_scores<T: Element, const FMA: bool>(args: &ItemArgs<'_, T>) -> Vec<f32> 
                 }
                 if turn_keys {
                     if let Some((first, first_at)) = pending.take() {
-                        turned_back_dots_pair::<FMA, T>(
-                            &queries,
-                            [first, row],
-                            (c, s),
-                            [first_at, at],
-                            &mut scores,
-                            keys,
-                        );
+                        let pair = ([first, row], [first_at, at]);
+                        turned_back_pair::<T, FMA, W16>(&queries, pair, (c, s), &mut scores, keys);
                     } else {
                         pending = Some((row, at));
                     }
                 } else if let Some((first, first_at)) = pending.take() {
-                    dots_pair::<FMA, T>(&turned, [first, row], [first_at, at], &mut scores, keys);
+                    dots_pair_of::<T, FMA, W16>(&turned, ([first, row], [first_at, at]), &mut scores, keys);
                 } else {
                     pending = Some((row, at));
                 }
@@ -208,7 +208,7 @@ fn item_scores<T: Element, const FMA: bool>(args: &ItemArgs<'_, T>) -> Vec<f32> 
             match pending {
                 // A last key turned back on its own (paired with itself).
                 Some((row, at)) if turn_keys => {
-                    turned_back_dots_pair::<FMA, T>(&queries, [row, row], (c, s), [at, at], &mut scores, keys);
+                    turned_back_pair::<T, FMA, W16>(&queries, ([row, row], [at, at]), (c, s), &mut scores, keys);
                 }
                 // The cache row as it is: widened in registers where the build has AVX2.
                 Some((row, at)) => dots::<FMA, T>(&turned, row, &mut scores, keys, at),
@@ -240,7 +240,7 @@ fn item_scores<T: Element, const FMA: bool>(args: &ItemArgs<'_, T>) -> Vec<f32> 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn item_scores_avx2<T: Element>(args: &ItemArgs<'_, T>) -> Vec<f32> {
-    item_scores::<T, true>(args)
+    item_scores::<T, true, false>(args)
 }
 
 /// [`item_scores`] where the CPU also has AVX-512F: the same code, with the dots' AVX-512 kernels
@@ -248,7 +248,45 @@ unsafe fn item_scores_avx2<T: Element>(args: &ItemArgs<'_, T>) -> Vec<f32> {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
 unsafe fn item_scores_avx512<T: Element>(args: &ItemArgs<'_, T>) -> Vec<f32> {
-    item_scores::<T, true>(args)
+    item_scores::<T, true, true>(args)
+}
+
+/// [`dots_pair`] from [`item_scores`]: with `W16` (an AVX-512 build) the 16-lane kernel inlined
+/// here, no run-time dispatch and no call per pair of keys (called, the pair's setup and
+/// register saves were ~10% of the judge's importance).
+#[inline(always)]
+fn dots_pair_of<T: Element, const FMA: bool, const W16: bool>(
+    qs: &[f32],
+    (rows, at): ([&[T]; 2], [usize; 2]),
+    scores: &mut [f32],
+    keys: usize,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if W16 && rows[0].len().is_multiple_of(16) {
+        // SAFETY: `W16` is only set inside `item_scores_avx512`, built for (and called on a CPU
+        // with) AVX-512F, AVX2, FMA and F16C; D is a multiple of 16.
+        unsafe { dots_simd::<Avx512, 2, T>(qs, rows, at, scores, keys) };
+        return;
+    }
+    dots_pair::<FMA, T>(qs, rows, at, scores, keys);
+}
+
+/// [`turned_back_dots_pair`] from [`item_scores`], inlined as [`dots_pair_of`].
+#[inline(always)]
+fn turned_back_pair<T: Element, const FMA: bool, const W16: bool>(
+    qs: &[f32],
+    (rows, at): ([&[T]; 2], [usize; 2]),
+    cs: (&[f32], &[f32]),
+    scores: &mut [f32],
+    keys: usize,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if W16 && rows[0].len().is_multiple_of(32) {
+        // SAFETY: as in `dots_pair_of`; D / 2 is a multiple of 16.
+        unsafe { turned_back_simd::<Avx512, T>(qs, rows, cs, at, scores, keys) };
+        return;
+    }
+    turned_back_dots_pair::<FMA, T>(qs, rows, cs, at, scores, keys);
 }
 
 /// How many offsets ahead [`item_scores`] asks for each segment's cache row: a head's slice of
