@@ -187,3 +187,82 @@ fn merge() {
         &["lse_b", "f32"],
     );
 }
+
+/// PINE's own arguments: the layouts, the RoPE configuration, and what prefill and decode expect
+/// of the token counts.
+#[test]
+fn pine() {
+    use segattn::pine::{Llama3Scaling, PineAttention, Rope};
+    let layout = PineLayout::new(4, &[3, 5, 2], 3);
+    let l = layout.len();
+    let x = |len: usize, d: usize| t(&[1, len, 2, d], DType::F32);
+    let pine = |rope: Rope| PineAttention::new(std::slice::from_ref(&layout), rope).unwrap();
+    let prefill = |rope: Rope| pine(rope).prefill(&x(l, 8), &x(l, 8), &x(l, 8));
+
+    expect_err(PineAttention::new(&[], Rope::new(1e4)), &["layouts", "got none"]);
+    expect_err(
+        PineAttention::new(&[PineLayout::new(4, &[3, 0], 1)], Rope::new(1e4)),
+        &["layouts", "row 0", "segment 2 has no token"],
+    );
+    expect_err(
+        PineAttention::new(
+            &[PineLayout::new(2, &[3, 3], 1), PineLayout::new(1, &[2, 2], 1)],
+            Rope::new(1e4),
+        ),
+        &["layouts", "row 0 has 9", "row 1 has 6"],
+    );
+
+    expect_err(prefill(Rope::new(f64::NAN)), &["rope", "theta > 1", "NaN"]);
+    let scaled = |f: fn(&mut Llama3Scaling)| {
+        let mut s = Llama3Scaling::llama31();
+        f(&mut s);
+        Rope::new(1e4).with_llama3_scaling(s)
+    };
+    expect_err(
+        prefill(scaled(|s| s.factor = 0.0)),
+        &["Llama-3 scaling", "factor > 0", "got 0"],
+    );
+    expect_err(
+        prefill(scaled(|s| s.original_max_position = f64::INFINITY)),
+        &["original_max_position", "inf"],
+    );
+    expect_err(
+        prefill(scaled(|s| s.high_freq_factor = 1.0)),
+        &["high_freq_factor > low_freq_factor = 1", "got 1"],
+    );
+    assert!(prefill(scaled(|_| {})).is_ok(), "Llama-3.1's own values");
+    let tables =
+        |pos: usize, half: usize| Rope::from_tables(&t(&[pos, half], DType::F32), &t(&[pos, half], DType::F32));
+    expect_err(
+        Rope::from_tables(&t(&[10, 4], DType::F32), &t(&[10, 3], DType::F32)),
+        &["sin", "[10, 4]", "[10, 3]"],
+    );
+    expect_err(prefill(tables(100, 3).unwrap()), &["rope", "D/2 = 4", "got D/2 = 3"]);
+    expect_err(prefill(tables(5, 4).unwrap()), &["rope", "cover 5 positions"]);
+
+    let rope = || Rope::new(1e4);
+    expect_err(
+        pine(rope()).prefill(&x(l, 7), &x(l, 7), &x(l, 7)),
+        &["q", "even head dimension", "D = 7"],
+    );
+    expect_err(
+        pine(rope()).prefill(&x(l + 1, 8), &x(l + 1, 8), &x(l + 1, 8)),
+        &["q", "whole prompt", "L = 17", "Lq = 18"],
+    );
+    expect_err(
+        pine(rope()).prefill(
+            &t(&[2, l, 2, 8], DType::F32),
+            &t(&[2, l, 2, 8], DType::F32),
+            &t(&[2, l, 2, 8], DType::F32),
+        ),
+        &["q", "batch 1", "B = 2"],
+    );
+    expect_err(
+        pine(rope()).decode(&x(1, 8), &x(l - 1, 8), &x(l - 1, 8)),
+        &["k_cache", "at least the prompt (17 tokens)", "Lk = 16"],
+    );
+    expect_err(
+        pine(rope()).decode(&x(5, 8), &x(l, 8), &x(l, 8)),
+        &["q", "after the segments", "end at token 14", "token 12"],
+    );
+}

@@ -39,6 +39,28 @@ impl Llama3Scaling {
         }
     }
 
+    /// Values for which [`Llama3Scaling::apply`] is finite: a factor, two wavelength bounds in
+    /// order (the blend divides by `high - low`) and a context length, all positive and finite.
+    fn check(&self) -> Result<()> {
+        for (name, x) in [
+            ("factor", self.factor),
+            ("low_freq_factor", self.low_freq_factor),
+            ("original_max_position", self.original_max_position),
+        ] {
+            if !(x.is_finite() && x > 0.0) {
+                invalid_arg!("rope: Llama-3 scaling: expected {name} > 0 and finite, got {x}");
+            }
+        }
+        if !(self.high_freq_factor.is_finite() && self.high_freq_factor > self.low_freq_factor) {
+            invalid_arg!(
+                "rope: Llama-3 scaling: expected high_freq_factor > low_freq_factor = {}, got {}",
+                self.low_freq_factor,
+                self.high_freq_factor
+            );
+        }
+        Ok(())
+    }
+
     fn apply(&self, inv_freq: f64) -> f64 {
         let wavelen = 2.0 * std::f64::consts::PI / inv_freq;
         let low_wavelen = self.original_max_position / self.low_freq_factor;
@@ -199,6 +221,9 @@ impl Rope {
             Angles::Theta { theta, .. } if !(theta.is_finite() && *theta > 1.0) => {
                 invalid_arg!("rope: expected theta > 1, got {theta}")
             }
+            Angles::Theta {
+                scaling: Some(scaling), ..
+            } => scaling.check(),
             Angles::Tables { half, .. } if *half != d / 2 => {
                 invalid_arg!("rope: expected tables [max_pos, D/2 = {}], got D/2 = {half}", d / 2)
             }
