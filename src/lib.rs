@@ -46,7 +46,7 @@ pub use merge::merge_partials;
 pub use op::{segment_attention, AttentionOutput, SegmentAttention};
 pub use scores::{
     segment_scores, HeadReduction, MassAlgorithm, QueryReduction, SegmentScoreOptions, CPU_ONE_PASS_SEGMENTS_PER_DIM,
-    KERNEL_ONE_PASS_MAX_SEGMENTS,
+    KERNEL_ONE_PASS_MAX_SEGMENTS, MAX_SEGMENT_AXIS,
 };
 pub use validate::{default_scale, AttentionShape, MAX_HEAD_DIM_CPU};
 

@@ -70,7 +70,19 @@ impl AttentionShape {
         if v.dims() != k.dims() {
             invalid_arg!("v: expected shape {:?} (the shape of k), got {:?}", k.dims(), v.dims());
         }
-        if num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
+        if num_heads == 0 {
+            invalid_arg!(
+                "q: expected at least one head (dim 2 of [B, Lq, H, D]), got shape {:?}",
+                q.dims()
+            );
+        }
+        if num_kv_heads == 0 {
+            invalid_arg!(
+                "k: expected at least one head (dim 2 of [B, Lk, Hkv, D]), got shape {:?}",
+                k.dims()
+            );
+        }
+        if num_heads % num_kv_heads != 0 {
             invalid_arg!(
                 "k: the number of query heads H = {num_heads} must be a multiple of the number of \
                  key/value heads Hkv = {num_kv_heads} (GQA), got shape {:?}",

@@ -68,6 +68,15 @@ fn shapes() {
     );
     let k = t(&[2, 8, 3, 16], DType::F32);
     expect_err(run(&q, &k, &k, &causal(8)), &["H = 4", "Hkv = 3", "multiple"]);
+    let none = t(&[2, 8, 0, 16], DType::F32);
+    expect_err(
+        run(&none, &none, &none, &causal(8)),
+        &["q:", "at least one head", "[2, 8, 0, 16]"],
+    );
+    expect_err(
+        run(&q, &none, &none, &causal(8)),
+        &["k:", "at least one head", "[2, 8, 0, 16]"],
+    );
     let q = t(&[1, 8, 2, 300], DType::F32);
     expect_err(run(&q, &q, &q, &causal(8)), &["q:", "head dim D = 300", "1..=256"]);
 }

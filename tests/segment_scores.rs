@@ -430,6 +430,34 @@ fn errors() -> Result<()> {
         .unwrap_err()
         .to_string();
     assert!(e.contains("scale") && e.contains("return_segment_mass"), "{e}");
+    // A segment axis past the cap, asked for or implied by a sparse id: an error, not an
+    // allocation of terabytes that aborts the process.
+    let too_many = segattn::MAX_SEGMENT_AXIS + 1;
+    let e = segment_scores(&q, &k, &mask, &SegmentScoreOptions::new().num_key_segments(too_many))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("num_key_segments") && e.contains(&format!("got {too_many}")),
+        "{e}"
+    );
+    let sparse = Tensor::new(
+        &[[
+            0u32,
+            0,
+            0,
+            0,
+            4_000_000_000,
+            4_000_000_000,
+            4_000_000_000,
+            4_000_000_000,
+        ]],
+        &dev,
+    )?;
+    let sparse = SegmentMask::self_attention(&sparse, PairRule::new(Visibility::Causal, Visibility::Full))?;
+    let e = segment_scores(&q, &k, &sparse, &SegmentScoreOptions::new())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("kv_segments dense") && e.contains("got 4000000001"), "{e}");
     Ok(())
 }
 

@@ -116,7 +116,7 @@ pub(crate) fn forward<T: Element, K: Element>(
     // S of bf16 inputs from bf16 pairs where the CPU has AVX-512 BF16 (under a rotation, from
     // the queries turned in f32 and rounded to bf16, as the GPU's tensor cores take them).
     let use_bf16_pairs = bf16_pairs::applies::<T, K>();
-    let sink = mass.map(|plan| MassSink::new(plan, mask, q_len));
+    let sink = mass.map(|plan| MassSink::new(plan, mask, q_len)).transpose()?;
     // Every key tile transposed and widened once for the whole call, unless every item is
     // decode-sized (those read K and V rows as stored), no tile is read by two items, or the
     // tiles would pass the cap (`kv_tiles`).

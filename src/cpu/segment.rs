@@ -32,6 +32,7 @@ use super::load::{load_scaled_rows, transpose_rows};
 use super::reduce::lane_sum;
 use super::tile::{scores, softmax_row, RowState, BC, BR, LANES};
 use super::{fma_available, Element, SharedMut, Strided};
+use crate::error::try_filled;
 use crate::mask::tiles::{classify_tile, piece_visibility, TileClass};
 use crate::mask::HostMask;
 use crate::scores::{HeadReduction, MassAlgorithm, MassPlan, QueryReduction};
@@ -230,29 +231,31 @@ pub(crate) struct MassSink<'a> {
 }
 
 impl<'a> MassSink<'a> {
-    pub fn new(plan: &'a MassPlan, mask: &'a HostMask, q_len: usize) -> Self {
+    /// Fails (instead of aborting) where the output cannot be allocated.
+    pub fn new(plan: &'a MassPlan, mask: &'a HostMask, q_len: usize) -> Result<Self> {
         let (b, ho, lo, sk) = plan.out_dims(q_len);
         let reduce = plan.query_reduction != QueryReduction::None || plan.head_reduction != HeadReduction::None;
+        let what = "segment mass output";
         let (mut direct, slabs) = if reduce {
-            (
-                Vec::new(),
-                (0..b * ho).map(|_| Mutex::new(vec![0f64; lo * sk])).collect(),
-            )
+            let slabs = (0..b * ho)
+                .map(|_| Ok(Mutex::new(try_filled(lo * sk, 0f64, what)?)))
+                .collect::<Result<Vec<_>>>()?;
+            (Vec::new(), slabs)
         } else {
             // Every element is written by exactly one work item. With debug assertions (tests)
             // poisoned with NaN so that a missed one shows; else zeroed pages, touched only once.
             let fill = if cfg!(debug_assertions) { f32::NAN } else { 0.0 };
-            (vec![fill; b * ho * lo * sk], Vec::new())
+            (try_filled(b * ho * lo * sk, fill, what)?, Vec::new())
         };
         let direct_ptr = SharedMut(direct.as_mut_ptr());
-        Self {
+        Ok(Self {
             plan,
             mask,
             q_len,
             direct,
             direct_ptr,
             slabs,
-        }
+        })
     }
 
     /// Puts the normalised mass `rows` (`[q1 - q0, Sk]`, rows of query head `h`) of batch row `b`.
@@ -342,7 +345,7 @@ pub(crate) fn segment_mass<T: Element>(
         head_dim: d,
         ..
     } = shape;
-    let sink = MassSink::new(plan, mask, q_len);
+    let sink = MassSink::new(plan, mask, q_len)?;
     let q_tiles = q_len.div_ceil(BR);
     let use_fma = fma_available();
     let use_avx512 = use_fma && super::element::avx512_available();

@@ -18,7 +18,7 @@ use half::{bf16, f16};
 pub(crate) use options::MassPlan;
 pub use options::{
     HeadReduction, MassAlgorithm, QueryReduction, SegmentScoreOptions, CPU_ONE_PASS_SEGMENTS_PER_DIM,
-    KERNEL_ONE_PASS_MAX_SEGMENTS,
+    KERNEL_ONE_PASS_MAX_SEGMENTS, MAX_SEGMENT_AXIS,
 };
 
 use crate::cpu::{self, Element, Strided};

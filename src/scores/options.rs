@@ -2,7 +2,7 @@
 
 use candle_core::Result;
 
-use crate::error::invalid_arg;
+use crate::error::{invalid_arg, try_filled};
 use crate::mask::{HostMask, SegmentSpans};
 use crate::validate::AttentionShape;
 
@@ -165,8 +165,8 @@ impl SegmentScoreOptions {
 pub(crate) fn axis_size(name: &str, option: &str, spans: &SegmentSpans, requested: Option<usize>) -> Result<usize> {
     let max = spans.ids().iter().copied().max();
     let natural = max.map_or(0, |m| m as usize + 1);
-    match requested {
-        None => Ok(natural),
+    let n = match requested {
+        None => natural,
         Some(n) => {
             if natural > n {
                 invalid_arg!(
@@ -174,10 +174,22 @@ pub(crate) fn axis_size(name: &str, option: &str, spans: &SegmentSpans, requeste
                     natural - 1
                 );
             }
-            Ok(n)
+            n
         }
+    };
+    if n > MAX_SEGMENT_AXIS {
+        invalid_arg!(
+            "{option}: expected at most {MAX_SEGMENT_AXIS} segments (the output and every row's sums hold one \
+             value per segment id up to the largest; are the ids of {name} dense?), got {n}"
+        );
     }
+    Ok(n)
 }
+
+/// The largest segment axis (`Sk`, `Sq`) of the per-segment mass: ids up to ~1M. Far above any
+/// real count of documents or segments, and it keeps a thread's row sums (64 rows x `Sk` f32)
+/// under 256 MiB; a larger axis (a sparse id like 4e9) would ask for terabytes.
+pub const MAX_SEGMENT_AXIS: usize = 1 << 20;
 
 /// The output layout of one mass computation and the weights of its normalisations.
 #[derive(Clone, Debug)]
@@ -230,32 +242,29 @@ impl MassPlan {
                 shape.batch
             );
         }
-        let counts = |spans: &SegmentSpans, size: usize| -> Vec<u32> {
-            let mut c = vec![0u32; spans.rows() * size];
+        // Per row of ids and segment: 1 / its token count (a mean, or a length normalisation).
+        let inverse_counts = |spans: &SegmentSpans, size: usize, what: &str| -> Result<Vec<f32>> {
+            let mut c = try_filled(spans.rows() * size, 0u32, what)?;
             for r in 0..spans.rows() {
                 for &id in spans.row(r).ids {
                     c[r * size + id as usize] += 1;
                 }
             }
-            c
+            Ok(c.into_iter()
+                .map(|c| if c == 0 { 0.0 } else { 1.0 / c as f32 })
+                .collect())
         };
         let key_rows = mask.kv.rows();
         let key_weight = if opts.normalize_by_length {
-            counts(&mask.kv, sk)
-                .into_iter()
-                .map(|c| if c == 0 { 0.0 } else { 1.0 / c as f32 })
-                .collect()
+            inverse_counts(&mask.kv, sk, "num_key_segments")?
         } else {
-            vec![1.0; key_rows * sk]
+            try_filled(key_rows * sk, 1.0, "num_key_segments")?
         };
         let query_rows = mask.q.rows();
         let query_weight = match opts.query_reduction {
             QueryReduction::None => Vec::new(),
-            QueryReduction::SumBySegment => vec![1.0; query_rows * sq],
-            QueryReduction::MeanBySegment => counts(&mask.q, sq)
-                .into_iter()
-                .map(|c| if c == 0 { 0.0 } else { 1.0 / c as f32 })
-                .collect(),
+            QueryReduction::SumBySegment => try_filled(query_rows * sq, 1.0, "num_query_segments")?,
+            QueryReduction::MeanBySegment => inverse_counts(&mask.q, sq, "num_query_segments")?,
         };
         let head_weight = if opts.head_reduction == HeadReduction::Mean {
             1.0 / shape.num_heads as f32
