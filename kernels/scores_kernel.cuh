@@ -358,7 +358,8 @@ __device__ void scores_kernel(const SegattnScoresParams& sp) {
         SEGATTN_UNROLL
         for (int r = 0; r < 2; ++r) {
           const float sum = fwd::quad_sum(softmax[i].row_sum[r]);
-          lse2[i][r] = sum > 0.0f ? softmax[i].row_max[r] + log2f(sum) : INFINITY;
+          // A NaN sum (NaN inputs) gives a NaN LSE, hence NaN mass in the second pass.
+          lse2[i][r] = sum > 0.0f || isnan(sum) ? softmax[i].row_max[r] + log2f(sum) : INFINITY;
         }
       }
     }

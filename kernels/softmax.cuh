@@ -119,12 +119,13 @@ struct OnlineSoftmax {
   }
 
   // After the last tile: the factor that normalises each row (0 for a row that saw nothing) and
-  // its natural-log LSE (-inf for such a row). Collective over the quad.
+  // its natural-log LSE (-inf for such a row). A NaN sum (NaN scores, from NaN inputs) makes both
+  // NaN, as the reference's softmax is. Collective over the quad.
   __device__ __forceinline__ void finalize(float (&inv)[2], float (&lse)[2]) const {
     SEGATTN_UNROLL
     for (int r = 0; r < 2; ++r) {
       const float sum = quad_sum(row_sum[r]);
-      const bool seen = sum > 0.0f;
+      const bool seen = sum > 0.0f || isnan(sum);
       inv[r] = seen ? 1.0f / sum : 0.0f;
       lse[r] = seen ? (row_max[r] + log2f(sum)) * 0.69314718055994530942f : -INFINITY;
     }

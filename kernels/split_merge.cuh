@@ -3,7 +3,7 @@
 //
 // Per output row (b, h, i): the S partials O_s (normalised, f32) and their log-sum-exps L_s merge
 // as softmax blocks do: L = log sum_s e^(L_s), O = sum_s e^(L_s - L) O_s. A row that no split saw
-// (every L_s = -inf) gets O = 0 and L = -inf, never NaN.
+// (every L_s = -inf) gets O = 0 and L = -inf, never NaN; a NaN L_s (NaN inputs) makes O and L NaN.
 #ifndef SEGATTN_SPLIT_MERGE_CUH
 #define SEGATTN_SPLIT_MERGE_CUH
 
@@ -31,8 +31,14 @@ __device__ __forceinline__ void merge_split_row(const SegattnFwdParams& p, int64
   // The max over the slices, the lanes over the slices: their loads in flight together, not one
   // L2 round trip per slice.
   float m = -INFINITY;
-  for (int s = lane; s < splits; s += 32) m = fmaxf(m, load_cg(p.lse_accum + static_cast<int64_t>(s) * rows + row));
+  bool nan = false;  // fmaxf passes over NaN: a slice's NaN LSE is carried on its own
+  for (int s = lane; s < splits; s += 32) {
+    const float l = load_cg(p.lse_accum + static_cast<int64_t>(s) * rows + row);
+    m = fmaxf(m, l);
+    nan |= isnan(l);
+  }
   m = warp_max(m);
+  if (__any_sync(0xffffffffu, nan)) m = NAN;
   float total = 0.0f;
   constexpr int kPerLane = kHeadDim / 32;
   float acc[kPerLane];
@@ -51,12 +57,12 @@ __device__ __forceinline__ void merge_split_row(const SegattnFwdParams& p, int64
       for (int e = 0; e < kPerLane; ++e) acc[e] += w * load_cg(o_s + e * 32 + lane);
     }
   }
-  const float inv = total > 0.0f ? 1.0f / total : 0.0f;
+  const float inv = total > 0.0f || isnan(total) ? 1.0f / total : 0.0f;
   T* const out = static_cast<T*>(p.o) + static_cast<int64_t>(b) * p.o_strides.batch +
                  static_cast<int64_t>(i) * p.o_strides.row + static_cast<int64_t>(h) * p.o_strides.head;
   SEGATTN_UNROLL
   for (int e = 0; e < kPerLane; ++e) out[e * 32 + lane] = from_float<T>(acc[e] * inv);
-  if (p.lse != nullptr && lane == 0) p.lse[row] = total > 0.0f ? m + logf(total) : -INFINITY;
+  if (p.lse != nullptr && lane == 0) p.lse[row] = total > 0.0f || isnan(total) ? m + logf(total) : -INFINITY;
 }
 
 }  // namespace fwd

@@ -198,3 +198,104 @@ fn decode_and_chunked_prefill_match_reference() -> Result<()> {
     }
     Ok(())
 }
+
+/// NaN inputs give NaN rows, as the reference's softmax does, and only where a row sees them: a
+/// NaN in a query makes that row's output and LSE NaN (its max passes over NaN scores, so the row
+/// once came out as a row that sees nothing: zeros and -inf); a NaN in a key makes every row that
+/// sees the key NaN. Rows that do not see it keep their bits. Every dtype (bf16 on its pair loops
+/// where the CPU has them), prefill-sized and decode-sized tiles, with the fused mass too.
+#[test]
+fn nan_inputs_make_exactly_the_rows_that_see_them_nan() -> Result<()> {
+    let dev = Device::Cpu;
+    let (l, d) = (130, 64);
+    // Two documents: rows 0..50 see keys 0..=i, rows 50..130 keys 50..=i.
+    let mask = SegmentMask::documents(&[&[50usize, 80][..]], &dev)?;
+    let values = |seed: u64, len: usize, heads: usize| -> Result<Tensor> {
+        let mut x = seed | 1;
+        let v: Vec<f32> = (0..len * heads * d)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0 + 1e-3
+            })
+            .collect();
+        Tensor::from_vec(v, (1, len, heads, d), &dev)
+    };
+    let with_nan = |t: &Tensor, (row, head): (usize, usize)| -> Result<Tensor> {
+        let mut v = t.flatten_all()?.to_vec1::<f32>()?;
+        let heads = t.dim(2)?;
+        v[(row * heads + head) * d + 5] = f32::NAN;
+        Tensor::from_vec(v, t.dims(), &dev)
+    };
+    let (q, k, v) = (values(1, l, 2)?, values(2, l, 1)?, values(3, l, 1)?);
+    for dtype in DTYPES {
+        let cast = |t: &Tensor| t.to_dtype(dtype);
+        let (q, k, v) = (cast(&q)?, cast(&k)?, cast(&v)?);
+        let run = |q: &Tensor, k: &Tensor, mask: &SegmentMask| -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+            let r = SegmentAttention::new(mask)
+                .return_lse(true)
+                .return_segment_mass(segattn::SegmentScoreOptions::new())
+                .forward(q, k, &v)?;
+            let flat = |t: Tensor| t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>();
+            Ok((flat(r.out)?, flat(r.lse.unwrap())?, flat(r.segment_mass.unwrap())?))
+        };
+        // Row (i, h) of the output [Lq, 2, D], the LSE [2, Lq] and the mass [2, Lq, Sk].
+        let row_is = |(out, lse, mass): &(Vec<f32>, Vec<f32>, Vec<f32>), lq: usize, i: usize, h: usize| {
+            let o = &out[(i * 2 + h) * d..(i * 2 + h + 1) * d];
+            let sk = mass.len() / (2 * lq);
+            let m = &mass[(h * lq + i) * sk..(h * lq + i + 1) * sk];
+            (
+                o.iter().chain(m).all(|x| x.is_nan()) && lse[h * lq + i].is_nan(),
+                o.to_vec(),
+                lse[h * lq + i],
+            )
+        };
+        for lq in [l, 1] {
+            let mask = mask.last_queries(lq)?;
+            let q = q.narrow(1, l - lq, lq)?;
+            let clean = run(&q, &k, &mask)?;
+            // A NaN in the query of the last row, head 1.
+            let got = run(
+                &with_nan(&q.to_dtype(DType::F32)?, (lq - 1, 1))?.to_dtype(dtype)?,
+                &k,
+                &mask,
+            )?;
+            // A NaN in key 60 (one KV head: every query head sees it).
+            let got_k = run(
+                &q,
+                &with_nan(&k.to_dtype(DType::F32)?, (60, 0))?.to_dtype(dtype)?,
+                &mask,
+            )?;
+            for i in 0..lq {
+                let pos = l - lq + i;
+                for h in 0..2 {
+                    let (_, want_o, want_lse) = row_is(&clean, lq, i, h);
+                    let (nan, o, lse) = row_is(&got, lq, i, h);
+                    let hit = i == lq - 1 && h == 1;
+                    assert!(
+                        if hit {
+                            nan
+                        } else {
+                            o == want_o && lse.to_bits() == want_lse.to_bits()
+                        },
+                        "{dtype:?} Lq {lq}: NaN query, row {i} head {h}: {}",
+                        if hit { "not NaN" } else { "changed" }
+                    );
+                    let (nan, o, lse) = row_is(&got_k, lq, i, h);
+                    let sees = pos >= 60;
+                    assert!(
+                        if sees {
+                            nan
+                        } else {
+                            o == want_o && lse.to_bits() == want_lse.to_bits()
+                        },
+                        "{dtype:?} Lq {lq}: NaN key 60, row {i} (position {pos}) head {h}: {}",
+                        if sees { "not NaN" } else { "changed" }
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}

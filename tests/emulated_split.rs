@@ -153,3 +153,107 @@ fn pine_decode_split_k_matches_the_oracle() -> Result<()> {
     }
     Ok(())
 }
+
+/// NaN inputs give NaN rows on the CUDA kernels as on the CPU path (`tests/cpu_attention.rs`): a
+/// NaN in a query makes that row's output, LSE and mass NaN; a NaN in key 60 makes every row that
+/// sees it NaN; the rows that see neither keep their bits. The plain kernel, split-K (its merge
+/// carries a slice's NaN LSE, which `fmaxf` would pass over), the fused mass and the standalone
+/// mass in both of its algorithms.
+#[test]
+fn nan_inputs_make_the_rows_that_see_them_nan() -> Result<()> {
+    use segattn::emulated::{forward_with_mass_tiled, segment_scores, Tile};
+    use segattn::{MassAlgorithm, SegmentMask, SegmentScoreOptions};
+    let dev = candle_core::Device::Cpu;
+    let (l, d) = (130, 64);
+    let mask = SegmentMask::documents(&[&[50usize, 80][..]], &dev)?;
+    let mut rng = Rng::new(7);
+    let (q, k, v) = (
+        random_tensor(&mut rng, &[1, l, 2, d], DType::BF16)?,
+        random_tensor(&mut rng, &[1, l, 1, d], DType::BF16)?,
+        random_tensor(&mut rng, &[1, l, 1, d], DType::BF16)?,
+    );
+    let with_nan = |t: &candle_core::Tensor, row: usize, head: usize| -> Result<candle_core::Tensor> {
+        let mut x = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        x[(row * t.dim(2)? + head) * d + 5] = f32::NAN;
+        candle_core::Tensor::from_vec(x, t.dims(), &dev)?.to_dtype(DType::BF16)
+    };
+    let flat = |t: &candle_core::Tensor| t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>();
+    for lq in [l, 2] {
+        let mask = mask.last_queries(lq)?;
+        let q = q.narrow(1, l - lq, lq)?;
+        let (q_nan, k_nan) = (with_nan(&q, lq - 1, 1)?, with_nan(&k, 60, 0)?);
+        // Row i (position l - lq + i), head h is NaN in that run.
+        let hit_q = |i: usize, h: usize| i == lq - 1 && h == 1;
+        let hit_k = |i: usize, _h: usize| l - lq + i >= 60;
+        // Each run as (output [Lq, 2, D], LSE [2, Lq], mass [2, Lq, Sk]) vectors.
+        type Run = (Vec<f32>, Vec<f32>, Vec<f32>);
+        let mass_opts = SegmentScoreOptions::new();
+        let splits: &[usize] = if lq == 2 { &[1, 3] } else { &[1] };
+        for &kv_splits in splits {
+            let run = |q: &candle_core::Tensor, k: &candle_core::Tensor| -> Result<Run> {
+                let got = forward_with_mass_tiled(
+                    q,
+                    k,
+                    &v,
+                    &mask,
+                    None,
+                    &mass_opts,
+                    kv_splits,
+                    Tile::Rows64,
+                    Schedule::Forward,
+                    0,
+                )?;
+                Ok((
+                    flat(&got.out)?,
+                    flat(got.lse.as_ref().unwrap())?,
+                    flat(got.segment_mass.as_ref().unwrap())?,
+                ))
+            };
+            let clean = run(&q, &k)?;
+            for (what, got, hit) in [
+                ("NaN query", run(&q_nan, &k)?, &hit_q as &dyn Fn(usize, usize) -> bool),
+                ("NaN key 60", run(&q, &k_nan)?, &hit_k),
+            ] {
+                let sk = got.2.len() / (2 * lq);
+                for i in 0..lq {
+                    for h in 0..2 {
+                        let o = |r: &Run| r.0[(i * 2 + h) * d..(i * 2 + h + 1) * d].to_vec();
+                        let m = |r: &Run| r.2[(h * lq + i) * sk..(h * lq + i + 1) * sk].to_vec();
+                        let lse = |r: &Run| r.1[h * lq + i];
+                        let ok = if hit(i, h) {
+                            o(&got).iter().chain(&m(&got)).all(|x| x.is_nan()) && lse(&got).is_nan()
+                        } else {
+                            let same = |a: Vec<f32>, b: Vec<f32>| {
+                                a.iter().map(|x| x.to_bits()).eq(b.iter().map(|x| x.to_bits()))
+                            };
+                            same(o(&got), o(&clean)) && lse(&got).to_bits() == lse(&clean).to_bits()
+                        };
+                        assert!(ok, "{what}, Lq {lq}, {kv_splits} splits: row {i} head {h}");
+                    }
+                }
+            }
+        }
+        // The standalone mass, one pass and two (whose second pass takes the first's LSE).
+        for algorithm in [MassAlgorithm::OnePass, MassAlgorithm::TwoPass] {
+            let opts = SegmentScoreOptions::new().algorithm(algorithm);
+            for (what, q, k, hit) in [
+                ("NaN query", &q_nan, &k, &hit_q as &dyn Fn(usize, usize) -> bool),
+                ("NaN key 60", &q, &k_nan, &hit_k),
+            ] {
+                let got = flat(&segment_scores(q, k, &mask, &opts, Schedule::Forward, 0)?)?;
+                let sk = got.len() / (2 * lq);
+                for i in 0..lq {
+                    for h in 0..2 {
+                        let row = &got[(h * lq + i) * sk..(h * lq + i + 1) * sk];
+                        assert_eq!(
+                            row.iter().all(|x| x.is_nan()),
+                            hit(i, h),
+                            "mass {algorithm:?}, {what}, Lq {lq}: row {i} head {h}: {row:?}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}

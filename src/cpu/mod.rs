@@ -678,14 +678,15 @@ impl Scratch {
         for r in 0..q1 - q0 {
             let i = q0 + r;
             let sum = state.sum[r];
-            // A row that saw no key: output 0 and LSE -inf (never NaN).
-            let inv = if sum > 0.0 { 1.0 / sum } else { 0.0 };
+            // A row that saw no key: output 0 and LSE -inf (never NaN). A NaN sum (NaN scores,
+            // from NaN inputs) stays NaN in both.
+            let inv = if sum > 0.0 || sum.is_nan() { 1.0 / sum } else { 0.0 };
             let dst = out.0.add(((b * shape.q_len + i) * shape.num_heads + h) * d);
             for c in 0..d {
                 *dst.add(c) = T::from_f32(self.o[r * self.dp + c] * inv);
             }
             if let Some(lse) = lse {
-                let value = if sum > 0.0 {
+                let value = if sum > 0.0 || sum.is_nan() {
                     (state.max[r] + sum.log2()) * std::f32::consts::LN_2
                 } else {
                     f32::NEG_INFINITY

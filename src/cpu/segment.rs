@@ -209,11 +209,12 @@ impl MassRows {
         add_row(p, sum, pieces, row);
     }
 
-    /// Every row is to be divided by its softmax sum (rows that saw nothing become 0), when put.
+    /// Every row is to be divided by its softmax sum (rows that saw nothing become 0; a NaN sum,
+    /// from NaN inputs, makes the row NaN), when put.
     pub fn normalize(&mut self, state: &RowState, rows: usize) {
         for r in 0..rows {
             let sum = state.sum[r];
-            self.scale[r] = if sum > 0.0 { 1.0 / sum } else { 0.0 };
+            self.scale[r] = if sum > 0.0 || sum.is_nan() { 1.0 / sum } else { 0.0 };
         }
     }
 }
@@ -459,9 +460,10 @@ impl ScoreScratch {
         };
         for &pass in passes {
             if pass == Pass::Exact {
-                // 2^(s - lse) in the second pass: fold the log2 of the sum into the max.
+                // 2^(s - lse) in the second pass: fold the log2 of the sum into the max (a NaN
+                // sum, from NaN inputs, makes the row's mass NaN).
                 for r in 0..rows {
-                    if state.sum[r] > 0.0 {
+                    if state.sum[r] > 0.0 || state.sum[r].is_nan() {
                         state.max[r] += state.sum[r].log2();
                     }
                 }

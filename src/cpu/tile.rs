@@ -304,7 +304,12 @@ pub(crate) fn softmax_row<const FMA: bool>(
 ) -> (f32, f32) {
     let tile_max = lane_max_with::<FMA>(&srow[..cols]);
     if tile_max == f32::NEG_INFINITY {
-        // The row sees nothing in this tile: it contributes nothing.
+        // The row sees nothing in this tile: it contributes nothing. Unless what it sees scored
+        // NaN (a NaN in its query, or in a visible key), which the max passes over: then the
+        // row's sum becomes NaN and so does its output, as the reference's softmax would be.
+        if srow[..cols].iter().any(|x| x.is_nan()) {
+            *sum = f32::NAN;
+        }
         srow.fill(0.0);
         return (1.0, 0.0);
     }
