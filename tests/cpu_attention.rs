@@ -267,32 +267,28 @@ fn nan_inputs_make_exactly_the_rows_that_see_them_nan() -> Result<()> {
                 &with_nan(&k.to_dtype(DType::F32)?, (60, 0))?.to_dtype(dtype)?,
                 &mask,
             )?;
-            for i in 0..lq {
-                let pos = l - lq + i;
-                for h in 0..2 {
-                    let (_, want_o, want_lse) = row_is(&clean, lq, i, h);
-                    let (nan, o, lse) = row_is(&got, lq, i, h);
-                    let hit = i == lq - 1 && h == 1;
-                    assert!(
-                        if hit {
-                            nan
-                        } else {
-                            o == want_o && lse.to_bits() == want_lse.to_bits()
-                        },
-                        "{dtype:?} Lq {lq}: NaN query, row {i} head {h}: {}",
-                        if hit { "not NaN" } else { "changed" }
-                    );
-                    let (nan, o, lse) = row_is(&got_k, lq, i, h);
-                    let sees = pos >= 60;
-                    assert!(
-                        if sees {
-                            nan
-                        } else {
-                            o == want_o && lse.to_bits() == want_lse.to_bits()
-                        },
-                        "{dtype:?} Lq {lq}: NaN key 60, row {i} (position {pos}) head {h}: {}",
-                        if sees { "not NaN" } else { "changed" }
-                    );
+            // Which rows each run makes NaN: (i, h) -> hit, from the row's position.
+            let hit_q = |i: usize, h: usize| i == lq - 1 && h == 1;
+            let hit_k = |i: usize, _h: usize| l - lq + i >= 60;
+            for (what, got, hit) in [
+                ("NaN query", &got, &hit_q as &dyn Fn(usize, usize) -> bool),
+                ("NaN key 60", &got_k, &hit_k),
+            ] {
+                for i in 0..lq {
+                    for h in 0..2 {
+                        let (_, want_o, want_lse) = row_is(&clean, lq, i, h);
+                        let (nan, o, lse) = row_is(got, lq, i, h);
+                        assert!(
+                            if hit(i, h) {
+                                nan
+                            } else {
+                                o == want_o && lse.to_bits() == want_lse.to_bits()
+                            },
+                            "{dtype:?} Lq {lq}: {what}, row {i} (position {}) head {h}: {}",
+                            l - lq + i,
+                            if hit(i, h) { "not NaN" } else { "changed" }
+                        );
+                    }
                 }
             }
         }

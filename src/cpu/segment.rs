@@ -30,7 +30,7 @@ use super::exp2::exp2_with;
 use super::kv_tiles::PreparedTiles;
 use super::load::{load_scaled_rows, transpose_rows};
 use super::reduce::lane_sum;
-use super::tile::{scores, softmax_row, RowState, BC, BR, LANES};
+use super::tile::{row_seen, scores, softmax_row, RowState, BC, BR, LANES};
 use super::{fma_available, Element, SharedMut, Strided};
 use crate::error::try_filled;
 use crate::mask::tiles::{classify_tile, piece_visibility, TileClass};
@@ -214,7 +214,7 @@ impl MassRows {
     pub fn normalize(&mut self, state: &RowState, rows: usize) {
         for r in 0..rows {
             let sum = state.sum[r];
-            self.scale[r] = if sum > 0.0 || sum.is_nan() { 1.0 / sum } else { 0.0 };
+            self.scale[r] = if row_seen(sum) { 1.0 / sum } else { 0.0 };
         }
     }
 }
@@ -463,7 +463,7 @@ impl ScoreScratch {
                 // 2^(s - lse) in the second pass: fold the log2 of the sum into the max (a NaN
                 // sum, from NaN inputs, makes the row's mass NaN).
                 for r in 0..rows {
-                    if state.sum[r] > 0.0 || state.sum[r].is_nan() {
+                    if row_seen(state.sum[r]) {
                         state.max[r] += state.sum[r].log2();
                     }
                 }

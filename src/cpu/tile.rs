@@ -289,6 +289,13 @@ pub(crate) fn tile_scores<const FMA: bool, T: super::Element>(
     }
 }
 
+/// Whether a row's softmax sum normalises it: positive where it saw a key, NaN where NaN inputs
+/// reached it (kept NaN, [`softmax_row`]); 0 only for a row that saw nothing (output 0, LSE -inf).
+#[inline(always)]
+pub(crate) fn row_seen(sum: f32) -> bool {
+    sum > 0.0 || sum.is_nan()
+}
+
 /// Online-softmax update of one row: turns the scores into P in place (0 beyond `cols`), and
 /// rescales the row's running sum and output accumulator to the new max. Returns the factor the
 /// accumulator was rescaled by (1 when the max did not move), for other accumulators that must
