@@ -359,7 +359,7 @@ __device__ void scores_kernel(const SegattnScoresParams& sp) {
         for (int r = 0; r < 2; ++r) {
           const float sum = fwd::quad_sum(softmax[i].row_sum[r]);
           // A NaN sum (NaN inputs) gives a NaN LSE, hence NaN mass in the second pass.
-          lse2[i][r] = sum > 0.0f || isnan(sum) ? softmax[i].row_max[r] + log2f(sum) : INFINITY;
+          lse2[i][r] = fwd::row_seen(sum) ? softmax[i].row_max[r] + log2f(sum) : INFINITY;
         }
       }
     }

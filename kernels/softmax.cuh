@@ -35,6 +35,12 @@ __device__ __forceinline__ float quad_sum(float x) {
   return x + shfl_xor(x, 2);
 }
 
+// Whether a row's softmax sum normalises it: positive (the row saw a key), or NaN (NaN scores,
+// from NaN inputs: the output and LSE are then NaN, as the reference's). A sum of 0 is a row that
+// saw nothing (output 0, LSE -inf). The finalize below, the mass kernel's stats pass and the
+// split-K merge all decide by it.
+__device__ __forceinline__ bool row_seen(float sum) { return sum > 0.0f || isnan(sum); }
+
 constexpr float kRefSlack = 3.0f;
 
 struct OnlineSoftmax {
@@ -125,7 +131,7 @@ struct OnlineSoftmax {
     SEGATTN_UNROLL
     for (int r = 0; r < 2; ++r) {
       const float sum = quad_sum(row_sum[r]);
-      const bool seen = sum > 0.0f || isnan(sum);
+      const bool seen = row_seen(sum);
       inv[r] = seen ? 1.0f / sum : 0.0f;
       lse[r] = seen ? (row_max[r] + log2f(sum)) * 0.69314718055994530942f : -INFINITY;
     }

@@ -13,6 +13,7 @@
 #include "last_block.cuh"
 #include "kernel_traits.cuh"
 #include "ptx.cuh"
+#include "softmax.cuh"
 
 namespace segattn {
 namespace fwd {
@@ -57,12 +58,12 @@ __device__ __forceinline__ void merge_split_row(const SegattnFwdParams& p, int64
       for (int e = 0; e < kPerLane; ++e) acc[e] += w * load_cg(o_s + e * 32 + lane);
     }
   }
-  const float inv = total > 0.0f || isnan(total) ? 1.0f / total : 0.0f;
+  const float inv = row_seen(total) ? 1.0f / total : 0.0f;
   T* const out = static_cast<T*>(p.o) + static_cast<int64_t>(b) * p.o_strides.batch +
                  static_cast<int64_t>(i) * p.o_strides.row + static_cast<int64_t>(h) * p.o_strides.head;
   SEGATTN_UNROLL
   for (int e = 0; e < kPerLane; ++e) out[e * 32 + lane] = from_float<T>(acc[e] * inv);
-  if (p.lse != nullptr && lane == 0) p.lse[row] = total > 0.0f || isnan(total) ? m + logf(total) : -INFINITY;
+  if (p.lse != nullptr && lane == 0) p.lse[row] = row_seen(total) ? m + logf(total) : -INFINITY;
 }
 
 }  // namespace fwd
