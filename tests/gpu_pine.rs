@@ -181,3 +181,63 @@ fn gpu_split_k_decode_matches_reference() -> Result<()> {
     }
     Ok(())
 }
+
+/// Decode steps from several host threads at once, plain (split-K over a long cache) and PINE
+/// (its decode importance's slices, then split-K), one layer object shared by every thread, as a
+/// server does. candle's `Device::new_cuda` queues each host thread on its own per-thread stream:
+/// the split launches' partials and counters must be each thread's own, and the layer's device
+/// copies (uploaded by whichever thread came first) ready on the others' streams. Every thread
+/// must get the bits of the same step made alone.
+#[test]
+fn decode_steps_from_several_threads_give_the_bits_of_one() -> Result<()> {
+    let Some(dev) = gpu() else { return Ok(()) };
+    let mut rng = Rng::new(12);
+    let (h, hkv, d) = (32, 8, 128);
+    let layout = PineLayout::new(256, &[150; 20], 64);
+    let len = layout.len();
+    // A layer and a decode mask as a model holds them (their device copies made on first use).
+    let layer = || -> Result<(PineAttention, segattn::SegmentMask)> {
+        let pine = PineAttention::new(std::slice::from_ref(&layout), Rope::new(500_000.0))?;
+        Ok((pine, segattn::SegmentMask::causal(len + 1, &dev)?.last_queries(1)?))
+    };
+    // Four different steps (query and cache), each against the whole prompt and one new token.
+    let steps: Vec<(Tensor, Tensor, Tensor)> = (0..4)
+        .map(|_| -> Result<(Tensor, Tensor, Tensor)> {
+            let q = random_tensor(&mut rng, &[1, 1, h, d], DType::BF16)?.to_device(&dev)?;
+            let k = random_tensor(&mut rng, &[1, len + 1, hkv, d], DType::BF16)?.to_device(&dev)?;
+            let v = random_tensor(&mut rng, &[1, len + 1, hkv, d], DType::BF16)?.to_device(&dev)?;
+            Ok((q, k, v))
+        })
+        .collect::<Result<_>>()?;
+    let step = |(pine, mask): &(PineAttention, segattn::SegmentMask),
+                (q, k, v): &(Tensor, Tensor, Tensor)|
+     -> Result<(Vec<u32>, Vec<u32>)> {
+        let plain = segattn::SegmentAttention::new(mask).forward(q, k, v)?;
+        Ok((common::bits(&plain.out)?, common::bits(&pine.decode(q, k, v)?.out)?))
+    };
+    let alone_layer = layer()?;
+    let alone: Vec<(Vec<u32>, Vec<u32>)> = steps.iter().map(|x| step(&alone_layer, x)).collect::<Result<_>>()?;
+    // The threads share a fresh layer and mask, whose device copies the first of them makes. The
+    // inputs (and the mask's ids) were uploaded on this thread's stream: done before others read.
+    let shared = layer()?;
+    dev.synchronize()?;
+    std::thread::scope(|s| {
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let (steps, alone, step, shared) = (&steps, &alone, &step, &shared);
+                s.spawn(move || -> Result<()> {
+                    for round in 0..12 {
+                        let i = (t + round) % steps.len();
+                        let got = step(shared, &steps[i])?;
+                        assert!(got.0 == alone[i].0, "thread {t} round {round}: plain step {i} differs");
+                        assert!(got.1 == alone[i].1, "thread {t} round {round}: PINE step {i} differs");
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        threads
+            .into_iter()
+            .try_for_each(|t| t.join().expect("a decode thread panicked"))
+    })
+}

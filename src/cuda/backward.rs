@@ -144,7 +144,9 @@ fn typed<T: CudaDType + DeviceRepr + ValidAsZeroBits + candle_core::WithDType>(
         base.v = va as *const c_void;
         base.o = std::ptr::null_mut();
         base.lse = std::ptr::null_mut();
-        mask.fill(mask.device_address(&stream), &mut base);
+        // (The guard lives until the launch below is queued.)
+        let (mask_ptr, _gmask) = mask.device_ptr(&stream);
+        mask.fill(mask_ptr, &mut base);
         let (dqp, _g1) = dq_accum.device_ptr_mut(&stream);
         let (dkp, _g2) = dk.device_ptr_mut(&stream);
         let (dvp, _g3) = dv.device_ptr_mut(&stream);

@@ -101,7 +101,8 @@ impl PreparedForward {
         params.k = address("k", k, &stream)? as *const std::ffi::c_void;
         params.v = address("v", v, &stream)? as *const std::ffi::c_void;
         let mask_buf = MaskBuffer::upload(&stream, &host)?;
-        mask_buf.fill(mask_buf.device_address(&stream), &mut params);
+        // (The buffer is kept with the prepared call, whose launches are on this stream.)
+        mask_buf.fill(mask_buf.device_ptr(&stream).0, &mut params);
         let n_out = (shape.batch * shape.q_len * shape.num_heads * shape.head_dim).max(1);
         let out = stream
             .alloc_zeros::<u16>(n_out)

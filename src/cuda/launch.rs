@@ -20,12 +20,13 @@ use std::sync::{Arc, Mutex, OnceLock};
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
     sys, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg,
-    ValidAsZeroBits,
+    SyncOnDrop, ValidAsZeroBits,
 };
 use candle_core::cuda_backend::CudaDType;
 use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result};
 use half::{bf16, f16};
 
+use super::device_copies::Uploaded;
 use super::driver_err;
 use super::module::{self, FwdKernel, FWD_BLOCK_M, FWD_BLOCK_N, FWD_THREADS};
 use super::pine::RotationBuffers;
@@ -142,7 +143,7 @@ impl MaskLayout {
 
 /// The mask metadata on the device (see [`MaskLayout`]).
 pub(crate) struct MaskBuffer {
-    buf: CudaSlice<u32>,
+    buf: Uploaded<u32>,
     layout: MaskLayout,
 }
 
@@ -150,14 +151,13 @@ impl MaskBuffer {
     /// Packs and uploads `host` with one host-to-device copy.
     pub(crate) fn upload(stream: &Arc<CudaStream>, host: &HostMask) -> Result<Self> {
         let (words, layout) = MaskLayout::pack(host);
-        let buf = stream
-            .clone_htod(&words)
-            .map_err(|e| driver_err(format!("uploading {} bytes of mask metadata", 4 * words.len()), e))?;
+        let buf = Uploaded::new(stream, &words, &format!("{} bytes of mask metadata", 4 * words.len()))?;
         Ok(Self { buf, layout })
     }
 
     /// The buffer of `host` in the context of `stream`: the one its mask already uploaded there
-    /// (for the same GQA decode packing, `packed_heads`; 1: none), or a new upload, kept.
+    /// (for the same GQA decode packing, `packed_heads`; 1: none), or a new upload, kept; readable
+    /// by the launches queued on `stream` from now on.
     pub(crate) fn of(stream: &Arc<CudaStream>, host: &HostMask, packed_heads: usize) -> Result<Arc<Self>> {
         let ctx = stream.context();
         let key = (ctx.ordinal(), ctx.cu_ctx() as usize, packed_heads);
@@ -167,6 +167,7 @@ impl MaskBuffer {
             .lock()
             .map_err(|_| candle_core::Error::Msg("segattn: mask buffer cache poisoned by a panic".into()))?;
         if let Some((_, buf)) = copies.iter().find(|(k, _)| *k == key) {
+            buf.buf.on_stream(stream)?;
             return Ok(buf.clone());
         }
         let buf = Arc::new(Self::upload(stream, host)?);
@@ -174,9 +175,12 @@ impl MaskBuffer {
         Ok(buf)
     }
 
-    /// The device address of the buffer (single-stream use: benchmarks).
-    pub(crate) fn device_address(&self, stream: &CudaStream) -> u64 {
-        self.buf.device_ptr(stream).0
+    /// The device address of the buffer and its access guard: hold the guard until the launch
+    /// that reads the buffer is queued (dropped, it records the read; a buffer dropped later
+    /// waits for that record, so one taken before the launch would let it be freed under the
+    /// kernel on another stream).
+    pub(crate) fn device_ptr<'a>(&'a self, stream: &'a CudaStream) -> (u64, SyncOnDrop<'a>) {
+        self.buf.device_ptr(stream)
     }
 
     /// Fills the mask fields of `p` with addresses inside the buffer, whose base is `base`.
@@ -593,7 +597,7 @@ fn forward_typed<T: CudaDType + DeviceRepr + ValidAsZeroBits + candle_core::With
         let (qp, _gq) = qs.device_ptr(&stream);
         let (kp, _gk) = ks.device_ptr(&stream);
         let (vp, _gv) = vs.device_ptr(&stream);
-        let (mp, _gm) = mask.buf.device_ptr(&stream);
+        let (mp, _gm) = mask.device_ptr(&stream);
         let (op, _go) = out.device_ptr_mut(&stream);
         let lse_ptr = lse.as_mut().map(|l| l.device_ptr_mut(&stream));
         let elem = std::mem::size_of::<T>() as u64;

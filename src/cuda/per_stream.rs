@@ -10,19 +10,54 @@
 //!   and dead when the launch ends.
 //!
 //! Launches on one stream run in order, so they may share a buffer; another stream gets its own.
+//! "One stream" is a [`StreamKey`]: candle's `Device::new_cuda` queues on CUDA's per-thread
+//! default stream, whose one handle is a different stream in each host thread, so those buffers
+//! are kept per thread (and freed on the thread's own stream when it exits).
 //! A buffer that is too small is replaced by a larger one; launches already holding the old one
 //! keep it alive, and it is freed (stream-ordered, on its own stream) after them. Since only its
 //! own stream ever touches a buffer, launches take its address as it was when allocated
 //! ([`Kept::addr`]) instead of asking cudarc for it at each launch, which with event tracking
 //! waits on and records events (two more driver calls a buffer and launch).
 
+use std::cell::RefCell;
 use std::collections::HashMap;
+use std::hash::Hash;
 use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::{LocalKey, ThreadId};
 
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DeviceRepr};
 use candle_core::Result;
 
 use super::driver_err;
+
+/// CUDA's per-thread default stream handle (`CU_STREAM_PER_THREAD`), the stream of candle's
+/// `Device::new_cuda`.
+const PER_THREAD_STREAM: usize = 0x2;
+
+/// Which stream a launch is ordered on: the CUDA context and the stream handle, and for the
+/// per-thread default stream the host thread too (the same handle in every thread and context,
+/// each thread's own stream underneath).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct StreamKey {
+    context: usize,
+    stream: usize,
+    thread: Option<ThreadId>,
+}
+
+impl StreamKey {
+    pub(crate) fn of(stream: &CudaStream) -> Self {
+        Self::on_this_thread(stream.context().cu_ctx() as usize, stream.cu_stream() as usize)
+    }
+
+    /// The key of stream `handle` of `context` for a launch from the calling thread.
+    fn on_this_thread(context: usize, handle: usize) -> Self {
+        Self {
+            context,
+            stream: handle,
+            thread: (handle == PER_THREAD_STREAM).then(|| std::thread::current().id()),
+        }
+    }
+}
 
 /// The fewest counters a buffer holds (a decode step's groups are far fewer).
 const MIN_COUNTERS: usize = 4096;
@@ -46,9 +81,18 @@ impl<T> Clone for Kept<T> {
     }
 }
 
-/// Buffers by stream (`CUstream` address; each buffer holds its stream, so an address is never
-/// reused while its entry lives).
-type Cache<T> = Mutex<HashMap<usize, Kept<T>>>;
+/// Buffers of the streams other than the per-thread one, by [`StreamKey`] (each buffer holds its
+/// stream, so a handle is never reused while its entry lives).
+type Cache<T> = Mutex<HashMap<StreamKey, Kept<T>>>;
+
+/// This thread's buffers on the per-thread default stream, by CUDA context: dropped with the
+/// thread, so their free is queued on that thread's stream, after its launches.
+type ThreadCache<T> = RefCell<HashMap<usize, Kept<T>>>;
+
+thread_local! {
+    static THREAD_COUNTERS: ThreadCache<u32> = RefCell::new(HashMap::new());
+    static THREAD_SCRATCH: ThreadCache<f32> = RefCell::new(HashMap::new());
+}
 
 fn counter_cache() -> &'static Cache<u32> {
     static CACHE: OnceLock<Cache<u32>> = OnceLock::new();
@@ -60,20 +104,38 @@ fn scratch_cache() -> &'static Cache<f32> {
     CACHE.get_or_init(|| Mutex::new(HashMap::new()))
 }
 
-/// The stream's buffer of `cache` if it holds at least `n` elements, else a new one of at least
-/// `min` and twice the old one's, made by `alloc` (which names what it allocates in its errors).
+/// The buffer of `stream` (from `shared`, or this thread's `local` for the per-thread stream) if
+/// it holds at least `n` elements, else a new one of at least `min` and twice the old one's, made
+/// by `alloc` (which names what it allocates in its errors).
 fn kept<T: DeviceRepr>(
-    cache: &Cache<T>,
+    (shared, local): (&Cache<T>, &'static LocalKey<ThreadCache<T>>),
     what: &str,
     stream: &Arc<CudaStream>,
     n: usize,
     min: usize,
     alloc: impl FnOnce(usize) -> Result<CudaSlice<T>>,
 ) -> Result<Kept<T>> {
-    let key = stream.cu_stream() as usize;
-    let mut buffers = cache
+    let key = StreamKey::of(stream);
+    if key.thread.is_some() {
+        return local
+            .try_with(|cache| take_or_grow(&mut cache.borrow_mut(), key.context, stream, n, min, alloc))
+            .map_err(|_| candle_core::Error::Msg(format!("segattn: {what} asked for while its thread exits")))?;
+    }
+    let mut buffers = shared
         .lock()
         .map_err(|_| candle_core::Error::Msg(format!("segattn: {what} cache poisoned by a panic")))?;
+    take_or_grow(&mut buffers, key, stream, n, min, alloc)
+}
+
+/// [`kept`]'s lookup in one cache.
+fn take_or_grow<K: Hash + Eq, T: DeviceRepr>(
+    buffers: &mut HashMap<K, Kept<T>>,
+    key: K,
+    stream: &Arc<CudaStream>,
+    n: usize,
+    min: usize,
+    alloc: impl FnOnce(usize) -> Result<CudaSlice<T>>,
+) -> Result<Kept<T>> {
     if let Some(kept) = buffers.get(&key).filter(|k| k.buf.len() >= n) {
         return Ok(kept.clone());
     }
@@ -93,19 +155,57 @@ fn kept<T: DeviceRepr>(
 /// must leave them zero: every counter's group must arrive in full). Keep the returned buffer
 /// until the launch is enqueued.
 pub(crate) fn zeroed_counters(stream: &Arc<CudaStream>, n: usize) -> Result<Kept<u32>> {
-    kept(counter_cache(), "split counter", stream, n, MIN_COUNTERS, |len| {
-        stream
-            .alloc_zeros::<u32>(len)
-            .map_err(|e| driver_err(format!("allocating {len} split counters"), e))
-    })
+    kept(
+        (counter_cache(), &THREAD_COUNTERS),
+        "split counter",
+        stream,
+        n,
+        MIN_COUNTERS,
+        |len| {
+            stream
+                .alloc_zeros::<u32>(len)
+                .map_err(|e| driver_err(format!("allocating {len} split counters"), e))
+        },
+    )
 }
 
 /// At least `n` f32 of scratch on `stream`, of any content: the launch that uses them must write
 /// every element it reads, and nothing may read them after it. Keep the returned buffer until the
 /// launch is enqueued.
 pub(crate) fn scratch(stream: &Arc<CudaStream>, n: usize) -> Result<Kept<f32>> {
-    kept(scratch_cache(), "split scratch", stream, n, MIN_SCRATCH, |len| {
-        // SAFETY: uninitialised device memory of a plain type; see the contract above.
-        unsafe { stream.alloc::<f32>(len) }.map_err(|e| driver_err(format!("allocating {len} f32 of split scratch"), e))
-    })
+    kept(
+        (scratch_cache(), &THREAD_SCRATCH),
+        "split scratch",
+        stream,
+        n,
+        MIN_SCRATCH,
+        |len| {
+            // SAFETY: uninitialised device memory of a plain type; see the contract above.
+            unsafe { stream.alloc::<f32>(len) }
+                .map_err(|e| driver_err(format!("allocating {len} f32 of split scratch"), e))
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_per_thread_stream_is_another_stream_in_each_thread() {
+        let here = |handle| StreamKey::on_this_thread(7, handle);
+        let there = |handle| {
+            std::thread::spawn(move || StreamKey::on_this_thread(7, handle))
+                .join()
+                .unwrap()
+        };
+        assert_ne!(here(PER_THREAD_STREAM), there(PER_THREAD_STREAM));
+        assert_eq!(here(PER_THREAD_STREAM), here(PER_THREAD_STREAM));
+        // The legacy default stream (0, 1) and created streams are one stream for every thread.
+        for handle in [0, 1, 0x7f00_1234] {
+            assert_eq!(here(handle), there(handle));
+        }
+        // Another context: another stream, whatever the handle.
+        assert_ne!(here(PER_THREAD_STREAM), StreamKey::on_this_thread(8, PER_THREAD_STREAM));
+    }
 }

@@ -7,11 +7,11 @@ use std::sync::Arc;
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg,
+    CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg,
 };
 use candle_core::{CudaStorage, Layout, Result, Storage, Tensor};
 
-use super::device_copies::DeviceCopies;
+use super::device_copies::{DeviceCopies, Uploaded};
 use super::driver_err;
 use super::module;
 use crate::error::invalid_arg;
@@ -109,8 +109,8 @@ pub(crate) type DeviceTables = DeviceCopies<f32>;
 /// are the shifts op's output.
 pub(crate) struct RotationBuffers<'a> {
     rot: &'a PineRotation,
-    tables: Arc<CudaSlice<f32>>,
-    rows: Arc<CudaSlice<u32>>,
+    tables: Arc<Uploaded<f32>>,
+    rows: Arc<Uploaded<u32>>,
 }
 
 impl<'a> RotationBuffers<'a> {

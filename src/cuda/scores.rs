@@ -108,7 +108,9 @@ fn typed<T: CudaDType + DeviceRepr + candle_core::WithDType>(
         base.v = std::ptr::null();
         base.o = std::ptr::null_mut();
         base.lse = std::ptr::null_mut();
-        mask.fill(mask.device_address(&stream), &mut base);
+        // (The guard lives until the launch below is queued.)
+        let (mask_ptr, _gmask) = mask.device_ptr(&stream);
+        mask.fill(mask_ptr, &mut base);
         let (mp, _gm) = mass.device_ptr_mut(&stream);
         let params = SegattnScoresParams {
             base,
