@@ -71,6 +71,9 @@ struct BlockInfo {
     if (p.block_keys != 0 && p.block_keys != kN) __trap();
     window_base = -2 * Traits::kThreads;
     const int splits = max(kv_splits, 1);
+    // One block per (query tile, slice): the last slice of a tile to finish merges, counted
+    // against kv_splits (another grid width would merge early or never).
+    if (static_cast<int>(gridDim.x) != (p.q_len + kM - 1) / kM * splits) __trap();
     b = static_cast<int>(blockIdx.z);
     h = static_cast<int>(blockIdx.y);
     kh = h / (p.num_heads / p.num_kv_heads);

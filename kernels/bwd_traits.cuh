@@ -26,6 +26,7 @@
 #include "platform.cuh"
 #include "dtypes.cuh"
 #include "kernel_traits.cuh"
+#include "segattn_params.h"
 
 namespace segattn {
 namespace bwd {
@@ -39,6 +40,8 @@ struct BwdTraits {
   static constexpr int kWarps = 4;
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kBlockN = 16 * kWarps;  // keys per block: 16 per warp
+  // The launcher (src/cuda/backward.rs) sizes the grid and the block by these.
+  static_assert(kThreads == SEGATTN_BWD_THREADS && kBlockN == SEGATTN_BWD_BLOCK_KEYS, "segattn_params.h");
   // Query rows per query tile: 64 at D = 64; 32 at D = 128, where the 2 x 64 dK / dV accumulators
   // leave no room for two 64-column S^T / dP^T blocks (255 registers and spills at 64 rows).
   static constexpr int kBlockM = kHeadDim == 128 ? 32 : 64;

@@ -24,8 +24,9 @@
 #include <cuda_runtime.h>
 
 // One extern name for every kernel: declarations with different element types would conflict.
+// Aligned to 128 bytes, as the swizzled tile layouts' bank pattern assumes (the emulator's too).
 #define SEGATTN_DYNAMIC_SMEM(type, name)                                  \
-  extern __shared__ __align__(16) unsigned char segattn_dynamic_smem_[]; \
+  extern __shared__ __align__(128) unsigned char segattn_dynamic_smem_[]; \
   type* name = reinterpret_cast<type*>(segattn_dynamic_smem_)
 
 #else

@@ -33,6 +33,11 @@
  * slice and query head in shared memory. */
 #define SEGATTN_DECODE_SCORES_MAX_SPLITS 128
 
+/* The fused backward kernel's block: threads, and keys of one KV head (its grid's x covers the
+ * keys in blocks of this many; kernels/bwd_traits.cuh asserts both). */
+#define SEGATTN_BWD_THREADS 128
+#define SEGATTN_BWD_BLOCK_KEYS 64
+
 /* Segment metadata of one side (queries or keys), O(len) per batch row. */
 typedef struct SegattnSegments {
   /* [batch, len] segment id of every position (non-decreasing along a row). */

@@ -124,6 +124,9 @@ __device__ void decode_scores_kernel(const SegattnDecodeScoresParams& p) {
   const int lane = tid % 32;
 
   const int splits = max(p.kv_splits, 1);
+  // The last slice to finish merges, counted against p.kv_splits: a grid of another width would
+  // merge early or never, and leave the stream's counter non-zero for the next launch.
+  if (static_cast<int>(gridDim.x) != splits) __trap();
   const int per = (p.kv_len + splits - 1) / splits;
   const int j0 = split * per;
   const int j1 = min(p.kv_len, j0 + per);

@@ -25,9 +25,9 @@ use crate::validate::AttentionShape;
 // the kernel's only parameter; its pointers are device addresses that the kernel dereferences.
 unsafe impl DeviceRepr for SegattnBwdParams {}
 
-/// Threads per block and keys per block (`BwdTraits::kThreads`, `kBlockN`).
-const THREADS: u32 = 128;
-const BLOCK_KEYS: usize = 64;
+/// Threads per block and keys per block (`BwdTraits::kThreads`, `kBlockN`, which assert them).
+const THREADS: u32 = crate::params::SEGATTN_BWD_THREADS;
+const BLOCK_KEYS: usize = crate::params::SEGATTN_BWD_BLOCK_KEYS as usize;
 
 /// The gradients `(dq_accum f32 [B, Lq, H, D], dk, dv [B, Lk, Hkv, D] in the dtype)` of attention
 /// over q, k, v (CUDA, bf16 / f16, D = 64 / 128) under `host` for the output gradient `d_out`,
@@ -70,10 +70,15 @@ fn checked_input<T>(name: &str, base: u64, layout: &Layout) -> Result<(u64, Sega
     Ok((addr, strides))
 }
 
-/// The address of a contiguous f32 row vector (`name`: the LSE or delta) at `base` with `layout`.
-fn checked_rows(name: &str, base: u64, layout: &Layout) -> Result<u64> {
-    if !layout.is_contiguous() {
-        invalid_arg!("internal error: {name} must be contiguous");
+/// The address of a contiguous f32 row vector (`name`: the LSE or delta, `[B, H, Lq]`, the
+/// kernel reads `rows` of them) at `base` with `layout`.
+fn checked_rows(name: &str, base: u64, layout: &Layout, rows: usize) -> Result<u64> {
+    if !layout.is_contiguous() || layout.shape().elem_count() != rows {
+        invalid_arg!(
+            "internal error: {name}: expected {rows} contiguous f32 ([B, H, Lq]), got shape {:?}, strides {:?}",
+            layout.dims(),
+            layout.stride()
+        );
     }
     Ok(base + 4 * layout.start_offset() as u64)
 }
@@ -154,8 +159,8 @@ fn typed<T: CudaDType + DeviceRepr + ValidAsZeroBits + candle_core::WithDType>(
             base,
             d_out: doa as *const c_void,
             d_out_strides: dos,
-            lse: checked_rows("lse", lse_ptr, lse_l)? as *const f32,
-            delta: checked_rows("delta", delta_ptr, delta_l)? as *const f32,
+            lse: checked_rows("lse", lse_ptr, lse_l, batch * num_heads * q_len)? as *const f32,
+            delta: checked_rows("delta", delta_ptr, delta_l, batch * num_heads * q_len)? as *const f32,
             dq_accum: dqp as *mut f32,
             dk: dkp as *mut c_void,
             dv: dvp as *mut c_void,
