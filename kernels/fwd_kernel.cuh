@@ -354,7 +354,11 @@ __device__ void fwd_kernel(const SegattnFwdParams& p) {
       }
     }
     // Published before the count; the last slice of this query tile to finish merges its rows
-    // (one warp per row). The flag lives in the K buffer, free since the loop's last barrier.
+    // (one warp per row). The flag lives in the K buffer, free since the loop's last barrier; no
+    // copy into it is in flight on any path (the loop and the no-tile path end in wait<0>), and
+    // this wait, free here, keeps it so if a path changes (the emulator lands copies only at a
+    // wait, so it would not show one that lands on the flag).
+    cp_async_wait<0>();
     __threadfence();
     __syncthreads();
     uint32_t* const s_last = reinterpret_cast<uint32_t*>(smem + Traits::kOffK);

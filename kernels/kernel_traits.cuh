@@ -147,6 +147,10 @@ struct FwdTraits {
   // may_be_visible); a tile with more pairs counts as possibly visible.
   static constexpr int kScanBudget = 64;
   static_assert(kOffK % 128 == 0 && kOffV % 128 == 0 && kOffQId % 16 == 0 && kOffRowPos % 4 == 0, "aligned tiles");
+  // Split-K's first key tile is copied into buffer 0 (K, V, key ids) before the key-tile scan, so
+  // the scan's memory (query pieces, scan, classes, rows) must lie outside every K / V / id buffer.
+  static_assert(kOffQId >= kOffV + 2 * kKVBytes && kOffScan >= kOffKId + 4 * 2 * kBlockN,
+                "the key-tile scan's shared memory overlaps a key buffer");
 };
 
 // Byte offset of 16-byte chunk `chunk` of row `row` in a swizzled tile of `kChunks` chunks per row.
