@@ -262,9 +262,9 @@ __device__ __forceinline__ void accumulate_one_pass(const float (&p)[kNS][4], co
 // per-segment sums in shared memory, `[kBlockM][stride]` f32. A row is owned by one lane of its
 // quad (lane % 4 = 2 i + r: row g + 8 r of the warp's row tile i), which alone adds to it,
 // rescales it and stores it: no barrier and no atomic on the common paths (a lane reading
-// another's row would need a __syncwarp, whose absence the emulator's fiber order hides). A tile's four row
-// sums of a quad are reduced over it with three shuffles that leave each lane its own row's
-// (quad_sums_to_owners). The block's rows are described where used (`rows_of()`, a MassRows
+// another's row would need a __syncwarp, whose absence the emulator's fiber order hides). A
+// tile's four row sums of a quad are reduced over it with three shuffles that leave each lane its
+// own row's (quad_sums_to_owners). The block's rows are described where used (`rows_of()`, a MassRows
 // derived from the kernel parameters), not held in registers through the loop.
 struct MassRows {
   float* acc;        // [kBlockM][stride]
