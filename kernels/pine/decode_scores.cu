@@ -295,21 +295,26 @@ __device__ void decode_scores_kernel(const SegattnDecodeScoresParams& p) {
     }
     __syncthreads();
 
-    // (3) exp(s - max) summed per segment: a warp per (head, 32 keys); segments are runs of keys,
-    // so the 32 keys mostly share one id and the warp adds one sum (one shared atomic per 32
-    // keys, not 32 on one address); at a boundary each key adds its own.
+    // (3) exp(s - max) summed per segment, a warp per head and 32 keys at a time, in key order:
+    // segments are runs of keys, so the 32 keys mostly share one id and the warp adds one sum;
+    // at a boundary, one sum per run. Only the head's warp writes its sums (lane 0, no atomics),
+    // so the importance is the same bits every run (shared atomics added in a varying order, and
+    // PINE's order would then vary between segments whose importance agrees to the last bits).
     const int groups32 = (n + 31) / 32;
-    for (int task = warp; task < P * groups32; task += kDecodeScoresWarps) {
-      const int hh = task / groups32;
-      const int jj = (task % groups32) * 32 + lane;
-      const uint32_t key_id = jj < n ? s_seg[jj] : 0u;
-      const float e = key_id != 0 ? expf(s_score[hh * kDecodeScoresChunk + jj] - s_max[hh]) : 0.0f;
-      const uint32_t first = __shfl_sync(0xffffffffu, key_id, 0);
-      if (__all_sync(0xffffffffu, key_id == first || key_id == 0u)) {
-        const float sum = warp_sum(e);
-        if (lane == 0 && first != 0u) segattn::atomic_add(&s_acc[hh * S + first], sum);
-      } else if (key_id != 0u) {
-        segattn::atomic_add(&s_acc[hh * S + key_id], e);
+    for (int hh = warp; hh < P; hh += kDecodeScoresWarps) {
+      for (int g = 0; g < groups32; ++g) {
+        const int jj = g * 32 + lane;
+        const uint32_t key_id = jj < n ? s_seg[jj] : 0u;
+        const float e = key_id != 0 ? expf(s_score[hh * kDecodeScoresChunk + jj] - s_max[hh]) : 0.0f;
+        // Lanes whose key is in a segment, run by run (ids are non-decreasing along the keys).
+        uint32_t left = __ballot_sync(0xffffffffu, key_id != 0u);
+        while (left != 0u) {
+          const uint32_t run_id = __shfl_sync(0xffffffffu, key_id, __ffs(static_cast<int>(left)) - 1);
+          const bool in_run = key_id == run_id;
+          const float sum = warp_sum(in_run ? e : 0.0f);
+          if (lane == 0) s_acc[hh * S + run_id] += sum;
+          left &= ~__ballot_sync(0xffffffffu, in_run);
+        }
       }
     }
   };
