@@ -686,7 +686,7 @@ fn gradients_match_reference() -> Result<()> {
 // The fused backward kernel at lengths where the f64 reference is too slow
 // (`gradients_match_reference` checks it against the reference on short rows): its gradients
 // against the same step with the backward through candle's ops
-// (`segattn::cuda::set_fused_backward(false)`, for this thread only: f32 products, exact
+// (`segattn::set_fused_backward(false)`, for this thread only: f32 products, exact
 // delta), which tests/gradients.rs checks against the reference. Several windows of query tiles,
 // GQA, ragged documents, PINE and prefix-LM masks, Lq < Lk, bf16 and f16, D 64 and 128.
 
@@ -774,9 +774,9 @@ fn fused_kernel_matches_ops_path_on_long_rows() -> Result<()> {
         let w = random_tensor(&mut rng, &[b, lq, h, d], dtype)?.to_device(&dev)?;
         let mask = mask_on(&mask, &dev)?;
         let grads = |fused: bool| {
-            segattn::cuda::set_fused_backward(fused);
+            segattn::set_fused_backward(fused);
             let g = autograd_gradients((&q, &k, &v), &mask, (&w, None), None);
-            segattn::cuda::set_fused_backward(true);
+            segattn::set_fused_backward(true);
             g
         };
         let fused = grads(true)?;

@@ -78,9 +78,9 @@ pub fn run(
             // The same step with the backward through candle's ops (cuBLAS f32 products and
             // elementwise kernels): what the fused kernel replaced.
             let ops_ms = {
-                segattn::cuda::set_fused_backward(false);
+                segattn::set_fused_backward(false);
                 let ms = median_ms(dev, reps.min(10), warmup.min(2), || ours(&q, &k, &v, &w, mask));
-                segattn::cuda::set_fused_backward(true);
+                segattn::set_fused_backward(true);
                 format!("{:.3}", ms?)
             };
             // FlashAttention-2's count: the backward's five products, 2.5x the forward's two, over
