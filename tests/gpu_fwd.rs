@@ -609,6 +609,17 @@ fn errors_name_the_argument() -> Result<()> {
     let q = Tensor::ones((1, 8, 2, 64), DType::BF16, &dev)?;
     let e = msg(SegmentAttention::new(&SegmentMask::causal(8, &Device::Cpu)?).forward(&q, &q, &q));
     assert!(e.contains("mask:") && e.contains("device"), "{e}");
+    // k from another candle device of the same GPU that has its own stream (not ordered with
+    // q's): an error naming k, for the attention and the standalone mass.
+    let other = Device::Cuda(candle_core::CudaDevice::new_with_stream(0)?);
+    let k = Tensor::ones((1, 8, 2, 64), DType::BF16, &other)?;
+    other.synchronize()?;
+    let e = msg(SegmentAttention::new(&mask).forward(&q, &k, &q));
+    assert!(e.contains("k:") && e.contains("stream"), "{e}");
+    let e = segattn::segment_scores(&q, &k, &mask, &segattn::SegmentScoreOptions::new())
+        .expect_err("expected an error")
+        .to_string();
+    assert!(e.contains("k:") && e.contains("stream"), "{e}");
     Ok(())
 }
 

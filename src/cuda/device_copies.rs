@@ -7,6 +7,7 @@
 //! same GPU) first makes its stream wait for the upload's event: cudarc orders such uses only for
 //! streams it created itself, and never across host threads that share the per-thread handle.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use candle_core::cuda_backend::cudarc::driver::{sys, CudaEvent, CudaSlice, CudaStream, DeviceRepr};
@@ -22,6 +23,9 @@ pub(crate) struct Uploaded<T> {
     on: StreamKey,
     /// Recorded on that stream right after the copy.
     done: CudaEvent,
+    /// Whether a launch on another stream has read it: its free, queued on the upload's stream,
+    /// is not ordered after that launch.
+    foreign: AtomicBool,
 }
 
 impl<T: DeviceRepr> Uploaded<T> {
@@ -37,6 +41,7 @@ impl<T: DeviceRepr> Uploaded<T> {
             buf,
             on: StreamKey::of(stream),
             done,
+            foreign: AtomicBool::new(false),
         })
     }
 
@@ -47,8 +52,25 @@ impl<T: DeviceRepr> Uploaded<T> {
             stream
                 .wait(&self.done)
                 .map_err(|e| driver_err("waiting for an upload made on another stream", e))?;
+            self.foreign.store(true, Ordering::Relaxed);
         }
         Ok(&self.buf)
+    }
+}
+
+/// Frees the buffer with its own context current: cudarc queues the free on the buffer's stream
+/// handle without binding its context, and the per-thread handle (`0x2`) names the per-thread
+/// stream of whichever context the dropping thread has current (another GPU's, in a thread that
+/// uses two). A buffer that launches on other streams read first waits for the whole device
+/// (rare: a mask, table or PINE layer shared by threads, then dropped), since its free is ordered
+/// on its own stream only.
+impl<T> Drop for Uploaded<T> {
+    fn drop(&mut self) {
+        let ctx = self.buf.context();
+        if self.foreign.load(Ordering::Relaxed) {
+            ctx.record_err(ctx.synchronize());
+        }
+        ctx.record_err(ctx.bind_to_thread());
     }
 }
 

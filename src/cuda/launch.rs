@@ -332,6 +332,12 @@ fn poison(stream: &CudaStream, ptr: u64, n: usize, bytes: usize) -> Result<()> {
     if n == 0 {
         return Ok(());
     }
+    // A raw driver call: the stream's context current first (the per-thread handle names the
+    // stream of whichever context is current).
+    stream
+        .context()
+        .bind_to_thread()
+        .map_err(|e| driver_err("binding the context to poison outputs", e))?;
     // SAFETY: `ptr` is the start of a live allocation of at least `n` elements of `bytes` bytes.
     let r = unsafe {
         if bytes == 2 {
@@ -434,6 +440,10 @@ pub(crate) fn forward(
 ) -> Result<ForwardOutputs> {
     let dtype = q.dtype();
     check_supported(dtype, shape.head_dim)?;
+    super::per_stream::check_one_stream(
+        ("q", &q.device().cuda_stream()),
+        &[("k", &k.device().cuda_stream()), ("v", &v.device().cuda_stream())],
+    )?;
     if extras.rotation.is_some() {
         crate::kernel_params::check_pine_dims(dtype, shape.head_dim)?;
     }

@@ -59,6 +59,27 @@ impl StreamKey {
     }
 }
 
+/// Every input of one launch must come from one stream. candle accepts tensors of two candle
+/// devices of one GPU (it compares locations), but a device made with its own stream
+/// (`CudaDevice::new_with_stream`) is not ordered with another device's stream: a kernel on q's
+/// stream could read another input before it is written, or after it is freed.
+pub(crate) fn check_one_stream(first: (&str, &CudaStream), others: &[(&str, &CudaStream)]) -> Result<()> {
+    let want = StreamKey::of(first.1);
+    for (name, stream) in others {
+        if StreamKey::of(stream) != want {
+            crate::error::invalid_arg!(
+                "{name}: expected the CUDA stream of {} (the same candle device), got another stream of GPU {}: \
+                 candle devices made with their own stream are not ordered with each other (move it with \
+                 `to_device({}.device())`)",
+                first.0,
+                stream.context().ordinal(),
+                first.0
+            );
+        }
+    }
+    Ok(())
+}
+
 /// The fewest counters a buffer holds (a decode step's groups are far fewer).
 const MIN_COUNTERS: usize = 4096;
 /// The fewest f32 a scratch buffer holds (1 MiB: a Llama-3-8B decode step's partials are less).
@@ -87,11 +108,25 @@ type Cache<T> = Mutex<HashMap<StreamKey, Kept<T>>>;
 
 /// This thread's buffers on the per-thread default stream, by CUDA context: dropped with the
 /// thread, so their free is queued on that thread's stream, after its launches.
-type ThreadCache<T> = RefCell<HashMap<usize, Kept<T>>>;
+type ThreadCache<T> = RefCell<ThreadBuffers<T>>;
+
+/// A thread's buffers by CUDA context; dropped at thread exit, each with its own context current
+/// (cudarc queues a free on the per-thread handle of whichever context is current).
+struct ThreadBuffers<T>(HashMap<usize, Kept<T>>);
+
+impl<T> Drop for ThreadBuffers<T> {
+    fn drop(&mut self) {
+        for (_, kept) in self.0.drain() {
+            let ctx = kept.buf.context().clone();
+            ctx.record_err(ctx.bind_to_thread());
+            drop(kept);
+        }
+    }
+}
 
 thread_local! {
-    static THREAD_COUNTERS: ThreadCache<u32> = RefCell::new(HashMap::new());
-    static THREAD_SCRATCH: ThreadCache<f32> = RefCell::new(HashMap::new());
+    static THREAD_COUNTERS: ThreadCache<u32> = RefCell::new(ThreadBuffers(HashMap::new()));
+    static THREAD_SCRATCH: ThreadCache<f32> = RefCell::new(ThreadBuffers(HashMap::new()));
 }
 
 fn counter_cache() -> &'static Cache<u32> {
@@ -118,7 +153,7 @@ fn kept<T: DeviceRepr>(
     let key = StreamKey::of(stream);
     if key.thread.is_some() {
         return local
-            .try_with(|cache| take_or_grow(&mut cache.borrow_mut(), key.context, stream, n, min, alloc))
+            .try_with(|cache| take_or_grow(&mut cache.borrow_mut().0, key.context, stream, n, min, alloc))
             .map_err(|_| candle_core::Error::Msg(format!("segattn: {what} asked for while its thread exits")))?;
     }
     let mut buffers = shared

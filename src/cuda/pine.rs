@@ -195,6 +195,9 @@ pub(crate) fn pine_decode_scores(
         other => invalid_arg!("q: expected a CUDA tensor, got {:?}", other.location()),
     };
     let stream = dev.cuda_stream();
+    if let candle_core::Device::Cuda(k_dev) = k_cache.device() {
+        super::per_stream::check_one_stream(("q", &stream), &[("k_cache", &k_dev.cuda_stream())])?;
+    }
     let b = shape.batch;
     let meta = device_words.get_or_upload(&stream, "PINE decode metadata", || words.to_vec())?;
     let group_meta = groups

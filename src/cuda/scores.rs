@@ -48,6 +48,7 @@ pub(crate) fn segment_scores(
 ) -> Result<CudaStorage> {
     let dtype = q.dtype();
     crate::kernel_params::check_supported(dtype, shape.head_dim)?;
+    super::per_stream::check_one_stream(("q", &q.device().cuda_stream()), &[("k", &k.device().cuda_stream())])?;
     match dtype {
         DType::BF16 => typed::<bf16>((q, ql), (k, kl), shape, host, scale, plan, two_pass),
         _ => typed::<f16>((q, ql), (k, kl), shape, host, scale, plan, two_pass),
@@ -121,6 +122,11 @@ fn typed<T: CudaDType + DeviceRepr + candle_core::WithDType>(
         launch_kernel(&stream, &kernels, T::DTYPE, &shape, host.rule.has_causal(), &params)?;
     }
     drop(mask);
+    // (Errors the access guards recorded as they dropped, after the launch.)
+    stream
+        .context()
+        .check_err()
+        .map_err(|e| driver_err("after the mass kernel's launch", e))?;
     Ok(CudaStorage::wrap_cuda_slice(mass, dev.clone()))
 }
 
