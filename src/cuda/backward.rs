@@ -186,11 +186,7 @@ fn typed<T: CudaDType + DeviceRepr + ValidAsZeroBits + candle_core::WithDType>(
         // covers [B, Hkv, Lk] as the kernel expects.
         unsafe { launch_with_params(&stream, &func, name, cfg, &params) }?;
     }
-    // (Errors the access guards recorded as they dropped, after the launch.)
-    stream
-        .context()
-        .check_err()
-        .map_err(|e| driver_err("after the backward kernel's launch", e))?;
+    super::recorded_errors(&stream, "the backward kernel")?;
     let wrap = |storage: CudaStorage, dims: (usize, usize, usize, usize)| {
         Tensor::from_storage(Storage::Cuda(storage), dims, BackpropOp::none(), false)
     };

@@ -58,20 +58,17 @@ impl<T: DeviceRepr> Uploaded<T> {
     }
 }
 
-/// Frees the buffer with its own context current: cudarc queues the free on the buffer's stream
-/// handle without binding its context, and the per-thread handle (`0x2`) names the per-thread
-/// stream of whichever context the dropping thread has current (another GPU's, in a thread that
-/// uses two). The free is ordered on the dropping thread's stream only: a buffer that launches
-/// on other streams read, or that another thread than its uploader drops, first waits for the
-/// whole device (rare: a mask, table or PINE layer shared by threads, or handed over, then
-/// dropped).
+/// Frees the buffer with its own context current ([`super::bind_for_free`]). The free is ordered
+/// on the dropping thread's stream only: a buffer that launches on other streams read, or that
+/// another thread than its uploader drops, first waits for the whole device (rare: a mask, table
+/// or PINE layer shared by threads, or handed over, then dropped).
 impl<T> Drop for Uploaded<T> {
     fn drop(&mut self) {
-        let ctx = self.buf.context();
         if self.foreign.load(Ordering::Relaxed) || StreamKey::of(self.buf.stream()) != self.on {
+            let ctx = self.buf.context();
             ctx.record_err(ctx.synchronize());
         }
-        ctx.record_err(ctx.bind_to_thread());
+        super::bind_for_free(&self.buf);
     }
 }
 

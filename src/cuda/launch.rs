@@ -303,10 +303,7 @@ pub(crate) unsafe fn launch_with_params<P: DeviceRepr>(
         )
     })?;
     sync_if_asked(stream, name)?;
-    stream
-        .context()
-        .check_err()
-        .map_err(|e| driver_err(format!("after launching {name}"), e))
+    super::recorded_errors(stream, name)
 }
 
 /// With `SEGATTN_CUDA_SYNC=1`: synchronizes `stream` and reports an execution error of `kernel`.
@@ -674,10 +671,7 @@ fn forward_typed<T: CudaDType + DeviceRepr + ValidAsZeroBits + candle_core::With
         }
     }
     // Errors that cudarc recorded instead of returning (event records in the guards' drops).
-    stream
-        .context()
-        .check_err()
-        .map_err(|e| driver_err(format!("after launching {}", kernel.name), e))?;
+    super::recorded_errors(&stream, kernel.name)?;
     let out = T::wrap_cuda_slice(out, dev.clone());
     let lse = if want_lse {
         lse.map(|l| CudaStorage::wrap_cuda_slice(l, dev.clone()))

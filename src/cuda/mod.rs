@@ -54,6 +54,28 @@ pub(crate) fn check_fwd_kernel_runs(
     Ok(())
 }
 
+/// The errors cudarc recorded in the context instead of returning them (the access guards' event
+/// records and waits as they drop, frees), as a candle error naming the kernel whose launch they
+/// followed. Called after a launch, once its guards are dropped.
+pub(crate) fn recorded_errors(
+    stream: &candle_core::cuda_backend::cudarc::driver::CudaStream,
+    kernel: &str,
+) -> candle_core::Result<()> {
+    stream
+        .context()
+        .check_err()
+        .map_err(|e| driver_err(format!("after launching {kernel}"), e))
+}
+
+/// Makes the context of `buf` current before it is freed: cudarc queues the free on the buffer's
+/// stream handle without binding its context, and the per-thread handle (`0x2`) names the
+/// per-thread stream of whichever context the thread has current (another GPU's, in a thread that
+/// drives two). A failure is recorded in the context, as cudarc's own drop does.
+pub(crate) fn bind_for_free<T>(buf: &candle_core::cuda_backend::cudarc::driver::CudaSlice<T>) {
+    let ctx = buf.context();
+    ctx.record_err(ctx.bind_to_thread());
+}
+
 /// A driver error as a candle error that says what was being done.
 pub(crate) fn driver_err(
     what: impl std::fmt::Display,

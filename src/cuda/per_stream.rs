@@ -111,14 +111,13 @@ type Cache<T> = Mutex<HashMap<StreamKey, Kept<T>>>;
 type ThreadCache<T> = RefCell<ThreadBuffers<T>>;
 
 /// A thread's buffers by CUDA context; dropped at thread exit, each with its own context current
-/// (cudarc queues a free on the per-thread handle of whichever context is current).
+/// ([`super::bind_for_free`]).
 struct ThreadBuffers<T>(HashMap<usize, Kept<T>>);
 
 impl<T> Drop for ThreadBuffers<T> {
     fn drop(&mut self) {
         for (_, kept) in self.0.drain() {
-            let ctx = kept.buf.context().clone();
-            ctx.record_err(ctx.bind_to_thread());
+            super::bind_for_free(&kept.buf);
             drop(kept);
         }
     }

@@ -92,10 +92,7 @@ pub(crate) fn pine_shifts(
             .map_err(|e| driver_err(format!("launching segattn_pine_shifts (grid {:?})", cfg.grid_dim), e))?;
         super::launch::sync_if_asked(&stream, "segattn_pine_shifts")?;
     }
-    stream
-        .context()
-        .check_err()
-        .map_err(|e| driver_err("after launching segattn_pine_shifts", e))?;
+    super::recorded_errors(&stream, "segattn_pine_shifts")?;
     Ok(CudaStorage::wrap_cuda_slice(out, dev))
 }
 
@@ -318,10 +315,7 @@ pub(crate) fn pine_decode_scores(
             .map_err(|e| driver_err(format!("launching {name} (grid {:?})", cfg.grid_dim), e))?;
         super::launch::sync_if_asked(&stream, name)?;
     }
-    stream
-        .context()
-        .check_err()
-        .map_err(|e| driver_err(format!("after launching {name}"), e))?;
+    super::recorded_errors(&stream, name)?;
     let importance = Tensor::from_storage(
         Storage::Cuda(CudaStorage::wrap_cuda_slice(out, dev.clone())),
         (b, shape.num_heads, shape.q_len, sk),

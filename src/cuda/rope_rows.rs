@@ -115,10 +115,7 @@ pub(crate) fn rope_rows(x: &Tensor, pos: &[u32], pb: usize, table: &RopeTable, i
         }
     };
     super::launch::sync_if_asked(&stream, name)?;
-    stream
-        .context()
-        .check_err()
-        .map_err(|e| driver_err(format!("after launching {name}"), e))?;
+    super::recorded_errors(&stream, name)?;
     Ok(Tensor::from_storage(
         Storage::Cuda(out_storage),
         dims,

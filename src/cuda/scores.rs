@@ -122,11 +122,7 @@ fn typed<T: CudaDType + DeviceRepr + candle_core::WithDType>(
         launch_kernel(&stream, &kernels, T::DTYPE, &shape, host.rule.has_causal(), &params)?;
     }
     drop(mask);
-    // (Errors the access guards recorded as they dropped, after the launch.)
-    stream
-        .context()
-        .check_err()
-        .map_err(|e| driver_err("after the mass kernel's launch", e))?;
+    super::recorded_errors(&stream, "the mass kernel")?;
     Ok(CudaStorage::wrap_cuda_slice(mass, dev.clone()))
 }
 
