@@ -184,7 +184,8 @@ impl Input {
         if let Some(input) = Self::try_direct(name, t)? {
             return Ok(input);
         }
-        let copy = t.copy()?;
+        // A new storage laid out from its start (`Tensor::copy` would keep the view's layout).
+        let copy = t.force_contiguous()?;
         match Self::try_direct(name, &copy)? {
             Some(input) => Ok(input),
             None => invalid_arg!("{name}: could not get a 16-byte aligned copy for the kernel's cp.async loads"),

@@ -69,7 +69,8 @@ fn packed(t: &Tensor) -> Result<Tensor> {
     if layout.is_contiguous() && layout.start_offset() == 0 {
         Ok(t.clone())
     } else {
-        t.copy()
+        // A new storage laid out from its start (`Tensor::copy` would keep the view's layout).
+        t.force_contiguous()
     }
 }
 
@@ -92,5 +93,29 @@ pub(crate) fn cuda_copy(t: &Tensor, what: &str) -> Result<(candle_core::CudaStor
     match &*storage {
         Storage::Cuda(s) => Ok((s.try_clone(layout)?, t.shape().clone())),
         _ => invalid_arg!("internal error: {what} is not on the GPU"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Tensor, Var};
+
+    /// A marked view (an offset, a transposed layout) keeps its values: the op's output is a
+    /// copy laid out from its storage's start, not the whole storage under the view's shape.
+    #[test]
+    fn marked_views_keep_their_values() -> candle_core::Result<()> {
+        let base = Tensor::arange(0f32, 60.0, &Device::Cpu)?.reshape((3, 4, 5))?;
+        let x = Var::from_tensor(&Tensor::ones((2, 2), candle_core::DType::F32, &Device::Cpu)?)?;
+        let views = [
+            base.narrow(0, 1, 2)?,                  // contiguous, from offset 20
+            base.narrow(2, 1, 3)?,                  // strided rows
+            base.transpose(1, 2)?.narrow(1, 2, 3)?, // transposed and offset
+        ];
+        for (i, view) in views.iter().enumerate() {
+            let marked = super::mark(view.clone(), [x.as_tensor(); 3], "test")?;
+            assert!(marked.track_op(), "view {i}: not recorded");
+            assert_eq!(marked.to_vec3::<f32>()?, view.to_vec3::<f32>()?, "view {i}");
+        }
+        Ok(())
     }
 }

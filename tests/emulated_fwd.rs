@@ -557,6 +557,25 @@ fn fully_masked_rows() -> Result<()> {
     Ok(())
 }
 
+/// Views the kernel's 16-byte loads cannot read in place (a start 2 bytes past an aligned one,
+/// strides that are not multiples of 8 elements) are copied into fresh buffers first.
+#[test]
+fn views_the_kernel_cannot_load_are_copied() -> Result<()> {
+    let mask = SegmentMask::causal(70, &Device::Cpu)?;
+    for dtype in [DType::BF16, DType::F16] {
+        let mut rng = Rng(11);
+        let (b, l, h, hkv, d) = (1, 70, 4, 2, 64);
+        let n = b * l * h * d;
+        let q = values(&mut rng, &[n + 1], dtype)?
+            .narrow(0, 1, n)?
+            .reshape((b, l, h, d))?;
+        let k = values(&mut rng, &[b, l, hkv, d + 3], dtype)?.narrow(3, 0, d)?;
+        let v = values(&mut rng, &[b, l, hkv, d + 3], dtype)?.narrow(3, 3, d)?;
+        check_case("misaligned views", &q, &k, &v, &mask, None, 5, None)?;
+    }
+    Ok(())
+}
+
 /// No key at all (Lk = 0): every row outputs 0 with LSE -inf.
 #[test]
 fn no_keys() -> Result<()> {

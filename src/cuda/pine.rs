@@ -173,9 +173,14 @@ pub(crate) fn pine_decode_scores(
     sk: usize,
 ) -> Result<(Tensor, Tensor)> {
     // The kernel reads key rows in 16-byte pieces: a cache view it cannot read in place (an
-    // unaligned start or strides that are not multiples of 8 elements) is copied once.
+    // unaligned start or strides that are not multiples of 8 elements) is copied once, into a
+    // fresh contiguous buffer (`Tensor::copy` keeps the view's layout: it would not do).
     if !readable_in_place(k_cache) {
-        return pine_decode_scores(q, &k_cache.copy()?, words, device_words, groups, table, scale, sk);
+        let packed = k_cache.force_contiguous()?;
+        if !readable_in_place(&packed) {
+            invalid_arg!("k_cache: could not get a copy that the decode importance's 16-byte loads can read");
+        }
+        return pine_decode_scores(q, &packed, words, device_words, groups, table, scale, sk);
     }
     let shape = AttentionShape::of(q, k_cache, k_cache)?;
     crate::kernel_params::check_pine_dims(q.dtype(), shape.head_dim)?;
