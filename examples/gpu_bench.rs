@@ -471,10 +471,7 @@ fn main() -> Result<()> {
         return Ok(());
     }
     if args.backward {
-        println!(
-            "{}",
-            gpu_backward::run(&dev, args.reps, args.warmup, args.smoke, visible_pairs)?
-        );
+        gpu_backward::run(&dev, args.reps, args.warmup, args.smoke, visible_pairs)?;
         return Ok(());
     }
     if args.mass {
