@@ -602,11 +602,18 @@ pub(crate) fn run_forward(
     }
     // The entry point the GPU launcher would take (segattn_emu_fwd dispatches on these fields).
     if rotation.is_none() {
-        let plain = FwdVariant::plain(&kshape, kv_splits, khost.summary(), EMULATED_SM_COUNT, wide)
-            .with_wide_keys(head_dim, wide_keys64);
+        let summary = khost.summary();
         let variant = match &mass {
-            Some((plan, true, _)) => plain.with_mass(plan.sk, khost.summary()),
-            _ => plain,
+            Some((plan, true, _)) => FwdVariant::fused_mass(
+                &kshape,
+                kv_splits,
+                summary,
+                EMULATED_SM_COUNT,
+                (wide, wide_keys64),
+                plan.sk,
+            ),
+            _ => FwdVariant::plain(&kshape, kv_splits, summary, EMULATED_SM_COUNT, wide)
+                .with_wide_keys(head_dim, wide_keys64),
         };
         p.block_rows = variant.block_rows() as i32;
         p.block_keys = variant.block_keys();

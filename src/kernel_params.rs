@@ -310,6 +310,28 @@ impl FwdVariant {
             Self::Mass
         }
     }
+
+    /// The kernel for attention with the fused mass of `num_segments` key segments inside the
+    /// forward kernel: [`FwdVariant::with_mass`] of the plain kernel ([`FwdVariant::plain`],
+    /// [`FwdVariant::with_wide_keys`], same arguments) chosen as if causal documents were short
+    /// only up to [`SHORT_DOCUMENT_TOKENS_WITH_MASS`] tokens: the 128 x 64 kernel's sums in shared
+    /// memory cost less than the 64-row kernel's accumulators, which moves the break-even.
+    pub(crate) fn fused_mass(
+        shape: &AttentionShape,
+        kv_splits: usize,
+        mask: MaskSummary,
+        sm_count: usize,
+        (forced, forced_keys64): (Option<bool>, Option<bool>),
+        num_segments: usize,
+    ) -> Self {
+        let as_plain = MaskSummary {
+            short_documents: mask.short_documents_with_mass,
+            ..mask
+        };
+        Self::plain(shape, kv_splits, as_plain, sm_count, forced)
+            .with_wide_keys(shape.head_dim, forced_keys64)
+            .with_mass(num_segments, mask)
+    }
 }
 
 /// Most key segments of [`FwdVariant::WideMass`]: its fixed 100,016 bytes of shared memory and
@@ -369,6 +391,13 @@ pub(crate) const WIDE_MIN_BLOCKS_PER_SM: usize = 8;
 /// the 64-row kernel was faster on documents of 128 to 1,024 tokens, the wide one on 2,048.
 pub(crate) const SHORT_DOCUMENT_TOKENS: f64 = 1024.0;
 
+/// [`SHORT_DOCUMENT_TOKENS`] for an attention with the fused mass ([`FwdVariant::fused_mass`]): on
+/// an H200, 8 causal documents of 1,024 tokens (L 8k, B 2) took 3-10% less time with the fused
+/// mass in the 128 x 64 kernel than in the 64-row one (H 16 / 16: 0.391 against 0.403-0.415 ms;
+/// 32 / 8: 0.696 against 0.753-0.769), where plain attention alone was even (bench/NOTES.md CUDA
+/// 32). Shorter documents are not measured: they keep the plain rule's threshold halved.
+pub(crate) const SHORT_DOCUMENT_TOKENS_WITH_MASS: f64 = 512.0;
+
 /// What the choice of the plain forward kernel ([`FwdVariant::plain`]) needs to know of a mask.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct MaskSummary {
@@ -378,6 +407,8 @@ pub(crate) struct MaskSummary {
     /// segments at most [`SHORT_DOCUMENT_TOKENS`] long on average: each block of query rows sees a
     /// few key tiles.
     pub short_documents: bool,
+    /// The same, at most [`SHORT_DOCUMENT_TOKENS_WITH_MASS`] long on average.
+    pub short_documents_with_mass: bool,
     /// Every aligned tile of 64 keys meets at most two key segments ([`FwdVariant::WideMass`]
     /// sums a tile's probabilities on either side of one boundary).
     pub key_tiles_of_two_segments: bool,
@@ -473,7 +504,7 @@ mod tests {
         let n = 8192;
         let with_mass = |mask: &SegmentMask, d: usize, sk: usize| {
             let summary = mask.host_metadata(1, n, n).unwrap().summary();
-            chosen(mask, n, d).with_mass(sk, summary)
+            FwdVariant::fused_mass(&shape(n, 32, d), 1, summary, SMS, (None, None), sk)
         };
         // Where plain attention takes the 128 x 64 kernel, the fused mass extends it...
         let pine = SegmentMask::pine(64, &[800; 10], 128, cpu).unwrap();
@@ -486,6 +517,11 @@ mod tests {
         assert_eq!(with_mass(&long_docs, 128, WIDE_MASS_MAX_SEGMENTS + 1), FwdVariant::Mass);
         let short_docs = SegmentMask::documents(&[[256; 32]], cpu).unwrap();
         assert_eq!(with_mass(&short_docs, 128, 32), FwdVariant::Mass);
+        // Documents of 1,024 tokens: plain attention takes the 64-row kernel, the fused mass the
+        // 128 x 64 one (its threshold is lower).
+        let docs_1k = SegmentMask::documents(&[[1024; 8]], cpu).unwrap();
+        assert_eq!(chosen(&docs_1k, n, 128), FwdVariant::Plain);
+        assert_eq!(with_mass(&docs_1k, 128, 8), FwdVariant::WideMass);
         assert_eq!(with_mass(&pine, 64, 12), FwdVariant::Mass);
         let two = MaskSummary {
             key_tiles_of_two_segments: true,

@@ -526,11 +526,11 @@ fn forward_typed<T: CudaDType + DeviceRepr + ValidAsZeroBits + candle_core::With
     let variant = if rotation.is_some() {
         FwdVariant::Rope
     } else {
-        let plain = FwdVariant::plain(&kshape, splits, host.summary(), kernels.sm_count, None)
-            .with_wide_keys(shape.head_dim, None);
+        let summary = host.summary();
         match mass_request {
             Some((plan, _)) if mass_in_forward => {
-                let with_mass = plain.with_mass(plan.sk, host.summary());
+                let with_mass =
+                    FwdVariant::fused_mass(&kshape, splits, summary, kernels.sm_count, (None, None), plan.sk);
                 // The rows' sums must fit this device's shared memory (not on 99 KiB GPUs).
                 let fits = |k: &FwdKernel| k.mass_segments > 0 && plan.sk <= k.mass_segments;
                 if with_mass == FwdVariant::WideMass
@@ -541,7 +541,9 @@ fn forward_typed<T: CudaDType + DeviceRepr + ValidAsZeroBits + candle_core::With
                     with_mass
                 }
             }
-            _ => plain,
+            _ => {
+                FwdVariant::plain(&kshape, splits, summary, kernels.sm_count, None).with_wide_keys(shape.head_dim, None)
+            }
         }
     };
     let kernel = kernels.fwd_or_err(T::DTYPE, shape.head_dim, variant)?;

@@ -220,14 +220,19 @@ impl HostMask {
     /// What the choice of the plain forward kernel needs to know of the mask (O(1)).
     pub fn summary(&self) -> crate::kernel_params::MaskSummary {
         let r = &self.rule;
-        crate::kernel_params::MaskSummary {
-            causal: r.has_causal(),
-            short_documents: r.intra == Visibility::Causal
+        let mean = self.kv.mean_span_len();
+        let documents_up_to = |tokens: f64| {
+            r.intra == Visibility::Causal
                 && r.inter == Visibility::Blocked
                 && r.table_size == 0
-                && self.kv.mean_span_len() <= crate::kernel_params::SHORT_DOCUMENT_TOKENS
+                && mean <= tokens
                 // One segment a row is a causal mask, where the wide kernel won even at 1k.
-                && self.kv.mean_span_len() < self.kv.len() as f64,
+                && mean < self.kv.len() as f64
+        };
+        crate::kernel_params::MaskSummary {
+            causal: r.has_causal(),
+            short_documents: documents_up_to(crate::kernel_params::SHORT_DOCUMENT_TOKENS),
+            short_documents_with_mass: documents_up_to(crate::kernel_params::SHORT_DOCUMENT_TOKENS_WITH_MASS),
             key_tiles_of_two_segments: self.kv.most_spans_per_tile() <= 2,
         }
     }
