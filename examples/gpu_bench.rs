@@ -19,7 +19,7 @@
 //! `--pine-decode-trace`: only PINE decode steps of the RAG prompt, 64 layer calls in a row after
 //! warm-up, for a timeline (`nsys profile`: the suite's profile half).
 //! `--mass`: instead, the per-segment mass, fused and standalone, against the attention alone
-//! (examples/support/gpu_mass.rs). `--backward`: instead, a training step's attention, forward
+//! (examples/support/gpu_mass.rs; `--filter` picks its cases by "MASK H/HKV"). `--backward`: instead, a training step's attention, forward
 //! and backward through candle's autograd (examples/support/gpu_backward.rs). With `--smoke` these
 //! run scaled-down shapes; with `--cpu` they
 //! run on the CPU (a dry run of their code paths where there is no GPU: the times mean nothing;
@@ -475,7 +475,10 @@ fn main() -> Result<()> {
         return Ok(());
     }
     if args.mass {
-        println!("{}", gpu_mass::run(&dev, args.reps, args.warmup, args.smoke)?);
+        println!(
+            "{}",
+            gpu_mass::run(&dev, args.reps, args.warmup, args.smoke, args.filter.as_deref())?
+        );
         return Ok(());
     }
     println!(

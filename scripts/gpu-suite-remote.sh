@@ -365,7 +365,7 @@ if [ "$PHASE" = profile ]; then
       local t=$SECONDS
       {
         echo "=================== $label (kernels $kernels) ==================="
-        budgeted 120 15 "$NCU" --clock-control none --kernel-name "regex:$kernels" --launch-skip 3 --launch-count 1 \
+        budgeted 120 15 "$NCU" --clock-control none --kernel-name "regex:$kernels" --launch-skip "${PROFILE_SKIP:-3}" --launch-count 1 \
           "${sections[@]}" "$@"
       } >>"$PROFILE" 2>&1
       local rc=$?
@@ -375,10 +375,42 @@ if [ "$PHASE" = profile ]; then
       fi
       note "- (5) $label: exit $rc, $((SECONDS - t)) s"
     }
-    # In order of what the open targets need most (short budgets cut the list): the forward kernel
-    # at the target shapes (and the 64-row kernel at causal), the mass kernels, the rope kernel, then
-    # every kernel of steady-state PINE decode steps (RAG prompt, layer calls in a row), durations
-    # only, and the decode importance.
+    # In order of what is open and unexplained (short budgets cut the list): every kernel of
+    # steady-state PINE decode steps (RAG prompt, layer calls in a row; durations only: plain and
+    # PINE decode steps got 2-7 us slower between 2054ab5 and 215fab3 on an H200) and the decode
+    # importance, the mass kernel's pass after the forward beyond 64 segments, then the forward
+    # kernel at the target shapes (and the 64-row kernel at causal), the mass kernels, the rope
+    # kernel.
+    t=$SECONDS
+    {
+      echo "=================== PINE decode steps, every kernel (gpu_bench --pine-decode-trace) ==================="
+      budgeted 90 15 "$NCU" --clock-control none --kernel-name "regex:^segattn_" --launch-skip 40 --launch-count 6 \
+        --section SpeedOfLight --section LaunchStats "$WORK/gpu_bench" --pine-decode-trace
+    } >>"$PROFILE" 2>&1
+    note "- (5) PINE decode steps, every kernel: exit $?, $((SECONDS - t)) s"
+    # The same launches of each packed baseline revision: a kernel's duration before / after.
+    for rev in "${BASELINE_REVS[@]}"; do
+      [ -x "$WORK/gpu_bench_base_$rev" ] || continue
+      t=$SECONDS
+      {
+        echo "=================== PINE decode steps, every kernel, baseline $rev ==================="
+        budgeted 90 15 "$NCU" --clock-control none --kernel-name "regex:^segattn_" --launch-skip 40 --launch-count 6 \
+          --section SpeedOfLight --section LaunchStats "$WORK/gpu_bench_base_$rev" --pine-decode-trace
+      } >>"$PROFILE" 2>&1
+      note "- (5) PINE decode steps, every kernel, baseline $rev: exit $?, $((SECONDS - t)) s"
+    done
+    # With the hottest source lines (warp stall samples, SASS with the CUDA line: -lineinfo builds):
+    # the decode step is a latency chain, so where the warps wait matters more than the totals.
+    profile_one "PINE decode importance" '^segattn_pine_decode_scores_bf16$' --section SourceCounters \
+      --section InstructionStats --import-source yes "$WORK/gpu_bench" --pine-decode-trace
+    # Beyond 64 segments the fused mass is the forward, then the mass kernel's exact pass with its
+    # LSE; on the 2026-11-27 H200 that pass alone took twice the standalone op's two passes. The
+    # mass kernel's launches of one case, 6 each (--reps 5 --warmup 1), come in this order: fused,
+    # fused on the 64-row forward, fused by query segment, standalone.
+    PROFILE_SKIP=3 profile_one "mass after the forward, saved LSE (documents100 16/16)" '^segattn_scores_' \
+      "$WORK/gpu_bench" --mass --filter "documents100 16/16" --reps 5 --warmup 1
+    PROFILE_SKIP=20 profile_one "mass standalone, two passes (documents100 16/16)" '^segattn_scores_' \
+      "$WORK/gpu_bench" --mass --filter "documents100 16/16" --reps 5 --warmup 1
     for shape in "causal $TARGET" "documents8 $TARGET" "pine $TARGET"; do
       profile_one "$shape" '^segattn_fwd_(wide64_|wide_)?bf16_d128$' "$WORK/gpu_bench" --filter "$shape" --reps 20 --warmup 3 || break
     done
@@ -390,17 +422,6 @@ if [ "$PHASE" = profile ]; then
     # wait (the turn's table loads? the straddling tiles' pieces?) decides what to change next.
     profile_one "PINE prefill attention" '^segattn_fwd_rope_bf16_d128$' --section SourceCounters \
       --import-source yes "$WORK/gpu_bench" --pine
-    t=$SECONDS
-    {
-      echo "=================== PINE decode steps, every kernel (gpu_bench --pine-decode-trace) ==================="
-      budgeted 90 15 "$NCU" --clock-control none --kernel-name "regex:^segattn_" --launch-skip 40 --launch-count 6 \
-        --section SpeedOfLight --section LaunchStats "$WORK/gpu_bench" --pine-decode-trace
-    } >>"$PROFILE" 2>&1
-    note "- (5) PINE decode steps, every kernel: exit $?, $((SECONDS - t)) s"
-    # With the hottest source lines (warp stall samples, SASS with the CUDA line: -lineinfo builds):
-    # the decode step is a latency chain, so where the warps wait matters more than the totals.
-    profile_one "PINE decode importance" '^segattn_pine_decode_scores_bf16$' --section SourceCounters \
-      --section InstructionStats --import-source yes "$WORK/gpu_bench" --pine-decode-trace
     # A timeline of PINE decode steps (64 layer calls in a row): where a step's time goes between
     # launches, allocations and copies (the kernels alone are a fraction of it).
     NSYS="$(command -v nsys || ls /usr/local/cuda*/bin/nsys /opt/nvidia/nsight-systems/*/bin/nsys 2>/dev/null | head -1 || true)"

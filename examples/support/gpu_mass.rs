@@ -35,8 +35,9 @@ fn with_64_row_kernel<R>(f: impl FnOnce() -> Result<R>) -> Result<R> {
     res
 }
 
-/// The markdown table of the mass benchmark (`smoke`: B = 1, L = 1024, for a dry run).
-pub fn run(dev: &Device, reps: usize, warmup: usize, smoke: bool) -> Result<String> {
+/// The markdown table of the mass benchmark (`smoke`: B = 1, L = 1024, for a dry run), for the
+/// cases whose label "MASK H/HKV" (e.g. "documents100 16/16") contains `filter`.
+pub fn run(dev: &Device, reps: usize, warmup: usize, smoke: bool, filter: Option<&str>) -> Result<String> {
     let (batch, len, d) = if smoke { (1, 1024, 128) } else { (2, 8192, 128) };
     let mut out = String::from(
         "| mask | Sk | heads | attention ms | + fused mass ms | overhead (target <= 15%) | + fused mass by query segment ms | overhead | standalone ms | standalone / attention (target <= 0.60) | 64-row kernel: attention ms | + fused mass ms | overhead |\n\
@@ -56,6 +57,9 @@ pub fn run(dev: &Device, reps: usize, warmup: usize, smoke: bool) -> Result<Stri
     ] {
         let sk = 1 + mask.kv_segments().max_all()?.to_scalar::<u32>()? as usize;
         for (h, hkv) in [(16usize, 16usize), (32, 8)] {
+            if filter.is_some_and(|f| !format!("{name} {h}/{hkv}").contains(f)) {
+                continue;
+            }
             let r = |shape: (usize, usize, usize, usize)| Tensor::randn(0f32, 1.0, shape, dev)?.to_dtype(DType::BF16);
             let (q, k, v) = (
                 r((batch, len, h, d))?,
