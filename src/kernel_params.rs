@@ -372,7 +372,7 @@ pub(crate) fn mass_block_rows(q_len: usize, causal: bool, wide: Option<bool>, he
 /// Keys per tile of the mass kernel (`params.base.block_keys`) with `block_rows` query rows per
 /// block ([`mass_block_rows`]): 64 for the wide kernel at D = 128 when `forced` (tests) or
 /// `SEGATTN_SCORES_WIDE_KEYS=64` asks for them (`segattn_scores_wide64_*`, the forward kernel's
-/// 128 x 64 tile; opt-in until timed on a GPU), else 0 (the entry point's own: 32 for the wide
+/// 128 x 64 tile; opt-in: slower on an H200, bench/NOTES.md CUDA 32), else 0 (the entry point's own: 32 for the wide
 /// kernel, 64 for the 64-row one).
 pub(crate) fn mass_block_keys(block_rows: usize, head_dim: usize, forced: Option<bool>) -> i32 {
     let keys64 = forced.unwrap_or_else(|| std::env::var_os("SEGATTN_SCORES_WIDE_KEYS").is_some_and(|v| v == "64"));
