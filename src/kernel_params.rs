@@ -2,7 +2,7 @@
 //! (`src/cuda/`) and the emulated launches (`src/emulated*`), so that both hand the kernels the
 //! same sizes, strides, dtype code and scale.
 
-use candle_core::{DType, Layout, Result};
+use candle_core::{DType, Layout, Result, Tensor};
 
 use crate::error::invalid_arg;
 use crate::params::{SegattnFwdParams, SegattnMassOutput, SegattnStrides};
@@ -111,6 +111,29 @@ pub(crate) fn strides_of(layout: &Layout) -> SegattnStrides {
 /// in place: a 16-byte aligned start and strides that are multiples of 8 elements.
 pub(crate) fn loadable(addr: u64, strides: &SegattnStrides) -> bool {
     addr.is_multiple_of(16) && [strides.batch, strides.row, strides.head].iter().all(|s| s % 8 == 0)
+}
+
+/// `t` (a rank-4 16-bit tensor with a contiguous last dim) as the kernels' 16-byte loads can read
+/// it: itself when its layout allows ([`loadable`]; a candle CUDA storage is a whole cudarc
+/// allocation, 256-byte aligned, so the start offset and the strides decide), else a packed copy.
+/// (Not `Tensor::contiguous`, a no-op on a contiguous view at an odd offset, nor `Tensor::copy`,
+/// which keeps the view's layout.)
+pub(crate) fn kernel_readable(t: &Tensor) -> Result<Tensor> {
+    if readable_in_place(t) {
+        Ok(t.clone())
+    } else {
+        t.force_contiguous()
+    }
+}
+
+/// Whether the kernels' 16-byte loads can read `t` in place, from its layout alone (see
+/// [`kernel_readable`]; no `device_ptr`, whose event work a decode step would pay).
+pub(crate) fn readable_in_place(t: &Tensor) -> bool {
+    let layout = t.layout();
+    loadable(
+        (t.dtype().size_in_bytes() * layout.start_offset()) as u64,
+        &strides_of(layout),
+    )
 }
 
 /// Strides of a contiguous `[B, len, heads, head_dim]` tensor (the kernels' output).

@@ -13,7 +13,7 @@ mod common;
 use candle_core::{DType, Device, Result, Tensor};
 use common::gpu::gpu;
 use common::pine::{compare_with_oracle, prompt_rows, PinePath, PineTolerance};
-use common::{env_count, random_tensor, worst_ratio, Rng};
+use common::{env_count, misaligned, random_tensor, worst_ratio, Rng};
 use segattn::pine::{PineAttention, PositionScheme, Rope};
 use segattn::{reference, PineLayout};
 
@@ -36,15 +36,6 @@ fn random_layouts(rng: &mut Rng, batch: usize) -> Vec<PineLayout> {
         l.suffix_len += len - l.len();
     }
     layouts
-}
-
-/// The same values as `t` in a contiguous view whose start is one element past its storage's.
-fn misaligned(t: &Tensor) -> Result<Tensor> {
-    let flat = t.flatten_all()?;
-    let n = flat.dim(0)?;
-    Tensor::cat(&[&flat.narrow(0, 0, 1)?, &flat], 0)?
-        .narrow(0, 1, n)?
-        .reshape(t.shape())
 }
 
 #[test]

@@ -103,14 +103,9 @@ pub(crate) fn gradients(
         (Some(_), None) => crate::error::invalid_arg!("internal error: the fused backward needs the forward's output"),
     };
     let lse = kernel_lse(lse)?;
-    // The kernel reads 16-byte chunks: views that are not contiguous are copied first.
-    let packed = |t: &Tensor| {
-        if t.is_contiguous() {
-            Ok(t.clone())
-        } else {
-            t.contiguous()
-        }
-    };
+    // The kernel reads 16-byte chunks: views it cannot read in place are copied first (as the
+    // forward's are).
+    let packed = crate::kernel_params::kernel_readable;
     let (q, k, v, d_out) = (packed(q)?, packed(k)?, packed(v)?, packed(&d_out)?);
     let (dq_accum, dk, dv) = crate::cuda::attention_backward((&q, &k, &v), &d_out, (&lse, &delta), shape, host, scale)?;
     let dq = if wanted[0] {

@@ -63,7 +63,7 @@ fn checked_input<T>(name: &str, base: u64, layout: &Layout) -> Result<(u64, Sega
     if !loadable(addr, &strides) {
         invalid_arg!(
             "{name}: the backward kernel reads 16-byte chunks: expected a 16-byte aligned start and strides that are \
-             multiples of 8 elements, got strides {:?} (call .contiguous())",
+             multiples of 8 elements, got strides {:?}",
             layout.stride()
         );
     }

@@ -173,15 +173,8 @@ pub(crate) fn pine_decode_scores(
     sk: usize,
 ) -> Result<(Tensor, Tensor)> {
     // The kernel reads key rows in 16-byte pieces: a cache view it cannot read in place (an
-    // unaligned start or strides that are not multiples of 8 elements) is copied once, into a
-    // fresh contiguous buffer (`Tensor::copy` keeps the view's layout: it would not do).
-    if !readable_in_place(k_cache) {
-        let packed = k_cache.force_contiguous()?;
-        if !readable_in_place(&packed) {
-            invalid_arg!("k_cache: could not get a copy that the decode importance's 16-byte loads can read");
-        }
-        return pine_decode_scores(q, &packed, words, device_words, groups, table, scale, sk);
-    }
+    // unaligned start or strides that are not multiples of 8 elements) is copied first.
+    let k_cache = &crate::kernel_params::kernel_readable(k_cache)?;
     let shape = AttentionShape::of(q, k_cache, k_cache)?;
     crate::kernel_params::check_pine_dims(q.dtype(), shape.head_dim)?;
     let heads_per_kv = shape.num_heads / shape.num_kv_heads;
@@ -254,7 +247,7 @@ pub(crate) fn pine_decode_scores(
             candle_core::DType::BF16 => ks.as_cuda_slice::<half::bf16>()?.device_ptr(&stream),
             _ => ks.as_cuda_slice::<half::f16>()?.device_ptr(&stream),
         };
-        // readable_in_place judged the layout on the premise that the storage starts 16-byte
+        // kernel_readable judged the layout on the premise that the storage starts 16-byte
         // aligned (a whole cudarc allocation); one that does not is an error, not a misaligned load.
         let k_addr = kp + elem * kl.start_offset() as u64;
         if !k_addr.is_multiple_of(16) {
@@ -353,17 +346,6 @@ fn decode_score_slices(blocks: usize, kv_len: usize, sm_count: usize) -> usize {
         .clamp(1, crate::params::SEGATTN_DECODE_SCORES_MAX_SPLITS as usize);
     // ceil(kv_len / per) <= wanted, and none of the kernel's slices of ceil(kv_len / splits) is empty.
     kv_len.div_ceil(kv_len.div_ceil(wanted).next_multiple_of(ROUND))
-}
-
-/// Whether a 16-bit CUDA tensor can be read in place by 16-byte loads, from its layout alone: the
-/// storage of a candle CUDA tensor is a whole cudarc allocation (256-byte aligned), so its start
-/// offset and strides decide (no `device_ptr`, whose event work a decode step would pay).
-fn readable_in_place(t: &Tensor) -> bool {
-    let layout = t.layout();
-    crate::kernel_params::loadable(
-        2 * layout.start_offset() as u64,
-        &crate::kernel_params::strides_of(layout),
-    )
 }
 
 #[cfg(test)]

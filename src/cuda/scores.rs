@@ -99,7 +99,7 @@ fn typed<T: CudaDType + DeviceRepr + candle_core::WithDType>(
             if !loadable(addr, &strides_of(l)) {
                 invalid_arg!(
                     "{arg}: the mass kernel reads 16-byte chunks: expected a 16-byte aligned start and strides that \
-                     are multiples of 8 elements, got strides {:?} (call .contiguous())",
+                     are multiples of 8 elements, got strides {:?}",
                     l.stride()
                 );
             }

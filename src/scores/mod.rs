@@ -94,9 +94,10 @@ pub fn segment_scores(q: &Tensor, k: &Tensor, mask: &SegmentMask, options: &Segm
         kernel_two_pass,
     };
     let mass = if on_gpu {
-        // The kernel reads q and k in place with 16-byte loads: contiguous (a no-op when they are)
-        // guarantees that for D = 64 / 128. It writes the raw mass; the weights follow as tensor ops.
-        let out = q.contiguous()?.apply_op2_no_bwd(&k.contiguous()?, &op)?;
+        // The kernel reads q and k in place with 16-byte loads: views it cannot read so are
+        // copied first. It writes the raw mass; the weights follow as tensor ops.
+        let readable = crate::kernel_params::kernel_readable;
+        let out = readable(q)?.apply_op2_no_bwd(&readable(k)?, &op)?;
         apply_weights(out, &op.plan)?
     } else {
         q.apply_op2_no_bwd(k, &op)?

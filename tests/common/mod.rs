@@ -209,6 +209,17 @@ pub fn random_tensor(rng: &mut Rng, shape: &[usize], dtype: DType) -> Result<Ten
     Tensor::from_vec(data, shape, &Device::Cpu)?.to_dtype(dtype)
 }
 
+/// The same values as `t` in a contiguous view whose start is one element past its storage's (a
+/// view the kernels' 16-byte loads cannot read in place: the API must copy it; moved to a GPU with
+/// `to_device`, the view keeps its layout).
+pub fn misaligned(t: &Tensor) -> Result<Tensor> {
+    let flat = t.flatten_all()?;
+    let n = flat.dim(0)?;
+    Tensor::cat(&[&flat.narrow(0, 0, 1)?, &flat], 0)?
+        .narrow(0, 1, n)?
+        .reshape(t.shape())
+}
+
 /// Random segment lengths summing to `len` (at least one segment; may include single tokens).
 pub fn random_partition(rng: &mut Rng, len: usize, max_segments: usize) -> Vec<usize> {
     if len == 0 {
