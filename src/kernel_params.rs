@@ -357,9 +357,10 @@ impl FwdVariant {
     }
 }
 
-/// Most key segments of [`FwdVariant::WideMass`]: its fixed 100,016 bytes of shared memory and
-/// 128 rows x 29 f32 sums (an odd row stride) are 114,864 bytes, so two blocks still fit an sm_90
-/// SM (228 KiB, 1 KiB reserved per block), as for the plain 128 x 64 kernel.
+/// Most key segments of [`FwdVariant::WideMass`]: its fixed 100,016 bytes of shared memory, 128
+/// rows x 29 f32 sums (an odd row stride) and the second row tile's 16-float skew are 114,928
+/// bytes, so two blocks still fit an sm_90 SM (228 KiB, 1 KiB reserved per block), as for the
+/// plain 128 x 64 kernel.
 pub const WIDE_MASS_MAX_SEGMENTS: usize = 29;
 
 /// `SEGATTN_FWD_WIDE_KEYS`: "32" takes the wide kernel's 32-key tiles at D = 128; anything else
@@ -583,6 +584,7 @@ mod tests {
             fixed,
             crate::emulated::fwd_smem_bytes(DType::BF16, 128, FwdVariant::Wide64).unwrap()
         );
-        assert_eq!(per_block(0) - 1024, fixed.div_ceil(16) * 16 + 4 * 128);
+        // One row of stride 1 per query row, and the second row tile's 16-float skew.
+        assert_eq!(per_block(0) - 1024, fixed.div_ceil(16) * 16 + 4 * (128 + 16));
     }
 }

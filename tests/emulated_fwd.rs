@@ -679,10 +679,14 @@ fn smem_sizes() {
         assert_eq!(fwd_smem_bytes(DType::F16, d, FwdVariant::Wide64), Some(want));
     }
     // ... and with the fused mass (D = 128 only): the same fixed layout, then the rows' sums
-    // (128 rows x an odd number of f32, at least one).
+    // (128 rows x an odd number of f32, at least one; the second row tile 16 f32 further on).
     assert_eq!(fwd_smem_bytes(DType::BF16, 64, FwdVariant::WideMass), None);
     assert_eq!(fwd_smem_bytes(DType::BF16, 128, FwdVariant::WideMass), Some(100_016));
-    for (sk, want) in [(0usize, 100_016 + 512), (22, 100_016 + 512 * 23), (29, 114_864)] {
+    for (sk, want) in [
+        (0usize, 100_016 + 512 + 64),
+        (22, 100_016 + 512 * 23 + 64),
+        (29, 114_928),
+    ] {
         assert_eq!(fwd_mass_rows_smem_bytes(DType::BF16, 128, sk), Some(want));
         assert_eq!(fwd_mass_rows_smem_bytes(DType::F16, 128, sk), Some(want));
     }

@@ -327,7 +327,7 @@ fn shuffles_votes_and_barriers() {
 #[test]
 fn deadlocks_and_misuse_fail_with_a_diagnosis() {
     // (mode, threads, fragments the message must contain)
-    let cases: [(c_int, c_int, &[&str]); 8] = [
+    let cases: [(c_int, c_int, &[&str]); 9] = [
         (
             0,
             64,
@@ -344,6 +344,11 @@ fn deadlocks_and_misuse_fail_with_a_diagnosis() {
         (4, 32, &["waiting in a different", "__ballot_sync", "__shfl_xor_sync"]),
         (5, 48, &["needs all 32 lanes"]),
         (6, 64, &["deadlock", "threads 32-63: wait in __syncthreads"]),
+        (
+            7,
+            64,
+            &["wrote past the launch's 100 bytes of dynamic shared memory (at byte 100)"],
+        ),
         (0, 2048, &["more than 1024 threads"]),
     ];
     for (schedule, seed, name) in SCHEDULES {

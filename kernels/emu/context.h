@@ -24,6 +24,10 @@ constexpr uint32_t kMaxWarps = kMaxThreads / 32;
 constexpr uint32_t kMaxSlotsPerWarp = 8;
 // The most dynamic shared memory a block can have (sm_90: 227 KiB).
 constexpr size_t kMaxDynamicSmem = 227 * 1024;
+// Bytes after a launch's dynamic shared memory filled with kSmemCanary before each block and
+// checked after it (a write past the size the launch asked for fails the launch).
+constexpr size_t kSmemRedZone = 256;
+constexpr unsigned char kSmemCanary = 0xa5;
 constexpr uint32_t kNoThread = 0xffffffffu;
 
 enum class FiberState : uint8_t { Ready, Running, Waiting, Done };

@@ -270,8 +270,9 @@ bool Context::prepare(uint32_t threads, size_t smem_bytes) {
       if (!allocate_stack(s, kStackBytes)) return false;
       stacks.push_back(s);
     }
-    // Keep a valid pointer even for 0 bytes; 128-byte alignment covers every vector type.
-    const size_t want = std::max<size_t>((smem_bytes + 127) / 128 * 128, 128);
+    // Keep a valid pointer even for 0 bytes; 128-byte alignment covers every vector type. A red
+    // zone follows the launch's bytes (run_block checks that no thread wrote into it).
+    const size_t want = std::max<size_t>((smem_bytes + 127) / 128 * 128, 128) + kSmemRedZone;
     if (want > smem_capacity) {
       void* p = std::aligned_alloc(128, want);
       if (!p) return false;
@@ -288,6 +289,7 @@ bool Context::prepare(uint32_t threads, size_t smem_bytes) {
 
 void Context::run_block(dim3 block) {
   std::memset(smem, 0xff, smem_size);  // NaN poison: reads before writes show up
+  std::memset(smem + smem_size, kSmemCanary, kSmemRedZone);
   for (uint32_t i = 0; i < nthreads; ++i) {
     Fiber& f = fibers[i];
     f.tid = uint3{i % block.x, (i / block.x) % block.y, i / (block.x * block.y)};
@@ -326,6 +328,16 @@ void Context::run_block(dim3 block) {
   if (!failed && done_count < nthreads) {
     failed = true;
     last_error = deadlock_report();
+  }
+  // A write past the dynamic shared memory the launch asked for (on a GPU: another block's
+  // memory, or a fault) shows in the red zone. Reads there go unseen.
+  for (size_t i = 0; i < kSmemRedZone && !failed; ++i) {
+    if (smem[smem_size + i] != kSmemCanary) {
+      failed = true;
+      last_error = "a thread of block (" + std::to_string(blockIdx.x) + "," + std::to_string(blockIdx.y) + "," +
+                   std::to_string(blockIdx.z) + ") wrote past the launch's " + std::to_string(smem_size) +
+                   " bytes of dynamic shared memory (at byte " + std::to_string(smem_size + i) + ")";
+    }
   }
 }
 

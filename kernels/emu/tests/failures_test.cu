@@ -1,5 +1,6 @@
 // Emulator test: kernels that must make the launch fail with a diagnosis instead of hanging or
-// crashing: deadlocks, divergent collectives, traps, bad configurations.
+// crashing: deadlocks, divergent collectives, traps, writes past the dynamic shared memory, bad
+// configurations.
 #include "platform.cuh"
 #include "ptx.cuh"
 
@@ -41,6 +42,12 @@ __global__ void failing_kernel(int mode, int* out) {
       mma_m16n8k16_bf16(d, a, b, d);
       break;
     }
+    case 7: {  // a write one byte past the launch's 100 bytes of dynamic shared memory
+      SEGATTN_DYNAMIC_SMEM(unsigned char, dyn);
+      if (tid == 3) dyn[100] = 1;
+      __syncthreads();
+      break;
+    }
     default:  // deadlock after useful work: warp 1 waits for a barrier warp 0 skips
       out[tid] = tid;
       __syncthreads();
@@ -53,6 +60,7 @@ __global__ void failing_kernel(int mode, int* out) {
 
 #if defined(SEGATTN_EMULATE)
 extern "C" int segattn_emu_test_failure(int mode, int threads, int* out) {
-  return segattn::emu::launch(dim3(1), dim3(threads), 0, [&] { failing_kernel(mode, out); });
+  const size_t smem = mode == 7 ? 100 : 0;
+  return segattn::emu::launch(dim3(1), dim3(threads), smem, [&] { failing_kernel(mode, out); });
 }
 #endif
