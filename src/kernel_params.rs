@@ -130,10 +130,13 @@ pub(crate) fn kernel_readable(t: &Tensor) -> Result<Tensor> {
 /// [`kernel_readable`]; no `device_ptr`, whose event work a decode step would pay).
 pub(crate) fn readable_in_place(t: &Tensor) -> bool {
     let layout = t.layout();
-    loadable(
-        (t.dtype().size_in_bytes() * layout.start_offset()) as u64,
-        &strides_of(layout),
-    )
+    // (The last dim read element after element: callers check it, this keeps it true anyway.)
+    let last_contiguous = layout.stride().last() == Some(&1) || layout.dims().last().is_some_and(|&d| d <= 1);
+    last_contiguous
+        && loadable(
+            (t.dtype().size_in_bytes() * layout.start_offset()) as u64,
+            &strides_of(layout),
+        )
 }
 
 /// Strides of a contiguous `[B, len, heads, head_dim]` tensor (the kernels' output).
@@ -558,6 +561,31 @@ mod tests {
         let short_segment = SegmentMask::pine(16, &[32, 4008, 4008], 128, cpu).unwrap();
         assert_eq!(chosen(&short_segment, n, 128), FwdVariant::Wide64);
         assert_eq!(with_mass(&short_segment, 128, 5), FwdVariant::Mass);
+    }
+
+    /// Views the kernels' 16-byte loads cannot read are copied, packed from offset 0; the others
+    /// are taken as they are.
+    #[test]
+    fn kernel_readable_copies_only_what_it_must() -> Result<()> {
+        let cpu = &Device::Cpu;
+        let base = Tensor::arange(0f32, 2.0 * 6.0 * 2.0 * 16.0 + 32.0, cpu)?.to_dtype(DType::BF16)?;
+        let n = 2 * 6 * 2 * 16;
+        let aligned = base.narrow(0, 16, n)?.reshape((2, 6, 2, 16))?; // offset 16 elements: 32 bytes
+        let odd = base.narrow(0, 1, n)?.reshape((2, 6, 2, 16))?; // 2 bytes past an aligned start
+        let last_strided = base.narrow(0, 0, n)?.reshape((2, 6, 16, 2))?.transpose(2, 3)?;
+        assert!(readable_in_place(&aligned));
+        let same = kernel_readable(&aligned)?;
+        assert_eq!(same.layout().start_offset(), 16, "an aligned view is not copied");
+        for (name, view) in [("odd offset", odd), ("strided last dim", last_strided)] {
+            assert!(!readable_in_place(&view), "{name}");
+            let copy = kernel_readable(&view)?;
+            assert!(readable_in_place(&copy) && copy.layout().start_offset() == 0, "{name}");
+            let diff = (copy.to_dtype(DType::F32)? - view.to_dtype(DType::F32)?)?
+                .abs()?
+                .max_all()?;
+            assert_eq!(diff.to_scalar::<f32>()?, 0.0, "{name}");
+        }
+        Ok(())
     }
 
     /// The mass kernel's 64-key tiles: the wide kernel at D = 128 only, when asked for.

@@ -52,7 +52,7 @@ fn address(name: &str, t: &Tensor, stream: &Arc<CudaStream>) -> Result<u64> {
     if !loadable(ptr, &strides_of(layout)) {
         invalid_arg!(
             "{name}: not readable in place by the kernel (16-byte aligned start, strides multiples of 8 \
-             elements), strides {:?}: call .contiguous() first",
+             elements), strides {:?}: pass a packed copy (Tensor::force_contiguous)",
             layout.stride()
         );
     }

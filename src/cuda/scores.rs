@@ -4,7 +4,7 @@
 //! applies the length / mean weights with tensor ops (`scores::apply_weights`).
 //!
 //! q and k must be readable in place (16-byte aligned, strides multiples of 8 elements):
-//! `segment_scores` makes them contiguous first, which is a no-op for contiguous tensors.
+//! `segment_scores` copies views that are not first (`kernel_params::kernel_readable`).
 //! The mask metadata goes up with the forward launcher's [`MaskBuffer`] (one copy, O(L)).
 
 use std::sync::Arc;

@@ -31,6 +31,10 @@ use crate::error::invalid_arg;
 ///
 /// Build one from a preset ([`SegmentMask::causal`], [`SegmentMask::documents`],
 /// [`SegmentMask::pine`], ...) or from your own tensors with [`SegmentMask::new`].
+///
+/// A mask reads its tensors (ids, pair table) once, at its first use, and keeps what it read for
+/// every later call (and its clones): changing those tensors in place afterwards (candle's
+/// `slice_set`, `Var::set`) is not seen. Build a new mask for new ids.
 #[derive(Clone, Debug)]
 pub struct SegmentMask {
     q_segments: Tensor,
@@ -38,7 +42,8 @@ pub struct SegmentMask {
     rule: PairRule,
     /// The host copy of the ids (with their span ends) and of the rule, read once per mask (and
     /// shared by its clones): a mask used by every layer of a model is not copied back from the
-    /// GPU by each call. The mask is immutable, so the copy never goes stale.
+    /// GPU by each call. The mask is immutable (its tensors changed in place afterwards are not
+    /// seen: the type's documentation says so).
     host: Arc<OnceLock<HostParts>>,
     /// The packed metadata the CUDA launchers uploaded for it, per device (shared by clones).
     #[cfg(feature = "cuda")]
