@@ -144,7 +144,7 @@ __device__ void fwd_kernel(const SegattnFwdParams& p) {
   const auto mass_rows = [&] {  // the block's rows of sums (kMassInSmem)
     const int nseg = p.mass.num_segments;
     return mass::MassRows{reinterpret_cast<float*>(smem + Traits::kOffMass), Traits::mass_row_stride(nseg), nseg,
-                          16 * row_tile(0), 16 * row_tile(kMT - 1), Traits::kMassTile1Skew};
+                          16 * row_tile(0), 16 * row_tile(kMT - 1)};
   };
   if constexpr (Traits::kMassInSmem) mass::zero_owned_row(mass_rows(), lane);
   mass::PendingSums pending;  // kMass: the last tiles' sums of one segment, not yet in macc

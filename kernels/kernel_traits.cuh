@@ -60,6 +60,11 @@
 namespace segattn {
 namespace fwd {
 
+// kMassInSmem: the rows of a warp's second row tile (64 rows below its first) start 16 floats
+// further on. 64 odd row strides are a multiple of 32 banks, so rows R and R + 64 shared a bank
+// (a 2-way conflict on every access of the sums); 16 more put them in the other 16 banks.
+constexpr int kMassTile1Skew = 16;
+
 template <class Element, int kHeadDim_, bool kRotate_ = false, bool kMass_ = false, int kMTiles_ = 1,
           int kBlockN_ = 0>
 struct FwdTraits {
@@ -138,10 +143,6 @@ struct FwdTraits {
   static constexpr int kOffMass = (kSmemBytes + 15) / 16 * 16;
   // Sums per row: an odd count, so that the 16 rows of a warp's row tile fall in 16 banks.
   __host__ __device__ static constexpr int mass_row_stride(int num_segments) { return num_segments | 1; }
-  // The rows of a warp's second row tile (64 rows below its first) start 16 floats further on:
-  // 64 odd strides are a multiple of 32 banks, so rows R and R + 64 shared a bank (a 2-way
-  // conflict on every access of the sums); 16 more put them in the other 16 banks.
-  static constexpr int kMassTile1Skew = kMassInSmem ? 16 : 0;
   // Dynamic shared memory of a launch with `num_segments` key segments (kSmemBytes without kMassInSmem).
   __host__ __device__ static constexpr int launch_smem_bytes(int num_segments) {
     return kMassInSmem ? kOffMass + 4 * (kBlockM * mass_row_stride(num_segments) + kMassTile1Skew) : kSmemBytes;

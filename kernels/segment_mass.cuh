@@ -267,18 +267,18 @@ __device__ __forceinline__ void accumulate_one_pass(const float (&p)[kNS][4], co
 // own row's (quad_sums_to_owners). The block's rows are described where used (`rows_of()`, a MassRows
 // derived from the kernel parameters), not held in registers through the loop.
 struct MassRows {
-  float* acc;        // [kBlockM][stride], row tile 1's rows `tile1_skew` floats further on
+  float* acc;        // [kBlockM][stride], row tile 1's rows fwd::kMassTile1Skew floats further on
   int stride;        // FwdTraits::mass_row_stride(num_segments)
   int num_segments;  // ids 0..num_segments - 1 kept (the mass's Sk)
   int tile0_row0;    // the block rows of the warp's two row tiles
   int tile1_row0;
-  int tile1_skew;    // FwdTraits::kMassTile1Skew (rows R and R + 64 in different banks)
 
   // The row this lane owns.
   __device__ __forceinline__ float* owned(int lane) const {
     const int c = lane % 4;
     const bool tile1 = (c & 2) != 0;
-    return acc + (tile1 ? tile1_skew : 0) + ((tile1 ? tile1_row0 : tile0_row0) + lane / 4 + 8 * (c & 1)) * stride;
+    const int skew = tile1 ? fwd::kMassTile1Skew : 0;
+    return acc + skew + ((tile1 ? tile1_row0 : tile0_row0) + lane / 4 + 8 * (c & 1)) * stride;
   }
 };
 
