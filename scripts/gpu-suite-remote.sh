@@ -12,13 +12,15 @@
 #   bench  (3) our benchmark (examples/gpu_bench.rs) and bench/peers.py (SDPA flash / cuDNN / math,
 #              FlexAttention) on identical shapes and masks, (4) the results table
 #   all    both
-#   profile (5) Nsight Compute (ncu, hardware counters; Firecracker machines): one launch of each
-#              kernel that the performance targets depend on, in this order: the forward kernel at
-#              causal, documents8 and pine, L 8k, D 128 (gpu_bench; causal also with the 64-row
-#              kernel), the mass kernel and the fused forward (gpu_bench --mass), the rope
-#              kernel (gpu_bench --pine); then the duration of every kernel of steady PINE decode
-#              steps (gpu_bench --pine-decode-trace) and the decode importance: throughput,
-#              occupancy, warp stall reasons -> $OUT/profile.txt (not part of "all")
+#   profile (5) Nsight Compute (ncu, hardware counters; Firecracker machines), what is open first:
+#              the duration of every kernel of steady PINE decode steps (gpu_bench
+#              --pine-decode-trace; also each packed baseline's), the mass kernel's pass after
+#              the forward beyond 64 segments and the standalone one (documents100), the decode
+#              importance; then one launch of each kernel the performance targets depend on: the
+#              forward kernel at causal, documents8 and pine, L 8k, D 128 (causal also with the
+#              64-row kernel), the mass kernel and the fused forward (gpu_bench --mass), the rope
+#              kernel (gpu_bench --pine): throughput, occupancy, warp stall reasons ->
+#              $OUT/profile.txt (not part of "all"; give it about 150 s)
 #
 # Writes under $OUT (or $SEGATTN_SUITE_OUT, default /tmp/segattn-gpu-out): summary.md, tests.log,
 # sanitizer.log, segattn.jsonl, narrow.txt (the 64-row kernel for every mask, on gpu_bench's
@@ -87,9 +89,9 @@ mkdir -p "$WORK"
 # --- setup: binaries, libraries, machine ---------------------------------------------------
 read -r -a GPU_TESTS <<<"$(sed -n 's/^tests=//p' "$PACK/MANIFEST")"
 # A rerun of part of the suite: SEGATTN_SUITE_TESTS (test binaries, default every one packed),
-# SEGATTN_SUITE_SANITIZERS (default all four tools), SEGATTN_SUITE_VARIANTS=0 (skip the kernel
+# SEGATTN_SUITE_SANITIZERS (default all four tools; empty: none), SEGATTN_SUITE_VARIANTS=0 (skip the kernel
 # variants' reruns).
-read -r -a SAN_TOOLS <<<"${SEGATTN_SUITE_SANITIZERS:-memcheck racecheck synccheck initcheck}"
+read -r -a SAN_TOOLS <<<"${SEGATTN_SUITE_SANITIZERS-memcheck racecheck synccheck initcheck}"
 for name in "${GPU_TESTS[@]}" gpu_bench; do
   xz -dc "$PACK/$name.xz" >"$WORK/$name" || { echo "cannot unpack $PACK/$name.xz" >&2; exit 2; }
   chmod +x "$WORK/$name"
@@ -377,10 +379,10 @@ if [ "$PHASE" = profile ]; then
     }
     # In order of what is open and unexplained (short budgets cut the list): every kernel of
     # steady-state PINE decode steps (RAG prompt, layer calls in a row; durations only: plain and
-    # PINE decode steps got 2-7 us slower between 2054ab5 and 215fab3 on an H200) and the decode
-    # importance, the mass kernel's pass after the forward beyond 64 segments, then the forward
-    # kernel at the target shapes (and the 64-row kernel at causal), the mass kernels, the rope
-    # kernel.
+    # PINE decode steps got 2-7 us slower between 2054ab5 and 215fab3 on an H200), also with each
+    # packed baseline; the mass kernel's pass after the forward beyond 64 segments against the
+    # standalone one; the decode importance; then the forward kernel at the target shapes (and the
+    # 64-row kernel at causal), the mass kernels, the rope kernel.
     t=$SECONDS
     {
       echo "=================== PINE decode steps, every kernel (gpu_bench --pine-decode-trace) ==================="
@@ -388,7 +390,8 @@ if [ "$PHASE" = profile ]; then
         --section SpeedOfLight --section LaunchStats "$WORK/gpu_bench" --pine-decode-trace
     } >>"$PROFILE" 2>&1
     note "- (5) PINE decode steps, every kernel: exit $?, $((SECONDS - t)) s"
-    # The same launches of each packed baseline revision: a kernel's duration before / after.
+    # The same launches of each packed baseline revision: a kernel's duration before / after (the
+    # kernel names line the two up where a revision launches another number of kernels a step).
     for rev in "${BASELINE_REVS[@]}"; do
       [ -x "$WORK/gpu_bench_base_$rev" ] || continue
       t=$SECONDS
@@ -399,18 +402,19 @@ if [ "$PHASE" = profile ]; then
       } >>"$PROFILE" 2>&1
       note "- (5) PINE decode steps, every kernel, baseline $rev: exit $?, $((SECONDS - t)) s"
     done
+    # Beyond 64 segments the fused mass is the forward, then the mass kernel's exact pass with its
+    # LSE; on the 2026-11-27 H200 that pass alone took twice the standalone op's two passes. The
+    # mass kernel launches once per call; one case's calls (--reps 20 --warmup 1: 21 each) come in
+    # this order: fused (launches 0-20), fused on the 64-row forward (21-41), fused by query
+    # segment (42-62), standalone (63-83).
+    PROFILE_SKIP=3 profile_one "mass after the forward, saved LSE (documents100 16/16)" '^segattn_scores_' \
+      "$WORK/gpu_bench" --mass --filter "documents100 16/16" --reps 20 --warmup 1
+    PROFILE_SKIP=66 profile_one "mass standalone, two passes (documents100 16/16)" '^segattn_scores_' \
+      "$WORK/gpu_bench" --mass --filter "documents100 16/16" --reps 20 --warmup 1
     # With the hottest source lines (warp stall samples, SASS with the CUDA line: -lineinfo builds):
     # the decode step is a latency chain, so where the warps wait matters more than the totals.
     profile_one "PINE decode importance" '^segattn_pine_decode_scores_bf16$' --section SourceCounters \
       --section InstructionStats --import-source yes "$WORK/gpu_bench" --pine-decode-trace
-    # Beyond 64 segments the fused mass is the forward, then the mass kernel's exact pass with its
-    # LSE; on the 2026-11-27 H200 that pass alone took twice the standalone op's two passes. The
-    # mass kernel's launches of one case, 6 each (--reps 5 --warmup 1), come in this order: fused,
-    # fused on the 64-row forward, fused by query segment, standalone.
-    PROFILE_SKIP=3 profile_one "mass after the forward, saved LSE (documents100 16/16)" '^segattn_scores_' \
-      "$WORK/gpu_bench" --mass --filter "documents100 16/16" --reps 5 --warmup 1
-    PROFILE_SKIP=20 profile_one "mass standalone, two passes (documents100 16/16)" '^segattn_scores_' \
-      "$WORK/gpu_bench" --mass --filter "documents100 16/16" --reps 5 --warmup 1
     for shape in "causal $TARGET" "documents8 $TARGET" "pine $TARGET"; do
       profile_one "$shape" '^segattn_fwd_(wide64_|wide_)?bf16_d128$' "$WORK/gpu_bench" --filter "$shape" --reps 20 --warmup 3 || break
     done

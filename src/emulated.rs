@@ -612,8 +612,7 @@ pub(crate) fn run_forward(
                 (wide, wide_keys64),
                 plan.sk,
             ),
-            _ => FwdVariant::plain(&kshape, kv_splits, summary, EMULATED_SM_COUNT, wide)
-                .with_wide_keys(head_dim, wide_keys64),
+            _ => FwdVariant::plain_kernel(&kshape, kv_splits, summary, EMULATED_SM_COUNT, (wide, wide_keys64)),
         };
         p.block_rows = variant.block_rows() as i32;
         p.block_keys = variant.block_keys();

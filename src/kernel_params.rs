@@ -328,7 +328,8 @@ impl FwdVariant {
     /// meets more than two key segments (segments of 64 keys and more: documents, PINE's), else the
     /// 64-row kernel with its on-chip accumulators ([`FwdVariant::Mass`], up to 64 segments, any
     /// lengths). So the fused mass extends the attention the user would get without it wherever
-    /// it can.
+    /// it can ([`FwdVariant::fused_mass`] also takes the 128 x 64 kernel for documents of 513 to
+    /// 1,024 tokens, which plain attention runs in the 64-row one).
     pub(crate) fn with_mass(self, num_segments: usize, mask: MaskSummary) -> Self {
         if self == Self::Wide64 && num_segments <= WIDE_MASS_MAX_SEGMENTS && mask.key_tiles_of_two_segments {
             Self::WideMass
@@ -337,26 +338,36 @@ impl FwdVariant {
         }
     }
 
-    /// The kernel for attention with the fused mass of `num_segments` key segments inside the
-    /// forward kernel: [`FwdVariant::with_mass`] of the plain kernel ([`FwdVariant::plain`],
-    /// [`FwdVariant::with_wide_keys`], same arguments) chosen as if causal documents were short
-    /// only up to [`SHORT_DOCUMENT_TOKENS_WITH_MASS`] tokens: the 128 x 64 kernel's sums in shared
-    /// memory cost less than the 64-row kernel's accumulators, which moves the break-even.
-    pub(crate) fn fused_mass(
+    /// The kernel plain attention takes: [`FwdVariant::plain`], then
+    /// [`FwdVariant::with_wide_keys`] (`forced`: tests' and the emulator's overrides of each).
+    pub(crate) fn plain_kernel(
         shape: &AttentionShape,
         kv_splits: usize,
         mask: MaskSummary,
         sm_count: usize,
         (forced, forced_keys64): (Option<bool>, Option<bool>),
+    ) -> Self {
+        Self::plain(shape, kv_splits, mask, sm_count, forced).with_wide_keys(shape.head_dim, forced_keys64)
+    }
+
+    /// The kernel for attention with the fused mass of `num_segments` key segments inside the
+    /// forward kernel: [`FwdVariant::with_mass`] of the plain kernel ([`FwdVariant::plain_kernel`],
+    /// same arguments) chosen as if causal documents were short only up to
+    /// [`SHORT_DOCUMENT_TOKENS_WITH_MASS`] tokens: the 128 x 64 kernel's sums in shared memory cost
+    /// less than the 64-row kernel's accumulators, which moves the break-even.
+    pub(crate) fn fused_mass(
+        shape: &AttentionShape,
+        kv_splits: usize,
+        mask: MaskSummary,
+        sm_count: usize,
+        forced: (Option<bool>, Option<bool>),
         num_segments: usize,
     ) -> Self {
         let as_plain = MaskSummary {
             short_documents: mask.short_documents_with_mass,
             ..mask
         };
-        Self::plain(shape, kv_splits, as_plain, sm_count, forced)
-            .with_wide_keys(shape.head_dim, forced_keys64)
-            .with_mass(num_segments, mask)
+        Self::plain_kernel(shape, kv_splits, as_plain, sm_count, forced).with_mass(num_segments, mask)
     }
 }
 
@@ -399,8 +410,8 @@ pub(crate) fn mass_block_rows(q_len: usize, causal: bool, wide: Option<bool>, he
 /// Keys per tile of the mass kernel (`params.base.block_keys`) with `block_rows` query rows per
 /// block ([`mass_block_rows`]): 64 for the wide kernel at D = 128 when `forced` (tests) or
 /// `SEGATTN_SCORES_WIDE_KEYS=64` asks for them (`segattn_scores_wide64_*`, the forward kernel's
-/// 128 x 64 tile; opt-in: slower on an H200, bench/NOTES.md CUDA 32), else 0 (the entry point's own: 32 for the wide
-/// kernel, 64 for the 64-row one).
+/// 128 x 64 tile; opt-in: no gain over the defaults on an H200, bench/NOTES.md CUDA 32), else 0
+/// (the entry point's own: 32 for the wide kernel, 64 for the 64-row one).
 pub(crate) fn mass_block_keys(block_rows: usize, head_dim: usize, forced: Option<bool>) -> i32 {
     let keys64 = forced.unwrap_or_else(|| std::env::var_os("SEGATTN_SCORES_WIDE_KEYS").is_some_and(|v| v == "64"));
     if block_rows == FwdVariant::Wide.block_rows() && head_dim == 128 && keys64 {
@@ -419,10 +430,11 @@ pub(crate) const WIDE_MIN_BLOCKS_PER_SM: usize = 8;
 pub(crate) const SHORT_DOCUMENT_TOKENS: f64 = 1024.0;
 
 /// [`SHORT_DOCUMENT_TOKENS`] for an attention with the fused mass ([`FwdVariant::fused_mass`]): on
-/// an H200, 8 causal documents of 1,024 tokens (L 8k, B 2) took 3-10% less time with the fused
-/// mass in the 128 x 64 kernel than in the 64-row one (H 16 / 16: 0.391 against 0.403-0.415 ms;
-/// 32 / 8: 0.696 against 0.753-0.769), where plain attention alone was even (bench/NOTES.md CUDA
-/// 32). Shorter documents are not measured: they keep the plain rule's threshold halved.
+/// an H200, 8 causal documents of 1,024 tokens (L 8k, B 2) took 5-10% less time with the fused
+/// mass in the 128 x 64 kernel than in the 64-row one in the same calls (H 16 / 16: 0.376-0.391
+/// against 0.397-0.415 ms; 32 / 8: 0.684-0.696 against 0.745-0.769), where plain attention alone
+/// was even or 4% faster in it (bench/NOTES.md CUDA 32). Shorter documents are not measured: the
+/// threshold is the plain rule's halved.
 pub(crate) const SHORT_DOCUMENT_TOKENS_WITH_MASS: f64 = 512.0;
 
 /// What the choice of the plain forward kernel ([`FwdVariant::plain`]) needs to know of a mask.
@@ -465,7 +477,7 @@ mod tests {
     /// (enough blocks on an H100 from 4,224 tokens on) and head dim `d`.
     fn chosen(mask: &SegmentMask, len: usize, d: usize) -> FwdVariant {
         let host = mask.host_metadata(1, len, len).unwrap();
-        FwdVariant::plain(&shape(len, 32, d), 1, host.summary(), SMS, None).with_wide_keys(d, None)
+        FwdVariant::plain_kernel(&shape(len, 32, d), 1, host.summary(), SMS, (None, None))
     }
 
     #[test]

@@ -2,9 +2,10 @@
 //! D = 128, H = 16 (and GQA 32 / 8), L = 8k, B = 2: for each mask, our attention alone, the
 //! attention with its fused mass (`return_segment_mass`, per query row; and summed by query
 //! segment), and the standalone op `segment_scores` under the same mask. Wall clock of the public
-//! calls to stream synchronisation, median of `reps` after `warmup`. The fused mass extends the
-//! kernel plain attention takes: the 128 x 64 one here (`segattn_fwd_wide64_mass_*`, the rows'
-//! sums in shared memory) for documents8 and PINE; the attention and its fused mass are also timed
+//! calls to stream synchronisation, median of `reps` after `warmup`. The fused mass takes the
+//! 128 x 64 kernel here (`segattn_fwd_wide64_mass_*`, the rows' sums in shared memory) for
+//! documents8 (whose plain attention the 64-row kernel runs: documents of at most 1,024 tokens)
+//! and PINE (`FwdVariant::fused_mass`); the attention and its fused mass are also timed
 //! with the 64-row kernel (`SEGATTN_FWD_WIDE=0`: `segattn_fwd_mass_*`, on-chip accumulators), the
 //! path every fused mass took before the wide one had it.
 //!

@@ -79,8 +79,7 @@ impl PreparedForward {
         let scale = scale.unwrap_or_else(|| default_scale(shape.head_dim));
         let host = mask.host_metadata(shape.batch, shape.q_len, shape.kv_len)?;
         let kernels = kernels(stream.context())?;
-        let variant =
-            FwdVariant::plain(&shape, 1, host.summary(), kernels.sm_count, None).with_wide_keys(shape.head_dim, None);
+        let variant = FwdVariant::plain_kernel(&shape, 1, host.summary(), kernels.sm_count, (None, None));
         let Some(kernel) = kernels.fwd(q.dtype(), shape.head_dim, variant) else {
             invalid_arg!(
                 "internal error: no CUDA kernel for {:?} D = {}",

@@ -541,9 +541,7 @@ fn forward_typed<T: CudaDType + DeviceRepr + ValidAsZeroBits + candle_core::With
                     with_mass
                 }
             }
-            _ => {
-                FwdVariant::plain(&kshape, splits, summary, kernels.sm_count, None).with_wide_keys(shape.head_dim, None)
-            }
+            _ => FwdVariant::plain_kernel(&kshape, splits, summary, kernels.sm_count, (None, None)),
         }
     };
     let kernel = kernels.fwd_or_err(T::DTYPE, shape.head_dim, variant)?;
