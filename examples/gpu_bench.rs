@@ -19,11 +19,11 @@
 //! `--pine-decode-trace`: only PINE decode steps of the RAG prompt, 64 layer calls in a row after
 //! warm-up, for a timeline (`nsys profile`: the suite's profile half).
 //! `--mass`: instead, the per-segment mass, fused and standalone, against the attention alone
-//! (examples/support/gpu_mass.rs; `--filter` picks its cases by "MASK H/HKV"). `--backward`: instead, a training step's attention, forward
-//! and backward through candle's autograd (examples/support/gpu_backward.rs). With `--smoke` these
-//! run scaled-down shapes; with `--cpu` they
-//! run on the CPU (a dry run of their code paths where there is no GPU: the times mean nothing;
-//! scripts/gpu-suite.sh does it before packing).
+//! (examples/support/gpu_mass.rs; `--filter` picks its cases by "MASK H/HKV"). `--backward`:
+//! instead, a training step's attention, forward and backward through candle's autograd
+//! (examples/support/gpu_backward.rs). With `--smoke` these run scaled-down shapes; with `--cpu`
+//! they run on the CPU (a dry run of their code paths where there is no GPU: the times mean
+//! nothing; scripts/gpu-suite.sh does it before packing).
 //! `--list` prints the shapes; `--export-masks FILE` writes every mask (segment ids, rules, visible
 //! pair count) as JSON for bench/peers.py, so that the peers run on exactly the same masks; neither
 //! needs a GPU. `--smoke`: tiny shapes (L 256 / 512, 2k tokens).
