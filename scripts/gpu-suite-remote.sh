@@ -383,24 +383,22 @@ if [ "$PHASE" = profile ]; then
     # packed baseline; the mass kernel's pass after the forward beyond 64 segments against the
     # standalone one; the decode importance; then the forward kernel at the target shapes (and the
     # 64-row kernel at causal), the mass kernels, the rope kernel.
-    t=$SECONDS
-    {
-      echo "=================== PINE decode steps, every kernel (gpu_bench --pine-decode-trace) ==================="
-      budgeted 90 15 "$NCU" --clock-control none --kernel-name "regex:^segattn_" --launch-skip 40 --launch-count 6 \
-        --section SpeedOfLight --section LaunchStats "$WORK/gpu_bench" --pine-decode-trace
-    } >>"$PROFILE" 2>&1
-    note "- (5) PINE decode steps, every kernel: exit $?, $((SECONDS - t)) s"
+    # Six launches of every segattn_ kernel of steady PINE decode steps, durations only, of the
+    # benchmark binary $2 (labelled $1).
+    decode_trace() {
+      local label=$1 bin=$2 t=$SECONDS
+      {
+        echo "=================== PINE decode steps, every kernel ($label) ==================="
+        budgeted 90 15 "$NCU" --clock-control none --kernel-name "regex:^segattn_" --launch-skip 40 --launch-count 6 \
+          --section SpeedOfLight --section LaunchStats "$bin" --pine-decode-trace
+      } >>"$PROFILE" 2>&1
+      note "- (5) PINE decode steps, every kernel ($label): exit $?, $((SECONDS - t)) s"
+    }
+    decode_trace "gpu_bench --pine-decode-trace" "$WORK/gpu_bench"
     # The same launches of each packed baseline revision: a kernel's duration before / after (the
     # kernel names line the two up where a revision launches another number of kernels a step).
     for rev in "${BASELINE_REVS[@]}"; do
-      [ -x "$WORK/gpu_bench_base_$rev" ] || continue
-      t=$SECONDS
-      {
-        echo "=================== PINE decode steps, every kernel, baseline $rev ==================="
-        budgeted 90 15 "$NCU" --clock-control none --kernel-name "regex:^segattn_" --launch-skip 40 --launch-count 6 \
-          --section SpeedOfLight --section LaunchStats "$WORK/gpu_bench_base_$rev" --pine-decode-trace
-      } >>"$PROFILE" 2>&1
-      note "- (5) PINE decode steps, every kernel, baseline $rev: exit $?, $((SECONDS - t)) s"
+      [ -x "$WORK/gpu_bench_base_$rev" ] && decode_trace "baseline $rev" "$WORK/gpu_bench_base_$rev"
     done
     # Beyond 64 segments the fused mass is the forward, then the mass kernel's exact pass with its
     # LSE; on the 2026-11-27 H200 that pass alone took twice the standalone op's two passes. The
