@@ -129,14 +129,16 @@ pub(crate) fn kernel_readable(t: &Tensor) -> Result<Tensor> {
 /// Whether the kernels' 16-byte loads can read `t` in place, from its layout alone (see
 /// [`kernel_readable`]; no `device_ptr`, whose event work a decode step would pay).
 pub(crate) fn readable_in_place(t: &Tensor) -> bool {
-    let layout = t.layout();
+    layout_readable(t.layout(), t.dtype().size_in_bytes())
+}
+
+/// [`readable_in_place`] for a storage's `layout` of elements of `elem_bytes` bytes: a candle
+/// CUDA storage is a whole cudarc allocation (256-byte aligned), so the start offset and the
+/// strides decide.
+pub(crate) fn layout_readable(layout: &Layout, elem_bytes: usize) -> bool {
     // (The last dim read element after element: callers check it, this keeps it true anyway.)
     let last_contiguous = layout.stride().last() == Some(&1) || layout.dims().last().is_some_and(|&d| d <= 1);
-    last_contiguous
-        && loadable(
-            (t.dtype().size_in_bytes() * layout.start_offset()) as u64,
-            &strides_of(layout),
-        )
+    last_contiguous && loadable((elem_bytes * layout.start_offset()) as u64, &strides_of(layout))
 }
 
 /// Strides of a contiguous `[B, len, heads, head_dim]` tensor (the kernels' output).

@@ -370,14 +370,9 @@ impl Stored<'_> {
 
 impl<'a> Operand<'a> {
     fn new<T: CudaDType + DeviceRepr>(name: &str, s: &'a CudaStorage, l: &Layout, dev: &CudaDevice) -> Result<Self> {
-        // From the layout alone: a candle CUDA storage is a whole cudarc allocation (256-byte
-        // aligned), so the start offset and the strides decide. (Asking cudarc for the address
-        // here, as well as at the launch, cost an event wait and record per operand and call.)
-        let in_place = loadable(
-            std::mem::size_of::<T>() as u64 * l.start_offset() as u64,
-            &strides_of(l),
-        );
-        if in_place {
+        // From the layout alone (asking cudarc for the address here, as well as at the launch,
+        // cost an event wait and record per operand and call).
+        if crate::kernel_params::layout_readable(l, std::mem::size_of::<T>()) {
             return Ok(Self {
                 storage: Stored::Input(s),
                 layout: l.clone(),
