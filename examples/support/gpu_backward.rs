@@ -55,12 +55,11 @@ pub fn run(
     use std::io::Write as _;
     let (h, d) = (16usize, 128usize);
     let lengths: &[(usize, usize)] = if smoke { &[(256, 2)] } else { &[(2048, 8), (8192, 2)] };
-    let out = String::from(
+    println!(
         "| mask | L | B | forward ms | forward + backward ms | backward / forward | backward TFLOP/s | \
          forward + backward through candle ops (our previous GPU backward) ms | dense candle ops, forward + backward ms |\n\
-         |---|---|---|---|---|---|---|---|---|",
+         |---|---|---|---|---|---|---|---|---|"
     );
-    println!("{out}");
     for &(len, batch) in lengths {
         let masks = [
             ("causal", SegmentMask::causal(len, dev)?),
