@@ -22,6 +22,16 @@ extern "C" {
         c: *const f32,
         d: *mut f32,
     ) -> c_int;
+    fn segattn_emu_test_wgmma(
+        mode: c_int,
+        is_bf16: c_int,
+        a: *const u16,
+        tile: *const u16,
+        c: *const f32,
+        d: *mut f32,
+        k_steps: c_int,
+        skip_wait: c_int,
+    ) -> c_int;
     fn segattn_emu_test_ldmatrix(mode: c_int, src: *const u16, out: *mut u32) -> c_int;
     fn segattn_emu_test_cp_async(mode: c_int, src: *const u8, out: *mut u8) -> c_int;
     fn segattn_emu_test_warp_ops(out: *mut c_int) -> c_int;
@@ -156,6 +166,88 @@ fn mma_matches_plain_matmul() {
                     "{name}: result differs from the forward schedule"
                 ),
             }
+        }
+    }
+}
+
+// ---- wgmma ---------------------------------------------------------------------------------
+
+/// wgmma.mma_async as the Hopper forward kernel uses it (kernels/emu/tests/wgmma_test.cu): S = Q K^T
+/// (K-major B, N 64, 8 k-steps of D 128) and O = P V (MN-major B, N 128, 4 k-steps of 64 keys),
+/// from a tile in the kernel's shared-memory layout, against a plain matmul; partial k-steps too.
+/// Without the wait, the queued ops never land (D keeps C): the emulator's asynchrony.
+#[test]
+fn wgmma_matches_plain_matmul() {
+    for is_bf16 in [true, false] {
+        let to_bits: fn(f32) -> u16 = if is_bf16 { bf16_bits } else { f16_bits };
+        let value: fn(u16) -> f32 = if is_bf16 { bf16_value } else { f16_value };
+        for (mode, k_steps) in [(0usize, 8usize), (0, 3), (1, 4), (1, 1)] {
+            let n = if mode == 0 { 64 } else { 128 };
+            let ka = 16 * k_steps;
+            let mut rng = Lcg(11 + mode as u64 + 2 * k_steps as u64 + 100 * u64::from(is_bf16));
+            let a: Vec<u16> = (0..64 * ka).map(|_| to_bits(rng.next() * 4.0)).collect();
+            let tile: Vec<u16> = (0..64 * 128).map(|_| to_bits(rng.next() * 4.0)).collect();
+            let c: Vec<f32> = (0..64 * n).map(|_| rng.next() * 8.0).collect();
+            // B[k][j]: K-major reads the tile's row j, MN-major its row k.
+            let b = |k: usize, j: usize| {
+                value(if mode == 0 {
+                    tile[j * 128 + k]
+                } else {
+                    tile[k * 128 + j]
+                })
+            };
+            for (schedule, seed, name) in [SCHEDULES[0], SCHEDULES[3], SCHEDULES[7]] {
+                set_schedule(schedule, seed);
+                let mut d = vec![f32::NAN; 64 * n];
+                check(unsafe {
+                    segattn_emu_test_wgmma(
+                        mode as c_int,
+                        is_bf16 as c_int,
+                        a.as_ptr(),
+                        tile.as_ptr(),
+                        c.as_ptr(),
+                        d.as_mut_ptr(),
+                        k_steps as c_int,
+                        0,
+                    )
+                })
+                .unwrap_or_else(|e| panic!("{name} mode {mode}: {e}"));
+                for i in 0..64 {
+                    for j in 0..n {
+                        let mut exact = f64::from(c[i * n + j]);
+                        let mut magnitude = exact.abs();
+                        for k in 0..ka {
+                            let p = f64::from(value(a[i * ka + k])) * f64::from(b(k, j));
+                            exact += p;
+                            magnitude += p.abs();
+                        }
+                        let got = f64::from(d[i * n + j]);
+                        assert!(
+                            (got - exact).abs() <= 1e-6 * magnitude,
+                            "{name} bf16={is_bf16} mode {mode} k_steps {k_steps}: D[{i}][{j}] = {got}, expected {exact}"
+                        );
+                    }
+                }
+            }
+            set_schedule(FORWARD, 0);
+            let mut d = vec![f32::NAN; 64 * n];
+            check(unsafe {
+                segattn_emu_test_wgmma(
+                    mode as c_int,
+                    is_bf16 as c_int,
+                    a.as_ptr(),
+                    tile.as_ptr(),
+                    c.as_ptr(),
+                    d.as_mut_ptr(),
+                    k_steps as c_int,
+                    1,
+                )
+            })
+            .unwrap_or_else(|e| panic!("skip_wait mode {mode}: {e}"));
+            assert!(
+                d.iter().zip(&c).all(|(x, y)| x.to_bits() == y.to_bits()),
+                "mode {mode}: without a wait the accumulators must keep C"
+            );
         }
     }
 }

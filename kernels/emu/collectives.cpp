@@ -18,6 +18,7 @@ const char* op_name(Op op) {
     case Op::Ballot: return "__ballot_sync/__any_sync/__all_sync";
     case Op::Mma: return "mma.sync.m16n8k16";
     case Op::Ldmatrix: return "ldmatrix";
+    case Op::WgmmaWait: return "wgmma.wait_group";
   }
   return "?";
 }

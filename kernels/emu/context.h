@@ -40,6 +40,19 @@ struct AsyncCopy {
   uint32_t bytes;   // 16 or 4
 };
 
+// One wgmma.mma_async of a thread, queued until a wgmma.wait_group covers its group.
+struct PendingWgmma {
+  MmaInput type;
+  int n;
+  bool trans_b;
+  bool accumulate;
+  float* d;
+  const uint32_t* a;
+  uint64_t b_desc;
+  uint32_t group;
+  Site site;
+};
+
 struct Fiber {
   FiberContext ctx;
   uint3 tid;
@@ -54,6 +67,9 @@ struct Fiber {
   std::vector<AsyncCopy> copies;
   size_t copies_head;
   uint32_t groups_committed;
+  // wgmma queue (wgmma.cpp): ops of groups [0, wgmma_groups_committed) committed, in issue order.
+  std::vector<PendingWgmma> wgmma;
+  uint32_t wgmma_groups_committed;
 };
 
 // One pending warp collective: the lanes deposit pointers to their operands here.

@@ -36,6 +36,7 @@ enum class Op : uint8_t {
   Ballot,
   Mma,
   Ldmatrix,
+  WgmmaWait,
 };
 const char* op_name(Op op);
 
@@ -70,6 +71,20 @@ void mma_m16n8k16(MmaInput type, float d[4], const uint32_t a[4], const uint32_t
                   const float c[4], Site site);
 // num = 1, 2 or 4 matrices.
 void ldmatrix(int num, bool trans, uint32_t* r, const void* row_ptr, Site site);
+
+// wgmma.mma_async.sync.aligned.m64nNk16.f32.{bf16,f16} with A in registers (n = 64 or 128): queued
+// per thread and computed at the wgmma_wait that covers its group (warp by warp: a warp's 16 rows
+// of D need only its own A fragments and B), so a missing wait, or A, D or B changed before it,
+// gives a wrong result. `d` (n / 2 floats) and `a` (4 registers) must stay live until that wait.
+// `b_desc`: the shared-memory matrix descriptor of B, its address field from smem_desc_address;
+// 128-byte swizzle only.
+void wgmma_rs(MmaInput type, int n, bool trans_b, float* d, const uint32_t* a, uint64_t b_desc, bool accumulate,
+              Site site);
+void wgmma_commit();
+void wgmma_wait(int n, Site site);
+// The descriptor's 14-bit address field of a shared-memory pointer: its offset in the block's
+// dynamic shared memory, in 16-byte units.
+uint64_t smem_desc_address(const void* smem_ptr, Site site);
 
 void cp_async_16(void* smem_dst, const void* gmem_src, bool pred, Site site);
 void cp_async_4(void* smem_dst, const void* gmem_src, bool pred, Site site);

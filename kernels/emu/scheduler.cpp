@@ -298,6 +298,8 @@ void Context::run_block(dim3 block) {
     f.copies.clear();
     f.copies_head = 0;
     f.groups_committed = 0;
+    f.wgmma.clear();
+    f.wgmma_groups_committed = 0;
     fiber_prepare(f.ctx, stacks[i], &fiber_entry);
   }
   ready_warps = 0;
@@ -444,7 +446,7 @@ std::string Context::deadlock_report() const {
     const Op op = static_cast<Op>(std::get<0>(key));
     r += "\n  threads " + ranges(ids) + ": wait in " + op_name(op) + " at " + std::get<1>(key) +
          ":" + std::to_string(std::get<2>(key));
-    if (op >= Op::SyncWarp && op != Op::Mma && op != Op::Ldmatrix)
+    if (op >= Op::SyncWarp && op != Op::Mma && op != Op::Ldmatrix && op != Op::WgmmaWait)
       r += " (mask " + hex(std::get<3>(key)) + ")";
   }
   if (barrier.arrived > 0)

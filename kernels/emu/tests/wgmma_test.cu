@@ -1,0 +1,110 @@
+// wgmma test kernel: one warpgroup computes D = C + A B with wgmma.mma_async (A in registers, B in
+// shared memory through a descriptor), B read from a [64][128] tile of 16-bit values stored the
+// way the Hopper forward kernel stores its K and V tiles (kernels/hopper/hopper_tile.cuh): two
+// column halves of 64 elements, rows of 128 bytes, 16-byte chunk c of row r at chunk c ^ (r % 8),
+// the tile 1024-byte aligned. Written here with its own formula, independently of the kernel's.
+//   mode 0 (S = Q K^T): B[k][n] = tile[n][k], K-major, n < 64, k < 16 k_steps (<= 128)
+//   mode 1 (O = P V):   B[k][n] = tile[k][n], MN-major, n < 128, k < 16 k_steps (<= 64)
+// A is [64][16 k_steps] row-major, C and D [64][N] f32. skip_wait: D is written without waiting
+// for the ops (the emulator must then leave C in place; on a GPU the result is undefined).
+//
+// The emulator runs it in `cargo test` (tests/emulator.rs); tests/gpu_fwd.rs runs it on a Hopper
+// GPU (the sm_90a module), which is what confirms the emulator's reading of the PTX ISA.
+#include "dtypes.cuh"
+#include "platform.cuh"
+#include "ptx.cuh"
+#include "wgmma.cuh"
+
+namespace {
+
+__device__ __forceinline__ uint32_t pair16(uint16_t lo, uint16_t hi) {
+  return static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
+}
+
+// Byte offset of element (r, c) of the tile.
+__device__ __forceinline__ int tile_offset(int r, int c) {
+  return (c / 64) * 64 * 128 + r * 128 + (((c % 64) / 8) ^ (r % 8)) * 16 + (c % 8) * 2;
+}
+
+template <class T, int kN, bool kTransB>
+__device__ void wgmma_test_body(const uint16_t* a, const uint16_t* tile, const float* c, float* d, int k_steps,
+                                bool skip_wait) {
+  SEGATTN_DYNAMIC_SMEM(char, smem);
+  char* const base = smem + ((1024 - (smem_u32addr(smem) & 1023)) & 1023);
+  const int tid = static_cast<int>(threadIdx.x);
+  for (int i = tid; i < 64 * 128; i += 128) {
+    *reinterpret_cast<uint16_t*>(base + tile_offset(i / 128, i % 128)) = tile[i];
+  }
+  fence_proxy_async_smem();
+  __syncthreads();
+
+  const int warp = tid / 32, lane = tid % 32;
+  const int g = lane / 4, t = lane % 4;
+  const int ka = 16 * k_steps;  // A's columns
+  float acc[kN / 8][4];
+  for (int j = 0; j < kN / 8; ++j) {
+    for (int e = 0; e < 4; ++e) acc[j][e] = c[(16 * warp + g + 8 * (e / 2)) * kN + 8 * j + 2 * t + e % 2];
+  }
+  uint32_t frag[8][4];
+  for (int kc = 0; kc < k_steps; ++kc) {
+    const uint16_t* r0 = a + (16 * warp + g) * ka + 16 * kc;
+    const uint16_t* r8 = r0 + 8 * ka;
+    frag[kc][0] = pair16(r0[2 * t], r0[2 * t + 1]);
+    frag[kc][1] = pair16(r8[2 * t], r8[2 * t + 1]);
+    frag[kc][2] = pair16(r0[2 * t + 8], r0[2 * t + 9]);
+    frag[kc][3] = pair16(r8[2 * t + 8], r8[2 * t + 9]);
+  }
+  wgmma_fence();
+  for (int kc = 0; kc < k_steps; ++kc) {
+    // K-major: the 16 k of step kc lie in column half kc / 4, 32 bytes per step within it.
+    // MN-major: rows 16 kc .. of the tile; LBO = the column halves' distance, SBO = 8 rows.
+    const uint64_t desc = kTransB ? wgmma_desc_sw128(base + kc * 16 * 128, 64 * 128, 1024)
+                                  : wgmma_desc_sw128(base + (kc / 4) * 64 * 128 + (kc % 4) * 32, 16, 1024);
+    wgmma_rs<T, kN, kTransB>(acc, frag[kc], desc, true);
+  }
+  wgmma_commit();
+  if (!skip_wait) wgmma_wait<0>();
+  wgmma_fence_operands(acc);
+  for (int j = 0; j < kN / 8; ++j) {
+    for (int e = 0; e < 4; ++e) d[(16 * warp + g + 8 * (e / 2)) * kN + 8 * j + 2 * t + e % 2] = acc[j][e];
+  }
+}
+
+}  // namespace
+
+// The GPU entry (sm_90a module): mode 0 / 1, bf16 / f16 as above; 128 threads, 17 KiB of dynamic
+// shared memory.
+extern "C" __global__ void __launch_bounds__(128) segattn_wgmma_test(int mode, int is_bf16, const uint16_t* a,
+                                                                     const uint16_t* tile, const float* c, float* d,
+                                                                     int k_steps) {
+  if (mode == 0) {
+    if (is_bf16)
+      wgmma_test_body<segattn::bf16, 64, false>(a, tile, c, d, k_steps, false);
+    else
+      wgmma_test_body<segattn::f16, 64, false>(a, tile, c, d, k_steps, false);
+  } else {
+    if (is_bf16)
+      wgmma_test_body<segattn::bf16, 128, true>(a, tile, c, d, k_steps, false);
+    else
+      wgmma_test_body<segattn::f16, 128, true>(a, tile, c, d, k_steps, false);
+  }
+}
+
+#if defined(SEGATTN_EMULATE)
+extern "C" int segattn_emu_test_wgmma(int mode, int is_bf16, const uint16_t* a, const uint16_t* tile,
+                                      const float* c, float* d, int k_steps, int skip_wait) {
+  return segattn::emu::launch(dim3(1), dim3(128), 1024 + 64 * 128 * 2, [&] {
+    if (mode == 0) {
+      if (is_bf16)
+        wgmma_test_body<segattn::bf16, 64, false>(a, tile, c, d, k_steps, skip_wait != 0);
+      else
+        wgmma_test_body<segattn::f16, 64, false>(a, tile, c, d, k_steps, skip_wait != 0);
+    } else {
+      if (is_bf16)
+        wgmma_test_body<segattn::bf16, 128, true>(a, tile, c, d, k_steps, skip_wait != 0);
+      else
+        wgmma_test_body<segattn::f16, 128, true>(a, tile, c, d, k_steps, skip_wait != 0);
+    }
+  });
+}
+#endif
