@@ -1,7 +1,7 @@
 // Hopper's warpgroup MMA (sm_90a): wgmma.mma_async with A in registers and B in shared memory
 // through a matrix descriptor, and the fences and waits around it. The GPU runs the PTX; the SIMT
 // emulator (kernels/emu/wgmma.cpp) computes it from this project's reading of the PTX ISA, which
-// only a GPU run confirms (tests/gpu_fwd.rs runs kernels/emu/tests/wgmma_test.cu on the card).
+// only a GPU run confirms (tests/gpu_fwd.rs runs the probe kernels/hopper/wgmma_probe.cu on the card).
 //
 // A device pass for another architecture (sm_80, plain sm_90) compiles every wrapper to a trap:
 // kernels that call them are built for sm_90a only (kernels/hopper/).

@@ -15,7 +15,9 @@
 # With no existing file listed: prints "no production kernels yet" and exits 0.
 #
 # Environment: SEGATTN_PRODUCTION_LIST (manifest, default kernels/production.txt),
-# SEGATTN_RESOURCES_MD (report, default kernels/RESOURCES.md), SEGATTN_CACHE (toolchain cache),
+# SEGATTN_RESOURCES_MD (report, default kernels/RESOURCES.md), SEGATTN_NVCC_FLAGS_FILE (flags,
+# default kernels/nvcc-flags.txt; the Hopper list: kernels/hopper.txt with
+# kernels/nvcc-flags-sm90a.txt into kernels/RESOURCES-sm90a.md), SEGATTN_CACHE (toolchain cache),
 # SEGATTN_GATE_KEEP=1 (keep the work directory with logs, SASS and fatbins, and print its path).
 set -euo pipefail
 
@@ -23,7 +25,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 MANIFEST="${SEGATTN_PRODUCTION_LIST:-kernels/production.txt}"
 REPORT="${SEGATTN_RESOURCES_MD:-kernels/RESOURCES.md}"
-FLAGS_FILE="kernels/nvcc-flags.txt"
+FLAGS_FILE="${SEGATTN_NVCC_FLAGS_FILE:-kernels/nvcc-flags.txt}"
 PYTHON="${PYTHON:-python3}"
 
 log() { echo "resource-gate: $*"; }
@@ -115,6 +117,6 @@ log "unity fatbin (what cargo --features cuda embeds): $(stat -c %s "$work/segat
 
 rc=0
 "$PYTHON" scripts/check-resource-report.py --units "$units" --report "$REPORT" \
-  --toolchain "$toolchain" || rc=$?
+  --toolchain "$toolchain" --manifest "$MANIFEST" --flags "$FLAGS_FILE" || rc=$?
 log "took $(since "$start")"
 exit "$rc"

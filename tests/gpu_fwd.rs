@@ -849,3 +849,128 @@ fn fused_kernel_matches_ops_path_on_long_rows() -> Result<()> {
     }
     Ok(())
 }
+
+/// 16-bit bit patterns of `x` in bf16 or f16.
+fn bits16(x: f32, is_bf16: bool) -> u16 {
+    if is_bf16 {
+        half::bf16::from_f32(x).to_bits()
+    } else {
+        half::f16::from_f32(x).to_bits()
+    }
+}
+
+fn value16(b: u16, is_bf16: bool) -> f64 {
+    f64::from(if is_bf16 {
+        half::bf16::from_bits(b).to_f32()
+    } else {
+        half::f16::from_bits(b).to_f32()
+    })
+}
+
+/// Where the card read B[k][n] from, for the first k-step of `mode`: A = [I I I I] (row i picks
+/// k = i % 16) times tiles holding their own row and then column indices, so D's values name the
+/// tile element behind every (k, n). Returns the (k, n, read row, read column) that differ from
+/// the emulator's reading (`mode` 0: tile[n][k]; 1: tile[k][n]).
+fn wgmma_misreadings(dev: &Device, mode: i32, is_bf16: bool) -> Result<Vec<(usize, usize, usize, usize)>> {
+    let n = if mode == 0 { 64 } else { 128 };
+    let a: Vec<u16> = (0..64 * 16)
+        .map(|i| bits16(if i % 16 == (i / 16) % 16 { 1.0 } else { 0.0 }, is_bf16))
+        .collect();
+    let c = vec![0f32; 64 * n];
+    let mut read = Vec::new();
+    for by_row in [true, false] {
+        let tile: Vec<u16> = (0..64 * 128)
+            .map(|i| bits16(if by_row { (i / 128) as f32 } else { (i % 128) as f32 }, is_bf16))
+            .collect();
+        let Some(d) = segattn::cuda::wgmma_probe(dev, mode, is_bf16, &a, &tile, &c, 1)? else {
+            return Ok(Vec::new());
+        };
+        read.push(d);
+    }
+    let mut wrong = Vec::new();
+    for k in 0..16 {
+        for j in 0..n {
+            let (row, col) = (read[0][k * n + j] as usize, read[1][k * n + j] as usize);
+            let expected = if mode == 0 { (j, k) } else { (k, j) };
+            if (row, col) != expected {
+                wrong.push((k, j, row, col));
+            }
+        }
+    }
+    Ok(wrong)
+}
+
+/// The emulator's reading of Hopper's wgmma (kernels/emu/wgmma.cpp: register fragments, the
+/// 128-byte swizzled K-major and MN-major layouts, the descriptor) against the card, through the
+/// probe kernel of the sm_90a fatbin (kernels/hopper/wgmma_probe.cu), on the two uses a Hopper
+/// forward kernel makes of it (S = Q K^T over 8 k-steps, O = P V over 4), bf16 and f16. On a
+/// mismatch it also prints where the card read each B element from. Skipped on GPUs that are not
+/// compute capability 9.0.
+#[test]
+fn wgmma_reading_matches_the_card() -> Result<()> {
+    let Some(dev) = gpu() else { return Ok(()) };
+    if dry_run() {
+        eprintln!("skipped on the CPU: the probe is an sm_90a kernel");
+        return Ok(());
+    }
+    let mut rng = Rng::new(34);
+    for is_bf16 in [true, false] {
+        for (mode, k_steps) in [(0i32, 8usize), (0, 3), (1, 4), (1, 1)] {
+            let n = if mode == 0 { 64 } else { 128 };
+            let ka = 16 * k_steps;
+            let mut draw = |scale: f64| ((rng.unit() * 2.0 - 1.0) * scale) as f32;
+            let a: Vec<u16> = (0..64 * ka).map(|_| bits16(draw(2.0), is_bf16)).collect();
+            let tile: Vec<u16> = (0..64 * 128).map(|_| bits16(draw(2.0), is_bf16)).collect();
+            let c: Vec<f32> = (0..64 * n).map(|_| draw(4.0)).collect();
+            let Some(d) = segattn::cuda::wgmma_probe(&dev, mode, is_bf16, &a, &tile, &c, k_steps)? else {
+                eprintln!("skipped: not a compute capability 9.0 GPU (the sm_90a image does not run here)");
+                return Ok(());
+            };
+            let b = |k: usize, j: usize| {
+                value16(
+                    if mode == 0 {
+                        tile[j * 128 + k]
+                    } else {
+                        tile[k * 128 + j]
+                    },
+                    is_bf16,
+                )
+            };
+            let mut bad = Vec::new();
+            for i in 0..64 {
+                for j in 0..n {
+                    let mut exact = f64::from(c[i * n + j]);
+                    let mut magnitude = exact.abs();
+                    for k in 0..ka {
+                        let p = value16(a[i * ka + k], is_bf16) * b(k, j);
+                        exact += p;
+                        magnitude += p.abs();
+                    }
+                    // Exact products, f32 sums in the tensor core's order.
+                    let got = f64::from(d[i * n + j]);
+                    if (got - exact).abs() > 2e-5 * magnitude + 1e-6 {
+                        bad.push(format!("D[{i}][{j}] = {got}, expected {exact}"));
+                    }
+                }
+            }
+            if !bad.is_empty() {
+                let wrong = wgmma_misreadings(&dev, mode, is_bf16)?;
+                let shown: Vec<String> = wrong
+                    .iter()
+                    .take(24)
+                    .map(|(k, j, r, c)| format!("B[{k}][{j}] <- tile[{r}][{c}]"))
+                    .collect();
+                panic!(
+                    "wgmma mode {mode} bf16={is_bf16} k_steps {k_steps}: {} of {} elements differ (first: {}); the card \
+                     read {} of B's first k-step elements from elsewhere than the emulator: {}",
+                    bad.len(),
+                    64 * n,
+                    bad[0],
+                    wrong.len(),
+                    shown.join(", ")
+                );
+            }
+        }
+    }
+    Ok(())
+}

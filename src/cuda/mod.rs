@@ -12,6 +12,8 @@
 //! - `backward`: the fused backward kernel (the gradients of attention, `crate::backward`).
 //! - `per_stream`: the last-block merges' counters (zeroed once per stream and left zero by the
 //!   kernels) and the split launches' scratch, kept per stream: no allocation per decode step.
+//! - `hopper`: the Hopper-only (sm_90a, wgmma) fatbin, loaded on compute capability 9.0 GPUs;
+//!   so far the wgmma probe that checks the emulator's reading of wgmma on the card.
 //! - `PreparedForward`: the same launch prepared once and repeated, for benchmarks (hidden).
 //!
 //! The public API is the CPU one: build the tensors and the mask on `Device::new_cuda(i)` and call
@@ -22,6 +24,7 @@
 mod backward;
 mod bench;
 mod device_copies;
+mod hopper;
 mod launch;
 mod module;
 mod per_stream;
@@ -34,6 +37,8 @@ pub use crate::backward::fused::set_fused_backward;
 pub(crate) use backward::attention_backward;
 pub use bench::PreparedForward;
 pub(crate) use device_copies::DeviceCopies;
+#[doc(hidden)]
+pub use hopper::wgmma_probe;
 pub(crate) use launch::{forward, DeviceMasks, ForwardExtras};
 pub(crate) use pine::{pine_decode_scores, pine_shifts, DeviceTables};
 pub(crate) use rope_rows::rope_rows;

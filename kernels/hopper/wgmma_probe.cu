@@ -1,7 +1,7 @@
-// wgmma test kernel: one warpgroup computes D = C + A B with wgmma.mma_async (A in registers, B in
+// The wgmma probe: one warpgroup computes D = C + A B with wgmma.mma_async (A in registers, B in
 // shared memory through a descriptor), B read from a [64][128] tile of 16-bit values stored the
-// way the Hopper forward kernel stores its K and V tiles (kernels/hopper/hopper_tile.cuh): two
-// column halves of 64 elements, rows of 128 bytes, 16-byte chunk c of row r at chunk c ^ (r % 8),
+// way a Hopper forward kernel will store its K and V tiles (bench/NOTES.md CUDA 34): two column
+// halves of 64 elements, rows of 128 bytes, 16-byte chunk c of row r at chunk c ^ (r % 8),
 // the tile 1024-byte aligned. Written here with its own formula, independently of the kernel's.
 //   mode 0 (S = Q K^T): B[k][n] = tile[n][k], K-major, n < 64, k < 16 k_steps (<= 128)
 //   mode 1 (O = P V):   B[k][n] = tile[k][n], MN-major, n < 128, k < 16 k_steps (<= 64)
@@ -9,10 +9,12 @@
 // for the ops (the emulator must then leave C in place; on a GPU the result is undefined).
 //
 // The emulator runs it in `cargo test` (tests/emulator.rs); tests/gpu_fwd.rs runs it on a Hopper
-// GPU (the sm_90a module), which is what confirms the emulator's reading of the PTX ISA.
+// GPU (the sm_90a fatbin, kernels/hopper.txt), which is what confirms the emulator's reading of
+// the PTX ISA before a kernel is built on it.
 #include "dtypes.cuh"
 #include "platform.cuh"
 #include "ptx.cuh"
+#include "kernel_traits.cuh"
 #include "wgmma.cuh"
 
 namespace {
@@ -27,7 +29,7 @@ __device__ __forceinline__ int tile_offset(int r, int c) {
 }
 
 template <class T, int kN, bool kTransB>
-__device__ void wgmma_test_body(const uint16_t* a, const uint16_t* tile, const float* c, float* d, int k_steps,
+__device__ void probe_body(const uint16_t* a, const uint16_t* tile, const float* c, float* d, int k_steps,
                                 bool skip_wait) {
   SEGATTN_DYNAMIC_SMEM(char, smem);
   char* const base = smem + ((1024 - (smem_u32addr(smem) & 1023)) & 1023);
@@ -45,8 +47,11 @@ __device__ void wgmma_test_body(const uint16_t* a, const uint16_t* tile, const f
   for (int j = 0; j < kN / 8; ++j) {
     for (int e = 0; e < 4; ++e) acc[j][e] = c[(16 * warp + g + 8 * (e / 2)) * kN + 8 * j + 2 * t + e % 2];
   }
+  // Unrolled over the most k-steps (k_steps <= 8), so that the fragments stay in registers.
   uint32_t frag[8][4];
-  for (int kc = 0; kc < k_steps; ++kc) {
+  SEGATTN_UNROLL
+  for (int kc = 0; kc < 8; ++kc) {
+    if (kc >= k_steps) break;
     const uint16_t* r0 = a + (16 * warp + g) * ka + 16 * kc;
     const uint16_t* r8 = r0 + 8 * ka;
     frag[kc][0] = pair16(r0[2 * t], r0[2 * t + 1]);
@@ -55,7 +60,9 @@ __device__ void wgmma_test_body(const uint16_t* a, const uint16_t* tile, const f
     frag[kc][3] = pair16(r8[2 * t + 8], r8[2 * t + 9]);
   }
   wgmma_fence();
-  for (int kc = 0; kc < k_steps; ++kc) {
+  SEGATTN_UNROLL
+  for (int kc = 0; kc < 8; ++kc) {
+    if (kc >= k_steps) break;
     // K-major: the 16 k of step kc lie in column half kc / 4, 32 bytes per step within it.
     // MN-major: rows 16 kc .. of the tile; LBO = the column halves' distance, SBO = 8 rows.
     const uint64_t desc = kTransB ? wgmma_desc_sw128(base + kc * 16 * 128, 64 * 128, 1024)
@@ -72,21 +79,21 @@ __device__ void wgmma_test_body(const uint16_t* a, const uint16_t* tile, const f
 
 }  // namespace
 
-// The GPU entry (sm_90a module): mode 0 / 1, bf16 / f16 as above; 128 threads, 17 KiB of dynamic
+// The GPU entry (the sm_90a fatbin): mode 0 / 1, bf16 / f16 as above; 128 threads, 17 KiB of dynamic
 // shared memory.
-extern "C" __global__ void __launch_bounds__(128) segattn_wgmma_test(int mode, int is_bf16, const uint16_t* a,
+extern "C" __global__ void __launch_bounds__(128) segattn_wgmma_probe(int mode, int is_bf16, const uint16_t* a,
                                                                      const uint16_t* tile, const float* c, float* d,
                                                                      int k_steps) {
   if (mode == 0) {
     if (is_bf16)
-      wgmma_test_body<segattn::bf16, 64, false>(a, tile, c, d, k_steps, false);
+      probe_body<segattn::bf16, 64, false>(a, tile, c, d, k_steps, false);
     else
-      wgmma_test_body<segattn::f16, 64, false>(a, tile, c, d, k_steps, false);
+      probe_body<segattn::f16, 64, false>(a, tile, c, d, k_steps, false);
   } else {
     if (is_bf16)
-      wgmma_test_body<segattn::bf16, 128, true>(a, tile, c, d, k_steps, false);
+      probe_body<segattn::bf16, 128, true>(a, tile, c, d, k_steps, false);
     else
-      wgmma_test_body<segattn::f16, 128, true>(a, tile, c, d, k_steps, false);
+      probe_body<segattn::f16, 128, true>(a, tile, c, d, k_steps, false);
   }
 }
 
@@ -96,14 +103,14 @@ extern "C" int segattn_emu_test_wgmma(int mode, int is_bf16, const uint16_t* a, 
   return segattn::emu::launch(dim3(1), dim3(128), 1024 + 64 * 128 * 2, [&] {
     if (mode == 0) {
       if (is_bf16)
-        wgmma_test_body<segattn::bf16, 64, false>(a, tile, c, d, k_steps, skip_wait != 0);
+        probe_body<segattn::bf16, 64, false>(a, tile, c, d, k_steps, skip_wait != 0);
       else
-        wgmma_test_body<segattn::f16, 64, false>(a, tile, c, d, k_steps, skip_wait != 0);
+        probe_body<segattn::f16, 64, false>(a, tile, c, d, k_steps, skip_wait != 0);
     } else {
       if (is_bf16)
-        wgmma_test_body<segattn::bf16, 128, true>(a, tile, c, d, k_steps, skip_wait != 0);
+        probe_body<segattn::bf16, 128, true>(a, tile, c, d, k_steps, skip_wait != 0);
       else
-        wgmma_test_body<segattn::f16, 128, true>(a, tile, c, d, k_steps, skip_wait != 0);
+        probe_body<segattn::f16, 128, true>(a, tile, c, d, k_steps, skip_wait != 0);
     }
   });
 }

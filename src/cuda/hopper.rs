@@ -1,0 +1,113 @@
+//! The Hopper-only kernels (wgmma, sm_90a): `build/nvcc.rs` compiles `kernels/hopper.txt` into
+//! `$OUT_DIR/segattn_sm90a.fatbin`, an image that runs on compute capability 9.0 GPUs only (H100,
+//! H200), loaded only there.
+//!
+//! So far it holds the wgmma probe (`kernels/hopper/wgmma_probe.cu`): the reading of wgmma's
+//! register fragments and shared-memory layouts that the emulator computes by
+//! (`kernels/emu/wgmma.cpp`), checked against the card by `tests/gpu_fwd.rs` before a forward
+//! kernel is built on it (bench/NOTES.md CUDA 34).
+
+use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
+use candle_core::cuda_backend::cudarc::driver::{CudaContext, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
+use candle_core::{Device, Result};
+
+use super::driver_err;
+use crate::error::invalid_arg;
+
+static HOPPER_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/segattn_sm90a.fatbin"));
+
+/// Whether the GPU of `ctx` runs the sm_90a image: compute capability 9.0 exactly.
+fn runs_sm90a(ctx: &CudaContext) -> Result<bool> {
+    let gpu = ctx.ordinal();
+    let attr = |a, what| {
+        ctx.attribute(a)
+            .map_err(|e| driver_err(format!("querying the compute capability ({what}) of GPU {gpu}"), e))
+    };
+    let major = attr(
+        CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR,
+        "major",
+    )?;
+    let minor = attr(
+        CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR,
+        "minor",
+    )?;
+    Ok((major, minor) == (9, 0))
+}
+
+/// Runs the wgmma probe on the GPU `dev`: one warpgroup computes D = C + A B, B read from `tile`
+/// ([64][128] 16-bit values) as laid out in shared memory by the probe; `mode` 0: B = tile's
+/// rows as K-major columns (N 64, `k_steps` <= 8 of A's [64][16 k_steps]), 1: B = tile's first
+/// 16 k_steps rows, MN-major (N 128, `k_steps` <= 4). `c`: [64][N] f32. Returns D, or `None` on
+/// a GPU that is not compute capability 9.0 (the image does not run there).
+#[doc(hidden)]
+pub fn wgmma_probe(
+    dev: &Device,
+    mode: i32,
+    is_bf16: bool,
+    a: &[u16],
+    tile: &[u16],
+    c: &[f32],
+    k_steps: usize,
+) -> Result<Option<Vec<f32>>> {
+    let Device::Cuda(cuda) = dev else {
+        invalid_arg!("dev: the wgmma probe runs on a CUDA device, got {:?}", dev.location());
+    };
+    let n = if mode == 0 { 64 } else { 128 };
+    let max_steps = if mode == 0 { 8 } else { 4 };
+    if !(mode == 0 || mode == 1) || k_steps == 0 || k_steps > max_steps {
+        invalid_arg!("mode / k_steps: expected mode 0 with 1..=8 k-steps or mode 1 with 1..=4, got {mode} / {k_steps}");
+    }
+    for (arg, got, want) in [
+        ("a", a.len(), 64 * 16 * k_steps),
+        ("tile", tile.len(), 64 * 128),
+        ("c", c.len(), 64 * n),
+    ] {
+        if got != want {
+            invalid_arg!("{arg}: expected {want} elements, got {got}");
+        }
+    }
+    let stream = cuda.cuda_stream();
+    let ctx = stream.context();
+    if !runs_sm90a(ctx)? {
+        return Ok(None);
+    }
+    let gpu = ctx.ordinal();
+    let module = ctx
+        .load_module(Ptx::from_binary(HOPPER_FATBIN.to_vec()))
+        .map_err(|e| driver_err(format!("loading the sm_90a kernels on GPU {gpu}"), e))?;
+    let func = module
+        .load_function("segattn_wgmma_probe")
+        .map_err(|e| driver_err("looking up segattn_wgmma_probe (kernels/hopper.txt lists it?)", e))?;
+    let up_a = stream.clone_htod(a).map_err(|e| driver_err("uploading A", e))?;
+    let up_tile = stream
+        .clone_htod(tile)
+        .map_err(|e| driver_err("uploading the tile", e))?;
+    let up_c = stream.clone_htod(c).map_err(|e| driver_err("uploading C", e))?;
+    let mut d = stream
+        .alloc_zeros::<f32>(64 * n)
+        .map_err(|e| driver_err("allocating D", e))?;
+    let cfg = LaunchConfig {
+        grid_dim: (1, 1, 1),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: 1024 + 64 * 128 * 2, // the tile and its 1024-byte alignment
+    };
+    let (is_bf16, k_steps) = (i32::from(is_bf16), k_steps as i32);
+    let mut builder = stream.launch_builder(&func);
+    builder
+        .arg(&mode)
+        .arg(&is_bf16)
+        .arg(&up_a)
+        .arg(&up_tile)
+        .arg(&up_c)
+        .arg(&mut d)
+        .arg(&k_steps);
+    // SAFETY: the probe's parameters are (mode, is_bf16, a, tile, c, d, k_steps) with device
+    // buffers of the sizes checked above; one block of 128 threads and the shared memory it takes.
+    unsafe { builder.launch(cfg) }.map_err(|e| driver_err("launching segattn_wgmma_probe", e))?;
+    let out = stream.clone_dtoh(&d).map_err(|e| driver_err("reading D back", e))?;
+    stream
+        .synchronize()
+        .map_err(|e| driver_err("synchronizing after segattn_wgmma_probe", e))?;
+    Ok(Some(out))
+}
