@@ -169,12 +169,12 @@ struct BlockInfo {
   }
   __device__ static Classifier classifier() {
     SEGATTN_DYNAMIC_SMEM(char, smem);
-    return classifier_in(smem);
+    return classifier_in(layout_base<Traits>(smem));
   }
   __device__ static uint8_t* window_in(char* smem) { return reinterpret_cast<uint8_t*>(smem + Traits::kOffClass); }
   __device__ static uint8_t* window() {
     SEGATTN_DYNAMIC_SMEM(char, smem);
-    return window_in(smem);
+    return window_in(layout_base<Traits>(smem));
   }
 
   // Scores of one 16-row tile `row_tile` against the key tile at k0 (C fragments [kNS][4]) into

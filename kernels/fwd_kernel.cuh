@@ -56,6 +56,7 @@
 #include "softmax.cuh"
 #include "split_merge.cuh"
 #include "tile_load.cuh"
+#include "wgmma_tile.cuh"
 
 namespace segattn {
 namespace fwd {
@@ -67,7 +68,8 @@ __device__ void fwd_kernel(const SegattnFwdParams& p) {
   constexpr int kN = Traits::kBlockN;
   constexpr int kChunks = Traits::kChunks;
 
-  SEGATTN_DYNAMIC_SMEM(char, smem);
+  SEGATTN_DYNAMIC_SMEM(char, smem_start);
+  char* const smem = layout_base<Traits>(smem_start);  // (kWgmma: 1024-byte aligned)
   char* const s_q = smem + Traits::kOffQ;
   uint32_t* const s_kid = reinterpret_cast<uint32_t*>(smem + Traits::kOffKId);  // [2][kN]
 
@@ -190,6 +192,9 @@ __device__ void fwd_kernel(const SegattnFwdParams& p) {
     } else {
       cp_async_wait<0>();
     }
+    // (kWgmma) this thread's copies of tile t, written through the generic proxy, before wgmma
+    // reads them through the async proxy.
+    if constexpr (Traits::kWgmma) fence_proxy_async_smem();
     __syncthreads();
 
     const char* const s_k = smem + Traits::kOffK + buf * Traits::kKVBytes;
@@ -199,7 +204,9 @@ __device__ void fwd_kernel(const SegattnFwdParams& p) {
 
     // S = Q K^T.
     float s[kMT][Traits::kNS][4];
-    if constexpr (Traits::kRotate) {
+    if constexpr (Traits::kWgmma) {
+      wgmma_qk<Traits>(qf[0], s_k, s[0]);
+    } else if constexpr (Traits::kRotate) {
       SEGATTN_UNROLL
       for (int nb = 0; nb < Traits::kNS; ++nb) {
         SEGATTN_UNROLL
@@ -278,6 +285,9 @@ __device__ void fwd_kernel(const SegattnFwdParams& p) {
 
     // O += P V, with P packed to 16 bits straight from the S accumulators; each V fragment
     // serves every row tile of the warp.
+    if constexpr (Traits::kWgmma) {
+      wgmma_pv<Traits>(s[0], s_v, o[0]);
+    } else {
     SEGATTN_UNROLL
     for (int kc = 0; kc < Traits::kPK; ++kc) {
       uint32_t pa[kMT][4];
@@ -293,6 +303,7 @@ __device__ void fwd_kernel(const SegattnFwdParams& p) {
           mma_16816<T>(o[i][2 * dp + 1], pa[i], vb[2], vb[3]);
         }
       }
+    }
     }
 
     __syncthreads();  // every warp is done with buffer `buf` before it is refilled

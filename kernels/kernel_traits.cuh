@@ -35,8 +35,11 @@
 #ifndef SEGATTN_KERNEL_TRAITS_CUH
 #define SEGATTN_KERNEL_TRAITS_CUH
 
+#include <type_traits>
+
 #include "platform.cuh"
 #include "dtypes.cuh"
+#include "ptx.cuh"
 
 // `#pragma unroll` for nvcc; nothing in host emulation (g++ does not know the pragma, and
 // unrolling there only costs compile time).
@@ -66,7 +69,7 @@ namespace fwd {
 constexpr int kMassTile1Skew = 16;
 
 template <class Element, int kHeadDim_, bool kRotate_ = false, bool kMass_ = false, int kMTiles_ = 1,
-          int kBlockN_ = 0>
+          int kBlockN_ = 0, bool kWgmma_ = false>
 struct FwdTraits {
   using T = Element;
   static constexpr int kHeadDim = kHeadDim_;
@@ -86,6 +89,14 @@ struct FwdTraits {
   static constexpr int kMTiles = kMTiles_;
   static_assert(kMTiles == 1 || (kMTiles == 2 && !kRotate_), "the wide kernel has no rotation");
   static constexpr bool kMassInSmem = kMass && kMTiles > 1;
+  // Hopper's warpgroup MMA (kernels/hopper/, sm_90a): the block's 4 warps are one warpgroup; S =
+  // Q K^T and O += P V are wgmma.mma_async with A (Q's and P's fragments) in registers and B (K,
+  // V) read from shared memory through descriptors, so the K and V tiles are laid out as wgmma's
+  // 128-byte swizzled atoms (tile_offset below) and start on 1024-byte boundaries (kSmemAlign).
+  // Plain attention only, 64-row blocks, 64-key tiles, D 64 / 128.
+  static constexpr bool kWgmma = kWgmma_;
+  static_assert(!kWgmma || (!kRotate_ && !kMass_ && kMTiles_ == 1 && kHeadDim_ <= 128),
+                "the wgmma kernel is plain attention in 64-row blocks at D 64 / 128");
   // ... and the wide kernel, whose two row tiles' accumulators leave no room for their Q.
   // D = 256 likewise: its 128 O accumulator registers leave no room for 64 of Q fragments.
   static constexpr bool kQInSmem = kRotate || (kMass && kHeadDim == 128) || kMTiles > 1 || kHeadDim == 256;
@@ -138,6 +149,9 @@ struct FwdTraits {
   static constexpr int kOffRowPos = kOffClass + kThreads;
   static constexpr int kOffRowShifts = kOffRowPos + 4 * kBlockM;
   static constexpr int kSmemBytes = kRotate ? kOffRowShifts + 4 * kBlockM : kOffClass + kThreads;
+  // kWgmma: the layout starts at the first 1024-byte boundary of the dynamic shared memory (whose
+  // own alignment is not promised), so the launch gives it this much more (layout_base below).
+  static constexpr int kSmemAlign = kWgmma ? 1024 : 0;
   // kMassInSmem: the rows' per-segment sums, f32 [kBlockM][mass_row_stride(num_segments)], after
   // the fixed layout (kSmemBytes is that layout; the launch adds mass_smem_bytes).
   static constexpr int kOffMass = (kSmemBytes + 15) / 16 * 16;
@@ -145,8 +159,10 @@ struct FwdTraits {
   __host__ __device__ static constexpr int mass_row_stride(int num_segments) { return num_segments | 1; }
   // Dynamic shared memory of a launch with `num_segments` key segments (kSmemBytes without kMassInSmem).
   __host__ __device__ static constexpr int launch_smem_bytes(int num_segments) {
-    return kMassInSmem ? kOffMass + 4 * (kBlockM * mass_row_stride(num_segments) + kMassTile1Skew) : kSmemBytes;
+    return kMassInSmem ? kOffMass + 4 * (kBlockM * mass_row_stride(num_segments) + kMassTile1Skew)
+                       : kSmemBytes + kSmemAlign;
   }
+
 
   // Piece pairs one thread evaluates per key tile when bounding the loop (mask.cuh
   // may_be_visible); a tile with more pairs counts as possibly visible.
@@ -162,6 +178,43 @@ struct FwdTraits {
 template <int kChunks>
 __device__ __forceinline__ int swizzle(int row, int chunk) {
   return (row * kChunks + (chunk ^ (row & 7))) * 16;
+}
+
+// Whether `Traits` (the forward, mass or backward kernel's) is a wgmma kernel's (FwdTraits::kWgmma;
+// the others have none).
+template <class Traits, class = void>
+struct UsesWgmma : std::false_type {};
+template <class Traits>
+struct UsesWgmma<Traits, std::void_t<decltype(Traits::kWgmma)>> : std::bool_constant<Traits::kWgmma> {};
+
+// Where the layout of `Traits` starts in the dynamic shared memory `smem`: a wgmma kernel's at its
+// first 1024-byte boundary (FwdTraits::kSmemAlign), any other's at `smem`.
+template <class Traits>
+__device__ __forceinline__ char* layout_base(char* smem) {
+  if constexpr (UsesWgmma<Traits>::value) {
+    return smem + ((1024 - (smem_u32addr(smem) & 1023)) & 1023);
+  } else {
+    return smem;
+  }
+}
+
+// Bytes from one row of a K / V / Q tile to the next: the head dim's, or a wgmma kernel's 128 (the
+// tile in column halves of 64 elements, see tile_offset).
+template <class Traits>
+constexpr int kRowPitch = UsesWgmma<Traits>::value ? 128 : Traits::kChunks * 16;
+
+// Byte offset of 16-byte chunk `chunk` of row `row` in a kRows-row K / V / Q tile of the kernel
+// `Traits`: `swizzle` (rows of the head dim's bytes), or with kWgmma wgmma's 128-byte swizzled
+// K-major layout, which is also V's MN-major one: the tile in column halves of 64 elements (the
+// second kRows x 128 bytes after the first), rows of 128 bytes, chunk c of a row at c ^ (row % 8).
+// D 64 has one half: the same bytes as `swizzle`.
+template <class Traits, int kRows>
+__device__ __forceinline__ int tile_offset(int row, int chunk) {
+  if constexpr (UsesWgmma<Traits>::value) {
+    return (chunk / 8) * kRows * 128 + row * 128 + ((chunk % 8) ^ (row & 7)) * 16;
+  } else {
+    return swizzle<Traits::kChunks>(row, chunk);
+  }
 }
 
 // swizzle(row0 + drow, 2 pair + half) with drow % 8 == 0 (the rows of one thread in the fragment

@@ -31,14 +31,15 @@ __device__ __forceinline__ void load_tile_async(char* smem_tile, const typename 
   const T* const first = src + chunk * 8;
   const T* g = first + static_cast<int64_t>(row0) * row_stride;
   const int64_t step = kRowsPerRound * row_stride;
-  char* const dst = smem_tile + swizzle<kChunks>(row0, chunk);
+  char* const dst = smem_tile + tile_offset<Traits, kRows>(row0, chunk);
   // Round m's destination: a constant step when every round has this thread's swizzle pattern
   // (rounds of 8 rows or more); D = 256 copies 4 rows a round, whose patterns alternate (m is a
   // compile-time constant in the unrolled loops, so this is still one add).
   const auto dst_of = [&](int m) -> char* {
     if constexpr (kRowsPerRound % 8 == 0) {
-      return dst + m * kRowsPerRound * kChunks * 16;
+      return dst + m * kRowsPerRound * kRowPitch<Traits>;
     } else {
+      static_assert(!UsesWgmma<Traits>::value, "the wgmma layout's copies come in rounds of 8 rows");
       constexpr int kPeriod = 8 / kRowsPerRound;  // rounds per swizzle period
       return smem_tile + swizzle<kChunks>(row0 + (m % kPeriod) * kRowsPerRound, chunk) +
              (m / kPeriod) * 8 * kChunks * 16;
@@ -67,8 +68,13 @@ __device__ __forceinline__ void load_tile_async(char* smem_tile, const typename 
 template <class Traits>
 __device__ __forceinline__ void load_q_fragment(const char* sq, int row_tile, int lane, int kc, uint32_t (&qa)[4]) {
   // Row row_tile 16 + (lane & 7) + ((lane >> 3) & 1) 8, chunk 2 kc + (lane >> 4).
-  const SwizzledRows<Traits::kChunks> rows(lane & 15, lane >> 4);
-  ldmatrix_x4(qa, sq + rows.at(row_tile * 16, kc));
+  if constexpr (UsesWgmma<Traits>::value) {
+    // (Once per block, before the loop: the plain address computation.)
+    ldmatrix_x4(qa, sq + tile_offset<Traits, Traits::kBlockM>(row_tile * 16 + (lane & 15), 2 * kc + (lane >> 4)));
+  } else {
+    const SwizzledRows<Traits::kChunks> rows(lane & 15, lane >> 4);
+    ldmatrix_x4(qa, sq + rows.at(row_tile * 16, kc));
+  }
 }
 
 // The A fragments of all head_dim / 16 k-steps.

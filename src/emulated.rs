@@ -70,6 +70,7 @@ extern "C" {
     fn segattn_emu_set_schedule(schedule: c_int, seed: u64);
     fn segattn_emu_last_error() -> *const c_char;
     fn segattn_emu_fwd(params: *const SegattnFwdParams) -> c_int;
+    fn segattn_emu_fwd_hopper(params: *const SegattnFwdParams) -> c_int;
     fn segattn_emu_fwd_smem_bytes(dtype: c_int, head_dim: c_int, variant: c_int) -> c_int;
     fn segattn_emu_fwd_mass_rows_smem_bytes(dtype: c_int, head_dim: c_int, num_segments: c_int) -> c_int;
     fn segattn_emu_classify_tile(
@@ -320,6 +321,36 @@ pub fn forward_tiled(
     )
 }
 
+/// [`forward`] on the 64-row kernel built on Hopper's warpgroup MMA (`segattn_fwd_hopper_*`, the
+/// emulator's reading of wgmma: kernels/emu/wgmma.cpp), whatever the rows and the mask: plain
+/// attention, D 64 / 128. Under the emulator its products sum in the mma.sync kernel's order, so
+/// it gives that kernel's bits.
+#[allow(clippy::too_many_arguments)]
+pub fn forward_wgmma(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &SegmentMask,
+    scale: Option<f64>,
+    kv_splits: usize,
+    schedule: Schedule,
+    seed: u64,
+) -> Result<AttentionOutput> {
+    run_forward(
+        q,
+        k,
+        v,
+        mask,
+        Launch {
+            scale,
+            kv_splits,
+            wgmma: true,
+            ..Launch::new(schedule, seed)
+        }
+        .with_tile(Tile::Rows64),
+    )
+}
+
 /// [`forward`] with split-K: the key tiles cut into `kv_splits` slices run as separate blocks,
 /// whose f32 partials the last slice of each query tile merges through their LSE (the decode path of the
 /// GPU for long caches).
@@ -455,6 +486,9 @@ pub(crate) struct Launch<'a> {
     /// The wide kernel at D = 128: with 64-key tiles (`segattn_fwd_wide64_*`) or not; `None`: as
     /// the GPU launcher chooses ([`FwdVariant::with_wide_keys`]).
     pub wide_keys64: Option<bool>,
+    /// Plain attention on the 64-row kernel built on Hopper's wgmma (`segattn_fwd_hopper_*`,
+    /// kernels/hopper/fwd_hopper.cu) instead of the mma.sync one.
+    pub wgmma: bool,
     /// The emulator's thread schedule and its seed.
     pub schedule: Schedule,
     pub seed: u64,
@@ -472,6 +506,7 @@ impl Launch<'_> {
             gqa_pack: true,
             wide: None,
             wide_keys64: None,
+            wgmma: false,
             schedule,
             seed,
         }
@@ -503,9 +538,13 @@ pub(crate) fn run_forward(
         gqa_pack,
         wide,
         wide_keys64,
+        wgmma,
         schedule,
         seed,
     } = launch;
+    if wgmma && (rotation.is_some() || mass.is_some()) {
+        invalid_arg!("internal error: the wgmma kernel is plain attention (no rotation, no fused mass)");
+    }
     let shape = AttentionShape::of(q, k, v)?;
     if kv_splits == 0 {
         invalid_arg!("kv_splits: expected at least 1, got 0");
@@ -635,7 +674,11 @@ pub(crate) fn run_forward(
     // applies to this thread.
     let rc = unsafe {
         segattn_emu_set_schedule(schedule.code(), seed);
-        segattn_emu_fwd(&p)
+        if wgmma {
+            segattn_emu_fwd_hopper(&p)
+        } else {
+            segattn_emu_fwd(&p)
+        }
     };
     check_launch(rc, "forward kernel")?;
     check_counters_left_zero(&split_done, "forward kernel")?;

@@ -16,7 +16,8 @@ use candle_core::{DType, Device, Result, Tensor};
 use common::{env_count, lse_tolerance, proptest_config, tolerance};
 use proptest::prelude::*;
 use segattn::emulated::{
-    classify_tile_both, forward, forward_tiled, fwd_mass_rows_smem_bytes, fwd_smem_bytes, FwdVariant, Schedule, Tile,
+    classify_tile_both, forward, forward_tiled, forward_wgmma, fwd_mass_rows_smem_bytes, fwd_smem_bytes, FwdVariant,
+    Schedule, Tile,
 };
 use segattn::{reference, PairRule, PairTable, PineLayout, SegmentMask, Visibility};
 
@@ -334,6 +335,22 @@ fn check_case(
                 *f == bits,
                 "{desc}\n{schedule:?}: output differs from the forward schedule's"
             ),
+        }
+    }
+    if wide == Some(false) && d <= 128 {
+        // The 64-row kernel on Hopper's wgmma (kernels/hopper/fwd_hopper.cu): under the emulator
+        // its products sum in the mma.sync kernel's order, so its outputs are that kernel's bits,
+        // every schedule (on a GPU, within the tolerances: tests/gpu_fwd.rs).
+        let narrow = forward_tiled(q, k, v, mask, scale, Tile::Rows64, Schedule::Forward, seed)?;
+        let narrow_lse = narrow.lse.as_ref().expect("the emulated forward returns the LSE");
+        for schedule in SCHEDULES {
+            let got = forward_wgmma(q, k, v, mask, scale, 1, schedule, seed)?;
+            let got_lse = got.lse.as_ref().expect("the emulated forward returns the LSE");
+            assert!(
+                common::bits(&narrow.out)? == common::bits(&got.out)?
+                    && common::bits(narrow_lse)? == common::bits(got_lse)?,
+                "{desc}\n{schedule:?}: the wgmma kernel differs from the 64-row mma.sync kernel"
+            );
         }
     }
     if wide == Some(true) {
