@@ -71,6 +71,7 @@ extern "C" {
     fn segattn_emu_last_error() -> *const c_char;
     fn segattn_emu_fwd(params: *const SegattnFwdParams) -> c_int;
     fn segattn_emu_fwd_hopper(params: *const SegattnFwdParams) -> c_int;
+    fn segattn_emu_fwd_hopper_smem_bytes(dtype: c_int, head_dim: c_int) -> c_int;
     fn segattn_emu_fwd_smem_bytes(dtype: c_int, head_dim: c_int, variant: c_int) -> c_int;
     fn segattn_emu_fwd_mass_rows_smem_bytes(dtype: c_int, head_dim: c_int, num_segments: c_int) -> c_int;
     fn segattn_emu_classify_tile(
@@ -123,6 +124,11 @@ pub(crate) fn check_counters_left_zero(counters: &[u32], what: &str) -> Result<(
 /// (64 / 128), from the kernel's traits, or `None` when unsupported.
 pub fn fwd_smem_bytes(dtype: DType, head_dim: usize, variant: FwdVariant) -> Option<usize> {
     let code = dtype_code(dtype)?;
+    if variant == FwdVariant::Hopper {
+        // SAFETY: a pure function of its arguments (kernels/hopper/fwd_hopper.cu).
+        let bytes = unsafe { segattn_emu_fwd_hopper_smem_bytes(code, c_int::try_from(head_dim).ok()?) };
+        return (bytes > 0).then_some(bytes as usize);
+    }
     // SAFETY: a pure function of its arguments.
     let bytes = unsafe { segattn_emu_fwd_smem_bytes(code, c_int::try_from(head_dim).ok()?, variant.code()) };
     (bytes > 0).then_some(bytes as usize)
@@ -639,7 +645,9 @@ pub(crate) fn run_forward(
     if let Some((plan, true, buf)) = &mut mass {
         p.mass = mass_output(plan, q_len, buf.as_mut_ptr())?;
     }
-    // The entry point the GPU launcher would take (segattn_emu_fwd dispatches on these fields).
+    // The entry point the GPU launcher would take (segattn_emu_fwd dispatches on these fields; the
+    // wgmma kernel is its own entry, taken when asked or, as on an H100, with SEGATTN_FWD_HOPPER=1).
+    let mut on_wgmma = false;
     if rotation.is_none() {
         let summary = khost.summary();
         let variant = match &mass {
@@ -651,8 +659,11 @@ pub(crate) fn run_forward(
                 (wide, wide_keys64),
                 plan.sk,
             ),
-            _ => FwdVariant::plain_kernel(&kshape, kv_splits, summary, EMULATED_SM_COUNT, (wide, wide_keys64)),
+            _ => FwdVariant::plain_kernel(&kshape, kv_splits, summary, EMULATED_SM_COUNT, (wide, wide_keys64))
+                .on_hopper(head_dim, true),
         };
+        let variant = if wgmma { FwdVariant::Hopper } else { variant };
+        on_wgmma = variant == FwdVariant::Hopper;
         p.block_rows = variant.block_rows() as i32;
         p.block_keys = variant.block_keys();
     }
@@ -674,7 +685,7 @@ pub(crate) fn run_forward(
     // applies to this thread.
     let rc = unsafe {
         segattn_emu_set_schedule(schedule.code(), seed);
-        if wgmma {
+        if on_wgmma {
             segattn_emu_fwd_hopper(&p)
         } else {
             segattn_emu_fwd(&p)

@@ -232,6 +232,11 @@ pub enum FwdVariant {
     /// memory (`segattn_fwd_wide64_mass_*`; at most [`WIDE_MASS_MAX_SEGMENTS`] key segments, see
     /// `FwdVariant::with_mass`).
     WideMass,
+    /// Plain attention on Hopper's warpgroup MMA (`segattn_fwd_hopper_*`, the sm_90a fatbin:
+    /// compute capability 9.0 GPUs only): the 64-row kernel with S and O's products as wgmma, D 64 /
+    /// 128, split-K as the 64-row one. Opt-in (`SEGATTN_FWD_HOPPER=1`, [`FwdVariant::on_hopper`])
+    /// until a GPU run has checked and timed it (bench/NOTES.md CUDA 34).
+    Hopper,
 }
 
 impl FwdVariant {
@@ -244,13 +249,14 @@ impl FwdVariant {
             Self::Wide => 3,
             Self::Wide64 => 4,
             Self::WideMass => 5,
+            Self::Hopper => 6,
         }
     }
 
     /// Keys per key tile for `params.block_keys` (0: the entry point's own, unchecked).
     pub(crate) fn block_keys(self) -> i32 {
         match self {
-            Self::Wide64 | Self::WideMass => 64,
+            Self::Wide64 | Self::WideMass | Self::Hopper => 64,
             _ => 0,
         }
     }
@@ -352,6 +358,18 @@ impl FwdVariant {
         Self::plain(shape, kv_splits, mask, sm_count, forced).with_wide_keys(shape.head_dim, forced_keys64)
     }
 
+    /// `self` (plain attention's kernel, [`FwdVariant::plain_kernel`]) or, where `SEGATTN_FWD_HOPPER=1`
+    /// asks for it and the GPU has it (`hopper_loaded`: a compute capability 9.0 GPU), the wgmma
+    /// kernel ([`FwdVariant::Hopper`]) at D 64 / 128 in place of any plain one.
+    pub(crate) fn on_hopper(self, head_dim: usize, hopper_loaded: bool) -> Self {
+        let plain = matches!(self, Self::Plain | Self::Wide | Self::Wide64);
+        if plain && head_dim <= 128 && hopper_loaded && hopper_setting() {
+            Self::Hopper
+        } else {
+            self
+        }
+    }
+
     /// The kernel for attention with the fused mass of `num_segments` key segments inside the
     /// forward kernel: [`FwdVariant::with_mass`] of the plain kernel ([`FwdVariant::plain_kernel`],
     /// same arguments) chosen as if causal documents were short only up to
@@ -384,6 +402,12 @@ pub const WIDE_MASS_MAX_SEGMENTS: usize = 29;
 fn wide_keys_setting() -> bool {
     static FLAG: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *FLAG.get_or_init(|| std::env::var_os("SEGATTN_FWD_WIDE_KEYS").is_none_or(|v| v != "32"))
+}
+
+/// `SEGATTN_FWD_HOPPER=1`: plain attention on the wgmma kernel where the GPU has it. Read once.
+fn hopper_setting() -> bool {
+    static FLAG: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *FLAG.get_or_init(|| std::env::var_os("SEGATTN_FWD_HOPPER").is_some_and(|v| v == "1"))
 }
 
 /// `SEGATTN_FWD_WIDE`: `Some(false)` for "0", `Some(true)` for "1", else `None` (the rule decides).
@@ -480,6 +504,24 @@ mod tests {
     fn chosen(mask: &SegmentMask, len: usize, d: usize) -> FwdVariant {
         let host = mask.host_metadata(1, len, len).unwrap();
         FwdVariant::plain_kernel(&shape(len, 32, d), 1, host.summary(), SMS, (None, None))
+    }
+
+    #[test]
+    fn wgmma_kernel_only_where_loaded_and_plain() {
+        // Whatever SEGATTN_FWD_HOPPER says: never where the GPU has no wgmma kernel, never for
+        // the fused mass, PINE's rotation or D 256.
+        for v in [FwdVariant::Plain, FwdVariant::Wide, FwdVariant::Wide64] {
+            assert_eq!(v.on_hopper(128, false), v);
+            assert_eq!(v.on_hopper(256, true), v);
+        }
+        for v in [FwdVariant::Mass, FwdVariant::Rope, FwdVariant::WideMass] {
+            assert_eq!(v.on_hopper(128, true), v);
+        }
+        let forced = std::env::var_os("SEGATTN_FWD_HOPPER").is_some_and(|v| v == "1");
+        let want = if forced { FwdVariant::Hopper } else { FwdVariant::Wide64 };
+        assert_eq!(FwdVariant::Wide64.on_hopper(128, true), want);
+        assert_eq!(FwdVariant::Hopper.block_rows(), 64);
+        assert_eq!(FwdVariant::Hopper.block_keys(), 64);
     }
 
     #[test]

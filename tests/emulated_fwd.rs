@@ -668,8 +668,14 @@ fn smem_sizes() {
         FwdVariant::Wide,
         FwdVariant::Wide64,
         FwdVariant::WideMass,
+        FwdVariant::Hopper,
     ] {
         assert_eq!(fwd_smem_bytes(DType::BF16, 256, variant), None, "{variant:?}");
+    }
+    // The wgmma kernel: the 64-row kernel's layout and 1,024 bytes to align its tiles.
+    for (d, want) in [(64usize, 33_960usize), (128, 66_728)] {
+        assert_eq!(fwd_smem_bytes(DType::BF16, d, FwdVariant::Hopper), Some(want + 1024));
+        assert_eq!(fwd_smem_bytes(DType::F16, d, FwdVariant::Hopper), Some(want + 1024));
     }
     // PINE's D = 256 kernel: the plain one's tiles, the turned Q (32 KiB) and each row's position
     // and shift row (2 x 64 x 4 B): one block per sm_90 SM, none on GPUs of 99 KiB a block (its

@@ -2,13 +2,17 @@
 //! `$OUT_DIR/segattn_sm90a.fatbin`, an image that runs on compute capability 9.0 GPUs only (H100,
 //! H200), loaded only there.
 //!
-//! So far it holds the wgmma probe (`kernels/hopper/wgmma_probe.cu`): the reading of wgmma's
+//! It holds the forward kernels on wgmma (`kernels/hopper/fwd_hopper.cu`, loaded with the others
+//! by `module::kernels`, taken where `SEGATTN_FWD_HOPPER=1` asks: `FwdVariant::on_hopper`) and
+//! the wgmma probe (`kernels/hopper/wgmma_probe.cu`): the reading of wgmma's
 //! register fragments and shared-memory layouts that the emulator computes by
 //! (`kernels/emu/wgmma.cpp`), checked against the card by `tests/gpu_fwd.rs` before a forward
 //! kernel is built on it (bench/NOTES.md CUDA 34).
 
 use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
-use candle_core::cuda_backend::cudarc::driver::{CudaContext, LaunchConfig, PushKernelArg};
+use std::sync::Arc;
+
+use candle_core::cuda_backend::cudarc::driver::{CudaContext, CudaModule, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
 use candle_core::{Device, Result};
 
@@ -33,6 +37,24 @@ fn runs_sm90a(ctx: &CudaContext) -> Result<bool> {
         "minor",
     )?;
     Ok((major, minor) == (9, 0))
+}
+
+/// The sm_90a fatbin loaded in `ctx`, or `None` on a GPU that is not compute capability 9.0.
+pub(crate) fn load_module(ctx: &Arc<CudaContext>) -> Result<Option<Arc<CudaModule>>> {
+    if !runs_sm90a(ctx)? {
+        return Ok(None);
+    }
+    let gpu = ctx.ordinal();
+    let module = ctx.load_module(Ptx::from_binary(HOPPER_FATBIN.to_vec())).map_err(|e| {
+        driver_err(
+            format!(
+                "loading the sm_90a kernels ({} bytes of fatbin) on GPU {gpu}",
+                HOPPER_FATBIN.len()
+            ),
+            e,
+        )
+    })?;
+    Ok(Some(module))
 }
 
 /// Runs the wgmma probe on the GPU `dev`: one warpgroup computes D = C + A B, B read from `tile`
@@ -68,14 +90,9 @@ pub fn wgmma_probe(
         }
     }
     let stream = cuda.cuda_stream();
-    let ctx = stream.context();
-    if !runs_sm90a(ctx)? {
+    let Some(module) = load_module(stream.context())? else {
         return Ok(None);
-    }
-    let gpu = ctx.ordinal();
-    let module = ctx
-        .load_module(Ptx::from_binary(HOPPER_FATBIN.to_vec()))
-        .map_err(|e| driver_err(format!("loading the sm_90a kernels on GPU {gpu}"), e))?;
+    };
     let func = module
         .load_function("segattn_wgmma_probe")
         .map_err(|e| driver_err("looking up segattn_wgmma_probe (kernels/hopper.txt lists it?)", e))?;

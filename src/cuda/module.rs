@@ -55,6 +55,8 @@ pub(crate) struct FwdKernel {
 /// The loaded module of one context: the forward kernels by (dtype, head dim, variant).
 pub(crate) struct Kernels {
     _module: Arc<CudaModule>,
+    /// The sm_90a fatbin's module (compute capability 9.0 GPUs), whose forward kernels are in `fwd`.
+    _hopper_module: Option<Arc<CudaModule>>,
     /// The context the module is loaded in (bound before function attributes are set).
     ctx: Arc<CudaContext>,
     fwd: Vec<((DType, usize, FwdVariant), FwdKernel)>,
@@ -122,6 +124,14 @@ impl Kernels {
         }
     }
 }
+
+/// Every forward entry point of kernels/hopper/fwd_hopper.cu (the sm_90a fatbin).
+const HOPPER_FWD_ENTRIES: [(&str, DType, usize, FwdVariant); 4] = [
+    ("segattn_fwd_hopper_bf16_d64", DType::BF16, 64, FwdVariant::Hopper),
+    ("segattn_fwd_hopper_bf16_d128", DType::BF16, 128, FwdVariant::Hopper),
+    ("segattn_fwd_hopper_f16_d64", DType::F16, 64, FwdVariant::Hopper),
+    ("segattn_fwd_hopper_f16_d128", DType::F16, 128, FwdVariant::Hopper),
+];
 
 /// Every forward entry point of kernels/fwd/fwd.cu: (name, dtype, head dim, variant).
 const FWD_ENTRIES: [(&str, DType, usize, FwdVariant); 24] = [
@@ -218,13 +228,21 @@ fn load(ctx: &Arc<CudaContext>) -> Result<Kernels> {
         .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
         .map_err(|e| driver_err(format!("querying the shared memory limit of GPU {gpu}"), e))?;
     let optin = usize::try_from(optin).unwrap_or(0);
-    let mut fwd = Vec::with_capacity(FWD_ENTRIES.len());
+    let mut fwd = Vec::with_capacity(FWD_ENTRIES.len() + HOPPER_FWD_ENTRIES.len());
     let mut unavailable = Vec::new();
-    for (name, dtype, head_dim, variant) in FWD_ENTRIES {
+    // The wgmma kernels, on compute capability 9.0 GPUs only (the sm_90a fatbin runs nowhere else).
+    let hopper = super::hopper::load_module(ctx)?;
+    let entries = FWD_ENTRIES.iter().map(|e| (&module, *e)).chain(
+        hopper
+            .iter()
+            .flat_map(|m| HOPPER_FWD_ENTRIES.iter().map(move |e| (m, *e))),
+    );
+    for (module, (name, dtype, head_dim, variant)) in entries {
         let func = module.load_function(name).map_err(|e| {
             driver_err(
                 format!(
-                    "kernel {name} is not in the embedded fatbin (kernels/production.txt lists kernels/fwd/fwd.cu?)"
+                    "kernel {name} is not in its embedded fatbin (kernels/production.txt or kernels/hopper.txt lists its \
+                     file?)"
                 ),
                 e,
             )
@@ -295,6 +313,7 @@ fn load(ctx: &Arc<CudaContext>) -> Result<Kernels> {
         .map_err(|e| driver_err(format!("querying the multiprocessor count of GPU {gpu}"), e))?;
     Ok(Kernels {
         _module: module,
+        _hopper_module: hopper,
         ctx: ctx.clone(),
         fwd,
         unavailable,
