@@ -867,6 +867,27 @@ fn value16(b: u16, is_bf16: bool) -> f64 {
     })
 }
 
+/// [`segattn::cuda::wgmma_probe`] of these operands.
+fn probe(
+    dev: &Device,
+    mode: i32,
+    is_bf16: bool,
+    (a, tile, c): (&[u16], &[u16], &[f32]),
+    k_steps: usize,
+    offsets: Option<(u32, u32)>,
+) -> Result<Option<Vec<f32>>> {
+    let probe = segattn::cuda::WgmmaProbe {
+        mode,
+        is_bf16,
+        a,
+        tile,
+        c,
+        k_steps,
+        offsets,
+    };
+    segattn::cuda::wgmma_probe(dev, &probe)
+}
+
 /// Where the card read B[k][n] from, for the first k-step of `mode`: A = [I I I I] (row i picks
 /// k = i % 16) times tiles holding their own row and then column indices, so D's values name the
 /// tile element behind every (k, n). Returns the (k, n, read row, read column) that differ from
@@ -882,7 +903,7 @@ fn wgmma_misreadings(dev: &Device, mode: i32, is_bf16: bool) -> Result<Vec<(usiz
         let tile: Vec<u16> = (0..64 * 128)
             .map(|i| bits16(if by_row { (i / 128) as f32 } else { (i % 128) as f32 }, is_bf16))
             .collect();
-        let Some(d) = segattn::cuda::wgmma_probe(dev, mode, is_bf16, &a, &tile, &c, 1)? else {
+        let Some(d) = probe(dev, mode, is_bf16, (&a, &tile, &c), 1, None)? else {
             return Ok(Vec::new());
         };
         read.push(d);
@@ -922,7 +943,7 @@ fn wgmma_reading_matches_the_card() -> Result<()> {
             let a: Vec<u16> = (0..64 * ka).map(|_| bits16(draw(2.0), is_bf16)).collect();
             let tile: Vec<u16> = (0..64 * 128).map(|_| bits16(draw(2.0), is_bf16)).collect();
             let c: Vec<f32> = (0..64 * n).map(|_| draw(4.0)).collect();
-            let Some(d) = segattn::cuda::wgmma_probe(&dev, mode, is_bf16, &a, &tile, &c, k_steps)? else {
+            let Some(d) = probe(&dev, mode, is_bf16, (&a, &tile, &c), k_steps, None)? else {
                 eprintln!("skipped: not a compute capability 9.0 GPU (the sm_90a image does not run here)");
                 return Ok(());
             };
@@ -954,6 +975,30 @@ fn wgmma_reading_matches_the_card() -> Result<()> {
                 }
             }
             if !bad.is_empty() {
+                // Other readings of the descriptor's byte offsets: the first that the card agrees with.
+                let mut agrees = "none of (LBO, SBO) in {16, 1024, 2048, 8192, 16384}^2".to_string();
+                'search: for lbo in [16u32, 1024, 2048, 8192, 16384] {
+                    for sbo in [16u32, 1024, 2048, 8192, 16384] {
+                        let Some(d2) = probe(&dev, mode, is_bf16, (&a, &tile, &c), k_steps, Some((lbo, sbo)))? else {
+                            break 'search;
+                        };
+                        let close = d2.iter().zip(&d).enumerate().all(|(i, (&x, _))| {
+                            let (row, j) = (i / n, i % n);
+                            let mut exact = f64::from(c[i]);
+                            let mut magnitude = exact.abs();
+                            for k in 0..ka {
+                                let p = value16(a[row * ka + k], is_bf16) * b(k, j);
+                                exact += p;
+                                magnitude += p.abs();
+                            }
+                            (f64::from(x) - exact).abs() <= 2e-5 * magnitude + 1e-6
+                        });
+                        if close {
+                            agrees = format!("LBO {lbo} and SBO {sbo} bytes");
+                            break 'search;
+                        }
+                    }
+                }
                 let wrong = wgmma_misreadings(&dev, mode, is_bf16)?;
                 let shown: Vec<String> = wrong
                     .iter()
@@ -962,7 +1007,8 @@ fn wgmma_reading_matches_the_card() -> Result<()> {
                     .collect();
                 panic!(
                     "wgmma mode {mode} bf16={is_bf16} k_steps {k_steps}: {} of {} elements differ (first: {}); the card \
-                     read {} of B's first k-step elements from elsewhere than the emulator: {}",
+                     agrees with the descriptor offsets: {agrees}; it read {} of B's first k-step elements from \
+                     elsewhere than the emulator: {}",
                     bad.len(),
                     64 * n,
                     bad[0],

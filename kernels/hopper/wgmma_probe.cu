@@ -5,6 +5,9 @@
 // the tile 1024-byte aligned. Written here with its own formula, independently of the kernel's.
 //   mode 0 (S = Q K^T): B[k][n] = tile[n][k], K-major, n < 64, k < 16 k_steps (<= 128)
 //   mode 1 (O = P V):   B[k][n] = tile[k][n], MN-major, n < 128, k < 16 k_steps (<= 64)
+// The descriptors' leading and stride byte offsets are parameters (this reading: mode 0: LBO
+// unused (16), SBO 1024; mode 1: LBO 64 x 128 = 8192, the column halves' distance, SBO 1024), so
+// that a GPU test can try another reading when the card disagrees.
 // A is [64][16 k_steps] row-major, C and D [64][N] f32. skip_wait: D is written without waiting
 // for the ops (the emulator must then leave C in place; on a GPU the result is undefined).
 //
@@ -30,7 +33,7 @@ __device__ __forceinline__ int tile_offset(int r, int c) {
 
 template <class T, int kN, bool kTransB>
 __device__ void probe_body(const uint16_t* a, const uint16_t* tile, const float* c, float* d, int k_steps,
-                                bool skip_wait) {
+                           uint32_t lbo, uint32_t sbo, bool skip_wait) {
   SEGATTN_DYNAMIC_SMEM(char, smem);
   char* const base = smem + ((1024 - (smem_u32addr(smem) & 1023)) & 1023);
   const int tid = static_cast<int>(threadIdx.x);
@@ -65,8 +68,8 @@ __device__ void probe_body(const uint16_t* a, const uint16_t* tile, const float*
     if (kc >= k_steps) break;
     // K-major: the 16 k of step kc lie in column half kc / 4, 32 bytes per step within it.
     // MN-major: rows 16 kc .. of the tile; LBO = the column halves' distance, SBO = 8 rows.
-    const uint64_t desc = kTransB ? wgmma_desc_sw128(base + kc * 16 * 128, 64 * 128, 1024)
-                                  : wgmma_desc_sw128(base + (kc / 4) * 64 * 128 + (kc % 4) * 32, 16, 1024);
+    const uint64_t desc = kTransB ? wgmma_desc_sw128(base + kc * 16 * 128, lbo, sbo)
+                                  : wgmma_desc_sw128(base + (kc / 4) * 64 * 128 + (kc % 4) * 32, lbo, sbo);
     wgmma_rs<T, kN, kTransB>(acc, frag[kc], desc, true);
   }
   wgmma_commit();
@@ -83,34 +86,35 @@ __device__ void probe_body(const uint16_t* a, const uint16_t* tile, const float*
 // shared memory.
 extern "C" __global__ void __launch_bounds__(128) segattn_wgmma_probe(int mode, int is_bf16, const uint16_t* a,
                                                                      const uint16_t* tile, const float* c, float* d,
-                                                                     int k_steps) {
+                                                                     int k_steps, int lbo, int sbo) {
   if (mode == 0) {
     if (is_bf16)
-      probe_body<segattn::bf16, 64, false>(a, tile, c, d, k_steps, false);
+      probe_body<segattn::bf16, 64, false>(a, tile, c, d, k_steps, lbo, sbo, false);
     else
-      probe_body<segattn::f16, 64, false>(a, tile, c, d, k_steps, false);
+      probe_body<segattn::f16, 64, false>(a, tile, c, d, k_steps, lbo, sbo, false);
   } else {
     if (is_bf16)
-      probe_body<segattn::bf16, 128, true>(a, tile, c, d, k_steps, false);
+      probe_body<segattn::bf16, 128, true>(a, tile, c, d, k_steps, lbo, sbo, false);
     else
-      probe_body<segattn::f16, 128, true>(a, tile, c, d, k_steps, false);
+      probe_body<segattn::f16, 128, true>(a, tile, c, d, k_steps, lbo, sbo, false);
   }
 }
 
 #if defined(SEGATTN_EMULATE)
 extern "C" int segattn_emu_test_wgmma(int mode, int is_bf16, const uint16_t* a, const uint16_t* tile,
                                       const float* c, float* d, int k_steps, int skip_wait) {
+  const uint32_t lbo = mode == 0 ? 16 : 64 * 128, sbo = 1024;
   return segattn::emu::launch(dim3(1), dim3(128), 1024 + 64 * 128 * 2, [&] {
     if (mode == 0) {
       if (is_bf16)
-        probe_body<segattn::bf16, 64, false>(a, tile, c, d, k_steps, skip_wait != 0);
+        probe_body<segattn::bf16, 64, false>(a, tile, c, d, k_steps, lbo, sbo, skip_wait != 0);
       else
-        probe_body<segattn::f16, 64, false>(a, tile, c, d, k_steps, skip_wait != 0);
+        probe_body<segattn::f16, 64, false>(a, tile, c, d, k_steps, lbo, sbo, skip_wait != 0);
     } else {
       if (is_bf16)
-        probe_body<segattn::bf16, 128, true>(a, tile, c, d, k_steps, skip_wait != 0);
+        probe_body<segattn::bf16, 128, true>(a, tile, c, d, k_steps, lbo, sbo, skip_wait != 0);
       else
-        probe_body<segattn::f16, 128, true>(a, tile, c, d, k_steps, skip_wait != 0);
+        probe_body<segattn::f16, 128, true>(a, tile, c, d, k_steps, lbo, sbo, skip_wait != 0);
     }
   });
 }

@@ -57,21 +57,38 @@ pub(crate) fn load_module(ctx: &Arc<CudaContext>) -> Result<Option<Arc<CudaModul
     Ok(Some(module))
 }
 
-/// Runs the wgmma probe on the GPU `dev`: one warpgroup computes D = C + A B, B read from `tile`
-/// ([64][128] 16-bit values) as laid out in shared memory by the probe; `mode` 0: B = tile's
-/// rows as K-major columns (N 64, `k_steps` <= 8 of A's [64][16 k_steps]), 1: B = tile's first
-/// 16 k_steps rows, MN-major (N 128, `k_steps` <= 4). `c`: [64][N] f32. Returns D, or `None` on
-/// a GPU that is not compute capability 9.0 (the image does not run there).
+/// One run of the wgmma probe (`kernels/hopper/wgmma_probe.cu`): one warpgroup computes
+/// D = C + A B, B read from `tile` ([64][128] 16-bit values) as laid out in shared memory by the
+/// probe.
 #[doc(hidden)]
-pub fn wgmma_probe(
-    dev: &Device,
-    mode: i32,
-    is_bf16: bool,
-    a: &[u16],
-    tile: &[u16],
-    c: &[f32],
-    k_steps: usize,
-) -> Result<Option<Vec<f32>>> {
+pub struct WgmmaProbe<'a> {
+    /// 0: B = the tile's rows as K-major columns (N 64, `k_steps` <= 8 of A's [64][16 k_steps]);
+    /// 1: B = the tile's first 16 k_steps rows, MN-major (N 128, `k_steps` <= 4).
+    pub mode: i32,
+    pub is_bf16: bool,
+    pub a: &'a [u16],
+    pub tile: &'a [u16],
+    /// [64][N] f32.
+    pub c: &'a [f32],
+    pub k_steps: usize,
+    /// The B descriptor's (leading, stride) byte offsets; `None`: the reading the kernels use
+    /// (mode 0: 16 (unused) and 1024; mode 1: 8192 and 1024).
+    pub offsets: Option<(u32, u32)>,
+}
+
+/// Runs `probe` on the GPU `dev`: D, or `None` on a GPU that is not compute capability 9.0 (the
+/// image does not run there).
+#[doc(hidden)]
+pub fn wgmma_probe(dev: &Device, probe: &WgmmaProbe<'_>) -> Result<Option<Vec<f32>>> {
+    let WgmmaProbe {
+        mode,
+        is_bf16,
+        a,
+        tile,
+        c,
+        k_steps,
+        offsets,
+    } = *probe;
     let Device::Cuda(cuda) = dev else {
         invalid_arg!("dev: the wgmma probe runs on a CUDA device, got {:?}", dev.location());
     };
@@ -110,6 +127,8 @@ pub fn wgmma_probe(
         shared_mem_bytes: 1024 + 64 * 128 * 2, // the tile and its 1024-byte alignment
     };
     let (is_bf16, k_steps) = (i32::from(is_bf16), k_steps as i32);
+    let (lbo, sbo) = offsets.unwrap_or(if mode == 0 { (16, 1024) } else { (64 * 128, 1024) });
+    let (lbo, sbo) = (lbo as i32, sbo as i32);
     let mut builder = stream.launch_builder(&func);
     builder
         .arg(&mode)
@@ -118,8 +137,10 @@ pub fn wgmma_probe(
         .arg(&up_tile)
         .arg(&up_c)
         .arg(&mut d)
-        .arg(&k_steps);
-    // SAFETY: the probe's parameters are (mode, is_bf16, a, tile, c, d, k_steps) with device
+        .arg(&k_steps)
+        .arg(&lbo)
+        .arg(&sbo);
+    // SAFETY: the probe's parameters are (mode, is_bf16, a, tile, c, d, k_steps, lbo, sbo) with device
     // buffers of the sizes checked above; one block of 128 threads and the shared memory it takes.
     unsafe { builder.launch(cfg) }.map_err(|e| driver_err("launching segattn_wgmma_probe", e))?;
     let out = stream.clone_dtoh(&d).map_err(|e| driver_err("reading D back", e))?;

@@ -38,7 +38,7 @@ pub(crate) use backward::attention_backward;
 pub use bench::PreparedForward;
 pub(crate) use device_copies::DeviceCopies;
 #[doc(hidden)]
-pub use hopper::wgmma_probe;
+pub use hopper::{wgmma_probe, WgmmaProbe};
 pub(crate) use launch::{forward, DeviceMasks, ForwardExtras};
 pub(crate) use pine::{pine_decode_scores, pine_shifts, DeviceTables};
 pub(crate) use rope_rows::rope_rows;
