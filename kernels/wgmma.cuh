@@ -105,6 +105,34 @@ __device__ __forceinline__ void wgmma_fence_operands(float (&d)[kBlocks][4]) {
 }
 
 #define SEGATTN_WGMMA_D4(j) "+f"(d[j][0]), "+f"(d[j][1]), "+f"(d[j][2]), "+f"(d[j][3])
+// The operands after D's N / 2 registers: A's 4 registers, B's descriptor, scale-d (a predicate
+// from `accumulate`) and trans-b.
+#define SEGATTN_WGMMA_INPUTS                                                                               \
+  "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b_desc), "r"(static_cast<int>(accumulate)),              \
+      "n"(static_cast<int>(kTransB))
+// wgmma m64n64k16 / m64n128k16 with A in registers, f32 accumulators, TYPE "bf16" or "f16".
+#define SEGATTN_WGMMA_N64(TYPE)                                                                            \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"                                                \
+               "wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPE "." TYPE " {"                             \
+               "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "                     \
+               "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"             \
+               "}, {%32, %33, %34, %35}, %36, p, 1, 1, %38;\n}\n"                                          \
+               : SEGATTN_WGMMA_D4(0), SEGATTN_WGMMA_D4(1), SEGATTN_WGMMA_D4(2), SEGATTN_WGMMA_D4(3),        \
+                 SEGATTN_WGMMA_D4(4), SEGATTN_WGMMA_D4(5), SEGATTN_WGMMA_D4(6), SEGATTN_WGMMA_D4(7)         \
+               : SEGATTN_WGMMA_INPUTS)
+#define SEGATTN_WGMMA_N128(TYPE)                                                                           \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"                                                \
+               "wgmma.mma_async.sync.aligned.m64n128k16.f32." TYPE "." TYPE " {"                            \
+               "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "                     \
+               "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "           \
+               "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "           \
+               "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"             \
+               "}, {%64, %65, %66, %67}, %68, p, 1, 1, %70;\n}\n"                                          \
+               : SEGATTN_WGMMA_D4(0), SEGATTN_WGMMA_D4(1), SEGATTN_WGMMA_D4(2), SEGATTN_WGMMA_D4(3),        \
+                 SEGATTN_WGMMA_D4(4), SEGATTN_WGMMA_D4(5), SEGATTN_WGMMA_D4(6), SEGATTN_WGMMA_D4(7),        \
+                 SEGATTN_WGMMA_D4(8), SEGATTN_WGMMA_D4(9), SEGATTN_WGMMA_D4(10), SEGATTN_WGMMA_D4(11),      \
+                 SEGATTN_WGMMA_D4(12), SEGATTN_WGMMA_D4(13), SEGATTN_WGMMA_D4(14), SEGATTN_WGMMA_D4(15)     \
+               : SEGATTN_WGMMA_INPUTS)
 
 // D (+)= A B for the warpgroup: m64 x kN x k16, 16-bit T (bf16 or f16), f32 accumulators.
 // d: this thread's fragment of D (d[j][e]: rows 16 warp + g + 8 (e / 2), column 8 j + 2 t +
@@ -119,57 +147,13 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[kN / 8][4], const uint32_t (
   constexpr bool kBf16 = std::is_same<T, bf16>::value;
 #if defined(SEGATTN_WGMMA_PTX)
   if constexpr (kN == 64 && kBf16) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
-        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
-        "}, {%32, %33, %34, %35}, %36, p, 1, 1, %38;\n}\n"
-        : SEGATTN_WGMMA_D4(0), SEGATTN_WGMMA_D4(1), SEGATTN_WGMMA_D4(2), SEGATTN_WGMMA_D4(3),
-          SEGATTN_WGMMA_D4(4), SEGATTN_WGMMA_D4(5), SEGATTN_WGMMA_D4(6), SEGATTN_WGMMA_D4(7)
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b_desc), "r"(static_cast<int>(accumulate)),
-          "n"(static_cast<int>(kTransB)));
+    SEGATTN_WGMMA_N64("bf16");
   } else if constexpr (kN == 64) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {"
-        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
-        "}, {%32, %33, %34, %35}, %36, p, 1, 1, %38;\n}\n"
-        : SEGATTN_WGMMA_D4(0), SEGATTN_WGMMA_D4(1), SEGATTN_WGMMA_D4(2), SEGATTN_WGMMA_D4(3),
-          SEGATTN_WGMMA_D4(4), SEGATTN_WGMMA_D4(5), SEGATTN_WGMMA_D4(6), SEGATTN_WGMMA_D4(7)
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b_desc), "r"(static_cast<int>(accumulate)),
-          "n"(static_cast<int>(kTransB)));
+    SEGATTN_WGMMA_N64("f16");
   } else if constexpr (kBf16) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
-        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
-        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
-        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
-        "}, {%64, %65, %66, %67}, %68, p, 1, 1, %70;\n}\n"
-        : SEGATTN_WGMMA_D4(0), SEGATTN_WGMMA_D4(1), SEGATTN_WGMMA_D4(2), SEGATTN_WGMMA_D4(3),
-          SEGATTN_WGMMA_D4(4), SEGATTN_WGMMA_D4(5), SEGATTN_WGMMA_D4(6), SEGATTN_WGMMA_D4(7),
-          SEGATTN_WGMMA_D4(8), SEGATTN_WGMMA_D4(9), SEGATTN_WGMMA_D4(10), SEGATTN_WGMMA_D4(11),
-          SEGATTN_WGMMA_D4(12), SEGATTN_WGMMA_D4(13), SEGATTN_WGMMA_D4(14), SEGATTN_WGMMA_D4(15)
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b_desc), "r"(static_cast<int>(accumulate)),
-          "n"(static_cast<int>(kTransB)));
+    SEGATTN_WGMMA_N128("bf16");
   } else {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {"
-        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
-        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
-        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
-        "}, {%64, %65, %66, %67}, %68, p, 1, 1, %70;\n}\n"
-        : SEGATTN_WGMMA_D4(0), SEGATTN_WGMMA_D4(1), SEGATTN_WGMMA_D4(2), SEGATTN_WGMMA_D4(3),
-          SEGATTN_WGMMA_D4(4), SEGATTN_WGMMA_D4(5), SEGATTN_WGMMA_D4(6), SEGATTN_WGMMA_D4(7),
-          SEGATTN_WGMMA_D4(8), SEGATTN_WGMMA_D4(9), SEGATTN_WGMMA_D4(10), SEGATTN_WGMMA_D4(11),
-          SEGATTN_WGMMA_D4(12), SEGATTN_WGMMA_D4(13), SEGATTN_WGMMA_D4(14), SEGATTN_WGMMA_D4(15)
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b_desc), "r"(static_cast<int>(accumulate)),
-          "n"(static_cast<int>(kTransB)));
+    SEGATTN_WGMMA_N128("f16");
   }
 #elif defined(__CUDA_ARCH__)
   (void)d, (void)a, (void)b_desc, (void)accumulate, (void)kBf16;
@@ -181,6 +165,9 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[kN / 8][4], const uint32_t (
 }
 
 #undef SEGATTN_WGMMA_D4
+#undef SEGATTN_WGMMA_INPUTS
+#undef SEGATTN_WGMMA_N64
+#undef SEGATTN_WGMMA_N128
 
 }  // namespace segattn
 

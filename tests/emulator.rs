@@ -196,8 +196,8 @@ fn wgmma_matches_plain_matmul() {
                     tile[k * 128 + j]
                 })
             };
-            for (schedule, seed, name) in [SCHEDULES[0], SCHEDULES[3], SCHEDULES[7]] {
-                set_schedule(schedule, seed);
+            // D of one launch, waiting for the ops or not.
+            let run = |skip_wait: bool| -> Result<Vec<f32>, String> {
                 let mut d = vec![f32::NAN; 64 * n];
                 check(unsafe {
                     segattn_emu_test_wgmma(
@@ -208,10 +208,14 @@ fn wgmma_matches_plain_matmul() {
                         c.as_ptr(),
                         d.as_mut_ptr(),
                         k_steps as c_int,
-                        0,
+                        skip_wait as c_int,
                     )
-                })
-                .unwrap_or_else(|e| panic!("{name} mode {mode}: {e}"));
+                })?;
+                Ok(d)
+            };
+            for (schedule, seed, name) in [SCHEDULES[0], SCHEDULES[3], SCHEDULES[7]] {
+                set_schedule(schedule, seed);
+                let d = run(false).unwrap_or_else(|e| panic!("{name} mode {mode}: {e}"));
                 for i in 0..64 {
                     for j in 0..n {
                         let mut exact = f64::from(c[i * n + j]);
@@ -230,20 +234,7 @@ fn wgmma_matches_plain_matmul() {
                 }
             }
             set_schedule(FORWARD, 0);
-            let mut d = vec![f32::NAN; 64 * n];
-            check(unsafe {
-                segattn_emu_test_wgmma(
-                    mode as c_int,
-                    is_bf16 as c_int,
-                    a.as_ptr(),
-                    tile.as_ptr(),
-                    c.as_ptr(),
-                    d.as_mut_ptr(),
-                    k_steps as c_int,
-                    1,
-                )
-            })
-            .unwrap_or_else(|e| panic!("skip_wait mode {mode}: {e}"));
+            let d = run(true).unwrap_or_else(|e| panic!("skip_wait mode {mode}: {e}"));
             assert!(
                 d.iter().zip(&c).all(|(x, y)| x.to_bits() == y.to_bits()),
                 "mode {mode}: without a wait the accumulators must keep C"
