@@ -234,7 +234,7 @@ pub enum FwdVariant {
     WideMass,
     /// Plain attention on Hopper's warpgroup MMA (`segattn_fwd_hopper_*`, the sm_90a fatbin:
     /// compute capability 9.0 GPUs only): the 64-row kernel with S and O's products as wgmma, D 64 /
-    /// 128, split-K as the 64-row one. Opt-in (`SEGATTN_FWD_HOPPER=1`, [`FwdVariant::on_hopper`])
+    /// 128, split-K as the 64-row one. Opt-in (`SEGATTN_FWD_HOPPER=1`, `FwdVariant::on_hopper`)
     /// until a GPU run has checked and timed it (bench/NOTES.md CUDA 34).
     Hopper,
 }
@@ -405,7 +405,7 @@ fn wide_keys_setting() -> bool {
 }
 
 /// `SEGATTN_FWD_HOPPER=1`: plain attention on the wgmma kernel where the GPU has it. Read once.
-fn hopper_setting() -> bool {
+pub(crate) fn hopper_setting() -> bool {
     static FLAG: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *FLAG.get_or_init(|| std::env::var_os("SEGATTN_FWD_HOPPER").is_some_and(|v| v == "1"))
 }

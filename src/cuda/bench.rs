@@ -79,10 +79,8 @@ impl PreparedForward {
         let scale = scale.unwrap_or_else(|| default_scale(shape.head_dim));
         let host = mask.host_metadata(shape.batch, shape.q_len, shape.kv_len)?;
         let kernels = kernels(stream.context())?;
-        let variant = FwdVariant::plain_kernel(&shape, 1, host.summary(), kernels.sm_count, (None, None)).on_hopper(
-            shape.head_dim,
-            kernels.fwd(q.dtype(), shape.head_dim, FwdVariant::Hopper).is_some(),
-        );
+        let variant = FwdVariant::plain_kernel(&shape, 1, host.summary(), kernels.sm_count, (None, None))
+            .on_hopper(shape.head_dim, kernels.wgmma_kernel(q.dtype(), shape.head_dim)?);
         let Some(kernel) = kernels.fwd(q.dtype(), shape.head_dim, variant) else {
             invalid_arg!(
                 "internal error: no CUDA kernel for {:?} D = {}",

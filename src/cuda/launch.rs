@@ -536,10 +536,8 @@ fn forward_typed<T: CudaDType + DeviceRepr + ValidAsZeroBits + candle_core::With
                     with_mass
                 }
             }
-            _ => FwdVariant::plain_kernel(&kshape, splits, summary, kernels.sm_count, (None, None)).on_hopper(
-                shape.head_dim,
-                kernels.fwd(T::DTYPE, shape.head_dim, FwdVariant::Hopper).is_some(),
-            ),
+            _ => FwdVariant::plain_kernel(&kshape, splits, summary, kernels.sm_count, (None, None))
+                .on_hopper(shape.head_dim, kernels.wgmma_kernel(T::DTYPE, shape.head_dim)?),
         }
     };
     let kernel = kernels.fwd_or_err(T::DTYPE, shape.head_dim, variant)?;

@@ -109,6 +109,24 @@ impl Kernels {
             .map(|(_, k)| k)
     }
 
+    /// Whether plain attention may take the wgmma kernel ([`FwdVariant::Hopper`]) for `dtype` and
+    /// `head_dim` here: true where it is loaded, false on a GPU that is not compute capability 9.0
+    /// or where `SEGATTN_FWD_HOPPER=1` does not ask for it; the reason as an error where the switch
+    /// asks for it on a compute capability 9.0 GPU and it could not be loaded.
+    pub fn wgmma_kernel(&self, dtype: DType, head_dim: usize) -> Result<bool> {
+        if self.fwd(dtype, head_dim, FwdVariant::Hopper).is_some() {
+            return Ok(true);
+        }
+        let key = (dtype, head_dim, FwdVariant::Hopper);
+        match self.unavailable.iter().find(|(k, _)| *k == key) {
+            Some((_, why)) if crate::kernel_params::hopper_setting() => Err(candle_core::Error::Msg(format!(
+                "SEGATTN_FWD_HOPPER=1: the wgmma kernel for {dtype:?} D = {head_dim} did not load: {why}"
+            ))
+            .bt()),
+            _ => Ok(false),
+        }
+    }
+
     /// [`Kernels::fwd`], or an error saying why there is none.
     pub fn fwd_or_err(&self, dtype: DType, head_dim: usize, variant: FwdVariant) -> Result<&FwdKernel> {
         if let Some(k) = self.fwd(dtype, head_dim, variant) {
@@ -231,22 +249,40 @@ fn load(ctx: &Arc<CudaContext>) -> Result<Kernels> {
     let mut fwd = Vec::with_capacity(FWD_ENTRIES.len() + HOPPER_FWD_ENTRIES.len());
     let mut unavailable = Vec::new();
     // The wgmma kernels, on compute capability 9.0 GPUs only (the sm_90a fatbin runs nowhere else).
-    let hopper = super::hopper::load_module(ctx)?;
+    // Not yet checked on a GPU: a failure to load them leaves the rest of the module working, and
+    // is the error of a call that asks for them (`Kernels::wgmma_kernel`), not of every call.
+    let hopper = match super::hopper::load_module(ctx) {
+        Ok(m) => m,
+        Err(e) => {
+            for (_, dtype, head_dim, variant) in HOPPER_FWD_ENTRIES {
+                unavailable.push(((dtype, head_dim, variant), e.to_string()));
+            }
+            None
+        }
+    };
     let entries = FWD_ENTRIES.iter().map(|e| (&module, *e)).chain(
         hopper
             .iter()
             .flat_map(|m| HOPPER_FWD_ENTRIES.iter().map(move |e| (m, *e))),
     );
     for (module, (name, dtype, head_dim, variant)) in entries {
-        let func = module.load_function(name).map_err(|e| {
-            driver_err(
-                format!(
-                    "kernel {name} is not in its embedded fatbin (kernels/production.txt or kernels/hopper.txt lists its \
-                     file?)"
-                ),
-                e,
-            )
-        })?;
+        let func = match module.load_function(name) {
+            Ok(f) => f,
+            Err(e) => {
+                let e = driver_err(
+                    format!(
+                        "kernel {name} is not in its embedded fatbin (kernels/production.txt or kernels/hopper.txt \
+                         lists its file?)"
+                    ),
+                    e,
+                );
+                if variant != FwdVariant::Hopper {
+                    return Err(e);
+                }
+                unavailable.push(((dtype, head_dim, variant), e.to_string()));
+                continue;
+            }
+        };
         // The traits' size, from the same headers compiled for the host (kernels/kernel_traits.cuh).
         let Some(smem) = crate::emulated::fwd_smem_bytes(dtype, head_dim, variant) else {
             return Err(candle_core::Error::Msg(format!(
