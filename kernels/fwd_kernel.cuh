@@ -34,6 +34,12 @@
 // of its quad; a key tile adds its row sums to its segment, or (two segments) its sums on either
 // side of the boundary, split by the softmax's update; the launcher gives it no tile of three.
 //
+// The wgmma variant (Traits::kWgmma, sm_90a: kernels/hopper/fwd_hopper.cu): the 4 warps are one
+// warpgroup, and S = Q K^T and O += P V are Hopper's wgmma.mma_async (wgmma_tile.cuh) reading K
+// and V from shared memory in wgmma's layout (tile_offset), 1024-byte aligned (layout_base);
+// each thread's cp.async copies are fenced into the async proxy before the barrier that
+// publishes them. Everything else is the same.
+//
 // PINE's variant (Traits::kRotate, rotary.cuh): Q stays in shared memory; S is computed piece by
 // piece of the key tile's segments, each with the query turned by the row's position plus its
 // group's shift for that segment (a turned copy of the Q tile, read k-step by k-step). Everything
@@ -288,22 +294,22 @@ __device__ void fwd_kernel(const SegattnFwdParams& p) {
     if constexpr (Traits::kWgmma) {
       wgmma_pv<Traits>(s[0], s_v, o[0]);
     } else {
-    SEGATTN_UNROLL
-    for (int kc = 0; kc < Traits::kPK; ++kc) {
-      uint32_t pa[kMT][4];
       SEGATTN_UNROLL
-      for (int i = 0; i < kMT; ++i) p_fragment<T>(s[i], kc, pa[i]);
-      SEGATTN_UNROLL
-      for (int dp = 0; dp < Traits::kNO / 2; ++dp) {
-        uint32_t vb[4];
-        load_v_fragments<Traits>(s_v, dp, kc, lane, vb);
+      for (int kc = 0; kc < Traits::kPK; ++kc) {
+        uint32_t pa[kMT][4];
         SEGATTN_UNROLL
-        for (int i = 0; i < kMT; ++i) {
-          mma_16816<T>(o[i][2 * dp], pa[i], vb[0], vb[1]);
-          mma_16816<T>(o[i][2 * dp + 1], pa[i], vb[2], vb[3]);
+        for (int i = 0; i < kMT; ++i) p_fragment<T>(s[i], kc, pa[i]);
+        SEGATTN_UNROLL
+        for (int dp = 0; dp < Traits::kNO / 2; ++dp) {
+          uint32_t vb[4];
+          load_v_fragments<Traits>(s_v, dp, kc, lane, vb);
+          SEGATTN_UNROLL
+          for (int i = 0; i < kMT; ++i) {
+            mma_16816<T>(o[i][2 * dp], pa[i], vb[0], vb[1]);
+            mma_16816<T>(o[i][2 * dp + 1], pa[i], vb[2], vb[3]);
+          }
         }
       }
-    }
     }
 
     __syncthreads();  // every warp is done with buffer `buf` before it is refilled
