@@ -373,6 +373,11 @@ if [ "$PHASE" = bench ] || [ "$PHASE" = all ]; then
   "$PYTHON" bench/report.py --ours "$WORK/segattn-all.jsonl" --peers "$WORK/peers-all.jsonl" \
     --header "$SUMMARY" --out "$OUTDIR/RESULTS.md" || status=1
   cat "$OUTDIR/RESULTS.md"
+  # The wgmma kernel's table against the same peers (SEGATTN_FWD_HOPPER=1 above).
+  if [ -s "$OUTDIR/segattn-hopper.jsonl" ]; then
+    "$PYTHON" bench/report.py --ours "$OUTDIR/segattn-hopper.jsonl" --peers "$WORK/peers-all.jsonl" \
+      --out "$OUTDIR/RESULTS-hopper.md" && tail -15 "$OUTDIR/RESULTS-hopper.md"
+  fi
 fi
 
 # --- (5) profile: where the kernels' time goes ----------------------------------------------
