@@ -172,17 +172,18 @@ fn mma_matches_plain_matmul() {
 
 // ---- wgmma ---------------------------------------------------------------------------------
 
-/// wgmma.mma_async as the Hopper forward kernel uses it (kernels/emu/tests/wgmma_test.cu): S = Q K^T
-/// (K-major B, N 64, 8 k-steps of D 128) and O = P V (MN-major B, N 128, 4 k-steps of 64 keys),
-/// from a tile in the kernel's shared-memory layout, against a plain matmul; partial k-steps too.
+/// wgmma.mma_async as the Hopper forward kernel uses it (kernels/hopper/wgmma_probe.cu): S = Q K^T
+/// (K-major B, N 64, 8 k-steps of D 128) and O = P V (MN-major B, N 128 or 64 for D 128 or 64, 4
+/// k-steps of 64 keys), from a tile in the kernel's shared-memory layout, against a plain matmul;
+/// partial k-steps too.
 /// Without the wait, the queued ops never land (D keeps C): the emulator's asynchrony.
 #[test]
 fn wgmma_matches_plain_matmul() {
     for is_bf16 in [true, false] {
         let to_bits: fn(f32) -> u16 = if is_bf16 { bf16_bits } else { f16_bits };
         let value: fn(u16) -> f32 = if is_bf16 { bf16_value } else { f16_value };
-        for (mode, k_steps) in [(0usize, 8usize), (0, 3), (1, 4), (1, 1)] {
-            let n = if mode == 0 { 64 } else { 128 };
+        for (mode, k_steps) in [(0usize, 8usize), (0, 3), (1, 4), (1, 1), (2, 4)] {
+            let n = if mode == 1 { 128 } else { 64 };
             let ka = 16 * k_steps;
             let mut rng = Lcg(11 + mode as u64 + 2 * k_steps as u64 + 100 * u64::from(is_bf16));
             let a: Vec<u16> = (0..64 * ka).map(|_| to_bits(rng.next() * 4.0)).collect();

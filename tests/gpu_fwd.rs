@@ -893,7 +893,7 @@ fn probe(
 /// tile element behind every (k, n). Returns the (k, n, read row, read column) that differ from
 /// the emulator's reading (`mode` 0: tile[n][k]; 1: tile[k][n]).
 fn wgmma_misreadings(dev: &Device, mode: i32, is_bf16: bool) -> Result<Vec<(usize, usize, usize, usize)>> {
-    let n = if mode == 0 { 64 } else { 128 };
+    let n = if mode == 1 { 128 } else { 64 };
     let a: Vec<u16> = (0..64 * 16)
         .map(|i| bits16(if i % 16 == (i / 16) % 16 { 1.0 } else { 0.0 }, is_bf16))
         .collect();
@@ -923,8 +923,8 @@ fn wgmma_misreadings(dev: &Device, mode: i32, is_bf16: bool) -> Result<Vec<(usiz
 
 /// The emulator's reading of Hopper's wgmma (kernels/emu/wgmma.cpp: register fragments, the
 /// 128-byte swizzled K-major and MN-major layouts, the descriptor) against the card, through the
-/// probe kernel of the sm_90a fatbin (kernels/hopper/wgmma_probe.cu), on the two uses a Hopper
-/// forward kernel makes of it (S = Q K^T over 8 k-steps, O = P V over 4), bf16 and f16. On a
+/// probe kernel of the sm_90a fatbin (kernels/hopper/wgmma_probe.cu), on the uses the wgmma forward
+/// kernel makes of it (S = Q K^T over 8 k-steps, O = P V over 4 at D 128 and D 64), bf16 and f16. On a
 /// mismatch it also prints where the card read each B element from. Skipped on GPUs that are not
 /// compute capability 9.0.
 #[test]
@@ -936,8 +936,8 @@ fn wgmma_reading_matches_the_card() -> Result<()> {
     }
     let mut rng = Rng::new(34);
     for is_bf16 in [true, false] {
-        for (mode, k_steps) in [(0i32, 8usize), (0, 3), (1, 4), (1, 1)] {
-            let n = if mode == 0 { 64 } else { 128 };
+        for (mode, k_steps) in [(0i32, 8usize), (0, 3), (1, 4), (1, 1), (2, 4)] {
+            let n = if mode == 1 { 128 } else { 64 };
             let ka = 16 * k_steps;
             let mut draw = |scale: f64| ((rng.unit() * 2.0 - 1.0) * scale) as f32;
             let a: Vec<u16> = (0..64 * ka).map(|_| bits16(draw(2.0), is_bf16)).collect();

@@ -5,8 +5,9 @@
 // the tile 1024-byte aligned. Written here with its own formula, independently of the kernel's.
 //   mode 0 (S = Q K^T): B[k][n] = tile[n][k], K-major, n < 64, k < 16 k_steps (<= 128)
 //   mode 1 (O = P V):   B[k][n] = tile[k][n], MN-major, n < 128, k < 16 k_steps (<= 64)
+//   mode 2 (O = P V at D 64): as mode 1 with n < 64
 // The descriptors' leading and stride byte offsets are parameters (this reading: mode 0: LBO
-// unused (16), SBO 1024; mode 1: LBO 64 x 128 = 8192, the column halves' distance, SBO 1024), so
+// unused (16), SBO 1024; modes 1, 2: LBO 64 x 128 = 8192, the column halves' distance, SBO 1024), so
 // that a GPU test can try another reading when the card disagrees.
 // A is [64][16 k_steps] row-major, C and D [64][N] f32. skip_wait: D is written without waiting
 // for the ops (the emulator must then leave C in place; on a GPU the result is undefined).
@@ -80,24 +81,31 @@ __device__ void probe_body(const uint16_t* a, const uint16_t* tile, const float*
   }
 }
 
+// The probe of `mode` (0: K-major, N 64; 1: MN-major, N 128; 2: MN-major, N 64, the V tile of a
+// D 64 kernel) in bf16 or f16.
+__device__ void run_probe(int mode, bool is_bf16, const uint16_t* a, const uint16_t* tile, const float* c, float* d,
+                          int k_steps, uint32_t lbo, uint32_t sbo, bool skip_wait) {
+  using segattn::f16;
+  if (mode == 0) {
+    if (is_bf16) probe_body<segattn::bf16, 64, false>(a, tile, c, d, k_steps, lbo, sbo, skip_wait);
+    else probe_body<f16, 64, false>(a, tile, c, d, k_steps, lbo, sbo, skip_wait);
+  } else if (mode == 1) {
+    if (is_bf16) probe_body<segattn::bf16, 128, true>(a, tile, c, d, k_steps, lbo, sbo, skip_wait);
+    else probe_body<f16, 128, true>(a, tile, c, d, k_steps, lbo, sbo, skip_wait);
+  } else {
+    if (is_bf16) probe_body<segattn::bf16, 64, true>(a, tile, c, d, k_steps, lbo, sbo, skip_wait);
+    else probe_body<f16, 64, true>(a, tile, c, d, k_steps, lbo, sbo, skip_wait);
+  }
+}
+
 }  // namespace
 
-// The GPU entry (the sm_90a fatbin): mode 0 / 1, bf16 / f16 as above; 128 threads, 17 KiB of dynamic
-// shared memory.
+// The GPU entry (the sm_90a fatbin): `mode` and the dtype as above; 128 threads, 17 KiB of
+// dynamic shared memory.
 extern "C" __global__ void __launch_bounds__(128) segattn_wgmma_probe(int mode, int is_bf16, const uint16_t* a,
                                                                      const uint16_t* tile, const float* c, float* d,
                                                                      int k_steps, int lbo, int sbo) {
-  if (mode == 0) {
-    if (is_bf16)
-      probe_body<segattn::bf16, 64, false>(a, tile, c, d, k_steps, lbo, sbo, false);
-    else
-      probe_body<segattn::f16, 64, false>(a, tile, c, d, k_steps, lbo, sbo, false);
-  } else {
-    if (is_bf16)
-      probe_body<segattn::bf16, 128, true>(a, tile, c, d, k_steps, lbo, sbo, false);
-    else
-      probe_body<segattn::f16, 128, true>(a, tile, c, d, k_steps, lbo, sbo, false);
-  }
+  run_probe(mode, is_bf16 != 0, a, tile, c, d, k_steps, lbo, sbo, false);
 }
 
 #if defined(SEGATTN_EMULATE)
@@ -105,17 +113,7 @@ extern "C" int segattn_emu_test_wgmma(int mode, int is_bf16, const uint16_t* a, 
                                       const float* c, float* d, int k_steps, int skip_wait) {
   const uint32_t lbo = mode == 0 ? 16 : 64 * 128, sbo = 1024;
   return segattn::emu::launch(dim3(1), dim3(128), 1024 + 64 * 128 * 2, [&] {
-    if (mode == 0) {
-      if (is_bf16)
-        probe_body<segattn::bf16, 64, false>(a, tile, c, d, k_steps, lbo, sbo, skip_wait != 0);
-      else
-        probe_body<segattn::f16, 64, false>(a, tile, c, d, k_steps, lbo, sbo, skip_wait != 0);
-    } else {
-      if (is_bf16)
-        probe_body<segattn::bf16, 128, true>(a, tile, c, d, k_steps, lbo, sbo, skip_wait != 0);
-      else
-        probe_body<segattn::f16, 128, true>(a, tile, c, d, k_steps, lbo, sbo, skip_wait != 0);
-    }
+    run_probe(mode, is_bf16 != 0, a, tile, c, d, k_steps, lbo, sbo, skip_wait != 0);
   });
 }
 #endif

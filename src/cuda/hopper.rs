@@ -63,7 +63,8 @@ pub(crate) fn load_module(ctx: &Arc<CudaContext>) -> Result<Option<Arc<CudaModul
 #[doc(hidden)]
 pub struct WgmmaProbe<'a> {
     /// 0: B = the tile's rows as K-major columns (N 64, `k_steps` <= 8 of A's [64][16 k_steps]);
-    /// 1: B = the tile's first 16 k_steps rows, MN-major (N 128, `k_steps` <= 4).
+    /// 1: B = the tile's first 16 k_steps rows, MN-major (N 128, `k_steps` <= 4); 2: as 1 with
+    /// N 64 (a D 64 kernel's V tile).
     pub mode: i32,
     pub is_bf16: bool,
     pub a: &'a [u16],
@@ -72,7 +73,7 @@ pub struct WgmmaProbe<'a> {
     pub c: &'a [f32],
     pub k_steps: usize,
     /// The B descriptor's (leading, stride) byte offsets; `None`: the reading the kernels use
-    /// (mode 0: 16 (unused) and 1024; mode 1: 8192 and 1024).
+    /// (mode 0: 16 (unused) and 1024; modes 1, 2: 8192 and 1024).
     pub offsets: Option<(u32, u32)>,
 }
 
@@ -92,10 +93,12 @@ pub fn wgmma_probe(dev: &Device, probe: &WgmmaProbe<'_>) -> Result<Option<Vec<f3
     let Device::Cuda(cuda) = dev else {
         invalid_arg!("dev: the wgmma probe runs on a CUDA device, got {:?}", dev.location());
     };
-    let n = if mode == 0 { 64 } else { 128 };
+    let n = if mode == 1 { 128 } else { 64 };
     let max_steps = if mode == 0 { 8 } else { 4 };
-    if !(mode == 0 || mode == 1) || k_steps == 0 || k_steps > max_steps {
-        invalid_arg!("mode / k_steps: expected mode 0 with 1..=8 k-steps or mode 1 with 1..=4, got {mode} / {k_steps}");
+    if !(0..=2).contains(&mode) || k_steps == 0 || k_steps > max_steps {
+        invalid_arg!(
+            "mode / k_steps: expected mode 0 with 1..=8 k-steps or mode 1 or 2 with 1..=4, got {mode} / {k_steps}"
+        );
     }
     for (arg, got, want) in [
         ("a", a.len(), 64 * 16 * k_steps),
