@@ -163,7 +163,6 @@ struct FwdTraits {
                        : kSmemBytes + kSmemAlign;
   }
 
-
   // Piece pairs one thread evaluates per key tile when bounding the loop (mask.cuh
   // may_be_visible); a tile with more pairs counts as possibly visible.
   static constexpr int kScanBudget = 64;
@@ -173,6 +172,11 @@ struct FwdTraits {
   static_assert(kOffQId >= kOffV + 2 * kKVBytes && kOffScan >= kOffKId + 4 * 2 * kBlockN,
                 "the key-tile scan's shared memory overlaps a key buffer");
 };
+
+// The wgmma kernel's traits (kernels/hopper/fwd_hopper.cu): plain attention, 64-row blocks,
+// 64-key tiles, D 64 / 128.
+template <class T, int D>
+using HopperTraits = FwdTraits<T, D, false, false, 1, 64, true>;
 
 // Byte offset of 16-byte chunk `chunk` of row `row` in a swizzled tile of `kChunks` chunks per row.
 template <int kChunks>
@@ -192,7 +196,8 @@ struct UsesWgmma<Traits, std::void_t<decltype(Traits::kWgmma)>> : std::bool_cons
 template <class Traits>
 __device__ __forceinline__ char* layout_base(char* smem) {
   if constexpr (UsesWgmma<Traits>::value) {
-    return smem + ((1024 - (smem_u32addr(smem) & 1023)) & 1023);
+    constexpr uint32_t kAlign = Traits::kSmemAlign;
+    return smem + ((kAlign - (smem_u32addr(smem) & (kAlign - 1))) & (kAlign - 1));
   } else {
     return smem;
   }

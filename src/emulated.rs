@@ -71,7 +71,6 @@ extern "C" {
     fn segattn_emu_last_error() -> *const c_char;
     fn segattn_emu_fwd(params: *const SegattnFwdParams) -> c_int;
     fn segattn_emu_fwd_hopper(params: *const SegattnFwdParams) -> c_int;
-    fn segattn_emu_fwd_hopper_smem_bytes(dtype: c_int, head_dim: c_int) -> c_int;
     fn segattn_emu_fwd_smem_bytes(dtype: c_int, head_dim: c_int, variant: c_int) -> c_int;
     fn segattn_emu_fwd_mass_rows_smem_bytes(dtype: c_int, head_dim: c_int, num_segments: c_int) -> c_int;
     fn segattn_emu_classify_tile(
@@ -124,11 +123,6 @@ pub(crate) fn check_counters_left_zero(counters: &[u32], what: &str) -> Result<(
 /// (64 / 128), from the kernel's traits, or `None` when unsupported.
 pub fn fwd_smem_bytes(dtype: DType, head_dim: usize, variant: FwdVariant) -> Option<usize> {
     let code = dtype_code(dtype)?;
-    if variant == FwdVariant::Hopper {
-        // SAFETY: a pure function of its arguments (kernels/hopper/fwd_hopper.cu).
-        let bytes = unsafe { segattn_emu_fwd_hopper_smem_bytes(code, c_int::try_from(head_dim).ok()?) };
-        return (bytes > 0).then_some(bytes as usize);
-    }
     // SAFETY: a pure function of its arguments.
     let bytes = unsafe { segattn_emu_fwd_smem_bytes(code, c_int::try_from(head_dim).ok()?, variant.code()) };
     (bytes > 0).then_some(bytes as usize)

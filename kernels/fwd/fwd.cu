@@ -82,31 +82,7 @@ SEGATTN_FWD_ENTRY(segattn_fwd_rope_f16_d256, segattn::f16, 256, true, false, 1)
 
 #include <cstdio>
 
-#include "emu/emu_api.h"
-
-namespace segattn {
-namespace fwd {
-namespace emu_entry {
-
-using Entry = void (*)(const SegattnFwdParams);
-
-template <class Traits>
-int launch(const SegattnFwdParams& p, Entry entry) {
-  if (p.batch <= 0 || p.num_heads <= 0 || p.q_len <= 0) return 0;  // nothing to compute
-  const int splits = p.kv_splits > 1 ? p.kv_splits : 1;
-  const dim3 grid((p.q_len + Traits::kBlockM - 1) / Traits::kBlockM * splits, p.num_heads, p.batch);
-  const dim3 block(Traits::kThreads);
-  return ::segattn::emu::launch(grid, block, Traits::launch_smem_bytes(p.mass.num_segments), [&] { entry(p); });
-}
-
-// Fails through the emulator, so that segattn_emu_last_error() carries `message`.
-int fail(const char* message) {
-  return ::segattn::emu::launch(dim3(1), dim3(1), 0, [&] { ::segattn::emu::trap(message, SEGATTN_EMU_HERE); });
-}
-
-}  // namespace emu_entry
-}  // namespace fwd
-}  // namespace segattn
+#include "fwd/emu_launch.cuh"
 
 // Runs the forward kernel for `p` on the CPU. 0 on success; nonzero with the message in
 // segattn_emu_last_error() for an unsupported dtype / head dim, bad sizes, or a failed launch.
@@ -219,7 +195,7 @@ extern "C" int segattn_emu_fwd(const SegattnFwdParams* p) {
 // Dynamic shared memory of the kernel for (dtype, head_dim, variant: 0 plain, 1 PINE's rotation,
 // 2 fused mass, 3 wide, 4 wide with 64-key tiles: at D = 64 the same as 3, 5 wide with 64-key
 // tiles and the fused mass: D = 128 only, its fixed layout without the rows' sums, see
-// segattn_emu_fwd_mass_rows_smem_bytes), 0 if unsupported (for the Rust side to check its launch
+// segattn_emu_fwd_mass_rows_smem_bytes, 6 the wgmma kernel: D 64 / 128), 0 if unsupported (for the Rust side to check its launch
 // configuration against the traits).
 extern "C" int segattn_emu_fwd_smem_bytes(int dtype, int head_dim, int variant) {
   using namespace segattn::fwd;
@@ -245,6 +221,8 @@ extern "C" int segattn_emu_fwd_smem_bytes(int dtype, int head_dim, int variant) 
                  : FwdTraits<bf16, 128, false, false, 2, 64>::kSmemBytes;
     case 5:
       return d64 ? 0 : FwdTraits<bf16, 128, false, true, 2, 64>::kSmemBytes;
+    case 6:  // the wgmma kernel (kernels/hopper/fwd_hopper.cu): its launch's, with the alignment
+      return d64 ? HopperTraits<bf16, 64>::launch_smem_bytes(0) : HopperTraits<bf16, 128>::launch_smem_bytes(0);
     default:
       return 0;
   }

@@ -6,20 +6,13 @@
 // nvcc (kernels/hopper.txt, the sm_90a fatbin): `extern "C" __global__` entry points
 //   segattn_fwd_hopper_{bf16,f16}_d{64,128}(SegattnFwdParams)
 //   grid (ceil(Lq / 64) * kv_splits, H, B), block 128 threads, dynamic shared memory
-//   FwdTraits<T, D, ..., kWgmma>::launch_smem_bytes(0) (the plain kernel's and 1024 bytes to
-//   align the tiles), params.block_rows = 64, params.block_keys = 64.
+//   HopperTraits<T, D>::launch_smem_bytes(0) (kernel_traits.cuh: the plain kernel's and 1024
+//   bytes to align the tiles), params.block_rows = 64, params.block_keys = 64.
 //
 // Host emulation (SEGATTN_EMULATE): `segattn_emu_fwd_hopper(params)` runs them on the CPU
 // (the emulator's wgmma: kernels/emu/wgmma.cpp).
 #include "platform.cuh"
 #include "fwd_kernel.cuh"
-
-namespace segattn {
-namespace fwd {
-template <class T, int D>
-using HopperTraits = FwdTraits<T, D, false, false, 1, 64, true>;
-}  // namespace fwd
-}  // namespace segattn
 
 #define SEGATTN_FWD_HOPPER_ENTRY(name, T, D)                                                              \
   extern "C" __global__ void __launch_bounds__(segattn::fwd::HopperTraits<T, D>::kThreads, 1)              \
@@ -36,23 +29,7 @@ SEGATTN_FWD_HOPPER_ENTRY(segattn_fwd_hopper_f16_d128, segattn::f16, 128)
 
 #if defined(SEGATTN_EMULATE)
 
-#include "emu/emu_api.h"
-
-namespace segattn {
-namespace fwd {
-namespace emu_hopper {
-
-template <class Traits>
-int launch(const SegattnFwdParams& p, void (*entry)(const SegattnFwdParams)) {
-  if (p.batch <= 0 || p.num_heads <= 0 || p.q_len <= 0) return 0;  // nothing to compute
-  const int splits = p.kv_splits > 1 ? p.kv_splits : 1;
-  const dim3 grid((p.q_len + Traits::kBlockM - 1) / Traits::kBlockM * splits, p.num_heads, p.batch);
-  return ::segattn::emu::launch(grid, dim3(Traits::kThreads), Traits::launch_smem_bytes(0), [&] { entry(p); });
-}
-
-}  // namespace emu_hopper
-}  // namespace fwd
-}  // namespace segattn
+#include "fwd/emu_launch.cuh"
 
 // Runs the wgmma forward kernel for `p` (plain attention: no rotation, no mass; 64-row blocks) on
 // the CPU. 0 on success; nonzero with the message in segattn_emu_last_error() otherwise.
@@ -60,7 +37,7 @@ extern "C" int segattn_emu_fwd_hopper(const SegattnFwdParams* p) {
   using segattn::bf16;
   using segattn::f16;
   using segattn::fwd::HopperTraits;
-  namespace e = segattn::fwd::emu_hopper;
+  namespace e = segattn::fwd::emu_entry;
   const char* bad = nullptr;
   if (p == nullptr) {
     bad = "segattn_emu_fwd_hopper: params is NULL";
@@ -73,9 +50,7 @@ extern "C" int segattn_emu_fwd_hopper(const SegattnFwdParams* p) {
   } else if (p->dtype != SEGATTN_DTYPE_BF16 && p->dtype != SEGATTN_DTYPE_F16) {
     bad = "segattn_emu_fwd_hopper: dtype bf16 or f16";
   }
-  if (bad != nullptr) {
-    return ::segattn::emu::launch(dim3(1), dim3(1), 0, [&] { ::segattn::emu::trap(bad, SEGATTN_EMU_HERE); });
-  }
+  if (bad != nullptr) return e::fail(bad);
   const bool d64 = p->head_dim == 64;
   if (p->dtype == SEGATTN_DTYPE_BF16) {
     return d64 ? e::launch<HopperTraits<bf16, 64>>(*p, segattn_fwd_hopper_bf16_d64)
@@ -83,14 +58,6 @@ extern "C" int segattn_emu_fwd_hopper(const SegattnFwdParams* p) {
   }
   return d64 ? e::launch<HopperTraits<f16, 64>>(*p, segattn_fwd_hopper_f16_d64)
              : e::launch<HopperTraits<f16, 128>>(*p, segattn_fwd_hopper_f16_d128);
-}
-
-// Dynamic shared memory of the wgmma forward kernel's launch (0 if unsupported).
-extern "C" int segattn_emu_fwd_hopper_smem_bytes(int dtype, int head_dim) {
-  using segattn::fwd::HopperTraits;
-  if ((dtype != SEGATTN_DTYPE_BF16 && dtype != SEGATTN_DTYPE_F16) || (head_dim != 64 && head_dim != 128)) return 0;
-  return head_dim == 64 ? HopperTraits<segattn::bf16, 64>::launch_smem_bytes(0)
-                        : HopperTraits<segattn::bf16, 128>::launch_smem_bytes(0);
 }
 
 #endif  // SEGATTN_EMULATE
