@@ -2,7 +2,7 @@
 // layouts of the PTX ISA ("Matrix Fragments for mma.m16n8k16 with floating point type",
 // "Warp-level matrix load instruction: ldmatrix"). groupID = lane >> 2, tig = lane % 4:
 //   A (16x16, row):  a[0] = A[g][2t..2t+1]   a[1] = A[g+8][2t..]   a[2] = A[g][2t+8..]
-//                    a[3] = A[g+8][2t+8..]
+//                    a[3] = A[g+8][2t+8..]   (gathered by fragments.h, shared with wgmma)
 //   B (16x8, col):   b[0] = B[2t..2t+1][g]   b[1] = B[2t+8..2t+9][g]
 //   C, D (16x8 f32): c[0], c[1] = C[g][2t], C[g][2t+1];  c[2], c[3] = C[g+8][2t], C[g+8][2t+1]
 // The lower-numbered element of a pair sits in the low 16 bits.
@@ -13,6 +13,7 @@
 
 #include "dtypes.cuh"
 #include "emu/context.h"
+#include "emu/fragments.h"
 
 namespace segattn::emu {
 
@@ -27,26 +28,16 @@ struct MmaIn {
 };
 
 template <MmaInput T>
-inline float decode(uint16_t h) {
-  return T == MmaInput::BF16 ? to_float(from_bits<bf16>(h)) : to_float(from_bits<f16>(h));
-}
-
-template <MmaInput T>
 void mma_compute(Op, uint32_t, const void* const* in, void* const* out, Site) {
   // Gather the raw 16-bit values first, then decode them in one branch-free loop (vectorizes).
   uint16_t raw[16 * 16 + 16 * 8];  // A row-major [16][16], then B as [k][n]
   uint16_t* a16 = raw;
   uint16_t* b16 = raw + 256;
   float D[16][8];
+  gather_a_fragments([&](int l) { return static_cast<const MmaIn*>(in[l])->a; }, a16);
   for (int l = 0; l < 32; ++l) {
     const auto& p = *static_cast<const MmaIn*>(in[l]);
     const int g = l >> 2, t = l & 3;
-    const int rows[4] = {g, g + 8, g, g + 8};
-    const int cols[4] = {2 * t, 2 * t, 2 * t + 8, 2 * t + 8};
-    for (int r = 0; r < 4; ++r) {
-      a16[rows[r] * 16 + cols[r]] = static_cast<uint16_t>(p.a[r]);
-      a16[rows[r] * 16 + cols[r] + 1] = static_cast<uint16_t>(p.a[r] >> 16);
-    }
     for (int r = 0; r < 2; ++r) {
       b16[(2 * t + 8 * r) * 8 + g] = static_cast<uint16_t>(p.b[r]);
       b16[(2 * t + 8 * r + 1) * 8 + g] = static_cast<uint16_t>(p.b[r] >> 16);
@@ -57,7 +48,7 @@ void mma_compute(Op, uint32_t, const void* const* in, void* const* out, Site) {
     D[g + 8][2 * t + 1] = p.c[3];
   }
   float values[16 * 16 + 16 * 8];
-  for (int i = 0; i < 16 * 16 + 16 * 8; ++i) values[i] = decode<T>(raw[i]);
+  for (int i = 0; i < 16 * 16 + 16 * 8; ++i) values[i] = decode16(T, raw[i]);
   const float* A = values;
   const float* B = values + 256;
   // D += A * B in fp32, k in order. Products of 16-bit floats are exact in fp32; plain

@@ -9,8 +9,7 @@
 //
 // Reading, for m64nNk16 (16-bit inputs, f32 accumulators), warp w of the warpgroup, g = lane / 4,
 // t = lane % 4:
-//   A (registers): rows 16 w + {g, g + 8}: a[0] = A[g][2t, 2t+1], a[1] = A[g+8][2t, 2t+1],
-//                  a[2] = A[g][2t+8, 2t+9], a[3] = A[g+8][2t+8, 2t+9] (mma.m16n8k16's A layout)
+//   A (registers): warp w's rows 16 w .. 16 w + 15 in mma.m16n8k16's A layout (fragments.h)
 //   D: d[4j + 0, 1] = D[16 w + g][8j + 2t, + 1], d[4j + 2, 3] = D[16 w + g + 8][8j + 2t, + 1]
 //   B (shared memory, 128-byte swizzle, byte addresses before the swizzle, T = 8 elements):
 //     K-major  (trans_b 0, B^T stored [n][k]): start + (n / 8) SBO + (n % 8) 128 + (k / 8) 16
@@ -26,6 +25,7 @@
 
 #include "dtypes.cuh"
 #include "emu/context.h"
+#include "emu/fragments.h"
 
 namespace segattn::emu {
 
@@ -71,27 +71,16 @@ uint16_t b_element(const Desc& desc, bool trans_b, int k, int n, const char* whe
   return v;
 }
 
-float decode16(MmaInput type, uint16_t h) {
-  return type == MmaInput::BF16 ? to_float(from_bits<bf16>(h)) : to_float(from_bits<f16>(h));
-}
-
 // One queued op for the 32 lanes of a warp (`ops[l]` is lane l's copy of it).
 void compute_one(const PendingWgmma* const* ops) {
   const PendingWgmma& op = *ops[0];
   const char* where = "wgmma.mma_async at ";
   const Desc desc = decode_desc(op.b_desc, where, op.site);
   const int n = op.n;
+  uint16_t a16[16 * 16];
+  gather_a_fragments([&](int l) { return ops[l]->a; }, a16);
   float A[16][16];
-  for (int l = 0; l < 32; ++l) {
-    const int g = l >> 2, t = l & 3;
-    const int rows[4] = {g, g + 8, g, g + 8};
-    const int cols[4] = {2 * t, 2 * t, 2 * t + 8, 2 * t + 8};
-    for (int r = 0; r < 4; ++r) {
-      const uint32_t v = ops[l]->a[r];
-      A[rows[r]][cols[r]] = decode16(op.type, static_cast<uint16_t>(v));
-      A[rows[r]][cols[r] + 1] = decode16(op.type, static_cast<uint16_t>(v >> 16));
-    }
-  }
+  for (int i = 0; i < 16 * 16; ++i) A[i / 16][i % 16] = decode16(op.type, a16[i]);
   static thread_local float B[16][128];
   for (int k = 0; k < 16; ++k) {
     for (int j = 0; j < n; ++j) B[k][j] = decode16(op.type, b_element(desc, op.trans_b, k, j, where, op.site));
