@@ -79,8 +79,7 @@ impl PreparedForward {
         let scale = scale.unwrap_or_else(|| default_scale(shape.head_dim));
         let host = mask.host_metadata(shape.batch, shape.q_len, shape.kv_len)?;
         let kernels = kernels(stream.context())?;
-        let variant = FwdVariant::plain_kernel(&shape, 1, host.summary(), kernels.sm_count, (None, None))
-            .on_hopper(shape.head_dim, kernels.wgmma_kernel(q.dtype(), shape.head_dim)?);
+        let variant = kernels.plain_variant(q.dtype(), &shape, 1, host.summary())?;
         let Some(kernel) = kernels.fwd(q.dtype(), shape.head_dim, variant) else {
             invalid_arg!(
                 "internal error: no CUDA kernel for {:?} D = {}",

@@ -9,9 +9,9 @@
 //! (`kernels/emu/wgmma.cpp`), checked against the card by `tests/gpu_fwd.rs` before a forward
 //! kernel is built on it (bench/NOTES.md CUDA 34).
 
-use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
 use std::sync::Arc;
 
+use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
 use candle_core::cuda_backend::cudarc::driver::{CudaContext, CudaModule, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
 use candle_core::{Device, Result};

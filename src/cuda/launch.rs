@@ -536,8 +536,7 @@ fn forward_typed<T: CudaDType + DeviceRepr + ValidAsZeroBits + candle_core::With
                     with_mass
                 }
             }
-            _ => FwdVariant::plain_kernel(&kshape, splits, summary, kernels.sm_count, (None, None))
-                .on_hopper(shape.head_dim, kernels.wgmma_kernel(T::DTYPE, shape.head_dim)?),
+            _ => kernels.plain_variant(T::DTYPE, &kshape, splits, summary)?,
         }
     };
     let kernel = kernels.fwd_or_err(T::DTYPE, shape.head_dim, variant)?;

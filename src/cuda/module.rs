@@ -20,7 +20,8 @@ use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
 use candle_core::{DType, Result};
 
 use super::driver_err;
-use crate::kernel_params::FwdVariant;
+use crate::kernel_params::{FwdVariant, MaskSummary};
+use crate::validate::AttentionShape;
 
 /// The production kernels, compiled by nvcc at build time (see build/nvcc.rs).
 static FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/segattn.fatbin"));
@@ -109,21 +110,27 @@ impl Kernels {
             .map(|(_, k)| k)
     }
 
-    /// Whether plain attention may take the wgmma kernel ([`FwdVariant::Hopper`]) for `dtype` and
-    /// `head_dim` here: true where it is loaded, false on a GPU that is not compute capability 9.0
-    /// or where `SEGATTN_FWD_HOPPER=1` does not ask for it; the reason as an error where the switch
-    /// asks for it on a compute capability 9.0 GPU and it could not be loaded.
-    pub fn wgmma_kernel(&self, dtype: DType, head_dim: usize) -> Result<bool> {
-        if self.fwd(dtype, head_dim, FwdVariant::Hopper).is_some() {
-            return Ok(true);
-        }
-        let key = (dtype, head_dim, FwdVariant::Hopper);
+    /// The kernel plain attention of `shape` (as the launch sees it: `kv_splits` slices, the mask
+    /// `summary`) takes on this GPU: [`FwdVariant::plain_kernel`]'s rule for its SMs, then the
+    /// wgmma kernel where `SEGATTN_FWD_HOPPER=1` asks for it ([`FwdVariant::on_hopper`]). An error
+    /// where the switch asks for it on a compute capability 9.0 GPU and it could not be loaded.
+    pub fn plain_variant(
+        &self,
+        dtype: DType,
+        shape: &AttentionShape,
+        kv_splits: usize,
+        summary: MaskSummary,
+    ) -> Result<FwdVariant> {
+        let variant = FwdVariant::plain_kernel(shape, kv_splits, summary, self.sm_count, (None, None));
+        let loaded = self.fwd(dtype, shape.head_dim, FwdVariant::Hopper).is_some();
+        let key = (dtype, shape.head_dim, FwdVariant::Hopper);
         match self.unavailable.iter().find(|(k, _)| *k == key) {
             Some((_, why)) if crate::kernel_params::hopper_setting() => Err(candle_core::Error::Msg(format!(
-                "SEGATTN_FWD_HOPPER=1: the wgmma kernel for {dtype:?} D = {head_dim} did not load: {why}"
+                "SEGATTN_FWD_HOPPER=1: the wgmma kernel for {dtype:?} D = {} did not load: {why}",
+                shape.head_dim
             ))
             .bt()),
-            _ => Ok(false),
+            _ => Ok(variant.on_hopper(shape.head_dim, loaded)),
         }
     }
 
@@ -250,7 +257,7 @@ fn load(ctx: &Arc<CudaContext>) -> Result<Kernels> {
     let mut unavailable = Vec::new();
     // The wgmma kernels, on compute capability 9.0 GPUs only (the sm_90a fatbin runs nowhere else).
     // Not yet checked on a GPU: a failure to load them leaves the rest of the module working, and
-    // is the error of a call that asks for them (`Kernels::wgmma_kernel`), not of every call.
+    // is the error of a call that asks for them (`Kernels::plain_variant`), not of every call.
     let hopper = match super::hopper::load_module(ctx) {
         Ok(m) => m,
         Err(e) => {
