@@ -325,14 +325,12 @@ pub fn forward_tiled(
 /// emulator's reading of wgmma: kernels/emu/wgmma.cpp), whatever the rows and the mask: plain
 /// attention, D 64 / 128. Under the emulator its products sum in the mma.sync kernel's order, so
 /// it gives that kernel's bits.
-#[allow(clippy::too_many_arguments)]
 pub fn forward_wgmma(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     mask: &SegmentMask,
     scale: Option<f64>,
-    kv_splits: usize,
     schedule: Schedule,
     seed: u64,
 ) -> Result<AttentionOutput> {
@@ -343,7 +341,6 @@ pub fn forward_wgmma(
         mask,
         Launch {
             scale,
-            kv_splits,
             wgmma: true,
             ..Launch::new(schedule, seed)
         }
