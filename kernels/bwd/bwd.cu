@@ -46,10 +46,6 @@ int launch(const SegattnBwdParams& p, Entry entry) {
   return ::segattn::emu::launch(grid, dim3(Traits::kThreads), Traits::kSmemBytes, [&] { entry(p); });
 }
 
-int fail(const char* message) {
-  return ::segattn::emu::launch(dim3(1), dim3(1), 0, [&] { ::segattn::emu::trap(message, SEGATTN_EMU_HERE); });
-}
-
 }  // namespace emu_entry
 }  // namespace bwd
 }  // namespace segattn
@@ -61,18 +57,18 @@ extern "C" int segattn_emu_bwd(const SegattnBwdParams* p) {
   using segattn::bf16;
   using segattn::f16;
   static thread_local char message[256];
-  if (p == nullptr) return emu_entry::fail("segattn_emu_bwd: params is NULL");
+  if (p == nullptr) return ::segattn::emu::fail_launch("segattn_emu_bwd: params is NULL");
   const SegattnFwdParams& b = p->base;
   if (b.num_kv_heads <= 0 || b.num_heads % b.num_kv_heads != 0) {
     std::snprintf(message, sizeof message,
                   "segattn_emu_bwd: num_heads (%d) must be a positive multiple of num_kv_heads (%d)", b.num_heads,
                   b.num_kv_heads);
-    return emu_entry::fail(message);
+    return ::segattn::emu::fail_launch(message);
   }
   if (b.head_dim != 64 && b.head_dim != 128) {
     std::snprintf(message, sizeof message, "segattn_emu_bwd: unsupported head_dim %d (expected 64 or 128)",
                   b.head_dim);
-    return emu_entry::fail(message);
+    return ::segattn::emu::fail_launch(message);
   }
   const bool d64 = b.head_dim == 64;
   switch (b.dtype) {
@@ -86,7 +82,7 @@ extern "C" int segattn_emu_bwd(const SegattnBwdParams* p) {
       std::snprintf(message, sizeof message,
                     "segattn_emu_bwd: unsupported dtype code %d (expected %d = f16 or %d = bf16)", b.dtype,
                     SEGATTN_DTYPE_F16, SEGATTN_DTYPE_BF16);
-      return emu_entry::fail(message);
+      return ::segattn::emu::fail_launch(message);
   }
 }
 

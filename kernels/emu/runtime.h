@@ -117,6 +117,12 @@ int launch(dim3 grid, dim3 block, size_t dynamic_smem_bytes, F&& body) {
       const_cast<void*>(static_cast<const void*>(&body)));
 }
 
+// A launch that fails with `message` (segattn_emu_last_error() then carries it): how an emulated
+// entry point refuses its arguments.
+inline int fail_launch(const char* message) {
+  return launch(dim3(1), dim3(1), 0, [&] { trap(message, SEGATTN_EMU_HERE); });
+}
+
 }  // namespace segattn::emu
 
 #endif  // SEGATTN_EMU_RUNTIME_H

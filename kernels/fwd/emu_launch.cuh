@@ -26,10 +26,6 @@ int launch(const SegattnFwdParams& p, Entry entry) {
   return ::segattn::emu::launch(grid, block, Traits::launch_smem_bytes(p.mass.num_segments), [&] { entry(p); });
 }
 
-// Fails through the emulator, so that segattn_emu_last_error() carries `message`.
-inline int fail(const char* message) {
-  return ::segattn::emu::launch(dim3(1), dim3(1), 0, [&] { ::segattn::emu::trap(message, SEGATTN_EMU_HERE); });
-}
 
 }  // namespace emu_entry
 }  // namespace fwd

@@ -91,17 +91,17 @@ extern "C" int segattn_emu_fwd(const SegattnFwdParams* p) {
   using segattn::bf16;
   using segattn::f16;
   static thread_local char message[256];
-  if (p == nullptr) return emu_entry::fail("segattn_emu_fwd: params is NULL");
+  if (p == nullptr) return ::segattn::emu::fail_launch("segattn_emu_fwd: params is NULL");
   if (p->num_kv_heads <= 0 || p->num_heads % p->num_kv_heads != 0) {
     std::snprintf(message, sizeof message,
                   "segattn_emu_fwd: num_heads (%d) must be a positive multiple of num_kv_heads (%d)",
                   p->num_heads, p->num_kv_heads);
-    return emu_entry::fail(message);
+    return ::segattn::emu::fail_launch(message);
   }
   if (p->head_dim != 64 && p->head_dim != 128 && p->head_dim != 256) {
     std::snprintf(message, sizeof message, "segattn_emu_fwd: unsupported head_dim %d (expected 64, 128 or 256)",
                   p->head_dim);
-    return emu_entry::fail(message);
+    return ::segattn::emu::fail_launch(message);
   }
   const bool d64 = p->head_dim == 64;
   const bool rope = p->rotation.cos != nullptr;
@@ -109,7 +109,7 @@ extern "C" int segattn_emu_fwd(const SegattnFwdParams* p) {
   const bool wide = p->block_rows == 128;
   if (p->head_dim == 256) {
     if (mass || wide) {
-      return emu_entry::fail("segattn_emu_fwd: D = 256 runs in 64-row blocks, without the fused mass");
+      return ::segattn::emu::fail_launch("segattn_emu_fwd: D = 256 runs in 64-row blocks, without the fused mass");
     }
     switch (p->dtype) {
       case SEGATTN_DTYPE_BF16:
@@ -127,19 +127,19 @@ extern "C" int segattn_emu_fwd(const SegattnFwdParams* p) {
   const bool keys64 = p->block_keys == 64;
   if (p->block_rows != 0 && p->block_rows != 64 && !wide) {
     std::snprintf(message, sizeof message, "segattn_emu_fwd: block_rows %d (expected 64 or 128)", p->block_rows);
-    return emu_entry::fail(message);
+    return ::segattn::emu::fail_launch(message);
   }
   if (wide && (rope || p->kv_splits > 1 || (mass && (d64 || !keys64)))) {
-    return emu_entry::fail(
+    return ::segattn::emu::fail_launch(
         "segattn_emu_fwd: the wide kernel has no rotation and no split-K, and the fused mass only with 64-key "
         "tiles at D = 128");
   }
-  if (rope && mass) return emu_entry::fail("segattn_emu_fwd: the fused mass is not offered with PINE's rotation");
+  if (rope && mass) return ::segattn::emu::fail_launch("segattn_emu_fwd: the fused mass is not offered with PINE's rotation");
   if (mass && (p->kv_splits > 1 || p->mass.num_segments > segattn::mass::kMaxOnePassSegments)) {
     std::snprintf(message, sizeof message,
                   "segattn_emu_fwd: the fused mass needs kv_splits <= 1 (got %d) and at most %d segments (got %d)",
                   p->kv_splits, segattn::mass::kMaxOnePassSegments, p->mass.num_segments);
-    return emu_entry::fail(message);
+    return ::segattn::emu::fail_launch(message);
   }
   switch (p->dtype) {
     case SEGATTN_DTYPE_BF16:
@@ -188,7 +188,7 @@ extern "C" int segattn_emu_fwd(const SegattnFwdParams* p) {
       std::snprintf(message, sizeof message,
                     "segattn_emu_fwd: unsupported dtype code %d (expected %d = f16 or %d = bf16)", p->dtype,
                     SEGATTN_DTYPE_F16, SEGATTN_DTYPE_BF16);
-      return emu_entry::fail(message);
+      return ::segattn::emu::fail_launch(message);
   }
 }
 

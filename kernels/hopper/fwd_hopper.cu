@@ -50,7 +50,7 @@ extern "C" int segattn_emu_fwd_hopper(const SegattnFwdParams* p) {
   } else if (p->dtype != SEGATTN_DTYPE_BF16 && p->dtype != SEGATTN_DTYPE_F16) {
     bad = "segattn_emu_fwd_hopper: dtype bf16 or f16";
   }
-  if (bad != nullptr) return e::fail(bad);
+  if (bad != nullptr) return ::segattn::emu::fail_launch(bad);
   const bool d64 = p->head_dim == 64;
   if (p->dtype == SEGATTN_DTYPE_BF16) {
     return d64 ? e::launch<HopperTraits<bf16, 64>>(*p, segattn_fwd_hopper_bf16_d64)

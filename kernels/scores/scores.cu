@@ -81,10 +81,6 @@ int launch(const SegattnScoresParams& p, Entry entry) {
   return ::segattn::emu::launch(grid, block, Traits::kSmemBytes, [&] { entry(p); });
 }
 
-int fail(const char* message) {
-  return ::segattn::emu::launch(dim3(1), dim3(1), 0, [&] { ::segattn::emu::trap(message, SEGATTN_EMU_HERE); });
-}
-
 }  // namespace emu_entry
 }  // namespace scores
 }  // namespace segattn
@@ -97,29 +93,29 @@ extern "C" int segattn_emu_scores(const SegattnScoresParams* p) {
   using segattn::bf16;
   using segattn::f16;
   static thread_local char message[256];
-  if (p == nullptr) return emu_entry::fail("segattn_emu_scores: params is NULL");
+  if (p == nullptr) return ::segattn::emu::fail_launch("segattn_emu_scores: params is NULL");
   const SegattnFwdParams& b = p->base;
   if (b.num_kv_heads <= 0 || b.num_heads % b.num_kv_heads != 0) {
     std::snprintf(message, sizeof message,
                   "segattn_emu_scores: num_heads (%d) must be a positive multiple of num_kv_heads (%d)",
                   b.num_heads, b.num_kv_heads);
-    return emu_entry::fail(message);
+    return ::segattn::emu::fail_launch(message);
   }
   if (b.head_dim != 64 && b.head_dim != 128 && b.head_dim != 256) {
     std::snprintf(message, sizeof message, "segattn_emu_scores: unsupported head_dim %d (expected 64, 128 or 256)",
                   b.head_dim);
-    return emu_entry::fail(message);
+    return ::segattn::emu::fail_launch(message);
   }
   if (p->two_pass == 0 && p->out.num_segments > ScoresTraits<bf16, 64>::kMaxOnePassSegments) {
     std::snprintf(message, sizeof message,
                   "segattn_emu_scores: the one-pass kernel holds at most %d segments, got num_segments %d "
                   "(use two_pass)",
                   ScoresTraits<bf16, 64>::kMaxOnePassSegments, p->out.num_segments);
-    return emu_entry::fail(message);
+    return ::segattn::emu::fail_launch(message);
   }
   if (b.block_rows != 0 && b.block_rows != 64 && b.block_rows != 128) {
     std::snprintf(message, sizeof message, "segattn_emu_scores: block_rows %d (expected 64 or 128)", b.block_rows);
-    return emu_entry::fail(message);
+    return ::segattn::emu::fail_launch(message);
   }
   const bool d64 = b.head_dim == 64;
   const bool wide = b.block_rows == 128;
@@ -127,7 +123,7 @@ extern "C" int segattn_emu_scores(const SegattnScoresParams* p) {
   // between block_keys and the entry's tiles traps in the kernel.
   const bool keys64 = wide && !d64 && b.block_keys == 64;
   if (b.head_dim == 256) {
-    if (wide) return emu_entry::fail("segattn_emu_scores: D = 256 has the 64-row kernel only");
+    if (wide) return ::segattn::emu::fail_launch("segattn_emu_scores: D = 256 has the 64-row kernel only");
     if (b.dtype == SEGATTN_DTYPE_BF16) return emu_entry::launch<ScoresTraits<bf16, 256>>(*p, segattn_scores_bf16_d256);
     if (b.dtype == SEGATTN_DTYPE_F16) return emu_entry::launch<ScoresTraits<f16, 256>>(*p, segattn_scores_f16_d256);
   }
@@ -152,7 +148,7 @@ extern "C" int segattn_emu_scores(const SegattnScoresParams* p) {
       std::snprintf(message, sizeof message,
                     "segattn_emu_scores: unsupported dtype code %d (expected %d = f16 or %d = bf16)", b.dtype,
                     SEGATTN_DTYPE_F16, SEGATTN_DTYPE_BF16);
-      return emu_entry::fail(message);
+      return ::segattn::emu::fail_launch(message);
   }
 }
 
