@@ -36,9 +36,9 @@
 //
 // The wgmma variant (Traits::kWgmma, sm_90a: kernels/hopper/fwd_hopper.cu): the 4 warps are one
 // warpgroup, and S = Q K^T and O += P V are Hopper's wgmma.mma_async (wgmma_tile.cuh) reading K
-// and V from shared memory in wgmma's layout (tile_offset), 1024-byte aligned (layout_base);
-// each thread's cp.async copies are fenced into the async proxy before the barrier that
-// publishes them. Everything else is the same.
+// and V from shared memory in wgmma's layout (tile_offset), 1024-byte aligned (layout_base).
+// Its key-tile loop is its own (wgmma_loop.cuh: a tile's softmax overlaps the previous tile's
+// P V, V copied an iteration after K); the prologue and the epilogue are the ones above.
 //
 // PINE's variant (Traits::kRotate, rotary.cuh): Q stays in shared memory; S is computed piece by
 // piece of the key tile's segments, each with the query turned by the row's position plus its
@@ -62,7 +62,7 @@
 #include "softmax.cuh"
 #include "split_merge.cuh"
 #include "tile_load.cuh"
-#include "wgmma_tile.cuh"
+#include "wgmma_loop.cuh"
 
 namespace segattn {
 namespace fwd {
@@ -95,14 +95,23 @@ __device__ void fwd_kernel(const SegattnFwdParams& p) {
   const T* const v_base = blk.template kv_rows<T>(p.v, p.v_strides);
   // K, V and the key segment ids of tile t into buffer buf (each thread copies the same chunks
   // whatever the tile: a thread's own cp.async wait orders its copies into a buffer).
-  auto load_kv_async = [&](int t, int buf) {
+  // (The wgmma kernel's loop copies a tile's V an iteration after its K: the two halves apart.)
+  auto load_k_async = [&](int t, int buf) {
     blk.load_key_ids_async(p, t, s_kid + buf * kN);
     const int k0 = t * kN;
-    const int valid = min(kN, kv_len - k0);
     load_tile_async<Traits, kN>(smem + Traits::kOffK + buf * Traits::kKVBytes,
-                                k_base + static_cast<int64_t>(k0) * p.k_strides.row, p.k_strides.row, valid);
+                                k_base + static_cast<int64_t>(k0) * p.k_strides.row, p.k_strides.row,
+                                min(kN, kv_len - k0));
+  };
+  auto load_v_async = [&](int t, int buf) {
+    const int k0 = t * kN;
     load_tile_async<Traits, kN>(smem + Traits::kOffV + buf * Traits::kKVBytes,
-                                v_base + static_cast<int64_t>(k0) * p.v_strides.row, p.v_strides.row, valid);
+                                v_base + static_cast<int64_t>(k0) * p.v_strides.row, p.v_strides.row,
+                                min(kN, kv_len - k0));
+  };
+  auto load_kv_async = [&](int t, int buf) {
+    load_k_async(t, buf);
+    load_v_async(t, buf);
   };
   // Split-K (decode steps): a slice's first key tile is nearly always its first visible one (a
   // decode row sees every key before it), so its copy goes out now, before the key-tile scan, and
@@ -186,114 +195,109 @@ __device__ void fwd_kernel(const SegattnFwdParams& p) {
     if constexpr (Traits::kQShared) __syncthreads();
   }
 
-  int buf = 0;
-  while (tile < end_tile) {
-    // Look ahead: classify and prefetch the next visible tile while this one is computed.
-    int next_cls = SEGATTN_TILE_SKIP;
-    const int next = blk.next_visible(p, tile + 1, next_cls);
-    if (next < end_tile) {
-      load_kv_async(next, buf ^ 1);
-      cp_async_commit();
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-    // (kWgmma) this thread's copies of tile t, written through the generic proxy, before wgmma
-    // reads them through the async proxy.
-    if constexpr (Traits::kWgmma) fence_proxy_async_smem();
-    __syncthreads();
+  if constexpr (Traits::kWgmma) {
+    wgmma_tile_loop<Traits>(p, blk, smem, tile, cls, qf[0], o[0], softmax[0], load_k_async, load_v_async);
+  } else {
+    int buf = 0;
+    while (tile < end_tile) {
+      // Look ahead: classify and prefetch the next visible tile while this one is computed.
+      int next_cls = SEGATTN_TILE_SKIP;
+      const int next = blk.next_visible(p, tile + 1, next_cls);
+      if (next < end_tile) {
+        load_kv_async(next, buf ^ 1);
+        cp_async_commit();
+        cp_async_wait<1>();
+      } else {
+        cp_async_wait<0>();
+      }
+      __syncthreads();
 
-    const char* const s_k = smem + Traits::kOffK + buf * Traits::kKVBytes;
-    const char* const s_v = smem + Traits::kOffV + buf * Traits::kKVBytes;
-    const uint32_t* const kid = s_kid + buf * kN;
-    const int k0 = tile * kN;
+      const char* const s_k = smem + Traits::kOffK + buf * Traits::kKVBytes;
+      const char* const s_v = smem + Traits::kOffV + buf * Traits::kKVBytes;
+      const uint32_t* const kid = s_kid + buf * kN;
+      const int k0 = tile * kN;
 
-    // S = Q K^T.
-    float s[kMT][Traits::kNS][4];
-    if constexpr (Traits::kWgmma) {
-      wgmma_qk<Traits>(qf[0], s_k, s[0]);
-    } else if constexpr (Traits::kRotate) {
-      SEGATTN_UNROLL
-      for (int nb = 0; nb < Traits::kNS; ++nb) {
+      // S = Q K^T.
+      float s[kMT][Traits::kNS][4];
+      if constexpr (Traits::kRotate) {
         SEGATTN_UNROLL
-        for (int e = 0; e < 4; ++e) s[0][nb][e] = 0.0f;
+        for (int nb = 0; nb < Traits::kNS; ++nb) {
+          SEGATTN_UNROLL
+          for (int e = 0; e < 4; ++e) s[0][nb][e] = 0.0f;
+        }
+        // Piece by piece of the tile's key segments (block-uniform bounds [a, e)): the query turned
+        // for the piece's segment (into the turned Q tile), the mma only on the columns of the piece
+        // (qk_piece).
+        const int valid = min(kN, kv_len - k0);
+        char* const s_qt = smem + Traits::kOffQTurned;
+        // Most tiles lie in one segment (one piece): the plain S mma, without the per-column-pair
+        // piece tests and zeroed B fragments (keys past kv_len are masked below, as in the plain
+        // kernel).
+        const bool one_piece = static_cast<int>(blk.kv_segs_of(p).span_end[k0]) - k0 >= valid;
+        if (one_piece) {
+          rotator.turn_for(p, warp * 16 + g, kid[0], s_q, s_qt, warp, lane);
+          qk_tile<Traits>([&](int kc, uint32_t(&qa)[4]) { load_q_fragment<Traits>(s_qt, warp, lane, kc, qa); }, s_k,
+                          lane, s[0]);
+        }
+        for (int a = one_piece ? valid : 0; a < valid;) {
+          const int e = min(static_cast<int>(blk.kv_segs_of(p).span_end[k0 + a]) - k0, valid);
+          rotator.turn_for(p, warp * 16 + g, kid[a], s_q, s_qt, warp, lane);
+          qk_piece<Traits>([&](int kc, uint32_t(&qa)[4]) { load_q_fragment<Traits>(s_qt, warp, lane, kc, qa); }, s_k,
+                           lane, a, e, s[0]);
+          a = e;
+        }
+      } else {
+        // Q's fragments from registers, or (kQInSmem) from the Q tile at every k-step; each K
+        // fragment serves every row tile of the warp.
+        qk_tiles<Traits, kMT>(
+            [&](int i, int kc, uint32_t(&qa)[4]) {
+              if constexpr (Traits::kQInSmem) {
+                load_q_fragment<Traits>(s_q, row_tile(i), lane, kc, qa);
+              } else {
+                SEGATTN_UNROLL
+                for (int j = 0; j < 4; ++j) qa[j] = qf[i][kc][j];
+              }
+            },
+            s_k, lane, s);
       }
-      // Piece by piece of the tile's key segments (block-uniform bounds [a, e)): the query turned
-      // for the piece's segment (into the turned Q tile), the mma only on the columns of the piece
-      // (qk_piece).
-      const int valid = min(kN, kv_len - k0);
-      char* const s_qt = smem + Traits::kOffQTurned;
-      // Most tiles lie in one segment (one piece): the plain S mma, without the per-column-pair
-      // piece tests and zeroed B fragments (keys past kv_len are masked below, as in the plain
-      // kernel).
-      const bool one_piece = static_cast<int>(blk.kv_segs_of(p).span_end[k0]) - k0 >= valid;
-      if (one_piece) {
-        rotator.turn_for(p, warp * 16 + g, kid[0], s_q, s_qt, warp, lane);
-        qk_tile<Traits>([&](int kc, uint32_t(&qa)[4]) { load_q_fragment<Traits>(s_qt, warp, lane, kc, qa); }, s_k,
-                        lane, s[0]);
-      }
-      for (int a = one_piece ? valid : 0; a < valid;) {
-        const int e = min(static_cast<int>(blk.kv_segs_of(p).span_end[k0 + a]) - k0, valid);
-        rotator.turn_for(p, warp * 16 + g, kid[a], s_q, s_qt, warp, lane);
-        qk_piece<Traits>([&](int kc, uint32_t(&qa)[4]) { load_q_fragment<Traits>(s_qt, warp, lane, kc, qa); }, s_k,
-                         lane, a, e, s[0]);
-        a = e;
-      }
-    } else {
-      // Q's fragments from registers, or (kQInSmem) from the Q tile at every k-step; each K
-      // fragment serves every row tile of the warp.
-      qk_tiles<Traits, kMT>(
-          [&](int i, int kc, uint32_t(&qa)[4]) {
-            if constexpr (Traits::kQInSmem) {
-              load_q_fragment<Traits>(s_q, row_tile(i), lane, kc, qa);
-            } else {
-              SEGATTN_UNROLL
-              for (int j = 0; j < 4; ++j) qa[j] = qf[i][kc][j];
-            }
-          },
-          s_k, lane, s);
-    }
 
-    // Scale into the log2 domain; mask PARTIAL tiles and keys past the end; online softmax.
-    // (kMassInSmem: a tile of two key segments also splits its row sums at the boundary.)
-    if constexpr (Traits::kMassInSmem) {
-      SEGATTN_UNROLL
-      for (int i = 0; i < kMT; ++i) {
-        blk.scale_and_mask(s[i], p, row_tile(i), lane, kid, k0, cls == SEGATTN_TILE_PARTIAL);
-      }
-      const int valid = min(kN, kv_len - k0);
-      const int id0 = static_cast<int>(kid[0]);
-      const bool two = static_cast<int>(kid[valid - 1]) != id0;  // uniform
-      mask::KeyRuns runs{valid, kid[0], kid[0], true};
-      if (two) {
-        runs = mask::key_runs<kN>(kid, valid, lane);
-        if (!runs.at_most_two) __trap();  // the launcher takes another kernel for such masks
+      // Scale into the log2 domain; mask PARTIAL tiles and keys past the end; online softmax.
+      // (kMassInSmem: a tile of two key segments also splits its row sums at the boundary.)
+      if constexpr (Traits::kMassInSmem) {
         SEGATTN_UNROLL
-        for (int i = 0; i < kMT; ++i) softmax[i].template update<true>(s[i], o[i], runs.end0, lane);
+        for (int i = 0; i < kMT; ++i) {
+          blk.scale_and_mask(s[i], p, row_tile(i), lane, kid, k0, cls == SEGATTN_TILE_PARTIAL);
+        }
+        const int valid = min(kN, kv_len - k0);
+        const int id0 = static_cast<int>(kid[0]);
+        const bool two = static_cast<int>(kid[valid - 1]) != id0;  // uniform
+        mask::KeyRuns runs{valid, kid[0], kid[0], true};
+        if (two) {
+          runs = mask::key_runs<kN>(kid, valid, lane);
+          if (!runs.at_most_two) __trap();  // the launcher takes another kernel for such masks
+          SEGATTN_UNROLL
+          for (int i = 0; i < kMT; ++i) softmax[i].template update<true>(s[i], o[i], runs.end0, lane);
+        } else {
+          SEGATTN_UNROLL
+          for (int i = 0; i < kMT; ++i) softmax[i].update(s[i], o[i]);
+        }
+        mass::rescale_owned_row(softmax, mass_rows, lane);
+        mass::accumulate_rows_in_smem(softmax, two, id0, static_cast<int>(runs.id1), lane, mass_rows);
       } else {
         SEGATTN_UNROLL
-        for (int i = 0; i < kMT; ++i) softmax[i].update(s[i], o[i]);
+        for (int i = 0; i < kMT; ++i) {
+          blk.scale_and_mask(s[i], p, row_tile(i), lane, kid, k0, cls == SEGATTN_TILE_PARTIAL);
+          softmax[i].update(s[i], o[i]);
+        }
       }
-      mass::rescale_owned_row(softmax, mass_rows, lane);
-      mass::accumulate_rows_in_smem(softmax, two, id0, static_cast<int>(runs.id1), lane, mass_rows);
-    } else {
-      SEGATTN_UNROLL
-      for (int i = 0; i < kMT; ++i) {
-        blk.scale_and_mask(s[i], p, row_tile(i), lane, kid, k0, cls == SEGATTN_TILE_PARTIAL);
-        softmax[i].update(s[i], o[i]);
+      if constexpr (Traits::kMass && !Traits::kMassInSmem) {
+        softmax[0].rescale(macc);
+        pending.rescale(softmax[0]);
+        mass::accumulate_one_pass<1, kN>(s[0], softmax[0].tile_sum, kid, min(kN, kv_len - k0), lane, pending, macc);
       }
-    }
-    if constexpr (Traits::kMass && !Traits::kMassInSmem) {
-      softmax[0].rescale(macc);
-      pending.rescale(softmax[0]);
-      mass::accumulate_one_pass<1, kN>(s[0], softmax[0].tile_sum, kid, min(kN, kv_len - k0), lane, pending, macc);
-    }
 
-    // O += P V, with P packed to 16 bits straight from the S accumulators; each V fragment
-    // serves every row tile of the warp.
-    if constexpr (Traits::kWgmma) {
-      wgmma_pv<Traits>(s[0], s_v, o[0]);
-    } else {
+      // O += P V, with P packed to 16 bits straight from the S accumulators; each V fragment
+      // serves every row tile of the warp.
       SEGATTN_UNROLL
       for (int kc = 0; kc < Traits::kPK; ++kc) {
         uint32_t pa[kMT][4];
@@ -310,12 +314,12 @@ __device__ void fwd_kernel(const SegattnFwdParams& p) {
           }
         }
       }
-    }
 
-    __syncthreads();  // every warp is done with buffer `buf` before it is refilled
-    tile = next;
-    cls = next_cls;
-    buf ^= 1;
+      __syncthreads();  // every warp is done with buffer `buf` before it is refilled
+      tile = next;
+      cls = next_cls;
+      buf ^= 1;
+    }
   }
 
   // Epilogue. Each warp stages its own rows of O in its own rows of the Q tile (no warp reads

@@ -70,6 +70,14 @@ struct OnlineSoftmax {
   // it on (tile_before, tile_after), in the same pass over the probabilities.
   template <bool kSplit = false, int kNS, int kNO>
   __device__ __forceinline__ void update(float (&s)[kNS][4], float (&o)[kNO][4], int split = 0, int lane = 0) {
+    probabilities<kSplit>(s, split, lane);
+    rescale(o);
+  }
+
+  // update without O's rescaling, which the caller does with `rescale` once O may be written (the
+  // wgmma kernel: after the previous tile's P V, still running during this, has completed).
+  template <bool kSplit = false, int kNS>
+  __device__ __forceinline__ void probabilities(float (&s)[kNS][4], int split = 0, int lane = 0) {
     const int limit = split - 2 * (lane % 4);  // kSplit: relative to this thread's first column
     bool any = false;
     SEGATTN_UNROLL
@@ -109,7 +117,6 @@ struct OnlineSoftmax {
       row_sum[r] = fmaf(row_sum[r], alpha[r], sum);
     }
     moved = __any_sync(0xffffffffu, any) != 0;
-    rescale(o);
   }
 
   // Rescales an accumulator of the same rows (C fragments [kN][4]) to the reference of the last

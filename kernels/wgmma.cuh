@@ -104,6 +104,20 @@ __device__ __forceinline__ void wgmma_fence_operands(float (&d)[kBlocks][4]) {
 #endif
 }
 
+// The same for A registers that an mma_async reads until its wait (they must not be reused before).
+template <int kBlocks>
+__device__ __forceinline__ void wgmma_fence_operands(uint32_t (&a)[kBlocks][4]) {
+#if defined(SEGATTN_WGMMA_PTX)
+#pragma unroll
+  for (int j = 0; j < kBlocks; ++j) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) asm volatile("" : "+r"(a[j][e])::"memory");
+  }
+#else
+  (void)a;
+#endif
+}
+
 #define SEGATTN_WGMMA_D4(j) "+f"(d[j][0]), "+f"(d[j][1]), "+f"(d[j][2]), "+f"(d[j][3])
 // The operands after D's N / 2 registers: A's 4 registers, B's descriptor, scale-d (a predicate
 // from `accumulate`) and trans-b.

@@ -8,6 +8,7 @@
 # then builds the same unity fatbin as build.rs (`cargo build --features cuda`), and
 # scripts/check-resource-report.py parses it all:
 #   - FAILS (exit 1, naming the kernel) on any spill store/load or nonzero stack frame;
+#   - FAILS when ptxas reports a wgmma kernel serialised or given injected waits (C7514-C7517);
 #   - FAILS when a kernel under the tensor-core requirement (see kernels/production.txt) has no
 #     HMMA, or neither LDSM (ldmatrix) nor LDS.128 in its SASS;
 #   - rewrites kernels/RESOURCES.md (arch, kernel, registers, static smem, stack, spills, SASS
@@ -93,6 +94,14 @@ for i in "${!paths[@]}"; do
   fi
   # Compiler warnings (anything but ptxas -v's info lines) are shown, not fatal.
   grep -v -e '^ptxas info' -e '^    [0-9]* bytes stack frame' "$work/unit$i.log" || true
+  # But a wgmma kernel whose products ptxas serialised, or into which it injected waits (an
+  # accumulator possibly read before its wgmma.wait_group on some path), has lost its overlap:
+  # that is a bug of the kernel, fatal.
+  if grep -e 'C7514' -e 'C7517' -e 'C7515' -e 'C7516' "$work/unit$i.log"; then
+    log "FAIL: $src: ptxas serialised wgmma or injected warpgroup waits (lines above)"
+    failed=1
+    continue
+  fi
   cuobjdump -sass "$work/unit$i.fatbin" >"$work/unit$i.sass"
   printf '%s\t%s\t%s\t%s\n' "$src" "${options[$i]}" "$work/unit$i.log" "$work/unit$i.sass" >>"$units"
   log "compiled $src in $(since "$t0")"
