@@ -1,10 +1,11 @@
 // The forward kernel body: FlashAttention-2 over the key tiles that the segment mask leaves
 // visible.
 //
-// Grid (ceil(Lq / kBlockM), H, B), 128 threads, launched in reverse order of query tiles. The
-// block owns query rows [q0, q0 + kBlockM) of head h of batch row b; warp w owns rows 16w .. 16w +
-// 15 of the tile (the wide kernel, kBlockM = 128: also rows 64 + 16w ..; each K and V fragment
-// loaded from shared memory then feeds both row tiles' mma).
+// Grid (ceil(Lq / kBlockM), H, B), kThreads threads (128; the two-warpgroup wgmma kernel 256),
+// launched in reverse order of query tiles. The block owns query rows [q0, q0 + kBlockM) of head
+// h of batch row b; warp w owns rows 16w .. 16w + 15 of the tile (the wide kernel, kBlockM = 128
+// with 4 warps: also rows 64 + 16w ..; each K and V fragment loaded from shared memory then feeds
+// both row tiles' mma).
 //
 //   bound the key tiles: [first, last] that may be visible (one cheap scan spread over the threads)
 //   classify key tiles ahead, a window of 128 at a time, one per thread (block_info.cuh); find the
@@ -34,11 +35,12 @@
 // of its quad; a key tile adds its row sums to its segment, or (two segments) its sums on either
 // side of the boundary, split by the softmax's update; the launcher gives it no tile of three.
 //
-// The wgmma variant (Traits::kWgmma, sm_90a: kernels/hopper/fwd_hopper.cu): the 4 warps are one
-// warpgroup, and S = Q K^T and O += P V are Hopper's wgmma.mma_async (wgmma_tile.cuh) reading K
-// and V from shared memory in wgmma's layout (tile_offset), 1024-byte aligned (layout_base).
-// Its key-tile loop is its own (wgmma_loop.cuh: a tile's softmax overlaps the previous tile's
-// P V, V copied an iteration after K); the prologue and the epilogue are the ones above.
+// The wgmma variant (Traits::kWgmma, sm_90a: kernels/hopper/fwd_hopper.cu): each 4 warps are a
+// warpgroup (one or two a block), and S = Q K^T and O += P V are Hopper's wgmma.mma_async
+// (wgmma_tile.cuh) reading K and V from shared memory in wgmma's layout (tile_offset), 1024-byte
+// aligned (layout_base). Its key-tile loop is its own (wgmma_loop.cuh: a tile's softmax overlaps
+// the previous tile's P V, V copied an iteration after K); the prologue and the epilogue are the
+// ones above.
 //
 // PINE's variant (Traits::kRotate, rotary.cuh): Q stays in shared memory; S is computed piece by
 // piece of the key tile's segments, each with the query turned by the row's position plus its

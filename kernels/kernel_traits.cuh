@@ -69,7 +69,7 @@ namespace fwd {
 constexpr int kMassTile1Skew = 16;
 
 template <class Element, int kHeadDim_, bool kRotate_ = false, bool kMass_ = false, int kMTiles_ = 1,
-          int kBlockN_ = 0, bool kWgmma_ = false>
+          int kBlockN_ = 0, int kWarpGroups_ = 0>
 struct FwdTraits {
   using T = Element;
   static constexpr int kHeadDim = kHeadDim_;
@@ -89,18 +89,22 @@ struct FwdTraits {
   static constexpr int kMTiles = kMTiles_;
   static_assert(kMTiles == 1 || (kMTiles == 2 && !kRotate_), "the wide kernel has no rotation");
   static constexpr bool kMassInSmem = kMass && kMTiles > 1;
-  // Hopper's warpgroup MMA (kernels/hopper/, sm_90a): the block's 4 warps are one warpgroup; S =
-  // Q K^T and O += P V are wgmma.mma_async with A (Q's and P's fragments) in registers and B (K,
-  // V) read from shared memory through descriptors, so the K and V tiles are laid out as wgmma's
-  // 128-byte swizzled atoms (tile_offset below) and start on 1024-byte boundaries (kSmemAlign).
-  // Plain attention only, 64-row blocks, 64-key tiles, D 64 / 128.
-  static constexpr bool kWgmma = kWgmma_;
+  // Hopper's warpgroup MMA (kernels/hopper/, sm_90a), kWarpGroups_ > 0: the block is that many
+  // warpgroups of 4 warps, each warpgroup 64 query rows (warp w: rows 16 w ..); S = Q K^T and
+  // O += P V are wgmma.mma_async with A (Q's and P's fragments) in registers and B (K, V) read
+  // from shared memory through descriptors, so the K and V tiles are laid out as wgmma's 128-byte
+  // swizzled atoms (tile_offset below) and start on 1024-byte boundaries (kSmemAlign). Two
+  // warpgroups share each K and V tile (half the copies per row). Plain attention only, 64-key
+  // tiles, D 64 / 128.
+  static constexpr int kWarpGroups = kWarpGroups_;
+  static constexpr bool kWgmma = kWarpGroups > 0;
+  static_assert(kWarpGroups >= 0 && kWarpGroups <= 2, "one or two warpgroups");
   static_assert(!kWgmma || (!kRotate_ && !kMass_ && kMTiles_ == 1 && kHeadDim_ <= 128),
-                "the wgmma kernel is plain attention in 64-row blocks at D 64 / 128");
+                "the wgmma kernel is plain attention in 16-row tiles per warp at D 64 / 128");
   // ... and the wide kernel, whose two row tiles' accumulators leave no room for their Q.
   // D = 256 likewise: its 128 O accumulator registers leave no room for 64 of Q fragments.
   static constexpr bool kQInSmem = kRotate || (kMass && kHeadDim == 128) || kMTiles > 1 || kHeadDim == 256;
-  static constexpr int kWarps = 4;
+  static constexpr int kWarps = kWgmma ? 4 * kWarpGroups : 4;
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kRowsPerWarp = 16 * kMTiles;
   static constexpr int kBlockM = kWarps * kRowsPerWarp;
@@ -173,10 +177,10 @@ struct FwdTraits {
                 "the key-tile scan's shared memory overlaps a key buffer");
 };
 
-// The wgmma kernel's traits (kernels/hopper/fwd_hopper.cu): plain attention, 64-row blocks,
-// 64-key tiles, D 64 / 128.
-template <class T, int D>
-using HopperTraits = FwdTraits<T, D, false, false, 1, 64, true>;
+// The wgmma kernels' traits (kernels/hopper/fwd_hopper.cu): plain attention, 64-key tiles, D 64
+// / 128, in blocks of kWarpGroups x 64 rows.
+template <class T, int D, int kWarpGroups = 1>
+using HopperTraits = FwdTraits<T, D, false, false, 1, 64, kWarpGroups>;
 
 // Byte offset of 16-byte chunk `chunk` of row `row` in a swizzled tile of `kChunks` chunks per row.
 template <int kChunks>

@@ -153,18 +153,22 @@ if [ "$PHASE" = test ] || [ "$PHASE" = all ]; then
   # kernel with three blocks per SM (SEGATTN_SCORES_BLOCKS=3).
   variant_keys=(64 32)
   [ "${SEGATTN_SUITE_VARIANTS:-1}" = 0 ] && variant_keys=()
-  # First: the wgmma kernel (SEGATTN_FWD_HOPPER=1: plain attention on segattn_fwd_hopper_*, the
-  # sm_90a fatbin; bench/NOTES.md CUDA 34) on every mask and length, on its first hardware runs.
+  # First: the wgmma kernels (SEGATTN_FWD_HOPPER=1: plain attention on segattn_fwd_hopper*_*, the
+  # sm_90a fatbin; bench/NOTES.md CUDA 34-36) on every mask and length, on their first hardware
+  # runs: as the rule picks (small shapes: mostly the 64-row one), then the 128-row one forced
+  # (SEGATTN_FWD_WIDE=1: segattn_fwd_hopper128_*).
   if [ "${SEGATTN_SUITE_VARIANTS:-1}" != 0 ]; then
-    SEGATTN_FWD_HOPPER=1 SEGATTN_REQUIRE_GPU=1 SEGATTN_GPU_CASES=60 budgeted 90 "$san_reserve" \
-      "$WORK/gpu_fwd" --test-threads "$(nproc)" gpu_kernel_matches_reference every_mask_kind_every_instantiation \
-      tile_multiples_and_tiny_lengths fully_masked_rows large_shapes_match_cpu_path deterministic \
-      >"$WORK/gpu_fwd_hopper.log" 2>&1
-    rc=$?
-    { echo "=== gpu_fwd, SEGATTN_FWD_HOPPER=1 (exit $rc) ==="; cat "$WORK/gpu_fwd_hopper.log"; } >>"$OUTDIR/tests.log"
-    tail -25 "$WORK/gpu_fwd_hopper.log"
-    note "- (1) gpu_fwd (wgmma kernel on every mask, SEGATTN_FWD_HOPPER=1): $(grep -E '^test result' "$WORK/gpu_fwd_hopper.log" | tail -1 || echo 'no result line') (exit $rc)"
-    [ "$rc" = 0 ] || status=1
+    for wide in rule 1; do  # (SEGATTN_FWD_WIDE=rule: neither 0 nor 1, the rule decides)
+      SEGATTN_FWD_WIDE=$wide SEGATTN_FWD_HOPPER=1 SEGATTN_REQUIRE_GPU=1 SEGATTN_GPU_CASES=45 budgeted 70 "$san_reserve" \
+        "$WORK/gpu_fwd" --test-threads "$(nproc)" gpu_kernel_matches_reference every_mask_kind_every_instantiation \
+        tile_multiples_and_tiny_lengths fully_masked_rows large_shapes_match_cpu_path deterministic \
+        >"$WORK/gpu_fwd_hopper_$wide.log" 2>&1
+      rc=$?
+      { echo "=== gpu_fwd, SEGATTN_FWD_HOPPER=1 SEGATTN_FWD_WIDE=$wide (exit $rc) ==="; cat "$WORK/gpu_fwd_hopper_$wide.log"; } >>"$OUTDIR/tests.log"
+      tail -25 "$WORK/gpu_fwd_hopper_$wide.log"
+      note "- (1) gpu_fwd (wgmma kernels on every mask, SEGATTN_FWD_HOPPER=1, SEGATTN_FWD_WIDE=$wide): $(grep -E '^test result' "$WORK/gpu_fwd_hopper_$wide.log" | tail -1 || echo 'no result line') (exit $rc)"
+      [ "$rc" = 0 ] || status=1
+    done
   fi
   for keys in "${variant_keys[@]}"; do
     SEGATTN_FWD_WIDE=1 SEGATTN_FWD_WIDE_KEYS=$keys SEGATTN_REQUIRE_GPU=1 SEGATTN_GPU_CASES=40 budgeted 90 "$san_reserve" \
@@ -230,13 +234,15 @@ if [ "$PHASE" = test ] || [ "$PHASE" = all ]; then
         rc2=$?
         [ "$rc" = 0 ] && rc=$rc2
       done
-      # The wgmma kernel (opt-in: SEGATTN_FWD_HOPPER=1).
-      SEGATTN_FWD_HOPPER=1 SEGATTN_REQUIRE_GPU=1 SEGATTN_GPU_CASES=4 \
-        budgeted 60 15 "$SAN" --tool "$tool" --error-exitcode 99 "${kn[@]}" \
-        "$WORK/gpu_fwd" --test-threads 1 tile_multiples_and_tiny_lengths fully_masked_rows gpu_kernel_matches_reference \
-        >>"$WORK/san-$tool.log" 2>&1
-      rc2=$?
-      [ "$rc" = 0 ] && rc=$rc2
+      # The wgmma kernels (opt-in: SEGATTN_FWD_HOPPER=1): the 64-row one, then the 128-row one.
+      for wide in 0 1; do
+        SEGATTN_FWD_WIDE=$wide SEGATTN_FWD_HOPPER=1 SEGATTN_REQUIRE_GPU=1 SEGATTN_GPU_CASES=4 \
+          budgeted 45 15 "$SAN" --tool "$tool" --error-exitcode 99 "${kn[@]}" \
+          "$WORK/gpu_fwd" --test-threads 1 tile_multiples_and_tiny_lengths fully_masked_rows gpu_kernel_matches_reference \
+          >>"$WORK/san-$tool.log" 2>&1
+        rc2=$?
+        [ "$rc" = 0 ] && rc=$rc2
+      done
       # The fused mass in the 128 x 64 kernel (its rows' sums in shared memory) and the mass
       # kernel's 64-key wide tiles: the wide kernels forced, as small shapes do not reach them.
       if [ -x "$WORK/gpu_scores" ]; then
@@ -284,11 +290,16 @@ if [ "$PHASE" = bench ] || [ "$PHASE" = all ]; then
   note "- (3) gpu_bench: exit $rc, $(wc -l <"$OUTDIR/segattn.jsonl" 2>/dev/null || echo 0) shapes, $((SECONDS - t)) s"
   [ "$rc" = 0 ] || status=1
 
-  # The wgmma kernel on every shape (SEGATTN_FWD_HOPPER=1; its name in the kernel column).
-  log "(3) the wgmma kernel (SEGATTN_FWD_HOPPER=1) on the same shapes"
+  # The wgmma kernels on every shape (SEGATTN_FWD_HOPPER=1: the rule's block rows, so mostly the
+  # 128-row one; its name in the kernel column), then the 64-row one at the target shapes
+  # (SEGATTN_FWD_WIDE=0), to compare one warpgroup a block with two.
+  log "(3) the wgmma kernels (SEGATTN_FWD_HOPPER=1) on the same shapes"
   SEGATTN_FWD_HOPPER=1 budgeted 90 60 "$WORK/gpu_bench" --json "$OUTDIR/segattn-hopper.jsonl" "${smoke[@]}" \
     "${bench_filter[@]}" 2>&1 | tee "$OUTDIR/hopper.txt"
-  note "- (3) SEGATTN_FWD_HOPPER=1 gpu_bench (wgmma kernel): exit ${PIPESTATUS[0]} (hopper.txt)"
+  note "- (3) SEGATTN_FWD_HOPPER=1 gpu_bench (wgmma kernels): exit ${PIPESTATUS[0]} (hopper.txt)"
+  SEGATTN_FWD_HOPPER=1 SEGATTN_FWD_WIDE=0 budgeted 40 60 "$WORK/gpu_bench" --filter "$TARGET" "${smoke[@]}" \
+    2>&1 | tee "$OUTDIR/hopper64.txt"
+  note "- (3) SEGATTN_FWD_HOPPER=1 SEGATTN_FWD_WIDE=0 gpu_bench at the targets (64-row wgmma): exit ${PIPESTATUS[0]} (hopper64.txt)"
 
   # SEGATTN_BENCH_SHAPES_ONLY=1: a further call for more shapes (e.g. GQA 32/8): the attention
   # shapes and their peers only, not the fixed-shape runs below (64-row kernel, PINE, mass).

@@ -321,16 +321,19 @@ pub fn forward_tiled(
     )
 }
 
-/// [`forward`] on the 64-row kernel built on Hopper's warpgroup MMA (`segattn_fwd_hopper_*`, the
-/// emulator's reading of wgmma: kernels/emu/wgmma.cpp), whatever the rows and the mask: plain
-/// attention, D 64 / 128. Under the emulator its products sum in the mma.sync kernel's order, so
-/// it gives that kernel's bits.
+/// [`forward`] on a kernel built on Hopper's warpgroup MMA (the emulator's reading of wgmma:
+/// kernels/emu/wgmma.cpp), whatever the rows and the mask: plain attention, D 64 / 128;
+/// [`Tile::Rows64`] the 64-row kernel (`segattn_fwd_hopper_*`, one warpgroup), any other tile the
+/// 128-row one (`segattn_fwd_hopper128_*`, two warpgroups). Under the emulator their products sum
+/// in the mma.sync kernels' order, so they give the 64-row mma.sync kernel's bits.
+#[allow(clippy::too_many_arguments)]
 pub fn forward_wgmma(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     mask: &SegmentMask,
     scale: Option<f64>,
+    tile: Tile,
     schedule: Schedule,
     seed: u64,
 ) -> Result<AttentionOutput> {
@@ -344,7 +347,7 @@ pub fn forward_wgmma(
             wgmma: true,
             ..Launch::new(schedule, seed)
         }
-        .with_tile(Tile::Rows64),
+        .with_tile(tile),
     )
 }
 
@@ -483,8 +486,8 @@ pub(crate) struct Launch<'a> {
     /// The wide kernel at D = 128: with 64-key tiles (`segattn_fwd_wide64_*`) or not; `None`: as
     /// the GPU launcher chooses ([`FwdVariant::with_wide_keys`]).
     pub wide_keys64: Option<bool>,
-    /// Plain attention on the 64-row kernel built on Hopper's wgmma (`segattn_fwd_hopper_*`,
-    /// kernels/hopper/fwd_hopper.cu) instead of the mma.sync one.
+    /// Plain attention on the kernel built on Hopper's wgmma of the same block rows as the
+    /// mma.sync one `wide` chooses (kernels/hopper/fwd_hopper.cu, `FwdVariant::wgmma_of`).
     pub wgmma: bool,
     /// The emulator's thread schedule and its seed.
     pub schedule: Schedule,
@@ -650,11 +653,16 @@ pub(crate) fn run_forward(
                 (wide, wide_keys64),
                 plan.sk,
             ),
-            _ => FwdVariant::plain_kernel(&kshape, kv_splits, summary, EMULATED_SM_COUNT, (wide, wide_keys64))
-                .on_hopper(head_dim, true),
+            _ => {
+                let plain =
+                    FwdVariant::plain_kernel(&kshape, kv_splits, summary, EMULATED_SM_COUNT, (wide, wide_keys64));
+                match (wgmma, plain.wgmma_of()) {
+                    (true, Some(on_wgmma)) => on_wgmma,
+                    _ => plain.on_hopper(head_dim, true),
+                }
+            }
         };
-        let variant = if wgmma { FwdVariant::Hopper } else { variant };
-        on_wgmma = variant == FwdVariant::Hopper;
+        on_wgmma = variant.is_wgmma();
         p.block_rows = variant.block_rows() as i32;
         p.block_keys = variant.block_keys();
     }

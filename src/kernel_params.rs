@@ -233,10 +233,14 @@ pub enum FwdVariant {
     /// `FwdVariant::with_mass`).
     WideMass,
     /// Plain attention on Hopper's warpgroup MMA (`segattn_fwd_hopper_*`, the sm_90a fatbin:
-    /// compute capability 9.0 GPUs only): the 64-row kernel with S and O's products as wgmma, D 64 /
-    /// 128, split-K as the 64-row one. Opt-in (`SEGATTN_FWD_HOPPER=1`, `FwdVariant::on_hopper`)
-    /// until a GPU run has checked and timed it (bench/NOTES.md CUDA 34).
+    /// compute capability 9.0 GPUs only): the 64-row kernel with S and O's products as wgmma, one
+    /// warpgroup, D 64 / 128, split-K as the 64-row one. Opt-in (`SEGATTN_FWD_HOPPER=1`,
+    /// `FwdVariant::on_hopper`) until a GPU run has checked and timed it (bench/NOTES.md CUDA 34-35).
     Hopper,
+    /// [`FwdVariant::Hopper`] in blocks of 128 query rows, two warpgroups of 64 sharing each K and
+    /// V tile (`segattn_fwd_hopper128_*`, 256 threads): where plain attention's rule takes the
+    /// wide kernel (bench/NOTES.md CUDA 36).
+    HopperWide,
 }
 
 impl FwdVariant {
@@ -250,13 +254,14 @@ impl FwdVariant {
             Self::Wide64 => 4,
             Self::WideMass => 5,
             Self::Hopper => 6,
+            Self::HopperWide => 7,
         }
     }
 
     /// Keys per key tile for `params.block_keys` (0: the entry point's own, unchecked).
     pub(crate) fn block_keys(self) -> i32 {
         match self {
-            Self::Wide64 | Self::WideMass | Self::Hopper => 64,
+            Self::Wide64 | Self::WideMass | Self::Hopper | Self::HopperWide => 64,
             _ => 0,
         }
     }
@@ -264,8 +269,34 @@ impl FwdVariant {
     /// Query rows per block (`params.block_rows`).
     pub(crate) fn block_rows(self) -> usize {
         match self {
-            Self::Wide | Self::Wide64 | Self::WideMass => 128,
+            Self::Wide | Self::Wide64 | Self::WideMass | Self::HopperWide => 128,
             _ => 64,
+        }
+    }
+
+    /// Threads per block (`FwdTraits::kThreads`): 4 warps, or the two warpgroups of
+    /// [`FwdVariant::HopperWide`].
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(crate) fn threads(self) -> u32 {
+        match self {
+            Self::HopperWide => 256,
+            _ => 128,
+        }
+    }
+
+    /// Whether this is a wgmma kernel (the sm_90a fatbin's, loaded on compute capability 9.0 GPUs only).
+    pub(crate) fn is_wgmma(self) -> bool {
+        matches!(self, Self::Hopper | Self::HopperWide)
+    }
+
+    /// The wgmma kernel of the same block shape as plain attention's kernel `self`: the 64-row
+    /// [`FwdVariant::Hopper`] for the 64-row kernel, the 128-row [`FwdVariant::HopperWide`] for the
+    /// wide ones; `None` for any other (rotation, fused mass).
+    pub(crate) fn wgmma_of(self) -> Option<Self> {
+        match self {
+            Self::Plain | Self::Hopper => Some(Self::Hopper),
+            Self::Wide | Self::Wide64 | Self::HopperWide => Some(Self::HopperWide),
+            _ => None,
         }
     }
 
@@ -360,13 +391,12 @@ impl FwdVariant {
 
     /// `self` (plain attention's kernel, [`FwdVariant::plain_kernel`]) or, where `SEGATTN_FWD_HOPPER=1`
     /// asks for it and the GPU has it (`hopper_loaded`: a compute capability 9.0 GPU), the wgmma
-    /// kernel ([`FwdVariant::Hopper`]) at D 64 / 128 in place of any plain one.
+    /// kernel of the same block shape ([`FwdVariant::wgmma_of`]) at D 64 / 128 in place of any
+    /// plain one: the rule that picks 64 or 128 rows for mma.sync picks them for wgmma.
     pub(crate) fn on_hopper(self, head_dim: usize, hopper_loaded: bool) -> Self {
-        let plain = matches!(self, Self::Plain | Self::Wide | Self::Wide64);
-        if plain && head_dim <= 128 && hopper_loaded && hopper_setting() {
-            Self::Hopper
-        } else {
-            self
+        match self.wgmma_of() {
+            Some(wgmma) if head_dim <= 128 && hopper_loaded && hopper_setting() => wgmma,
+            _ => self,
         }
     }
 
@@ -518,10 +548,27 @@ mod tests {
             assert_eq!(v.on_hopper(128, true), v);
         }
         let forced = std::env::var_os("SEGATTN_FWD_HOPPER").is_some_and(|v| v == "1");
-        let want = if forced { FwdVariant::Hopper } else { FwdVariant::Wide64 };
-        assert_eq!(FwdVariant::Wide64.on_hopper(128, true), want);
+        let want = |v: FwdVariant, w: FwdVariant| if forced { w } else { v };
+        assert_eq!(
+            FwdVariant::Wide64.on_hopper(128, true),
+            want(FwdVariant::Wide64, FwdVariant::HopperWide)
+        );
+        assert_eq!(
+            FwdVariant::Wide.on_hopper(64, true),
+            want(FwdVariant::Wide, FwdVariant::HopperWide)
+        );
+        assert_eq!(
+            FwdVariant::Plain.on_hopper(128, true),
+            want(FwdVariant::Plain, FwdVariant::Hopper)
+        );
         assert_eq!(FwdVariant::Hopper.block_rows(), 64);
         assert_eq!(FwdVariant::Hopper.block_keys(), 64);
+        assert_eq!(FwdVariant::Hopper.threads(), 128);
+        assert_eq!(FwdVariant::HopperWide.block_rows(), 128);
+        assert_eq!(FwdVariant::HopperWide.block_keys(), 64);
+        assert_eq!(FwdVariant::HopperWide.threads(), 256);
+        assert_eq!(FwdVariant::Rope.wgmma_of(), None);
+        assert_eq!(FwdVariant::WideMass.wgmma_of(), None);
     }
 
     #[test]

@@ -333,7 +333,7 @@ fn check_case(
         // its products sum in the mma.sync kernel's order, so its outputs are that kernel's bits
         // (checked above), every schedule (on a GPU, within the tolerances: tests/gpu_fwd.rs).
         for schedule in SCHEDULES {
-            let got = forward_wgmma(q, k, v, mask, scale, schedule, seed)?;
+            let got = forward_wgmma(q, k, v, mask, scale, Tile::Rows64, schedule, seed)?;
             let lse = got.lse.as_ref().expect("the emulated forward returns the LSE");
             assert!(
                 *narrow == (common::bits(&got.out)?, common::bits(lse)?),
@@ -352,6 +352,17 @@ fn check_case(
                 common::bits(&narrow.out)? == common::bits(&wide_out.out)?,
                 "{desc}\n{schedule:?}: the wide kernel with 64-key tiles (D = {d}) differs from the 64-row kernel"
             );
+            if d <= 128 {
+                // The 128-row wgmma kernel (two warpgroups sharing the key tiles): the same bits.
+                let got = forward_wgmma(q, k, v, mask, scale, Tile::WideKeys64, schedule, seed)?;
+                let lse = got.lse.as_ref().expect("the emulated forward returns the LSE");
+                let narrow_lse = narrow.lse.as_ref().expect("the emulated forward returns the LSE");
+                assert!(
+                    (common::bits(&narrow.out)?, common::bits(narrow_lse)?)
+                        == (common::bits(&got.out)?, common::bits(lse)?),
+                    "{desc}\n{schedule:?}: the 128-row wgmma kernel differs from the 64-row mma.sync kernel"
+                );
+            }
         }
     }
     Ok(())
@@ -657,6 +668,7 @@ fn smem_sizes() {
         FwdVariant::Wide64,
         FwdVariant::WideMass,
         FwdVariant::Hopper,
+        FwdVariant::HopperWide,
     ] {
         assert_eq!(fwd_smem_bytes(DType::BF16, 256, variant), None, "{variant:?}");
     }
@@ -664,6 +676,17 @@ fn smem_sizes() {
     for (d, want) in [(64usize, 33_960usize), (128, 66_728)] {
         assert_eq!(fwd_smem_bytes(DType::BF16, d, FwdVariant::Hopper), Some(want + 1024));
         assert_eq!(fwd_smem_bytes(DType::F16, d, FwdVariant::Hopper), Some(want + 1024));
+        // The two-warpgroup one: the wide kernel's layout with 64-key tiles, the key-tile scan's
+        // and the class window's slots for 8 warps (+ 8 x 4 and + 128 bytes), the alignment.
+        let wide = fwd_smem_bytes(DType::BF16, d, FwdVariant::Wide64).unwrap();
+        assert_eq!(
+            fwd_smem_bytes(DType::BF16, d, FwdVariant::HopperWide),
+            Some(wide + 160 + 1024)
+        );
+        assert_eq!(
+            fwd_smem_bytes(DType::F16, d, FwdVariant::HopperWide),
+            Some(wide + 160 + 1024)
+        );
     }
     // PINE's D = 256 kernel: the plain one's tiles, the turned Q (32 KiB) and each row's position
     // and shift row (2 x 64 x 4 B): one block per sm_90 SM, none on GPUs of 99 KiB a block (its

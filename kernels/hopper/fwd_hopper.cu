@@ -1,29 +1,36 @@
-// The forward kernels on Hopper's warpgroup MMA (sm_90a; FwdTraits::kWgmma, kernels/wgmma_tile.cuh):
-// plain segment-masked attention in 64-row blocks (one warpgroup) and 64-key tiles, {bf16, f16} x
-// head dim {64, 128}; everything but the two matrix products and the tiles' layout is the 64-row
-// mma.sync kernel's (kernels/fwd_kernel.cuh), split-K included.
+// The forward kernels on Hopper's warpgroup MMA (sm_90a; FwdTraits::kWgmma, kernels/wgmma_tile.cuh,
+// kernels/wgmma_loop.cuh): plain segment-masked attention in 64-key tiles, {bf16, f16} x head dim
+// {64, 128}, in blocks of one warpgroup (64 rows) or two (128 rows sharing each key tile); the
+// prologue, the tile walk, the masks and the epilogue are the mma.sync kernels'
+// (kernels/fwd_kernel.cuh), split-K included.
 //
 // nvcc (kernels/hopper.txt, the sm_90a fatbin): `extern "C" __global__` entry points
-//   segattn_fwd_hopper_{bf16,f16}_d{64,128}(SegattnFwdParams)
-//   grid (ceil(Lq / 64) * kv_splits, H, B), block 128 threads, dynamic shared memory
-//   HopperTraits<T, D>::launch_smem_bytes(0) (kernel_traits.cuh: the plain kernel's and 1024
-//   bytes to align the tiles), params.block_rows = 64, params.block_keys = 64.
+//   segattn_fwd_hopper_{bf16,f16}_d{64,128}(SegattnFwdParams): grid (ceil(Lq / 64) * kv_splits,
+//     H, B), 128 threads, params.block_rows = 64;
+//   segattn_fwd_hopper128_{bf16,f16}_d{64,128}(SegattnFwdParams): grid (ceil(Lq / 128) *
+//     kv_splits, H, B), 256 threads, params.block_rows = 128;
+//   dynamic shared memory HopperTraits<T, D, warpgroups>::launch_smem_bytes(0) (kernel_traits.cuh:
+//   the layout and 1024 bytes to align the tiles), params.block_keys = 64.
 //
-// Host emulation (SEGATTN_EMULATE): `segattn_emu_fwd_hopper(params)` runs them on the CPU
-// (the emulator's wgmma: kernels/emu/wgmma.cpp).
+// Host emulation (SEGATTN_EMULATE): `segattn_emu_fwd_hopper(params)` runs them on the CPU, the
+// 64- or 128-row one by params.block_rows (the emulator's wgmma: kernels/emu/wgmma.cpp).
 #include "platform.cuh"
 #include "fwd_kernel.cuh"
 
-#define SEGATTN_FWD_HOPPER_ENTRY(name, T, D)                                                              \
-  extern "C" __global__ void __launch_bounds__(segattn::fwd::HopperTraits<T, D>::kThreads, 1)              \
+#define SEGATTN_FWD_HOPPER_ENTRY(name, T, D, G)                                                           \
+  extern "C" __global__ void __launch_bounds__(segattn::fwd::HopperTraits<T, D, G>::kThreads, 1)           \
       name(const SegattnFwdParams params) {                                                                \
-    segattn::fwd::fwd_kernel<segattn::fwd::HopperTraits<T, D>>(params);                                    \
+    segattn::fwd::fwd_kernel<segattn::fwd::HopperTraits<T, D, G>>(params);                                 \
   }
 
-SEGATTN_FWD_HOPPER_ENTRY(segattn_fwd_hopper_bf16_d64, segattn::bf16, 64)
-SEGATTN_FWD_HOPPER_ENTRY(segattn_fwd_hopper_bf16_d128, segattn::bf16, 128)
-SEGATTN_FWD_HOPPER_ENTRY(segattn_fwd_hopper_f16_d64, segattn::f16, 64)
-SEGATTN_FWD_HOPPER_ENTRY(segattn_fwd_hopper_f16_d128, segattn::f16, 128)
+SEGATTN_FWD_HOPPER_ENTRY(segattn_fwd_hopper_bf16_d64, segattn::bf16, 64, 1)
+SEGATTN_FWD_HOPPER_ENTRY(segattn_fwd_hopper_bf16_d128, segattn::bf16, 128, 1)
+SEGATTN_FWD_HOPPER_ENTRY(segattn_fwd_hopper_f16_d64, segattn::f16, 64, 1)
+SEGATTN_FWD_HOPPER_ENTRY(segattn_fwd_hopper_f16_d128, segattn::f16, 128, 1)
+SEGATTN_FWD_HOPPER_ENTRY(segattn_fwd_hopper128_bf16_d64, segattn::bf16, 64, 2)
+SEGATTN_FWD_HOPPER_ENTRY(segattn_fwd_hopper128_bf16_d128, segattn::bf16, 128, 2)
+SEGATTN_FWD_HOPPER_ENTRY(segattn_fwd_hopper128_f16_d64, segattn::f16, 64, 2)
+SEGATTN_FWD_HOPPER_ENTRY(segattn_fwd_hopper128_f16_d128, segattn::f16, 128, 2)
 
 #undef SEGATTN_FWD_HOPPER_ENTRY
 
@@ -31,8 +38,9 @@ SEGATTN_FWD_HOPPER_ENTRY(segattn_fwd_hopper_f16_d128, segattn::f16, 128)
 
 #include "fwd/emu_launch.cuh"
 
-// Runs the wgmma forward kernel for `p` (plain attention: no rotation, no mass; 64-row blocks) on
-// the CPU. 0 on success; nonzero with the message in segattn_emu_last_error() otherwise.
+// Runs the wgmma forward kernel for `p` (plain attention: no rotation, no mass; blocks of
+// p->block_rows 64, or 0 read as 64, or 128) on the CPU. 0 on success; nonzero with the message in
+// segattn_emu_last_error() otherwise.
 extern "C" int segattn_emu_fwd_hopper(const SegattnFwdParams* p) {
   using segattn::bf16;
   using segattn::f16;
@@ -41,8 +49,10 @@ extern "C" int segattn_emu_fwd_hopper(const SegattnFwdParams* p) {
   const char* bad = nullptr;
   if (p == nullptr) {
     bad = "segattn_emu_fwd_hopper: params is NULL";
-  } else if (p->rotation.cos != nullptr || p->mass.mass != nullptr || (p->block_rows != 0 && p->block_rows != 64)) {
-    bad = "segattn_emu_fwd_hopper: plain attention in 64-row blocks only (no rotation, no mass)";
+  } else if (p->rotation.cos != nullptr || p->mass.mass != nullptr) {
+    bad = "segattn_emu_fwd_hopper: plain attention only (no rotation, no mass)";
+  } else if (p->block_rows != 0 && p->block_rows != 64 && p->block_rows != 128) {
+    bad = "segattn_emu_fwd_hopper: blocks of 64 or 128 rows";
   } else if (p->num_kv_heads <= 0 || p->num_heads % p->num_kv_heads != 0) {
     bad = "segattn_emu_fwd_hopper: num_heads must be a positive multiple of num_kv_heads";
   } else if (p->head_dim != 64 && p->head_dim != 128) {
@@ -52,7 +62,16 @@ extern "C" int segattn_emu_fwd_hopper(const SegattnFwdParams* p) {
   }
   if (bad != nullptr) return ::segattn::emu::fail_launch(bad);
   const bool d64 = p->head_dim == 64;
-  if (p->dtype == SEGATTN_DTYPE_BF16) {
+  const bool bf = p->dtype == SEGATTN_DTYPE_BF16;
+  if (p->block_rows == 128) {
+    if (bf) {
+      return d64 ? e::launch<HopperTraits<bf16, 64, 2>>(*p, segattn_fwd_hopper128_bf16_d64)
+                 : e::launch<HopperTraits<bf16, 128, 2>>(*p, segattn_fwd_hopper128_bf16_d128);
+    }
+    return d64 ? e::launch<HopperTraits<f16, 64, 2>>(*p, segattn_fwd_hopper128_f16_d64)
+               : e::launch<HopperTraits<f16, 128, 2>>(*p, segattn_fwd_hopper128_f16_d128);
+  }
+  if (bf) {
     return d64 ? e::launch<HopperTraits<bf16, 64>>(*p, segattn_fwd_hopper_bf16_d64)
                : e::launch<HopperTraits<bf16, 128>>(*p, segattn_fwd_hopper_bf16_d128);
   }

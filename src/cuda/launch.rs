@@ -28,7 +28,7 @@ use half::{bf16, f16};
 
 use super::device_copies::Uploaded;
 use super::driver_err;
-use super::module::{self, FwdKernel, FWD_BLOCK_M, FWD_BLOCK_N, FWD_THREADS};
+use super::module::{self, FwdKernel, FWD_BLOCK_M, FWD_BLOCK_N};
 use super::pine::RotationBuffers;
 use crate::decode_pack::DecodePacking;
 use crate::error::invalid_arg;
@@ -223,8 +223,8 @@ pub(crate) fn kv_splits(shape: &AttentionShape, sm_count: usize) -> usize {
     (2 * sm_count).div_ceil(blocks).min(tiles / 2).clamp(1, 64)
 }
 
-/// The launch configuration: grid (ceil(Lq / block rows) x kv_splits, H, B), 128 threads, the
-/// traits' shared memory.
+/// The launch configuration: grid (ceil(Lq / block rows) x kv_splits, H, B), the kernel's threads
+/// (128; 256 for the two-warpgroup wgmma kernel), the traits' shared memory.
 pub(crate) fn launch_config(shape: &AttentionShape, kernel: &FwdKernel, kv_splits: usize) -> Result<LaunchConfig> {
     check_grid(shape)?;
     Ok(LaunchConfig {
@@ -233,7 +233,7 @@ pub(crate) fn launch_config(shape: &AttentionShape, kernel: &FwdKernel, kv_split
             shape.num_heads as u32,
             shape.batch as u32,
         ),
-        block_dim: (FWD_THREADS, 1, 1),
+        block_dim: (kernel.threads, 1, 1),
         shared_mem_bytes: kernel.smem_bytes,
     })
 }

@@ -26,8 +26,6 @@ use crate::validate::AttentionShape;
 /// The production kernels, compiled by nvcc at build time (see build/nvcc.rs).
 static FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/segattn.fatbin"));
 
-/// Threads per block of the forward kernel (`FwdTraits::kThreads`: 4 warps).
-pub(crate) const FWD_THREADS: u32 = 128;
 /// Query rows per block of the 64-row forward kernels (`FwdTraits::kBlockM`; the wide ones:
 /// [`FwdVariant::block_rows`]).
 pub(crate) const FWD_BLOCK_M: usize = 64;
@@ -47,6 +45,8 @@ pub(crate) struct FwdKernel {
     pub block_rows: usize,
     /// `params.block_keys` (the entry's key tile, checked by the kernel; 0: unchecked).
     pub block_keys: i32,
+    /// Threads per block (`FwdTraits::kThreads`: [`FwdVariant::threads`]).
+    pub threads: u32,
     /// [`FwdVariant::WideMass`]: the most key segments whose rows' sums fit this device's shared
     /// memory next to the fixed layout (up to `kernel_params::WIDE_MASS_MAX_SEGMENTS`; GPUs with
     /// 99 KiB a block, sm_86 / sm_89, hold none: the 64-row variant runs there); 0 otherwise.
@@ -122,8 +122,9 @@ impl Kernels {
         summary: MaskSummary,
     ) -> Result<FwdVariant> {
         let variant = FwdVariant::plain_kernel(shape, kv_splits, summary, self.sm_count, (None, None));
-        let loaded = self.fwd(dtype, shape.head_dim, FwdVariant::Hopper).is_some();
-        let key = (dtype, shape.head_dim, FwdVariant::Hopper);
+        let wgmma = variant.wgmma_of().unwrap_or(FwdVariant::Hopper);
+        let loaded = self.fwd(dtype, shape.head_dim, wgmma).is_some();
+        let key = (dtype, shape.head_dim, wgmma);
         match self.unavailable.iter().find(|(k, _)| *k == key) {
             Some((_, why)) if crate::kernel_params::hopper_setting() => Err(candle_core::Error::Msg(format!(
                 "SEGATTN_FWD_HOPPER=1: the wgmma kernel for {dtype:?} D = {} did not load: {why}",
@@ -151,11 +152,30 @@ impl Kernels {
 }
 
 /// Every forward entry point of kernels/hopper/fwd_hopper.cu (the sm_90a fatbin).
-const HOPPER_FWD_ENTRIES: [(&str, DType, usize, FwdVariant); 4] = [
+const HOPPER_FWD_ENTRIES: [(&str, DType, usize, FwdVariant); 8] = [
     ("segattn_fwd_hopper_bf16_d64", DType::BF16, 64, FwdVariant::Hopper),
     ("segattn_fwd_hopper_bf16_d128", DType::BF16, 128, FwdVariant::Hopper),
     ("segattn_fwd_hopper_f16_d64", DType::F16, 64, FwdVariant::Hopper),
     ("segattn_fwd_hopper_f16_d128", DType::F16, 128, FwdVariant::Hopper),
+    (
+        "segattn_fwd_hopper128_bf16_d64",
+        DType::BF16,
+        64,
+        FwdVariant::HopperWide,
+    ),
+    (
+        "segattn_fwd_hopper128_bf16_d128",
+        DType::BF16,
+        128,
+        FwdVariant::HopperWide,
+    ),
+    ("segattn_fwd_hopper128_f16_d64", DType::F16, 64, FwdVariant::HopperWide),
+    (
+        "segattn_fwd_hopper128_f16_d128",
+        DType::F16,
+        128,
+        FwdVariant::HopperWide,
+    ),
 ];
 
 /// Every forward entry point of kernels/fwd/fwd.cu: (name, dtype, head dim, variant).
@@ -283,7 +303,7 @@ fn load(ctx: &Arc<CudaContext>) -> Result<Kernels> {
                     ),
                     e,
                 );
-                if variant != FwdVariant::Hopper {
+                if !variant.is_wgmma() {
                     return Err(e);
                 }
                 unavailable.push(((dtype, head_dim, variant), e.to_string()));
@@ -300,9 +320,10 @@ fn load(ctx: &Arc<CudaContext>) -> Result<Kernels> {
         let max_threads = func
             .max_threads_per_block()
             .map_err(|e| driver_err(format!("querying the block size limit of {name}"), e))?;
-        if max_threads < FWD_THREADS as i32 {
+        let threads = variant.threads();
+        if max_threads < threads as i32 {
             return Err(candle_core::Error::Msg(format!(
-                "segattn: kernel {name} allows {max_threads} threads per block, the launch needs {FWD_THREADS}"
+                "segattn: kernel {name} allows {max_threads} threads per block, the launch needs {threads}"
             ))
             .bt());
         }
@@ -347,6 +368,7 @@ fn load(ctx: &Arc<CudaContext>) -> Result<Kernels> {
                 smem_bytes: smem as u32,
                 block_rows: variant.block_rows(),
                 block_keys: variant.block_keys(),
+                threads,
                 mass_segments,
             },
         ));
@@ -363,4 +385,32 @@ fn load(ctx: &Arc<CudaContext>) -> Result<Kernels> {
         others: Mutex::new(Vec::new()),
         sm_count: usize::try_from(sm_count).unwrap_or(1).max(1),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_match_their_variants() {
+        // Each (dtype, head dim, variant) once; the wgmma variants only in the sm_90a table.
+        let all: Vec<_> = FWD_ENTRIES
+            .iter()
+            .chain(&HOPPER_FWD_ENTRIES)
+            .map(|e| (e.1, e.2, e.3))
+            .collect();
+        for (i, key) in all.iter().enumerate() {
+            assert!(!all[..i].contains(key), "{key:?} listed twice");
+        }
+        // Each name says its dtype and head dim (a copied line left unedited would not).
+        for (name, dtype, d, variant) in FWD_ENTRIES.iter().chain(&HOPPER_FWD_ENTRIES) {
+            let dt = if *dtype == DType::BF16 { "_bf16_" } else { "_f16_" };
+            assert!(
+                name.contains(dt) && name.ends_with(&format!("_d{d}")),
+                "{name}: {dtype:?} D {d} ({variant:?})"
+            );
+        }
+        assert!(FWD_ENTRIES.iter().all(|e| !e.3.is_wgmma()));
+        assert!(HOPPER_FWD_ENTRIES.iter().all(|e| e.3.is_wgmma()));
+    }
 }
