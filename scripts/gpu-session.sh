@@ -6,6 +6,8 @@
 #
 # runs, each under its own time budget (seconds; 0 skips the phase), the phases of
 # scripts/gpu-suite-remote.sh with their outputs in separate folders:
+#   SEGATTN_SESSION_WGMMA_S   (default 0)    wgmma/    first: the wgmma probe, both Hopper kernels'
+#                                                      tests and their timing at the target shapes
 #   SEGATTN_SESSION_TEST_S    (default 250)  test/     property tests on the GPU, the sanitizers
 #   SEGATTN_SESSION_BENCH_S   (default 150)  bench/    our benchmark, PINE, mass, the peers
 #   SEGATTN_SESSION_EXTRA_S   (default 0)    extra/    further attention shapes and their peers only
@@ -54,8 +56,9 @@ phase() {
   pack_results
 }
 
-declare -A PHASE_OF=([test]=test [bench]=bench [extra]=bench [profile]=profile)
+declare -A PHASE_OF=([wgmma]=wgmma [test]=test [bench]=bench [extra]=bench [profile]=profile)
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader >"$STAGE/card.txt" 2>&1
+phase wgmma "${SEGATTN_SESSION_WGMMA_S:-0}"
 phase test "${SEGATTN_SESSION_TEST_S:-250}" SEGATTN_GPU_CASES="${SEGATTN_GPU_CASES:-100}"
 phase bench "${SEGATTN_SESSION_BENCH_S:-150}" \
   SEGATTN_BENCH_FILTER="${SEGATTN_BENCH_FILTER-H16/16 D128}" \

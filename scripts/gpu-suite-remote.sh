@@ -3,8 +3,12 @@
 # 13.0, a Python with torch cu130; no Rust, no network needed) from the repository root, with the
 # pack that scripts/gpu-suite.sh built here:
 #
-#   bash scripts/gpu-suite-remote.sh [test|bench|all|profile] [PACK_DIR (default .gpu-suite)]
+#   bash scripts/gpu-suite-remote.sh [wgmma|test|bench|all|profile] [PACK_DIR (default .gpu-suite)]
 #
+#   wgmma  (0) the first look at the Hopper (wgmma) kernels, about 3 minutes: the probe, then both
+#              kernels against the reference and timed at the target shapes with the mma.sync
+#              kernels and SDPA's flash / cuDNN backends -> probe.log, wgmma-bench.txt,
+#              wgmma-peers.txt (not part of "all")
 #   test   (1) every GPU test binary of the pack (tests/gpu_*.rs: the kernels' property tests on
 #              the GPU against the f64 reference; SEGATTN_REQUIRE_GPU=1: no silent skip),
 #              (2) compute-sanitizer memcheck, racecheck, synccheck and initcheck on small cases of
@@ -130,6 +134,50 @@ if [ -n "$missing" ]; then
 fi
 
 status=0
+# --- (0) wgmma: the first look at the Hopper kernels, ~3 minutes -----------------------------
+# For the first call of a session while the wgmma kernels are unconfirmed (bench/NOTES.md CUDA
+# 34-36): the probe of the emulator's reading of wgmma on the card; if it passes, both wgmma
+# kernels against the reference (a few cases of every mask), then the target shape (causal and
+# the other masks, L 8k, D 128) on the mma.sync kernels, the 128-row and the 64-row wgmma kernel,
+# and the peers' SDPA flash / cuDNN there. A failing probe ends the phase: its message names the
+# descriptor fix, for a rebuilt pack and another call.
+if [ "$PHASE" = wgmma ]; then
+  : >"$OUTDIR/tests.log"
+  log "(0) the wgmma probe"
+  SEGATTN_REQUIRE_GPU=1 budgeted 60 0 "$WORK/gpu_fwd" --test-threads 1 wgmma_reading_matches_the_card \
+    --nocapture >"$OUTDIR/probe.log" 2>&1
+  rc=$?
+  tail -30 "$OUTDIR/probe.log"
+  note "- (0) wgmma probe: $(grep -E '^test result' "$OUTDIR/probe.log" | tail -1 || echo 'no result line') (exit $rc)"
+  if [ "$rc" != 0 ]; then
+    note "- (0) the probe failed: the wgmma kernels are not run (probe.log names the fix)"
+    exit 1
+  fi
+  for wide in 0 1; do
+    SEGATTN_FWD_WIDE=$wide SEGATTN_FWD_HOPPER=1 SEGATTN_REQUIRE_GPU=1 SEGATTN_GPU_CASES=20 budgeted 50 0 \
+      "$WORK/gpu_fwd" --test-threads "$(nproc)" gpu_kernel_matches_reference every_mask_kind_every_instantiation \
+      tile_multiples_and_tiny_lengths fully_masked_rows >"$WORK/wgmma-tests-$wide.log" 2>&1
+    rc=$?
+    { echo "=== gpu_fwd, SEGATTN_FWD_HOPPER=1 SEGATTN_FWD_WIDE=$wide (exit $rc) ==="; cat "$WORK/wgmma-tests-$wide.log"; } >>"$OUTDIR/tests.log"
+    tail -15 "$WORK/wgmma-tests-$wide.log"
+    note "- (0) gpu_fwd on the $([ "$wide" = 1 ] && echo 128 || echo 64)-row wgmma kernel: $(grep -E '^test result' "$WORK/wgmma-tests-$wide.log" | tail -1 || echo 'no result line') (exit $rc)"
+    [ "$rc" = 0 ] || status=1
+  done
+  [ "$status" = 0 ] || { note "- (0) a wgmma kernel failed its tests: not timed"; exit 1; }
+  for run in mma.sync "SEGATTN_FWD_HOPPER=1" "SEGATTN_FWD_HOPPER=1 SEGATTN_FWD_WIDE=0"; do
+    log "(0) the target shapes: $run"
+    read -r -a run_env <<<"${run/mma.sync/}"
+    env "${run_env[@]}" timeout "$(( $(left) > 40 ? 40 : $(left) ))" "$WORK/gpu_bench" --filter "$TARGET" \
+      2>&1 | tee -a "$OUTDIR/wgmma-bench.txt"
+    note "- (0) gpu_bench at the targets, $run: exit ${PIPESTATUS[0]} (wgmma-bench.txt)"
+  done
+  "$WORK/gpu_bench" --export-masks "$WORK/masks.json" || exit 1
+  PYTHONUNBUFFERED=1 budgeted 60 0 "$PYTHON" bench/peers.py --masks "$WORK/masks.json" --filter "$TARGET" \
+    --impls sdpa_flash,sdpa_cudnn 2>&1 | grep -v '^{' | tee "$OUTDIR/wgmma-peers.txt"
+  note "- (0) peers.py (SDPA flash, cuDNN) at the targets: exit ${PIPESTATUS[0]} (wgmma-peers.txt)"
+  exit "$status"
+fi
+
 # --- (1) + (2): tests and sanitizers -------------------------------------------------------
 if [ "$PHASE" = test ] || [ "$PHASE" = all ]; then
   : >"$OUTDIR/tests.log"
