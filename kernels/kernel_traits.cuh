@@ -80,9 +80,6 @@ struct FwdTraits {
   // in shared memory after the fixed layout (kMassInSmem, mass::SmemRowSums).
   static constexpr bool kMass = kMass_;
   static_assert(!(kRotate && kMass), "the fused mass is not offered with PINE's rotation");
-  // Q read from its own shared tile at every key tile instead of held in registers: PINE's
-  // rotation (it re-forms the fragments per segment), and the fused mass at D = 128, whose 32
-  // accumulator registers take the place of Q's (with both, the kernel spills).
   // Row tiles of 16 query rows per warp: 1, or 2 for the wide kernel (FlashAttention-2's 128-row
   // blocks: each K and V fragment read from shared memory feeds two mma, and the per-tile costs
   // of the loop are shared by twice the rows), plain attention only.
@@ -101,8 +98,11 @@ struct FwdTraits {
   static_assert(kWarpGroups >= 0 && kWarpGroups <= 2, "one or two warpgroups");
   static_assert(!kWgmma || (!kRotate_ && !kMass_ && kMTiles_ == 1 && kHeadDim_ <= 128),
                 "the wgmma kernel is plain attention in 16-row tiles per warp at D 64 / 128");
-  // ... and the wide kernel, whose two row tiles' accumulators leave no room for their Q.
-  // D = 256 likewise: its 128 O accumulator registers leave no room for 64 of Q fragments.
+  // Q read from its own shared tile at every key tile instead of held in registers: PINE's
+  // rotation (it re-forms the fragments per segment), the fused mass at D = 128, whose 32
+  // accumulator registers take the place of Q's (with both, the kernel spills), and the wide
+  // kernel, whose two row tiles' accumulators leave no room for their Q. D = 256 likewise: its
+  // 128 O accumulator registers leave no room for 64 of Q fragments.
   static constexpr bool kQInSmem = kRotate || (kMass && kHeadDim == 128) || kMTiles > 1 || kHeadDim == 256;
   static constexpr int kWarps = kWgmma ? 4 * kWarpGroups : 4;
   static constexpr int kThreads = kWarps * 32;

@@ -42,7 +42,7 @@ __device__ __forceinline__ void wgmma_tile_loop(const SegattnFwdParams& p, Block
                                                 int tile, int cls, const uint32_t (&qf)[Traits::kDK][4],
                                                 float (&o)[Traits::kNO][4], OnlineSoftmax& softmax,
                                                 const LoadK& load_k, const LoadV& load_v) {
-  static_assert(Traits::kWgmma && Traits::kMTiles == 1, "one warpgroup of 64 rows");
+  static_assert(Traits::kWgmma && Traits::kMTiles == 1, "a wgmma kernel: one 16-row tile per warp");
   constexpr int kN = Traits::kBlockN;
   const int warp = static_cast<int>(threadIdx.x) / 32;
   const int lane = static_cast<int>(threadIdx.x) % 32;

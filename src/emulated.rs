@@ -657,7 +657,7 @@ pub(crate) fn run_forward(
                 let plain =
                     FwdVariant::plain_kernel(&kshape, kv_splits, summary, EMULATED_SM_COUNT, (wide, wide_keys64));
                 match (wgmma, plain.wgmma_of()) {
-                    (true, Some(on_wgmma)) => on_wgmma,
+                    (true, Some(wgmma_kernel)) => wgmma_kernel,
                     _ => plain.on_hopper(head_dim, true),
                 }
             }
