@@ -80,12 +80,15 @@ __device__ __forceinline__ void wgmma_wait(SEGATTN_WGMMA_SITE_FIRST) {
 }
 
 // Shared memory written through the generic proxy (plain stores, cp.async) and read next by the
-// async proxy (wgmma's B): each writing thread fences after its writes, before the barrier.
+// async proxy (wgmma's B): each writing thread fences after its writes, before the barrier. (The
+// emulator fails a wgmma that reads a cp.async's landed bytes before the copying thread's fence.)
 __device__ __forceinline__ void fence_proxy_async_smem() {
 #if defined(SEGATTN_WGMMA_PTX)
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 #elif defined(__CUDA_ARCH__)
   __trap();
+#elif defined(SEGATTN_EMULATE)
+  ::segattn::emu::fence_proxy_async();
 #endif
 }
 

@@ -34,6 +34,7 @@ extern "C" {
     ) -> c_int;
     fn segattn_emu_test_ldmatrix(mode: c_int, src: *const u16, out: *mut u32) -> c_int;
     fn segattn_emu_test_cp_async(mode: c_int, src: *const u8, out: *mut u8) -> c_int;
+    fn segattn_emu_test_proxy_fence(mode: c_int, tile: *const u16, out: *mut f32) -> c_int;
     fn segattn_emu_test_warp_ops(out: *mut c_int) -> c_int;
     fn segattn_emu_test_shuffle_loop(iters: c_int, warps: c_int, out: *mut f32) -> c_int;
     fn segattn_emu_test_failure(mode: c_int, threads: c_int, out: *mut c_int) -> c_int;
@@ -334,6 +335,30 @@ fn cp_async_matches_direct_copy_and_exposes_a_missing_wait() {
     // Two copies in flight into the same bytes: a race on a GPU (either may land last).
     let err = cp_async_run(4, &src).expect_err("a second copy into bytes still being copied must fail");
     assert!(err.contains("overlaps a copy still in flight"), "{err}");
+}
+
+#[test]
+fn wgmma_after_cp_async_needs_the_proxy_fence() {
+    // kernels/emu/tests/proxy_fence_test.cu: cp.async fills wgmma's B; each copying thread must
+    // issue fence.proxy.async after its copies land and before the barrier.
+    let tile: Vec<u16> = (0..64 * 64).map(|i| bf16_bits(1.0 + (i % 7) as f32)).collect();
+    let run = |mode: c_int| {
+        let mut out = vec![f32::NAN; 128 * 32];
+        check(unsafe { segattn_emu_test_proxy_fence(mode, tile.as_ptr(), out.as_mut_ptr()) }).map(|()| out)
+    };
+    for (schedule, seed, name) in SCHEDULES {
+        set_schedule(schedule, seed);
+        let out = run(0).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert!(out.iter().all(|&x| x == 0.0), "{name}: A is zero, so D must be");
+        for (mode, what) in [
+            (1, "no fence"),
+            (2, "the fence before the copies land"),
+            (3, "half the threads fence"),
+        ] {
+            let err = run(mode).expect_err(what);
+            assert!(err.contains("no fence.proxy.async"), "{name}, {what}: {err}");
+        }
+    }
 }
 
 // ---- shuffles, votes, reducing barriers ---------------------------------------------------

@@ -70,7 +70,13 @@ struct Fiber {
   // wgmma queue (wgmma.cpp): ops of groups [0, wgmma_groups_committed) committed, in issue order.
   std::vector<PendingWgmma> wgmma;
   uint32_t wgmma_groups_committed;
+  // 16-byte chunks of shared memory this thread's cp.async landed since its last
+  // fence.proxy.async (Context::smem_writer holds which of them are still its own).
+  std::vector<uint32_t> unfenced;
 };
+
+// Context::smem_writer's value for a chunk with no landed copy awaiting a proxy fence.
+constexpr uint16_t kNoWriter = 0xffffu;
 
 // One pending warp collective: the lanes deposit pointers to their operands here.
 struct WarpSlot {
@@ -159,6 +165,9 @@ class Context {
   unsigned char* smem = nullptr;
   size_t smem_size = 0;
   size_t smem_capacity = 0;
+  // Per 16-byte chunk of the dynamic shared memory: the thread whose cp.async landed there and
+  // has not yet issued fence.proxy.async since (kNoWriter: none). wgmma's B reads check it.
+  std::vector<uint16_t> smem_writer;
   FiberContext main_ctx;
   // This OS thread's threadIdx, rewritten at every switch (cached: TLS lookups cost a call in PIC).
   uint3* thread_idx_slot = nullptr;

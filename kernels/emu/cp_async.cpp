@@ -52,11 +52,22 @@ void cp_async_4(void* smem_dst, const void* gmem_src, bool pred, Site site) {
 
 void cp_async_commit() { ++context().self().groups_committed; }
 
+void fence_proxy_async() {
+  Context& c = context();
+  Fiber& me = c.self();
+  for (const uint32_t chunk : me.unfenced) {
+    if (c.smem_writer[chunk] == me.linear) c.smem_writer[chunk] = kNoWriter;
+  }
+  me.unfenced.clear();
+}
+
 void cp_async_wait(int n) {
   Fiber& me = context().self();
   const uint32_t keep = n < 0 ? 0u : static_cast<uint32_t>(n);
   // Copies are queued in issue order, so their groups never decrease: complete the prefix whose
   // group is older than the `keep` most recent committed groups. Uncommitted copies stay.
+  Context& c = context();
+  const uintptr_t lo = reinterpret_cast<uintptr_t>(c.smem);
   while (me.copies_head < me.copies.size()) {
     const AsyncCopy& cp = me.copies[me.copies_head];
     if (uint64_t{cp.group} + keep >= me.groups_committed) break;
@@ -64,6 +75,13 @@ void cp_async_wait(int n) {
       std::memcpy(cp.dst, cp.src, cp.bytes);
     else
       std::memset(cp.dst, 0, cp.bytes);
+    // Landed through the generic proxy: wgmma may not read it before this thread's proxy fence.
+    const uintptr_t at = reinterpret_cast<uintptr_t>(cp.dst);
+    if (at >= lo && at < lo + c.smem_size) {
+      const uint32_t chunk = static_cast<uint32_t>((at - lo) / 16);
+      c.smem_writer[chunk] = static_cast<uint16_t>(me.linear);
+      me.unfenced.push_back(chunk);
+    }
     ++me.copies_head;
   }
   if (me.copies_head == me.copies.size()) {

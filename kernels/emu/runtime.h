@@ -86,6 +86,13 @@ void wgmma_wait(int n, Site site);
 // dynamic shared memory, in 16-byte units.
 uint64_t smem_desc_address(const void* smem_ptr, Site site);
 
+// fence.proxy.async.shared::cta: the calling thread's landed cp.async copies into shared memory
+// become visible to the async proxy (wgmma's B reads). The emulator models the one rule that the
+// kernels depend on: a wgmma reading bytes that a cp.async of some thread landed, with no
+// fence.proxy.async by that thread after the landing, fails the launch (on a GPU it may read stale
+// data). Plain stores are not tracked.
+void fence_proxy_async();
+
 void cp_async_16(void* smem_dst, const void* gmem_src, bool pred, Site site);
 void cp_async_4(void* smem_dst, const void* gmem_src, bool pred, Site site);
 void cp_async_commit();

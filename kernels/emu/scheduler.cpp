@@ -290,6 +290,7 @@ bool Context::prepare(uint32_t threads, size_t smem_bytes) {
 void Context::run_block(dim3 block) {
   std::memset(smem, 0xff, smem_size);  // NaN poison: reads before writes show up
   std::memset(smem + smem_size, kSmemCanary, kSmemRedZone);
+  smem_writer.assign((smem_size + 15) / 16, kNoWriter);
   for (uint32_t i = 0; i < nthreads; ++i) {
     Fiber& f = fibers[i];
     f.tid = uint3{i % block.x, (i / block.x) % block.y, i / (block.x * block.y)};
@@ -300,6 +301,7 @@ void Context::run_block(dim3 block) {
     f.groups_committed = 0;
     f.wgmma.clear();
     f.wgmma_groups_committed = 0;
+    f.unfenced.clear();
     fiber_prepare(f.ctx, stacks[i], &fiber_entry);
   }
   ready_warps = 0;

@@ -66,6 +66,12 @@ uint16_t b_element(const Desc& desc, bool trans_b, int k, int n, const char* whe
   if (addr < lo || addr + 2 > lo + c.smem_size) {
     c.fail(where, site, ": B element (k ", k, ", n ", n, ") lies outside the block's dynamic shared memory");
   }
+  const uint16_t writer = c.smem_writer[(addr - lo) / 16];
+  if (writer != kNoWriter) {
+    c.fail(where, site, ": B element (k ", k, ", n ", n, ") at shared byte ", addr - lo, " was landed by thread ",
+           writer, "'s cp.async with no fence.proxy.async of that thread after it (wgmma reads through the async "
+           "proxy: on a GPU it may see stale bytes)");
+  }
   uint16_t v;
   std::memcpy(&v, reinterpret_cast<const void*>(addr), 2);
   return v;
