@@ -80,8 +80,8 @@ budgeted() {
   timeout --signal=INT --kill-after=10 "$t" "$@"
 }
 
-case "$PHASE" in test | bench | all | profile) ;; *)
-  echo "usage: $0 [test|bench|all|profile] [PACK_DIR]" >&2
+case "$PHASE" in wgmma | test | bench | all | profile) ;; *)
+  echo "usage: $0 [wgmma|test|bench|all|profile] [PACK_DIR]" >&2
   exit 2
   ;;
 esac
