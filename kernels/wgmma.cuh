@@ -92,32 +92,26 @@ __device__ __forceinline__ void fence_proxy_async_smem() {
 #endif
 }
 
-// Keeps the compiler from moving accesses of an accumulator across the asynchronous region
-// (between an mma_async that writes it and the wait that completes it).
-template <int kBlocks>
-__device__ __forceinline__ void wgmma_fence_operands(float (&d)[kBlocks][4]) {
+// Keeps the compiler from moving accesses of a wgmma operand across the asynchronous region
+// (between the mma_async that uses it and the wait that completes it): f32 accumulators it
+// writes, or 32-bit A registers it reads (they must not be reused before the wait).
+template <class E, int kBlocks>
+__device__ __forceinline__ void wgmma_fence_operands(E (&x)[kBlocks][4]) {
+  static_assert(std::is_same<E, float>::value || std::is_same<E, uint32_t>::value, "f32 or 32-bit registers");
 #if defined(SEGATTN_WGMMA_PTX)
 #pragma unroll
   for (int j = 0; j < kBlocks; ++j) {
 #pragma unroll
-    for (int e = 0; e < 4; ++e) asm volatile("" : "+f"(d[j][e])::"memory");
+    for (int e = 0; e < 4; ++e) {
+      if constexpr (std::is_same<E, float>::value) {
+        asm volatile("" : "+f"(x[j][e])::"memory");
+      } else {
+        asm volatile("" : "+r"(x[j][e])::"memory");
+      }
+    }
   }
 #else
-  (void)d;
-#endif
-}
-
-// The same for A registers that an mma_async reads until its wait (they must not be reused before).
-template <int kBlocks>
-__device__ __forceinline__ void wgmma_fence_operands(uint32_t (&a)[kBlocks][4]) {
-#if defined(SEGATTN_WGMMA_PTX)
-#pragma unroll
-  for (int j = 0; j < kBlocks; ++j) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) asm volatile("" : "+r"(a[j][e])::"memory");
-  }
-#else
-  (void)a;
+  (void)x;
 #endif
 }
 

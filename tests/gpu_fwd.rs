@@ -891,9 +891,9 @@ fn probe(
 /// Where the card read B[k][n] from, for the first k-step of `mode`: A = [I I I I] (row i picks
 /// k = i % 16) times tiles holding their own row and then column indices, so D's values name the
 /// tile element behind every (k, n). Returns the (k, n, read row, read column) that differ from
-/// the emulator's reading (`mode` 0: tile[n][k]; 1: tile[k][n]).
+/// the emulator's reading (`mode` 0: tile[n][k]; 1 and 2: tile[k][n]).
 fn wgmma_misreadings(dev: &Device, mode: i32, is_bf16: bool) -> Result<Vec<(usize, usize, usize, usize)>> {
-    let n = if mode == 1 { 128 } else { 64 };
+    let n = segattn::cuda::WgmmaProbe::n_of(mode);
     let a: Vec<u16> = (0..64 * 16)
         .map(|i| bits16(if i % 16 == (i / 16) % 16 { 1.0 } else { 0.0 }, is_bf16))
         .collect();
@@ -937,7 +937,7 @@ fn wgmma_reading_matches_the_card() -> Result<()> {
     let mut rng = Rng::new(34);
     for is_bf16 in [true, false] {
         for (mode, k_steps) in [(0i32, 8usize), (0, 3), (1, 4), (1, 1), (2, 4)] {
-            let n = if mode == 1 { 128 } else { 64 };
+            let n = segattn::cuda::WgmmaProbe::n_of(mode);
             let ka = 16 * k_steps;
             let mut draw = |scale: f64| ((rng.unit() * 2.0 - 1.0) * scale) as f32;
             let a: Vec<u16> = (0..64 * ka).map(|_| bits16(draw(2.0), is_bf16)).collect();

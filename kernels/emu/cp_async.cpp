@@ -62,11 +62,11 @@ void fence_proxy_async() {
 }
 
 void cp_async_wait(int n) {
-  Fiber& me = context().self();
+  Context& c = context();
+  Fiber& me = c.self();
   const uint32_t keep = n < 0 ? 0u : static_cast<uint32_t>(n);
   // Copies are queued in issue order, so their groups never decrease: complete the prefix whose
   // group is older than the `keep` most recent committed groups. Uncommitted copies stay.
-  Context& c = context();
   const uintptr_t lo = reinterpret_cast<uintptr_t>(c.smem);
   while (me.copies_head < me.copies.size()) {
     const AsyncCopy& cp = me.copies[me.copies_head];

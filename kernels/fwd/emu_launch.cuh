@@ -26,7 +26,6 @@ int launch(const SegattnFwdParams& p, Entry entry) {
   return ::segattn::emu::launch(grid, block, Traits::launch_smem_bytes(p.mass.num_segments), [&] { entry(p); });
 }
 
-
 }  // namespace emu_entry
 }  // namespace fwd
 }  // namespace segattn

@@ -77,6 +77,17 @@ pub struct WgmmaProbe<'a> {
     pub offsets: Option<(u32, u32)>,
 }
 
+impl WgmmaProbe<'_> {
+    /// The N (D's columns) of probe `mode`: 128 for mode 1, else 64.
+    pub fn n_of(mode: i32) -> usize {
+        if mode == 1 {
+            128
+        } else {
+            64
+        }
+    }
+}
+
 /// Runs `probe` on the GPU `dev`: D, or `None` on a GPU that is not compute capability 9.0 (the
 /// image does not run there).
 #[doc(hidden)]
@@ -93,7 +104,7 @@ pub fn wgmma_probe(dev: &Device, probe: &WgmmaProbe<'_>) -> Result<Option<Vec<f3
     let Device::Cuda(cuda) = dev else {
         invalid_arg!("dev: the wgmma probe runs on a CUDA device, got {:?}", dev.location());
     };
-    let n = if mode == 1 { 128 } else { 64 };
+    let n = WgmmaProbe::n_of(mode);
     let max_steps = if mode == 0 { 8 } else { 4 };
     if !(0..=2).contains(&mode) || k_steps == 0 || k_steps > max_steps {
         invalid_arg!(
