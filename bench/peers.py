@@ -65,6 +65,58 @@ def label(mask, s):
     return f"{mask} L{s['len']} B{s['batch']} H{s['heads']}/{s['kv_heads']} D{s['head_dim']}"
 
 
+def segattn_rule(m, dev):
+    """segattn's rule for mask `m` (an entry of `--export-masks`' JSON) as a function of query and
+    key positions (tensors, broadcast): visible or not. The table entry of (id(q), id(k)) unless 3
+    or out of the table, else intra for equal ids, inter otherwise; codes 0 blocked, 1 causal (key
+    position <= query position), 2 full. Every mask is the same kind of data (a [S, S] table
+    padded with 3 = "default" to a multiple of 32, intra / inter as tensors), so that
+    torch.compile builds one FlexAttention kernel per shape, not one per mask."""
+    import torch
+
+    ids = torch.tensor(m["ids"], dtype=torch.int32, device=dev)
+    given = m["table"] or []
+    S = 32 * max(1, math.ceil(len(given) / 32))
+    table = torch.full((S, S), 3, dtype=torch.int32)
+    for i, row in enumerate(given):
+        table[i, : len(row)] = torch.tensor(row, dtype=torch.int32)
+    table = table.to(dev)
+    intra = torch.tensor(m["intra"], dtype=torch.int32, device=dev)
+    inter = torch.tensor(m["inter"], dtype=torch.int32, device=dev)
+
+    def rule_visible(q_idx, kv_idx):
+        sq, sk = ids[q_idx], ids[kv_idx]
+        code = torch.where(sq == sk, intra, inter)
+        inside = (sq < S) & (sk < S)
+        t = table[sq.clamp(max=S - 1), sk.clamp(max=S - 1)]
+        code = torch.where(inside & (t != 3), t, code)
+        return (code == 2) | ((code == 1) & (kv_idx <= q_idx))
+
+    return rule_visible
+
+
+def compiled_flex():
+    """flex_attention under torch.compile, allowed one compiled kernel per shape of a whole run:
+    past dynamo's recompile limit (8 by default) a call silently falls back to eager
+    FlexAttention, which materialises the scores (a CPU run of 16 shapes saw 100x slower times
+    from its 9th shape on)."""
+    import torch
+    from torch.nn.attention.flex_attention import flex_attention
+
+    config = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
+        if hasattr(config, name):
+            setattr(config, name, max(getattr(config, name), 4096))
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def dense_visible(rule_visible, L, dev):
+    """The [L, L] boolean mask of `rule_visible` (True = visible)."""
+    import torch
+
+    return rule_visible(torch.arange(L, device=dev)[:, None], torch.arange(L, device=dev)[None, :])
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--masks", help="JSON from gpu_bench --export-masks")
@@ -118,7 +170,7 @@ def main():
         try:
             from torch.nn.attention.flex_attention import create_block_mask, flex_attention
             # Compiled on the GPU (the fast path); eager on the CPU smoke run.
-            flex_fn = torch.compile(flex_attention, dynamic=False) if cuda else flex_attention
+            flex_fn = compiled_flex() if cuda else flex_attention
         except Exception as e:  # noqa: BLE001 - report, do not hide
             print(f"flex_attention unavailable: {e!r}", file=sys.stderr)
 
@@ -168,28 +220,7 @@ def main():
         B, L, H, Hkv, D = s["batch"], s["len"], s["heads"], s["kv_heads"], s["head_dim"]
         visible = m["visible_pairs"] * B
         flops = 4.0 * D * H * visible * (3.5 if a.backward else 1.0)
-        ids = torch.tensor(m["ids"], dtype=torch.int32, device=dev)
-        # Every mask as the same kind of data (a [S, S] table padded with 3 = "default" to a
-        # multiple of 32, intra / inter as tensors), so that torch.compile builds one FlexAttention
-        # kernel per shape, not one per mask.
-        given = m["table"] or []
-        S = 32 * max(1, math.ceil(len(given) / 32))
-        table = torch.full((S, S), 3, dtype=torch.int32)
-        for i, row in enumerate(given):
-            table[i, : len(row)] = torch.tensor(row, dtype=torch.int32)
-        table = table.to(dev)
-        intra = torch.tensor(m["intra"], dtype=torch.int32, device=dev)
-        inter = torch.tensor(m["inter"], dtype=torch.int32, device=dev)
-
-        def rule_visible(q_idx, kv_idx):
-            """segattn's rule: the table entry of (id(q), id(k)) unless 3 or out of the table,
-            else intra for equal ids, inter otherwise; Causal = key position <= query position."""
-            sq, sk = ids[q_idx], ids[kv_idx]
-            code = torch.where(sq == sk, intra, inter)
-            inside = (sq < S) & (sk < S)
-            t = table[sq.clamp(max=S - 1), sk.clamp(max=S - 1)]
-            code = torch.where(inside & (t != 3), t, code)
-            return (code == 2) | ((code == 1) & (kv_idx <= q_idx))
+        rule_visible = segattn_rule(m, dev)
 
         set_bytes = 2 * B * L * (H + 2 * Hkv) * D
         nsets = max(2, min(16, math.ceil(4 * l2 / set_bytes)))
@@ -224,7 +255,7 @@ def main():
 
         if a.check:
             # The translated rule must see exactly the pairs segattn counts.
-            dense = rule_visible(torch.arange(L, device=dev)[:, None], torch.arange(L, device=dev)[None, :])
+            dense = dense_visible(rule_visible, L, dev)
             n = int(dense.sum().item())
             if n != m["visible_pairs"]:
                 print(f"MISMATCH {label(mask_name, s)}: the mask_mod sees {n} pairs, segattn {m['visible_pairs']}")
@@ -241,7 +272,7 @@ def main():
                         kw = dict(is_causal=mask_name == "causal")
                     elif impl == "sdpa_cudnn":
                         if dense is None:
-                            dense = rule_visible(torch.arange(L, device=dev)[:, None], torch.arange(L, device=dev)[None, :])
+                            dense = dense_visible(rule_visible, L, dev)
                         kw = dict(attn_mask=dense)
                     else:
                         record(impl, status="unsupported mask (is_causal only)")
@@ -259,7 +290,7 @@ def main():
                         record(impl, status=f"skipped (memory: ~{est / 2**30:.0f} GiB)")
                         continue
                     if dense is None:
-                        dense = rule_visible(torch.arange(L, device=dev)[:, None], torch.arange(L, device=dev)[None, :])
+                        dense = dense_visible(rule_visible, L, dev)
 
                     def run(q, k, v):
                         with sdpa_kernel(SDPBackend.MATH):

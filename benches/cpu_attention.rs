@@ -48,6 +48,8 @@ use segattn::{segment_attention, SegmentMask};
 
 #[path = "support/machine_load.rs"]
 mod machine_load;
+#[path = "../examples/support/mask_json.rs"]
+mod mask_json;
 use machine_load::{ms, CpuSnapshot};
 
 // ---------------------------------------------------------------------------------------------
@@ -588,14 +590,7 @@ fn main_table() -> Result<()> {
     let mut ceiling = settle_ceiling(None, &mut log)?;
     eprint!("{log}");
     let mut rows = Vec::new();
-    let mut cases: Vec<(MaskKind, usize, usize)> = Vec::new();
-    for kind in MaskKind::SWEPT {
-        for d in HEAD_DIMS {
-            cases.extend(LENS.iter().map(|&n| (kind, d, n)));
-        }
-    }
-    cases.extend(HEAD_DIMS.iter().map(|&d| (MaskKind::Full, d, 4096)));
-    for (kind, d, n) in cases {
+    for (kind, d, n) in table_cases() {
         let mut best: Option<(f64, Vec<Row>)> = None;
         for attempt in 1..=ATTEMPTS {
             wait_for_quiet(QUIET_WAIT);
@@ -799,7 +794,114 @@ fn main_table() -> Result<()> {
     Ok(())
 }
 
+// ---------------------------------------------------------------------------------------------
+// Peer mode (bench/cpu_peers.py times PyTorch on the same cases; scripts/cpu-peers.sh pairs them)
+// ---------------------------------------------------------------------------------------------
+
+/// The value after flag `name` on the command line, if the flag is there.
+fn flag_value(name: &str) -> Option<String> {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
+}
+
+/// The table's cases: every swept mask at every D and N, and the full mask at N 4096.
+fn table_cases() -> Vec<(MaskKind, usize, usize)> {
+    let mut cases: Vec<(MaskKind, usize, usize)> = Vec::new();
+    for kind in MaskKind::SWEPT {
+        for d in HEAD_DIMS {
+            cases.extend(LENS.iter().map(|&n| (kind, d, n)));
+        }
+    }
+    cases.extend(HEAD_DIMS.iter().map(|&d| (MaskKind::Full, d, 4096)));
+    cases
+}
+
+/// `--export-masks FILE`: every mask of the table (its N), for bench/cpu_peers.py.
+fn export_masks(path: &str) -> Result<()> {
+    let mut seen = Vec::new();
+    for (kind, _, n) in table_cases() {
+        if !seen.contains(&(kind, n)) {
+            seen.push((kind, n));
+        }
+    }
+    let masks: Result<Vec<_>> = seen
+        .into_iter()
+        .map(|(kind, n)| Ok((kind.name(), n, kind.build(n, &Device::Cpu)?)))
+        .collect();
+    mask_json::write_masks(path, masks?)
+}
+
+/// `--ours-json FILE [--dtypes f32,bf16] [--filter S]`: ours alone on every case of the table, in
+/// each dtype, as JSON lines (one per case, the fields of bench/cpu_peers.py's rows): the median
+/// of at least 5 calls and 1 s after one warm-up call, with the share of the CPU that other
+/// processes took meanwhile.
+fn ours_json(path: &str) -> Result<()> {
+    let dtypes = flag_value("--dtypes").unwrap_or_else(|| "f32,bf16".into());
+    let filter = flag_value("--filter");
+    let mut lines = vec![format!(
+        "{{\"meta\":true,\"impl\":\"segattn\",\"threads\":{},\"cpu\":\"{}\"}}",
+        rayon::current_num_threads(),
+        machine_load::cpu_model()
+    )];
+    for (kind, d, n) in table_cases() {
+        for dtype in dtypes.split(',') {
+            let label = format!("{} D{d} N{n} {dtype}", kind.name());
+            if filter.as_ref().is_some_and(|f| !label.contains(f.as_str())) {
+                continue;
+            }
+            let case = Case::new(kind, d, n)?;
+            let visible = mask_json::visible_pairs(&case.mask)?;
+            let (q, k, v) = match dtype {
+                "f32" => (case.q.clone(), case.k.clone(), case.v.clone()),
+                "bf16" => (
+                    case.q.to_dtype(DType::BF16)?,
+                    case.k.to_dtype(DType::BF16)?,
+                    case.v.to_dtype(DType::BF16)?,
+                ),
+                other => candle_core::bail!("--dtypes: expected f32 and / or bf16, got {other}"),
+            };
+            wait_for_quiet(QUIET_WAIT);
+            let before = CpuSnapshot::now();
+            drop(black_box(segment_attention(&q, &k, &v, &case.mask)?));
+            let mut times = Vec::new();
+            let start = Instant::now();
+            while times.len() < 5 || (start.elapsed() < Duration::from_secs(1) && times.len() < 50) {
+                let t = Instant::now();
+                black_box(segment_attention(&q, &k, &v, &case.mask)?);
+                times.push(t.elapsed());
+            }
+            let load = before.and_then(|b| b.foreign_load_since(CpuSnapshot::now()));
+            let reps = times.len();
+            let t = machine_load::median(times);
+            let g = gflops(case.flops(visible), t);
+            eprintln!(
+                "{label}: {:.3} ms, {g:.1} GFLOP/s, other processes {}",
+                ms(t),
+                load_text(load)
+            );
+            lines.push(format!(
+                "{{\"impl\":\"segattn\",\"mask\":\"{}\",\"len\":{n},\"batch\":{BATCH},\"heads\":{HEADS},\
+                 \"head_dim\":{d},\"dtype\":\"{dtype}\",\"visible_pairs\":{visible},\"ms\":{:.5},\"gflops\":{g:.2},\
+                 \"reps\":{reps},\"foreign_load\":{:.3}}}",
+                kind.name(),
+                ms(t),
+                load.unwrap_or(0.0)
+            ));
+            std::fs::write(path, lines.join("\n") + "\n")?;
+        }
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
+    if let Some(path) = flag_value("--export-masks") {
+        return export_masks(&path);
+    }
+    if let Some(path) = flag_value("--ours-json") {
+        return ours_json(&path);
+    }
     if machine_load::table_mode() {
         return main_table();
     }

@@ -33,8 +33,9 @@ use std::time::Instant;
 
 use candle_core::cuda_backend::cudarc::driver::sys::{CUdevice_attribute, CUevent_flags};
 use candle_core::{DType, Device, Result, Tensor};
+use mask_json::visible_pairs;
 use segattn::cuda::PreparedForward;
-use segattn::{PineLayout, SegmentAttention, SegmentMask, Visibility};
+use segattn::{PineLayout, SegmentAttention, SegmentMask};
 
 #[path = "support/gpu_backward.rs"]
 mod gpu_backward;
@@ -42,6 +43,8 @@ mod gpu_backward;
 mod gpu_mass;
 #[path = "support/gpu_pine.rs"]
 mod gpu_pine;
+#[path = "support/mask_json.rs"]
+mod mask_json;
 #[path = "support/timing.rs"]
 mod timing;
 
@@ -166,79 +169,6 @@ fn build_mask(name: &str, len: usize, dev: &Device) -> Result<SegmentMask> {
     }
 }
 
-/// The rule of (query id, key id), from the mask's public description.
-struct Rules {
-    intra: Visibility,
-    inter: Visibility,
-    table: Vec<u8>,
-    size: usize,
-}
-
-impl Rules {
-    fn of(mask: &SegmentMask) -> Result<Self> {
-        let r = mask.rule();
-        let (table, size) = match &r.table {
-            // The bench's masks share one table across rows: its first [S, S] block.
-            Some(t) => {
-                let s = t.size();
-                let codes = t.rules().flatten_all()?.to_vec1::<u8>()?;
-                (codes[..s * s].to_vec(), s)
-            }
-            None => (Vec::new(), 0),
-        };
-        Ok(Self {
-            intra: r.intra,
-            inter: r.inter,
-            table,
-            size,
-        })
-    }
-
-    fn get(&self, sq: u32, sk: u32) -> Visibility {
-        let (a, b) = (sq as usize, sk as usize);
-        if a < self.size && b < self.size {
-            if let Some(v) = Visibility::from_code(self.table[a * self.size + b]) {
-                return v;
-            }
-        }
-        if sq == sk {
-            self.intra
-        } else {
-            self.inter
-        }
-    }
-}
-
-/// Visible (q, k) pairs of a self-attention mask of one row (shared ids), exactly: per query, per
-/// key segment, O(L x segments).
-fn visible_pairs(mask: &SegmentMask) -> Result<u64> {
-    let q_ids = mask.q_segments().to_vec2::<u32>()?.remove(0);
-    let k_ids = mask.kv_segments().to_vec2::<u32>()?.remove(0);
-    let rules = Rules::of(mask)?;
-    let offset = k_ids.len() as i64 - q_ids.len() as i64;
-    // Key segments as (id, start, end).
-    let mut spans = Vec::new();
-    let mut s = 0;
-    for j in 1..=k_ids.len() {
-        if j == k_ids.len() || k_ids[j] != k_ids[s] {
-            spans.push((k_ids[s], s, j));
-            s = j;
-        }
-    }
-    let mut total = 0u64;
-    for (i, &sq) in q_ids.iter().enumerate() {
-        let pos = i as i64 + offset;
-        for &(sk, a, b) in &spans {
-            total += match rules.get(sq, sk) {
-                Visibility::Blocked => 0,
-                Visibility::Full => (b - a) as u64,
-                Visibility::Causal => (b as i64).min(pos + 1).saturating_sub(a as i64).max(0) as u64,
-            };
-        }
-    }
-    Ok(total)
-}
-
 #[derive(Clone, Copy, Debug)]
 struct Shape {
     len: usize,
@@ -302,43 +232,13 @@ fn export_masks(path: &str, smoke: bool) -> Result<()> {
     let mut lens: Vec<usize> = shapes(smoke).iter().map(|s| s.len).collect();
     lens.sort_unstable();
     lens.dedup();
-    let mut json = String::from("[\n");
-    let mut first = true;
+    let mut masks = Vec::new();
     for &len in &lens {
         for name in MASKS {
-            let mask = build_mask(name, len, &cpu)?;
-            let rules = Rules::of(&mask)?;
-            let ids = mask.q_segments().to_vec2::<u32>()?.remove(0);
-            let code = |v: Visibility| v.code();
-            let list = |v: &[u32]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(",");
-            let table = if rules.size == 0 {
-                "null".to_string()
-            } else {
-                let rows: Vec<String> = rules
-                    .table
-                    .chunks(rules.size)
-                    .map(|r| format!("[{}]", r.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(",")))
-                    .collect();
-                format!("[{}]", rows.join(","))
-            };
-            if !first {
-                json.push_str(",\n");
-            }
-            first = false;
-            let _ = write!(
-                json,
-                "{{\"mask\":\"{name}\",\"len\":{len},\"visible_pairs\":{},\"intra\":{},\"inter\":{},\"table\":{table},\"ids\":[{}]}}",
-                visible_pairs(&mask)?,
-                code(rules.intra),
-                code(rules.inter),
-                list(&ids)
-            );
+            masks.push((name, len, build_mask(name, len, &cpu)?));
         }
     }
-    json.push_str("\n]\n");
-    std::fs::write(path, json)?;
-    eprintln!("wrote {} masks to {path}", lens.len() * MASKS.len());
-    Ok(())
+    mask_json::write_masks(path, masks)
 }
 
 /// Random bf16 inputs `[B, L, H, D]` on the GPU (normal, std 1).

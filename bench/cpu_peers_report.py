@@ -1,0 +1,123 @@
+#!/usr/bin/env python3
+"""The Markdown table of scripts/cpu-peers.sh: ours against PyTorch on the CPU, per case.
+
+  cpu_peers_report.py [--commit REV] FILE.jsonl...
+
+Reads the JSON lines of `cpu_attention -- --ours-json` (impl "segattn") and of
+bench/cpu_peers.py (impls sdpa, sdpa_math, flex) from any number of rounds, keeps each impl's
+fastest round per case (a slow spell of a shared machine only ever adds time), and prints one
+row per case: the times, ours' speedup over each peer (> 1: ours faster), GFLOP/s of visible
+pairs, and how far apart the rounds were. Ends with the geometric mean speedups per mask.
+"""
+
+import argparse
+import collections
+import json
+import math
+import sys
+
+PEERS = ["sdpa", "flex", "sdpa_math"]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--commit", default="?")
+    ap.add_argument("files", nargs="+")
+    a = ap.parse_args()
+
+    metas, rows = {}, collections.defaultdict(list)
+    configs, errors = {}, {}
+    for path in a.files:
+        with open(path) as f:
+            for line in f:
+                r = json.loads(line)
+                if r.get("meta"):
+                    metas[r["impl"]] = r
+                    continue
+                key = (r["mask"], r["head_dim"], r["len"], r["dtype"])
+                if "ms" in r:
+                    rows[key + (r["impl"],)].append(r)
+                    if "config" in r:
+                        configs[r["impl"], r["mask"]] = r["config"]
+                else:
+                    errors[key + (r["impl"],)] = r.get("status", "no time")
+    cases = sorted({k[:4] for k in rows} | {k[:4] for k in errors},
+                   key=lambda c: (["causal", "documents", "pine", "full"].index(c[0]), c[1], c[2], c[3]))
+    if not cases:
+        print("no cases in the input", file=sys.stderr)
+        return 1
+
+    def best(case, impl):
+        runs = rows.get(case + (impl,))
+        return min(runs, key=lambda r: r["ms"]) if runs else None
+
+    def spread(case, impl):
+        runs = rows.get(case + (impl,), [])
+        return max(r["ms"] for r in runs) / min(r["ms"] for r in runs) if len(runs) > 1 else 1.0
+
+    ours_meta, torch_meta = metas.get("segattn", {}), metas.get("torch", {})
+    print(f"CPU: {ours_meta.get('cpu', '?')}; ours {ours_meta.get('threads', '?')} threads (rayon), torch "
+          f"{torch_meta.get('torch', '?')} {torch_meta.get('threads', '?')} threads (capability "
+          f"{torch_meta.get('cpu_capability', '?')}); {torch_meta.get('date', '?')}; commit {a.commit}; "
+          f"{max(len(v) for v in rows.values())} round(s), each side's fastest kept.")
+    print()
+    print("B = 1, H = 8, Lq = Lk = N; inputs [B, N, H, D] for ours, [B, H, N, D] for torch (layouts not "
+          "timed). Speedup = peer ms / ours ms (> 1: ours faster). GFLOP/s count visible (q, k) pairs only "
+          "(4 D H visible / time). `spread` = slowest / fastest round of ours and of the best peer.")
+    print()
+    print("| mask | D | N | dtype | visible % | ours ms | sdpa ms | flex ms | math ms | vs sdpa | vs flex "
+          "| vs math | ours GFLOP/s | best peer GFLOP/s | spread |")
+    print("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    speedups = collections.defaultdict(list)
+    for case in cases:
+        mask, d, n, dtype = case
+        ours = best(case, "segattn")
+        peers = {p: best(case, p) for p in PEERS}
+        any_row = ours or next((r for r in peers.values() if r), None)
+        visible = 100.0 * any_row["visible_pairs"] / (n * n) if any_row else float("nan")
+
+        def ms(r, impl):
+            if r is not None:
+                return f"{r['ms']:.2f}"
+            return "err" if case + (impl,) in errors else ""
+
+        def vs(p):
+            r = peers[p]
+            if ours is None or r is None:
+                return ""
+            s = r["ms"] / ours["ms"]
+            speedups[mask, p].append(s)
+            return f"{s:.2f}x" if s >= 1 else f"**{s:.2f}x**"
+
+        timed_peers = [r for r in peers.values() if r]
+        top = max(timed_peers, key=lambda r: r["gflops"]) if timed_peers else None
+        spreads = [spread(case, "segattn")] + ([spread(case, top["impl"])] if top else [])
+        cols = [mask, str(d), str(n), dtype, f"{visible:.1f}", ms(ours, "segattn"), ms(peers["sdpa"], "sdpa"),
+                ms(peers["flex"], "flex"), ms(peers["sdpa_math"], "sdpa_math"), vs("sdpa"), vs("flex"),
+                vs("sdpa_math"), f"{ours['gflops']:.1f}" if ours else "",
+                f"{top['gflops']:.1f} ({top['impl']})" if top else "", " / ".join(f"{s:.2f}" for s in spreads)]
+        print("| " + " | ".join(cols) + " |")
+    print()
+    print("Geometric mean of ours' speedup per mask (bold above: a peer faster):")
+    print()
+    print("| mask | vs sdpa | vs flex | vs math |")
+    print("|---|---:|---:|---:|")
+    for mask in ["causal", "documents", "pine", "full"]:
+        cols = []
+        for p in PEERS:
+            v = speedups.get((mask, p))
+            cols.append(f"{math.exp(sum(map(math.log, v)) / len(v)):.2f}x ({len(v)})" if v else "")
+        if any(cols):
+            print(f"| {mask} | " + " | ".join(cols) + " |")
+    print()
+    print("How torch ran each mask:")
+    print()
+    for (impl, mask), config in sorted(configs.items()):
+        print(f"- {impl}, {mask}: {config}")
+    for key, status in sorted(errors.items()):
+        print(f"- {key[4]} failed on {key[0]} D{key[1]} N{key[2]} {key[3]}: {status}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
