@@ -36,7 +36,7 @@ use bf16_pairs::{PairScores, PairTiles};
 use kv_tiles::PreparedTiles;
 use rotary::{rotated_scores, QueryRotation, RotaryScratch};
 use segment::{mask_tile, MassRows, MassSink, TilePieces};
-use tile::{attend_scored_tile, attend_tile, RowState, TileKeys, TileRows, TileValues, BC, BR, LANES, ROWS};
+use tile::{attend_scored_tile, tile_scores, RowState, TileKeys, TileRows, TileValues, BC, BR, LANES, ROWS};
 
 /// How many keys ahead a decode-sized item asks for the K and V rows (one key tile: measured
 /// against two, RAG decode step from a cold cache -20% either way, back to back 64 slightly better).
@@ -476,7 +476,9 @@ impl Scratch {
         if !direct && prepared.is_none() {
             self.load_kv(k, v, b, kh, d, k0, cols, pairs);
         }
-        if self.mass.is_some() || rotation.is_some() {
+        // The tile's key segment pieces: the mass's sums, the rotation's turns and a PARTIAL tile's
+        // mask (by piece: per element, the rule's lookup cost a PINE prefill ~8%, NOTES CPU 22).
+        if self.mass.is_some() || rotation.is_some() || class == TileClass::Partial {
             segment::tile_pieces(mask, b, k0, k1, &mut self.pieces);
         }
         // Decode-sized items: as S reads key j, the K and V rows of key j + AHEAD are asked for
@@ -517,14 +519,6 @@ impl Scratch {
             );
             return;
         }
-        let partial = class == TileClass::Partial;
-        let masked = |r: usize, j: usize| {
-            let (i, kj) = (q0 + r, k0 + j);
-            !mask
-                .rule
-                .lookup(table, qs.ids[i], ks.ids[kj])
-                .allows(i as i64 + off, kj as i64)
-        };
         let Self {
             q: qb,
             kt,
@@ -555,8 +549,11 @@ impl Scratch {
                 m.follow(r, alpha, (p, sum), pieces);
             }
         };
-        let (keys, values) = ((keys, kt), (values, vb));
-        attend_tile::<FMA, K, T>(qb, keys, values, s, o, state, dp, rows, cols, partial, masked, hook);
+        tile_scores::<FMA, K>(keys, qb, kt, s, dp, (rows, rows.div_ceil(ROWS)), (0, cols));
+        if class == TileClass::Partial {
+            mask_tile(s, mask, b, (q0, q1), (k0, k1), &pieces.list);
+        }
+        attend_scored_tile::<FMA, T>(s, (values, vb), o, state, dp, rows, cols, hook);
     }
 
     /// One key tile with the query rotated per row and key piece: S piece by piece
@@ -617,14 +614,13 @@ impl Scratch {
         if class == TileClass::Partial {
             mask_tile(s, mask, b, (q0, q1), (k0, k1), &pieces.list);
         }
-        let none = |_: usize, _: usize| false;
         let hook = |_: usize, _: f32, _: &[f32], _: f32| {};
         match pair_args {
             Some((_, vp)) => {
                 let values = (TileValues::Pairs(vp), vb);
-                attend_scored_tile::<FMA, T>(s, values, o, state, dp, rows, cols, false, none, hook)
+                attend_scored_tile::<FMA, T>(s, values, o, state, dp, rows, cols, hook)
             }
-            None => attend_scored_tile::<FMA, T>(s, (values, vb), o, state, dp, rows, cols, false, none, hook),
+            None => attend_scored_tile::<FMA, T>(s, (values, vb), o, state, dp, rows, cols, hook),
         }
     }
 

@@ -1,5 +1,6 @@
 //! The inner loops of the fused CPU attention, on one (query tile, key tile) pair:
-//! S = Q K^T, the mask of PARTIAL tiles, the online-softmax update and O += P V.
+//! S = Q K^T, the online-softmax update and O += P V (the mask of PARTIAL tiles goes on S in
+//! between: `segment::mask_tile`).
 //!
 //! Buffers are f32, row-major, padded with zeros: Q `[BR, dp]`, K^T `[dp, BC]`, V `[BC, dp]`,
 //! S/P `[BR, BC]`, O `[BR, dp]`, `dp` = D rounded up to a multiple of [`LANES`]. The loops are
@@ -47,33 +48,13 @@ impl RowState {
     }
 }
 
-/// One key tile's work for a query tile. `rows` and `cols` are the valid rows and keys (the rest
-/// is padding); `masked(r, j)` is called only when `partial` and says whether element (r, j) is
-/// hidden. Q is already scaled by `scale * log2(e)`. `row_hook(r, alpha, p, sum)` is called after each
-/// row's online-softmax update with the factor its accumulators were rescaled by, its
-/// unnormalised probabilities `p` (`cols` of them) and their `lane_sum`: other accumulators that
-/// must follow O (the per-segment mass) update there; pass `|_, _, _, _| {}` for none.
-#[allow(clippy::too_many_arguments)]
-#[inline(always)]
-pub(crate) fn attend_tile<const FMA: bool, K: super::Element, T: super::Element>(
-    q: &[f32],
-    (keys, kt): (TileKeys<'_, K>, &[f32]),
-    (values, v): (TileValues<'_, T>, &[f32]),
-    s: &mut [f32],
-    o: &mut [f32],
-    state: &mut RowState,
-    dp: usize,
-    rows: usize,
-    cols: usize,
-    partial: bool,
-    masked: impl Fn(usize, usize) -> bool,
-    row_hook: impl FnMut(usize, f32, &[f32], f32),
-) {
-    tile_scores::<FMA, K>(keys, q, kt, s, dp, (rows, rows.div_ceil(ROWS)), (0, cols));
-    attend_scored_tile::<FMA, T>(s, (values, v), o, state, dp, rows, cols, partial, masked, row_hook);
-}
-
-/// [`attend_tile`] after S: the same work on scores `s` already computed (and scaled).
+/// The rest of one key tile's work for a query tile once S is in `s` (scaled into the log2
+/// domain, hidden elements already `-inf`: `segment::mask_tile`): the online-softmax update, then
+/// O += P V. `rows` and `cols` are the valid rows and keys (the rest is padding).
+/// `row_hook(r, alpha, p, sum)` is called after each row's online-softmax update with the factor
+/// its accumulators were rescaled by, its unnormalised probabilities `p` (`cols` of them) and their
+/// `lane_sum`: other accumulators that must follow O (the per-segment mass) update there; pass
+/// `|_, _, _, _| {}` for none.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 pub(crate) fn attend_scored_tile<const FMA: bool, T: super::Element>(
@@ -84,42 +65,10 @@ pub(crate) fn attend_scored_tile<const FMA: bool, T: super::Element>(
     dp: usize,
     rows: usize,
     cols: usize,
-    partial: bool,
-    masked: impl Fn(usize, usize) -> bool,
-    row_hook: impl FnMut(usize, f32, &[f32], f32),
-) {
-    softmax_tile::<FMA>(s, o, state, dp, rows, cols, partial, masked, row_hook);
-    match values {
-        TileValues::Widened => accumulate_pv::<FMA>(s, v, o, dp, rows.div_ceil(ROWS), cols),
-        TileValues::Rows(v_rows) => super::pv_rows::accumulate_pv_rows::<FMA, T>(s, v_rows, o, dp, rows, cols),
-        TileValues::Pairs(vp) => super::bf16_pairs::accumulate_pv_pairs(s, vp, o, dp, rows.div_ceil(ROWS), cols),
-    }
-}
-
-/// The online softmax of a tile's rows (the part of [`attend_scored_tile`] before P V): masks a
-/// PARTIAL tile's hidden elements, turns S into P in place, rescales each row's O and state.
-#[allow(clippy::too_many_arguments)]
-#[inline(always)]
-fn softmax_tile<const FMA: bool>(
-    s: &mut [f32],
-    o: &mut [f32],
-    state: &mut RowState,
-    dp: usize,
-    rows: usize,
-    cols: usize,
-    partial: bool,
-    masked: impl Fn(usize, usize) -> bool,
     mut row_hook: impl FnMut(usize, f32, &[f32], f32),
 ) {
     for r in 0..rows {
         let srow = &mut s[r * BC..(r + 1) * BC];
-        if partial {
-            for (j, x) in srow[..cols].iter_mut().enumerate() {
-                if masked(r, j) {
-                    *x = f32::NEG_INFINITY;
-                }
-            }
-        }
         let (alpha, tile_sum) = softmax_row::<FMA>(
             srow,
             cols,
@@ -128,6 +77,11 @@ fn softmax_tile<const FMA: bool>(
             &mut o[r * dp..(r + 1) * dp],
         );
         row_hook(r, alpha, &srow[..cols], tile_sum);
+    }
+    match values {
+        TileValues::Widened => accumulate_pv::<FMA>(s, v, o, dp, rows.div_ceil(ROWS), cols),
+        TileValues::Rows(v_rows) => super::pv_rows::accumulate_pv_rows::<FMA, T>(s, v_rows, o, dp, rows, cols),
+        TileValues::Pairs(vp) => super::bf16_pairs::accumulate_pv_pairs(s, vp, o, dp, rows.div_ceil(ROWS), cols),
     }
 }
 

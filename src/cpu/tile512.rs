@@ -1,14 +1,14 @@
-//! The f32 register blocks of `tile.rs` (S = Q K^T and O += P V on prefill tiles) with 8
-//! accumulators in AVX-512 builds: 4 rows x 32 columns, two zmm registers a row.
+//! The f32 register blocks of `tile.rs` (S = Q K^T and O += P V on prefill tiles) in AVX-512
+//! builds: 4 rows x 64 columns, four zmm registers a row (16 accumulators), and 32 or 16 columns
+//! for a rest (D of 80, 96, 112, ...).
 //!
 //! `tile.rs` blocks 4 rows x [`LANES`] (16) columns, written once for every build and vectorised
-//! by the compiler: 8 ymm accumulators in the AVX2 build, but only 4 zmm in the AVX-512 one,
-//! whose fused multiply-adds take 4 cycles each, so 4 independent sums cannot keep the unit busy.
-//! These blocks in intrinsics took 24% off a causal bf16 prefill's f32 loops of that time (NOTES
-//! CPU 17; in isolation both explicit forms ran at this VM's one zmm FMA a cycle). Each output
-//! element still sums its products in the same order with the same fused multiply-adds, so the
-//! results are bitwise those of `tile.rs`. A 16-column rest (D of 80, 112, ...) takes one
-//! register a row.
+//! by the compiler: 8 ymm accumulators in the AVX2 build, but only 4 zmm in the AVX-512 one. A
+//! fused multiply-add takes 4 cycles, and a core with two 512-bit FMA units needs 8 of them in
+//! flight: 4 x 32 columns (8 accumulators, NOTES CPU 17) kept one unit busy, 4 x 64 (16) feed
+//! both and load fewer operands per FMA (4 of K or V and 4 broadcasts per 16, against 2 and 4
+//! per 8). Each output element still sums its products in the same order with the same fused
+//! multiply-adds, so the results are bitwise those of `tile.rs`.
 
 use super::tile::{BC, LANES, ROWS};
 
@@ -77,40 +77,85 @@ unsafe fn block<const W: usize>(
     }
 }
 
+/// The widest block of [`ROWS`] rows that fits the columns `[c, end)`: 4 registers a row (64
+/// columns, 16 accumulators: enough independent sums for two FMA units of 4 cycles' latency), 2
+/// or 1 for the rest.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn width(c: usize, end: usize) -> usize {
+    if c + 4 * LANES <= end {
+        4
+    } else if c + 2 * LANES <= end {
+        2
+    } else {
+        1
+    }
+}
+
+/// S's block of `W` registers a row at rows `r0..`, columns `c..`: the sums over the head dim from 0.
+///
+/// # Safety
+/// AVX-512F; rows r0 .. r0 + ROWS of `q` (dp each), dp rows of `kt` and rows r0 .. of `s` at
+/// columns c .. c + 16 W <= BC.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn scores_block<const W: usize>(q: *const f32, kt: *const f32, s: *mut f32, dp: usize) {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm512_setzero_ps(); W]; ROWS];
+    // SAFETY: the caller's contract.
+    unsafe { block::<W>(&mut acc, q, dp, kt, BC, dp) };
+    for (rr, a) in acc.iter().enumerate() {
+        for (w, x) in a.iter().enumerate() {
+            // SAFETY: row rr of the block, columns < 16 W (the caller's contract).
+            unsafe { _mm512_storeu_ps(s.add(rr * BC + w * LANES), *x) };
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn scores_avx512(q: &[f32], kt: &[f32], s: &mut [f32], dp: usize, row_blocks: usize, (c0, c1): (usize, usize)) {
-    use std::arch::x86_64::*;
-    let s_base = s.as_mut_ptr();
     for rb in 0..row_blocks {
         let r0 = rb * ROWS;
         let qrows = q[r0 * dp..].as_ptr();
         let mut c = c0;
         while c < c1 {
-            // SAFETY: row r0 + rr < row_blocks * ROWS of s, column c < BC (asserted by `scores`).
-            let out = |rr: usize| unsafe { s_base.add((r0 + rr) * BC + c) };
-            if c + 2 * LANES <= c1 {
-                let mut acc = [[_mm512_setzero_ps(); 2]; ROWS];
-                // SAFETY: rows r0.. r0 + 3 of q (dp each), dp rows of kt at columns < c + 32 <= BC.
-                unsafe { block::<2>(&mut acc, qrows, dp, kt[c..].as_ptr(), BC, dp) };
-                for (rr, a) in acc.iter().enumerate() {
-                    // SAFETY: row r0 + rr of s, columns c .. c + 32 <= BC.
-                    unsafe {
-                        _mm512_storeu_ps(out(rr), a[0]);
-                        _mm512_storeu_ps(out(rr).add(LANES), a[1]);
-                    }
+            let w = width(c, c1);
+            // SAFETY: rows r0 .. r0 + 3 of q and s, dp rows of kt, columns c .. c + 16 w <= c1 <= BC
+            // (asserted by `scores`).
+            unsafe {
+                let (kt, out) = (kt[c..].as_ptr(), s.as_mut_ptr().add(r0 * BC + c));
+                match w {
+                    4 => scores_block::<4>(qrows, kt, out, dp),
+                    2 => scores_block::<2>(qrows, kt, out, dp),
+                    _ => scores_block::<1>(qrows, kt, out, dp),
                 }
-                c += 2 * LANES;
-            } else {
-                let mut acc = [[_mm512_setzero_ps(); 1]; ROWS];
-                // SAFETY: as above, columns < c + 16 <= c1.
-                unsafe { block::<1>(&mut acc, qrows, dp, kt[c..].as_ptr(), BC, dp) };
-                for (rr, a) in acc.iter().enumerate() {
-                    // SAFETY: row r0 + rr of s, columns c .. c + 16.
-                    unsafe { _mm512_storeu_ps(out(rr), a[0]) };
-                }
-                c += LANES;
             }
+            c += w * LANES;
+        }
+    }
+}
+
+/// O's block of `W` registers a row at rows `r0..`, columns `c..`: += P V over the first `cols` keys.
+///
+/// # Safety
+/// AVX-512F; rows r0 .. r0 + ROWS of `p` (BC apart, keys < cols) and of `o` (dp apart) at columns
+/// c .. c + 16 W <= dp, rows j < cols of `v`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn pv_block<const W: usize>(p: *const f32, v: *const f32, o: *mut f32, dp: usize, cols: usize) {
+    use std::arch::x86_64::*;
+    // SAFETY: the caller's contract.
+    let mut acc: [[__m512; W]; ROWS] =
+        std::array::from_fn(|rr| std::array::from_fn(|w| unsafe { _mm512_loadu_ps(o.add(rr * dp + w * LANES)) }));
+    // SAFETY: the caller's contract.
+    unsafe { block::<W>(&mut acc, p, BC, v, dp, cols) };
+    for (rr, a) in acc.iter().enumerate() {
+        for (w, x) in a.iter().enumerate() {
+            // SAFETY: as the loads above.
+            unsafe { _mm512_storeu_ps(o.add(rr * dp + w * LANES), *x) };
         }
     }
 }
@@ -118,42 +163,23 @@ unsafe fn scores_avx512(q: &[f32], kt: &[f32], s: &mut [f32], dp: usize, row_blo
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn accumulate_pv_avx512(p: &[f32], v: &[f32], o: &mut [f32], dp: usize, row_blocks: usize, cols: usize) {
-    use std::arch::x86_64::*;
     for rb in 0..row_blocks {
         let r0 = rb * ROWS;
         let prows = p[r0 * BC..].as_ptr();
         let mut c = 0;
         while c < dp {
-            let at = |rr: usize| (r0 + rr) * dp + c;
-            if c + 2 * LANES <= dp {
-                // SAFETY: rows r0 .. r0 + 3 of o, columns c .. c + 32 <= dp.
-                let mut acc: [[__m512; 2]; ROWS] = std::array::from_fn(|rr| {
-                    let x = o[at(rr)..].as_ptr();
-                    unsafe { [_mm512_loadu_ps(x), _mm512_loadu_ps(x.add(LANES))] }
-                });
-                // SAFETY: rows of p (BC apart, keys < cols), rows j < cols of v at columns < c + 32.
-                unsafe { block::<2>(&mut acc, prows, BC, v[c..].as_ptr(), dp, cols) };
-                for (rr, a) in acc.iter().enumerate() {
-                    let x = o[at(rr)..].as_mut_ptr();
-                    // SAFETY: as the loads above.
-                    unsafe {
-                        _mm512_storeu_ps(x, a[0]);
-                        _mm512_storeu_ps(x.add(LANES), a[1]);
-                    }
+            let w = width(c, dp);
+            // SAFETY: rows r0 .. r0 + 3 of p and o, columns c .. c + 16 w <= dp, rows j < cols of v
+            // (asserted by `accumulate_pv`).
+            unsafe {
+                let (v, out) = (v[c..].as_ptr(), o.as_mut_ptr().add(r0 * dp + c));
+                match w {
+                    4 => pv_block::<4>(prows, v, out, dp, cols),
+                    2 => pv_block::<2>(prows, v, out, dp, cols),
+                    _ => pv_block::<1>(prows, v, out, dp, cols),
                 }
-                c += 2 * LANES;
-            } else {
-                // SAFETY: rows r0 .. r0 + 3 of o, columns c .. c + 16 <= dp.
-                let mut acc: [[__m512; 1]; ROWS] =
-                    std::array::from_fn(|rr| [unsafe { _mm512_loadu_ps(o[at(rr)..].as_ptr()) }]);
-                // SAFETY: as above, columns < c + 16.
-                unsafe { block::<1>(&mut acc, prows, BC, v[c..].as_ptr(), dp, cols) };
-                for (rr, a) in acc.iter().enumerate() {
-                    // SAFETY: as the loads above.
-                    unsafe { _mm512_storeu_ps(o[at(rr)..].as_mut_ptr(), a[0]) };
-                }
-                c += LANES;
             }
+            c += w * LANES;
         }
     }
 }
