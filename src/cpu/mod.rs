@@ -2,7 +2,8 @@
 //!
 //! Work items are (batch, head, query tile), run in parallel with rayon. For each item the key
 //! tiles are classified from the segment metadata (see [`crate::mask::tiles`]): SKIP tiles are
-//! never touched, FULL tiles run without per-element tests, PARTIAL tiles test each element.
+//! never touched, FULL tiles run without per-element tests, PARTIAL tiles have their hidden runs
+//! set to -inf on S by (query span, key piece) (`segment::mask_tile`).
 //! Inputs are converted to f32 one tile at a time (K transposed to K^T for the register-blocked
 //! loops of `tile.rs`); an item of at most one block of query rows (a decode step) reads K and V
 //! rows as stored instead (`dots.rs`, `pv_rows.rs`). Nothing of size `Lq x Lk` is ever allocated.

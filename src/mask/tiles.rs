@@ -74,8 +74,8 @@ pub(crate) fn classify_tile(
     }
 }
 
-/// Whether key `j` is visible to query row `i` (the per-element test of PARTIAL tiles and the
-/// definition the reference uses).
+/// Whether key `j` is visible to query row `i`: the definition (the reference's, and
+/// `SegmentMask::visible`); the kernels mask PARTIAL tiles by runs that agree with it.
 #[inline]
 pub(crate) fn element_visible(
     rule: &HostRule,
