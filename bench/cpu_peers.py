@@ -20,6 +20,12 @@ The share of the CPU that other processes took during a case is recorded (`forei
 
   cpu_peers.py --masks masks.json [--json FILE] [--impls sdpa,sdpa_math,flex]
                [--dtypes f32,bf16] [--filter S] [--no-check]
+  cpu_peers.py --decode [--json FILE] [--dtypes f32,bf16]
+
+--decode: instead, the decode steps of `cargo bench --bench cpu_decode` (one query row, H 32,
+Hkv 8, D 128, caches of 1k, 4k and 16k tokens, q [1, 32, 1, D], K / V [1, 8, L, D]): sdpa and
+sdpa_math with enable_gqa (no mask: the row sees every key), back to back (`decode`) and with
+the caches evicted before each call (`decode_cold`: 64 MiB written, untimed), as ours is timed.
 
 Before timing, every case checks that the mask_mod sees exactly segattn's visible pairs, and
 each peer's output against sdpa_math's (f32: 1e-4, bf16: 2e-2 absolute). scripts/cpu-peers.sh
@@ -93,9 +99,67 @@ def timed(fn, args):
     return statistics.median(times), len(times)
 
 
+DECODE_HEADS, DECODE_KV_HEADS, DECODE_DIM, DECODE_LENS = 32, 8, 128, (1024, 4096, 16384)
+
+
+def decode_rows(torch, dtypes, write_row):
+    """The decode cases (see --decode above): a row each for sdpa and sdpa_math, warm and cold."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    torch_dtype = {"f32": torch.float32, "bf16": torch.bfloat16}
+    evict = torch.ones(64 << 20, dtype=torch.uint8)
+
+    def sdpa(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+
+    def sdpa_math(q, k, v):
+        with sdpa_kernel(SDPBackend.MATH):
+            return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+
+    for dtype in dtypes:
+        for L in DECODE_LENS:
+            gen = torch.Generator().manual_seed(0)
+            q = torch.randn(1, DECODE_HEADS, 1, DECODE_DIM, generator=gen).to(torch_dtype[dtype])
+            k, v = (torch.randn(1, DECODE_KV_HEADS, L, DECODE_DIM, generator=gen).to(torch_dtype[dtype]) for _ in range(2))
+            cache_bytes = 2 * L * DECODE_KV_HEADS * DECODE_DIM * k.element_size()
+            with torch.no_grad():
+                reference = sdpa_math(q.float(), k.float(), v.float())
+            for impl, fn in (("sdpa", sdpa), ("sdpa_math", sdpa_math)):
+                for mode, cold in (("decode", False), ("decode_cold", True)):
+                    row = dict(impl=impl, mask=mode, len=L, batch=1, heads=DECODE_HEADS, kv_heads=DECODE_KV_HEADS,
+                               head_dim=DECODE_DIM, dtype=dtype, visible_pairs=L, config="enable_gqa, no mask")
+                    with torch.no_grad():
+                        err = (fn(q, k, v).float() - reference).abs().max().item()
+                        row["max_abs_diff"] = err
+                        if not err <= TOLERANCE[dtype]:
+                            row["status"] = f"error: output differs from sdpa_math's in f32 by {err:.2e}"
+                            write_row(row)
+                            continue
+                        wait_for_quiet()
+                        start = time.perf_counter()
+                        while time.perf_counter() - start < 0.5:  # warm-up, as ours
+                            fn(q, k, v)
+                        load = CpuLoad()
+                        times = []
+                        start = time.perf_counter()
+                        while len(times) < 20 or (time.perf_counter() - start < 1.0 and len(times) < 200):
+                            if cold:
+                                evict.add_(1)
+                            t = time.perf_counter()
+                            fn(q, k, v)
+                            times.append((time.perf_counter() - t) * 1e3)
+                    ms = statistics.median(times)
+                    row.update(ms=round(ms, 5), gflops=round(4.0 * DECODE_DIM * DECODE_HEADS * L / (ms * 1e-3) / 1e9, 2),
+                               gbps=round(cache_bytes / (ms * 1e-3) / 1e9, 2), reps=len(times),
+                               foreign_load=round(load.foreign(), 3), status="ok")
+                    write_row(row)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--masks", required=True, help="JSON from cpu_attention -- --export-masks FILE")
+    ap.add_argument("--masks", help="JSON from cpu_attention -- --export-masks FILE")
+    ap.add_argument("--decode", action="store_true", help="the decode steps instead (see above)")
     ap.add_argument("--json")
     ap.add_argument("--impls", default=",".join(IMPLS))
     ap.add_argument("--dtypes", default="f32,bf16")
@@ -111,16 +175,15 @@ def main():
         if d not in TOLERANCE:
             ap.error(f"--dtypes: unknown dtype {d} (expected f32 and / or bf16)")
 
+    if not a.decode and not a.masks:
+        ap.error("--masks FILE is required (cpu_attention -- --export-masks FILE), or --decode")
+
     import torch
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.attention.flex_attention import create_block_mask
 
     dev = torch.device("cpu")
-    flex_fn = compiled_flex()
-    torch_dtype = {"f32": torch.float32, "bf16": torch.bfloat16}
-    with open(a.masks) as f:
-        masks = json.load(f)
     meta = dict(meta=True, impl="torch", torch=torch.__version__, threads=torch.get_num_threads(),
                 cpu_capability=torch.backends.cpu.get_cpu_capability(), date=time.strftime("%Y-%m-%d %H:%M:%S"))
     lines = [json.dumps(meta)]
@@ -130,6 +193,20 @@ def main():
         if a.json:
             with open(a.json, "w") as f:
                 f.write("\n".join(lines) + "\n")
+
+    if a.decode:
+        def write_row(row):
+            lines.append(json.dumps(row))
+            shown = f"{row['ms']:.3f} ms, {row['gbps']:.1f} GB/s" if "ms" in row else row["status"]
+            print(f"{row['impl']:<10} {row['mask']} L{row['len']} {row['dtype']:<5} {shown}", flush=True)
+            write()
+        decode_rows(torch, dtypes, write_row)
+        return 0
+
+    flex_fn = compiled_flex()
+    torch_dtype = {"f32": torch.float32, "bf16": torch.bfloat16}
+    with open(a.masks) as f:
+        masks = json.load(f)
 
     for m in masks:
         name, L = m["mask"], m["len"]

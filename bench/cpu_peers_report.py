@@ -3,11 +3,12 @@
 
   cpu_peers_report.py [--commit REV] FILE.jsonl...
 
-Reads the JSON lines of `cpu_attention -- --ours-json` (impl "segattn") and of
-bench/cpu_peers.py (impls sdpa, sdpa_math, flex) from any number of rounds, keeps each impl's
+Reads the JSON lines of `cpu_attention -- --ours-json` and `cpu_decode -- --ours-json` (impl
+"segattn") and of bench/cpu_peers.py (impls sdpa, sdpa_math, flex) from any number of rounds, keeps each impl's
 fastest round per case (a slow spell of a shared machine only ever adds time), and prints one
 row per case: the times, ours' speedup over each peer (> 1: ours faster), GFLOP/s of visible
-pairs, and how far apart the rounds were. Ends with the geometric mean speedups per mask.
+pairs, and how far apart the rounds were; the decode steps in a table of their own. Ends with
+the geometric mean speedups per mask.
 """
 
 import argparse
@@ -41,9 +42,12 @@ def main():
                         configs[r["impl"], r["mask"]] = r["config"]
                 else:
                     errors[key + (r["impl"],)] = r.get("status", "no time")
-    cases = sorted({k[:4] for k in rows} | {k[:4] for k in errors},
-                   key=lambda c: (["causal", "documents", "pine", "full"].index(c[0]), c[1], c[2], c[3]))
-    if not cases:
+    order = ["causal", "documents", "pine", "full", "decode", "decode_cold"]
+    every = sorted({k[:4] for k in rows} | {k[:4] for k in errors},
+                   key=lambda c: (order.index(c[0]), c[1], c[2], c[3]))
+    cases = [c for c in every if not c[0].startswith("decode")]
+    decode_cases = [c for c in every if c[0].startswith("decode")]
+    if not every:
         print("no cases in the input", file=sys.stderr)
         return 1
 
@@ -61,13 +65,16 @@ def main():
           f"{torch_meta.get('cpu_capability', '?')}); {torch_meta.get('date', '?')}; commit {a.commit}; "
           f"{max(len(v) for v in rows.values())} round(s), each side's fastest kept.")
     print()
-    print("B = 1, H = 8, Lq = Lk = N; inputs [B, N, H, D] for ours, [B, H, N, D] for torch (layouts not "
-          "timed). Speedup = peer ms / ours ms (> 1: ours faster). GFLOP/s count visible (q, k) pairs only "
-          "(4 D H visible / time). `spread` = slowest / fastest round of ours and of the best peer.")
-    print()
-    print("| mask | D | N | dtype | visible % | ours ms | sdpa ms | flex ms | math ms | vs sdpa | vs flex "
-          "| vs math | ours GFLOP/s | best peer GFLOP/s | spread |")
-    print("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("Speedup = peer ms / ours ms (> 1: ours faster). `spread` = slowest / fastest round of ours and "
+          "of the (best) peer.")
+    if cases:
+        print()
+        print("Prefill: B = 1, H = 8, Lq = Lk = N; inputs [B, N, H, D] for ours, [B, H, N, D] for torch (layouts "
+              "not timed). GFLOP/s count visible (q, k) pairs only (4 D H visible / time).")
+        print()
+        print("| mask | D | N | dtype | visible % | ours ms | sdpa ms | flex ms | math ms | vs sdpa | vs flex "
+              "| vs math | ours GFLOP/s | best peer GFLOP/s | spread |")
+        print("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     speedups = collections.defaultdict(list)
     for case in cases:
         mask, d, n, dtype = case
@@ -98,11 +105,37 @@ def main():
                 f"{top['gflops']:.1f} ({top['impl']})" if top else "", " / ".join(f"{s:.2f}" for s in spreads)]
         print("| " + " | ".join(cols) + " |")
     print()
+    if decode_cases:
+        print()
+        print("Decode steps (`cpu_decode -- --ours-json`, `cpu_peers.py --decode`): one query row, H 32, Hkv 8, "
+              "D 128, a cache of L tokens; torch through enable_gqa. `in L3`: back to back; `cold`: the caches "
+              "evicted (64 MiB written, untimed) before each call. GB/s: K and V bytes read / time.")
+        print()
+        print("| L | dtype | cache | ours ms | sdpa ms | math ms | vs sdpa | vs math | ours GB/s | sdpa GB/s | spread |")
+        print("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for case in sorted(decode_cases, key=lambda c: (c[3], c[2], c[0])):
+        mode, _, n, dtype = case
+        ours, sdpa, math_ = best(case, "segattn"), best(case, "sdpa"), best(case, "sdpa_math")
+
+        def ratio(r):
+            if ours is None or r is None:
+                return ""
+            s_ = r["ms"] / ours["ms"]
+            speedups[mode, r["impl"]].append(s_)
+            return f"{s_:.2f}x" if s_ >= 1 else f"**{s_:.2f}x**"
+
+        cols = [str(n), dtype, "cold" if mode == "decode_cold" else "in L3",
+                f"{ours['ms']:.3f}" if ours else "", f"{sdpa['ms']:.3f}" if sdpa else "",
+                f"{math_['ms']:.3f}" if math_ else "", ratio(sdpa), ratio(math_),
+                f"{ours['gbps']:.1f}" if ours else "", f"{sdpa['gbps']:.1f}" if sdpa else "",
+                " / ".join(f"{spread(case, i):.2f}" for i in ("segattn", "sdpa"))]
+        print("| " + " | ".join(cols) + " |")
+    print()
     print("Geometric mean of ours' speedup per mask (bold above: a peer faster):")
     print()
     print("| mask | vs sdpa | vs flex | vs math |")
     print("|---|---:|---:|---:|")
-    for mask in ["causal", "documents", "pine", "full"]:
+    for mask in order:
         cols = []
         for p in PEERS:
             v = speedups.get((mask, p))

@@ -210,7 +210,78 @@ fn table_main() -> Result<()> {
     Ok(())
 }
 
+/// `--ours-json FILE [--dtypes bf16,f32]`: ours alone on every decode case, back to back
+/// (`decode`: the cache stays in L3) and from a cold cache (`decode_cold`), as JSON lines for
+/// bench/cpu_peers_report.py (bench/cpu_peers.py --decode times torch on the same cases): the
+/// median of at least 20 calls and 1 s (at most 200) after the warm-up.
+fn ours_json(path: &str) -> Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let dtypes = args
+        .iter()
+        .position(|a| a == "--dtypes")
+        .and_then(|i| args.get(i + 1).cloned())
+        .unwrap_or_else(|| "bf16,f32".into());
+    let evictor = cold_cache::Evictor::new();
+    let mut lines = vec![format!(
+        "{{\"meta\":true,\"impl\":\"segattn\",\"threads\":{},\"cpu\":\"{}\"}}",
+        rayon::current_num_threads(),
+        machine_load::cpu_model()
+    )];
+    for name in dtypes.split(',') {
+        let dtype = match name {
+            "bf16" => DType::BF16,
+            "f32" => DType::F32,
+            other => candle_core::bail!("--dtypes: expected bf16 and / or f32, got {other}"),
+        };
+        for len in LENS {
+            let case = Case::new(len, dtype)?;
+            for (mode, cold) in [("decode", false), ("decode_cold", true)] {
+                machine_load::wait_for_quiet(Duration::from_secs(20), 0.10);
+                let start = std::time::Instant::now();
+                while start.elapsed() < WARM_UP {
+                    drop(black_box(case.ours()?));
+                }
+                let before = CpuSnapshot::now();
+                let mut times = Vec::new();
+                let start = std::time::Instant::now();
+                while times.len() < 20 || (start.elapsed() < Duration::from_secs(1) && times.len() < 200) {
+                    if cold {
+                        evictor.evict();
+                    }
+                    let t = std::time::Instant::now();
+                    drop(black_box(case.ours()?));
+                    times.push(t.elapsed());
+                }
+                let load = before.and_then(|b| b.foreign_load_since(CpuSnapshot::now()));
+                let reps = times.len();
+                let t = median(times);
+                let flops = (4 * HEAD_DIM * HEADS * len) as f64;
+                eprintln!("{mode} L {len} {name}: {:.3} ms", ms(t));
+                lines.push(format!(
+                    "{{\"impl\":\"segattn\",\"mask\":\"{mode}\",\"len\":{len},\"batch\":1,\"heads\":{HEADS},\
+                     \"kv_heads\":{KV_HEADS},\"head_dim\":{HEAD_DIM},\"dtype\":\"{name}\",\"visible_pairs\":{len},\
+                     \"ms\":{:.5},\"gflops\":{:.2},\"gbps\":{:.2},\"reps\":{reps},\"foreign_load\":{:.3}}}",
+                    ms(t),
+                    flops / t.as_secs_f64() / 1e9,
+                    case.cache_bytes() as f64 / t.as_secs_f64() / 1e9,
+                    load.unwrap_or(0.0)
+                ));
+                std::fs::write(path, lines.join("\n") + "\n")?;
+            }
+        }
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(path) = args
+        .iter()
+        .position(|a| a == "--ours-json")
+        .and_then(|i| args.get(i + 1))
+    {
+        return ours_json(path);
+    }
     if machine_load::table_mode() {
         table_main()
     } else {
