@@ -108,14 +108,18 @@ def main():
     if decode_cases:
         print()
         print("Decode steps (`cpu_decode -- --ours-json`, `cpu_peers.py --decode`): one query row, H 32, Hkv 8, "
-              "D 128, a cache of L tokens; torch through enable_gqa. `in L3`: back to back; `cold`: the caches "
-              "evicted (64 MiB written, untimed) before each call. GB/s: K and V bytes read / time.")
+              "D 128, a cache of L tokens; torch through enable_gqa. Both read the same head-major cache "
+              "([1, Hkv, L, D]: ours through a transposed view, no copy); `token-major`: ours on a "
+              "[1, L, Hkv, D] cache instead. `in L3`: back to back; `cold`: the caches evicted (64 MiB "
+              "written, untimed) before each call. GB/s: K and V bytes read / time.")
         print()
-        print("| L | dtype | cache | ours ms | sdpa ms | math ms | vs sdpa | vs math | ours GB/s | sdpa GB/s | spread |")
-        print("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        print("| L | dtype | cache | ours ms | ours token-major ms | sdpa ms | math ms | vs sdpa | vs math "
+              "| ours GB/s | sdpa GB/s | spread |")
+        print("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for case in sorted(decode_cases, key=lambda c: (c[3], c[2], c[0])):
         mode, _, n, dtype = case
         ours, sdpa, math_ = best(case, "segattn"), best(case, "sdpa"), best(case, "sdpa_math")
+        token_major = best(case, "segattn_token_major")
 
         def ratio(r):
             if ours is None or r is None:
@@ -125,7 +129,8 @@ def main():
             return f"{s_:.2f}x" if s_ >= 1 else f"**{s_:.2f}x**"
 
         cols = [str(n), dtype, "cold" if mode == "decode_cold" else "in L3",
-                f"{ours['ms']:.3f}" if ours else "", f"{sdpa['ms']:.3f}" if sdpa else "",
+                f"{ours['ms']:.3f}" if ours else "", f"{token_major['ms']:.3f}" if token_major else "",
+                f"{sdpa['ms']:.3f}" if sdpa else "",
                 f"{math_['ms']:.3f}" if math_ else "", ratio(sdpa), ratio(math_),
                 f"{ours['gbps']:.1f}" if ours else "", f"{sdpa['gbps']:.1f}" if sdpa else "",
                 " / ".join(f"{spread(case, i):.2f}" for i in ("segattn", "sdpa"))]

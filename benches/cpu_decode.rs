@@ -58,6 +58,10 @@ struct Case {
     q_heads: Tensor,
     k_heads: Tensor,
     v_heads: Tensor,
+    /// The baseline's cache as ours' `[1, L, Hkv, D]` views (transposed, no copy): a candle KV
+    /// cache passed as it is usually kept, head-major.
+    k_view: Tensor,
+    v_view: Tensor,
 }
 
 impl Case {
@@ -67,13 +71,16 @@ impl Case {
         let q = randn((1, 1, HEADS, HEAD_DIM))?;
         let k = randn((1, len, KV_HEADS, HEAD_DIM))?;
         let v = randn((1, len, KV_HEADS, HEAD_DIM))?;
+        let (k_heads, v_heads) = (k.transpose(1, 2)?.contiguous()?, v.transpose(1, 2)?.contiguous()?);
         Ok(Self {
             len,
             dtype,
             mask: SegmentMask::causal(len, &dev)?.last_queries(1)?,
             q_heads: q.transpose(1, 2)?.contiguous()?,
-            k_heads: k.transpose(1, 2)?.contiguous()?,
-            v_heads: v.transpose(1, 2)?.contiguous()?,
+            k_view: k_heads.transpose(1, 2)?,
+            v_view: v_heads.transpose(1, 2)?,
+            k_heads,
+            v_heads,
             q,
             k,
             v,
@@ -82,6 +89,12 @@ impl Case {
 
     fn ours(&self) -> Result<Tensor> {
         segment_attention(&self.q, &self.k, &self.v, &self.mask)
+    }
+
+    /// Ours on the head-major cache (`k_view`, `v_view`): each KV head's keys contiguous, where the
+    /// token-major cache puts a row every `Hkv D` elements (a new 4 KB page every row in f32).
+    fn ours_head_major(&self) -> Result<Tensor> {
+        segment_attention(&self.q, &self.k_view, &self.v_view, &self.mask)
     }
 
     fn baseline(&self) -> Result<Tensor> {
@@ -211,7 +224,9 @@ fn table_main() -> Result<()> {
 }
 
 /// `--ours-json FILE [--dtypes bf16,f32]`: ours alone on every decode case, back to back
-/// (`decode`: the cache stays in L3) and from a cold cache (`decode_cold`), as JSON lines for
+/// (`decode`: the cache stays in L3) and from a cold cache (`decode_cold`), on the head-major
+/// cache (`segattn`: a `[1, Hkv, L, D]` cache passed as a view, as torch gets it) and on the
+/// token-major one (`segattn_token_major`: `[1, L, Hkv, D]` contiguous), as JSON lines for
 /// bench/cpu_peers_report.py (bench/cpu_peers.py --decode times torch on the same cases): the
 /// median of at least 20 calls and 1 s (at most 200) after the warm-up.
 fn ours_json(path: &str) -> Result<()> {
@@ -235,11 +250,18 @@ fn ours_json(path: &str) -> Result<()> {
         };
         for len in LENS {
             let case = Case::new(len, dtype)?;
-            for (mode, cold) in [("decode", false), ("decode_cold", true)] {
+            let layouts: [(&str, &dyn Fn() -> Result<Tensor>); 2] = [
+                ("segattn", &|| case.ours_head_major()),
+                ("segattn_token_major", &|| case.ours()),
+            ];
+            for ((mode, cold), (impl_name, ours)) in [("decode", false), ("decode_cold", true)]
+                .into_iter()
+                .flat_map(|m| layouts.iter().map(move |l| (m, *l)))
+            {
                 machine_load::wait_for_quiet(Duration::from_secs(20), 0.10);
                 let start = std::time::Instant::now();
                 while start.elapsed() < WARM_UP {
-                    drop(black_box(case.ours()?));
+                    drop(black_box(ours()?));
                 }
                 let before = CpuSnapshot::now();
                 let mut times = Vec::new();
@@ -249,16 +271,16 @@ fn ours_json(path: &str) -> Result<()> {
                         evictor.evict();
                     }
                     let t = std::time::Instant::now();
-                    drop(black_box(case.ours()?));
+                    drop(black_box(ours()?));
                     times.push(t.elapsed());
                 }
                 let load = before.and_then(|b| b.foreign_load_since(CpuSnapshot::now()));
                 let reps = times.len();
                 let t = median(times);
                 let flops = (4 * HEAD_DIM * HEADS * len) as f64;
-                eprintln!("{mode} L {len} {name}: {:.3} ms", ms(t));
+                eprintln!("{impl_name} {mode} L {len} {name}: {:.3} ms", ms(t));
                 lines.push(format!(
-                    "{{\"impl\":\"segattn\",\"mask\":\"{mode}\",\"len\":{len},\"batch\":1,\"heads\":{HEADS},\
+                    "{{\"impl\":\"{impl_name}\",\"mask\":\"{mode}\",\"len\":{len},\"batch\":1,\"heads\":{HEADS},\
                      \"kv_heads\":{KV_HEADS},\"head_dim\":{HEAD_DIM},\"dtype\":\"{name}\",\"visible_pairs\":{len},\
                      \"ms\":{:.5},\"gflops\":{:.2},\"gbps\":{:.2},\"reps\":{reps},\"foreign_load\":{:.3}}}",
                     ms(t),
