@@ -8,7 +8,7 @@ writes (segment ids, rule, exact visible-pair count), so that both sides run ide
              full with no mask, every other mask as a dense boolean [L, L] attn_mask (every
              tile computed, the mask applied inside)
   sdpa_math  the MATH backend with the dense boolean mask (scores materialised)
-  flex       torch.nn.attention.flex_attention, torch.compile'd for the CPU (Inductor's C++
+  flex       torch.nn.attention.flex_attention, torch.compile'd for the CPU (Inductor's CPU
              template), with a BlockMask built by create_block_mask from a mask_mod over the same
              segment ids and rule (masked blocks skipped); the BlockMask's build time is reported
              separately (mask_build_ms), not in ms
