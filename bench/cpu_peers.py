@@ -87,12 +87,19 @@ def wait_for_quiet():
             return
 
 
-def timed(fn, args):
-    """Median ms of fn(*args) over at least 5 calls and 1 s (at most 50), after one warm-up."""
+def timed(fn, args, calls=(5, 50), warm_up_s=0.0, prepare=None):
+    """Median ms of fn(*args) over at least calls[0] calls and 1 s (at most calls[1]), after one
+    warm-up call (or warm_up_s of them), `prepare()` run untimed before each timed call; and how
+    many calls it took."""
+    start = time.perf_counter()
     fn(*args)
+    while time.perf_counter() - start < warm_up_s:
+        fn(*args)
     times = []
     start = time.perf_counter()
-    while len(times) < 5 or (time.perf_counter() - start < 1.0 and len(times) < 50):
+    while len(times) < calls[0] or (time.perf_counter() - start < 1.0 and len(times) < calls[1]):
+        if prepare is not None:
+            prepare()
         t = time.perf_counter()
         fn(*args)
         times.append((time.perf_counter() - t) * 1e3)
@@ -137,21 +144,11 @@ def decode_rows(torch, dtypes, write_row):
                             write_row(row)
                             continue
                         wait_for_quiet()
-                        start = time.perf_counter()
-                        while time.perf_counter() - start < 0.5:  # warm-up, as ours
-                            fn(q, k, v)
                         load = CpuLoad()
-                        times = []
-                        start = time.perf_counter()
-                        while len(times) < 20 or (time.perf_counter() - start < 1.0 and len(times) < 200):
-                            if cold:
-                                evict.add_(1)
-                            t = time.perf_counter()
-                            fn(q, k, v)
-                            times.append((time.perf_counter() - t) * 1e3)
-                    ms = statistics.median(times)
+                        ms, reps = timed(fn, (q, k, v), calls=(20, 200), warm_up_s=0.5,
+                                         prepare=(lambda: evict.add_(1)) if cold else None)
                     row.update(ms=round(ms, 5), gflops=round(4.0 * DECODE_DIM * DECODE_HEADS * L / (ms * 1e-3) / 1e9, 2),
-                               gbps=round(cache_bytes / (ms * 1e-3) / 1e9, 2), reps=len(times),
+                               gbps=round(cache_bytes / (ms * 1e-3) / 1e9, 2), reps=reps,
                                foreign_load=round(load.foreign(), 3), status="ok")
                     write_row(row)
 

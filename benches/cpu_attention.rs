@@ -798,14 +798,6 @@ fn main_table() -> Result<()> {
 // Peer mode (bench/cpu_peers.py times PyTorch on the same cases; scripts/cpu-peers.sh pairs them)
 // ---------------------------------------------------------------------------------------------
 
-/// The value after flag `name` on the command line, if the flag is there.
-fn flag_value(name: &str) -> Option<String> {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1).cloned())
-}
-
 /// The table's cases: every swept mask at every D and N, and the full mask at N 4096.
 fn table_cases() -> Vec<(MaskKind, usize, usize)> {
     let mut cases: Vec<(MaskKind, usize, usize)> = Vec::new();
@@ -838,13 +830,9 @@ fn export_masks(path: &str) -> Result<()> {
 /// of at least 5 calls and 1 s after one warm-up call, with the share of the CPU that other
 /// processes took meanwhile.
 fn ours_json(path: &str) -> Result<()> {
-    let dtypes = flag_value("--dtypes").unwrap_or_else(|| "f32,bf16".into());
-    let filter = flag_value("--filter");
-    let mut lines = vec![format!(
-        "{{\"meta\":true,\"impl\":\"segattn\",\"threads\":{},\"cpu\":\"{}\"}}",
-        rayon::current_num_threads(),
-        machine_load::cpu_model()
-    )];
+    let dtypes = machine_load::flag_value("--dtypes").unwrap_or_else(|| "f32,bf16".into());
+    let filter = machine_load::flag_value("--filter");
+    let mut lines = vec![machine_load::ours_json_meta()];
     for (kind, d, n) in table_cases() {
         for dtype in dtypes.split(',') {
             let label = format!("{} D{d} N{n} {dtype}", kind.name());
@@ -865,16 +853,12 @@ fn ours_json(path: &str) -> Result<()> {
             wait_for_quiet(QUIET_WAIT);
             let before = CpuSnapshot::now();
             drop(black_box(segment_attention(&q, &k, &v, &case.mask)?));
-            let mut times = Vec::new();
-            let start = Instant::now();
-            while times.len() < 5 || (start.elapsed() < Duration::from_secs(1) && times.len() < 50) {
-                let t = Instant::now();
-                black_box(segment_attention(&q, &k, &v, &case.mask)?);
-                times.push(t.elapsed());
-            }
+            let (t, reps) = machine_load::median_of_calls(
+                (5, 50),
+                || {},
+                || segment_attention(&q, &k, &v, &case.mask).map(|o| drop(black_box(o))),
+            )?;
             let load = before.and_then(|b| b.foreign_load_since(CpuSnapshot::now()));
-            let reps = times.len();
-            let t = machine_load::median(times);
             let g = gflops(case.flops(visible), t);
             eprintln!(
                 "{label}: {:.3} ms, {g:.1} GFLOP/s, other processes {}",
@@ -896,10 +880,10 @@ fn ours_json(path: &str) -> Result<()> {
 }
 
 fn main() -> Result<()> {
-    if let Some(path) = flag_value("--export-masks") {
+    if let Some(path) = machine_load::flag_value("--export-masks") {
         return export_masks(&path);
     }
-    if let Some(path) = flag_value("--ours-json") {
+    if let Some(path) = machine_load::flag_value("--ours-json") {
         return ours_json(&path);
     }
     if machine_load::table_mode() {

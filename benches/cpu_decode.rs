@@ -230,18 +230,9 @@ fn table_main() -> Result<()> {
 /// bench/cpu_peers_report.py (bench/cpu_peers.py --decode times torch on the same cases): the
 /// median of at least 20 calls and 1 s (at most 200) after the warm-up.
 fn ours_json(path: &str) -> Result<()> {
-    let args: Vec<String> = std::env::args().collect();
-    let dtypes = args
-        .iter()
-        .position(|a| a == "--dtypes")
-        .and_then(|i| args.get(i + 1).cloned())
-        .unwrap_or_else(|| "bf16,f32".into());
+    let dtypes = machine_load::flag_value("--dtypes").unwrap_or_else(|| "bf16,f32".into());
     let evictor = cold_cache::Evictor::new();
-    let mut lines = vec![format!(
-        "{{\"meta\":true,\"impl\":\"segattn\",\"threads\":{},\"cpu\":\"{}\"}}",
-        rayon::current_num_threads(),
-        machine_load::cpu_model()
-    )];
+    let mut lines = vec![machine_load::ours_json_meta()];
     for name in dtypes.split(',') {
         let dtype = match name {
             "bf16" => DType::BF16,
@@ -264,19 +255,14 @@ fn ours_json(path: &str) -> Result<()> {
                     drop(black_box(ours()?));
                 }
                 let before = CpuSnapshot::now();
-                let mut times = Vec::new();
-                let start = std::time::Instant::now();
-                while times.len() < 20 || (start.elapsed() < Duration::from_secs(1) && times.len() < 200) {
+                let prepare = || {
                     if cold {
                         evictor.evict();
                     }
-                    let t = std::time::Instant::now();
-                    drop(black_box(ours()?));
-                    times.push(t.elapsed());
-                }
+                };
+                let (t, reps) =
+                    machine_load::median_of_calls((20, 200), prepare, || ours().map(|o| drop(black_box(o))))?;
                 let load = before.and_then(|b| b.foreign_load_since(CpuSnapshot::now()));
-                let reps = times.len();
-                let t = median(times);
                 let flops = (4 * HEAD_DIM * HEADS * len) as f64;
                 eprintln!("{impl_name} {mode} L {len} {name}: {:.3} ms", ms(t));
                 lines.push(format!(
@@ -296,13 +282,8 @@ fn ours_json(path: &str) -> Result<()> {
 }
 
 fn main() -> Result<()> {
-    let args: Vec<String> = std::env::args().collect();
-    if let Some(path) = args
-        .iter()
-        .position(|a| a == "--ours-json")
-        .and_then(|i| args.get(i + 1))
-    {
-        return ours_json(path);
+    if let Some(path) = machine_load::flag_value("--ours-json") {
+        return ours_json(&path);
     }
     if machine_load::table_mode() {
         table_main()

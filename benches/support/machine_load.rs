@@ -98,3 +98,43 @@ pub fn cpu_model() -> String {
 pub fn table_mode() -> bool {
     std::env::args().any(|a| a == "--table") || std::env::var("SEGATTN_BENCH_TABLE").is_ok_and(|v| v == "1")
 }
+
+/// The value after flag `name` on the command line, if the flag is there (the benches' own
+/// modes, looked for before criterion parses the arguments).
+#[allow(dead_code)]
+pub fn flag_value(name: &str) -> Option<String> {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
+}
+
+/// The first line of a `--ours-json` file (bench/cpu_peers_report.py reads its CPU and threads).
+#[allow(dead_code)]
+pub fn ours_json_meta() -> String {
+    format!(
+        "{{\"meta\":true,\"impl\":\"segattn\",\"threads\":{},\"cpu\":\"{}\"}}",
+        rayon::current_num_threads(),
+        cpu_model()
+    )
+}
+
+/// The median time of `call` over at least `min_calls` calls and 1 s (at most `max_calls`), with
+/// `prepare` run untimed before each (a cache eviction, or nothing), and how many calls it took.
+#[allow(dead_code)]
+pub fn median_of_calls<E>(
+    (min_calls, max_calls): (usize, usize),
+    mut prepare: impl FnMut(),
+    mut call: impl FnMut() -> Result<(), E>,
+) -> Result<(Duration, usize), E> {
+    let mut times = Vec::new();
+    let start = Instant::now();
+    while times.len() < min_calls || (start.elapsed() < Duration::from_secs(1) && times.len() < max_calls) {
+        prepare();
+        let t = Instant::now();
+        call()?;
+        times.push(t.elapsed());
+    }
+    let calls = times.len();
+    Ok((median(times), calls))
+}
