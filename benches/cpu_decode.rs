@@ -1,7 +1,8 @@
 //! CPU decode steps: one new query row against a KV cache, ours (`segment_attention` under the
 //! causal mask's last row) against what a candle user writes today (K and V repeated to the query
 //! heads, matmul, softmax, matmul, in the cache's dtype), at Llama-3-8B's attention shape (H 32,
-//! Hkv 8, D 128, B 1), f32 and bf16, caches of 1k to 16k tokens.
+//! Hkv 8, D 128, B 1) and its multi-query variant (Hkv 1), f32 and bf16, caches of 1k to 16k
+//! tokens.
 //!
 //! Both read the same cache bytes: ours `[1, L, Hkv, D]` (its layout), the baseline's `[1, Hkv, L,
 //! D]` contiguous (the usual candle KV cache), so neither pays a transpose.
@@ -33,6 +34,9 @@ use machine_load::{median, ms, CpuSnapshot};
 
 const HEADS: usize = 32;
 const KV_HEADS: usize = 8;
+/// The multi-query variant of the table (one KV head: Falcon, Gemma 2B style), where a step has
+/// one (batch row, KV head) item for all its threads and runs split over its keys.
+const MQA_KV_HEADS: usize = 1;
 const HEAD_DIM: usize = 128;
 /// Cache lengths (the new token's row included).
 const LENS: [usize; 3] = [1024, 4096, 16384];
@@ -49,6 +53,7 @@ const WARM_UP: Duration = Duration::from_millis(500);
 /// One decode step's inputs, for both sides.
 struct Case {
     len: usize,
+    kv_heads: usize,
     dtype: DType,
     q: Tensor,
     k: Tensor,
@@ -65,15 +70,16 @@ struct Case {
 }
 
 impl Case {
-    fn new(len: usize, dtype: DType) -> Result<Self> {
+    fn new(len: usize, dtype: DType, kv_heads: usize) -> Result<Self> {
         let dev = Device::Cpu;
         let randn = |shape: (usize, usize, usize, usize)| Tensor::randn(0f32, 1.0, shape, &dev)?.to_dtype(dtype);
         let q = randn((1, 1, HEADS, HEAD_DIM))?;
-        let k = randn((1, len, KV_HEADS, HEAD_DIM))?;
-        let v = randn((1, len, KV_HEADS, HEAD_DIM))?;
+        let k = randn((1, len, kv_heads, HEAD_DIM))?;
+        let v = randn((1, len, kv_heads, HEAD_DIM))?;
         let (k_heads, v_heads) = (k.transpose(1, 2)?.contiguous()?, v.transpose(1, 2)?.contiguous()?);
         Ok(Self {
             len,
+            kv_heads,
             dtype,
             mask: SegmentMask::causal(len, &dev)?.last_queries(1)?,
             q_heads: q.transpose(1, 2)?.contiguous()?,
@@ -103,7 +109,7 @@ impl Case {
 
     /// The baseline's step on `[1, H, 1, D]` and `[1, Hkv, L, D]`, out `[1, H, 1, D]`.
     fn candle_ops(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-        let group = HEADS / KV_HEADS;
+        let group = HEADS / k.dim(1)?;
         let repeat = |t: &Tensor| -> Result<Tensor> {
             let (b, hkv, l, d) = t.dims4()?;
             t.unsqueeze(2)?
@@ -119,7 +125,7 @@ impl Case {
 
     /// Bytes of K and V one step reads.
     fn cache_bytes(&self) -> usize {
-        2 * self.len * KV_HEADS * HEAD_DIM * self.dtype.size_in_bytes()
+        2 * self.len * self.kv_heads * HEAD_DIM * self.dtype.size_in_bytes()
     }
 }
 
@@ -137,11 +143,15 @@ fn criterion_main() -> Result<()> {
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(2))
         .configure_from_args();
-    for dtype in [DType::BF16, DType::F32] {
-        let mut g = c.benchmark_group(format!("decode_{}", dtype_name(dtype)));
+    for (dtype, kv_heads) in [DType::BF16, DType::F32]
+        .into_iter()
+        .flat_map(|t| [(t, KV_HEADS), (t, MQA_KV_HEADS)])
+    {
+        let mqa = if kv_heads == MQA_KV_HEADS { "mqa_" } else { "" };
+        let mut g = c.benchmark_group(format!("decode_{mqa}{}", dtype_name(dtype)));
         g.sampling_mode(SamplingMode::Flat);
         for len in [1024, 4096] {
-            let case = Case::new(len, dtype)?;
+            let case = Case::new(len, dtype, kv_heads)?;
             g.bench_function(BenchmarkId::new("ours", len), |b| b.iter(|| case.ours().unwrap()));
             g.bench_function(BenchmarkId::new("baseline", len), |b| {
                 b.iter(|| case.baseline().unwrap())
@@ -168,7 +178,7 @@ fn table_main() -> Result<()> {
     writeln!(
         md,
         "CPU: {}, {} threads. One decode step: q `[1, 1, {HEADS}, {HEAD_DIM}]` against a cache of L tokens \
-         (Hkv = {KV_HEADS}). Ours: `segment_attention` (causal, last row); baseline: K / V repeated to {HEADS} heads, \
+         of Hkv KV heads ({KV_HEADS}: Llama-3-8B; {MQA_KV_HEADS}: multi-query). Ours: `segment_attention` (causal, last row); baseline: K / V repeated to {HEADS} heads, \
          matmul, softmax, matmul (candle ops, the cache's dtype). Medians of 101 interleaved rounds (21 at L = 16384) after {} ms \
          of warm-up, the caches evicted before each call (64 MiB written, untimed: the KV cache comes from DRAM, as \
          for a layer inside a model). GB/s: bytes of K and V read / time. Max err: the largest absolute difference \
@@ -180,14 +190,17 @@ fn table_main() -> Result<()> {
     .unwrap();
     writeln!(
         md,
-        "| L | dtype | ours ms | baseline ms | speedup | ours GB/s | baseline GB/s | ours max err | baseline max err | other load |"
+        "| Hkv | L | dtype | ours ms | baseline ms | speedup | ours GB/s | baseline GB/s | ours max err | baseline max err | other load |"
     )
     .unwrap();
-    writeln!(md, "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|").unwrap();
+    writeln!(md, "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|").unwrap();
     let evictor = cold_cache::Evictor::new();
-    for dtype in [DType::BF16, DType::F32] {
+    for (kv_heads, dtype) in [KV_HEADS, MQA_KV_HEADS]
+        .into_iter()
+        .flat_map(|h| [(h, DType::BF16), (h, DType::F32)])
+    {
         for len in LENS {
-            let case = Case::new(len, dtype)?;
+            let case = Case::new(len, dtype, kv_heads)?;
             let ops: [&dyn Fn(); 2] = [&|| drop(black_box(case.ours().unwrap())), &|| {
                 drop(black_box(case.baseline().unwrap()))
             }];
@@ -200,14 +213,14 @@ fn table_main() -> Result<()> {
             let (t, load) = interleaved(rounds(len), &ops, &evictor);
             let gbs = |d: Duration| case.cache_bytes() as f64 / d.as_secs_f64() / 1e9;
             eprintln!(
-                "L {len} {}: ours {:.3} ms, baseline {:.3} ms",
+                "Hkv {kv_heads} L {len} {}: ours {:.3} ms, baseline {:.3} ms",
                 dtype_name(dtype),
                 ms(t[0]),
                 ms(t[1])
             );
             writeln!(
                 md,
-                "| {len} | {} | {:.3} | {:.3} | {:.1}x | {:.1} | {:.1} | {ours_diff:.1e} | {base_diff:.1e} | {} |",
+                "| {kv_heads} | {len} | {} | {:.3} | {:.3} | {:.1}x | {:.1} | {:.1} | {ours_diff:.1e} | {base_diff:.1e} | {} |",
                 dtype_name(dtype),
                 ms(t[0]),
                 ms(t[1]),
@@ -240,7 +253,7 @@ fn ours_json(path: &str) -> Result<()> {
             other => candle_core::bail!("--dtypes: expected bf16 and / or f32, got {other}"),
         };
         for len in LENS {
-            let case = Case::new(len, dtype)?;
+            let case = Case::new(len, dtype, KV_HEADS)?;
             let layouts: [(&str, &dyn Fn() -> Result<Tensor>); 2] = [
                 ("segattn", &|| case.ours_head_major()),
                 ("segattn_token_major", &|| case.ours()),

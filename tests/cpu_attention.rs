@@ -177,6 +177,87 @@ fn packed_gqa_decode_is_bitwise_unpacked() -> Result<()> {
     Ok(())
 }
 
+/// A call with one query tile per head and fewer (batch row, head) items than twice the threads
+/// (an MQA decode step above all) is split over its keys in chunks of at least 512 keys and 8 M
+/// multiply-adds, whose partial results are merged at the end. Forced here by a pool of 8
+/// threads: every mask kind (some hide whole chunks, `empty_rows` has rows that see nothing),
+/// every dtype, MQA decode steps (packed: 16 or 32 rows) and 40 or 64 query rows of one or two
+/// heads, two to five chunks; against the reference, and against the same call unsplit (one
+/// thread).
+#[test]
+fn split_key_calls_match_reference_and_unsplit() -> Result<()> {
+    let pool = |threads: usize| rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+    let (split, whole) = (pool(8), pool(1));
+    let mut drawn = 0u64;
+    for kind in 0..MASK_KINDS.len() {
+        for (dtype, heads, lq, d) in [
+            (DType::F32, (16, 1), 1, 128),
+            (DType::BF16, (32, 1), 1, 64),
+            (DType::F16, (3, 1), 40, 128),
+            (DType::F32, (2, 2), 64, 64),
+        ] {
+            drawn += 1;
+            let lk = 4200 + (drawn as usize * 137) % 900;
+            let case = draw(drawn * 31 + kind as u64, 1, lk, true, heads, d, dtype, kind)?;
+            let mask = case.mask.last_queries(lq)?;
+            let q = case.q.narrow(1, lk - lq, lq)?;
+            let case = Case {
+                q,
+                mask,
+                description: format!("{} (last {lq} rows)", case.description),
+                ..case
+            };
+            split.install(|| check(&case, None))?;
+            let op = SegmentAttention::new(&case.mask).return_lse(true);
+            let (a, b) = (
+                split.install(|| op.forward(&case.q, &case.k, &case.v))?,
+                whole.install(|| op.forward(&case.q, &case.k, &case.v))?,
+            );
+            let (atol, rtol) = tolerance(dtype);
+            let (r, at) = worst_ratio(&a.out, &b.out, atol, rtol)?;
+            assert!(
+                r <= 1.0,
+                "{}: split vs unsplit output off by {r} x tolerance at {at}",
+                case.description
+            );
+            let (r, at) = worst_ratio(&a.lse.unwrap(), &b.lse.unwrap(), lse_tolerance(dtype), 0.0)?;
+            assert!(
+                r <= 1.0,
+                "{}: split vs unsplit lse off by {r} x tolerance at {at}",
+                case.description
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The split call's merge keeps NaN where the unsplit pass has it: a NaN key in the first chunk
+/// makes the decode row that sees it NaN (output and LSE), however the other chunks went.
+#[test]
+fn split_key_calls_keep_nan_rows_nan() -> Result<()> {
+    let dev = Device::Cpu;
+    let mut rng = common::Rng::new(9);
+    let (lk, d) = (4500, 64);
+    let q = common::random_tensor(&mut rng, &[1, 1, 32, d], DType::F32)?;
+    let mut k = common::random_tensor(&mut rng, &[1, lk, 1, d], DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    k[100 * d + 3] = f32::NAN;
+    let k = Tensor::from_vec(k, (1, lk, 1, d), &dev)?;
+    let v = common::random_tensor(&mut rng, &[1, lk, 1, d], DType::F32)?;
+    let mask = SegmentMask::causal(lk, &dev)?.last_queries(1)?;
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(8).build().unwrap();
+    let got = pool.install(|| SegmentAttention::new(&mask).return_lse(true).forward(&q, &k, &v))?;
+    let out = got.out.flatten_all()?.to_vec1::<f32>()?;
+    let lse = got.lse.unwrap().flatten_all()?.to_vec1::<f32>()?;
+    assert!(
+        out.iter().all(|x| x.is_nan()) && lse[0].is_nan(),
+        "out {:?}, lse {lse:?}",
+        &out[..4]
+    );
+    Ok(())
+}
+
 #[test]
 fn decode_and_chunked_prefill_match_reference() -> Result<()> {
     for lq in [1, 2, 37, 64, 65] {

@@ -290,3 +290,39 @@ fn a_layer_reused_across_shapes_and_schemes_matches_fresh_layers() -> Result<()>
     }
     Ok(())
 }
+
+/// A decode step with few heads for the threads runs its attention split over the keys
+/// (`cpu/decode_split.rs`; forced by a pool of 8 threads): the same step as unsplit (one thread)
+/// within tolerance, on an MQA step (32 query heads, one KV head) over a prompt long enough for
+/// several chunks, every dtype.
+#[test]
+fn split_key_decode_matches_unsplit() -> Result<()> {
+    let (split, whole) = (
+        rayon::ThreadPoolBuilder::new().num_threads(8).build().unwrap(),
+        rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap(),
+    );
+    for (i, (d, dtype)) in [(64, DType::F32), (128, DType::BF16), (128, DType::F16)]
+        .into_iter()
+        .enumerate()
+    {
+        let mut rng = Rng::new(40 + i as u64);
+        let layout = PineLayout::new(70, &[1500, 1, 1333, 1250], 30 + i);
+        let (total, (h, hkv)) = (layout.len() + 1, (32, 1));
+        let q = random_tensor(&mut rng, &[1, 1, h, d], dtype)?;
+        let k = random_tensor(&mut rng, &[1, total, hkv, d], dtype)?;
+        let v = random_tensor(&mut rng, &[1, total, hkv, d], dtype)?;
+        let pine = PineAttention::new(&[layout], Rope::new(10_000.0))?.return_lse(true);
+        let k_cache = pine.rotate_keys(&k)?;
+        let a = split.install(|| pine.decode(&q, &k_cache, &v))?;
+        let b = whole.install(|| pine.decode(&q, &k_cache, &v))?;
+        let (atol, rtol) = tolerance(dtype);
+        let (r, at) = worst_ratio(&a.out, &b.out, atol, rtol)?;
+        assert!(
+            r <= 1.0,
+            "D {d} {dtype:?}: split vs unsplit off by {r} x tolerance at {at}"
+        );
+        let (r, at) = worst_ratio(&a.lse.unwrap(), &b.lse.unwrap(), common::lse_tolerance(dtype), 0.0)?;
+        assert!(r <= 1.0, "D {d} {dtype:?}: lse off by {r} x tolerance at {at}");
+    }
+    Ok(())
+}

@@ -1,14 +1,17 @@
 //! The fused CPU attention: tiled online softmax (the FlashAttention-2 algorithm) in f32.
 //!
-//! Work items are (batch, head, query tile), run in parallel with rayon. For each item the key
-//! tiles are classified from the segment metadata (see [`crate::mask::tiles`]): SKIP tiles are
-//! never touched, FULL tiles run without per-element tests, PARTIAL tiles have their hidden runs
-//! set to -inf on S by (query span, key piece) (`segment::mask_tile`).
+//! Work items are (batch, head, query tile), run in parallel with rayon; a call with one query
+//! tile per head and too few items for the threads (a decode step of few KV heads) is split over
+//! its keys instead ([`decode_split`]). For each item the key tiles are classified from the
+//! segment metadata (see [`crate::mask::tiles`]): SKIP tiles are never touched, FULL tiles run
+//! without per-element tests, PARTIAL tiles have their hidden runs set to -inf on S by (query
+//! span, key piece) (`segment::mask_tile`).
 //! Inputs are converted to f32 one tile at a time (K transposed to K^T for the register-blocked
 //! loops of `tile.rs`); an item of at most one block of query rows (a decode step) reads K and V
 //! rows as stored instead (`dots.rs`, `pv_rows.rs`). Nothing of size `Lq x Lk` is ever allocated.
 
 mod bf16_pairs;
+mod decode_split;
 mod dots;
 mod element;
 mod exp2;
@@ -102,6 +105,13 @@ pub(crate) fn forward<T: Element, K: Element>(
         head_dim: d,
         ..
     } = shape;
+    // A call with one query tile per head and fewer items than the threads (a decode step of
+    // few KV heads, MQA's above all) runs split over its keys (`decode_split`).
+    if mass.is_none() && !decode_split::disabled() {
+        if let Some(plan) = decode_split::SplitPlan::new(&shape, rayon::current_num_threads()) {
+            return decode_split::forward(q, k, v, shape, mask, scale, want_lse, rotation, plan);
+        }
+    }
     // Poisoned with NaN: every element must be written by exactly one work item.
     let mut out = vec![T::from_f32(f32::NAN); batch * q_len * num_heads * d];
     let mut lse = if want_lse {
@@ -155,6 +165,7 @@ pub(crate) fn forward<T: Element, K: Element>(
                 use_avx512,
                 use_bf16_pairs,
                 prepared: prepared.as_ref(),
+                keys: (0, shape.kv_len),
             };
             let state = scratch.run(&item);
             // SAFETY: each work item writes only rows [q0, q1) of head h of batch b, in `out` and
@@ -219,6 +230,9 @@ struct Item<'a, 'r, T, K = T> {
     /// The call's key and value tiles, when prepared once for all items ([`kv_tiles`]); else each
     /// item loads the tiles it visits into its scratch.
     prepared: Option<&'a PreparedTiles>,
+    /// The keys `[begin, end)` the item runs over (`begin` a multiple of [`BC`]): every key, or
+    /// one chunk of a split decode call ([`decode_split`]).
+    keys: (usize, usize),
 }
 
 impl<T, K> Item<'_, '_, T, K> {
@@ -382,7 +396,7 @@ impl Scratch {
     #[inline(always)]
     fn run_with<const FMA: bool, T: Element, K: Element>(&mut self, item: &Item<'_, '_, T, K>) -> RowState {
         let mut state = self.begin(item);
-        for k0 in (0..item.shape.kv_len).step_by(BC) {
+        for k0 in (item.keys.0..item.keys.1).step_by(BC) {
             self.key_tile::<FMA, T, K>(item, &mut state, k0);
         }
         state
