@@ -34,8 +34,9 @@ use machine_load::{median, ms, CpuSnapshot};
 
 const HEADS: usize = 32;
 const KV_HEADS: usize = 8;
-/// The multi-query variant of the table (one KV head: Falcon, Gemma 2B style), where a step has
-/// one (batch row, KV head) item for all its threads and runs split over its keys.
+/// The multi-query variant of the table (one KV head: Falcon, Gemma 2B style), where a step is
+/// one (batch row, KV head) item, split over its keys for the threads from 2048 keys on (at D
+/// 128, `cpu/decode_split.rs`).
 const MQA_KV_HEADS: usize = 1;
 const HEAD_DIM: usize = 128;
 /// Cache lengths (the new token's row included).
