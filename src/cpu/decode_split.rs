@@ -35,7 +35,8 @@ const MIN_CHUNK_KEYS: usize = 512;
 const MIN_CHUNK_MADDS: usize = 8 << 20;
 
 /// `SEGATTN_CPU_DECODE_SPLIT=0`: no call is split (one item per (batch row, head) over every
-/// key; benchmarks).
+/// key; nor PINE's decode importance over runs of query heads, `pine_decode::run_heads`;
+/// benchmarks).
 pub(super) fn disabled() -> bool {
     static FLAG: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *FLAG.get_or_init(|| std::env::var_os("SEGATTN_CPU_DECODE_SPLIT").is_some_and(|v| v == "0"))

@@ -50,16 +50,23 @@ pub(crate) fn suffix_importance<T: Element>(
         ..
     } = shape;
     let (group, kv_heads) = (shape.group_size(), shape.num_kv_heads);
-    // Work items: (batch row, KV head, row); the query heads of one KV head share every key row
-    // (converted to f32 once, dotted with each head's turned query).
+    // Work items: (batch row, KV head, row, run of query heads); the query heads of a run share
+    // every key row (converted to f32 once, dotted with each head's turned query). One run holds
+    // the whole group unless those items are fewer than the threads (an MQA model's step: one
+    // item of 32 heads), where the group is cut into runs of a multiple of 4 heads (each run then
+    // reads the segment keys: a small cache, one KV head). A head's scores are the same bits in
+    // any run: the kernels' sums do not depend on how many heads share a block.
+    let run_heads = run_heads(group, batch * kv_heads * q_len, rayon::current_num_threads());
+    let runs = group.div_ceil(run_heads);
     let use_fma = super::fma_available();
     let use_avx512 = super::element::avx512_available();
-    let per_item: Vec<Vec<f32>> = (0..batch * kv_heads * q_len)
+    let per_item: Vec<Vec<f32>> = (0..batch * kv_heads * q_len * runs)
         .into_par_iter()
         .map(|item| {
-            let i = item % q_len;
-            let kh = (item / q_len) % kv_heads;
-            let b = item / (q_len * kv_heads);
+            let run = item % runs;
+            let i = (item / runs) % q_len;
+            let kh = (item / (runs * q_len)) % kv_heads;
+            let b = item / (runs * q_len * kv_heads);
             let args = ItemArgs {
                 q,
                 k,
@@ -68,6 +75,7 @@ pub(crate) fn suffix_importance<T: Element>(
                 scale,
                 sk,
                 group,
+                heads: (run * run_heads, ((run + 1) * run_heads).min(group)),
                 d,
                 at: (b, kh, i),
             };
@@ -86,15 +94,29 @@ pub(crate) fn suffix_importance<T: Element>(
         .collect();
     let mut out = vec![0f32; batch * num_heads * q_len * sk];
     for (item, rows) in per_item.iter().enumerate() {
-        let i = item % q_len;
-        let kh = (item / q_len) % kv_heads;
-        let b = item / (q_len * kv_heads);
-        for g in 0..group {
+        let run = item % runs;
+        let i = (item / runs) % q_len;
+        let kh = (item / (runs * q_len)) % kv_heads;
+        let b = item / (runs * q_len * kv_heads);
+        for (r, g) in (run * run_heads..((run + 1) * run_heads).min(group)).enumerate() {
             let h = kh * group + g;
-            out[((b * num_heads + h) * q_len + i) * sk..][..sk].copy_from_slice(&rows[g * sk..(g + 1) * sk]);
+            out[((b * num_heads + h) * q_len + i) * sk..][..sk].copy_from_slice(&rows[r * sk..(r + 1) * sk]);
         }
     }
     Ok(out)
+}
+
+/// The query heads of a run, when a KV head's `group` of them is cut into runs for `items`
+/// (batch row, KV head, row) items on `threads` threads: the whole group where the items fill the
+/// threads (or with `SEGATTN_CPU_DECODE_SPLIT=0`), else a multiple of 4 (the dot kernels'
+/// block, so that the blocks of a run are those of the whole group) giving about two items a
+/// thread.
+fn run_heads(group: usize, items: usize, threads: usize) -> usize {
+    if items == 0 || items >= threads || group < 8 || super::decode_split::disabled() {
+        return group;
+    }
+    let runs = (2 * threads).div_ceil(items).min(group / 4);
+    group.div_ceil(runs).div_ceil(4) * 4
 }
 
 /// What one work item of [`suffix_importance`] reads: (batch row, KV head, query row) `at`.
@@ -107,6 +129,8 @@ struct ItemArgs<'a, T> {
     scale: f32,
     sk: usize,
     group: usize,
+    /// The run of the group's query heads `[first, end)` the item scores.
+    heads: (usize, usize),
     d: usize,
     at: (usize, usize, usize),
 }
@@ -123,11 +147,13 @@ fn item_scores<T: Element, const FMA: bool, const W16: bool>(args: &ItemArgs<'_,
         scale,
         sk,
         group,
+        heads: (first, end_head),
         d,
         at: (b, kh, i),
     } = *args;
     let half = d / 2;
-    let mut rows = vec![0f32; group * sk];
+    let run = end_head - first;
+    let mut rows = vec![0f32; run * sk];
     let p = layout.prefix_len;
     let end = p + layout.segment_lens.iter().sum::<usize>();
     let longest = layout.segment_lens.iter().copied().max().unwrap_or(0);
@@ -138,11 +164,11 @@ fn item_scores<T: Element, const FMA: bool, const W16: bool>(args: &ItemArgs<'_,
     // dotted with those keys.
     let base = end - longest;
     // The group's queries, scaled, one after another (`group x D`).
-    let queries: Vec<f32> = (0..group)
+    let queries: Vec<f32> = (first..end_head)
         .flat_map(|g| q.row(b, i, kh * group + g, d).iter().map(|x| x.to_f32() * scale))
         .collect();
     let keys = end - p;
-    let mut scores = vec![0f32; group * keys];
+    let mut scores = vec![0f32; run * keys];
     let cos_sin = |o: usize| {
         let pos = base + o;
         (
@@ -155,7 +181,7 @@ fn item_scores<T: Element, const FMA: bool, const W16: bool>(args: &ItemArgs<'_,
     // once, into `turned` (`group x D`, 2 KB at GQA 4, D 128, in L1), and the block's keys there
     // are dotted with it, two at a time. (A table of every offset's turned queries, read once per
     // key in segment order, came from L2 at ~64 cycles a key.)
-    let mut turned = vec![0f32; group * d];
+    let mut turned = vec![0f32; run * d];
     // (length, first token) of each segment.
     let segments: Vec<(usize, usize)> = layout
         .segment_lens
@@ -340,5 +366,71 @@ unsafe fn rotate_avx2(dst: &mut [f32], x: &[f32], c: &[f32], s: &[f32]) {
             _mm256_storeu_ps(dp.add(j), _mm256_fmsub_ps(x1, cv, _mm256_mul_ps(x2, sv)));
             _mm256_storeu_ps(dp.add(j + half), _mm256_fmadd_ps(x2, cv, _mm256_mul_ps(x1, sv)));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Tensor};
+
+    use super::{run_heads, suffix_importance, Strided};
+    use crate::mask::PineLayout;
+    use crate::pine::Rope;
+    use crate::validate::AttentionShape;
+
+    /// Runs are multiples of 4 heads (the dot kernels' block) and fill the threads.
+    #[test]
+    fn runs_of_heads() {
+        assert_eq!(run_heads(32, 1, 2), 8);
+        assert_eq!(run_heads(32, 1, 8), 4);
+        assert_eq!(run_heads(32, 8, 2), 32, "GQA at Llama-3-8B: the items fill 2 threads");
+        assert_eq!(run_heads(10, 1, 2), 8);
+        assert_eq!(run_heads(6, 1, 8), 6, "below 8 heads: one run");
+    }
+
+    /// A decode row's importance is the same bits whether a KV head's query heads are scored in
+    /// one item or in runs over several (forced by pools of 1 and 8 threads): MQA, 32 heads, two
+    /// long answers (keys turned back) and 40 short documents (more keys a position than heads:
+    /// queries turned), bf16 and f32.
+    #[test]
+    fn runs_of_heads_give_the_same_bits() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        for (layout, dtype) in [
+            (PineLayout::new(20, &[300, 280], 9), candle_core::DType::BF16),
+            (PineLayout::new(33, &[12; 40], 5), candle_core::DType::F32),
+        ] {
+            let (l, h, d) = (layout.len() + 1, 32, 64);
+            let q = (Tensor::randn(0f32, 1.0, (1, 1, h, d), &dev)? + 0.1)?.to_dtype(dtype)?;
+            let k = (Tensor::randn(0f32, 1.0, (1, l, 1, d), &dev)? + 0.1)?.to_dtype(dtype)?;
+            let v = k.clone();
+            let shape = AttentionShape::of(&q, &k, &v)?;
+            let table = Rope::new(10_000.0).table(d, l)?;
+            let sk = layout.segment_lens.len() + 1;
+            let run = |threads: usize| -> candle_core::Result<Vec<u32>> {
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                let (qs, ql) = q.storage_and_layout();
+                let (ks, kl) = k.storage_and_layout();
+                let (candle_core::Storage::Cpu(qc), candle_core::Storage::Cpu(kc)) = (&*qs, &*ks) else {
+                    unreachable!("CPU tensors")
+                };
+                let scores = match dtype {
+                    candle_core::DType::BF16 => pool.install(|| {
+                        let q = Strided::new(qc.as_slice::<half::bf16>()?, ql);
+                        let k = Strided::new(kc.as_slice::<half::bf16>()?, kl);
+                        suffix_importance(q, k, shape, std::slice::from_ref(&layout), &table, 0.125, sk)
+                    })?,
+                    _ => pool.install(|| {
+                        let q = Strided::new(qc.as_slice::<f32>()?, ql);
+                        let k = Strided::new(kc.as_slice::<f32>()?, kl);
+                        suffix_importance(q, k, shape, std::slice::from_ref(&layout), &table, 0.125, sk)
+                    })?,
+                };
+                Ok(scores.iter().map(|x| x.to_bits()).collect())
+            };
+            let whole = run(1)?;
+            assert!(whole.iter().any(|&x| x != 0), "{layout:?}: all zero");
+            assert_eq!(whole, run(8)?, "{layout:?} {dtype:?}");
+        }
+        Ok(())
     }
 }
