@@ -12,7 +12,8 @@
 //!
 //! Per (batch row, query head, row): `s_j = scale * q_{p_j} . k_j` over the segment keys, softmax
 //! over all of them (f32), the probabilities summed per segment and divided by its length. The
-//! query heads of one KV head (GQA) are done together: each cache row is read once.
+//! query heads of one KV head (GQA) are done together: each cache row is read once (once per run
+//! of heads where a step has fewer items than threads: [`run_heads`]).
 
 use candle_core::Result;
 use rayon::prelude::*;
