@@ -105,8 +105,8 @@ pub(crate) fn forward<T: Element, K: Element>(
         head_dim: d,
         ..
     } = shape;
-    // A call with one query tile per head and fewer items than the threads (a decode step of
-    // few KV heads, MQA's above all) runs split over its keys (`decode_split`).
+    // A call with one query tile per head and fewer items than twice the threads (a decode step
+    // of few KV heads, MQA's above all) runs split over its keys (`decode_split`).
     if mass.is_none() && !decode_split::disabled() {
         if let Some(plan) = decode_split::SplitPlan::new(&shape, rayon::current_num_threads()) {
             return decode_split::forward(q, k, v, shape, mask, scale, want_lse, rotation, plan);
@@ -360,8 +360,8 @@ impl Scratch {
         }
     }
 
-    /// Runs one query tile over every visible key tile; returns the softmax state, with the
-    /// unnormalised output in `self.o`.
+    /// Runs one query tile over every visible key tile of `item.keys`; returns the softmax state,
+    /// with the unnormalised output in `self.o`.
     fn run<T: Element, K: Element>(&mut self, item: &Item<'_, '_, T, K>) -> RowState {
         #[cfg(target_arch = "x86_64")]
         if item.use_avx512 {

@@ -164,7 +164,7 @@ fn item_scores<T: Element, const FMA: bool, const W16: bool>(args: &ItemArgs<'_,
     // Each head's query turned once to each position of [E - longest, E) that has keys, then
     // dotted with those keys.
     let base = end - longest;
-    // The group's queries, scaled, one after another (`group x D`).
+    // The run's queries, scaled, one after another (`run x D`).
     let queries: Vec<f32> = (first..end_head)
         .flat_map(|g| q.row(b, i, kh * group + g, d).iter().map(|x| x.to_f32() * scale))
         .collect();
@@ -179,7 +179,7 @@ fn item_scores<T: Element, const FMA: bool, const W16: bool>(args: &ItemArgs<'_,
     };
     // Segments SEG_BLOCK at a time (all of them at the usual counts), offset by offset within a
     // block (offset o = position base + o): every head's query is turned to the offset's position
-    // once, into `turned` (`group x D`, 2 KB at GQA 4, D 128, in L1), and the block's keys there
+    // once, into `turned` (`run x D`, 2 KB at GQA 4, D 128, in L1), and the block's keys there
     // are dotted with it, two at a time. (A table of every offset's turned queries, read once per
     // key in segment order, came from L2 at ~64 cycles a key.)
     let mut turned = vec![0f32; run * d];
@@ -197,7 +197,8 @@ fn item_scores<T: Element, const FMA: bool, const W16: bool>(args: &ItemArgs<'_,
             let here = block.iter().filter(|&&(len, _)| o + len >= longest).count();
             // Fewer keys here than query heads sharing them (two long answers, GQA 4): turning
             // those keys back is cheaper than turning every head's query; both give q . k of
-            // the un-rotated projections.
+            // the un-rotated projections. (Decided by the whole group, so that a run's scores
+            // are those of the group's.)
             let turn_keys = here < group;
             let (c, s) = cos_sin(o);
             if here > 0 && !turn_keys {
