@@ -20,7 +20,7 @@
 use candle_core::Result;
 use rayon::prelude::*;
 
-use super::tile::{row_seen, BC, BR};
+use super::tile::{row_lse, row_scale, BC, BR};
 use super::{Element, Forward, Item, PooledScratch, QueryRotation, ScratchConfig, Strided};
 use crate::mask::HostMask;
 use crate::validate::AttentionShape;
@@ -181,17 +181,12 @@ pub(super) fn forward<T: Element, K: Element>(
                         }
                     }
                     // A row that saw no key: output 0 and LSE -inf; a NaN sum stays NaN in both.
-                    let seen = row_seen(total);
-                    let inv = if seen { 1.0 / total } else { 0.0 };
+                    let inv = row_scale(total);
                     let at = (r * num_heads + h) * d;
                     for (dst, a) in out_b[at..at + d].iter_mut().zip(&acc) {
                         *dst = T::from_f32(a * inv);
                     }
-                    lse_b[h * rows + r] = if seen {
-                        (m + total.log2()) * std::f32::consts::LN_2
-                    } else {
-                        f32::NEG_INFINITY
-                    };
+                    lse_b[h * rows + r] = row_lse(m, total);
                 }
             }
         });

@@ -691,18 +691,13 @@ impl Scratch {
             let sum = state.sum[r];
             // A row that saw no key: output 0 and LSE -inf (never NaN). A NaN sum (NaN scores,
             // from NaN inputs) stays NaN in both.
-            let inv = if tile::row_seen(sum) { 1.0 / sum } else { 0.0 };
+            let inv = tile::row_scale(sum);
             let dst = out.0.add(((b * shape.q_len + i) * shape.num_heads + h) * d);
             for c in 0..d {
                 *dst.add(c) = T::from_f32(self.o[r * self.dp + c] * inv);
             }
             if let Some(lse) = lse {
-                let value = if tile::row_seen(sum) {
-                    (state.max[r] + sum.log2()) * std::f32::consts::LN_2
-                } else {
-                    f32::NEG_INFINITY
-                };
-                *lse.0.add((b * shape.num_heads + h) * shape.q_len + i) = value;
+                *lse.0.add((b * shape.num_heads + h) * shape.q_len + i) = tile::row_lse(state.max[r], sum);
             }
         }
     }

@@ -61,13 +61,18 @@ pub(crate) fn suffix_importance<T: Element>(
     let runs = group.div_ceil(run_heads);
     let use_fma = super::fma_available();
     let use_avx512 = super::element::avx512_available();
+    // Item index -> (batch row, KV head, row, the run's heads `[first, end)` of the group).
+    let coords = |item: usize| {
+        let run = item % runs;
+        let i = (item / runs) % q_len;
+        let kh = (item / (runs * q_len)) % kv_heads;
+        let heads = (run * run_heads, ((run + 1) * run_heads).min(group));
+        (item / (runs * q_len * kv_heads), kh, i, heads)
+    };
     let per_item: Vec<Vec<f32>> = (0..batch * kv_heads * q_len * runs)
         .into_par_iter()
         .map(|item| {
-            let run = item % runs;
-            let i = (item / runs) % q_len;
-            let kh = (item / (runs * q_len)) % kv_heads;
-            let b = item / (runs * q_len * kv_heads);
+            let (b, kh, i, heads) = coords(item);
             let args = ItemArgs {
                 q,
                 k,
@@ -76,7 +81,7 @@ pub(crate) fn suffix_importance<T: Element>(
                 scale,
                 sk,
                 group,
-                heads: (run * run_heads, ((run + 1) * run_heads).min(group)),
+                heads,
                 d,
                 at: (b, kh, i),
             };
@@ -95,11 +100,8 @@ pub(crate) fn suffix_importance<T: Element>(
         .collect();
     let mut out = vec![0f32; batch * num_heads * q_len * sk];
     for (item, rows) in per_item.iter().enumerate() {
-        let run = item % runs;
-        let i = (item / runs) % q_len;
-        let kh = (item / (runs * q_len)) % kv_heads;
-        let b = item / (runs * q_len * kv_heads);
-        for (r, g) in (run * run_heads..((run + 1) * run_heads).min(group)).enumerate() {
+        let (b, kh, i, (first, end)) = coords(item);
+        for (r, g) in (first..end).enumerate() {
             let h = kh * group + g;
             out[((b * num_heads + h) * q_len + i) * sk..][..sk].copy_from_slice(&rows[r * sk..(r + 1) * sk]);
         }

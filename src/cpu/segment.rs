@@ -30,7 +30,7 @@ use super::exp2::exp2_with;
 use super::kv_tiles::PreparedTiles;
 use super::load::{load_scaled_rows, transpose_rows};
 use super::reduce::lane_sum;
-use super::tile::{row_seen, scores, softmax_row, RowState, BC, BR, LANES};
+use super::tile::{row_scale, row_seen, scores, softmax_row, RowState, BC, BR, LANES};
 use super::{fma_available, Element, SharedMut, Strided};
 use crate::error::try_filled;
 use crate::mask::tiles::{classify_tile, piece_visibility, TileClass};
@@ -214,7 +214,7 @@ impl MassRows {
     pub fn normalize(&mut self, state: &RowState, rows: usize) {
         for r in 0..rows {
             let sum = state.sum[r];
-            self.scale[r] = if row_seen(sum) { 1.0 / sum } else { 0.0 };
+            self.scale[r] = row_scale(sum);
         }
     }
 }

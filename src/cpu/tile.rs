@@ -250,6 +250,28 @@ pub(crate) fn row_seen(sum: f32) -> bool {
     sum > 0.0 || sum.is_nan()
 }
 
+/// What a row's unnormalised output is multiplied by: `1 / sum`, or 0 for a row that saw nothing
+/// (a NaN sum stays NaN).
+#[inline(always)]
+pub(crate) fn row_scale(sum: f32) -> f32 {
+    if row_seen(sum) {
+        1.0 / sum
+    } else {
+        0.0
+    }
+}
+
+/// A row's log-sum-exp (natural log) from its running max (log2 domain) and sum: -inf for a row
+/// that saw nothing, NaN where its sum is NaN.
+#[inline(always)]
+pub(crate) fn row_lse(max: f32, sum: f32) -> f32 {
+    if row_seen(sum) {
+        (max + sum.log2()) * std::f32::consts::LN_2
+    } else {
+        f32::NEG_INFINITY
+    }
+}
+
 /// Online-softmax update of one row: turns the scores into P in place (0 beyond `cols`), and
 /// rescales the row's running sum and output accumulator to the new max. Returns the factor the
 /// accumulator was rescaled by (1 when the max did not move), for other accumulators that must
