@@ -5,10 +5,10 @@
 #
 #   bash scripts/gpu-suite-remote.sh [wgmma|test|bench|all|profile] [PACK_DIR (default .gpu-suite)]
 #
-#   wgmma  (0) the first look at the Hopper (wgmma) kernels, about 3 minutes: the probe, then both
+#   wgmma  (0) a first look at the Hopper (wgmma) kernels, about 3 minutes: the probe, then both
 #              kernels against the reference and timed at the target shapes with the mma.sync
 #              kernels and SDPA's flash / cuDNN backends -> probe.log, wgmma-bench.txt,
-#              wgmma-peers.txt (not part of "all")
+#              wgmma-peers.txt (not part of "all"; for a change to the wgmma kernels)
 #   test   (1) every GPU test binary of the pack (tests/gpu_*.rs: the kernels' property tests on
 #              the GPU against the f64 reference; SEGATTN_REQUIRE_GPU=1: no silent skip),
 #              (2) compute-sanitizer memcheck, racecheck, synccheck and initcheck on small cases of
@@ -22,14 +22,17 @@
 #              the forward beyond 64 segments and the standalone one (documents100), the decode
 #              importance; then one launch of each kernel the performance targets depend on: the
 #              forward kernel at causal, documents8 and pine, L 8k, D 128 (causal also with the
-#              64-row kernel), the mass kernel and the fused forward (gpu_bench --mass), the rope
+#              mma.sync kernel on a Hopper GPU), the mass kernel and the fused forward (gpu_bench --mass), the rope
 #              kernel (gpu_bench --pine): throughput, occupancy, warp stall reasons ->
 #              $OUT/profile.txt (not part of "all"; give it about 150 s)
 #
 # Writes under $OUT (or $SEGATTN_SUITE_OUT, default /tmp/segattn-gpu-out): summary.md, tests.log,
-# sanitizer.log, segattn.jsonl, narrow.txt (the 64-row kernel for every mask, on gpu_bench's
-# shapes), wide.txt (the wide kernel for every mask, L 8k D 128), wide32.txt (the same with 32-key
-# tiles at D 128), pine.md,
+# sanitizer.log, segattn.jsonl (plain attention's kernels: on an H100 / H200 the 64-row wgmma
+# one), mma-sync.txt and segattn-mma-sync.jsonl (the mma.sync kernels, SEGATTN_FWD_HOPPER=0: what
+# other GPUs run; RESULTS-mma-sync.md their table), hopper128.txt (the 128-row wgmma kernel),
+# narrow.txt (the 64-row mma.sync kernel for every mask, on gpu_bench's shapes), wide.txt (the wide
+# mma.sync kernel for every mask, L 8k D 128), wide32.txt (the same with 32-key tiles at D 128),
+# pine.md,
 # mass.md, pine-wide64.md, mass-wide.md and mass-wide64.md (the mass kernel's wide rows, with
 # 32- or 64-key tiles), backward.md (the
 # attention's backward pass: gpu_bench --backward), (with baselines
@@ -135,12 +138,13 @@ fi
 
 status=0
 # --- (0) wgmma: the first look at the Hopper kernels, ~3 minutes -----------------------------
-# For the first call of a session while the wgmma kernels are unconfirmed (bench/NOTES.md CUDA
-# 34-36): the probe of the emulator's reading of wgmma on the card; if it passes, both wgmma
-# kernels against the reference (a few cases of every mask), then the target shape (causal and
-# the other masks, L 8k, D 128) on the mma.sync kernels, the 128-row and the 64-row wgmma kernel,
-# and the peers' SDPA flash / cuDNN there. A failing probe ends the phase: its message names the
-# descriptor fix, for a rebuilt pack and another call.
+# For the first call of a session after a change to the wgmma kernels (bench/NOTES.md CUDA 34-38):
+# the probe of the emulator's reading of wgmma on the card; if it passes, both wgmma kernels
+# against the reference (a few cases of every mask), then the target shape (causal and the other
+# masks, L 8k, D 128) on the default (the 64-row wgmma kernel), the mma.sync kernels
+# (SEGATTN_FWD_HOPPER=0), the 128-row wgmma kernel (SEGATTN_FWD_WIDE=1) and the peers' SDPA flash
+# / cuDNN there. A failing probe ends the phase: its message names the descriptor fix, for a
+# rebuilt pack and another call.
 if [ "$PHASE" = wgmma ]; then
   : >"$OUTDIR/tests.log"
   log "(0) the wgmma probe"
@@ -164,24 +168,24 @@ if [ "$PHASE" = wgmma ]; then
     [ "$rc" = 0 ] || status=1
   done
   [ "$status" = 0 ] || { note "- (0) a wgmma kernel failed its tests: not timed"; exit 1; }
-  # In order of what a cut budget should keep: the mma.sync kernels and the wgmma rule's kernels
-  # (mostly the 128-row one), the peers, then the 64-row wgmma kernel.
+  # In order of what a cut budget should keep: the default (the 64-row wgmma kernel), the
+  # mma.sync kernels, the peers, then the 128-row wgmma kernel.
   wgmma_bench() {
     local run=$1
     local run_env=()
-    [ "$run" = mma.sync ] || read -r -a run_env <<<"$run"
+    [ "$run" = default ] || read -r -a run_env <<<"$run"
     log "(0) the target shapes: $run"
     env "${run_env[@]}" timeout "$(( $(left) > 40 ? 40 : $(left) ))" "$WORK/gpu_bench" --filter "$TARGET" \
       2>&1 | tee -a "$OUTDIR/wgmma-bench.txt"
     note "- (0) gpu_bench at the targets, $run: exit ${PIPESTATUS[0]} (wgmma-bench.txt)"
   }
-  wgmma_bench mma.sync
-  wgmma_bench "SEGATTN_FWD_HOPPER=1"
+  wgmma_bench default
+  wgmma_bench "SEGATTN_FWD_HOPPER=0"
   "$WORK/gpu_bench" --export-masks "$WORK/masks.json" || exit 1
   PYTHONUNBUFFERED=1 budgeted 60 0 "$PYTHON" bench/peers.py --masks "$WORK/masks.json" --filter "$TARGET" \
     --impls sdpa_flash,sdpa_cudnn 2>&1 | grep -v '^{' | tee "$OUTDIR/wgmma-peers.txt"
   note "- (0) peers.py (SDPA flash, cuDNN) at the targets: exit ${PIPESTATUS[0]} (wgmma-peers.txt)"
-  wgmma_bench "SEGATTN_FWD_HOPPER=1 SEGATTN_FWD_WIDE=0"
+  wgmma_bench "SEGATTN_FWD_WIDE=1"
   exit "$status"
 fi
 
@@ -203,30 +207,35 @@ if [ "$PHASE" = test ] || [ "$PHASE" = all ]; then
     [ "$rc" = 0 ] || status=1
   done
   # The other kernel variants (other registers and spills, the same source) against the reference
-  # too, a few cases each: the wide kernel on every mask and length (SEGATTN_FWD_WIDE=1: 64-key
-  # tiles at D = 128), the same with its 32-key tiles (SEGATTN_FWD_WIDE_KEYS=32), and the mass
-  # kernel with three blocks per SM (SEGATTN_SCORES_BLOCKS=3).
+  # too, a few cases each: the wide mma.sync kernel on every mask and length (SEGATTN_FWD_HOPPER=0
+  # SEGATTN_FWD_WIDE=1: 64-key tiles at D = 128), the same with its 32-key tiles
+  # (SEGATTN_FWD_WIDE_KEYS=32), and the mass kernel with three blocks per SM (SEGATTN_SCORES_BLOCKS=3).
   variant_keys=(64 32)
   [ "${SEGATTN_SUITE_VARIANTS:-1}" = 0 ] && variant_keys=()
-  # First: the wgmma kernels (SEGATTN_FWD_HOPPER=1: plain attention on segattn_fwd_hopper*_*, the
-  # sm_90a fatbin; bench/NOTES.md CUDA 34-36) on every mask and length, on their first hardware
-  # runs: as the rule picks (small shapes: mostly the 64-row one), then the 128-row one forced
-  # (SEGATTN_FWD_WIDE=1: segattn_fwd_hopper128_*).
+  # First, on an H100 / H200 (where plain attention runs on the wgmma kernels, the 64-row one by
+  # default; bench/NOTES.md CUDA 34-38): the mma.sync kernels as their rule picks them
+  # (SEGATTN_FWD_HOPPER=0: what every other GPU runs), then the 128-row wgmma kernel forced
+  # (SEGATTN_FWD_WIDE=1: segattn_fwd_hopper128_*), on every mask and length.
   if [ "${SEGATTN_SUITE_VARIANTS:-1}" != 0 ]; then
-    for wide in rule 1; do  # (SEGATTN_FWD_WIDE=rule: neither 0 nor 1, the rule decides)
-      SEGATTN_FWD_WIDE=$wide SEGATTN_FWD_HOPPER=1 SEGATTN_REQUIRE_GPU=1 SEGATTN_GPU_CASES=45 budgeted 70 "$san_reserve" \
+    for run in hopper0 wide1; do
+      run_env=(SEGATTN_FWD_HOPPER=0)
+      [ "$run" = wide1 ] && run_env=(SEGATTN_FWD_WIDE=1)
+      env "${run_env[@]}" SEGATTN_REQUIRE_GPU=1 SEGATTN_GPU_CASES=45 budgeted 70 "$san_reserve" \
         "$WORK/gpu_fwd" --test-threads "$(nproc)" gpu_kernel_matches_reference every_mask_kind_every_instantiation \
         tile_multiples_and_tiny_lengths fully_masked_rows large_shapes_match_cpu_path deterministic \
-        >"$WORK/gpu_fwd_hopper_$wide.log" 2>&1
+        >"$WORK/gpu_fwd_$run.log" 2>&1
       rc=$?
-      { echo "=== gpu_fwd, SEGATTN_FWD_HOPPER=1 SEGATTN_FWD_WIDE=$wide (exit $rc) ==="; cat "$WORK/gpu_fwd_hopper_$wide.log"; } >>"$OUTDIR/tests.log"
-      tail -25 "$WORK/gpu_fwd_hopper_$wide.log"
-      note "- (1) gpu_fwd (wgmma kernels on every mask, SEGATTN_FWD_HOPPER=1, SEGATTN_FWD_WIDE=$wide): $(grep -E '^test result' "$WORK/gpu_fwd_hopper_$wide.log" | tail -1 || echo 'no result line') (exit $rc)"
+      { echo "=== gpu_fwd, ${run_env[*]} (exit $rc) ==="; cat "$WORK/gpu_fwd_$run.log"; } >>"$OUTDIR/tests.log"
+      tail -25 "$WORK/gpu_fwd_$run.log"
+      what='the mma.sync kernels'
+      [ "$run" = wide1 ] && what='the 128-row wgmma kernel'
+      note "- (1) gpu_fwd (${run_env[*]}: $what on every mask): $(grep -E '^test result' "$WORK/gpu_fwd_$run.log" | tail -1 || echo 'no result line') (exit $rc)"
       [ "$rc" = 0 ] || status=1
     done
   fi
   for keys in "${variant_keys[@]}"; do
-    SEGATTN_FWD_WIDE=1 SEGATTN_FWD_WIDE_KEYS=$keys SEGATTN_REQUIRE_GPU=1 SEGATTN_GPU_CASES=40 budgeted 90 "$san_reserve" \
+    SEGATTN_FWD_HOPPER=0 SEGATTN_FWD_WIDE=1 SEGATTN_FWD_WIDE_KEYS=$keys SEGATTN_REQUIRE_GPU=1 SEGATTN_GPU_CASES=40 \
+      budgeted 90 "$san_reserve" \
       "$WORK/gpu_fwd" --test-threads "$(nproc)" gpu_kernel_matches_reference every_mask_kind_every_instantiation \
       tile_multiples_and_tiny_lengths fully_masked_rows >"$WORK/gpu_fwd_wide$keys.log" 2>&1
     rc=$?
@@ -289,9 +298,10 @@ if [ "$PHASE" = test ] || [ "$PHASE" = all ]; then
         rc2=$?
         [ "$rc" = 0 ] && rc=$rc2
       done
-      # The wgmma kernels (opt-in: SEGATTN_FWD_HOPPER=1): the 64-row one, then the 128-row one.
-      for wide in 0 1; do
-        SEGATTN_FWD_WIDE=$wide SEGATTN_FWD_HOPPER=1 SEGATTN_REQUIRE_GPU=1 SEGATTN_GPU_CASES=4 \
+      # On an H100 / H200 the run above was on the 64-row wgmma kernel: the mma.sync kernels
+      # (SEGATTN_FWD_HOPPER=0), then the 128-row wgmma kernel (SEGATTN_FWD_WIDE=1).
+      for run in SEGATTN_FWD_HOPPER=0 SEGATTN_FWD_WIDE=1; do
+        env "$run" SEGATTN_REQUIRE_GPU=1 SEGATTN_GPU_CASES=4 \
           budgeted 45 15 "$SAN" --tool "$tool" --error-exitcode 99 "${kn[@]}" \
           "$WORK/gpu_fwd" --test-threads 1 tile_multiples_and_tiny_lengths fully_masked_rows gpu_kernel_matches_reference \
           >>"$WORK/san-$tool.log" 2>&1
@@ -345,16 +355,17 @@ if [ "$PHASE" = bench ] || [ "$PHASE" = all ]; then
   note "- (3) gpu_bench: exit $rc, $(wc -l <"$OUTDIR/segattn.jsonl" 2>/dev/null || echo 0) shapes, $((SECONDS - t)) s"
   [ "$rc" = 0 ] || status=1
 
-  # The wgmma kernels on every shape (SEGATTN_FWD_HOPPER=1: the rule's block rows, so mostly the
-  # 128-row one; its name in the kernel column), then the 64-row one at the target shapes
-  # (SEGATTN_FWD_WIDE=0), to compare one warpgroup a block with two.
-  log "(3) the wgmma kernels (SEGATTN_FWD_HOPPER=1) on the same shapes"
-  SEGATTN_FWD_HOPPER=1 budgeted 90 60 "$WORK/gpu_bench" --json "$OUTDIR/segattn-hopper.jsonl" "${smoke[@]}" \
-    "${bench_filter[@]}" 2>&1 | tee "$OUTDIR/hopper.txt"
-  note "- (3) SEGATTN_FWD_HOPPER=1 gpu_bench (wgmma kernels): exit ${PIPESTATUS[0]} (hopper.txt)"
-  SEGATTN_FWD_HOPPER=1 SEGATTN_FWD_WIDE=0 budgeted 40 60 "$WORK/gpu_bench" --filter "$TARGET" "${smoke[@]}" \
-    2>&1 | tee "$OUTDIR/hopper64.txt"
-  note "- (3) SEGATTN_FWD_HOPPER=1 SEGATTN_FWD_WIDE=0 gpu_bench at the targets (64-row wgmma): exit ${PIPESTATUS[0]} (hopper64.txt)"
+  # On an H100 / H200 the default is the 64-row wgmma kernel: the mma.sync kernels on every shape
+  # too (SEGATTN_FWD_HOPPER=0: their rule's choice, named in the kernel column; what other GPUs
+  # run), then the 128-row wgmma kernel (SEGATTN_FWD_WIDE=1), to compare one warpgroup a block
+  # with two.
+  log "(3) the mma.sync kernels (SEGATTN_FWD_HOPPER=0) on the same shapes"
+  SEGATTN_FWD_HOPPER=0 budgeted 90 60 "$WORK/gpu_bench" --json "$OUTDIR/segattn-mma-sync.jsonl" "${smoke[@]}" \
+    "${bench_filter[@]}" 2>&1 | tee "$OUTDIR/mma-sync.txt"
+  note "- (3) SEGATTN_FWD_HOPPER=0 gpu_bench (mma.sync kernels): exit ${PIPESTATUS[0]} (mma-sync.txt)"
+  SEGATTN_FWD_WIDE=1 budgeted 60 60 "$WORK/gpu_bench" "${smoke[@]}" "${bench_filter[@]}" \
+    2>&1 | tee "$OUTDIR/hopper128.txt"
+  note "- (3) SEGATTN_FWD_WIDE=1 gpu_bench (the 128-row wgmma kernel): exit ${PIPESTATUS[0]} (hopper128.txt)"
 
   # SEGATTN_BENCH_SHAPES_ONLY=1: a further call for more shapes (e.g. GQA 32/8): the attention
   # shapes and their peers only, not the fixed-shape runs below (64-row kernel, PINE, mass).
@@ -370,16 +381,19 @@ if [ "$PHASE" = bench ] || [ "$PHASE" = all ]; then
     done
     budgeted 60 30 "$WORK/gpu_bench" --filter "$TARGET" 2>&1 | tee "$OUTDIR/ours-again.txt"
   fi
-  log "(3) the 64-row kernel on the same shapes (SEGATTN_FWD_WIDE=0): the wide kernel's before / after"
-  SEGATTN_FWD_WIDE=0 budgeted 90 60 "$WORK/gpu_bench" "${smoke[@]}" "${bench_filter[@]}" 2>&1 | tee "$OUTDIR/narrow.txt"
-  note "- (3) SEGATTN_FWD_WIDE=0 gpu_bench (64-row kernel): exit ${PIPESTATUS[0]}"
-  # The wide kernel for every mask (SEGATTN_FWD_WIDE=1; at D = 128 the default already takes it
-  # from 128 rows on), then with its 32-key tiles at D = 128 (bench/NOTES.md CUDA 23 and 25).
-  SEGATTN_FWD_WIDE=1 budgeted 90 60 "$WORK/gpu_bench" --filter "$TARGET" 2>&1 | tee "$OUTDIR/wide.txt"
-  note "- (3) SEGATTN_FWD_WIDE=1 gpu_bench (wide kernel for every mask, L 8k D 128): exit ${PIPESTATUS[0]}"
-  SEGATTN_FWD_WIDE=1 SEGATTN_FWD_WIDE_KEYS=32 budgeted 90 60 "$WORK/gpu_bench" --filter "$TARGET" 2>&1 |
+  # The mma.sync kernels' variants (SEGATTN_FWD_HOPPER=0): the 64-row kernel on the same shapes
+  # (SEGATTN_FWD_WIDE=0), the wide kernel for every mask (SEGATTN_FWD_WIDE=1; at D = 128 their
+  # rule already takes it from 128 rows on), then with its 32-key tiles at D = 128
+  # (bench/NOTES.md CUDA 23 and 25).
+  log "(3) the 64-row mma.sync kernel on the same shapes (SEGATTN_FWD_HOPPER=0 SEGATTN_FWD_WIDE=0)"
+  SEGATTN_FWD_HOPPER=0 SEGATTN_FWD_WIDE=0 budgeted 90 60 "$WORK/gpu_bench" "${smoke[@]}" "${bench_filter[@]}" 2>&1 |
+    tee "$OUTDIR/narrow.txt"
+  note "- (3) SEGATTN_FWD_HOPPER=0 SEGATTN_FWD_WIDE=0 gpu_bench (64-row mma.sync kernel): exit ${PIPESTATUS[0]}"
+  SEGATTN_FWD_HOPPER=0 SEGATTN_FWD_WIDE=1 budgeted 90 60 "$WORK/gpu_bench" --filter "$TARGET" 2>&1 | tee "$OUTDIR/wide.txt"
+  note "- (3) SEGATTN_FWD_HOPPER=0 SEGATTN_FWD_WIDE=1 gpu_bench (wide mma.sync kernel for every mask, L 8k D 128): exit ${PIPESTATUS[0]}"
+  SEGATTN_FWD_HOPPER=0 SEGATTN_FWD_WIDE=1 SEGATTN_FWD_WIDE_KEYS=32 budgeted 90 60 "$WORK/gpu_bench" --filter "$TARGET" 2>&1 |
     tee "$OUTDIR/wide32.txt"
-  note "- (3) SEGATTN_FWD_WIDE=1 SEGATTN_FWD_WIDE_KEYS=32 gpu_bench (128 x 32 tiles, L 8k D 128): exit ${PIPESTATUS[0]}"
+  note "- (3) SEGATTN_FWD_HOPPER=0 SEGATTN_FWD_WIDE=1 SEGATTN_FWD_WIDE_KEYS=32 gpu_bench (128 x 32 tiles, L 8k D 128): exit ${PIPESTATUS[0]}"
 
   log "(3) PINE layer (gpu_bench --pine)"
   t=$SECONDS
@@ -439,10 +453,11 @@ if [ "$PHASE" = bench ] || [ "$PHASE" = all ]; then
   "$PYTHON" bench/report.py --ours "$WORK/segattn-all.jsonl" --peers "$WORK/peers-all.jsonl" \
     --header "$SUMMARY" --out "$OUTDIR/RESULTS.md" || status=1
   cat "$OUTDIR/RESULTS.md"
-  # The wgmma kernel's table against the same peers (SEGATTN_FWD_HOPPER=1 above).
-  if [ -s "$OUTDIR/segattn-hopper.jsonl" ]; then
-    "$PYTHON" bench/report.py --ours "$OUTDIR/segattn-hopper.jsonl" --peers "$WORK/peers-all.jsonl" \
-      --out "$OUTDIR/RESULTS-hopper.md" && tail -15 "$OUTDIR/RESULTS-hopper.md"
+  # The mma.sync kernels' table against the same peers (SEGATTN_FWD_HOPPER=0 above: what GPUs
+  # other than an H100 / H200 run).
+  if [ -s "$OUTDIR/segattn-mma-sync.jsonl" ]; then
+    "$PYTHON" bench/report.py --ours "$OUTDIR/segattn-mma-sync.jsonl" --peers "$WORK/peers-all.jsonl" \
+      --out "$OUTDIR/RESULTS-mma-sync.md" && tail -15 "$OUTDIR/RESULTS-mma-sync.md"
   fi
 fi
 
@@ -510,11 +525,14 @@ if [ "$PHASE" = profile ]; then
     # the decode step is a latency chain, so where the warps wait matters more than the totals.
     profile_one "PINE decode importance" '^segattn_pine_decode_scores_bf16$' --section SourceCounters \
       --section InstructionStats --import-source yes "$WORK/gpu_bench" --pine-decode-trace
+    # Plain attention's kernel (on an H100 / H200 the 64-row wgmma one), then the mma.sync kernel
+    # its rule takes elsewhere (SEGATTN_FWD_HOPPER=0).
     for shape in "causal $TARGET" "documents8 $TARGET" "pine $TARGET"; do
-      profile_one "$shape" '^segattn_fwd_(wide64_|wide_)?bf16_d128$' "$WORK/gpu_bench" --filter "$shape" --reps 20 --warmup 3 || break
+      profile_one "$shape" '^segattn_fwd_(wide64_|wide_|hopper_|hopper128_)?bf16_d128$' "$WORK/gpu_bench" \
+        --filter "$shape" --reps 20 --warmup 3 || break
     done
-    SEGATTN_FWD_WIDE=0 profile_one "causal $TARGET, 64-row kernel" \
-      '^segattn_fwd_bf16_d128$' "$WORK/gpu_bench" --filter "causal $TARGET" --reps 20 --warmup 3
+    SEGATTN_FWD_HOPPER=0 profile_one "causal $TARGET, mma.sync kernel" \
+      '^segattn_fwd_(wide64_|wide_)?bf16_d128$' "$WORK/gpu_bench" --filter "causal $TARGET" --reps 20 --warmup 3
     profile_one "mass (standalone)" '^segattn_scores_(wide_|b4_)?bf16_d128$' "$WORK/gpu_bench" --mass
     profile_one "mass (fused forward)" '^segattn_fwd_(wide64_)?mass_bf16_d128$' "$WORK/gpu_bench" --mass
     # The rope kernel runs at about half the plain kernel's rate on the same mask: where its warps

@@ -640,7 +640,8 @@ pub(crate) fn run_forward(
         p.mass = mass_output(plan, q_len, buf.as_mut_ptr())?;
     }
     // The entry point the GPU launcher would take (segattn_emu_fwd dispatches on these fields; the
-    // wgmma kernel is its own entry, taken when asked or, as on an H100, with SEGATTN_FWD_HOPPER=1).
+    // wgmma kernel is its own entry, taken when asked or with SEGATTN_FWD_HOPPER=1: the emulator
+    // stands for an sm_80 card unless told otherwise).
     let mut on_wgmma = false;
     if rotation.is_none() {
         let summary = khost.summary();
@@ -658,7 +659,7 @@ pub(crate) fn run_forward(
                     FwdVariant::plain_kernel(&kshape, kv_splits, summary, EMULATED_SM_COUNT, (wide, wide_keys64));
                 match (wgmma, plain.wgmma_of()) {
                     (true, Some(wgmma_kernel)) => wgmma_kernel,
-                    _ => plain.on_hopper(head_dim, true),
+                    _ => plain.on_hopper(head_dim, true, wide, true),
                 }
             }
         };

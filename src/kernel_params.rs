@@ -234,12 +234,12 @@ pub enum FwdVariant {
     WideMass,
     /// Plain attention on Hopper's warpgroup MMA (`segattn_fwd_hopper_*`, the sm_90a fatbin:
     /// compute capability 9.0 GPUs only): the 64-row kernel with S and O's products as wgmma, one
-    /// warpgroup, D 64 / 128, split-K as the 64-row one. Opt-in (`SEGATTN_FWD_HOPPER=1`,
-    /// `FwdVariant::on_hopper`) until a GPU run has checked and timed it (bench/NOTES.md CUDA 34-35).
+    /// warpgroup, D 64 / 128, split-K as the 64-row one. Plain attention's kernel on those GPUs
+    /// (`FwdVariant::on_hopper`; `SEGATTN_FWD_HOPPER=0` opts out; bench/NOTES.md CUDA 34-35, 38).
     Hopper,
     /// [`FwdVariant::Hopper`] in blocks of 128 query rows, two warpgroups of 64 sharing each K and
-    /// V tile (`segattn_fwd_hopper128_*`, 256 threads): where plain attention's rule takes the
-    /// wide kernel (bench/NOTES.md CUDA 36).
+    /// V tile (`segattn_fwd_hopper128_*`, 256 threads): only where `SEGATTN_FWD_WIDE=1` (or a
+    /// test) forces wide blocks; slower than the 64-row one on an H200 (bench/NOTES.md CUDA 36, 38).
     HopperWide,
 }
 
@@ -389,13 +389,31 @@ impl FwdVariant {
         Self::plain(shape, kv_splits, mask, sm_count, forced).with_wide_keys(shape.head_dim, forced_keys64)
     }
 
-    /// `self` (plain attention's kernel, [`FwdVariant::plain_kernel`]) or, where `SEGATTN_FWD_HOPPER=1`
-    /// asks for it and the GPU has it (`hopper_loaded`: a compute capability 9.0 GPU), the wgmma
-    /// kernel of the same block shape ([`FwdVariant::wgmma_of`]) at D 64 / 128 in place of any
-    /// plain one: the rule that picks 64 or 128 rows for mma.sync picks them for wgmma.
-    pub(crate) fn on_hopper(self, head_dim: usize, hopper_loaded: bool) -> Self {
+    /// `self` (plain attention's kernel, [`FwdVariant::plain_kernel`]) or, where the GPU has them
+    /// (`hopper_loaded`: a compute capability 9.0 GPU) and `SEGATTN_FWD_HOPPER` is not "0", a
+    /// wgmma kernel at D 64 / 128 in place of any plain one: the 64-row [`FwdVariant::Hopper`],
+    /// or the 128-row one of the same block shape ([`FwdVariant::wgmma_of`]) where `forced_wide`
+    /// (tests), else `SEGATTN_FWD_WIDE=1`, asks for wide blocks. On an H200 the 64-row wgmma
+    /// kernel beat the 128-row one on every mask at 8k tokens (+2-12%: two independent blocks per
+    /// SM, each one's softmax under the other's products) and the best mma.sync kernel by 15-40%
+    /// (bench/NOTES.md CUDA 38). `emulated`: the emulator's choice, which takes a wgmma kernel only
+    /// where `SEGATTN_FWD_HOPPER=1` asks (it emulates an sm_80 card by default).
+    pub(crate) fn on_hopper(
+        self,
+        head_dim: usize,
+        hopper_loaded: bool,
+        forced_wide: Option<bool>,
+        emulated: bool,
+    ) -> Self {
+        let wanted = hopper_setting().unwrap_or(!emulated);
         match self.wgmma_of() {
-            Some(wgmma) if head_dim <= 128 && hopper_loaded && hopper_setting() => wgmma,
+            Some(wgmma) if head_dim <= 128 && hopper_loaded && wanted => {
+                if forced_wide.or_else(wide_setting) == Some(true) {
+                    wgmma
+                } else {
+                    Self::Hopper
+                }
+            }
             _ => self,
         }
     }
@@ -434,10 +452,17 @@ fn wide_keys_setting() -> bool {
     *FLAG.get_or_init(|| std::env::var_os("SEGATTN_FWD_WIDE_KEYS").is_none_or(|v| v != "32"))
 }
 
-/// `SEGATTN_FWD_HOPPER=1`: plain attention on the wgmma kernel where the GPU has it. Read once.
-pub(crate) fn hopper_setting() -> bool {
-    static FLAG: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *FLAG.get_or_init(|| std::env::var_os("SEGATTN_FWD_HOPPER").is_some_and(|v| v == "1"))
+/// `SEGATTN_FWD_HOPPER`: `Some(false)` for "0" (plain attention on the mma.sync kernels even on
+/// a GPU with the wgmma ones), `Some(true)` for "1" (the wgmma kernels, an error where one did not
+/// load on a compute capability 9.0 GPU; the emulator's too), else `None` (the default: the wgmma
+/// kernels where loaded). Read once.
+pub(crate) fn hopper_setting() -> Option<bool> {
+    static FLAG: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock::new();
+    *FLAG.get_or_init(|| match std::env::var("SEGATTN_FWD_HOPPER").ok().as_deref() {
+        Some("0") => Some(false),
+        Some("1") => Some(true),
+        _ => None,
+    })
 }
 
 /// `SEGATTN_FWD_WIDE`: `Some(false)` for "0", `Some(true)` for "1", else `None` (the rule decides).
@@ -540,27 +565,50 @@ mod tests {
     fn wgmma_kernel_only_where_loaded_and_plain() {
         // Whatever SEGATTN_FWD_HOPPER says: never where the GPU has no wgmma kernel, never for
         // the fused mass, PINE's rotation or D 256.
-        for v in [FwdVariant::Plain, FwdVariant::Wide, FwdVariant::Wide64] {
-            assert_eq!(v.on_hopper(128, false), v);
-            assert_eq!(v.on_hopper(256, true), v);
+        for emulated in [false, true] {
+            for v in [FwdVariant::Plain, FwdVariant::Wide, FwdVariant::Wide64] {
+                assert_eq!(v.on_hopper(128, false, None, emulated), v);
+                assert_eq!(v.on_hopper(256, true, None, emulated), v);
+            }
+            for v in [FwdVariant::Mass, FwdVariant::Rope, FwdVariant::WideMass] {
+                assert_eq!(v.on_hopper(128, true, Some(true), emulated), v);
+            }
         }
-        for v in [FwdVariant::Mass, FwdVariant::Rope, FwdVariant::WideMass] {
-            assert_eq!(v.on_hopper(128, true), v);
+        // On a GPU with them, by default (SEGATTN_FWD_HOPPER unset or "1"): the 64-row wgmma
+        // kernel for any plain one, the 128-row one only where wide blocks are forced. The
+        // emulator takes them only where SEGATTN_FWD_HOPPER=1 asks.
+        let setting = std::env::var("SEGATTN_FWD_HOPPER").ok();
+        for emulated in [false, true] {
+            let on = match setting.as_deref() {
+                Some("0") => false,
+                Some("1") => true,
+                _ => !emulated,
+            };
+            let want = |v: FwdVariant, w: FwdVariant| if on { w } else { v };
+            for v in [FwdVariant::Plain, FwdVariant::Wide, FwdVariant::Wide64] {
+                assert_eq!(
+                    v.on_hopper(128, true, Some(false), emulated),
+                    want(v, FwdVariant::Hopper)
+                );
+                assert_eq!(
+                    v.on_hopper(64, true, Some(false), emulated),
+                    want(v, FwdVariant::Hopper)
+                );
+            }
+            assert_eq!(
+                FwdVariant::Wide64.on_hopper(128, true, Some(true), emulated),
+                want(FwdVariant::Wide64, FwdVariant::HopperWide)
+            );
+            assert_eq!(
+                FwdVariant::Wide.on_hopper(64, true, Some(true), emulated),
+                want(FwdVariant::Wide, FwdVariant::HopperWide)
+            );
+            // Forced wide, but a 64-row kernel (split-K): the 64-row wgmma kernel.
+            assert_eq!(
+                FwdVariant::Plain.on_hopper(128, true, Some(true), emulated),
+                want(FwdVariant::Plain, FwdVariant::Hopper)
+            );
         }
-        let forced = std::env::var_os("SEGATTN_FWD_HOPPER").is_some_and(|v| v == "1");
-        let want = |v: FwdVariant, w: FwdVariant| if forced { w } else { v };
-        assert_eq!(
-            FwdVariant::Wide64.on_hopper(128, true),
-            want(FwdVariant::Wide64, FwdVariant::HopperWide)
-        );
-        assert_eq!(
-            FwdVariant::Wide.on_hopper(64, true),
-            want(FwdVariant::Wide, FwdVariant::HopperWide)
-        );
-        assert_eq!(
-            FwdVariant::Plain.on_hopper(128, true),
-            want(FwdVariant::Plain, FwdVariant::Hopper)
-        );
         assert_eq!(FwdVariant::Hopper.block_rows(), 64);
         assert_eq!(FwdVariant::Hopper.block_keys(), 64);
         assert_eq!(FwdVariant::Hopper.threads(), 128);

@@ -3,7 +3,8 @@
 //! H200), loaded only there.
 //!
 //! It holds the forward kernels on wgmma (`kernels/hopper/fwd_hopper.cu`, loaded with the others
-//! by `module::kernels`, taken where `SEGATTN_FWD_HOPPER=1` asks: `FwdVariant::on_hopper`) and
+//! by `module::kernels`, plain attention's kernels there unless `SEGATTN_FWD_HOPPER=0`:
+//! `FwdVariant::on_hopper`) and
 //! the wgmma probe (`kernels/hopper/wgmma_probe.cu`): the reading of wgmma's
 //! register fragments and shared-memory layouts that the emulator computes by
 //! (`kernels/emu/wgmma.cpp`), checked against the card by `tests/gpu_fwd.rs` before a forward

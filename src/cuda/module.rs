@@ -111,9 +111,10 @@ impl Kernels {
     }
 
     /// The kernel plain attention of `shape` (as the launch sees it: `kv_splits` slices, the mask
-    /// `summary`) takes on this GPU: [`FwdVariant::plain_kernel`]'s rule for its SMs, then the
-    /// wgmma kernel where `SEGATTN_FWD_HOPPER=1` asks for it ([`FwdVariant::on_hopper`]). An error
-    /// where the switch asks for it on a compute capability 9.0 GPU and it could not be loaded.
+    /// `summary`) takes on this GPU: [`FwdVariant::plain_kernel`]'s rule for its SMs, then on a
+    /// compute capability 9.0 GPU the wgmma kernel ([`FwdVariant::on_hopper`]; `SEGATTN_FWD_HOPPER=0`
+    /// opts out). Where the wgmma kernel did not load, the mma.sync one, or an error where
+    /// `SEGATTN_FWD_HOPPER=1` asks for the wgmma kernels.
     pub fn plain_variant(
         &self,
         dtype: DType,
@@ -122,16 +123,21 @@ impl Kernels {
         summary: MaskSummary,
     ) -> Result<FwdVariant> {
         let variant = FwdVariant::plain_kernel(shape, kv_splits, summary, self.sm_count, (None, None));
-        let wgmma = variant.wgmma_of().unwrap_or(FwdVariant::Hopper);
-        let loaded = self.fwd(dtype, shape.head_dim, wgmma).is_some();
-        let key = (dtype, shape.head_dim, wgmma);
+        let wanted = variant.on_hopper(shape.head_dim, true, None, false);
+        if wanted == variant || self.fwd(dtype, shape.head_dim, wanted).is_some() {
+            return Ok(wanted);
+        }
+        let key = (dtype, shape.head_dim, wanted);
         match self.unavailable.iter().find(|(k, _)| *k == key) {
-            Some((_, why)) if crate::kernel_params::hopper_setting() => Err(candle_core::Error::Msg(format!(
-                "SEGATTN_FWD_HOPPER=1: the wgmma kernel for {dtype:?} D = {} did not load: {why}",
-                shape.head_dim
-            ))
-            .bt()),
-            _ => Ok(variant.on_hopper(shape.head_dim, loaded)),
+            Some((_, why)) if crate::kernel_params::hopper_setting() == Some(true) => {
+                Err(candle_core::Error::Msg(format!(
+                    "SEGATTN_FWD_HOPPER=1: the wgmma kernel for {dtype:?} D = {} did not load: {why}",
+                    shape.head_dim
+                ))
+                .bt())
+            }
+            // Not a compute capability 9.0 GPU, or its wgmma kernels did not load: mma.sync.
+            _ => Ok(variant),
         }
     }
 
@@ -276,8 +282,9 @@ fn load(ctx: &Arc<CudaContext>) -> Result<Kernels> {
     let mut fwd = Vec::with_capacity(FWD_ENTRIES.len() + HOPPER_FWD_ENTRIES.len());
     let mut unavailable = Vec::new();
     // The wgmma kernels, on compute capability 9.0 GPUs only (the sm_90a fatbin runs nowhere else).
-    // Not yet checked on a GPU: a failure to load them leaves the rest of the module working, and
-    // is the error of a call that asks for them (`Kernels::plain_variant`), not of every call.
+    // A failure to load them leaves the rest of the module working: plain attention then runs on
+    // the mma.sync kernels, or fails where SEGATTN_FWD_HOPPER=1 asks for wgmma
+    // (`Kernels::plain_variant`).
     let hopper = match super::hopper::load_module(ctx) {
         Ok(m) => m,
         Err(e) => {
