@@ -659,7 +659,7 @@ pub(crate) fn run_forward(
                     FwdVariant::plain_kernel(&kshape, kv_splits, summary, EMULATED_SM_COUNT, (wide, wide_keys64));
                 match (wgmma, plain.wgmma_of()) {
                     (true, Some(wgmma_kernel)) => wgmma_kernel,
-                    _ => plain.on_hopper(head_dim, true, wide, true),
+                    _ => plain.on_hopper(head_dim, summary, true, wide, true),
                 }
             }
         };

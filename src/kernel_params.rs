@@ -390,22 +390,31 @@ impl FwdVariant {
     }
 
     /// `self` (plain attention's kernel, [`FwdVariant::plain_kernel`]) or, where the GPU has them
-    /// (`hopper_loaded`: a compute capability 9.0 GPU) and `SEGATTN_FWD_HOPPER` is not "0", a
-    /// wgmma kernel at D 64 / 128 in place of any plain one: the 64-row [`FwdVariant::Hopper`],
-    /// or the 128-row one of the same block shape ([`FwdVariant::wgmma_of`]) where `forced_wide`
-    /// (tests), else `SEGATTN_FWD_WIDE=1`, asks for wide blocks. On an H200 the 64-row wgmma
-    /// kernel beat the 128-row one on every mask at 8k tokens (+2-12%: two independent blocks per
-    /// SM, each one's softmax under the other's products) and the best mma.sync kernel by 15-40%
-    /// (bench/NOTES.md CUDA 38). `emulated`: the emulator's choice, which takes a wgmma kernel only
-    /// where `SEGATTN_FWD_HOPPER=1` asks (it emulates an sm_80 card by default).
+    /// (`hopper_loaded`: a compute capability 9.0 GPU), a wgmma kernel at D 64 / 128 in place of
+    /// any plain one: the 64-row [`FwdVariant::Hopper`], or the 128-row one of the same block
+    /// shape ([`FwdVariant::wgmma_of`]) where `forced_wide` (tests), else `SEGATTN_FWD_WIDE=1`,
+    /// asks for wide blocks. On an H200 (bench/NOTES.md CUDA 38) the 64-row wgmma kernel beat the
+    /// best mma.sync kernel on every D 128 shape (1.04-1.41x) and the 128-row wgmma kernel on all
+    /// but one (even; two independent blocks per SM, each one's softmax under the other's
+    /// products); at D 64 it won from 2k tokens on (1.03-1.15x) but lost on causal documents of
+    /// 128 to 1,024 tokens (0.78-0.99x: a block sees one or two key tiles, and the smaller
+    /// products do not pay for wgmma's fences and waits), which stay on mma.sync (`mask`'s
+    /// `short_documents`). `SEGATTN_FWD_HOPPER=0` keeps every call on mma.sync, `=1` takes wgmma
+    /// wherever it applies. `emulated`: the emulator's choice, which takes a wgmma kernel only
+    /// where `SEGATTN_FWD_HOPPER=1` asks (it stands for an sm_80 card by default).
     pub(crate) fn on_hopper(
         self,
         head_dim: usize,
+        mask: MaskSummary,
         hopper_loaded: bool,
         forced_wide: Option<bool>,
         emulated: bool,
     ) -> Self {
-        let wanted = hopper_setting().unwrap_or(!emulated);
+        let mma_sync_wins = head_dim == 64 && mask.short_documents;
+        let wanted = match hopper_setting() {
+            Some(setting) => setting,
+            None => !emulated && !mma_sync_wins,
+        };
         match self.wgmma_of() {
             Some(wgmma) if head_dim <= 128 && hopper_loaded && wanted => {
                 if forced_wide.or_else(wide_setting) == Some(true) {
@@ -563,49 +572,52 @@ mod tests {
 
     #[test]
     fn wgmma_kernel_only_where_loaded_and_plain() {
+        let any = MaskSummary::default();
+        let short_documents = MaskSummary {
+            causal: true,
+            short_documents: true,
+            ..any
+        };
         // Whatever SEGATTN_FWD_HOPPER says: never where the GPU has no wgmma kernel, never for
         // the fused mass, PINE's rotation or D 256.
         for emulated in [false, true] {
             for v in [FwdVariant::Plain, FwdVariant::Wide, FwdVariant::Wide64] {
-                assert_eq!(v.on_hopper(128, false, None, emulated), v);
-                assert_eq!(v.on_hopper(256, true, None, emulated), v);
+                assert_eq!(v.on_hopper(128, any, false, None, emulated), v);
+                assert_eq!(v.on_hopper(256, any, true, None, emulated), v);
             }
             for v in [FwdVariant::Mass, FwdVariant::Rope, FwdVariant::WideMass] {
-                assert_eq!(v.on_hopper(128, true, Some(true), emulated), v);
+                assert_eq!(v.on_hopper(128, any, true, Some(true), emulated), v);
             }
         }
         // On a GPU with them, by default (SEGATTN_FWD_HOPPER unset or "1"): the 64-row wgmma
-        // kernel for any plain one, the 128-row one only where wide blocks are forced. The
-        // emulator takes them only where SEGATTN_FWD_HOPPER=1 asks.
+        // kernel for any plain one but D 64's short documents (unless "1"), the 128-row one only
+        // where wide blocks are forced. The emulator takes them only where SEGATTN_FWD_HOPPER=1
+        // asks.
         let setting = std::env::var("SEGATTN_FWD_HOPPER").ok();
         for emulated in [false, true] {
-            let on = match setting.as_deref() {
+            let on = |head_dim: usize, mask: MaskSummary| match setting.as_deref() {
                 Some("0") => false,
                 Some("1") => true,
-                _ => !emulated,
+                _ => !emulated && (head_dim != 64 || !mask.short_documents),
             };
-            let want = |v: FwdVariant, w: FwdVariant| if on { w } else { v };
             for v in [FwdVariant::Plain, FwdVariant::Wide, FwdVariant::Wide64] {
-                assert_eq!(
-                    v.on_hopper(128, true, Some(false), emulated),
-                    want(v, FwdVariant::Hopper)
-                );
-                assert_eq!(
-                    v.on_hopper(64, true, Some(false), emulated),
-                    want(v, FwdVariant::Hopper)
-                );
+                for (head_dim, mask) in [(128, any), (128, short_documents), (64, any), (64, short_documents)] {
+                    let want = if on(head_dim, mask) { FwdVariant::Hopper } else { v };
+                    assert_eq!(v.on_hopper(head_dim, mask, true, Some(false), emulated), want);
+                }
             }
+            let want = |v: FwdVariant, w: FwdVariant| if on(128, any) { w } else { v };
             assert_eq!(
-                FwdVariant::Wide64.on_hopper(128, true, Some(true), emulated),
+                FwdVariant::Wide64.on_hopper(128, any, true, Some(true), emulated),
                 want(FwdVariant::Wide64, FwdVariant::HopperWide)
             );
             assert_eq!(
-                FwdVariant::Wide.on_hopper(64, true, Some(true), emulated),
+                FwdVariant::Wide.on_hopper(64, any, true, Some(true), emulated),
                 want(FwdVariant::Wide, FwdVariant::HopperWide)
             );
             // Forced wide, but a 64-row kernel (split-K): the 64-row wgmma kernel.
             assert_eq!(
-                FwdVariant::Plain.on_hopper(128, true, Some(true), emulated),
+                FwdVariant::Plain.on_hopper(128, any, true, Some(true), emulated),
                 want(FwdVariant::Plain, FwdVariant::Hopper)
             );
         }

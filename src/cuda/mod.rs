@@ -13,7 +13,8 @@
 //! - `per_stream`: the last-block merges' counters (zeroed once per stream and left zero by the
 //!   kernels) and the split launches' scratch, kept per stream: no allocation per decode step.
 //! - `hopper`: the Hopper-only (sm_90a, wgmma) fatbin, loaded on compute capability 9.0 GPUs: the
-//!   wgmma forward kernels (opt-in) and the probe that checks the emulator's reading of wgmma.
+//!   wgmma forward kernels (plain attention's default there) and the probe that checks the
+//!   emulator's reading of wgmma.
 //! - `PreparedForward`: the same launch prepared once and repeated, for benchmarks (hidden).
 //!
 //! The public API is the CPU one: build the tensors and the mask on `Device::new_cuda(i)` and call

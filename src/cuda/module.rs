@@ -123,7 +123,7 @@ impl Kernels {
         summary: MaskSummary,
     ) -> Result<FwdVariant> {
         let variant = FwdVariant::plain_kernel(shape, kv_splits, summary, self.sm_count, (None, None));
-        let wanted = variant.on_hopper(shape.head_dim, true, None, false);
+        let wanted = variant.on_hopper(shape.head_dim, summary, true, None, false);
         if wanted == variant || self.fwd(dtype, shape.head_dim, wanted).is_some() {
             return Ok(wanted);
         }
