@@ -39,8 +39,8 @@
 // warpgroup (one or two a block), and S = Q K^T and O += P V are Hopper's wgmma.mma_async
 // (wgmma_tile.cuh) reading K and V from shared memory in wgmma's layout (tile_offset), 1024-byte
 // aligned (layout_base). Its key-tile loop is its own (wgmma_loop.cuh: a tile's softmax overlaps
-// the previous tile's P V, V copied an iteration after K); the prologue and the epilogue are the
-// ones above.
+// the previous tile's P V, V copied an iteration after K; with kMass the tile's sums too); the
+// prologue and the epilogue are the ones above.
 //
 // PINE's variant (Traits::kRotate, rotary.cuh): Q stays in shared memory; S is computed piece by
 // piece of the key tile's segments, each with the query turned by the row's position plus its
@@ -198,7 +198,16 @@ __device__ void fwd_kernel(const SegattnFwdParams& p) {
   }
 
   if constexpr (Traits::kWgmma) {
-    wgmma_tile_loop<Traits>(p, blk, smem, tile, cls, qf[0], o[0], softmax[0], load_k_async, load_v_async);
+    wgmma_tile_loop<Traits>(p, blk, smem, tile, cls, qf[0], o[0], softmax[0], load_k_async, load_v_async,
+                            [&](const float(&s)[Traits::kNS][4], const uint32_t* kid, int k0) {
+                              // (kMass) the tile's sums, as the mma.sync kernel's below
+                              if constexpr (Traits::kMass) {
+                                softmax[0].rescale(macc);
+                                pending.rescale(softmax[0]);
+                                mass::accumulate_one_pass<1, kN>(s, softmax[0].tile_sum, kid, min(kN, kv_len - k0),
+                                                                 lane, pending, macc);
+                              }
+                            });
   } else {
     int buf = 0;
     while (tile < end_tile) {

@@ -92,18 +92,22 @@ struct FwdTraits {
   // from shared memory through descriptors, so the K and V tiles are laid out as wgmma's 128-byte
   // swizzled atoms (tile_offset below) and start on 1024-byte boundaries (kSmemAlign). Two
   // warpgroups share each K and V tile (half the copies per row). Plain attention only, 64-key
-  // tiles, D 64 / 128.
+  // tiles, D 64 / 128; the fused mass (kMass) in blocks of one warpgroup, its sums in registers
+  // as the 64-row mma.sync kernel's.
   static constexpr int kWarpGroups = kWarpGroups_;
   static constexpr bool kWgmma = kWarpGroups > 0;
   static_assert(kWarpGroups >= 0 && kWarpGroups <= 2, "one or two warpgroups");
-  static_assert(!kWgmma || (!kRotate_ && !kMass_ && kMTiles_ == 1 && kHeadDim_ <= 128),
-                "the wgmma kernel is plain attention in 16-row tiles per warp at D 64 / 128");
+  static_assert(!kWgmma || (!kRotate_ && kMTiles_ == 1 && kHeadDim_ <= 128 && (!kMass_ || kWarpGroups_ == 1)),
+                "the wgmma kernel is attention in 16-row tiles per warp at D 64 / 128, the fused mass in one "
+                "warpgroup");
   // Q read from its own shared tile at every key tile instead of held in registers: PINE's
   // rotation (it re-forms the fragments per segment), the fused mass at D = 128, whose 32
   // accumulator registers take the place of Q's (with both, the kernel spills), and the wide
   // kernel, whose two row tiles' accumulators leave no room for their Q. D = 256 likewise: its
-  // 128 O accumulator registers leave no room for 64 of Q fragments.
-  static constexpr bool kQInSmem = kRotate || (kMass && kHeadDim == 128) || kMTiles > 1 || kHeadDim == 256;
+  // 128 O accumulator registers leave no room for 64 of Q fragments. (A wgmma kernel reads Q's
+  // fragments from registers: kWgmma keeps them there, the fused mass's included.)
+  static constexpr bool kQInSmem =
+      kRotate || (kMass && kHeadDim == 128 && !kWgmma) || kMTiles > 1 || kHeadDim == 256;
   static constexpr int kWarps = kWgmma ? 4 * kWarpGroups : 4;
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kRowsPerWarp = 16 * kMTiles;
@@ -177,10 +181,13 @@ struct FwdTraits {
                 "the key-tile scan's shared memory overlaps a key buffer");
 };
 
-// The wgmma kernels' traits (kernels/hopper/fwd_hopper.cu): plain attention, 64-key tiles, D 64
-// / 128, in blocks of kWarpGroups x 64 rows.
+// The wgmma kernels' traits (kernels/hopper/fwd_hopper.cu): attention, 64-key tiles, D 64 / 128,
+// in blocks of kWarpGroups x 64 rows.
 template <class T, int D, int kWarpGroups = 1>
 using HopperTraits = FwdTraits<T, D, false, false, 1, 64, kWarpGroups>;
+// ... with the fused per-segment mass (one warpgroup, up to mass::kMaxOnePassSegments segments).
+template <class T, int D>
+using HopperMassTraits = FwdTraits<T, D, false, true, 1, 64, 1>;
 
 // Byte offset of 16-byte chunk `chunk` of row `row` in a swizzled tile of `kChunks` chunks per row.
 template <int kChunks>

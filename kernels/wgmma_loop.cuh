@@ -9,7 +9,8 @@
 //     issue O += P_{t-1} V_{t-1}                           (group 2; not at the first tile)
 //     issue the copies of the next tile's K and ids (buffer (t + 1) % 2, whose K the S of t - 1
 //       read, waited last iteration) and of V_t (buffer t % 2, whose V the P V of t - 2 read)
-//     wait for group 1; scale, mask, softmax probabilities of S_t (O untouched)
+//     wait for group 1; scale, mask, softmax probabilities of S_t (O untouched); the caller's
+//       per-tile work on them (the fused mass: its sums rescaled and added)
 //     wait for group 2; rescale O to tile t's reference; P_t packed to 16 bits (held to the next
 //       iteration's P V)
 //   after the loop: wait for the last V; O += P_last V_last.
@@ -37,11 +38,15 @@ namespace fwd {
 // Runs the loop from visible tile `tile` (class `cls`) whose K, V and key ids were copied into
 // buffer 0 by this thread's last commit group. load_k(t, buf): issues tile t's key ids and K into
 // buffer buf; load_v(t, buf) its V (no commit). o, softmax: the rows' accumulators and state.
-template <class Traits, class LoadK, class LoadV>
+// on_probabilities(s, kid, k0): after each tile's softmax, with its probabilities, its key ids
+// in shared memory and its first key, while that tile's P V is still in flight (work on other
+// accumulators than O: the fused mass).
+template <class Traits, class LoadK, class LoadV, class OnProbabilities>
 __device__ __forceinline__ void wgmma_tile_loop(const SegattnFwdParams& p, BlockInfo<Traits>& blk, char* smem,
                                                 int tile, int cls, const uint32_t (&qf)[Traits::kDK][4],
                                                 float (&o)[Traits::kNO][4], OnlineSoftmax& softmax,
-                                                const LoadK& load_k, const LoadV& load_v) {
+                                                const LoadK& load_k, const LoadV& load_v,
+                                                const OnProbabilities& on_probabilities) {
   static_assert(Traits::kWgmma && Traits::kMTiles == 1, "a wgmma kernel: one 16-row tile per warp");
   constexpr int kN = Traits::kBlockN;
   const int warp = static_cast<int>(threadIdx.x) / 32;
@@ -76,6 +81,7 @@ __device__ __forceinline__ void wgmma_tile_loop(const SegattnFwdParams& p, Block
     wgmma_fence_operands(s);
     blk.scale_and_mask(s, p, warp, lane, s_kid + buf * kN, tile * kN, cls == SEGATTN_TILE_PARTIAL);
     softmax.probabilities(s);
+    on_probabilities(s, s_kid + buf * kN, tile * kN);
     if constexpr (kWithPV) {
       wgmma_wait<0>();
       wgmma_fence_operands(o);

@@ -33,8 +33,8 @@
 # narrow.txt (the 64-row mma.sync kernel for every mask, on gpu_bench's shapes), wide.txt (the wide
 # mma.sync kernel for every mask, L 8k D 128), wide32.txt (the same with 32-key tiles at D 128),
 # pine.md,
-# mass.md, pine-wide64.md, mass-wide.md and mass-wide64.md (the mass kernel's wide rows, with
-# 32- or 64-key tiles), backward.md (the
+# mass.md (mass-mma-sync.md: the mma.sync kernels on an H100 / H200), pine-wide64.md, mass-wide.md
+# and mass-wide64.md (the mass kernel's wide rows, with 32- or 64-key tiles), backward.md (the
 # attention's backward pass: gpu_bench --backward), (with baselines
 # in the pack, for each revision REV: baseline-REV.txt, baseline-REV-pine.md,
 # baseline-REV-mass.md; and ours-again.txt, the target shapes once more after them), peers.jsonl,
@@ -253,11 +253,11 @@ if [ "$PHASE" = test ] || [ "$PHASE" = all ]; then
     # The attention's fused mass in the 128 x 64 kernel (segattn_fwd_wide64_mass_*: the rows' sums
     # in shared memory) and the mass kernel's 64-key wide tiles (segattn_scores_wide64_*, opt-in),
     # which small shapes reach only with the wide kernels forced.
-    SEGATTN_FWD_WIDE=1 SEGATTN_SCORES_WIDE_KEYS=64 SEGATTN_REQUIRE_GPU=1 SEGATTN_GPU_CASES=60 \
+    SEGATTN_FWD_HOPPER=0 SEGATTN_FWD_WIDE=1 SEGATTN_SCORES_WIDE_KEYS=64 SEGATTN_REQUIRE_GPU=1 SEGATTN_GPU_CASES=60 \
       budgeted 60 "$san_reserve" "$WORK/gpu_scores" --test-threads "$(nproc)" gpu_fused_mass_matches_reference \
       gpu_scores_match_reference >"$WORK/gpu_scores_wide.log" 2>&1
     rc=$?
-    { echo "=== gpu_scores, SEGATTN_FWD_WIDE=1 SEGATTN_SCORES_WIDE_KEYS=64 (exit $rc) ==="; cat "$WORK/gpu_scores_wide.log"; } >>"$OUTDIR/tests.log"
+    { echo "=== gpu_scores, SEGATTN_FWD_HOPPER=0 SEGATTN_FWD_WIDE=1 SEGATTN_SCORES_WIDE_KEYS=64 (exit $rc) ==="; cat "$WORK/gpu_scores_wide.log"; } >>"$OUTDIR/tests.log"
     note "- (1) gpu_scores (wide kernels forced: fused mass in the 128 x 64 kernel, mass kernel's 64-key tiles): $(grep -E '^test result' "$WORK/gpu_scores_wide.log" | tail -1 || echo 'no result line') (exit $rc)"
     [ "$rc" = 0 ] || status=1
   fi
@@ -311,7 +311,7 @@ if [ "$PHASE" = test ] || [ "$PHASE" = all ]; then
       # The fused mass in the 128 x 64 kernel (its rows' sums in shared memory) and the mass
       # kernel's 64-key wide tiles: the wide kernels forced, as small shapes do not reach them.
       if [ -x "$WORK/gpu_scores" ]; then
-        SEGATTN_FWD_WIDE=1 SEGATTN_SCORES_WIDE_KEYS=64 SEGATTN_REQUIRE_GPU=1 SEGATTN_GPU_CASES=4 \
+        SEGATTN_FWD_HOPPER=0 SEGATTN_FWD_WIDE=1 SEGATTN_SCORES_WIDE_KEYS=64 SEGATTN_REQUIRE_GPU=1 SEGATTN_GPU_CASES=4 \
           budgeted 60 15 "$SAN" --tool "$tool" --error-exitcode 99 "${kn[@]}" \
           "$WORK/gpu_scores" --test-threads 1 gpu_fused_mass_matches_reference gpu_scores_match_reference \
           >>"$WORK/san-$tool.log" 2>&1
@@ -411,16 +411,20 @@ if [ "$PHASE" = bench ] || [ "$PHASE" = all ]; then
   t=$SECONDS
   budgeted 100000 20 "$WORK/gpu_bench" --mass 2>&1 | tee "$OUTDIR/mass.md"
   note "- (3) gpu_bench --mass: exit ${PIPESTATUS[0]}, $((SECONDS - t)) s"
+  # On an H100 / H200 the default above is the wgmma kernels (the fused mass in
+  # segattn_fwd_hopper_mass_*); the mma.sync ones for the before / after (bench/NOTES.md CUDA 39).
+  SEGATTN_FWD_HOPPER=0 budgeted 100000 20 "$WORK/gpu_bench" --mass 2>&1 | tee "$OUTDIR/mass-mma-sync.md"
+  note "- (3) SEGATTN_FWD_HOPPER=0 gpu_bench --mass (mma.sync kernels): exit ${PIPESTATUS[0]} (mass-mma-sync.md)"
   # The wide mass kernel with 64-key tiles (opt-in, bench/NOTES.md CUDA 28) against the
   # defaults above: PINE's importance (its scoring masks have no causal pair: the wide kernel),
   # and the standalone op with the wide rows forced (its masks here have causal pairs: the
   # 64-row kernel by default), with 32- and with 64-key tiles. (The three-block mass kernel was
   # timed twice, CUDA 22 and 25: SEGATTN_SCORES_BLOCKS=3 still takes it.)
   SEGATTN_SCORES_WIDE_KEYS=64 budgeted 100000 20 "$WORK/gpu_bench" --pine 2>&1 | tee "$OUTDIR/pine-wide64.md"
-  SEGATTN_FWD_WIDE=1 budgeted 100000 20 "$WORK/gpu_bench" --mass 2>&1 | tee "$OUTDIR/mass-wide.md"
-  SEGATTN_FWD_WIDE=1 SEGATTN_SCORES_WIDE_KEYS=64 budgeted 100000 20 "$WORK/gpu_bench" --mass 2>&1 |
+  SEGATTN_FWD_HOPPER=0 SEGATTN_FWD_WIDE=1 budgeted 100000 20 "$WORK/gpu_bench" --mass 2>&1 | tee "$OUTDIR/mass-wide.md"
+  SEGATTN_FWD_HOPPER=0 SEGATTN_FWD_WIDE=1 SEGATTN_SCORES_WIDE_KEYS=64 budgeted 100000 20 "$WORK/gpu_bench" --mass 2>&1 |
     tee "$OUTDIR/mass-wide64.md"
-  note "- (3) SEGATTN_SCORES_WIDE_KEYS=64 gpu_bench --pine, SEGATTN_FWD_WIDE=1 [SEGATTN_SCORES_WIDE_KEYS=64] gpu_bench --mass: pine-wide64.md, mass-wide.md, mass-wide64.md"
+  note "- (3) SEGATTN_SCORES_WIDE_KEYS=64 gpu_bench --pine, SEGATTN_FWD_HOPPER=0 SEGATTN_FWD_WIDE=1 [SEGATTN_SCORES_WIDE_KEYS=64] gpu_bench --mass: pine-wide64.md, mass-wide.md, mass-wide64.md"
   fi
 
   log "(3) peers (torch)"

@@ -486,8 +486,9 @@ pub(crate) struct Launch<'a> {
     /// The wide kernel at D = 128: with 64-key tiles (`segattn_fwd_wide64_*`) or not; `None`: as
     /// the GPU launcher chooses ([`FwdVariant::with_wide_keys`]).
     pub wide_keys64: Option<bool>,
-    /// Plain attention on the kernel built on Hopper's wgmma of the same block rows as the
-    /// mma.sync one `wide` chooses (kernels/hopper/fwd_hopper.cu, `FwdVariant::wgmma_of`).
+    /// The kernel built on Hopper's wgmma (kernels/hopper/fwd_hopper.cu, `FwdVariant::wgmma_of`):
+    /// plain attention's of the same block rows as the mma.sync one `wide` chooses, the fused
+    /// mass's in 64-row blocks.
     pub wgmma: bool,
     /// The emulator's thread schedule and its seed.
     pub schedule: Schedule,
@@ -542,8 +543,8 @@ pub(crate) fn run_forward(
         schedule,
         seed,
     } = launch;
-    if wgmma && (rotation.is_some() || mass.is_some()) {
-        invalid_arg!("internal error: the wgmma kernel is plain attention (no rotation, no fused mass)");
+    if wgmma && rotation.is_some() {
+        invalid_arg!("internal error: the wgmma kernels have no rotation");
     }
     let shape = AttentionShape::of(q, k, v)?;
     if kv_splits == 0 {
@@ -646,14 +647,20 @@ pub(crate) fn run_forward(
     if rotation.is_none() {
         let summary = khost.summary();
         let variant = match &mass {
-            Some((plan, true, _)) => FwdVariant::fused_mass(
-                &kshape,
-                kv_splits,
-                summary,
-                EMULATED_SM_COUNT,
-                (wide, wide_keys64),
-                plan.sk,
-            ),
+            Some((plan, true, _)) => {
+                let with_mass = FwdVariant::fused_mass(
+                    &kshape,
+                    kv_splits,
+                    summary,
+                    EMULATED_SM_COUNT,
+                    (wide, wide_keys64),
+                    plan.sk,
+                );
+                match wgmma {
+                    true => FwdVariant::HopperMass,
+                    false => with_mass.on_hopper(head_dim, summary, true, wide, true),
+                }
+            }
             _ => {
                 let plain =
                     FwdVariant::plain_kernel(&kshape, kv_splits, summary, EMULATED_SM_COUNT, (wide, wide_keys64));

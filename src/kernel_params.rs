@@ -241,6 +241,11 @@ pub enum FwdVariant {
     /// V tile (`segattn_fwd_hopper128_*`, 256 threads): only where `SEGATTN_FWD_WIDE=1` (or a
     /// test) forces wide blocks; slower than the 64-row one on an H200 (bench/NOTES.md CUDA 36, 38).
     HopperWide,
+    /// [`FwdVariant::Hopper`] with the fused per-segment mass (`segattn_fwd_hopper_mass_*`, its
+    /// sums in registers as [`FwdVariant::Mass`]'s, up to 64 key segments, no split-K): the fused
+    /// mass on compute capability 9.0 GPUs, where plain attention runs on wgmma
+    /// (`FwdVariant::on_hopper`; bench/NOTES.md CUDA 39).
+    HopperMass,
 }
 
 impl FwdVariant {
@@ -255,13 +260,14 @@ impl FwdVariant {
             Self::WideMass => 5,
             Self::Hopper => 6,
             Self::HopperWide => 7,
+            Self::HopperMass => 8,
         }
     }
 
     /// Keys per key tile for `params.block_keys` (0: the entry point's own, unchecked).
     pub(crate) fn block_keys(self) -> i32 {
         match self {
-            Self::Wide64 | Self::WideMass | Self::Hopper | Self::HopperWide => 64,
+            Self::Wide64 | Self::WideMass | Self::Hopper | Self::HopperWide | Self::HopperMass => 64,
             _ => 0,
         }
     }
@@ -286,17 +292,19 @@ impl FwdVariant {
 
     /// Whether this is a wgmma kernel (the sm_90a fatbin's, loaded on compute capability 9.0 GPUs only).
     pub(crate) fn is_wgmma(self) -> bool {
-        matches!(self, Self::Hopper | Self::HopperWide)
+        matches!(self, Self::Hopper | Self::HopperWide | Self::HopperMass)
     }
 
-    /// The wgmma kernel of the same block shape as plain attention's kernel `self`: the 64-row
-    /// [`FwdVariant::Hopper`] for the 64-row kernel, the 128-row [`FwdVariant::HopperWide`] for the
-    /// wide ones; `None` for any other (rotation, fused mass).
+    /// The wgmma kernel of the same block shape as the kernel `self`: the 64-row
+    /// [`FwdVariant::Hopper`] for plain attention's 64-row kernel, the 128-row
+    /// [`FwdVariant::HopperWide`] for the wide ones, [`FwdVariant::HopperMass`] for either fused
+    /// mass kernel; `None` for PINE's rotation.
     pub(crate) fn wgmma_of(self) -> Option<Self> {
         match self {
             Self::Plain | Self::Hopper => Some(Self::Hopper),
             Self::Wide | Self::Wide64 | Self::HopperWide => Some(Self::HopperWide),
-            _ => None,
+            Self::Mass | Self::WideMass | Self::HopperMass => Some(Self::HopperMass),
+            Self::Rope => None,
         }
     }
 
@@ -389,11 +397,12 @@ impl FwdVariant {
         Self::plain(shape, kv_splits, mask, sm_count, forced).with_wide_keys(shape.head_dim, forced_keys64)
     }
 
-    /// `self` (plain attention's kernel, [`FwdVariant::plain_kernel`]) or, where the GPU has them
-    /// (`hopper_loaded`: a compute capability 9.0 GPU), a wgmma kernel at D 64 / 128 in place of
-    /// any plain one: the 64-row [`FwdVariant::Hopper`], or the 128-row one of the same block
-    /// shape ([`FwdVariant::wgmma_of`]) where `forced_wide` (tests), else `SEGATTN_FWD_WIDE=1`,
-    /// asks for wide blocks. On an H200 (bench/NOTES.md CUDA 38) the 64-row wgmma kernel beat the
+    /// `self` (plain attention's kernel, [`FwdVariant::plain_kernel`], or the fused mass's,
+    /// [`FwdVariant::fused_mass`]) or, where the GPU has them (`hopper_loaded`: a compute
+    /// capability 9.0 GPU), a wgmma kernel at D 64 / 128 in its place: for plain attention the
+    /// 64-row [`FwdVariant::Hopper`], or the 128-row one where `forced_wide` (tests), else
+    /// `SEGATTN_FWD_WIDE=1`, asks for wide blocks and `self` has them; for the fused mass
+    /// [`FwdVariant::HopperMass`]. On an H200 (bench/NOTES.md CUDA 38) the 64-row wgmma kernel beat the
     /// best mma.sync kernel on every D 128 shape (1.04-1.41x) and the 128-row wgmma kernel on all
     /// but one (even; two independent blocks per SM, each one's softmax under the other's
     /// products); at D 64 it won from 2k tokens on (1.03-1.15x) but lost on causal documents of
@@ -416,13 +425,14 @@ impl FwdVariant {
             None => !emulated && !mma_sync_wins,
         };
         match self.wgmma_of() {
-            Some(wgmma) if head_dim <= 128 && hopper_loaded && wanted => {
+            Some(Self::HopperWide) if head_dim <= 128 && hopper_loaded && wanted => {
                 if forced_wide.or_else(wide_setting) == Some(true) {
-                    wgmma
+                    Self::HopperWide
                 } else {
                     Self::Hopper
                 }
             }
+            Some(wgmma) if head_dim <= 128 && hopper_loaded && wanted => wgmma,
             _ => self,
         }
     }
@@ -579,15 +589,21 @@ mod tests {
             ..any
         };
         // Whatever SEGATTN_FWD_HOPPER says: never where the GPU has no wgmma kernel, never for
-        // the fused mass, PINE's rotation or D 256.
+        // PINE's rotation or D 256.
         for emulated in [false, true] {
-            for v in [FwdVariant::Plain, FwdVariant::Wide, FwdVariant::Wide64] {
+            for v in [
+                FwdVariant::Plain,
+                FwdVariant::Wide,
+                FwdVariant::Wide64,
+                FwdVariant::Mass,
+            ] {
                 assert_eq!(v.on_hopper(128, any, false, None, emulated), v);
                 assert_eq!(v.on_hopper(256, any, true, None, emulated), v);
             }
-            for v in [FwdVariant::Mass, FwdVariant::Rope, FwdVariant::WideMass] {
-                assert_eq!(v.on_hopper(128, any, true, Some(true), emulated), v);
-            }
+            assert_eq!(
+                FwdVariant::Rope.on_hopper(128, any, true, Some(true), emulated),
+                FwdVariant::Rope
+            );
         }
         // On a GPU with them, by default (SEGATTN_FWD_HOPPER unset or "1"): the 64-row wgmma
         // kernel for any plain one but D 64's short documents (unless "1"), the 128-row one only
@@ -620,6 +636,15 @@ mod tests {
                 FwdVariant::Plain.on_hopper(128, any, true, Some(true), emulated),
                 want(FwdVariant::Plain, FwdVariant::Hopper)
             );
+            // Either fused mass kernel: the wgmma one (one warpgroup, its sums in registers).
+            for v in [FwdVariant::Mass, FwdVariant::WideMass] {
+                for forced in [None, Some(false), Some(true)] {
+                    assert_eq!(
+                        v.on_hopper(128, any, true, forced, emulated),
+                        want(v, FwdVariant::HopperMass)
+                    );
+                }
+            }
         }
         assert_eq!(FwdVariant::Hopper.block_rows(), 64);
         assert_eq!(FwdVariant::Hopper.block_keys(), 64);
@@ -627,8 +652,11 @@ mod tests {
         assert_eq!(FwdVariant::HopperWide.block_rows(), 128);
         assert_eq!(FwdVariant::HopperWide.block_keys(), 64);
         assert_eq!(FwdVariant::HopperWide.threads(), 256);
+        assert_eq!(FwdVariant::HopperMass.block_rows(), 64);
+        assert_eq!(FwdVariant::HopperMass.block_keys(), 64);
+        assert_eq!(FwdVariant::HopperMass.threads(), 128);
+        assert!(FwdVariant::HopperMass.is_wgmma());
         assert_eq!(FwdVariant::Rope.wgmma_of(), None);
-        assert_eq!(FwdVariant::WideMass.wgmma_of(), None);
     }
 
     #[test]

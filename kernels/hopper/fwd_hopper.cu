@@ -1,5 +1,5 @@
 // The forward kernels on Hopper's warpgroup MMA (sm_90a; FwdTraits::kWgmma, kernels/wgmma_tile.cuh,
-// kernels/wgmma_loop.cuh): plain segment-masked attention in 64-key tiles, {bf16, f16} x head dim
+// kernels/wgmma_loop.cuh): segment-masked attention in 64-key tiles, {bf16, f16} x head dim
 // {64, 128}, in blocks of one warpgroup (64 rows) or two (128 rows sharing each key tile); the
 // prologue, the tile walk, the masks and the epilogue are the mma.sync kernels'
 // (kernels/fwd_kernel.cuh), split-K included.
@@ -9,11 +9,14 @@
 //     H, B), 128 threads, params.block_rows = 64;
 //   segattn_fwd_hopper128_{bf16,f16}_d{64,128}(SegattnFwdParams): grid (ceil(Lq / 128) *
 //     kv_splits, H, B), 256 threads, params.block_rows = 128;
+//   segattn_fwd_hopper_mass_{bf16,f16}_d{64,128}(SegattnFwdParams): the 64-row kernel with the
+//     fused per-segment mass (params.mass, up to 64 key segments; no split-K);
 //   dynamic shared memory HopperTraits<T, D, warpgroups>::launch_smem_bytes(0) (kernel_traits.cuh:
-//   the layout and 1024 bytes to align the tiles), params.block_keys = 64.
+//   the layout and 1024 bytes to align the tiles; HopperMassTraits the same), params.block_keys = 64.
 //
 // Host emulation (SEGATTN_EMULATE): `segattn_emu_fwd_hopper(params)` runs them on the CPU, the
-// 64- or 128-row one by params.block_rows (the emulator's wgmma: kernels/emu/wgmma.cpp).
+// 64- or 128-row one by params.block_rows, the mass kernel where params.mass asks (the emulator's
+// wgmma: kernels/emu/wgmma.cpp).
 #include "platform.cuh"
 #include "fwd_kernel.cuh"
 
@@ -34,13 +37,27 @@ SEGATTN_FWD_HOPPER_ENTRY(segattn_fwd_hopper128_f16_d128, segattn::f16, 128, 2)
 
 #undef SEGATTN_FWD_HOPPER_ENTRY
 
+// ... with the fused per-segment mass (params.mass; up to 64 key segments, its sums in registers).
+#define SEGATTN_FWD_HOPPER_MASS_ENTRY(name, T, D)                                                          \
+  extern "C" __global__ void __launch_bounds__(segattn::fwd::HopperMassTraits<T, D>::kThreads, 1)           \
+      name(const SegattnFwdParams params) {                                                                \
+    segattn::fwd::fwd_kernel<segattn::fwd::HopperMassTraits<T, D>>(params);                                \
+  }
+
+SEGATTN_FWD_HOPPER_MASS_ENTRY(segattn_fwd_hopper_mass_bf16_d64, segattn::bf16, 64)
+SEGATTN_FWD_HOPPER_MASS_ENTRY(segattn_fwd_hopper_mass_bf16_d128, segattn::bf16, 128)
+SEGATTN_FWD_HOPPER_MASS_ENTRY(segattn_fwd_hopper_mass_f16_d64, segattn::f16, 64)
+SEGATTN_FWD_HOPPER_MASS_ENTRY(segattn_fwd_hopper_mass_f16_d128, segattn::f16, 128)
+
+#undef SEGATTN_FWD_HOPPER_MASS_ENTRY
+
 #if defined(SEGATTN_EMULATE)
 
 #include "fwd/emu_launch.cuh"
 
-// Runs the wgmma forward kernel for `p` (plain attention: no rotation, no mass; blocks of
-// p->block_rows 64, or 0 read as 64, or 128) on the CPU. 0 on success; nonzero with the message in
-// segattn_emu_last_error() otherwise.
+// Runs the wgmma forward kernel for `p` (no rotation; blocks of p->block_rows 64, or 0 read as 64,
+// or 128; with p->mass.mass the fused mass kernel, 64-row blocks, no split-K, at most 64 segments)
+// on the CPU. 0 on success; nonzero with the message in segattn_emu_last_error() otherwise.
 extern "C" int segattn_emu_fwd_hopper(const SegattnFwdParams* p) {
   using segattn::bf16;
   using segattn::f16;
@@ -49,8 +66,11 @@ extern "C" int segattn_emu_fwd_hopper(const SegattnFwdParams* p) {
   const char* bad = nullptr;
   if (p == nullptr) {
     bad = "segattn_emu_fwd_hopper: params is NULL";
-  } else if (p->rotation.cos != nullptr || p->mass.mass != nullptr) {
-    bad = "segattn_emu_fwd_hopper: plain attention only (no rotation, no mass)";
+  } else if (p->rotation.cos != nullptr) {
+    bad = "segattn_emu_fwd_hopper: no rotation";
+  } else if (p->mass.mass != nullptr &&
+             (p->block_rows == 128 || p->kv_splits > 1 || p->mass.num_segments > segattn::mass::kMaxOnePassSegments)) {
+    bad = "segattn_emu_fwd_hopper: the fused mass in 64-row blocks, without split-K, up to 64 segments";
   } else if (p->block_rows != 0 && p->block_rows != 64 && p->block_rows != 128) {
     bad = "segattn_emu_fwd_hopper: blocks of 64 or 128 rows";
   } else if (p->num_kv_heads <= 0 || p->num_heads % p->num_kv_heads != 0) {
@@ -63,6 +83,15 @@ extern "C" int segattn_emu_fwd_hopper(const SegattnFwdParams* p) {
   if (bad != nullptr) return ::segattn::emu::fail_launch(bad);
   const bool d64 = p->head_dim == 64;
   const bool bf = p->dtype == SEGATTN_DTYPE_BF16;
+  if (p->mass.mass != nullptr) {
+    using segattn::fwd::HopperMassTraits;
+    if (bf) {
+      return d64 ? e::launch<HopperMassTraits<bf16, 64>>(*p, segattn_fwd_hopper_mass_bf16_d64)
+                 : e::launch<HopperMassTraits<bf16, 128>>(*p, segattn_fwd_hopper_mass_bf16_d128);
+    }
+    return d64 ? e::launch<HopperMassTraits<f16, 64>>(*p, segattn_fwd_hopper_mass_f16_d64)
+               : e::launch<HopperMassTraits<f16, 128>>(*p, segattn_fwd_hopper_mass_f16_d128);
+  }
   if (p->block_rows == 128) {
     if (bf) {
       return d64 ? e::launch<HopperTraits<bf16, 64, 2>>(*p, segattn_fwd_hopper128_bf16_d64)

@@ -528,13 +528,15 @@ fn forward_typed<T: CudaDType + DeviceRepr + ValidAsZeroBits + candle_core::With
                     FwdVariant::fused_mass(&kshape, splits, summary, kernels.sm_count, (None, None), plan.sk);
                 // The rows' sums must fit this device's shared memory (not on 99 KiB GPUs).
                 let fits = |k: &FwdKernel| k.mass_segments > 0 && plan.sk <= k.mass_segments;
-                if with_mass == FwdVariant::WideMass
+                let with_mass = if with_mass == FwdVariant::WideMass
                     && !kernels.fwd(T::DTYPE, shape.head_dim, with_mass).is_some_and(fits)
                 {
                     FwdVariant::Mass
                 } else {
                     with_mass
-                }
+                };
+                // On an H100 / H200: the wgmma kernel with the fused mass.
+                kernels.on_this_gpu(T::DTYPE, shape.head_dim, summary, with_mass)?
             }
             _ => kernels.plain_variant(T::DTYPE, &kshape, splits, summary)?,
         }

@@ -111,10 +111,8 @@ impl Kernels {
     }
 
     /// The kernel plain attention of `shape` (as the launch sees it: `kv_splits` slices, the mask
-    /// `summary`) takes on this GPU: [`FwdVariant::plain_kernel`]'s rule for its SMs, then on a
-    /// compute capability 9.0 GPU the wgmma kernel ([`FwdVariant::on_hopper`]; `SEGATTN_FWD_HOPPER=0`
-    /// opts out). Where the wgmma kernel did not load, the mma.sync one, or an error where
-    /// `SEGATTN_FWD_HOPPER=1` asks for the wgmma kernels.
+    /// `summary`) takes on this GPU: [`FwdVariant::plain_kernel`]'s rule for its SMs, then
+    /// [`Kernels::on_this_gpu`].
     pub fn plain_variant(
         &self,
         dtype: DType,
@@ -123,19 +121,30 @@ impl Kernels {
         summary: MaskSummary,
     ) -> Result<FwdVariant> {
         let variant = FwdVariant::plain_kernel(shape, kv_splits, summary, self.sm_count, (None, None));
-        let wanted = variant.on_hopper(shape.head_dim, summary, true, None, false);
-        if wanted == variant || self.fwd(dtype, shape.head_dim, wanted).is_some() {
+        self.on_this_gpu(dtype, shape.head_dim, summary, variant)
+    }
+
+    /// `variant` (plain attention's or the fused mass's mma.sync kernel for a mask of `summary`)
+    /// or, on a compute capability 9.0 GPU, its wgmma kernel ([`FwdVariant::on_hopper`];
+    /// `SEGATTN_FWD_HOPPER=0` opts out). Where the wgmma kernel did not load, the mma.sync one, or
+    /// an error where `SEGATTN_FWD_HOPPER=1` asks for the wgmma kernels.
+    pub fn on_this_gpu(
+        &self,
+        dtype: DType,
+        head_dim: usize,
+        summary: MaskSummary,
+        variant: FwdVariant,
+    ) -> Result<FwdVariant> {
+        let wanted = variant.on_hopper(head_dim, summary, true, None, false);
+        if wanted == variant || self.fwd(dtype, head_dim, wanted).is_some() {
             return Ok(wanted);
         }
-        let key = (dtype, shape.head_dim, wanted);
+        let key = (dtype, head_dim, wanted);
         match self.unavailable.iter().find(|(k, _)| *k == key) {
-            Some((_, why)) if crate::kernel_params::hopper_setting() == Some(true) => {
-                Err(candle_core::Error::Msg(format!(
-                    "SEGATTN_FWD_HOPPER=1: the wgmma kernel for {dtype:?} D = {} did not load: {why}",
-                    shape.head_dim
-                ))
-                .bt())
-            }
+            Some((_, why)) if crate::kernel_params::hopper_setting() == Some(true) => Err(candle_core::Error::Msg(
+                format!("SEGATTN_FWD_HOPPER=1: the wgmma kernel for {dtype:?} D = {head_dim} did not load: {why}"),
+            )
+            .bt()),
             // Not a compute capability 9.0 GPU, or its wgmma kernels did not load: mma.sync.
             _ => Ok(variant),
         }
@@ -158,7 +167,7 @@ impl Kernels {
 }
 
 /// Every forward entry point of kernels/hopper/fwd_hopper.cu (the sm_90a fatbin).
-const HOPPER_FWD_ENTRIES: [(&str, DType, usize, FwdVariant); 8] = [
+const HOPPER_FWD_ENTRIES: [(&str, DType, usize, FwdVariant); 12] = [
     ("segattn_fwd_hopper_bf16_d64", DType::BF16, 64, FwdVariant::Hopper),
     ("segattn_fwd_hopper_bf16_d128", DType::BF16, 128, FwdVariant::Hopper),
     ("segattn_fwd_hopper_f16_d64", DType::F16, 64, FwdVariant::Hopper),
@@ -181,6 +190,30 @@ const HOPPER_FWD_ENTRIES: [(&str, DType, usize, FwdVariant); 8] = [
         DType::F16,
         128,
         FwdVariant::HopperWide,
+    ),
+    (
+        "segattn_fwd_hopper_mass_bf16_d64",
+        DType::BF16,
+        64,
+        FwdVariant::HopperMass,
+    ),
+    (
+        "segattn_fwd_hopper_mass_bf16_d128",
+        DType::BF16,
+        128,
+        FwdVariant::HopperMass,
+    ),
+    (
+        "segattn_fwd_hopper_mass_f16_d64",
+        DType::F16,
+        64,
+        FwdVariant::HopperMass,
+    ),
+    (
+        "segattn_fwd_hopper_mass_f16_d128",
+        DType::F16,
+        128,
+        FwdVariant::HopperMass,
     ),
 ];
 
