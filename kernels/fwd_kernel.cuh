@@ -207,7 +207,8 @@ __device__ void fwd_kernel(const SegattnFwdParams& p) {
                                 mass::accumulate_one_pass<1, kN>(s, softmax[0].tile_sum, kid, min(kN, kv_len - k0),
                                                                  lane, pending, macc);
                               }
-                            });
+                            },
+                            rotator, s_q);
   } else {
     int buf = 0;
     while (tile < end_tile) {

@@ -92,14 +92,14 @@ struct FwdTraits {
   // from shared memory through descriptors, so the K and V tiles are laid out as wgmma's 128-byte
   // swizzled atoms (tile_offset below) and start on 1024-byte boundaries (kSmemAlign). Two
   // warpgroups share each K and V tile (half the copies per row). Plain attention only, 64-key
-  // tiles, D 64 / 128; the fused mass (kMass) in blocks of one warpgroup, its sums in registers
-  // as the 64-row mma.sync kernel's.
+  // tiles, D 64 / 128; the fused mass (kMass) and PINE's rotation (kRotate: the turned Q's A
+  // fragments in registers) in blocks of one warpgroup, as the 64-row mma.sync kernels'.
   static constexpr int kWarpGroups = kWarpGroups_;
   static constexpr bool kWgmma = kWarpGroups > 0;
   static_assert(kWarpGroups >= 0 && kWarpGroups <= 2, "one or two warpgroups");
-  static_assert(!kWgmma || (!kRotate_ && kMTiles_ == 1 && kHeadDim_ <= 128 && (!kMass_ || kWarpGroups_ == 1)),
-                "the wgmma kernel is attention in 16-row tiles per warp at D 64 / 128, the fused mass in one "
-                "warpgroup");
+  static_assert(!kWgmma || (kMTiles_ == 1 && kHeadDim_ <= 128 && (!(kMass_ || kRotate_) || kWarpGroups_ == 1)),
+                "the wgmma kernel is attention in 16-row tiles per warp at D 64 / 128, the fused mass and the "
+                "rotation in one warpgroup");
   // Q read from its own shared tile at every key tile instead of held in registers: PINE's
   // rotation (it re-forms the fragments per segment), the fused mass at D = 128, whose 32
   // accumulator registers take the place of Q's (with both, the kernel spills), and the wide
@@ -144,9 +144,13 @@ struct FwdTraits {
   // load is issued; otherwise (kQInSmem, or the wide kernel's 128 rows) it has its own tile after V.
   static constexpr bool kQShared = !kQInSmem && kQBytes <= kKVBytes;
   static constexpr int kOffQ = kQShared ? kOffK + kKVBytes : kOffV + 2 * kKVBytes;
-  // kRotate: the turned Q tile, whose fragments the S mma reads k-step by k-step.
+  // kRotate: the turned Q tile, whose fragments the S mma reads k-step by k-step. A wgmma kernel
+  // turns Q's fragments in registers and uses the space to keep a tile's scores while it computes
+  // another segment's piece of them (kStashBytes: 32 f32 per thread; wgmma_loop.cuh).
   static constexpr int kOffQTurned = kOffQ + kQBytes;
-  static constexpr int kOffQId = kOffV + 2 * kKVBytes + (kRotate ? 2 * kQBytes : kQShared ? 0 : kQBytes);  // u32[kBlockM]
+  static constexpr int kStashBytes = kThreads * 32 * 4;
+  static constexpr int kTurnedBytes = kRotate ? (kWgmma && kStashBytes > kQBytes ? kStashBytes : kQBytes) : 0;
+  static constexpr int kOffQId = kOffV + 2 * kKVBytes + (kRotate ? kQBytes + kTurnedBytes : kQShared ? 0 : kQBytes);  // u32[kBlockM]
   static constexpr int kOffQEnd = kOffQId + 4 * kBlockM;    // i32[kBlockM]
   static constexpr int kOffQStarts = kOffQEnd + 4 * kBlockM;  // u32[kBlockM / 32]
   static constexpr int kOffKId = kOffQStarts + 4 * (kBlockM / 32);  // u32[2][kBlockN]
@@ -188,6 +192,9 @@ using HopperTraits = FwdTraits<T, D, false, false, 1, 64, kWarpGroups>;
 // ... with the fused per-segment mass (one warpgroup, up to mass::kMaxOnePassSegments segments).
 template <class T, int D>
 using HopperMassTraits = FwdTraits<T, D, false, true, 1, 64, 1>;
+// ... with PINE's in-loop query rotation (one warpgroup).
+template <class T, int D>
+using HopperRopeTraits = FwdTraits<T, D, true, false, 1, 64, 1>;
 
 // Byte offset of 16-byte chunk `chunk` of row `row` in a swizzled tile of `kChunks` chunks per row.
 template <int kChunks>

@@ -74,6 +74,58 @@ struct QueryRotator {
     __syncwarp();
   }
 
+  // The angles of this thread's rows row0 and row0 + 8 for the keys of segment `id`, from the rows
+  // staged in the layout at `smem` (stage_rows).
+  __device__ __forceinline__ static void angles(const SegattnFwdParams& p, int row0, uint32_t id, const char* smem,
+                                                int (&angle)[2]) {
+    const int* const row_pos = reinterpret_cast<const int*>(smem + Traits::kOffRowPos);
+    const int* const row_shifts = reinterpret_cast<const int*>(smem + Traits::kOffRowShifts);
+    SEGATTN_UNROLL
+    for (int r = 0; r < 2; ++r) {
+      const int at = row_shifts[row0 + 8 * r];
+      // Padding rows (-1): any finite rotation.
+      angle[r] = at < 0 ? 0 : row_pos[row0 + 8 * r] + static_cast<int>(p.rotation.shifts[at + id]);
+    }
+  }
+
+  // One A-fragment register's element pair turned: `lo` holds columns col, col + 1 of a row and
+  // `hi` the same columns + D/2 (the rotate-half pairs), by that row's angle. The same arithmetic
+  // wherever the turned values go (the turned tile, or a wgmma kernel's registers).
+  __device__ __forceinline__ static void rotate(const SegattnRotation& rot, int angle, int col, uint32_t& lo,
+                                                uint32_t& hi) {
+    // col is even and the tables' rows even-sized: one 8-byte load for each pair of angles.
+    const int at = angle * kHalf + col;
+    const float2 cs = load_pair(rot.cos + at);
+    const float2 sn = load_pair(rot.sin + at);
+    const float c0 = cs.x, c1 = cs.y, s0 = sn.x, s1 = sn.y;
+    const float2 x1 = unpack2<T>(lo);
+    const float2 x2 = unpack2<T>(hi);
+    lo = pack2<T>(x1.x * c0 - x2.x * s0, x1.y * c1 - x2.y * s1);
+    hi = pack2<T>(x2.x * c0 + x1.x * s0, x2.y * c1 + x1.y * s1);
+  }
+
+  // A wgmma kernel's turn (FwdTraits::kWgmma, whose S reads Q's A fragments from registers):
+  // `qt` [kDK][4] becomes this thread's A fragments of the warp's rows of `s_q` (the un-rotated Q
+  // tile, in the layout at `smem`) turned for the keys of segment `id`. A no-op when the id did not
+  // change. Warp-collective (ldmatrix). The caller sees that no wgmma still reads `qt`.
+  __device__ __forceinline__ void turn_into(const SegattnFwdParams& p, int row0, uint32_t id, const char* s_q,
+                                            const char* smem, uint32_t (&qt)[kDK][4], int warp, int lane) {
+    if (static_cast<int>(id) == cur_id) return;
+    cur_id = static_cast<int>(id);
+    int angle[2];
+    angles(p, row0, id, smem, angle);
+    const int quad_col = 2 * (lane % 4);
+    SEGATTN_UNROLL
+    for (int kc = 0; kc < kDK / 2; ++kc) {
+      load_q_fragment<Traits>(s_q, warp, lane, kc, qt[kc]);
+      load_q_fragment<Traits>(s_q, warp, lane, kc + kDK / 2, qt[kc + kDK / 2]);
+      SEGATTN_UNROLL
+      for (int reg = 0; reg < 4; ++reg) {
+        rotate(p.rotation, angle[reg & 1], kc * 16 + 8 * (reg >> 1) + quad_col, qt[kc][reg], qt[kc + kDK / 2][reg]);
+      }
+    }
+  }
+
   // Makes the warp's rows of the turned tile `s_qt` its rows of `s_q` turned for the keys of
   // segment `id` (rows q0 + row0 and q0 + row0 + 8 of (b, h) for this thread). A no-op when the
   // id did not change. Warp-collective (ldmatrix); begins and ends with __syncwarp: the warp reads
@@ -86,17 +138,9 @@ struct QueryRotator {
     // their reads are ordered before this turn's writes (compute-sanitizer racecheck reported the
     // intra-warp hazard under independent thread scheduling).
     __syncwarp();
-    const SegattnRotation& rot = p.rotation;
-    // The staged rows (stage_rows; the turned tile's offset is known, so is theirs).
-    const int* const row_pos = reinterpret_cast<const int*>(s_qt - Traits::kOffQTurned + Traits::kOffRowPos);
-    const int* const row_shifts = reinterpret_cast<const int*>(s_qt - Traits::kOffQTurned + Traits::kOffRowShifts);
+    // The staged rows (stage_rows; the turned tile's offset is known, so is the layout's).
     int angle[2];
-    SEGATTN_UNROLL
-    for (int r = 0; r < 2; ++r) {
-      const int at = row_shifts[row0 + 8 * r];
-      // Padding rows (-1): any finite rotation.
-      angle[r] = at < 0 ? 0 : row_pos[row0 + 8 * r] + static_cast<int>(rot.shifts[at + id]);
-    }
+    angles(p, row0, id, s_qt - Traits::kOffQTurned, angle);
     // ldmatrix rows warp 16 + (lane & 15), chunks 2 kc + (lane >> 4) (as load_q_fragment).
     const SwizzledRows<Traits::kChunks> ld_rows(lane & 15, lane >> 4);
     // The element pairs go back to rows row0 and row0 + 8, chunks 2 kc + (reg >> 1).
@@ -112,20 +156,11 @@ struct QueryRotator {
       SEGATTN_UNROLL
       for (int reg = 0; reg < 4; ++reg) {
         const int r = reg & 1;
-        const int col = kc * 16 + 8 * (reg >> 1) + quad_col;
-        // col is even and the tables' rows even-sized: one 8-byte load for each pair of angles.
-        const int at = angle[r] * kHalf + col;
-        const float2 cs = load_pair(rot.cos + at);
-        const float2 sn = load_pair(rot.sin + at);
-        const float c0 = cs.x, c1 = cs.y, s0 = sn.x, s1 = sn.y;
-        const float2 x1 = unpack2<T>(lo[reg]);
-        const float2 x2 = unpack2<T>(hi[reg]);
+        rotate(p.rotation, angle[r], kc * 16 + 8 * (reg >> 1) + quad_col, lo[reg], hi[reg]);
         // Back to shared memory at this element pair's own place (row, col) and (row, col + D/2).
         const SwizzledRows<Traits::kChunks>& rows = st_rows[reg >> 1];
-        *reinterpret_cast<uint32_t*>(s_qt + rows.at(8 * r, kc) + quad_col * 2) =
-            pack2<T>(x1.x * c0 - x2.x * s0, x1.y * c1 - x2.y * s1);
-        *reinterpret_cast<uint32_t*>(s_qt + rows.at(8 * r, kc + kDK / 2) + quad_col * 2) =
-            pack2<T>(x2.x * c0 + x1.x * s0, x2.y * c1 + x1.y * s1);
+        *reinterpret_cast<uint32_t*>(s_qt + rows.at(8 * r, kc) + quad_col * 2) = lo[reg];
+        *reinterpret_cast<uint32_t*>(s_qt + rows.at(8 * r, kc + kDK / 2) + quad_col * 2) = hi[reg];
       }
     }
     __syncwarp();

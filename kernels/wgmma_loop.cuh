@@ -18,6 +18,14 @@
 // One barrier per tile. The operations on O come in the serial order (rescale to tile t - 1's
 // reference, add P_{t-1} V_{t-1}, rescale to tile t's), so the output is the 64-row mma.sync
 // kernel's bit for bit under the emulator. Each copy is issued a whole iteration before its wait.
+//
+// PINE's rotation (Traits::kRotate, rotary.cuh): S's A fragments are the query turned for the key
+// segment of the tile, in registers (QueryRotator::turn_into, when the segment changes). A tile
+// inside one segment issues S as above. A tile across segments issues the previous P V first,
+// then S once per piece, each with the query turned for its segment and waited at once, the
+// pieces' columns kept in shared memory between them (kStashBytes): such tiles lose the overlap
+// of their softmax with the P V. Each column's products and their order are the mma.sync rope
+// kernel's (qk_piece), so under the emulator the output is that kernel's bit for bit.
 #ifndef SEGATTN_WGMMA_LOOP_CUH
 #define SEGATTN_WGMMA_LOOP_CUH
 
@@ -28,6 +36,7 @@
 #include "segattn_params.h"
 #include "kernel_traits.cuh"
 #include "block_info.cuh"
+#include "rotary.cuh"
 #include "softmax.cuh"
 #include "wgmma.cuh"
 #include "wgmma_tile.cuh"
@@ -35,18 +44,60 @@
 namespace segattn {
 namespace fwd {
 
+// kRotate, a key tile across segments: s = the tile's scores, each piece [a, e) of one key segment
+// computed with the query turned for it (all 64 columns, of which the piece's are kept; the
+// columns before it wait in this thread's stash in shared memory). Returns with every product it
+// issued waited (and whatever else was in flight: the caller's P V).
+template <class Traits>
+__device__ __forceinline__ void wgmma_rope_pieces(const SegattnFwdParams& p, BlockInfo<Traits>& blk,
+                                                  QueryRotator<Traits>& rotator, const uint32_t* kid, int k0,
+                                                  int valid, int row0, const char* s_q, char* smem, const char* s_k,
+                                                  uint32_t (&qt)[Traits::kDK][4], float (&s)[Traits::kNS][4],
+                                                  int warp, int lane) {
+  // This thread's 32 scores, interleaved over the warp's lanes (conflict-free).
+  float* const stash = reinterpret_cast<float*>(smem + Traits::kOffQTurned) + warp * 32 * 32 + lane;
+  const int quad_col = 2 * (lane % 4);
+  for (int a = 0; a < valid;) {
+    const int e = min(static_cast<int>(blk.kv_segs_of(p).span_end[k0 + a]) - k0, valid);
+    if (a > 0) {
+      SEGATTN_UNROLL
+      for (int nb = 0; nb < Traits::kNS; ++nb) {
+        SEGATTN_UNROLL
+        for (int i = 0; i < 4; ++i) stash[(4 * nb + i) * 32] = s[nb][i];
+      }
+    }
+    rotator.turn_into(p, row0, kid[a], s_q, smem, qt, warp, lane);
+    wgmma_qk_issue<Traits>(qt, s_k, s);
+    wgmma_wait<0>();
+    wgmma_fence_operands(s);
+    if (a > 0) {
+      // Columns before the piece: the earlier pieces' scores.
+      SEGATTN_UNROLL
+      for (int nb = 0; nb < Traits::kNS; ++nb) {
+        SEGATTN_UNROLL
+        for (int i = 0; i < 4; ++i) {
+          if (8 * nb + quad_col + (i & 1) < a) s[nb][i] = stash[(4 * nb + i) * 32];
+        }
+      }
+    }
+    a = e;
+  }
+}
+
 // Runs the loop from visible tile `tile` (class `cls`) whose K, V and key ids were copied into
 // buffer 0 by this thread's last commit group. load_k(t, buf): issues tile t's key ids and K into
 // buffer buf; load_v(t, buf) its V (no commit). o, softmax: the rows' accumulators and state.
 // on_probabilities(s, kid, k0): after each tile's softmax, with its probabilities, its key ids
 // in shared memory and its first key, while that tile's P V is still in flight (work on other
-// accumulators than O: the fused mass).
+// accumulators than O: the fused mass). kRotate: `rotator` turns the un-rotated Q tile `s_q`
+// (qf is not read).
 template <class Traits, class LoadK, class LoadV, class OnProbabilities>
 __device__ __forceinline__ void wgmma_tile_loop(const SegattnFwdParams& p, BlockInfo<Traits>& blk, char* smem,
                                                 int tile, int cls, const uint32_t (&qf)[Traits::kDK][4],
                                                 float (&o)[Traits::kNO][4], OnlineSoftmax& softmax,
                                                 const LoadK& load_k, const LoadV& load_v,
-                                                const OnProbabilities& on_probabilities) {
+                                                const OnProbabilities& on_probabilities,
+                                                QueryRotator<Traits>& rotator, const char* s_q) {
   static_assert(Traits::kWgmma && Traits::kMTiles == 1, "a wgmma kernel: one 16-row tile per warp");
   constexpr int kN = Traits::kBlockN;
   const int warp = static_cast<int>(threadIdx.x) / 32;
@@ -56,6 +107,8 @@ __device__ __forceinline__ void wgmma_tile_loop(const SegattnFwdParams& p, Block
   const auto v_tile = [&](int buf) { return smem + Traits::kOffV + buf * Traits::kKVBytes; };
 
   uint32_t pa[Traits::kPK][4];  // the previous tile's P, read by its P V until that completes
+  // kRotate: Q's A fragments turned for the current key segment (read by S until its wait).
+  uint32_t qt[Traits::kRotate ? Traits::kDK : 1][4];
   int buf = 0;
   // One tile; kWithPV (every tile but the first): the previous tile's P V issued with its S. A
   // compile-time flag, not a run-time one: ptxas serialises every wgmma of a kernel where some
@@ -68,16 +121,40 @@ __device__ __forceinline__ void wgmma_tile_loop(const SegattnFwdParams& p, Block
     fence_proxy_async_smem();  // this thread's copies, through the generic proxy, before wgmma reads them
     __syncthreads();
 
-    float s[Traits::kNS][4];
-    wgmma_qk_issue<Traits>(qf, k_tile(buf), s);
-    if constexpr (kWithPV) wgmma_pv_issue<Traits>(pa, v_tile(buf ^ 1), o);
     // The copies go out while the tensor cores work. The first tile's V came with its K (the
     // caller's copy).
-    if (next < blk.end_tile) load_k(next, buf ^ 1);
-    if constexpr (kWithPV) load_v(tile, buf);
-    cp_async_commit();
-
-    wgmma_wait<kWithPV ? 1 : 0>();
+    const auto issue_copies = [&] {
+      if (next < blk.end_tile) load_k(next, buf ^ 1);
+      if constexpr (kWithPV) load_v(tile, buf);
+      cp_async_commit();
+    };
+    float s[Traits::kNS][4];
+    if constexpr (Traits::kRotate) {
+      // Each branch waits for its S before the two meet (ptxas serialises every wgmma of the
+      // kernel where registers of a product in flight could be moved at a join).
+      const uint32_t* const kid = s_kid + buf * kN;
+      const int k0 = tile * kN;
+      const int valid = min(kN, blk.kv_len - k0);
+      const int row0 = warp * 16 + lane / 4;
+      // (S of the last tile, which read qt, was waited there.)
+      if (static_cast<int>(blk.kv_segs_of(p).span_end[k0]) - k0 >= valid) {  // one piece (most tiles)
+        rotator.turn_into(p, row0, kid[0], s_q, smem, qt, warp, lane);
+        wgmma_qk_issue<Traits>(qt, k_tile(buf), s);
+        if constexpr (kWithPV) wgmma_pv_issue<Traits>(pa, v_tile(buf ^ 1), o);
+        issue_copies();
+        wgmma_wait<kWithPV ? 1 : 0>();
+      } else {
+        if constexpr (kWithPV) wgmma_pv_issue<Traits>(pa, v_tile(buf ^ 1), o);
+        issue_copies();
+        wgmma_rope_pieces<Traits>(p, blk, rotator, kid, k0, valid, row0, s_q, smem, k_tile(buf), qt, s, warp,
+                                  lane);
+      }
+    } else {
+      wgmma_qk_issue<Traits>(qf, k_tile(buf), s);
+      if constexpr (kWithPV) wgmma_pv_issue<Traits>(pa, v_tile(buf ^ 1), o);
+      issue_copies();
+      wgmma_wait<kWithPV ? 1 : 0>();
+    }
     wgmma_fence_operands(s);
     blk.scale_and_mask(s, p, warp, lane, s_kid + buf * kN, tile * kN, cls == SEGATTN_TILE_PARTIAL);
     softmax.probabilities(s);

@@ -32,7 +32,7 @@
 # other GPUs run; RESULTS-mma-sync.md their table), hopper128.txt (the 128-row wgmma kernel),
 # narrow.txt (the 64-row mma.sync kernel for every mask, on gpu_bench's shapes), wide.txt (the wide
 # mma.sync kernel for every mask, L 8k D 128), wide32.txt (the same with 32-key tiles at D 128),
-# pine.md,
+# pine.md (pine-mma-sync.md: the mma.sync kernels on an H100 / H200),
 # mass.md (mass-mma-sync.md: the mma.sync kernels on an H100 / H200), pine-wide64.md, mass-wide.md
 # and mass-wide64.md (the mass kernel's wide rows, with 32- or 64-key tiles), backward.md (the
 # attention's backward pass: gpu_bench --backward), (with baselines
@@ -399,6 +399,10 @@ if [ "$PHASE" = bench ] || [ "$PHASE" = all ]; then
   t=$SECONDS
   budgeted 100000 20 "$WORK/gpu_bench" --pine 2>&1 | tee "$OUTDIR/pine.md"
   note "- (3) gpu_bench --pine: exit ${PIPESTATUS[0]}, $((SECONDS - t)) s"
+  # On an H100 / H200 the wgmma kernels (plain attention, PINE's rotation); the mma.sync ones for
+  # the before / after (bench/NOTES.md CUDA 40).
+  SEGATTN_FWD_HOPPER=0 budgeted 100000 20 "$WORK/gpu_bench" --pine 2>&1 | tee "$OUTDIR/pine-mma-sync.md"
+  note "- (3) SEGATTN_FWD_HOPPER=0 gpu_bench --pine (mma.sync kernels): exit ${PIPESTATUS[0]} (pine-mma-sync.md)"
   # The same without GQA decode packing (src/decode_pack.rs), for its before / after.
   SEGATTN_GQA_PACK=0 budgeted 100000 20 "$WORK/gpu_bench" --pine 2>&1 | tee "$OUTDIR/pine-unpacked.md"
   note "- (3) SEGATTN_GQA_PACK=0 gpu_bench --pine: exit ${PIPESTATUS[0]}"
@@ -541,7 +545,7 @@ if [ "$PHASE" = profile ]; then
     profile_one "mass (fused forward)" '^segattn_fwd_(wide64_)?mass_bf16_d128$' "$WORK/gpu_bench" --mass
     # The rope kernel runs at about half the plain kernel's rate on the same mask: where its warps
     # wait (the turn's table loads? the straddling tiles' pieces?) decides what to change next.
-    profile_one "PINE prefill attention" '^segattn_fwd_rope_bf16_d128$' --section SourceCounters \
+    profile_one "PINE prefill attention" '^segattn_fwd_(hopper_)?rope_bf16_d128$' --section SourceCounters \
       --import-source yes "$WORK/gpu_bench" --pine
     # A timeline of PINE decode steps (64 layer calls in a row): where a step's time goes between
     # launches, allocations and copies (the kernels alone are a fraction of it).

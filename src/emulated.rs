@@ -29,8 +29,8 @@ mod pine;
 mod scores;
 pub use backward::{attention_backward, bwd_smem_bytes};
 pub use pine::{
-    decode_scores_smem_bytes, pine_decode, pine_decode_importance_both, pine_prefill, pine_shifts_both, rope_rows,
-    DecodeImportanceBoth,
+    decode_scores_smem_bytes, pine_decode, pine_decode_importance_both, pine_decode_wgmma, pine_prefill,
+    pine_prefill_wgmma, pine_shifts_both, rope_rows, DecodeImportanceBoth,
 };
 pub use scores::{scores_smem_bytes, segment_scores, segment_scores_tiled};
 
@@ -543,9 +543,6 @@ pub(crate) fn run_forward(
         schedule,
         seed,
     } = launch;
-    if wgmma && rotation.is_some() {
-        invalid_arg!("internal error: the wgmma kernels have no rotation");
-    }
     let shape = AttentionShape::of(q, k, v)?;
     if kv_splits == 0 {
         invalid_arg!("kv_splits: expected at least 1, got 0");
@@ -664,15 +661,21 @@ pub(crate) fn run_forward(
             _ => {
                 let plain =
                     FwdVariant::plain_kernel(&kshape, kv_splits, summary, EMULATED_SM_COUNT, (wide, wide_keys64));
-                match (wgmma, plain.wgmma_of()) {
-                    (true, Some(wgmma_kernel)) => wgmma_kernel,
-                    _ => plain.on_hopper(head_dim, summary, true, wide, true),
+                match wgmma {
+                    true => plain.wgmma_of(),
+                    false => plain.on_hopper(head_dim, summary, true, wide, true),
                 }
             }
         };
         on_wgmma = variant.is_wgmma();
         p.block_rows = variant.block_rows() as i32;
         p.block_keys = variant.block_keys();
+    } else if wgmma || FwdVariant::Rope.on_hopper(head_dim, khost.summary(), true, wide, true) == FwdVariant::HopperRope
+    {
+        // PINE's rotation on the wgmma kernel (the mma.sync one keeps the entry point's own sizes).
+        on_wgmma = true;
+        p.block_rows = FwdVariant::HopperRope.block_rows() as i32;
+        p.block_keys = FwdVariant::HopperRope.block_keys();
     }
     // The rotation's arrays, packed as the GPU launcher uploads them (alive until the launch ends).
     let packed = rotation.map(|rot| (rot.table.packed(), rot.shifts.packed_rows()));

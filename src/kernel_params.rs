@@ -246,6 +246,10 @@ pub enum FwdVariant {
     /// mass on compute capability 9.0 GPUs, where plain attention runs on wgmma
     /// (`FwdVariant::on_hopper`; bench/NOTES.md CUDA 39).
     HopperMass,
+    /// [`FwdVariant::Hopper`] with PINE's in-loop query rotation (`segattn_fwd_hopper_rope_*`: the
+    /// turned query's A fragments in registers; a key tile across segments computes S once per
+    /// piece): PINE's attention on compute capability 9.0 GPUs (bench/NOTES.md CUDA 40).
+    HopperRope,
 }
 
 impl FwdVariant {
@@ -261,13 +265,14 @@ impl FwdVariant {
             Self::Hopper => 6,
             Self::HopperWide => 7,
             Self::HopperMass => 8,
+            Self::HopperRope => 9,
         }
     }
 
     /// Keys per key tile for `params.block_keys` (0: the entry point's own, unchecked).
     pub(crate) fn block_keys(self) -> i32 {
         match self {
-            Self::Wide64 | Self::WideMass | Self::Hopper | Self::HopperWide | Self::HopperMass => 64,
+            Self::Wide64 | Self::WideMass | Self::Hopper | Self::HopperWide | Self::HopperMass | Self::HopperRope => 64,
             _ => 0,
         }
     }
@@ -292,19 +297,22 @@ impl FwdVariant {
 
     /// Whether this is a wgmma kernel (the sm_90a fatbin's, loaded on compute capability 9.0 GPUs only).
     pub(crate) fn is_wgmma(self) -> bool {
-        matches!(self, Self::Hopper | Self::HopperWide | Self::HopperMass)
+        matches!(
+            self,
+            Self::Hopper | Self::HopperWide | Self::HopperMass | Self::HopperRope
+        )
     }
 
     /// The wgmma kernel of the same block shape as the kernel `self`: the 64-row
     /// [`FwdVariant::Hopper`] for plain attention's 64-row kernel, the 128-row
     /// [`FwdVariant::HopperWide`] for the wide ones, [`FwdVariant::HopperMass`] for either fused
-    /// mass kernel; `None` for PINE's rotation.
-    pub(crate) fn wgmma_of(self) -> Option<Self> {
+    /// mass kernel, [`FwdVariant::HopperRope`] for PINE's.
+    pub(crate) fn wgmma_of(self) -> Self {
         match self {
-            Self::Plain | Self::Hopper => Some(Self::Hopper),
-            Self::Wide | Self::Wide64 | Self::HopperWide => Some(Self::HopperWide),
-            Self::Mass | Self::WideMass | Self::HopperMass => Some(Self::HopperMass),
-            Self::Rope => None,
+            Self::Plain | Self::Hopper => Self::Hopper,
+            Self::Wide | Self::Wide64 | Self::HopperWide => Self::HopperWide,
+            Self::Mass | Self::WideMass | Self::HopperMass => Self::HopperMass,
+            Self::Rope | Self::HopperRope => Self::HopperRope,
         }
     }
 
@@ -397,12 +405,12 @@ impl FwdVariant {
         Self::plain(shape, kv_splits, mask, sm_count, forced).with_wide_keys(shape.head_dim, forced_keys64)
     }
 
-    /// `self` (plain attention's kernel, [`FwdVariant::plain_kernel`], or the fused mass's,
-    /// [`FwdVariant::fused_mass`]) or, where the GPU has them (`hopper_loaded`: a compute
+    /// `self` (plain attention's kernel, [`FwdVariant::plain_kernel`], the fused mass's,
+    /// [`FwdVariant::fused_mass`], or PINE's) or, where the GPU has them (`hopper_loaded`: a compute
     /// capability 9.0 GPU), a wgmma kernel at D 64 / 128 in its place: for plain attention the
     /// 64-row [`FwdVariant::Hopper`], or the 128-row one where `forced_wide` (tests), else
     /// `SEGATTN_FWD_WIDE=1`, asks for wide blocks and `self` has them; for the fused mass
-    /// [`FwdVariant::HopperMass`]. On an H200 (bench/NOTES.md CUDA 38) the 64-row wgmma kernel beat the
+    /// [`FwdVariant::HopperMass`], for PINE's [`FwdVariant::HopperRope`]. On an H200 (bench/NOTES.md CUDA 38) the 64-row wgmma kernel beat the
     /// best mma.sync kernel on every D 128 shape (1.04-1.41x) and the 128-row wgmma kernel on all
     /// but one (even; two independent blocks per SM, each one's softmax under the other's
     /// products); at D 64 it won from 2k tokens on (1.03-1.15x) but lost on causal documents of
@@ -424,16 +432,12 @@ impl FwdVariant {
             Some(setting) => setting,
             None => !emulated && !mma_sync_wins,
         };
+        if head_dim > 128 || !hopper_loaded || !wanted {
+            return self;
+        }
         match self.wgmma_of() {
-            Some(Self::HopperWide) if head_dim <= 128 && hopper_loaded && wanted => {
-                if forced_wide.or_else(wide_setting) == Some(true) {
-                    Self::HopperWide
-                } else {
-                    Self::Hopper
-                }
-            }
-            Some(wgmma) if head_dim <= 128 && hopper_loaded && wanted => wgmma,
-            _ => self,
+            Self::HopperWide if forced_wide.or_else(wide_setting) != Some(true) => Self::Hopper,
+            wgmma => wgmma,
         }
     }
 
@@ -588,22 +592,19 @@ mod tests {
             short_documents: true,
             ..any
         };
-        // Whatever SEGATTN_FWD_HOPPER says: never where the GPU has no wgmma kernel, never for
-        // PINE's rotation or D 256.
+        // Whatever SEGATTN_FWD_HOPPER says: never where the GPU has no wgmma kernel, never at
+        // D 256.
         for emulated in [false, true] {
             for v in [
                 FwdVariant::Plain,
                 FwdVariant::Wide,
                 FwdVariant::Wide64,
                 FwdVariant::Mass,
+                FwdVariant::Rope,
             ] {
                 assert_eq!(v.on_hopper(128, any, false, None, emulated), v);
                 assert_eq!(v.on_hopper(256, any, true, None, emulated), v);
             }
-            assert_eq!(
-                FwdVariant::Rope.on_hopper(128, any, true, Some(true), emulated),
-                FwdVariant::Rope
-            );
         }
         // On a GPU with them, by default (SEGATTN_FWD_HOPPER unset or "1"): the 64-row wgmma
         // kernel for any plain one but D 64's short documents (unless "1"), the 128-row one only
@@ -636,13 +637,16 @@ mod tests {
                 FwdVariant::Plain.on_hopper(128, any, true, Some(true), emulated),
                 want(FwdVariant::Plain, FwdVariant::Hopper)
             );
-            // Either fused mass kernel: the wgmma one (one warpgroup, its sums in registers).
-            for v in [FwdVariant::Mass, FwdVariant::WideMass] {
+            // Either fused mass kernel: the wgmma one (one warpgroup, its sums in registers); PINE's
+            // likewise.
+            for (v, w) in [
+                (FwdVariant::Mass, FwdVariant::HopperMass),
+                (FwdVariant::WideMass, FwdVariant::HopperMass),
+                (FwdVariant::Rope, FwdVariant::HopperRope),
+            ] {
                 for forced in [None, Some(false), Some(true)] {
-                    assert_eq!(
-                        v.on_hopper(128, any, true, forced, emulated),
-                        want(v, FwdVariant::HopperMass)
-                    );
+                    assert_eq!(v.on_hopper(128, any, true, forced, emulated), want(v, w));
+                    assert_eq!(v.on_hopper(64, any, true, forced, emulated), want(v, w));
                 }
             }
         }
@@ -656,7 +660,10 @@ mod tests {
         assert_eq!(FwdVariant::HopperMass.block_keys(), 64);
         assert_eq!(FwdVariant::HopperMass.threads(), 128);
         assert!(FwdVariant::HopperMass.is_wgmma());
-        assert_eq!(FwdVariant::Rope.wgmma_of(), None);
+        assert_eq!(FwdVariant::HopperRope.block_rows(), 64);
+        assert_eq!(FwdVariant::HopperRope.block_keys(), 64);
+        assert_eq!(FwdVariant::HopperRope.threads(), 128);
+        assert!(FwdVariant::HopperRope.is_wgmma());
     }
 
     #[test]

@@ -15,8 +15,11 @@ mod common;
 
 use candle_core::{DType, Result};
 use common::pine::{compare_with_oracle, PinePath, PineTolerance};
-use common::{env_count, one_rounding_tolerance, random_tensor, Rng};
-use segattn::emulated::{pine_decode_importance_both, pine_prefill, pine_shifts_both, rope_rows, Schedule};
+use common::{bits, env_count, one_rounding_tolerance, random_tensor, Rng};
+use segattn::emulated::{
+    pine_decode, pine_decode_importance_both, pine_decode_wgmma, pine_prefill, pine_prefill_wgmma, pine_shifts_both,
+    rope_rows, Schedule,
+};
 use segattn::pine::{PineAttention, Rope};
 use segattn::{reference, PineLayout};
 
@@ -106,6 +109,59 @@ fn tiles_straddling_segments() -> Result<()> {
     for (d, dtype) in [(64, DType::BF16), (128, DType::F16), (256, DType::BF16)] {
         let (compared, _) = run_layouts(7, std::slice::from_ref(&layout), (4, 2), d, dtype)?;
         assert!(compared > 0);
+    }
+    Ok(())
+}
+
+/// The wgmma rope kernel (`segattn_fwd_hopper_rope_*`, PINE's attention on an H100 / H200) gives
+/// the mma.sync rope kernel's bits under the emulator, prefill and decode (split-K, GQA decode
+/// packing): its turned query is the same rounding of the same arithmetic (`QueryRotator::rotate`),
+/// and a tile across segments keeps each column from the product of its own piece. Layouts with
+/// straddling tiles and single-token segments, D 64 / 128, both dtypes, GQA.
+#[test]
+fn wgmma_rope_kernel_gives_the_mma_sync_bits() -> Result<()> {
+    for seed in 0..cases() + 2 {
+        let mut rng = Rng::new(seed + 9100);
+        let mut layouts = vec![if seed == 0 {
+            PineLayout::new(30, &[3, 25, 20, 20, 1, 1, 1, 1, 1, 30], 20)
+        } else {
+            random_layout(&mut rng)
+        }];
+        if rng.below(2) == 0 {
+            let l = &layouts[0];
+            let reversed: Vec<usize> = l.segment_lens.iter().rev().copied().collect();
+            layouts.push(PineLayout::new(l.suffix_len, &reversed, l.prefix_len));
+        }
+        let (batch, len) = (layouts.len(), layouts[0].len());
+        let (h, hkv) = [(1, 1), (2, 1), (4, 2), (4, 1)][rng.below(4)];
+        let d = [64, 128][rng.below(2)];
+        let dtype = [DType::BF16, DType::F16][rng.below(2)];
+        let q = random_tensor(&mut rng, &[batch, len, h, d], dtype)?;
+        let k = random_tensor(&mut rng, &[batch, len, hkv, d], dtype)?;
+        let v = random_tensor(&mut rng, &[batch, len, hkv, d], dtype)?;
+        let pine = PineAttention::new(&layouts, Rope::new(10_000.0))?;
+        let what = format!("seed {seed} {layouts:?} H {h}/{hkv} D {d} {dtype:?}");
+        let schedule = [Schedule::Forward, Schedule::RandomWarp][rng.below(2)];
+        let mma = pine_prefill(&pine, &q, &k, &v, schedule, seed)?;
+        let wgmma = pine_prefill_wgmma(&pine, &q, &k, &v, schedule, seed)?;
+        assert_eq!(bits(&wgmma.out)?, bits(&mma.out)?, "{what}: prefill output");
+        assert_eq!(
+            bits(wgmma.lse.as_ref().unwrap())?,
+            bits(mma.lse.as_ref().unwrap())?,
+            "{what}: prefill LSE"
+        );
+        // A decode step: the last token against the rotated cache, with and without split-K.
+        let k_cache = pine.rotate_keys(&k)?;
+        let last = q.narrow(1, len - 1, 1)?;
+        for splits in [1, 1 + rng.below(len.div_ceil(64) + 1)] {
+            let mma = pine_decode(&pine, &last, &k_cache, &v, splits, schedule, seed)?;
+            let wgmma = pine_decode_wgmma(&pine, &last, &k_cache, &v, splits, schedule, seed)?;
+            assert_eq!(
+                bits(&wgmma.out)?,
+                bits(&mma.out)?,
+                "{what}: decode output, {splits} slices"
+            );
+        }
     }
     Ok(())
 }

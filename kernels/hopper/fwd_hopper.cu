@@ -11,8 +11,11 @@
 //     kv_splits, H, B), 256 threads, params.block_rows = 128;
 //   segattn_fwd_hopper_mass_{bf16,f16}_d{64,128}(SegattnFwdParams): the 64-row kernel with the
 //     fused per-segment mass (params.mass, up to 64 key segments; no split-K);
+//   segattn_fwd_hopper_rope_{bf16,f16}_d{64,128}(SegattnFwdParams): the 64-row kernel with PINE's
+//     in-loop query rotation (params.rotation; split-K as the others);
 //   dynamic shared memory HopperTraits<T, D, warpgroups>::launch_smem_bytes(0) (kernel_traits.cuh:
-//   the layout and 1024 bytes to align the tiles; HopperMassTraits the same), params.block_keys = 64.
+//   the layout and 1024 bytes to align the tiles; HopperMassTraits, HopperRopeTraits the same),
+//   params.block_keys = 64.
 //
 // Host emulation (SEGATTN_EMULATE): `segattn_emu_fwd_hopper(params)` runs them on the CPU, the
 // 64- or 128-row one by params.block_rows, the mass kernel where params.mass asks (the emulator's
@@ -51,13 +54,27 @@ SEGATTN_FWD_HOPPER_MASS_ENTRY(segattn_fwd_hopper_mass_f16_d128, segattn::f16, 12
 
 #undef SEGATTN_FWD_HOPPER_MASS_ENTRY
 
+// ... with PINE's in-loop query rotation (params.rotation; the turned Q in registers).
+#define SEGATTN_FWD_HOPPER_ROPE_ENTRY(name, T, D)                                                          \
+  extern "C" __global__ void __launch_bounds__(segattn::fwd::HopperRopeTraits<T, D>::kThreads, 1)           \
+      name(const SegattnFwdParams params) {                                                                \
+    segattn::fwd::fwd_kernel<segattn::fwd::HopperRopeTraits<T, D>>(params);                                \
+  }
+
+SEGATTN_FWD_HOPPER_ROPE_ENTRY(segattn_fwd_hopper_rope_bf16_d64, segattn::bf16, 64)
+SEGATTN_FWD_HOPPER_ROPE_ENTRY(segattn_fwd_hopper_rope_bf16_d128, segattn::bf16, 128)
+SEGATTN_FWD_HOPPER_ROPE_ENTRY(segattn_fwd_hopper_rope_f16_d64, segattn::f16, 64)
+SEGATTN_FWD_HOPPER_ROPE_ENTRY(segattn_fwd_hopper_rope_f16_d128, segattn::f16, 128)
+
+#undef SEGATTN_FWD_HOPPER_ROPE_ENTRY
+
 #if defined(SEGATTN_EMULATE)
 
 #include "fwd/emu_launch.cuh"
 
-// Runs the wgmma forward kernel for `p` (no rotation; blocks of p->block_rows 64, or 0 read as 64,
-// or 128; with p->mass.mass the fused mass kernel, 64-row blocks, no split-K, at most 64 segments)
-// on the CPU. 0 on success; nonzero with the message in segattn_emu_last_error() otherwise.
+// Runs the wgmma forward kernel for `p` (blocks of p->block_rows 64, or 0 read as 64, or 128; with
+// p->mass.mass the fused mass kernel, 64-row blocks, no split-K, at most 64 segments; with
+// p->rotation.cos PINE's, 64-row blocks) on the CPU. 0 on success; nonzero with the message in segattn_emu_last_error() otherwise.
 extern "C" int segattn_emu_fwd_hopper(const SegattnFwdParams* p) {
   using segattn::bf16;
   using segattn::f16;
@@ -66,8 +83,8 @@ extern "C" int segattn_emu_fwd_hopper(const SegattnFwdParams* p) {
   const char* bad = nullptr;
   if (p == nullptr) {
     bad = "segattn_emu_fwd_hopper: params is NULL";
-  } else if (p->rotation.cos != nullptr) {
-    bad = "segattn_emu_fwd_hopper: no rotation";
+  } else if (p->rotation.cos != nullptr && (p->mass.mass != nullptr || p->block_rows == 128)) {
+    bad = "segattn_emu_fwd_hopper: the rotation in 64-row blocks, without the fused mass";
   } else if (p->mass.mass != nullptr &&
              (p->block_rows == 128 || p->kv_splits > 1 || p->mass.num_segments > segattn::mass::kMaxOnePassSegments)) {
     bad = "segattn_emu_fwd_hopper: the fused mass in 64-row blocks, without split-K, up to 64 segments";
@@ -83,6 +100,15 @@ extern "C" int segattn_emu_fwd_hopper(const SegattnFwdParams* p) {
   if (bad != nullptr) return ::segattn::emu::fail_launch(bad);
   const bool d64 = p->head_dim == 64;
   const bool bf = p->dtype == SEGATTN_DTYPE_BF16;
+  if (p->rotation.cos != nullptr) {
+    using segattn::fwd::HopperRopeTraits;
+    if (bf) {
+      return d64 ? e::launch<HopperRopeTraits<bf16, 64>>(*p, segattn_fwd_hopper_rope_bf16_d64)
+                 : e::launch<HopperRopeTraits<bf16, 128>>(*p, segattn_fwd_hopper_rope_bf16_d128);
+    }
+    return d64 ? e::launch<HopperRopeTraits<f16, 64>>(*p, segattn_fwd_hopper_rope_f16_d64)
+               : e::launch<HopperRopeTraits<f16, 128>>(*p, segattn_fwd_hopper_rope_f16_d128);
+  }
   if (p->mass.mass != nullptr) {
     using segattn::fwd::HopperMassTraits;
     if (bf) {

@@ -518,10 +518,11 @@ fn forward_typed<T: CudaDType + DeviceRepr + ValidAsZeroBits + candle_core::With
         Some((plan, algorithm)) => fused_mass_in_forward(algorithm, plan.sk, splits, shape.head_dim)?,
         None => false,
     };
+    let summary = host.summary();
     let variant = if rotation.is_some() {
-        FwdVariant::Rope
+        // On an H100 / H200: the wgmma kernel with the rotation.
+        kernels.on_this_gpu(T::DTYPE, shape.head_dim, summary, FwdVariant::Rope)?
     } else {
-        let summary = host.summary();
         match mass_request {
             Some((plan, _)) if mass_in_forward => {
                 let with_mass =

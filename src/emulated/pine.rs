@@ -1,5 +1,6 @@
 //! PINE's kernels under the SIMT emulator: the attention with in-loop query rotation
-//! (`segattn_fwd_rope_*`) and the device-side order and shifts (`segattn_pine_shifts`).
+//! (`segattn_fwd_rope_*`, and `segattn_fwd_hopper_rope_*` on Hopper's wgmma) and the device-side
+//! order and shifts (`segattn_pine_shifts`).
 
 use candle_core::{DType, Result, Tensor};
 
@@ -48,6 +49,32 @@ pub fn pine_prefill(
     schedule: Schedule,
     seed: u64,
 ) -> Result<AttentionOutput> {
+    prefill_on(pine, q, k, v, false, schedule, seed)
+}
+
+/// [`pine_prefill`] on the wgmma rope kernel (`segattn_fwd_hopper_rope_*`) whatever
+/// `SEGATTN_FWD_HOPPER` says (D 64 / 128). Under the emulator its products sum in the mma.sync
+/// kernel's order and its turned query rounds alike, so it gives that kernel's bits.
+pub fn pine_prefill_wgmma(
+    pine: &PineAttention,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    schedule: Schedule,
+    seed: u64,
+) -> Result<AttentionOutput> {
+    prefill_on(pine, q, k, v, true, schedule, seed)
+}
+
+fn prefill_on(
+    pine: &PineAttention,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    wgmma: bool,
+    schedule: Schedule,
+    seed: u64,
+) -> Result<AttentionOutput> {
     let shape = AttentionShape::of(q, k, v)?;
     let f32 = |t: &Tensor| t.to_dtype(DType::F32);
     let plan = pine.plan(&f32(q)?, &f32(k)?, &shape)?;
@@ -60,6 +87,7 @@ pub fn pine_prefill(
         Launch {
             scale: Some(plan.scale),
             rotation: Some(&plan.rotation),
+            wgmma,
             ..Launch::new(schedule, seed)
         },
     )
@@ -78,6 +106,35 @@ pub fn pine_decode(
     schedule: Schedule,
     seed: u64,
 ) -> Result<AttentionOutput> {
+    decode_on(pine, q, k_cache, v_cache, kv_splits, false, schedule, seed)
+}
+
+/// [`pine_decode`] on the wgmma rope kernel (`segattn_fwd_hopper_rope_*`), whatever
+/// `SEGATTN_FWD_HOPPER` says (D 64 / 128): the mma.sync kernel's bits under the emulator.
+#[allow(clippy::too_many_arguments)]
+pub fn pine_decode_wgmma(
+    pine: &PineAttention,
+    q: &Tensor,
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    kv_splits: usize,
+    schedule: Schedule,
+    seed: u64,
+) -> Result<AttentionOutput> {
+    decode_on(pine, q, k_cache, v_cache, kv_splits, true, schedule, seed)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn decode_on(
+    pine: &PineAttention,
+    q: &Tensor,
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    kv_splits: usize,
+    wgmma: bool,
+    schedule: Schedule,
+    seed: u64,
+) -> Result<AttentionOutput> {
     let shape = AttentionShape::of(q, k_cache, v_cache)?;
     // The library's decode plan: importance read from the rotated cache as it is.
     let plan = pine.plan_with(q, ScoreKeys::RotatedCache(k_cache), &shape)?;
@@ -90,6 +147,7 @@ pub fn pine_decode(
             scale: Some(plan.scale),
             rotation: Some(&plan.rotation),
             kv_splits,
+            wgmma,
             ..Launch::new(schedule, seed)
         },
     )
