@@ -18,55 +18,44 @@
 //   params.block_keys = 64.
 //
 // Host emulation (SEGATTN_EMULATE): `segattn_emu_fwd_hopper(params)` runs them on the CPU, the
-// 64- or 128-row one by params.block_rows, the mass kernel where params.mass asks (the emulator's
-// wgmma: kernels/emu/wgmma.cpp).
+// 64- or 128-row one by params.block_rows, the mass or rope kernel where params.mass or
+// params.rotation asks (the emulator's wgmma: kernels/emu/wgmma.cpp).
 #include "platform.cuh"
 #include "fwd_kernel.cuh"
 
-#define SEGATTN_FWD_HOPPER_ENTRY(name, T, D, G)                                                           \
-  extern "C" __global__ void __launch_bounds__(segattn::fwd::HopperTraits<T, D, G>::kThreads, 1)           \
-      name(const SegattnFwdParams params) {                                                                \
-    segattn::fwd::fwd_kernel<segattn::fwd::HopperTraits<T, D, G>>(params);                                 \
+// One entry point: `name` runs fwd_kernel for the traits given as the rest of the arguments.
+#define SEGATTN_FWD_HOPPER_ENTRY(name, ...)                                                                \
+  extern "C" __global__ void __launch_bounds__(__VA_ARGS__::kThreads, 1) name(const SegattnFwdParams params) { \
+    segattn::fwd::fwd_kernel<__VA_ARGS__>(params);                                                         \
   }
 
-SEGATTN_FWD_HOPPER_ENTRY(segattn_fwd_hopper_bf16_d64, segattn::bf16, 64, 1)
-SEGATTN_FWD_HOPPER_ENTRY(segattn_fwd_hopper_bf16_d128, segattn::bf16, 128, 1)
-SEGATTN_FWD_HOPPER_ENTRY(segattn_fwd_hopper_f16_d64, segattn::f16, 64, 1)
-SEGATTN_FWD_HOPPER_ENTRY(segattn_fwd_hopper_f16_d128, segattn::f16, 128, 1)
-SEGATTN_FWD_HOPPER_ENTRY(segattn_fwd_hopper128_bf16_d64, segattn::bf16, 64, 2)
-SEGATTN_FWD_HOPPER_ENTRY(segattn_fwd_hopper128_bf16_d128, segattn::bf16, 128, 2)
-SEGATTN_FWD_HOPPER_ENTRY(segattn_fwd_hopper128_f16_d64, segattn::f16, 64, 2)
-SEGATTN_FWD_HOPPER_ENTRY(segattn_fwd_hopper128_f16_d128, segattn::f16, 128, 2)
+using segattn::bf16;
+using segattn::f16;
+using segattn::fwd::HopperMassTraits;
+using segattn::fwd::HopperRopeTraits;
+using segattn::fwd::HopperTraits;
+
+// Plain attention, one warpgroup (64 rows) and two (128 rows).
+SEGATTN_FWD_HOPPER_ENTRY(segattn_fwd_hopper_bf16_d64, HopperTraits<bf16, 64, 1>)
+SEGATTN_FWD_HOPPER_ENTRY(segattn_fwd_hopper_bf16_d128, HopperTraits<bf16, 128, 1>)
+SEGATTN_FWD_HOPPER_ENTRY(segattn_fwd_hopper_f16_d64, HopperTraits<f16, 64, 1>)
+SEGATTN_FWD_HOPPER_ENTRY(segattn_fwd_hopper_f16_d128, HopperTraits<f16, 128, 1>)
+SEGATTN_FWD_HOPPER_ENTRY(segattn_fwd_hopper128_bf16_d64, HopperTraits<bf16, 64, 2>)
+SEGATTN_FWD_HOPPER_ENTRY(segattn_fwd_hopper128_bf16_d128, HopperTraits<bf16, 128, 2>)
+SEGATTN_FWD_HOPPER_ENTRY(segattn_fwd_hopper128_f16_d64, HopperTraits<f16, 64, 2>)
+SEGATTN_FWD_HOPPER_ENTRY(segattn_fwd_hopper128_f16_d128, HopperTraits<f16, 128, 2>)
+// With the fused per-segment mass (params.mass; up to 64 key segments, its sums in registers).
+SEGATTN_FWD_HOPPER_ENTRY(segattn_fwd_hopper_mass_bf16_d64, HopperMassTraits<bf16, 64>)
+SEGATTN_FWD_HOPPER_ENTRY(segattn_fwd_hopper_mass_bf16_d128, HopperMassTraits<bf16, 128>)
+SEGATTN_FWD_HOPPER_ENTRY(segattn_fwd_hopper_mass_f16_d64, HopperMassTraits<f16, 64>)
+SEGATTN_FWD_HOPPER_ENTRY(segattn_fwd_hopper_mass_f16_d128, HopperMassTraits<f16, 128>)
+// With PINE's in-loop query rotation (params.rotation; the turned Q in registers).
+SEGATTN_FWD_HOPPER_ENTRY(segattn_fwd_hopper_rope_bf16_d64, HopperRopeTraits<bf16, 64>)
+SEGATTN_FWD_HOPPER_ENTRY(segattn_fwd_hopper_rope_bf16_d128, HopperRopeTraits<bf16, 128>)
+SEGATTN_FWD_HOPPER_ENTRY(segattn_fwd_hopper_rope_f16_d64, HopperRopeTraits<f16, 64>)
+SEGATTN_FWD_HOPPER_ENTRY(segattn_fwd_hopper_rope_f16_d128, HopperRopeTraits<f16, 128>)
 
 #undef SEGATTN_FWD_HOPPER_ENTRY
-
-// ... with the fused per-segment mass (params.mass; up to 64 key segments, its sums in registers).
-#define SEGATTN_FWD_HOPPER_MASS_ENTRY(name, T, D)                                                          \
-  extern "C" __global__ void __launch_bounds__(segattn::fwd::HopperMassTraits<T, D>::kThreads, 1)           \
-      name(const SegattnFwdParams params) {                                                                \
-    segattn::fwd::fwd_kernel<segattn::fwd::HopperMassTraits<T, D>>(params);                                \
-  }
-
-SEGATTN_FWD_HOPPER_MASS_ENTRY(segattn_fwd_hopper_mass_bf16_d64, segattn::bf16, 64)
-SEGATTN_FWD_HOPPER_MASS_ENTRY(segattn_fwd_hopper_mass_bf16_d128, segattn::bf16, 128)
-SEGATTN_FWD_HOPPER_MASS_ENTRY(segattn_fwd_hopper_mass_f16_d64, segattn::f16, 64)
-SEGATTN_FWD_HOPPER_MASS_ENTRY(segattn_fwd_hopper_mass_f16_d128, segattn::f16, 128)
-
-#undef SEGATTN_FWD_HOPPER_MASS_ENTRY
-
-// ... with PINE's in-loop query rotation (params.rotation; the turned Q in registers).
-#define SEGATTN_FWD_HOPPER_ROPE_ENTRY(name, T, D)                                                          \
-  extern "C" __global__ void __launch_bounds__(segattn::fwd::HopperRopeTraits<T, D>::kThreads, 1)           \
-      name(const SegattnFwdParams params) {                                                                \
-    segattn::fwd::fwd_kernel<segattn::fwd::HopperRopeTraits<T, D>>(params);                                \
-  }
-
-SEGATTN_FWD_HOPPER_ROPE_ENTRY(segattn_fwd_hopper_rope_bf16_d64, segattn::bf16, 64)
-SEGATTN_FWD_HOPPER_ROPE_ENTRY(segattn_fwd_hopper_rope_bf16_d128, segattn::bf16, 128)
-SEGATTN_FWD_HOPPER_ROPE_ENTRY(segattn_fwd_hopper_rope_f16_d64, segattn::f16, 64)
-SEGATTN_FWD_HOPPER_ROPE_ENTRY(segattn_fwd_hopper_rope_f16_d128, segattn::f16, 128)
-
-#undef SEGATTN_FWD_HOPPER_ROPE_ENTRY
 
 #if defined(SEGATTN_EMULATE)
 
@@ -76,9 +65,6 @@ SEGATTN_FWD_HOPPER_ROPE_ENTRY(segattn_fwd_hopper_rope_f16_d128, segattn::f16, 12
 // p->mass.mass the fused mass kernel, 64-row blocks, no split-K, at most 64 segments; with
 // p->rotation.cos PINE's, 64-row blocks) on the CPU. 0 on success; nonzero with the message in segattn_emu_last_error() otherwise.
 extern "C" int segattn_emu_fwd_hopper(const SegattnFwdParams* p) {
-  using segattn::bf16;
-  using segattn::f16;
-  using segattn::fwd::HopperTraits;
   namespace e = segattn::fwd::emu_entry;
   const char* bad = nullptr;
   if (p == nullptr) {
@@ -101,7 +87,6 @@ extern "C" int segattn_emu_fwd_hopper(const SegattnFwdParams* p) {
   const bool d64 = p->head_dim == 64;
   const bool bf = p->dtype == SEGATTN_DTYPE_BF16;
   if (p->rotation.cos != nullptr) {
-    using segattn::fwd::HopperRopeTraits;
     if (bf) {
       return d64 ? e::launch<HopperRopeTraits<bf16, 64>>(*p, segattn_fwd_hopper_rope_bf16_d64)
                  : e::launch<HopperRopeTraits<bf16, 128>>(*p, segattn_fwd_hopper_rope_bf16_d128);
@@ -110,7 +95,6 @@ extern "C" int segattn_emu_fwd_hopper(const SegattnFwdParams* p) {
                : e::launch<HopperRopeTraits<f16, 128>>(*p, segattn_fwd_hopper_rope_f16_d128);
   }
   if (p->mass.mass != nullptr) {
-    using segattn::fwd::HopperMassTraits;
     if (bf) {
       return d64 ? e::launch<HopperMassTraits<bf16, 64>>(*p, segattn_fwd_hopper_mass_bf16_d64)
                  : e::launch<HopperMassTraits<bf16, 128>>(*p, segattn_fwd_hopper_mass_bf16_d128);
