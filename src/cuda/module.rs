@@ -124,7 +124,7 @@ impl Kernels {
         self.on_this_gpu(dtype, shape.head_dim, summary, variant)
     }
 
-    /// `variant` (plain attention's or the fused mass's mma.sync kernel for a mask of `summary`)
+    /// `variant` (plain attention's, the fused mass's or PINE's mma.sync kernel for a mask of `summary`)
     /// or, on a compute capability 9.0 GPU, its wgmma kernel ([`FwdVariant::on_hopper`];
     /// `SEGATTN_FWD_HOPPER=0` opts out). Where the wgmma kernel did not load, the mma.sync one, or
     /// an error where `SEGATTN_FWD_HOPPER=1` asks for the wgmma kernels.
@@ -167,7 +167,7 @@ impl Kernels {
 }
 
 /// Every forward entry point of kernels/hopper/fwd_hopper.cu (the sm_90a fatbin).
-const HOPPER_FWD_ENTRIES: [(&str, DType, usize, FwdVariant); 12] = [
+const HOPPER_FWD_ENTRIES: [(&str, DType, usize, FwdVariant); 16] = [
     ("segattn_fwd_hopper_bf16_d64", DType::BF16, 64, FwdVariant::Hopper),
     ("segattn_fwd_hopper_bf16_d128", DType::BF16, 128, FwdVariant::Hopper),
     ("segattn_fwd_hopper_f16_d64", DType::F16, 64, FwdVariant::Hopper),
@@ -214,6 +214,30 @@ const HOPPER_FWD_ENTRIES: [(&str, DType, usize, FwdVariant); 12] = [
         DType::F16,
         128,
         FwdVariant::HopperMass,
+    ),
+    (
+        "segattn_fwd_hopper_rope_bf16_d64",
+        DType::BF16,
+        64,
+        FwdVariant::HopperRope,
+    ),
+    (
+        "segattn_fwd_hopper_rope_bf16_d128",
+        DType::BF16,
+        128,
+        FwdVariant::HopperRope,
+    ),
+    (
+        "segattn_fwd_hopper_rope_f16_d64",
+        DType::F16,
+        64,
+        FwdVariant::HopperRope,
+    ),
+    (
+        "segattn_fwd_hopper_rope_f16_d128",
+        DType::F16,
+        128,
+        FwdVariant::HopperRope,
     ),
 ];
 
@@ -452,5 +476,16 @@ mod tests {
         }
         assert!(FWD_ENTRIES.iter().all(|e| !e.3.is_wgmma()));
         assert!(HOPPER_FWD_ENTRIES.iter().all(|e| e.3.is_wgmma()));
+        // The wgmma kernel that `FwdVariant::on_hopper` may take for any mma.sync kernel at D 64 /
+        // 128 is listed for both dtypes (else the launcher would fall back to mma.sync unseen).
+        for (_, dtype, d, variant) in FWD_ENTRIES.iter().filter(|e| e.2 <= 128) {
+            let wgmma = variant.wgmma_of();
+            assert!(
+                HOPPER_FWD_ENTRIES
+                    .iter()
+                    .any(|e| (e.1, e.2, e.3) == (*dtype, *d, wgmma)),
+                "{wgmma:?} for {dtype:?} D {d} ({variant:?}) is not in HOPPER_FWD_ENTRIES"
+            );
+        }
     }
 }
