@@ -468,6 +468,36 @@ pub fn forward_with_mass_tiled(
     )
 }
 
+/// [`forward_with_mass`] on the wgmma kernels (`segattn_fwd_hopper_mass_*` where the mass is in the
+/// forward kernel's one pass, else the 64-row wgmma attention before the mass kernel's pass)
+/// whatever `SEGATTN_FWD_HOPPER` says (D 64 / 128). Under the emulator the one-pass sums are those
+/// of the 64-row mma.sync mass kernel, bit for bit.
+#[allow(clippy::too_many_arguments)]
+pub fn forward_with_mass_wgmma(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &SegmentMask,
+    scale: Option<f64>,
+    options: &SegmentScoreOptions,
+    schedule: Schedule,
+    seed: u64,
+) -> Result<AttentionOutput> {
+    run_forward(
+        q,
+        k,
+        v,
+        mask,
+        Launch {
+            scale,
+            mass: Some(options),
+            wgmma: true,
+            ..Launch::new(schedule, seed)
+        }
+        .with_tile(Tile::Rows64),
+    )
+}
+
 /// What an emulated forward launch does besides reading q, k, v and the mask.
 #[derive(Clone, Copy)]
 pub(crate) struct Launch<'a> {

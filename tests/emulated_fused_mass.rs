@@ -15,8 +15,8 @@ use common::cases::{draw, Case, MASK_KINDS};
 use common::{bits, env_count, mass_tolerance_for, proptest_config, random_mass_options, worst_ratio, Rng};
 use proptest::prelude::*;
 use segattn::emulated::{
-    forward_split, forward_tiled, forward_with_mass, forward_with_mass_tiled, segment_scores, Schedule, Tile,
-    WIDE_MASS_MAX_SEGMENTS,
+    forward_split, forward_tiled, forward_with_mass, forward_with_mass_tiled, forward_with_mass_wgmma, segment_scores,
+    Schedule, Tile, WIDE_MASS_MAX_SEGMENTS,
 };
 use segattn::{reference, MassAlgorithm, PairRule, QueryReduction, SegmentMask, SegmentScoreOptions, Visibility};
 
@@ -197,6 +197,49 @@ fn every_mask_kind_both_paths() -> Result<()> {
             let case = draw(seed, 2, 150, true, (4, 2), d, DType::BF16, kind)?;
             let opts = SegmentScoreOptions::new().algorithm(algorithm);
             check(&case, &opts, splits, wide, Schedule::RandomWarp, seed)?;
+        }
+    }
+    Ok(())
+}
+
+/// The wgmma kernel's fused mass (`segattn_fwd_hopper_mass_*`, the default on an H100 / H200)
+/// gives the 64-row mma.sync mass kernel's bits under the emulator: the output, the LSE and every
+/// per-row sum (the same operations in the same order, from the per-tile hook of its loop). Every
+/// mask family, D 64 / 128, both dtypes, GQA, the one-pass kernel and the LSE path (TwoPass),
+/// length-normalised or not. (Reductions over rows or heads add blocks' sums in whatever order
+/// they finish: those are checked against the reference elsewhere, not bit for bit.)
+#[test]
+fn wgmma_fused_mass_gives_the_mma_sync_bits() -> Result<()> {
+    for kind in 0..MASK_KINDS.len() {
+        for (i, (d, dtype, lk, algorithm)) in [
+            (128, DType::BF16, 150, MassAlgorithm::Auto),
+            (64, DType::F16, 97, MassAlgorithm::Auto),
+            (128, DType::F16, 70, MassAlgorithm::TwoPass),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let seed = 5000 + 10 * kind as u64 + i as u64;
+            let case = draw(seed, 2, lk, i != 1, HEADS[i], d, dtype, kind)?;
+            let opts = SegmentScoreOptions::new()
+                .algorithm(algorithm)
+                .normalize_by_length(i != 1);
+            let what = format!("{} {opts:?}", case.description);
+            let (q, k, v, mask) = (&case.q, &case.k, &case.v, &case.mask);
+            let schedule = SCHEDULES[i];
+            let mma = forward_with_mass_tiled(q, k, v, mask, opts.scale, &opts, 1, Tile::Rows64, schedule, seed)?;
+            let wgmma = forward_with_mass_wgmma(q, k, v, mask, opts.scale, &opts, schedule, seed)?;
+            assert_eq!(bits(&wgmma.out)?, bits(&mma.out)?, "{what}: output");
+            assert_eq!(
+                bits(wgmma.lse.as_ref().unwrap())?,
+                bits(mma.lse.as_ref().unwrap())?,
+                "{what}: LSE"
+            );
+            assert_eq!(
+                bits(wgmma.segment_mass.as_ref().unwrap())?,
+                bits(mma.segment_mass.as_ref().unwrap())?,
+                "{what}: mass"
+            );
         }
     }
     Ok(())
