@@ -667,46 +667,29 @@ pub(crate) fn run_forward(
     if let Some((plan, true, buf)) = &mut mass {
         p.mass = mass_output(plan, q_len, buf.as_mut_ptr())?;
     }
-    // The entry point the GPU launcher would take (segattn_emu_fwd dispatches on these fields; the
-    // wgmma kernel is its own entry, taken when asked or with SEGATTN_FWD_HOPPER=1: the emulator
-    // stands for an sm_80 card unless told otherwise).
-    let mut on_wgmma = false;
-    if rotation.is_none() {
-        let summary = khost.summary();
-        let variant = match &mass {
-            Some((plan, true, _)) => {
-                let with_mass = FwdVariant::fused_mass(
-                    &kshape,
-                    kv_splits,
-                    summary,
-                    EMULATED_SM_COUNT,
-                    (wide, wide_keys64),
-                    plan.sk,
-                );
-                match wgmma {
-                    true => FwdVariant::HopperMass,
-                    false => with_mass.on_hopper(head_dim, summary, true, wide, true),
-                }
-            }
-            _ => {
-                let plain =
-                    FwdVariant::plain_kernel(&kshape, kv_splits, summary, EMULATED_SM_COUNT, (wide, wide_keys64));
-                match wgmma {
-                    true => plain.wgmma_of(),
-                    false => plain.on_hopper(head_dim, summary, true, wide, true),
-                }
-            }
-        };
-        on_wgmma = variant.is_wgmma();
-        p.block_rows = variant.block_rows() as i32;
-        p.block_keys = variant.block_keys();
-    } else if wgmma || FwdVariant::Rope.on_hopper(head_dim, khost.summary(), true, wide, true) == FwdVariant::HopperRope
-    {
-        // PINE's rotation on the wgmma kernel (the mma.sync one keeps the entry point's own sizes).
-        on_wgmma = true;
-        p.block_rows = FwdVariant::HopperRope.block_rows() as i32;
-        p.block_keys = FwdVariant::HopperRope.block_keys();
-    }
+    // The entry point the GPU launcher would take (segattn_emu_fwd dispatches on these fields): the
+    // mma.sync kernel of its rules, then its wgmma counterpart, its own entry, where asked or with
+    // SEGATTN_FWD_HOPPER=1 (the emulator stands for an sm_80 card unless told otherwise).
+    let summary = khost.summary();
+    let mma_sync = match &mass {
+        _ if rotation.is_some() => FwdVariant::Rope,
+        Some((plan, true, _)) => FwdVariant::fused_mass(
+            &kshape,
+            kv_splits,
+            summary,
+            EMULATED_SM_COUNT,
+            (wide, wide_keys64),
+            plan.sk,
+        ),
+        _ => FwdVariant::plain_kernel(&kshape, kv_splits, summary, EMULATED_SM_COUNT, (wide, wide_keys64)),
+    };
+    let variant = match wgmma {
+        true => mma_sync.wgmma_of(),
+        false => mma_sync.on_hopper(head_dim, summary, true, wide, true),
+    };
+    let on_wgmma = variant.is_wgmma();
+    p.block_rows = variant.block_rows() as i32;
+    p.block_keys = variant.block_keys();
     // The rotation's arrays, packed as the GPU launcher uploads them (alive until the launch ends).
     let packed = rotation.map(|rot| (rot.table.packed(), rot.shifts.packed_rows()));
     if let (Some(rot), Some((table, rows))) = (rotation, &packed) {

@@ -518,30 +518,24 @@ fn forward_typed<T: CudaDType + DeviceRepr + ValidAsZeroBits + candle_core::With
         Some((plan, algorithm)) => fused_mass_in_forward(algorithm, plan.sk, splits, shape.head_dim)?,
         None => false,
     };
+    // The mma.sync kernel of the rules, then on an H100 / H200 its wgmma counterpart.
     let summary = host.summary();
-    let variant = if rotation.is_some() {
-        // On an H100 / H200: the wgmma kernel with the rotation.
-        kernels.on_this_gpu(T::DTYPE, shape.head_dim, summary, FwdVariant::Rope)?
-    } else {
-        match mass_request {
-            Some((plan, _)) if mass_in_forward => {
-                let with_mass =
-                    FwdVariant::fused_mass(&kshape, splits, summary, kernels.sm_count, (None, None), plan.sk);
-                // The rows' sums must fit this device's shared memory (not on 99 KiB GPUs).
-                let fits = |k: &FwdKernel| k.mass_segments > 0 && plan.sk <= k.mass_segments;
-                let with_mass = if with_mass == FwdVariant::WideMass
-                    && !kernels.fwd(T::DTYPE, shape.head_dim, with_mass).is_some_and(fits)
-                {
-                    FwdVariant::Mass
-                } else {
-                    with_mass
-                };
-                // On an H100 / H200: the wgmma kernel with the fused mass.
-                kernels.on_this_gpu(T::DTYPE, shape.head_dim, summary, with_mass)?
+    let mma_sync = match mass_request {
+        _ if rotation.is_some() => FwdVariant::Rope,
+        Some((plan, _)) if mass_in_forward => {
+            let with_mass = FwdVariant::fused_mass(&kshape, splits, summary, kernels.sm_count, (None, None), plan.sk);
+            // The rows' sums must fit this device's shared memory (not on 99 KiB GPUs).
+            let fits = |k: &FwdKernel| k.mass_segments > 0 && plan.sk <= k.mass_segments;
+            if with_mass == FwdVariant::WideMass && !kernels.fwd(T::DTYPE, shape.head_dim, with_mass).is_some_and(fits)
+            {
+                FwdVariant::Mass
+            } else {
+                with_mass
             }
-            _ => kernels.plain_variant(T::DTYPE, &kshape, splits, summary)?,
         }
+        _ => FwdVariant::plain_kernel(&kshape, splits, summary, kernels.sm_count, (None, None)),
     };
+    let variant = kernels.on_this_gpu(T::DTYPE, shape.head_dim, summary, mma_sync)?;
     let kernel = kernels.fwd_or_err(T::DTYPE, shape.head_dim, variant)?;
     let mut cfg = launch_config(&kshape, kernel, splits)?;
     if let (FwdVariant::WideMass, Some((plan, _))) = (variant, mass_request) {

@@ -339,9 +339,9 @@ fn load(ctx: &Arc<CudaContext>) -> Result<Kernels> {
     let mut fwd = Vec::with_capacity(FWD_ENTRIES.len() + HOPPER_FWD_ENTRIES.len());
     let mut unavailable = Vec::new();
     // The wgmma kernels, on compute capability 9.0 GPUs only (the sm_90a fatbin runs nowhere else).
-    // A failure to load them leaves the rest of the module working: plain attention then runs on
-    // the mma.sync kernels, or fails where SEGATTN_FWD_HOPPER=1 asks for wgmma
-    // (`Kernels::plain_variant`).
+    // A failure to load them leaves the rest of the module working: the calls then run on
+    // the mma.sync kernels, or fail where SEGATTN_FWD_HOPPER=1 asks for wgmma
+    // (`Kernels::on_this_gpu`).
     let hopper = match super::hopper::load_module(ctx) {
         Ok(m) => m,
         Err(e) => {
