@@ -5,7 +5,7 @@ use std::time::Instant;
 use candle_core::{Device, Result, Tensor};
 
 /// `warmup` calls of `f`, then a stream synchronisation.
-fn warm_up(dev: &Device, warmup: usize, f: &mut impl FnMut() -> Result<Tensor>) -> Result<()> {
+fn warm_up<R>(dev: &Device, warmup: usize, f: &mut impl FnMut() -> Result<R>) -> Result<()> {
     for _ in 0..warmup {
         f()?;
     }
@@ -20,7 +20,11 @@ fn median_of(reps: usize, mut measure: impl FnMut() -> Result<f64>) -> Result<f6
 }
 
 /// The median wall clock (ms) of `f` to stream synchronisation, over `reps` runs after `warmup`.
-pub fn median_ms(dev: &Device, reps: usize, warmup: usize, mut f: impl FnMut() -> Result<Tensor>) -> Result<f64> {
+/// What `f` returns lives until after the synchronisation, as a caller's results would: a device
+/// buffer freed before it would be handed back to the driver there (cudarc allocates from the
+/// device's default memory pool, whose release threshold is 0) and mapped again by the next call,
+/// a cost of the harness, not of the call (bench/NOTES.md CUDA 41).
+pub fn median_ms<R>(dev: &Device, reps: usize, warmup: usize, mut f: impl FnMut() -> Result<R>) -> Result<f64> {
     warm_up(dev, warmup, &mut f)?;
     median_of(reps, || {
         let start = Instant::now();

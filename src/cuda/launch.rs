@@ -564,26 +564,34 @@ fn forward_typed<T: CudaDType + DeviceRepr + ValidAsZeroBits + candle_core::With
     let rotation = rotation.map(|r| RotationBuffers::upload(&stream, r)).transpose()?;
     // SAFETY: every element is written by the kernel (or poisoned, then written) before any read.
     let mut out = unsafe { stream.alloc::<T>(n_out) }.map_err(|e| driver_err("allocating the output", e))?;
-    // The mass kernel after the forward one reads the LSE: computed even when not returned.
+    // The mass kernel after the forward one reads the LSE: computed even when not returned, then
+    // in the stream's scratch (after the split partials), not an allocation freed within the call
+    // (the pool would hand it back to the driver at the caller's next synchronisation: CUDA 41).
     let mass_after = mass_request.is_some() && !mass_in_forward;
-    let mut lse = if want_lse || mass_after {
+    let mut lse = if want_lse {
+        // SAFETY: every element is written by the kernel (or poisoned, then written) before any read.
         Some(unsafe { stream.alloc::<f32>(n_lse) }.map_err(|e| driver_err("allocating the LSE", e))?)
     } else {
         None
     };
     let mut mass = alloc_mass(mass_after || mass_request.is_some_and(|(plan, _)| mass_accumulates(plan, false)))?;
-    // Split-K partials, O then LSE in one allocation (n_out is a multiple of D, so the LSE part
-    // starts 256-byte aligned): every element written by the forward kernel before the merge
+    // Split-K partials, O then LSE in one stretch of scratch (n_out is a multiple of D, so the LSE
+    // part starts 256-byte aligned): every element written by the forward kernel before the merge
     // reads it. The merge is the last slice of each query tile to finish: one counter per (batch
     // row, head, query tile) of the launch, from the stream's zeroed counters (left zero).
-    let partials = if splits > 1 {
-        Some((
-            super::per_stream::scratch(&stream, splits * (n_out + n_lse))?,
-            super::per_stream::zeroed_counters(
-                &stream,
-                kshape.batch * kshape.num_heads * kshape.q_len.div_ceil(variant.block_rows()),
-            )?,
-        ))
+    let partial_len = if splits > 1 { splits * (n_out + n_lse) } else { 0 };
+    let scratch_lse = mass_after && !want_lse;
+    let scratch_len = partial_len + if scratch_lse { n_lse } else { 0 };
+    let scratch = if scratch_len > 0 {
+        Some(super::per_stream::scratch(&stream, scratch_len)?)
+    } else {
+        None
+    };
+    let done = if splits > 1 {
+        Some(super::per_stream::zeroed_counters(
+            &stream,
+            kshape.batch * kshape.num_heads * kshape.q_len.div_ceil(variant.block_rows()),
+        )?)
     } else {
         None
     };
@@ -599,6 +607,12 @@ fn forward_typed<T: CudaDType + DeviceRepr + ValidAsZeroBits + candle_core::With
         let (mp, _gm) = mask.device_ptr(&stream);
         let (op, _go) = out.device_ptr_mut(&stream);
         let lse_ptr = lse.as_mut().map(|l| l.device_ptr_mut(&stream));
+        // The LSE the kernel writes: the returned one, or the mass pass's in the scratch.
+        let lse_addr = match (&lse_ptr, &scratch) {
+            (Some((p, _)), _) => Some(*p),
+            (None, Some(sc)) if scratch_lse => Some(sc.addr + 4 * partial_len as u64),
+            _ => None,
+        };
         let elem = std::mem::size_of::<T>() as u64;
         params.q = (qp + elem * qo.layout.start_offset() as u64) as *const std::ffi::c_void;
         params.k = (kp + elem * ko.layout.start_offset() as u64) as *const std::ffi::c_void;
@@ -614,7 +628,7 @@ fn forward_typed<T: CudaDType + DeviceRepr + ValidAsZeroBits + candle_core::With
             }
         }
         params.o = op as *mut std::ffi::c_void;
-        params.lse = lse_ptr.as_ref().map_or(std::ptr::null_mut(), |(p, _)| *p as *mut f32);
+        params.lse = lse_addr.map_or(std::ptr::null_mut(), |p| p as *mut f32);
         mask.fill(mp, &mut params);
         if let Some(r) = &rotation {
             r.fill(
@@ -634,12 +648,12 @@ fn forward_typed<T: CudaDType + DeviceRepr + ValidAsZeroBits + candle_core::With
         }
         if poison_outputs() {
             poison(&stream, op, n_out, 2)?;
-            if let Some((p, _)) = &lse_ptr {
-                poison(&stream, *p, n_lse, 4)?;
+            if let Some(p) = lse_addr {
+                poison(&stream, p, n_lse, 4)?;
             }
         }
         // (The stream's scratch and counters: only this stream's launches touch them, in order.)
-        if let Some((scratch, done)) = &partials {
+        if let (Some(scratch), Some(done)) = (&scratch, &done) {
             let (o_acc, l_acc) = (scratch.addr, scratch.addr + 4 * (splits * n_out) as u64);
             params.kv_splits = splits as i32;
             params.o_accum = o_acc as *mut f32;
@@ -651,13 +665,13 @@ fn forward_typed<T: CudaDType + DeviceRepr + ValidAsZeroBits + candle_core::With
             }
         }
         launch(&stream, kernel, &params, cfg)?;
-        if let (true, Some((plan, _)), Some((mp, _)), Some((lp, _))) = (mass_after, mass_request, &mass_ptr, &lse_ptr) {
+        if let (true, Some((plan, _)), Some((mp, _)), Some(lp)) = (mass_after, mass_request, &mass_ptr, lse_addr) {
             // The mass kernel's exact pass with the LSE just written (same stream).
             let scores = SegattnScoresParams {
                 base: params,
                 out: mass_output(plan, shape.q_len, *mp as *mut f32)?,
                 two_pass: 1,
-                saved_lse: *lp as *const f32,
+                saved_lse: lp as *const f32,
             };
             super::scores::launch_kernel(&stream, &kernels, T::DTYPE, &shape, host.rule.has_causal(), &scores)?;
         }
