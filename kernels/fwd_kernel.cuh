@@ -40,7 +40,9 @@
 // (wgmma_tile.cuh) reading K and V from shared memory in wgmma's layout (tile_offset), 1024-byte
 // aligned (layout_base). Its key-tile loop is its own (wgmma_loop.cuh: a tile's softmax overlaps
 // the previous tile's P V, V copied an iteration after K; with kMass the tile's sums too); the
-// prologue and the epilogue are the ones above.
+// prologue and the epilogue are the ones above. Its kScoresOnly form is the standalone mass
+// (kernels/hopper/scores_hopper.cu): the fused mass kernel with no V, no P V and no output but the
+// sums, two f16 terms of P in the one-hot sums, as the mma.sync mass kernel's (scores_kernel.cuh).
 //
 // PINE's variant (Traits::kRotate, rotary.cuh): Q stays in shared memory; S is computed piece by
 // piece of the key tile's segments, each with the query turned by the row's position plus its
@@ -106,6 +108,7 @@ __device__ void fwd_kernel(const SegattnFwdParams& p) {
                                 min(kN, kv_len - k0));
   };
   auto load_v_async = [&](int t, int buf) {
+    if constexpr (Traits::kScoresOnly) return;  // the standalone mass reads no V
     const int k0 = t * kN;
     load_tile_async<Traits, kN>(smem + Traits::kOffV + buf * Traits::kKVBytes,
                                 v_base + static_cast<int64_t>(k0) * p.v_strides.row, p.v_strides.row,
@@ -204,8 +207,8 @@ __device__ void fwd_kernel(const SegattnFwdParams& p) {
                               if constexpr (Traits::kMass) {
                                 softmax[0].rescale(macc);
                                 pending.rescale(softmax[0]);
-                                mass::accumulate_one_pass<1, kN>(s, softmax[0].tile_sum, kid, min(kN, kv_len - k0),
-                                                                 lane, pending, macc);
+                                mass::accumulate_one_pass<Traits::kMassTerms, kN>(
+                                    s, softmax[0].tile_sum, kid, min(kN, kv_len - k0), lane, pending, macc);
                               }
                             },
                             rotator, s_q);
@@ -341,6 +344,20 @@ __device__ void fwd_kernel(const SegattnFwdParams& p) {
   float lse[kMT][2];
   SEGATTN_UNROLL
   for (int i = 0; i < kMT; ++i) softmax[i].finalize(inv[i], lse[i]);
+  if constexpr (Traits::kScoresOnly) {
+    // The standalone mass: its sums (held times mass::kTermScale) are the whole output.
+    float row_out_scale[2];
+    SEGATTN_UNROLL
+    for (int r = 0; r < 2; ++r) row_out_scale[r] = inv[0][r] * (1.0f / mass::kTermScale);
+    float* row_out[2];
+    uint32_t row_seg[2];
+    int row_pos[2];
+    blk.rows(warp, lane, row_seg, row_pos);
+    mass::row_outputs(p.mass, b, h, q0, q1, warp, g, row_seg, row_out);
+    pending.flush(lane, mass::kTermScale, macc);
+    mass::store_rows(macc, row_out_scale, row_out, p.mass, lane);
+    return;
+  }
   if constexpr (Traits::kMassInSmem) {
     if (p.mass.mass != nullptr) {
       // The row this lane owns in the sums: its query segment, output and 1 / sum.

@@ -69,7 +69,7 @@ namespace fwd {
 constexpr int kMassTile1Skew = 16;
 
 template <class Element, int kHeadDim_, bool kRotate_ = false, bool kMass_ = false, int kMTiles_ = 1,
-          int kBlockN_ = 0, int kWarpGroups_ = 0>
+          int kBlockN_ = 0, int kWarpGroups_ = 0, bool kScoresOnly_ = false>
 struct FwdTraits {
   using T = Element;
   static constexpr int kHeadDim = kHeadDim_;
@@ -108,6 +108,15 @@ struct FwdTraits {
   // fragments from registers: kWgmma keeps them there, the fused mass's included.)
   static constexpr bool kQInSmem =
       kRotate || (kMass && kHeadDim == 128 && !kWgmma) || kMTiles > 1 || kHeadDim == 256;
+  // The standalone per-segment mass on wgmma (kernels/hopper/scores_hopper.cu): the fused mass
+  // kernel without V, O and the output (no V tiles in shared memory, no P V, no O registers), its
+  // sums with two f16 terms of P as the mma.sync mass kernel's (scores_kernel.cuh), whose bits it
+  // gives: PINE orders segments by them.
+  static constexpr bool kScoresOnly = kScoresOnly_;
+  static_assert(!kScoresOnly || (kMass_ && kWarpGroups_ == 1), "the standalone mass: a wgmma mass kernel");
+  // Terms of P in the one-hot sums of tiles of three or more segments (segment_mass.cuh), and the
+  // scale the sums are held at.
+  static constexpr int kMassTerms = kScoresOnly ? 2 : 1;
   static constexpr int kWarps = kWgmma ? 4 * kWarpGroups : 4;
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kRowsPerWarp = 16 * kMTiles;
@@ -140,17 +149,19 @@ struct FwdTraits {
   static constexpr int kKVBytes = kBlockN * kHeadDim * 2;
   static constexpr int kOffK = 0;                           // + buf * kKVBytes
   static constexpr int kOffV = kOffK + 2 * kKVBytes;        // + buf * kKVBytes
+  // Bytes of the two V buffers (none for kScoresOnly: the layout after kOffV starts there).
+  static constexpr int kVBytes = kScoresOnly ? 0 : 2 * kKVBytes;
   // Q shares K buffer 1 when it fits there and is moved to registers before buffer 1's first
   // load is issued; otherwise (kQInSmem, or the wide kernel's 128 rows) it has its own tile after V.
   static constexpr bool kQShared = !kQInSmem && kQBytes <= kKVBytes;
-  static constexpr int kOffQ = kQShared ? kOffK + kKVBytes : kOffV + 2 * kKVBytes;
+  static constexpr int kOffQ = kQShared ? kOffK + kKVBytes : kOffV + kVBytes;
   // kRotate: the turned Q tile, whose fragments the S mma reads k-step by k-step. A wgmma kernel
   // turns Q's fragments in registers and uses the space to keep a tile's scores while it computes
   // another segment's piece of them (kStashBytes: 32 f32 per thread; wgmma_loop.cuh).
   static constexpr int kOffQTurned = kOffQ + kQBytes;
   static constexpr int kStashBytes = kThreads * 32 * 4;
   static constexpr int kTurnedBytes = kRotate ? (kWgmma && kStashBytes > kQBytes ? kStashBytes : kQBytes) : 0;
-  static constexpr int kOffQId = kOffV + 2 * kKVBytes + (kRotate ? kQBytes + kTurnedBytes : kQShared ? 0 : kQBytes);  // u32[kBlockM]
+  static constexpr int kOffQId = kOffV + kVBytes + (kRotate ? kQBytes + kTurnedBytes : kQShared ? 0 : kQBytes);  // u32[kBlockM]
   static constexpr int kOffQEnd = kOffQId + 4 * kBlockM;    // i32[kBlockM]
   static constexpr int kOffQStarts = kOffQEnd + 4 * kBlockM;  // u32[kBlockM / 32]
   static constexpr int kOffKId = kOffQStarts + 4 * (kBlockM / 32);  // u32[2][kBlockN]
@@ -181,7 +192,7 @@ struct FwdTraits {
   static_assert(kOffK % 128 == 0 && kOffV % 128 == 0 && kOffQId % 16 == 0 && kOffRowPos % 4 == 0, "aligned tiles");
   // Split-K's first key tile is copied into buffer 0 (K, V, key ids) before the key-tile scan, so
   // the scan's memory (query pieces, scan, classes, rows) must lie outside every K / V / id buffer.
-  static_assert(kOffQId >= kOffV + 2 * kKVBytes && kOffScan >= kOffKId + 4 * 2 * kBlockN,
+  static_assert(kOffQId >= kOffV + kVBytes && kOffScan >= kOffKId + 4 * 2 * kBlockN,
                 "the key-tile scan's shared memory overlaps a key buffer");
 };
 
@@ -195,6 +206,9 @@ using HopperMassTraits = FwdTraits<T, D, false, true, 1, 64, 1>;
 // ... with PINE's in-loop query rotation (one warpgroup).
 template <class T, int D>
 using HopperRopeTraits = FwdTraits<T, D, true, false, 1, 64, 1>;
+// The standalone per-segment mass, one pass (kScoresOnly: no V, no output; one warpgroup).
+template <class T, int D>
+using HopperScoresTraits = FwdTraits<T, D, false, true, 1, 64, 1, true>;
 
 // Byte offset of 16-byte chunk `chunk` of row `row` in a swizzled tile of `kChunks` chunks per row.
 template <int kChunks>

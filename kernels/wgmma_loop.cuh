@@ -90,7 +90,8 @@ __device__ __forceinline__ void wgmma_rope_pieces(const SegattnFwdParams& p, Blo
 // on_probabilities(s, kid, k0): after each tile's softmax, with its probabilities, its key ids
 // in shared memory and its first key, while that tile's P V is still in flight (work on other
 // accumulators than O: the fused mass). kRotate: `rotator` turns the un-rotated Q tile `s_q`
-// (qf is not read).
+// (qf is not read). kScoresOnly (the standalone mass): no V is copied (load_v is not called) and
+// o is not touched; the loop is S, softmax and on_probabilities.
 template <class Traits, class LoadK, class LoadV, class OnProbabilities>
 __device__ __forceinline__ void wgmma_tile_loop(const SegattnFwdParams& p, BlockInfo<Traits>& blk, char* smem,
                                                 int tile, int cls, const uint32_t (&qf)[Traits::kDK][4],
@@ -164,14 +165,22 @@ __device__ __forceinline__ void wgmma_tile_loop(const SegattnFwdParams& p, Block
       wgmma_fence_operands(o);
       wgmma_fence_operands(pa);
     }
-    softmax.rescale(o);
-    wgmma_p_fragments<Traits>(s, pa);
+    if constexpr (!Traits::kScoresOnly) {
+      softmax.rescale(o);
+      wgmma_p_fragments<Traits>(s, pa);
+    }
 
     tile = next;
     cls = next_cls;
     buf ^= 1;
   };
   if (tile >= blk.end_tile) return;
+  if constexpr (Traits::kScoresOnly) {
+    // The standalone mass: no V, no P V; each tile's S is waited where it is issued.
+    while (tile < blk.end_tile) step(std::false_type{});
+    cp_async_wait<0>();
+    return;
+  }
   step(std::false_type{});
   while (tile < blk.end_tile) step(std::true_type{});
   cp_async_wait<0>();  // the last tile's V

@@ -32,7 +32,7 @@ pub use pine::{
     decode_scores_smem_bytes, pine_decode, pine_decode_importance_both, pine_decode_wgmma, pine_prefill,
     pine_prefill_wgmma, pine_shifts_both, rope_rows, DecodeImportanceBoth,
 };
-pub use scores::{scores_smem_bytes, segment_scores, segment_scores_tiled};
+pub use scores::{scores_smem_bytes, segment_scores, segment_scores_tiled, segment_scores_wgmma};
 
 /// The order in which the emulator runs the threads of a block between synchronisation points
 /// (see `kernels/emu/emu_api.h`). Warp-granular schedules expose missing barriers.

@@ -250,6 +250,11 @@ pub enum FwdVariant {
     /// turned query's A fragments in registers; a key tile across segments computes S once per
     /// piece): PINE's attention on compute capability 9.0 GPUs (bench/NOTES.md CUDA 40).
     HopperRope,
+    /// The standalone per-segment mass on wgmma (`segattn_scores_hopper_*`,
+    /// kernels/hopper/scores_hopper.cu): [`FwdVariant::HopperMass`] without V, O and the output,
+    /// its sums as the mma.sync mass kernel's one pass (up to 64 key segments, no split-K): the
+    /// one-pass `segment_scores` on compute capability 9.0 GPUs (bench/NOTES.md CUDA 42).
+    HopperScores,
 }
 
 impl FwdVariant {
@@ -266,13 +271,20 @@ impl FwdVariant {
             Self::HopperWide => 7,
             Self::HopperMass => 8,
             Self::HopperRope => 9,
+            Self::HopperScores => 10,
         }
     }
 
     /// Keys per key tile for `params.block_keys` (0: the entry point's own, unchecked).
     pub(crate) fn block_keys(self) -> i32 {
         match self {
-            Self::Wide64 | Self::WideMass | Self::Hopper | Self::HopperWide | Self::HopperMass | Self::HopperRope => 64,
+            Self::Wide64
+            | Self::WideMass
+            | Self::Hopper
+            | Self::HopperWide
+            | Self::HopperMass
+            | Self::HopperRope
+            | Self::HopperScores => 64,
             _ => 0,
         }
     }
@@ -299,7 +311,7 @@ impl FwdVariant {
     pub(crate) fn is_wgmma(self) -> bool {
         matches!(
             self,
-            Self::Hopper | Self::HopperWide | Self::HopperMass | Self::HopperRope
+            Self::Hopper | Self::HopperWide | Self::HopperMass | Self::HopperRope | Self::HopperScores
         )
     }
 
@@ -313,6 +325,7 @@ impl FwdVariant {
             Self::Wide | Self::Wide64 | Self::HopperWide => Self::HopperWide,
             Self::Mass | Self::WideMass | Self::HopperMass => Self::HopperMass,
             Self::Rope | Self::HopperRope => Self::HopperRope,
+            Self::HopperScores => Self::HopperScores,
         }
     }
 
@@ -427,12 +440,7 @@ impl FwdVariant {
         forced_wide: Option<bool>,
         emulated: bool,
     ) -> Self {
-        let mma_sync_wins = head_dim == 64 && mask.short_documents;
-        let wanted = match hopper_setting() {
-            Some(setting) => setting,
-            None => !emulated && !mma_sync_wins,
-        };
-        if head_dim > 128 || !hopper_loaded || !wanted {
+        if head_dim > 128 || !hopper_loaded || !wgmma_wanted(head_dim, mask, emulated) {
             return self;
         }
         match self.wgmma_of() {
@@ -486,6 +494,32 @@ pub(crate) fn hopper_setting() -> Option<bool> {
         Some("1") => Some(true),
         _ => None,
     })
+}
+
+/// Whether a call at `head_dim` under a mask of `mask` takes a wgmma kernel where the GPU has them
+/// (`FwdVariant::on_hopper`'s rule): `SEGATTN_FWD_HOPPER` where set, else yes but for D 64's short
+/// causal documents, and never under the emulator (`emulated`) unless asked.
+fn wgmma_wanted(head_dim: usize, mask: MaskSummary, emulated: bool) -> bool {
+    let mma_sync_wins = head_dim == 64 && mask.short_documents;
+    match hopper_setting() {
+        Some(setting) => setting,
+        None => !emulated && !mma_sync_wins,
+    }
+}
+
+/// Whether `segment_scores` runs on [`FwdVariant::HopperScores`] (the standalone mass on wgmma):
+/// the one-pass algorithm (`two_pass` false) at D 64 / 128 where the GPU has the wgmma kernels
+/// (`hopper_loaded`) and [`FwdVariant::on_hopper`]'s rule takes them; else the mma.sync mass
+/// kernel. Predicted 0.5-0.6x the wgmma attention's time against 0.8-0.9x for the mma.sync mass
+/// kernel on an H200 (bench/NOTES.md CUDA 42; not yet measured).
+pub(crate) fn scores_on_hopper(
+    head_dim: usize,
+    mask: MaskSummary,
+    two_pass: bool,
+    hopper_loaded: bool,
+    emulated: bool,
+) -> bool {
+    !two_pass && head_dim <= 128 && hopper_loaded && wgmma_wanted(head_dim, mask, emulated)
 }
 
 /// `SEGATTN_FWD_WIDE`: `Some(false)` for "0", `Some(true)` for "1", else `None` (the rule decides).

@@ -14,7 +14,9 @@ use candle_core::{DType, Device, Result, Tensor};
 use common::cases::{draw, MASK_KINDS};
 use common::{env_count, mass_tolerance, mass_tolerance_for, proptest_config, random_mass_options, worst_ratio, Rng};
 use proptest::prelude::*;
-use segattn::emulated::{scores_smem_bytes, segment_scores, segment_scores_tiled, Schedule, Tile};
+use segattn::emulated::{
+    scores_smem_bytes, segment_scores, segment_scores_tiled, segment_scores_wgmma, Schedule, Tile,
+};
 use segattn::{
     reference, HeadReduction, MassAlgorithm, PairRule, QueryReduction, SegmentMask, SegmentScoreOptions, Visibility,
 };
@@ -199,6 +201,64 @@ fn every_mask_kind_both_algorithms() -> Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+/// The standalone mass on wgmma (`segattn_scores_hopper_*`, the one pass of a compute capability
+/// 9.0 GPU) gives the bits of the 64-row mma.sync mass kernel: the same products in the same order
+/// (S's, the softmax's, the sums' two f16 terms of P), every mask family, D 64 / 128, bf16 / f16,
+/// GQA, with and without reductions and length normalisation. Under a reduction, where rows add
+/// into shared elements with atomics in schedule order, the same values to f32 rounding.
+#[test]
+fn wgmma_mass_kernel_gives_the_mma_sync_bits() -> Result<()> {
+    for kind in 0..MASK_KINDS.len() {
+        for (i, (d, dtype, lk)) in [(128, DType::BF16, 150), (64, DType::F16, 97), (128, DType::F16, 70)]
+            .into_iter()
+            .enumerate()
+        {
+            let seed = 9100 + 10 * kind as u64 + i as u64;
+            let case = draw(seed, 2, lk, i != 1, HEADS[i], d, dtype, kind)?;
+            let sk = 1 + case.mask.kv_segments().max_all()?.to_scalar::<u32>()? as usize;
+            if sk > 64 {
+                continue; // the wgmma kernel is the one pass
+            }
+            let opts = match i {
+                0 => SegmentScoreOptions::new(),
+                1 => SegmentScoreOptions::new()
+                    .normalize_by_length(true)
+                    .query_reduction(QueryReduction::SumBySegment),
+                _ => SegmentScoreOptions::new().head_reduction(HeadReduction::Mean),
+            };
+            let what = format!("{} {opts:?}", case.description);
+            let schedule = SCHEDULES[i];
+            let mma = segment_scores_tiled(&case.q, &case.k, &case.mask, &opts, Tile::Rows64, schedule, seed)?;
+            let wgmma = segment_scores_wgmma(&case.q, &case.k, &case.mask, &opts, schedule, seed)?;
+            let (a, b) = (
+                mma.flatten_all()?.to_vec1::<f32>()?,
+                wgmma.flatten_all()?.to_vec1::<f32>()?,
+            );
+            if i == 0 {
+                assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "{what}");
+            } else {
+                for (j, (x, y)) in a.iter().zip(&b).enumerate() {
+                    assert!((x - y).abs() <= 1e-6 * x.abs().max(1e-3), "{what}: [{j}] {x} vs {y}");
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The wgmma mass kernel refuses what it cannot do (two passes) with a message, never a wrong
+/// answer.
+#[test]
+fn wgmma_mass_kernel_is_one_pass() -> Result<()> {
+    let case = draw(9, 1, 80, false, (2, 1), 64, DType::BF16, 0)?;
+    let opts = SegmentScoreOptions::new().algorithm(MassAlgorithm::TwoPass);
+    let e = segment_scores_wgmma(&case.q, &case.k, &case.mask, &opts, Schedule::Forward, 0)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("one pass"), "{e}");
     Ok(())
 }
 

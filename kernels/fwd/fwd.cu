@@ -196,7 +196,8 @@ extern "C" int segattn_emu_fwd(const SegattnFwdParams* p) {
 // 2 fused mass, 3 wide, 4 wide with 64-key tiles: at D = 64 the same as 3, 5 wide with 64-key
 // tiles and the fused mass: D = 128 only, its fixed layout without the rows' sums, see
 // segattn_emu_fwd_mass_rows_smem_bytes, 6 the wgmma kernel, 7 its two-warpgroup (128-row) one, 8
-// the wgmma kernel with the fused mass, 9 with PINE's rotation: D 64 / 128), 0 if unsupported (for the Rust side to check its launch configuration against the
+// the wgmma kernel with the fused mass, 9 with PINE's rotation, 10 the standalone mass on wgmma:
+// D 64 / 128), 0 if unsupported (for the Rust side to check its launch configuration against the
 // traits).
 extern "C" int segattn_emu_fwd_smem_bytes(int dtype, int head_dim, int variant) {
   using namespace segattn::fwd;
@@ -230,6 +231,9 @@ extern "C" int segattn_emu_fwd_smem_bytes(int dtype, int head_dim, int variant) 
       return d64 ? HopperMassTraits<bf16, 64>::launch_smem_bytes(0) : HopperMassTraits<bf16, 128>::launch_smem_bytes(0);
     case 9:  // the wgmma kernel with PINE's rotation
       return d64 ? HopperRopeTraits<bf16, 64>::launch_smem_bytes(0) : HopperRopeTraits<bf16, 128>::launch_smem_bytes(0);
+    case 10:  // the standalone mass on wgmma (kernels/hopper/scores_hopper.cu)
+      return d64 ? HopperScoresTraits<bf16, 64>::launch_smem_bytes(0)
+                 : HopperScoresTraits<bf16, 128>::launch_smem_bytes(0);
     default:
       return 0;
   }

@@ -150,6 +150,33 @@ impl Kernels {
         }
     }
 
+    /// The standalone mass's wgmma kernel ([`FwdVariant::HopperScores`]) where
+    /// `kernel_params::scores_on_hopper` takes it on this GPU (`two_pass`: the call's algorithm);
+    /// `None`: the mma.sync mass kernel (not a compute capability 9.0 GPU, the rule, or a failed
+    /// load, which is an error where `SEGATTN_FWD_HOPPER=1` asks for the wgmma kernels).
+    pub fn standalone_mass_wgmma(
+        &self,
+        dtype: DType,
+        head_dim: usize,
+        summary: MaskSummary,
+        two_pass: bool,
+    ) -> Result<Option<&FwdKernel>> {
+        if !crate::kernel_params::scores_on_hopper(head_dim, summary, two_pass, true, false) {
+            return Ok(None);
+        }
+        if let Some(k) = self.fwd(dtype, head_dim, FwdVariant::HopperScores) {
+            return Ok(Some(k));
+        }
+        let key = (dtype, head_dim, FwdVariant::HopperScores);
+        match self.unavailable.iter().find(|(k, _)| *k == key) {
+            Some((_, why)) if crate::kernel_params::hopper_setting() == Some(true) => Err(candle_core::Error::Msg(
+                format!("SEGATTN_FWD_HOPPER=1: the wgmma mass kernel for {dtype:?} D = {head_dim} did not load: {why}"),
+            )
+            .bt()),
+            _ => Ok(None),
+        }
+    }
+
     /// [`Kernels::fwd`], or an error saying why there is none.
     pub fn fwd_or_err(&self, dtype: DType, head_dim: usize, variant: FwdVariant) -> Result<&FwdKernel> {
         if let Some(k) = self.fwd(dtype, head_dim, variant) {
@@ -167,7 +194,7 @@ impl Kernels {
 }
 
 /// Every forward entry point of kernels/hopper/fwd_hopper.cu (the sm_90a fatbin).
-const HOPPER_FWD_ENTRIES: [(&str, DType, usize, FwdVariant); 16] = [
+const HOPPER_FWD_ENTRIES: [(&str, DType, usize, FwdVariant); 20] = [
     ("segattn_fwd_hopper_bf16_d64", DType::BF16, 64, FwdVariant::Hopper),
     ("segattn_fwd_hopper_bf16_d128", DType::BF16, 128, FwdVariant::Hopper),
     ("segattn_fwd_hopper_f16_d64", DType::F16, 64, FwdVariant::Hopper),
@@ -238,6 +265,31 @@ const HOPPER_FWD_ENTRIES: [(&str, DType, usize, FwdVariant); 16] = [
         DType::F16,
         128,
         FwdVariant::HopperRope,
+    ),
+    // The standalone mass (kernels/hopper/scores_hopper.cu): forward-kernel parameters, no V.
+    (
+        "segattn_scores_hopper_bf16_d64",
+        DType::BF16,
+        64,
+        FwdVariant::HopperScores,
+    ),
+    (
+        "segattn_scores_hopper_bf16_d128",
+        DType::BF16,
+        128,
+        FwdVariant::HopperScores,
+    ),
+    (
+        "segattn_scores_hopper_f16_d64",
+        DType::F16,
+        64,
+        FwdVariant::HopperScores,
+    ),
+    (
+        "segattn_scores_hopper_f16_d128",
+        DType::F16,
+        128,
+        FwdVariant::HopperScores,
     ),
 ];
 
@@ -486,6 +538,14 @@ mod tests {
                     .any(|e| (e.1, e.2, e.3) == (*dtype, *d, wgmma)),
                 "{wgmma:?} for {dtype:?} D {d} ({variant:?}) is not in HOPPER_FWD_ENTRIES"
             );
+        }
+        // The standalone mass on wgmma (`kernel_params::scores_on_hopper`) likewise.
+        for dtype in [DType::BF16, DType::F16] {
+            for d in [64, 128] {
+                assert!(HOPPER_FWD_ENTRIES
+                    .iter()
+                    .any(|e| (e.1, e.2, e.3) == (dtype, d, FwdVariant::HopperScores)));
+            }
         }
     }
 }

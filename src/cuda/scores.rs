@@ -1,5 +1,6 @@
-//! Launching the per-segment attention mass kernel (`kernels/scores/scores.cu`) on candle's
-//! stream: the raw mass (row-normalised probabilities summed per key segment id, reduced by query
+//! Launching the per-segment attention mass kernel (`kernels/scores/scores.cu`; on compute
+//! capability 9.0 GPUs the one pass on wgmma, `kernels/hopper/scores_hopper.cu`, by
+//! `kernel_params::scores_on_hopper`) on candle's stream: the raw mass (row-normalised probabilities summed per key segment id, reduced by query
 //! segment / head when asked, unweighted) into a zeroed f32 buffer `[B, Ho, Lo, Sk]`; the caller
 //! applies the length / mean weights with tensor ops (`scores::apply_weights`).
 //!
@@ -16,7 +17,9 @@ use candle_core::{CudaStorage, DType, Layout, Result};
 use half::{bf16, f16};
 
 use super::driver_err;
-use super::launch::{base_params, check_grid, launch_with_params, loadable, strides_of, MaskBuffer};
+use super::launch::{
+    base_params, check_grid, launch, launch_config, launch_with_params, loadable, strides_of, MaskBuffer,
+};
 use super::module::{self, Kernels};
 use crate::emulated::Tile;
 use crate::error::invalid_arg;
@@ -113,13 +116,27 @@ fn typed<T: CudaDType + DeviceRepr + candle_core::WithDType>(
         let (mask_ptr, _gmask) = mask.device_ptr(&stream);
         mask.fill(mask_ptr, &mut base);
         let (mp, _gm) = mass.device_ptr_mut(&stream);
-        let params = SegattnScoresParams {
-            base,
-            out: mass_output(plan, shape.q_len, mp as *mut f32)?,
-            two_pass: i32::from(two_pass),
-            saved_lse: std::ptr::null(),
-        };
-        launch_kernel(&stream, &kernels, T::DTYPE, &shape, host.rule.has_causal(), &params)?;
+        let out = mass_output(plan, shape.q_len, mp as *mut f32)?;
+        match kernels.standalone_mass_wgmma(T::DTYPE, shape.head_dim, host.summary(), two_pass)? {
+            Some(kernel) => {
+                // The one pass on wgmma: the forward kernel's parameters, the mass as its output.
+                let mut params = base;
+                params.mass = out;
+                params.block_rows = kernel.block_rows as i32;
+                params.block_keys = kernel.block_keys;
+                params.kv_splits = 1;
+                launch(&stream, kernel, &params, launch_config(&shape, kernel, 1)?)?;
+            }
+            None => {
+                let params = SegattnScoresParams {
+                    base,
+                    out,
+                    two_pass: i32::from(two_pass),
+                    saved_lse: std::ptr::null(),
+                };
+                launch_kernel(&stream, &kernels, T::DTYPE, &shape, host.rule.has_causal(), &params)?;
+            }
+        }
     }
     drop(mask);
     super::recorded_errors(&stream, "the mass kernel")?;

@@ -19,6 +19,7 @@ use crate::validate::{default_scale, AttentionShape};
 
 extern "C" {
     fn segattn_emu_scores(params: *const SegattnScoresParams) -> c_int;
+    fn segattn_emu_scores_hopper(params: *const SegattnFwdParams) -> c_int;
     fn segattn_emu_scores_smem_bytes(dtype: c_int, head_dim: c_int, wide: c_int, keys64: c_int) -> c_int;
 }
 
@@ -52,7 +53,32 @@ pub fn segment_scores(
     schedule: Schedule,
     seed: u64,
 ) -> Result<Tensor> {
-    run_segment_scores(q, k, mask, options, None, schedule, seed)
+    run_segment_scores(q, k, mask, options, Kernel::AsLaunched, schedule, seed)
+}
+
+/// [`segment_scores`] on the standalone mass's wgmma kernel (`segattn_scores_hopper_*`, the one
+/// pass of a compute capability 9.0 GPU), whatever `SEGATTN_FWD_HOPPER` says: an error where the
+/// call needs two passes (more than 64 key segments, or [`crate::MassAlgorithm::TwoPass`]).
+pub fn segment_scores_wgmma(
+    q: &Tensor,
+    k: &Tensor,
+    mask: &SegmentMask,
+    options: &SegmentScoreOptions,
+    schedule: Schedule,
+    seed: u64,
+) -> Result<Tensor> {
+    run_segment_scores(q, k, mask, options, Kernel::Wgmma, schedule, seed)
+}
+
+/// Which mass kernel an emulated call runs.
+#[derive(Clone, Copy, PartialEq)]
+enum Kernel {
+    /// The GPU launcher's choice (the emulator an sm_80 card unless `SEGATTN_FWD_HOPPER=1`).
+    AsLaunched,
+    /// The mma.sync kernel with this tile.
+    Tiled(Tile),
+    /// The wgmma one-pass kernel.
+    Wgmma,
 }
 
 /// [`segment_scores`] with the kernel's tile chosen, whatever the number of rows: 64 query rows
@@ -68,7 +94,7 @@ pub fn segment_scores_tiled(
     schedule: Schedule,
     seed: u64,
 ) -> Result<Tensor> {
-    run_segment_scores(q, k, mask, options, Some(tile), schedule, seed)
+    run_segment_scores(q, k, mask, options, Kernel::Tiled(tile), schedule, seed)
 }
 
 fn run_segment_scores(
@@ -76,7 +102,7 @@ fn run_segment_scores(
     k: &Tensor,
     mask: &SegmentMask,
     options: &SegmentScoreOptions,
-    tile: Option<Tile>,
+    kernel: Kernel,
     schedule: Schedule,
     seed: u64,
 ) -> Result<Tensor> {
@@ -111,7 +137,30 @@ fn run_segment_scores(
         k: ki.ptr,
         ..base_params(&shape, dtype, scale as f32, [qi.strides, ki.strides, ki.strides])?
     };
-    run_kernel(base, &host, &plan, two_pass, None, &mut mass, tile, schedule, seed)?;
+    match kernel {
+        Kernel::Wgmma if two_pass => {
+            invalid_arg!(
+                "segment_scores_wgmma: the wgmma mass kernel has one pass (at most 64 key segments, not TwoPass)"
+            )
+        }
+        Kernel::Wgmma => {
+            let mut base = base;
+            fill_mask_params(&mut base, &host);
+            run_wgmma_kernel(base, &plan, &mut mass, schedule, seed)?;
+        }
+        Kernel::AsLaunched => run_kernel(base, &host, &plan, two_pass, None, &mut mass, None, schedule, seed)?,
+        Kernel::Tiled(tile) => run_kernel(
+            base,
+            &host,
+            &plan,
+            two_pass,
+            None,
+            &mut mass,
+            Some(tile),
+            schedule,
+            seed,
+        )?,
+    }
     drop((qi, ki));
     let raw = Tensor::from_vec(mass, (b_out, h_out, l_out, sk), &Device::Cpu)?;
     apply_weights(raw, &plan)
@@ -136,6 +185,14 @@ pub(crate) fn run_kernel(
     fill_mask_params(&mut base, host);
     let q_len = usize::try_from(base.q_len).unwrap_or(0);
     let head_dim = usize::try_from(base.head_dim).unwrap_or(0);
+    // The GPU launcher's choice on a compute capability 9.0 GPU, which the emulator stands for
+    // where SEGATTN_FWD_HOPPER=1: the one pass on wgmma (`segattn_scores_hopper_*`).
+    let wgmma = tile.is_none()
+        && saved_lse.is_none()
+        && crate::kernel_params::scores_on_hopper(head_dim, host.summary(), two_pass, true, true);
+    if wgmma {
+        return run_wgmma_kernel(base, plan, mass, schedule, seed);
+    }
     let wide = tile.map(|t| t != Tile::Rows64);
     let rows = crate::kernel_params::mass_block_rows(q_len, host.rule.has_causal(), wide, head_dim);
     base.block_rows = rows as i32;
@@ -167,4 +224,30 @@ pub(crate) fn run_kernel(
         segattn_emu_scores(&p)
     };
     check_launch(rc, "mass kernel")
+}
+
+/// [`run_kernel`] on the standalone mass's wgmma kernel (`segattn_scores_hopper_*`: one pass, 64-row
+/// blocks, forward-kernel parameters with the mass as the output); `base` has its mask filled.
+pub(crate) fn run_wgmma_kernel(
+    mut base: SegattnFwdParams,
+    plan: &MassPlan,
+    mass: &mut [f32],
+    schedule: Schedule,
+    seed: u64,
+) -> Result<()> {
+    let q_len = usize::try_from(base.q_len).unwrap_or(0);
+    base.mass = mass_output(plan, q_len, mass.as_mut_ptr())?;
+    base.block_rows = 64;
+    base.block_keys = 64;
+    base.kv_splits = 1;
+    if plan.sk == 0 {
+        return Ok(());
+    }
+    // SAFETY: as in `run_kernel`: every pointer in `base` points into buffers that outlive the
+    // call, with the sizes it states.
+    let rc = unsafe {
+        segattn_emu_set_schedule(schedule.code(), seed);
+        segattn_emu_scores_hopper(&base)
+    };
+    check_launch(rc, "wgmma mass kernel")
 }
