@@ -244,12 +244,27 @@ if [ "$PHASE" = test ] || [ "$PHASE" = all ]; then
     [ "$rc" = 0 ] || status=1
   done
   if [ -x "$WORK/gpu_scores" ] && [ "${SEGATTN_SUITE_VARIANTS:-1}" != 0 ]; then
-    SEGATTN_SCORES_BLOCKS=3 SEGATTN_REQUIRE_GPU=1 SEGATTN_GPU_CASES=20 budgeted 60 "$san_reserve" \
-      "$WORK/gpu_scores" --test-threads "$(nproc)" gpu_scores_match_reference >"$WORK/gpu_scores_b3.log" 2>&1
-    rc=$?
-    { echo "=== gpu_scores, SEGATTN_SCORES_BLOCKS=3 (exit $rc) ==="; cat "$WORK/gpu_scores_b3.log"; } >>"$OUTDIR/tests.log"
-    note "- (1) gpu_scores (three-block mass kernel): $(grep -E '^test result' "$WORK/gpu_scores_b3.log" | tail -1 || echo 'no result line') (exit $rc)"
-    [ "$rc" = 0 ] || status=1
+    # The mma.sync mass kernels as every other GPU runs them (on an H100 / H200 the one pass and
+    # the fused mass take the wgmma kernels by default, bench/NOTES.md CUDA 39, 42): the four-block
+    # kernel and the 64-row fused mass, then the three-block kernel.
+    for blocks in 4 3; do
+      SEGATTN_FWD_HOPPER=0 SEGATTN_SCORES_BLOCKS=$blocks SEGATTN_REQUIRE_GPU=1 SEGATTN_GPU_CASES=20 \
+        budgeted 60 "$san_reserve" "$WORK/gpu_scores" --test-threads "$(nproc)" gpu_scores_match_reference \
+        gpu_fused_mass_matches_reference >"$WORK/gpu_scores_b$blocks.log" 2>&1
+      rc=$?
+      { echo "=== gpu_scores, SEGATTN_FWD_HOPPER=0 SEGATTN_SCORES_BLOCKS=$blocks (exit $rc) ==="; cat "$WORK/gpu_scores_b$blocks.log"; } >>"$OUTDIR/tests.log"
+      note "- (1) gpu_scores (mma.sync kernels, $blocks-block mass kernel): $(grep -E '^test result' "$WORK/gpu_scores_b$blocks.log" | tail -1 || echo 'no result line') (exit $rc)"
+      [ "$rc" = 0 ] || status=1
+    done
+    # PINE on the mma.sync rope and mass kernels (on an H100 / H200 the wgmma ones by default).
+    if [ -x "$WORK/gpu_pine" ]; then
+      SEGATTN_FWD_HOPPER=0 SEGATTN_REQUIRE_GPU=1 SEGATTN_GPU_CASES=6 budgeted 40 "$san_reserve" \
+        "$WORK/gpu_pine" --test-threads "$(nproc)" --skip decode_steps_from_several_threads >"$WORK/gpu_pine_mma.log" 2>&1
+      rc=$?
+      { echo "=== gpu_pine, SEGATTN_FWD_HOPPER=0 (exit $rc) ==="; cat "$WORK/gpu_pine_mma.log"; } >>"$OUTDIR/tests.log"
+      note "- (1) gpu_pine (mma.sync kernels): $(grep -E '^test result' "$WORK/gpu_pine_mma.log" | tail -1 || echo 'no result line') (exit $rc)"
+      [ "$rc" = 0 ] || status=1
+    fi
     # The attention's fused mass in the 128 x 64 kernel (segattn_fwd_wide64_mass_*: the rows' sums
     # in shared memory) and the mass kernel's 64-key wide tiles (segattn_scores_wide64_*, opt-in),
     # which small shapes reach only with the wide kernels forced.
