@@ -1,8 +1,9 @@
 //! Launching the per-segment attention mass kernel (`kernels/scores/scores.cu`; on compute
 //! capability 9.0 GPUs the one pass on wgmma, `kernels/hopper/scores_hopper.cu`, by
-//! `kernel_params::scores_on_hopper`) on candle's stream: the raw mass (row-normalised probabilities summed per key segment id, reduced by query
-//! segment / head when asked, unweighted) into a zeroed f32 buffer `[B, Ho, Lo, Sk]`; the caller
-//! applies the length / mean weights with tensor ops (`scores::apply_weights`).
+//! `kernel_params::scores_on_hopper`) on candle's stream: the raw mass (row-normalised
+//! probabilities summed per key segment id, reduced by query segment / head when asked,
+//! unweighted) into a zeroed f32 buffer `[B, Ho, Lo, Sk]`; the caller applies the length / mean
+//! weights with tensor ops (`scores::apply_weights`).
 //!
 //! q and k must be readable in place (16-byte aligned, strides multiples of 8 elements):
 //! `segment_scores` copies views that are not first (`kernel_params::kernel_readable`).

@@ -228,7 +228,7 @@ pub(crate) fn run_kernel(
 
 /// [`run_kernel`] on the standalone mass's wgmma kernel (`segattn_scores_hopper_*`: one pass, 64-row
 /// blocks, forward-kernel parameters with the mass as the output); `base` has its mask filled.
-pub(crate) fn run_wgmma_kernel(
+fn run_wgmma_kernel(
     mut base: SegattnFwdParams,
     plan: &MassPlan,
     mass: &mut [f32],
