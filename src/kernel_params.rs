@@ -698,6 +698,46 @@ mod tests {
         assert_eq!(FwdVariant::HopperRope.block_keys(), 64);
         assert_eq!(FwdVariant::HopperRope.threads(), 128);
         assert!(FwdVariant::HopperRope.is_wgmma());
+        assert_eq!(FwdVariant::HopperScores.block_rows(), 64);
+        assert_eq!(FwdVariant::HopperScores.block_keys(), 64);
+        assert_eq!(FwdVariant::HopperScores.threads(), 128);
+        assert!(FwdVariant::HopperScores.is_wgmma());
+    }
+
+    #[test]
+    fn standalone_mass_on_wgmma_by_the_attention_rule() {
+        let any = MaskSummary::default();
+        let short_documents = MaskSummary {
+            causal: true,
+            short_documents: true,
+            ..any
+        };
+        let setting = std::env::var("SEGATTN_FWD_HOPPER").ok();
+        for emulated in [false, true] {
+            for mask in [any, short_documents] {
+                for head_dim in [64, 128, 256] {
+                    // Whatever the setting: never two passes, never without the kernels, never D 256.
+                    assert!(!scores_on_hopper(head_dim, mask, true, true, emulated));
+                    assert!(!scores_on_hopper(head_dim, mask, false, false, emulated));
+                    let want = head_dim <= 128
+                        && match setting.as_deref() {
+                            Some("0") => false,
+                            Some("1") => true,
+                            _ => !emulated && (head_dim != 64 || !mask.short_documents),
+                        };
+                    assert_eq!(
+                        scores_on_hopper(head_dim, mask, false, true, emulated),
+                        want,
+                        "D {head_dim} {mask:?} emulated {emulated}"
+                    );
+                    // The same choice as plain attention's kernel.
+                    if head_dim <= 128 {
+                        let attention = FwdVariant::Plain.on_hopper(head_dim, mask, true, Some(false), emulated);
+                        assert_eq!(attention == FwdVariant::Hopper, want);
+                    }
+                }
+            }
+        }
     }
 
     #[test]
