@@ -344,20 +344,6 @@ __device__ void fwd_kernel(const SegattnFwdParams& p) {
   float lse[kMT][2];
   SEGATTN_UNROLL
   for (int i = 0; i < kMT; ++i) softmax[i].finalize(inv[i], lse[i]);
-  if constexpr (Traits::kScoresOnly) {
-    // The standalone mass: its sums (held times mass::kTermScale) are the whole output.
-    float row_out_scale[2];
-    SEGATTN_UNROLL
-    for (int r = 0; r < 2; ++r) row_out_scale[r] = inv[0][r] * (1.0f / mass::kTermScale);
-    float* row_out[2];
-    uint32_t row_seg[2];
-    int row_pos[2];
-    blk.rows(warp, lane, row_seg, row_pos);
-    mass::row_outputs(p.mass, b, h, q0, q1, warp, g, row_seg, row_out);
-    pending.flush(lane, mass::kTermScale, macc);
-    mass::store_rows(macc, row_out_scale, row_out, p.mass, lane);
-    return;
-  }
   if constexpr (Traits::kMassInSmem) {
     if (p.mass.mass != nullptr) {
       // The row this lane owns in the sums: its query segment, output and 1 / sum.
@@ -376,14 +362,20 @@ __device__ void fwd_kernel(const SegattnFwdParams& p) {
     }
   } else if constexpr (Traits::kMass) {
     if (p.kv_splits <= 1 && p.mass.mass != nullptr) {
+      // The sums are held at mass::kSumScale (kTermScale where P went in as two f16 terms).
+      constexpr float sum_scale = mass::kSumScale<Traits::kMassTerms>;
+      float row_inv[2];
+      SEGATTN_UNROLL
+      for (int r = 0; r < 2; ++r) row_inv[r] = inv[0][r] * (1.0f / sum_scale);
       float* row_out[2];
       uint32_t row_seg[2];
       int row_pos[2];
       blk.rows(warp, lane, row_seg, row_pos);
       mass::row_outputs(p.mass, b, h, q0, q1, warp, g, row_seg, row_out);
-      pending.flush(lane, 1.0f, macc);
-      mass::store_rows(macc, inv[0], row_out, p.mass, lane);
+      pending.flush(lane, sum_scale, macc);
+      mass::store_rows(macc, row_inv, row_out, p.mass, lane);
     }
+    if constexpr (Traits::kScoresOnly) return;  // the standalone mass: the sums are its whole output
   }
   if (p.kv_splits > 1) {
     // This split's normalised partial output and LSE, f32, for the merge below.

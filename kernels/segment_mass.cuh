@@ -81,6 +81,9 @@ __device__ __forceinline__ void accumulate_step(int kc, const uint32_t (&pa)[kTe
 // the caller): the leftover term of a probability near 1e-4 would otherwise fall among f16's
 // subnormals and lose the bits it is there for. P x 2^12 stays far below f16's largest value.
 constexpr float kTermScale = 4096.0f;
+// The scale the sums are held at with kTerms terms of P: kTermScale for two, 1 for one.
+template <int kTerms>
+constexpr float kSumScale = kTerms == 2 ? kTermScale : 1.0f;
 
 // P's f16 A fragment of k-step kc; with kTerms = 2, that of P x kTermScale and the f16 fragment
 // of its rounding error.
@@ -157,7 +160,7 @@ template <int kTerms, int kNS, int kSB, class SegOf>
 __device__ __forceinline__ void accumulate_tile(const float (&p)[kNS][4], const SegOf& seg_of, bool uniform, int lane,
                                                 int nb_lo, int nb_hi, float (&acc)[kSB][4]) {
   if (uniform) {
-    add_row_sums(p, seg_of(0), lane, kTerms == 2 ? kTermScale : 1.0f, acc);
+    add_row_sums(p, seg_of(0), lane, kSumScale<kTerms>, acc);
   } else {
     accumulate<kTerms>(p, seg_of, lane, nb_lo, nb_hi, acc);
   }
@@ -239,7 +242,7 @@ template <int kTerms, int kN, int kNS, int kSB>
 __device__ __forceinline__ void accumulate_one_pass(const float (&p)[kNS][4], const float (&tile_sum)[2],
                                                     const uint32_t* kid, int valid, int lane, PendingSums& pending,
                                                     float (&acc)[kSB][4]) {
-  constexpr float scale = kTerms == 2 ? kTermScale : 1.0f;
+  constexpr float scale = kSumScale<kTerms>;
   const uint32_t last_id = kid[valid - 1];
   if (kid[0] == last_id) {  // one segment: ids are non-decreasing along a row (validated)
     pending.add(static_cast<int>(last_id), tile_sum[0], tile_sum[1], lane, scale, acc);

@@ -136,18 +136,10 @@ impl Kernels {
         variant: FwdVariant,
     ) -> Result<FwdVariant> {
         let wanted = variant.on_hopper(head_dim, summary, true, None, false);
-        if wanted == variant || self.fwd(dtype, head_dim, wanted).is_some() {
-            return Ok(wanted);
+        if wanted == variant {
+            return Ok(variant);
         }
-        let key = (dtype, head_dim, wanted);
-        match self.unavailable.iter().find(|(k, _)| *k == key) {
-            Some((_, why)) if crate::kernel_params::hopper_setting() == Some(true) => Err(candle_core::Error::Msg(
-                format!("SEGATTN_FWD_HOPPER=1: the wgmma kernel for {dtype:?} D = {head_dim} did not load: {why}"),
-            )
-            .bt()),
-            // Not a compute capability 9.0 GPU, or its wgmma kernels did not load: mma.sync.
-            _ => Ok(variant),
-        }
+        Ok(self.wgmma_kernel(dtype, head_dim, wanted)?.map_or(variant, |_| wanted))
     }
 
     /// The standalone mass's wgmma kernel ([`FwdVariant::HopperScores`]) where
@@ -164,13 +156,20 @@ impl Kernels {
         if !crate::kernel_params::scores_on_hopper(head_dim, summary, two_pass, true, false) {
             return Ok(None);
         }
-        if let Some(k) = self.fwd(dtype, head_dim, FwdVariant::HopperScores) {
+        self.wgmma_kernel(dtype, head_dim, FwdVariant::HopperScores)
+    }
+
+    /// The wgmma kernel `wanted` where it loaded; `None` where it did not (not a compute capability
+    /// 9.0 GPU, or its load failed: the caller takes the mma.sync kernel), but an error for a failed
+    /// load where `SEGATTN_FWD_HOPPER=1` asks for the wgmma kernels.
+    fn wgmma_kernel(&self, dtype: DType, head_dim: usize, wanted: FwdVariant) -> Result<Option<&FwdKernel>> {
+        if let Some(k) = self.fwd(dtype, head_dim, wanted) {
             return Ok(Some(k));
         }
-        let key = (dtype, head_dim, FwdVariant::HopperScores);
+        let key = (dtype, head_dim, wanted);
         match self.unavailable.iter().find(|(k, _)| *k == key) {
             Some((_, why)) if crate::kernel_params::hopper_setting() == Some(true) => Err(candle_core::Error::Msg(
-                format!("SEGATTN_FWD_HOPPER=1: the wgmma mass kernel for {dtype:?} D = {head_dim} did not load: {why}"),
+                format!("SEGATTN_FWD_HOPPER=1: the wgmma kernel {wanted:?} for {dtype:?} D = {head_dim} did not load: {why}"),
             )
             .bt()),
             _ => Ok(None),
